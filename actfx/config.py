@@ -1,0 +1,96 @@
+"""Conversion settings: one frozen, validated value per converted model (no global state)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Mapping
+
+ALLOWED_BITS = (1, 2, 4, 8)
+
+
+def check_bits(bits: object, what: str = "bits") -> int:
+    """Return ``bits`` if it is one of the packable widths, else raise a clear error."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"{what} must be an int in {set(ALLOWED_BITS)}, got {bits!r} ({type(bits).__name__})")
+    if bits not in ALLOWED_BITS:
+        raise ValueError(
+            f"{what}={bits} is not supported; allowed values are {', '.join(map(str, ALLOWED_BITS))} "
+            "(fractional bits are not implemented)"
+        )
+    return bits
+
+
+def check_group_size(group_size: object) -> int:
+    """Group sizes are powers of two in [32, 4096] so a group's codes can hold one exact fp32 value."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(f"group_size must be an int, got {group_size!r} ({type(group_size).__name__})")
+    if group_size < 32 or group_size > 4096 or group_size & (group_size - 1):
+        raise ValueError(f"group_size={group_size} is not allowed; use a power of two from 32 to 4096 (default 256)")
+    return group_size
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """How a model is converted.
+
+    bits: default width for packed activations.
+    group_size: values per quantization group (min and step are stored per group).
+    stochastic: stochastic rounding (unbiased gradients); False rounds to nearest (tests, debugging).
+    rebuild_chains: rebuild a conv input from BatchNorm's packed input and the exact ReLU mask
+        instead of packing it a second time (conv -> BN -> ReLU -> conv chains).
+    min_numel: activations smaller than this stay unpacked (packing tiny tensors saves nothing).
+    op_bits: per-op-kind widths, e.g. {"matmul": 8}; kinds are those listed by ``actfx.op_kinds()``.
+    module_bits: per-module-path widths; a key matches a module path or any prefix of it
+        (``"layer4"`` covers ``layer4.1.conv2``); the longest match wins over op_bits.
+    """
+
+    bits: int = 2
+    group_size: int = 256
+    stochastic: bool = True
+    rebuild_chains: bool = True
+    min_numel: int = 1024
+    op_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    module_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        for name in ("stochastic", "rebuild_chains"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
+        if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
+            raise ValueError(f"Config.min_numel must be a non-negative int, got {self.min_numel!r}")
+        for field in ("op_bits", "module_bits"):
+            table = getattr(self, field)
+            if not isinstance(table, Mapping):
+                raise TypeError(f"Config.{field} must be a mapping of str -> bits, got {type(table).__name__}")
+            for key, value in table.items():
+                if not isinstance(key, str):
+                    raise TypeError(f"Config.{field} keys must be str, got {key!r}")
+                check_bits(value, what=f"Config.{field}[{key!r}]")
+            # Freeze the table so the config stays immutable and hashable.
+            object.__setattr__(self, field, _FrozenDict(table))
+
+    def bits_for(self, kind: str, module_path: str | None) -> int:
+        """The width to use for a value saved by an op of ``kind`` inside ``module_path``."""
+        if module_path is not None and self.module_bits:
+            best = None
+            for key, value in self.module_bits.items():
+                if module_path == key or module_path.startswith(key + ".") or key == "":
+                    if best is None or len(key) > len(best[0]):
+                        best = (key, value)
+            if best is not None:
+                return best[1]
+        return self.op_bits.get(kind, self.bits)
+
+
+class _FrozenDict(dict):
+    """A dict that refuses mutation and hashes by content, for frozen configs."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("Config tables are read-only; build a new Config with dataclasses.replace")
+
+    __setitem__ = __delitem__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))

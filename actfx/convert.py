@@ -1,0 +1,240 @@
+"""``actfx.convert``: the same model, saving compressed activations for backward.
+
+The result is a new module object of a subclass of the model's own class that shares every
+Parameter, buffer and submodule with the original (an optimizer built before conversion keeps
+working; state_dict keys are identical, in the same order) and whose forward runs the rewritten
+fx graph. The original model is left untouched and keeps working.
+
+A model fx cannot trace as a whole is converted as far as it can be: its largest traceable
+submodules are converted (recursively), supported leaf modules that do not trace are wrapped
+directly, and whatever stays unconverted is recorded with the reason (``actfx.show`` prints it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import torch
+import torch.nn as nn
+from torch.fx import Graph, GraphModule
+
+from actfx.config import Config, check_bits, check_group_size
+from actfx.passes.capture import split_leaf_modules, trace
+from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
+from actfx.passes.sites import find_site
+from actfx.variants.packing import SeedState
+
+
+@dataclasses.dataclass
+class Unconverted:
+    path: str
+    what: str  # the op or module type
+    reason: str
+
+
+@dataclasses.dataclass
+class ConversionRecord:
+    """What conversion did, kept on the converted model as ``_actfx_record`` for show()."""
+
+    config: Config
+    decisions: list[Decision] = dataclasses.field(default_factory=list)
+    uncovered: list[Unconverted] = dataclasses.field(default_factory=list)
+    graphs: dict = dataclasses.field(default_factory=dict)  # path -> {training: rewritten fx Graph}
+
+
+def is_converted(module: nn.Module) -> bool:
+    return getattr(type(module), "_actfx_converted", False)
+
+
+def convert(model, bits: int = 2, *, group_size: int = 256, config: Config | None = None,
+            leaf_modules=(), example_inputs=None) -> nn.Module:
+    """Return ``model`` converted to save compressed activations; see the module docstring."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"actfx.convert expects a torch.nn.Module, got {type(model).__name__}")
+    if config is None:
+        config = Config(bits=check_bits(bits), group_size=check_group_size(group_size))
+    elif not isinstance(config, Config):
+        raise TypeError(f"config must be an actfx.Config, got {type(config).__name__}")
+    elif (bits, group_size) != (2, 256) and (bits, group_size) != (config.bits, config.group_size):
+        raise ValueError("pass either bits/group_size or config=Config(...), not both with different values")
+    if is_converted(model):
+        if model._actfx_record.config != config:
+            raise ValueError(
+                "this model is already converted with a different config; convert the original model "
+                "instead (actfx.convert never modifies it)"
+            )
+        return model
+    if not isinstance(leaf_modules, (tuple, list, set, frozenset)):
+        leaf_modules = (leaf_modules,)
+    split_leaf_modules(leaf_modules, "")  # validate early
+    record = ConversionRecord(config)
+    result = _convert(model, "", config, tuple(leaf_modules), record, is_root=True)
+    if not is_converted(result):
+        # Nothing at the root traced: keep its own forward, with converted children.
+        cls = _converted_class(type(model), {True: type(model).forward})
+        result = _clone(result, cls, True)
+    result._actfx_record = record
+    return result
+
+
+def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple, record: ConversionRecord,
+             is_root: bool = False) -> nn.Module:
+    leaf_types, leaf_paths = split_leaf_modules(leaf_modules, path)
+    try:
+        graphs = trace(module, leaf_types, leaf_paths)
+    except Exception as err:  # fx raises many kinds; any of them means "does not trace"
+        return _convert_children(module, path, config, leaf_modules, record, err, is_root)
+    new = _from_graphs(module, graphs, path, config, record, is_root)
+    # Declared leaves stay as calls in this graph; convert them as units of their own.
+    for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
+        _replace(new, child_path, _convert(module.get_submodule(child_path),
+                                           f"{path}.{child_path}" if path else child_path,
+                                           config, leaf_modules, record))
+    return new
+
+
+def _declared_leaf_children(module, leaf_types, leaf_paths):
+    out = []
+    for name, sub in module.named_modules():
+        if not name or any(name.startswith(p + ".") for p in out):
+            continue
+        if name in leaf_paths or (leaf_types and isinstance(sub, leaf_types)):
+            if find_site_type(sub) is None:
+                out.append(name)
+    return out
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    for t in module.parameters():
+        return t.device
+    for t in module.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def find_site_type(module: nn.Module):
+    """A site for calling ``module`` on one input, or None: used for leaves converted as a whole."""
+    graph = Graph()
+    x = graph.placeholder("input")
+    node = graph.call_module(SELF_ATTR, (x,))
+    graph.output(node)
+    return find_site(node, {SELF_ATTR: module})
+
+
+def _convert_children(module, path, config, leaf_modules, record, err, is_root):
+    if find_site_type(module) is not None:
+        return _convert_leaf(module, path, config, record)
+    reason = f"fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    record.uncovered.append(Unconverted(path or "<root>", type(module).__name__, reason))
+    new = None
+    for name, child in module.named_children():
+        child_path = f"{path}.{name}" if path else name
+        converted = _convert(child, child_path, config, leaf_modules, record)
+        if converted is not child:
+            if new is None:
+                new = _clone(module, type(module), is_root)
+            new._modules[name] = converted
+    return new if new is not None else module
+
+
+def _convert_leaf(module, path, config, record):
+    """A supported module whose own forward does not trace: emit its variant directly."""
+    holder = nn.Module()
+    holder.add_module(SELF_ATTR, module)
+    graph = Graph()
+    x = graph.placeholder("input")
+    graph.output(graph.call_module(SELF_ATTR, (x,)))
+    gm = GraphModule(holder, graph)
+    new = _from_graphs(module, {True: gm}, path, config, record, is_root=False, self_attr=True)
+    return new
+
+
+def _from_graphs(module, graphs, path, config, record, is_root, self_attr=False) -> nn.Module:
+    forwards, rewritten = {}, {}
+    for training, gm in graphs.items():
+        graph, decisions, uncovered = rewrite_graph(gm, config, path)
+        if training or len(graphs) == 1:
+            record.decisions.extend(decisions)
+            for node in uncovered:
+                record.uncovered.append(_uncovered_node(node, gm, path))
+        forwards[training] = _compile_forward(graph, f"{path or 'model'}:{'train' if training else 'eval'}")
+        rewritten[training] = graph
+    record.graphs[path] = rewritten
+    cls = _converted_class(type(module), forwards)
+    new = _clone(module, cls, is_root)
+    state = SeedState(salt=zlib.crc32(path.encode()))
+    object.__setattr__(new, SEED_STATE, state)
+    new.register_buffer(SEED_BUFFER, state.initial_buffer().to(_device_of(module)), persistent=False)
+    if self_attr:
+        object.__setattr__(new, SELF_ATTR, new)
+    # Tensor constants fx lifted from the forward live on the traced module.
+    for name, value in vars(next(iter(graphs.values()))).items():
+        if name.startswith("_tensor_constant"):
+            object.__setattr__(new, name, value)
+    return new
+
+
+def _uncovered_node(node, gm, path) -> Unconverted:
+    where = path
+    if node.op == "call_module":
+        what = type(gm.get_submodule(node.target)).__name__
+        where = f"{path}.{node.target}" if path else node.target
+        reason = "no compressed-save variant for this module: runs as is"
+    else:
+        what = getattr(node.target, "__name__", str(node.target))
+        reason = "no compressed-save variant for this op: runs as is"
+    return Unconverted(where or "<root>", what, reason)
+
+
+def _compile_forward(graph: Graph, name: str):
+    code = graph.python_code(root_module="self")
+    scope = dict(code.globals)
+    exec(compile(code.src, f"<actfx {name}>", "exec"), scope)  # noqa: S102 - fx-generated source
+    forward = scope["forward"]
+    forward.__actfx_source__ = code.src
+    return forward
+
+
+def _converted_class(base: type, forwards: dict) -> type:
+    if len(forwards) == 1:
+        forward = next(iter(forwards.values()))
+    else:
+        train_fwd, eval_fwd = forwards[True], forwards[False]
+
+        def forward(self, *args, **kwargs):
+            return (train_fwd if self.training else eval_fwd)(self, *args, **kwargs)
+
+    attrs = {"forward": forward, "_actfx_converted": True, "__module__": base.__module__,
+             "__qualname__": f"Actfx{base.__qualname__}"}
+    return type(f"Actfx{base.__name__}", (base,), attrs)
+
+
+def _clone(module: nn.Module, cls: type, is_root: bool) -> nn.Module:
+    """A new module of class ``cls`` sharing the original's Parameters, buffers and children.
+
+    Container dicts are fresh so later changes to one object's module tree do not leak into
+    the other; the tensors and submodules inside are the very same objects.
+    """
+    new = object.__new__(cls)
+    state = dict(module.__dict__)
+    for key, value in list(state.items()):
+        if isinstance(value, dict):
+            state[key] = type(value)(value) if not isinstance(value, type(None)) else value
+        elif isinstance(value, set):
+            state[key] = set(value)
+    new.__dict__.update(state)
+    new.__dict__.pop("_actfx_record", None)
+    return new
+
+
+def _replace(root: nn.Module, path: str, new_child: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    parent = root.get_submodule(parent_path) if parent_path else root
+    if parent is not root and not is_converted(parent):
+        # Never write into the user's own submodules: clone the chain of parents first.
+        grand_path, _, parent_name = parent_path.rpartition(".")
+        clone = _clone(parent, type(parent), False)
+        _replace(root, parent_path, clone)
+        parent = clone
+    parent._modules[name] = new_child

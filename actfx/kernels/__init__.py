@@ -1,0 +1,276 @@
+"""Kernels that pack activations into 1-8 bits per value, and the dispatch between them.
+
+CUDA tensors go to the Triton kernels (`triton_pack.py`), CPU tensors to the PyTorch reference
+(`reference.py`). If Triton cannot import, compile or launch on a CUDA device, that device falls
+back to the reference with one warning. The default path (`backend="auto"`) goes through the
+`actfx::*` custom ops (`ops.py`) so graphs that call these functions stay traceable; tests force a
+backend with `backend="triton"` / `"reference"`, which calls the implementation directly.
+
+The bit layout, error bound and special groups are documented in `actfx/format.py`.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Sequence
+
+import torch
+
+from .masks import mask_nbytes, pack_bits_impl, unpack_bits_impl
+from .reference import pack_groups_reference, unpack_groups_reference
+
+__all__ = [
+    "pack_groups",
+    "unpack_groups",
+    "pack_bits",
+    "unpack_bits",
+    "packed_nbytes",
+    "mask_nbytes",
+    "check_bits",
+    "check_group_size",
+    "check_float_dtype",
+    "ALLOWED_BITS",
+    "FLOAT_DTYPES",
+    "BACKENDS",
+]
+
+ALLOWED_BITS = (1, 2, 4, 8)
+MIN_GROUP_SIZE = 32  # >= 32 so that every group has at least 4 code bytes (constant groups need them)
+MAX_GROUP_SIZE = 4096
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+BACKENDS = ("auto", "triton", "reference")
+
+
+# ----------------------------------------------------------------------------------- validation
+
+
+def check_bits(bits: object) -> int:
+    """Return `bits` if it is one of 1, 2, 4, 8; TypeError / ValueError otherwise."""
+    if isinstance(bits, bool) or not isinstance(bits, int):
+        raise TypeError(f"bits must be an int in {{1, 2, 4, 8}}, got {bits!r} ({type(bits).__name__})")
+    if bits not in ALLOWED_BITS:
+        raise ValueError(f"bits must be one of {{1, 2, 4, 8}}, got {bits}")
+    return bits
+
+
+def check_group_size(group_size: object) -> int:
+    """Return `group_size` if it is a power of two from 32 to 4096; TypeError / ValueError otherwise."""
+    if isinstance(group_size, bool) or not isinstance(group_size, int):
+        raise TypeError(
+            f"group_size must be an int (a power of two from 32 to 4096 inclusive), "
+            f"got {group_size!r} ({type(group_size).__name__})"
+        )
+    power_of_two = group_size > 0 and group_size & (group_size - 1) == 0
+    if not power_of_two or not MIN_GROUP_SIZE <= group_size <= MAX_GROUP_SIZE:
+        raise ValueError(f"group_size must be a power of two from 32 to 4096 inclusive, got {group_size}")
+    return group_size
+
+
+def check_float_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Return `dtype` if it is float32, float16 or bfloat16; TypeError naming it otherwise."""
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(
+            f"actfx packs float32, float16 or bfloat16 tensors, got dtype {dtype}; "
+            f"leave such tensors unpacked (or convert them with .float() first)"
+        )
+    return dtype
+
+
+def _check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
+
+
+def _check_tensor(name: str, t: object) -> torch.Tensor:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    return t
+
+
+def _check_seed(seed: object, device: torch.device) -> None:
+    _check_tensor("seed", seed)
+    if seed.dtype != torch.int64 or seed.numel() != 1:
+        raise TypeError(
+            f"seed must be a one-element int64 tensor, got dtype {seed.dtype} with {seed.numel()} "
+            f"elements; build it with torch.tensor([s], dtype=torch.int64, device=x.device)"
+        )
+    if seed.device != device:
+        raise ValueError(f"seed is on {seed.device} but x is on {device}; move the seed to x's device")
+
+
+def _check_shape(shape: Sequence[int]) -> list[int]:
+    """A list of the dims; SymInts pass through untouched so tracing with dynamic shapes works."""
+    dims = list(shape)
+    for d in dims:
+        if isinstance(d, bool) or not isinstance(d, (int, torch.SymInt)):
+            raise TypeError(f"shape must be a sequence of ints, got {tuple(shape)!r}")
+    return dims
+
+
+def _num_groups(numel: int, group_size: int) -> int:
+    return (numel + group_size - 1) // group_size
+
+
+def packed_nbytes(numel: int, bits: int, group_size: int) -> int:
+    """Bytes of codes + meta that `pack_groups` produces for `numel` values (for planners and dry runs)."""
+    check_bits(bits)
+    check_group_size(group_size)
+    return _num_groups(int(numel), group_size) * (group_size * bits // 8 + 4)
+
+
+# ------------------------------------------------------------------------------------- dispatch
+
+
+@functools.cache
+def _triton_works(device: str) -> bool:
+    """Import, compile and run the Triton kernels once on `device`, checking them against the reference.
+
+    Cached per device, so a failure warns once per device and later calls take the reference path.
+    """
+    try:
+        from . import triton_pack
+
+        x = torch.linspace(-3.0, 5.0, 100, device=device)
+        seed = torch.zeros(1, dtype=torch.int64, device=device)
+        got = triton_pack.pack_groups_triton(x, seed, 0, 2, 32, False)
+        want = pack_groups_reference(x, seed, 0, 2, 32, False)
+        back = triton_pack.unpack_groups_triton(*got, (100,), torch.float32, 2, 32)
+        if not (torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))):
+            raise RuntimeError("Triton pack disagrees with the PyTorch reference")
+        if not torch.equal(back, unpack_groups_reference(*want, (100,), torch.float32, 2, 32)):
+            raise RuntimeError("Triton unpack disagrees with the PyTorch reference")
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure means "use the reference here"
+        warnings.warn(
+            f"actfx: Triton kernels do not work on {device} ({type(err).__name__}: {err}); "
+            f"packing there falls back to the slower PyTorch reference",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
+def _use_triton(device: torch.device, backend: str) -> bool:
+    if backend == "triton":
+        return True
+    if backend == "reference":
+        return False
+    return device.type == "cuda" and _triton_works(str(device))
+
+
+def pack_groups_impl(
+    x: torch.Tensor, seed: torch.Tensor, stream: int, bits: int, group_size: int, stochastic: bool,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The implementation behind `actfx::pack_groups` (no validation, no custom op)."""
+    if _use_triton(x.device, backend):
+        from .triton_pack import pack_groups_triton
+
+        return pack_groups_triton(x, seed, stream, bits, group_size, stochastic)
+    return pack_groups_reference(x, seed, stream, bits, group_size, stochastic)
+
+
+def unpack_groups_impl(
+    codes: torch.Tensor, meta: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, bits: int,
+    group_size: int, backend: str = "auto",
+) -> torch.Tensor:
+    """The implementation behind `actfx::unpack_groups` (no validation, no custom op)."""
+    if _use_triton(codes.device, backend):
+        from .triton_pack import unpack_groups_triton
+
+        return unpack_groups_triton(codes, meta, shape, dtype, bits, group_size)
+    return unpack_groups_reference(codes, meta, shape, dtype, bits, group_size)
+
+
+# ------------------------------------------------------------------------------- public wrappers
+
+
+def pack_groups(
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    stream: int,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+    *,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize `x` in groups; returns `codes` (uint8 [num_groups, G*bits/8]) and `meta` (bf16 [num_groups, 2]).
+
+    `seed` (int64, one element, on x's device) and `stream` (an int naming the call site) select
+    the rounding noise: equal pairs give equal bytes. The global RNG is never touched.
+    """
+    _check_tensor("x", x)
+    check_float_dtype(x.dtype)
+    check_bits(bits)
+    check_group_size(group_size)
+    _check_seed(seed, x.device)
+    if isinstance(stream, bool) or not isinstance(stream, int):
+        raise TypeError(f"stream must be an int (a call-site id), got {type(stream).__name__}")
+    if not isinstance(stochastic, bool):
+        raise TypeError(f"stochastic must be a bool, got {type(stochastic).__name__}")
+    if _check_backend(backend) == "auto":
+        return torch.ops.actfx.pack_groups(x, seed, stream, bits, group_size, stochastic)
+    return pack_groups_impl(x, seed, stream, bits, group_size, stochastic, backend)
+
+
+def unpack_groups(
+    codes: torch.Tensor,
+    meta: torch.Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Dequantize what `pack_groups` produced into a contiguous tensor of `shape` and `dtype` on codes' device."""
+    _check_tensor("codes", codes)
+    _check_tensor("meta", meta)
+    check_float_dtype(dtype)
+    check_bits(bits)
+    check_group_size(group_size)
+    shape = _check_shape(shape)
+    num_groups = _num_groups(math.prod(shape), group_size)
+    want_codes = (num_groups, group_size * bits // 8)
+    if codes.dtype != torch.uint8 or tuple(codes.shape) != want_codes:
+        raise ValueError(
+            f"codes must be uint8 of shape {want_codes} for shape={tuple(shape)}, bits={bits}, "
+            f"group_size={group_size}; got {codes.dtype} {tuple(codes.shape)}"
+        )
+    if meta.dtype != torch.bfloat16 or tuple(meta.shape) != (num_groups, 2):
+        raise ValueError(
+            f"meta must be bfloat16 of shape {(num_groups, 2)}; got {meta.dtype} {tuple(meta.shape)}"
+        )
+    if meta.device != codes.device:
+        raise ValueError(f"codes are on {codes.device} but meta is on {meta.device}; keep them together")
+    if _check_backend(backend) == "auto":
+        return torch.ops.actfx.unpack_groups(codes, meta, shape, dtype, bits, group_size)
+    return unpack_groups_impl(codes.contiguous(), meta.contiguous(), shape, dtype, bits, group_size, backend)
+
+
+def pack_bits(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask -> uint8 [ceil(n/8)]: bit i goes to byte i // 8, bit i % 8 (LSB first)."""
+    _check_tensor("mask", mask)
+    if mask.dtype != torch.bool:
+        raise TypeError(f"pack_bits takes a bool mask, got dtype {mask.dtype}; compare first (e.g. x > 0)")
+    return torch.ops.actfx.pack_bits(mask)
+
+
+def unpack_bits(codes: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+    """uint8 [ceil(n/8)] -> bool tensor of `shape` (inverse of `pack_bits`)."""
+    _check_tensor("codes", codes)
+    shape = _check_shape(shape)
+    want = mask_nbytes(math.prod(shape))
+    if codes.dtype != torch.uint8 or codes.dim() != 1 or codes.numel() != want:
+        raise ValueError(
+            f"codes must be a 1-D uint8 tensor of {want} bytes for shape {tuple(shape)}; "
+            f"got {codes.dtype} {tuple(codes.shape)}"
+        )
+    return torch.ops.actfx.unpack_bits(codes, shape)
+
+
+from . import ops as _ops  # noqa: E402,F401 - registers actfx::* (needs the functions above)

@@ -1,0 +1,71 @@
+"""`actfx::*` custom ops: the packing kernels as opaque graph nodes with shape-only fake versions.
+
+Registering them lets torch.compile / FakeTensor / meta-device dry runs see a pack as one node whose
+outputs have known shapes, without tracing into Triton or the PyTorch reference. The real
+implementations pick a backend per device (see `actfx.kernels`).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from . import pack_groups_impl, unpack_groups_impl
+from .masks import mask_nbytes, pack_bits_impl, unpack_bits_impl
+
+__all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op"]
+
+
+@torch.library.custom_op(
+    "actfx::pack_groups",
+    mutates_args=(),
+    schema="(Tensor x, Tensor seed, int stream, int bits, int group_size, bool stochastic) -> (Tensor, Tensor)",
+)
+def pack_groups_op(
+    x: Tensor, seed: Tensor, stream: int, bits: int, group_size: int, stochastic: bool
+) -> tuple[Tensor, Tensor]:
+    return pack_groups_impl(x, seed, stream, bits, group_size, stochastic)
+
+
+@pack_groups_op.register_fake
+def _pack_groups_fake(x, seed, stream, bits, group_size, stochastic):
+    num_groups = (x.numel() + group_size - 1) // group_size
+    codes = x.new_empty((num_groups, group_size * bits // 8), dtype=torch.uint8)
+    meta = x.new_empty((num_groups, 2), dtype=torch.bfloat16)
+    return codes, meta
+
+
+@torch.library.custom_op(
+    "actfx::unpack_groups",
+    mutates_args=(),
+    schema="(Tensor codes, Tensor meta, SymInt[] shape, ScalarType dtype, int bits, int group_size) -> Tensor",
+)
+def unpack_groups_op(
+    codes: Tensor, meta: Tensor, shape: list[int], dtype: torch.dtype, bits: int, group_size: int
+) -> Tensor:
+    return unpack_groups_impl(codes.contiguous(), meta.contiguous(), shape, dtype, bits, group_size)
+
+
+@unpack_groups_op.register_fake
+def _unpack_groups_fake(codes, meta, shape, dtype, bits, group_size):
+    return codes.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("actfx::pack_bits", mutates_args=())
+def pack_bits_op(mask: Tensor) -> Tensor:
+    return pack_bits_impl(mask)
+
+
+@pack_bits_op.register_fake
+def _pack_bits_fake(mask):
+    return mask.new_empty((mask_nbytes(mask.numel()),), dtype=torch.uint8)
+
+
+@torch.library.custom_op("actfx::unpack_bits", mutates_args=())
+def unpack_bits_op(codes: Tensor, shape: list[int]) -> Tensor:
+    return unpack_bits_impl(codes, shape)
+
+
+@unpack_bits_op.register_fake
+def _unpack_bits_fake(codes, shape):
+    return codes.new_empty(shape, dtype=torch.bool)

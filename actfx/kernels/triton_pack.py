@@ -1,0 +1,231 @@
+"""Triton kernels for group quantization: one pass to pack, one pass to unpack.
+
+Same math, same fp32 operation order and same bytes (in deterministic mode) as
+`reference.py`; the format is documented in `actfx/format.py`. Written for Triton 3.0 to 3.9 on
+anything from T4 (sm75) up: fp32 arithmetic only (bf16 is handled as int16 bit patterns, so no
+bf16 instructions are needed), no tensor cores, no inline asm or libdevice (so the kernels also run
+under TRITON_INTERPRET=1), int64 offsets so tensors past 2**31 elements work.
+
+This module imports triton at import time; `actfx.kernels` only imports it when a Triton path is
+actually taken, so `import actfx` works without triton.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import triton
+import triton.language as tl
+
+from .reference import inv_levels, stream_key
+
+__all__ = ["pack_groups_triton", "unpack_groups_triton"]
+
+# Elements handled by one program: several small groups per program, one big group otherwise.
+_ELEMS_PER_PROGRAM = 4096
+_NUM_WARPS = 4
+
+
+@triton.jit
+def _round_bf16(v, UP: tl.constexpr):
+    # Round fp32 `v` to a bf16 value (kept in fp32) toward +inf (UP) or -inf (not UP).
+    # Dropping the low 16 bits rounds toward zero; `(bits + 0xFFFF) & 0xFFFF0000` rounds away.
+    # Toward -inf = toward zero for v >= 0, away for v < 0; toward +inf is the mirror image.
+    bits = v.to(tl.int32, bitcast=True)
+    toward_zero = bits & -65536
+    away = (bits + 0xFFFF) & -65536
+    if UP:
+        out = tl.where(bits < 0, toward_zero, away)
+    else:
+        out = tl.where(bits < 0, away, toward_zero)
+    return out.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _pack_kernel(
+    x_ptr,  # flat input [n]: fp32 / fp16, or bf16 viewed as int16 (X_IS_BF16)
+    seed_ptr,  # int64 [1]: Philox seed, loaded here so the host never syncs
+    codes_ptr,  # uint8 [num_groups, G * BITS // 8], output
+    meta_ptr,  # int16 [num_groups, 2], output: bf16 bit patterns of (lo, step)
+    n,  # number of real values
+    num_groups,  # ceil(n / G)
+    stream_key,  # int64 added to the seed: one Philox key per call site
+    inv_levels,  # fp32 1 / (2**BITS - 1)
+    BITS: tl.constexpr,  # 1, 2, 4 or 8
+    G: tl.constexpr,  # group size, power of two 32..4096
+    BLOCK_G: tl.constexpr,  # groups per program
+    X_IS_BF16: tl.constexpr,
+    STOCHASTIC: tl.constexpr,
+):
+    # Tile [BLOCK_G, NB, PER_BYTE]: group, byte within the group, value within the byte.
+    # lo = round_down_bf16(min); step = round_up_bf16((max - lo) * inv_levels)
+    # r = 1 / step; t = (x - lo) * r; f = floor(t); code = f + (u < t - f)  or  f + (t - f >= 0.5)
+    PER_BYTE: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = G // PER_BYTE
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+    INF: tl.constexpr = float("inf")
+
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    row_ok = rows < num_groups
+    byte = tl.arange(0, NB)
+    k = tl.arange(0, PER_BYTE)
+    offs = rows[:, None, None] * G + (byte[None, :, None] * PER_BYTE + k[None, None, :])
+    valid = offs < n
+
+    if X_IS_BF16:
+        raw = tl.load(x_ptr + offs, mask=valid, other=0)
+        x = (raw.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + offs, mask=valid, other=0.0).to(tl.float32)
+
+    # Group statistics over real values only. min/max reductions may drop NaNs, so count them.
+    mn = tl.min(tl.min(tl.where(valid, x, INF), axis=2), axis=1)
+    mx = tl.max(tl.max(tl.where(valid, x, -INF), axis=2), axis=1)
+    has_nan = tl.max(tl.max((x != x).to(tl.int32), axis=2), axis=1) > 0
+
+    lo = _round_bf16(mn, False)
+    step = _round_bf16((mx - lo) * inv_levels, True)
+    bad = has_nan | (step != step) | (step >= INF)
+    const = (mx == mn) & (bad == 0)
+    step = tl.where(const, 0.0, step)
+    ok = (step > 0.0) & (step < INF)
+    r = tl.where(ok, tl.math.div_rn(tl.full(step.shape, 1.0, tl.float32), tl.where(ok, step, 1.0)), 0.0)
+
+    t = (x - lo[:, None, None]) * r[:, None, None]
+    f = tl.floor(t)
+    frac = t - f
+    if STOCHASTIC:
+        seed = tl.load(seed_ptr) + stream_key
+        u = tl.rand(seed, offs)
+        code = f + (u < frac).to(tl.float32)
+    else:
+        code = f + (frac >= 0.5).to(tl.float32)
+    code = tl.minimum(code, LEVELS)
+    keep = valid & (bad == 0)[:, None, None]
+    ci = tl.where(keep, code, 0.0).to(tl.int32)
+
+    packed = tl.sum(ci << (k * BITS)[None, None, :], axis=2)  # disjoint bits: sum == or
+
+    # Constant groups: exact fp32 bits of the value, little-endian, in bytes 0..3.
+    first4 = byte < 4
+    shift = tl.where(first4, byte, 0) * 8
+    pattern = (mn.to(tl.int32, bitcast=True)[:, None] >> shift[None, :]) & 255
+    packed = tl.where(const[:, None] & first4[None, :], pattern, packed)
+    tl.store(
+        codes_ptr + rows[:, None] * NB + byte[None, :],
+        packed.to(tl.uint8),
+        mask=row_ok[:, None],
+    )
+
+    # bf16 patterns are the top halves of the (already bf16-valued) fp32 patterns; NaN -> 0x7FC0.
+    lo_bits = tl.where(bad, 0x7FC0, lo.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    step_bits = tl.where(bad, 0x7FC0, step.to(tl.int32, bitcast=True) >> 16).to(tl.int16)
+    tl.store(meta_ptr + rows * 2, lo_bits, mask=row_ok)
+    tl.store(meta_ptr + rows * 2 + 1, step_bits, mask=row_ok)
+
+
+@triton.jit
+def _unpack_kernel(
+    codes_ptr,  # uint8 [num_groups, G * BITS // 8]
+    meta_ptr,  # int16 [num_groups, 2]: bf16 bit patterns of (lo, step)
+    out_ptr,  # flat output [n]: fp32 / fp16, or bf16 viewed as int16 (OUT_BF16)
+    n,  # number of real values
+    num_groups,  # ceil(n / G)
+    BITS: tl.constexpr,
+    G: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+):
+    # x_hat = lo + code * step (fp32). Constant groups (step == 0): lo = exact value from bytes
+    # 0..3 and step = -0.0, so x_hat == value bit for bit. NaN step -> NaN for the whole group.
+    PER_BYTE: tl.constexpr = 8 // BITS
+    NB: tl.constexpr = G // PER_BYTE
+    LEVELS: tl.constexpr = (1 << BITS) - 1
+
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
+    row_ok = rows < num_groups
+    byte = tl.arange(0, NB)
+    k = tl.arange(0, PER_BYTE)
+
+    packed = tl.load(codes_ptr + rows[:, None] * NB + byte[None, :], mask=row_ok[:, None], other=0)
+    packed = packed.to(tl.int32)
+    code = (packed[:, :, None] >> (k * BITS)[None, None, :]) & LEVELS
+
+    lo_bits = tl.load(meta_ptr + rows * 2, mask=row_ok, other=0).to(tl.int32) << 16
+    step_bits = tl.load(meta_ptr + rows * 2 + 1, mask=row_ok, other=0).to(tl.int32) << 16
+    first4 = byte < 4
+    shift = tl.where(first4, byte, 0) * 8
+    exact_bits = tl.sum(tl.where(first4[None, :], packed << shift[None, :], 0), axis=1)
+    const = step_bits == 0
+    lo = tl.where(const, exact_bits, lo_bits).to(tl.float32, bitcast=True)
+    step = tl.where(const, -2147483648, step_bits).to(tl.float32, bitcast=True)  # -0.0
+
+    val = lo[:, None, None] + code.to(tl.float32) * step[:, None, None]
+
+    offs = rows[:, None, None] * G + (byte[None, :, None] * PER_BYTE + k[None, None, :])
+    valid = offs < n
+    if OUT_BF16:
+        # round to nearest even, as torch's float -> bfloat16 (NaN -> 0x7FC0)
+        b = val.to(tl.int32, bitcast=True)
+        rounded = (b + 0x7FFF + ((b >> 16) & 1)) >> 16
+        tl.store(out_ptr + offs, tl.where(val != val, 0x7FC0, rounded).to(tl.int16), mask=valid)
+    else:
+        tl.store(out_ptr + offs, val.to(out_ptr.dtype.element_ty), mask=valid)
+
+
+def _launch_config(group_size: int, num_groups: int) -> tuple[int, tuple[int]]:
+    block_g = max(1, _ELEMS_PER_PROGRAM // group_size)
+    return block_g, (triton.cdiv(num_groups, block_g),)
+
+
+def pack_groups_triton(
+    x: torch.Tensor,
+    seed: torch.Tensor,
+    stream: int,
+    bits: int,
+    group_size: int,
+    stochastic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Triton version of `pack_groups_reference` (arguments validated by `actfx.kernels.pack_groups`)."""
+    flat = x.reshape(-1)
+    n = flat.numel()
+    num_groups = triton.cdiv(n, group_size)
+    codes = torch.empty(num_groups, group_size * bits // 8, dtype=torch.uint8, device=x.device)
+    meta = torch.empty(num_groups, 2, dtype=torch.bfloat16, device=x.device)
+    if n == 0:
+        return codes, meta
+    is_bf16 = flat.dtype == torch.bfloat16
+    if is_bf16:
+        flat = flat.view(torch.int16)
+    block_g, grid = _launch_config(group_size, num_groups)
+    _pack_kernel[grid](
+        flat, seed, codes, meta.view(torch.int16), n, num_groups, stream_key(stream), inv_levels(bits),
+        BITS=bits, G=group_size, BLOCK_G=block_g, X_IS_BF16=is_bf16, STOCHASTIC=stochastic,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    )
+    return codes, meta
+
+
+def unpack_groups_triton(
+    codes: torch.Tensor,
+    meta: torch.Tensor,
+    shape: Sequence[int],
+    dtype: torch.dtype,
+    bits: int,
+    group_size: int,
+) -> torch.Tensor:
+    """Triton version of `unpack_groups_reference`; codes and meta must be contiguous."""
+    out = torch.empty(tuple(shape), dtype=dtype, device=codes.device)
+    n = out.numel()
+    if n == 0:
+        return out
+    num_groups = codes.shape[0]
+    is_bf16 = dtype == torch.bfloat16
+    block_g, grid = _launch_config(group_size, num_groups)
+    _unpack_kernel[grid](
+        codes, meta.view(torch.int16), out.view(torch.int16) if is_bf16 else out, n, num_groups,
+        BITS=bits, G=group_size, BLOCK_G=block_g, OUT_BF16=is_bf16,
+        num_warps=_NUM_WARPS, enable_fp_fusion=False,
+    )
+    return out

@@ -1,0 +1,1 @@
+"""Graph passes: capture (fx tracing), static facts, op recognition, and the compressed-save rewrite."""

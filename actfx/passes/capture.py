@@ -1,0 +1,70 @@
+"""Capture a module's forward as an fx graph, in train and in eval mode.
+
+fx bakes Python-level reads of ``self.training`` into the graph (``F.dropout(x, p, self.training)``
+becomes a constant), so the module is traced once per mode; when the two graphs differ the
+converted forward picks the right one at run time. The user's modules are put back in the
+mode they were in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch.nn as nn
+from torch.fx import GraphModule, Tracer
+
+
+class _ActfxTracer(Tracer):
+    def __init__(self, leaf_types: tuple, leaf_paths: frozenset):
+        super().__init__()
+        self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if (self.leaf_types and isinstance(m, self.leaf_types)) or qualname in self.leaf_paths:
+            return True
+        return super().is_leaf_module(m, qualname)
+
+
+@contextlib.contextmanager
+def _mode(module: nn.Module, training: bool):
+    saved = {m: m.training for m in module.modules()}
+    try:
+        module.train(training)
+        yield
+    finally:
+        for m, flag in saved.items():
+            m.training = flag
+
+
+def split_leaf_modules(leaf_modules, path: str) -> tuple[tuple, frozenset]:
+    """Leaf declarations (module types or dotted paths from the model root) relative to ``path``."""
+    types, paths = [], set()
+    for item in leaf_modules:
+        if isinstance(item, type) and issubclass(item, nn.Module):
+            types.append(item)
+        elif isinstance(item, str):
+            if path and item.startswith(path + "."):
+                paths.add(item[len(path) + 1 :])
+            elif not path:
+                paths.add(item)
+        else:
+            raise TypeError(
+                f"leaf_modules entries must be nn.Module subclasses or module paths (str), got {item!r}"
+            )
+    return tuple(types), frozenset(paths)
+
+
+def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = frozenset()) -> dict[bool, GraphModule]:
+    """{training flag: GraphModule}; one entry serves both modes when the graphs agree.
+
+    Raises whatever fx raises when the forward cannot be traced.
+    """
+    graphs = {}
+    for training in (True, False):
+        with _mode(module, training):
+            tracer = _ActfxTracer(leaf_types, leaf_paths)
+            graph = tracer.trace(module)
+            graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)
+    if graphs[True].code == graphs[False].code:
+        return {True: graphs[True]}
+    return graphs

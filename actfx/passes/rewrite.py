@@ -1,0 +1,193 @@
+"""Rewrite a traced graph so every covered op saves compressed values for backward.
+
+For each value some backward needs, the pass picks the cheapest exact-in-expectation storage:
+- already packed for another consumer (and not modified in place since): share that pack;
+- the output of a ReLU whose input is BatchNorm's output: rebuild it in backward as
+  ``mask * (a * bn_input + b)`` from BatchNorm's packed input, the exact 1-bit ReLU mask and
+  BatchNorm's per-channel affine map -- nothing new is stored (conv -> BN -> ReLU -> conv);
+- a reshape of something already stored: reshape it back;
+- otherwise pack it once, right before its first consumer, at the widest bits any consumer asks for.
+Parameters, buffers and values derived only from them are kept as they are (never compressed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import operator
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from actfx.config import Config
+from actfx.passes.graph_facts import GraphFacts
+from actfx.passes.sites import Site, find_site
+from actfx.variants.packing import next_seed, pack_value
+
+SEED_BUFFER = "_actfx_seed"  # int64 buffer on the converted module
+SEED_STATE = "_actfx_rng"  # its host-side SeedState (plain attribute)
+SELF_ATTR = "_actfx_self"  # a converted leaf module's reference to itself
+
+
+@dataclasses.dataclass
+class Decision:
+    """What the rewrite did for one node, for show() and reports."""
+
+    node: str
+    kind: str
+    module_path: str | None
+    saved: list  # one description per value its backward needs
+
+
+def describe(spec: tuple, sources: list[str]) -> str:
+    kind = spec[0]
+    if kind == "packed":
+        return f"packed {spec[1]}-bit"
+    if kind == "masked":
+        return "rebuilt: 1-bit mask x " + describe(spec[-1], sources)
+    if kind == "affine":
+        return "affine of " + describe(spec[-1], sources)
+    if kind == "reshape":
+        return "reshape of " + describe(spec[-1], sources)
+    if kind == "shape":
+        return "shape only"
+    return "kept exact"
+
+
+class _Rewriter:
+    def __init__(self, gm: GraphModule, config: Config, prefix: str):
+        self.gm, self.config, self.prefix = gm, config, prefix
+        self.modules = dict(gm.named_modules())
+        old_nodes = list(gm.graph.nodes)
+        self.sites: dict[Node, Site] = {}
+        for node in old_nodes:
+            site = find_site(node, self.modules)
+            if site is not None:
+                self.sites[node] = site
+        self.facts = GraphFacts(gm.graph)
+        self.bits = self._bits_per_value()
+        self.new = Graph()
+        self.env: dict[Node, Node] = {}
+        self.seed: Node | None = None
+        self.stream = 0
+        self.packs: dict[Node, tuple] = {}  # value -> (spec, run) of its live pack
+        self.masks: dict[Node, tuple] = {}  # relu node -> (mask node, slope)
+        self.affine: dict[Node, tuple] = {}  # bn node -> (a, b, input spec, input run)
+        self.decisions: list[Decision] = []
+
+    def _path(self, site: Site) -> str | None:
+        path = site.module_path or self.facts.module_path(site.node)
+        if path == SELF_ATTR:
+            path = None
+        if path is None:
+            return self.prefix or None
+        return f"{self.prefix}.{path}" if self.prefix else path
+
+    def _bits_per_value(self) -> dict[Node, int]:
+        bits: dict[Node, int] = {}
+        for site in self.sites.values():
+            b = self.config.bits_for(site.kind, self._path(site))
+            for v in site.saved:
+                if isinstance(v, Node):
+                    bits[v] = max(bits.get(v, 0), b)
+        return bits
+
+    # ------------------------------------------------------------ storage choices
+
+    def _pack(self, v: Node) -> tuple:
+        if self.seed is None:
+            with self.new.inserting_after(self._last_placeholder):
+                state = self.new.get_attr(SEED_STATE)
+            with self.new.inserting_after(state):
+                buffer = self.new.get_attr(SEED_BUFFER)
+            with self.new.inserting_after(buffer):
+                self.seed = self.new.call_function(next_seed, (state, buffer))
+        bits, gs = self.bits[v], self.config.group_size
+        call = self.new.call_function(
+            pack_value,
+            (self.env[v], self.seed, self.stream, bits, gs, self.config.stochastic, self.config.min_numel),
+        )
+        self.stream += 1
+        codes = self.new.call_function(operator.getitem, (call, 0))
+        meta = self.new.call_function(operator.getitem, (call, 1))
+        entry = (("packed", bits, gs), [self.env[v], codes, meta])
+        self.packs[v] = entry
+        return entry
+
+    def _cheap(self, v: Node) -> tuple | None:
+        """A way to have ``v`` in backward without storing anything new, if there is one."""
+        if v in self.packs:
+            return self.packs[v]
+        if not self.config.rebuild_chains:
+            return None
+        if v in self.masks:
+            mask, slope, src = self.masks[v]
+            inner = self._cheap(src)
+            if inner is not None:
+                return ("masked", slope, inner[0]), [self.env[v], mask, *inner[1]]
+        if v in self.affine:
+            a, b, spec, run = self.affine[v]
+            if spec[0] != "exact":
+                return ("affine", 1, spec), [self.env[v], a, b, *run]
+        src = self.facts.reshape_source(v)
+        if src is not None:
+            inner = self._cheap(src)
+            if inner is not None:
+                return ("reshape", inner[0]), [self.env[v], *inner[1]]
+        return None
+
+    def _storage(self, site: Site, i: int, v) -> tuple:
+        if not isinstance(v, Node):
+            return ("exact",), [v]
+        if i in site.shape_only:
+            return ("shape",), [self.env[v]]
+        if i in site.exact or self.facts.is_parameter_like(v) or self.facts.is_non_tensor(v):
+            return ("exact",), [self.env[v]]
+        return self._cheap(v) or self._pack(v)
+
+    # ------------------------------------------------------------ the pass
+
+    def run(self) -> Graph:
+        self._last_placeholder = None  # the seed is read right after the inputs (or first)
+        for node in self.gm.graph.nodes:
+            site = self.sites.get(node)
+            if site is None:
+                self.env[node] = self.new.node_copy(node, lambda n: self.env[n])
+                if node.op == "placeholder":
+                    self._last_placeholder = self.env[node]
+            else:
+                self._emit(site)
+            mutated = self.facts.mutated_input(node, site)
+            if mutated is not None:
+                for other in list(self.packs):
+                    if self.facts.same_storage(other, mutated):
+                        del self.packs[other]
+        self.new.lint()
+        return self.new
+
+    def _emit(self, site: Site) -> None:
+        node = site.node
+        chosen = [self._storage(site, i, v) for i, v in enumerate(site.saved)]
+        specs = [spec for spec, _ in chosen]
+        runs = [run for _, run in chosen]
+        out, extras = site.emit(self.new, self.env, specs, runs)
+        out.meta.update(node.meta)
+        self.env[node] = out
+        if "mask" in extras:
+            mask, slope, rebuildable = extras["mask"]
+            if rebuildable:
+                self.masks[node] = (mask, slope, site.source)
+        if "affine" in extras:
+            a, b = extras["affine"]
+            self.affine[node] = (a, b, specs[0], runs[0])
+        self.decisions.append(Decision(node.name, site.kind, self._path(site),
+                                       [describe(spec, []) for spec in specs]))
+
+
+def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:
+    """New graph for ``gm`` with compressed-save variants; also the decisions taken and the
+    nodes that were left as they are."""
+    rewriter = _Rewriter(gm, config, prefix)
+    graph = rewriter.run()
+    uncovered = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
+                 and n not in rewriter.sites]
+    return graph, rewriter.decisions, uncovered

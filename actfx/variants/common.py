@@ -1,0 +1,31 @@
+"""Small pieces every compressed-save variant shares."""
+
+from __future__ import annotations
+
+import torch
+
+
+def refuse_double_backward(op: str) -> None:
+    """Backward of a packed op is computed from approximate values: a second derivative through
+    it would be silently wrong, so ``create_graph=True`` is refused instead."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"actfx: double backward (create_graph=True) through the compressed {op} is not supported: "
+            "its saved activations are quantized, so second derivatives would be wrong. Compute "
+            "higher-order gradients (gradient penalties, MAML, Hessian-vector products) with the original, "
+            "unconverted model; it shares its parameters with the converted one."
+        )
+
+
+def needs_saving(*tensors) -> bool:
+    """True when autograd will call backward: grad mode on and some input requires grad."""
+    if not torch.is_grad_enabled():
+        return False
+    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+
+
+def cast_grad(grad, like):
+    """Gradients leave in the dtype of the input they belong to (autocast computes in another)."""
+    if grad is None or like is None:
+        return grad
+    return grad.to(like.dtype) if grad.dtype != like.dtype else grad

@@ -1,0 +1,97 @@
+"""Convolution (1d/2d/3d, transposed) that keeps its input packed.
+
+Forward calls the same functional op as the original, so outputs are bitwise identical.
+Backward needs the input only for the weight gradient, which is linear in it: with an unbiased
+packed input the weight gradient stays unbiased.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from actfx.variants.common import cast_grad, needs_saving, refuse_double_backward
+from actfx.variants.saved import materialize_all, split_all
+
+_FORWARD = {
+    (False, 1): F.conv1d,
+    (False, 2): F.conv2d,
+    (False, 3): F.conv3d,
+    (True, 1): F.conv_transpose1d,
+    (True, 2): F.conv_transpose2d,
+    (True, 3): F.conv_transpose3d,
+}
+
+
+def _as_list(value, n):
+    return list(value) if isinstance(value, (tuple, list)) else [value] * n
+
+
+def _run_conv(geometry, x, weight, bias):
+    transposed, nd, stride, padding, dilation, output_padding, groups, pad = geometry
+    if pad is not None:  # padding_mode reflect / replicate / circular, as nn.ConvNd does it
+        x = F.pad(x, pad[0], mode=pad[1])
+    fn = _FORWARD[(transposed, nd)]
+    if transposed:
+        return fn(x, weight, bias, stride, padding, output_padding, groups, dilation)
+    return fn(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _unpad_grad(grad_padded, x_shape, pad, dtype):
+    """Gradient through F.pad (linear, so taken at zeros): only shapes matter."""
+    with torch.enable_grad():
+        zeros = torch.zeros(x_shape, dtype=dtype, device=grad_padded.device, requires_grad=True)
+        (grad,) = torch.autograd.grad(F.pad(zeros, pad[0], mode=pad[1]), zeros, grad_padded)
+    return grad
+
+
+class _PackedConv(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, geometry, spec, weight, bias, *run):
+        x = run[0]
+        out = _run_conv(geometry, x, weight, bias)
+        plans, storage = split_all([spec], run)
+        ctx.plans = plans
+        ctx.geometry = geometry
+        ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.shape, out.dtype)
+        ctx.save_for_backward(weight, *storage)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward("convolution")
+        weight, *storage = ctx.saved_tensors
+        transposed, nd, stride, padding, dilation, output_padding, groups, pad = ctx.geometry
+        x_dtype, w_dtype, bias_shape, compute = ctx.meta
+        x = materialize_all(ctx.plans, storage)[0].to(compute)
+        x_shape = x.shape
+        if pad is not None:
+            x = F.pad(x, pad[0], mode=pad[1])
+        mask = [ctx.needs_input_grad[4], ctx.needs_input_grad[2], bias_shape is not None and ctx.needs_input_grad[3]]
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            grad_out.to(compute),
+            x,
+            weight.to(compute),
+            list(bias_shape) if bias_shape is not None else None,
+            _as_list(stride, nd),
+            _as_list(padding, nd),
+            _as_list(dilation, nd),
+            transposed,
+            _as_list(output_padding, nd),
+            groups,
+            mask,
+        )
+        if mask[0] and pad is not None:
+            gx = _unpad_grad(gx, x_shape, pad, gx.dtype)
+        gx = gx.to(x_dtype) if mask[0] else None
+        gw = gw.to(w_dtype) if mask[1] else None
+        gb = cast_grad(gb, weight) if mask[2] else None
+        return (None, None, gw, gb, gx) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def conv(geometry, spec, weight, bias, *run):
+    """``geometry`` = (transposed, nd, stride, padding, dilation, output_padding, groups, pad);
+    ``run`` is the input's saved-value run (see saved.py), its first element the input itself."""
+    if not needs_saving(run[0], weight, bias):
+        return _run_conv(geometry, run[0], weight, bias)
+    return _PackedConv.apply(geometry, spec, weight, bias, *run)

@@ -1,0 +1,93 @@
+"""ReLU-family activations and dropout with exact 1-bit masks.
+
+Their backward needs only *where* the gradient passes (and dropout's scale), which a 1-bit mask
+holds exactly. Deriving the mask from a packed output would bias gradients (values near zero
+round to the wrong side), so the mask is taken from the exact output in forward.
+The masks are returned to the graph as well: a later consumer of the activation can rebuild it
+as ``mask * (something already packed)`` instead of packing it again.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from actfx.kernels import pack_bits, unpack_bits
+from actfx.variants.common import refuse_double_backward
+
+# kind -> (forward(x, inplace, *params), mask(out, *params), gradient slope outside the mask)
+_RELU_LIKE = {
+    "relu": (lambda x, inplace: torch.relu_(x) if inplace else torch.relu(x),
+             lambda out: out > 0, None),
+    "hardtanh": (lambda x, inplace, lo, hi: F.hardtanh(x, lo, hi, inplace),
+                 lambda out, lo, hi: (out > lo) & (out < hi), None),
+    "leaky_relu": (lambda x, inplace, slope: F.leaky_relu(x, slope, inplace),
+                   lambda out, slope: out > 0, "slope"),
+}
+
+
+class _MaskedActivation(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, kind, inplace, params, x):
+        fwd, mask_of, _ = _RELU_LIKE[kind]
+        out = fwd(x, inplace, *params)
+        if inplace:
+            ctx.mark_dirty(x)
+        bits = pack_bits(mask_of(out.detach(), *params))
+        ctx.kind, ctx.params, ctx.shape = kind, params, out.shape
+        ctx.save_for_backward(bits)
+        ctx.mark_non_differentiable(bits)
+        return out, bits
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_bits):
+        refuse_double_backward(ctx.kind)
+        (bits,) = ctx.saved_tensors
+        mask = unpack_bits(bits, ctx.shape)
+        if _RELU_LIKE[ctx.kind][2] == "slope":
+            scale = torch.where(mask, 1.0, ctx.params[0]).to(grad_out.dtype)
+            return None, None, None, grad_out * scale
+        return None, None, None, grad_out * mask
+
+
+def relu_like(kind, inplace, params, x):
+    """Returns (out, mask bits); mask bits are None when nothing needs saving."""
+    fwd = _RELU_LIKE[kind][0]
+    if not (torch.is_grad_enabled() and x.requires_grad):
+        return fwd(x, inplace, *params), None
+    return _MaskedActivation.apply(kind, inplace, params, x)
+
+
+class _MaskedDropout(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, p, inplace, x):
+        # native_dropout draws exactly the random numbers F.dropout draws (same output, same RNG use).
+        out, keep = torch.ops.aten.native_dropout(x, p, True)
+        if inplace:
+            out = x.copy_(out)
+            ctx.mark_dirty(x)
+        bits = pack_bits(keep)
+        ctx.scale, ctx.shape = (1.0 / (1.0 - p) if p < 1 else 0.0), x.shape
+        ctx.save_for_backward(bits)
+        ctx.mark_non_differentiable(bits)
+        return out, bits
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_bits):
+        refuse_double_backward("dropout")
+        (bits,) = ctx.saved_tensors
+        keep = unpack_bits(bits, ctx.shape)
+        return None, None, grad_out * keep * ctx.scale
+
+
+def dropout(p, training, inplace, x):
+    """F.dropout semantics (module or functional); returns (out, mask bits or None)."""
+    if not training or p == 0.0 or not (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
+        return F.dropout(x, p, training, inplace), None
+    if p == 1.0:
+        return F.dropout(x, p, training, inplace), None
+    return _MaskedDropout.apply(p, inplace, x)
+
+
+def dropout_module(module, x):
+    return dropout(module.p, module.training, module.inplace, x)

@@ -1,0 +1,66 @@
+"""Packing a value once for all its consumers, with per-model counter-based seeds.
+
+Seeds come from a small per-model module: a base derived from ``torch.initial_seed()`` and a
+counter bumped on each forward that saves for backward. Stochastic rounding therefore never
+draws from (or perturbs) the global RNG stream that dropout and data augmentation use, stays
+reproducible under ``torch.manual_seed``, and needs no host synchronisation (kernels read the
+seed tensor on the device).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actfx.kernels import FLOAT_DTYPES, pack_groups
+
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(seed: int, salt: int) -> int:
+    """A 63-bit splitmix-style hash so nearby seeds and salts give unrelated streams."""
+    z = (seed * 0x9E3779B97F4A7C15 + salt * 0xBF58476D1CE4E5B9 + 0x94D049BB133111EB) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & ((1 << 64) - 1)
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & ((1 << 64) - 1)
+    return (z ^ (z >> 31)) & _MASK63
+
+
+class SeedState:
+    """The host-side half of a model's rounding seed: its salt and the global seed last seen.
+
+    The device-side half is a non-persistent int64 buffer on the converted module (it moves
+    with ``.to()``, stays out of ``state_dict``); ``next_seed`` bumps it in place.
+    """
+
+    def __init__(self, salt: int) -> None:
+        self.salt = int(salt)
+        self.seen = torch.initial_seed()
+
+    def initial_buffer(self) -> torch.Tensor:
+        return torch.tensor([_mix(self.seen, self.salt)], dtype=torch.int64)
+
+    def __repr__(self) -> str:
+        return f"SeedState(salt={self.salt})"
+
+
+def next_seed(state: SeedState, seed: torch.Tensor) -> torch.Tensor:
+    """The seed tensor for this forward (read by the kernels on the device, no sync)."""
+    if not torch.compiler.is_compiling():
+        current = torch.initial_seed()
+        if current != state.seen:  # the user re-seeded: restart this model's stream from it
+            state.seen = current
+            seed.fill_(_mix(current, state.salt))
+    if torch.is_grad_enabled():
+        seed.add_(1)
+    return seed
+
+
+def pack_value(x, seed, stream: int, bits: int, group_size: int, stochastic: bool, min_numel: int):
+    """(codes, meta) for ``x``, or (None, None) when nothing will be saved or packing does not pay."""
+    if (
+        not torch.is_grad_enabled()
+        or not isinstance(x, torch.Tensor)
+        or x.dtype not in FLOAT_DTYPES
+        or x.numel() < max(min_numel, 1)
+    ):
+        return None, None
+    return pack_groups(x.detach(), seed, stream, bits, group_size, stochastic)

@@ -1,0 +1,76 @@
+"""Products of activations (mul, div, matmul/bmm) with packed operands.
+
+Each operand's gradient is linear in the *other* operand, so packed operands give unbiased
+gradients. Division keeps its denominator exact (1/b of a packed b is biased and unbounded near
+zero); only the numerator is packed.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+
+from actfx.variants.common import cast_grad, refuse_double_backward
+from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
+
+
+def _reduce_to(grad, like):
+    if not isinstance(like, torch.Tensor):
+        return None
+    if grad.shape != like.shape:
+        grad = grad.sum_to_size(like.shape)
+    return cast_grad(grad, like)
+
+
+class _Product(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, op, specs, *flat):
+        a, b = values_of(specs, flat)
+        out = {"mul": operator.mul, "div": operator.truediv, "matmul": torch.matmul}[op](a, b)
+        plans, storage = split_all(specs, flat)
+        ctx.op, ctx.plans, ctx.compute = op, plans, out.dtype
+        ctx.second = 2 + spec_width(specs[0])
+        ctx.like = [(v.shape, v.dtype) if isinstance(v, torch.Tensor) else None for v in (a, b)]
+        ctx.save_for_backward(*storage)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward(ctx.op)
+        a, b = materialize_all(ctx.plans, ctx.saved_tensors)
+        need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[ctx.second]
+        g = grad_out
+        ga = gb = None
+        if ctx.op == "mul":
+            ga = g * b if need_a else None
+            gb = g * a if need_b else None
+        elif ctx.op == "div":
+            ga = g / b if need_a else None
+            gb = -g * a / (b * b) if need_b else None
+        else:
+            a_c = a.to(ctx.compute) if isinstance(a, torch.Tensor) else a
+            b_c = b.to(ctx.compute) if isinstance(b, torch.Tensor) else b
+            ga = g.to(ctx.compute) @ b_c.mT if need_a else None
+            gb = a_c.mT @ g.to(ctx.compute) if need_b else None
+        grads = [None] * len(ctx.needs_input_grad)
+        for pos, grad, like in ((2, ga, ctx.like[0]), (ctx.second, gb, ctx.like[1])):
+            if grad is not None and like is not None:
+                if grad.shape != like[0]:
+                    grad = grad.sum_to_size(like[0])
+                grads[pos] = grad.to(like[1])
+        return tuple(grads)
+
+
+def product(op, specs, *flat):
+    """``op`` in {"mul", "div", "matmul"}; ``flat`` holds the two operands' saved-value runs."""
+    a, b = values_of(specs, flat)
+    fn = {"mul": operator.mul, "div": operator.truediv, "matmul": torch.matmul}[op]
+    tensors = [v for v in (a, b) if isinstance(v, torch.Tensor)]
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return fn(a, b)
+    if op == "matmul" and (a.dim() < 2 or b.dim() < 2):
+        return fn(a, b)  # vector cases: rare on hot paths, left to autograd
+    if op != "matmul" and not all(isinstance(v, torch.Tensor) for v in (a, b)):
+        return fn(a, b)  # a scalar factor: autograd saves nothing for the tensor side
+    return _Product.apply(op, specs, *flat)

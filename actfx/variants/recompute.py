@@ -1,0 +1,106 @@
+"""Any single-output op whose backward is cheap to re-derive: keep inputs packed, recompute in backward.
+
+Used for element-wise activations (SiLU, GELU, sigmoid, tanh, hardswish, hardsigmoid, mish),
+softmax / log_softmax, LayerNorm / GroupNorm / InstanceNorm, and other ops where writing the
+backward by hand buys nothing: forward runs the original function (identical output); backward
+rebuilds the inputs from their packed form, runs the function again under autograd and takes
+its vector-Jacobian product. Parameters ride along unpacked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actfx.variants.common import refuse_double_backward
+from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
+
+SLOT = "actfx.slot"
+
+
+def fill(template, values):
+    """Replace ("actfx.slot", i) markers in a nested args template with values[i]."""
+    if isinstance(template, tuple):
+        if len(template) == 2 and template[0] == SLOT:
+            return values[template[1]]
+        return tuple(fill(t, values) for t in template)
+    if isinstance(template, list):
+        return [fill(t, values) for t in template]
+    return template
+
+
+def _autocast_state(device_type):
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return device_type, torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError, AttributeError):
+        pass
+    return None
+
+
+class _Recompute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, static, *flat):
+        args_t, kwargs_t, specs, inplace = static
+        values = values_of(specs, flat)
+        args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))
+        out = fn(*args, **kwargs)
+        if inplace:
+            target = values[0]
+            target.copy_(out)
+            ctx.mark_dirty(target)
+            out = target
+        plans, storage = split_all(specs, flat)
+        ctx.fn, ctx.static, ctx.plans = fn, static, plans
+        heads, pos = [], 2
+        for spec in specs:
+            heads.append(pos)
+            pos += spec_width(spec)
+        ctx.heads = heads
+        device = next((v.device.type for v in values if isinstance(v, torch.Tensor)), "cpu")
+        ctx.autocast = _autocast_state(device)
+        ctx.save_for_backward(*storage)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward(getattr(ctx.fn, "__name__", "op"))
+        args_t, kwargs_t, specs, _ = ctx.static
+        values = materialize_all(ctx.plans, ctx.saved_tensors)
+        diff = []
+        for i, head in enumerate(ctx.heads):
+            v = values[i]
+            if isinstance(v, torch.Tensor) and ctx.needs_input_grad[head]:
+                values[i] = v.detach().requires_grad_(True)
+                diff.append(i)
+        grads = [None] * len(ctx.needs_input_grad)
+        if not diff:
+            return tuple(grads)
+        with torch.enable_grad():
+            args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))
+            if ctx.autocast is not None:
+                with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):
+                    out = ctx.fn(*args, **kwargs)
+            else:
+                out = ctx.fn(*args, **kwargs)
+            got = torch.autograd.grad(out, [values[i] for i in diff], grad_out, allow_unused=True)
+        for i, g in zip(diff, got):
+            grads[ctx.heads[i]] = g
+        return tuple(grads)
+
+
+def make_recompute_variant(fn, name: str):
+    """A graph-callable wrapper around ``fn``: ``variant(static, *flat)`` with
+    static = (args template, kwargs template, specs, inplace)."""
+
+    def variant(static, *flat):
+        args_t, kwargs_t, specs, inplace = static
+        values = values_of(specs, flat)
+        if not (torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)):
+            args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))
+            if inplace:
+                kwargs["inplace"] = True
+            return fn(*args, **kwargs)
+        return _Recompute.apply(fn, static, *flat)
+
+    variant.__name__ = variant.__qualname__ = f"recompute_{name}"
+    return variant

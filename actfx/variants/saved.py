@@ -1,0 +1,141 @@
+"""How a compressed-save variant keeps a value for its backward, and how it gets it back.
+
+The rewrite pass gives each variant, for every activation its backward needs, a static *spec*
+(a nested tuple, so graphs stay printable and torch.compile sees constants) plus a flat run of
+tensors. The spec says how to rebuild the value from stored pieces:
+
+    ("exact",)                          tensors: value                    -> kept as is
+    ("packed", bits, group_size)        tensors: value, codes, meta       -> unpack
+    ("masked", slope, inner)            tensors: value, mask, *inner      -> inner * mask (ReLU: slope None)
+    ("affine", channel_dim, inner)      tensors: value, a, b, *inner      -> a * inner + b per channel (BatchNorm)
+    ("reshape", inner)                  tensors: value, *inner            -> inner.reshape(value.shape)
+    ("permute", dims, inner)            tensors: value, *inner            -> inner.permute(dims)
+    ("shape",)                          tensors: value                    -> zeros of value's shape
+                                        (for linear ops whose backward reads only the input's shape)
+
+``value`` is the tensor itself; it is read for its shape and dtype and kept only when the cheaper
+pieces are missing at run time (grad disabled when packing, tiny tensors, integer dtypes). Pieces
+shared between variants (one packed BN input, one ReLU mask) are the same tensor objects, so
+autograd keeps them once.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from actfx.kernels import unpack_bits, unpack_groups
+
+EXACT = ("exact",)
+
+# Tensor slots each spec kind reads from the flat run before its inner spec.
+_HEAD = {"exact": 1, "shape": 1, "packed": 3, "masked": 2, "affine": 3, "reshape": 1, "permute": 1}
+
+
+def spec_width(spec: tuple) -> int:
+    """Number of tensor slots a spec consumes."""
+    kind = spec[0]
+    if kind in ("exact", "shape", "packed"):
+        return _HEAD[kind]
+    return _HEAD[kind] + spec_width(spec[-1])
+
+
+def split_spec(spec: tuple, tensors: Sequence) -> tuple[tuple, list[torch.Tensor]]:
+    """Turn a spec and its run of tensors into (plan, storage) for ``ctx.save_for_backward``.
+
+    The plan is the spec with shapes and dtypes filled in; storage is what is actually kept.
+    """
+    kind = spec[0]
+    value = tensors[0]
+    if not isinstance(value, torch.Tensor):
+        return ("const", value), []
+    if kind == "exact":
+        return EXACT, [value]
+    if kind == "shape":
+        return ("zeros", tuple(value.shape), value.dtype, value.device), []
+    if kind == "packed":
+        codes, meta = tensors[1], tensors[2]
+        if codes is None:
+            return EXACT, [value]
+        return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
+    inner_plan, inner_store = split_spec(spec[-1], tensors[_HEAD[kind]:])
+    if inner_plan[0] in ("exact", "const"):
+        # Nothing cheaper than the value itself underneath: keep the value.
+        return EXACT, [value]
+    if kind == "masked":
+        mask = tensors[1]
+        if mask is None:
+            return EXACT, [value]
+        return ("masked", tuple(value.shape), spec[1], inner_plan), [mask, *inner_store]
+    if kind == "affine":
+        a, b = tensors[1], tensors[2]
+        if a is None or a.numel() == 0:
+            return EXACT, [value]
+        return ("affine", value.dim(), spec[1], value.dtype, inner_plan), [a, b, *inner_store]
+    if kind == "reshape":
+        return ("reshape", tuple(value.shape), inner_plan), inner_store
+    if kind == "permute":
+        return ("permute", spec[1], inner_plan), inner_store
+    raise ValueError(f"unknown saved-value spec {spec!r}")
+
+
+def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
+    """Rebuild a value from its plan, consuming its tensors from ``storage`` in order."""
+    kind = plan[0]
+    if kind == "exact":
+        return next(storage)
+    if kind == "const":
+        return plan[1]
+    if kind == "zeros":
+        return torch.zeros(plan[1], dtype=plan[2], device=plan[3])
+    if kind == "packed":
+        _, shape, dtype, bits, group_size = plan
+        codes, meta = next(storage), next(storage)
+        return unpack_groups(codes, meta, shape, dtype, bits, group_size)
+    if kind == "masked":
+        _, shape, slope, inner_plan = plan
+        mask = unpack_bits(next(storage), shape)
+        inner = materialize(inner_plan, storage)
+        if slope is None:
+            return inner * mask
+        return inner * torch.where(mask, 1.0, slope).to(inner.dtype)
+    if kind == "affine":
+        _, ndim, channel_dim, dtype, inner_plan = plan
+        a, b = next(storage), next(storage)
+        inner = materialize(inner_plan, storage)
+        view = [1] * ndim
+        view[channel_dim] = -1
+        out = torch.addcmul(b.view(view), a.view(view), inner.float())
+        return out.to(dtype)
+    if kind == "reshape":
+        return materialize(plan[2], storage).reshape(plan[1])
+    if kind == "permute":
+        return materialize(plan[2], storage).permute(plan[1])
+    raise ValueError(f"unknown saved-value plan {plan!r}")
+
+
+def split_all(specs: Sequence[tuple], tensors: Sequence) -> tuple[list[tuple], list[torch.Tensor]]:
+    """split_spec over consecutive runs, one per spec."""
+    plans, storage, pos = [], [], 0
+    for spec in specs:
+        width = spec_width(spec)
+        plan, store = split_spec(spec, tensors[pos : pos + width])
+        plans.append(plan)
+        storage.extend(store)
+        pos += width
+    return plans, storage
+
+
+def materialize_all(plans: Sequence[tuple], storage: Sequence[torch.Tensor]) -> list:
+    it = iter(storage)
+    return [materialize(plan, it) for plan in plans]
+
+
+def values_of(specs: Sequence[tuple], tensors: Sequence) -> list:
+    """The head value of each run (what the op computes with in forward)."""
+    out, pos = [], 0
+    for spec in specs:
+        out.append(tensors[pos])
+        pos += spec_width(spec)
+    return out
