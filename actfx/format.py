@@ -67,6 +67,12 @@ a one-element int64 tensor on x's device (read inside the Triton kernel, so no h
 `stream` an int naming the call site; they are mixed into one Philox key. Equal (seed, stream)
 give equal bytes on the same backend; the Triton and PyTorch backends draw different noise. Only
 `pack(..., seed=None)` touches the global RNG, to draw a fresh seed.
+
+* Triton: `u = tl.rand(key, element_index)` (Philox, fp32, int64 indices).
+* PyTorch reference (the CPU path): a private `torch.Generator` seeded with the same key. It draws
+  u at 15-bit resolution, u = (k + 1/2) / 2**15, two values per 31-bit draw, because one
+  `torch.rand` call per value was two thirds of a CPU pack. Rounding up then happens with a
+  probability within 2**-16 of frac: a bias of at most 2**-16 step, far below the noise itself.
 """
 
 from __future__ import annotations

@@ -131,8 +131,7 @@ def _triton_works(device: str) -> bool:
     Cached per device, so a failure warns once per device and later calls take the reference path.
     """
     try:
-        from . import triton_pack
-
+        triton_pack = _triton_module()
         x = torch.linspace(-3.0, 5.0, 100, device=device)
         seed = torch.zeros(1, dtype=torch.int64, device=device)
         got = triton_pack.pack_groups_triton(x, seed, 0, 2, 32, False)
@@ -153,6 +152,18 @@ def _triton_works(device: str) -> bool:
         return False
 
 
+def _triton_module():
+    """`triton_pack`, imported on first use so that `import actfx` works without triton."""
+    try:
+        from . import triton_pack
+    except ImportError as err:
+        raise ImportError(
+            f"backend='triton' needs the triton package ({err}); install triton or use "
+            f"backend='reference'"
+        ) from err
+    return triton_pack
+
+
 def _use_triton(device: torch.device, backend: str) -> bool:
     if backend == "triton":
         return True
@@ -167,8 +178,7 @@ def pack_groups_impl(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The implementation behind `actfx::pack_groups` (no validation, no custom op)."""
     if _use_triton(x.device, backend):
-        from .triton_pack import pack_groups_triton
-
+        pack_groups_triton = _triton_module().pack_groups_triton
         return pack_groups_triton(x, seed, stream, bits, group_size, stochastic)
     return pack_groups_reference(x, seed, stream, bits, group_size, stochastic)
 
@@ -179,8 +189,7 @@ def unpack_groups_impl(
 ) -> torch.Tensor:
     """The implementation behind `actfx::unpack_groups` (no validation, no custom op)."""
     if _use_triton(codes.device, backend):
-        from .triton_pack import unpack_groups_triton
-
+        unpack_groups_triton = _triton_module().unpack_groups_triton
         return unpack_groups_triton(codes, meta, shape, dtype, bits, group_size)
     return unpack_groups_reference(codes, meta, shape, dtype, bits, group_size)
 

@@ -35,6 +35,20 @@ def _pack_groups_fake(x, seed, stream, bits, group_size, stochastic):
     return codes, meta
 
 
+def _not_differentiable(ctx, inputs, output):
+    # Packing is storage, not math: its outputs carry no gradient (autograd saves packs, it does not
+    # differentiate through them). Marking them keeps `meta` (a float tensor) from requiring grad.
+    outputs = output if isinstance(output, tuple) else (output,)
+    ctx.mark_non_differentiable(*outputs)
+
+
+def _no_gradient(ctx, *grads):
+    raise RuntimeError("actfx packing ops are not differentiable")
+
+
+pack_groups_op.register_autograd(_no_gradient, setup_context=_not_differentiable)
+
+
 @torch.library.custom_op(
     "actfx::unpack_groups",
     mutates_args=(),
@@ -49,6 +63,9 @@ def unpack_groups_op(
 @unpack_groups_op.register_fake
 def _unpack_groups_fake(codes, meta, shape, dtype, bits, group_size):
     return codes.new_empty(shape, dtype=dtype)
+
+
+unpack_groups_op.register_autograd(_no_gradient, setup_context=_not_differentiable)
 
 
 @torch.library.custom_op("actfx::pack_bits", mutates_args=())

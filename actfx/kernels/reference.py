@@ -30,7 +30,7 @@ _LO_ONES = 0xFFFF
 # Added (times the stream id) to the seed, so streams get different Philox keys (golden-ratio constant).
 _STREAM_MULT = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
-_CHUNK_VALUES = 1 << 20
+_CHUNK_VALUES = 1 << 19  # 2 MB of fp32: the fastest of 128K..16M on a 2-core CPU
 _NOISE_BITS = 15  # resolution of the reference's rounding noise, see `_noise`
 _BF16_NAN = 0x7FC0  # the canonical quiet NaN, stored for both lo and step of non-finite groups
 
@@ -95,8 +95,9 @@ def _chunk_groups(xs: torch.Tensor, rows: int, group_size: int, owned: bool) -> 
 
 
 def _chunk_rows(num_groups: int, group_size: int, device: torch.device) -> int:
-    """Groups per chunk: ~1M values on CPU, where a chunk's temporaries then stay in cache (about
-    2x faster than whole-tensor passes); everything at once elsewhere (fewer launches)."""
+    """Groups per chunk: ~512K values on CPU, so a chunk's temporaries stay in cache and are reused
+    instead of page-faulted in (about 2x faster than whole-tensor passes at 64 MB); everything at
+    once on other devices (fewer launches)."""
     if device.type != "cpu":
         return num_groups
     return max(1, _CHUNK_VALUES // group_size)

@@ -20,7 +20,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from actfx.config import Config
 from actfx.passes.graph_facts import GraphFacts
-from actfx.passes.sites import Site, find_site
+from actfx.passes.sites import Site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
 
 SEED_BUFFER = "_actfx_seed"  # int64 buffer on the converted module
@@ -189,5 +189,6 @@ def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Gr
     rewriter = _Rewriter(gm, config, prefix)
     graph = rewriter.run()
     uncovered = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
-                 and n not in rewriter.sites]
+                 and n not in rewriter.sites and not saves_nothing(n, rewriter.modules)
+                 and not rewriter.facts.is_parameter_like(n) and not rewriter.facts.is_non_tensor(n)]
     return graph, rewriter.decisions, uncovered

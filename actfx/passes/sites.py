@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from actfx.passes.signatures import bind
-from actfx.variants import batchnorm, conv, linear, masks, pool, products
+from actfx.variants import batchnorm, conv, linear, masks, norms, pool, products
 from actfx.variants.recompute import SLOT, make_recompute_variant
 
 # What a rebuilt value needs from its producer: ReLU-like masks and BatchNorm's affine map.
@@ -151,6 +151,57 @@ def _batch_norm_functional(node):
         return out, {"affine": (aa, bb)}
 
     return Site(node, "batch_norm", None, [a["input"]], emit)
+
+
+# ---------------------------------------------------------------- LayerNorm / GroupNorm / InstanceNorm
+
+def _norm_site(node, path, kind, x, static, weight, bias):
+    """static: (normalized_shape,) / (num_groups,) / () followed by eps; weight/bias: nodes,
+    None, or callables making get_attr nodes for a module's parameters."""
+
+    def emit(graph, env, specs, runs):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        b = bias(graph) if callable(bias) else _env(env, bias)
+        *head, eps = static
+        if kind == "instance_norm":
+            return graph.call_function(norms.instance_norm, (specs[0], w, b, eps, *runs[0])), {}
+        fn = norms.layer_norm if kind == "layer_norm" else norms.group_norm
+        return graph.call_function(fn, (specs[0], *head, w, b, eps, *runs[0])), {}
+
+    return Site(node, kind, path, [x], emit)
+
+
+def _norm_module(node, path, m):
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    x = node.args[0]
+    weight = (lambda g: _get(g, path, "weight")) if getattr(m, "weight", None) is not None else None
+    bias = (lambda g: _get(g, path, "bias")) if getattr(m, "bias", None) is not None else None
+    if isinstance(m, nn.LayerNorm):
+        return _norm_site(node, path, "layer_norm", x, (tuple(m.normalized_shape), m.eps), weight, bias)
+    if isinstance(m, nn.GroupNorm):
+        return _norm_site(node, path, "group_norm", x, (m.num_groups, m.eps), weight, bias)
+    if m.track_running_stats:
+        return None  # its running statistics update would need BatchNorm-style handling
+    return _norm_site(node, path, "instance_norm", x, (m.eps,), weight, bias)
+
+
+def _norm_functional(node):
+    kind = {F.layer_norm: "layer_norm", F.group_norm: "group_norm", F.instance_norm: "instance_norm"}[node.target]
+    a = bind(kind, node.args, node.kwargs)
+    if a is None:
+        return None
+    if kind == "layer_norm":
+        static = (a["normalized_shape"], a["eps"])
+    elif kind == "group_norm":
+        static = (a["num_groups"], a["eps"])
+    else:
+        if a["running_mean"] is not None or a["running_var"] is not None or a["use_input_stats"] is not True:
+            return None
+        static = (a["eps"],)
+    if any(isinstance(v, Node) for v in static):
+        return None
+    return _norm_site(node, None, kind, a["input"], static, a["weight"], a["bias"])
 
 
 # ---------------------------------------------------------------- ReLU family and dropout
@@ -312,8 +363,7 @@ _ELEMENTWISE = {
     F.tanh: "tanh", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish",
     F.elu: "elu", F.selu: "selu", F.celu: "celu", F.softplus: "softplus", F.logsigmoid: "logsigmoid",
     F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
-    torch.log_softmax: "log_softmax", F.layer_norm: "layer_norm", F.group_norm: "group_norm",
-    F.instance_norm: "instance_norm", F.normalize: "normalize",
+    torch.log_softmax: "log_softmax", F.normalize: "normalize",
 }
 _ELEMENTWISE_METHODS = {name: getattr(torch.Tensor, name) for name in
                         ("sigmoid", "tanh", "softmax", "log_softmax")}
@@ -333,15 +383,8 @@ def _module_as_call(node, path, m):
     if x is None or len(node.args) != 1 or node.kwargs:
         return None
 
-    def g(attr):
-        """A get_attr node for a parameter the call reads (None when the module has none)."""
-        if getattr(m, attr, None) is None:
-            return None
-        with node.graph.inserting_before(node):
-            return node.graph.get_attr(f"{path}.{attr}")
-
     table = {
-        nn.SiLU: lambda: (F.silu, (x,), {"inplace": m.inplace} if isinstance(m, nn.SiLU) else {}),
+        nn.SiLU: lambda: (F.silu, (x,), {"inplace": m.inplace}),
         nn.GELU: lambda: (F.gelu, (x,), {"approximate": getattr(m, "approximate", "none")}),
         nn.Sigmoid: lambda: (torch.sigmoid, (x,), {}),
         nn.Tanh: lambda: (torch.tanh, (x,), {}),
@@ -353,16 +396,8 @@ def _module_as_call(node, path, m):
         nn.Softplus: lambda: (F.softplus, (x,), {"beta": getattr(m, "beta", 1.0), "threshold": getattr(m, "threshold", 20.0)}),
         nn.Softmax: lambda: (F.softmax, (x,), {"dim": getattr(m, "dim", None)}),
         nn.LogSoftmax: lambda: (F.log_softmax, (x,), {"dim": getattr(m, "dim", None)}),
-        nn.LayerNorm: lambda: (F.layer_norm, (x, tuple(getattr(m, "normalized_shape", ())), g("weight"), g("bias"),
-                                      getattr(m, "eps", 1e-5)), {}),
-        nn.GroupNorm: lambda: (F.group_norm, (x, getattr(m, "num_groups", 1), g("weight"), g("bias"),
-                                      getattr(m, "eps", 1e-5)), {}),
     }
-    if isinstance(m, nn.modules.instancenorm._InstanceNorm):
-        if m.track_running_stats:
-            return None
-        fn, args, kwargs = F.instance_norm, (x, None, None, g("weight"), g("bias"), True, 0.1, m.eps), {}
-    elif isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
         fn = {nn.AvgPool1d: F.avg_pool1d, nn.AvgPool2d: F.avg_pool2d, nn.AvgPool3d: F.avg_pool3d}[type(m)]
         extra = (m.ceil_mode, m.count_include_pad) + ((m.divisor_override,) if not isinstance(m, nn.AvgPool1d) else ())
         return _recompute_site(node, path, "avg_pool", fn, (x, m.kernel_size, m.stride, m.padding, *extra), {},
@@ -382,10 +417,6 @@ def _recompute_functional(node):
     fn = node.target
     if fn in _SHAPE_ONLY:
         return _recompute_site(node, None, _SHAPE_ONLY[fn], fn, node.args, node.kwargs, shape_only=True)
-    if fn is F.instance_norm:
-        kw = dict(node.kwargs)
-        if len(node.args) > 1 or kw.get("running_mean") is not None:
-            return None
     return _recompute_site(node, None, _ELEMENTWISE[fn], fn, node.args, node.kwargs)
 
 
@@ -403,7 +434,8 @@ _MODULE_HANDLERS = [
     ((nn.Linear,), lambda node, path, m: (len(node.args) == 1 and not node.kwargs) and _linear_site(
         node, path, node.args[0], lambda g: _get(g, path, "weight"), lambda g: _bias_node(g, path, m)) or None),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm_module),
-    ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh), _relu_module),
+    ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _norm_module),
+    ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6), _relu_module),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
         node, path, node.args[0], None, None, m.inplace, module=True) or None),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -411,6 +443,36 @@ _MODULE_HANDLERS = [
 ]
 
 _LAZY = (nn.modules.lazy.LazyModuleMixin,)
+
+# Ops whose backward needs no activation (or only sizes): nothing to compress, nothing to report.
+_NOTHING_SAVED_FUNCTIONS = {
+    operator.add, operator.sub, operator.neg, operator.getitem, operator.iadd, operator.isub, torch.add,
+    torch.sub, torch.cat, torch.stack, torch.flatten, torch.reshape, torch.transpose, torch.permute,
+    torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.mean, torch.sum,
+    torch.neg, F.pad, F.interpolate, F.adaptive_avg_pool1d, torch.unbind, torch.movedim, getattr,
+    torch.zeros_like, torch.ones_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
+    F.embedding, F.one_hot, torch.where, torch.roll, torch.tile, torch.repeat_interleave,
+}
+_NOTHING_SAVED_METHODS = {
+    "add", "sub", "neg", "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
+    "permute", "t", "expand", "expand_as", "contiguous", "narrow", "select", "chunk", "split", "unbind",
+    "view_as", "reshape_as", "detach", "size", "dim", "numel", "mean", "sum", "to", "float", "half",
+    "bfloat16", "type_as", "repeat", "masked_fill", "add_", "sub_", "zero_", "fill_", "clone", "__getitem__",
+    "movedim", "swapaxes", "roll", "flip", "long", "int", "bool", "new_zeros", "new_ones", "new_empty",
+}
+_NOTHING_SAVED_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d,
+                          nn.Embedding, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+
+
+def saves_nothing(node: Node, modules: dict) -> bool:
+    """True for ops whose backward keeps no activation worth compressing (adds, views, cats, ...)."""
+    if node.op == "call_function":
+        return node.target in _NOTHING_SAVED_FUNCTIONS
+    if node.op == "call_method":
+        return node.target in _NOTHING_SAVED_METHODS
+    if node.op == "call_module":
+        return isinstance(modules.get(node.target), _NOTHING_SAVED_MODULES)
+    return False
 
 
 def find_site(node: Node, modules: dict) -> Site | None:
@@ -432,6 +494,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return a and _linear_site(node, None, a["input"], a["weight"], a["bias"])
         if t is F.batch_norm:
             return _batch_norm_functional(node)
+        if t in (F.layer_norm, F.group_norm, F.instance_norm):
+            return _norm_functional(node)
         if t in _RELU_FUNCS or t in (F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_):
             return _relu_functional(node)
         if t is F.dropout:

@@ -21,6 +21,7 @@ autograd keeps them once.
 
 from __future__ import annotations
 
+import weakref
 from typing import Iterator, Sequence
 
 import torch
@@ -85,6 +86,17 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
     kind = plan[0]
     if kind == "exact":
         return next(storage)
+    if kind == "watch":
+        _, ref, version, inner = plan
+        value = ref()
+        if value is not None and value._version != version:
+            raise RuntimeError(
+                "one of the variables needed for gradient computation has been modified by an inplace "
+                f"operation: [{value.dtype} {list(value.shape)}] is at version {value._version}; expected "
+                f"version {version} instead. (actfx kept a packed copy, but refuses, as autograd does, to "
+                "differentiate through a value changed after it was used; make the edit out of place.)"
+            )
+        return materialize(inner, storage)
     if kind == "const":
         return plan[1]
     if kind == "zeros":
@@ -116,11 +128,19 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
 
 
 def split_all(specs: Sequence[tuple], tensors: Sequence) -> tuple[list[tuple], list[torch.Tensor]]:
-    """split_spec over consecutive runs, one per spec."""
+    """split_spec over consecutive runs, one per spec.
+
+    Values not kept as they are get watched: if the caller modifies one in place before
+    backward, backward raises PyTorch's usual version-counter error instead of quietly using
+    the copy taken at forward time (parity with what plain autograd does).
+    """
     plans, storage, pos = [], [], 0
     for spec in specs:
         width = spec_width(spec)
         plan, store = split_spec(spec, tensors[pos : pos + width])
+        head = tensors[pos]
+        if plan[0] not in ("exact", "const") and isinstance(head, torch.Tensor) and not torch.compiler.is_compiling():
+            plan = ("watch", weakref.ref(head), head._version, plan)
         plans.append(plan)
         storage.extend(store)
         pos += width

@@ -1,0 +1,314 @@
+"""Measure what each fx node saves for backward, on fake tensors: no memory, no GPU, no compute.
+
+Prefer measuring over listing: instead of a table of what each op is supposed to save, the
+module runs once under ``FakeTensorMode`` with ``saved_tensors_hooks`` installed, and every
+tensor autograd keeps is charged to the fx node executing at that moment (an ``fx.Interpreter``
+walks the graph). An op nobody listed is measured all the same.
+
+Storages are counted once, by the first node that saves them; a later node saving the same
+storage records whose it is ("shared with"). Storages of parameters and buffers are counted
+apart (they are alive anyway). Each node's result goes to ``node.meta["actfx_saved"]``.
+
+One pass measures an original model (traced here as ``convert`` traces it) and a converted one
+(its rewritten graphs, from the conversion record), so the two totals compare like with like.
+The model is never modified: parameters and buffers are swapped for fake twins with
+``torch.func.functional_call``, host-side attributes the graph reads are copied before use, and
+the train/eval flags, set to train for the run, are put back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch.fx import Graph, Interpreter, Node
+
+from actfx.passes.capture import trace
+
+META_KEY = "actfx_saved"
+CALLS = ("call_module", "call_function", "call_method")
+
+
+@dataclasses.dataclass
+class SavedTensor:
+    """One tensor a node's backward keeps."""
+
+    shape: tuple
+    dtype: torch.dtype
+    nbytes: int  # of its whole storage
+    parameter: bool  # the storage belongs to a parameter or buffer
+    shared_with: str | None = None  # the node that saved this storage first, when another one did
+    counted: bool = True  # False when the storage was already counted (here or by another node)
+
+
+@dataclasses.dataclass
+class NodeSaved:
+    """What one node (or one module run as a whole) keeps for backward."""
+
+    name: str
+    graph_path: str  # the module whose graph holds the node ("" for the root)
+    op: str
+    target: str
+    module_path: str | None
+    tensors: list = dataclasses.field(default_factory=list)  # SavedTensor
+    output_bytes: int = 0  # its largest output tensor (for workspace estimates)
+
+    @property
+    def label(self) -> str:
+        return f"{self.graph_path}:{self.name}" if self.graph_path else self.name
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.counted and not t.parameter)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors if t.counted and t.parameter)
+
+    @property
+    def shared_with(self) -> list[str]:
+        """Nodes that first saved activation storages this node also keeps."""
+        return sorted({t.shared_with for t in self.tensors if t.shared_with and not t.parameter})
+
+
+@dataclasses.dataclass
+class Measurement:
+    """Everything one fake forward kept for backward, node by node."""
+
+    nodes: list  # NodeSaved, in execution order
+    output_bytes: int  # the model's outputs (held by the caller until the loss is computed)
+
+    @property
+    def activation_bytes(self) -> int:
+        return sum(n.activation_bytes for n in self.nodes)
+
+    @property
+    def parameter_bytes(self) -> int:
+        return sum(n.parameter_bytes for n in self.nodes)
+
+    @property
+    def largest_output_bytes(self) -> int:
+        return max((n.output_bytes for n in self.nodes), default=0)
+
+    @property
+    def count(self) -> int:
+        return sum(1 for n in self.nodes for t in n.tensors if t.counted)
+
+
+# ---------------------------------------------------------------- recording
+
+
+class _Recorder:
+    """The saved-tensor hook: dedups storages and charges each to the node now running."""
+
+    def __init__(self, parameter_storages: set):
+        self.parameter_storages = parameter_storages
+        self.first: dict[int, NodeSaved] = {}  # storage -> the node that saved it first
+        self.alive: list = []  # the storages seen, so no key is reused by a later allocation
+        self.counted: set[int] = set()
+        self.nodes: list[NodeSaved] = []
+        self.current: NodeSaved | None = None
+
+    @contextlib.contextmanager
+    def running(self, entry: NodeSaved):
+        outer, self.current = self.current, entry
+        self.nodes.append(entry)
+        try:
+            yield entry
+        finally:
+            self.current = outer
+
+    def pack(self, t: torch.Tensor) -> torch.Tensor:
+        entry = self.current
+        if entry is None:  # saved outside any node (a forward hook, say): still counted
+            entry = NodeSaved("<outside graph>", "", "", "", None)
+            self.nodes.append(entry)
+            self.current = entry
+        storage = t.untyped_storage()
+        key = storage._cdata  # one per storage, fake or real, while it is alive (autograd keeps it)
+        first = self.first.setdefault(key, entry)
+        entry.tensors.append(SavedTensor(
+            tuple(t.shape), t.dtype, storage.nbytes(), key in self.parameter_storages,
+            shared_with=None if first is entry else first.label, counted=key not in self.counted,
+        ))
+        self.counted.add(key)
+        self.alive.append(storage)
+        return t
+
+    def note_outputs(self, entry: NodeSaved, value) -> None:
+        entry.output_bytes = max(entry.output_bytes, _largest_tensor_bytes(value))
+
+
+def _largest_tensor_bytes(value) -> int:
+    sizes = [t.untyped_storage().nbytes() for t in torch.utils._pytree.tree_leaves(value)
+             if isinstance(t, torch.Tensor)]
+    return max(sizes, default=0)
+
+
+def _target_name(node: Node, root: nn.Module) -> str:
+    if node.op == "call_module":
+        try:
+            return type(root.get_submodule(node.target)).__name__
+        except AttributeError:
+            return str(node.target)
+    return getattr(node.target, "__name__", str(node.target))
+
+
+def _module_path(node: Node, graph_path: str) -> str | None:
+    """The innermost module the node ran in, from the model's root."""
+    if node.op == "call_module":
+        inner = node.target
+    else:
+        stack = node.meta.get("nn_module_stack")
+        inner = next(reversed(stack.values()))[0] if stack else ""
+    if inner and graph_path:
+        return f"{graph_path}.{inner}"
+    return inner or graph_path or None
+
+
+# ---------------------------------------------------------------- running
+
+
+class _Attributing(Interpreter):
+    """Runs ``graph`` over ``root``, charging saved tensors to the node being run.
+
+    Calls into a converted submodule with its own rewritten graph in ``graphs`` are interpreted
+    too (so their nodes are charged separately); other modules run as they are, as one node.
+    """
+
+    def __init__(self, root: nn.Module, graph: Graph, path: str, recorder: _Recorder, graphs: dict,
+                 twin):
+        super().__init__(root, garbage_collect_values=True, graph=graph)
+        self.path, self.recorder, self.graphs, self.twin = path, recorder, graphs, twin
+
+    def run_node(self, n: Node):
+        if n.op not in CALLS:
+            return super().run_node(n)
+        entry = NodeSaved(n.name, self.path, n.op, _target_name(n, self.module), _module_path(n, self.path))
+        n.meta[META_KEY] = entry
+        with self.recorder.running(entry):
+            result = super().run_node(n)
+        self.recorder.note_outputs(entry, result)
+        return result
+
+    def call_module(self, target, args, kwargs):
+        sub = self.fetch_attr(target)
+        path = f"{self.path}.{target}" if self.path else target
+        graph = self.graphs.get(path)
+        if graph is not None:
+            return _Attributing(sub, graph, path, self.recorder, self.graphs, self.twin).run(*args)
+        return sub(*args, **kwargs)
+
+    def fetch_attr(self, target: str):
+        value = super().fetch_attr(target)
+        if isinstance(value, torch.Tensor):
+            return value if isinstance(value, FakeTensor) else self.twin(value)
+        if isinstance(value, nn.Module):
+            return value
+        return copy.copy(value)  # host-side state (a seed counter): the dry run must not touch it
+
+
+def _training_graphs(module: nn.Module) -> dict[str, Graph]:
+    """Graph to interpret per module path: a converted model's rewritten training graphs, or
+    this model traced the way ``convert`` traces it; {} when it does not trace (runs whole)."""
+    record = getattr(module, "_actfx_record", None)
+    if record is not None:
+        return {path: graphs[True] for path, graphs in record.graphs.items()}
+    try:
+        return {"": trace(module)[True].graph}
+    except Exception:  # noqa: BLE001 - fx raises many kinds; any of them means "run it whole"
+        return {}
+
+
+@contextlib.contextmanager
+def _train_mode(module: nn.Module):
+    flags = {m: m.training for m in module.modules()}
+    try:
+        module.train(True)
+        yield
+    finally:
+        for m, flag in flags.items():
+            m.training = flag
+
+
+class _Twins:
+    """Fake stand-ins for real (or meta) tensors, made once each, in ``dtype`` when floating."""
+
+    def __init__(self, mode: FakeTensorMode, dtype: torch.dtype | None):
+        self.mode, self.dtype, self.made = mode, dtype, {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.made:
+            dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+            with self.mode:
+                fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype, device="cpu")
+            if t.requires_grad:
+                fake.requires_grad_(True)
+            self.made[id(t)] = (t, fake)  # keep t alive so its id is not reused
+        return self.made[id(t)][1]
+
+
+def fake_inputs(mode: FakeTensorMode, specs) -> list:
+    """Fake tensors of the given (shape, dtype) pairs, for ``measure``."""
+    with mode:
+        return [torch.empty(shape, dtype=dtype, device="cpu") for shape, dtype in specs]
+
+
+def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
+            dtype: torch.dtype | None = None) -> Measurement:
+    """Run ``module`` (original or converted) forward on fake tensors in train mode with grad
+    enabled, and return what backward would keep, node by node.
+
+    ``inputs``: a tensor or a sequence of positional inputs; real, meta or fake tensors (only
+    their shapes and dtypes matter; fake ones must come from ``mode``). ``dtype`` stands in for
+    ``module.to(dtype)``: floating parameters, buffers and inputs are taken in that dtype.
+    """
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"measure expects a torch.nn.Module, got {type(module).__name__}")
+    if isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
+    twin = _Twins(mode, dtype)
+    graphs = _training_graphs(module)  # traced outside the fake mode
+    state = {name: twin(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
+    args = [twin(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x for x in inputs]
+    if dtype is not None:
+        with mode:
+            args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+    recorder = _Recorder({t.untyped_storage()._cdata for t in state.values()})
+    runner = _Runner(module, graphs, recorder, twin)
+    with _train_mode(module), mode, torch.enable_grad(), \
+            torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+        out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args))
+    return Measurement(recorder.nodes, _total_tensor_bytes(out))
+
+
+def _total_tensor_bytes(value) -> int:
+    seen = {}
+    for t in torch.utils._pytree.tree_leaves(value):
+        if isinstance(t, torch.Tensor):
+            seen[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
+    return sum(seen.values())
+
+
+class _Runner(nn.Module):
+    """Holds the model as a child so ``functional_call`` can swap in fake parameters, then runs
+    it through the interpreter (or whole, when nothing traced)."""
+
+    def __init__(self, model: nn.Module, graphs: dict, recorder: _Recorder, twin):
+        super().__init__()
+        self.model = model
+        self.graphs, self.recorder, self.twin = graphs, recorder, twin
+
+    def forward(self, *args):
+        if "" in self.graphs:
+            return _Attributing(self.model, self.graphs[""], "", self.recorder, self.graphs, self.twin).run(*args)
+        entry = NodeSaved("<forward>", "", "call_module", type(self.model).__name__, None)
+        with self.recorder.running(entry):
+            out = self.model(*args)
+        self.recorder.note_outputs(entry, out)
+        return out
