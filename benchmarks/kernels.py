@@ -82,16 +82,21 @@ def main() -> None:
     parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--group-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     device = torch.device(args.device)
     default = ["1MB", "16MB", "256MB", "1GB"] if device.type == "cuda" else ["1MB", "16MB", "64MB"]
     sizes = [parse_size(s) for s in (args.sizes or default)]
 
     rows = []
-    table = Table(title=f"actfx pack / unpack on {device} (group_size={args.group_size})")
-    for col in ("size", "dtype", "bits", "copy GB/s", "pack GB/s", "of copy", "unpack GB/s", "of copy",
+    title = f"actfx pack / unpack on {device} (group_size={args.group_size}, stochastic pack"
+    title += f", {torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ")"
+    table = Table(title=title)
+    for col in ("MB", "dtype", "bits", "copy GB/s", "pack GB/s", "of copy", "unpack GB/s", "of copy",
                 "pack ms", "unpack ms"):
         table.add_column(col, justify="right")
     for nbytes in sizes:
@@ -100,11 +105,11 @@ def main() -> None:
                 r = bench_one(nbytes, _DTYPES[name], bits, args.group_size, device, args.repeats)
                 rows.append(r)
                 table.add_row(
-                    f"{nbytes / 2**20:g} MB", r["dtype"], str(bits), f"{r['copy_GBps']:.1f}",
+                    f"{nbytes / 2**20:g}", r["dtype"], str(bits), f"{r['copy_GBps']:.1f}",
                     f"{r['pack_GBps']:.2f}", f"{r['pack_of_copy']:.2f}", f"{r['unpack_GBps']:.2f}",
                     f"{r['unpack_of_copy']:.2f}", f"{r['pack_ms']:.2f}", f"{r['unpack_ms']:.2f}",
                 )
-    Console().print(table)
+    Console(width=140).print(table)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump({"device": str(device), "torch": torch.__version__, "rows": rows}, fh, indent=1)

@@ -103,8 +103,7 @@ def _chunk_rows(num_groups: int, group_size: int, device: torch.device) -> int:
     return max(1, _CHUNK_VALUES // group_size)
 
 
-# Per bits (< 8): the integer type holding one output byte's worth of uint8 codes, and the
-# (shift, mask) stages that gather those codes, one per byte lane, into the lowest byte.
+# Per bits (< 8): the integer "lane" type that holds one output byte's worth (8 / bits) of uint8 codes.
 _LANE_DTYPE = {4: torch.int16, 2: torch.int32, 1: torch.int64}
 
 

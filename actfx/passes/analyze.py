@@ -236,7 +236,10 @@ def _train_mode(module: nn.Module):
 
 
 class _Twins:
-    """Fake stand-ins for real (or meta) tensors, made once each, in ``dtype`` when floating."""
+    """Fake CPU stand-ins for real, meta or fake tensors, made once each, in ``dtype`` when floating.
+
+    Built from a meta tensor of the same layout, so nothing is allocated or copied.
+    """
 
     def __init__(self, mode: FakeTensorMode, dtype: torch.dtype | None):
         self.mode, self.dtype, self.made = mode, dtype, {}
@@ -244,11 +247,14 @@ class _Twins:
     def __call__(self, t: torch.Tensor) -> torch.Tensor:
         if id(t) not in self.made:
             dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
-            with self.mode:
-                fake = torch.empty_strided(tuple(t.shape), tuple(t.stride()), dtype=dtype, device="cpu")
+            stride = tuple(t.stride()) if dtype == t.dtype else None
+            with torch.no_grad():
+                meta = (torch.empty_strided(tuple(t.shape), stride, dtype=dtype, device="meta") if stride
+                        else torch.empty(tuple(t.shape), dtype=dtype, device="meta"))
+            fake = self.mode.fake_tensor_converter.from_meta_and_device(self.mode, meta, torch.device("cpu"))
             if t.requires_grad:
                 fake.requires_grad_(True)
-            self.made[id(t)] = (t, fake)  # keep t alive so its id is not reused
+            self.made[id(t)] = (t, fake)  # t stays alive so its id is not reused
         return self.made[id(t)][1]
 
 

@@ -53,6 +53,11 @@ def describe(spec: tuple, sources: list[str]) -> str:
     return "kept exact"
 
 
+def _nested(run: list) -> list:
+    """An inner run whose head has the outer value's shape: drop the head (see saved.py)."""
+    return [None, *run[1:]]
+
+
 class _Rewriter:
     def __init__(self, gm: GraphModule, config: Config, prefix: str):
         self.gm, self.config, self.prefix = gm, config, prefix
@@ -123,7 +128,7 @@ class _Rewriter:
             mask, slope, src = self.masks[v]
             inner = self._cheap(src)
             if inner is not None:
-                return ("masked", slope, inner[0]), [self.env[v], mask, *inner[1]]
+                return ("masked", slope, inner[0]), [self.env[v], mask, *_nested(inner[1])]
         if v in self.affine:
             a, b, spec, run = self.affine[v]
             if spec[0] != "exact":

@@ -39,6 +39,19 @@ def _affine(weight, bias, mean, invstd, channels, like):
     return a.reshape(channels), b.reshape(channels)
 
 
+def batch_norm_backward(impl, x, grad_out, weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve):
+    """BatchNorm's ATen backward for whichever implementation ran forward (native, cuDNN, MIOpen).
+
+    The native backward is used whenever forward was native, and under torch.compile (whose
+    fake-tensor tracing cannot run the dispatching ``_batch_norm_impl_index_backward``).
+    """
+    if impl == 0 or torch.compiler.is_compiling():
+        return torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), x, weight, rm, rv, save_mean, save_invstd, training, eps, mask)
+    return torch.ops.aten._batch_norm_impl_index_backward(
+        impl, x, grad_out.contiguous(), weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve)
+
+
 class _PackedBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, eps, factor, training, weight, bias, rm, rv, *run):
@@ -65,10 +78,8 @@ class _PackedBatchNorm(torch.autograd.Function):
         x = materialize_all(ctx.plans, storage)[0]
         mask = [ctx.needs_input_grad[8], weight is not None and ctx.needs_input_grad[4],
                 ctx.needs_input_grad[5]]
-        gx, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
-            ctx.impl, x, grad_out.contiguous(), weight, rm, rv, save_mean, save_var,
-            ctx.training, ctx.eps, mask, reserve,
-        )
+        gx, gw, gb = batch_norm_backward(ctx.impl, x, grad_out, weight, rm, rv, save_mean, save_var,
+                                         ctx.training, ctx.eps, mask, reserve)
         return (None, None, None, None, gw if mask[1] else None, gb if mask[2] else None, None, None,
                 gx if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 9)
 

@@ -39,10 +39,9 @@ def _run_conv(geometry, x, weight, bias):
 
 def _unpad_grad(grad_padded, x_shape, pad, dtype):
     """Gradient through F.pad (linear, so taken at zeros): only shapes matter."""
-    with torch.enable_grad():
-        zeros = torch.zeros(x_shape, dtype=dtype, device=grad_padded.device, requires_grad=True)
-        (grad,) = torch.autograd.grad(F.pad(zeros, pad[0], mode=pad[1]), zeros, grad_padded)
-    return grad
+    zeros = torch.zeros(x_shape, dtype=dtype, device=grad_padded.device)
+    _, vjp = torch.func.vjp(lambda t: F.pad(t, pad[0], mode=pad[1]), zeros)
+    return vjp(grad_padded)[0]
 
 
 class _PackedConv(torch.autograd.Function):

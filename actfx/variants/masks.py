@@ -37,7 +37,7 @@ class _MaskedActivation(torch.autograd.Function):
         ctx.kind, ctx.params, ctx.shape = kind, params, out.shape
         ctx.save_for_backward(bits)
         ctx.mark_non_differentiable(bits)
-        return out, bits
+        return (x if inplace else out), bits  # torch.compile wants the dirty input itself returned
 
     @staticmethod
     def backward(ctx, grad_out, _grad_bits):
@@ -64,8 +64,9 @@ class _MaskedDropout(torch.autograd.Function):
         # native_dropout draws exactly the random numbers F.dropout draws (same output, same RNG use).
         out, keep = torch.ops.aten.native_dropout(x, p, True)
         if inplace:
-            out = x.copy_(out)
+            x.copy_(out)
             ctx.mark_dirty(x)
+            out = x
         bits = pack_bits(keep)
         ctx.scale, ctx.shape = (1.0 / (1.0 - p) if p < 1 else 0.0), x.shape
         ctx.save_for_backward(bits)

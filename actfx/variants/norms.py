@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from actfx.variants.batchnorm import batch_norm_backward
 from actfx.variants.common import needs_saving, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
@@ -115,10 +116,8 @@ class _PackedInstanceNorm(torch.autograd.Function):
         x = materialize_all(ctx.plans, storage)[0]
         flat = x.contiguous().view(1, n * c, *x.shape[2:])
         mask = [ctx.needs_input_grad[4], w is not None and ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-        gx, gw, gb = torch.ops.aten._batch_norm_impl_index_backward(
-            ctx.impl, flat, grad_out.contiguous().view(flat.shape), w, None, None, mean, invstd, True,
-            ctx.eps, mask, reserve,
-        )
+        gx, gw, gb = batch_norm_backward(ctx.impl, flat, grad_out.contiguous().view(flat.shape), w, None, None,
+                                         mean, invstd, True, ctx.eps, mask, reserve)
         gw = gw.view(n, c).sum(0) if mask[1] else None
         gb = gb.view(n, c).sum(0) if mask[2] else None
         return (None, None, gw, gb, gx.view(x.shape) if mask[0] else None) + (None,) * (

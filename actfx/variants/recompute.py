@@ -66,23 +66,25 @@ class _Recompute(torch.autograd.Function):
         refuse_double_backward(getattr(ctx.fn, "__name__", "op"))
         args_t, kwargs_t, specs, _ = ctx.static
         values = materialize_all(ctx.plans, ctx.saved_tensors)
-        diff = []
-        for i, head in enumerate(ctx.heads):
-            v = values[i]
-            if isinstance(v, torch.Tensor) and ctx.needs_input_grad[head]:
-                values[i] = v.detach().requires_grad_(True)
-                diff.append(i)
+        diff = [i for i, head in enumerate(ctx.heads)
+                if isinstance(values[i], torch.Tensor) and ctx.needs_input_grad[head]]
         grads = [None] * len(ctx.needs_input_grad)
         if not diff:
             return tuple(grads)
-        with torch.enable_grad():
-            args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))
+
+        def run(*diff_values):
+            # torch.func.vjp rather than autograd.grad: torch.compile traces it without a break.
+            vals = list(values)
+            for i, v in zip(diff, diff_values):
+                vals[i] = v
+            args, kwargs = fill(args_t, vals), dict(fill(kwargs_t, vals))
             if ctx.autocast is not None:
                 with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):
-                    out = ctx.fn(*args, **kwargs)
-            else:
-                out = ctx.fn(*args, **kwargs)
-            got = torch.autograd.grad(out, [values[i] for i in diff], grad_out, allow_unused=True)
+                    return ctx.fn(*args, **kwargs)
+            return ctx.fn(*args, **kwargs)
+
+        out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
+        got = vjp(grad_out.to(out.dtype))
         for i, g in zip(diff, got):
             grads[ctx.heads[i]] = g
         return tuple(grads)

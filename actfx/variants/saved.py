@@ -14,7 +14,9 @@ tensors. The spec says how to rebuild the value from stored pieces:
                                         (for linear ops whose backward reads only the input's shape)
 
 ``value`` is the tensor itself; it is read for its shape and dtype and kept only when the cheaper
-pieces are missing at run time (grad disabled when packing, tiny tensors, integer dtypes). Pieces
+pieces are missing at run time (grad disabled when packing, tiny tensors, integer dtypes). Inside
+"masked" and "affine" the inner value may be None: it has the outer value's shape and dtype (and
+passing one tensor twice to an autograd.Function is something torch.compile refuses). Pieces
 shared between variants (one packed BN input, one ReLU mask) are the same tensor objects, so
 autograd keeps them once.
 """
@@ -42,13 +44,13 @@ def spec_width(spec: tuple) -> int:
     return _HEAD[kind] + spec_width(spec[-1])
 
 
-def split_spec(spec: tuple, tensors: Sequence) -> tuple[tuple, list[torch.Tensor]]:
+def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[torch.Tensor]]:
     """Turn a spec and its run of tensors into (plan, storage) for ``ctx.save_for_backward``.
 
     The plan is the spec with shapes and dtypes filled in; storage is what is actually kept.
     """
     kind = spec[0]
-    value = tensors[0]
+    value = tensors[0] if tensors[0] is not None or like is None else like
     if not isinstance(value, torch.Tensor):
         return ("const", value), []
     if kind == "exact":
@@ -60,7 +62,7 @@ def split_spec(spec: tuple, tensors: Sequence) -> tuple[tuple, list[torch.Tensor
         if codes is None:
             return EXACT, [value]
         return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
-    inner_plan, inner_store = split_spec(spec[-1], tensors[_HEAD[kind]:])
+    inner_plan, inner_store = split_spec(spec[-1], tensors[_HEAD[kind]:], like=value)
     if inner_plan[0] in ("exact", "const"):
         # Nothing cheaper than the value itself underneath: keep the value.
         return EXACT, [value]
