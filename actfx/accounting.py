@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import weakref
 
 import torch
 
@@ -30,27 +31,44 @@ class SavedBytes:
     by_dtype: dict = dataclasses.field(default_factory=dict)
 
 
+class _Held:
+    """What the pack hook hands autograd: alive exactly as long as the graph keeps the tensor."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 @contextlib.contextmanager
 def count_saved(model: torch.nn.Module | None = None):
-    """``with count_saved(model) as result:`` run forward; result holds what backward keeps."""
+    """``with count_saved(model) as result:`` run forward; on exit ``result`` holds the bytes
+    autograd still keeps for backward (tensors saved by graphs freed during forward, e.g. a
+    module recomputed later, are not counted)."""
     result = SavedBytes()
     params = set()
     if model is not None:
         for t in list(model.parameters()) + list(model.buffers()):
             params.add(_storage_key(t)[0])
-    seen: set = set()
+    held: list = []
 
     def pack(t):
-        key, nbytes = _storage_key(t)
-        if key not in seen:
+        box = _Held(t)
+        held.append((weakref.ref(box), _storage_key(t), t.dtype))
+        return box
+
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda box: box.tensor):
+            yield result
+    finally:
+        seen: set = set()
+        for ref, (key, nbytes), dtype in held:
+            if ref() is None or key in seen:
+                continue
             seen.add(key)
             result.count += 1
             if key in params:
                 result.parameter_bytes += nbytes
             else:
                 result.activation_bytes += nbytes
-                result.by_dtype[str(t.dtype)] = result.by_dtype.get(str(t.dtype), 0) + nbytes
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        yield result
+                result.by_dtype[str(dtype)] = result.by_dtype.get(str(dtype), 0) + nbytes

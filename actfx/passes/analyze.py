@@ -9,7 +9,7 @@ Storages are counted once, by the first node that saves them; a later node savin
 storage records whose it is ("shared with"). Storages of parameters and buffers are counted
 apart (they are alive anyway). Each node's result goes to ``node.meta["actfx_saved"]``.
 
-One pass measures an original model (traced here as ``convert`` traces it) and a converted one
+One pass measures an original model (traced here, in train mode, as ``convert`` traces it) and a converted one
 (its rewritten graphs, from the conversion record), so the two totals compare like with like.
 The model is never modified: parameters and buffers are swapped for fake twins with
 ``torch.func.functional_call``, host-side attributes the graph reads are copied before use, and
@@ -56,6 +56,7 @@ class NodeSaved:
     module_path: str | None
     tensors: list = dataclasses.field(default_factory=list)  # SavedTensor
     output_bytes: int = 0  # its largest output tensor (for workspace estimates)
+    node: Node | None = dataclasses.field(default=None, repr=False, compare=False)  # None: a whole module
 
     @property
     def label(self) -> str:
@@ -188,7 +189,7 @@ class _Attributing(Interpreter):
     def run_node(self, n: Node):
         if n.op not in CALLS:
             return super().run_node(n)
-        entry = NodeSaved(n.name, self.path, n.op, _target_name(n, self.module), _module_path(n, self.path))
+        entry = NodeSaved(n.name, self.path, n.op, _target_name(n, self.module), _module_path(n, self.path), node=n)
         n.meta[META_KEY] = entry
         with self.recorder.running(entry):
             result = super().run_node(n)
@@ -303,7 +304,7 @@ def _total_tensor_bytes(value) -> int:
 
 class _Runner(nn.Module):
     """Holds the model as a child so ``functional_call`` can swap in fake parameters, then runs
-    it through the interpreter (or whole, when nothing traced)."""
+    it through the interpreter, or whole when its root has no graph (charging each module)."""
 
     def __init__(self, model: nn.Module, graphs: dict, recorder: _Recorder, twin):
         super().__init__()
@@ -313,8 +314,43 @@ class _Runner(nn.Module):
     def forward(self, *args):
         if "" in self.graphs:
             return _Attributing(self.model, self.graphs[""], "", self.recorder, self.graphs, self.twin).run(*args)
-        entry = NodeSaved("<forward>", "", "call_module", type(self.model).__name__, None)
-        with self.recorder.running(entry):
-            out = self.model(*args)
-        self.recorder.note_outputs(entry, out)
-        return out
+        with _per_module(self.model, self.recorder):
+            return self.model(*args)
+
+
+@contextlib.contextmanager
+def _per_module(model: nn.Module, recorder: _Recorder):
+    """While a model without a graph runs, charge what is saved to the innermost module running.
+
+    Uses the global module hooks for the duration of the run only (instance hooks would write
+    into the user's modules); calls of modules outside ``model`` are ignored.
+    """
+    paths = {id(m): name for name, m in model.named_modules()}
+    entries: dict[str, NodeSaved] = {}
+    stack: list = []
+
+    def enter(module, args):
+        path = paths.get(id(module))
+        if path is None:
+            stack.append(None)
+            return
+        entry = entries.get(path)
+        if entry is None:
+            entry = entries[path] = NodeSaved(path or "<root>", "", "call_module", type(module).__name__, path or None)
+            recorder.nodes.append(entry)
+        stack.append((entry, recorder.current))
+        recorder.current = entry
+
+    def leave(module, args, output):
+        top = stack.pop()
+        if top is not None:
+            entry, recorder.current = top
+            recorder.note_outputs(entry, output)
+
+    pre = nn.modules.module.register_module_forward_pre_hook(enter)
+    post = nn.modules.module.register_module_forward_hook(leave, always_call=True)
+    try:
+        yield
+    finally:
+        pre.remove()
+        post.remove()

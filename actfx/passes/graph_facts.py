@@ -70,7 +70,8 @@ class GraphFacts:
             return True
         if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
             return node.args[1] in _NON_TENSOR_ATTRS
-        if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "operator"):
+        if node.op == "call_function" and getattr(node.target, "__module__", None) in (
+            "_operator", "operator", "math", "builtins"):
             return bool(ins) and all(self._non_tensor.get(i, False) for i in ins)
         return False
 

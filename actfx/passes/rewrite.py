@@ -99,6 +99,11 @@ class _Rewriter:
     # ------------------------------------------------------------ storage choices
 
     def _pack(self, v: Node) -> tuple:
+        entry = self._pack_new(self.env[v], self.bits[v])
+        self.packs[v] = entry
+        return entry
+
+    def _pack_new(self, value: Node, bits: int) -> tuple:
         if self.seed is None:
             with self.new.inserting_after(self._last_placeholder):
                 state = self.new.get_attr(SEED_STATE)
@@ -106,17 +111,20 @@ class _Rewriter:
                 buffer = self.new.get_attr(SEED_BUFFER)
             with self.new.inserting_after(buffer):
                 self.seed = self.new.call_function(next_seed, (state, buffer))
-        bits, gs = self.bits[v], self.config.group_size
+        gs = self.config.group_size
         call = self.new.call_function(
-            pack_value,
-            (self.env[v], self.seed, self.stream, bits, gs, self.config.stochastic, self.config.min_numel),
+            pack_value, (value, self.seed, self.stream, bits, gs, self.config.stochastic, self.config.min_numel)
         )
         self.stream += 1
         codes = self.new.call_function(operator.getitem, (call, 0))
         meta = self.new.call_function(operator.getitem, (call, 1))
-        entry = (("packed", bits, gs), [self.env[v], codes, meta])
-        self.packs[v] = entry
-        return entry
+        return ("packed", bits, gs), [value, codes, meta]
+
+    def _pack_output(self, value: Node, old: Node) -> tuple:
+        """Pack a value a site computes itself (softmax's output), at the site's width."""
+        site = self.sites[old]
+        bits = self.config.bits_for(site.kind, self._path(site))
+        return self._pack_new(value, bits)
 
     def _cheap(self, v: Node) -> tuple | None:
         """A way to have ``v`` in backward without storing anything new, if there is one."""
@@ -174,13 +182,16 @@ class _Rewriter:
         chosen = [self._storage(site, i, v) for i, v in enumerate(site.saved)]
         specs = [spec for spec, _ in chosen]
         runs = [run for _, run in chosen]
-        out, extras = site.emit(self.new, self.env, specs, runs)
+        out, extras = site.emit(self.new, self.env, specs, runs, self._pack_output)
         out.meta.update(node.meta)
         self.env[node] = out
         if "mask" in extras:
             mask, slope, rebuildable = extras["mask"]
             if rebuildable:
                 self.masks[node] = (mask, slope, site.source)
+        if "packed_output" in extras:
+            spec, run = extras["packed_output"]
+            self.packs[node] = (spec, [out, *run[1:]])
         if "affine" in extras:
             a, b = extras["affine"]
             self.affine[node] = (a, b, specs[0], runs[0])

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.fx import Graph, Node
 
 from actfx.passes.signatures import bind
-from actfx.variants import batchnorm, conv, linear, masks, norms, pool, products
+from actfx.variants import batchnorm, conv, linear, masks, module_recompute, norms, pool, products, rmsnorm, softmax
 from actfx.variants.recompute import SLOT, make_recompute_variant
 
 # What a rebuilt value needs from its producer: ReLU-like masks and BatchNorm's affine map.
@@ -53,7 +53,7 @@ def _env(env, value):
 
 def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dilation, output_padding,
                groups, pad=None, kind="conv"):
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         geometry = (transposed, nd, stride, padding, dilation, output_padding, groups, pad)
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
@@ -116,7 +116,7 @@ def _conv_functional(node):
 
 
 def _linear_site(node, path, x, weight, bias):
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
         return graph.call_function(linear.linear, (specs[0], w, b, *runs[0])), {}
@@ -130,7 +130,7 @@ def _batch_norm_module(node, path, m):
     if len(node.args) != 1 or node.kwargs:
         return None
 
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         call = graph.call_function(batchnorm.batch_norm_module, (_get(graph, path), specs[0], *runs[0]))
         out, a, b = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
         return out, {"affine": (a, b)}
@@ -143,7 +143,7 @@ def _batch_norm_functional(node):
     if a is None:
         return None
 
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         args = [_env(env, a[k]) for k in ("running_mean", "running_var", "weight", "bias", "training",
                                           "momentum", "eps")]
         call = graph.call_function(batchnorm.batch_norm_functional, (specs[0], *args, *runs[0]))
@@ -159,7 +159,7 @@ def _norm_site(node, path, kind, x, static, weight, bias):
     """static: (normalized_shape,) / (num_groups,) / () followed by eps; weight/bias: nodes,
     None, or callables making get_attr nodes for a module's parameters."""
 
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
         *head, eps = static
@@ -204,10 +204,82 @@ def _norm_functional(node):
     return _norm_site(node, None, kind, a["input"], static, a["weight"], a["bias"])
 
 
+def _rms_norm_site(node, path, x, shape, weight, eps):
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        return graph.call_function(rmsnorm.rms_norm, (specs[0], shape, w, eps, *runs[0])), {}
+
+    return Site(node, "rms_norm", path, [x], emit)
+
+
+def _rms_norm_module(node, path, m):
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    weight = (lambda g: _get(g, path, "weight")) if m.weight is not None else None
+    return _rms_norm_site(node, path, node.args[0], tuple(m.normalized_shape), weight, m.eps)
+
+
+def _rms_norm_functional(node):
+    a = bind("rms_norm", node.args, node.kwargs)
+    if a is None or isinstance(a["normalized_shape"], Node) or isinstance(a["eps"], Node):
+        return None
+    return _rms_norm_site(node, None, a["input"], a["normalized_shape"], a["weight"], a["eps"])
+
+
+# ---------------------------------------------------------------- attention
+
+def _sdpa(node):
+    """F.scaled_dot_product_attention: q, k, v packed (Config.op_bits["sdpa"], 8 by default),
+    backward recomputes attention from them (replaying dropout); the mask is kept exact."""
+    a = bind("sdpa", node.args, node.kwargs)
+    if a is None:
+        return None
+    dropout = a["dropout_p"]
+    replay = isinstance(dropout, Node) or dropout != 0.0
+    args = (a["query"], a["key"], a["value"])
+    kwargs = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")}
+    site = _recompute_site(node, None, "sdpa", F.scaled_dot_product_attention, args, kwargs, replay_rng=replay)
+    if site is not None and isinstance(a["attn_mask"], Node):
+        site.exact = (site.saved.index(a["attn_mask"]),)
+    return site
+
+
+def _softmax_site(node, path, x, dim, dtype):
+    def emit(graph, env, specs, runs, pack=None):
+        y = graph.call_function(softmax.softmax_forward, (env[x], dim, dtype))
+        spec, run = pack(y, node)
+        return graph.call_function(softmax.softmax, (spec, dim, dtype, env[x], *run)), {"packed_output": (spec, run)}
+
+    return Site(node, "softmax", path, [], emit)
+
+
+def _softmax_functional(node, method=False):
+    a = bind("softmax", node.args, node.kwargs)
+    if a is None or a["dim"] is None or isinstance(a["dim"], Node):
+        return None
+    return _softmax_site(node, None, a["input"], a["dim"], a["dtype"])
+
+
+_RECOMPUTED_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _module_recompute_site(node, path, m):
+    args_t, kwargs_t, nodes = _template(node.args, node.kwargs)
+    exact = tuple(i for i, n in enumerate(nodes) if n not in node.args[:3])  # masks and flags stay exact
+
+    def emit(graph, env, specs, runs, pack=None):
+        flat = [n for run in runs for n in run]
+        static = (args_t, kwargs_t, tuple(specs))
+        return graph.call_function(module_recompute.recompute_module, (_get(graph, path), static, *flat)), {}
+
+    return Site(node, "attention" if isinstance(m, nn.MultiheadAttention) else "transformer_layer", path, nodes,
+                emit, exact=exact)
+
+
 # ---------------------------------------------------------------- ReLU family and dropout
 
 def _relu_like_site(node, path, kind, x, inplace, params, slope):
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         call = graph.call_function(masks.relu_like, (kind, inplace, params, env[x]))
         out, mask = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
         return out, {"mask": (mask, slope, kind == "relu" or kind == "leaky_relu")}
@@ -216,7 +288,7 @@ def _relu_like_site(node, path, kind, x, inplace, params, slope):
 
 
 def _dropout_site(node, path, x, p, training, inplace, module=False):
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         if module:
             call = graph.call_function(masks.dropout_module, (_get(graph, path), env[x]))
         else:
@@ -267,7 +339,7 @@ _ADAPTIVE_MAX_FUNCS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.ada
 
 
 def _max_pool_site(node, path, nd, x, args, adaptive=False):
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         fn = pool.adaptive_max_pool if adaptive else pool.max_pool
         return graph.call_function(fn, (nd, *_env(env, args), env[x])), {}
 
@@ -303,7 +375,7 @@ def _max_pool_functional(node):
 # ---------------------------------------------------------------- products
 
 def _product_site(node, op, a, b):
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         return graph.call_function(products.product, (op, tuple(specs), *runs[0], *runs[1])), {}
 
     return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else ())
@@ -337,7 +409,7 @@ def _template(args, kwargs):
     return args_t, kwargs_t, nodes
 
 
-def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False):
+def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False):
     kwargs = dict(kwargs)
     if "inplace" in kwargs:
         inplace = inplace or bool(kwargs["inplace"])
@@ -347,9 +419,10 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
     args_t, kwargs_t, nodes = _template(args, kwargs)
     variant = _RECOMPUTE_VARIANTS[fn]
 
-    def emit(graph, env, specs, runs):
+    def emit(graph, env, specs, runs, pack=None):
         flat = [n for run in runs for n in run]
-        return graph.call_function(variant, ((args_t, kwargs_t, tuple(specs), inplace), *flat)), {}
+        static = (args_t, kwargs_t, tuple(specs), inplace) + ((True,) if replay_rng else ())
+        return graph.call_function(variant, (static, *flat)), {}
 
     site = Site(node, kind, path, nodes, emit, inplace_on=args[0] if inplace else None)
     if shape_only:
@@ -362,11 +435,12 @@ _ELEMENTWISE = {
     F.silu: "silu", F.gelu: "gelu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
     F.tanh: "tanh", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish",
     F.elu: "elu", F.selu: "selu", F.celu: "celu", F.softplus: "softplus", F.logsigmoid: "logsigmoid",
-    F.softmax: "softmax", torch.softmax: "softmax", F.log_softmax: "log_softmax",
+    F.log_softmax: "log_softmax", torch.pow: "pow", torch.rsqrt: "rsqrt", torch.exp: "exp",
+    torch.log: "log", torch.sqrt: "sqrt", torch.sin: "sin", torch.cos: "cos", F.scaled_dot_product_attention: "sdpa",
     torch.log_softmax: "log_softmax", F.normalize: "normalize",
 }
 _ELEMENTWISE_METHODS = {name: getattr(torch.Tensor, name) for name in
-                        ("sigmoid", "tanh", "softmax", "log_softmax")}
+                        ("sigmoid", "tanh", "log_softmax", "pow", "rsqrt", "exp", "log", "sqrt", "sin", "cos")}
 _SHAPE_ONLY = {F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool"}
@@ -394,7 +468,6 @@ def _module_as_call(node, path, m):
         nn.ELU: lambda: (F.elu, (x,), {"alpha": getattr(m, "alpha", 1.0), "inplace": getattr(m, "inplace", False)}),
         nn.SELU: lambda: (F.selu, (x,), {"inplace": getattr(m, "inplace", False)}),
         nn.Softplus: lambda: (F.softplus, (x,), {"beta": getattr(m, "beta", 1.0), "threshold": getattr(m, "threshold", 20.0)}),
-        nn.Softmax: lambda: (F.softmax, (x,), {"dim": getattr(m, "dim", None)}),
         nn.LogSoftmax: lambda: (F.log_softmax, (x,), {"dim": getattr(m, "dim", None)}),
     }
     if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
@@ -406,6 +479,8 @@ def _module_as_call(node, path, m):
         fn = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d, nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
               nn.AdaptiveAvgPool3d: F.adaptive_avg_pool3d}[type(m)]
         return _recompute_site(node, path, "adaptive_avg_pool", fn, (x, m.output_size), {}, shape_only=True)
+    elif isinstance(m, nn.Softmax) and m.dim is not None:
+        return _softmax_site(node, path, x, m.dim, None)
     elif type(m) in table:
         fn, args, kwargs = table[type(m)]()
     else:
@@ -435,6 +510,8 @@ _MODULE_HANDLERS = [
         node, path, node.args[0], lambda g: _get(g, path, "weight"), lambda g: _bias_node(g, path, m)) or None),
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm_module),
     ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _norm_module),
+    ((nn.RMSNorm,), _rms_norm_module),
+    (_RECOMPUTED_MODULES, _module_recompute_site),
     ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6), _relu_module),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
         node, path, node.args[0], None, None, m.inplace, module=True) or None),
@@ -496,6 +573,14 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _batch_norm_functional(node)
         if t in (F.layer_norm, F.group_norm, F.instance_norm):
             return _norm_functional(node)
+        if t is F.rms_norm:
+            return _rms_norm_functional(node)
+        if t is F.scaled_dot_product_attention:
+            return _sdpa(node)
+        if t in (F.softmax, torch.softmax):
+            return _softmax_functional(node)
+        if t is operator.pow:
+            return _recompute_site(node, None, "pow", torch.pow, node.args, node.kwargs)
         if t in _RELU_FUNCS or t in (F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_):
             return _relu_functional(node)
         if t is F.dropout:
@@ -517,6 +602,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _relu_like_site(node, None, "relu", node.args[0], name == "relu_", (), None)
         if name in _PRODUCT_METHODS:
             return _product(node, _PRODUCT_METHODS[name])
+        if name == "softmax":
+            return _softmax_functional(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:
             return _recompute_method(node)
     return None

@@ -9,6 +9,8 @@ its vector-Jacobian product. Parameters ride along unpacked.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from actfx.variants.common import refuse_double_backward
@@ -28,6 +30,25 @@ def fill(template, values):
     return template
 
 
+def _rng_state(device: torch.device):
+    """The generator state that dropout inside a recomputed op reads, to replay it in backward."""
+    if device.type == "cuda":
+        return device, torch.cuda.get_rng_state(device)
+    return device, torch.get_rng_state()
+
+
+@contextlib.contextmanager
+def _replay(state):
+    """Run with the generator state forward saw; the global stream is restored afterwards."""
+    device, rng = state
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(rng, device)
+        else:
+            torch.set_rng_state(rng)
+        yield
+
+
 def _autocast_state(device_type):
     try:
         if torch.is_autocast_enabled(device_type):
@@ -40,9 +61,11 @@ def _autocast_state(device_type):
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, static, *flat):
-        args_t, kwargs_t, specs, inplace = static
+        args_t, kwargs_t, specs, inplace = static[:4]
         values = values_of(specs, flat)
         args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        ctx.rng = _rng_state(device) if len(static) > 4 and static[4] else None
         out = fn(*args, **kwargs)
         if inplace:
             target = values[0]
@@ -56,15 +79,14 @@ class _Recompute(torch.autograd.Function):
             heads.append(pos)
             pos += spec_width(spec)
         ctx.heads = heads
-        device = next((v.device.type for v in values if isinstance(v, torch.Tensor)), "cpu")
-        ctx.autocast = _autocast_state(device)
+        ctx.autocast = _autocast_state(device.type)
         ctx.save_for_backward(*storage)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward(getattr(ctx.fn, "__name__", "op"))
-        args_t, kwargs_t, specs, _ = ctx.static
+        args_t, kwargs_t = ctx.static[:2]
         values = materialize_all(ctx.plans, ctx.saved_tensors)
         diff = [i for i, head in enumerate(ctx.heads)
                 if isinstance(values[i], torch.Tensor) and ctx.needs_input_grad[head]]
@@ -83,7 +105,11 @@ class _Recompute(torch.autograd.Function):
                     return ctx.fn(*args, **kwargs)
             return ctx.fn(*args, **kwargs)
 
-        out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
+        if ctx.rng is not None:
+            with _replay(ctx.rng):
+                out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
+        else:
+            out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
         got = vjp(grad_out.to(out.dtype))
         for i, g in zip(diff, got):
             grads[ctx.heads[i]] = g
@@ -92,10 +118,11 @@ class _Recompute(torch.autograd.Function):
 
 def make_recompute_variant(fn, name: str):
     """A graph-callable wrapper around ``fn``: ``variant(static, *flat)`` with
-    static = (args template, kwargs template, specs, inplace)."""
+    static = (args template, kwargs template, specs, inplace[, replay_rng]); replay_rng makes
+    backward recompute with the generator state forward saw (ops that draw dropout masks)."""
 
     def variant(static, *flat):
-        args_t, kwargs_t, specs, inplace = static
+        args_t, kwargs_t, specs, inplace = static[:4]
         values = values_of(specs, flat)
         if not (torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)):
             args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))

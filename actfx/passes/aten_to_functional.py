@@ -1,0 +1,212 @@
+"""Turn the ATen calls of a torch.export graph back into the Python-level calls actfx recognises.
+
+torch.export's training IR records ``aten.linear.default``, ``aten.view.default``, ...; actfx's
+matchers (``sites.py``) and graph facts (``graph_facts.py``) know ``F.linear``, ``x.view(...)``.
+Every replacement here is a call that dispatches to the very same ATen op with the same
+arguments, so outputs are bitwise identical. Views, shape reads and in-place ops become Tensor
+method calls so the analysis sees what aliases, what writes and what is not a tensor. Ops
+without a mapping are left as they are.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.fx import Graph, Node
+
+aten = torch.ops.aten
+
+
+def _schema_arguments(node: Node) -> dict:
+    """The node's arguments by ATen schema name, defaults filled in."""
+    out = {}
+    for i, arg in enumerate(node.target._schema.arguments):
+        if not arg.kwarg_only and i < len(node.args):
+            out[arg.name] = node.args[i]
+        elif arg.name in node.kwargs:
+            out[arg.name] = node.kwargs[arg.name]
+        elif arg.has_default_value():
+            out[arg.name] = arg.default_value
+    return out
+
+
+def _call(fn, *positional: str, keywords: tuple = (), fixed: dict | None = None, when=None):
+    """A builder: ``fn(a[p0], a[p1], ..., k=a[k]..., **fixed)`` from the schema arguments ``a``.
+
+    ``keywords`` are names passed by keyword (the same name in the schema and in ``fn``);
+    ``when(a)`` returns False for calls ``fn`` cannot express exactly (left alone).
+    """
+
+    def build(a: dict):
+        if when is not None and not when(a):
+            return None
+        kwargs = {k: a[k] for k in keywords}
+        kwargs.update(fixed or {})
+        return "call_function", fn, tuple(a[p] for p in positional), kwargs
+
+    return build
+
+
+def _embedding(a: dict):
+    # F.embedding turns padding_idx None into -1 and a negative one into size + index, so only
+    # -1 and non-negative indices come from it.
+    idx = a["padding_idx"]
+    if not isinstance(idx, int) or idx < -1:
+        return None
+    return "call_function", F.embedding, (a["indices"], a["weight"]), {
+        "padding_idx": None if idx == -1 else idx, "scale_grad_by_freq": a["scale_grad_by_freq"],
+        "sparse": a["sparse"]}
+
+
+def _alpha_one(a: dict) -> bool:
+    return a.get("alpha", 1) == 1
+
+
+def _not_half_to_float(a: dict) -> bool:
+    return a["half_to_float"] is False
+
+
+_CONV = (aten.conv1d, F.conv1d), (aten.conv2d, F.conv2d), (aten.conv3d, F.conv3d)
+_CONV_T = (aten.conv_transpose1d, F.conv_transpose1d), (aten.conv_transpose2d, F.conv_transpose2d), \
+          (aten.conv_transpose3d, F.conv_transpose3d)
+_CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
+_CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
+
+# ATen overload -> builder(schema arguments) -> (op, target, args, kwargs) or None
+_FUNCTIONS: dict = {
+    aten.linear.default: _call(F.linear, "input", "weight", "bias"),
+    **{packet.default: _call(fn, *_CONV_ARGS) for packet, fn in _CONV},
+    **{packet.padding: _call(fn, *_CONV_ARGS) for packet, fn in _CONV},
+    **{packet.input: _call(fn, *_CONV_T_ARGS) for packet, fn in _CONV_T},
+    aten.relu.default: _call(torch.relu, "self"),
+    aten.relu_.default: _call(torch.relu_, "self"),
+    aten.relu6.default: _call(F.relu6, "self"),
+    aten.hardtanh.default: _call(F.hardtanh, "self", "min_val", "max_val"),
+    aten.hardtanh_.default: _call(F.hardtanh, "self", "min_val", "max_val", fixed={"inplace": True}),
+    aten.leaky_relu.default: _call(F.leaky_relu, "self", "negative_slope"),
+    aten.leaky_relu_.default: _call(F.leaky_relu, "self", "negative_slope", fixed={"inplace": True}),
+    aten.gelu.default: _call(F.gelu, "self", keywords=("approximate",)),
+    aten.silu.default: _call(F.silu, "self"),
+    aten.silu_.default: _call(F.silu, "self", fixed={"inplace": True}),
+    aten.sigmoid.default: _call(torch.sigmoid, "self"),
+    aten.tanh.default: _call(torch.tanh, "self"),
+    aten.layer_norm.default: _call(F.layer_norm, "input", "normalized_shape", "weight", "bias", "eps"),
+    aten.group_norm.default: _call(F.group_norm, "input", "num_groups", "weight", "bias", "eps"),
+    aten.rms_norm.default: _call(F.rms_norm, "input", "normalized_shape", "weight", "eps"),
+    # F.batch_norm is what nn.BatchNorm*d calls; it passes the live cudnn flag, which export
+    # records as False because it traces with cuDNN switched off. Running-stat updates happen
+    # inside the op on the buffers it is given, as in eager.
+    aten.batch_norm.default: _call(F.batch_norm, "input", "running_mean", "running_var", "weight", "bias",
+                                   "training", "momentum", "eps"),
+    aten.dropout.default: _call(torch.dropout, "input", "p", "train"),
+    aten.dropout_.default: _call(F.dropout, "self", "p", "train", fixed={"inplace": True}),
+    aten.scaled_dot_product_attention.default: _call(
+        F.scaled_dot_product_attention, "query", "key", "value",
+        keywords=("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")),
+    aten.mul.Tensor: _call(operator.mul, "self", "other"),
+    aten.div.Tensor: _call(operator.truediv, "self", "other"),
+    aten.add.Tensor: _call(operator.add, "self", "other", when=_alpha_one),
+    aten.sub.Tensor: _call(operator.sub, "self", "other", when=_alpha_one),
+    aten.neg.default: _call(operator.neg, "self"),
+    aten.matmul.default: _call(torch.matmul, "self", "other"),
+    aten.bmm.default: _call(torch.bmm, "self", "mat2"),
+    aten.softmax.int: _call(torch.softmax, "self", "dim", keywords=("dtype",)),
+    aten._softmax.default: _call(torch.softmax, "self", "dim", when=_not_half_to_float),
+    aten.log_softmax.int: _call(torch.log_softmax, "self", "dim", keywords=("dtype",)),
+    aten._log_softmax.default: _call(torch.log_softmax, "self", "dim", when=_not_half_to_float),
+    aten.max_pool1d.default: _call(F.max_pool1d, "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    aten.max_pool2d.default: _call(F.max_pool2d, "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    aten.max_pool3d.default: _call(F.max_pool3d, "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    aten.avg_pool1d.default: _call(F.avg_pool1d, "self", "kernel_size", "stride", "padding", "ceil_mode",
+                                   "count_include_pad"),
+    aten.avg_pool2d.default: _call(F.avg_pool2d, "self", "kernel_size", "stride", "padding", "ceil_mode",
+                                   "count_include_pad", "divisor_override"),
+    aten.avg_pool3d.default: _call(F.avg_pool3d, "self", "kernel_size", "stride", "padding", "ceil_mode",
+                                   "count_include_pad", "divisor_override"),
+    aten.adaptive_avg_pool1d.default: _call(F.adaptive_avg_pool1d, "self", "output_size"),
+    aten.adaptive_avg_pool2d.default: _call(F.adaptive_avg_pool2d, "self", "output_size"),
+    aten.adaptive_avg_pool3d.default: _call(F.adaptive_avg_pool3d, "self", "output_size"),
+    aten.embedding.default: _embedding,
+    aten.cat.default: _call(torch.cat, "tensors", "dim"),
+    aten.stack.default: _call(torch.stack, "tensors", "dim"),
+}
+
+# ATen overload -> Tensor method taking the same arguments in the same order (schema names and
+# Tensor method names come from the same native function declarations).
+_METHODS = {
+    aten.sym_size.int: "size",
+    aten.view.default: "view",
+    aten.reshape.default: "reshape",
+    aten.permute.default: "permute",
+    aten.transpose.int: "transpose",
+    aten.t.default: "t",
+    aten.unsqueeze.default: "unsqueeze",
+    aten.squeeze.default: "squeeze",
+    aten.squeeze.dim: "squeeze",
+    aten.squeeze.dims: "squeeze",
+    aten.expand.default: "expand",
+    aten.contiguous.default: "contiguous",
+    aten.flatten.using_ints: "flatten",
+    aten.unflatten.int: "unflatten",
+    aten.split.Tensor: "split",
+    aten.split_with_sizes.default: "split",
+    aten.chunk.default: "chunk",
+    aten.unbind.int: "unbind",
+    aten.select.int: "select",
+    aten.narrow.default: "narrow",
+    aten.detach.default: "detach",
+    aten.to.dtype: "to",
+    aten.mean.default: "mean",
+    aten.mean.dim: "mean",
+    aten.sum.default: "sum",
+    aten.sum.dim_IntList: "sum",
+}
+
+
+def _inplace_method(target) -> str | None:
+    """``add_`` for ``aten.add_.Tensor`` and other ops writing into their first argument."""
+    schema = target._schema
+    if not schema.arguments or not schema.name.startswith("aten::"):
+        return None
+    first = schema.arguments[0].alias_info
+    name = schema.name[len("aten::"):]
+    if first is None or not first.is_write or not name.endswith("_") or not hasattr(torch.Tensor, name):
+        return None
+    return name
+
+
+def _replacement(node: Node) -> tuple | None:
+    """(op, target, args, kwargs) for ``node``, or None when it stays as it is."""
+    if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+        return None
+    build: Callable | None = _FUNCTIONS.get(node.target)
+    if build is not None:
+        return build(_schema_arguments(node))
+    method = _METHODS.get(node.target) or _inplace_method(node.target)
+    if method is not None:
+        return "call_method", method, tuple(node.args), dict(node.kwargs)
+    return None
+
+
+def to_functional(graph: Graph) -> bool:
+    """Rewrite ``graph``'s ATen calls in place (see the module docstring); True if any changed."""
+    changed = False
+    for node in list(graph.nodes):
+        new = _replacement(node)
+        if new is None:
+            continue
+        op, target, args, kwargs = new
+        with graph.inserting_before(node):
+            replacement = graph.create_node(op, target, args, kwargs)
+        replacement.meta.update(node.meta)
+        node.replace_all_uses_with(replacement)
+        graph.erase_node(node)
+        changed = True
+    if changed:
+        graph.lint()
+        if graph.owning_module is not None:
+            graph.owning_module.recompile()
+    return changed

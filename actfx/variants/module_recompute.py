@@ -1,0 +1,109 @@
+"""A whole module with packed inputs, recomputed in backward (nn.MultiheadAttention,
+nn.TransformerEncoderLayer, nn.TransformerDecoderLayer).
+
+These modules run fused or branchy code that fx treats as one leaf call. Inside, autograd
+keeps projections, attention weights (batch x heads x len x len) and dropout masks. Here
+forward runs the module itself (identical output) and keeps only its packed inputs and the
+generator state; backward rebuilds the inputs, replays the module under ``torch.func.vjp``
+with the same dropout masks, and returns input and parameter gradients. The cost is one extra
+forward of the module in backward, as with activation checkpointing -- but the checkpoint's
+inputs are stored in a few bits.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.func import functional_call
+
+from actfx.variants.common import refuse_double_backward
+from actfx.variants.recompute import _autocast_state, _replay, _rng_state, fill
+from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
+
+
+def _call_like_caller(module, args, kwargs):
+    """Call ``module`` as the caller (grad mode on) would, without keeping autograd state.
+
+    In eval mode nn.MultiheadAttention / TransformerEncoderLayer take a fused, numerically
+    different path when grad mode is off, so there the call runs with grad on and its outputs
+    are cloned out of the throwaway graph (a detached view would keep that graph alive).
+    In train mode the path does not depend on grad mode and no graph is built at all.
+    """
+    if module.training:
+        return module(*args, **kwargs)
+    with torch.enable_grad():
+        out = module(*args, **kwargs)
+    if isinstance(out, tuple):
+        return tuple(o.detach().clone() if isinstance(o, torch.Tensor) else o for o in out)
+    return out.detach().clone()
+
+
+class _RecomputeModule(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, module, static, n_params, *flat):
+        args_t, kwargs_t, specs = static
+        params, flat = flat[:n_params], flat[n_params:]
+        values = values_of(specs, flat)
+        device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
+        ctx.rng = _rng_state(device)
+        ctx.autocast = _autocast_state(device.type)
+        out = _call_like_caller(module, fill(args_t, values), dict(fill(kwargs_t, values)))
+        plans, storage = split_all(specs, flat)
+        heads, pos = [], 3 + n_params
+        for spec in specs:
+            heads.append(pos)
+            pos += spec_width(spec)
+        ctx.module, ctx.static, ctx.plans, ctx.heads, ctx.n_params = module, static, plans, heads, n_params
+        ctx.names = [name for name, _ in module.named_parameters()]
+        ctx.save_for_backward(*params, *storage)
+        outs = out if isinstance(out, tuple) else (out,)
+        ctx.out_mask = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs]
+        ctx.mark_non_differentiable(*[o for o in outs if isinstance(o, torch.Tensor) and not o.is_floating_point()])
+        return out
+
+    @staticmethod
+    def backward(ctx, *grads_out):
+        refuse_double_backward(type(ctx.module).__name__)
+        saved = ctx.saved_tensors
+        params, storage = saved[: ctx.n_params], saved[ctx.n_params :]
+        args_t, kwargs_t, specs = ctx.static
+        values = materialize_all(ctx.plans, storage)
+        diff = [i for i, h in enumerate(ctx.heads) if isinstance(values[i], torch.Tensor) and ctx.needs_input_grad[h]]
+        want_params = [i for i in range(ctx.n_params) if ctx.needs_input_grad[3 + i]]
+
+        def run(param_values, input_values):
+            vals = list(values)
+            for i, v in zip(diff, input_values):
+                vals[i] = v
+            table = dict(zip(ctx.names, params))
+            table.update({ctx.names[i]: p for i, p in zip(want_params, param_values)})
+            call = lambda: functional_call(ctx.module, table, fill(args_t, vals), dict(fill(kwargs_t, vals)))  # noqa: E731
+            if ctx.autocast is not None:
+                with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):
+                    out = call()
+            else:
+                out = call()
+            outs = out if isinstance(out, tuple) else (out,)
+            return tuple(o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
+
+        with _replay(ctx.rng):
+            outs, vjp = torch.func.vjp(run, [params[i] for i in want_params], [values[i] for i in diff])
+        kept = [g for g, keep in zip(grads_out, ctx.out_mask) if keep]
+        cotangents = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(kept, outs))
+        g_params, g_inputs = vjp(cotangents)
+        grads = [None] * len(ctx.needs_input_grad)
+        for i, g in zip(want_params, g_params):
+            grads[3 + i] = g
+        for i, g in zip(diff, g_inputs):
+            grads[ctx.heads[i]] = g
+        return tuple(grads)
+
+
+def recompute_module(module, static, *flat):
+    """``static`` = (args template, kwargs template, specs); ``flat`` = the inputs' runs."""
+    args_t, kwargs_t, specs = static
+    values = values_of(specs, flat)
+    params = [p for _, p in module.named_parameters()]
+    if not (torch.is_grad_enabled() and (any(p.requires_grad for p in params) or any(
+            isinstance(v, torch.Tensor) and v.requires_grad for v in values))):
+        return module(*fill(args_t, values), **dict(fill(kwargs_t, values)))
+    return _RecomputeModule.apply(module, static, len(params), *params, *flat)
