@@ -114,6 +114,21 @@ class GraphFacts:
             return None
         return src if isinstance(src, Node) else None
 
+    def add_terms(self, node: Node) -> tuple[Node, Node] | None:
+        """(a, b) when ``node`` is a plain ``a + b`` of two tensors (a residual add)."""
+        if node.op == "call_function" and node.target in (operator.add, torch.add) and len(node.args) == 2 \
+                and not node.kwargs:
+            a, b = node.args
+        elif node.op == "call_method" and node.target == "add" and len(node.args) == 2 and not node.kwargs:
+            a, b = node.args
+        else:
+            return None
+        if not (isinstance(a, Node) and isinstance(b, Node)) or self.is_non_tensor(a) or self.is_non_tensor(b):
+            return None
+        if self.is_parameter_like(a) or self.is_parameter_like(b):
+            return None
+        return a, b
+
     def mutated_input(self, node: Node, site) -> Node | None:
         """The input ``node`` writes into, if it is an in-place op."""
         if site is not None:

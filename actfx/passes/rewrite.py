@@ -6,6 +6,9 @@ For each value some backward needs, the pass picks the cheapest exact-in-expecta
   ``mask * (a * bn_input + b)`` from BatchNorm's packed input, the exact 1-bit ReLU mask and
   BatchNorm's per-channel affine map -- nothing new is stored (conv -> BN -> ReLU -> conv);
 - a reshape of something already stored: reshape it back;
+- a residual add of two values that are both available that way: add them back in backward
+  (at most one add deep, so backward work per consumer stays bounded; in a ResNet every other
+  block output is rebuilt as mask * (a * bn3_input + b + block_input));
 - otherwise pack it once, right before its first consumer, at the widest bits any consumer asks for.
 Parameters, buffers and values derived only from them are kept as they are (never compressed).
 """
@@ -48,6 +51,8 @@ def describe(spec: tuple, sources: list[str]) -> str:
         return "affine of " + describe(spec[-1], sources)
     if kind == "reshape":
         return "reshape of " + describe(spec[-1], sources)
+    if kind == "sum":
+        return "sum of (" + describe(spec[1], sources) + ") and (" + describe(spec[2], sources) + ")"
     if kind == "shape":
         return "shape only"
     return "kept exact"
@@ -126,15 +131,21 @@ class _Rewriter:
         bits = self.config.bits_for(site.kind, self._path(site))
         return self._pack_new(value, bits)
 
-    def _cheap(self, v: Node) -> tuple | None:
-        """A way to have ``v`` in backward without storing anything new, if there is one."""
+    def _cheap(self, v: Node, adds: int = 1) -> tuple | None:
+        """A way to have ``v`` in backward without storing anything new, if there is one
+        (using at most ``adds`` residual adds)."""
         if v in self.packs:
             return self.packs[v]
         if not self.config.rebuild_chains:
             return None
+        terms = self.facts.add_terms(v)
+        if terms is not None and adds > 0:
+            left, right = (self._cheap(t, adds - 1) for t in terms)
+            if left is not None and right is not None:
+                return ("sum", left[0], right[0]), [self.env[v], *left[1], *right[1]]
         if v in self.masks:
             mask, slope, src = self.masks[v]
-            inner = self._cheap(src)
+            inner = self._cheap(src, adds)
             if inner is not None:
                 return ("masked", slope, inner[0]), [self.env[v], mask, *_nested(inner[1])]
         if v in self.affine:
@@ -143,7 +154,7 @@ class _Rewriter:
                 return ("affine", 1, spec), [self.env[v], a, b, *run]
         src = self.facts.reshape_source(v)
         if src is not None:
-            inner = self._cheap(src)
+            inner = self._cheap(src, adds)
             if inner is not None:
                 return ("reshape", inner[0]), [self.env[v], *inner[1]]
         return None

@@ -2,8 +2,10 @@
 
 Backward of max pooling routes each output gradient to the position of its maximum; nothing
 else is needed. PyTorch keeps those positions as int64 flat indices into the input plane
-(8 bytes per output). They fit in 16 bits whenever the plane has fewer than 32768 positions
-(ResNet's 112x112 stem has 12544) and in 32 bits otherwise. Exact, so gradients are unchanged.
+(8 bytes per output). For MaxPoolNd the position *within its window* is enough: one byte
+whenever the window has at most 256 elements (3x3 has 9), rebuilt in backward from the output
+position, stride, padding and dilation. Adaptive pooling keeps plane indices in 16 bits when
+the plane has fewer than 32768 positions, 32 otherwise. Exact, so gradients are unchanged.
 """
 
 from __future__ import annotations
@@ -23,12 +25,60 @@ def compact_index_dtype(plane: int) -> torch.dtype:
     return torch.int16 if plane < 2**15 else torch.int32 if plane < 2**31 else torch.int64
 
 
+def _tuple(value, nd):
+    return tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
+
+
+def _origins(out_shape, geometry, device):
+    """Per spatial dim, the input coordinate where each output position's window starts."""
+    _, stride, padding, _ = geometry
+    nd = len(stride)
+    origins = []
+    for dim in range(nd):
+        view = [1] * nd
+        view[dim] = -1
+        o = torch.arange(out_shape[dim], device=device).view(view)
+        origins.append(o * stride[dim] - padding[dim])
+    return origins
+
+
+def to_window_index(idx, in_shape, geometry):
+    """int64 plane indices -> uint8 positions inside each pooling window."""
+    kernel, _, _, dilation = geometry
+    nd = len(kernel)
+    coords, rest = [], idx
+    for dim in reversed(range(nd)):
+        coords.insert(0, rest % in_shape[dim])
+        rest = rest // in_shape[dim]
+    rel = torch.zeros_like(idx)
+    for dim, origin in enumerate(_origins(idx.shape[-nd:], geometry, idx.device)):
+        rel = rel * kernel[dim] + (coords[dim] - origin) // dilation[dim]
+    return rel.to(torch.uint8)
+
+
+def from_window_index(rel, in_shape, geometry):
+    """The inverse of ``to_window_index``: int64 plane indices."""
+    kernel, _, _, dilation = geometry
+    nd = len(kernel)
+    rest, offsets = rel.long(), []
+    for dim in reversed(range(nd)):
+        offsets.insert(0, rest % kernel[dim])
+        rest = rest // kernel[dim]
+    flat = torch.zeros_like(rest)
+    for dim, origin in enumerate(_origins(rel.shape[-nd:], geometry, rel.device)):
+        flat = flat * in_shape[dim] + origin + offsets[dim] * dilation[dim]
+    return flat
+
+
 class _CompactMaxPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, nd, args, x):
+    def forward(ctx, fn, nd, args, geometry, x):
         out, idx = fn(x, *args, return_indices=True)
-        small = idx.to(compact_index_dtype(math.prod(x.shape[-nd:])))
-        ctx.in_shape, ctx.spatial = x.shape, nd
+        if geometry is not None:
+            small = to_window_index(idx, x.shape[-nd:], geometry)
+        else:
+            small = idx.to(compact_index_dtype(math.prod(x.shape[-nd:])))
+        ctx.in_shape, ctx.spatial, ctx.geometry = x.shape, nd, geometry
         ctx.save_for_backward(small)
         return out
 
@@ -37,22 +87,28 @@ class _CompactMaxPool(torch.autograd.Function):
         refuse_double_backward("max_pool")
         (small,) = ctx.saved_tensors
         spatial = ctx.spatial
+        if ctx.geometry is not None:
+            small = from_window_index(small, ctx.in_shape[-spatial:], ctx.geometry)
         lead = ctx.in_shape[: len(ctx.in_shape) - spatial]
         plane = math.prod(ctx.in_shape[-spatial:])
         grad_in = grad_out.new_zeros((math.prod(lead), plane))
         grad_in.scatter_add_(1, small.reshape(math.prod(lead), -1).long(), grad_out.reshape(math.prod(lead), -1))
-        return None, None, None, grad_in.reshape(ctx.in_shape)
+        return None, None, None, None, grad_in.reshape(ctx.in_shape)
 
 
-def _pool(fn, nd, args, x):
+def _pool(fn, nd, args, x, geometry=None):
     if not (torch.is_grad_enabled() and x.requires_grad):
         return fn(x, *args)
-    return _CompactMaxPool.apply(fn, nd, args, x)
+    return _CompactMaxPool.apply(fn, nd, args, geometry, x)
 
 
 def max_pool(nd, kernel_size, stride, padding, dilation, ceil_mode, x):
     """F.max_poolNd without returned indices."""
-    return _pool(_MAX_POOL[nd], nd, (kernel_size, stride, padding, dilation, ceil_mode), x)
+    kernel = _tuple(kernel_size, nd)
+    geometry = (kernel, _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd))
+    if math.prod(kernel) > 256:
+        geometry = None  # window positions do not fit a byte: keep plane indices
+    return _pool(_MAX_POOL[nd], nd, (kernel_size, stride, padding, dilation, ceil_mode), x, geometry)
 
 
 def adaptive_max_pool(nd, output_size, x):

@@ -10,6 +10,7 @@ tensors. The spec says how to rebuild the value from stored pieces:
     ("affine", channel_dim, inner)      tensors: value, a, b, *inner      -> a * inner + b per channel (BatchNorm)
     ("reshape", inner)                  tensors: value, *inner            -> inner.reshape(value.shape)
     ("permute", dims, inner)            tensors: value, *inner            -> inner.permute(dims)
+    ("sum", left, right)                tensors: value, *left, *right     -> left + right (residual adds)
     ("shape",)                          tensors: value                    -> zeros of value's shape
                                         (for linear ops whose backward reads only the input's shape)
 
@@ -33,7 +34,7 @@ from actfx.kernels import unpack_bits, unpack_groups
 EXACT = ("exact",)
 
 # Tensor slots each spec kind reads from the flat run before its inner spec.
-_HEAD = {"exact": 1, "shape": 1, "packed": 3, "masked": 2, "affine": 3, "reshape": 1, "permute": 1}
+_HEAD = {"exact": 1, "shape": 1, "sum": 1, "packed": 3, "masked": 2, "affine": 3, "reshape": 1, "permute": 1}
 
 
 def spec_width(spec: tuple) -> int:
@@ -41,6 +42,8 @@ def spec_width(spec: tuple) -> int:
     kind = spec[0]
     if kind in ("exact", "shape", "packed"):
         return _HEAD[kind]
+    if kind == "sum":
+        return 1 + spec_width(spec[1]) + spec_width(spec[2])
     return _HEAD[kind] + spec_width(spec[-1])
 
 
@@ -62,6 +65,15 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
         if codes is None:
             return EXACT, [value]
         return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
+    if kind == "sum":
+        width = spec_width(spec[1])
+        left_plan, left_store = split_spec(spec[1], tensors[1 : 1 + width], like=value)
+        right_plan, right_store = split_spec(spec[2], tensors[1 + width :], like=value)
+        heads = (tensors[1], tensors[1 + width])
+        same_shape = all(h is None or h.shape == value.shape for h in heads)
+        if not same_shape or {left_plan[0], right_plan[0]} & {"exact", "const"}:
+            return EXACT, [value]
+        return ("sum", left_plan, right_plan), [*left_store, *right_store]
     inner_plan, inner_store = split_spec(spec[-1], tensors[_HEAD[kind]:], like=value)
     if inner_plan[0] in ("exact", "const"):
         # Nothing cheaper than the value itself underneath: keep the value.
@@ -122,6 +134,9 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
         view[channel_dim] = -1
         out = torch.addcmul(b.view(view), a.view(view), inner.float())
         return out.to(dtype)
+    if kind == "sum":
+        left = materialize(plan[1], storage)
+        return left + materialize(plan[2], storage)
     if kind == "reshape":
         return materialize(plan[2], storage).reshape(plan[1])
     if kind == "permute":

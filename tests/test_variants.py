@@ -1,0 +1,213 @@
+"""Each compressed-save variant in module, functional and method form: same forward, right gradient."""
+
+from __future__ import annotations
+
+import operator
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actfx
+
+
+class Wrap(nn.Module):
+    """A one-op model: ``fn(self, x)`` with optional parameters."""
+
+    def __init__(self, fn, **modules):
+        super().__init__()
+        self.fn = fn
+        for name, m in modules.items():
+            setattr(self, name, m)
+
+    def forward(self, x):
+        return self.fn(self, x)
+
+
+def check(model, x, bits=8, tol=0.02, exact_grad=False, kinds=None):
+    """Forward identical; input and parameter gradients close (or equal for exact variants)."""
+    converted = actfx.convert(model, bits=bits)
+    if kinds is not None:
+        seen = {d.kind for d in converted._actfx_record.decisions}
+        assert set(kinds) <= seen, f"expected {kinds} among converted kinds, got {seen}"
+    results = []
+    for m in (model, converted):
+        xi = x.clone().requires_grad_(True)
+        torch.manual_seed(0)
+        out = m(xi)
+        weight = torch.linspace(-1, 1, out.numel()).reshape(out.shape)
+        grads = torch.autograd.grad((out * weight).sum(), [xi, *m.parameters()], allow_unused=True)
+        results.append((out, torch.cat([g.reshape(-1) for g in grads if g is not None])))
+    (out0, g0), (out1, g1) = results
+    assert torch.equal(out0, out1)
+    if exact_grad:
+        assert torch.equal(g0, g1)
+    else:
+        assert ((g1 - g0).norm() / g0.norm()).item() < tol
+    return converted
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: s.conv(x),
+    lambda s, x: F.conv2d(x, s.conv.weight, s.conv.bias, stride=2, padding=1, dilation=1, groups=1),
+])
+def test_conv2d_forms(fn):
+    check(Wrap(fn, conv=nn.Conv2d(4, 8, 3, padding=1)), torch.randn(2, 4, 12, 12), kinds=["conv"])
+
+
+@pytest.mark.parametrize("conv,shape", [
+    (nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2), (2, 4, 40)),
+    (nn.Conv3d(2, 4, 3, padding=1, groups=2), (2, 2, 6, 6, 6)),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"), (2, 4, 10, 10)),
+    (nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular", groups=4), (2, 4, 10, 10)),
+    (nn.Conv2d(4, 4, 3, padding="same", bias=False), (2, 4, 10, 10)),
+    (nn.ConvTranspose2d(4, 3, 3, stride=2, padding=1, output_padding=1), (2, 4, 8, 8)),
+    (nn.ConvTranspose1d(4, 3, 4, stride=2), (2, 4, 16)),
+    (nn.ConvTranspose3d(2, 2, 2, stride=2), (1, 2, 4, 4, 4)),
+])
+def test_conv_variants(conv, shape):
+    check(Wrap(lambda s, x: s.conv(x), conv=conv), torch.randn(*shape))
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: s.lin(x),
+    lambda s, x: F.linear(x, s.lin.weight, s.lin.bias),
+    lambda s, x: x @ s.lin.weight.t(),
+])
+def test_linear_forms_any_leading_dims(fn):
+    check(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32))
+
+
+@pytest.mark.parametrize("bn", [
+    nn.BatchNorm1d(8), nn.BatchNorm2d(8, momentum=None), nn.BatchNorm3d(8, track_running_stats=False),
+    nn.BatchNorm2d(8, affine=False),
+])
+def test_batch_norm_train_and_eval_updates_running_stats_identically(bn):
+    import copy
+
+    shape = {nn.BatchNorm1d: (16, 8), nn.BatchNorm2d: (4, 8, 6, 6), nn.BatchNorm3d: (2, 8, 3, 4, 4)}[type(bn)]
+    reference = copy.deepcopy(bn)
+    model = Wrap(lambda s, x: s.bn(x), bn=bn)
+    converted = actfx.convert(model, bits=8)
+    for _ in range(3):
+        x = torch.randn(*shape) * 3 + 1
+        expected = reference(x.clone().requires_grad_(True))
+        got = converted(x.clone().requires_grad_(True))
+        assert torch.equal(got, expected)
+    assert all(torch.equal(a, b) for a, b in zip(reference.buffers(), bn.buffers()))
+    converted.eval()
+    reference.eval()
+    x = torch.randn(*shape)
+    assert torch.equal(converted(x), reference(x))
+    check(model, x)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: s.act(x),
+    lambda s, x: F.relu(x),
+    lambda s, x: torch.relu(x),
+    lambda s, x: x.relu(),
+    lambda s, x: (x * 1.0).relu_(),
+    lambda s, x: F.relu(x * 1.0, inplace=True),
+    lambda s, x: F.relu6(x),
+    lambda s, x: F.hardtanh(x, -0.5, 0.5),
+    lambda s, x: F.leaky_relu(x, 0.2),
+])
+def test_relu_family_gradients_are_exact(fn):
+    """1-bit masks are exact: the gradient equals PyTorch's bit for bit."""
+    model = Wrap(lambda s, x: fn(s, x * 1.0), act=nn.ReLU(inplace=True))
+    converted = check(model, torch.randn(16, 300), exact_grad=True)
+    assert {d.kind for d in converted._actfx_record.decisions} & {"relu", "hardtanh", "leaky_relu"}
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True), nn.Hardtanh(-2, 2)])
+def test_relu_family_modules_exact(act):
+    check(Wrap(lambda s, x: s.act(x * 1.0), act=act), torch.randn(16, 300) * 3, exact_grad=True)
+
+
+def test_dropout_mask_exact_and_rng_stream_unchanged():
+    model = Wrap(lambda s, x: s.drop(x) + F.dropout(x, 0.3, s.training), drop=nn.Dropout(0.5))
+    check(model, torch.randn(16, 300), exact_grad=True)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: s.pool(x),
+    lambda s, x: F.max_pool2d(x, 3, 2, 1),
+    lambda s, x: F.max_pool2d(x, 2, ceil_mode=True),
+    lambda s, x: F.max_pool1d(x.flatten(2), 4, 3, 1, 2),
+    lambda s, x: F.adaptive_max_pool2d(x, 3),
+])
+def test_max_pool_compact_indices_exact(fn):
+    model = Wrap(fn, pool=nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True))
+    converted = check(model, torch.randn(2, 3, 13, 11), exact_grad=True)
+    from actfx.accounting import count_saved
+
+    x = torch.randn(2, 3, 13, 11, requires_grad=True)
+    with count_saved(converted) as saved:
+        out = converted(x)
+    assert saved.activation_bytes <= out.numel() * 2  # <= 2 bytes per output instead of 8
+
+
+@pytest.mark.parametrize("fn,kind", [
+    (lambda s, x: s.pool(x), "avg_pool"),
+    (lambda s, x: F.adaptive_avg_pool2d(x, 2), "adaptive_avg_pool"),
+])
+def test_average_pools_save_only_the_shape(fn, kind):
+    converted = check(Wrap(fn, pool=nn.AvgPool2d(2)), torch.randn(2, 3, 8, 8), exact_grad=True, kinds=[kind])
+    from actfx.accounting import count_saved
+
+    with count_saved(converted) as saved:
+        out = converted(torch.randn(2, 3, 8, 8, requires_grad=True))  # noqa: F841
+    assert saved.activation_bytes == 0
+
+
+@pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
+                                 nn.Hardsigmoid(), nn.Mish(), nn.Softmax(-1), nn.LogSoftmax(-1), nn.ELU()])
+def test_elementwise_activations(act):
+    check(Wrap(lambda s, x: s.act(s.lin(x)), act=act, lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: F.silu(x), lambda s, x: F.gelu(x, approximate="tanh"), lambda s, x: torch.sigmoid(x),
+    lambda s, x: x.sigmoid(), lambda s, x: x.tanh(), lambda s, x: torch.softmax(x, -1), lambda s, x: x.softmax(1),
+    lambda s, x: F.log_softmax(x, dim=-1), lambda s, x: F.hardswish(x), lambda s, x: F.mish(x),
+])
+def test_elementwise_functional_forms(fn):
+    check(Wrap(lambda s, x: fn(s, s.lin(x)), lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
+
+
+@pytest.mark.parametrize("norm,shape", [
+    (nn.LayerNorm(64), (8, 10, 64)), (nn.GroupNorm(4, 16), (4, 16, 6, 6)),
+    (nn.InstanceNorm2d(16, affine=True), (4, 16, 6, 6)), (nn.RMSNorm(64), (8, 10, 64)),
+])
+def test_norms(norm, shape):
+    check(Wrap(lambda s, x: s.norm(x * 2.0 + 1.0), norm=norm), torch.randn(*shape))
+
+
+@pytest.mark.parametrize("op", [operator.mul, torch.mul, operator.truediv, operator.matmul, torch.matmul, "bmm"])
+def test_products_of_two_activations(op):
+    if op == "bmm":
+        fn = lambda s, x: torch.bmm(s.a(x), s.b(x).transpose(1, 2))  # noqa: E731
+    elif op in (operator.matmul, torch.matmul):
+        fn = lambda s, x: op(s.a(x), s.b(x).transpose(-1, -2))  # noqa: E731
+    elif op is operator.truediv:
+        fn = lambda s, x: op(s.a(x), s.b(x).abs() + 1.0)  # noqa: E731
+    else:
+        fn = lambda s, x: op(s.a(x), s.b(x)[:, :1])  # broadcasting  # noqa: E731
+    check(Wrap(fn, a=nn.Linear(32, 32), b=nn.Linear(32, 32)), torch.randn(4, 16, 32))
+
+
+def test_scaled_dot_product_attention_with_mask_and_dropout():
+    def fn(s, x):
+        q, k, v = s.qkv(x).view(2, 16, 3, 4, 8).permute(2, 0, 3, 1, 4)
+        mask = torch.ones(16, 16, dtype=torch.bool).tril()
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2)
+
+    check(Wrap(fn, qkv=nn.Linear(32, 96)), torch.randn(2, 16, 32), kinds=["sdpa"])
+
+
+def test_uncovered_ops_run_as_they_are_and_are_reported():
+    model = Wrap(lambda s, x: torch.cumprod(s.lin(x), dim=-1), lin=nn.Linear(8, 8))
+    converted = check(model, torch.randn(4, 8) * 0.1 + 1.0)
+    assert [u.what for u in converted._actfx_record.uncovered] == ["cumprod"]
