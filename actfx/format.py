@@ -57,8 +57,9 @@ final cast to fp16 / bf16):
 * step <= (max - lo) / L * (1 + 2**-7) and min - ulp_bf16(min) <= lo <= min, where ulp_bf16 is the
   bf16 spacing at min (2**-7 relative, or the smallest bf16 subnormal near zero).
 
-That is ActNN's (max - min) / L up to the bf16 rounding of lo and step. A value can also land in
-the bf16 subnormal range of step: step then keeps at least its bf16 subnormal spacing (~9e-41).
+That is ActNN's (max - min) / L up to the bf16 rounding of lo and step. (Where step or min falls in
+the subnormal range, below ~1.2e-38, the relative 2**-7 becomes an absolute bf16 subnormal spacing,
+2**-133 ~ 9.2e-41.)
 
 Randomness
 ----------

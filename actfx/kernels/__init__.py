@@ -137,7 +137,8 @@ def _triton_works(device: str) -> bool:
         got = triton_pack.pack_groups_triton(x, seed, 0, 2, 32, False)
         want = pack_groups_reference(x, seed, 0, 2, 32, False)
         back = triton_pack.unpack_groups_triton(*got, (100,), torch.float32, 2, 32)
-        if not (torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))):
+        same_meta = torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
+        if not (torch.equal(got[0], want[0]) and same_meta):
             raise RuntimeError("Triton pack disagrees with the PyTorch reference")
         if not torch.equal(back, unpack_groups_reference(*want, (100,), torch.float32, 2, 32)):
             raise RuntimeError("Triton unpack disagrees with the PyTorch reference")
@@ -207,7 +208,7 @@ def pack_groups(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `x` in groups; returns `codes` (uint8 [num_groups, G*bits/8]) and `meta` (bf16 [num_groups, 2]).
+    """Quantize `x` in groups: `codes` uint8 [num_groups, G*bits/8] and `meta` bf16 [num_groups, 2].
 
     `seed` (int64, one element, on x's device) and `stream` (an int naming the call site) select
     the rounding noise: equal pairs give equal bytes. The global RNG is never touched.
@@ -236,7 +237,7 @@ def unpack_groups(
     *,
     backend: str = "auto",
 ) -> torch.Tensor:
-    """Dequantize what `pack_groups` produced into a contiguous tensor of `shape` and `dtype` on codes' device."""
+    """Dequantize what `pack_groups` produced: a contiguous tensor of `shape` and `dtype` on codes' device."""
     _check_tensor("codes", codes)
     _check_tensor("meta", meta)
     check_float_dtype(dtype)

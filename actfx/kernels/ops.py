@@ -19,7 +19,10 @@ __all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op
 @torch.library.custom_op(
     "actfx::pack_groups",
     mutates_args=(),
-    schema="(Tensor x, Tensor seed, int stream, int bits, int group_size, bool stochastic) -> (Tensor, Tensor)",
+    schema=(
+        "(Tensor x, Tensor seed, int stream, int bits, int group_size, bool stochastic)"
+        " -> (Tensor, Tensor)"
+    ),
 )
 def pack_groups_op(
     x: Tensor, seed: Tensor, stream: int, bits: int, group_size: int, stochastic: bool
@@ -52,7 +55,10 @@ pack_groups_op.register_autograd(_no_gradient, setup_context=_not_differentiable
 @torch.library.custom_op(
     "actfx::unpack_groups",
     mutates_args=(),
-    schema="(Tensor codes, Tensor meta, SymInt[] shape, ScalarType dtype, int bits, int group_size) -> Tensor",
+    schema=(
+        "(Tensor codes, Tensor meta, SymInt[] shape, ScalarType dtype, int bits, int group_size)"
+        " -> Tensor"
+    ),
 )
 def unpack_groups_op(
     codes: Tensor, meta: Tensor, shape: list[int], dtype: torch.dtype, bits: int, group_size: int

@@ -31,7 +31,7 @@ _LO_ONES = 0xFFFF
 _STREAM_MULT = 0x9E3779B97F4A7C15
 _MASK64 = (1 << 64) - 1
 _CHUNK_VALUES = 1 << 19  # 2 MB of fp32: the fastest of 128K..16M on a 2-core CPU
-_NOISE_BITS = 15  # resolution of the reference's rounding noise, see `_noise`
+_NOISE_BITS = 15  # resolution of the reference's rounding noise, see `_add_noise_and_round`
 _BF16_NAN = 0x7FC0  # the canonical quiet NaN, stored for both lo and step of non-finite groups
 
 
@@ -78,7 +78,35 @@ def round_bf16_up(v: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits & _HI_MASK, away).view(torch.float32)
 
 
-def _chunk_groups(xs: torch.Tensor, rows: int, group_size: int, owned: bool) -> tuple[torch.Tensor, bool]:
+class _Scratch:
+    """Temporaries reused from chunk to chunk within one call.
+
+    A fresh multi-MB CPU tensor is page-faulted in on first touch, which costs more than the
+    arithmetic done on it (~1.5 ms per 2 MB here); reusing a handful of buffers avoids that.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        buf = self.buffers.get(name)
+        if buf is None or buf.numel() < numel or buf.dtype != dtype:
+            buf = self.buffers[name] = torch.empty(numel, dtype=dtype, device=self.device)
+        return buf[:numel]
+
+
+def _chunk_rows(num_groups: int, group_size: int, device: torch.device) -> int:
+    """Groups per chunk: ~512K values on CPU, so a chunk's temporaries stay in cache (about 2x
+    faster than whole-tensor passes at 64 MB); everything at once on other devices (fewer launches)."""
+    if device.type != "cpu":
+        return num_groups
+    return max(1, _CHUNK_VALUES // group_size)
+
+
+def _chunk_groups(
+    xs: torch.Tensor, rows: int, group_size: int, owned: bool, scratch: _Scratch
+) -> tuple[torch.Tensor, bool]:
     """A chunk of the flat input as fp32 [rows, G]; whether we may overwrite it.
 
     A partial last group is padded with copies of the chunk's last value, so padding never changes
@@ -87,20 +115,11 @@ def _chunk_groups(xs: torch.Tensor, rows: int, group_size: int, owned: bool) -> 
     pad = rows * group_size - xs.numel()
     if pad == 0 and xs.dtype == torch.float32:
         return xs.view(rows, group_size), owned
-    out = torch.empty(rows * group_size, dtype=torch.float32, device=xs.device)
+    out = scratch.get("x", rows * group_size, torch.float32)
     out[: xs.numel()].copy_(xs)
     if pad:
         out[xs.numel() :].copy_(xs[-1:].expand(pad))
     return out.view(rows, group_size), True
-
-
-def _chunk_rows(num_groups: int, group_size: int, device: torch.device) -> int:
-    """Groups per chunk: ~512K values on CPU, so a chunk's temporaries stay in cache and are reused
-    instead of page-faulted in (about 2x faster than whole-tensor passes at 64 MB); everything at
-    once on other devices (fewer launches)."""
-    if device.type != "cpu":
-        return num_groups
-    return max(1, _CHUNK_VALUES // group_size)
 
 
 # Per bits (< 8): the integer "lane" type that holds one output byte's worth (8 / bits) of uint8 codes.
@@ -129,51 +148,62 @@ def _merge_stages(bits: int) -> list[tuple[int, int, int]]:
     return stages
 
 
-def _pack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Integer-valued codes (uint8 [g, G], < 2**bits) -> bytes uint8 [g, G*bits//8], LSB first.
+def _pack_bytes(codes: torch.Tensor, bits: int, out: torch.Tensor, scratch: _Scratch) -> None:
+    """uint8 codes [n] (each < 2**bits) -> `out` bytes [n * bits // 8], LSB first.
 
     The 8/bits codes of one output byte are adjacent bytes, i.e. one int16/32/64 lane (little
-    endian); a few shift-or-mask stages over those lanes gather them into the lane's low byte.
+    endian); a few shift-or-mask stages over the lanes gather them into each lane's low byte.
     """
     if bits == 8:
-        return codes
-    g = codes.shape[0]
-    v = codes.view(_LANE_DTYPE[bits])
+        out.copy_(codes)
+        return
+    a = codes.view(_LANE_DTYPE[bits])
+    b = scratch.get("lane", a.numel(), a.dtype)
     for shift, _, mask_after in _merge_stages(bits):
-        v = torch.bitwise_right_shift(v, shift).bitwise_or_(v).bitwise_and_(mask_after)
-    return v.to(torch.uint8).view(g, -1)
+        torch.bitwise_right_shift(a, shift, out=b)
+        b.bitwise_or_(a).bitwise_and_(mask_after)
+        a, b = b, a
+    out.copy_(a)  # the low byte of each lane; the final mask is 0xFF
 
 
-def _unpack_bytes(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """bytes uint8 [g, B] -> codes uint8 [g, B * 8 // bits] (inverse of `_pack_bytes`)."""
+def _unpack_bytes(codes: torch.Tensor, bits: int, scratch: _Scratch) -> torch.Tensor:
+    """bytes uint8 [m] -> codes uint8 [m * 8 // bits] (inverse of `_pack_bytes`)."""
     if bits == 8:
         return codes
-    g = codes.shape[0]
-    v = codes.to(_LANE_DTYPE[bits])
+    a = scratch.get("lane_a", codes.numel(), _LANE_DTYPE[bits])
+    b = scratch.get("lane_b", codes.numel(), _LANE_DTYPE[bits])
+    a.copy_(codes)
     for shift, mask_before, _ in reversed(_merge_stages(bits)):
-        v = torch.bitwise_left_shift(v, shift).bitwise_or_(v).bitwise_and_(mask_before)
-    return v.view(torch.uint8).view(g, -1)
+        torch.bitwise_left_shift(a, shift, out=b)
+        b.bitwise_or_(a).bitwise_and_(mask_before)
+        a, b = b, a
+    return a.view(torch.uint8)
 
 
-def _noise(rows: int, group_size: int, gen: torch.Generator, device: torch.device) -> torch.Tensor:
-    """u ~ U[0, 1) for [rows, G] values, at 15-bit resolution: u = (k + 1/2) / 2**15.
+def _add_noise_and_round(f: torch.Tensor, frac: torch.Tensor, gen: torch.Generator, scratch: _Scratch) -> None:
+    """f += (u < frac), u ~ U[0, 1) at 15-bit resolution: u = (k + 1/2) / 2**15.
 
     One 31-bit `random_` draw feeds two values (its two int16 halves, 15 bits each): 2-3x faster
     on CPU than `torch.rand`, which costs one generator call per value and was two thirds of a
     stochastic pack. Rounding up then happens with probability within 2**-16 of frac, i.e. a bias
     of at most 2**-16 step per value, far below the noise itself (std up to step / 2).
     """
-    halves = torch.empty(rows * group_size // 2, dtype=torch.int32, device=device).random_(generator=gen)
-    k = halves.view(torch.int16).bitwise_and_((1 << _NOISE_BITS) - 1)
-    return k.to(torch.float32).add_(0.5).mul_(2.0**-_NOISE_BITS).view(rows, group_size)
+    n = f.numel()
+    draws = scratch.get("draws", n // 2, torch.int32).random_(generator=gen)
+    k = draws.view(torch.int16).bitwise_and_((1 << _NOISE_BITS) - 1)
+    u = scratch.get("u", n, torch.float32).view(f.shape)
+    u.view(-1).copy_(k)
+    u.add_(0.5).mul_(2.0**-_NOISE_BITS)
+    f.add_(u.lt_(frac))
 
 
 def _quantize_chunk(
     groups: torch.Tensor, owned: bool, n_real: int, bits: int, gen: torch.Generator | None,
-    codes_out: torch.Tensor, meta_out: torch.Tensor,
+    codes_out: torch.Tensor, meta_out: torch.Tensor, scratch: _Scratch,
 ) -> None:
     """Quantize fp32 [rows, G] into `codes_out` [rows, G*bits/8] and `meta_out` (int16 view) [rows, 2]."""
     rows, group_size = groups.shape
+    numel = rows * group_size
     levels = (1 << bits) - 1
     mn, mx = torch.amin(groups, dim=1), torch.amax(groups, dim=1)  # 10x faster than aminmax on CPU
     lo = round_bf16_down(mn)
@@ -185,20 +215,25 @@ def _quantize_chunk(
     recip = torch.where(ok, 1.0 / torch.where(ok, step, 1.0), 0.0)  # r = 1/step, IEEE division
 
     # t = (x - lo) * r ; f = floor(t) ; frac = t - f (exact for t >= 0)
-    t = groups.sub_(lo[:, None]) if owned else groups - lo[:, None]
+    if owned:
+        t = groups.sub_(lo[:, None])
+    else:
+        t = torch.sub(groups, lo[:, None], out=scratch.get("t", numel, torch.float32).view(rows, group_size))
     t.mul_(recip[:, None])
-    f = torch.floor(t)
+    f = torch.floor(t, out=scratch.get("f", numel, torch.float32).view(rows, group_size))
     frac = t.sub_(f)
     if gen is not None:
-        f.add_(_noise(rows, group_size, gen, groups.device).lt_(frac))  # code = f + (u < frac)
+        _add_noise_and_round(f, frac, gen, scratch)  # code = f + (u < frac)
     else:
         f.add_(frac.ge_(0.5))  # code = f + (frac >= 0.5)
     f.clamp_max_(float(levels))  # t >= 0 already; t can exceed `levels` by float rounding
     if bool(bad.any()):
         f.masked_fill_(bad[:, None], 0.0)  # NaN would not convert to an integer code
-    if n_real < rows * group_size:
+    if n_real < numel:
         f.view(-1)[n_real:] = 0.0
-    codes_out.copy_(_pack_bytes(f.to(torch.uint8), bits))
+    codes = scratch.get("codes", numel, torch.uint8)
+    codes.copy_(f.view(-1))
+    _pack_bytes(codes, bits, codes_out.view(-1), scratch)
 
     if bool(const.any()):
         # The constant's exact fp32 bits, little-endian, in the group's first 4 bytes.
@@ -234,13 +269,14 @@ def pack_groups_reference(
     if stochastic:
         gen = torch.Generator(device=device)
         gen.manual_seed(mix_seed(int(seed.item()), stream) & _MASK64)
+    scratch = _Scratch(device)
     meta_bits = meta.view(torch.int16)
     step_rows = _chunk_rows(num_groups, G, device)
     for g0 in range(0, num_groups, step_rows):
         g1 = min(num_groups, g0 + step_rows)
         xs = flat[g0 * G : min(n, g1 * G)]
-        groups, owned = _chunk_groups(xs, g1 - g0, G, flat_owned)
-        _quantize_chunk(groups, owned, xs.numel(), bits, gen, codes[g0:g1], meta_bits[g0:g1])
+        groups, owned = _chunk_groups(xs, g1 - g0, G, flat_owned, scratch)
+        _quantize_chunk(groups, owned, xs.numel(), bits, gen, codes[g0:g1], meta_bits[g0:g1], scratch)
     return codes, meta
 
 
@@ -256,16 +292,23 @@ def unpack_groups_reference(
     n, G = math.prod(shape), group_size
     out = torch.empty(n, dtype=dtype, device=codes.device)
     num_groups = codes.shape[0]
+    scratch = _Scratch(codes.device)
     step_rows = _chunk_rows(num_groups, G, codes.device)
     for g0 in range(0, num_groups, step_rows):
         g1 = min(num_groups, g0 + step_rows)
-        vals = _dequantize_chunk(codes[g0:g1], meta[g0:g1], bits)
-        out[g0 * G : min(n, g1 * G)].copy_(vals.view(-1)[: min(n, g1 * G) - g0 * G])
+        dest = out[g0 * G : min(n, g1 * G)]
+        direct = dtype == torch.float32 and dest.numel() == (g1 - g0) * G
+        vals = dest if direct else scratch.get("vals", (g1 - g0) * G, torch.float32)
+        _dequantize_chunk(codes[g0:g1], meta[g0:g1], bits, vals.view(g1 - g0, G), scratch)
+        if not direct:
+            dest.copy_(vals[: dest.numel()])
     return out.view(tuple(shape))
 
 
-def _dequantize_chunk(codes: torch.Tensor, meta: torch.Tensor, bits: int) -> torch.Tensor:
-    """codes [rows, G*bits/8] + meta [rows, 2] -> fp32 [rows, G]."""
+def _dequantize_chunk(
+    codes: torch.Tensor, meta: torch.Tensor, bits: int, out: torch.Tensor, scratch: _Scratch
+) -> None:
+    """codes [rows, G*bits/8] + meta [rows, 2] -> fp32 `out` [rows, G]."""
     m = meta.to(torch.float32)
     lo, step = m[:, 0], m[:, 1]
     const = step == 0
@@ -274,5 +317,5 @@ def _dequantize_chunk(codes: torch.Tensor, meta: torch.Tensor, bits: int) -> tor
         lo = torch.where(const, exact, lo)
         # -0.0: `c + code * -0.0` is exactly c for every c, including -0.0.
         step = torch.where(const, -0.0, step)
-    vals = _unpack_bytes(codes, bits).to(torch.float32)
-    return vals.mul_(step[:, None]).add_(lo[:, None])  # NaN step -> NaN for the whole group
+    out.view(-1).copy_(_unpack_bytes(codes.reshape(-1), bits, scratch))
+    out.mul_(step[:, None]).add_(lo[:, None])  # NaN step -> NaN for the whole group
