@@ -5,31 +5,10 @@ from __future__ import annotations
 import dataclasses
 from typing import Mapping
 
-ALLOWED_BITS = (1, 2, 4, 8)
+from actfx.kernels import check_bits, check_group_size
 
 # Attention's saved tensors are the sensitive part of a transformer (see Config.op_bits).
 ATTENTION_BITS = {"sdpa": 8, "attention": 8, "softmax": 8, "matmul": 8}
-
-
-def check_bits(bits: object, what: str = "bits") -> int:
-    """Return ``bits`` if it is one of the packable widths, else raise a clear error."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"{what} must be an int in {set(ALLOWED_BITS)}, got {bits!r} ({type(bits).__name__})")
-    if bits not in ALLOWED_BITS:
-        raise ValueError(
-            f"{what}={bits} is not supported; allowed values are {', '.join(map(str, ALLOWED_BITS))} "
-            "(fractional bits are not implemented)"
-        )
-    return bits
-
-
-def check_group_size(group_size: object) -> int:
-    """Group sizes are powers of two in [32, 4096] so a group's codes can hold one exact fp32 value."""
-    if isinstance(group_size, bool) or not isinstance(group_size, int):
-        raise TypeError(f"group_size must be an int, got {group_size!r} ({type(group_size).__name__})")
-    if group_size < 32 or group_size > 4096 or group_size & (group_size - 1):
-        raise ValueError(f"group_size={group_size} is not allowed; use a power of two from 32 to 4096 (default 256)")
-    return group_size
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,7 +51,10 @@ class Config:
             for key, value in table.items():
                 if not isinstance(key, str):
                     raise TypeError(f"Config.{field} keys must be str, got {key!r}")
-                check_bits(value, what=f"Config.{field}[{key!r}]")
+                try:
+                    check_bits(value)
+                except (TypeError, ValueError) as err:
+                    raise type(err)(f"Config.{field}[{key!r}]: {err}") from None
             # Freeze the table so the config stays immutable and hashable.
             object.__setattr__(self, field, _FrozenDict(table))
 

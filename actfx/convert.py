@@ -69,6 +69,10 @@ def convert(model, bits: int = 2, *, group_size: int = 256, config: Config | Non
         leaf_modules = (leaf_modules,)
     split_leaf_modules(leaf_modules, "")  # validate early
     record = ConversionRecord(config)
+    if example_inputs is not None:
+        result = _convert_exported(model, example_inputs, config, record)
+        result._actfx_record = record
+        return result
     result = _convert(model, "", config, tuple(leaf_modules), record, is_root=True)
     if not is_converted(result):
         # Nothing at the root traced: keep its own forward, with converted children.
@@ -150,6 +154,45 @@ def _convert_leaf(module, path, config, record):
     return new
 
 
+def _convert_exported(model, example_inputs, config, record) -> nn.Module:
+    """Whole-model capture with torch.export (for models fx cannot trace, e.g. transformers v5).
+
+    Training steps run the rewritten exported graph; eval mode, no_grad, and calls whose
+    arguments differ from what export saw run the model's own forward (nothing to save there,
+    or nothing captured for it).
+    """
+    from actfx.passes.export_capture import export_graph, exported_call
+
+    gm = export_graph(model, example_inputs)
+    graph, decisions, uncovered = rewrite_graph(gm, config, "")
+    graph.set_codegen(gm.graph._codegen)
+    record.decisions.extend(decisions)
+    record.uncovered.extend(_uncovered_node(node, gm, "") for node in uncovered)
+    record.graphs[""] = {True: graph}
+    train_forward = _compile_forward(graph, "model:export")
+    call = exported_call(gm)
+    base_forward = type(model).forward
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled():
+            bound = call.bind(args, kwargs)
+            if bound is not None:
+                return train_forward(self, *bound[0], **bound[1])
+        return base_forward(self, *args, **kwargs)
+
+    new = _attach_seed(_clone(model, _converted_class(type(model), {True: forward}), True), "", model)
+    for name, value in call.carried.items():
+        object.__setattr__(new, name, value)
+    return new
+
+
+def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:
+    state = SeedState(salt=zlib.crc32(path.encode()))
+    object.__setattr__(new, SEED_STATE, state)
+    new.register_buffer(SEED_BUFFER, state.initial_buffer().to(_device_of(original)), persistent=False)
+    return new
+
+
 def _from_graphs(module, graphs, path, config, record, is_root, self_attr=False) -> nn.Module:
     forwards, rewritten = {}, {}
     for training, gm in graphs.items():
@@ -162,10 +205,7 @@ def _from_graphs(module, graphs, path, config, record, is_root, self_attr=False)
         rewritten[training] = graph
     record.graphs[path] = rewritten
     cls = _converted_class(type(module), forwards)
-    new = _clone(module, cls, is_root)
-    state = SeedState(salt=zlib.crc32(path.encode()))
-    object.__setattr__(new, SEED_STATE, state)
-    new.register_buffer(SEED_BUFFER, state.initial_buffer().to(_device_of(module)), persistent=False)
+    new = _attach_seed(_clone(module, cls, is_root), path, module)
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)
     # Tensor constants fx lifted from the forward live on the traced module.

@@ -70,8 +70,8 @@ def _not_half_to_float(a: dict) -> bool:
 
 
 _CONV = (aten.conv1d, F.conv1d), (aten.conv2d, F.conv2d), (aten.conv3d, F.conv3d)
-_CONV_T = (aten.conv_transpose1d, F.conv_transpose1d), (aten.conv_transpose2d, F.conv_transpose2d), \
-          (aten.conv_transpose3d, F.conv_transpose3d)
+_CONV_T = ((aten.conv_transpose1d.default, F.conv_transpose1d), (aten.conv_transpose2d.input, F.conv_transpose2d),
+           (aten.conv_transpose3d.input, F.conv_transpose3d))
 _CONV_ARGS = ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
 _CONV_T_ARGS = ("input", "weight", "bias", "stride", "padding", "output_padding", "groups", "dilation")
 
@@ -80,7 +80,7 @@ _FUNCTIONS: dict = {
     aten.linear.default: _call(F.linear, "input", "weight", "bias"),
     **{packet.default: _call(fn, *_CONV_ARGS) for packet, fn in _CONV},
     **{packet.padding: _call(fn, *_CONV_ARGS) for packet, fn in _CONV},
-    **{packet.input: _call(fn, *_CONV_T_ARGS) for packet, fn in _CONV_T},
+    **{op: _call(fn, *_CONV_T_ARGS) for op, fn in _CONV_T},
     aten.relu.default: _call(torch.relu, "self"),
     aten.relu_.default: _call(torch.relu_, "self"),
     aten.relu6.default: _call(F.relu6, "self"),
@@ -184,7 +184,10 @@ def _replacement(node: Node) -> tuple | None:
         return None
     build: Callable | None = _FUNCTIONS.get(node.target)
     if build is not None:
-        return build(_schema_arguments(node))
+        try:
+            return build(_schema_arguments(node))
+        except KeyError as err:
+            raise ValueError(f"actfx: {node.format_node()} lacks the argument {err} its schema requires") from None
     method = _METHODS.get(node.target) or _inplace_method(node.target)
     if method is not None:
         return "call_method", method, tuple(node.args), dict(node.kwargs)

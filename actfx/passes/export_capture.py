@@ -1,0 +1,329 @@
+"""Capture a whole model with torch.export, for models torch.fx cannot trace.
+
+fx's symbolic tracing fails on much real code (Hugging Face transformers v5 dropped support for
+it); ``torch.export(strict=False)`` runs the forward on fake tensors instead and records every
+op. ``export_graph`` exports in train mode with batch and sequence dims dynamic, turns the ATen
+calls back into the functional calls actfx matches (``aten_to_functional``) and returns a
+GraphModule whose forward:
+
+- reads parameters and buffers by the original model's names, so it can run with ``self`` bound
+  to the original module tree (or a clone sharing its tensors); buffer updates (BatchNorm
+  running statistics, ``num_batches_tracked``) are in-place ops in the graph and land in the
+  buffers it reads;
+- takes the model's own arguments and returns the model's own output types (tuples, dicts,
+  dataclasses, Hugging Face ``ModelOutput``): the pytree codegen is kept, with the specs as
+  globals of the generated code rather than attributes of ``self``;
+- checks the guards export recorded (shapes it specialised on, ranges) and raises if violated.
+
+What the code reads from ``self`` that the original model lacks (tensor constants export
+lifted, ``no_grad`` regions as submodules) is listed in ``exported_call(gm).carried``.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.fx import Graph, GraphModule, Node
+from torch.fx.graph import _PyTreeCodeGen
+
+from actfx.passes.aten_to_functional import to_functional
+from actfx.passes.capture import _mode
+
+META_KEY = "actfx_export"
+CARRIED_PREFIX = "_actfx_export_"
+_SPECS_GLOBAL = "_actfx_specs"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Specs:
+    """The in/out pytree specs, as one global of the generated code (fx's codegen would try to
+    import a bare torch TreeSpec by qualified name)."""
+
+    inputs: Any
+    outputs: Any
+
+
+class _GlobalSpecsCodeGen(_PyTreeCodeGen):
+    """fx's pytree codegen, reading the specs from a global instead of ``self._in_spec`` so the
+    generated forward runs with ``self`` bound to any module that has the parameters."""
+
+    def additional_globals(self):
+        info = self.pytree_info
+        return [*super().additional_globals(), (_SPECS_GLOBAL, _Specs(info.in_spec, info.out_spec))]
+
+    def gen_fn_def(self, *args, **kwargs):
+        return super().gen_fn_def(*args, **kwargs).replace("self._in_spec", f"{_SPECS_GLOBAL}.inputs")
+
+    def generate_output(self, *args, **kwargs):
+        return super().generate_output(*args, **kwargs).replace("self._out_spec", f"{_SPECS_GLOBAL}.outputs")
+
+
+class _InputGuard:
+    """Called first in the graph with the flattened inputs: runs the guards export recorded."""
+
+    __name__ = "export_input_guard"
+
+    def __init__(self, guards: nn.Module | None, model_name: str):
+        self.guards, self.model_name = guards, model_name
+
+    def __call__(self, *flat_inputs) -> None:
+        if self.guards is None:
+            return
+        try:
+            self.guards(*flat_inputs)
+        except AssertionError as err:
+            raise RuntimeError(
+                f"actfx: these inputs are outside what torch.export captured for {self.model_name} ({err}); "
+                "check them with exported_call(gm).bind(args, kwargs) and run the original forward "
+                "when it returns None"
+            ) from err
+
+
+@dataclasses.dataclass(frozen=True)
+class _Leaf:
+    """What export saw for one flattened input: a tensor's dtype/device/ndim, or nothing."""
+
+    dtype: torch.dtype | None
+    device: torch.device | None
+    ndim: int | None
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedCall:
+    """How to call an exported graph: which arguments it takes, in which layout, and which
+    attributes its code reads from ``self`` that the original model does not have."""
+
+    model_name: str
+    signature: inspect.Signature  # of the original model's forward
+    positional: tuple  # parameter names export got positionally, in order
+    keywords: tuple  # keyword names export got, in order
+    in_spec: Any
+    leaves: tuple  # _Leaf per flattened input
+    guard: _InputGuard
+    carried: dict  # flat attribute name -> value, to set on the module the forward runs on
+
+    def bind(self, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+        """``(args, kwargs)`` in the layout the exported forward takes, or None when this call
+        needs the original forward: other arguments than at export, another structure, dtype,
+        device or rank, or shapes outside the guards export recorded (a specialised size)."""
+        try:
+            values = _named_arguments(self.signature, args, kwargs)
+        except TypeError:
+            return None
+        if values.keys() != {*self.positional, *self.keywords}:
+            return None
+        args_out = []
+        for n in self.positional:
+            if self.signature.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL:
+                args_out.extend(values[n])
+            else:
+                args_out.append(values[n])
+        call = (tuple(args_out), {k: values[k] for k in self.keywords})
+        flat, spec = pytree.tree_flatten(call)
+        if spec != self.in_spec:
+            return None
+        for value, leaf in zip(flat, self.leaves):
+            if leaf.dtype is not None and not (
+                isinstance(value, torch.Tensor) and value.dtype == leaf.dtype and value.device == leaf.device
+                and value.dim() == leaf.ndim
+            ):
+                return None
+        try:
+            self.guard(*flat)
+        except RuntimeError:
+            return None
+        return call
+
+
+def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
+    """Explicitly passed arguments by parameter name, ``**kwargs`` entries spread out."""
+    bound = signature.bind(*args, **kwargs)
+    values = {}
+    for name, value in bound.arguments.items():
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            values.update(value)
+        else:
+            values[name] = value
+    return values
+
+
+def _positional_names(signature: inspect.Signature, count: int) -> tuple:
+    """The parameters ``count`` positional arguments bind to (``*args`` once, by its name)."""
+    names = []
+    for name, param in signature.parameters.items():
+        if len(names) == count:
+            break
+        if param.kind is inspect.Parameter.VAR_POSITIONAL:
+            names.append(name)
+            break
+        if param.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD):
+            names.append(name)
+    return tuple(names)
+
+
+def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) from a tuple of positional args, a dict of keyword args or an (args, kwargs) pair."""
+    if (isinstance(example_inputs, tuple) and len(example_inputs) == 2
+            and isinstance(example_inputs[0], tuple) and isinstance(example_inputs[1], dict)):
+        return example_inputs
+    if isinstance(example_inputs, tuple):
+        return example_inputs, {}
+    if isinstance(example_inputs, dict):
+        return (), dict(example_inputs)
+    hint = " (wrap a single input as (x,))" if isinstance(example_inputs, torch.Tensor) else ""
+    raise TypeError(
+        "example_inputs must be a tuple of positional arguments, a dict of keyword arguments or an "
+        f"(args, kwargs) pair, got {type(example_inputs).__name__}{hint}"
+    )
+
+
+def _dynamic_dims(value):
+    """Batch and sequence dims (0 and 1) of every tensor leaf left for export to decide."""
+    auto = torch.export.Dim.AUTO
+
+    def dims(leaf):
+        if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
+            return {d: auto for d in range(min(leaf.dim(), 2))}
+        return None
+
+    return pytree.tree_map(dims, value)
+
+
+def _with_explicit_keywords(model: nn.Module, signature: inspect.Signature, bound) -> tuple:
+    """(module to export, its forward's signature).
+
+    torch 2.13's non-strict export counts arguments passed through ``**kwargs`` twice when it
+    matches them with dynamic shapes; for such calls export a clone (sharing every tensor and
+    submodule, so names do not change) whose forward lists them as keyword-only parameters.
+    """
+    var = [p for p in signature.parameters.values() if p.kind is inspect.Parameter.VAR_KEYWORD]
+    if not var or not bound.arguments.get(var[0].name):
+        return model, signature
+    params = [p for p in signature.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY) for k in bound.arguments[var[0].name]]
+    explicit = signature.replace(parameters=params)
+    clone = object.__new__(type(model))
+    clone.__dict__.update({k: copy.copy(v) if isinstance(v, (dict, set)) else v for k, v in model.__dict__.items()})
+    unbound = type(model).forward
+
+    def forward(*args, **kwargs):
+        return unbound(clone, *args, **kwargs)
+
+    forward.__signature__ = explicit
+    object.__setattr__(clone, "forward", forward)
+    return clone, explicit
+
+
+def _resolve(root: nn.Module, target: str):
+    obj = root
+    for part in target.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _on_original(model: nn.Module, target: str) -> bool:
+    try:
+        _resolve(model, target)
+    except AttributeError:
+        return False
+    return True
+
+
+def _carry_foreign_attributes(graph: Graph, unlifted: nn.Module, model: nn.Module) -> dict:
+    """Point get_attr / call_module targets the original model lacks at flat names; their values."""
+    carried: dict = {}
+    for node in graph.nodes:
+        if node.op not in ("get_attr", "call_module") or _on_original(model, node.target):
+            continue
+        name = CARRIED_PREFIX + node.target.replace(".", "_")
+        carried[name] = _resolve(unlifted, node.target)
+        node.target = name
+    return carried
+
+
+def _replace_guards_call(graph: Graph, guard: _InputGuard) -> None:
+    for node in list(graph.nodes):
+        if node.op == "call_module" and node.target == "_guards_fn":
+            with graph.inserting_before(node):
+                call = graph.call_function(guard, node.args, node.kwargs)
+            call.meta["val"] = None
+            node.replace_all_uses_with(call)
+            graph.erase_node(node)
+
+
+def _leaves(graph: Graph) -> tuple:
+    out = []
+    for node in graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor):
+            out.append(_Leaf(val.dtype, val.device, val.dim()))
+        else:
+            out.append(_Leaf(None, None, None))
+    return tuple(out)
+
+
+def export_graph(model: nn.Module, example_inputs) -> GraphModule:
+    """``model``'s train-mode forward as a GraphModule (see the module docstring).
+
+    Raises RuntimeError when torch.export cannot capture the model (data-dependent control
+    flow, unsupported output types, ...).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"export_graph expects a torch.nn.Module, got {type(model).__name__}")
+    args, kwargs = split_example_inputs(example_inputs)
+    name = type(model).__name__
+    signature = inspect.signature(model.forward)
+    try:
+        bound = signature.bind(*args, **kwargs)
+    except TypeError as err:
+        raise TypeError(f"actfx: example_inputs do not fit {name}.forward{signature}: {err}") from None
+    target, signature_used = _with_explicit_keywords(model, signature, bound)
+    dynamic = {param: _dynamic_dims(value)
+               for param, value in signature_used.bind(*args, **kwargs).arguments.items()}
+    with _mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
+        try:
+            ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
+        except Exception as err:  # export raises many kinds; all mean "could not capture"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise RuntimeError(
+                f"actfx: torch.export could not capture {name}: {first}; convert without "
+                "example_inputs to convert submodule by submodule"
+            ) from err
+    unlifted = ep.module()
+    graph = unlifted.graph
+    guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)
+    _replace_guards_call(graph, guard)
+    carried = _carry_foreign_attributes(graph, unlifted, model)
+    for attr, value in carried.items():
+        object.__setattr__(unlifted, attr, value)
+    to_functional(graph)
+    info = graph._codegen.pytree_info
+    graph.set_codegen(_GlobalSpecsCodeGen(info))
+    gm = GraphModule(unlifted, graph, f"Exported{name}")
+    positional = _positional_names(signature, len(args))
+    gm.meta[META_KEY] = ExportedCall(name, signature, positional, tuple(kwargs), info.in_spec, _leaves(graph),
+                                     guard, carried)
+    return gm
+
+
+def exported_call(gm: GraphModule) -> ExportedCall:
+    """The calling facts ``export_graph`` recorded for ``gm``."""
+    try:
+        return gm.meta[META_KEY]
+    except KeyError:
+        raise ValueError("this GraphModule was not made by actfx.passes.export_capture.export_graph") from None
+
+
+def forward_from_graph(gm: GraphModule):
+    """``forward(self, *args, **kwargs)`` compiled from ``gm``'s graph, ``self`` being the module
+    that holds the parameters (the original model, or a converted clone) and carried attributes."""
+    code = gm.graph.python_code(root_module="self")
+    scope = dict(code.globals)
+    exec(compile(code.src, f"<actfx export {gm.__class__.__name__}>", "exec"), scope)  # noqa: S102 - fx-generated
+    return scope["forward"]

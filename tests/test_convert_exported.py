@@ -1,0 +1,77 @@
+"""actfx.convert(model, example_inputs=...) on a model fx cannot trace: captured with torch.export."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import actfx
+from actfx.accounting import count_saved
+from test_export_capture import LMOutput, TinyLM, _lm_inputs
+
+
+def build():
+    torch.manual_seed(0)
+    model = TinyLM(vocab=32, dim=64, heads=4).train()
+    ids, mask = _lm_inputs(2, 5)
+    converted = actfx.convert(model, bits=8, example_inputs=((ids,), {"attention_mask": mask}))
+    return model, converted
+
+
+def test_same_parameters_state_dict_and_output_types():
+    model, converted = build()
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(converted.parameters(), model.parameters()))
+    ids, mask = _lm_inputs(3, 9)  # other batch and sequence sizes than the export saw
+    for training in (True, False):
+        model.train(training)
+        converted.train(training)
+        torch.manual_seed(1)
+        expected = model(ids, attention_mask=mask)
+        torch.manual_seed(1)
+        got = converted(ids, attention_mask=mask)
+        assert isinstance(got, LMOutput)
+        assert torch.equal(got.logits, expected.logits)
+
+
+def test_training_step_saves_packed_values_and_gradients_are_close():
+    model, converted = build()
+    ids, mask = _lm_inputs(4, 16)
+    grads, held = [], []
+    for m in (model, converted):
+        m.zero_grad(set_to_none=True)
+        torch.manual_seed(3)
+        with count_saved(m) as saved:
+            out = m(ids, attention_mask=mask)
+        held.append(saved.activation_bytes)
+        out.logits.square().mean().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters() if p.grad is not None]))
+    assert held[1] < held[0] / 2.5, held  # 8 bits here; far more saved at 2 bits
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.05
+    kinds = {d.kind for d in converted._actfx_record.decisions}
+    assert {"linear", "layer_norm", "sdpa"} <= kinds
+
+
+def test_eval_and_no_grad_run_the_original_forward():
+    model, converted = build()
+    ids, mask = _lm_inputs(2, 5)
+    converted.eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
+
+
+def test_hugging_face_gpt2_tiny():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 128, (2, 12))
+    converted = actfx.convert(model, bits=8, example_inputs=(ids,))
+    torch.manual_seed(0)
+    expected = model(ids).logits
+    torch.manual_seed(0)
+    got = converted(ids)
+    assert type(got) is type(model(ids))
+    assert torch.equal(got.logits, expected)
+    got.logits.square().mean().backward()
