@@ -211,3 +211,10 @@ def test_uncovered_ops_run_as_they_are_and_are_reported():
     model = Wrap(lambda s, x: torch.cumprod(s.lin(x), dim=-1), lin=nn.Linear(8, 8))
     converted = check(model, torch.randn(4, 8) * 0.1 + 1.0)
     assert [u.what for u in converted._actfx_record.uncovered] == ["cumprod"]
+
+
+def test_addmm_with_a_weight_is_a_linear():
+    """GPT-2's Conv1D: torch.addmm(bias, x, weight)."""
+    model = Wrap(lambda s, x: torch.addmm(s.lin.bias, x.view(-1, 32), s.lin.weight.t()).view(4, 16, 16),
+                 lin=nn.Linear(32, 16))
+    check(model, torch.randn(4, 16, 32), kinds=["linear"])

@@ -124,6 +124,19 @@ def _linear_site(node, path, x, weight, bias):
     return Site(node, "linear", path, [x], emit)
 
 
+def _addmm(node):
+    """``addmm(bias, x, w)`` (GPT-2's Conv1D) is ``F.linear(x, w.t(), bias)``, bit for bit."""
+    a = bind("addmm", node.args, node.kwargs)
+    if a is None or a["beta"] != 1 or a["alpha"] != 1:
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        weight = graph.call_method("t", (_env(env, a["mat2"]),))
+        return graph.call_function(linear.linear, (specs[0], weight, _env(env, a["input"]), *runs[0])), {}
+
+    return Site(node, "linear", None, [a["mat1"]], emit)
+
+
 # ---------------------------------------------------------------- batch norm
 
 def _batch_norm_module(node, path, m):
@@ -566,6 +579,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
         t = node.target
         if t in _CONV_FUNCS:
             return _conv_functional(node)
+        if t in (torch.addmm, torch.ops.aten.addmm.default):
+            return _addmm(node)
         if t is F.linear:
             a = bind("linear", node.args, node.kwargs)
             return a and _linear_site(node, None, a["input"], a["weight"], a["bias"])
