@@ -73,23 +73,23 @@ def convert(model, bits: int = 2, *, group_size: int = 256, config: Config | Non
         result = _convert_exported(model, example_inputs, config, record)
         result._actfx_record = record
         return result
-    result = _convert(model, "", config, tuple(leaf_modules), record, is_root=True)
+    result = _convert(model, "", config, tuple(leaf_modules), record)
     if not is_converted(result):
         # Nothing at the root traced: keep its own forward, with converted children.
         cls = _converted_class(type(model), {True: type(model).forward})
-        result = _clone(result, cls, True)
+        result = _clone(result, cls)
     result._actfx_record = record
     return result
 
 
-def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple, record: ConversionRecord,
-             is_root: bool = False) -> nn.Module:
+def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
+             record: ConversionRecord) -> nn.Module:
     leaf_types, leaf_paths = split_leaf_modules(leaf_modules, path)
     try:
         graphs = trace(module, leaf_types, leaf_paths)
     except Exception as err:  # fx raises many kinds; any of them means "does not trace"
-        return _convert_children(module, path, config, leaf_modules, record, err, is_root)
-    new = _from_graphs(module, graphs, path, config, record, is_root)
+        return _convert_children(module, path, config, leaf_modules, record, err)
+    new = _from_graphs(module, graphs, path, config, record)
     # Declared leaves stay as calls in this graph; convert them as units of their own.
     for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
         _replace(new, child_path, _convert(module.get_submodule(child_path),
@@ -126,7 +126,7 @@ def find_site_type(module: nn.Module):
     return find_site(node, {SELF_ATTR: module})
 
 
-def _convert_children(module, path, config, leaf_modules, record, err, is_root):
+def _convert_children(module, path, config, leaf_modules, record, err):
     if find_site_type(module) is not None:
         return _convert_leaf(module, path, config, record)
     reason = f"fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
@@ -137,7 +137,7 @@ def _convert_children(module, path, config, leaf_modules, record, err, is_root):
         converted = _convert(child, child_path, config, leaf_modules, record)
         if converted is not child:
             if new is None:
-                new = _clone(module, type(module), is_root)
+                new = _clone(module, type(module))
             new._modules[name] = converted
     return new if new is not None else module
 
@@ -150,7 +150,7 @@ def _convert_leaf(module, path, config, record):
     x = graph.placeholder("input")
     graph.output(graph.call_module(SELF_ATTR, (x,)))
     gm = GraphModule(holder, graph)
-    new = _from_graphs(module, {True: gm}, path, config, record, is_root=False, self_attr=True)
+    new = _from_graphs(module, {True: gm}, path, config, record, self_attr=True)
     return new
 
 
@@ -180,7 +180,7 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
                 return train_forward(self, *bound[0], **bound[1])
         return base_forward(self, *args, **kwargs)
 
-    new = _attach_seed(_clone(model, _converted_class(type(model), {True: forward}), True), "", model)
+    new = _attach_seed(_clone(model, _converted_class(type(model), {True: forward})), "", model)
     for name, value in call.carried.items():
         object.__setattr__(new, name, value)
     return new
@@ -193,7 +193,7 @@ def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:
     return new
 
 
-def _from_graphs(module, graphs, path, config, record, is_root, self_attr=False) -> nn.Module:
+def _from_graphs(module, graphs, path, config, record, self_attr=False) -> nn.Module:
     forwards, rewritten = {}, {}
     for training, gm in graphs.items():
         graph, decisions, uncovered = rewrite_graph(gm, config, path)
@@ -205,7 +205,7 @@ def _from_graphs(module, graphs, path, config, record, is_root, self_attr=False)
         rewritten[training] = graph
     record.graphs[path] = rewritten
     cls = _converted_class(type(module), forwards)
-    new = _attach_seed(_clone(module, cls, is_root), path, module)
+    new = _attach_seed(_clone(module, cls), path, module)
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)
     # Tensor constants fx lifted from the forward live on the traced module.
@@ -250,7 +250,7 @@ def _converted_class(base: type, forwards: dict) -> type:
     return type(f"Actfx{base.__name__}", (base,), attrs)
 
 
-def _clone(module: nn.Module, cls: type, is_root: bool) -> nn.Module:
+def _clone(module: nn.Module, cls: type) -> nn.Module:
     """A new module of class ``cls`` sharing the original's Parameters, buffers and children.
 
     Container dicts are fresh so later changes to one object's module tree do not leak into
@@ -259,10 +259,8 @@ def _clone(module: nn.Module, cls: type, is_root: bool) -> nn.Module:
     new = object.__new__(cls)
     state = dict(module.__dict__)
     for key, value in list(state.items()):
-        if isinstance(value, dict):
-            state[key] = type(value)(value) if not isinstance(value, type(None)) else value
-        elif isinstance(value, set):
-            state[key] = set(value)
+        if isinstance(value, (dict, set)):
+            state[key] = type(value)(value)
     new.__dict__.update(state)
     new.__dict__.pop("_actfx_record", None)
     return new
@@ -273,8 +271,7 @@ def _replace(root: nn.Module, path: str, new_child: nn.Module) -> None:
     parent = root.get_submodule(parent_path) if parent_path else root
     if parent is not root and not is_converted(parent):
         # Never write into the user's own submodules: clone the chain of parents first.
-        grand_path, _, parent_name = parent_path.rpartition(".")
-        clone = _clone(parent, type(parent), False)
+        clone = _clone(parent, type(parent))
         _replace(root, parent_path, clone)
         parent = clone
     parent._modules[name] = new_child

@@ -244,3 +244,56 @@ def test_in_place_edit_of_a_saved_input_raises_the_usual_error():
     x.mul_(2)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         y.sum().backward()
+
+
+class _DataDependent(torch.nn.Module):
+    """Branches on a tensor value: fx cannot trace the root, its children convert on their own."""
+
+    def __init__(self):
+        super().__init__()
+        self.block = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8),
+                                         torch.nn.ReLU(inplace=True))
+        self.norm = torch.nn.BatchNorm2d(8, momentum=None)
+        self.head = torch.nn.Linear(8 * 16 * 16, 10)
+
+    def forward(self, x):
+        h = self.block(x)
+        if h.mean() > 0:
+            h = h * 2
+        return self.head(self.norm(h).flatten(1))
+
+
+def test_untraceable_model_is_converted_submodule_by_submodule():
+    torch.manual_seed(0)
+    model = _DataDependent()
+    x = torch.randn(4, 3, 16, 16)
+    converted = actfx.convert(model, bits=2)
+    record = converted._actfx_record
+    assert any(u.path == "<root>" and "fx could not trace" in u.reason for u in record.uncovered)
+    assert {"conv", "batch_norm", "relu", "linear"} <= {d.kind for d in record.decisions}
+    assert model.block is not converted.block  # the user's submodules are not modified
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    with count_saved(converted) as packed:
+        got = converted(x)
+    assert torch.equal(got, expected)
+    with count_saved(model) as baseline:
+        kept = model(x)  # noqa: F841
+    assert packed.activation_bytes < baseline.activation_bytes / 4
+    got.sum().backward()
+
+
+def test_declared_leaf_modules_are_converted_as_units():
+    model, x = build("resnet_basic")
+    from model_families import BasicBlock
+
+    converted = actfx.convert(model, bits=8, leaf_modules=(BasicBlock,))
+    torch.manual_seed(2)
+    expected = model(x)
+    torch.manual_seed(2)
+    assert torch.equal(converted(x), expected)
+    paths = {d.module_path for d in converted._actfx_record.decisions}
+    assert any(p and p.startswith("layers.0") for p in paths)
+    with pytest.raises(TypeError, match="leaf_modules"):
+        actfx.convert(model, leaf_modules=(3,))

@@ -41,18 +41,19 @@ class Decision:
     saved: list  # one description per value its backward needs
 
 
-def describe(spec: tuple, sources: list[str]) -> str:
+def describe(spec: tuple) -> str:
+    """A short human description of a storage spec, for show()."""
     kind = spec[0]
     if kind == "packed":
         return f"packed {spec[1]}-bit"
     if kind == "masked":
-        return "rebuilt: 1-bit mask x " + describe(spec[-1], sources)
+        return "rebuilt: 1-bit mask x " + describe(spec[-1])
     if kind == "affine":
-        return "affine of " + describe(spec[-1], sources)
+        return "affine of " + describe(spec[-1])
     if kind == "reshape":
-        return "reshape of " + describe(spec[-1], sources)
+        return "reshape of " + describe(spec[-1])
     if kind == "sum":
-        return "sum of (" + describe(spec[1], sources) + ") and (" + describe(spec[2], sources) + ")"
+        return "sum of (" + describe(spec[1]) + ") and (" + describe(spec[2]) + ")"
     if kind == "shape":
         return "shape only"
     return "kept exact"
@@ -207,7 +208,7 @@ class _Rewriter:
             a, b = extras["affine"]
             self.affine[node] = (a, b, specs[0], runs[0])
         self.decisions.append(Decision(node.name, site.kind, self._path(site),
-                                       [describe(spec, []) for spec in specs]))
+                                       [describe(spec) for spec in specs]))
 
 
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:

@@ -11,16 +11,8 @@ import operator
 
 import torch
 
-from actfx.variants.common import cast_grad, refuse_double_backward
+from actfx.variants.common import refuse_double_backward
 from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
-
-
-def _reduce_to(grad, like):
-    if not isinstance(like, torch.Tensor):
-        return None
-    if grad.shape != like.shape:
-        grad = grad.sum_to_size(like.shape)
-    return cast_grad(grad, like)
 
 
 class _Product(torch.autograd.Function):
