@@ -66,8 +66,8 @@ def test_block_saves_at_least_90_percent_of_float_bytes_packed(name):
     assert not converted._actfx_record.uncovered, converted._actfx_record.uncovered
 
 
-@pytest.mark.parametrize("name", ["gpt_tiny", "llama_tiny"])
-def test_reference_language_models(name):
+@pytest.mark.parametrize("name", ["gpt_tiny", "llama_tiny", "vit_tiny"])
+def test_reference_transformers(name):
     torch.manual_seed(0)
     model = build_model(name)
     tokens = get_model_spec(name).example_input(4)
