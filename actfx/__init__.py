@@ -7,7 +7,8 @@
 from actfx.config import Config
 from actfx.convert import convert, is_converted
 from actfx.format import PackedTensor, pack
+from actfx.show import show
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "PackedTensor", "convert", "is_converted", "pack", "__version__"]
+__all__ = ["Config", "PackedTensor", "convert", "is_converted", "pack", "show", "__version__"]

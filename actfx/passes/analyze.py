@@ -9,8 +9,8 @@ Storages are counted once, by the first node that saves them; a later node savin
 storage records whose it is ("shared with"). Storages of parameters and buffers are counted
 apart (they are alive anyway). Each node's result goes to ``node.meta["actfx_saved"]``.
 
-One pass measures an original model (traced here, in train mode, as ``convert`` traces it) and a converted one
-(its rewritten graphs, from the conversion record), so the two totals compare like with like.
+One pass measures an original model (traced here in train mode, as ``convert`` traces it) and a
+converted one (its rewritten graphs, from the conversion record), so the two compare like with like.
 The model is never modified: parameters and buffers are swapped for fake twins with
 ``torch.func.functional_call``, host-side attributes the graph reads are copied before use, and
 the train/eval flags, set to train for the run, are put back.
@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import weakref
 
 import torch
 import torch.nn as nn
@@ -82,6 +83,7 @@ class Measurement:
 
     nodes: list  # NodeSaved, in execution order
     output_bytes: int  # the model's outputs (held by the caller until the loss is computed)
+    graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # module path -> Graph it ran
 
     @property
     def activation_bytes(self) -> int:
@@ -103,14 +105,24 @@ class Measurement:
 # ---------------------------------------------------------------- recording
 
 
+class _Held:
+    """What the pack hook hands autograd: alive exactly as long as a graph keeps the tensor."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor):
+        self.tensor = tensor
+
+
 class _Recorder:
-    """The saved-tensor hook: dedups storages and charges each to the node now running."""
+    """The saved-tensor hooks: note each saved tensor against the node now running; ``finish``
+    then keeps those a graph still holds (a graph built and dropped inside forward, like a
+    module's throwaway replay, holds nothing) and counts each storage once, for its first saver."""
 
     def __init__(self, parameter_storages: set):
         self.parameter_storages = parameter_storages
-        self.first: dict[int, NodeSaved] = {}  # storage -> the node that saved it first
-        self.alive: list = []  # the storages seen, so no key is reused by a later allocation
-        self.counted: set[int] = set()
+        self.saved: list = []  # (entry, weakref to the _Held, storage key, SavedTensor)
+        self.storages: list = []  # every storage seen, kept so no key is reused by a later one
         self.nodes: list[NodeSaved] = []
         self.current: NodeSaved | None = None
 
@@ -123,22 +135,38 @@ class _Recorder:
         finally:
             self.current = outer
 
-    def pack(self, t: torch.Tensor) -> torch.Tensor:
+    def pack(self, t: torch.Tensor) -> _Held:
         entry = self.current
         if entry is None:  # saved outside any node (a forward hook, say): still counted
             entry = NodeSaved("<outside graph>", "", "", "", None)
             self.nodes.append(entry)
             self.current = entry
         storage = t.untyped_storage()
-        key = storage._cdata  # one per storage, fake or real, while it is alive (autograd keeps it)
-        first = self.first.setdefault(key, entry)
-        entry.tensors.append(SavedTensor(
-            tuple(t.shape), t.dtype, storage.nbytes(), key in self.parameter_storages,
-            shared_with=None if first is entry else first.label, counted=key not in self.counted,
-        ))
-        self.counted.add(key)
-        self.alive.append(storage)
-        return t
+        key = storage._cdata  # one per storage, fake or real, while it is alive
+        held = _Held(t)
+        saved = SavedTensor(tuple(t.shape), t.dtype, storage.nbytes(), key in self.parameter_storages)
+        self.saved.append((entry, weakref.ref(held), key, saved))
+        self.storages.append(storage)
+        return held
+
+    @staticmethod
+    def unpack(held: _Held) -> torch.Tensor:
+        return held.tensor
+
+    def finish(self) -> None:
+        """Call while the forward's outputs are alive."""
+        owners: dict = {}
+        for entry, held, key, saved in self.saved:
+            if held() is None:
+                continue
+            if key in owners:
+                saved.counted = False
+                if owners[key] is not entry:
+                    saved.shared_with = owners[key].label
+            else:
+                owners[key] = entry
+            entry.tensors.append(saved)
+        self.saved.clear()
 
     def note_outputs(self, entry: NodeSaved, value) -> None:
         entry.output_bytes = max(entry.output_bytes, _largest_tensor_bytes(value))
@@ -150,7 +178,8 @@ def _largest_tensor_bytes(value) -> int:
     return max(sizes, default=0)
 
 
-def _target_name(node: Node, root: nn.Module) -> str:
+def target_name(node: Node, root: nn.Module) -> str:
+    """A readable op name: the module's class for call_module, else the function or method name."""
     if node.op == "call_module":
         try:
             return type(root.get_submodule(node.target)).__name__
@@ -159,7 +188,7 @@ def _target_name(node: Node, root: nn.Module) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _module_path(node: Node, graph_path: str) -> str | None:
+def module_path(node: Node, graph_path: str) -> str | None:
     """The innermost module the node ran in, from the model's root."""
     if node.op == "call_module":
         inner = node.target
@@ -189,7 +218,7 @@ class _Attributing(Interpreter):
     def run_node(self, n: Node):
         if n.op not in CALLS:
             return super().run_node(n)
-        entry = NodeSaved(n.name, self.path, n.op, _target_name(n, self.module), _module_path(n, self.path), node=n)
+        entry = NodeSaved(n.name, self.path, n.op, target_name(n, self.module), module_path(n, self.path), node=n)
         n.meta[META_KEY] = entry
         with self.recorder.running(entry):
             result = super().run_node(n)
@@ -213,16 +242,33 @@ class _Attributing(Interpreter):
         return copy.copy(value)  # host-side state (a seed counter): the dry run must not touch it
 
 
-def _training_graphs(module: nn.Module) -> dict[str, Graph]:
+def _training_graphs(module: nn.Module, like: nn.Module | None = None) -> dict[str, Graph]:
     """Graph to interpret per module path: a converted model's rewritten training graphs, or
-    this model traced the way ``convert`` traces it; {} when it does not trace (runs whole)."""
+    the original's, traced by ``trace_like``."""
     record = getattr(module, "_actfx_record", None)
     if record is not None:
         return {path: graphs[True] for path, graphs in record.graphs.items()}
-    try:
-        return {"": trace(module)[True].graph}
-    except Exception:  # noqa: BLE001 - fx raises many kinds; any of them means "run it whole"
-        return {}
+    like_record = getattr(like, "_actfx_record", None)
+    if like_record is not None and "" not in like_record.graphs:
+        return {}  # the converted root runs whole, so the original does too (charged per module)
+    return trace_like(module, like)
+
+
+def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Graph]:
+    """Training graphs of an unconverted ``module``, traced the way ``convert`` traced ``like``
+    (the module paths that got graphs of their own get them here too; the rest is inlined), or
+    at the root. A module that does not trace gets no graph (it runs whole)."""
+    like_record = getattr(like, "_actfx_record", None)
+    paths = list(like_record.graphs) if like_record is not None else [""]
+    graphs = {}
+    for path in paths:
+        inner = frozenset(q[len(path) + 1:] if path else q for q in paths
+                          if q != path and (not path or q.startswith(path + ".")))
+        try:
+            graphs[path] = trace(module.get_submodule(path) if path else module, (), inner)[True].graph
+        except Exception:  # noqa: BLE001 - fx raises many kinds; any of them means "run it whole"
+            continue
+    return graphs
 
 
 @contextlib.contextmanager
@@ -259,20 +305,16 @@ class _Twins:
         return self.made[id(t)][1]
 
 
-def fake_inputs(mode: FakeTensorMode, specs) -> list:
-    """Fake tensors of the given (shape, dtype) pairs, for ``measure``."""
-    with mode:
-        return [torch.empty(shape, dtype=dtype, device="cpu") for shape, dtype in specs]
-
-
 def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
-            dtype: torch.dtype | None = None) -> Measurement:
+            dtype: torch.dtype | None = None, like: nn.Module | None = None) -> Measurement:
     """Run ``module`` (original or converted) forward on fake tensors in train mode with grad
     enabled, and return what backward would keep, node by node.
 
     ``inputs``: a tensor or a sequence of positional inputs; real, meta or fake tensors (only
     their shapes and dtypes matter; fake ones must come from ``mode``). ``dtype`` stands in for
     ``module.to(dtype)``: floating parameters, buffers and inputs are taken in that dtype.
+    ``like``: the converted version of ``module``; the original is then traced in the same
+    pieces, so the two measurements line up node for node (``actfx.breakdown``).
     """
     if not isinstance(module, nn.Module):
         raise TypeError(f"measure expects a torch.nn.Module, got {type(module).__name__}")
@@ -280,7 +322,7 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
         inputs = (inputs,)
     mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
     twin = _Twins(mode, dtype)
-    graphs = _training_graphs(module)  # traced outside the fake mode
+    graphs = _training_graphs(module, like)  # traced outside the fake mode
     state = {name: twin(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
     args = [twin(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x for x in inputs]
     if dtype is not None:
@@ -289,9 +331,10 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
     recorder = _Recorder({t.untyped_storage()._cdata for t in state.values()})
     runner = _Runner(module, graphs, recorder, twin)
     with _train_mode(module), mode, torch.enable_grad(), \
-            torch.autograd.graph.saved_tensors_hooks(recorder.pack, lambda t: t):
+            torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
         out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args))
-    return Measurement(recorder.nodes, _total_tensor_bytes(out))
+        recorder.finish()
+    return Measurement(recorder.nodes, _total_tensor_bytes(out), graphs)
 
 
 def _total_tensor_bytes(value) -> int:

@@ -1,0 +1,219 @@
+"""Before -> after, op by op: what a converted model saves for backward next to what the original saved.
+
+One row per op of the original graph. The nodes the rewrite emitted for an op (packs of its
+inputs, its variant calls, their unpacking) are found with ``actfx.passes.provenance`` and
+their measured bytes summed into the op's row; the original op's own measurement is "before".
+Where the rewrite cannot be replayed (a model converted with declared leaf modules), each op
+of the rewritten graph is its own row, without "before". Where the model's root has no graph
+at all, both runs charged modules, and rows are modules. In every case the rows add up to the
+measured totals.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import operator
+
+import torch
+import torch.nn as nn
+from torch.fx import Graph
+
+from actfx.convert import is_converted
+from actfx.passes.analyze import CALLS, Measurement, NodeSaved, module_path, target_name, trace_like
+from actfx.passes.provenance import provenance
+from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR
+
+_VARIANTS = "actfx.variants."
+_PLUMBING = "actfx.variants.packing"  # seed and pack calls: they feed variants and save nothing
+_MASK_KINDS = {"relu": "1-bit mask", "leaky_relu": "1-bit mask", "hardtanh": "1-bit mask",
+               "dropout": "1-bit mask", "max_pool": "compact indices"}
+
+
+@dataclasses.dataclass
+class Row:
+    """One op of the converted model: what its backward keeps, before and after conversion."""
+
+    node: str  # the original node's name (prefixed "path:" inside a converted submodule)
+    op: str  # module class or function name, as in the original graph
+    module_path: str | None
+    covered: bool  # actfx put a compressed-save variant in its place
+    kind: str = ""  # "packed 2-bit", "1-bit mask", "shared with X", "parameter", "not covered", ...
+    before_bytes: int | None = None  # activation bytes it was first to keep (None: not measured)
+    after_bytes: int | None = None
+    before: list = dataclasses.field(default_factory=list)  # "float32[8, 64, 56, 56]" per saved tensor
+    after: list = dataclasses.field(default_factory=list)
+    shared_with: list = dataclasses.field(default_factory=list)  # rows that kept the same storage first
+    reason: str | None = None  # why it is not covered
+
+    def as_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def original_of(model: nn.Module) -> nn.Module:
+    """The model as it was before ``actfx.convert``: a shallow view that shares every Parameter,
+    buffer and unconverted submodule with ``model`` and runs the original forwards. Nothing is
+    modified; converted modules are viewed as instances of the class they were made from."""
+    if not any(is_converted(m) for m in model.modules()):
+        return model
+    view = copy.copy(model)
+    if is_converted(model):
+        view.__class__ = type(model).__bases__[0]
+        for attr in (SEED_STATE, SELF_ATTR, "_actfx_record"):
+            view.__dict__.pop(attr, None)
+        view._buffers = {k: v for k, v in model._buffers.items() if k != SEED_BUFFER}
+    view._modules = {name: None if child is None else original_of(child) for name, child in model._modules.items()}
+    return view
+
+
+def breakdown(model: nn.Module, before: Measurement | None = None, after: Measurement | None = None) -> list[Row]:
+    """Rows for a converted ``model``; ``before``/``after``: measurements of the original and of
+    ``model`` (``actfx.passes.analyze.measure``), or None to list the ops without bytes."""
+    record = getattr(model, "_actfx_record", None)
+    if record is None:
+        raise TypeError("breakdown expects a model returned by actfx.convert")
+    if after is not None and "" not in record.graphs:
+        found = _module_rows(record, before, after)
+    else:
+        found = _op_rows(model, record, before, after)
+    names = {e.label: row.node for row, _, entries, _, _ in found for e in entries}
+    for row, path, entries, orig, decisions in found:
+        merged = _merge(entries, row.node)
+        row.kind = _kind(record, row, path, merged, orig, decisions, names, measured=after is not None)
+        if row.kind == "not covered":
+            row.reason = _reason(record, row, path)
+        if after is not None:
+            row.after_bytes = merged.activation_bytes
+            row.after = [_describe(t, names) for t in merged.tensors]
+            row.shared_with = sorted({names.get(n, n) for n in merged.shared_with} - {row.node})
+        if orig is not None:
+            row.before_bytes = orig.activation_bytes
+            row.before = [_describe(t, {}) for t in orig.tensors]
+        if row.covered and after is not None and row.after_bytes >= (row.before_bytes or 0) > 0 and not any(
+                t.dtype == torch.uint8 and t.counted for t in merged.tensors):
+            row.kind = "kept exact (too small to pack)"  # the variant packs nothing below min_numel
+    return [row for row, *_ in found]
+
+
+# ------------------------------------------- rows, as (row, graph path, after entries, before entry, decisions)
+
+
+def _op_rows(model, record, before, after) -> list:
+    measured = {id(e.node): e for e in after.nodes if e.node is not None} if after else {}
+    originals = {(e.graph_path, e.name): e for e in before.nodes if e.node is not None} if before else {}
+    traced = before.graphs if before is not None else trace_like(original_of(model), model)
+    found = []
+    for path, graphs in record.graphs.items():
+        graph = graphs[True]
+        prov = provenance(graph, traced[path].owning_module, record.config, path) if path in traced else None
+        if prov is None:
+            found += _rewritten_op_rows(path, graph, measured, model.get_submodule(path) if path else model)
+            continue
+        groups: dict = {}
+        for node in graph.nodes:
+            source = prov.sources.get(node)
+            if source in prov.ops and node.op in CALLS:
+                groups.setdefault(source, []).append(node)
+        for source, nodes in groups.items():
+            op, where = prov.ops[source]
+            decision = prov.decisions.get(source)
+            row = Row(f"{path}:{source}" if path else source, op, where, decision is not None)
+            entries = [measured[id(n)] for n in nodes if id(n) in measured]
+            orig = originals.get((path, source))
+            found.append((row, path, entries, orig, [decision] if decision else []))
+    placed = {id(e) for _, _, entries, _, _ in found for e in entries}
+    for entry in after.nodes if after else ():  # anything no row holds
+        if id(entry) not in placed and entry.tensors:
+            found.append((Row(entry.label, entry.target, entry.module_path, False), entry.graph_path,
+                          [entry], None, []))
+    return found
+
+
+def _rewritten_op_rows(path: str, graph: Graph, measured: dict, root: nn.Module) -> list:
+    """Without provenance: each variant call and each op left as it was is a row of its own."""
+    found = []
+    for node in graph.nodes:
+        where = getattr(node.target, "__module__", None) or "" if node.op == "call_function" else ""
+        if node.op not in CALLS or node.target is operator.getitem or where == _PLUMBING:
+            continue
+        covered = where.startswith(_VARIANTS)
+        row = Row(f"{path}:{node.name}" if path else node.name, target_name(node, root), module_path(node, path), covered)
+        found.append((row, path, [measured[id(node)]] if id(node) in measured else [], None, []))
+    return found
+
+
+def _module_rows(record, before: Measurement | None, after: Measurement) -> list:
+    """The root had no graph, so both runs charged modules: one row per module of the converted
+    run. A converted module runs as one piece, so the original's entries for its submodules are
+    summed into it (the longest path the converted run has)."""
+    paths = {e.module_path for e in after.nodes}
+    merged: dict = {}
+    for orig in before.nodes if before else ():
+        path = orig.module_path
+        while path not in paths and path:
+            path = path.rpartition(".")[0] or None
+        entry = merged.setdefault(path, NodeSaved(orig.name, "", orig.op, orig.target, path))
+        if orig.module_path == path:
+            entry.name, entry.target = orig.name, orig.target
+        entry.tensors.extend(orig.tensors)
+    found = []
+    for entry in after.nodes:
+        orig = merged.get(entry.module_path)
+        decisions = [d for d in record.decisions if d.module_path == entry.module_path or (
+            entry.module_path and (d.module_path or "").startswith(entry.module_path + "."))]
+        covered = entry.module_path in record.graphs and bool(decisions)
+        row = Row(entry.label, orig.target if orig is not None else entry.target, entry.module_path, covered)
+        found.append((row, entry.module_path or "", [entry], orig, decisions))
+    return found
+
+
+# ---------------------------------------------------------------- descriptions
+
+
+def _merge(entries: list, name: str) -> NodeSaved:
+    merged = NodeSaved(name, "", "", "", None)
+    for e in entries:
+        merged.tensors.extend(e.tensors)
+    return merged
+
+
+def _describe(t, names: dict) -> str:
+    text = f"{str(t.dtype).removeprefix('torch.')}{list(t.shape)}"
+    if t.parameter:
+        return text + " (parameter)"
+    if t.shared_with:
+        return text + f" (= {names.get(t.shared_with, t.shared_with)})"
+    return text if t.counted else text + " (again)"
+
+
+def _kind(record, row: Row, path: str, after: NodeSaved, orig: NodeSaved | None, decisions: list,
+          names: dict, measured: bool) -> str:
+    if measured:
+        kept = [t for e in (after, orig) if e is not None for t in e.tensors]
+        if not kept:
+            return "nothing saved"
+        if all(t.parameter for t in kept):
+            return "parameter"
+    if not measured and not row.covered and row.module_path != path and row.module_path in record.graphs:
+        return "nothing saved"  # the call of a module converted on its own: its ops have rows
+    if not row.covered:
+        listed = any(item.path in (row.module_path, "<root>") and item.what == row.op for item in record.uncovered)
+        return "not covered" if measured or listed else "nothing saved"
+    others = sorted({names.get(n, n) for n in after.shared_with} - {row.node})
+    if after.tensors and after.activation_bytes == 0 and others:
+        return "shared with " + ", ".join(others)
+    if not decisions:
+        return "covered"
+    kinds = [text for d in decisions for text in (d.saved or [_MASK_KINDS.get(d.kind, "nothing saved")])]
+    return ", ".join(dict.fromkeys(kinds))
+
+
+def _reason(record, row: Row, graph_path: str) -> str:
+    """Why an op that saves activations is left as it is, from the conversion record."""
+    for item in record.uncovered:
+        if item.what == row.op and item.path in (row.module_path, graph_path or "<root>"):
+            return item.reason
+    inside = [f"{item.what}: {item.reason}" for item in record.uncovered if item.path == row.module_path]
+    if inside:
+        return "; ".join(dict.fromkeys(inside))
+    return "no compressed-save variant for this op: runs as is"

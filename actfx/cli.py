@@ -1,0 +1,269 @@
+"""The ``actfx`` command: ``report`` (training memory before/after, largest batch), ``show`` (op by op),
+``models`` (the built-in names).
+
+Bad input (an unknown spec, an import error, a factory that raises, a malformed shape, invalid
+bits or GPU) ends with one line that says what is wrong and how to fix it, and exit code 2;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+import time
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from actfx.config import check_bits
+from actfx.dryrun import STEPS, StageError, dry_run
+from actfx.models import list_models
+from actfx.report import GPUS, OPTIMIZER_STATES, gpu_capacity, static_costs
+from actfx.specs import SpecError, resolve
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+INPUT_DTYPES = {**DTYPES, "long": torch.long, "int64": torch.long, "int32": torch.int32}
+
+
+class UsageError(ValueError):
+    """Bad command-line input; the message says how to fix it."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit 2, instead of usage + message
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="actfx", description="Dry-run memory reports for actfx: no GPU, no real batch.")
+    sub = parser.add_subparsers(dest="command", metavar="{report,show,models}", parser_class=_Parser)
+    sub.required = True
+
+    def common(p, shape_required):
+        p.add_argument("spec", help="built-in name (actfx models), torchvision:NAME, timm:NAME, "
+                                    "transformers:TYPE, path/to/file.py:factory or package.module:attr")
+        p.add_argument("--input-shape", required=shape_required, metavar="B,C,H,W",
+                       help="input shape with the batch first, e.g. 64,3,224,224 or 8,512")
+        p.add_argument("--input-dtype", metavar="DTYPE",
+                       help=f"input dtype: {', '.join(INPUT_DTYPES)} (default: the model's, else --dtype)")
+        p.add_argument("--dtype", default="float32", metavar="DTYPE",
+                       help="dtype parameters and activations are held in: float32, bfloat16, float16")
+        p.add_argument("--bits", default="2", help="bits per saved activation: 1, 2, 4 or 8 (default 2)")
+        p.add_argument("--debug", action="store_true", help="show tracebacks")
+
+    report = sub.add_parser("report", help="activation and peak training memory, baseline vs actfx")
+    common(report, True)
+    report.add_argument("--gpu", metavar="NAME", help=f"GPU for the largest-batch estimate: {', '.join(GPUS)}")
+    report.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory instead of --gpu, e.g. 16GiB or 24GB")
+    report.add_argument("--optimizer", default="adamw", metavar="NAME",
+                        help=f"optimizer whose state to count: {', '.join(OPTIMIZER_STATES)} (default adamw)")
+    report.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    report.add_argument("--top", default="10", metavar="N", help="layers to list (default 10)")
+
+    show = sub.add_parser("show", help="each op: what backward saves, before -> after")
+    common(show, False)
+
+    models = sub.add_parser("models", help="list the built-in models")
+    models.add_argument("--debug", action="store_true", help=argparse.SUPPRESS)
+    return parser
+
+
+# ---------------------------------------------------------------- argument checks
+
+
+def _shape(text: str | None) -> tuple | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(part) for part in text.replace("x", ",").split(","))
+    except ValueError:
+        shape = ()
+    if not shape or any(d <= 0 for d in shape):
+        raise UsageError(f"--input-shape {text!r} is not a shape; write positive sizes with the batch "
+                         "first, separated by commas, e.g. 64,3,224,224")
+    return shape
+
+
+def _int(text: str, flag: str, low: int = 1) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise UsageError(f"{flag} must be an integer, got {text!r}") from None
+    if value < low:
+        raise UsageError(f"{flag} must be at least {low}, got {value}")
+    return value
+
+
+def _choice(text: str, table: dict, flag: str):
+    if text.lower() not in table:
+        raise UsageError(f"{flag} {text!r} is not supported; use one of {', '.join(table)}")
+    return table[text.lower()]
+
+
+def _bits(text: str) -> int:
+    try:
+        return check_bits(int(text))
+    except (ValueError, TypeError):
+        raise UsageError(f"--bits {text!r} is not supported; use 1, 2, 4 or 8") from None
+
+
+# ---------------------------------------------------------------- commands
+
+
+@dataclasses.dataclass(frozen=True)
+class _Options:
+    shape: tuple | None
+    dtype: torch.dtype
+    input_dtype: torch.dtype | None  # None: the model's own, else dtype
+    bits: int
+    capacity: int | None = None
+    optimizer: str = "adamw"
+    top: int = 10
+
+
+def _options(args) -> _Options:
+    """Every flag checked before anything is imported or built, so bad input fails fast."""
+    options = _Options(
+        shape=_shape(args.input_shape),
+        dtype=_choice(args.dtype, DTYPES, "--dtype"),
+        input_dtype=_choice(args.input_dtype, INPUT_DTYPES, "--input-dtype") if args.input_dtype else None,
+        bits=_bits(args.bits),
+    )
+    if args.command != "report":
+        return options
+    try:
+        capacity = gpu_capacity(args.gpu, args.gpu_memory)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    optimizer = _choice(args.optimizer, {k: k for k in OPTIMIZER_STATES}, "--optimizer")
+    return dataclasses.replace(options, capacity=capacity, optimizer=optimizer, top=_int(args.top, "--top"))
+
+
+def _dry_run(args, options: _Options, err_console: Console):
+    spec = resolve(args.spec)
+    shape = options.shape
+    if shape is not None and spec.input_shape is not None and len(shape) != len(spec.input_shape) + 1:
+        sample = ", ".join(map(str, spec.input_shape))
+        raise UsageError(f"--input-shape {args.input_shape} has {len(shape)} sizes but {args.spec} takes "
+                         f"[batch, {sample}]; e.g. --input-shape 8,{sample.replace(' ', '')}")
+    input_dtype = options.input_dtype
+    if input_dtype is None:
+        input_dtype = spec.input_dtype if spec.input_dtype not in (None, torch.float32) else options.dtype
+    steps = STEPS if shape is not None else STEPS[:2]
+    with _progress(err_console, steps) as step:
+        return dry_run(spec, shape, input_dtype, bits=options.bits, step=step,
+                       dtype=None if options.dtype == torch.float32 else options.dtype)
+
+
+@contextlib.contextmanager
+def _progress(console: Console, steps: tuple):
+    """A bar over the dry run's steps on a terminal (gone when done); nothing on a pipe."""
+    if not console.is_terminal:
+        yield lambda name: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task(steps[0], total=len(steps))
+
+        def step(name):
+            if name != steps[0]:
+                progress.advance(task)
+            progress.update(task, description=name)
+
+        yield step
+        progress.advance(task)
+
+
+def _report(args, console: Console, err_console: Console, started: float) -> int:
+    from actfx.report_view import render, summarize
+
+    options = _options(args)
+    run = _dry_run(args, options, err_console)
+    costs = static_costs(run.model, options.optimizer, run.dtype)
+    summary = summarize(run, costs, spec=args.spec, bits=options.bits, optimizer=options.optimizer, gpu=args.gpu,
+                        capacity=options.capacity, top=options.top, seconds=time.perf_counter() - started)
+    render(summary, console)
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(summary, f, indent=1)
+        except OSError as err:
+            raise UsageError(f"cannot write --json {args.json!r}: {err.strerror}; pick a writable path") from None
+        console.print(f"wrote {args.json}", highlight=False)
+    return 0
+
+
+def _show(args, console: Console, err_console: Console, started: float) -> int:
+    from actfx.show import render
+
+    options = _options(args)
+    run = _dry_run(args, options, err_console)
+    totals = (run.before.activation_bytes, run.after.activation_bytes) if run.after is not None else None
+    render(run.rows, console, title=f"actfx show: {args.spec}, {options.bits}-bit", totals=totals)
+    console.print(f"done in {time.perf_counter() - started:.1f} s", highlight=False)
+    return 0
+
+
+def _models(args, console: Console) -> int:
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False, header_style="bold" if console.is_terminal else "")
+    for column in ("name", "input (one sample)", "description"):
+        table.add_column(column)
+    for spec in list_models():
+        dtype = "token ids" if spec.vocab_size is not None else "float"
+        table.add_row(spec.name, f"{list(spec.input_shape)} {dtype}", spec.description)
+    console.print(table)
+    return 0
+
+
+def main(argv=None) -> int:
+    """Entry point of the ``actfx`` script; returns the exit code (0, or 2 for bad input)."""
+    started = time.perf_counter()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv
+    console = Console(highlight=False) if Console().is_terminal else Console(width=200, no_color=True, highlight=False)
+    err_console = Console(stderr=True)
+    try:
+        with _quiet(debug):
+            return _dispatch(argv, console, err_console, started)
+    except (UsageError, SpecError, StageError) as err:
+        if debug:
+            raise
+        print(f"actfx: error: {err}" + (" (--debug shows the traceback)" if isinstance(err, StageError) else ""),
+              file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+@contextlib.contextmanager
+def _quiet(debug: bool):
+    """Fake-tensor dispatch logs a traceback before raising on a shape error; the one-line error
+    says it better (``--debug`` keeps it)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    if not debug:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _dispatch(argv, console, err_console, started) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "models":
+        return _models(args, console)
+    if args.command == "report":
+        return _report(args, console, err_console, started)
+    return _show(args, console, err_console, started)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

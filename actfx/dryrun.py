@@ -1,0 +1,74 @@
+"""The dry run behind ``actfx report`` and ``actfx show``: build, convert, measure both, on fake tensors.
+
+Nothing is allocated at the requested size and nothing runs on a GPU: the model is built on the
+meta device where it allows it, inputs are meta tensors, and both forwards run on fake tensors
+(``actfx.passes.analyze``). Each stage is a named step so callers can show progress.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+import actfx
+from actfx.breakdown import Row, breakdown
+from actfx.passes.analyze import Measurement, measure
+from actfx.specs import ResolvedSpec, SpecError, build
+
+STEPS = ("building the model", "converting", "measuring the original", "measuring actfx")
+
+
+class StageError(RuntimeError):
+    """A stage failed on the user's model or input; ``stage`` names it, the cause is chained."""
+
+    def __init__(self, stage: str, err: BaseException):
+        super().__init__(f"{stage} failed: {type(err).__name__}: {_first_line(err)}")
+        self.stage = stage
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+@dataclasses.dataclass
+class DryRun:
+    model: nn.Module
+    converted: nn.Module
+    inputs: tuple
+    dtype: torch.dtype | None
+    before: Measurement | None
+    after: Measurement | None
+    rows: list  # Row
+
+
+def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dtype, *, bits: int,
+            dtype: torch.dtype | None = None, step: Callable[[str], None] = lambda name: None) -> DryRun:
+    """Build ``spec``, convert it at ``bits`` and measure both forwards on one batch of
+    ``input_shape`` (no measuring when it is None: the rows then list ops without bytes)."""
+    step(STEPS[0])
+    model = _stage(STEPS[0], lambda: build(spec))
+    step(STEPS[1])
+    converted = _stage(STEPS[1], lambda: actfx.convert(model, bits=bits))
+    inputs = () if input_shape is None else (torch.empty(input_shape, dtype=input_dtype, device="meta"),)
+    before = after = None
+    if input_shape is not None:
+        step(STEPS[2])
+        before = _stage(f"running {spec.text} on input {list(input_shape)}",
+                        lambda: measure(model, inputs, dtype=dtype, like=converted))
+        step(STEPS[3])
+        after = _stage(f"running converted {spec.text}", lambda: measure(converted, inputs, dtype=dtype))
+    rows: list[Row] = breakdown(converted, before, after)
+    return DryRun(model, converted, inputs, dtype, before, after, rows)
+
+
+def _stage(name: str, fn):
+    try:
+        return fn()
+    except (StageError, SpecError):
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's code can raise anything; name the stage
+        raise StageError(name, err) from err

@@ -1,0 +1,133 @@
+"""actfx/cli.py: `actfx report`, `actfx show`, `actfx models`, and one-line errors for bad input."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from actfx.accounting import count_saved
+from actfx.cli import main
+from actfx.models import build_model
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_report_writes_the_numbers_it_prints(capsys, tmp_path):
+    path = tmp_path / "report.json"
+    code, out, _ = run(capsys, "report", "resnet18", "--input-shape", "2,3,64,64", "--gpu", "t4",
+                       "--optimizer", "sgd", "--top", "3", "--json", str(path))
+    assert code == 0
+    data = json.loads(path.read_text())
+    for key in ("activation_bytes_baseline", "activation_bytes_actfx", "param_bytes", "peak_bytes_baseline",
+                "peak_bytes_actfx", "max_batch_baseline", "max_batch_actfx", "nodes"):
+        assert key in data, key
+    assert data["param_bytes"] == sum(p.numel() * 4 for p in build_model("resnet18").parameters())
+    assert data["activation_bytes_actfx"] < data["activation_bytes_baseline"]
+    assert data["peak_bytes_actfx"] < data["peak_bytes_baseline"]
+    assert data["max_batch_actfx"] > data["max_batch_baseline"] > 0
+    assert sum(n["before_bytes"] for n in data["nodes"]) == data["activation_bytes_baseline"]
+    assert sum(n["after_bytes"] for n in data["nodes"]) == data["activation_bytes_actfx"]
+    assert len(data["layers"]) == 3
+    assert "peak training memory" in out and "largest batch on t4" in out and "done in" in out
+    assert data["layers"][0]["layer"] in out
+
+
+def test_report_baseline_matches_a_real_step(capsys, tmp_path):
+    """The dry run's baseline against the bytes a real CPU step keeps (same input, same model)."""
+    path = tmp_path / "r.json"
+    assert run(capsys, "report", "resnet20", "--input-shape", "4,3,32,32", "--json", str(path))[0] == 0
+    model = build_model("resnet20")
+    with count_saved(model) as real:
+        out = model(torch.randn(4, 3, 32, 32))
+    del out
+    assert json.loads(path.read_text())["activation_bytes_baseline"] == pytest.approx(real.activation_bytes, rel=0.10)
+
+
+def test_token_models_take_integer_inputs(capsys, tmp_path):
+    path = tmp_path / "gpt.json"
+    code, _, _ = run(capsys, "report", "gpt_tiny", "--input-shape", "2,128", "--gpu-memory", "8GiB",
+                     "--dtype", "bfloat16", "--json", str(path))
+    assert code == 0
+    data = json.loads(path.read_text())
+    assert data["input_dtype"] == "int64" and data["dtype"] == "bfloat16"
+    assert data["param_bytes"] == sum(p.numel() * 2 for p in build_model("gpt_tiny").parameters())
+
+
+def test_show_lists_ops(capsys):
+    code, out, _ = run(capsys, "show", "resnet20", "--input-shape", "2,3,32,32", "--bits", "4")
+    assert code == 0
+    assert "packed 4-bit" in out and "1-bit mask" in out and "activations kept for backward" in out
+
+
+def test_models_lists_the_builtins(capsys):
+    code, out, _ = run(capsys, "models")
+    assert code == 0
+    for name in ("resnet18", "resnet50", "resnet152", "resnet56", "mobilenet_v2", "vit_b_16", "gpt2", "llama_small"):
+        assert name in out
+
+
+def test_a_file_spec_and_a_module_spec(capsys, tmp_path):
+    (tmp_path / "net.py").write_text(textwrap.dedent("""
+        import torch.nn as nn
+
+        class Net(nn.Sequential):
+            def __init__(self):
+                super().__init__(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+    """))
+    assert run(capsys, "report", f"{tmp_path / 'net.py'}:Net", "--input-shape", "8,16")[0] == 0
+    assert run(capsys, "report", "actfx.models:resnet20", "--input-shape", "2,3,32,32")[0] == 0
+
+
+BAD = {
+    "unknown spec": (["report", "resnt50", "--input-shape", "2,3,32,32"], "did you mean 'resnet50'"),
+    "missing hub": (["report", "nosuchhub.models:net", "--input-shape", "2"], "cannot import"),
+    "no attribute": (["report", "actfx.models:nothing_here", "--input-shape", "2"], "has no attribute"),
+    "no file": (["report", "missing/net.py:Net", "--input-shape", "2"], "no such file"),
+    "malformed shape": (["report", "resnet20", "--input-shape", "2,three,32,32"], "not a shape"),
+    "wrong rank": (["report", "resnet20", "--input-shape", "2,3,32"], "takes [batch, 3, 32, 32]"),
+    "shape the model rejects": (["report", "mlp", "--input-shape", "2,5,5,5"], "running mlp on input [2, 5, 5, 5] failed"),
+    "bits": (["report", "resnet20", "--input-shape", "2,3,32,32", "--bits", "3"], "use 1, 2, 4 or 8"),
+    "gpu": (["report", "resnet20", "--input-shape", "2,3,32,32", "--gpu", "k80"], "unknown GPU 'k80'"),
+    "gpu memory": (["report", "resnet20", "--input-shape", "2,3,32,32", "--gpu-memory", "lots"], "16GiB"),
+    "both gpu flags": (["report", "resnet20", "--input-shape", "2,3,32,32", "--gpu", "t4", "--gpu-memory", "8GB"],
+                       "not both"),
+    "optimizer": (["report", "resnet20", "--input-shape", "2,3,32,32", "--optimizer", "lion"], "sgd, adam, adamw"),
+    "dtype": (["report", "resnet20", "--input-shape", "2,3,32,32", "--dtype", "float8"], "--dtype 'float8'"),
+    "no shape": (["report", "resnet20"], "--input-shape"),
+    "unknown command": (["frobnicate"], "invalid choice"),
+}
+
+
+@pytest.mark.parametrize("argv, expected", BAD.values(), ids=BAD.keys())
+def test_bad_input_is_one_line_and_exit_code_2(capsys, argv, expected):
+    code, out, err = run(capsys, *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("actfx: error: ")
+    assert expected in err
+    assert "Traceback" not in err + out
+
+
+def test_a_factory_that_raises(capsys, tmp_path):
+    (tmp_path / "broken.py").write_text("def make():\n    raise RuntimeError('weights not found')\n")
+    code, _, err = run(capsys, "report", f"{tmp_path / 'broken.py'}:make", "--input-shape", "2,3")
+    assert code == 2 and "building the model failed: RuntimeError: weights not found" in err
+    with pytest.raises(Exception, match="weights not found"):
+        main(["report", f"{tmp_path / 'broken.py'}:make", "--input-shape", "2,3", "--debug"])
+
+
+def test_a_real_process():
+    """`python -m actfx.cli` as a user runs it: plain text on a pipe, nothing on stderr."""
+    done = subprocess.run([sys.executable, "-m", "actfx.cli", "report", "resnet20", "--input-shape", "8,3,32,32",
+                           "--gpu", "v100-16"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "largest batch on v100-16" in done.stdout and "\x1b[" not in done.stdout
+    assert done.stderr == ""

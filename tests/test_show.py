@@ -1,0 +1,163 @@
+"""actfx/show.py and actfx/breakdown.py: rows op by op, before -> after, rendered for people."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+import torch
+import torch.nn as nn
+from rich.console import Console
+
+import actfx
+from actfx.breakdown import original_of
+from actfx.models import build_model
+from actfx.passes.analyze import measure
+
+
+def plain_console():
+    return Console(file=io.StringIO(), width=200)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    model = build_model("resnet18")
+    return model, actfx.convert(model, bits=2), torch.randn(2, 3, 64, 64)
+
+
+def test_rows_add_up_to_the_measured_totals(resnet):
+    model, converted, x = resnet
+    rows = actfx.show(converted, x, console=plain_console())
+    assert sum(r["before_bytes"] for r in rows) == measure(model, x).activation_bytes
+    assert sum(r["after_bytes"] for r in rows) == measure(converted, x).activation_bytes
+    assert all(r["before_bytes"] is not None for r in rows)  # every op paired with the original's
+
+
+def test_rows_say_how_each_value_is_kept(resnet):
+    _, converted, x = resnet
+    rows = {r["node"]: r for r in actfx.show(converted, x, console=plain_console())}
+    assert rows["conv1"]["kind"] == "packed 2-bit" and rows["conv1"]["op"] == "Conv2d"
+    assert rows["relu"]["kind"] == "1-bit mask"
+    assert rows["maxpool"]["kind"] == "compact indices"
+    assert rows["flatten"]["kind"] == "nothing saved"
+    # A stride-2 block: conv1 reads the same packed input as the downsample conv.
+    assert rows["layer2_0_conv1"]["kind"] == "shared with layer2_0_downsample_0"
+    assert rows["layer2_0_conv1"]["after_bytes"] == 0
+    assert rows["bn1"]["after_bytes"] < rows["bn1"]["before_bytes"] / 10
+    assert any("(parameter)" in text for text in rows["conv1"]["after"])
+
+
+class Unlisted(nn.Module):
+    """An op actfx has no variant for is still measured, and reported with the reason."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(32, 32)
+
+    def forward(self, x):
+        return torch.cumprod(self.proj(x), dim=-1)
+
+
+def test_uncovered_ops_are_measured_and_explained():
+    converted = actfx.convert(Unlisted())
+    console = plain_console()
+    rows = {r["node"]: r for r in actfx.show(converted, torch.randn(4, 32), console=console)}
+    assert rows["cumprod"]["kind"] == "not covered"
+    assert rows["cumprod"]["after_bytes"] == rows["cumprod"]["before_bytes"] > 0
+    assert rows["cumprod"]["reason"]
+    text = console.file.getvalue()
+    assert "1 op not covered" in text and "cumprod" in text and rows["cumprod"]["reason"] in text
+
+
+def test_plain_text_when_not_a_terminal_and_colour_in_one(resnet):
+    _, converted, x = resnet
+    plain = plain_console()
+    actfx.show(converted, x, console=plain)
+    text = plain.file.getvalue()
+    assert "\x1b[" not in text and "╭" not in text
+    assert "layer1_0_conv1" in text and "activations kept for backward" in text
+    assert "layer1: " in text  # the module tree, as indented lines
+    terminal = Console(file=io.StringIO(), width=200, force_terminal=True)
+    actfx.show(converted, x, console=terminal)
+    assert "\x1b[" in terminal.file.getvalue()
+
+
+def test_without_inputs_the_ops_are_listed_without_bytes(resnet):
+    _, converted, _ = resnet
+    console = plain_console()
+    rows = actfx.show(converted, console=console)
+    assert rows and all(r["before_bytes"] is None and r["after_bytes"] is None for r in rows)
+    assert {r["kind"] for r in rows} >= {"packed 2-bit", "1-bit mask"}
+    assert "bytes: unknown" in console.file.getvalue()
+
+
+def test_shapes_recorded_on_the_graph_stand_in_for_inputs():
+    converted = actfx.convert(build_model("gpt_tiny"))
+    placeholder = next(n for n in converted._actfx_record.graphs[""][True].nodes if n.op == "placeholder")
+    placeholder.meta["val"] = torch.empty(2, 128, dtype=torch.long, device="meta")
+    rows = actfx.show(converted, console=plain_console())
+    assert sum(r["after_bytes"] for r in rows) == measure(converted, torch.zeros(2, 128, dtype=torch.long)).activation_bytes
+
+
+def test_show_wants_a_converted_model():
+    with pytest.raises(TypeError, match=r"actfx\.show\(actfx\.convert\(model\)"):
+        actfx.show(nn.Linear(2, 2))
+
+
+def test_original_of_is_a_view_of_the_unconverted_model(resnet):
+    model, converted, x = resnet
+    view = original_of(converted)
+    assert type(view) is type(model) and not actfx.is_converted(view)
+    assert all(a is b for a, b in zip(view.parameters(), model.parameters()))
+    assert list(view.state_dict()) == list(model.state_dict())
+    assert actfx.is_converted(converted) and hasattr(converted, "_actfx_record")  # left as it was
+    model.eval(), view.eval()
+    torch.testing.assert_close(view(x), model(x), rtol=0, atol=0)
+    model.train()
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return torch.sigmoid(self.fc(x)) * x
+
+
+class WithLeaves(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.head = Block(), Block(), nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(self.b(self.a(x)))
+
+
+class Looping(nn.Module):
+    """fx cannot trace a loop over a tensor's length: converted piece by piece, measured per module."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.act = nn.Linear(256, 256), nn.GELU()
+
+    def forward(self, x):
+        for _ in range(x.shape[0]):
+            x = self.act(self.proj(x))
+        return x
+
+
+@pytest.mark.parametrize("make, kwargs, x", [
+    (WithLeaves, {"leaf_modules": [Block]}, torch.randn(32, 64)),
+    (Looping, {}, torch.randn(8, 256)),
+], ids=["declared-leaves", "untraceable-root"])
+def test_models_converted_in_pieces_still_pair_up(make, kwargs, x):
+    torch.manual_seed(0)
+    model = make()
+    converted = actfx.convert(model, **kwargs)
+    rows = actfx.show(converted, x, console=plain_console())
+    assert sum(r["before_bytes"] or 0 for r in rows) == measure(model, x).activation_bytes
+    assert sum(r["after_bytes"] for r in rows) == measure(converted, x).activation_bytes
+    saving = [r for r in rows if r["after_bytes"]]
+    assert saving and all(r["before_bytes"] is not None for r in saving)
