@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import operator
 
-import torch
 from torch.fx import Graph, GraphModule, Node
 
 from actfx.config import Config

@@ -1,0 +1,39 @@
+"""What the rewrite needs to know about one op it has a variant for: the ``Site``.
+
+Each ``site_*`` module recognises a family of ops (in module, functional and method form) and
+returns a Site: the op's kind, the inputs whose values its backward needs (the rewrite decides
+how each is stored), and how to emit the variant call into the new graph.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+from torch.fx import Graph, Node
+
+
+@dataclasses.dataclass
+class Site:
+    node: Node
+    kind: str
+    module_path: str | None
+    saved: list  # fx args (Nodes or constants) whose values backward needs, in variant order
+    emit: Callable  # (graph, env, specs, runs) -> (out node, extras)
+    exact: tuple = ()  # positions in `saved` always kept exact (a division's denominator)
+    shape_only: tuple = ()  # positions whose backward needs only the shape
+    inplace_on: Node | None = None  # the input this op writes into, if any
+    source: Node | None = None  # a ReLU-like op's input (its output is mask * input)
+
+
+def _get(graph: Graph, path: str, attr: str | None = None) -> Node | None:
+    return graph.get_attr(f"{path}.{attr}" if attr else path)
+
+
+def _bias_node(graph, path, module):
+    return _get(graph, path, "bias") if getattr(module, "bias", None) is not None else None
+
+
+def _env(env, value):
+    return torch.fx.node.map_arg(value, lambda n: env[n])

@@ -1,0 +1,110 @@
+"""Sites for ReLU-family activations and dropout (exact 1-bit masks) and max pooling
+(compact indices)."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from actfx.passes.signatures import bind
+from actfx.passes.site import Site, _env, _get
+from actfx.variants import masks, pool
+
+
+# ---------------------------------------------------------------- ReLU family and dropout
+
+def _relu_like_site(node, path, kind, x, inplace, params, slope):
+    def emit(graph, env, specs, runs, pack=None):
+        call = graph.call_function(masks.relu_like, (kind, inplace, params, env[x]))
+        out, mask = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
+        return out, {"mask": (mask, slope, kind == "relu" or kind == "leaky_relu")}
+
+    return Site(node, kind, path, [], emit, inplace_on=x if inplace else None, source=x)
+
+
+def _dropout_site(node, path, x, p, training, inplace, module=False):
+    def emit(graph, env, specs, runs, pack=None):
+        if module:
+            call = graph.call_function(masks.dropout_module, (_get(graph, path), env[x]))
+        else:
+            call = graph.call_function(masks.dropout, (_env(env, p), _env(env, training), inplace, env[x]))
+        return graph.call_function(operator.getitem, (call, 0)), {}
+
+    return Site(node, "dropout", path, [], emit, inplace_on=x if inplace else None)
+
+
+_RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
+
+
+def _relu_functional(node):
+    target = node.target
+    if target in (F.relu6,):
+        a = bind("relu", node.args, node.kwargs)
+        return a and _relu_like_site(node, None, "hardtanh", a["input"], a["inplace"], (0.0, 6.0), None)
+    if target in (F.hardtanh, F.hardtanh_):
+        a = bind("hardtanh", node.args, node.kwargs)
+        inplace = a and (a["inplace"] or target is F.hardtanh_)
+        return a and _relu_like_site(node, None, "hardtanh", a["input"], inplace,
+                                     (float(a["min_val"]), float(a["max_val"])), None)
+    if target in (F.leaky_relu, F.leaky_relu_):
+        a = bind("leaky_relu", node.args, node.kwargs)
+        inplace = a and (a["inplace"] or target is F.leaky_relu_)
+        return a and _relu_like_site(node, None, "leaky_relu", a["input"], inplace,
+                                     (float(a["negative_slope"]),), float(a["negative_slope"]))
+    a = bind("relu", node.args, node.kwargs)
+    if a is None:
+        return None
+    return _relu_like_site(node, None, "relu", a["input"], a["inplace"] or _RELU_FUNCS[target], (), None)
+
+
+def _relu_module(node, path, m):
+    x = node.args[0]
+    if isinstance(m, nn.ReLU):
+        return _relu_like_site(node, path, "relu", x, m.inplace, (), None)
+    if isinstance(m, nn.LeakyReLU):
+        s = float(m.negative_slope)
+        return _relu_like_site(node, path, "leaky_relu", x, m.inplace, (s,), s)
+    return _relu_like_site(node, path, "hardtanh", x, m.inplace, (float(m.min_val), float(m.max_val)), None)
+
+
+# ---------------------------------------------------------------- pooling
+
+_MAX_POOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
+_ADAPTIVE_MAX_FUNCS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
+
+
+def _max_pool_site(node, path, nd, x, args, adaptive=False):
+    def emit(graph, env, specs, runs, pack=None):
+        fn = pool.adaptive_max_pool if adaptive else pool.max_pool
+        return graph.call_function(fn, (nd, *_env(env, args), env[x])), {}
+
+    return Site(node, "max_pool", path, [], emit)
+
+
+def _max_pool_module(node, path, m):
+    if m.return_indices or len(node.args) != 1:
+        return None
+    if isinstance(m, nn.modules.pooling._AdaptiveMaxPoolNd):
+        nd = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}[type(m)]
+        return _max_pool_site(node, path, nd, node.args[0], (m.output_size,), adaptive=True)
+    nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(m)]
+    stride = m.stride if m.stride is not None else m.kernel_size
+    return _max_pool_site(node, path, nd, node.args[0],
+                          (m.kernel_size, stride, m.padding, m.dilation, m.ceil_mode))
+
+
+def _max_pool_functional(node):
+    if node.target in _ADAPTIVE_MAX_FUNCS:
+        a = bind("adaptive_max_pool", node.args, node.kwargs)
+        if a is None or a["return_indices"]:
+            return None
+        return _max_pool_site(node, None, _ADAPTIVE_MAX_FUNCS[node.target], a["input"], (a["output_size"],), True)
+    a = bind("max_pool", node.args, node.kwargs)
+    if a is None or a["return_indices"]:
+        return None
+    stride = a["stride"] if a["stride"] is not None and a["stride"] != [] else a["kernel_size"]
+    return _max_pool_site(node, None, _MAX_POOL_FUNCS[node.target], a["input"],
+                          (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]))

@@ -1,0 +1,88 @@
+"""Sites for attention and products of activations: SDPA, softmax, nn.MultiheadAttention /
+TransformerEncoderLayer (recomputed modules), mul / div / matmul."""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+from actfx.passes.signatures import bind
+from actfx.passes.site import Site, _get
+from actfx.passes.site_elementwise import _recompute_site, _template
+from actfx.variants import module_recompute, products, softmax
+
+
+# ---------------------------------------------------------------- attention
+
+def _sdpa(node):
+    """F.scaled_dot_product_attention: q, k, v packed (Config.op_bits["sdpa"], 8 by default),
+    backward recomputes attention from them (replaying dropout); the mask is kept exact."""
+    a = bind("sdpa", node.args, node.kwargs)
+    if a is None:
+        return None
+    dropout = a["dropout_p"]
+    replay = isinstance(dropout, Node) or dropout != 0.0
+    args = (a["query"], a["key"], a["value"])
+    kwargs = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")}
+    site = _recompute_site(node, None, "sdpa", F.scaled_dot_product_attention, args, kwargs, replay_rng=replay)
+    if site is not None and isinstance(a["attn_mask"], Node):
+        site.exact = (site.saved.index(a["attn_mask"]),)
+    return site
+
+
+def _softmax_site(node, path, x, dim, dtype):
+    def emit(graph, env, specs, runs, pack=None):
+        y = graph.call_function(softmax.softmax_forward, (env[x], dim, dtype))
+        spec, run = pack(y, node)
+        return graph.call_function(softmax.softmax, (spec, dim, dtype, env[x], *run)), {"packed_output": (spec, run)}
+
+    return Site(node, "softmax", path, [], emit)
+
+
+def _softmax_functional(node, method=False):
+    a = bind("softmax", node.args, node.kwargs)
+    if a is None or a["dim"] is None or isinstance(a["dim"], Node):
+        return None
+    return _softmax_site(node, None, a["input"], a["dim"], a["dtype"])
+
+
+_RECOMPUTED_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+
+
+def _module_recompute_site(node, path, m):
+    args_t, kwargs_t, nodes = _template(node.args, node.kwargs)
+    exact = tuple(i for i, n in enumerate(nodes) if n not in node.args[:3])  # masks and flags stay exact
+
+    def emit(graph, env, specs, runs, pack=None):
+        flat = [n for run in runs for n in run]
+        static = (args_t, kwargs_t, tuple(specs))
+        return graph.call_function(module_recompute.recompute_module, (_get(graph, path), static, *flat)), {}
+
+    return Site(node, "attention" if isinstance(m, nn.MultiheadAttention) else "transformer_layer", path, nodes,
+                emit, exact=exact)
+
+
+# ---------------------------------------------------------------- products
+
+def _product_site(node, op, a, b):
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(products.product, (op, tuple(specs), *runs[0], *runs[1])), {}
+
+    return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else ())
+
+
+_PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+                  torch.true_divide: "div", operator.matmul: "matmul", torch.matmul: "matmul",
+                  torch.bmm: "matmul"}
+_PRODUCT_METHODS = {"mul": "mul", "div": "div", "true_divide": "div", "matmul": "matmul", "bmm": "matmul"}
+
+
+def _product(node, op):
+    a = bind("div" if op == "div" else "binary", node.args, node.kwargs)
+    if a is None or a.get("rounding_mode") is not None:
+        return None
+    return _product_site(node, op, a["input"], a["other"])

@@ -1,0 +1,118 @@
+"""Sites for ops whose backward is re-derived from packed inputs (element-wise activations,
+log-softmax, pow/rsqrt/exp...) and linear pools that need only their input's shape."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+from actfx.passes.site import Site
+from actfx.variants.recompute import SLOT, make_recompute_variant
+
+
+# ---------------------------------------------------------------- recompute-from-packed-input ops
+
+def _template(args, kwargs):
+    """Replace Node arguments by slot markers; returns (args template, kwargs template, nodes)."""
+    nodes: list = []
+
+    def mark(n):
+        nodes.append(n)
+        return (SLOT, len(nodes) - 1)
+
+    args_t = torch.fx.node.map_arg(tuple(args), mark)
+    kwargs_t = tuple((k, torch.fx.node.map_arg(v, mark)) for k, v in kwargs.items())
+    return args_t, kwargs_t, nodes
+
+
+def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False):
+    kwargs = dict(kwargs)
+    if "inplace" in kwargs:
+        inplace = inplace or bool(kwargs["inplace"])
+        kwargs["inplace"] = False
+    if inplace and not (args and isinstance(args[0], Node)):
+        return None
+    args_t, kwargs_t, nodes = _template(args, kwargs)
+    variant = _RECOMPUTE_VARIANTS[fn]
+
+    def emit(graph, env, specs, runs, pack=None):
+        flat = [n for run in runs for n in run]
+        static = (args_t, kwargs_t, tuple(specs), inplace) + ((True,) if replay_rng else ())
+        return graph.call_function(variant, (static, *flat)), {}
+
+    site = Site(node, kind, path, nodes, emit, inplace_on=args[0] if inplace else None)
+    if shape_only:
+        site.shape_only = (0,)
+    return site
+
+
+# Element-wise and normalisation ops: function -> (kind, takes `inplace`)
+_ELEMENTWISE = {
+    F.silu: "silu", F.gelu: "gelu", torch.sigmoid: "sigmoid", F.sigmoid: "sigmoid", torch.tanh: "tanh",
+    F.tanh: "tanh", F.hardswish: "hardswish", F.hardsigmoid: "hardsigmoid", F.mish: "mish",
+    F.elu: "elu", F.selu: "selu", F.celu: "celu", F.softplus: "softplus", F.logsigmoid: "logsigmoid",
+    F.log_softmax: "log_softmax", torch.pow: "pow", torch.rsqrt: "rsqrt", torch.exp: "exp",
+    torch.log: "log", torch.sqrt: "sqrt", torch.sin: "sin", torch.cos: "cos", F.scaled_dot_product_attention: "sdpa",
+    torch.log_softmax: "log_softmax", F.normalize: "normalize",
+}
+_ELEMENTWISE_METHODS = {name: getattr(torch.Tensor, name) for name in
+                        ("sigmoid", "tanh", "log_softmax", "pow", "rsqrt", "exp", "log", "sqrt", "sin", "cos")}
+_SHAPE_ONLY = {F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
+               F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
+               F.adaptive_avg_pool3d: "adaptive_avg_pool"}
+_RECOMPUTE_VARIANTS = {
+    fn: make_recompute_variant(fn, kind)
+    for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(),
+                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items())]
+}
+
+
+def _module_as_call(node, path, m):
+    """Modules that are one functional call: returns a recompute Site."""
+    x = node.args[0] if node.args else None
+    if x is None or len(node.args) != 1 or node.kwargs:
+        return None
+
+    table = {
+        nn.SiLU: lambda: (F.silu, (x,), {"inplace": m.inplace}),
+        nn.GELU: lambda: (F.gelu, (x,), {"approximate": getattr(m, "approximate", "none")}),
+        nn.Sigmoid: lambda: (torch.sigmoid, (x,), {}),
+        nn.Tanh: lambda: (torch.tanh, (x,), {}),
+        nn.Hardswish: lambda: (F.hardswish, (x,), {"inplace": getattr(m, "inplace", False)}),
+        nn.Hardsigmoid: lambda: (F.hardsigmoid, (x,), {"inplace": getattr(m, "inplace", False)}),
+        nn.Mish: lambda: (F.mish, (x,), {"inplace": getattr(m, "inplace", False)}),
+        nn.ELU: lambda: (F.elu, (x,), {"alpha": getattr(m, "alpha", 1.0), "inplace": getattr(m, "inplace", False)}),
+        nn.SELU: lambda: (F.selu, (x,), {"inplace": getattr(m, "inplace", False)}),
+        nn.Softplus: lambda: (F.softplus, (x,), {"beta": getattr(m, "beta", 1.0), "threshold": getattr(m, "threshold", 20.0)}),
+        nn.LogSoftmax: lambda: (F.log_softmax, (x,), {"dim": getattr(m, "dim", None)}),
+    }
+    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+        fn = {nn.AvgPool1d: F.avg_pool1d, nn.AvgPool2d: F.avg_pool2d, nn.AvgPool3d: F.avg_pool3d}[type(m)]
+        extra = (m.ceil_mode, m.count_include_pad) + ((m.divisor_override,) if not isinstance(m, nn.AvgPool1d) else ())
+        return _recompute_site(node, path, "avg_pool", fn, (x, m.kernel_size, m.stride, m.padding, *extra), {},
+                               shape_only=True)
+    elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+        fn = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d, nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
+              nn.AdaptiveAvgPool3d: F.adaptive_avg_pool3d}[type(m)]
+        return _recompute_site(node, path, "adaptive_avg_pool", fn, (x, m.output_size), {}, shape_only=True)
+    elif type(m) in table:
+        fn, args, kwargs = table[type(m)]()
+    else:
+        return None
+    return _recompute_site(node, path, _ELEMENTWISE[fn], fn, args, kwargs)
+
+
+def _recompute_functional(node):
+    fn = node.target
+    if fn in _SHAPE_ONLY:
+        return _recompute_site(node, None, _SHAPE_ONLY[fn], fn, node.args, node.kwargs, shape_only=True)
+    return _recompute_site(node, None, _ELEMENTWISE[fn], fn, node.args, node.kwargs)
+
+
+def _recompute_method(node):
+    name = node.target.rstrip("_")
+    inplace = node.target.endswith("_")
+    fn = _ELEMENTWISE_METHODS[name]
+    return _recompute_site(node, None, name, fn, node.args, node.kwargs, inplace=inplace)

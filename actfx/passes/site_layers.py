@@ -1,0 +1,204 @@
+"""Sites for layers with weights and normalisations: conv, linear, addmm, BatchNorm,
+LayerNorm / GroupNorm / InstanceNorm, RMSNorm."""
+
+from __future__ import annotations
+
+import operator
+
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.fx import Node
+
+from actfx.passes.signatures import bind
+from actfx.passes.site import Site, _bias_node, _env, _get
+from actfx.variants import batchnorm, conv, linear, norms, rmsnorm
+
+
+# ---------------------------------------------------------------- convolution and linear
+
+def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dilation, output_padding,
+               groups, pad=None, kind="conv"):
+    def emit(graph, env, specs, runs, pack=None):
+        geometry = (transposed, nd, stride, padding, dilation, output_padding, groups, pad)
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        b = bias(graph) if callable(bias) else _env(env, bias)
+        out = graph.call_function(conv.conv, (geometry, specs[0], w, b, *runs[0]))
+        return out, {}
+
+    return Site(node, kind, path, [x], emit)
+
+
+def _conv_module(node, path, m):
+    nd = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3, nn.ConvTranspose1d: 1, nn.ConvTranspose2d: 2,
+          nn.ConvTranspose3d: 3}[type(m)]
+    transposed = isinstance(m, nn.modules.conv._ConvTransposeNd)
+    x = node.args[0] if node.args else node.kwargs.get("input")
+    if len(node.args) + len(node.kwargs) != 1:
+        return None  # ConvTranspose(output_size=...) is not covered
+    padding, pad = m.padding, None
+    if isinstance(padding, str):
+        padding = _same_padding(m) if padding == "same" else (0,) * nd
+        if padding is None:
+            return None
+    if m.padding_mode != "zeros":
+        pad, padding = (tuple(m._reversed_padding_repeated_twice), m.padding_mode), (0,) * nd
+    return _conv_site(
+        node, path, x, lambda g: _get(g, path, "weight"), lambda g: _bias_node(g, path, m),
+        transposed, nd, tuple(m.stride), tuple(padding), tuple(m.dilation),
+        tuple(m.output_padding) if transposed else (0,) * nd, m.groups, pad,
+        kind="conv_transpose" if transposed else "conv",
+    )
+
+
+def _same_padding(m):
+    """'same' padding as a symmetric amount, or None when PyTorch would pad asymmetrically."""
+    out = []
+    for d, k in zip(m.dilation, m.kernel_size):
+        total = d * (k - 1)
+        if total % 2:
+            return None
+        out.append(total // 2)
+    return tuple(out)
+
+
+_CONV_FUNCS = {F.conv1d: (False, 1), F.conv2d: (False, 2), F.conv3d: (False, 3),
+               F.conv_transpose1d: (True, 1), F.conv_transpose2d: (True, 2), F.conv_transpose3d: (True, 3)}
+
+
+def _conv_functional(node):
+    transposed, nd = _CONV_FUNCS[node.target]
+    a = bind("conv_transpose" if transposed else "conv", node.args, node.kwargs)
+    if a is None or isinstance(a["padding"], str):
+        return None
+
+    def tup(v):
+        return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
+
+    return _conv_site(node, None, a["input"], a["weight"], a["bias"], transposed, nd, tup(a["stride"]),
+                      tup(a["padding"]), tup(a["dilation"]),
+                      tup(a.get("output_padding", 0)), a["groups"],
+                      kind="conv_transpose" if transposed else "conv")
+
+
+def _linear_site(node, path, x, weight, bias):
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        b = bias(graph) if callable(bias) else _env(env, bias)
+        return graph.call_function(linear.linear, (specs[0], w, b, *runs[0])), {}
+
+    return Site(node, "linear", path, [x], emit)
+
+
+def _addmm(node):
+    """``addmm(bias, x, w)`` (GPT-2's Conv1D) is ``F.linear(x, w.t(), bias)``, bit for bit."""
+    a = bind("addmm", node.args, node.kwargs)
+    if a is None or a["beta"] != 1 or a["alpha"] != 1:
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        weight = graph.call_method("t", (_env(env, a["mat2"]),))
+        return graph.call_function(linear.linear, (specs[0], weight, _env(env, a["input"]), *runs[0])), {}
+
+    return Site(node, "linear", None, [a["mat1"]], emit)
+
+
+# ---------------------------------------------------------------- batch norm
+
+def _batch_norm_module(node, path, m):
+    if len(node.args) != 1 or node.kwargs:
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        call = graph.call_function(batchnorm.batch_norm_module, (_get(graph, path), specs[0], *runs[0]))
+        out, a, b = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
+        return out, {"affine": (a, b)}
+
+    return Site(node, "batch_norm", path, [node.args[0]], emit)
+
+
+def _batch_norm_functional(node):
+    a = bind("batch_norm", node.args, node.kwargs)
+    if a is None:
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        args = [_env(env, a[k]) for k in ("running_mean", "running_var", "weight", "bias", "training",
+                                          "momentum", "eps")]
+        call = graph.call_function(batchnorm.batch_norm_functional, (specs[0], *args, *runs[0]))
+        out, aa, bb = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
+        return out, {"affine": (aa, bb)}
+
+    return Site(node, "batch_norm", None, [a["input"]], emit)
+
+
+# ---------------------------------------------------------------- LayerNorm / GroupNorm / InstanceNorm
+
+def _norm_site(node, path, kind, x, static, weight, bias):
+    """static: (normalized_shape,) / (num_groups,) / () followed by eps; weight/bias: nodes,
+    None, or callables making get_attr nodes for a module's parameters."""
+
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        b = bias(graph) if callable(bias) else _env(env, bias)
+        *head, eps = static
+        if kind == "instance_norm":
+            return graph.call_function(norms.instance_norm, (specs[0], w, b, eps, *runs[0])), {}
+        fn = norms.layer_norm if kind == "layer_norm" else norms.group_norm
+        return graph.call_function(fn, (specs[0], *head, w, b, eps, *runs[0])), {}
+
+    return Site(node, kind, path, [x], emit)
+
+
+def _norm_module(node, path, m):
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    x = node.args[0]
+    weight = (lambda g: _get(g, path, "weight")) if getattr(m, "weight", None) is not None else None
+    bias = (lambda g: _get(g, path, "bias")) if getattr(m, "bias", None) is not None else None
+    if isinstance(m, nn.LayerNorm):
+        return _norm_site(node, path, "layer_norm", x, (tuple(m.normalized_shape), m.eps), weight, bias)
+    if isinstance(m, nn.GroupNorm):
+        return _norm_site(node, path, "group_norm", x, (m.num_groups, m.eps), weight, bias)
+    if m.track_running_stats:
+        return None  # its running statistics update would need BatchNorm-style handling
+    return _norm_site(node, path, "instance_norm", x, (m.eps,), weight, bias)
+
+
+def _norm_functional(node):
+    kind = {F.layer_norm: "layer_norm", F.group_norm: "group_norm", F.instance_norm: "instance_norm"}[node.target]
+    a = bind(kind, node.args, node.kwargs)
+    if a is None:
+        return None
+    if kind == "layer_norm":
+        static = (a["normalized_shape"], a["eps"])
+    elif kind == "group_norm":
+        static = (a["num_groups"], a["eps"])
+    else:
+        if a["running_mean"] is not None or a["running_var"] is not None or a["use_input_stats"] is not True:
+            return None
+        static = (a["eps"],)
+    if any(isinstance(v, Node) for v in static):
+        return None
+    return _norm_site(node, None, kind, a["input"], static, a["weight"], a["bias"])
+
+
+def _rms_norm_site(node, path, x, shape, weight, eps):
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        return graph.call_function(rmsnorm.rms_norm, (specs[0], shape, w, eps, *runs[0])), {}
+
+    return Site(node, "rms_norm", path, [x], emit)
+
+
+def _rms_norm_module(node, path, m):
+    if len(node.args) != 1 or node.kwargs:
+        return None
+    weight = (lambda g: _get(g, path, "weight")) if m.weight is not None else None
+    return _rms_norm_site(node, path, node.args[0], tuple(m.normalized_shape), weight, m.eps)
+
+
+def _rms_norm_functional(node):
+    a = bind("rms_norm", node.args, node.kwargs)
+    if a is None or isinstance(a["normalized_shape"], Node) or isinstance(a["eps"], Node):
+        return None
+    return _rms_norm_site(node, None, a["input"], a["normalized_shape"], a["weight"], a["eps"])
