@@ -39,6 +39,9 @@ class CpuProbe:
     def __init__(self) -> None:
         if not _STATUS.exists():
             raise RuntimeError("CPU memory is measured through /proc/self/status (Linux only)")
+
+    def check_env(self) -> None:
+        """RSS numbers mean something only with the mmap threshold set at process start."""
         if os.environ.get("MALLOC_MMAP_THRESHOLD_") != MMAP_THRESHOLD:
             raise RuntimeError(
                 "run CPU memory measurements with MALLOC_MMAP_THRESHOLD_=65536 in the environment "
@@ -77,6 +80,9 @@ class CudaProbe:
 
     def sync(self) -> None:
         torch.cuda.synchronize(self.device)
+
+    def check_env(self) -> None:
+        pass
 
 
 def probe_for(device: torch.device) -> CpuProbe | CudaProbe:

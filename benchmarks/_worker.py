@@ -1,18 +1,20 @@
-"""One benchmark measurement in a process of its own, so one strategy's memory never shows in another's.
+"""Benchmark measurements, each run in a process of its own by compare.py / memory_ratio.py.
 
-    python benchmarks/_worker.py '{"model": "resnet50", "strategy": "actfx2", "batch": 8}'
+    python benchmarks/_worker.py '{"mode": "memory", "model": "resnet50", "strategy": "actfx2", "batch": 8}'
+    python benchmarks/_worker.py '{"mode": "time", "model": "resnet50", "strategies": ["plain", "actfx2"], "batch": 8}'
 
-prints one line ``RESULT {json}``. A training step is forward, cross-entropy against fixed random
-targets, backward, an SGD update and ``zero_grad(set_to_none=True)``. Per timed step it records:
+Each prints one line ``RESULT {json}``. A training step is forward, cross-entropy against fixed
+random targets, backward, an SGD update and ``zero_grad(set_to_none=True)``.
 
-* act_bytes: memory after forward minus memory before it (what the forward leaves alive: mostly
-  what autograd saved for backward, plus the logits);
-* peak_bytes: the step's high-water mark minus memory before it;
-* step_s: wall time of the whole step (CUDA events on a GPU).
-
-and, in one extra step, saved_bytes: the unique storages autograd keeps (``actfx.accounting``),
-plus, under checkpointing, the block inputs that checkpointing itself keeps alive.
-With ``"mode": "fits"`` it only runs two steps and exits 3 on CUDA out-of-memory (batch search).
+* memory: one strategy in a fresh process (on CPU started with MALLOC_MMAP_THRESHOLD_, see
+  `_memory`), so one strategy's memory never shows in another's. Per step, the medians of
+  act_bytes (memory after forward minus before it: what the forward leaves alive for backward,
+  plus the logits) and peak_bytes (the step's high-water mark minus memory before it); then, in one
+  extra step, saved_bytes: unique storages autograd keeps (`actfx.accounting.count_saved`).
+* time: all strategies in one process on shared parameters, steps interleaved round-robin (order
+  rotated each round), so drift in machine load hits every strategy alike; the median step time
+  of each. No mmap threshold here: it would charge every temporary a fresh page-faulting mmap.
+* fits: two steps at a batch size; exit status 3 on CUDA out-of-memory (batch search).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import sys
 import time
 
 import torch
+from torch import nn
 
 from _memory import probe_for
 from _strategies import Checkpointed, get_strategy, training_loss
@@ -35,26 +38,28 @@ OOM_EXIT = 3
 
 def _inputs(name: str, batch: int, seq: int | None, device: torch.device) -> torch.Tensor:
     spec = get_model_spec(name)
-    gen = torch.Generator().manual_seed(0)
-    x = spec.example_input(batch, generator=gen)
+    x = spec.example_input(batch, generator=torch.Generator().manual_seed(0))
     if seq is not None and spec.vocab_size is not None:
         x = x[:, :seq].contiguous()
     return x.to(device)
 
 
-class Runner:
-    """A prepared model, its optimizer and one fixed batch; `step` runs and measures one step."""
+def _fresh_model(name: str, device: torch.device) -> nn.Module:
+    torch.manual_seed(0)
+    return build_model(name).to(device)
 
-    def __init__(self, job: dict) -> None:
-        self.device = torch.device(job.get("device", "cpu"))
-        torch.manual_seed(0)
-        model = build_model(job["model"]).to(self.device)
-        self.strategy = get_strategy(job["strategy"])
+
+class Runner:
+    """One strategy applied to a model, with its optimizer and a fixed batch; `step` measures one step."""
+
+    def __init__(self, strategy: str, model: nn.Module, x: torch.Tensor) -> None:
+        self.device = x.device
+        self.strategy = get_strategy(strategy)
         t0 = time.perf_counter()
         self.model = self.strategy.prepare(model)
         self.prepare_s = time.perf_counter() - t0
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4, momentum=0.9)
-        self.x = _inputs(job["model"], job["batch"], job.get("seq"), self.device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)  # stateless: no extra memory
+        self.x = x
         self.target = None
         self.probe = probe_for(self.device)
 
@@ -77,7 +82,8 @@ class Runner:
         probe.sync()
         before = probe.current()
         probe.reset_peak()
-        if self.device.type == "cuda":
+        cuda = self.device.type == "cuda"
+        if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
         t0 = time.perf_counter()
@@ -85,7 +91,7 @@ class Runner:
         after_forward = probe.current()
         self._finish(loss)
         del loss
-        if self.device.type == "cuda":
+        if cuda:
             end.record()
             end.synchronize()
             seconds = start.elapsed_time(end) / 1e3
@@ -95,48 +101,73 @@ class Runner:
                 "peak_bytes": probe.peak() - before, "base_bytes": before}
 
     def saved_bytes(self) -> dict:
-        """Bytes autograd keeps for backward, counted by storage in one extra step."""
-        held: dict[int, int] = {}
+        """Bytes autograd keeps for backward, counted by storage in one extra step.
 
-        def keep_inputs(module, args):
-            for a in args:
-                if isinstance(a, torch.Tensor):
-                    held[a.untyped_storage().data_ptr()] = a.untyped_storage().nbytes()
-
-        hooks = [m.register_forward_pre_hook(keep_inputs) for m in self.model.modules() if isinstance(m, Checkpointed)]
-        try:
-            # Outside the strategy's own hooks: save_on_cpu's (innermost) would hide the tensors.
-            with count_saved(self.model) as counted:
-                out = self.model(self.x)
-                loss = training_loss(out, self.target)
-            self._finish(loss)
-        finally:
-            for h in hooks:
-                h.remove()
-        return {"saved_bytes": counted.activation_bytes + sum(held.values()),
-                "saved_by_checkpoint": sum(held.values())}
+        Checkpointing's kept block inputs are included: non-reentrant checkpointing saves them
+        through ordinary saved-tensor hooks before installing its own.
+        """
+        # Without the strategy's own context: save_on_cpu's hooks, being innermost, would hide
+        # the tensors; it keeps the same bytes, only in host memory.
+        with count_saved(self.model) as counted:
+            loss = training_loss(self.model(self.x), self.target)
+        self._finish(loss)
+        return {"saved_bytes": counted.activation_bytes}
 
 
-def measure(job: dict) -> dict:
-    runner = Runner(job)
-    for _ in range(job.get("warmup", 2)):
+def measure_memory(job: dict) -> dict:
+    device = torch.device(job.get("device", "cpu"))
+    x = _inputs(job["model"], job["batch"], job.get("seq"), device)
+    runner = Runner(job["strategy"], _fresh_model(job["model"], device), x)
+    runner.probe.check_env()
+    for _ in range(job.get("warmup", 1)):
         runner.step()
-    steps = [runner.step() for _ in range(job.get("repeats", 5))]
-    result = {key: statistics.median(s[key] for s in steps) for key in steps[0]}
+    steps = [runner.step() for _ in range(job.get("repeats", 2))]
+    result = {key: statistics.median(s[key] for s in steps) for key in ("act_bytes", "peak_bytes", "base_bytes")}
     result.update(
-        job, step_times=[s["step_s"] for s in steps], prepare_s=runner.prepare_s,
-        probe=runner.probe.kind, input_shape=list(runner.x.shape),
-        params=sum(p.numel() for p in runner.model.parameters()),
+        prepare_s=runner.prepare_s, probe=runner.probe.kind, input_shape=list(x.shape),
         blocks=sum(isinstance(m, Checkpointed) for m in runner.model.modules()),
+        **runner.saved_bytes(),
     )
-    if job.get("count_saved", True):
-        result.update(runner.saved_bytes())
     return result
+
+
+def measure_time(job: dict) -> dict:
+    device = torch.device(job.get("device", "cpu"))
+    x = _inputs(job["model"], job["batch"], job.get("seq"), device)
+    shared = _fresh_model(job["model"], device)
+    runners, failed = {}, {}
+    for name in job["strategies"]:
+        # Checkpointing rewraps blocks in place, so it gets a model of its own.
+        try:
+            model = _fresh_model(job["model"], device) if name == "checkpoint" else shared
+            runners[name] = Runner(name, model, x)
+        except Exception as err:  # noqa: BLE001 - one strategy failing must not lose the others
+            failed[name] = {"error": f"{type(err).__name__}: {err}"}
+    times: dict[str, list[float]] = {name: [] for name in runners}
+    rounds = job.get("warmup", 1) + job.get("repeats", 5)
+    for r in range(rounds):
+        names = list(runners)
+        if not names:
+            break
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            try:
+                seconds = runners[name].step()["step_s"]
+            except Exception as err:  # noqa: BLE001
+                failed[name] = {"error": f"{type(err).__name__}: {err}"}
+                del runners[name]
+                continue
+            if r >= job.get("warmup", 1):
+                times[name].append(seconds)
+    result = {name: {"step_s": statistics.median(times[name]), "step_min_s": min(times[name]), "step_times": times[name],
+                     "prepare_s": runner.prepare_s} for name, runner in runners.items()}
+    return {**result, **failed}
 
 
 def fits(job: dict) -> dict:
     try:
-        runner = Runner(job)
+        device = torch.device(job["device"])
+        runner = Runner(job["strategy"], _fresh_model(job["model"], device),
+                        _inputs(job["model"], job["batch"], job.get("seq"), device))
         runner.step()
         runner.step()
     except torch.cuda.OutOfMemoryError:
@@ -144,10 +175,14 @@ def fits(job: dict) -> dict:
     return {"fits": True}
 
 
+_MODES = {"memory": measure_memory, "time": measure_time, "fits": fits}
+
+
 def main() -> None:
     job = json.loads(sys.argv[1])
-    result = fits(job) if job.get("mode") == "fits" else measure(job)
-    print("RESULT " + json.dumps(result), flush=True)
+    if job.get("threads"):
+        torch.set_num_threads(job["threads"])
+    print("RESULT " + json.dumps(_MODES[job["mode"]](job)), flush=True)
 
 
 if __name__ == "__main__":

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, GraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
 from actfx.passes.aten_to_functional import to_functional
