@@ -9,8 +9,8 @@ random targets, backward, an SGD update and ``zero_grad(set_to_none=True)``.
 * memory: one strategy in a fresh process (on CPU started with MALLOC_MMAP_THRESHOLD_, see
   `_memory`), so one strategy's memory never shows in another's. Per step, the medians of
   act_bytes (memory after forward minus before it: what the forward leaves alive for backward,
-  plus the logits) and peak_bytes (the step's high-water mark minus memory before it); then, in one
-  extra step, saved_bytes: unique storages autograd keeps (`actfx.accounting.count_saved`).
+  plus the logits) and peak_bytes (the step's high-water mark minus memory before it), after a
+  first step that counts saved_bytes: unique storages autograd keeps (`actfx.accounting.count_saved`).
 * time: all strategies in one process on shared parameters, steps interleaved round-robin (order
   rotated each round), so drift in machine load hits every strategy alike; the median step time
   of each. No mmap threshold here: it would charge every temporary a fresh page-faulting mmap.
@@ -19,6 +19,7 @@ random targets, backward, an SGD update and ``zero_grad(set_to_none=True)``.
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import json
 import statistics
@@ -63,8 +64,8 @@ class Runner:
         self.target = None
         self.probe = probe_for(self.device)
 
-    def _loss(self) -> torch.Tensor:
-        with self.strategy.forward_context(self.device):
+    def _loss(self, hooks: bool = True) -> torch.Tensor:
+        with self.strategy.forward_context(self.device) if hooks else contextlib.nullcontext():
             out = self.model(self.x)
         if self.target is None:
             gen = torch.Generator().manual_seed(1)
@@ -109,7 +110,7 @@ class Runner:
         # Without the strategy's own context: save_on_cpu's hooks, being innermost, would hide
         # the tensors; it keeps the same bytes, only in host memory.
         with count_saved(self.model) as counted:
-            loss = training_loss(self.model(self.x), self.target)
+            loss = self._loss(hooks=False)
         self._finish(loss)
         return {"saved_bytes": counted.activation_bytes}
 
@@ -119,14 +120,14 @@ def measure_memory(job: dict) -> dict:
     x = _inputs(job["model"], job["batch"], job.get("seq"), device)
     runner = Runner(job["strategy"], _fresh_model(job["model"], device), x)
     runner.probe.check_env()
-    for _ in range(job.get("warmup", 1)):
+    counted = runner.saved_bytes()  # doubles as the first warm-up step
+    for _ in range(job.get("warmup", 1) - 1):
         runner.step()
     steps = [runner.step() for _ in range(job.get("repeats", 2))]
     result = {key: statistics.median(s[key] for s in steps) for key in ("act_bytes", "peak_bytes", "base_bytes")}
     result.update(
         prepare_s=runner.prepare_s, probe=runner.probe.kind, input_shape=list(x.shape),
-        blocks=sum(isinstance(m, Checkpointed) for m in runner.model.modules()),
-        **runner.saved_bytes(),
+        blocks=sum(isinstance(m, Checkpointed) for m in runner.model.modules()), **counted,
     )
     return result
 

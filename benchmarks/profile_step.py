@@ -1,0 +1,111 @@
+"""Where does a converted model's training step spend its time? Packing kernels against the rest.
+
+    python benchmarks/profile_step.py --model resnet50 --batch 8 --bits 2 [--threads 1]
+
+Profiles one step (after a warm-up) of plain PyTorch and of the converted model with
+torch.profiler and splits the converted step into the actfx custom ops (pack_groups,
+unpack_groups, pack_bits, unpack_bits: total time including the aten ops inside them) and
+everything else; then lists the aten ops that take the most time inside each actfx op. Profiling
+adds a few microseconds per op, which inflates many-small-op code: the unprofiled step times are
+printed too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from rich.console import Console
+from rich.table import Table
+from torch.profiler import ProfilerActivity, profile
+
+import actfx
+from _strategies import training_loss
+from actfx.models import build_model, get_model_spec
+
+
+def _step(model, x, target) -> None:
+    training_loss(model(x), target).backward()
+    model.zero_grad(set_to_none=True)
+
+
+def _timed(model, x, target, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _step(model, x, target)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def breakdown(prof) -> tuple[dict, dict, float]:
+    """(ms per actfx op incl. children, ms per (actfx op, aten op) self time inside it, total ms)."""
+    outer: dict[str, float] = defaultdict(float)
+    inner: dict[tuple[str, str], float] = defaultdict(float)
+    total = 0.0
+    for ev in prof.events():
+        owner, parent = None, ev.cpu_parent
+        while parent is not None:
+            if parent.name.startswith("actfx::"):
+                owner = parent.name
+            parent = parent.cpu_parent
+        self_ms = ev.self_cpu_time_total / 1e3
+        total += self_ms
+        if ev.name.startswith("actfx::") and owner is None:
+            outer[ev.name] += ev.cpu_time_total / 1e3
+        if owner is not None:
+            inner[(owner, ev.name)] += self_ms
+    return dict(outer), dict(inner), total
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="resnet50")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--bits", type=int, default=2)
+    p.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=3, help="unprofiled timed steps (median)")
+    p.add_argument("--top", type=int, default=8, help="aten ops listed per actfx op")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    model = build_model(args.model)
+    x = get_model_spec(args.model).example_input(args.batch, generator=torch.Generator().manual_seed(0))
+    converted = actfx.convert(model, bits=args.bits)
+    with torch.no_grad():
+        out = model(x)
+    target = torch.randint(out.shape[-1], out.shape[:-1], generator=torch.Generator().manual_seed(1))
+    console = Console(width=120)
+    plain_s, actfx_s = [], []
+    for _ in range(args.repeats):  # interleaved, so load changes hit both
+        plain_s.append(_timed(model, x, target, 1))
+        actfx_s.append(_timed(converted, x, target, 1))
+    plain_med, actfx_med = statistics.median(plain_s), statistics.median(actfx_s)
+    console.print(f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, unprofiled medians of "
+                  f"{args.repeats}: plain {plain_med:.3f} s, actfx bits={args.bits} {actfx_med:.3f} s "
+                  f"({actfx_med / plain_med:.2f}x)")
+    with profile(activities=[ProfilerActivity.CPU]) as prof_plain:
+        _step(model, x, target)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        _step(converted, x, target)
+    outer, inner, total = breakdown(prof)
+    _, _, plain_total = breakdown(prof_plain)
+    table = Table(title=f"profiled step: actfx bits={args.bits} {total:.0f} ms, plain {plain_total:.0f} ms")
+    for col in ("part", "ms", "% of actfx step", "ms / plain step"):
+        table.add_column(col, justify="left" if col == "part" else "right")
+    for name, ms in sorted(outer.items(), key=lambda kv: -kv[1]):
+        table.add_row(name, f"{ms:.0f}", f"{100 * ms / total:.1f}", f"{ms / plain_total:.2f}")
+    rest = total - sum(outer.values())
+    table.add_row("everything else", f"{rest:.0f}", f"{100 * rest / total:.1f}", f"{rest / plain_total:.2f}")
+    console.print(table)
+    for name in sorted(outer, key=lambda n: -outer[n]):
+        rows = sorted(((op, ms) for (owner, op), ms in inner.items() if owner == name), key=lambda kv: -kv[1])
+        console.print(f"inside {name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in rows[: args.top]))
+
+
+if __name__ == "__main__":
+    main()
