@@ -25,7 +25,7 @@ class Wrap(nn.Module):
         return self.fn(self, x)
 
 
-def check(model, x, bits=8, tol=0.02, exact_grad=False, kinds=None):
+def check_variant(model, x, bits=8, tol=0.02, exact_grad=False, kinds=None):
     """Forward identical; input and parameter gradients close (or equal for exact variants)."""
     converted = actfx.convert(model, bits=bits)
     if kinds is not None:
@@ -53,7 +53,7 @@ def check(model, x, bits=8, tol=0.02, exact_grad=False, kinds=None):
     lambda s, x: F.conv2d(x, s.conv.weight, s.conv.bias, stride=2, padding=1, dilation=1, groups=1),
 ])
 def test_conv2d_forms(fn):
-    check(Wrap(fn, conv=nn.Conv2d(4, 8, 3, padding=1)), torch.randn(2, 4, 12, 12), kinds=["conv"])
+    check_variant(Wrap(fn, conv=nn.Conv2d(4, 8, 3, padding=1)), torch.randn(2, 4, 12, 12), kinds=["conv"])
 
 
 @pytest.mark.parametrize("conv,shape", [
@@ -67,7 +67,7 @@ def test_conv2d_forms(fn):
     (nn.ConvTranspose3d(2, 2, 2, stride=2), (1, 2, 4, 4, 4)),
 ])
 def test_conv_variants(conv, shape):
-    check(Wrap(lambda s, x: s.conv(x), conv=conv), torch.randn(*shape))
+    check_variant(Wrap(lambda s, x: s.conv(x), conv=conv), torch.randn(*shape))
 
 
 @pytest.mark.parametrize("fn", [
@@ -76,7 +76,7 @@ def test_conv_variants(conv, shape):
     lambda s, x: x @ s.lin.weight.t(),
 ])
 def test_linear_forms_any_leading_dims(fn):
-    check(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32))
+    check_variant(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32))
 
 
 @pytest.mark.parametrize("bn", [
@@ -100,7 +100,7 @@ def test_batch_norm_train_and_eval_updates_running_stats_identically(bn):
     reference.eval()
     x = torch.randn(*shape)
     assert torch.equal(converted(x), reference(x))
-    check(model, x)
+    check_variant(model, x)
 
 
 @pytest.mark.parametrize("fn", [
@@ -117,18 +117,18 @@ def test_batch_norm_train_and_eval_updates_running_stats_identically(bn):
 def test_relu_family_gradients_are_exact(fn):
     """1-bit masks are exact: the gradient equals PyTorch's bit for bit."""
     model = Wrap(lambda s, x: fn(s, x * 1.0), act=nn.ReLU(inplace=True))
-    converted = check(model, torch.randn(16, 300), exact_grad=True)
+    converted = check_variant(model, torch.randn(16, 300), exact_grad=True)
     assert {d.kind for d in converted._actfx_record.decisions} & {"relu", "hardtanh", "leaky_relu"}
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True), nn.Hardtanh(-2, 2)])
 def test_relu_family_modules_exact(act):
-    check(Wrap(lambda s, x: s.act(x * 1.0), act=act), torch.randn(16, 300) * 3, exact_grad=True)
+    check_variant(Wrap(lambda s, x: s.act(x * 1.0), act=act), torch.randn(16, 300) * 3, exact_grad=True)
 
 
 def test_dropout_mask_exact_and_rng_stream_unchanged():
     model = Wrap(lambda s, x: s.drop(x) + F.dropout(x, 0.3, s.training), drop=nn.Dropout(0.5))
-    check(model, torch.randn(16, 300), exact_grad=True)
+    check_variant(model, torch.randn(16, 300), exact_grad=True)
 
 
 @pytest.mark.parametrize("fn", [
@@ -140,7 +140,7 @@ def test_dropout_mask_exact_and_rng_stream_unchanged():
 ])
 def test_max_pool_compact_indices_exact(fn):
     model = Wrap(fn, pool=nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True))
-    converted = check(model, torch.randn(2, 3, 13, 11), exact_grad=True)
+    converted = check_variant(model, torch.randn(2, 3, 13, 11), exact_grad=True)
     from actfx.accounting import count_saved
 
     x = torch.randn(2, 3, 13, 11, requires_grad=True)
@@ -154,7 +154,7 @@ def test_max_pool_compact_indices_exact(fn):
     (lambda s, x: F.adaptive_avg_pool2d(x, 2), "adaptive_avg_pool"),
 ])
 def test_average_pools_save_only_the_shape(fn, kind):
-    converted = check(Wrap(fn, pool=nn.AvgPool2d(2)), torch.randn(2, 3, 8, 8), exact_grad=True, kinds=[kind])
+    converted = check_variant(Wrap(fn, pool=nn.AvgPool2d(2)), torch.randn(2, 3, 8, 8), exact_grad=True, kinds=[kind])
     from actfx.accounting import count_saved
 
     with count_saved(converted) as saved:
@@ -165,7 +165,7 @@ def test_average_pools_save_only_the_shape(fn, kind):
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
                                  nn.Hardsigmoid(), nn.Mish(), nn.Softmax(-1), nn.LogSoftmax(-1), nn.ELU()])
 def test_elementwise_activations(act):
-    check(Wrap(lambda s, x: s.act(s.lin(x)), act=act, lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
+    check_variant(Wrap(lambda s, x: s.act(s.lin(x)), act=act, lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
 
 
 @pytest.mark.parametrize("fn", [
@@ -174,7 +174,7 @@ def test_elementwise_activations(act):
     lambda s, x: F.log_softmax(x, dim=-1), lambda s, x: F.hardswish(x), lambda s, x: F.mish(x),
 ])
 def test_elementwise_functional_forms(fn):
-    check(Wrap(lambda s, x: fn(s, s.lin(x)), lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
+    check_variant(Wrap(lambda s, x: fn(s, s.lin(x)), lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
 
 
 @pytest.mark.parametrize("norm,shape", [
@@ -182,7 +182,7 @@ def test_elementwise_functional_forms(fn):
     (nn.InstanceNorm2d(16, affine=True), (4, 16, 6, 6)), (nn.RMSNorm(64), (8, 10, 64)),
 ])
 def test_norms(norm, shape):
-    check(Wrap(lambda s, x: s.norm(x * 2.0 + 1.0), norm=norm), torch.randn(*shape))
+    check_variant(Wrap(lambda s, x: s.norm(x * 2.0 + 1.0), norm=norm), torch.randn(*shape))
 
 
 @pytest.mark.parametrize("op", [operator.mul, torch.mul, operator.truediv, operator.matmul, torch.matmul, "bmm"])
@@ -195,7 +195,7 @@ def test_products_of_two_activations(op):
         fn = lambda s, x: op(s.a(x), s.b(x).abs() + 1.0)  # noqa: E731
     else:
         fn = lambda s, x: op(s.a(x), s.b(x)[:, :1])  # broadcasting  # noqa: E731
-    check(Wrap(fn, a=nn.Linear(32, 32), b=nn.Linear(32, 32)), torch.randn(4, 16, 32))
+    check_variant(Wrap(fn, a=nn.Linear(32, 32), b=nn.Linear(32, 32)), torch.randn(4, 16, 32))
 
 
 def test_scaled_dot_product_attention_with_mask_and_dropout():
@@ -204,12 +204,12 @@ def test_scaled_dot_product_attention_with_mask_and_dropout():
         mask = torch.ones(16, 16, dtype=torch.bool).tril()
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.2)
 
-    check(Wrap(fn, qkv=nn.Linear(32, 96)), torch.randn(2, 16, 32), kinds=["sdpa"])
+    check_variant(Wrap(fn, qkv=nn.Linear(32, 96)), torch.randn(2, 16, 32), kinds=["sdpa"])
 
 
 def test_uncovered_ops_run_as_they_are_and_are_reported():
     model = Wrap(lambda s, x: torch.cumprod(s.lin(x), dim=-1), lin=nn.Linear(8, 8))
-    converted = check(model, torch.randn(4, 8) * 0.1 + 1.0)
+    converted = check_variant(model, torch.randn(4, 8) * 0.1 + 1.0)
     assert [u.what for u in converted._actfx_record.uncovered] == ["cumprod"]
 
 
@@ -217,4 +217,4 @@ def test_addmm_with_a_weight_is_a_linear():
     """GPT-2's Conv1D: torch.addmm(bias, x, weight)."""
     model = Wrap(lambda s, x: torch.addmm(s.lin.bias, x.view(-1, 32), s.lin.weight.t()).view(4, 16, 16),
                  lin=nn.Linear(32, 16))
-    check(model, torch.randn(4, 16, 32), kinds=["linear"])
+    check_variant(model, torch.randn(4, 16, 32), kinds=["linear"])

@@ -28,7 +28,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, Interpreter, Node
 
-from actfx.passes.capture import trace
+from actfx.passes.capture import trace, training_mode
 
 META_KEY = "actfx_saved"
 CALLS = ("call_module", "call_function", "call_method")
@@ -271,17 +271,6 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
     return graphs
 
 
-@contextlib.contextmanager
-def _train_mode(module: nn.Module):
-    flags = {m: m.training for m in module.modules()}
-    try:
-        module.train(True)
-        yield
-    finally:
-        for m, flag in flags.items():
-            m.training = flag
-
-
 class _Twins:
     """Fake CPU stand-ins for real, meta or fake tensors, made once each, in ``dtype`` when floating.
 
@@ -330,7 +319,7 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
             args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
     recorder = _Recorder({t.untyped_storage()._cdata for t in state.values()})
     runner = _Runner(module, graphs, recorder, twin)
-    with _train_mode(module), mode, torch.enable_grad(), \
+    with training_mode(module, True), mode, torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
         out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args))
         recorder.finish()

@@ -26,7 +26,8 @@ class _ActfxTracer(Tracer):
 
 
 @contextlib.contextmanager
-def _mode(module: nn.Module, training: bool):
+def training_mode(module: nn.Module, training: bool):
+    """Run with every submodule in ``training`` mode, then restore each module's own flag."""
     saved = {m: m.training for m in module.modules()}
     try:
         module.train(training)
@@ -61,7 +62,7 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     """
     graphs = {}
     for training in (True, False):
-        with _mode(module, training):
+        with training_mode(module, training):
             tracer = _ActfxTracer(leaf_types, leaf_paths)
             graph = tracer.trace(module)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)

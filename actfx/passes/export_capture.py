@@ -33,7 +33,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
 from actfx.passes.aten_to_functional import to_functional
-from actfx.passes.capture import _mode
+from actfx.passes.capture import training_mode
 
 META_KEY = "actfx_export"
 CARRIED_PREFIX = "_actfx_export_"
@@ -286,7 +286,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     target, signature_used = _with_explicit_keywords(model, signature, bound)
     dynamic = {param: _dynamic_dims(value)
                for param, value in signature_used.bind(*args, **kwargs).arguments.items()}
-    with _mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
+    with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
             ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
