@@ -173,6 +173,10 @@ def fits(job: dict) -> dict:
         runner.step()
     except torch.cuda.OutOfMemoryError:
         sys.exit(OOM_EXIT)
+    except RuntimeError as err:  # cuDNN / cuBLAS report running out of memory in their own words
+        if "out of memory" in str(err).lower() or "NOT_ENOUGH_MEMORY" in str(err):
+            sys.exit(OOM_EXIT)
+        raise
     return {"fits": True}
 
 

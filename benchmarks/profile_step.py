@@ -41,10 +41,12 @@ def _timed(model, x, target, repeats: int) -> float:
     return statistics.median(times)
 
 
-def breakdown(prof) -> tuple[dict, dict, float]:
-    """(ms per actfx op incl. children, ms per (actfx op, aten op) self time inside it, total ms)."""
+def breakdown(prof) -> tuple[dict, dict, float, dict]:
+    """(ms per actfx op incl. children, ms per (actfx op, aten op) self time inside it, total ms,
+    self ms per op name outside the actfx ops)."""
     outer: dict[str, float] = defaultdict(float)
     inner: dict[tuple[str, str], float] = defaultdict(float)
+    outside: dict[str, float] = defaultdict(float)
     total = 0.0
     for ev in prof.events():
         owner, parent = None, ev.cpu_parent
@@ -58,7 +60,9 @@ def breakdown(prof) -> tuple[dict, dict, float]:
             outer[ev.name] += ev.cpu_time_total / 1e3
         if owner is not None:
             inner[(owner, ev.name)] += self_ms
-    return dict(outer), dict(inner), total
+        elif not ev.name.startswith("actfx::"):
+            outside[ev.name] += self_ms
+    return dict(outer), dict(inner), total, dict(outside)
 
 
 def main(argv=None) -> None:
@@ -92,8 +96,8 @@ def main(argv=None) -> None:
         _step(model, x, target)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         _step(converted, x, target)
-    outer, inner, total = breakdown(prof)
-    _, _, plain_total = breakdown(prof_plain)
+    outer, inner, total, outside = breakdown(prof)
+    _, _, plain_total, plain_ops = breakdown(prof_plain)
     table = Table(title=f"profiled step: actfx bits={args.bits} {total:.0f} ms, plain {plain_total:.0f} ms")
     for col in ("part", "ms", "% of actfx step", "ms / plain step"):
         table.add_column(col, justify="left" if col == "part" else "right")
@@ -105,6 +109,9 @@ def main(argv=None) -> None:
     for name in sorted(outer, key=lambda n: -outer[n]):
         rows = sorted(((op, ms) for (owner, op), ms in inner.items() if owner == name), key=lambda kv: -kv[1])
         console.print(f"inside {name}: " + ", ".join(f"{op} {ms:.0f} ms" for op, ms in rows[: args.top]))
+    grown = sorted(((op, ms - plain_ops.get(op, 0.0)) for op, ms in outside.items()), key=lambda kv: -kv[1])
+    console.print("outside the actfx ops, self time added over plain: "
+                  + ", ".join(f"{op} {ms:+.0f} ms" for op, ms in grown[: args.top]))
 
 
 if __name__ == "__main__":

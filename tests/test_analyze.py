@@ -42,7 +42,7 @@ def cases():
         yield pytest.param(FAMILIES[name], id=f"family-{name}")
 
 
-@pytest.mark.parametrize("make", cases())
+@pytest.mark.parametrize("make", list(cases()))
 @pytest.mark.parametrize("converted", [False, True], ids=["baseline", "actfx"])
 def test_estimate_matches_a_real_step(make, converted):
     torch.manual_seed(0)
