@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from actfx.passes.site import Site
+from actfx.variants import derivative
 from actfx.variants.recompute import SLOT, make_recompute_variant
 
 
@@ -27,11 +28,27 @@ def _template(args, kwargs):
     return args_t, kwargs_t, nodes
 
 
+def _derivative_site(node, path, fn, x, kwargs):
+    """GELU / SiLU (not in place): keep the packed derivative (see variants/derivative.py)."""
+    kind = "silu" if fn is F.silu else "gelu_tanh" if kwargs.get("approximate") == "tanh" else "gelu"
+    kwargs = tuple((k, v) for k, v in kwargs.items() if k != "inplace")
+
+    def emit(graph, env, specs, runs, pack=None):
+        d = graph.call_function(derivative.derivative_of, (kind, env[x]))
+        spec, run = pack(d, node)
+        return graph.call_function(derivative.activation, (spec, kind, kwargs, env[x], *run)), {}
+
+    return Site(node, "silu" if kind == "silu" else "gelu", path, [], emit)
+
+
 def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False):
     kwargs = dict(kwargs)
     if "inplace" in kwargs:
         inplace = inplace or bool(kwargs["inplace"])
         kwargs["inplace"] = False
+    if fn in (F.gelu, F.silu) and not inplace and len(args) == 1 and isinstance(args[0], Node) and all(
+            not isinstance(v, Node) for v in kwargs.values()):
+        return _derivative_site(node, path, fn, args[0], kwargs)
     if inplace and not (args and isinstance(args[0], Node)):
         return None
     args_t, kwargs_t, nodes = _template(args, kwargs)
