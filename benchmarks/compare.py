@@ -205,6 +205,9 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     console = Console(width=max(Console().width, 150))  # the table is wide; do not squeeze it into 80 columns
     started, load_before = time.time(), os.getloadavg()
+    if not args.device.startswith("cuda") and not args.threads and load_before[0] > 0.5 * (os.cpu_count() or 1):
+        console.print(f"[yellow]load average {load_before[0]:.1f} on {os.cpu_count()} CPUs: other processes compete "
+                      "for the cores; multi-threaded steps then stall on each other, so consider --threads 1")
     rows = run(args, console)
     render(rows, args.device, console)
     meta = {"device": args.device, "torch": torch.__version__, "python": platform.python_version(),
