@@ -117,13 +117,19 @@ def _device_of(module: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
+def _leaf_graph(module: nn.Module) -> GraphModule:
+    """``input -> module(input)`` as a graph, the module reachable as ``SELF_ATTR``."""
+    holder = nn.Module()
+    holder.add_module(SELF_ATTR, module)
+    graph = Graph()
+    graph.output(graph.call_module(SELF_ATTR, (graph.placeholder("input"),)))
+    return GraphModule(holder, graph)
+
+
 def find_site_type(module: nn.Module):
     """A site for calling ``module`` on one input, or None: used for leaves converted as a whole."""
-    graph = Graph()
-    x = graph.placeholder("input")
-    node = graph.call_module(SELF_ATTR, (x,))
-    graph.output(node)
-    return find_site(node, {SELF_ATTR: module})
+    call = next(n for n in _leaf_graph(module).graph.nodes if n.op == "call_module")
+    return find_site(call, {SELF_ATTR: module})
 
 
 def _convert_children(module, path, config, leaf_modules, record, err):
@@ -144,13 +150,7 @@ def _convert_children(module, path, config, leaf_modules, record, err):
 
 def _convert_leaf(module, path, config, record):
     """A supported module whose own forward does not trace: emit its variant directly."""
-    holder = nn.Module()
-    holder.add_module(SELF_ATTR, module)
-    graph = Graph()
-    x = graph.placeholder("input")
-    graph.output(graph.call_module(SELF_ATTR, (x,)))
-    gm = GraphModule(holder, graph)
-    new = _from_graphs(module, {True: gm}, path, config, record, self_attr=True)
+    new = _from_graphs(module, {True: _leaf_graph(module)}, path, config, record, self_attr=True)
     return new
 
 

@@ -17,7 +17,7 @@ from torch.func import functional_call
 
 from actfx.variants.common import refuse_double_backward
 from actfx.variants.recompute import _autocast_state, _replay, _rng_state, fill
-from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
+from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
 
 
 def _call_like_caller(module, args, kwargs):
@@ -48,11 +48,8 @@ class _RecomputeModule(torch.autograd.Function):
         ctx.autocast = _autocast_state(device.type)
         out = _call_like_caller(module, fill(args_t, values), dict(fill(kwargs_t, values)))
         plans, storage = split_all(specs, flat)
-        heads, pos = [], 3 + n_params
-        for spec in specs:
-            heads.append(pos)
-            pos += spec_width(spec)
-        ctx.module, ctx.static, ctx.plans, ctx.heads, ctx.n_params = module, static, plans, heads, n_params
+        ctx.module, ctx.static, ctx.plans, ctx.n_params = module, static, plans, n_params
+        ctx.heads = head_positions(specs, 3 + n_params)
         ctx.names = [name for name, _ in module.named_parameters()]
         ctx.save_for_backward(*params, *storage)
         outs = out if isinstance(out, tuple) else (out,)

@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from actfx.variants.common import refuse_double_backward
-from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
+from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
 
 SLOT = "actfx.slot"
 
@@ -74,11 +74,7 @@ class _Recompute(torch.autograd.Function):
             out = target
         plans, storage = split_all(specs, flat)
         ctx.fn, ctx.static, ctx.plans = fn, static, plans
-        heads, pos = [], 2
-        for spec in specs:
-            heads.append(pos)
-            pos += spec_width(spec)
-        ctx.heads = heads
+        ctx.heads = head_positions(specs, 2)
         ctx.autocast = _autocast_state(device.type)
         ctx.save_for_backward(*storage)
         return out

@@ -169,6 +169,15 @@ def materialize_all(plans: Sequence[tuple], storage: Sequence[torch.Tensor]) -> 
     return [materialize(plan, it) for plan in plans]
 
 
+def head_positions(specs: Sequence[tuple], start: int) -> list[int]:
+    """Where each run's head value sits among a Function's inputs (its gradient goes there)."""
+    heads, pos = [], start
+    for spec in specs:
+        heads.append(pos)
+        pos += spec_width(spec)
+    return heads
+
+
 def values_of(specs: Sequence[tuple], tensors: Sequence) -> list:
     """The head value of each run (what the op computes with in forward)."""
     out, pos = [], 0
