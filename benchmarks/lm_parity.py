@@ -4,7 +4,7 @@ The corpus is real text that ships with Python (the source of a few standard-lib
 so nothing is downloaded. Prints final validation loss per setting; the defaults for attention
 bits in ``actfx.Config`` were chosen from this table.
 
-    python benchmarks/lm_parity.py [--steps 400] [--seeds 2]
+    python benchmarks/lm_parity.py [--steps 400] [--seeds 3] [--layers 3]
 """
 
 from __future__ import annotations
@@ -34,12 +34,12 @@ def batches(data, batch, seq, generator):
     return x, y
 
 
-def train(config: actfx.Config | None, steps: int, seed: int, batch=16, seq=64) -> float:
+def train(config: actfx.Config | None, steps: int, seed: int, batch=16, seq=64, layers=3) -> float:
     data = corpus()
     split = int(0.9 * data.numel())
     train_data, val_data = data[:split], data[split:]
     torch.manual_seed(seed)
-    model = GPT(GPTConfig(vocab_size=256, n_positions=seq, n_layer=2, n_head=4, n_embd=128, dropout=0.0))
+    model = GPT(GPTConfig(vocab_size=256, n_positions=seq, n_layer=layers, n_head=4, n_embd=128, dropout=0.0))
     if config is not None:
         model = actfx.convert(model, config=config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
@@ -62,6 +62,8 @@ def train(config: actfx.Config | None, steps: int, seed: int, batch=16, seq=64) 
 SETTINGS = {
     "fp32": None,
     "actfx 2-bit (default: attention 8-bit)": actfx.Config(bits=2),
+    "actfx 2-bit, attention 4-bit": actfx.Config(
+        bits=2, op_bits={"sdpa": 4, "attention": 4, "softmax": 4, "matmul": 4}),
     "actfx 2-bit everywhere": actfx.Config(bits=2, op_bits={}),
     "actfx 4-bit": actfx.Config(bits=4),
     "actfx 8-bit": actfx.Config(bits=8),
@@ -70,13 +72,14 @@ SETTINGS = {
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--seeds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--layers", type=int, default=3)
     args = parser.parse_args()
     print(f"{'setting':42s} {'val loss (mean over seeds)':>28s} {'per seed':>24s} {'time':>8s}")
     for name, config in SETTINGS.items():
         t = time.perf_counter()
-        losses = [train(config, args.steps, seed) for seed in range(args.seeds)]
+        losses = [train(config, args.steps, seed, layers=args.layers) for seed in range(args.seeds)]
         per_seed = " ".join(f"{v:.3f}" for v in losses)
         print(f"{name:42s} {sum(losses) / len(losses):28.4f} {per_seed:>24s} {time.perf_counter() - t:7.1f}s")
 

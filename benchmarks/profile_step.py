@@ -84,6 +84,8 @@ def main(argv=None) -> None:
         out = model(x)
     target = torch.randint(out.shape[-1], out.shape[:-1], generator=torch.Generator().manual_seed(1))
     console = Console(width=120)
+    _step(model, x, target)
+    _step(converted, x, target)  # warm-up: first-call costs (Inductor compiles the CPU kernels)
     plain_s, actfx_s = [], []
     for _ in range(args.repeats):  # interleaved, so load changes hit both
         plain_s.append(_timed(model, x, target, 1))

@@ -1,10 +1,14 @@
 """Training parity of a small character-level language model: 2-bit actfx vs fp32.
 
 Corpus: source text of a few standard-library modules (real text that ships with Python).
-Tolerance: with this exact setup (150 steps, seed 0) we measured validation loss 2.541 for fp32
-and 2.600 for 2-bit actfx (attention at its default 8 bits), +0.06 nats; fp32 alone moves by
-0.14 nats between seeds 0 and 1 of the longer run in benchmarks/lm_parity.py. 0.15 nats is
-about that seed-to-seed spread: a broken backward (biased or wrong gradients) ends far above it.
+At 150 steps the final loss depends more on the run than on the method: fp32 alone gives 2.541,
+2.309 and 2.667 for seeds 0, 1, 2 (std 0.18), and two 2-bit runs that differ only in rounding
+noise ended 0.26 apart. So the test compares means over three seeds, one-sided: measured here, the
+2-bit mean (attention at its default 8 bits) was 0.02-0.13 nats *below* fp32's. It must not be
+more than 0.15 nats above (about the standard error of a 3-seed mean). The test can fail: biased
+gradients (1 bit everywhere with round-to-nearest instead of stochastic rounding) measured 3.84,
+1.3 nats above fp32, and are checked to land above the tolerance. (Unbiased 1 bit everywhere
+measured only +0.04: this horizon is too short to see gradient noise, only bias.)
 """
 
 from __future__ import annotations
@@ -53,7 +57,16 @@ def validation_loss(config, seed=0) -> float:
         return F.cross_entropy(model(x).flatten(0, 1), y.flatten()).item()
 
 
+SEEDS = (0, 1, 2)
+
+
+def mean_loss(config) -> float:
+    return sum(validation_loss(config, seed) for seed in SEEDS) / len(SEEDS)
+
+
 def test_two_bit_language_model_trains_like_fp32():
-    fp32 = validation_loss(None)
-    two_bit = validation_loss(actfx.Config(bits=2))
-    assert abs(two_bit - fp32) < 0.15, (fp32, two_bit)
+    fp32 = mean_loss(None)
+    two_bit = mean_loss(actfx.Config(bits=2))
+    assert two_bit - fp32 < 0.15, (fp32, two_bit)
+    biased = mean_loss(actfx.Config(bits=1, op_bits={}, stochastic=False))
+    assert biased - fp32 > 0.15, (fp32, biased)

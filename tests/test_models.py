@@ -43,6 +43,8 @@ EXPECTED_PARAMS = {
     "densenet121": 7_978_856,
     "vit_b_16": 86_567_656,
     "vit_tiny": 809_354,
+    "swin_t": 28_288_354,  # the paper reports 28M
+    "swin_tiny": 135_670,
     "gpt2": 124_439_808,
     "gpt_tiny": 445_952,
     "llama_small": 60_039_680,
@@ -62,6 +64,7 @@ SMALL_INPUTS = {
     "vgg11_bn": (2, 3, 32, 32),
     "densenet121": (2, 3, 64, 64),
     "vit_tiny": (2, 3, 32, 32),
+    "swin_tiny": (2, 3, 32, 32),
     "gpt_tiny": (2, 16),
     "llama_tiny": (2, 16),
     "unet_small": (2, 3, 60, 44),  # not a multiple of 8: the decoder must resize to its skips
@@ -77,6 +80,7 @@ EXPECTED_OUTPUTS = {
     "vgg11_bn": (2, 1000),
     "densenet121": (2, 1000),
     "vit_tiny": (2, 10),
+    "swin_tiny": (2, 10),
     "gpt_tiny": (2, 16, 256),
     "llama_tiny": (2, 16, 256),
     "unet_small": (2, 2, 60, 44),

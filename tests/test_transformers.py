@@ -66,7 +66,7 @@ def test_block_saves_at_least_90_percent_of_float_bytes_packed(name):
     assert not converted._actfx_record.uncovered, converted._actfx_record.uncovered
 
 
-@pytest.mark.parametrize("name", ["gpt_tiny", "llama_tiny", "vit_tiny"])
+@pytest.mark.parametrize("name", ["gpt_tiny", "llama_tiny", "vit_tiny", "swin_tiny"])
 def test_reference_transformers(name):
     torch.manual_seed(0)
     model = build_model(name)
@@ -79,3 +79,16 @@ def test_reference_transformers(name):
     share, ratio = packed_share(model, converted, (tokens,))
     assert share >= 0.9
     assert ratio >= 6.0, f"{name}: activation memory only {ratio:.1f}x smaller at 2 bits"
+
+
+def test_swin_shifted_window_attention_gradients_close_at_8_bits():
+    # Swin: roll, window partition views, relative-position bias (a parameter gather), the shift
+    # mask added to hand-written attention, patch merging's strided slices.
+    torch.manual_seed(0)
+    model = build_model("swin_tiny")
+    x = get_model_spec("swin_tiny").example_input(2)
+    converted = actfx.convert(model, bits=8)
+    state = torch.get_rng_state()
+    exact, approx = grads(model, (x,), state), grads(converted, (x,), state)
+    error = ((approx - exact).norm() / exact.norm()).item()
+    assert error < 0.05, f"swin_tiny: 8-bit gradient error {error:.4f}"

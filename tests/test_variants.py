@@ -177,6 +177,24 @@ def test_elementwise_functional_forms(fn):
     check_variant(Wrap(lambda s, x: fn(s, s.lin(x)), lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
 
 
+@pytest.mark.parametrize("fn", [
+    lambda z: F.log_softmax(z, dim=-1), lambda z: z.log_softmax(-1), lambda z: torch.log_softmax(z, 1),
+    lambda z: F.log_softmax(z, -1, dtype=torch.float64).float(),
+])
+def test_log_softmax_with_masked_logits_keeps_probabilities(fn):
+    # -inf logits (masked vocabulary / attention): packing the input would turn whole groups into
+    # NaN; the packed probabilities are finite and backward (g - p * sum g) is linear in them.
+    masked = torch.arange(64) > 40
+
+    def forward(s, x):
+        out = fn(s.lin(x).masked_fill(masked, float("-inf")))
+        return out.masked_fill(masked, 0.0)
+
+    converted = check_variant(Wrap(forward, lin=nn.Linear(64, 64)), torch.randn(32, 64), tol=0.03,
+                              kinds=["log_softmax"])
+    assert "recompute" not in {d.kind for d in converted._actfx_record.decisions}
+
+
 @pytest.mark.parametrize("norm,shape", [
     (nn.LayerNorm(64), (8, 10, 64)), (nn.GroupNorm(4, 16), (4, 16, 6, 6)),
     (nn.InstanceNorm2d(16, affine=True), (4, 16, 6, 6)), (nn.RMSNorm(64), (8, 10, 64)),

@@ -1,8 +1,10 @@
 """Kernels that pack activations into 1-8 bits per value, and the dispatch between them.
 
-CUDA tensors go to the Triton kernels (`triton_pack.py`), CPU tensors to the PyTorch reference
-(`reference.py`). If Triton cannot import, compile or launch on a CUDA device, that device falls
-back to the reference with one warning. The default path (`backend="auto"`) goes through the
+CUDA tensors go to the Triton kernels (`triton_pack.py`); CPU tensors of 16K values or more to the
+same math compiled into fused loops by torch.compile (`cpu_compiled.py`), smaller ones to the
+eager PyTorch reference (`reference.py`). If Triton cannot import, compile or launch on a CUDA
+device, or Inductor cannot compile on the CPU, that path falls back to the reference with one
+warning; `ACTFX_CPU_KERNELS=reference` picks the reference on CPU without trying. The default path (`backend="auto"`) goes through the
 `actfx::*` custom ops (`ops.py`) so graphs that call these functions stay traceable; tests force a
 backend with `backend="triton"` / `"reference"`, which calls the implementation directly.
 
@@ -13,11 +15,13 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import warnings
 from collections.abc import Sequence
 
 import torch
 
+from . import cpu_compiled
 from .masks import mask_nbytes, pack_bits_impl, unpack_bits_impl
 from .reference import pack_groups_reference, unpack_groups_reference
 
@@ -26,6 +30,8 @@ __all__ = [
     "unpack_groups",
     "pack_bits",
     "unpack_bits",
+    "scale_by_mask",
+    "pack_bits_between",
     "packed_nbytes",
     "mask_nbytes",
     "check_bits",
@@ -40,7 +46,8 @@ ALLOWED_BITS = (1, 2, 4, 8)
 MIN_GROUP_SIZE = 32  # >= 32 so that every group has at least 4 code bytes (constant groups need them)
 MAX_GROUP_SIZE = 4096
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
-BACKENDS = ("auto", "triton", "reference")
+BACKENDS = ("auto", "triton", "compiled", "reference")
+CPU_KERNEL_CHOICES = ("compiled", "reference")
 
 
 # ----------------------------------------------------------------------------------- validation
@@ -168,9 +175,28 @@ def _triton_module():
 def _use_triton(device: torch.device, backend: str) -> bool:
     if backend == "triton":
         return True
-    if backend == "reference":
+    if backend in ("reference", "compiled"):
         return False
     return device.type == "cuda" and _triton_works(str(device))
+
+
+def cpu_kernels_choice() -> str:
+    """ACTFX_CPU_KERNELS (read at each call, default "compiled"); ValueError naming it if misspelt."""
+    choice = os.environ.get("ACTFX_CPU_KERNELS", "compiled")
+    if choice not in CPU_KERNEL_CHOICES:
+        raise ValueError(f"ACTFX_CPU_KERNELS must be one of {CPU_KERNEL_CHOICES}, got {choice!r}")
+    return choice
+
+
+def _use_compiled(device: torch.device, numel: int, backend: str) -> bool:
+    """CPU tensors worth compiling for, when Inductor works here (checked once per process)."""
+    if backend == "compiled":
+        if device.type != "cpu":
+            raise ValueError(f"backend='compiled' is the CPU path, got a tensor on {device}")
+        return True
+    if backend != "auto" or device.type != "cpu" or not cpu_compiled.usable(numel):
+        return False
+    return cpu_kernels_choice() == "compiled" and cpu_compiled.compiled_cpu_works()
 
 
 def pack_groups_impl(
@@ -181,6 +207,8 @@ def pack_groups_impl(
     if _use_triton(x.device, backend):
         pack_groups_triton = _triton_module().pack_groups_triton
         return pack_groups_triton(x, seed, stream, bits, group_size, stochastic)
+    if _use_compiled(x.device, x.numel(), backend):
+        return cpu_compiled.pack_groups_compiled(x, seed, stream, bits, group_size, stochastic)
     return pack_groups_reference(x, seed, stream, bits, group_size, stochastic)
 
 
@@ -192,6 +220,8 @@ def unpack_groups_impl(
     if _use_triton(codes.device, backend):
         unpack_groups_triton = _triton_module().unpack_groups_triton
         return unpack_groups_triton(codes, meta, shape, dtype, bits, group_size)
+    if _use_compiled(codes.device, math.prod(shape), backend):
+        return cpu_compiled.unpack_groups_compiled(codes, meta, shape, dtype, bits, group_size)
     return unpack_groups_reference(codes, meta, shape, dtype, bits, group_size)
 
 
@@ -260,6 +290,42 @@ def unpack_groups(
     if _check_backend(backend) == "auto":
         return torch.ops.actfx.unpack_groups(codes, meta, shape, dtype, bits, group_size)
     return unpack_groups_impl(codes.contiguous(), meta.contiguous(), shape, dtype, bits, group_size, backend)
+
+
+def pack_bits_dispatch(mask: torch.Tensor) -> torch.Tensor:
+    """The implementation behind `actfx::pack_bits`: compiled on CPU when worth it, eager otherwise."""
+    n = mask.numel()
+    if n % 8 == 0 and _use_compiled(mask.device, n, "auto"):
+        return cpu_compiled.pack_bits_compiled(mask)
+    return pack_bits_impl(mask)
+
+
+def pack_bits_between(values: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
+    """`pack_bits(lo < values < hi)` (no upper bound when hi is None): ReLU-like masks in one pass on CPU."""
+    n = values.numel()
+    if (not torch.compiler.is_compiling() and n % 8 == 0 and values.is_contiguous()
+            and _use_compiled(values.device, n, "auto")):
+        return cpu_compiled.pack_bits_between_compiled(values, lo, hi)
+    mask = values > lo
+    if hi is not None:
+        mask &= values < hi
+    return pack_bits(mask)
+
+
+def scale_by_mask(values: torch.Tensor, codes: torch.Tensor, inside: float, outside: float) -> torch.Tensor:
+    """`values * where(mask, inside, outside)` for a mask stored by `pack_bits`, shaped like `values`.
+
+    What ReLU-like and dropout backwards (and rebuilt ReLU outputs) compute. On CPU the bits are
+    unpacked inside one fused loop; under torch.compile it stays plain ops for Inductor to fuse.
+    """
+    n = values.numel()
+    if (not torch.compiler.is_compiling() and n % 8 == 0 and values.is_contiguous()
+            and _use_compiled(values.device, n, "auto")):
+        return cpu_compiled.scale_by_bits_compiled(values, codes, inside, outside)
+    mask = unpack_bits(codes, values.shape)
+    if outside == 0.0:
+        return values * mask if inside == 1.0 else values * mask * inside
+    return values * torch.where(mask, inside, outside).to(values.dtype)
 
 
 def pack_bits(mask: torch.Tensor) -> torch.Tensor:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from . import pack_groups_impl, unpack_groups_impl
-from .masks import mask_nbytes, pack_bits_impl, unpack_bits_impl
+from . import pack_bits_dispatch, pack_groups_impl, unpack_groups_impl
+from .masks import mask_nbytes, unpack_bits_impl
 
 __all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op"]
 
@@ -76,7 +76,7 @@ unpack_groups_op.register_autograd(_no_gradient, setup_context=_not_differentiab
 
 @torch.library.custom_op("actfx::pack_bits", mutates_args=())
 def pack_bits_op(mask: Tensor) -> Tensor:
-    return pack_bits_impl(mask)
+    return pack_bits_dispatch(mask)
 
 
 @pack_bits_op.register_fake

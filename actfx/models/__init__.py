@@ -11,6 +11,7 @@ from .perceptron import MLP, mlp
 from .mobilenet import MobileNetV2, mobilenet_v2
 from .registry import ModelSpec, build_model, get_model_spec, list_models
 from .resnet import ResNet, resnet18, resnet50, resnet152
+from .swin import SwinTransformer, swin_t, swin_tiny
 from .unet import UNet, unet_small
 from .vgg import VGG, vgg11_bn, vgg16_bn
 from .vit import VisionTransformer, vit_b_16, vit_tiny
@@ -37,6 +38,9 @@ __all__ = [
     "VisionTransformer",
     "vit_b_16",
     "vit_tiny",
+    "SwinTransformer",
+    "swin_t",
+    "swin_tiny",
     "GPT",
     "GPTConfig",
     "gpt2",

@@ -21,6 +21,7 @@ from .perceptron import mlp
 from .resnet import resnet18, resnet50, resnet152
 from .unet import unet_small
 from .vgg import vgg11_bn, vgg16_bn
+from .swin import swin_t, swin_tiny
 from .vit import vit_b_16, vit_tiny
 
 __all__ = ["ModelSpec", "list_models", "get_model_spec", "build_model"]
@@ -75,6 +76,8 @@ _SPECS: tuple[ModelSpec, ...] = (
     _image("densenet121", densenet121, 224, "DenseNet-121, ImageNet, growth 32 (8.0M)"),
     _image("vit_b_16", vit_b_16, 224, "ViT-B/16, ImageNet, 224px only (86.6M)"),
     _image("vit_tiny", vit_tiny, 32, "ViT, 32px, 4x4 patches, 4 layers of 128, for tests (0.8M)"),
+    _image("swin_t", swin_t, 224, "Swin-T, ImageNet, shifted windows of 7, 224px only (28.3M)"),
+    _image("swin_tiny", swin_tiny, 32, "Swin, 32px, 2x2 patches, windows of 4, 2 stages, for tests (0.1M)"),
     _tokens("gpt2", gpt2, 1024, 50257, "GPT-2 small, 12 layers of 768, tied head (124M)"),
     _tokens("gpt_tiny", gpt_tiny, 128, 256, "GPT, 2 layers of 128, byte vocabulary, for tests (0.4M)"),
     _tokens("llama_small", llama_small, 1024, 32000, "LLaMA-style, 8 layers of 512, 32k vocabulary (60M)"),

@@ -41,6 +41,18 @@ def _node_inputs(node: Node) -> list[Node]:
     return list(node.all_input_nodes)
 
 
+def writes_first_argument(target) -> bool:
+    """Whether a called function writes into its first argument: `torch.relu_`-style names, and
+    ATen overloads (`aten.add_.Tensor`, from torch.export) whose schema marks the write."""
+    if isinstance(target, torch._ops.OpOverload):
+        args = target._schema.arguments
+        return bool(args) and args[0].alias_info is not None and args[0].alias_info.is_write
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        target = target.__name__
+    name = target if isinstance(target, str) else getattr(target, "__name__", "")
+    return name.endswith("_") and not name.startswith("__")
+
+
 class GraphFacts:
     def __init__(self, graph: Graph):
         self.graph = graph
@@ -80,7 +92,7 @@ class GraphFacts:
             return node.target in _VIEW_METHODS or node.target.endswith("_")
         if node.op == "call_function":
             return (node.target in _VIEW_FUNCTIONS or node.target in _INPLACE_OPERATORS
-                    or node.kwargs.get("inplace") is True or getattr(node.target, "__name__", "").endswith("_"))
+                    or node.kwargs.get("inplace") is True or writes_first_argument(node.target))
         return False
 
     def _find(self, node: Node) -> Node:
@@ -138,9 +150,8 @@ class GraphFacts:
         if node.op == "call_module" and getattr(self._module(node), "inplace", False):
             return node.args[0] if node.args and isinstance(node.args[0], Node) else None
         if node.op == "call_function":
-            name = getattr(node.target, "__name__", "")
             if node.target in _INPLACE_OPERATORS or node.kwargs.get("inplace") is True or (
-                name.endswith("_") and not name.startswith("__")
+                writes_first_argument(node.target)
             ):
                 first = node.args[0] if node.args else None
                 return first if isinstance(first, Node) else None

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 
 from actfx.passes.site import Site
-from actfx.variants import derivative
+from actfx.variants import derivative, softmax
 from actfx.variants.recompute import SLOT, make_recompute_variant
 
 
@@ -41,6 +41,26 @@ def _derivative_site(node, path, fn, x, kwargs):
     return Site(node, "silu" if kind == "silu" else "gelu", path, [], emit)
 
 
+_LOG_SOFTMAX = (F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)
+
+
+def _log_softmax_site(node, path, args, kwargs):
+    """log_softmax with a known dim: keep its packed probabilities (see variants/softmax.py)."""
+    x = args[0]
+    dim = args[1] if len(args) > 1 else kwargs.get("dim")
+    dtype = kwargs.get("dtype", args[3] if len(args) > 3 and node.target is F.log_softmax else
+                       args[2] if len(args) > 2 and node.target is not F.log_softmax else None)
+    if not isinstance(x, Node) or not isinstance(dim, int) or isinstance(dtype, Node):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        p = graph.call_function(softmax.log_softmax_probabilities, (env[x], dim, dtype))
+        spec, run = pack(p, node)
+        return graph.call_function(softmax.log_softmax, (spec, dim, dtype, env[x], *run)), {}
+
+    return Site(node, "log_softmax", path, [], emit)
+
+
 def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False):
     kwargs = dict(kwargs)
     if "inplace" in kwargs:
@@ -49,6 +69,10 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
     if fn in (F.gelu, F.silu) and not inplace and len(args) == 1 and isinstance(args[0], Node) and all(
             not isinstance(v, Node) for v in kwargs.values()):
         return _derivative_site(node, path, fn, args[0], kwargs)
+    if fn in _LOG_SOFTMAX:
+        site = _log_softmax_site(node, path, args, kwargs)
+        if site is not None:
+            return site
     if inplace and not (args and isinstance(args[0], Node)):
         return None
     args_t, kwargs_t, nodes = _template(args, kwargs)

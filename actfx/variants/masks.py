@@ -12,28 +12,29 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.kernels import pack_bits, unpack_bits
+from actfx.kernels import pack_bits, pack_bits_between, scale_by_mask
 from actfx.variants.common import refuse_double_backward
 
-# kind -> (forward(x, inplace, *params), mask(out, *params), gradient slope outside the mask)
+# kind -> (forward(x, inplace, *params), (lo, hi) with mask = lo < out < hi (hi None: no upper
+# bound), gradient slope outside the mask)
 _RELU_LIKE = {
     "relu": (lambda x, inplace: torch.relu_(x) if inplace else torch.relu(x),
-             lambda out: out > 0, None),
+             lambda: (0.0, None), None),
     "hardtanh": (lambda x, inplace, lo, hi: F.hardtanh(x, lo, hi, inplace),
-                 lambda out, lo, hi: (out > lo) & (out < hi), None),
+                 lambda lo, hi: (lo, hi), None),
     "leaky_relu": (lambda x, inplace, slope: F.leaky_relu(x, slope, inplace),
-                   lambda out, slope: out > 0, "slope"),
+                   lambda slope: (0.0, None), "slope"),
 }
 
 
 class _MaskedActivation(torch.autograd.Function):
     @staticmethod
     def forward(ctx, kind, inplace, params, x):
-        fwd, mask_of, _ = _RELU_LIKE[kind]
+        fwd, bounds, _ = _RELU_LIKE[kind]
         out = fwd(x, inplace, *params)
         if inplace:
             ctx.mark_dirty(x)
-        bits = pack_bits(mask_of(out.detach(), *params))
+        bits = pack_bits_between(out.detach(), *bounds(*params))
         ctx.kind, ctx.params, ctx.shape = kind, params, out.shape
         ctx.save_for_backward(bits)
         ctx.mark_non_differentiable(bits)
@@ -43,11 +44,8 @@ class _MaskedActivation(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_bits):
         refuse_double_backward(ctx.kind)
         (bits,) = ctx.saved_tensors
-        mask = unpack_bits(bits, ctx.shape)
-        if _RELU_LIKE[ctx.kind][2] == "slope":
-            scale = torch.where(mask, 1.0, ctx.params[0]).to(grad_out.dtype)
-            return None, None, None, grad_out * scale
-        return None, None, None, grad_out * mask
+        outside = ctx.params[0] if _RELU_LIKE[ctx.kind][2] == "slope" else 0.0
+        return None, None, None, scale_by_mask(grad_out.contiguous(), bits, 1.0, outside)
 
 
 def relu_like(kind, inplace, params, x):
@@ -77,8 +75,7 @@ class _MaskedDropout(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_bits):
         refuse_double_backward("dropout")
         (bits,) = ctx.saved_tensors
-        keep = unpack_bits(bits, ctx.shape)
-        return None, None, grad_out * keep * ctx.scale
+        return None, None, scale_by_mask(grad_out.contiguous(), bits, ctx.scale, 0.0)
 
 
 def dropout(p, training, inplace, x):

@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from actfx.kernels import unpack_bits, unpack_groups
+from actfx.kernels import scale_by_mask, unpack_groups
 
 EXACT = ("exact",)
 
@@ -121,11 +121,9 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
         return unpack_groups(codes, meta, shape, dtype, bits, group_size)
     if kind == "masked":
         _, shape, slope, inner_plan = plan
-        mask = unpack_bits(next(storage), shape)
-        inner = materialize(inner_plan, storage)
-        if slope is None:
-            return inner * mask
-        return inner * torch.where(mask, 1.0, slope).to(inner.dtype)
+        codes = next(storage)
+        inner = materialize(inner_plan, storage).reshape(shape)
+        return scale_by_mask(inner.contiguous(), codes, 1.0, 0.0 if slope is None else slope)
     if kind == "affine":
         _, ndim, channel_dim, dtype, inner_plan = plan
         a, b = next(storage), next(storage)

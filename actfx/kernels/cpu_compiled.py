@@ -1,0 +1,333 @@
+"""The CPU training path: the reference's pack/unpack math as single fused loops, via torch.compile.
+
+Why: the eager reference (`reference.py`) makes ~15 passes over every saved activation, about
+6 ns per value on one core, which made a ResNet-50 CPU step 1.9x slower than plain PyTorch.
+Written as one expression per output byte (the 8/bits codes of a byte computed side by side, the
+rounding noise hashed from the value's position in registers), Inductor's C++ backend turns a pack
+into one reduction plus one loop and an unpack into one loop: 3-5x faster than the reference
+(`python benchmarks/kernels.py --device cpu`).
+
+Bytes: deterministic mode gives exactly the reference's bytes (tests/test_cpu_compiled.py).
+Stochastic rounding here takes its noise from a counter-based integer hash of (seed, stream,
+position) at 24-bit resolution instead of the reference's torch.Generator, so those bytes differ
+from the reference's; both are unbiased (P(round up) = frac to within 2**-24 here).
+
+The bodies are plain PyTorch and give the same bytes eagerly, so a failed compile (no C++
+compiler) falls back to the reference with one warning and never changes what training computes.
+Each (bits, stochastic) pair has its own small wrapper function, so Dynamo's per-function
+recompile limit (8) is never reached by the combinations one process uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+
+import torch
+
+from .reference import inv_levels, mix_seed, round_bf16_down, round_bf16_up
+
+__all__ = [
+    "compiled_cpu_works",
+    "pack_groups_compiled",
+    "unpack_groups_compiled",
+    "pack_bits_compiled",
+    "scale_by_bits_compiled",
+    "pack_bits_between_compiled",
+    "MIN_COMPILED_VALUES",
+]
+
+# Below this many values a compiled call's fixed cost (~50 us of guards) is not worth it.
+MIN_COMPILED_VALUES = 1 << 14
+# Positions are hashed as int32: larger tensors take the reference path.
+_MAX_VALUES = (1 << 31) - (1 << 16)
+_BF16_NAN = 0x7FC0
+_HASH_MULT = 0x45D9F3B  # the multiplier of a well-tested 32-bit integer finaliser (two rounds)
+_MASK64 = (1 << 64) - 1
+
+
+# ---------------------------------------------------------------------------------------- noise
+
+
+def _hash32(h: torch.Tensor) -> torch.Tensor:
+    """Integer finaliser on int32 lanes (wrapping multiply; `>>` made logical by masking)."""
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_MULT
+    h = (h ^ ((h >> 16) & 0xFFFF)) * _HASH_MULT
+    return h ^ ((h >> 16) & 0xFFFF)
+
+
+def _uniform(position: torch.Tensor, mult: torch.Tensor, add: torch.Tensor) -> torch.Tensor:
+    """u in (0, 1) at 24-bit resolution, u = (k + 1/2) / 2**24, a function of the int32 position.
+
+    `position * mult + add` (mult odd) is a different permutation of the positions per key, so
+    two packs never see shifted copies of each other's noise.
+    """
+    k = (_hash32(position * mult + add) >> 8) & 0xFFFFFF
+    return k.float() * 2.0**-24 + 2.0**-25
+
+
+def noise_keys(seed: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mult, add) as int32 0-d tensors from (seed, stream): tensors, so new seeds never recompile."""
+    z = mix_seed(seed, stream) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64  # splitmix64 finaliser
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    z ^= z >> 31
+    mult, add = (z & 0xFFFFFFFF) | 1, z >> 32
+    to_i32 = lambda v: v - (1 << 32) if v >= 1 << 31 else v  # noqa: E731
+    return (torch.tensor(to_i32(mult), dtype=torch.int32), torch.tensor(to_i32(add), dtype=torch.int32))
+
+
+# ------------------------------------------------------------------------------------ pack body
+
+
+def _pack_body(x: torch.Tensor, mult, add, bits: int, stochastic: bool):
+    """fp32 [R, G] -> codes uint8 [R, G*bits/8], meta int16 [R, 2], const bool [R], min fp32 [R].
+
+    Same fp32 operations in the same order as `reference._quantize_chunk`; output byte j of a
+    row holds the codes of values j*per .. j*per+per-1 (per = 8 / bits), least significant first.
+    """
+    rows, group = x.shape
+    per = 8 // bits
+    mn, mx = x.amin(dim=1), x.amax(dim=1)
+    lo = round_bf16_down(mn)
+    step = round_bf16_up((mx - lo) * inv_levels(bits))
+    bad = ~torch.isfinite(step)
+    const = (mx == mn) & ~bad
+    step = torch.where(const, 0.0, step)
+    ok = step > 0
+    recip = torch.where(ok, 1.0 / torch.where(ok, step, 1.0), 0.0)
+    lo_c, recip_c, bad_c = lo[:, None], recip[:, None], bad[:, None]
+    xv = x.view(rows, group // per, per)
+    if stochastic:
+        first = torch.arange(rows * (group // per), dtype=torch.int32, device=x.device)
+        first = first.view(rows, group // per) * per
+    packed = None
+    for k in range(per):
+        t = (xv[:, :, k] - lo_c) * recip_c
+        f = torch.floor(t)
+        frac = t - f
+        if stochastic:
+            f = f + (_uniform(first + k, mult, add) < frac).float()
+        else:
+            f = f + (frac >= 0.5).float()
+        f = torch.where(bad_c, 0.0, f.clamp_max(float((1 << bits) - 1)))
+        code = f.to(torch.int32) << (bits * k)
+        packed = code if packed is None else packed | code
+    meta = torch.stack((lo.view(torch.int32) >> 16, step.view(torch.int32) >> 16), dim=1)
+    meta = torch.where(bad[:, None], _BF16_NAN, meta).to(torch.int16)
+    return packed.to(torch.uint8), meta, const, mn
+
+
+# One wrapper per (bits, stochastic): each is its own code object, so each has its own recompile budget.
+def _pack_1(x, mult, add):
+    return _pack_body(x, mult, add, 1, False)
+
+
+def _pack_2(x, mult, add):
+    return _pack_body(x, mult, add, 2, False)
+
+
+def _pack_4(x, mult, add):
+    return _pack_body(x, mult, add, 4, False)
+
+
+def _pack_8(x, mult, add):
+    return _pack_body(x, mult, add, 8, False)
+
+
+def _pack_1s(x, mult, add):
+    return _pack_body(x, mult, add, 1, True)
+
+
+def _pack_2s(x, mult, add):
+    return _pack_body(x, mult, add, 2, True)
+
+
+def _pack_4s(x, mult, add):
+    return _pack_body(x, mult, add, 4, True)
+
+
+def _pack_8s(x, mult, add):
+    return _pack_body(x, mult, add, 8, True)
+
+
+_PACK = {
+    (1, False): _pack_1, (2, False): _pack_2, (4, False): _pack_4, (8, False): _pack_8,
+    (1, True): _pack_1s, (2, True): _pack_2s, (4, True): _pack_4s, (8, True): _pack_8s,
+}
+
+
+# ---------------------------------------------------------------------------------- unpack body
+
+
+def _unpack_body(codes: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, bits: int) -> torch.Tensor:
+    """codes uint8 [R, B] + per-row fp32 lo, step -> fp32 [R, B * 8/bits]: lo + code * step.
+
+    Written as [R, B, per] (the per = 8/bits values of each byte along a short static last
+    dim), which Inductor vectorizes well; per-shift planes stacked afterwards ran 3x slower.
+    """
+    rows, nbytes = codes.shape
+    per = 8 // bits
+    shift = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    c = (codes[:, :, None].to(torch.int32) >> shift) & ((1 << bits) - 1)
+    return (c.float() * step[:, None, None] + lo[:, None, None]).view(rows, nbytes * per)
+
+
+def _unpack_1(codes, lo, step):
+    return _unpack_body(codes, lo, step, 1)
+
+
+def _unpack_2(codes, lo, step):
+    return _unpack_body(codes, lo, step, 2)
+
+
+def _unpack_4(codes, lo, step):
+    return _unpack_body(codes, lo, step, 4)
+
+
+def _unpack_8(codes, lo, step):
+    return _unpack_body(codes, lo, step, 8)
+
+
+_UNPACK = {1: _unpack_1, 2: _unpack_2, 4: _unpack_4, 8: _unpack_8}
+
+
+# ------------------------------------------------------------------------------------ bit masks
+
+
+def _pack_bits_body(mask: torch.Tensor) -> torch.Tensor:
+    """bool [n/8, 8] -> uint8 [n/8], bit k of byte i = mask[i, k]."""
+    m = mask.to(torch.int32)
+    packed = m[:, 0]
+    for k in range(1, 8):
+        packed = packed | (m[:, k] << k)
+    return packed.to(torch.uint8)
+
+
+def _pack_above_body(values: torch.Tensor, lo) -> torch.Tensor:
+    """values [n/8, 8] -> uint8 [n/8] of `values > lo` (ReLU's mask straight from its output)."""
+    return _pack_bits_body(values > lo)
+
+
+def _pack_between_body(values: torch.Tensor, lo, hi) -> torch.Tensor:
+    """values [n/8, 8] -> uint8 [n/8] of `lo < values < hi` (ReLU6 / hardtanh)."""
+    return _pack_bits_body((values > lo) & (values < hi))
+
+
+def _scale_by_bits_body(values: torch.Tensor, codes: torch.Tensor, inside, outside) -> torch.Tensor:
+    """values [n/8, 8] * (inside where the bit is set, outside elsewhere); codes uint8 [n/8]."""
+    bit = (codes[:, None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
+    return values * torch.where(bit != 0, inside, outside)
+
+
+# ------------------------------------------------------------------------------- compiled cache
+
+
+@functools.cache
+def _compiled(fn):
+    """torch.compile'd `fn` (Inductor), rows dynamic via `maybe_mark_dynamic` at call time."""
+    return torch.compile(fn, fullgraph=True, dynamic=False)
+
+
+def _call(fn, *tensors):
+    for t in tensors:
+        if t.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(t, 0)
+    return _compiled(fn)(*tensors)
+
+
+@functools.cache
+def compiled_cpu_works() -> bool:
+    """Compile and run a small pack once, checked against the reference; warn once if it fails."""
+    from .reference import pack_groups_reference
+
+    try:
+        x = torch.linspace(-3.0, 5.0, 64 * 32).view(64, 32)
+        mult, add = noise_keys(0, 0)
+        codes, meta, _, _ = _call(_PACK[(2, False)], x, mult, add)
+        want_codes, want_meta = pack_groups_reference(x, torch.zeros(1, dtype=torch.int64), 0, 2, 32, False)
+        if not (torch.equal(codes, want_codes) and torch.equal(meta, want_meta.view(torch.int16))):
+            raise RuntimeError("compiled pack disagrees with the PyTorch reference")
+        return True
+    except Exception as err:  # noqa: BLE001 - any failure means "use the reference here"
+        warnings.warn(
+            f"actfx: torch.compile'd CPU kernels do not work here ({type(err).__name__}: {err}); "
+            f"CPU packing falls back to the slower eager reference (set ACTFX_CPU_KERNELS=reference "
+            f"to choose it without trying)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        return False
+
+
+def usable(numel: int) -> bool:
+    """Whether a tensor of `numel` values is worth (and safe) to send to the compiled kernels."""
+    return MIN_COMPILED_VALUES <= numel <= _MAX_VALUES
+
+
+# ------------------------------------------------------------------------------ public launchers
+
+
+def pack_groups_compiled(
+    x: torch.Tensor, seed: torch.Tensor, stream: int, bits: int, group_size: int, stochastic: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Same contract as `pack_groups_reference`; full groups compiled, a partial last group by the reference."""
+    from .reference import pack_groups_reference
+
+    flat = x.reshape(-1)
+    if flat.dtype != torch.float32:
+        flat = flat.float()
+    n, G = flat.numel(), group_size
+    full = n // G
+    mult, add = noise_keys(int(seed.item()), stream)
+    codes, meta, const, mn = _call(_PACK[(bits, stochastic)], flat[: full * G].view(full, G), mult, add)
+    if bool(const.any()):
+        # The constant's exact fp32 bits, little-endian, in the group's first 4 bytes.
+        codes[const, :4] = mn[const].contiguous().view(torch.uint8).view(-1, 4)
+    meta = meta.view(torch.bfloat16)
+    if full * G < n:
+        tail_codes, tail_meta = pack_groups_reference(flat[full * G :], seed, stream, bits, G, stochastic)
+        codes, meta = torch.cat((codes, tail_codes)), torch.cat((meta, tail_meta))
+    return codes, meta
+
+
+def unpack_groups_compiled(
+    codes: torch.Tensor, meta: torch.Tensor, shape, dtype: torch.dtype, bits: int, group_size: int
+) -> torch.Tensor:
+    """Same contract as `unpack_groups_reference` (constant and NaN groups handled per row first)."""
+    n = 1
+    for d in shape:
+        n *= int(d)
+    m = meta.float()
+    lo, step = m[:, 0], m[:, 1]
+    const = step == 0
+    if bool(const.any()):
+        exact = codes[:, :4].contiguous().view(torch.float32).view(-1)
+        lo = torch.where(const, exact, lo)
+        step = torch.where(const, -0.0, step)  # c + code * -0.0 is exactly c, -0.0 included
+    out = _call(_UNPACK[bits], codes, lo.contiguous(), step.contiguous())
+    out = out.view(-1)[:n]
+    if dtype != torch.float32:
+        out = out.to(dtype)
+    return out.view(tuple(shape))
+
+
+def pack_bits_compiled(mask: torch.Tensor) -> torch.Tensor:
+    """bool mask with a multiple of 8 elements -> uint8 [n / 8] (layout of `masks.pack_bits_impl`)."""
+    return _call(_pack_bits_body, mask.reshape(-1, 8))
+
+
+def pack_bits_between_compiled(values: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
+    """`pack_bits(lo < values < hi)` for contiguous values with a multiple of 8 elements."""
+    flat = values.reshape(-1, 8)
+    if hi is None:
+        return _call(_pack_above_body, flat, torch.tensor(lo, dtype=values.dtype))
+    return _call(_pack_between_body, flat, torch.tensor(lo, dtype=values.dtype), torch.tensor(hi, dtype=values.dtype))
+
+
+def scale_by_bits_compiled(values: torch.Tensor, codes: torch.Tensor, inside: float, outside: float) -> torch.Tensor:
+    """values * where(bit, inside, outside), bits unpacked on the fly; values has a multiple of 8 elements."""
+    flat = values.reshape(-1, 8)
+    scales = torch.tensor([inside, outside], dtype=values.dtype)
+    out = _call(_scale_by_bits_body, flat, codes, scales[0], scales[1])
+    return out.view(values.shape)
