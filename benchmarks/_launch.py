@@ -18,8 +18,13 @@ class WorkerFailed(RuntimeError):
 
 
 def launch(job: dict, *, timeout: float | None = None) -> tuple[int, dict | None, str]:
-    """(exit status, result or None, end of stderr). CPU memory jobs get glibc's mmap threshold."""
-    env = cpu_worker_env() if job.get("mode") == "memory" and job.get("device", "cpu") == "cpu" else dict(os.environ)
+    """(exit status, result or None, end of stderr). CPU memory jobs get glibc's mmap threshold;
+    other jobs run without it even if the caller's environment has it (it would make every
+    temporary a fresh page-faulting mmap and slow the timed steps)."""
+    if job.get("mode") == "memory" and job.get("device", "cpu") == "cpu":
+        env = cpu_worker_env()
+    else:
+        env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
     proc = subprocess.run([sys.executable, str(WORKER), json.dumps(job)], env=env, cwd=WORKER.parent,
                           capture_output=True, text=True, timeout=timeout)
     for line in reversed(proc.stdout.splitlines()):

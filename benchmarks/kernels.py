@@ -1,7 +1,10 @@
 """Throughput of pack / unpack against a plain copy of the same tensor on the same device.
 
 Run: python benchmarks/kernels.py [--device cpu|cuda] [--sizes 1MB 16MB ...] [--bits 2 4]
-     [--dtypes float32 bfloat16] [--json PATH]
+     [--dtypes float32 bfloat16] [--backend auto|triton|compiled|reference] [--json PATH]
+
+`--backend compiled` is the torch.compile'd CPU path (the default on CPU), `reference` the eager
+PyTorch one it replaced; compare them with `--device cpu --backend reference`.
 
 Throughput counts bytes read + written (input + codes + meta for pack, the reverse for unpack);
 "of copy" divides it by the throughput of `y.copy_(x)` (read + write) measured in the same run.
@@ -52,17 +55,19 @@ def time_it(fn: Callable[[], object], device: torch.device, repeats: int) -> flo
     return statistics.median(times)
 
 
-def bench_one(nbytes: int, dtype: torch.dtype, bits: int, group_size: int, device: torch.device,
+def bench_one(nbytes: int, dtype: torch.dtype, bits: int, group_size: int, device: torch.device, backend: str,
               repeats: int) -> dict:
     numel = nbytes // dtype.itemsize
     x = torch.randn(numel, device=device).to(dtype)
     y = torch.empty_like(x)
     seed = torch.zeros(1, dtype=torch.int64, device=device)
-    codes, meta = pack_groups(x, seed, 0, bits, group_size, True)
+    codes, meta = pack_groups(x, seed, 0, bits, group_size, True, backend=backend)  # also the warm-up
+    unpack_groups(codes, meta, x.shape, dtype, bits, group_size, backend=backend)
     packed = codes.nbytes + meta.nbytes
     copy_s = time_it(lambda: y.copy_(x), device, repeats)
-    pack_s = time_it(lambda: pack_groups(x, seed, 0, bits, group_size, True), device, repeats)
-    unpack_s = time_it(lambda: unpack_groups(codes, meta, x.shape, dtype, bits, group_size), device, repeats)
+    pack_s = time_it(lambda: pack_groups(x, seed, 0, bits, group_size, True, backend=backend), device, repeats)
+    unpack_s = time_it(lambda: unpack_groups(codes, meta, x.shape, dtype, bits, group_size, backend=backend),
+                       device, repeats)
     moved = x.nbytes + packed
     copy_bw = 2 * x.nbytes / copy_s
     return {
@@ -81,6 +86,7 @@ def main() -> None:
     parser.add_argument("--dtypes", nargs="+", default=list(_DTYPES), choices=list(_DTYPES))
     parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
     parser.add_argument("--group-size", type=int, default=256)
+    parser.add_argument("--backend", default="auto", choices=["auto", "triton", "compiled", "reference"])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
@@ -93,7 +99,7 @@ def main() -> None:
     sizes = [parse_size(s) for s in (args.sizes or default)]
 
     rows = []
-    title = f"actfx pack / unpack on {device} (group_size={args.group_size}, stochastic pack"
+    title = f"actfx pack / unpack on {device}, backend {args.backend} (group_size={args.group_size}, stochastic pack"
     title += f", {torch.get_num_threads()} CPU threads)" if device.type == "cpu" else ")"
     table = Table(title=title)
     for col in ("MB", "dtype", "bits", "copy GB/s", "pack GB/s", "of copy", "unpack GB/s", "of copy",
@@ -102,7 +108,7 @@ def main() -> None:
     for nbytes in sizes:
         for name in args.dtypes:
             for bits in args.bits:
-                r = bench_one(nbytes, _DTYPES[name], bits, args.group_size, device, args.repeats)
+                r = bench_one(nbytes, _DTYPES[name], bits, args.group_size, device, args.backend, args.repeats)
                 rows.append(r)
                 table.add_row(
                     f"{nbytes / 2**20:g}", r["dtype"], str(bits), f"{r['copy_GBps']:.1f}",

@@ -173,3 +173,20 @@ def test_threshold_masks_match_the_eager_comparison(lo, hi):
     if hi is not None:
         want &= values < hi
     assert torch.equal(pack_bits_between(values, lo, hi), pack_bits_impl(want))
+
+
+@pytest.mark.parametrize("shape", [(4, 16, 32, 32), (2, 8, 10, 12)])
+def test_batchnorm_relu_rebuild_matches_the_eager_formula(shape, monkeypatch):
+    from actfx.kernels import affine_scale_by_mask
+
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(shape, generator=g)
+    a, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    codes = pack_bits(torch.rand(shape, generator=g) > 0.4)
+    fused = affine_scale_by_mask(x, a, b, 1, codes, 1.0, 0.0, torch.float32)
+    monkeypatch.setenv("ACTFX_CPU_KERNELS", "reference")
+    eager = affine_scale_by_mask(x, a, b, 1, codes, 1.0, 0.0, torch.float32)
+    # multiply then add on both paths: bit-identical
+    assert torch.equal(fused, eager)
+    y = x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    assert torch.equal(eager, y * unpack_bits(codes, shape))

@@ -33,6 +33,7 @@ __all__ = [
     "unpack_groups_compiled",
     "pack_bits_compiled",
     "scale_by_bits_compiled",
+    "affine_scale_by_bits_compiled",
     "pack_bits_between_compiled",
     "MIN_COMPILED_VALUES",
 ]
@@ -204,6 +205,18 @@ def _pack_bits_body(mask: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
+def _affine_scale_by_bits_body(x: torch.Tensor, a, b, codes: torch.Tensor, inside, outside) -> torch.Tensor:
+    """(x * a[c] + b[c]) * (inside where the bit is set, outside elsewhere), in one pass.
+
+    x [N, C, S/8, 8] fp32, a and b [C], codes uint8 [N, C, S/8] (S, the values per channel, a
+    multiple of 8, so each mask byte covers one channel's values): BatchNorm's affine map and the
+    ReLU mask that rebuild a conv's input from BatchNorm's unpacked input.
+    """
+    bit = (codes[..., None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
+    y = x * a[None, :, None, None] + b[None, :, None, None]
+    return y * torch.where(bit != 0, inside, outside)
+
+
 def _pack_above_body(values: torch.Tensor, lo) -> torch.Tensor:
     """values [n/8, 8] -> uint8 [n/8] of `values > lo` (ReLU's mask straight from its output)."""
     return _pack_bits_body(values > lo)
@@ -323,6 +336,22 @@ def pack_bits_between_compiled(values: torch.Tensor, lo: float, hi: float | None
     if hi is None:
         return _call(_pack_above_body, flat, torch.tensor(lo, dtype=values.dtype))
     return _call(_pack_between_body, flat, torch.tensor(lo, dtype=values.dtype), torch.tensor(hi, dtype=values.dtype))
+
+
+def affine_scale_by_bits_compiled(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, codes: torch.Tensor,
+                                  inside: float, outside: float) -> torch.Tensor:
+    """fp32 x [N, C, *spatial] (contiguous, prod(spatial) % 8 == 0) -> (x * a + b) * mask scale."""
+    n, c = x.shape[0], x.shape[1]
+    per_channel = x.numel() // (n * c)
+    x4 = x.view(n, c, per_channel // 8, 8)
+    codes3 = codes.view(n, c, per_channel // 8)
+    scales = torch.tensor([inside, outside], dtype=torch.float32)
+    for t in (x4, codes3):
+        for d in range(3):
+            torch._dynamo.maybe_mark_dynamic(t, d)
+    out = _compiled(_affine_scale_by_bits_body)(x4, a.float().contiguous(), b.float().contiguous(), codes3,
+                                                scales[0], scales[1])
+    return out.view(x.shape)
 
 
 def scale_by_bits_compiled(values: torch.Tensor, codes: torch.Tensor, inside: float, outside: float) -> torch.Tensor:

@@ -29,45 +29,84 @@ def _tuple(value, nd):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
 
 
-def _origins(out_shape, geometry, device):
-    """Per spatial dim, the input coordinate where each output position's window starts."""
+def _origin_flat(out_shape, in_shape, geometry, device):
+    """Flat input index (may be negative: padding) where each output position's window starts."""
     _, stride, padding, _ = geometry
     nd = len(stride)
-    origins = []
+    flat = torch.zeros((), dtype=torch.int64, device=device)
     for dim in range(nd):
         view = [1] * nd
         view[dim] = -1
-        o = torch.arange(out_shape[dim], device=device).view(view)
-        origins.append(o * stride[dim] - padding[dim])
-    return origins
+        start = torch.arange(out_shape[dim], device=device).view(view) * stride[dim] - padding[dim]
+        flat = flat + start * math.prod(in_shape[dim + 1 :])
+    return flat
+
+
+def _window_steps(in_shape, geometry) -> list[int] | None:
+    """Per dim, how far one step inside the window moves the flat index (dilation * row length);
+    None when a window's inner extent reaches a whole outer step (tiny inputs with padding), where
+    the offsets below would be ambiguous."""
+    kernel, _, _, dilation = geometry
+    steps = [dilation[d] * math.prod(in_shape[d + 1 :]) for d in range(len(kernel))]
+    for d in range(1, len(kernel)):
+        inner = sum((kernel[e] - 1) * steps[e] for e in range(d, len(kernel)))
+        if inner >= steps[d - 1]:
+            return None
+    return steps
+
+
+def _window_offsets(in_shape, geometry, device) -> torch.Tensor:
+    """int64 [prod(kernel)]: flat offset from the window's start of each in-window position."""
+    kernel, _, _, dilation = geometry
+    nd = len(kernel)
+    offsets = torch.zeros((), dtype=torch.int64, device=device)
+    for dim in range(nd):
+        view = [1] * nd
+        view[dim] = -1
+        step = dilation[dim] * math.prod(in_shape[dim + 1 :])
+        offsets = offsets + torch.arange(kernel[dim], device=device).view(view) * step
+    return offsets.reshape(-1)
 
 
 def to_window_index(idx, in_shape, geometry):
-    """int64 plane indices -> uint8 positions inside each pooling window."""
-    kernel, _, _, dilation = geometry
+    """int64 plane indices -> uint8 positions inside each pooling window.
+
+    A lookup: the offset from the window's start identifies the position (the offsets are
+    distinct unless `_window_steps` says otherwise), so a table indexed by offset gives it in
+    one gather, without the integer divisions that do not vectorize on CPU.
+    """
+    nd = len(geometry[0])
+    if _window_steps(in_shape, geometry) is None:
+        return _to_window_index_by_division(idx, in_shape, geometry)
+    offsets = _window_offsets(in_shape, geometry, idx.device)
+    table = torch.zeros(int(offsets[-1]) + 1, dtype=torch.uint8, device=idx.device)
+    table[offsets] = torch.arange(offsets.numel(), device=idx.device).to(torch.uint8)
+    delta = idx - _origin_flat(idx.shape[-nd:], in_shape, geometry, idx.device)
+    return table[delta]
+
+
+def from_window_index(rel, in_shape, geometry):
+    """The inverse of ``to_window_index``: int64 plane indices (window start + offset table)."""
+    nd = len(geometry[0])
+    offsets = _window_offsets(in_shape, geometry, rel.device)
+    return _origin_flat(rel.shape[-nd:], in_shape, geometry, rel.device) + offsets[rel.long()]
+
+
+def _to_window_index_by_division(idx, in_shape, geometry):
+    kernel, stride, padding, dilation = geometry
     nd = len(kernel)
     coords, rest = [], idx
     for dim in reversed(range(nd)):
         coords.insert(0, rest % in_shape[dim])
         rest = rest // in_shape[dim]
     rel = torch.zeros_like(idx)
-    for dim, origin in enumerate(_origins(idx.shape[-nd:], geometry, idx.device)):
+    out_shape = idx.shape[-nd:]
+    for dim in range(nd):
+        view = [1] * nd
+        view[dim] = -1
+        origin = torch.arange(out_shape[dim], device=idx.device).view(view) * stride[dim] - padding[dim]
         rel = rel * kernel[dim] + (coords[dim] - origin) // dilation[dim]
     return rel.to(torch.uint8)
-
-
-def from_window_index(rel, in_shape, geometry):
-    """The inverse of ``to_window_index``: int64 plane indices."""
-    kernel, _, _, dilation = geometry
-    nd = len(kernel)
-    rest, offsets = rel.long(), []
-    for dim in reversed(range(nd)):
-        offsets.insert(0, rest % kernel[dim])
-        rest = rest // kernel[dim]
-    flat = torch.zeros_like(rest)
-    for dim, origin in enumerate(_origins(rel.shape[-nd:], geometry, rel.device)):
-        flat = flat * in_shape[dim] + origin + offsets[dim] * dilation[dim]
-    return flat
 
 
 class _CompactMaxPool(torch.autograd.Function):

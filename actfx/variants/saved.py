@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from actfx.kernels import scale_by_mask, unpack_groups
+from actfx.kernels import affine_scale_by_mask, scale_by_mask, unpack_groups
 
 EXACT = ("exact",)
 
@@ -64,6 +64,7 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
         codes, meta = tensors[1], tensors[2]
         if codes is None:
             return EXACT, [value]
+        _count_reader(codes)
         return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
     if kind == "sum":
         width = spec_width(spec[1])
@@ -118,20 +119,27 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
     if kind == "packed":
         _, shape, dtype, bits, group_size = plan
         codes, meta = next(storage), next(storage)
-        return unpack_groups(codes, meta, shape, dtype, bits, group_size)
+        return _unpack_once(codes, meta, shape, dtype, bits, group_size)
     if kind == "masked":
         _, shape, slope, inner_plan = plan
         codes = next(storage)
+        outside = 0.0 if slope is None else slope
+        if inner_plan[0] == "affine" and inner_plan[1] == len(shape):
+            # BatchNorm -> ReLU rebuilt in one pass (the common conv -> BN -> ReLU -> conv chain)
+            _, ndim, channel_dim, dtype, affine_inner = inner_plan
+            a, b = next(storage), next(storage)
+            x = materialize(affine_inner, storage).reshape(shape)
+            return affine_scale_by_mask(x.contiguous(), a, b, channel_dim, codes, 1.0, outside, dtype)
         inner = materialize(inner_plan, storage).reshape(shape)
-        return scale_by_mask(inner.contiguous(), codes, 1.0, 0.0 if slope is None else slope)
+        return scale_by_mask(inner.contiguous(), codes, 1.0, outside)
     if kind == "affine":
         _, ndim, channel_dim, dtype, inner_plan = plan
         a, b = next(storage), next(storage)
         inner = materialize(inner_plan, storage)
         view = [1] * ndim
         view[channel_dim] = -1
-        out = torch.addcmul(b.view(view), a.view(view), inner.float())
-        return out.to(dtype)
+        # multiply then add, never a fused multiply-add: the same bits as the fused CPU kernel
+        return (inner.float() * a.view(view)).add_(b.view(view)).to(dtype)
     if kind == "sum":
         left = materialize(plan[1], storage)
         return left + materialize(plan[2], storage)
@@ -140,6 +148,34 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
     if kind == "permute":
         return materialize(plan[2], storage).permute(plan[1])
     raise ValueError(f"unknown saved-value plan {plan!r}")
+
+
+# A packed value read by several backward formulas (BatchNorm's input is also, through the
+# BN -> ReLU rebuild, the next conv's input) is unpacked once: the codes tensor itself counts
+# its readers (one per Function that saved it) and holds the unpacked value until the last one
+# has taken it. The state lives on the codes tensor, so it goes away with the graph; eager only
+# (under torch.compile, Inductor sees the unpacks and schedules them itself).
+_READERS, _UNPACKED = "_actfx_readers", "_actfx_unpacked"
+
+
+def _count_reader(codes: torch.Tensor) -> None:
+    if not torch.compiler.is_compiling():
+        state = codes.__dict__
+        state[_READERS] = state.get(_READERS, 0) + 1
+
+
+def _unpack_once(codes, meta, shape, dtype, bits, group_size) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return unpack_groups(codes, meta, shape, dtype, bits, group_size)
+    state = codes.__dict__
+    left = state.get(_READERS, 1) - 1
+    value = state.pop(_UNPACKED, None)
+    if value is None or value.dtype != dtype or tuple(value.shape) != tuple(shape):
+        value = unpack_groups(codes, meta, shape, dtype, bits, group_size)
+    state[_READERS] = left
+    if left > 0:
+        state[_UNPACKED] = value
+    return value
 
 
 def split_all(specs: Sequence[tuple], tensors: Sequence) -> tuple[list[tuple], list[torch.Tensor]]:
