@@ -112,3 +112,16 @@ def get_strategy(name: str) -> Strategy:
 def training_loss(output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Cross-entropy over the last dim: class logits [b, c] or next-token logits [b, s, v]."""
     return F.cross_entropy(output.flatten(0, -2).float(), target.flatten())
+
+
+class WithLoss(nn.Module):
+    """The model and its training loss as one module, as a model that computes its own loss (a
+    Hugging Face model given labels) is: every strategy then applies to the loss too. For a
+    language model the loss's saved log-probabilities are the largest single tensor."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        return training_loss(self.model(x), target)

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from _memory import probe_for
-from _strategies import Checkpointed, get_strategy, training_loss
+from _strategies import Checkpointed, WithLoss, get_strategy
 from actfx.accounting import count_saved
 from actfx.models import build_model, get_model_spec
 
@@ -56,21 +56,20 @@ class Runner:
     def __init__(self, strategy: str, model: nn.Module, x: torch.Tensor) -> None:
         self.device = x.device
         self.strategy = get_strategy(strategy)
+        with torch.no_grad():
+            out_shape = model(x).shape
+        gen = torch.Generator().manual_seed(1)
+        self.target = torch.randint(out_shape[-1], out_shape[:-1], generator=gen).to(self.device)
         t0 = time.perf_counter()
-        self.model = self.strategy.prepare(model)
+        self.model = self.strategy.prepare(WithLoss(model))  # the loss is part of what is converted
         self.prepare_s = time.perf_counter() - t0
         self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-4)  # stateless: no extra memory
         self.x = x
-        self.target = None
         self.probe = probe_for(self.device)
 
     def _loss(self, hooks: bool = True) -> torch.Tensor:
         with self.strategy.forward_context(self.device) if hooks else contextlib.nullcontext():
-            out = self.model(self.x)
-        if self.target is None:
-            gen = torch.Generator().manual_seed(1)
-            self.target = torch.randint(out.shape[-1], out.shape[:-1], generator=gen).to(self.device)
-        return training_loss(out, self.target)
+            return self.model(self.x, self.target)
 
     def _finish(self, loss: torch.Tensor) -> None:
         loss.backward()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import operator
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import actfx
+from actfx.accounting import count_saved
 
 
 class Wrap(nn.Module):
@@ -195,6 +197,61 @@ def test_log_softmax_with_masked_logits_keeps_probabilities(fn):
     assert "recompute" not in {d.kind for d in converted._actfx_record.decisions}
 
 
+class _WithLoss(nn.Module):
+    def __init__(self, loss=None, functional=None):
+        super().__init__()
+        self.head = nn.Linear(16, 40)
+        self.loss, self.functional = loss, functional
+
+    def forward(self, x, target):
+        logits = self.head(x)
+        if self.loss is not None:
+            return self.loss(logits.transpose(1, 2), target)  # [N, C, T]: class dim 1
+        return self.functional(logits.flatten(0, 1), target.flatten())
+
+
+@pytest.mark.parametrize("make", [
+    lambda: _WithLoss(functional=lambda z, t: F.cross_entropy(z, t)),
+    lambda: _WithLoss(functional=lambda z, t: F.cross_entropy(z, t, ignore_index=3, reduction="sum")),
+    lambda: _WithLoss(nn.CrossEntropyLoss()),
+    lambda: _WithLoss(nn.CrossEntropyLoss(weight=torch.rand(40), reduction="none")),
+], ids=["functional", "ignore_index-sum", "module", "module-weight-none"])
+def test_cross_entropy_keeps_packed_probabilities(make):
+    # The loss's log-probabilities are a language model's largest saved tensor; packed
+    # probabilities replace them (and nll_loss's copy of them) entirely.
+    torch.manual_seed(0)
+    model = make()
+    x, target = torch.randn(8, 64, 16), torch.randint(0, 40, (8, 64))
+    converted = actfx.convert(model, bits=8)
+    assert "cross_entropy" in {d.kind for d in converted._actfx_record.decisions}
+    outs, grads = [], []
+    for m in (model, converted):
+        out = m(x, target)
+        outs.append(out)
+        grads.append(torch.autograd.grad(out.sum(), m.head.weight)[0])
+    assert torch.equal(outs[0], outs[1])
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.03
+    with count_saved(converted) as saved:
+        kept = converted(x, target)  # noqa: F841
+    assert saved.by_dtype.get(torch.float32, 0) < 40 * 64 * 8 * 4 / 3  # < a third of fp32 logits
+
+
+@pytest.mark.parametrize("kwargs,target", [
+    ({"label_smoothing": 0.1}, lambda: torch.randint(0, 40, (512,))),
+    ({}, lambda: torch.softmax(torch.randn(512, 40), dim=1)),  # probability targets
+])
+def test_cross_entropy_other_forms_run_as_they_are(kwargs, target):
+    torch.manual_seed(0)
+    model = _WithLoss(functional=lambda z, t: F.cross_entropy(z, t.reshape(z.shape[0], -1).squeeze(1), **kwargs))
+    x, t = torch.randn(8, 64, 16), target()
+    converted = actfx.convert(model, bits=8)
+    ga = torch.autograd.grad(model(x, t), model.head.weight)[0]
+    out = converted(x, t)
+    assert torch.equal(out, model(x, t))
+    gb = torch.autograd.grad(out, converted.head.weight)[0]
+    assert ((gb - ga).norm() / ga.norm()).item() < 0.03  # the head's input is packed at 8 bits
+
+
 @pytest.mark.parametrize("norm,shape", [
     (nn.LayerNorm(64), (8, 10, 64)), (nn.GroupNorm(4, 16), (4, 16, 6, 6)),
     (nn.InstanceNorm2d(16, affine=True), (4, 16, 6, 6)), (nn.RMSNorm(64), (8, 10, 64)),
@@ -236,3 +293,33 @@ def test_addmm_with_a_weight_is_a_linear():
     model = Wrap(lambda s, x: torch.addmm(s.lin.bias, x.view(-1, 32), s.lin.weight.t()).view(4, 16, 16),
                  lin=nn.Linear(32, 16))
     check_variant(model, torch.randn(4, 16, 32), kinds=["linear"])
+
+
+def _pool_geometries():
+    for nd in (1, 2, 3):
+        for k, stride, pad, dil in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2), (1, 2)):
+            if pad > k // 2:
+                continue
+            for size in ([(9,) * nd, (3,) * nd, (2,) * nd] if nd < 3 else [(6,) * nd, (2,) * nd]):
+                yield nd, k, stride, pad, dil, size
+
+
+def test_window_indices_round_trip_for_every_geometry():
+    # uint8 in-window positions via an offset table (no integer division), checked against the
+    # division formula and back to PyTorch's plane indices, tiny inputs with padding included.
+    from actfx.variants.pool import _to_window_index_by_division, from_window_index, to_window_index
+
+    pools = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
+    checked = 0
+    for nd, k, stride, pad, dil, size in _pool_geometries():
+        x = torch.randn((2, 3) + size, generator=torch.Generator().manual_seed(checked))
+        try:
+            _, idx = pools[nd](x, k, stride, pad, dil, return_indices=True)
+        except RuntimeError:  # output would be empty
+            continue
+        geometry = ((k,) * nd, (stride,) * nd, (pad,) * nd, (dil,) * nd)
+        rel = to_window_index(idx, size, geometry)
+        assert torch.equal(rel, _to_window_index_by_division(idx, size, geometry)), (nd, k, stride, pad, dil, size)
+        assert torch.equal(from_window_index(rel, size, geometry), idx)
+        checked += 1
+    assert checked > 200

@@ -189,13 +189,18 @@ def cpu_kernels_choice() -> str:
     return choice
 
 
-def _use_compiled(device: torch.device, numel: int, backend: str) -> bool:
-    """CPU tensors worth compiling for, when Inductor works here (checked once per process)."""
+def _use_compiled(t: torch.Tensor, numel: int, backend: str) -> bool:
+    """Plain CPU tensors worth compiling for, when Inductor works here (checked once per process).
+
+    Only exact `torch.Tensor`s: fake, meta or functional tensors (dry runs, export tracing) take
+    the eager path, which traces like any other PyTorch code.
+    """
+    device = t.device
     if backend == "compiled":
         if device.type != "cpu":
             raise ValueError(f"backend='compiled' is the CPU path, got a tensor on {device}")
         return True
-    if backend != "auto" or device.type != "cpu" or not cpu_compiled.usable(numel):
+    if backend != "auto" or device.type != "cpu" or type(t) is not torch.Tensor or not cpu_compiled.usable(numel):
         return False
     return cpu_kernels_choice() == "compiled" and cpu_compiled.compiled_cpu_works()
 
@@ -208,7 +213,7 @@ def pack_groups_impl(
     if _use_triton(x.device, backend):
         pack_groups_triton = _triton_module().pack_groups_triton
         return pack_groups_triton(x, seed, stream, bits, group_size, stochastic)
-    if _use_compiled(x.device, x.numel(), backend):
+    if _use_compiled(x, x.numel(), backend):
         return cpu_compiled.pack_groups_compiled(x, seed, stream, bits, group_size, stochastic)
     return pack_groups_reference(x, seed, stream, bits, group_size, stochastic)
 
@@ -221,7 +226,7 @@ def unpack_groups_impl(
     if _use_triton(codes.device, backend):
         unpack_groups_triton = _triton_module().unpack_groups_triton
         return unpack_groups_triton(codes, meta, shape, dtype, bits, group_size)
-    if _use_compiled(codes.device, math.prod(shape), backend):
+    if _use_compiled(codes, math.prod(shape), backend):
         return cpu_compiled.unpack_groups_compiled(codes, meta, shape, dtype, bits, group_size)
     return unpack_groups_reference(codes, meta, shape, dtype, bits, group_size)
 
@@ -296,7 +301,7 @@ def unpack_groups(
 def pack_bits_dispatch(mask: torch.Tensor) -> torch.Tensor:
     """The implementation behind `actfx::pack_bits`: compiled on CPU when worth it, eager otherwise."""
     n = mask.numel()
-    if n % 8 == 0 and _use_compiled(mask.device, n, "auto"):
+    if n % 8 == 0 and _use_compiled(mask, n, "auto"):
         return cpu_compiled.pack_bits_compiled(mask)
     return pack_bits_impl(mask)
 
@@ -305,7 +310,7 @@ def pack_bits_between(values: torch.Tensor, lo: float, hi: float | None) -> torc
     """`pack_bits(lo < values < hi)` (no upper bound when hi is None): ReLU-like masks in one pass on CPU."""
     n = values.numel()
     if (not torch.compiler.is_compiling() and n % 8 == 0 and values.is_contiguous()
-            and _use_compiled(values.device, n, "auto")):
+            and _use_compiled(values, n, "auto")):
         return cpu_compiled.pack_bits_between_compiled(values, lo, hi)
     mask = values > lo
     if hi is not None:
@@ -321,7 +326,7 @@ def scale_by_mask(values: torch.Tensor, codes: torch.Tensor, inside: float, outs
     """
     n = values.numel()
     if (not torch.compiler.is_compiling() and n % 8 == 0 and values.is_contiguous()
-            and _use_compiled(values.device, n, "auto")):
+            and _use_compiled(values, n, "auto")):
         return cpu_compiled.scale_by_bits_compiled(values, codes, inside, outside)
     mask = unpack_bits(codes, values.shape)
     if outside == 0.0:
@@ -338,7 +343,7 @@ def affine_scale_by_mask(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chan
     n = x.numel()
     if (not torch.compiler.is_compiling() and channel_dim == 1 and x.dim() >= 3 and x.dtype == torch.float32
             and dtype == torch.float32 and x.is_contiguous() and n % 8 == 0
-            and (n // (x.shape[0] * x.shape[1])) % 8 == 0 and _use_compiled(x.device, n, "auto")):
+            and (n // (x.shape[0] * x.shape[1])) % 8 == 0 and _use_compiled(x, n, "auto")):
         return cpu_compiled.affine_scale_by_bits_compiled(x, a, b, codes, inside, outside)
     view = [1] * x.dim()
     view[channel_dim] = -1

@@ -236,7 +236,11 @@ class _Attributing(Interpreter):
     def fetch_attr(self, target: str):
         value = super().fetch_attr(target)
         if isinstance(value, torch.Tensor):
-            return value if isinstance(value, FakeTensor) else self.twin(value)
+            value = value if isinstance(value, FakeTensor) else self.twin(value)
+            # Model state either way: a tensor constant fx folded (a buffer's view, a table
+            # index) is kept by the model, not by autograd, like a parameter.
+            self.recorder.parameter_storages.add(value.untyped_storage()._cdata)
+            return value
         if isinstance(value, nn.Module):
             return value
         return copy.copy(value)  # host-side state (a seed counter): the dry run must not touch it

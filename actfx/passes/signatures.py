@@ -31,6 +31,8 @@ def _group_norm(input, num_groups, weight=None, bias=None, eps=1e-5): ...
 def _instance_norm(input, running_mean=None, running_var=None, weight=None, bias=None, use_input_stats=True,
                    momentum=0.1, eps=1e-5): ...
 def _div(input, other, rounding_mode=None): ...
+def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
+                   label_smoothing=0.0): ...
 
 
 SIGNATURES = {name: inspect.signature(fn) for name, fn in {
@@ -54,6 +56,7 @@ SIGNATURES = {name: inspect.signature(fn) for name, fn in {
     "group_norm": _group_norm,
     "instance_norm": _instance_norm,
     "div": _div,
+    "cross_entropy": _cross_entropy,
 }.items()}
 
 

@@ -61,6 +61,28 @@ def _log_softmax_site(node, path, args, kwargs):
     return Site(node, "log_softmax", path, [], emit)
 
 
+def cross_entropy_site(node, path, x, target, weight, ignore_index, reduction, label_smoothing):
+    """F.cross_entropy / nn.CrossEntropyLoss: keep packed class probabilities (variants/softmax.py).
+
+    Whether the split applies (class-index targets, no label smoothing) is decided at run time;
+    otherwise the op runs as it is. ``weight``: None, a node, or (for a loss module's buffer) a
+    function that fetches it in the new graph.
+    """
+    if not isinstance(x, Node) or not isinstance(target, Node):
+        return None
+    if any(isinstance(v, Node) for v in (ignore_index, reduction, label_smoothing)):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else torch.fx.node.map_arg(weight, lambda n: env[n])
+        p = graph.call_function(softmax.cross_entropy_probabilities, (env[x], env[target], label_smoothing))
+        spec, run = pack(p, node)
+        args = (spec, w, ignore_index, reduction, label_smoothing, env[x], env[target], *run)
+        return graph.call_function(softmax.cross_entropy, args), {}
+
+    return Site(node, "cross_entropy", path, [], emit)
+
+
 def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False):
     kwargs = dict(kwargs)
     if "inplace" in kwargs:

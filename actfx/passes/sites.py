@@ -26,7 +26,7 @@ from actfx.passes.site_attention import (
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site,
+    _recompute_site, cross_entropy_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -39,6 +39,10 @@ __all__ = ["Site", "find_site", "saves_nothing"]
 
 # ---------------------------------------------------------------- dispatch
 
+def _loss_weight(node, path, m):
+    return (lambda g: _get(g, path, "weight")) if getattr(m, "weight", None) is not None else None
+
+
 _MODULE_HANDLERS = [
     ((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d), _conv_module),
     ((nn.Linear,), lambda node, path, m: (len(node.args) == 1 and not node.kwargs) and _linear_site(
@@ -50,6 +54,9 @@ _MODULE_HANDLERS = [
     ((nn.Softmax,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
         node, path, node.args[0], m.dim, None) or None),
     ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6), _relu_module),
+    ((nn.CrossEntropyLoss,), lambda node, path, m: len(node.args) == 2 and not node.kwargs and cross_entropy_site(
+        node, path, node.args[0], node.args[1], _loss_weight(node, path, m), m.ignore_index, m.reduction,
+        m.label_smoothing) or None),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
         node, path, node.args[0], None, None, m.inplace, module=True) or None),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -132,6 +139,12 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _max_pool_functional(node)
         if t in _PRODUCT_FUNCS:
             return _product(node, _PRODUCT_FUNCS[t])
+        if t is F.cross_entropy:
+            a = bind("cross_entropy", node.args, node.kwargs)
+            if a is None or a["size_average"] is not None or a["reduce"] is not None:
+                return None  # the deprecated arguments: left as is
+            return cross_entropy_site(node, None, a["input"], a["target"], a["weight"], a["ignore_index"],
+                                      a["reduction"], a["label_smoothing"])
         if t in _ELEMENTWISE or t in _SHAPE_ONLY:
             return _recompute_functional(node)
         return None

@@ -55,17 +55,15 @@ def _window_steps(in_shape, geometry) -> list[int] | None:
     return steps
 
 
-def _window_offsets(in_shape, geometry, device) -> torch.Tensor:
-    """int64 [prod(kernel)]: flat offset from the window's start of each in-window position."""
+def _window_offsets(in_shape, geometry) -> list[int]:
+    """Flat offset from the window's start of each in-window position, in row-major order
+    (plain ints from the geometry, so dry runs on fake tensors need no data)."""
     kernel, _, _, dilation = geometry
-    nd = len(kernel)
-    offsets = torch.zeros((), dtype=torch.int64, device=device)
-    for dim in range(nd):
-        view = [1] * nd
-        view[dim] = -1
+    offsets = [0]
+    for dim in range(len(kernel)):
         step = dilation[dim] * math.prod(in_shape[dim + 1 :])
-        offsets = offsets + torch.arange(kernel[dim], device=device).view(view) * step
-    return offsets.reshape(-1)
+        offsets = [o + i * step for o in offsets for i in range(kernel[dim])]
+    return offsets
 
 
 def to_window_index(idx, in_shape, geometry):
@@ -78,9 +76,9 @@ def to_window_index(idx, in_shape, geometry):
     nd = len(geometry[0])
     if _window_steps(in_shape, geometry) is None:
         return _to_window_index_by_division(idx, in_shape, geometry)
-    offsets = _window_offsets(in_shape, geometry, idx.device)
-    table = torch.zeros(int(offsets[-1]) + 1, dtype=torch.uint8, device=idx.device)
-    table[offsets] = torch.arange(offsets.numel(), device=idx.device).to(torch.uint8)
+    offsets = _window_offsets(in_shape, geometry)
+    table = torch.zeros(offsets[-1] + 1, dtype=torch.uint8, device=idx.device)
+    table[torch.tensor(offsets, device=idx.device)] = torch.arange(len(offsets), device=idx.device).to(torch.uint8)
     delta = idx - _origin_flat(idx.shape[-nd:], in_shape, geometry, idx.device)
     return table[delta]
 
@@ -88,7 +86,7 @@ def to_window_index(idx, in_shape, geometry):
 def from_window_index(rel, in_shape, geometry):
     """The inverse of ``to_window_index``: int64 plane indices (window start + offset table)."""
     nd = len(geometry[0])
-    offsets = _window_offsets(in_shape, geometry, rel.device)
+    offsets = torch.tensor(_window_offsets(in_shape, geometry), device=rel.device)
     return _origin_flat(rel.shape[-nd:], in_shape, geometry, rel.device) + offsets[rel.long()]
 
 

@@ -10,6 +10,7 @@ the next matmul needs the same ``y``: the rewrite packs it once for both. The gr
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from actfx.variants.common import refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
@@ -79,3 +80,59 @@ def log_softmax(spec, dim, dtype, x, *run):
     if not (torch.is_grad_enabled() and x.requires_grad) or run[0] is None:
         return torch.log_softmax(x, dim, dtype=dtype)
     return _LogSoftmaxFromPacked.apply(spec, dim, dtype, x, *run)
+
+
+def _class_dim(x) -> int:
+    return 1 if x.dim() > 1 else 0
+
+
+def _packs_cross_entropy(x, target, label_smoothing) -> bool:
+    """Class-index targets without smoothing: then F.cross_entropy is exactly
+    nll_loss(log_softmax(x, class_dim)) (ATen's own decomposition), so splitting it changes nothing."""
+    return (label_smoothing == 0.0 and isinstance(target, torch.Tensor) and not target.is_floating_point()
+            and isinstance(x, torch.Tensor) and x.dim() >= 1)
+
+
+def cross_entropy_probabilities(x, target, label_smoothing):
+    """softmax over the class dim (what the loss's backward reads), or None when nothing is packed."""
+    if not _packs_cross_entropy(x, target, label_smoothing):
+        return None
+    return log_softmax_probabilities(x, _class_dim(x))
+
+
+class _CrossEntropyFromPacked(torch.autograd.Function):
+    """Forward: F.cross_entropy itself. Backward: the gradient of nll_loss w.r.t. the
+    log-probabilities (it depends only on target, weight and shape, so it is taken at zeros),
+    then log_softmax's backward with the packed probabilities. Keeping nll_loss in the graph would
+    not do: autograd saves its full-size input (the log-probabilities) for the shape alone."""
+
+    @staticmethod
+    def forward(ctx, spec, weight, ignore_index, reduction, x, target, *run):
+        out = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction)
+        plans, storage = split_all([spec], run)
+        ctx.plans, ctx.ignore_index, ctx.reduction = plans, ignore_index, reduction
+        ctx.x_shape, ctx.x_dtype, ctx.has_weight = x.shape, x.dtype, weight is not None
+        ctx.save_for_backward(target, *((weight,) if weight is not None else ()), *storage)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward("cross_entropy")
+        target, *rest = ctx.saved_tensors
+        weight = rest.pop(0) if ctx.has_weight else None
+        p = materialize_all(ctx.plans, rest)[0]
+        zeros = torch.zeros(ctx.x_shape, dtype=p.dtype, device=p.device)
+        _, vjp = torch.func.vjp(lambda z: F.nll_loss(z, target, weight, ignore_index=ctx.ignore_index,
+                                                     reduction=ctx.reduction), zeros)
+        g = vjp(grad_out.to(p.dtype))[0]
+        gx = g - p * g.sum(_class_dim(p), keepdim=True)
+        return (None,) * 4 + (gx.to(ctx.x_dtype),) + (None,) * (len(ctx.needs_input_grad) - 5)
+
+
+def cross_entropy(spec, weight, ignore_index, reduction, label_smoothing, x, target, *run):
+    """F.cross_entropy whose backward reads packed class probabilities instead of the saved
+    log-probabilities (for a language model, the largest single tensor training keeps)."""
+    if not (torch.is_grad_enabled() and x.requires_grad) or run[0] is None:
+        return F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
+                               label_smoothing=label_smoothing)
+    return _CrossEntropyFromPacked.apply(spec, weight, ignore_index, reduction, x, target, *run)
