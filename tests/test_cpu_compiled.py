@@ -145,19 +145,30 @@ def test_compiled_backend_refuses_non_cpu_tensors():
         pack_groups(x, torch.zeros(1, dtype=torch.int64, device="meta"), 0, 2, 256, True, backend="compiled")
 
 
-def test_converted_model_trains_the_same_with_either_cpu_path(monkeypatch):
-    # Deterministic rounding: the compiled and reference paths give identical bytes, so the whole
-    # training step (forward, every packed save, backward) must give identical gradients.
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(
+def _conv_bn_relu():
+    return torch.nn.Sequential(
         torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
         torch.nn.Conv2d(16, 16, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(16 * 32 * 32, 10),
-    )
-    x = torch.randn(8, 3, 32, 32)
+    ), torch.randn(8, 3, 32, 32)
+
+
+def _residual():
+    from actfx.models import resnet18
+
+    return resnet18(num_classes=10), torch.randn(2, 3, 64, 64)  # blocks rebuilt as relu(bn(x) + shortcut)
+
+
+@pytest.mark.parametrize("make", [_conv_bn_relu, _residual], ids=["conv-bn-relu", "resnet18"])
+def test_converted_model_trains_the_same_with_either_cpu_path(make, monkeypatch):
+    # Deterministic rounding: the compiled and reference paths give identical bytes, and the fused
+    # rebuilds compute what the eager ones do, so the whole training step (forward, every packed
+    # save, backward) must give identical gradients.
+    torch.manual_seed(0)
+    model, x = make()
     grads = {}
     for choice in ("compiled", "reference"):
         monkeypatch.setenv("ACTFX_CPU_KERNELS", choice)
-        converted = actfx.convert(model, bits=2, config=actfx.Config(bits=2, stochastic=False))
+        converted = actfx.convert(model, config=actfx.Config(bits=2, stochastic=False))
         converted(x).square().sum().backward()
         grads[choice] = [p.grad.clone() for p in converted.parameters()]
         model.zero_grad(set_to_none=True)
@@ -189,4 +200,20 @@ def test_batchnorm_relu_rebuild_matches_the_eager_formula(shape, monkeypatch):
     # multiply then add on both paths: bit-identical
     assert torch.equal(fused, eager)
     y = x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    assert torch.equal(eager, y * unpack_bits(codes, shape))
+
+
+def test_residual_rebuild_matches_the_eager_formula(monkeypatch):
+    from actfx.kernels import affine_scale_by_mask
+
+    shape = (4, 16, 16, 16)
+    g = torch.Generator().manual_seed(9)
+    x, shortcut = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    a, b = torch.randn(shape[1], generator=g), torch.randn(shape[1], generator=g)
+    codes = pack_bits(torch.rand(shape, generator=g) > 0.4)
+    fused = affine_scale_by_mask(x, a, b, 1, codes, 1.0, 0.0, torch.float32, addend=shortcut)
+    monkeypatch.setenv("ACTFX_CPU_KERNELS", "reference")
+    eager = affine_scale_by_mask(x, a, b, 1, codes, 1.0, 0.0, torch.float32, addend=shortcut)
+    assert torch.equal(fused, eager)
+    y = (x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)) + shortcut
     assert torch.equal(eager, y * unpack_bits(codes, shape))

@@ -335,19 +335,24 @@ def scale_by_mask(values: torch.Tensor, codes: torch.Tensor, inside: float, outs
 
 
 def affine_scale_by_mask(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, channel_dim: int,
-                         codes: torch.Tensor, inside: float, outside: float, dtype: torch.dtype) -> torch.Tensor:
-    """`scale_by_mask((x * a + b).to(dtype), ...)` with a, b per channel along `channel_dim`:
-    a conv input rebuilt from BatchNorm's input, affine map and the ReLU mask. Computed in fp32
-    as a multiply then an add (no fused multiply-add), so every path gives the same bits; on CPU
-    in one fused loop when each channel's values fill whole mask bytes."""
+                         codes: torch.Tensor, inside: float, outside: float, dtype: torch.dtype,
+                         addend: torch.Tensor | None = None) -> torch.Tensor:
+    """`scale_by_mask((x * a + b).to(dtype) [+ addend], ...)` with a, b per channel along
+    `channel_dim`: a conv input rebuilt from BatchNorm's input, affine map and the ReLU mask (and,
+    after a residual add, the shortcut). Computed in fp32 as a multiply then an add (no fused
+    multiply-add), so every path gives the same bits; on CPU in one fused loop when each
+    channel's values fill whole mask bytes."""
     n = x.numel()
+    plain = addend is None or (addend.dtype == torch.float32 and addend.shape == x.shape and addend.is_contiguous())
     if (not torch.compiler.is_compiling() and channel_dim == 1 and x.dim() >= 3 and x.dtype == torch.float32
-            and dtype == torch.float32 and x.is_contiguous() and n % 8 == 0
+            and dtype == torch.float32 and x.is_contiguous() and n % 8 == 0 and plain
             and (n // (x.shape[0] * x.shape[1])) % 8 == 0 and _use_compiled(x, n, "auto")):
-        return cpu_compiled.affine_scale_by_bits_compiled(x, a, b, codes, inside, outside)
+        return cpu_compiled.affine_scale_by_bits_compiled(x, a, b, codes, inside, outside, addend)
     view = [1] * x.dim()
     view[channel_dim] = -1
     y = (x.float() * a.float().view(view)).add_(b.float().view(view)).to(dtype)
+    if addend is not None:
+        y = y + addend
     return scale_by_mask(y.contiguous(), codes, inside, outside)
 
 

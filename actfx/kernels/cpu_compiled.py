@@ -217,6 +217,15 @@ def _affine_scale_by_bits_body(x: torch.Tensor, a, b, codes: torch.Tensor, insid
     return y * torch.where(bit != 0, inside, outside)
 
 
+def _affine_add_scale_by_bits_body(x: torch.Tensor, a, b, addend: torch.Tensor, codes: torch.Tensor,
+                                   inside, outside) -> torch.Tensor:
+    """((x * a[c] + b[c]) + addend) * mask scale: a residual block's output rebuilt in one pass
+    (BatchNorm's affine on the branch, plus the shortcut, then the ReLU mask); shapes as above."""
+    bit = (codes[..., None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
+    y = x * a[None, :, None, None] + b[None, :, None, None]
+    return (y + addend) * torch.where(bit != 0, inside, outside)
+
+
 def _pack_above_body(values: torch.Tensor, lo) -> torch.Tensor:
     """values [n/8, 8] -> uint8 [n/8] of `values > lo` (ReLU's mask straight from its output)."""
     return _pack_bits_body(values > lo)
@@ -339,18 +348,22 @@ def pack_bits_between_compiled(values: torch.Tensor, lo: float, hi: float | None
 
 
 def affine_scale_by_bits_compiled(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, codes: torch.Tensor,
-                                  inside: float, outside: float) -> torch.Tensor:
-    """fp32 x [N, C, *spatial] (contiguous, prod(spatial) % 8 == 0) -> (x * a + b) * mask scale."""
+                                  inside: float, outside: float, addend: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 x [N, C, *spatial] (contiguous, prod(spatial) % 8 == 0) -> ((x * a + b) [+ addend]) * mask scale."""
     n, c = x.shape[0], x.shape[1]
     per_channel = x.numel() // (n * c)
     x4 = x.view(n, c, per_channel // 8, 8)
     codes3 = codes.view(n, c, per_channel // 8)
     scales = torch.tensor([inside, outside], dtype=torch.float32)
-    for t in (x4, codes3):
+    tensors = [x4, codes3] + ([addend.view(x4.shape)] if addend is not None else [])
+    for t in tensors:
         for d in range(3):
             torch._dynamo.maybe_mark_dynamic(t, d)
-    out = _compiled(_affine_scale_by_bits_body)(x4, a.float().contiguous(), b.float().contiguous(), codes3,
-                                                scales[0], scales[1])
+    a, b = a.float().contiguous(), b.float().contiguous()
+    if addend is None:
+        out = _compiled(_affine_scale_by_bits_body)(x4, a, b, codes3, scales[0], scales[1])
+    else:
+        out = _compiled(_affine_add_scale_by_bits_body)(x4, a, b, tensors[2], codes3, scales[0], scales[1])
     return out.view(x.shape)
 
 

@@ -130,6 +130,14 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
             a, b = next(storage), next(storage)
             x = materialize(affine_inner, storage).reshape(shape)
             return affine_scale_by_mask(x.contiguous(), a, b, channel_dim, codes, 1.0, outside, dtype)
+        if inner_plan[0] == "sum" and inner_plan[1][0] == "affine" and inner_plan[1][1] == len(shape):
+            # a residual block's output: ReLU(BatchNorm(branch) + shortcut), in one pass
+            _, ndim, channel_dim, dtype, affine_inner = inner_plan[1]
+            a, b = next(storage), next(storage)
+            x = materialize(affine_inner, storage).reshape(shape)
+            shortcut = materialize(inner_plan[2], storage).reshape(shape)
+            return affine_scale_by_mask(x.contiguous(), a, b, channel_dim, codes, 1.0, outside, dtype,
+                                        addend=shortcut.contiguous())
         inner = materialize(inner_plan, storage).reshape(shape)
         return scale_by_mask(inner.contiguous(), codes, 1.0, outside)
     if kind == "affine":
