@@ -12,10 +12,11 @@ Stochastic rounding here takes its noise from a counter-based integer hash of (s
 position) at 24-bit resolution instead of the reference's torch.Generator, so those bytes differ
 from the reference's; both are unbiased (P(round up) = frac to within 2**-24 here).
 
-The bodies are plain PyTorch and give the same bytes eagerly, so a failed compile (no C++
-compiler) falls back to the reference with one warning and never changes what training computes.
-Each (bits, stochastic) pair has its own small wrapper function, so Dynamo's per-function
-recompile limit (8) is never reached by the combinations one process uses.
+If Inductor cannot compile here (no C++ compiler), the first call warns once and every call takes
+the reference. Each (bits, stochastic) pair has its own small wrapper function, so Dynamo's
+per-function recompile limit (8) is not reached by the combinations one process uses; the
+compiled functions are cached for the process, like torch.compile's own caches (no settings
+live there: two converted models share only compiled code).
 """
 
 from __future__ import annotations
