@@ -32,6 +32,7 @@ __all__ = [
     "unpack_bits",
     "scale_by_mask",
     "affine_scale_by_mask",
+    "channel_affine",
     "pack_bits_between",
     "packed_nbytes",
     "mask_nbytes",
@@ -298,19 +299,24 @@ def unpack_groups(
     return unpack_groups_impl(codes.contiguous(), meta.contiguous(), shape, dtype, bits, group_size, backend)
 
 
+def _fused_bytes(t: torch.Tensor) -> bool:
+    """Whether a mask kernel over `t` (8 values per mask byte) runs compiled: eager mode, whole
+    bytes, contiguous, and the compiled CPU path applies (`_use_compiled`)."""
+    n = t.numel()
+    return (not torch.compiler.is_compiling() and n % 8 == 0 and t.is_contiguous()
+            and _use_compiled(t, n, "auto"))
+
+
 def pack_bits_dispatch(mask: torch.Tensor) -> torch.Tensor:
     """The implementation behind `actfx::pack_bits`: compiled on CPU when worth it, eager otherwise."""
-    n = mask.numel()
-    if n % 8 == 0 and _use_compiled(mask, n, "auto"):
+    if _fused_bytes(mask):
         return cpu_compiled.pack_bits_compiled(mask)
     return pack_bits_impl(mask)
 
 
 def pack_bits_between(values: torch.Tensor, lo: float, hi: float | None) -> torch.Tensor:
     """`pack_bits(lo < values < hi)` (no upper bound when hi is None): ReLU-like masks in one pass on CPU."""
-    n = values.numel()
-    if (not torch.compiler.is_compiling() and n % 8 == 0 and values.is_contiguous()
-            and _use_compiled(values, n, "auto")):
+    if _fused_bytes(values):
         return cpu_compiled.pack_bits_between_compiled(values, lo, hi)
     mask = values > lo
     if hi is not None:
@@ -324,14 +330,22 @@ def scale_by_mask(values: torch.Tensor, codes: torch.Tensor, inside: float, outs
     What ReLU-like and dropout backwards (and rebuilt ReLU outputs) compute. On CPU the bits are
     unpacked inside one fused loop; under torch.compile it stays plain ops for Inductor to fuse.
     """
-    n = values.numel()
-    if (not torch.compiler.is_compiling() and n % 8 == 0 and values.is_contiguous()
-            and _use_compiled(values, n, "auto")):
+    if _fused_bytes(values):
         return cpu_compiled.scale_by_bits_compiled(values, codes, inside, outside)
     mask = unpack_bits(codes, values.shape)
     if outside == 0.0:
         return values * mask if inside == 1.0 else values * mask * inside
     return values * torch.where(mask, inside, outside).to(values.dtype)
+
+
+def channel_affine(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, channel_dim: int,
+                   dtype: torch.dtype) -> torch.Tensor:
+    """`(x * a + b).to(dtype)` in fp32 with a, b per channel along `channel_dim` (BatchNorm's
+    output from its input). A multiply then an add, never a fused multiply-add: the compiled CPU
+    rebuilds compute it the same way, so every path gives the same bits."""
+    view = [1] * x.dim()
+    view[channel_dim] = -1
+    return (x.float() * a.float().view(view)).add_(b.float().view(view)).to(dtype)
 
 
 def affine_scale_by_mask(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, channel_dim: int,
@@ -342,15 +356,11 @@ def affine_scale_by_mask(x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chan
     after a residual add, the shortcut). Computed in fp32 as a multiply then an add (no fused
     multiply-add), so every path gives the same bits; on CPU in one fused loop when each
     channel's values fill whole mask bytes."""
-    n = x.numel()
     plain = addend is None or (addend.dtype == torch.float32 and addend.shape == x.shape and addend.is_contiguous())
-    if (not torch.compiler.is_compiling() and channel_dim == 1 and x.dim() >= 3 and x.dtype == torch.float32
-            and dtype == torch.float32 and x.is_contiguous() and n % 8 == 0 and plain
-            and (n // (x.shape[0] * x.shape[1])) % 8 == 0 and _use_compiled(x, n, "auto")):
+    if (channel_dim == 1 and x.dim() >= 3 and x.dtype == torch.float32 and dtype == torch.float32 and plain
+            and (x.numel() // (x.shape[0] * x.shape[1])) % 8 == 0 and _fused_bytes(x)):
         return cpu_compiled.affine_scale_by_bits_compiled(x, a, b, codes, inside, outside, addend)
-    view = [1] * x.dim()
-    view[channel_dim] = -1
-    y = (x.float() * a.float().view(view)).add_(b.float().view(view)).to(dtype)
+    y = channel_affine(x, a, b, channel_dim, dtype)
     if addend is not None:
         y = y + addend
     return scale_by_mask(y.contiguous(), codes, inside, outside)

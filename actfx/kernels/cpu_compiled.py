@@ -22,11 +22,20 @@ live there: two converted models share only compiled code).
 from __future__ import annotations
 
 import functools
+import math
 import warnings
 
 import torch
 
-from .reference import inv_levels, mix_seed, round_bf16_down, round_bf16_up
+from .reference import (
+    group_lo_step,
+    inv_levels,
+    mix_seed,
+    pack_groups_reference,
+    round_bf16_down,
+    round_bf16_up,
+    store_constants,
+)
 
 __all__ = [
     "compiled_cpu_works",
@@ -206,6 +215,16 @@ def _pack_bits_body(mask: torch.Tensor) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
+def _bits_of(codes: torch.Tensor) -> torch.Tensor:
+    """uint8 codes [...] -> int32 [..., 8]: bit k of each byte along a short static last dim."""
+    return (codes[..., None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
+
+
+def _channel_affine(x: torch.Tensor, a, b) -> torch.Tensor:
+    """x [N, C, S/8, 8] * a[c] + b[c]: a multiply then an add, as `kernels.channel_affine` does."""
+    return x * a[None, :, None, None] + b[None, :, None, None]
+
+
 def _affine_scale_by_bits_body(x: torch.Tensor, a, b, codes: torch.Tensor, inside, outside) -> torch.Tensor:
     """(x * a[c] + b[c]) * (inside where the bit is set, outside elsewhere), in one pass.
 
@@ -213,18 +232,14 @@ def _affine_scale_by_bits_body(x: torch.Tensor, a, b, codes: torch.Tensor, insid
     multiple of 8, so each mask byte covers one channel's values): BatchNorm's affine map and the
     ReLU mask that rebuild a conv's input from BatchNorm's unpacked input.
     """
-    bit = (codes[..., None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
-    y = x * a[None, :, None, None] + b[None, :, None, None]
-    return y * torch.where(bit != 0, inside, outside)
+    return _channel_affine(x, a, b) * torch.where(_bits_of(codes) != 0, inside, outside)
 
 
 def _affine_add_scale_by_bits_body(x: torch.Tensor, a, b, addend: torch.Tensor, codes: torch.Tensor,
                                    inside, outside) -> torch.Tensor:
     """((x * a[c] + b[c]) + addend) * mask scale: a residual block's output rebuilt in one pass
     (BatchNorm's affine on the branch, plus the shortcut, then the ReLU mask); shapes as above."""
-    bit = (codes[..., None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
-    y = x * a[None, :, None, None] + b[None, :, None, None]
-    return (y + addend) * torch.where(bit != 0, inside, outside)
+    return (_channel_affine(x, a, b) + addend) * torch.where(_bits_of(codes) != 0, inside, outside)
 
 
 def _pack_above_body(values: torch.Tensor, lo) -> torch.Tensor:
@@ -239,8 +254,7 @@ def _pack_between_body(values: torch.Tensor, lo, hi) -> torch.Tensor:
 
 def _scale_by_bits_body(values: torch.Tensor, codes: torch.Tensor, inside, outside) -> torch.Tensor:
     """values [n/8, 8] * (inside where the bit is set, outside elsewhere); codes uint8 [n/8]."""
-    bit = (codes[:, None].to(torch.int32) >> torch.arange(8, dtype=torch.int32, device=codes.device)) & 1
-    return values * torch.where(bit != 0, inside, outside)
+    return values * torch.where(_bits_of(codes) != 0, inside, outside)
 
 
 # ------------------------------------------------------------------------------- compiled cache
@@ -252,18 +266,19 @@ def _compiled(fn):
     return torch.compile(fn, fullgraph=True, dynamic=False)
 
 
-def _call(fn, *tensors):
+def _call(fn, *tensors, dynamic_dims: int = 1):
+    """Run the compiled `fn`; the first `dynamic_dims` dims of every tensor argument are sizes that
+    vary from call to call (rows; for the BatchNorm rebuilds also channels and spatial size), so
+    one compilation serves them all."""
     for t in tensors:
-        if t.dim() > 0:
-            torch._dynamo.maybe_mark_dynamic(t, 0)
+        for d in range(min(dynamic_dims, t.dim())):
+            torch._dynamo.maybe_mark_dynamic(t, d)
     return _compiled(fn)(*tensors)
 
 
 @functools.cache
 def compiled_cpu_works() -> bool:
     """Compile and run a small pack once, checked against the reference; warn once if it fails."""
-    from .reference import pack_groups_reference
-
     try:
         x = torch.linspace(-3.0, 5.0, 64 * 32).view(64, 32)
         mult, add = noise_keys(0, 0)
@@ -295,8 +310,6 @@ def pack_groups_compiled(
     x: torch.Tensor, seed: torch.Tensor, stream: int, bits: int, group_size: int, stochastic: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Same contract as `pack_groups_reference`; full groups compiled, a partial last group by the reference."""
-    from .reference import pack_groups_reference
-
     flat = x.reshape(-1)
     if flat.dtype != torch.float32:
         flat = flat.float()
@@ -304,9 +317,7 @@ def pack_groups_compiled(
     full = n // G
     mult, add = noise_keys(int(seed.item()), stream)
     codes, meta, const, mn = _call(_PACK[(bits, stochastic)], flat[: full * G].view(full, G), mult, add)
-    if bool(const.any()):
-        # The constant's exact fp32 bits, little-endian, in the group's first 4 bytes.
-        codes[const, :4] = mn[const].contiguous().view(torch.uint8).view(-1, 4)
+    store_constants(codes, const, mn)
     meta = meta.view(torch.bfloat16)
     if full * G < n:
         tail_codes, tail_meta = pack_groups_reference(flat[full * G :], seed, stream, bits, G, stochastic)
@@ -318,18 +329,9 @@ def unpack_groups_compiled(
     codes: torch.Tensor, meta: torch.Tensor, shape, dtype: torch.dtype, bits: int, group_size: int
 ) -> torch.Tensor:
     """Same contract as `unpack_groups_reference` (constant and NaN groups handled per row first)."""
-    n = 1
-    for d in shape:
-        n *= int(d)
-    m = meta.float()
-    lo, step = m[:, 0], m[:, 1]
-    const = step == 0
-    if bool(const.any()):
-        exact = codes[:, :4].contiguous().view(torch.float32).view(-1)
-        lo = torch.where(const, exact, lo)
-        step = torch.where(const, -0.0, step)  # c + code * -0.0 is exactly c, -0.0 included
+    lo, step = group_lo_step(codes, meta)
     out = _call(_UNPACK[bits], codes, lo.contiguous(), step.contiguous())
-    out = out.view(-1)[:n]
+    out = out.view(-1)[: math.prod(shape)]
     if dtype != torch.float32:
         out = out.to(dtype)
     return out.view(tuple(shape))
@@ -355,16 +357,13 @@ def affine_scale_by_bits_compiled(x: torch.Tensor, a: torch.Tensor, b: torch.Ten
     per_channel = x.numel() // (n * c)
     x4 = x.view(n, c, per_channel // 8, 8)
     codes3 = codes.view(n, c, per_channel // 8)
-    scales = torch.tensor([inside, outside], dtype=torch.float32)
-    tensors = [x4, codes3] + ([addend.view(x4.shape)] if addend is not None else [])
-    for t in tensors:
-        for d in range(3):
-            torch._dynamo.maybe_mark_dynamic(t, d)
     a, b = a.float().contiguous(), b.float().contiguous()
+    inside_t, outside_t = torch.tensor([inside, outside], dtype=torch.float32)
     if addend is None:
-        out = _compiled(_affine_scale_by_bits_body)(x4, a, b, codes3, scales[0], scales[1])
+        out = _call(_affine_scale_by_bits_body, x4, a, b, codes3, inside_t, outside_t, dynamic_dims=3)
     else:
-        out = _compiled(_affine_add_scale_by_bits_body)(x4, a, b, tensors[2], codes3, scales[0], scales[1])
+        out = _call(_affine_add_scale_by_bits_body, x4, a, b, addend.view(x4.shape), codes3, inside_t, outside_t,
+                    dynamic_dims=3)
     return out.view(x.shape)
 
 

@@ -22,6 +22,8 @@ __all__ = [
     "inv_levels",
     "round_bf16_down",
     "round_bf16_up",
+    "store_constants",
+    "group_lo_step",
 ]
 
 # Keep the low 16 bits of an fp32 pattern out: what is left is exactly a bfloat16 value.
@@ -235,9 +237,7 @@ def _quantize_chunk(
     codes.copy_(f.view(-1))
     _pack_bytes(codes, bits, codes_out.view(-1), scratch)
 
-    if bool(const.any()):
-        # The constant's exact fp32 bits, little-endian, in the group's first 4 bytes.
-        codes_out[const, :4] = mn[const].contiguous().view(torch.uint8).view(-1, 4)
+    store_constants(codes_out, const, mn)
     # bf16 patterns are the top halves of the (already bf16-valued) fp32 patterns; NaN -> 0x7FC0.
     meta_out[:, 0] = lo.view(torch.int32).bitwise_right_shift(16)
     meta_out[:, 1] = step.view(torch.int32).bitwise_right_shift(16)
@@ -305,17 +305,32 @@ def unpack_groups_reference(
     return out.view(tuple(shape))
 
 
-def _dequantize_chunk(
-    codes: torch.Tensor, meta: torch.Tensor, bits: int, out: torch.Tensor, scratch: _Scratch
-) -> None:
-    """codes [rows, G*bits/8] + meta [rows, 2] -> fp32 `out` [rows, G]."""
+def store_constants(codes: torch.Tensor, const: torch.Tensor, mn: torch.Tensor) -> None:
+    """Constant groups: the constant's exact fp32 bits, little-endian, in the group's first 4 bytes."""
+    if bool(const.any()):
+        codes[const, :4] = mn[const].contiguous().view(torch.uint8).view(-1, 4)
+
+
+def group_lo_step(codes: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per group, fp32 (lo, step) with `x_hat = lo + code * step` exact for constant groups too.
+
+    A constant group (step 0) reads its exact value from its code bytes and gets step -0.0:
+    `c + code * -0.0` is exactly c for every c, including -0.0. NaN groups keep a NaN step.
+    """
     m = meta.to(torch.float32)
     lo, step = m[:, 0], m[:, 1]
     const = step == 0
     if bool(const.any()):
         exact = codes[:, :4].contiguous().view(torch.float32).view(-1)
         lo = torch.where(const, exact, lo)
-        # -0.0: `c + code * -0.0` is exactly c for every c, including -0.0.
         step = torch.where(const, -0.0, step)
+    return lo, step
+
+
+def _dequantize_chunk(
+    codes: torch.Tensor, meta: torch.Tensor, bits: int, out: torch.Tensor, scratch: _Scratch
+) -> None:
+    """codes [rows, G*bits/8] + meta [rows, 2] -> fp32 `out` [rows, G]."""
+    lo, step = group_lo_step(codes, meta)
     out.view(-1).copy_(_unpack_bytes(codes.reshape(-1), bits, scratch))
     out.mul_(step[:, None]).add_(lo[:, None])  # NaN step -> NaN for the whole group

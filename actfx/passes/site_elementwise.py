@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
+from actfx.passes.signatures import bind
 from actfx.passes.site import Site
 from actfx.variants import derivative, softmax
 from actfx.variants.recompute import SLOT, make_recompute_variant
@@ -44,12 +45,13 @@ def _derivative_site(node, path, fn, x, kwargs):
 _LOG_SOFTMAX = (F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)
 
 
-def _log_softmax_site(node, path, args, kwargs):
+def _log_softmax_site(node, path, fn, args, kwargs):
     """log_softmax with a known dim: keep its packed probabilities (see variants/softmax.py)."""
-    x = args[0]
-    dim = args[1] if len(args) > 1 else kwargs.get("dim")
-    dtype = kwargs.get("dtype", args[3] if len(args) > 3 and node.target is F.log_softmax else
-                       args[2] if len(args) > 2 and node.target is not F.log_softmax else None)
+    # F.log_softmax(input, dim=None, _stacklevel=3, dtype=None); torch. and Tensor.log_softmax(input, dim, dtype=None)
+    a = bind("softmax" if fn is F.log_softmax else "torch_softmax", args, kwargs)
+    if a is None:
+        return None
+    x, dim, dtype = a["input"], a["dim"], a["dtype"]
     if not isinstance(x, Node) or not isinstance(dim, int) or isinstance(dtype, Node):
         return None
 
@@ -92,7 +94,7 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
             not isinstance(v, Node) for v in kwargs.values()):
         return _derivative_site(node, path, fn, args[0], kwargs)
     if fn in _LOG_SOFTMAX:
-        site = _log_softmax_site(node, path, args, kwargs)
+        site = _log_softmax_site(node, path, fn, args, kwargs)
         if site is not None:
             return site
     if inplace and not (args and isinstance(args[0], Node)):

@@ -35,7 +35,7 @@ class _MaskedActivation(torch.autograd.Function):
         if inplace:
             ctx.mark_dirty(x)
         bits = pack_bits_between(out.detach(), *bounds(*params))
-        ctx.kind, ctx.params, ctx.shape = kind, params, out.shape
+        ctx.kind, ctx.params = kind, params
         ctx.save_for_backward(bits)
         ctx.mark_non_differentiable(bits)
         return (x if inplace else out), bits  # torch.compile wants the dirty input itself returned
@@ -66,7 +66,7 @@ class _MaskedDropout(torch.autograd.Function):
             ctx.mark_dirty(x)
             out = x
         bits = pack_bits(keep)
-        ctx.scale, ctx.shape = (1.0 / (1.0 - p) if p < 1 else 0.0), x.shape
+        ctx.scale = 1.0 / (1.0 - p) if p < 1 else 0.0
         ctx.save_for_backward(bits)
         ctx.mark_non_differentiable(bits)
         return out, bits

@@ -29,40 +29,47 @@ def _tuple(value, nd):
     return tuple(value) if isinstance(value, (tuple, list)) else (value,) * nd
 
 
-def _origin_flat(out_shape, in_shape, geometry, device):
-    """Flat input index (may be negative: padding) where each output position's window starts."""
+def _origins(out_shape, geometry, device):
+    """Per spatial dim, the input coordinate where each output position's window starts."""
     _, stride, padding, _ = geometry
     nd = len(stride)
-    flat = torch.zeros((), dtype=torch.int64, device=device)
+    origins = []
     for dim in range(nd):
         view = [1] * nd
         view[dim] = -1
-        start = torch.arange(out_shape[dim], device=device).view(view) * stride[dim] - padding[dim]
-        flat = flat + start * math.prod(in_shape[dim + 1 :])
+        o = torch.arange(out_shape[dim], device=device).view(view)
+        origins.append(o * stride[dim] - padding[dim])
+    return origins
+
+
+def _origin_flat(out_shape, in_shape, geometry, device):
+    """Flat input index (may be negative: padding) where each output position's window starts."""
+    flat = torch.zeros((), dtype=torch.int64, device=device)
+    for dim, origin in enumerate(_origins(out_shape, geometry, device)):
+        flat = flat + origin * math.prod(in_shape[dim + 1 :])
     return flat
 
 
-def _window_steps(in_shape, geometry) -> list[int] | None:
-    """Per dim, how far one step inside the window moves the flat index (dilation * row length);
-    None when a window's inner extent reaches a whole outer step (tiny inputs with padding), where
-    the offsets below would be ambiguous."""
+def _window_steps(in_shape, geometry) -> list[int]:
+    """Per dim, how far one step inside the window moves the flat index (dilation * row length)."""
     kernel, _, _, dilation = geometry
-    steps = [dilation[d] * math.prod(in_shape[d + 1 :]) for d in range(len(kernel))]
-    for d in range(1, len(kernel)):
-        inner = sum((kernel[e] - 1) * steps[e] for e in range(d, len(kernel)))
-        if inner >= steps[d - 1]:
-            return None
-    return steps
+    return [dilation[d] * math.prod(in_shape[d + 1 :]) for d in range(len(kernel))]
+
+
+def _offsets_unambiguous(in_shape, geometry) -> bool:
+    """False when a window's inner extent reaches a whole outer step (tiny inputs with padding):
+    two in-window positions could then share an offset."""
+    kernel, steps = geometry[0], _window_steps(in_shape, geometry)
+    return all(sum((kernel[e] - 1) * steps[e] for e in range(d, len(kernel))) < steps[d - 1]
+               for d in range(1, len(kernel)))
 
 
 def _window_offsets(in_shape, geometry) -> list[int]:
     """Flat offset from the window's start of each in-window position, in row-major order
     (plain ints from the geometry, so dry runs on fake tensors need no data)."""
-    kernel, _, _, dilation = geometry
     offsets = [0]
-    for dim in range(len(kernel)):
-        step = dilation[dim] * math.prod(in_shape[dim + 1 :])
-        offsets = [o + i * step for o in offsets for i in range(kernel[dim])]
+    for k, step in zip(geometry[0], _window_steps(in_shape, geometry)):
+        offsets = [o + i * step for o in offsets for i in range(k)]
     return offsets
 
 
@@ -70,11 +77,11 @@ def to_window_index(idx, in_shape, geometry):
     """int64 plane indices -> uint8 positions inside each pooling window.
 
     A lookup: the offset from the window's start identifies the position (the offsets are
-    distinct unless `_window_steps` says otherwise), so a table indexed by offset gives it in
+    distinct unless `_offsets_unambiguous` says otherwise), so a table indexed by offset gives it in
     one gather, without the integer divisions that do not vectorize on CPU.
     """
     nd = len(geometry[0])
-    if _window_steps(in_shape, geometry) is None:
+    if not _offsets_unambiguous(in_shape, geometry):
         return _to_window_index_by_division(idx, in_shape, geometry)
     offsets = _window_offsets(in_shape, geometry)
     table = torch.zeros(offsets[-1] + 1, dtype=torch.uint8, device=idx.device)
@@ -91,18 +98,14 @@ def from_window_index(rel, in_shape, geometry):
 
 
 def _to_window_index_by_division(idx, in_shape, geometry):
-    kernel, stride, padding, dilation = geometry
+    kernel, _, _, dilation = geometry
     nd = len(kernel)
     coords, rest = [], idx
     for dim in reversed(range(nd)):
         coords.insert(0, rest % in_shape[dim])
         rest = rest // in_shape[dim]
     rel = torch.zeros_like(idx)
-    out_shape = idx.shape[-nd:]
-    for dim in range(nd):
-        view = [1] * nd
-        view[dim] = -1
-        origin = torch.arange(out_shape[dim], device=idx.device).view(view) * stride[dim] - padding[dim]
+    for dim, origin in enumerate(_origins(idx.shape[-nd:], geometry, idx.device)):
         rel = rel * kernel[dim] + (coords[dim] - origin) // dilation[dim]
     return rel.to(torch.uint8)
 

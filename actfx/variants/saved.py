@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 
 import torch
 
-from actfx.kernels import affine_scale_by_mask, scale_by_mask, unpack_groups
+from actfx.kernels import affine_scale_by_mask, channel_affine, scale_by_mask, unpack_groups
 
 EXACT = ("exact",)
 
@@ -124,30 +124,26 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
         _, shape, slope, inner_plan = plan
         codes = next(storage)
         outside = 0.0 if slope is None else slope
-        if inner_plan[0] == "affine" and inner_plan[1] == len(shape):
-            # BatchNorm -> ReLU rebuilt in one pass (the common conv -> BN -> ReLU -> conv chain)
-            _, ndim, channel_dim, dtype, affine_inner = inner_plan
+        # BatchNorm -> ReLU (conv -> BN -> ReLU -> conv), or ReLU(BatchNorm(branch) + shortcut)
+        # after a residual add: rebuilt in one pass.
+        affine, shortcut_plan = None, None
+        if inner_plan[0] == "affine":
+            affine = inner_plan
+        elif inner_plan[0] == "sum" and inner_plan[1][0] == "affine":
+            affine, shortcut_plan = inner_plan[1], inner_plan[2]
+        if affine is not None and affine[1] == len(shape):
+            _, _, channel_dim, dtype, affine_inner = affine
             a, b = next(storage), next(storage)
             x = materialize(affine_inner, storage).reshape(shape)
-            return affine_scale_by_mask(x.contiguous(), a, b, channel_dim, codes, 1.0, outside, dtype)
-        if inner_plan[0] == "sum" and inner_plan[1][0] == "affine" and inner_plan[1][1] == len(shape):
-            # a residual block's output: ReLU(BatchNorm(branch) + shortcut), in one pass
-            _, ndim, channel_dim, dtype, affine_inner = inner_plan[1]
-            a, b = next(storage), next(storage)
-            x = materialize(affine_inner, storage).reshape(shape)
-            shortcut = materialize(inner_plan[2], storage).reshape(shape)
+            shortcut = None if shortcut_plan is None else materialize(shortcut_plan, storage).reshape(shape)
             return affine_scale_by_mask(x.contiguous(), a, b, channel_dim, codes, 1.0, outside, dtype,
-                                        addend=shortcut.contiguous())
+                                        addend=None if shortcut is None else shortcut.contiguous())
         inner = materialize(inner_plan, storage).reshape(shape)
         return scale_by_mask(inner.contiguous(), codes, 1.0, outside)
     if kind == "affine":
-        _, ndim, channel_dim, dtype, inner_plan = plan
+        _, _, channel_dim, dtype, inner_plan = plan
         a, b = next(storage), next(storage)
-        inner = materialize(inner_plan, storage)
-        view = [1] * ndim
-        view[channel_dim] = -1
-        # multiply then add, never a fused multiply-add: the same bits as the fused CPU kernel
-        return (inner.float() * a.view(view)).add_(b.view(view)).to(dtype)
+        return channel_affine(materialize(inner_plan, storage), a, b, channel_dim, dtype)
     if kind == "sum":
         left = materialize(plan[1], storage)
         return left + materialize(plan[2], storage)
