@@ -2,6 +2,7 @@
 
     model = actfx.convert(model, bits=2)   # same parameters, same state_dict, same outputs
     actfx.show(model)                      # what is saved, before -> after
+    model = actfx.compile(model, bits=2)   # inside torch.compile: packs what the partitioner saves
 """
 
 from actfx.config import Config
@@ -11,4 +12,14 @@ from actfx.show import show
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "PackedTensor", "convert", "is_converted", "pack", "show", "__version__"]
+
+def __getattr__(name: str):
+    """``actfx.compile`` and ``actfx.backend`` import Inductor: only when first used."""
+    if name in ("compile", "backend"):
+        from actfx import compiled
+
+        return getattr(compiled, name)
+    raise AttributeError(f"module 'actfx' has no attribute {name!r}")
+
+
+__all__ = ["Config", "PackedTensor", "backend", "compile", "convert", "is_converted", "pack", "show", "__version__"]

@@ -62,7 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--gpu-memory", metavar="SIZE", help="GPU memory instead of --gpu, e.g. 16GiB or 24GB")
     report.add_argument("--optimizer", default="adamw", metavar="NAME",
                         help=f"optimizer whose state to count: {', '.join(OPTIMIZER_STATES)} (default adamw)")
-    report.add_argument("--json", metavar="PATH", help="also write the full report as JSON")
+    report.add_argument("--json", metavar="PATH", help="also write the full report as JSON (- for stdout: "
+                        "JSON alone there, the table on stderr)")
     report.add_argument("--top", default="10", metavar="N", help="layers to list (default 10)")
 
     show = sub.add_parser("show", help="each op: what backward saves, before -> after")
@@ -155,9 +156,16 @@ def _dry_run(args, options: _Options, err_console: Console):
     if input_dtype is None:
         input_dtype = spec.input_dtype if spec.input_dtype not in (None, torch.float32) else options.dtype
     steps = STEPS if shape is not None else STEPS[:2]
-    with _progress(err_console, steps) as step:
-        return dry_run(spec, shape, input_dtype, bits=options.bits, step=step,
-                       dtype=None if options.dtype == torch.float32 else options.dtype)
+    try:
+        with _progress(err_console, steps) as step:
+            return dry_run(spec, shape, input_dtype, bits=options.bits, step=step,
+                           dtype=None if options.dtype == torch.float32 else options.dtype)
+    except StageError as err:
+        if spec.input_shape is None or shape is None or tuple(shape[1:]) == tuple(spec.input_shape):
+            raise
+        sample = ",".join(map(str, spec.input_shape))
+        raise UsageError(f"{err}; {args.spec} is built for inputs of [batch, {sample.replace(',', ', ')}]: "
+                         f"try --input-shape {shape[0]},{sample}") from None
 
 
 @contextlib.contextmanager
@@ -187,6 +195,10 @@ def _report(args, console: Console, err_console: Console, started: float) -> int
     costs = static_costs(run.model, options.optimizer, run.dtype)
     summary = summarize(run, costs, spec=args.spec, bits=options.bits, optimizer=options.optimizer, gpu=args.gpu,
                         capacity=options.capacity, top=options.top, seconds=time.perf_counter() - started)
+    if args.json == "-":  # JSON alone on stdout (for pipes), the table on stderr
+        render(summary, Console(stderr=True, width=200, no_color=True, highlight=False))
+        print(json.dumps(summary, indent=1))
+        return 0
     render(summary, console)
     if args.json:
         try:
@@ -256,8 +268,20 @@ def _quiet(debug: bool):
         logger.setLevel(level)
 
 
+def _joined_negative_values(argv: list) -> list:
+    """``--input-shape -1,3,224,224`` as ``--input-shape=-1,...``: argparse would read the value
+    as an option and say "expected one argument"; this way the shape check names the problem."""
+    out = []
+    for arg in argv:
+        if out and out[-1] in ("--input-shape", "--batch") and arg[:1] == "-" and arg[1:2].isdigit():
+            out[-1] = f"{out[-1]}={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def _dispatch(argv, console, err_console, started) -> int:
-    args = _parser().parse_args(argv)
+    args = _parser().parse_args(_joined_negative_values(argv))
     if args.command == "models":
         return _models(args, console)
     if args.command == "report":

@@ -8,7 +8,7 @@ from typing import Mapping
 from actfx.kernels import check_bits, check_group_size
 
 # Attention's saved tensors are the sensitive part of a transformer (see Config.op_bits).
-ATTENTION_BITS = {"sdpa": 8, "attention": 8, "softmax": 8, "matmul": 8}
+ATTENTION_BITS = {"sdpa": 8, "attention": 8, "softmax": 8, "matmul": 8, "transformer_layer": 8}
 # A loss's class probabilities: their rounding noise goes straight into the logits' gradient
 # (at 2 bits the output layer's weight gradient was 0.8 off in one step, 0.01 at 8 bits).
 PROBABILITY_BITS = {"cross_entropy": 8, "log_softmax": 8}

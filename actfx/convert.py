@@ -13,6 +13,8 @@ directly, and whatever stays unconverted is recorded with the reason (``actfx.sh
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import warnings
 import zlib
 
 import torch
@@ -41,23 +43,27 @@ class ConversionRecord:
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     uncovered: list[Unconverted] = dataclasses.field(default_factory=list)
     graphs: dict = dataclasses.field(default_factory=dict)  # path -> {training: rewritten fx Graph}
+    # (shape, dtype) of each positional input of the last training call, for show() without inputs
+    last_training_inputs: tuple | None = None
 
 
 def is_converted(module: nn.Module) -> bool:
     return getattr(type(module), "_actfx_converted", False)
 
 
-def convert(model, bits: int = 2, *, group_size: int = 256, config: Config | None = None,
+def convert(model, bits: int | None = None, *, group_size: int | None = None, config: Config | None = None,
             leaf_modules=(), example_inputs=None) -> nn.Module:
     """Return ``model`` converted to save compressed activations; see the module docstring."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.convert expects a torch.nn.Module, got {type(model).__name__}")
     if config is None:
-        config = Config(bits=check_bits(bits), group_size=check_group_size(group_size))
+        config = Config(bits=check_bits(2 if bits is None else bits),
+                        group_size=check_group_size(256 if group_size is None else group_size))
     elif not isinstance(config, Config):
         raise TypeError(f"config must be an actfx.Config, got {type(config).__name__}")
-    elif (bits, group_size) != (2, 256) and (bits, group_size) != (config.bits, config.group_size):
-        raise ValueError("pass either bits/group_size or config=Config(...), not both with different values")
+    elif (bits is not None and bits != config.bits) or (group_size is not None and group_size != config.group_size):
+        raise ValueError(f"bits={bits}, group_size={group_size} disagree with config=Config(bits={config.bits}, "
+                         f"group_size={config.group_size}); pass the widths in one place")
     if is_converted(model):
         if model._actfx_record.config != config:
             raise ValueError(
@@ -79,7 +85,20 @@ def convert(model, bits: int = 2, *, group_size: int = 256, config: Config | Non
         cls = _converted_class(type(model), {True: type(model).forward})
         result = _clone(result, cls)
     result._actfx_record = record
+    _warn_if_root_untraced(model, record)
     return result
+
+
+def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
+    root = next((u for u in record.uncovered if u.path == "<root>" and u.reason.startswith("fx could not trace")), None)
+    if root is None:
+        return
+    converted = record.decisions
+    warnings.warn(
+        f"actfx.convert: {type(model).__name__} does not trace as a whole ({root.reason}); converted "
+        f"{len(converted)} op(s) inside its traceable submodules only. To convert the whole model, pass "
+        f"example_inputs=(...) (torch.export capture); actfx.show(model, inputs) lists what is covered.",
+        stacklevel=3)
 
 
 def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
@@ -204,7 +223,7 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False) -> nn.Mo
         forwards[training] = _compile_forward(graph, f"{path or 'model'}:{'train' if training else 'eval'}")
         rewritten[training] = graph
     record.graphs[path] = rewritten
-    cls = _converted_class(type(module), forwards)
+    cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()))
     new = _attach_seed(_clone(module, cls), path, module)
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)
@@ -236,14 +255,40 @@ def _compile_forward(graph: Graph, name: str):
     return forward
 
 
-def _converted_class(base: type, forwards: dict) -> type:
-    if len(forwards) == 1:
-        forward = next(iter(forwards.values()))
-    else:
-        train_fwd, eval_fwd = forwards[True], forwards[False]
+def _remember_inputs(module: nn.Module, args: tuple) -> None:
+    """Shapes of a training call's positional tensor inputs, on the root's record (cheap: no data)."""
+    if torch.compiler.is_compiling():
+        return
+    record = module.__dict__.get("_actfx_record")
+    if record is not None and torch.is_grad_enabled() and all(isinstance(a, torch.Tensor) for a in args):
+        record.last_training_inputs = tuple((tuple(a.shape), a.dtype) for a in args)
 
-        def forward(self, *args, **kwargs):
-            return (train_fwd if self.training else eval_fwd)(self, *args, **kwargs)
+
+def _optional_inputs(base: type, graphs) -> tuple:
+    """Graph inputs whose default in ``base.forward`` is None. fx traced them as tensors, so a
+    call that leaves one None (Hugging Face modules do) must run the module's own forward."""
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return ()
+    names = {n.target for g in graphs for n in g.nodes if n.op == "placeholder"}
+    return tuple(name for name, p in params.items() if name in names and p.default is None)
+
+
+def _converted_class(base: type, forwards: dict, optional: tuple = ()) -> type:
+    train_fwd = forwards.get(True, next(iter(forwards.values())))
+    eval_fwd = forwards.get(False, train_fwd)
+    signature = inspect.signature(base.forward) if optional else None
+
+    def forward(self, *args, **kwargs):
+        if optional:
+            bound = signature.bind(self, *args, **kwargs)
+            if any(bound.arguments.get(name) is None for name in optional):
+                return base.forward(self, *args, **kwargs)
+        if self.training:
+            _remember_inputs(self, args)
+            return train_fwd(self, *args, **kwargs)
+        return eval_fwd(self, *args, **kwargs)
 
     attrs = {"forward": forward, "_actfx_converted": True, "__module__": base.__module__,
              "__qualname__": f"Actfx{base.__qualname__}"}

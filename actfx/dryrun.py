@@ -71,4 +71,12 @@ def _stage(name: str, fn):
     except (StageError, SpecError):
         raise
     except Exception as err:  # noqa: BLE001 - the user's code can raise anything; name the stage
+        if type(err).__name__ in _DATA_DEPENDENT:
+            err = RuntimeError(
+                f"the forward branches on tensor values ({type(err).__name__}), which a dry run on fake tensors "
+                "cannot evaluate; measure it on real inputs in Python: actfx.show(actfx.convert(model), inputs)")
         raise StageError(name, err) from err
+
+
+# What fake-tensor tracing raises where Python control flow reads a tensor's value.
+_DATA_DEPENDENT = ("DataDependentOutputException", "GuardOnDataDependentSymNode", "DynamicOutputShapeException")

@@ -26,9 +26,18 @@ def show(model: nn.Module, example_inputs=None, *, console: Console | None = Non
     """Print the rewritten graph of a converted ``model`` (table, module tree, totals, ops left
     uncovered with the reason) and return its rows. ``example_inputs``: a tensor or a tuple of
     positional inputs; ``depth``: how many module levels the tree shows."""
+    from actfx.compiled import compiled_record
+
+    record = compiled_record(model)
+    if record is not None:
+        if example_inputs is not None:
+            _training_step(model, example_inputs)
+        from actfx.compiled_view import show_compiled
+
+        return show_compiled(record, console or default_console(), f"actfx: {type(model).__name__}, compiled")
     if not is_converted(model) or getattr(model, "_actfx_record", None) is None:
         raise TypeError(
-            f"actfx.show expects a model returned by actfx.convert, got {type(model).__name__}; "
+            f"actfx.show expects a model returned by actfx.convert or actfx.compile, got {type(model).__name__}; "
             "call actfx.show(actfx.convert(model), example_inputs)"
         )
     inputs = example_inputs if example_inputs is not None else recorded_inputs(model)
@@ -42,9 +51,28 @@ def show(model: nn.Module, example_inputs=None, *, console: Console | None = Non
     return [row.as_dict() for row in rows]
 
 
+def _training_step(model: nn.Module, example_inputs) -> None:
+    """One forward and backward of a compiled model on ``example_inputs`` (real tensors), so the
+    partitioner pass runs and records its plan; gradients it leaves are cleared."""
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    was_training = model.training
+    model.train()
+    with torch.enable_grad():
+        out = model(*inputs)
+        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        if leaves:
+            torch.autograd.backward([t.float().sum() for t in leaves])
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+
+
 def recorded_inputs(model: nn.Module):
-    """Meta tensors shaped like the inputs recorded on the root graph's placeholders at
-    conversion (``node.meta["val"]`` or ``["tensor_meta"]``), or None when there are none."""
+    """Meta tensors shaped like the inputs of the model's last training call, else like those
+    recorded on the root graph's placeholders at conversion (``node.meta["val"]`` or
+    ``["tensor_meta"]``), or None when there are none."""
+    last = model._actfx_record.last_training_inputs
+    if last is not None:
+        return tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in last)
     graphs = model._actfx_record.graphs.get("")
     if not graphs:
         return None

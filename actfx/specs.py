@@ -133,7 +133,7 @@ def _from_file(path: str, attr: str, text: str):
     except Exception as err:  # noqa: BLE001 - whatever the file raises
         sys.modules.pop(name, None)
         raise SpecError(f"importing {path} failed: {type(err).__name__}: {err}") from err
-    return _factory(module, attr, text)
+    return _factory(module, attr, text, where=path)
 
 
 def _from_module(module_name: str, attr: str, text: str):
@@ -145,11 +145,14 @@ def _from_module(module_name: str, attr: str, text: str):
     return _factory(module, attr, text)
 
 
-def _factory(module, attr: str, text: str):
+def _factory(module, attr: str, text: str, where: str | None = None):
     value = module
     for part in attr.split("."):
         if not hasattr(value, part):
-            raise SpecError(f"{module.__name__} has no attribute {attr!r} (spec {text!r})")
+            names = sorted(n for n, v in vars(module).items() if not n.startswith("_") and callable(v)
+                           and getattr(v, "__module__", None) == module.__name__)
+            listed = f"; it defines {', '.join(names[:8])}" if names else ""
+            raise SpecError(f"{where or module.__name__} has no attribute {attr!r} (spec {text!r}){listed}")
         value = getattr(value, part)
     if isinstance(value, nn.Module):
         return lambda: value

@@ -6,6 +6,10 @@
   generically (`find_blocks`), so no model needs its own recipe.
 * save_on_cpu: ``torch.autograd.graph.save_on_cpu`` around the forward. On a CPU run the saved
   tensors already live in host memory, so it holds what plain holds; it matters on a GPU.
+* compile, compile_budget0.3: ``torch.compile`` (Inductor), the second with the partitioner's
+  ``activation_memory_budget=0.3``.
+* actfx_compile2, actfx_compile2_budget0.3: ``actfx.compile(model, bits=2[, memory_budget=0.3])``.
+Compiled strategies compile on their first step; the benchmarks report that step separately.
 """
 
 from __future__ import annotations
@@ -29,8 +33,8 @@ class Checkpointed(nn.Module):
         super().__init__()
         self.block = block
 
-    def forward(self, *args):
-        return checkpoint(self.block, *args, use_reentrant=False)
+    def forward(self, *args, **kwargs):
+        return checkpoint(self.block, *args, use_reentrant=False, **kwargs)
 
 
 def find_blocks(model: nn.Module) -> list[str]:
@@ -79,6 +83,31 @@ def _actfx(bits: int) -> Strategy:
                     lambda model: actfx.convert(model, bits=bits))
 
 
+def _budget_backend(budget: float):
+    """Inductor with the partitioner's activation_memory_budget set for this compilation only."""
+    from torch._functorch import config as functorch_config
+    from torch._inductor.compile_fx import compile_fx
+
+    def backend(gm, example_inputs):
+        with functorch_config.patch(activation_memory_budget=budget):
+            return compile_fx(gm, example_inputs)
+
+    return backend
+
+
+def _compile(budget: float | None) -> Strategy:
+    name = "compile" if budget is None else f"compile_budget{budget}"
+    backend = "inductor" if budget is None else _budget_backend(budget)
+    return Strategy(name, f"torch.compile{'' if budget is None else f', activation_memory_budget={budget}'}",
+                    lambda model: torch.compile(model, backend=backend))
+
+
+def _actfx_compile(bits: int, budget: float | None) -> Strategy:
+    name = f"actfx_compile{bits}" + ("" if budget is None else f"_budget{budget}")
+    return Strategy(name, f"actfx.compile(model, bits={bits}, memory_budget={budget})",
+                    lambda model: actfx.compile(model, bits=bits, memory_budget=budget))
+
+
 def _prepare_checkpoint(model: nn.Module) -> nn.Module:
     checkpoint_blocks(model)
     return model
@@ -98,6 +127,10 @@ STRATEGIES: dict[str, Strategy] = {
         _actfx(8),
         Strategy("checkpoint", "torch.utils.checkpoint per block", _prepare_checkpoint),
         Strategy("save_on_cpu", "torch.autograd.graph.save_on_cpu", lambda model: model, _save_on_cpu),
+        _compile(None),
+        _compile(0.3),
+        _actfx_compile(2, None),
+        _actfx_compile(2, 0.3),
     )
 }
 

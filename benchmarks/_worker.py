@@ -119,13 +119,15 @@ def measure_memory(job: dict) -> dict:
     x = _inputs(job["model"], job["batch"], job.get("seq"), device)
     runner = Runner(job["strategy"], _fresh_model(job["model"], device), x)
     runner.probe.check_env()
-    counted = runner.saved_bytes()  # doubles as the first warm-up step
+    t0 = time.perf_counter()
+    counted = runner.saved_bytes()  # doubles as the first warm-up step (and compiles compiled strategies)
+    first_step_s = time.perf_counter() - t0
     for _ in range(job.get("warmup", 1) - 1):
         runner.step()
     steps = [runner.step() for _ in range(job.get("repeats", 2))]
     result = {key: statistics.median(s[key] for s in steps) for key in ("act_bytes", "peak_bytes", "base_bytes")}
     result.update(
-        prepare_s=runner.prepare_s, probe=runner.probe.kind, input_shape=list(x.shape),
+        prepare_s=runner.prepare_s, first_step_s=first_step_s, probe=runner.probe.kind, input_shape=list(x.shape),
         blocks=sum(isinstance(m, Checkpointed) for m in runner.model.modules()), **counted,
     )
     return result

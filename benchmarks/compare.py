@@ -134,24 +134,26 @@ def render(rows: list[dict], device: str, console: Console) -> None:
     table = Table(title=f"actfx vs alternatives on {device}: memory by {probe} and by byte count, "
                         "ratios against plain PyTorch in the same run")
     for col in ("model", "strategy", "batch", "activations MiB", "x less", "saved MiB", "x less", "peak MiB",
-                "x less", "step s", "x plain", "max batch"):
+                "x less", "step s", "x plain", "first step s", "max batch"):
         table.add_column(col, justify="left" if col in ("model", "strategy") else "right")
     for r in rows:
         if "error" in r:
-            table.add_row(r["model"], r["strategy"], str(r.get("batch", "")), f"[red]{r['error'][:60]}", *[""] * 8)
+            table.add_row(r["model"], r["strategy"], str(r.get("batch", "")), f"[red]{r['error'][:60]}", *[""] * 9)
             continue
         mark = "*" if _disagree(r) else ""
         table.add_row(
             r["model"], r["strategy"], str(r["batch"]), _mib(r.get("act_bytes")) + mark, _x(r.get("act_ratio"), 1) + mark,
             _mib(r.get("saved_bytes")), _x(r.get("saved_ratio"), 1), _mib(r.get("peak_bytes")),
             _x(r.get("peak_ratio"), 1), "-" if r.get("step_s") is None else f"{r['step_s']:.3f}",
-            _x(r.get("time_ratio")), str(r.get("max_batch", "-")),
+            _x(r.get("time_ratio")), "-" if r.get("first_step_s") is None else f"{r['first_step_s']:.1f}",
+            str(r.get("max_batch", "-")),
         )
     console.print(table)
     console.print(
         "activations = memory after forward - before it; saved = unique storages autograd keeps "
         "(actfx.accounting.count_saved); peak = step high-water mark - memory before it; "
-        "step = forward + loss + backward + SGD update, median."
+        "step = forward + loss + backward + SGD update, median; first step = the first one, alone in a fresh "
+        "process (compiled strategies compile there, with an empty Inductor cache)."
     )
     if any(_disagree(r) for r in rows):
         console.print("* RSS and byte count disagree by over 25%: allocations below glibc's mmap threshold reuse "

@@ -27,12 +27,13 @@ class Wrap(nn.Module):
         return self.fn(self, x)
 
 
-def check_variant(model, x, bits=8, tol=0.02, exact_grad=False, kinds=None):
-    """Forward identical; input and parameter gradients close (or equal for exact variants)."""
+def check_variant(model, x, *, kinds, bits=8, tol=0.02, exact_grad=False):
+    """The ops of ``kinds`` were converted; forward identical; input and parameter gradients
+    close (or equal for exact variants). ``kinds`` is required: a variant test that passes when
+    its op silently stops being converted tests nothing."""
     converted = actfx.convert(model, bits=bits)
-    if kinds is not None:
-        seen = {d.kind for d in converted._actfx_record.decisions}
-        assert set(kinds) <= seen, f"expected {kinds} among converted kinds, got {seen}"
+    seen = {d.kind for d in converted._actfx_record.decisions}
+    assert kinds and set(kinds) <= seen, f"expected {kinds} among converted kinds, got {seen}"
     results = []
     for m in (model, converted):
         xi = x.clone().requires_grad_(True)
@@ -69,16 +70,17 @@ def test_conv2d_forms(fn):
     (nn.ConvTranspose3d(2, 2, 2, stride=2), (1, 2, 4, 4, 4)),
 ])
 def test_conv_variants(conv, shape):
-    check_variant(Wrap(lambda s, x: s.conv(x), conv=conv), torch.randn(*shape))
+    kind = "conv_transpose" if "Transpose" in type(conv).__name__ else "conv"
+    check_variant(Wrap(lambda s, x: s.conv(x), conv=conv), torch.randn(*shape), kinds=[kind])
 
 
-@pytest.mark.parametrize("fn", [
-    lambda s, x: s.lin(x),
-    lambda s, x: F.linear(x, s.lin.weight, s.lin.bias),
-    lambda s, x: x @ s.lin.weight.t(),
+@pytest.mark.parametrize("fn, kind", [
+    (lambda s, x: s.lin(x), "linear"),
+    (lambda s, x: F.linear(x, s.lin.weight, s.lin.bias), "linear"),
+    (lambda s, x: x @ s.lin.weight.t(), "matmul"),
 ])
-def test_linear_forms_any_leading_dims(fn):
-    check_variant(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32))
+def test_linear_forms_any_leading_dims(fn, kind):
+    check_variant(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32), kinds=[kind])
 
 
 @pytest.mark.parametrize("bn", [
@@ -102,35 +104,37 @@ def test_batch_norm_train_and_eval_updates_running_stats_identically(bn):
     reference.eval()
     x = torch.randn(*shape)
     assert torch.equal(converted(x), reference(x))
-    check_variant(model, x)
+    check_variant(model, x, kinds=["batch_norm"])
 
 
-@pytest.mark.parametrize("fn", [
-    lambda s, x: s.act(x),
-    lambda s, x: F.relu(x),
-    lambda s, x: torch.relu(x),
-    lambda s, x: x.relu(),
-    lambda s, x: (x * 1.0).relu_(),
-    lambda s, x: F.relu(x * 1.0, inplace=True),
-    lambda s, x: F.relu6(x),
-    lambda s, x: F.hardtanh(x, -0.5, 0.5),
-    lambda s, x: F.leaky_relu(x, 0.2),
+@pytest.mark.parametrize("name, fn", [
+    ("module", lambda s, x: s.act(x)),
+    ("F.relu", lambda s, x: F.relu(x)),
+    ("torch.relu", lambda s, x: torch.relu(x)),
+    ("method", lambda s, x: x.relu()),
+    ("in place method", lambda s, x: (x * 1.0).relu_()),
+    ("F.relu inplace", lambda s, x: F.relu(x * 1.0, inplace=True)),
+    ("relu6", lambda s, x: F.relu6(x)),
+    ("hardtanh", lambda s, x: F.hardtanh(x, -0.5, 0.5)),
+    ("leaky", lambda s, x: F.leaky_relu(x, 0.2)),
 ])
-def test_relu_family_gradients_are_exact(fn):
+def test_relu_family_gradients_are_exact(name, fn):
     """1-bit masks are exact: the gradient equals PyTorch's bit for bit."""
     model = Wrap(lambda s, x: fn(s, x * 1.0), act=nn.ReLU(inplace=True))
-    converted = check_variant(model, torch.randn(16, 300), exact_grad=True)
-    assert {d.kind for d in converted._actfx_record.decisions} & {"relu", "hardtanh", "leaky_relu"}
+    kind = "hardtanh" if "hardtanh" in name or "relu6" in name else "leaky_relu" if "leaky" in name else "relu"
+    check_variant(model, torch.randn(16, 300), exact_grad=True, kinds=[kind])
 
 
 @pytest.mark.parametrize("act", [nn.ReLU6(inplace=True), nn.LeakyReLU(0.1, inplace=True), nn.Hardtanh(-2, 2)])
 def test_relu_family_modules_exact(act):
-    check_variant(Wrap(lambda s, x: s.act(x * 1.0), act=act), torch.randn(16, 300) * 3, exact_grad=True)
+    kind = "leaky_relu" if isinstance(act, nn.LeakyReLU) else "hardtanh"  # ReLU6 is a Hardtanh
+    check_variant(Wrap(lambda s, x: s.act(x * 1.0), act=act), torch.randn(16, 300) * 3, exact_grad=True,
+                  kinds=[kind])
 
 
 def test_dropout_mask_exact_and_rng_stream_unchanged():
     model = Wrap(lambda s, x: s.drop(x) + F.dropout(x, 0.3, s.training), drop=nn.Dropout(0.5))
-    check_variant(model, torch.randn(16, 300), exact_grad=True)
+    check_variant(model, torch.randn(16, 300), exact_grad=True, kinds=["dropout"])
 
 
 @pytest.mark.parametrize("fn", [
@@ -142,7 +146,7 @@ def test_dropout_mask_exact_and_rng_stream_unchanged():
 ])
 def test_max_pool_compact_indices_exact(fn):
     model = Wrap(fn, pool=nn.MaxPool2d(3, 2, 1, dilation=2, ceil_mode=True))
-    converted = check_variant(model, torch.randn(2, 3, 13, 11), exact_grad=True)
+    converted = check_variant(model, torch.randn(2, 3, 13, 11), exact_grad=True, kinds=["max_pool"])
     from actfx.accounting import count_saved
 
     x = torch.randn(2, 3, 13, 11, requires_grad=True)
@@ -167,16 +171,21 @@ def test_average_pools_save_only_the_shape(fn, kind):
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
                                  nn.Hardsigmoid(), nn.Mish(), nn.Softmax(-1), nn.LogSoftmax(-1), nn.ELU()])
 def test_elementwise_activations(act):
-    check_variant(Wrap(lambda s, x: s.act(s.lin(x)), act=act, lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
+    kind = {nn.LogSoftmax: "log_softmax"}.get(type(act), type(act).__name__.lower())
+    check_variant(Wrap(lambda s, x: s.act(s.lin(x)), act=act, lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03,
+                  kinds=["linear", kind])
 
 
-@pytest.mark.parametrize("fn", [
-    lambda s, x: F.silu(x), lambda s, x: F.gelu(x, approximate="tanh"), lambda s, x: torch.sigmoid(x),
-    lambda s, x: x.sigmoid(), lambda s, x: x.tanh(), lambda s, x: torch.softmax(x, -1), lambda s, x: x.softmax(1),
-    lambda s, x: F.log_softmax(x, dim=-1), lambda s, x: F.hardswish(x), lambda s, x: F.mish(x),
+@pytest.mark.parametrize("fn, kind", [
+    (lambda s, x: F.silu(x), "silu"), (lambda s, x: F.gelu(x, approximate="tanh"), "gelu"),
+    (lambda s, x: torch.sigmoid(x), "sigmoid"), (lambda s, x: x.sigmoid(), "sigmoid"), (lambda s, x: x.tanh(), "tanh"),
+    (lambda s, x: torch.softmax(x, -1), "softmax"), (lambda s, x: x.softmax(1), "softmax"),
+    (lambda s, x: F.log_softmax(x, dim=-1), "log_softmax"), (lambda s, x: F.hardswish(x), "hardswish"),
+    (lambda s, x: F.mish(x), "mish"),
 ])
-def test_elementwise_functional_forms(fn):
-    check_variant(Wrap(lambda s, x: fn(s, s.lin(x)), lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03)
+def test_elementwise_functional_forms(fn, kind):
+    check_variant(Wrap(lambda s, x: fn(s, s.lin(x)), lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03,
+                  kinds=["linear", kind])
 
 
 @pytest.mark.parametrize("fn", [
@@ -257,7 +266,9 @@ def test_cross_entropy_other_forms_run_as_they_are(kwargs, target):
     (nn.InstanceNorm2d(16, affine=True), (4, 16, 6, 6)), (nn.RMSNorm(64), (8, 10, 64)),
 ])
 def test_norms(norm, shape):
-    check_variant(Wrap(lambda s, x: s.norm(x * 2.0 + 1.0), norm=norm), torch.randn(*shape))
+    kind = {nn.LayerNorm: "layer_norm", nn.GroupNorm: "group_norm", nn.InstanceNorm2d: "instance_norm",
+            nn.RMSNorm: "rms_norm"}[type(norm)]
+    check_variant(Wrap(lambda s, x: s.norm(x * 2.0 + 1.0), norm=norm), torch.randn(*shape), kinds=[kind])
 
 
 @pytest.mark.parametrize("op", [operator.mul, torch.mul, operator.truediv, operator.matmul, torch.matmul, "bmm"])
@@ -270,7 +281,8 @@ def test_products_of_two_activations(op):
         fn = lambda s, x: op(s.a(x), s.b(x).abs() + 1.0)  # noqa: E731
     else:
         fn = lambda s, x: op(s.a(x), s.b(x)[:, :1])  # broadcasting  # noqa: E731
-    check_variant(Wrap(fn, a=nn.Linear(32, 32), b=nn.Linear(32, 32)), torch.randn(4, 16, 32))
+    kind = "div" if op is operator.truediv else "mul" if op in (operator.mul, torch.mul) else "matmul"
+    check_variant(Wrap(fn, a=nn.Linear(32, 32), b=nn.Linear(32, 32)), torch.randn(4, 16, 32), kinds=["linear", kind])
 
 
 def test_scaled_dot_product_attention_with_mask_and_dropout():
@@ -284,7 +296,7 @@ def test_scaled_dot_product_attention_with_mask_and_dropout():
 
 def test_uncovered_ops_run_as_they_are_and_are_reported():
     model = Wrap(lambda s, x: torch.cumprod(s.lin(x), dim=-1), lin=nn.Linear(8, 8))
-    converted = check_variant(model, torch.randn(4, 8) * 0.1 + 1.0)
+    converted = check_variant(model, torch.randn(4, 8) * 0.1 + 1.0, kinds=["linear"])
     assert [u.what for u in converted._actfx_record.uncovered] == ["cumprod"]
 
 

@@ -53,7 +53,22 @@ def relu_like(kind, inplace, params, x):
     fwd = _RELU_LIKE[kind][0]
     if not (torch.is_grad_enabled() and x.requires_grad):
         return fwd(x, inplace, *params), None
+    if inplace and _eager_view(x):
+        return _write_back(x, *_MaskedActivation.apply(kind, False, params, x))
     return _MaskedActivation.apply(kind, inplace, params, x)
+
+
+def _eager_view(x: torch.Tensor) -> bool:
+    """A view, outside torch.compile (whose tracing handles in-place ops on views itself)."""
+    return not torch.compiler.is_compiling() and x._is_view()
+
+
+def _write_back(view: torch.Tensor, out: torch.Tensor, bits: torch.Tensor):
+    """An in-place op on a view, as PyTorch runs it: computed out of place, then copied into the
+    view (autograd's CopySlices carries the gradient to the base). A Function that dirties a view
+    may return one tensor only, and these also return their mask."""
+    view.copy_(out)
+    return view, bits
 
 
 class _MaskedDropout(torch.autograd.Function):
@@ -84,6 +99,8 @@ def dropout(p, training, inplace, x):
         return F.dropout(x, p, training, inplace), None
     if p == 1.0:
         return F.dropout(x, p, training, inplace), None
+    if inplace and _eager_view(x):
+        return _write_back(x, *_MaskedDropout.apply(p, False, x))
     return _MaskedDropout.apply(p, inplace, x)
 
 

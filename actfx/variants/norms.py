@@ -106,7 +106,12 @@ class _PackedInstanceNorm(torch.autograd.Function):
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.impl, ctx.eps, ctx.nc = plans, impl, eps, (n, c)
         ctx.save_for_backward(w, mean, invstd, reserve, *storage)
-        return out.view(x.shape)
+        # The same memory reshaped, but not a view: a view made inside a Function cannot be
+        # modified in place afterwards, and models do `instance_norm(x).relu_()`.
+        shaped = out.view(x.shape)
+        if torch.compiler.is_compiling():
+            return shaped
+        return out.new_empty(0).set_(out.untyped_storage(), out.storage_offset(), shaped.shape, shaped.stride())
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -1,0 +1,145 @@
+"""``actfx.compile`` and ``actfx.backend``: compressed saved activations inside torch.compile.
+
+Why: PyTorch's own compiler is the strongest alternative (fused kernels, recompute chosen by its
+min-cut partitioner under ``activation_memory_budget``). So compression lives inside it: the
+partitioner decides what to recompute, ``actfx/passes/pack_saved.py`` packs what it saves, and
+Inductor fuses each pack into the kernel producing the value and each unpack into the backward
+kernel reading it. The hook is Inductor's ``custom_partitioner_fn``, set per compilation (no
+global state): two compiled models in one process keep their own settings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import pathlib
+
+import torch
+import torch.nn as nn
+from torch._functorch import config as functorch_config
+from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor import config as inductor_config
+from torch._inductor.custom_graph_pass import CustomPartitionerFn
+
+from actfx.config import Config, check_bits
+from actfx.convert import _clone
+from actfx.passes.pack_saved import pack_saved
+from actfx.passes.saved_plan import GraphPlan
+
+_SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_saved.py", "passes/noise_degree.py",
+            "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
+            "passes/graph_emit.py")
+
+
+@dataclasses.dataclass
+class CompiledRecord:
+    """What the partitioner pass decided, one GraphPlan per compiled graph (newest last)."""
+
+    config: Config
+    memory_budget: float | None
+    plans: list[GraphPlan] = dataclasses.field(default_factory=list)
+
+
+def _check_budget(memory_budget) -> float | None:
+    if memory_budget is None:
+        return None
+    if isinstance(memory_budget, bool) or not isinstance(memory_budget, (int, float)) or not 0 <= memory_budget <= 1:
+        raise ValueError(f"memory_budget must be a number in [0, 1] (the share of activation memory the "
+                         f"partitioner may keep) or None, got {memory_budget!r}")
+    return float(memory_budget)
+
+
+def _resolve_config(bits, config) -> Config:
+    if config is None:
+        return Config(bits=check_bits(2 if bits is None else bits))
+    if not isinstance(config, Config):
+        raise TypeError(f"config must be an actfx.Config, got {type(config).__name__}")
+    if bits is not None and bits != config.bits:
+        raise ValueError(f"bits={bits} disagrees with config=Config(bits={config.bits}); pass the width in one place")
+    return config
+
+
+def _attention_as_math(example_inputs):
+    """On CPU, trace SDPA as matmul -> softmax -> matmul (PyTorch's math backend), so backward
+    reads the attention probabilities (packed; backward is linear in them) instead of recomputing
+    them from q and k (nonlinear: q and k would have to stay exact). CPU flash attention saves
+    little here: the probabilities are kept at 8 bits. On CUDA the fused kernels stay."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    return sdpa_kernel([SDPBackend.MATH]) if devices <= {"cpu"} else contextlib.nullcontext()
+
+
+class _Partitioner(CustomPartitionerFn):
+    """min-cut partitioning (under the memory budget), then pack_saved on the pair."""
+
+    def __init__(self, record: CompiledRecord):
+        self.record = record
+
+    def __call__(self, gm, joint_inputs, **kwargs):
+        budget = self.record.memory_budget
+        patch = functorch_config.patch(activation_memory_budget=budget) if budget is not None else contextlib.nullcontext()
+        with patch:
+            fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        plan = pack_saved(fwd, bwd, num_fwd_outputs=kwargs["num_fwd_outputs"],
+                          static_indices=kwargs.get("static_lifetime_input_indices"), config=self.record.config)
+        self.record.plans.append(plan)
+        return fwd, bwd
+
+    def uuid(self):
+        here = pathlib.Path(__file__).parent
+        digest = hashlib.sha256(repr((self.record.config, self.record.memory_budget)).encode())
+        for name in _SOURCES:
+            digest.update((here / name).read_bytes())
+        return digest.hexdigest()
+
+
+class Backend:
+    """A torch.compile backend: Inductor with actfx's partitioner pass. Keeps a CompiledRecord."""
+
+    def __init__(self, config: Config, memory_budget: float | None):
+        self.record = CompiledRecord(config, memory_budget)
+
+    def __call__(self, gm, example_inputs):
+        from torch._inductor.compile_fx import compile_fx
+
+        # The autograd cache would skip the partitioner (and so the record) on a hit; Inductor's
+        # own code cache still applies to the packed graphs.
+        with inductor_config.patch(custom_partitioner_fn=_Partitioner(self.record)), \
+                functorch_config.patch(enable_autograd_cache=False), _attention_as_math(example_inputs):
+            return compile_fx(gm, example_inputs)
+
+
+def backend(bits: int | None = None, *, memory_budget: float | None = None, config: Config | None = None) -> Backend:
+    """``torch.compile(model, backend=actfx.backend(bits=2))``: see the module docstring. bits
+    defaults to 2 (or config.bits)."""
+    return Backend(_resolve_config(bits, config), _check_budget(memory_budget))
+
+
+def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float | None = None, config: Config | None = None,
+            **compile_kwargs) -> nn.Module:
+    """A compiled copy of ``model`` whose saved activations are packed (same Parameters, buffers,
+    submodules and state_dict keys; ``model`` itself is left as it was).
+
+    memory_budget: torch.compile's ``activation_memory_budget`` for the partitioner (None keeps
+    PyTorch's default); compile_kwargs go to ``torch.compile`` (``dynamic``, ``fullgraph``, ...).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"actfx.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if "backend" in compile_kwargs:
+        raise TypeError("actfx.compile chooses the backend; use torch.compile(model, backend=actfx.backend(...)) "
+                        "to combine it with other options")
+    chosen = backend(bits, memory_budget=memory_budget, config=config)
+    compiled = _clone(model, type(model))
+    # The copy's own forward, compiled (an instance attribute over the class's): hooks and
+    # train()/eval() work as on any module, and built-in containers compile too.
+    object.__setattr__(compiled, "forward", torch.compile(compiled.forward, backend=chosen, **compile_kwargs))
+    object.__setattr__(compiled, "_actfx_compiled", chosen.record)
+    return compiled
+
+
+def compiled_record(model: nn.Module) -> CompiledRecord | None:
+    """The record of a model returned by actfx.compile, or of any module holding one."""
+    record = getattr(model, "_actfx_compiled", None)
+    return record if isinstance(record, CompiledRecord) else None

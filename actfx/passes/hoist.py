@@ -1,0 +1,151 @@
+"""Hoist: compute in forward the backward values that saved values feed nonlinearly.
+
+A backward value that depends on saved values alone and is nonlinear in one that will be packed
+(a ReLU's ``x <= 0``, GELU's derivative after ``linearize``, ``x * x``) would be biased by the
+rounding noise; computed in forward and saved instead, it is exact (a mask) or packed itself, and
+the backward reads it linearly. Views and negations of one value hoist that value once.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from actfx.passes import noise_degree
+from actfx.passes.graph_emit import emit, relu_select
+from actfx.passes.saved_pair import is_tensor, numel, op_name, val, view_like
+
+aten = torch.ops.aten
+
+
+# A hoisted value may be at most this many times larger than the values it frees.
+MAX_HOIST_GROWTH = 4
+
+
+def hoist(run, rounds: int = 3) -> None:
+    """Hoist until nothing changes: a hoisted value may itself be read nonlinearly (a
+    recomputed variance squares a hoisted normalised value)."""
+    for _ in range(rounds):
+        if not _hoist_round(run):
+            return
+
+
+def _hoist_round(run) -> bool:
+    bwd = run.g.bwd
+    sources = run.sources()
+    if not sources:
+        return False
+    count = len(run.hoisted)
+    degrees = noise_degree.degrees(bwd, sources)
+    dependent = noise_degree.tangent_dependent(bwd)
+    output = next(iter(bwd.find_nodes(op="output")))
+    # Masks first: a comparison of a packed value must be exact, and once it is, the ops it
+    # selects with (ReLU as where(x <= 0, 0, x)) are linear and can stay recomputed.
+    for node in list(bwd.nodes):
+        if node.op == "call_function" and node not in dependent and is_tensor(node) \
+                and val(node).dtype == torch.bool and _biased(node, degrees):
+            _hoist_one(run, node, _biased(node, degrees), sources)
+    degrees = noise_degree.degrees(bwd, sources)
+    for node in list(bwd.nodes):
+        if node.op != "call_function" or node in dependent or not is_tensor(node) or not node.users:
+            continue
+        if not any(u in dependent or u is output for u in node.users):
+            continue
+        root = _linear_root(run, node)
+        biased = _biased(root, degrees)
+        if biased and _hoist_one(run, root, biased, sources):
+            degrees = noise_degree.degrees(bwd, sources)
+    bwd.eliminate_dead_code()
+    return len(run.hoisted) > count
+
+
+def _linear_root(run, node: fx.Node) -> fx.Node:
+    """Through views and negations (permute, view, neg, expand) to the value they re-present:
+    P, -P and P transposed all read one hoisted P."""
+    while view_like(node):
+        parent = node.all_input_nodes[0]
+        if parent.op != "call_function" or not is_tensor(parent) or val(parent).dtype != val(node).dtype:
+            break
+        if not all(view_like(u) for u in parent.users):
+            break  # the parent has other, nonlinear readers: hoisting it would not help them
+        node = parent
+    return node
+
+
+def _biased(node: fx.Node, degrees: dict) -> list:
+    return [s for s, d in degrees.get(node, {}).items() if d > noise_degree.ONE]
+
+
+def _hoist_one(run, node: fx.Node, biased: list, sources: dict) -> bool:
+    region, leaves = _region(run, node)
+    if region is None:
+        return False
+    freed = sum(numel(s) for s in biased)
+    if numel(node) > MAX_HOIST_GROWTH * freed:
+        return False
+    fwd_leaves = {leaf: _fwd_of(run, leaf) for leaf in leaves}
+    if any(v is None for v in fwd_leaves.values()):
+        return False
+    anchor = max(fwd_leaves.values(), key=lambda n: run.g.order[n])
+    after = anchor.next
+    env = dict(fwd_leaves)
+    with run.g.fwd.inserting_before(after):
+        for inner in region:
+            env[inner] = run.g.fwd.node_copy(inner, lambda a: env[a])
+            env[inner].meta.pop("autograd_backward", None)
+    hoisted = env[node]
+    hoisted.meta.setdefault("nn_module_stack", anchor.meta.get("nn_module_stack"))
+    run.g.renumber()
+    like = next(fwd for fwd, _ in run.g.saved_tensors())
+    placeholder = run.g.add_saved(hoisted, like)
+    node.replace_all_uses_with(placeholder)
+    run.hoisted[hoisted.name] = op_name(node)
+    return True
+
+
+def _region(run, node: fx.Node):
+    """The backward ops computing ``node`` from saved values, in graph order, and those values."""
+    region, leaves, stack, seen = [], set(), [node], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            leaves.add(n)
+        elif n.op == "call_function":
+            region.append(n)
+            stack.extend(n.all_input_nodes)
+        else:
+            return None, None
+    order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
+    return sorted(region, key=order.get), leaves
+
+
+def _fwd_of(run, placeholder: fx.Node):
+    return next((fwd for fwd, bwd in run.g.saved_tensors() if bwd is placeholder), None)
+
+
+def relu_as_select(run) -> None:
+    """Recomputed ``relu(y)`` becomes ``where(y <= 0, 0, y)``: linear in y once the mask is exact."""
+    dependent = noise_degree.tangent_dependent(run.g.bwd)
+    for node in list(run.g.bwd.nodes):
+        if node.op == "call_function" and node.target is aten.relu.default and node not in dependent:
+            select = emit(run.g.bwd, relu_select, [node.args[0]], before=node, key="relu_select")
+            node.replace_all_uses_with(select)
+            run.g.bwd.erase_node(node)
+
+
+def masks_once(run) -> None:
+    """``le(where(m, 0, y), 0)`` with ``m = le(y, 0)`` (a ReLU's mask taken again from its
+    recomputed output) is ``m``: one mask instead of two."""
+    for node in list(run.g.bwd.nodes):
+        if node.target is not aten.le.Scalar or node.args[1] != 0:
+            continue
+        select = node.args[0]
+        if not (isinstance(select, fx.Node) and select.target is aten.where.self):
+            continue
+        mask, zero, y = select.args
+        if (isinstance(mask, fx.Node) and mask.target is aten.le.Scalar and mask.args == (y, 0)
+                and isinstance(zero, fx.Node) and zero.op == "call_function" and not zero.all_input_nodes):
+            node.replace_all_uses_with(mask)

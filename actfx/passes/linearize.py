@@ -1,0 +1,90 @@
+"""Linearize elementwise gradient chains: a backward region of same-shape pointwise ops reading
+one gradient value g (the chain rule through GELU, SiLU, tanh, in any spelling) is ``g * D``.
+
+D depends on saved values only, so ``hoist`` computes it in forward and one packed value replaces
+everything the chain read (GELU's input, its tanh, ...): the derivative instead of the input.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from actfx.passes import noise_degree
+from actfx.passes.graph_emit import emit, ones
+from actfx.passes.saved_pair import is_tensor, pointwise, static_shape, val
+
+aten = torch.ops.aten
+
+
+def linearize(run) -> None:
+    """Rewrite elementwise gradient chains as ``g * D``.
+
+    A backward region of same-shape pointwise ops that reads one gradient value g (the chain
+    rule through GELU, SiLU, tanh, in whatever spelling) is linear and elementwise in g, so it
+    equals ``g * D`` with D the same region evaluated at g = 1. D depends on saved values only:
+    ``hoist`` then computes it in forward and one packed value replaces all the values the
+    chain read (GELU's input, its tanh, ...).
+    """
+    bwd = run.g.bwd
+    sources = run.sources()
+    if not sources:
+        return
+    degrees = noise_degree.degrees(bwd, sources)
+    dependent = noise_degree.tangent_dependent(bwd)
+    done: set[fx.Node] = set()
+    for node in reversed(list(bwd.nodes)):
+        if node in done or node not in dependent or not pointwise(node):
+            continue
+        region = _pointwise_region(run, node, dependent)
+        if region is None:
+            continue
+        nodes, entry, free_inputs = region
+        done.update(nodes)
+        if not any(d > noise_degree.ONE for f in free_inputs for d in degrees.get(f, {}).values()):
+            continue
+        _factor_out(run, node, nodes, entry)
+    bwd.eliminate_dead_code()
+
+
+def _pointwise_region(run, exit_node: fx.Node, dependent: set):
+    """(region nodes in graph order, the one gradient entry, tangent-free inputs) or None."""
+    shape = val(exit_node).shape
+    nodes, entries, free, stack = set(), set(), set(), [exit_node]
+    while stack:
+        n = stack.pop()
+        if n in nodes:
+            continue
+        nodes.add(n)
+        for a in n.all_input_nodes:
+            if a not in dependent:
+                free.add(a)
+            elif pointwise(a) and val(a).shape == shape and all(u in nodes or u is exit_node or
+                                                                 u in dependent for u in a.users):
+                stack.append(a)
+            else:
+                entries.add(a)
+    if len(entries) != 1 or len(nodes) < 2:
+        return None
+    entry = next(iter(entries))
+    if not is_tensor(entry) or val(entry).shape != shape or not static_shape(entry):
+        return None
+    # every region node other than the exit may only feed the region
+    if any(u not in nodes for n in nodes if n is not exit_node for u in n.users):
+        return None
+    order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
+    return sorted(nodes, key=order.get), entry, free
+
+
+def _factor_out(run, exit_node: fx.Node, nodes: list, entry: fx.Node) -> None:
+    bwd = run.g.bwd
+    with bwd.inserting_before(exit_node):
+        unit = emit(bwd, ones, [entry], before=exit_node, key="ones")
+        env = {entry: unit}
+        for n in nodes:
+            env[n] = bwd.node_copy(n, lambda a: env.get(a, a))
+    derivative = env[exit_node]
+    with bwd.inserting_before(exit_node):
+        product = bwd.call_function(aten.mul.Tensor, (entry, derivative))
+    product.meta.update(exit_node.meta)
+    exit_node.replace_all_uses_with(product)

@@ -1,0 +1,194 @@
+"""Pack what the partitioner saves: the compiled path's one pass over forward and backward graphs.
+
+Why: torch.compile's min-cut partitioner decides what backward recomputes and what forward
+saves; this pass decides how each saved value is stored, and Inductor then fuses each pack into
+the kernel that produces the value and each unpack into the backward kernel that reads it.
+
+For each saved tensor (a forward output the backward reads), in order:
+
+1. *Hoist* backward values that depend on saved values alone but are nonlinear in one that would
+   be packed (GELU's derivative, a ReLU's ``x <= 0`` mask, ``x * x``): they are computed in
+   forward instead and saved, so the backward becomes linear in what it reads.
+2. Classify with the ATen op rules (``actfx.rules`` via ``noise_degree``): parameters, their
+   casts, graph inputs, integers and small values stay exact; booleans become 1-bit masks; float
+   values every gradient is linear in are packed at the configured bits (stochastic rounding,
+   unbiased); values some gradient is still nonlinear in stay exact, with the op that made it so.
+3. Rewrite: forward outputs the packed pieces in the value's place, backward takes them as
+   inputs and unpacks right before the first reader. ``meta["val"]`` is set on every new node.
+
+Values the partitioner recomputes stay recomputed; a value read by several backward ops is packed
+once. The result is recorded as a ``GraphPlan`` for ``actfx.show``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from actfx.config import Config
+from actfx.kernels import graph_pack
+from actfx.passes import hoist, linearize, noise_degree, rematerialize
+from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
+from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage
+from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
+                                     static_shape, val)
+from actfx.rules import rule_for
+
+aten = torch.ops.aten
+
+
+class PackSaved:
+    """One run of the pass on a partitioned pair: the steps (``linearize``, ``hoist``,
+    ``rematerialize``) read and change it; ``classify`` and ``rewrite`` finish."""
+
+    def __init__(self, fwd, bwd, num_fwd_outputs: int, static_indices, config: Config):
+        self.g = SavedPair(fwd, bwd, num_fwd_outputs)
+        self.config = config
+        self.params = parameter_nodes(self.g.fwd, static_indices)
+        self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
+        self.exact_reason: dict[str, str] = {}
+        self.hoisted: dict[str, str] = {}  # fwd node name -> op description
+
+    def packable(self, fwd_node: fx.Node) -> str | None:
+        """None if the value may be packed, else why it stays exact."""
+        value = val(fwd_node)
+        if fwd_node in self.params:
+            return "parameter"
+        if fwd_node.op == "placeholder":
+            return "graph input"
+        if fwd_node in self.user_outputs:
+            return "also a forward output"
+        if value.dtype == torch.bool:
+            return None
+        if not value.is_floating_point():
+            return "integer"
+        if not static_shape(fwd_node):
+            return "dynamic shape (packing needs static sizes)"
+        if numel(fwd_node) < self.config.min_numel:
+            return "small"
+        return None
+
+    def sources(self) -> dict[fx.Node, fx.Node]:
+        """Backward placeholder -> forward node, for saved float values that could be packed."""
+        return {bwd: fwd for fwd, bwd in self.g.saved_tensors()
+                if self.packable(fwd) is None and val(fwd).is_floating_point()}
+
+    def classify(self) -> dict[fx.Node, Storage]:
+        """Forward saved node -> storage, fixing the set of packed sources until no gradient is
+        nonlinear in any of them."""
+        sources = self.sources()
+        while True:
+            biased = noise_degree.biased_sources(self.g.bwd, sources)
+            if not biased:
+                break
+            for src, culprit in biased.items():
+                self.exact_reason[sources[src].name] = f"nonlinear use by {op_name(culprit)} in backward"
+                del sources[src]
+        decisions = {}
+        packed = set(sources.values())
+        for fwd, _ in self.g.saved_tensors():
+            if fwd in packed:
+                decisions[fwd] = Storage.PACKED
+            elif val(fwd).dtype == torch.bool and self.packable(fwd) is None:
+                decisions[fwd] = Storage.MASK
+            else:
+                decisions[fwd] = Storage.EXACT
+                self.exact_reason.setdefault(fwd.name, self.packable(fwd) or "")
+        return decisions
+
+    def rewrite(self, decisions: dict[fx.Node, Storage]) -> GraphPlan:
+        plan = GraphPlan()
+        for fwd, bwd in self.g.saved_tensors():
+            storage = decisions[fwd]
+            bits = self.config.bits_for(self._kind(fwd), module_path(fwd)) if storage is Storage.PACKED else None
+            self._replace_shape_only_uses(bwd)
+            if not bwd.users:
+                self.g.drop_saved(fwd)
+                continue
+            if storage is Storage.PACKED:
+                after = self._pack(fwd, bwd, bits)
+            elif storage is Storage.MASK:
+                after = self._mask(fwd, bwd)
+            else:
+                after = nbytes(fwd)
+            plan.saved.append(SavedValue(
+                name=fwd.name, op=self.hoisted.get(fwd.name, op_name(fwd)), module_path=module_path(fwd),
+                shape=tuple(hint(s) for s in val(fwd).shape), dtype=str(val(fwd).dtype).replace("torch.", ""),
+                bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
+                reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
+                hoisted=fwd.name in self.hoisted))
+        self.g.bwd.eliminate_dead_code()
+        fuse_seeds(self.g.fwd)
+        return plan
+
+    def _kind(self, fwd: fx.Node) -> str:
+        """The Config.op_bits kind of a saved value: values of attention (the op that was
+        decomposed, ``meta["original_aten"]``, is softmax or SDPA, for it or a forward reader)
+        are "attention" and keep their 8-bit default; everything else uses ``bits``."""
+        for node in (fwd, *fwd.users):
+            original = str(node.meta.get("original_aten", ""))
+            if "softmax" in original or "scaled_dot_product" in original:
+                return "attention"
+        return "default"
+
+    def first_use(self, placeholder: fx.Node) -> fx.Node:
+        order = {n: i for i, n in enumerate(self.g.bwd.nodes)}
+        return min(placeholder.users, key=order.get)
+
+    def _replace_shape_only_uses(self, placeholder: fx.Node) -> None:
+        """Ops that read only the shape of a saved value get a broadcast zero of that shape."""
+        for user in list(placeholder.users):
+            rule = rule_for(user.target)
+            positions = [i for i, a in enumerate(user.args) if a is placeholder]
+            if positions and all(i in rule.shape_only for i in positions) and placeholder not in user.kwargs.values():
+                zero = emit(self.g.bwd, broadcast_zero, [placeholder], before=user, key="zero")
+                user.replace_input_with(placeholder, zero)
+
+    def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:
+        group, stochastic = self.config.group_size, self.config.stochastic
+        pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic), [fwd],
+                      before=fwd.next, key=("pack", bits, group, stochastic))
+        holders = [self.g.add_saved(p, fwd) for p in pieces]
+        like = bwd
+        unpacked = emit(self.g.bwd, lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits),
+                        [*holders, like], before=self.first_use(bwd), key=("unpack", bits))
+        self._swap(bwd, unpacked)
+        self.g.drop_saved(fwd)
+        return sum(nbytes(p) for p in pieces)
+
+    def _mask(self, fwd: fx.Node, bwd: fx.Node) -> int:
+        packed = emit(self.g.fwd, graph_pack.pack_mask, [fwd], before=fwd.next, key="pack_mask")
+        holder = self.g.add_saved(packed, fwd)
+        unpacked = emit(self.g.bwd, graph_pack.unpack_mask, [holder, bwd], before=self.first_use(bwd),
+                        key="unpack_mask")
+        self._swap(bwd, unpacked)
+        self.g.drop_saved(fwd)
+        return nbytes(packed)
+
+    def _swap(self, placeholder: fx.Node, unpacked: fx.Node) -> None:
+        """Readers of ``placeholder`` read ``unpacked`` (shapes are static, so the unpack itself
+        does not read the placeholder)."""
+        placeholder.replace_all_uses_with(unpacked)
+
+
+def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices,
+               config: Config) -> GraphPlan:
+    """Run the pass in place on a partitioned pair; returns what each saved value became."""
+    run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config)
+    before = sum(nbytes(f) for f, _ in run.g.saved_tensors() if f not in run.params)
+    recomputed = sum(1 for n in run.g.bwd.nodes if n.op == "call_function"
+                     and n not in noise_degree.tangent_dependent(run.g.bwd))
+    rematerialize.rematerialize(run)
+    hoist.relu_as_select(run)
+    hoist.masks_once(run)
+    linearize.linearize(run)
+    hoist.hoist(run)
+    decisions = run.classify()
+    plan = run.rewrite(decisions)
+    plan.bytes_before = before
+    plan.recomputed_ops = recomputed
+    fwd.graph.lint()
+    bwd.graph.lint()
+    fwd.recompile()
+    bwd.recompile()
+    return plan

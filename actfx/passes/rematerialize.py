@@ -1,0 +1,92 @@
+"""Rematerialize: recompute in backward the saved values that short elementwise forward chains
+compute from other saved values (ReLU(BN(x) + shortcut) from BN's packed input, its statistics,
+the mask and the shortcut) instead of storing them too; with the ReLU's mask exact, the chain is
+linear in what it reads, so one packed input serves both.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import fx
+
+from actfx.passes.saved_pair import RANDOM_OPS, is_tensor, numel, pointwise, static_shape, val
+from actfx.rules import Kind, rule_for
+
+aten = torch.ops.aten
+
+
+def rematerialize(run) -> None:
+    """Recompute in backward the saved values that short elementwise forward chains compute
+    from other saved values and parameters (ReLU(BN(x) + shortcut) from BN's input, its
+    statistics, weight, bias and the shortcut), instead of storing them too: with the ReLU's
+    mask exact, such a chain is linear in what it reads, so one packed input serves both.
+    Parameters it reads are saved by reference (they are held anyway), small values as is."""
+    available: dict[fx.Node, fx.Node] = {fwd: bwd for fwd, bwd in run.g.saved_tensors()}
+    recipes: dict[fx.Node, list] = {}
+    for fwd, placeholder in run.g.saved_tensors():
+        if run.packable(fwd) is not None or not val(fwd).is_floating_point() or not placeholder.users:
+            continue
+        found = _chain(run, fwd, {**available, **recipes})
+        if found is None:
+            continue
+        chain, extra = found
+        for value in extra:
+            if value not in available:
+                available[value] = run.g.add_saved(value, fwd)
+        recipes[fwd] = chain
+    for fwd in recipes:
+        placeholder = available[fwd]
+        if placeholder.users:
+            rebuilt = _rebuild(run, fwd, recipes, available, run.first_use(placeholder), {})
+            placeholder.replace_all_uses_with(rebuilt)
+
+
+def _rebuild(run, value: fx.Node, recipes: dict, available: dict, before: fx.Node, done: dict) -> fx.Node:
+    """``value`` computed in backward before ``before``, from saved values (rebuilding those
+    that are themselves recipes there too)."""
+    if value in done:
+        return done[value]
+    if value not in recipes:
+        return available[value]
+    env: dict[fx.Node, fx.Node] = {}
+
+    def lookup(a: fx.Node) -> fx.Node:
+        if a in env:
+            return env[a]
+        return _rebuild(run, a, recipes, available, before, done)
+
+    for node in recipes[value]:
+        for a in node.all_input_nodes:
+            if a not in env:
+                env[a] = lookup(a) if (a in recipes or a in available) else env.get(a)
+        with run.g.bwd.inserting_before(before):
+            env[node] = run.g.bwd.node_copy(node, lambda a: env[a])
+        env[node].meta["autograd_backward"] = True
+    done[value] = env[value]
+    return env[value]
+
+
+def _chain(run, value: fx.Node, available: dict, limit: int = 24):
+    """(forward ops computing ``value`` from saved values, parameters and small values, in
+    order; the parameters and small values not saved yet) or None when it needs anything else or more than ``limit`` ops
+    (elementwise ops, ReLU and views only)."""
+    chain, params, stack, seen = [], [], [value], set()
+    while stack:
+        n = stack.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n is not value and n in available:
+            continue
+        if (n.op == "placeholder" and n in run.params) or (
+                n is not value and is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel):
+            params.append(n)  # a parameter, or a small value (statistics): saved as is
+            continue
+        if n.op != "call_function" or n.target in RANDOM_OPS or len(chain) >= limit:
+            return None
+        view = rule_for(n.target).kind is Kind.LINEAR and len(n.all_input_nodes) == 1
+        if not (pointwise(n) or view or n.target is aten.relu.default):
+            return None
+        chain.append(n)
+        stack.extend(n.all_input_nodes)
+    return sorted(chain, key=run.g.order.get), params

@@ -1,0 +1,139 @@
+"""The partitioned forward/backward pair seen as saved values, and small facts about fx nodes.
+
+The partitioner's forward returns the model's outputs, then the saved tensors, then saved
+sizes; the backward takes the sizes, then the same saved tensors in the same order, then the
+gradients. ``SavedPair`` keeps both sides in step while the compiled-path passes add, replace and
+drop saved values.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from torch import fx
+
+from actfx.rules import Kind, rule_for
+
+aten = torch.ops.aten
+
+
+def val(node):
+    return node.meta.get("val") if isinstance(node, fx.Node) else None
+
+
+def is_tensor(node) -> bool:
+    return isinstance(val(node), torch.Tensor)
+
+
+def hint(n) -> int:
+    return n if isinstance(n, int) else int(n.node.hint)
+
+
+def numel(node) -> int:
+    return hint(val(node).numel())
+
+
+def nbytes(node) -> int:
+    return numel(node) * val(node).element_size()
+
+
+def module_path(node: fx.Node) -> str:
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    path = re.sub(r"^L\['[^']*'\]\.?", "", path)
+    path = re.sub(r"^__self__\.?", "", path)
+    return re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+
+
+def pointwise(node: fx.Node) -> bool:
+    return (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+            and torch.Tag.pointwise in node.target.tags and is_tensor(node))
+
+
+def view_like(node: fx.Node) -> bool:
+    rule = rule_for(node.target)
+    return node.op == "call_function" and len(node.all_input_nodes) == 1 and rule.kind is Kind.LINEAR \
+        and not rule.shape_only
+
+
+def static_shape(node) -> bool:
+    return all(isinstance(s, int) for s in val(node).shape)
+
+
+def op_name(node: fx.Node) -> str:
+    target = node.target
+    return str(target) if node.op == "call_function" else node.op
+
+
+RANDOM_OPS = {aten.rand.default, aten.rand_like.default, aten.randn.default, aten.bernoulli.default,
+               aten.native_dropout.default}
+
+
+class SavedPair:
+    """The partitioned pair, with the saved tensors as (forward node, backward placeholder).
+
+    Forward outputs after the model's own are the saved values, tensors in the same order as the
+    backward's tensor placeholders; every change here keeps both orders in step.
+    """
+
+    def __init__(self, fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: int):
+        self.fwd, self.bwd = fwd.graph, bwd.graph
+        self.fwd_output = next(iter(self.fwd.find_nodes(op="output")))
+        self.num_fwd_outputs = num_fwd_outputs
+        by_name = {n.name: n for n in self.bwd.find_nodes(op="placeholder")}
+        self.placeholder_of: dict[fx.Node, fx.Node] = {}
+        for node in self.outputs()[num_fwd_outputs:]:
+            if is_tensor(node) and node.name in by_name:
+                self.placeholder_of[node] = by_name[node.name]
+        self.renumber()
+
+    def outputs(self) -> list:
+        return list(self.fwd_output.args[0])
+
+    def saved_tensors(self) -> list[tuple[fx.Node, fx.Node]]:
+        return [(node, self.placeholder_of[node]) for node in self.outputs()[self.num_fwd_outputs:]
+                if node in self.placeholder_of]
+
+    def set_outputs(self, outputs: list) -> None:
+        self.fwd_output.update_arg(0, tuple(outputs))
+
+    def renumber(self) -> None:
+        self.order = {n: i for i, n in enumerate(self.fwd.nodes)}
+
+    def _saved_index(self, fwd_node: fx.Node) -> int:
+        outputs = self.outputs()
+        return next(i for i in range(self.num_fwd_outputs, len(outputs)) if outputs[i] is fwd_node)
+
+    def add_saved(self, fwd_node: fx.Node, like: fx.Node) -> fx.Node:
+        """Save ``fwd_node`` too, placed just before the saved value ``like`` on both sides;
+        returns its new backward placeholder."""
+        outputs = self.outputs()
+        index = self._saved_index(like)
+        self.set_outputs(outputs[:index] + [fwd_node] + outputs[index:])
+        with self.bwd.inserting_before(self.placeholder_of[like]):
+            placeholder = self.bwd.placeholder(fwd_node.name)
+        placeholder.meta.update(fwd_node.meta)
+        self.placeholder_of[fwd_node] = placeholder
+        return placeholder
+
+    def drop_saved(self, fwd_node: fx.Node) -> None:
+        outputs = self.outputs()
+        index = self._saved_index(fwd_node)
+        self.set_outputs(outputs[:index] + outputs[index + 1:])
+        placeholder = self.placeholder_of.pop(fwd_node)
+        if placeholder.users:
+            raise RuntimeError(f"actfx: saved value {fwd_node.format_node()} is still read by backward")
+        self.bwd.erase_node(placeholder)
+
+
+def parameter_nodes(fwd: fx.Graph, static_indices) -> set[fx.Node]:
+    """Forward nodes computed from parameters and buffers alone (their views and casts)."""
+    placeholders = list(fwd.find_nodes(op="placeholder"))
+    params = {placeholders[i] for i in (static_indices or ()) if i < len(placeholders)}
+    for node in fwd.nodes:
+        if node.op == "call_function" and node.all_input_nodes and all(a in params for a in node.all_input_nodes):
+            params.add(node)
+    return params

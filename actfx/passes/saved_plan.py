@@ -1,0 +1,53 @@
+"""The typed record of what a compiled graph keeps for backward, one entry per saved value.
+
+Written by ``pack_saved`` when Inductor partitions a graph, read by ``actfx.show`` and the
+report: what is printed is what conversion decided, never reconstructed afterwards.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+
+
+class Storage(enum.Enum):
+    PACKED = "packed"  # stochastic rounding to `bits` in groups (gradients unbiased)
+    MASK = "mask"  # a boolean, 1 bit per value, exact
+    EXACT = "exact"  # kept as is; `reason` says why
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedValue:
+    name: str  # the forward graph's node name
+    op: str  # the ATen op that produced it (for hoisted values: the op computed in forward)
+    module_path: str  # from nn_module_stack ("" when unknown)
+    shape: tuple
+    dtype: str
+    bytes_before: int
+    bytes_after: int
+    storage: Storage
+    bits: int | None = None
+    reason: str = ""
+    hoisted: bool = False  # computed in forward instead of backward (a derivative, a mask)
+
+    @property
+    def saved_as(self) -> str:
+        if self.storage is Storage.PACKED:
+            return f"packed {self.bits}-bit"
+        if self.storage is Storage.MASK:
+            return "1-bit mask"
+        return f"exact ({self.reason})" if self.reason else "exact"
+
+
+@dataclasses.dataclass
+class GraphPlan:
+    """Everything one partitioned graph saves, and the ops the partitioner recomputes instead."""
+
+    bytes_before: int = 0  # what the partitioner alone would save, parameters excluded
+    saved: list[SavedValue] = dataclasses.field(default_factory=list)
+    recomputed_ops: int = 0
+
+    @property
+    def bytes_after(self) -> int:
+        """Bytes kept for backward, parameters excluded (they are held anyway)."""
+        return sum(v.bytes_after for v in self.saved if v.reason != "parameter")

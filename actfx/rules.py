@@ -1,0 +1,122 @@
+"""Op rules keyed by ATen op: how an op's output depends on each tensor argument.
+
+Why: a saved value may be stored with unbiased noise (stochastic rounding) only where every
+gradient is *linear* in it. Whether that holds is a property of the ATen ops that read the value
+in backward, not of how the model spelled its forward (module, functional, method, in-place all
+reach the same ATen ops). One table here answers it for every op; the compiled path
+(``actfx/passes/noise_degree.py``) reads it, op by op, over the partitioned backward graph.
+
+Each entry says how the noise *degree* of the op's output follows from its arguments' degrees:
+
+* ``LINEAR``: the output is a linear map of each tensor argument (views, add, cat, sum, pooling
+  backward, index with exact indices): degree = the largest argument degree.
+* ``PRODUCT``: the output multiplies its tensor arguments (mul, mm, conv): degrees add up, so a
+  product of two noisy copies of one value is biased, of two independent ones is not.
+* ``REDUCTION``: linear, and a sum over many values: noise of one element barely correlates with
+  the sum, so ``x_i * sum_j(g_j x_j)`` (normalisation backward) keeps a bias of O(1/R), R the
+  number of values reduced (>= ``DILUTION_MIN``).
+* ``NONLINEAR`` (every op not listed): the output is biased by any noise in any argument.
+
+``exact`` lists argument positions whose values must be exact (indices, conditions, divisors),
+``shape_only`` those whose values are never read (``max_pool2d_with_indices_backward``'s input),
+``outputs`` which arguments each result of a tuple-returning op reads.
+Adding an op is one entry in ``RULES``; ``tests/test_rules.py`` checks each kind's claim
+numerically (mean of K noisy evaluations against the exact one).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import operator
+
+import torch
+import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma, which Inductor's decompositions emit
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# A sum over at least this many values makes its noise a dilute function of any one element.
+DILUTION_MIN = 128
+
+
+class Kind(enum.Enum):
+    LINEAR = "linear"
+    PRODUCT = "product"
+    REDUCTION = "reduction"
+    NONLINEAR = "nonlinear"
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    kind: Kind
+    exact: tuple[int, ...] = ()  # argument positions that must be exact
+    shape_only: tuple[int, ...] = ()  # argument positions whose values are not read
+    linear_args: tuple[int, ...] | None = None  # PRODUCT: positions combined linearly (addmm's bias)
+    outputs: tuple[tuple[int, ...], ...] | None = None  # tuple results: the argument positions each reads
+
+
+_L, _P, _R = Rule(Kind.LINEAR), Rule(Kind.PRODUCT), Rule(Kind.REDUCTION)
+_SHAPE = Rule(Kind.LINEAR, shape_only=(0,))
+
+RULES: dict[object, Rule] = {
+    # views, copies, layout
+    **{op: _L for op in (
+        aten.view, aten._unsafe_view, aten.reshape, aten.permute, aten.transpose, aten.t,
+        aten.expand, aten.squeeze, aten.unsqueeze, aten.clone, aten.contiguous, aten.slice,
+        aten.select, aten.cat, aten.stack, aten.alias, aten.split, aten.split_with_sizes,
+        aten.unbind, aten._to_copy, aten.copy, aten.repeat, aten.flip, aten.roll, aten.as_strided,
+        aten.narrow, aten.diagonal, aten.unfold, aten.pixel_shuffle, aten.pixel_unshuffle,
+        aten.constant_pad_nd, aten.view_as_real, aten.view_as_complex, aten.squeeze_copy,
+        aten.permute_copy, aten.view_copy, aten.expand_copy, aten.lift_fresh_copy,
+        aten.select_scatter, aten.slice_scatter, aten.col2im, aten.im2col,
+        prims.convert_element_type, operator.getitem,
+    )},
+    # linear arithmetic
+    aten.add: _L, aten.sub: _L, aten.neg: _L, aten.rsub: _L,
+    aten.div: Rule(Kind.LINEAR, exact=(1,)),
+    aten.where: Rule(Kind.LINEAR, exact=(0,)),
+    aten.masked_fill: Rule(Kind.LINEAR, exact=(1,)),
+    # products: degrees add up
+    aten.mul: _P, aten.mm: _P, aten.bmm: _P, aten.matmul: _P, aten.dot: _P, aten.mv: _P,
+    aten.convolution: Rule(Kind.PRODUCT, linear_args=(2,)),
+    # (grad_input, grad_weight, grad_bias) read (grad, weight), (grad, input), (grad)
+    aten.convolution_backward: Rule(Kind.PRODUCT, outputs=((0, 2), (0, 1), (0,))),
+    aten.addmm: Rule(Kind.PRODUCT, linear_args=(0,)),
+    aten.baddbmm: Rule(Kind.PRODUCT, linear_args=(0,)),
+    aten.addcmul: Rule(Kind.PRODUCT, linear_args=(0,)),
+    prims.fma: Rule(Kind.PRODUCT, linear_args=(2,)),  # a * b + c
+    # sums
+    aten.sum: _R, aten.mean: _R,
+    # pooling and resampling: linear in the values, indices exact
+    aten.avg_pool2d: _L, aten.avg_pool2d_backward: Rule(Kind.LINEAR, shape_only=(1,)),
+    aten.avg_pool3d: _L, aten.avg_pool3d_backward: Rule(Kind.LINEAR, shape_only=(1,)),
+    aten._adaptive_avg_pool2d: _L, aten._adaptive_avg_pool2d_backward: Rule(Kind.LINEAR, shape_only=(1,)),
+    aten.max_pool2d_with_indices_backward: Rule(Kind.LINEAR, shape_only=(1,), exact=(7,)),
+    aten.max_pool3d_with_indices_backward: Rule(Kind.LINEAR, shape_only=(1,), exact=(7,)),
+    aten.upsample_nearest2d: _L, aten.upsample_bilinear2d: _L, aten.upsample_nearest1d: _L,
+    aten.upsample_nearest2d_backward: _L, aten.upsample_bilinear2d_backward: _L,
+    aten.embedding_dense_backward: Rule(Kind.LINEAR, exact=(1,)),
+    aten.index: Rule(Kind.LINEAR, exact=(1,)), aten._unsafe_index: Rule(Kind.LINEAR, exact=(1,)),
+    aten.index_select: Rule(Kind.LINEAR, exact=(2,)), aten.gather: Rule(Kind.LINEAR, exact=(2,)),
+    aten.index_put: Rule(Kind.LINEAR, exact=(1,)), aten._unsafe_index_put: Rule(Kind.LINEAR, exact=(1,)),
+    aten.index_add: Rule(Kind.LINEAR, exact=(2,)), aten.scatter_add: Rule(Kind.LINEAR, exact=(2,)),
+    aten.new_zeros: _SHAPE, aten.new_empty: _SHAPE, aten.new_ones: _SHAPE, aten.new_full: _SHAPE,
+    aten.zeros_like: _SHAPE, aten.ones_like: _SHAPE, aten.empty_like: _SHAPE, aten.full_like: _SHAPE,
+    aten.sym_size: _SHAPE, aten.sym_numel: _SHAPE, aten.sym_stride: _SHAPE,
+}
+
+_NONLINEAR = Rule(Kind.NONLINEAR)
+
+
+def rule_for(target) -> Rule:
+    """The rule of an fx node's target (an OpOverload, its packet, or a Python callable)."""
+    rule = RULES.get(target)
+    if rule is None:
+        rule = RULES.get(getattr(target, "overloadpacket", None), _NONLINEAR)
+    return rule
+
+
+def power_rule(exponent) -> Kind | None:
+    """``pow(x, 1)`` is linear and ``pow(x, 2)`` a product of x with itself; other exponents are not."""
+    return {1: Kind.LINEAR, 2: Kind.PRODUCT}.get(exponent)

@@ -1,0 +1,171 @@
+"""actfx.compile / actfx.backend: packing inside torch.compile's partitioned graphs (CPU, Inductor).
+
+Each model compiles once per module (tens of seconds on 2 cores with a cold Inductor cache).
+"""
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actfx
+from actfx.passes.saved_plan import Storage
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: LayerNorm, causal SDPA, GELU MLP, residuals."""
+
+    def __init__(self, d=128, heads=4):
+        super().__init__()
+        self.heads = heads
+        self.ln1, self.ln2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc, self.out = nn.Linear(d, 4 * d), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class ResidualCnn(nn.Module):
+    """conv-BN-ReLU stem, max pool, a residual basic block (in-place ReLU), pooled head."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c1, self.b1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        h = F.max_pool2d(self.stem(x), 2)
+        r = F.relu(self.b1(self.c1(h)), inplace=True)
+        h = F.relu(self.b2(self.c2(r)) + h)
+        return self.head(h.mean((2, 3)))
+
+
+def _grads(model, fn, x):
+    model.zero_grad(set_to_none=True)
+    fn(x).square().mean().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.fixture(scope="module")
+def block():
+    torch.manual_seed(0)
+    # widths of 128 and more: softmax and LayerNorm sums dilute one value's noise (actfx.rules)
+    model, x = Block(), torch.randn(2, 128, 128)
+    compiled = actfx.compile(model, bits=2)
+    reference = torch.compile(model)
+    exact = _grads(model, reference, x)
+    return model, compiled, reference, x, exact
+
+
+@pytest.fixture(scope="module")
+def cnn():
+    torch.manual_seed(0)
+    model, x = ResidualCnn(), torch.randn(8, 3, 32, 32)
+    compiled = actfx.compile(model, config=actfx.Config(bits=8))
+    reference = torch.compile(model)
+    exact = _grads(model, reference, x)
+    return model, compiled, reference, x, exact
+
+
+def _activations(plan):
+    return [v for v in plan.saved if v.reason not in ("parameter", "graph input")]
+
+
+def test_forward_is_identical_to_torch_compile(block, cnn):
+    for model, compiled, reference, x, _ in (block, cnn):
+        torch.manual_seed(1)
+        out = compiled(x)
+        torch.manual_seed(1)
+        torch.testing.assert_close(out, reference(x), rtol=1e-6, atol=1e-6)
+
+
+def test_transformer_block_saved_values_are_packed(block):
+    model, compiled, _, x, _ = block
+    _grads(model, compiled, x)
+    plan = compiled._actfx_compiled.plans[-1]
+    values = _activations(plan)
+    packed = sum(v.bytes_before for v in values if v.storage is not Storage.EXACT)
+    assert packed >= 0.9 * sum(v.bytes_before for v in values)
+    probabilities = [v for v in values if v.shape == (2, 4, 128, 128)]
+    assert probabilities and all(v.storage is Storage.PACKED and v.bits == 8 for v in probabilities)
+    assert any(v.hoisted for v in values)  # GELU's derivative, computed in forward
+    assert plan.bytes_before / plan.bytes_after > 5
+
+
+def test_transformer_gradients_are_unbiased(block):
+    model, compiled, _, x, exact = block
+    torch.manual_seed(2)
+    k = 16
+    grads = [_grads(model, compiled, x) for _ in range(k)]
+    one = sum((g - exact).norm() for g in grads) / k
+    mean = (sum(grads) / k - exact).norm()
+    assert mean < 1.5 * one / math.sqrt(k)
+
+
+def test_cnn_masks_and_8_bit_gradients(cnn):
+    model, compiled, _, x, exact = cnn
+    grad = _grads(model, compiled, x)
+    assert ((grad - exact).norm() / exact.norm()) < 0.03
+    values = _activations(compiled._actfx_compiled.plans[-1])
+    assert any(v.storage is Storage.MASK for v in values)  # ReLU masks, 1 bit, exact
+    assert any(v.storage is Storage.PACKED and v.bits == 8 for v in values)
+
+
+def test_each_compiled_model_keeps_its_own_settings(block, cnn):
+    assert block[1]._actfx_compiled.config.bits == 2 and cnn[1]._actfx_compiled.config.bits == 8
+    bits = {v.bits for v in block[1]._actfx_compiled.plans[-1].saved if v.storage is Storage.PACKED}
+    assert 2 in bits
+
+
+def test_same_parameters_and_state_dict_and_original_untouched(block):
+    model, compiled, _, x, _ = block
+    assert list(compiled.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(compiled.parameters(), model.parameters()))
+    assert model(x).grad_fn.name() != "CompiledFunctionBackward"
+
+
+def test_eval_and_no_grad_pack_nothing(block):
+    model, compiled, reference, x, _ = block
+    count = len(compiled._actfx_compiled.plans)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    assert len(compiled._actfx_compiled.plans) == count
+
+
+def test_show_lists_saved_values(block, capsys):
+    rows = actfx.show(block[1])
+    assert rows and {"node", "op", "module", "before_bytes", "after_bytes", "saved_as"} <= set(rows[0])
+    assert any(r["saved_as"] == "packed 8-bit" for r in rows)
+    assert "saved for backward" in capsys.readouterr().out
+
+
+def test_show_before_any_training_step_says_what_to_do(capsys):
+    compiled = actfx.compile(nn.Linear(4, 4))
+    assert actfx.show(compiled) == []
+    assert "Run one training step" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kwargs, error", [
+    ({"memory_budget": 1.5}, ValueError),
+    ({"memory_budget": "0.3"}, ValueError),
+    ({"backend": "inductor"}, TypeError),
+    ({"bits": 3}, ValueError),
+    ({"bits": 4, "config": actfx.Config(bits=2)}, ValueError),
+])
+def test_bad_arguments_fail_with_one_clear_error(kwargs, error):
+    with pytest.raises(error):
+        actfx.compile(nn.Linear(4, 4), **kwargs)
+
+
+def test_backend_for_torch_compile():
+    backend = actfx.backend(bits=4, memory_budget=0.5)
+    assert backend.record.config.bits == 4 and backend.record.memory_budget == 0.5

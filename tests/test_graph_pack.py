@@ -1,0 +1,75 @@
+"""actfx/kernels/graph_pack.py: the fusable pack/unpack the compiled path inserts into graphs."""
+
+import math
+
+import pytest
+import torch
+
+from actfx.kernels.graph_pack import pack_mask, pack_values, packed_value_bytes, unpack_mask, unpack_values
+
+
+def test_two_bit_layout_is_byte_exact():
+    # one group of 32: values 0..3 repeating; lo = 0, step = 1, codes = values, 4 codes a byte, LSB first
+    x = torch.arange(32, dtype=torch.float32) % 4
+    packed, lo, step = pack_values(x, bits=2, group_size=32, stochastic=False)
+    assert packed.dtype == torch.uint8 and packed.shape == (1, 8)
+    assert packed.tolist() == [[0b11_10_01_00] * 8]
+    assert lo.tolist() == [0.0] and step.tolist() == [1.0]
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 300)])
+def test_round_to_nearest_error_is_at_most_half_a_step(bits, shape):
+    x = torch.randn(shape)
+    packed, lo, step = pack_values(x, bits, 32, stochastic=False)
+    y = unpack_values(packed, lo, step, x, bits)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    # padding repeats the last value, so each group's step bounds its own values' error
+    per_value_step = step.repeat_interleave(32)[: x.numel()].view(shape)
+    assert torch.all((y - x).abs() <= per_value_step / 2 + 1e-6)
+
+
+def test_stochastic_rounding_is_unbiased():
+    torch.manual_seed(0)
+    x = torch.randn(4096)
+    k = 256
+    mean = sum(unpack_values(*pack_values(x, 2, 256), x, 2) for _ in range(k)) / k
+    step = pack_values(x, 2, 256)[2].repeat_interleave(256)
+    # one rounding has standard deviation <= step / 2; the mean of k, <= step / (2 sqrt(k))
+    z = ((mean - x) / (step / (2 * math.sqrt(k)))).abs()
+    assert z.mean() < 1.0 and z.max() < 6.0
+
+
+def test_constant_groups_are_exact_and_non_finite_groups_become_nan():
+    x = torch.full((64,), 0.1)
+    x[32:] = float("nan")
+    x[40] = 1.0
+    y = unpack_values(*pack_values(x, 2, 32), x, 2)
+    assert torch.equal(y[:32], x[:32])  # 0.1 is not a bf16 value: still exact
+    assert torch.isnan(y[32:]).all()
+    z = torch.zeros(64)
+    z[3] = float("inf")
+    assert torch.isnan(unpack_values(*pack_values(z, 2, 32), z, 2)[:32]).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_values_come_back_in_their_dtype(dtype):
+    x = torch.randn(100).to(dtype)
+    y = unpack_values(*pack_values(x, 8, 32, stochastic=False), x, 8)
+    assert y.dtype == dtype
+    torch.testing.assert_close(y.float(), x.float(), atol=0.02, rtol=0.0)  # 8-bit step of a N(0,1) group
+
+
+def test_mask_round_trip_and_size():
+    mask = torch.rand(3, 7, 5) > 0.5
+    packed = pack_mask(mask)
+    assert packed.dtype == torch.uint8 and packed.numel() == math.ceil(mask.numel() / 8)
+    assert torch.equal(unpack_mask(packed, mask), mask)
+    assert pack_mask(torch.tensor([True, False, True] + [False] * 5)).tolist() == [0b101]
+
+
+def test_packed_size_matches_the_formula():
+    x = torch.randn(1000)
+    packed, lo, step = pack_values(x, 2, 256)
+    nbytes = packed.numel() + lo.numel() * 4 + step.numel() * 4
+    assert nbytes == packed_value_bytes(1000, 2, 256)

@@ -1,0 +1,164 @@
+"""New-user frictions from issue 10: each once silent or unhelpful, now fixed."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actfx
+from actfx.config import DEFAULT_OP_BITS
+
+
+def test_show_after_a_training_step_prints_bytes(capsys):
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 30 * 30, 10))
+    converted = actfx.convert(model, bits=2)
+    converted(torch.randn(4, 3, 32, 32)).sum().backward()
+    rows = actfx.show(converted)  # no inputs: the last training call's shapes are used
+    assert all(r["before_bytes"] is not None for r in rows if r["kind"] != "nothing saved")
+    assert "bytes: unknown" not in capsys.readouterr().out
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.lin(x) if x.sum() > 0 else self.lin(-x)
+
+
+def test_a_root_that_does_not_trace_warns_once_and_says_how_to_convert_it_whole():
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        actfx.convert(DataDependent())
+    messages = [str(w.message) for w in caught if "actfx.convert" in str(w.message)]
+    assert len(messages) == 1 and "example_inputs" in messages[0] and "\n" not in messages[0]
+
+
+def test_a_traceable_model_does_not_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actfx.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+
+
+@pytest.mark.parametrize("kwargs", [{"bits": 2, "config": actfx.Config(bits=4)},
+                                    {"group_size": 128, "config": actfx.Config(bits=4)}])
+def test_bits_that_disagree_with_config_are_refused(kwargs):
+    with pytest.raises(ValueError, match="disagree"):
+        actfx.convert(nn.Linear(4, 4), **kwargs)
+
+
+def test_bits_that_agree_with_config_are_accepted():
+    assert actfx.convert(nn.Linear(4, 4), bits=4, config=actfx.Config(bits=4))._actfx_record.config.bits == 4
+
+
+def test_transformer_layer_attention_keeps_the_8_bit_default():
+    assert DEFAULT_OP_BITS["transformer_layer"] == 8
+    layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True)
+    converted = actfx.convert(nn.Sequential(layer), bits=2)
+    kinds = {d.kind for d in converted._actfx_record.decisions}
+    assert "transformer_layer" in kinds
+    assert converted._actfx_record.config.bits_for("transformer_layer", "0") == 8
+
+
+# ---------------------------------------------------------------------------------- the CLI
+
+from actfx.cli import main  # noqa: E402
+
+
+def _cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_json_dash_writes_json_alone_to_stdout(capsys):
+    import json
+
+    code, out, err = _cli(capsys, "report", "mlp", "--input-shape", "4,1,28,28", "--json", "-")
+    assert code == 0 and json.loads(out)["activation_bytes_baseline"] > 0
+    assert "Training memory" in err
+
+
+def test_a_negative_size_is_named_not_an_argparse_puzzle(capsys):
+    code, _, err = _cli(capsys, "report", "mlp", "--input-shape", "-1,1,28,28")
+    assert code == 2 and "positive sizes" in err and "expected one argument" not in err
+
+
+def test_a_missing_factory_names_the_file_and_what_it_defines(capsys, tmp_path):
+    path = tmp_path / "net.py"
+    path.write_text("import torch.nn as nn\ndef net():\n    return nn.Linear(2, 2)\n")
+    code, _, err = _cli(capsys, "report", f"{path}:missing", "--input-shape", "2,2")
+    assert code == 2 and str(path) in err and "it defines net" in err and "actfx_spec_" not in err
+
+
+def test_a_wrong_image_size_says_what_the_model_takes(capsys):
+    code, _, err = _cli(capsys, "report", "vit_tiny", "--input-shape", "2,3,100,100")
+    assert code == 2 and "try --input-shape 2,3,32,32" in err
+
+
+def test_value_dependent_control_flow_is_one_clear_line(capsys, tmp_path):
+    path = tmp_path / "branchy.py"
+    path.write_text("import torch.nn as nn\nclass Model(nn.Module):\n    def __init__(self):\n"
+                    "        super().__init__()\n        self.a = nn.Linear(16, 16)\n"
+                    "    def forward(self, x):\n        h = self.a(x)\n        return h.relu() if h.sum() > 0 else h\n")
+    code, _, err = _cli(capsys, "show", f"{path}:Model", "--input-shape", "4,16")
+    assert code == 2 and "branches on tensor values" in err and len(err.strip().splitlines()) == 1
+
+
+# ------------------------------------------------------- optional arguments in traced submodules
+
+
+class Embeddings(nn.Module):
+    """Hugging Face style: an optional argument that fx traces as a tensor (``if ids is None``
+    is False for a Proxy), called with it left None."""
+
+    def __init__(self):
+        super().__init__()
+        self.tok, self.typ = nn.Embedding(50, 16), nn.Embedding(2, 16)
+        self.norm = nn.LayerNorm(16)
+
+    def forward(self, input_ids, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        return self.norm(self.tok(input_ids) + self.typ(token_type_ids))
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = Embeddings(), nn.Linear(16, 50)
+
+    def forward(self, ids):
+        if ids.sum() < 0:  # value-dependent: the root does not trace, its children are converted
+            ids = -ids
+        return self.head(self.emb(ids))
+
+
+def test_a_converted_submodule_called_with_a_default_none_behaves_like_the_original():
+    torch.manual_seed(0)
+    model, ids = Model(), torch.randint(0, 50, (4, 8))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = actfx.convert(model, bits=8)
+    assert actfx.is_converted(converted.emb)
+    torch.testing.assert_close(converted(ids), model(ids))
+    converted(ids).sum().backward()  # used to fail: embedding(): argument 'indices' must be Tensor, not NoneType
+    typ = torch.ones_like(ids)
+    torch.testing.assert_close(converted.emb(ids, typ), model.emb(ids, typ))  # given: the converted graph runs
+
+
+def test_hugging_face_bert_without_example_inputs_trains():
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
+                                  vocab_size=500, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    torch.manual_seed(0)
+    model = transformers.BertForMaskedLM(cfg)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = actfx.convert(model, bits=8)
+    ids = torch.randint(0, 500, (2, 16))
+    out, ref = converted(input_ids=ids, labels=ids), model(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.loss, ref.loss)
+    out.loss.backward()

@@ -1,0 +1,101 @@
+"""actfx/rules.py and actfx/passes/noise_degree.py: which saved values may carry rounding noise.
+
+Each rule's claim is checked both ways: the analysis flags exactly the sources a backward is
+nonlinear in, and numerically, the mean of K noisy evaluations approaches the exact value as
+1/sqrt(K) where the analysis says "linear" and does not where it says "biased".
+"""
+
+import math
+
+import pytest
+import torch
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from actfx.passes import noise_degree
+from actfx.rules import RULES, Kind, rule_for
+
+aten = torch.ops.aten
+
+
+def backward_like(fn, *shapes):
+    """fn(tangents_1, saved...) traced to ATen, placeholders named as a partitioned backward's."""
+    args = [torch.randn(s) for s in shapes]
+    gm = make_fx(fn)(*args)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    placeholders[0]._rename("tangents_1")
+    for i, node in enumerate(placeholders[1:]):
+        node._rename(f"saved_{i}")
+    return gm, placeholders[1:], args
+
+
+CASES = {
+    # name: (backward as a function of (g, x), sources expected biased)
+    "linear: g * x": (lambda g, x: g * x, False),
+    "matmul: g @ x": (lambda g, x: g @ x, False),
+    "square: g * x * x": (lambda g, x: g * x * x, True),
+    "pow 2: g * x**2": (lambda g, x: g * x.pow(2), True),
+    "nonlinear: g * exp(x)": (lambda g, x: g * torch.exp(x), True),
+    "divisor: g / x": (lambda g, x: g / x, True),
+    "mask: where(x > 0, g, 0)": (lambda g, x: torch.where(x > 0, g, torch.zeros_like(g)), True),
+    "normalisation: x * sum(g * x) over 256": (lambda g, x: x * (g * x).sum(-1, keepdim=True), False),
+    "small sum: x * sum(g * x) over 8": (lambda g, x: x[..., :8] * (g[..., :8] * x[..., :8]).sum(-1, keepdim=True), True),
+}
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_analysis_flags_exactly_the_nonlinear_uses(name):
+    fn, biased = CASES[name]
+    shape = (256, 256) if "matmul" in name else (4, 256)
+    gm, saved, _ = backward_like(fn, shape, shape)
+    flagged = noise_degree.biased_sources(gm.graph, saved)
+    assert (saved[0] in flagged) is biased
+
+
+@pytest.mark.parametrize("name", ["linear: g * x", "normalisation: x * sum(g * x) over 256", "square: g * x * x"])
+def test_the_flag_matches_the_measured_bias(name):
+    """Unbiased noise on x: the mean of K backward values approaches the exact one as 1/sqrt(K)
+    exactly where the analysis says linear."""
+    fn, biased = CASES[name]
+    torch.manual_seed(0)
+    g, x = torch.randn(4, 256), torch.randn(4, 256)
+    exact = fn(g, x)
+    step = 1.0
+
+    def noisy():
+        t = x / step
+        return torch.floor(t + torch.rand_like(t)) * step  # stochastic rounding: E = x
+
+    def error(k):
+        return ((sum(fn(g, noisy()) for _ in range(k)) / k - exact).norm() / exact.norm()).item()
+
+    k = 256
+    e1, ek = error(1), error(k)
+    if biased:
+        assert ek > 2.0 * e1 / math.sqrt(k)  # the mean stops converging: the bias dominates
+    else:
+        assert ek < 1.5 * e1 / math.sqrt(k)
+
+
+def test_gradient_dependent_arguments_pass_through_unknown_ops():
+    """An op without a rule (here erf) is nonlinear in saved values but, in a backward graph,
+    linear in the gradient: noise that reaches it through the gradient is not flagged."""
+    gm, saved, _ = backward_like(lambda g, x, y: torch.special.erf(y) * (g * x), (4, 256), (4, 256), (4, 256))
+    flagged = noise_degree.biased_sources(gm.graph, saved)
+    assert saved[1] in flagged and saved[0] not in flagged
+
+
+def test_convolution_backward_results_read_only_their_own_arguments():
+    gm, saved, _ = backward_like(
+        lambda g, x: torch.ops.aten.convolution_backward(g, x, torch.ones(4, 3, 3, 3), [0], [1, 1], [1, 1], [1, 1],
+                                                         False, [0, 0], 1, [True, True, False])[1] * x.sum(),
+        (2, 4, 8, 8), (2, 3, 8, 8))
+    # grad_weight is linear in x, x.sum() is dilute (a sum of 384): still linear overall
+    assert not noise_degree.biased_sources(gm.graph, saved)
+
+
+def test_registry_is_keyed_by_aten_ops_and_defaults_to_nonlinear():
+    assert rule_for(aten.mm.default).kind is Kind.PRODUCT
+    assert rule_for(aten.view.default).kind is Kind.LINEAR
+    assert rule_for(aten.exp.default).kind is Kind.NONLINEAR
+    for key in RULES:
+        assert isinstance(key, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)) or callable(key)
