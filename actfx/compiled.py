@@ -64,11 +64,17 @@ def _attention_as_math(example_inputs):
     """On CPU, trace SDPA as matmul -> softmax -> matmul (PyTorch's math backend), so backward
     reads the attention probabilities (packed; backward is linear in them) instead of recomputing
     them from q and k (nonlinear: q and k would have to stay exact). CPU flash attention saves
-    little here: the probabilities are kept at 8 bits. On CUDA the fused kernels stay."""
+    little here: the probabilities are kept at 8 bits. In fp32 the math backend's outputs match
+    the fused kernel's to float rounding; under autocast or in half precision they would not
+    (the math backend rounds its softmax to 16 bits), so there and on CUDA the fused kernels stay."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    return sdpa_kernel([SDPBackend.MATH]) if devices <= {"cpu"} else contextlib.nullcontext()
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    full_precision = not torch.is_autocast_enabled("cpu") and all(
+        t.dtype not in (torch.float16, torch.bfloat16) for t in tensors)
+    if full_precision and all(t.device.type == "cpu" for t in tensors):
+        return sdpa_kernel([SDPBackend.MATH])
+    return contextlib.nullcontext()
 
 
 class _Partitioner(CustomPartitionerFn):

@@ -169,3 +169,18 @@ def test_bad_arguments_fail_with_one_clear_error(kwargs, error):
 def test_backend_for_torch_compile():
     backend = actfx.backend(bits=4, memory_budget=0.5)
     assert backend.record.config.bits == 4 and backend.record.memory_budget == 0.5
+
+
+def test_autocast_bf16_forward_identical_and_packed():
+    """Under autocast the fused attention stays (the math backend would round differently); the
+    rest is packed, the forward identical to torch.compile's."""
+    torch.manual_seed(0)
+    model, x = Block(), torch.randn(2, 128, 128)
+    compiled, reference = actfx.compile(model, bits=2), torch.compile(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, ref = compiled(x), reference(x)
+    torch.testing.assert_close(out, ref, rtol=0, atol=0)
+    out.float().square().mean().backward()
+    plan = compiled._actfx_compiled.plans[-1]
+    assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in plan.saved)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
