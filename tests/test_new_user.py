@@ -37,9 +37,11 @@ def test_a_root_that_does_not_trace_warns_once_and_says_how_to_convert_it_whole(
 
 
 def test_a_traceable_model_does_not_warn():
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        actfx.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = actfx.convert(nn.Sequential(nn.Linear(4, 4), nn.ReLU()))
+    assert actfx.is_converted(converted)
+    assert not [w for w in caught if "actfx.convert" in str(w.message)]
 
 
 @pytest.mark.parametrize("kwargs", [{"bits": 2, "config": actfx.Config(bits=4)},

@@ -176,8 +176,8 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     """Run the pass in place on a partitioned pair; returns what each saved value became."""
     run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config)
     before = sum(nbytes(f) for f, _ in run.g.saved_tensors() if f not in run.params)
-    recomputed = sum(1 for n in run.g.bwd.nodes if n.op == "call_function"
-                     and n not in noise_degree.tangent_dependent(run.g.bwd))
+    dependent = noise_degree.tangent_dependent(run.g.bwd)
+    recomputed = sum(1 for n in run.g.bwd.nodes if n.op == "call_function" and n not in dependent)
     rematerialize.rematerialize(run)
     hoist.relu_as_select(run)
     hoist.masks_once(run)
