@@ -158,8 +158,12 @@ def _dry_run(args, options: _Options, err_console: Console):
     steps = STEPS if shape is not None else STEPS[:2]
     try:
         with _progress(err_console, steps) as step:
-            return dry_run(spec, shape, input_dtype, bits=options.bits, step=step,
-                           dtype=None if options.dtype == torch.float32 else options.dtype)
+            run = dry_run(spec, shape, input_dtype, bits=options.bits, step=step,
+                          dtype=None if options.dtype == torch.float32 else options.dtype)
+        if run.before is not None and run.before.on_real_tensors:
+            err_console.print("note: the forward branches on tensor values, so it ran for real on random inputs "
+                              "of that shape (not a dry run on fake tensors)", highlight=False)
+        return run
     except StageError as err:
         if spec.input_shape is None or shape is None or tuple(shape[1:]) == tuple(spec.input_shape):
             raise

@@ -8,6 +8,7 @@ meta device where it allows it, inputs are meta tensors, and both forwards run o
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Callable
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn as nn
 
 import actfx
 from actfx.breakdown import Row, breakdown
-from actfx.passes.analyze import Measurement, measure
+from actfx.passes.analyze import DATA_DEPENDENT, Measurement, measure
 from actfx.specs import ResolvedSpec, SpecError, build
 
 STEPS = ("building the model", "converting", "measuring the original", "measuring actfx")
@@ -57,12 +58,30 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
     before = after = None
     if input_shape is not None:
         step(STEPS[2])
-        before = _stage(f"running {spec.text} on input {list(input_shape)}",
-                        lambda: measure(model, inputs, dtype=dtype, like=converted))
+        try:
+            before = measure(model, inputs, dtype=dtype, like=converted)
+        except Exception as err:  # noqa: BLE001 - named by _stage below unless it reads values
+            if type(err).__name__ not in DATA_DEPENDENT or not _on_meta(model):
+                before = _stage(f"running {spec.text} on input {list(input_shape)}", lambda: _raise(err))
+            # The forward reads tensor values: only a real model can run it (on random inputs).
+            model = _stage(STEPS[0], spec.factory)
+            with warnings.catch_warnings():  # the first conversion already warned about the same model
+                warnings.simplefilter("ignore")
+                converted = _stage(STEPS[1], lambda: actfx.convert(model, bits=bits))
+            before = _stage(f"running {spec.text} on input {list(input_shape)}",
+                            lambda: measure(model, inputs, dtype=dtype, like=converted))
         step(STEPS[3])
         after = _stage(f"running converted {spec.text}", lambda: measure(converted, inputs, dtype=dtype))
     rows: list[Row] = breakdown(converted, before, after)
     return DryRun(model, converted, inputs, dtype, before, after, rows)
+
+
+def _on_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+
+
+def _raise(err: BaseException):
+    raise err
 
 
 def _stage(name: str, fn):
@@ -71,12 +90,9 @@ def _stage(name: str, fn):
     except (StageError, SpecError):
         raise
     except Exception as err:  # noqa: BLE001 - the user's code can raise anything; name the stage
-        if type(err).__name__ in _DATA_DEPENDENT:
+        if type(err).__name__ in DATA_DEPENDENT:
             err = RuntimeError(
                 f"the forward branches on tensor values ({type(err).__name__}), which a dry run on fake tensors "
                 "cannot evaluate; measure it on real inputs in Python: actfx.show(actfx.convert(model), inputs)")
         raise StageError(name, err) from err
 
-
-# What fake-tensor tracing raises where Python control flow reads a tensor's value.
-_DATA_DEPENDENT = ("DataDependentOutputException", "GuardOnDataDependentSymNode", "DynamicOutputShapeException")

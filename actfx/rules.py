@@ -120,3 +120,51 @@ def rule_for(target) -> Rule:
 def power_rule(exponent) -> Kind | None:
     """``pow(x, 1)`` is linear and ``pow(x, 2)`` a product of x with itself; other exponents are not."""
     return {1: Kind.LINEAR, 2: Kind.PRODUCT}.get(exponent)
+
+
+# ------------------------------------------------------------ fx nodes -> ATen
+
+# Python operators and their ATen ops (method and torch-function names are ATen names already).
+_OPERATORS = {operator.mul: aten.mul, operator.add: aten.add, operator.sub: aten.sub, operator.truediv: aten.div,
+              operator.neg: aten.neg, operator.pow: aten.pow, operator.abs: aten.abs}
+_TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions", "torch.special")
+
+
+def aten_packet(op: str, target):
+    """The ATen op an fx node (``op``, ``target``) dispatches to, when its spelling names one:
+    an OpOverload's packet, an operator, a Tensor method or a ``torch``/``F`` function of the
+    same name. None otherwise (modules, user functions)."""
+    if isinstance(target, torch._ops.OpOverload):
+        return target.overloadpacket
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target
+    if op == "call_method" and target in _CAST_METHODS:
+        return aten._to_copy
+    if op == "call_method" and isinstance(target, str):
+        name = target
+    elif op == "call_function" and target in _OPERATORS:
+        return _OPERATORS[target]
+    elif op == "call_function" and getattr(target, "__module__", None) in _TORCH_NAMESPACES:
+        name = getattr(target, "__name__", None)
+    else:
+        return None
+    packet = getattr(aten, name, None) if isinstance(name, str) and not name.startswith("_") else None
+    return packet if isinstance(packet, torch._ops.OpOverloadPacket) else None
+
+
+# Element-wise ops whose backward needs only a sign or comparison: exact 1-bit masks serve them.
+SIGN_ONLY = {aten.relu, aten.relu6, aten.leaky_relu, aten.hardtanh, aten.threshold}
+
+# Element-wise ops ATen does not tag ``pointwise``, and dtype casts (element-wise too).
+_UNTAGGED_POINTWISE = {aten.hardswish, aten.hardsigmoid, aten.log_sigmoid, aten.to, aten._to_copy}
+_CAST_METHODS = {"float", "half", "double", "bfloat16"}
+
+
+def is_pointwise(packet) -> bool:
+    """Element-wise by ATen's own tag, and deterministic (random ops are not re-run)."""
+    if packet in _UNTAGGED_POINTWISE:
+        return True
+    tags = set()
+    for name in packet.overloads():
+        tags.update(getattr(packet, name).tags)
+    return torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags

@@ -100,13 +100,34 @@ def test_a_wrong_image_size_says_what_the_model_takes(capsys):
     assert code == 2 and "try --input-shape 2,3,32,32" in err
 
 
-def test_value_dependent_control_flow_is_one_clear_line(capsys, tmp_path):
+def test_value_dependent_control_flow_is_measured_for_real(capsys, tmp_path):
     path = tmp_path / "branchy.py"
     path.write_text("import torch.nn as nn\nclass Model(nn.Module):\n    def __init__(self):\n"
                     "        super().__init__()\n        self.a = nn.Linear(16, 16)\n"
                     "    def forward(self, x):\n        h = self.a(x)\n        return h.relu() if h.sum() > 0 else h\n")
-    code, _, err = _cli(capsys, "show", f"{path}:Model", "--input-shape", "4,16")
-    assert code == 2 and "branches on tensor values" in err and len(err.strip().splitlines()) == 1
+    code, out, err = _cli(capsys, "show", f"{path}:Model", "--input-shape", "4,16")
+    assert code == 0 and "branches on tensor values, so it ran for real" in err
+    assert "activations kept for backward: 256 B" in out, out
+
+
+def test_show_measures_a_model_whose_forward_reads_values():
+    """actfx.show(converted, inputs) on fake tensors cannot branch on values: it runs for real."""
+
+    class Branchy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 64)
+
+        def forward(self, x):
+            h = self.a(x).relu()
+            return self.b(h * 2 if h.sum() > 0 else h)
+
+    model = Branchy()
+    buffers = [t.clone() for t in model.state_dict().values()]
+    converted = actfx.convert(model, bits=2)
+    rows = actfx.show(converted, torch.randn(64, 32))
+    assert sum(r["before_bytes"] or 0 for r in rows) > sum(r["after_bytes"] or 0 for r in rows) > 0
+    assert all(torch.equal(a, b) for a, b in zip(buffers, model.state_dict().values()))
 
 
 # ------------------------------------------------------- optional arguments in traced submodules

@@ -84,6 +84,7 @@ class Measurement:
     nodes: list  # NodeSaved, in execution order
     output_bytes: int  # the model's outputs (held by the caller until the loss is computed)
     graphs: dict = dataclasses.field(default_factory=dict, repr=False)  # module path -> Graph it ran
+    on_real_tensors: bool = False  # the forward reads tensor values, so it ran for real (random inputs)
 
     @property
     def activation_bytes(self) -> int:
@@ -275,6 +276,27 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
     return graphs
 
 
+class _RealCopies:
+    """Real stand-ins: detached copies of real tensors (the model's buffers stay untouched),
+    random values for meta or fake ones, made once each, in ``dtype`` when floating."""
+
+    def __init__(self, dtype: torch.dtype | None):
+        self.dtype, self.made = dtype, {}
+
+    def __call__(self, t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in self.made:
+            dtype = self.dtype if self.dtype is not None and t.is_floating_point() else t.dtype
+            with torch.no_grad():
+                if t.is_meta or isinstance(t, FakeTensor):
+                    real = torch.randn(t.shape, dtype=dtype) if dtype.is_floating_point else torch.zeros(t.shape, dtype=dtype)
+                else:
+                    real = t.detach().to(dtype=dtype, copy=True)
+            if t.requires_grad:
+                real.requires_grad_(True)
+            self.made[id(t)] = (t, real)
+        return self.made[id(t)][1]
+
+
 class _Twins:
     """Fake CPU stand-ins for real, meta or fake tensors, made once each, in ``dtype`` when floating.
 
@@ -313,21 +335,41 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
         raise TypeError(f"measure expects a torch.nn.Module, got {type(module).__name__}")
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
-    mode = mode or FakeTensorMode(allow_non_fake_inputs=True)
-    twin = _Twins(mode, dtype)
+    try:
+        return _measure(module, inputs, mode or FakeTensorMode(allow_non_fake_inputs=True), dtype, like)
+    except Exception as err:  # noqa: BLE001 - re-raised unless the forward reads tensor values
+        if type(err).__name__ not in DATA_DEPENDENT or mode is not None or _has_meta_state(module):
+            raise
+    # Python control flow reads tensor values, which fake tensors do not have: run it for real,
+    # on copies of the state (the model is not modified) and random inputs of the same shapes.
+    return _measure(module, inputs, None, dtype, like)
+
+
+# What fake-tensor tracing raises where Python control flow reads a tensor's value.
+DATA_DEPENDENT = ("DataDependentOutputException", "GuardOnDataDependentSymNode", "DynamicOutputShapeException")
+
+
+def _has_meta_state(module: nn.Module) -> bool:
+    return any(t.is_meta for t in [*module.parameters(), *module.buffers()])
+
+
+def _measure(module, inputs, mode, dtype, like) -> Measurement:
+    """One measured forward: on fake tensors from ``mode``, or on real copies when it is None."""
+    twin = _Twins(mode, dtype) if mode is not None else _RealCopies(dtype)
+    context = mode if mode is not None else contextlib.nullcontext()
     graphs = _training_graphs(module, like)  # traced outside the fake mode
     state = {name: twin(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
     args = [twin(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x for x in inputs]
     if dtype is not None:
-        with mode:
+        with context:
             args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
     recorder = _Recorder({t.untyped_storage()._cdata for t in state.values()})
     runner = _Runner(module, graphs, recorder, twin)
-    with training_mode(module, True), mode, torch.enable_grad(), \
+    with training_mode(module, True), context, torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
         out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args))
         recorder.finish()
-    return Measurement(recorder.nodes, _total_tensor_bytes(out), graphs)
+    return Measurement(recorder.nodes, _total_tensor_bytes(out), graphs, on_real_tensors=mode is None)
 
 
 def _total_tensor_bytes(value) -> int:

@@ -117,14 +117,26 @@ class GraphFacts:
         return a in self._root and b in self._root and self._find(a) is self._find(b)
 
     def reshape_source(self, node: Node) -> Node | None:
-        """The tensor ``node`` is a pure reshape of, if it is one."""
+        """The tensor ``node`` is a pure reshape of, if it is one (dropout with p=0 included:
+        attention probabilities pass through one on their way to the value matmul)."""
         if node.op == "call_method" and node.target in _RESHAPE_METHODS:
             src = node.args[0]
         elif node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:
             src = node.args[0] if node.args else node.kwargs.get("input")
+        elif self._dropout_probability(node) == 0:
+            src = node.args[0] if node.args else node.kwargs.get("input")
         else:
             return None
         return src if isinstance(src, Node) else None
+
+    def _dropout_probability(self, node: Node):
+        if node.op == "call_function" and node.target in (torch.nn.functional.dropout, torch.dropout):
+            p = node.args[1] if len(node.args) > 1 else node.kwargs.get("p", 0.5)
+            return p if isinstance(p, (int, float)) else None
+        if node.op == "call_module" and len(node.args) == 1:
+            module = self._module(node)
+            return module.p if type(module) is torch.nn.Dropout else None
+        return None
 
     def add_terms(self, node: Node) -> tuple[Node, Node] | None:
         """(a, b) when ``node`` is a plain ``a + b`` of two tensors (a residual add)."""

@@ -57,4 +57,9 @@ def provenance(rewritten: Graph, traced: GraphModule, config: Config, path: str 
 
 
 def _differ(a: Node, b: Node) -> bool:
-    return a.op != b.op or a.name != b.name or a.target != b.target
+    return a.op != b.op or a.name != b.name or _target(a) != _target(b)
+
+
+def _target(node: Node):
+    # Collapsed element-wise regions get fresh functions each rewrite; their names are stable.
+    return node.target.__name__ if hasattr(node.target, "actfx_pointwise") else node.target

@@ -22,6 +22,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from actfx.config import Config
 from actfx.passes.graph_facts import GraphFacts
+from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.sites import Site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
 
@@ -193,7 +194,14 @@ class _Rewriter:
         chosen = [self._storage(site, i, v) for i, v in enumerate(site.saved)]
         specs = [spec for spec, _ in chosen]
         runs = [run for _, run in chosen]
-        out, extras = site.emit(self.new, self.env, specs, runs, self._pack_output)
+        emitted: list = []  # values the variant packs itself (an output, a derivative)
+
+        def pack_output(value, old):
+            entry = self._pack_output(value, old)
+            emitted.append(entry[0])
+            return entry
+
+        out, extras = site.emit(self.new, self.env, specs, runs, pack_output)
         out.meta.update(node.meta)
         self.env[node] = out
         if "mask" in extras:
@@ -207,12 +215,13 @@ class _Rewriter:
             a, b = extras["affine"]
             self.affine[node] = (a, b, specs[0], runs[0])
         self.decisions.append(Decision(node.name, site.kind, self._path(site),
-                                       [describe(spec) for spec in specs]))
+                                       [describe(spec) for spec in [*specs, *emitted]]))
 
 
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:
     """New graph for ``gm`` with compressed-save variants; also the decisions taken and the
     nodes that were left as they are."""
+    collapse_pointwise_regions(gm)
     rewriter = _Rewriter(gm, config, prefix)
     graph = rewriter.run()
     uncovered = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")

@@ -10,7 +10,9 @@ from torch.fx import Node
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site
+from actfx.rules import SIGN_ONLY, Kind, aten, aten_packet, is_pointwise, rule_for
 from actfx.variants import derivative, softmax
+from actfx.variants.pointwise import Pointwise, pointwise_callables
 from actfx.variants.recompute import SLOT, make_recompute_variant
 
 
@@ -40,6 +42,48 @@ def _derivative_site(node, path, fn, x, kwargs):
         return graph.call_function(derivative.activation, (spec, kind, kwargs, env[x], *run)), {}
 
     return Site(node, "silu" if kind == "silu" else "gelu", path, [], emit)
+
+
+def pointwise_site(node, path, calls, x, inplace=False, kind="pointwise"):
+    """An element-wise function of ``x`` (``actfx/variants/pointwise.py``): keep its packed
+    derivative. ``calls``: (plain, derivative, variant) from ``pointwise_callables``."""
+    _, derivative_of, variant = calls
+
+    def emit(graph, env, specs, runs, pack=None):
+        d = graph.call_function(derivative_of, (env[x],))
+        spec, run = pack(d, node)
+        return graph.call_function(variant, (spec, env[x], *run)), {}
+
+    return Site(node, kind, path, [], emit, inplace_on=x if inplace else None)
+
+
+def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):
+    """``fn(x, constants...)`` for an element-wise ``fn`` (by ATen's tag): its derivative packed."""
+    x = args[0] if args else None
+    rest = [*args[1:], *kwargs.values()]
+    packet = aten_packet("call_function", fn) or aten_packet("call_method", getattr(fn, "__name__", None))
+    if not isinstance(x, Node) or any(isinstance(v, Node) for v in rest) or packet is None or not is_pointwise(packet):
+        return None
+    name = getattr(fn, "__name__", "op")
+
+    def apply(value, _fn=fn, _rest=tuple(args[1:]), _kwargs=dict(kwargs)):
+        return _fn(value, *_rest, **_kwargs)
+
+    calls = pointwise_callables(Pointwise(apply, f"{name}_{node.name}", inplace, kind))
+    return pointwise_site(node, path, calls, x, inplace, kind)
+
+
+def inplace_pointwise_site(node):
+    """An in-place element-wise op no family lists (``aten.hardswish_``, ``x.erf_()``): computed
+    out of place with its packed derivative, then written into its input."""
+    packet = aten_packet(node.op, node.target)
+    if packet is None or not packet.__name__.endswith("_") or not node.args:
+        return None
+    base = getattr(aten, packet.__name__[:-1], None)
+    if (not isinstance(base, torch._ops.OpOverloadPacket) or base in SIGN_ONLY or not is_pointwise(base)
+            or rule_for(base).kind is not Kind.NONLINEAR):
+        return None
+    return _unary_pointwise_site(node, None, base.__name__, base, node.args, node.kwargs, inplace=True)
 
 
 _LOG_SOFTMAX = (F.log_softmax, torch.log_softmax, torch.Tensor.log_softmax)
@@ -99,6 +143,10 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
             return site
     if inplace and not (args and isinstance(args[0], Node)):
         return None
+    if not shape_only and not replay_rng:
+        site = _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace)
+        if site is not None:
+            return site
     args_t, kwargs_t, nodes = _template(args, kwargs)
     variant = _RECOMPUTE_VARIANTS[fn]
 

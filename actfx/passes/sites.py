@@ -26,7 +26,7 @@ from actfx.passes.site_attention import (
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site, cross_entropy_site,
+    _recompute_site, cross_entropy_site, inplace_pointwise_site, pointwise_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -108,6 +108,9 @@ def find_site(node: Node, modules: dict) -> Site | None:
         return _module_as_call(node, node.target, m)
     if node.op == "call_function":
         t = node.target
+        calls = getattr(t, "actfx_pointwise", None)
+        if calls is not None:  # a region collapsed by passes/pointwise_regions.py
+            return pointwise_site(node, None, calls, node.args[0], kind=t.actfx_kind)
         if t in _CONV_FUNCS:
             return _conv_functional(node)
         if t in (torch.addmm, torch.ops.aten.addmm.default):
@@ -147,7 +150,7 @@ def find_site(node: Node, modules: dict) -> Site | None:
                                       a["reduction"], a["label_smoothing"])
         if t in _ELEMENTWISE or t in _SHAPE_ONLY:
             return _recompute_functional(node)
-        return None
+        return inplace_pointwise_site(node)
     if node.op == "call_method":
         name = node.target
         if name in ("relu", "relu_"):
@@ -158,4 +161,5 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _softmax_functional(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:
             return _recompute_method(node)
+        return inplace_pointwise_site(node)
     return None

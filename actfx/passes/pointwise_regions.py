@@ -1,0 +1,126 @@
+"""Collapse each element-wise function of one tensor into one node whose backward reads its
+packed derivative (``actfx/variants/pointwise.py``).
+
+Why: activations in the wild are spelled out (GPT-2's ``0.5 * x * (1 + tanh(c * (x + 0.044715 *
+pow(x, 3))))``, ``x * sigmoid(1.702 * x)``, ``x.pow(2)``) or are single ops nobody listed. Each op
+of such a chain saves its own inputs, and most of them are used non-linearly in backward, so
+packing them is biased. The whole chain is one element-wise ``y = f(x)``: keeping ``f'(x)``
+packed is unbiased and stores one tensor instead of several.
+
+A region is found by ATen facts, not spellings (``actfx.rules``): its nodes are element-wise ops
+(ATen's ``pointwise`` tag) whose tensor arguments are the region's one input ``x`` or other
+nodes of the region (everything else is a constant), only the last node is read outside it, and
+it holds something non-linear (otherwise backward saves nothing). Ops with an exact 1-bit mask
+variant (ReLU and its kin) are never part of a region.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Graph, GraphModule, Node
+
+from actfx.passes.graph_facts import GraphFacts
+from actfx.rules import SIGN_ONLY, Kind, aten, aten_packet, is_pointwise, rule_for
+from actfx.variants.pointwise import Pointwise, pointwise_callables
+
+# Alone, these have a variant with an analytic derivative.
+_OWN_VARIANT = {aten.gelu, aten.silu}
+_CASTS = {aten.to, aten._to_copy}
+_CONSTANTS = (int, float, bool, str, type(None), torch.dtype)
+
+
+def _packet(node: Node):
+    if node.op not in ("call_function", "call_method"):
+        return None
+    if node.op == "call_method" and node.target.endswith("_"):
+        return None  # in place: it writes a value other nodes may read
+    if node.kwargs.get("inplace") or "out" in node.kwargs:
+        return None
+    packet = aten_packet(node.op, node.target)
+    if packet is None or packet.__name__.endswith("_") or packet in SIGN_ONLY or not is_pointwise(packet):
+        return None  # in place (relu_, add_), masked, or not element-wise
+    constants = [a for a in (*node.args, *node.kwargs.values()) if not isinstance(a, Node)]
+    if not all(isinstance(c, _CONSTANTS) for c in constants):
+        return None
+    return packet
+
+
+def _nonlinear(node: Node, packet) -> bool:
+    if packet in _CASTS:
+        return False
+    kind = rule_for(packet).kind
+    if kind is Kind.PRODUCT:
+        return len(node.all_input_nodes) > 1  # x * x, x * sigmoid(x)
+    return kind is not Kind.LINEAR
+
+
+def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], Node]]:
+    """(input, members in graph order, output) of every region worth collapsing.
+
+    From the last node back, each element-wise node not yet taken grows a region over its
+    element-wise inputs whose every reader is already in it; the region stands if what it reads
+    from outside is one tensor. Nodes of a region that does not stand are tried again as outputs
+    of smaller ones.
+    """
+    nodes = list(graph.nodes)
+    order = {node: i for i, node in enumerate(nodes)}
+    packets = {node: p for node in nodes if (p := _packet(node)) is not None and node.all_input_nodes}
+    taken: set = set()
+    found = []
+    for out in reversed(nodes):
+        if out not in packets or out in taken:
+            continue
+        region, stack = {out}, [out]
+        while stack:
+            for a in stack.pop().all_input_nodes:
+                if a in packets and a not in taken and a not in region and all(u in region for u in a.users):
+                    region.add(a)
+                    stack.append(a)
+        outside = {a for m in region for a in m.all_input_nodes if a not in region}
+        if len(outside) != 1:
+            continue
+        x = outside.pop()
+        if facts.is_non_tensor(x) or facts.is_parameter_like(x):
+            continue
+        if len(region) == 1 and packets[out] in _OWN_VARIANT:
+            continue
+        if not any(_nonlinear(m, packets[m]) for m in region):
+            continue
+        taken |= region
+        found.append((x, sorted(region, key=order.__getitem__), out))
+    return found
+
+
+def collapse_pointwise_regions(gm: GraphModule) -> int:
+    """Replace each region of ``gm``'s graph by one call of its ``Pointwise`` (in place);
+    returns how many were collapsed."""
+    graph, count = gm.graph, 0
+    while True:  # a region's remainder (nodes after its output) can form the next one
+        regions = _regions(graph, GraphFacts(graph))
+        if not regions:
+            break
+        for x, region, out in regions:
+            _collapse(graph, x, region, out, aten_packet(out.op, out.target))
+        count += len(regions)
+    if count:
+        graph.lint()
+        gm.recompile()
+    return count
+
+
+def _collapse(graph: Graph, x: Node, region: list[Node], out: Node, packet) -> None:
+    sub = Graph()
+    env = {x: sub.placeholder("x")}
+    for m in region:
+        env[m] = sub.node_copy(m, lambda n: env[n])
+    sub.output(env[out])
+    fn = GraphModule(torch.nn.Module(), sub, class_name=f"Pointwise_{out.name}")
+    kind = packet.__name__.split(".")[-1] if len(region) == 1 else "pointwise"  # one op keeps its name
+    plain, _, _ = pointwise_callables(Pointwise(fn, out.name, kind=kind))
+    # ``out`` becomes the call: it keeps its name and meta, so decisions and reports name the op
+    # after the original output.
+    out.meta["actfx_pointwise"] = [m.name for m in region]
+    out.op, out.target, out.args, out.kwargs = "call_function", plain, (x,), {}
+    for m in reversed(region):
+        if m is not out:
+            graph.erase_node(m)

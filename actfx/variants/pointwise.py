@@ -1,0 +1,105 @@
+"""Element-wise functions of one tensor that keep their packed *derivative* instead of their input.
+
+Why: backward of ``y = f(x)`` element-wise is ``g * f'(x)``. Storing ``x`` packed and
+re-evaluating ``f'`` at the rounded ``x`` is biased wherever ``f'`` is not linear (tanh, sigmoid,
+exp, ``pow(x, 3)``, a GELU spelled as its tanh formula); storing ``f'(x)`` packed makes backward
+linear in what is stored, so stochastic rounding keeps the gradient unbiased, at the same bits.
+``f'`` comes from autograd on the very ops of the forward, once, in forward: any spelling and any
+op with a derivative works, one op or a chain of them (``actfx/passes/pointwise_regions.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from actfx.variants.common import refuse_double_backward
+from actfx.variants.saved import materialize_all, split_all
+
+
+class _FromPackedDerivative(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, name, spec, x, *run):
+        with torch.no_grad():
+            out = fn(x)
+        plans, storage = split_all([spec], run)
+        ctx.plans, ctx.name, ctx.x_dtype = plans, name, x.dtype
+        ctx.save_for_backward(*storage)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward(ctx.name)
+        d = materialize_all(ctx.plans, ctx.saved_tensors)[0]
+        return (None, None, None, (grad_out * d).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Pointwise:
+    """``fn``: an element-wise, out-of-place function of one tensor (its other arguments fixed).
+    ``inplace``: the op wrote its result into its input (``x.sigmoid_()``, ``inplace=True``)."""
+
+    fn: Callable
+    name: str
+    inplace: bool = False
+    kind: str = "pointwise"  # the op kind reports and ``Config.op_bits`` use
+
+    def derivative(self, x):
+        """``f'(x)`` element-wise, or None when no backward will run (nothing to keep)."""
+        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+            return None
+        try:
+            # torch.func.vjp rather than autograd.grad: torch.compile traces it without a graph break.
+            y, vjp = torch.func.vjp(self.fn, x.detach())
+        except RuntimeError as err:  # vjp refuses to run under saved-tensor hooks (save_on_cpu, ...)
+            if "saved tensor hooks" not in str(err):
+                raise
+            return self._derivative_by_autograd(x)
+        if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == x.shape):
+            return None  # not differentiable here, or broadcast: autograd keeps what it needs
+        (d,) = vjp(torch.ones_like(y))
+        return None if d is None else d.detach()
+
+    def _derivative_by_autograd(self, x):
+        # Identity hooks: the temporary graph stays out of the caller's hooks (it is freed at once).
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+            leaf = x.detach().requires_grad_(True)
+            y = self.fn(leaf)
+            if not (isinstance(y, torch.Tensor) and y.requires_grad and y.shape == x.shape):
+                return None
+            (d,) = torch.autograd.grad(y, leaf, torch.ones_like(y), allow_unused=True)
+        return None if d is None else d.detach()
+
+    def apply(self, spec, x, *run):
+        """``fn(x)``, with a backward that reads the packed derivative run (its head: ``f'(x)``)."""
+        if run[0] is None or not (torch.is_grad_enabled() and x.requires_grad):
+            out = self.fn(x)
+        else:
+            out = _FromPackedDerivative.apply(self.fn, self.name, spec, x, *run)
+        if self.inplace:
+            return x.copy_(out)  # a view keeps its base's history through CopySlices
+        return out
+
+
+def pointwise_callables(region: Pointwise) -> tuple[Callable, Callable, Callable]:
+    """Graph-callable functions for ``region``: (plain call, derivative, variant), named after it
+    so the rewritten graph's code reads ``pointwise_<name>(...)``."""
+
+    def plain(x):
+        out = region.fn(x)
+        return x.copy_(out) if region.inplace else out
+
+    def derivative(x):
+        return region.derivative(x)
+
+    def variant(spec, x, *run):
+        return region.apply(spec, x, *run)
+
+    calls = (plain, derivative, variant)
+    for f, prefix in zip(calls, ("pointwise", "derivative", "pointwise_packed")):
+        f.__name__ = f.__qualname__ = f"{prefix}_{region.name}"
+        f.actfx_pointwise = calls
+        f.actfx_kind = region.kind
+    return calls

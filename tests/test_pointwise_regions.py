@@ -1,0 +1,130 @@
+"""Element-wise functions of one tensor, in any spelling, keep their packed derivative
+(passes/pointwise_regions.py, variants/pointwise.py): covered, identical forward, unbiased."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actfx
+from actfx.accounting import count_saved
+
+K = 32  # gradients averaged; unbiased noise shrinks as 1/sqrt(K)
+
+
+class NewGELU(nn.Module):
+    """GPT-2's activation as Hugging Face spells it: eight ops, one element-wise function."""
+
+    def forward(self, x):
+        return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+class RMSNorm(nn.Module):
+    """Llama's RMSNorm as Hugging Face spells it (``pow`` then a mean)."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, h):
+        h = h.to(torch.float32)
+        var = h.pow(2).mean(-1, keepdim=True)
+        return self.weight * (h * torch.rsqrt(var + 1e-6))
+
+
+class Spelled(nn.Module):
+    def __init__(self, d=64):
+        super().__init__()
+        self.a, self.b, self.c = nn.Linear(d, 4 * d), nn.Linear(4 * d, d), nn.Linear(d, d)
+        self.act, self.norm, self.gate = NewGELU(), RMSNorm(d), nn.Sigmoid()
+
+    def forward(self, x):
+        h = self.b(self.act(self.a(x)))
+        h = h * torch.sigmoid(1.702 * h)  # QuickGELU
+        h = self.norm(h)
+        return self.c(self.gate(h) + h.tanh())
+
+
+class Single(nn.Module):
+    """Single non-linear ops in module, functional, method and in-place form."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+        self.tanh, self.hswish = nn.Tanh(), nn.Hardswish(inplace=True)
+
+    def forward(self, x):
+        h = 3.0 * self.a(x)
+        h = self.tanh(h) + torch.exp(-h * h) + F.softplus(h)
+        h = self.hswish(self.b(h))
+        h[:, : h.shape[1] // 2].sigmoid_()  # in place, on a view
+        return h
+
+
+def _gradients(model, x, seed):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return torch.cat([p.grad.reshape(-1) for p in model.parameters()])
+
+
+def _bias_ratio(model, converted, x):
+    exact = _gradients(model, x, 0)
+    grads = torch.stack([_gradients(converted, x, s) for s in range(K)])
+    one = (grads[0] - exact).norm() / exact.norm()
+    mean = (grads.mean(0) - exact).norm() / exact.norm()
+    return (mean / one).item(), one.item()
+
+
+@pytest.mark.parametrize("cls", [Spelled, Single])
+def test_regions_identical_forward_and_unbiased(cls):
+    torch.manual_seed(0)
+    model, x = cls(), torch.randn(32, 64)
+    converted = actfx.convert(model, bits=2)
+    assert torch.equal(converted(x), model(x))
+    ratio, one = _bias_ratio(model, converted, x)
+    assert one > 1e-3, "2-bit packing should leave visible noise in one step"
+    assert ratio < 1.5 / math.sqrt(K), f"mean of {K} gradients {ratio:.3f} of one step's error: biased"
+
+
+def test_spelled_out_activations_are_collapsed_and_packed():
+    torch.manual_seed(0)
+    model, x = Spelled(), torch.randn(32, 64)
+    converted = actfx.convert(model, bits=2)
+    kinds = {d.node: (d.kind, d.saved) for d in converted._actfx_record.decisions}
+    # GELU chain (ends in mul_3), QuickGELU with the norm's cast (ends in `to`), RMSNorm's add +
+    # rsqrt: regions; RMSNorm's pow, the sigmoid module, the tanh method: single ops. Each keeps
+    # one packed derivative.
+    expected = {"mul_3": "pointwise", "to": "pointwise", "rsqrt": "pointwise", "pow_2": "pow", "gate": "sigmoid",
+                "tanh_1": "tanh"}
+    assert {name: kinds[name][0] for name in expected if name in kinds} == expected, kinds
+    assert all(kinds[name][1] == ["packed 2-bit"] for name in expected), kinds
+    assert not [u for u in converted._actfx_record.uncovered if u.what in ("pow", "tanh", "mul")]
+    with count_saved(model) as before:
+        kept = model(x)
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    assert after.activation_bytes * 8 < before.activation_bytes, (before.activation_bytes, after.activation_bytes)
+
+
+def test_recompute_from_packed_input_would_be_biased():
+    """The reason for packing f'(x): tanh' at a 2-bit rounded input is off on average."""
+    from actfx.kernels import pack_groups, unpack_groups
+
+    def rounded(t, seed):
+        codes, meta = pack_groups(t, torch.tensor([seed]), 0, 2, 256, True)
+        return unpack_groups(codes, meta, t.shape, t.dtype, 2, 256)
+
+    torch.manual_seed(0)
+    x = 3.0 * torch.randn(4096)
+    exact = 1 - torch.tanh(x) ** 2
+    from_input = torch.stack([1 - torch.tanh(rounded(x, s)) ** 2 for s in range(K)]).mean(0)
+    from_derivative = torch.stack([rounded(exact, s) for s in range(K)]).mean(0)
+    error_input = ((from_input - exact).norm() / exact.norm()).item()
+    error_derivative = ((from_derivative - exact).norm() / exact.norm()).item()
+    assert error_derivative < 0.5 * error_input, (error_derivative, error_input)
