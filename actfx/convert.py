@@ -81,12 +81,49 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         return result
     result = _convert(model, "", config, tuple(leaf_modules), record)
     if not is_converted(result):
-        # Nothing at the root traced: keep its own forward, with converted children.
-        cls = _converted_class(type(model), {True: type(model).forward})
-        result = _clone(result, cls)
+        # Nothing at the root traced: keep its own forward, with converted children, until the
+        # first training call lets torch.export capture the whole model with real inputs.
+        cls = _converted_class(type(model), {True: _capture_at_first_call(model, config, record)})
+        result = _attach_seed(_clone(result, cls), "", model)
     result._actfx_record = record
     _warn_if_root_untraced(model, record)
     return result
+
+
+def _capture_at_first_call(model: nn.Module, config: Config, record: ConversionRecord):
+    """The root's forward for a model fx cannot trace: its own forward (with the converted
+    submodules) until the first training call, which captures the whole model with torch.export
+    from that call's inputs; from then on training calls export can take run the captured graph
+    (the record then describes it), and the others keep the model's own forward."""
+    base = type(model).forward
+    captured: dict = {}  # this model's capture: "forward", "call", or "failed"
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not captured and _real_call(args, kwargs):
+                _capture(self, args, kwargs)
+            bound = captured["call"].bind(args, kwargs) if "call" in captured else None
+            if bound is not None:
+                return captured["forward"](self, *bound[0], **bound[1])
+        return base(self, *args, **kwargs)
+
+    def _capture(self, args, kwargs):
+        whole = ConversionRecord(config)
+        try:
+            # Identity hooks: the caller's saved-tensor hooks must not see export's fake tensors.
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                forward, call = _exported_forward(model, (tuple(args), dict(kwargs)), config, whole)
+        except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
+            captured["failed"] = True
+            warnings.warn(f"actfx: {type(model).__name__} keeps its submodule-by-submodule conversion: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", stacklevel=4)
+            return
+        for name, value in call.carried.items():
+            object.__setattr__(self, name, value)
+        record.decisions, record.uncovered, record.graphs = whole.decisions, whole.uncovered, whole.graphs
+        captured.update(forward=forward, call=call)
+
+    return forward
 
 
 def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
@@ -96,8 +133,9 @@ def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
     converted = record.decisions
     warnings.warn(
         f"actfx.convert: {type(model).__name__} does not trace as a whole ({root.reason}); converted "
-        f"{len(converted)} op(s) inside its traceable submodules only. To convert the whole model, pass "
-        f"example_inputs=(...) (torch.export capture); actfx.show(model, inputs) lists what is covered.",
+        f"{len(converted)} op(s) inside its traceable submodules so far; its first training call captures "
+        f"the whole model with torch.export (pass example_inputs=(...) to do it now); actfx.show(model, inputs) "
+        f"lists what is covered.",
         stacklevel=3)
 
 
@@ -180,16 +218,7 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
     arguments differ from what export saw run the model's own forward (nothing to save there,
     or nothing captured for it).
     """
-    from actfx.passes.export_capture import export_graph, exported_call
-
-    gm = export_graph(model, example_inputs)
-    graph, decisions, uncovered = rewrite_graph(gm, config, "")
-    graph.set_codegen(gm.graph._codegen)
-    record.decisions.extend(decisions)
-    record.uncovered.extend(_uncovered_node(node, gm, "") for node in uncovered)
-    record.graphs[""] = {True: graph}
-    train_forward = _compile_forward(graph, "model:export")
-    call = exported_call(gm)
+    train_forward, call = _exported_forward(model, example_inputs, config, record)
     base_forward = type(model).forward
 
     def forward(self, *args, **kwargs):
@@ -203,6 +232,28 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
     for name, value in call.carried.items():
         object.__setattr__(new, name, value)
     return new
+
+
+def _real_call(args, kwargs) -> bool:
+    """Real tensors only: a dry run (fake or meta tensors, ``actfx.show``) captures nothing."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return not any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.is_meta) for t in leaves)
+
+
+def _exported_forward(model, example_inputs, config, record):
+    """(rewritten training forward, ExportedCall) of ``model`` captured by torch.export; the
+    decisions and graph go into ``record``."""
+    from actfx.passes.export_capture import export_graph, exported_call
+
+    gm = export_graph(model, example_inputs)
+    graph, decisions, uncovered = rewrite_graph(gm, config, "")
+    graph.set_codegen(gm.graph._codegen)
+    record.decisions.extend(decisions)
+    record.uncovered.extend(_uncovered_node(node, gm, "") for node in uncovered)
+    record.graphs[""] = {True: graph}
+    return _compile_forward(graph, "model:export"), exported_call(gm)
 
 
 def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 import actfx
 from actfx.accounting import count_saved
@@ -75,3 +76,40 @@ def test_hugging_face_gpt2_tiny():
     assert type(got) is type(model(ids))
     assert torch.equal(got.logits, expected)
     got.logits.square().mean().backward()
+
+
+class _BranchesOnRank(nn.Module):
+    """fx cannot trace ``if h.dim() == 2`` (a Proxy has no truth value); torch.export can."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 256), nn.Linear(256, 8)
+
+    def forward(self, x, scale=1.0):
+        h = self.a(x)
+        if h.dim() == 2:
+            h = torch.tanh(h) * scale
+        return self.b(h)
+
+
+def test_untraceable_root_is_captured_by_export_at_its_first_training_call():
+    torch.manual_seed(0)
+    model, x = _BranchesOnRank(), torch.randn(64, 32)
+    with pytest.warns(UserWarning, match="first training call captures the whole model"):
+        converted = actfx.convert(model, bits=8)
+    record = converted._actfx_record
+    assert "" not in record.graphs and "pointwise" not in {d.kind for d in record.decisions}
+    converted.eval()
+    assert torch.equal(converted(x), model(x)) and "" not in record.graphs  # eval: nothing captured
+    converted.train()
+    out = converted(x)
+    assert torch.equal(out, model(x))
+    assert "" in record.graphs and "pointwise" in {d.kind for d in record.decisions}, record.decisions  # tanh * scale
+    out.square().sum().backward()
+    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    model(x).square().sum().backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert ((approx - exact).norm() / exact.norm()) < 0.03
+    # A call export did not see (another keyword) runs the model's own forward, correctly.
+    assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))

@@ -1,10 +1,12 @@
 """Any single-output op whose backward is cheap to re-derive: keep inputs packed, recompute in backward.
 
-Used for element-wise activations (SiLU, GELU, sigmoid, tanh, hardswish, hardsigmoid, mish),
-softmax / log_softmax, LayerNorm / GroupNorm / InstanceNorm, and other ops where writing the
-backward by hand buys nothing: forward runs the original function (identical output); backward
-rebuilds the inputs from their packed form, runs the function again under autograd and takes
-its vector-Jacobian product. Parameters ride along unpacked.
+Used for ops whose backward is linear in the packed inputs or only diluted by them (``x ** 2``,
+average pools, attention, normalisations, ops of two activations) where writing the backward by
+hand buys nothing: forward runs the original function (identical output); backward rebuilds the
+inputs from their packed form, runs the function again under autograd and takes its
+vector-Jacobian product. Parameters ride along unpacked. Element-wise ops non-linear in their
+input (SiLU, sigmoid, ...) keep their packed derivative instead (``derivative.py``): recomputing
+them at a packed input is biased.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import contextlib
 import torch
 
 from actfx.variants.common import refuse_double_backward
-from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
+from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
 
 SLOT = "actfx.slot"
 
@@ -67,12 +69,16 @@ class _Recompute(torch.autograd.Function):
         device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
         ctx.rng = _rng_state(device) if len(static) > 4 and static[4] else None
         out = fn(*args, **kwargs)
+        plans, storage = split_all(specs, flat)
         if inplace:
+            # Backward must read the input as it was: a value kept exact (too small to pack, or
+            # unpackable) is the very tensor about to be overwritten, so keep a copy of it.
             target = values[0]
+            storage = [t.clone() if same_storage(t, target) else t for t in storage]
             target.copy_(out)
             ctx.mark_dirty(target)
             out = target
-        plans, storage = split_all(specs, flat)
+            plans = rewatch(plans)  # the write is this op's own, not a later edit
         ctx.fn, ctx.static, ctx.plans = fn, static, plans
         ctx.heads = head_positions(specs, 2)
         ctx.autocast = _autocast_state(device.type)

@@ -202,6 +202,23 @@ def split_all(specs: Sequence[tuple], tensors: Sequence) -> tuple[list[tuple], l
     return plans, storage
 
 
+def rewatch(plans: Sequence[tuple]) -> list[tuple]:
+    """``plans`` with each watched value's version read again (after an op's own in-place write)."""
+    out = []
+    for plan in plans:
+        if plan[0] == "watch" and plan[1]() is not None:
+            plan = ("watch", plan[1], plan[1]()._version, plan[3])
+        out.append(plan)
+    return out
+
+
+def same_storage(a, b) -> bool:
+    """Whether two tensors are one, or views of one base (so writing one changes the other)."""
+    if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)):
+        return False
+    return (a if a._base is None else a._base) is (b if b._base is None else b._base)
+
+
 def materialize_all(plans: Sequence[tuple], storage: Sequence[torch.Tensor]) -> list:
     it = iter(storage)
     return [materialize(plan, it) for plan in plans]
