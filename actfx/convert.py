@@ -146,7 +146,8 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
         graphs = trace(module, leaf_types, leaf_paths)
     except Exception as err:  # fx raises many kinds; any of them means "does not trace"
         return _convert_children(module, path, config, leaf_modules, record, err)
-    new = _from_graphs(module, graphs, path, config, record)
+    new = _from_graphs(module, graphs, path, config, record,
+                       without_optional=_trace_without_optional(module, graphs, leaf_types, leaf_paths))
     # Declared leaves stay as calls in this graph; convert them as units of their own.
     for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
         _replace(new, child_path, _convert(module.get_submodule(child_path),
@@ -263,18 +264,51 @@ def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:
     return new
 
 
-def _from_graphs(module, graphs, path, config, record, self_attr=False) -> nn.Module:
+def _trace_without_optional(module, graphs, leaf_types, leaf_paths) -> dict | None:
+    """The graphs traced with every optional (None-default) input left None, which is how most
+    calls leave them (Hugging Face and timm modules); None when there are none or that fails."""
+    optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
+    if not optional or _has_var_arguments(type(module)):
+        return None
+    try:
+        return trace(module, leaf_types, leaf_paths, concrete_args=dict.fromkeys(optional))
+    except Exception:  # noqa: BLE001 - fx raises many kinds; the general graphs still serve
+        return None
+
+
+def _has_var_arguments(base: type) -> bool:
+    try:
+        params = inspect.signature(base.forward).parameters.values()
+    except (TypeError, ValueError):
+        return True
+    return any(p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD) for p in params)
+
+
+def _rewrite_all(graphs, path, config, record) -> tuple[dict, dict]:
+    """(forwards, rewritten graphs) per training flag; decisions go into ``record`` if given."""
     forwards, rewritten = {}, {}
     for training, gm in graphs.items():
         graph, decisions, uncovered = rewrite_graph(gm, config, path)
-        if training or len(graphs) == 1:
+        if record is not None and (training or len(graphs) == 1):
             record.decisions.extend(decisions)
             for node in uncovered:
                 record.uncovered.append(_uncovered_node(node, gm, path))
         forwards[training] = _compile_forward(graph, f"{path or 'model'}:{'train' if training else 'eval'}")
         rewritten[training] = graph
+    return forwards, rewritten
+
+
+def _from_graphs(module, graphs, path, config, record, self_attr=False, without_optional=None) -> nn.Module:
+    if without_optional is not None:
+        # The record describes the graphs calls mostly take: optional inputs left None.
+        forwards, rewritten = _rewrite_all(without_optional, path, config, record)
+        general, _ = _rewrite_all(graphs, path, config, None)
+        optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
+        cls = _converted_class(type(module), general, optional, forwards)
+    else:
+        forwards, rewritten = _rewrite_all(graphs, path, config, record)
+        cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()))
     record.graphs[path] = rewritten
-    cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()))
     new = _attach_seed(_clone(module, cls), path, module)
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)
@@ -326,15 +360,30 @@ def _optional_inputs(base: type, graphs) -> tuple:
     return tuple(name for name, p in params.items() if name in names and p.default is None)
 
 
-def _converted_class(base: type, forwards: dict, optional: tuple = ()) -> type:
+def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None) -> type:
+    """``forwards``: {training: forward} of the rewritten graphs. ``optional``: inputs those
+    graphs took as tensors though their default is None; a call leaving any None runs
+    ``without_optional`` (graphs traced with all of them None) when every one is None and that
+    exists, else the module's own forward."""
     train_fwd = forwards.get(True, next(iter(forwards.values())))
     eval_fwd = forwards.get(False, train_fwd)
     signature = inspect.signature(base.forward) if optional else None
+    if without_optional is not None:
+        none_train = without_optional.get(True, next(iter(without_optional.values())))
+        none_eval = without_optional.get(False, none_train)
 
     def forward(self, *args, **kwargs):
         if optional:
             bound = signature.bind(self, *args, **kwargs)
-            if any(bound.arguments.get(name) is None for name in optional):
+            left = [name for name in optional if bound.arguments.get(name) is None]
+            if left and without_optional is not None and len(left) == len(optional):
+                bound.apply_defaults()
+                flat = list(bound.arguments.values())[1:]  # fx named the fixed inputs anew: pass by position
+                if self.training:
+                    _remember_inputs(self, args)
+                    return none_train(self, *flat)
+                return none_eval(self, *flat)
+            if left:
                 return base.forward(self, *args, **kwargs)
         if self.training:
             _remember_inputs(self, args)

@@ -55,8 +55,10 @@ def split_leaf_modules(leaf_modules, path: str) -> tuple[tuple, frozenset]:
     return tuple(types), frozenset(paths)
 
 
-def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = frozenset()) -> dict[bool, GraphModule]:
+def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = frozenset(),
+          concrete_args: dict | None = None) -> dict[bool, GraphModule]:
     """{training flag: GraphModule}; one entry serves both modes when the graphs agree.
+    ``concrete_args``: forward arguments fixed to a value (None) while tracing.
 
     Raises whatever fx raises when the forward cannot be traced.
     """
@@ -64,7 +66,7 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     for training in (True, False):
         with training_mode(module, training):
             tracer = _ActfxTracer(leaf_types, leaf_paths)
-            graph = tracer.trace(module)
+            graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)
     if graphs[True].code == graphs[False].code:
         return {True: graphs[True]}
