@@ -21,10 +21,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from actfx.config import check_bits
-from actfx.dryrun import STEPS, StageError, dry_run
+from actfx.dryrun import STEPS, StageError, dry_run, on_meta
 from actfx.models import list_models
 from actfx.report import GPUS, OPTIMIZER_STATES, gpu_capacity, static_costs
-from actfx.specs import SpecError, resolve
+from actfx.specs import SpecError, build, resolve
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INPUT_DTYPES = {**DTYPES, "long": torch.long, "int64": torch.long, "int32": torch.int32}
@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--json", metavar="PATH", help="also write the full report as JSON (- for stdout: "
                         "JSON alone there, the table on stderr)")
     report.add_argument("--top", default="10", metavar="N", help="layers to list (default 10)")
+    report.add_argument("--compile", action="store_true",
+                        help="what actfx.compile would save: the partition on meta tensors, no code generated")
+    report.add_argument("--memory-budget", metavar="F", help="with --compile: the partitioner's "
+                        "activation_memory_budget, 0 < F <= 1 (default: PyTorch's)")
 
     show = sub.add_parser("show", help="each op: what backward saves, before -> after")
     common(show, False)
@@ -194,6 +198,10 @@ def _progress(console: Console, steps: tuple):
 def _report(args, console: Console, err_console: Console, started: float) -> int:
     from actfx.report_view import render, summarize
 
+    if args.memory_budget is not None and not args.compile:
+        raise UsageError("--memory-budget applies to the compiled path; add --compile")
+    if args.compile:
+        return _report_compiled(args, console, started)
     options = _options(args)
     run = _dry_run(args, options, err_console)
     costs = static_costs(run.model, options.optimizer, run.dtype)
@@ -212,6 +220,41 @@ def _report(args, console: Console, err_console: Console, started: float) -> int
             raise UsageError(f"cannot write --json {args.json!r}: {err.strerror}; pick a writable path") from None
         console.print(f"wrote {args.json}", highlight=False)
     return 0
+
+
+def _report_compiled(args, console: Console, started: float) -> int:
+    from actfx.compiled_estimate import estimate_compiled
+    from actfx.compiled_view import show_compiled
+    from actfx.config import Config
+
+    options = _options(args)
+    budget = _memory_budget(args.memory_budget)
+    if options.shape is None:
+        raise UsageError("--compile needs --input-shape")
+    spec = resolve(args.spec)
+    model = build(spec)
+    dtype = options.input_dtype or (spec.input_dtype if spec.input_dtype not in (None, torch.float32) else options.dtype)
+    inputs = (torch.empty(options.shape, dtype=dtype, device="meta"),) if on_meta(model) else (
+        torch.zeros(options.shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(options.shape, dtype=dtype),)
+    try:
+        record = estimate_compiled(model, inputs, Config(bits=options.bits), budget)
+    except Exception as err:  # noqa: BLE001 - the user's model can raise anything; name the stage
+        raise StageError(f"partitioning {args.spec} on input {list(options.shape)}", err) from err
+    show_compiled(record, console, f"actfx report --compile: {args.spec}, {options.bits}-bit (estimate, no code generated)")
+    console.print(f"done in {time.perf_counter() - started:.1f} s", highlight=False)
+    return 0
+
+
+def _memory_budget(text: str | None) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise UsageError(f"--memory-budget {text!r} must be a number in (0, 1], e.g. 0.3")
+    return value
 
 
 def _show(args, console: Console, err_console: Console, started: float) -> int:

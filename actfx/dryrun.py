@@ -61,7 +61,7 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
         try:
             before = measure(model, inputs, dtype=dtype, like=converted)
         except Exception as err:  # noqa: BLE001 - named by _stage below unless it reads values
-            if type(err).__name__ not in DATA_DEPENDENT or not _on_meta(model):
+            if type(err).__name__ not in DATA_DEPENDENT or not on_meta(model):
                 before = _stage(f"running {spec.text} on input {list(input_shape)}", lambda: _raise(err))
             # The forward reads tensor values: only a real model can run it (on random inputs).
             model = _stage(STEPS[0], spec.factory)
@@ -76,7 +76,7 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
     return DryRun(model, converted, inputs, dtype, before, after, rows)
 
 
-def _on_meta(model: nn.Module) -> bool:
+def on_meta(model: nn.Module) -> bool:
     return any(t.is_meta for t in [*model.parameters(), *model.buffers()])
 
 

@@ -184,3 +184,16 @@ def test_autocast_bf16_forward_identical_and_packed():
     plan = compiled._actfx_compiled.plans[-1]
     assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in plan.saved)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_report_compile_estimates_the_partition_on_meta_tensors(capsys):
+    """``actfx report SPEC --compile``: the compiled path's plan without generating code."""
+    from actfx.cli import main
+
+    code = main(["report", "mlp", "--input-shape", "8,1,28,28", "--compile", "--memory-budget", "0.5"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "1-bit mask" in out and "packed 2-bit" in out and "memory budget 0.5" in out
+    assert main(["report", "mlp", "--input-shape", "8,1,28,28", "--memory-budget", "0.5"]) == 2
+    assert "add --compile" in capsys.readouterr().err
+    assert main(["report", "mlp", "--input-shape", "8,1,28,28", "--compile", "--memory-budget", "3"]) == 2
