@@ -85,17 +85,34 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         # first training call lets torch.export capture the whole model with real inputs.
         cls = _converted_class(type(model), {True: _capture_at_first_call(model, config, record)})
         result = _attach_seed(_clone(result, cls), "", model)
+    elif _opaque_calls(record.graphs.get("", {}).get(True)):
+        # fx kept calls of wrapped Python functions (torch.fx.wrap) whole: export sees inside them.
+        forward = _capture_at_first_call(model, config, record, fallback=type(result).forward)
+        result = _clone(result, _converted_class(type(model), {True: forward}))
     result._actfx_record = record
     _warn_if_root_untraced(model, record)
     return result
 
 
-def _capture_at_first_call(model: nn.Module, config: Config, record: ConversionRecord):
-    """The root's forward for a model fx cannot trace: its own forward (with the converted
-    submodules) until the first training call, which captures the whole model with torch.export
-    from that call's inputs; from then on training calls export can take run the captured graph
-    (the record then describes it), and the others keep the model's own forward."""
-    base = type(model).forward
+_TRANSPARENT_MODULES = ("torch", "actfx", "operator", "math", "builtins", "_operator")
+
+
+def _opaque_calls(graph) -> list:
+    """Calls of Python functions fx did not trace into (``torch.fx.wrap``: torchvision's Swin
+    attention, timm's no-trace helpers): what they save is neither seen nor packed."""
+    if graph is None:
+        return []
+    return [n for n in graph.nodes if n.op == "call_function" and inspect.isfunction(n.target)
+            and not hasattr(n.target, "actfx_pointwise")
+            and (n.target.__module__ or "").split(".")[0] not in _TRANSPARENT_MODULES]
+
+
+def _capture_at_first_call(model: nn.Module, config: Config, record: ConversionRecord, fallback=None):
+    """The root's forward for a model fx cannot trace (or traces around opaque calls): its own
+    forward (``fallback``: the fx-converted one) until the first training call, which captures
+    the whole model with torch.export from that call's inputs; from then on training calls export
+    can take run the captured graph (the record then describes it), the others ``fallback``."""
+    base = fallback or type(model).forward
     captured: dict = {}  # this model's capture: "forward", "call", or "failed"
 
     def forward(self, *args, **kwargs):

@@ -113,3 +113,34 @@ def test_untraceable_root_is_captured_by_export_at_its_first_training_call():
     assert ((approx - exact).norm() / exact.norm()) < 0.03
     # A call export did not see (another keyword) runs the model's own forward, correctly.
     assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
+
+
+def _opaque_attention(q, k):
+    """A helper fx keeps whole (torch.fx.wrap, as torchvision does for Swin's attention)."""
+    return torch.softmax(q @ k.transpose(-1, -2), -1) @ k
+
+
+torch.fx.wrap("_opaque_attention")
+
+
+class _WithOpaqueCall(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.k = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return _opaque_attention(self.q(x), self.k(x))
+
+
+def test_calls_fx_keeps_whole_are_captured_by_export_at_the_first_training_call():
+    torch.manual_seed(0)
+    model, x = _WithOpaqueCall(), torch.randn(8, 128, 64)
+    converted = actfx.convert(model, bits=2)
+    assert "softmax" not in {d.kind for d in converted._actfx_record.decisions}  # inside the wrapped call
+    assert torch.equal(converted(x), model(x))
+    assert "softmax" in {d.kind for d in converted._actfx_record.decisions}
+    with count_saved(model) as before:
+        kept = model(x)
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    assert after.activation_bytes * 3 < before.activation_bytes

@@ -84,7 +84,7 @@ def _error_ratios(model, x, bits, k):
     return ratios
 
 
-@pytest.mark.parametrize("bits", [2, 8])
+@pytest.mark.parametrize("bits", [2])  # 8 bits: the in-place case has its exact test below
 def test_mbconv_gradients_are_unbiased(bits):
     # Each module's gradient on its own: the SE's is a small part of the whole, and its bias
     # showed only there. A module's ratio fluctuates by up to ~0.4 around 1 (few independent

@@ -335,3 +335,14 @@ def test_window_indices_round_trip_for_every_geometry():
         assert torch.equal(from_window_index(rel, size, geometry), idx)
         checked += 1
     assert checked > 200
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: torch.einsum("bij,bkj->bik", s.q(x), s.k(x)),
+    lambda s, x: torch.einsum("bij,bjk->bik", [s.q(x).softmax(-1), s.k(x)]),
+])
+def test_einsum_of_two_activations_packs_both(fn):
+    model = Wrap(fn, q=nn.Linear(64, 64), k=nn.Linear(64, 64))
+    converted = check_variant(model, torch.randn(4, 64, 64), tol=0.03, kinds=["linear", "matmul"])
+    einsums = [d for d in converted._actfx_record.decisions if d.kind == "matmul"]
+    assert einsums and all(d.saved == ["packed 8-bit", "packed 8-bit"] for d in einsums), einsums

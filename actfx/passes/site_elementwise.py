@@ -178,8 +178,24 @@ _SHAPE_ONLY = {F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d:
 _RECOMPUTE_VARIANTS = {
     fn: make_recompute_variant(fn, kind)
     for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(),
-                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items())]
+                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), (torch.einsum, "einsum")]
 }
+
+
+def einsum_site(node):
+    """``torch.einsum`` of two activations: bilinear, so each operand's gradient is linear in the
+    other one and both are packed (as matmul's: kind "matmul"); backward re-derives it."""
+    if node.target is torch.einsum:
+        equation, operands = (node.args[0], node.args[1:]) if node.args else (None, ())
+        if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
+            operands = tuple(operands[0])
+    else:  # aten.einsum.default(equation, tensors, path=None)
+        equation, operands = (node.args + (None, ()))[:2]
+        if len(node.args) > 2 or node.kwargs:
+            return None
+    if not isinstance(equation, str) or len(operands) != 2 or not all(isinstance(o, Node) for o in operands):
+        return None
+    return _recompute_site(node, None, "matmul", torch.einsum, (equation, *operands), {})
 
 
 def _module_as_call(node, path, m):
