@@ -22,6 +22,7 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
 from actfx.config import Config, check_bits, check_group_size
+from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import split_leaf_modules, trace
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -83,64 +84,15 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     if not is_converted(result):
         # Nothing at the root traced: keep its own forward, with converted children, until the
         # first training call lets torch.export capture the whole model with real inputs.
-        cls = _converted_class(type(model), {True: _capture_at_first_call(model, config, record)})
-        result = _attach_seed(_clone(result, cls), "", model)
-    elif _opaque_calls(record.graphs.get("", {}).get(True)):
+        forward = capture_at_first_call(model, config, record, _exported_forward)
+        result = _attach_seed(_clone(result, _converted_class(type(model), {True: forward})), "", model)
+    elif opaque_calls(record.graphs.get("", {}).get(True)):
         # fx kept calls of wrapped Python functions (torch.fx.wrap) whole: export sees inside them.
-        forward = _capture_at_first_call(model, config, record, fallback=type(result).forward)
+        forward = capture_at_first_call(model, config, record, _exported_forward, fallback=type(result).forward)
         result = _clone(result, _converted_class(type(model), {True: forward}))
     result._actfx_record = record
     _warn_if_root_untraced(model, record)
     return result
-
-
-_TRANSPARENT_MODULES = ("torch", "actfx", "operator", "math", "builtins", "_operator")
-
-
-def _opaque_calls(graph) -> list:
-    """Calls of Python functions fx did not trace into (``torch.fx.wrap``: torchvision's Swin
-    attention, timm's no-trace helpers): what they save is neither seen nor packed."""
-    if graph is None:
-        return []
-    return [n for n in graph.nodes if n.op == "call_function" and inspect.isfunction(n.target)
-            and not hasattr(n.target, "actfx_pointwise")
-            and (n.target.__module__ or "").split(".")[0] not in _TRANSPARENT_MODULES]
-
-
-def _capture_at_first_call(model: nn.Module, config: Config, record: ConversionRecord, fallback=None):
-    """The root's forward for a model fx cannot trace (or traces around opaque calls): its own
-    forward (``fallback``: the fx-converted one) until the first training call, which captures
-    the whole model with torch.export from that call's inputs; from then on training calls export
-    can take run the captured graph (the record then describes it), the others ``fallback``."""
-    base = fallback or type(model).forward
-    captured: dict = {}  # this model's capture: "forward", "call", or "failed"
-
-    def forward(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if not captured and _real_call(args, kwargs):
-                _capture(self, args, kwargs)
-            bound = captured["call"].bind(args, kwargs) if "call" in captured else None
-            if bound is not None:
-                return captured["forward"](self, *bound[0], **bound[1])
-        return base(self, *args, **kwargs)
-
-    def _capture(self, args, kwargs):
-        whole = ConversionRecord(config)
-        try:
-            # Identity hooks: the caller's saved-tensor hooks must not see export's fake tensors.
-            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                forward, call = _exported_forward(model, (tuple(args), dict(kwargs)), config, whole)
-        except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
-            captured["failed"] = True
-            warnings.warn(f"actfx: {type(model).__name__} keeps its submodule-by-submodule conversion: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", stacklevel=4)
-            return
-        for name, value in call.carried.items():
-            object.__setattr__(self, name, value)
-        record.decisions, record.uncovered, record.graphs = whole.decisions, whole.uncovered, whole.graphs
-        captured.update(forward=forward, call=call)
-
-    return forward
 
 
 def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
@@ -250,14 +202,6 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
     for name, value in call.carried.items():
         object.__setattr__(new, name, value)
     return new
-
-
-def _real_call(args, kwargs) -> bool:
-    """Real tensors only: a dry run (fake or meta tensors, ``actfx.show``) captures nothing."""
-    from torch._subclasses.fake_tensor import FakeTensor
-
-    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
-    return not any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.is_meta) for t in leaves)
 
 
 def _exported_forward(model, example_inputs, config, record):

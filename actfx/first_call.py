@@ -1,0 +1,76 @@
+"""Capture a model with torch.export at its first training call, from that call's inputs.
+
+Why: fx cannot trace Hugging Face v5 models, and it keeps ``torch.fx.wrap``-ed helpers (torchvision's
+Swin attention) whole, so what they save is neither seen nor packed; torch.export sees through
+both but needs example inputs. The first training call has real ones: the model is converted
+as far as fx goes until then, and captured whole from that call on (``actfx.convert``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+
+import torch
+import torch.nn as nn
+
+from actfx.config import Config
+
+
+def _real_call(args, kwargs) -> bool:
+    """Real tensors only: a dry run (fake or meta tensors, ``actfx.show``) captures nothing."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    leaves = torch.utils._pytree.tree_leaves((args, kwargs))
+    return not any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.is_meta) for t in leaves)
+
+
+_TRANSPARENT_MODULES = ("torch", "actfx", "operator", "math", "builtins", "_operator")
+
+
+def opaque_calls(graph) -> list:
+    """Calls of Python functions fx did not trace into (``torch.fx.wrap``: torchvision's Swin
+    attention, timm's no-trace helpers): what they save is neither seen nor packed."""
+    if graph is None:
+        return []
+    return [n for n in graph.nodes if n.op == "call_function" and inspect.isfunction(n.target)
+            and not hasattr(n.target, "actfx_pointwise")
+            and (n.target.__module__ or "").split(".")[0] not in _TRANSPARENT_MODULES]
+
+
+def capture_at_first_call(model: nn.Module, config: Config, record, exported_forward, fallback=None):
+    """The root's forward for a model fx cannot trace (or traces around opaque calls): its own
+    forward (``fallback``: the fx-converted one) until the first training call, which captures
+    the whole model with ``exported_forward`` (``convert._exported_forward``) from that call's
+    inputs; from then on training calls export can take run the captured graph (``record`` then
+    describes it), the others ``fallback``."""
+    base = fallback or type(model).forward
+    captured: dict = {}  # this model's capture: "forward", "call", or "failed"
+
+    def forward(self, *args, **kwargs):
+        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            if not captured and _real_call(args, kwargs):
+                _capture(self, args, kwargs)
+            bound = captured["call"].bind(args, kwargs) if "call" in captured else None
+            if bound is not None:
+                return captured["forward"](self, *bound[0], **bound[1])
+        return base(self, *args, **kwargs)
+
+    def _capture(self, args, kwargs):
+        whole = type(record)(config)
+        try:
+            # Identity hooks: the caller's saved-tensor hooks must not see export's fake tensors.
+            with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
+                forward, call = exported_forward(model, (tuple(args), dict(kwargs)), config, whole)
+        except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
+            captured["failed"] = True
+            warnings.warn(f"actfx: torch.export could not capture {type(model).__name__} at its first training "
+                          f"call, so it keeps what fx converted: "
+                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", stacklevel=4)
+            return
+        for name, value in call.carried.items():
+            object.__setattr__(self, name, value)
+        record.decisions, record.uncovered, record.graphs = whole.decisions, whole.uncovered, whole.graphs
+        captured.update(forward=forward, call=call)
+
+    return forward
