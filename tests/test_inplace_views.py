@@ -43,8 +43,22 @@ class SliceDropout(nn.Module):
         return h
 
 
+class SequenceMLP(nn.Module):
+    """``F.linear`` of a 3-D input returns a view of its 2-D result, and an in-place ReLU then
+    edits it (torchvision Swin V2's position-bias MLP, any ``Sequential(Linear, ReLU(True))`` on
+    tokens)."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(16, 64), nn.ReLU(inplace=True), nn.Linear(64, 16))
+        self.gate = nn.Linear(16, 64)
+
+    def forward(self, x):
+        return self.mlp(x) + (self.gate(x).relu_() @ self.mlp[0].weight).mul_(0.5)
+
+
 @pytest.mark.parametrize("factory, shape", [(SliceRelu, (64, 16)), (InstanceNormRelu, (2, 3, 40, 40)),
-                                            (SliceDropout, (64, 16))])
+                                            (SliceDropout, (64, 16)), (SequenceMLP, (4, 32, 16))])
 def test_inplace_on_a_view_trains_like_pytorch(factory, shape):
     torch.manual_seed(0)
     model, x = factory(), torch.randn(shape)

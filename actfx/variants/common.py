@@ -29,3 +29,12 @@ def cast_grad(grad, like):
     if grad is None or like is None:
         return grad
     return grad.to(like.dtype) if grad.dtype != like.dtype else grad
+
+
+def not_a_view(out):
+    """``out`` itself, or, when it is a view (``F.linear`` of 3-D input views its 2-D result), the
+    same memory without view tracking: autograd forbids in-place edits of views a custom Function
+    returns, and models do ``linear(x).relu_()``."""
+    if not isinstance(out, torch.Tensor) or out._base is None or torch.compiler.is_compiling():
+        return out
+    return out.new_empty(0).set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())

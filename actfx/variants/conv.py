@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import cast_grad, needs_saving, refuse_double_backward
+from actfx.variants.common import cast_grad, needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 _FORWARD = {
@@ -54,7 +54,7 @@ class _PackedConv(torch.autograd.Function):
         ctx.geometry = geometry
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.shape, out.dtype)
         ctx.save_for_backward(weight, *storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
@@ -55,7 +55,7 @@ class _FromPackedDerivative(torch.autograd.Function):
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.kind, ctx.x_dtype = plans, kind, x.dtype
         ctx.save_for_backward(*storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

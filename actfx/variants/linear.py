@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import needs_saving, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -18,7 +18,7 @@ class _PackedLinear(torch.autograd.Function):
         ctx.plans = plans
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
         ctx.save_for_backward(weight, *storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.recompute import _autocast_state, _replay, _rng_state, fill
 from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
 
@@ -55,7 +55,7 @@ class _RecomputeModule(torch.autograd.Function):
         outs = out if isinstance(out, tuple) else (out,)
         ctx.out_mask = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs]
         ctx.mark_non_differentiable(*[o for o in outs if isinstance(o, torch.Tensor) and not o.is_floating_point()])
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, *grads_out):

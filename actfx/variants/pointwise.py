@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -27,7 +27,7 @@ class _FromPackedDerivative(torch.autograd.Function):
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.name, ctx.x_dtype = plans, name, x.dtype
         ctx.save_for_backward(*storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -11,7 +11,7 @@ import operator
 
 import torch
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
 
 
@@ -25,7 +25,7 @@ class _Product(torch.autograd.Function):
         ctx.second = 2 + spec_width(specs[0])
         ctx.like = [(v.shape, v.dtype) if isinstance(v, torch.Tensor) else None for v in (a, b)]
         ctx.save_for_backward(*storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -15,7 +15,7 @@ import contextlib
 
 import torch
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
 
 SLOT = "actfx.slot"
@@ -83,7 +83,7 @@ class _Recompute(torch.autograd.Function):
         ctx.heads = head_positions(specs, 2)
         ctx.autocast = _autocast_state(device.type)
         ctx.save_for_backward(*storage)
-        return out
+        return out if inplace else not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import needs_saving, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -26,7 +26,7 @@ class _PackedRMSNorm(torch.autograd.Function):
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.dims, ctx.x_dtype = plans, dims, x.dtype
         ctx.save_for_backward(weight, rstd, *storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):

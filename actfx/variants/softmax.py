@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -63,7 +63,7 @@ class _LogSoftmaxFromPacked(torch.autograd.Function):
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.dim, ctx.x_dtype = plans, dim, x.dtype
         ctx.save_for_backward(*storage)
-        return out
+        return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):
