@@ -60,7 +60,7 @@ class Single(nn.Module):
     def forward(self, x):
         h = 3.0 * self.a(x)
         h = self.tanh(h) + torch.exp(-h * h) + F.softplus(h)
-        h = self.hswish(self.b(h))
+        h = self.hswish(self.b(h)) * h.shape[-1] ** -0.5  # pow of a size: a Python number
         h[:, : h.shape[1] // 2].sigmoid_()  # in place, on a view
         return h
 

@@ -346,3 +346,14 @@ def test_einsum_of_two_activations_packs_both(fn):
     converted = check_variant(model, torch.randn(4, 64, 64), tol=0.03, kinds=["linear", "matmul"])
     einsums = [d for d in converted._actfx_record.decisions if d.kind == "matmul"]
     assert einsums and all(d.saved == ["packed 8-bit", "packed 8-bit"] for d in einsums), einsums
+
+
+@pytest.mark.parametrize("fn", [
+    lambda s, x: x / torch.linalg.vector_norm(s.lin(x), dim=-1, keepdim=True),  # cosine attention's norm
+    lambda s, x: torch.linalg.vector_norm(s.lin(x), 2, (1, 2)),
+])
+def test_vector_norm_packs_its_input_and_keeps_the_norm_exact(fn):
+    converted = check_variant(Wrap(fn, lin=nn.Linear(64, 64)), torch.randn(4, 32, 64), tol=0.03,
+                              kinds=["linear", "vector_norm"])
+    norms = [d for d in converted._actfx_record.decisions if d.kind == "vector_norm"]
+    assert norms and all(d.saved == ["packed 8-bit"] for d in norms), norms

@@ -65,6 +65,8 @@ def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):
     if not isinstance(x, Node) or any(isinstance(v, Node) for v in rest) or packet is None or not is_pointwise(packet):
         return None
     name = getattr(fn, "__name__", "op")
+    if node.op == "call_function" and callable(node.target) and not inplace:
+        fn = node.target  # the very callable traced (operator.pow also takes Python numbers)
 
     def apply(value, _fn=fn, _rest=tuple(args[1:]), _kwargs=dict(kwargs)):
         return _fn(value, *_rest, **_kwargs)

@@ -11,7 +11,7 @@ from torch.fx import Node
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
-from actfx.variants import batchnorm, conv, linear, norms, rmsnorm
+from actfx.variants import batchnorm, conv, linear, norms, rmsnorm, vector_norm
 
 
 # ---------------------------------------------------------------- convolution and linear
@@ -188,6 +188,23 @@ def _rms_norm_site(node, path, x, shape, weight, eps):
         return graph.call_function(rmsnorm.rms_norm, (specs[0], shape, w, eps, *runs[0])), {}
 
     return Site(node, "rms_norm", path, [x], emit)
+
+
+def vector_norm_site(node):
+    """``torch.linalg.vector_norm(x, 2, dim, keepdim)`` over given dims (F.normalize's and cosine
+    attention's norm, as torch.export records it): input packed, norm exact."""
+    names = ("input", "ord", "dim", "keepdim", "dtype")
+    a = {**dict(zip(names, node.args)), **node.kwargs}
+    x, ord_, dim, keepdim = a.get("input"), a.get("ord", 2), a.get("dim"), a.get("keepdim", False)
+    if (not isinstance(x, Node) or ord_ not in (2, 2.0) or a.get("dtype") is not None or dim is None
+            or isinstance(dim, Node) or isinstance(keepdim, Node) or set(a) - set(names)):
+        return None
+    dim = dim if isinstance(dim, int) else tuple(dim)
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(vector_norm.vector_norm, (specs[0], dim, keepdim, *runs[0])), {}
+
+    return Site(node, "vector_norm", None, [x], emit)
 
 
 def _rms_norm_module(node, path, m):

@@ -30,7 +30,7 @@ from actfx.passes.site_elementwise import (
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
-    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
+    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, vector_norm_site,
 )
 from actfx.passes.signatures import bind
 
@@ -115,6 +115,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _conv_functional(node)
         if t in (torch.einsum, torch.ops.aten.einsum.default):
             return einsum_site(node)
+        if t in (torch.linalg.vector_norm, torch.ops.aten.linalg_vector_norm.default):
+            return vector_norm_site(node)
         if t in (torch.addmm, torch.ops.aten.addmm.default):
             return _addmm(node)
         if t is F.linear:

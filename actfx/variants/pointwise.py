@@ -74,7 +74,7 @@ class Pointwise:
 
     def apply(self, spec, x, *run):
         """``fn(x)``, with a backward that reads the packed derivative run (its head: ``f'(x)``)."""
-        if run[0] is None or not (torch.is_grad_enabled() and x.requires_grad):
+        if run[0] is None or not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
             out = self.fn(x)
         else:
             out = _FromPackedDerivative.apply(self.fn, self.name, spec, x, *run)
