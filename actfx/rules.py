@@ -126,7 +126,9 @@ def power_rule(exponent) -> Kind | None:
 
 # Python operators and their ATen ops (method and torch-function names are ATen names already).
 _OPERATORS = {operator.mul: aten.mul, operator.add: aten.add, operator.sub: aten.sub, operator.truediv: aten.div,
-              operator.neg: aten.neg, operator.pow: aten.pow, operator.abs: aten.abs}
+              operator.neg: aten.neg, operator.pow: aten.pow, operator.abs: aten.abs, operator.gt: aten.gt,
+              operator.ge: aten.ge, operator.lt: aten.lt, operator.le: aten.le, operator.eq: aten.eq,
+              operator.ne: aten.ne}
 _TORCH_NAMESPACES = ("torch", "torch.nn.functional", "torch._C._nn", "torch._C._VariableFunctions", "torch.special")
 
 
@@ -156,15 +158,25 @@ def aten_packet(op: str, target):
 SIGN_ONLY = {aten.relu, aten.relu6, aten.leaky_relu, aten.hardtanh, aten.threshold}
 
 # Element-wise ops ATen does not tag ``pointwise``, and dtype casts (element-wise too).
-_UNTAGGED_POINTWISE = {aten.hardswish, aten.hardsigmoid, aten.log_sigmoid, aten.to, aten._to_copy}
+_UNTAGGED_POINTWISE = {aten.hardswish, aten.hardsigmoid, aten.log_sigmoid, aten.to, aten._to_copy, aten.where,
+                       aten.masked_fill}
 _CAST_METHODS = {"float", "half", "double", "bfloat16"}
 
 
 def is_pointwise(packet) -> bool:
-    """Element-wise by ATen's own tag, and deterministic (random ops are not re-run)."""
+    """Element-wise by ATen's own tag on every overload that maps tensors to one tensor (so
+    ``max``, whose ``dim`` overload reduces, is not), and deterministic (random ops are not re-run)."""
     if packet in _UNTAGGED_POINTWISE:
         return True
-    tags = set()
+    tagged = []
     for name in packet.overloads():
-        tags.update(getattr(packet, name).tags)
-    return torch.Tag.pointwise in tags and torch.Tag.nondeterministic_seeded not in tags
+        op = getattr(packet, name)
+        returns, args = op._schema.returns, op._schema.arguments
+        if torch.Tag.nondeterministic_seeded in op.tags:
+            return False
+        if "out" in name or len(returns) != 1 or str(returns[0].type) != "Tensor":
+            continue
+        if not args or str(args[0].type) not in ("Tensor", "Optional[Tensor]"):
+            continue  # e.g. pow.Scalar(Scalar self, Tensor exponent): tagged or not, not our case
+        tagged.append(torch.Tag.pointwise in op.tags)
+    return bool(tagged) and all(tagged)

@@ -26,6 +26,9 @@ from actfx.variants.pointwise import Pointwise, pointwise_callables
 # Alone, these have a variant with an analytic derivative.
 _OWN_VARIANT = {aten.gelu, aten.silu}
 _CASTS = {aten.to, aten._to_copy}
+# Boolean results: inside a region (``where(x > 0, ...)``) they are fine; a region cannot end in one.
+_COMPARISONS = {aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, aten.logical_not, aten.logical_and,
+                aten.logical_or, aten.isnan, aten.isinf, aten.isfinite, aten.sign}
 _CONSTANTS = (int, float, bool, str, type(None), torch.dtype)
 
 
@@ -68,7 +71,7 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], No
     taken: set = set()
     found = []
     for out in reversed(nodes):
-        if out not in packets or out in taken:
+        if out not in packets or out in taken or packets[out] in _COMPARISONS:
             continue
         region, stack = {out}, [out]
         while stack:

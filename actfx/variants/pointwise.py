@@ -54,9 +54,11 @@ class Pointwise:
             # torch.func.vjp rather than autograd.grad: torch.compile traces it without a graph break.
             y, vjp = torch.func.vjp(self.fn, x.detach())
         except RuntimeError as err:  # vjp refuses to run under saved-tensor hooks (save_on_cpu, ...)
-            if "saved tensor hooks" not in str(err):
-                raise
-            return self._derivative_by_autograd(x)
+            if "saved tensor hooks" in str(err):
+                return self._derivative_by_autograd(x)
+            if "must be floating-point" in str(err):
+                return None  # an integer or boolean result has no gradient: nothing to keep
+            raise
         if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == x.shape):
             return None  # not differentiable here, or broadcast: autograd keeps what it needs
         (d,) = vjp(torch.ones_like(y))
