@@ -30,6 +30,9 @@ class Config:
         at 8 bits (see README, "Transformers"); ``op_bits={}`` packs everything at ``bits``.
     module_bits: per-module-path widths; a key matches a module path or any prefix of it
         (``"layer4"`` covers ``layer4.1.conv2``); the longest match wins over op_bits.
+    site_bits: per-op widths keyed ``"module.path:kind"`` (the exact module path the op runs in,
+        ``""`` for the root, and its kind as in ``actfx.show``), e.g. ``{"layer1.0.conv1:conv": 4}``;
+        wins over module_bits and op_bits. ``actfx.plan`` writes this table.
     """
 
     bits: int = 2
@@ -39,6 +42,7 @@ class Config:
     min_numel: int = 1024
     op_bits: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OP_BITS))
     module_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    site_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -48,13 +52,16 @@ class Config:
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"Config.min_numel must be a non-negative int, got {self.min_numel!r}")
-        for field in ("op_bits", "module_bits"):
+        for field in ("op_bits", "module_bits", "site_bits"):
             table = getattr(self, field)
             if not isinstance(table, Mapping):
                 raise TypeError(f"Config.{field} must be a mapping of str -> bits, got {type(table).__name__}")
             for key, value in table.items():
                 if not isinstance(key, str):
                     raise TypeError(f"Config.{field} keys must be str, got {key!r}")
+                if field == "site_bits" and key.count(":") != 1:
+                    raise ValueError(f"Config.site_bits key {key!r} must read 'module.path:kind', "
+                                     "e.g. 'layer1.0.conv1:conv' (':kind' for the root)")
                 try:
                     check_bits(value)
                 except (TypeError, ValueError) as err:
@@ -64,6 +71,10 @@ class Config:
 
     def bits_for(self, kind: str, module_path: str | None) -> int:
         """The width to use for a value saved by an op of ``kind`` inside ``module_path``."""
+        if self.site_bits:
+            exact = self.site_bits.get(f"{module_path or ''}:{kind}")
+            if exact is not None:
+                return exact
         if module_path is not None and self.module_bits:
             best = None
             for key, value in self.module_bits.items():

@@ -52,10 +52,25 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def convert(model, bits: int | None = None, *, group_size: int | None = None, config: Config | None = None,
-            leaf_modules=(), example_inputs=None) -> nn.Module:
-    """Return ``model`` converted to save compressed activations; see the module docstring."""
+            leaf_modules=(), example_inputs=None, plan=None) -> nn.Module:
+    """Return ``model`` converted to save compressed activations; see the module docstring.
+
+    ``plan``: an ``actfx.Plan`` (``actfx.plan``) giving each op its width; it replaces bits,
+    group_size and config.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.convert expects a torch.nn.Module, got {type(model).__name__}")
+    if plan is not None:
+        from actfx.planner.plan import Plan
+
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
+        clash = [f"{name}={value!r}" for name, value in (("bits", bits), ("group_size", group_size),
+                                                           ("config", config)) if value is not None]
+        if clash:
+            raise ValueError(f"plan= and {', '.join(clash)} both set the widths; pass the plan alone "
+                             "(it carries its own widths and group size)")
+        config = plan.config()
     if config is None:
         config = Config(bits=check_bits(2 if bits is None else bits),
                         group_size=check_group_size(256 if group_size is None else group_size))

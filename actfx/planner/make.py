@@ -1,0 +1,193 @@
+"""``actfx.plan``: choose a width per op so a training step fits a byte budget with the least harm.
+
+1. convert the model at the default width and measure, on fake tensors at the batch to plan for,
+   every pack it makes (``inventory``);
+2. calibrate: one forward on real inputs, one backward per pack with only that pack rounded,
+   gives each pack's gradient variance per width (``sensitivity``);
+3. turn the budget into bytes for the packs (``peak``) and pick widths: least summed variance
+   within those bytes (``choose``).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+from actfx.config import Config, check_bits
+from actfx.convert import convert
+from actfx.passes.analyze import trace_like
+from actfx.planner.choose import BudgetError, Option, choose
+from actfx.planner.inventory import Inventory, take_inventory
+from actfx.planner.peak import peak_model
+from actfx.planner.plan import Plan, Site
+from actfx.planner.sensitivity import pack_sensitivities
+from actfx.report import GPUS, OPTIMIZER_STATES
+from actfx.units import format_bytes, parse_bytes
+
+PATHS = ("eager", "compile")
+
+
+def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=None, gpu: str | None = None,
+         batch: int | None = None, optimizer: str = "adamw", path: str = "eager", loss_fn=None,
+         calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None) -> Plan:
+    """A plan for ``model`` (see the module docstring); give exactly one of:
+
+    - ``budget``: peak training memory, bytes or a string such as ``"6GiB"``;
+    - ``activation_budget``: bytes held for backward at the batch of ``example_inputs``;
+    - ``gpu`` (a name from ``actfx report``'s table, e.g. ``"t4"``): fit ``batch`` on it, or
+      without ``batch`` the largest batch the default width fits.
+
+    ``example_inputs``: a tensor or tuple of positional inputs, real (also used to calibrate) or
+    meta (then pass ``calibration_inputs``, a small real batch); the first dimension is the batch.
+    ``loss_fn(output) -> scalar`` for calibration (default: output projected on a fixed Gaussian).
+    ``optimizer``: whose state the peak counts (sgd, adam, adamw).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"actfx.plan expects a torch.nn.Module, got {type(model).__name__}")
+    given = [name for name, v in (("budget", budget), ("activation_budget", activation_budget), ("gpu", gpu))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"actfx.plan needs exactly one of budget=, activation_budget= or gpu=, got "
+                         f"{', '.join(given) or 'none'}; e.g. actfx.plan(model, x, budget='6GiB')")
+    if batch is not None and gpu is None:
+        raise ValueError("batch= goes with gpu= (fit that batch on that GPU); with budget= or activation_budget= "
+                         "the batch is the one of example_inputs")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "compile":
+        raise NotImplementedError("plans for actfx.compile are not implemented yet; plan with path='eager' "
+                                  "and apply with actfx.convert(model, plan=plan)")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
+    check_bits(bits)
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    calibration = calibration_inputs if calibration_inputs is not None else inputs
+    calibration = calibration if isinstance(calibration, (tuple, list)) else (calibration,)
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in calibration):
+        raise ValueError("calibration needs real tensors: example_inputs are on the meta device, so pass "
+                         "calibration_inputs=(a small real batch,)")
+    base = Config(bits=bits, group_size=group_size)
+    converted = convert(model, config=base)
+    base_batch = _batch_of(inputs)
+    planned_inputs = _with_batch(inputs, batch) if batch is not None else inputs
+    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    if gpu is not None and batch is None:
+        batch = _largest_batch(model, inventory, gpu, optimizer, dtype, base_batch, group_size)
+        planned_inputs = _with_batch(inputs, batch)
+        inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    peak = peak_model(model, inventory.measured, optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
+    sensitivity = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
+                                     tuple(calibration), loss_fn=loss_fn, group_size=group_size)
+    planned = [g for g in inventory.groups if any(p.key in sensitivity and not p.source.derived for p in g.packs)]
+    fixed = [g for g in inventory.groups if g not in planned]
+    fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
+    if activation_budget is not None:
+        room = _bytes(activation_budget, "activation_budget")
+        words = f"activation budget {format_bytes(room)}"
+    else:
+        total = GPUS[_gpu(gpu)] if gpu is not None else _bytes(budget, "budget")
+        room = peak.activation_room(total)
+        words = (f"{gpu} ({format_bytes(total)}) at batch {_batch_of(planned_inputs)}" if gpu is not None
+                 else f"peak budget {format_bytes(total)}")
+    options = [_option(g, sensitivity, group_size) for g in planned]
+    try:
+        widths = choose(options, room - fixed_bytes)
+    except BudgetError as err:
+        smallest = fixed_bytes + err.smallest
+        what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
+                else f"a peak of at least {format_bytes(peak.peak(smallest))}")
+        raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit still needs {what}; "
+                          "raise the budget or lower the batch", peak.peak(smallest)
+                          if activation_budget is None else smallest) from None
+    return _assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
+                     _batch_of(planned_inputs), words)
+
+
+def _option(group, sensitivity: dict, group_size: int) -> Option:
+    from actfx.kernels import ALLOWED_BITS
+
+    return Option({b: group.nbytes(b, group_size) for b in ALLOWED_BITS},
+                  {b: sum(sensitivity[p.key].at(b) for p in group.packs if p.key in sensitivity and
+                          not p.source.derived) for b in ALLOWED_BITS})
+
+
+def _assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, bits, group_size, batch,
+              words) -> Plan:
+    chosen = {g.units: w for g, w in zip(planned, widths)}
+    variance = {g.units: o.variance[w] for g, o, w in zip(planned, options, widths)}
+    per_unit: dict = {}
+    numel_bits = numel = 0
+    for group in inventory.groups:
+        width = chosen.get(group.units)
+        for unit in group.units:
+            per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
+        for pack in group.packs:
+            b = width if width is not None else pack.bits
+            numel_bits += pack.numel * b
+            numel += pack.numel
+            first = per_unit[pack.source.units[0]]
+            first[1] += _nbytes(pack.numel, b, group_size)
+        if width is not None:
+            per_unit[group.units[0]][2] += variance[group.units]
+    sites = []
+    for unit, (width, nbytes, var) in sorted(per_unit.items()):
+        module, _, op = unit.rpartition(":")
+        sites.append(Site(module, op, width if width is not None else _default_bits(inventory, unit), nbytes, var))
+    activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths))
+    return Plan(tuple(sites), bits, group_size, batch, activation, peak.peak(activation),
+                numel_bits / numel if numel else float(bits), sum(variance.values()), words)
+
+
+def _nbytes(numel, bits, group_size):
+    from actfx.kernels import packed_nbytes
+
+    return packed_nbytes(numel, bits, group_size)
+
+
+def _default_bits(inventory: Inventory, unit: str) -> int:
+    for group in inventory.groups:
+        if unit in group.units:
+            return max(p.bits for p in group.packs)
+    raise KeyError(unit)
+
+
+def _largest_batch(model, inventory, gpu, optimizer, dtype, base_batch, group_size) -> int:
+    """The largest batch whose default-width conversion fits ``gpu`` (sizes scale with the batch)."""
+    capacity = GPUS[_gpu(gpu)]
+    peak = peak_model(model, inventory.measured, optimizer=optimizer, gpu=True, dtype=dtype)
+    per_sample = peak.fragmentation * (inventory.measured.activation_bytes + peak.other_bytes) / base_batch
+    batch = math.floor((capacity - peak.fixed_bytes) / per_sample) if per_sample > 0 else 0
+    if batch < 1:
+        raise BudgetError(f"not even a batch of 1 fits {gpu} ({format_bytes(capacity)}): parameters, gradients "
+                          f"and optimizer state alone take {format_bytes(peak.fixed_bytes)}", peak.fixed_bytes)
+    return batch
+
+
+def _gpu(name: str) -> str:
+    key = str(name).lower()
+    if key not in GPUS:
+        raise ValueError(f"unknown GPU {name!r}; use one of {', '.join(GPUS)}, or budget='24GiB'")
+    return key
+
+
+def _bytes(value, name: str) -> int:
+    n = parse_bytes(value) if isinstance(value, str) else value
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes or a string such as '6GiB', got {value!r}")
+    return int(n)
+
+
+def _batch_of(inputs) -> int:
+    for x in inputs:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            return int(x.shape[0])
+    raise ValueError("example_inputs have no tensor with a batch dimension; pass (tensor,) with the batch first")
+
+
+def _with_batch(inputs, batch: int) -> tuple:
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise ValueError(f"batch must be a positive int, got {batch!r}")
+    return tuple(torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta")
+                 if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)

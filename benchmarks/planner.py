@@ -1,0 +1,212 @@
+"""The memory planner, measured: gradient error at equal held bytes, and predicted vs measured peak.
+
+    python benchmarks/planner.py quality                  # vit_tiny and resnet50, uniform 2-bit vs the plan
+    python benchmarks/planner.py quality --models vit_tiny --batch 8 --samples 8
+    python benchmarks/planner.py peak                     # resnet50 and gpt_tiny, three batches each, CPU RSS
+
+quality: for each model, on one fixed random batch with random labels (cross-entropy), the exact
+gradient g, then K gradients of the model converted at uniform 2 bits and K of the model converted
+with ``actfx.plan(model, x, activation_budget=<what uniform 2-bit holds>)``. The plan is
+calibrated on a *different* random batch of the same size (same loss), so it is not fitted to the
+batch it is judged on. Printed per model: held bytes (``count_saved``), average bits,
+one-step error sqrt(mean_k ||g_k - g||^2) / ||g||, and the error of the mean of K,
+||mean_k g_k - g|| / ||g|| (falls like 1/sqrt(K) when unbiased). Models at initialisation;
+torchvision-style ViTs start with a zero head, which leaves every other gradient zero, so the
+head is re-initialised N(0, 0.02) first (as timm does).
+
+peak: each (model, batch) in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536: one
+warm-up step at the batch (actfx's kernels compile, AdamW's state appears), then the peak RSS of a
+second step (VmHWM, reset before it) minus the RSS before the model was built, against the plan's
+``predicted_peak_bytes`` (parameters + gradients + AdamW state + buffers + held + output and
+working set), for a plan with ``activation_budget`` = what uniform 2-bit holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import actfx
+from actfx.accounting import count_saved
+from actfx.models import build_model, get_model_spec
+
+SHAPES = {"vit_tiny": None, "resnet50": (3, 64, 64), "gpt_tiny": (64,), "resnet20": None}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name)
+    for pname, p in model.named_parameters():
+        if "head" in pname and p.dim() == 2 and not p.detach().any():
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _batch(name: str, batch: int, seed: int):
+    spec = get_model_spec(name)
+    gen = torch.Generator().manual_seed(seed)
+    x = spec.example_input(batch, generator=gen)
+    shape = SHAPES.get(name)
+    if shape is not None:
+        x = x[(slice(None), *[slice(0, n) for n in shape])].contiguous()
+    return x, gen
+
+
+def _labels(model, x, gen):
+    with torch.no_grad():
+        out = model(x)
+    return torch.randint(out.shape[-1], out.shape[:-1], generator=gen)
+
+
+def _gradient(model, params, x, y) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
+    g = torch.cat([(torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)).double() for p in params])
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+def _errors(model, params, x, y, exact, samples) -> dict:
+    total, sq = torch.zeros_like(exact), 0.0
+    for _ in range(samples):
+        g = _gradient(model, params, x, y)
+        total += g
+        sq += float((g - exact).square().sum())
+    norm = float(exact.norm())
+    return {"one_step": math.sqrt(sq / samples) / norm, "mean_of_k": float((total / samples - exact).norm()) / norm}
+
+
+def _average_bits(converted, x) -> float:
+    from actfx.planner.inventory import take_inventory
+
+    packs = [p for g in take_inventory(converted, (x,)).groups for p in g.packs]
+    return sum(p.numel * p.bits for p in packs) / sum(p.numel for p in packs)
+
+
+def _held(model, x) -> int:
+    with count_saved(model) as saved:
+        out = model(x)
+    del out
+    return saved.activation_bytes
+
+
+def quality(name: str, batch: int, samples: int) -> dict:
+    model = _model(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, gen = _batch(name, batch, seed=0)
+    y = _labels(model, x, gen)
+    exact = _gradient(model, params, x, y)
+    uniform = actfx.convert(model, bits=2)
+    held = _held(uniform, x)
+    xc, genc = _batch(name, batch, seed=1)
+    yc = _labels(model, xc, genc)
+    loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
+    plan = actfx.plan(model, x, activation_budget=held, calibration_inputs=(xc,), loss_fn=loss)
+    planned = actfx.convert(model, plan=plan)
+    return {
+        "model": name, "input": list(x.shape), "samples": samples,
+        "uniform": {"held": held, "bits": _average_bits(uniform, x), **_errors(uniform, params, x, y, exact, samples)},
+        "plan": {"held": _held(planned, x), "predicted_held": plan.activation_bytes, "bits": plan.average_bits,
+                 **_errors(planned, params, x, y, exact, samples)},
+    }
+
+
+# ---------------------------------------------------------------- peak (one process per point)
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+def peak_worker(name: str, batch: int) -> dict:
+    torch.manual_seed(0)
+    x, gen = _batch(name, batch, seed=0)
+    before = _rss("VmRSS")
+    model = _model(name)
+    y = _labels(model, x, gen)
+    held2 = _held(actfx.convert(model, bits=2), x)
+    xc, _ = _batch(name, min(batch, 2), seed=1)
+    plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,))
+    converted = actfx.convert(model, plan=plan)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = converted(x)
+        F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    import gc
+
+    gc.collect()
+    start = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    peak = _rss("VmHWM")
+    return {"model": name, "batch": batch, "predicted": plan.predicted_peak_bytes, "measured": peak - before,
+            "step_above_start": peak - start, "state_at_start": start - before, "held": plan.activation_bytes}
+
+
+def peak(models, batches) -> list:
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    for name in models:
+        for batch in batches[name]:
+            out = subprocess.run([sys.executable, __file__, "peak-worker", name, str(batch)], env=env,
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("quality", "peak", "peak-worker"))
+    p.add_argument("args", nargs="*")
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--json", metavar="PATH")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.what == "peak-worker":
+        print(json.dumps(peak_worker(a.args[0], int(a.args[1]))))
+        return
+    if a.what == "quality":
+        rows = [quality(name, a.batch, a.samples) for name in (a.models or ["vit_tiny", "resnet50"])]
+        print(f"{'model':10} {'input':18} {'':8} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}")
+        for r in rows:
+            for which in ("uniform", "plan"):
+                e = r[which]
+                print(f"{r['model']:10} {str(r['input']):18} {which:8} {e['held']:>10} {e['bits']:>5.2f} "
+                      f"{e['one_step']:>10.4f} {e['mean_of_k']:>13.4f}")
+            print(f"{'':10} one-step error ratio uniform/plan: {r['uniform']['one_step'] / r['plan']['one_step']:.2f}x"
+                  f" (K={r['samples']})")
+    else:
+        models = a.models or ["resnet50", "gpt_tiny"]
+        batches = {"resnet50": [4, 8, 16], "gpt_tiny": [8, 16, 32]}
+        rows = peak(models, {m: batches.get(m, [4, 8, 16]) for m in models})
+        print(f"{'model':10} {'batch':>5} {'predicted MiB':>13} {'measured MiB':>12} {'error':>7}")
+        for r in rows:
+            print(f"{r['model']:10} {r['batch']:>5} {r['predicted'] / 2**20:>13.1f} {r['measured'] / 2**20:>12.1f} "
+                  f"{(r['predicted'] - r['measured']) / r['measured']:>+7.1%}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
