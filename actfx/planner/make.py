@@ -4,12 +4,15 @@
    every pack it makes (``inventory``);
 2. calibrate: one forward on real inputs, one backward per pack with only that pack rounded,
    gives each pack's gradient variance per width (``sensitivity``);
-3. turn the budget into bytes for the packs (``peak``) and pick widths: least summed variance
-   within those bytes (``choose``).
+3. turn the budget into bytes for the packs (``peak``, from one forward and backward on fake
+   tensors, ``step_memory``) and pick widths: least summed variance within those bytes
+   (``choose``); the chosen conversion's step is measured again, and if the peak still exceeds the
+   budget the pack bytes shrink by the excess and widths are chosen again.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -23,6 +26,7 @@ from actfx.planner.inventory import Inventory, take_inventory
 from actfx.planner.peak import peak_model
 from actfx.planner.plan import Plan, Site
 from actfx.planner.sensitivity import pack_sensitivities
+from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
 from actfx.units import format_bytes, parse_bytes
 
@@ -74,10 +78,11 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     planned_inputs = _with_batch(inputs, batch) if batch is not None else inputs
     inventory = take_inventory(converted, planned_inputs, dtype=dtype)
     if gpu is not None and batch is None:
-        batch = _largest_batch(model, inventory, gpu, optimizer, dtype, base_batch, group_size)
+        batch = _largest_batch(model, converted, inputs, gpu, optimizer, dtype, base_batch)
         planned_inputs = _with_batch(inputs, batch)
         inventory = take_inventory(converted, planned_inputs, dtype=dtype)
-    peak = peak_model(model, inventory.measured, optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
+    peak = peak_model(model, step_bytes(converted, planned_inputs, dtype=dtype), inventory.measured.activation_bytes,
+                      optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
     sensitivity = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
                                      tuple(calibration), loss_fn=loss_fn, group_size=group_size)
     planned = [g for g in inventory.groups if any(p.key in sensitivity and not p.source.derived for p in g.packs)]
@@ -92,17 +97,25 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         words = (f"{gpu} ({format_bytes(total)}) at batch {_batch_of(planned_inputs)}" if gpu is not None
                  else f"peak budget {format_bytes(total)}")
     options = [_option(g, sensitivity, group_size) for g in planned]
-    try:
-        widths = choose(options, room - fixed_bytes)
-    except BudgetError as err:
-        smallest = fixed_bytes + err.smallest
-        what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
-                else f"a peak of at least {format_bytes(peak.peak(smallest))}")
-        raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit still needs {what}; "
-                          "raise the budget or lower the batch", peak.peak(smallest)
-                          if activation_budget is None else smallest) from None
-    return _assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
-                     _batch_of(planned_inputs), words)
+    for _ in range(3):
+        try:
+            widths = choose(options, room - fixed_bytes)
+        except BudgetError as err:
+            smallest = fixed_bytes + err.smallest
+            what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
+                    else f"a peak of at least {format_bytes(peak.peak(smallest))}")
+            raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit still needs {what}; "
+                              "raise the budget or lower the batch", peak.peak(smallest)
+                              if activation_budget is None else smallest) from None
+        result = _assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
+                           _batch_of(planned_inputs), words)
+        step = step_bytes(convert(model, config=result.config()), planned_inputs, dtype=dtype)
+        result = dataclasses.replace(result, predicted_peak_bytes=peak.peak(result.activation_bytes, step))
+        over = result.predicted_peak_bytes - (total if activation_budget is None else result.predicted_peak_bytes)
+        if over <= 0:
+            return result
+        room -= math.ceil(over / peak.fragmentation)
+    return result
 
 
 def _option(group, sensitivity: dict, group_size: int) -> Option:
@@ -153,12 +166,25 @@ def _default_bits(inventory: Inventory, unit: str) -> int:
     raise KeyError(unit)
 
 
-def _largest_batch(model, inventory, gpu, optimizer, dtype, base_batch, group_size) -> int:
-    """The largest batch whose default-width conversion fits ``gpu`` (sizes scale with the batch)."""
+def _largest_batch(model, converted, inputs, gpu, optimizer, dtype, base_batch) -> int:
+    """The largest batch whose default-width conversion fits ``gpu``: the step's memory less the
+    gradients taken as proportional to the batch."""
+    from actfx.report import static_costs
+
     capacity = GPUS[_gpu(gpu)]
-    peak = peak_model(model, inventory.measured, optimizer=optimizer, gpu=True, dtype=dtype)
-    per_sample = peak.fragmentation * (inventory.measured.activation_bytes + peak.other_bytes) / base_batch
-    batch = math.floor((capacity - peak.fixed_bytes) / per_sample) if per_sample > 0 else 0
+    grads = static_costs(model, optimizer, dtype).grad_bytes
+    peak = peak_model(model, step_bytes(converted, inputs, dtype=dtype), 0, optimizer=optimizer, gpu=True,
+                      dtype=dtype)
+    per_sample = peak.fragmentation * max(peak.step_bytes - grads, 0) / base_batch
+    room = capacity - peak.fixed_bytes - peak.fragmentation * grads
+    batch = math.floor(room / per_sample) if per_sample > 0 else 0
+    for _ in range(4):  # the step is not exactly proportional to the batch: check, and shrink to fit
+        if batch < 1:
+            break
+        needed = peak.peak(0, step_bytes(converted, _with_batch(inputs, batch), dtype=dtype))
+        if needed <= capacity:
+            break
+        batch = math.floor(batch * (capacity - peak.fixed_bytes) / (needed - peak.fixed_bytes) * 0.99)
     if batch < 1:
         raise BudgetError(f"not even a batch of 1 fits {gpu} ({format_bytes(capacity)}): parameters, gradients "
                           f"and optimizer state alone take {format_bytes(peak.fixed_bytes)}", peak.fixed_bytes)

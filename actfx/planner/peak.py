@@ -1,13 +1,14 @@
 """Peak training memory as a function of the bytes held for backward: the objective of a plan.
 
-    peak = fixed + fragmentation * (held activations + 2 x model output + k x largest op output)
-    fixed = parameters + gradients + optimizer state + buffers (+ 1 GiB CUDA context on a GPU)
+    peak = fixed + fragmentation * step
+    fixed = parameters + optimizer state + buffers (+ 1 GiB CUDA context and workspaces on a GPU)
+    step  = gradients + held activations + backward's transient tensors, at the step's worst point
 
-the model of ``actfx.report`` (k = 3 for a converted model: backward's incoming and outgoing
-gradient of its largest op, and the unpacked copy of its input). On a GPU the report's margin and
-1.10 fragmentation apply; on the CPU neither (no CUDA context, and glibc with
-``MALLOC_MMAP_THRESHOLD_`` returns freed blocks at once). Everything batch-sized scales with the
-batch; the plan's held activations are exact (summed from the packs it chose).
+``step`` is measured on fake tensors (``step_memory``) for the model converted at the default
+width; a plan that holds ``h`` bytes instead of ``h0`` is charged ``step + (h - h0)`` while widths
+are chosen (every held byte counted as alive at the peak: an upper bound), then measured again for
+the widths chosen. On a GPU the report's 1 GiB margin and 1.10 fragmentation apply; on the CPU
+neither (no CUDA context; glibc started with ``MALLOC_MMAP_THRESHOLD_`` returns freed blocks).
 """
 
 from __future__ import annotations
@@ -17,28 +18,30 @@ import math
 
 import torch.nn as nn
 
-from actfx.passes.analyze import Measurement
-from actfx.report import FRAGMENTATION, MARGIN_BYTES, WORKING_SET, static_costs
+from actfx.report import FRAGMENTATION, MARGIN_BYTES, static_costs
 
 
 @dataclasses.dataclass(frozen=True)
 class PeakModel:
     fixed_bytes: int
-    other_bytes: int  # output and working set at the planned batch
+    step_bytes: int  # measured, for the default widths
+    held_bytes: int  # what the default widths hold
     fragmentation: float
 
-    def peak(self, activation_bytes: int) -> int:
-        return self.fixed_bytes + math.ceil(self.fragmentation * (activation_bytes + self.other_bytes))
+    def peak(self, activation_bytes: int, step_bytes: int | None = None) -> int:
+        """The peak for a plan holding ``activation_bytes`` (or whose step was measured)."""
+        step = step_bytes if step_bytes is not None else self.step_bytes + activation_bytes - self.held_bytes
+        return self.fixed_bytes + math.ceil(self.fragmentation * step)
 
     def activation_room(self, budget: int) -> int:
         """The most held-activation bytes under a peak of ``budget`` (negative: none fits)."""
-        return math.floor((budget - self.fixed_bytes) / self.fragmentation) - self.other_bytes
+        return math.floor((budget - self.fixed_bytes) / self.fragmentation) - self.step_bytes + self.held_bytes
 
 
-def peak_model(model: nn.Module, measured: Measurement, *, optimizer: str, gpu: bool, dtype=None) -> PeakModel:
+def peak_model(model: nn.Module, step_bytes: int, held_bytes: int, *, optimizer: str, gpu: bool,
+               dtype=None) -> PeakModel:
     costs = static_costs(model, optimizer, dtype)
-    fixed = costs.param_bytes + costs.grad_bytes + costs.optimizer_bytes + costs.buffer_bytes
-    other = 2 * measured.output_bytes + WORKING_SET["actfx"] * measured.largest_output_bytes
+    fixed = costs.param_bytes + costs.optimizer_bytes + costs.buffer_bytes
     if gpu:
-        return PeakModel(fixed + MARGIN_BYTES, other, FRAGMENTATION)
-    return PeakModel(fixed, other, 1.0)
+        return PeakModel(fixed + MARGIN_BYTES, step_bytes, held_bytes, FRAGMENTATION)
+    return PeakModel(fixed, step_bytes, held_bytes, 1.0)
