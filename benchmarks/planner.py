@@ -101,7 +101,7 @@ def _held(model, x) -> int:
     return saved.activation_bytes
 
 
-def quality(name: str, batch: int, samples: int) -> dict:
+def quality(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
     model = _model(name)
     params = [p for p in model.parameters() if p.requires_grad]
     x, gen = _batch(name, batch, seed=0)
@@ -112,10 +112,10 @@ def quality(name: str, batch: int, samples: int) -> dict:
     xc, genc = _batch(name, batch, seed=1)
     yc = _labels(model, xc, genc)
     loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
-    plan = actfx.plan(model, x, activation_budget=held, calibration_inputs=(xc,), loss_fn=loss)
+    plan = actfx.plan(model, x, activation_budget=int(held * fraction), calibration_inputs=(xc,), loss_fn=loss)
     planned = actfx.convert(model, plan=plan)
     return {
-        "model": name, "input": list(x.shape), "samples": samples,
+        "model": name, "input": list(x.shape), "samples": samples, "fraction": fraction,
         "uniform": {"held": held, "bits": _average_bits(uniform, x), **_errors(uniform, params, x, y, exact, samples)},
         "plan": {"held": _held(planned, x), "predicted_held": plan.activation_bytes, "bits": plan.average_bits,
                  **_errors(planned, params, x, y, exact, samples)},
@@ -192,6 +192,8 @@ def main(argv=None) -> None:
     p.add_argument("--models", nargs="+")
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0],
+                   help="quality: plan for these fractions of what uniform 2-bit holds")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -199,12 +201,14 @@ def main(argv=None) -> None:
         print(json.dumps(peak_worker(a.args[0], int(a.args[1]))))
         return
     if a.what == "quality":
-        rows = [quality(name, a.batch, a.samples) for name in (a.models or ["vit_tiny", "resnet50"])]
-        print(f"{'model':10} {'input':18} {'':8} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}")
+        rows = [quality(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
+                for f in a.fractions]
+        print(f"{'model':10} {'input':18} {'':12} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}")
         for r in rows:
             for which in ("uniform", "plan"):
                 e = r[which]
-                print(f"{r['model']:10} {str(r['input']):18} {which:8} {e['held']:>10} {e['bits']:>5.2f} "
+                label = "uniform 2" if which == "uniform" else f"plan x{r['fraction']:g}"
+                print(f"{r['model']:10} {str(r['input']):18} {label:12} {e['held']:>10} {e['bits']:>5.2f} "
                       f"{e['one_step']:>10.4f} {e['mean_of_k']:>13.4f}")
             print(f"{'':10} one-step error ratio uniform/plan: {r['uniform']['one_step'] / r['plan']['one_step']:.2f}x"
                   f" (K={r['samples']})")
