@@ -175,24 +175,25 @@ def _dry_run(args, options: _Options, err_console: Console):
     steps = STEPS if shape is not None else STEPS[:2]
     try:
         with _progress(err_console, steps) as step:
-            return dry_run(spec, shape, input_dtype, bits=options.bits, step=step, config=_plan_config(args),
+            return dry_run(spec, shape, input_dtype, bits=options.bits, step=step, plan=_load_plan(args),
                            dtype=None if options.dtype == torch.float32 else options.dtype)
     except StageError as err:
-        if spec.input_shape is None or shape is None or tuple(shape[1:]) == tuple(spec.input_shape):
+        if spec.input_shape is None or shape is None or tuple(shape[1:]) == tuple(spec.input_shape) \
+                or err.stage == STEPS[1]:  # conversion does not depend on the input shape
             raise
         sample = ",".join(map(str, spec.input_shape))
         raise UsageError(f"{err}; {args.spec} is built for inputs of [batch, {sample.replace(',', ', ')}]: "
                          f"try --input-shape {shape[0]},{sample}") from None
 
 
-def _plan_config(args):
+def _load_plan(args):
     path = getattr(args, "plan", None)
     if path is None:
         return None
     from actfx.planner.plan import Plan
 
     try:
-        return Plan.load(path).config()
+        return Plan.load(path)
     except OSError as err:
         raise UsageError(f"cannot read --plan {path!r}: {err.strerror}; write one with actfx plan ... --out") from None
     except ValueError as err:
@@ -286,11 +287,13 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     if not isinstance(model, torch.nn.Module):
         raise UsageError(f"{args.spec} did not build a torch.nn.Module")
     example = torch.empty(options.shape, dtype=input_dtype, device="meta")
-    calibration = _calibration_input(model, args, options.shape, input_dtype)
+    # The model is built (and calibrated) in float32; --dtype sizes what is held and the peak.
+    calibration = _calibration_input(model, args, options.shape,
+                                     torch.float32 if input_dtype.is_floating_point else input_dtype)
     try:
         result = plan(model, (example,), budget=sizes.get("--budget"), activation_budget=sizes.get("--activation-budget"),
                       gpu=args.gpu, batch=batch, optimizer=optimizer, calibration_inputs=(calibration,),
-                      bits=options.bits)
+                      bits=options.bits, dtype=None if options.dtype == torch.float32 else options.dtype)
     except BudgetError as err:
         print(f"actfx: error: {err}", file=sys.stderr)
         return 2

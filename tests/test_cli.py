@@ -160,3 +160,10 @@ def test_plan_errors_are_one_line_and_exit_code_2(capsys, argv, expected):
     code, _, err = run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", *argv)
     assert code == 2
     assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_refuses_a_plan_made_for_another_model(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    assert run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", "--budget", "1GiB", "--out", str(path))[0] == 0
+    code, _, err = run(capsys, "report", "resnet18", "--input-shape", "2,3,64,64", "--plan", str(path))
+    assert code == 2 and "made for another model" in err and "--input-shape" not in err

@@ -21,10 +21,12 @@ import torch.nn as nn
 from actfx.config import Config, check_bits
 from actfx.convert import convert
 from actfx.passes.analyze import trace_like
-from actfx.planner.choose import BudgetError, Option, choose
-from actfx.planner.inventory import Inventory, take_inventory
-from actfx.planner.peak import peak_model
-from actfx.planner.plan import Plan, Site
+from actfx.planner.assemble import assemble, option
+from actfx.planner.batch import batch_of, with_batch
+from actfx.planner.choose import BudgetError, choose
+from actfx.planner.inventory import take_inventory
+from actfx.planner.peak import largest_batch, peak_model
+from actfx.planner.plan import Plan
 from actfx.planner.sensitivity import pack_sensitivities
 from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
@@ -66,6 +68,9 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
     check_bits(bits)
+    limit = None if gpu is not None else _bytes(budget if budget is not None else activation_budget,
+                                                   "budget" if budget is not None else "activation_budget")
+    capacity = GPUS[_gpu(gpu)] if gpu is not None else None
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
     calibration = calibration_inputs if calibration_inputs is not None else inputs
     calibration = calibration if isinstance(calibration, (tuple, list)) else (calibration,)
@@ -74,12 +79,11 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                          "calibration_inputs=(a small real batch,)")
     base = Config(bits=bits, group_size=group_size)
     converted = convert(model, config=base)
-    base_batch = _batch_of(inputs)
-    planned_inputs = _with_batch(inputs, batch) if batch is not None else inputs
+    planned_inputs = with_batch(inputs, batch) if batch is not None else inputs
     inventory = take_inventory(converted, planned_inputs, dtype=dtype)
     if gpu is not None and batch is None:
-        batch = _largest_batch(model, converted, inputs, gpu, optimizer, dtype, base_batch)
-        planned_inputs = _with_batch(inputs, batch)
+        batch = largest_batch(model, converted, inputs, GPUS[_gpu(gpu)], optimizer=optimizer, dtype=dtype)
+        planned_inputs = with_batch(inputs, batch)
         inventory = take_inventory(converted, planned_inputs, dtype=dtype)
     peak = peak_model(model, step_bytes(converted, planned_inputs, dtype=dtype), inventory.measured.activation_bytes,
                       optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
@@ -89,14 +93,14 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     fixed = [g for g in inventory.groups if g not in planned]
     fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
     if activation_budget is not None:
-        room = _bytes(activation_budget, "activation_budget")
+        room = limit
         words = f"activation budget {format_bytes(room)}"
     else:
-        total = GPUS[_gpu(gpu)] if gpu is not None else _bytes(budget, "budget")
+        total = capacity if gpu is not None else limit
         room = peak.activation_room(total)
-        words = (f"{gpu} ({format_bytes(total)}) at batch {_batch_of(planned_inputs)}" if gpu is not None
+        words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
                  else f"peak budget {format_bytes(total)}")
-    options = [_option(g, sensitivity, group_size) for g in planned]
+    options = [option(g, sensitivity, group_size) for g in planned]
     for _ in range(3):
         try:
             widths = choose(options, room - fixed_bytes)
@@ -107,88 +111,17 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
             raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit still needs {what}; "
                               "raise the budget or lower the batch", peak.peak(smallest)
                               if activation_budget is None else smallest) from None
-        result = _assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
-                           _batch_of(planned_inputs), words)
+        result = assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
+                           batch_of(planned_inputs), words)
         step = step_bytes(convert(model, config=result.config()), planned_inputs, dtype=dtype)
         result = dataclasses.replace(result, predicted_peak_bytes=peak.peak(result.activation_bytes, step))
         over = result.predicted_peak_bytes - (total if activation_budget is None else result.predicted_peak_bytes)
         if over <= 0:
             return result
         room -= math.ceil(over / peak.fragmentation)
-    return result
-
-
-def _option(group, sensitivity: dict, group_size: int) -> Option:
-    from actfx.kernels import ALLOWED_BITS
-
-    return Option({b: group.nbytes(b, group_size) for b in ALLOWED_BITS},
-                  {b: sum(sensitivity[p.key].at(b) for p in group.packs if p.key in sensitivity and
-                          not p.source.derived) for b in ALLOWED_BITS})
-
-
-def _assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, bits, group_size, batch,
-              words) -> Plan:
-    chosen = {g.units: w for g, w in zip(planned, widths)}
-    variance = {g.units: o.variance[w] for g, o, w in zip(planned, options, widths)}
-    per_unit: dict = {}
-    numel_bits = numel = 0
-    for group in inventory.groups:
-        width = chosen.get(group.units)
-        for unit in group.units:
-            per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
-        for pack in group.packs:
-            b = width if width is not None else pack.bits
-            numel_bits += pack.numel * b
-            numel += pack.numel
-            first = per_unit[pack.source.units[0]]
-            first[1] += _nbytes(pack.numel, b, group_size)
-        if width is not None:
-            per_unit[group.units[0]][2] += variance[group.units]
-    sites = []
-    for unit, (width, nbytes, var) in sorted(per_unit.items()):
-        module, _, op = unit.rpartition(":")
-        sites.append(Site(module, op, width if width is not None else _default_bits(inventory, unit), nbytes, var))
-    activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths))
-    return Plan(tuple(sites), bits, group_size, batch, activation, peak.peak(activation),
-                numel_bits / numel if numel else float(bits), sum(variance.values()), words)
-
-
-def _nbytes(numel, bits, group_size):
-    from actfx.kernels import packed_nbytes
-
-    return packed_nbytes(numel, bits, group_size)
-
-
-def _default_bits(inventory: Inventory, unit: str) -> int:
-    for group in inventory.groups:
-        if unit in group.units:
-            return max(p.bits for p in group.packs)
-    raise KeyError(unit)
-
-
-def _largest_batch(model, converted, inputs, gpu, optimizer, dtype, base_batch) -> int:
-    """The largest batch whose default-width conversion fits ``gpu``: the step's memory less the
-    gradients taken as proportional to the batch."""
-    from actfx.report import static_costs
-
-    capacity = GPUS[_gpu(gpu)]
-    grads = static_costs(model, optimizer, dtype).grad_bytes
-    peak = peak_model(model, step_bytes(converted, inputs, dtype=dtype), 0, optimizer=optimizer, gpu=True,
-                      dtype=dtype)
-    per_sample = peak.fragmentation * max(peak.step_bytes - grads, 0) / base_batch
-    room = capacity - peak.fixed_bytes - peak.fragmentation * grads
-    batch = math.floor(room / per_sample) if per_sample > 0 else 0
-    for _ in range(4):  # the step is not exactly proportional to the batch: check, and shrink to fit
-        if batch < 1:
-            break
-        needed = peak.peak(0, step_bytes(converted, _with_batch(inputs, batch), dtype=dtype))
-        if needed <= capacity:
-            break
-        batch = math.floor(batch * (capacity - peak.fixed_bytes) / (needed - peak.fixed_bytes) * 0.99)
-    if batch < 1:
-        raise BudgetError(f"not even a batch of 1 fits {gpu} ({format_bytes(capacity)}): parameters, gradients "
-                          f"and optimizer state alone take {format_bytes(peak.fixed_bytes)}", peak.fixed_bytes)
-    return batch
+    raise BudgetError(f"cannot meet the {words}: the closest plan found peaks at "
+                      f"{format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
+                      result.predicted_peak_bytes)
 
 
 def _gpu(name: str) -> str:
@@ -203,17 +136,3 @@ def _bytes(value, name: str) -> int:
     if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0:
         raise ValueError(f"{name} must be a positive number of bytes or a string such as '6GiB', got {value!r}")
     return int(n)
-
-
-def _batch_of(inputs) -> int:
-    for x in inputs:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            return int(x.shape[0])
-    raise ValueError("example_inputs have no tensor with a batch dimension; pass (tensor,) with the batch first")
-
-
-def _with_batch(inputs, batch: int) -> tuple:
-    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-        raise ValueError(f"batch must be a positive int, got {batch!r}")
-    return tuple(torch.empty((batch, *x.shape[1:]), dtype=x.dtype, device="meta")
-                 if isinstance(x, torch.Tensor) and x.dim() > 0 else x for x in inputs)

@@ -18,7 +18,10 @@ import math
 
 import torch.nn as nn
 
+from actfx.planner.batch import batch_of, with_batch
+from actfx.planner.step_memory import step_bytes
 from actfx.report import FRAGMENTATION, MARGIN_BYTES, static_costs
+from actfx.units import format_bytes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,3 +48,28 @@ def peak_model(model: nn.Module, step_bytes: int, held_bytes: int, *, optimizer:
     if gpu:
         return PeakModel(fixed + MARGIN_BYTES, step_bytes, held_bytes, FRAGMENTATION)
     return PeakModel(fixed, step_bytes, held_bytes, 1.0)
+
+
+def largest_batch(model: nn.Module, converted: nn.Module, inputs: tuple, capacity: int, *, optimizer: str,
+                  dtype=None) -> int:
+    """The largest batch whose step with ``converted`` fits ``capacity`` bytes of GPU: the step's
+    memory less the gradients taken as proportional to the batch, then checked at that batch."""
+    from actfx.planner.choose import BudgetError
+    base_batch = batch_of(inputs)
+    grads = static_costs(model, optimizer, dtype).grad_bytes
+    peak = peak_model(model, step_bytes(converted, inputs, dtype=dtype), 0, optimizer=optimizer, gpu=True,
+                      dtype=dtype)
+    per_sample = peak.fragmentation * max(peak.step_bytes - grads, 0) / base_batch
+    room = capacity - peak.fixed_bytes - peak.fragmentation * grads
+    batch = math.floor(room / per_sample) if per_sample > 0 else 0
+    for _ in range(4):  # the step is not exactly proportional to the batch: check, and shrink to fit
+        if batch < 1:
+            break
+        needed = peak.peak(0, step_bytes(converted, with_batch(inputs, batch), dtype=dtype))
+        if needed <= capacity:
+            break
+        batch = math.floor(batch * (capacity - peak.fixed_bytes) / (needed - peak.fixed_bytes) * 0.99)
+    if batch < 1:
+        raise BudgetError(f"not even a batch of 1 fits {format_bytes(capacity)}: parameters, optimizer state "
+                          f"and the 1 GiB margin alone take {format_bytes(peak.fixed_bytes)}", peak.fixed_bytes)
+    return batch

@@ -96,3 +96,10 @@ def test_convert_refuses_a_plan_and_widths_together():
         actfx.convert(model, config=actfx.Config(), plan=plan)
     with pytest.raises(TypeError, match="plan must be an actfx.Plan"):
         actfx.convert(model, plan={"bits": 2})
+
+
+def test_a_plan_for_another_model_is_refused():
+    torch.manual_seed(0)
+    plan = actfx.plan(TwoBranch(), torch.randn(32, 64), budget="1GiB")
+    with pytest.raises(ValueError, match="made for another model"):
+        actfx.convert(SmallCNN(), plan=plan)
