@@ -163,7 +163,7 @@ class _State:
             return (t, None)
         for key, value in reversed(self.storage.get(ptr, [])):
             geometry = _Geometry(tuple(value.shape), tuple(value.stride()), value.storage_offset())
-            if key not in self.trees or _view(None, geometry, t) is None:
+            if key not in self.trees or _offset_in(geometry, t) is None:
                 continue
             leaves = [k for k in _leaves(key[0], self.trees[key]) if k in self.values]
             if not leaves:
@@ -178,8 +178,7 @@ class _State:
             return t
         key, geometry, _ = read
         noise = self._noise(key[0], self.trees[key], geometry.shape)
-        view = None if noise is None else _view(noise, geometry, t)
-        return t if view is None else t + view.to(t.dtype)
+        return t if noise is None else t + _view(noise, geometry, t).to(t.dtype)
 
     def _noise(self, path: str, tree, shape) -> torch.Tensor | None:
         """The active pack's noise as the value ``tree`` describes reads it (None: not at all)."""
@@ -233,23 +232,28 @@ def _leaves(path: str, tree) -> list:
     return [k for part in tree[1:] if isinstance(part, tuple) for k in _leaves(path, part)]
 
 
-def _view(noise: torch.Tensor | None, value: _Geometry, saved: torch.Tensor) -> torch.Tensor | None:
-    """``noise`` (shaped like ``value``) seen the way ``saved`` views the same storage, or None
-    when ``saved`` is not a view inside ``value`` (``noise=None``: a plain zero to test that)."""
-    noise = torch.zeros(value.shape) if noise is None else noise
-    if tuple(saved.shape) == tuple(value.shape) and tuple(saved.stride()) == tuple(value.stride) \
+def _offset_in(value: _Geometry, saved: torch.Tensor) -> int | None:
+    """Where ``saved`` starts inside ``value``'s elements when it views the same storage within
+    them (``-1``: it is ``value`` itself), else None."""
+    if tuple(saved.shape) == value.shape and tuple(saved.stride()) == value.stride \
             and saved.storage_offset() == value.offset:
-        return noise
-    if not value.is_contiguous():
+        return -1
+    if not value.is_contiguous() or saved.numel() == 0:
         return None
     offset = saved.storage_offset() - value.offset
     numel = 1
     for n in value.shape:
         numel *= n
-    if offset < 0 or saved.numel() == 0:
+    if offset < 0 or offset + sum((n - 1) * s for n, s in zip(saved.shape, saved.stride())) >= numel:
         return None
-    if offset + sum((n - 1) * s for n, s in zip(saved.shape, saved.stride())) >= numel:
-        return None
+    return offset
+
+
+def _view(noise: torch.Tensor, value: _Geometry, saved: torch.Tensor) -> torch.Tensor:
+    """``noise`` (shaped like ``value``) seen the way ``saved`` views the same storage."""
+    offset = _offset_in(value, saved)
+    if offset == -1:
+        return noise
     return noise.reshape(-1).as_strided(saved.shape, saved.stride(), offset)
 
 
