@@ -13,6 +13,9 @@ ATTENTION_BITS = {"sdpa": 8, "attention": 8, "softmax": 8, "matmul": 8, "transfo
 # (at 2 bits the output layer's weight gradient was 0.8 off in one step, 0.01 at 8 bits).
 PROBABILITY_BITS = {"cross_entropy": 8, "log_softmax": 8}
 DEFAULT_OP_BITS = {**ATTENTION_BITS, **PROBABILITY_BITS}
+# A site_bits width meaning "keep the value as it is" (any dtype); wider than every packed width,
+# so a value one consumer keeps exact is kept exact for all of them.
+KEEP_EXACT = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,7 +35,8 @@ class Config:
         (``"layer4"`` covers ``layer4.1.conv2``); the longest match wins over op_bits.
     site_bits: per-op widths keyed ``"module.path:kind"`` (the exact module path the op runs in,
         ``""`` for the root, and its kind as in ``actfx.show``), e.g. ``{"layer1.0.conv1:conv": 4}``;
-        wins over module_bits and op_bits. ``actfx.plan`` writes this table.
+        wins over module_bits and op_bits; ``KEEP_EXACT`` (32) keeps the values it would pack as
+        they are. ``actfx.plan`` writes this table.
     """
 
     bits: int = 2
@@ -63,7 +67,8 @@ class Config:
                     raise ValueError(f"Config.site_bits key {key!r} must read 'module.path:kind', "
                                      "e.g. 'layer1.0.conv1:conv' (':kind' for the root)")
                 try:
-                    check_bits(value)
+                    if not (field == "site_bits" and value == KEEP_EXACT and not isinstance(value, bool)):
+                        check_bits(value)
                 except (TypeError, ValueError) as err:
                     raise type(err)(f"Config.{field}[{key!r}]: {err}") from None
             # Freeze the table so the config stays immutable and hashable.

@@ -59,6 +59,8 @@ class NodeSaved:
     tensors: list = dataclasses.field(default_factory=list)  # SavedTensor
     output_bytes: int = 0  # its largest output tensor (for workspace estimates)
     packed_numel: int = 0  # a pack node of a rewritten graph: how many values it packed (0: none)
+    packed_storage: int = 0  # ... and the bytes of the storage they live in (what keeping them exact holds)
+    packed_itemsize: int = 0
     node: Node | None = dataclasses.field(default=None, repr=False, compare=False)  # None: a whole module
 
     @property
@@ -226,7 +228,9 @@ class _Attributing(Interpreter):
             result = super().run_node(n)
         self.recorder.note_outputs(entry, result)
         if n.target is pack_value and result[0] is not None:
-            entry.packed_numel = self.env[n.args[0]].numel()
+            value = self.env[n.args[0]]
+            entry.packed_numel, entry.packed_itemsize = value.numel(), value.element_size()
+            entry.packed_storage = value.untyped_storage().nbytes()
         return result
 
     def call_module(self, target, args, kwargs):

@@ -20,7 +20,7 @@ import operator
 
 from torch.fx import Graph, GraphModule, Node
 
-from actfx.config import Config
+from actfx.config import KEEP_EXACT, Config
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.sites import Site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
@@ -131,6 +131,8 @@ class _Rewriter:
     # ------------------------------------------------------------ storage choices
 
     def _pack(self, v: Node) -> tuple:
+        if self.bits[v] == KEEP_EXACT:  # a plan keeps it as it is
+            return ("exact",), [self.env[v]], None
         spec, run = self._pack_new(self.env[v], self.bits[v], PackSource(v.name, tuple(sorted(self.units[v]))))
         self.packs[v] = (spec, run, ("pack", v.name))
         return self.packs[v]
@@ -157,6 +159,8 @@ class _Rewriter:
         """Pack a value a site computes itself (softmax's output), at the site's width."""
         site = self.sites[old]
         bits = self.config.bits_for(site.kind, self._path(site))
+        if bits == KEEP_EXACT:
+            return ("exact",), [value]
         source = PackSource(old.name, (unit_key(self._path(site), site.kind),), derived=site.kind != "softmax")
         return self._pack_new(value, bits, source)
 

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
-from actfx.kernels import ALLOWED_BITS, packed_nbytes
+from actfx.config import KEEP_EXACT
+from actfx.kernels import ALLOWED_BITS
 from actfx.planner.choose import Option
 from actfx.planner.inventory import Inventory
 from actfx.planner.plan import Plan, Site
 
 
-def option(group, sensitivity: dict, group_size: int) -> Option:
-    """A group's bytes and measured variance at each width (derived packs carry no estimate)."""
-    return Option({b: group.nbytes(b, group_size) for b in ALLOWED_BITS},
-                  {b: sum(sensitivity[p.key].at(b) for p in group.packs if p.key in sensitivity and
-                          not p.source.derived) for b in ALLOWED_BITS})
+def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
+    """A group's bytes and measured variance at each width (derived packs carry no estimate);
+    ``exact``: keeping it as it is is an option too (no variance)."""
+    widths = (*ALLOWED_BITS, KEEP_EXACT) if exact else ALLOWED_BITS
+    return Option({b: group.nbytes(b, group_size) for b in widths},
+                  {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[p.key].at(b) for p in group.packs
+                                                      if p.key in sensitivity and not p.source.derived)
+                   for b in widths})
 
 
 def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, bits, group_size, batch,
@@ -29,10 +33,10 @@ def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, 
             per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
         for pack in group.packs:
             b = width if width is not None else pack.bits
-            numel_bits += pack.numel * b
+            numel_bits += pack.numel * (8 * pack.itemsize if b == KEEP_EXACT else b)
             numel += pack.numel
             first = per_unit[pack.source.units[0]]
-            first[1] += packed_nbytes(pack.numel, b, group_size)
+            first[1] += pack.nbytes(b, group_size)
         if width is not None:
             per_unit[group.units[0]][2] += variance[group.units]
     sites = []

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from actfx.kernels import ALLOWED_BITS
-
 
 @dataclasses.dataclass(frozen=True)
 class Option:
-    """A group's cost at each width."""
+    """A group's cost at each width it may take (``KEEP_EXACT``: kept as it is)."""
 
     nbytes: dict  # bits -> bytes
     variance: dict  # bits -> gradient variance
@@ -30,18 +28,17 @@ class BudgetError(ValueError):
         self.smallest = smallest
 
 
-def choose(options: list[Option], budget: int, widths=ALLOWED_BITS) -> list[int]:
+def choose(options: list[Option], budget: int) -> list[int]:
     """The width of each group, whose bytes sum to at most ``budget``."""
-    widths = sorted(widths)
-    chosen = [widths[0]] * len(options)
-    used = sum(o.nbytes[widths[0]] for o in options)
+    chosen = [min(o.nbytes) for o in options]
+    used = sum(o.nbytes[b] for o, b in zip(options, chosen))
     if used > budget:
-        raise BudgetError(f"the packs need {used} bytes at {widths[0]} bit(s), over the budget of {budget}", used)
+        raise BudgetError(f"the packs need {used} bytes at their narrowest, over the budget of {budget}", used)
     while True:
         best = None
         for i, option in enumerate(options):
             now = chosen[i]
-            for b in widths:
+            for b in sorted(option.nbytes):
                 if b <= now:
                     continue
                 extra = option.nbytes[b] - option.nbytes[now]

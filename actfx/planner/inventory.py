@@ -14,6 +14,7 @@ import dataclasses
 import networkx as nx
 import torch.nn as nn
 
+from actfx.config import KEEP_EXACT
 from actfx.kernels import packed_nbytes
 from actfx.passes.analyze import Measurement, measure
 from actfx.passes.rewrite import PACK_META, PackSource
@@ -25,6 +26,11 @@ class Pack:
     source: PackSource
     numel: int
     bits: int  # in the measured conversion
+    storage: int = 0  # bytes of the storage the value lives in (held when it is kept exact)
+    itemsize: int = 4
+
+    def nbytes(self, bits: int, group_size: int) -> int:
+        return self.storage if bits == KEEP_EXACT else packed_nbytes(self.numel, bits, group_size)
 
     @property
     def key(self) -> tuple:
@@ -39,7 +45,7 @@ class Group:
     packs: tuple  # Pack
 
     def nbytes(self, bits: int, group_size: int) -> int:
-        return sum(packed_nbytes(p.numel, bits, group_size) for p in self.packs)
+        return sum(p.nbytes(bits, group_size) for p in self.packs)
 
     @property
     def numel(self) -> int:
@@ -67,7 +73,8 @@ def take_inventory(converted: nn.Module, inputs, *, dtype=None) -> Inventory:
             continue
         source = entry.node.meta.get(PACK_META)
         if source is not None:
-            packs.append(Pack(entry.graph_path, source, entry.packed_numel, int(entry.node.args[3])))
+            packs.append(Pack(entry.graph_path, source, entry.packed_numel, int(entry.node.args[3]),
+                              entry.packed_storage, entry.packed_itemsize))
     graph = nx.Graph()
     for i, pack in enumerate(packs):
         graph.add_node(("pack", i))

@@ -20,7 +20,7 @@ import torch.nn as nn
 
 from actfx.config import Config, check_bits
 from actfx.convert import convert
-from actfx.passes.analyze import trace_like
+from actfx.passes.analyze import measure, trace_like
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
 from actfx.planner.choose import BudgetError, choose
@@ -100,7 +100,8 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         room = peak.activation_room(total)
         words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
                  else f"peak budget {format_bytes(total)}")
-    options = [option(g, sensitivity, group_size) for g in planned]
+    sources = _rebuild_sources(converted._actfx_record.decisions)
+    options = [option(g, sensitivity, group_size, exact=not any(p.key in sources for p in g.packs)) for g in planned]
     for _ in range(3):
         try:
             widths = choose(options, room - fixed_bytes)
@@ -112,16 +113,43 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                               "raise the budget or lower the batch", peak.peak(smallest)
                               if activation_budget is None else smallest) from None
         result = assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
-                           batch_of(planned_inputs), words)
-        step = step_bytes(convert(model, config=result.config()), planned_inputs, dtype=dtype)
-        result = dataclasses.replace(result, predicted_peak_bytes=peak.peak(result.activation_bytes, step))
-        over = result.predicted_peak_bytes - (total if activation_budget is None else result.predicted_peak_bytes)
+                          batch_of(planned_inputs), words)
+        # Measure what the chosen widths really hold and need (an op whose input is kept exact
+        # may keep statistics it recomputes from a pack), and correct the room by any excess.
+        chosen = convert(model, config=result.config())
+        held = measure(chosen, planned_inputs, dtype=dtype).activation_bytes
+        step = step_bytes(chosen, planned_inputs, dtype=dtype)
+        result = dataclasses.replace(result, activation_bytes=held, predicted_peak_bytes=peak.peak(held, step))
+        over = (held - limit if activation_budget is not None else result.predicted_peak_bytes - total)
         if over <= 0:
             return result
-        room -= math.ceil(over / peak.fragmentation)
-    raise BudgetError(f"cannot meet the {words}: the closest plan found peaks at "
-                      f"{format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
-                      result.predicted_peak_bytes)
+        room -= over if activation_budget is not None else math.ceil(over / peak.fragmentation)
+    raise BudgetError(f"cannot meet the {words}: the closest plan found holds {format_bytes(result.activation_bytes)}"
+                      f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
+                      "batch", result.activation_bytes if activation_budget is not None
+                      else result.predicted_peak_bytes)
+
+
+def _rebuild_sources(decisions) -> set:
+    """Packs other values are rebuilt from (BN's input under a ReLU's mask, a residual sum's
+    terms): keeping one exact would change how those values are stored, so it is not offered."""
+    found = set()
+
+    def walk(path, tree, inside):
+        if tree is None:
+            return
+        if tree[0] == "pack":
+            if inside:
+                found.add((path, tree[1]))
+            return
+        for part in tree[1:]:
+            if isinstance(part, tuple):
+                walk(path, part, True)
+
+    for d in decisions:
+        for tree in d.sources:
+            walk(d.graph_path, tree, False)
+    return found
 
 
 def _gpu(name: str) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 
-from actfx.config import Config
+from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import check_bits, check_group_size
 
 FORMAT = "actfx-plan/1"
@@ -22,12 +22,13 @@ class Site:
 
     module: str
     op: str
-    bits: int
+    bits: int  # 1, 2, 4, 8, or KEEP_EXACT (written "exact" in JSON)
     bytes: int
     variance: float | None  # None: not measured (kept at the default width)
 
     def __post_init__(self):
-        check_bits(self.bits)
+        if self.bits != KEEP_EXACT:
+            check_bits(self.bits)
         if ":" in self.module or ":" in self.op:
             raise ValueError(f"plan site {self.module!r}/{self.op!r}: names cannot contain ':'")
 
@@ -71,7 +72,8 @@ class Plan:
     def to_dict(self) -> dict:
         head = {k: getattr(self, k) for k in ("bits", "group_size", "batch", "activation_bytes",
                                                "predicted_peak_bytes", "average_bits", "gradient_variance", "budget")}
-        return {"format": FORMAT, **head, "sites": [dataclasses.asdict(s) for s in self.sites]}
+        sites = [{**dataclasses.asdict(s), "bits": "exact" if s.bits == KEEP_EXACT else s.bits} for s in self.sites]
+        return {"format": FORMAT, **head, "sites": sites}
 
     def save(self, path) -> None:
         with open(path, "w") as f:
@@ -93,7 +95,8 @@ class Plan:
             raise ValueError(f"{where} is not an actfx plan (expected \"format\": \"{FORMAT}\"); "
                              "write one with actfx.plan(...).save(path) or actfx plan ... --out")
         try:
-            sites = tuple(Site(**s) for s in data["sites"])
+            sites = tuple(Site(**{**s, "bits": KEEP_EXACT if s["bits"] == "exact" else s["bits"]})
+                          for s in data["sites"])
             fields = {k: data[k] for k in ("bits", "group_size", "batch", "activation_bytes",
                                            "predicted_peak_bytes", "average_bits", "gradient_variance")}
         except (KeyError, TypeError) as err:

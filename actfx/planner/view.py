@@ -6,6 +6,7 @@ from rich import box
 from rich.console import Console
 from rich.table import Table
 
+from actfx.config import KEEP_EXACT
 from actfx.units import format_bytes
 
 
@@ -22,7 +23,8 @@ def render(plan, console: Console | None = None) -> None:
             share = "not measured"
         else:
             share = f"{100 * site.variance / total:.1f}%" if total > 0 else "-"
-        table.add_row(site.module or "<root>", site.op, str(site.bits), format_bytes(site.bytes), share)
+        bits = "exact" if site.bits == KEEP_EXACT else str(site.bits)
+        table.add_row(site.module or "<root>", site.op, bits, format_bytes(site.bytes), share)
     console.print(table)
     console.print(
         f"batch {plan.batch}: held for backward {format_bytes(plan.activation_bytes)}, average "
