@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
+from rich.console import Console
 
 import actfx
 from actfx.accounting import count_saved
@@ -55,6 +58,8 @@ def test_room_for_everything_keeps_values_exact():
     assert bits == {"narrow": KEEP_EXACT, "wide": KEEP_EXACT} and plan.gradient_variance == 0
     converted = actfx.convert(model, plan=plan)
     assert _held(converted, x) == plan.activation_bytes <= plain
+    rows = actfx.show(converted, x, console=Console(file=io.StringIO()))
+    assert {r["node"]: r["kind"] for r in rows}["wide"] == "kept exact (plan)"
     params = list(model.parameters())
     exact = torch.autograd.grad(model(x).square().sum(), params)
     for a, b in zip(torch.autograd.grad(converted(x).square().sum(), params), exact):
