@@ -47,6 +47,8 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
 
     ``example_inputs``: a tensor or tuple of positional inputs, real (also used to calibrate) or
     meta (then pass ``calibration_inputs``, a small real batch); the first dimension is the batch.
+    Calibration costs one backward per pack at its batch: give a large ``example_inputs`` as meta
+    tensors with a few real samples as ``calibration_inputs``.
     ``loss_fn(output) -> scalar`` for calibration (default: output projected on a fixed Gaussian).
     ``optimizer``: whose state the peak counts (sgd, adam, adamw).
     """
