@@ -3,6 +3,7 @@
     python benchmarks/planner.py quality                  # vit_tiny and resnet50, uniform 2-bit vs the plan
     python benchmarks/planner.py quality --models vit_tiny --batch 8 --samples 8
     python benchmarks/planner.py peak                     # resnet50 and gpt_tiny, three batches each, CPU RSS
+    python benchmarks/planner.py maxbatch --limit 1GiB    # resnet50: largest batch under a CPU peak, predicted vs found
 
 quality: for each model, on one fixed random batch with random labels (cross-entropy), the exact
 gradient g, then K gradients of the model converted at uniform 2 bits and K of the model converted
@@ -22,6 +23,11 @@ AdamW state, no gradients: ``zero_grad(set_to_none=True)``), against the plan's 
 same, ``predicted_peak_bytes - parameters - optimizer state - buffers`` (= gradients + held
 activations + 2 x output + 3 x largest op output). The full predicted peak adds parameters,
 AdamW state and buffers, which are counted exactly.
+
+maxbatch: for ResNet-50 (224 px) converted at uniform 2 bits with AdamW, the largest batch whose
+full peak (parameters + AdamW state + buffers, counted, plus the measured step peak as in `peak`)
+stays under ``--limit``: predicted by bisection on the fake-tensor step (``step_bytes``), found by
+bisection on real steps, each batch in a fresh subprocess.
 """
 
 from __future__ import annotations
@@ -174,6 +180,64 @@ def peak_worker(name: str, batch: int) -> dict:
             "fixed": fixed}
 
 
+def step_worker(name: str, batch: int) -> dict:
+    """The measured step peak of uniform 2-bit at ``batch`` (as in peak_worker, no plan)."""
+    torch.manual_seed(0)
+    SHAPES[name] = PEAK_SHAPES.get(name)
+    x, gen = _batch(name, batch, seed=0)
+    model = _model(name)
+    y = _labels(model, x, gen)
+    converted = actfx.convert(model, bits=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = converted(x)
+        F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    import gc
+
+    gc.collect()
+    start = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return {"batch": batch, "measured": _rss("VmHWM") - start}
+
+
+def _bisect(fits, low: int, high: int) -> int:
+    """Largest b in [low, high) with fits(b), given fits(low) and not fits(high)."""
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def maxbatch(name: str, limit: int) -> dict:
+    from actfx.planner.step_memory import step_bytes
+    from actfx.report import static_costs
+
+    model = _model(name)
+    fixed = (lambda c: c.param_bytes + c.optimizer_bytes + c.buffer_bytes)(static_costs(model, "adamw"))
+    converted = actfx.convert(model, bits=2)
+    shape = PEAK_SHAPES.get(name) or get_model_spec(name).input_shape
+    predicted = _bisect(lambda b: fixed + step_bytes(converted, (torch.empty(b, *shape, device="meta"),)) <= limit,
+                        0, 256)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    tried = {}
+
+    def fits(b):
+        out = subprocess.run([sys.executable, __file__, "step-worker", name, str(b)], env=env, capture_output=True,
+                             text=True, check=True)
+        tried[b] = json.loads(out.stdout.strip().splitlines()[-1])["measured"] + fixed
+        return tried[b] <= limit
+
+    found = _bisect(fits, 0, 2 * max(predicted, 1) + 1)
+    return {"model": name, "limit": limit, "predicted": predicted, "found": found, "tried": tried}
+
+
 def peak(models, batches) -> list:
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
@@ -187,7 +251,8 @@ def peak(models, batches) -> list:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("quality", "peak", "peak-worker"))
+    p.add_argument("what", choices=("quality", "peak", "maxbatch", "peak-worker", "step-worker"))
+    p.add_argument("--limit", default="1GiB", help="maxbatch: the full peak to stay under")
     p.add_argument("args", nargs="*")
     p.add_argument("--models", nargs="+")
     p.add_argument("--batch", type=int, default=8)
@@ -199,6 +264,21 @@ def main(argv=None) -> None:
     torch.set_num_threads(1)
     if a.what == "peak-worker":
         print(json.dumps(peak_worker(a.args[0], int(a.args[1]))))
+        return
+    if a.what == "step-worker":
+        print(json.dumps(step_worker(a.args[0], int(a.args[1]))))
+        return
+    if a.what == "maxbatch":
+        from actfx.units import parse_bytes
+
+        rows = [maxbatch(name, parse_bytes(a.limit)) for name in (a.models or ["resnet50"])]
+        for r in rows:
+            tried = ", ".join(f"{b}: {v / 2**20:.0f} MiB" for b, v in sorted(r["tried"].items()))
+            print(f"{r['model']}: largest batch under {a.limit}: predicted {r['predicted']}, found {r['found']} "
+                  f"(full peak per batch tried: {tried})")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
         return
     if a.what == "quality":
         rows = [quality(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
