@@ -3,11 +3,13 @@
     model = actfx.convert(model, bits=2)   # same parameters, same state_dict, same outputs
     actfx.show(model)                      # what is saved, before -> after
     model = actfx.compile(model, bits=2)   # inside torch.compile: packs what the partitioner saves
+    plan = actfx.plan(model, x, budget="6GiB"); model = actfx.convert(model, plan=plan)
 """
 
 from actfx.config import Config
 from actfx.convert import convert, is_converted
 from actfx.format import PackedTensor, pack
+from actfx.planner import BudgetError, Plan, plan
 from actfx.show import show
 
 __version__ = "0.1.0"
@@ -22,4 +24,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'actfx' has no attribute {name!r}")
 
 
-__all__ = ["Config", "PackedTensor", "backend", "compile", "convert", "is_converted", "pack", "show", "__version__"]
+__all__ = ["BudgetError", "Config", "PackedTensor", "Plan", "backend", "compile", "convert", "is_converted", "pack",
+           "plan", "show", "__version__"]

@@ -1,5 +1,5 @@
 """The ``actfx`` command: ``report`` (training memory before/after, largest batch), ``show`` (op by op),
-``models`` (the built-in names).
+``plan`` (a width per op for a memory budget), ``models`` (the built-in names).
 
 Bad input (an unknown spec, an import error, a factory that raises, a malformed shape, invalid
 bits or GPU) ends with one line that says what is wrong and how to fix it, and exit code 2;
@@ -25,6 +25,7 @@ from actfx.dryrun import STEPS, StageError, dry_run, on_meta
 from actfx.models import list_models
 from actfx.report import GPUS, OPTIMIZER_STATES, gpu_capacity, static_costs
 from actfx.specs import SpecError, build, resolve
+from actfx.units import parse_bytes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 INPUT_DTYPES = {**DTYPES, "long": torch.long, "int64": torch.long, "int32": torch.int32}
@@ -41,7 +42,7 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="actfx", description="Dry-run memory reports for actfx: no GPU, no real batch.")
-    sub = parser.add_subparsers(dest="command", metavar="{report,show,models}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{report,show,plan,models}", parser_class=_Parser)
     sub.required = True
 
     def common(p, shape_required):
@@ -69,6 +70,20 @@ def _parser() -> argparse.ArgumentParser:
                         help="what actfx.compile would save: the partition on meta tensors, no code generated")
     report.add_argument("--memory-budget", metavar="F", help="with --compile: the partitioner's "
                         "activation_memory_budget, 0 < F <= 1 (default: PyTorch's)")
+    report.add_argument("--plan", metavar="PATH", help="convert with this plan (actfx plan --out) instead of --bits")
+
+    plan = sub.add_parser("plan", help="a width per op so training fits a memory budget (least gradient variance)")
+    common(plan, True)
+    plan.add_argument("--budget", metavar="SIZE", help="peak training memory to fit, e.g. 6GiB")
+    plan.add_argument("--activation-budget", metavar="SIZE", help="bytes held for backward at --input-shape's batch")
+    plan.add_argument("--gpu", metavar="NAME", help=f"fit a GPU: {', '.join(GPUS)} (with --batch, or the largest batch)")
+    plan.add_argument("--batch", metavar="N", help="with --gpu: the batch to fit")
+    plan.add_argument("--optimizer", default="adamw", metavar="NAME",
+                      help=f"optimizer whose state to count: {', '.join(OPTIMIZER_STATES)} (default adamw)")
+    plan.add_argument("--calibration-shape", metavar="B,C,H,W",
+                      help="shape of the random batch the sensitivities are measured on (default: one sample, "
+                           "dims after the first two cut to 64 when the model accepts that)")
+    plan.add_argument("--out", metavar="PATH", help="write the plan as JSON (actfx.Plan.load, actfx report --plan)")
 
     show = sub.add_parser("show", help="each op: what backward saves, before -> after")
     common(show, False)
@@ -141,6 +156,8 @@ def _options(args) -> _Options:
     )
     if args.command != "report":
         return options
+    if args.plan is not None and args.bits != "2":
+        raise UsageError("--plan and --bits both set the widths; give one")
     try:
         capacity = gpu_capacity(args.gpu, args.gpu_memory)
     except ValueError as err:
@@ -162,18 +179,33 @@ def _dry_run(args, options: _Options, err_console: Console):
     steps = STEPS if shape is not None else STEPS[:2]
     try:
         with _progress(err_console, steps) as step:
-            run = dry_run(spec, shape, input_dtype, bits=options.bits, step=step,
+            run = dry_run(spec, shape, input_dtype, bits=options.bits, step=step, plan=_load_plan(args),
                           dtype=None if options.dtype == torch.float32 else options.dtype)
         if run.before is not None and run.before.on_real_tensors:
             err_console.print("note: the forward branches on tensor values, so it ran for real on random inputs "
                               "of that shape (not a dry run on fake tensors)", highlight=False)
         return run
     except StageError as err:
-        if spec.input_shape is None or shape is None or tuple(shape[1:]) == tuple(spec.input_shape):
+        if spec.input_shape is None or shape is None or tuple(shape[1:]) == tuple(spec.input_shape) \
+                or err.stage == STEPS[1]:  # conversion does not depend on the input shape
             raise
         sample = ",".join(map(str, spec.input_shape))
         raise UsageError(f"{err}; {args.spec} is built for inputs of [batch, {sample.replace(',', ', ')}]: "
                          f"try --input-shape {shape[0]},{sample}") from None
+
+
+def _load_plan(args):
+    path = getattr(args, "plan", None)
+    if path is None:
+        return None
+    from actfx.planner.plan import Plan
+
+    try:
+        return Plan.load(path)
+    except OSError as err:
+        raise UsageError(f"cannot read --plan {path!r}: {err.strerror}; write one with actfx plan ... --out") from None
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 @contextlib.contextmanager
@@ -206,7 +238,8 @@ def _report(args, console: Console, err_console: Console, started: float) -> int
     run = _dry_run(args, options, err_console)
     costs = static_costs(run.model, options.optimizer, run.dtype)
     summary = summarize(run, costs, spec=args.spec, bits=options.bits, optimizer=options.optimizer, gpu=args.gpu,
-                        capacity=options.capacity, top=options.top, seconds=time.perf_counter() - started)
+                        capacity=options.capacity, top=options.top, seconds=time.perf_counter() - started,
+                        plan=args.plan)
     if args.json == "-":  # JSON alone on stdout (for pipes), the table on stderr
         render(summary, Console(stderr=True, width=200, no_color=True, highlight=False))
         print(json.dumps(summary, indent=1))
@@ -266,6 +299,86 @@ def _show(args, console: Console, err_console: Console, started: float) -> int:
     render(run.rows, console, title=f"actfx show: {args.spec}, {options.bits}-bit", totals=totals)
     console.print(f"done in {time.perf_counter() - started:.1f} s", highlight=False)
     return 0
+
+
+def _plan(args, console: Console, err_console: Console, started: float) -> int:
+    from actfx.planner import BudgetError
+    from actfx.planner.make import plan
+
+    options = _options(args)
+    given = [flag for flag, v in (("--budget", args.budget), ("--activation-budget", args.activation_budget),
+                                  ("--gpu", args.gpu)) if v is not None]
+    if len(given) != 1:
+        raise UsageError(f"give exactly one of --budget, --activation-budget or --gpu (got {', '.join(given) or 'none'})")
+    if args.batch is not None and args.gpu is None:
+        raise UsageError("--batch goes with --gpu; with --budget or --activation-budget the batch is --input-shape's")
+    batch = _int(args.batch, "--batch") if args.batch is not None else None
+    optimizer = _choice(args.optimizer, {k: k for k in OPTIMIZER_STATES}, "--optimizer")
+    sizes = {}
+    for flag, text in (("--budget", args.budget), ("--activation-budget", args.activation_budget)):
+        if text is not None:
+            try:
+                sizes[flag] = parse_bytes(text)
+            except ValueError as err:
+                raise UsageError(f"{flag}: {err}") from None
+    if args.gpu is not None and args.gpu.lower() not in GPUS:
+        raise UsageError(f"unknown GPU {args.gpu!r}; use one of {', '.join(GPUS)}, or --budget 24GiB")
+    spec = resolve(args.spec)
+    input_dtype = options.input_dtype or (spec.input_dtype if spec.input_dtype not in (None, torch.float32)
+                                          else options.dtype)
+    # Calibration runs one sample through hundreds of small backward passes: a second thread only
+    # adds overhead there (resnet50 --gpu t4 on 2 cores: 19.7 s with one thread, 31.4 s with two).
+    torch.set_num_threads(1)
+    torch.manual_seed(0)  # the same random weights, hence the same plan, on every run
+    model = spec.factory()  # real weights: calibration runs it
+    if not isinstance(model, torch.nn.Module):
+        raise UsageError(f"{args.spec} did not build a torch.nn.Module")
+    example = torch.empty(options.shape, dtype=input_dtype, device="meta")
+    # The model is built (and calibrated) in float32; --dtype sizes what is held and the peak.
+    calibration = _calibration_input(model, args, options.shape,
+                                     torch.float32 if input_dtype.is_floating_point else input_dtype)
+    try:
+        result = plan(model, (example,), budget=sizes.get("--budget"), activation_budget=sizes.get("--activation-budget"),
+                      gpu=args.gpu, batch=batch, optimizer=optimizer, calibration_inputs=(calibration,),
+                      bits=options.bits, dtype=None if options.dtype == torch.float32 else options.dtype)
+    except BudgetError as err:
+        print(f"actfx: error: {err}", file=sys.stderr)
+        return 2
+    result.summary(console)
+    if args.out:
+        try:
+            result.save(args.out)
+        except OSError as err:
+            raise UsageError(f"cannot write --out {args.out!r}: {err.strerror}; pick a writable path") from None
+        console.print(f"wrote {args.out}", highlight=False)
+    console.print(f"done in {time.perf_counter() - started:.1f} s", highlight=False)
+    return 0
+
+
+def _calibration_input(model, args, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
+    """A random real batch to measure sensitivities on: --calibration-shape, else one sample with
+    the dims after the first two cut to 64 (images: 64x64) if the model runs on that, else one sample."""
+    generator = torch.Generator().manual_seed(0)
+
+    def make(s):
+        if dtype.is_floating_point:
+            return torch.randn(s, generator=generator, dtype=dtype)
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None) or 256
+        return torch.randint(min(vocab, 256), s, generator=generator, dtype=dtype)
+
+    if args.calibration_shape is not None:
+        return make(_shape(args.calibration_shape))
+    full = (1, *shape[1:])
+    small = (1, *shape[1:2], *(min(d, 64) for d in shape[2:]))
+    if small != full:
+        x = make(small)
+        try:
+            with torch.no_grad():
+                model(x)
+            return x
+        except Exception:  # noqa: BLE001 - the model needs its full input size
+            pass
+    return make(full)
 
 
 def _models(args, console: Console) -> int:
@@ -333,6 +446,8 @@ def _dispatch(argv, console, err_console, started) -> int:
         return _models(args, console)
     if args.command == "report":
         return _report(args, console, err_console, started)
+    if args.command == "plan":
+        return _plan(args, console, err_console, started)
     return _show(args, console, err_console, started)
 
 

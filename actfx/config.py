@@ -13,6 +13,9 @@ ATTENTION_BITS = {"sdpa": 8, "attention": 8, "softmax": 8, "matmul": 8, "transfo
 # (at 2 bits the output layer's weight gradient was 0.8 off in one step, 0.01 at 8 bits).
 PROBABILITY_BITS = {"cross_entropy": 8, "log_softmax": 8}
 DEFAULT_OP_BITS = {**ATTENTION_BITS, **PROBABILITY_BITS}
+# A site_bits width meaning "keep the value as it is" (any dtype); wider than every packed width,
+# so a value one consumer keeps exact is kept exact for all of them.
+KEEP_EXACT = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,6 +33,10 @@ class Config:
         at 8 bits (see README, "Transformers"); ``op_bits={}`` packs everything at ``bits``.
     module_bits: per-module-path widths; a key matches a module path or any prefix of it
         (``"layer4"`` covers ``layer4.1.conv2``); the longest match wins over op_bits.
+    site_bits: per-op widths keyed ``"module.path:kind"`` (the exact module path the op runs in,
+        ``""`` for the root, and its kind as in ``actfx.show``), e.g. ``{"layer1.0.conv1:conv": 4}``;
+        wins over module_bits and op_bits; ``KEEP_EXACT`` (32) keeps the values it would pack as
+        they are. ``actfx.plan`` writes this table.
     """
 
     bits: int = 2
@@ -39,6 +46,7 @@ class Config:
     min_numel: int = 1024
     op_bits: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OP_BITS))
     module_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    site_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -48,15 +56,19 @@ class Config:
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:
             raise ValueError(f"Config.min_numel must be a non-negative int, got {self.min_numel!r}")
-        for field in ("op_bits", "module_bits"):
+        for field in ("op_bits", "module_bits", "site_bits"):
             table = getattr(self, field)
             if not isinstance(table, Mapping):
                 raise TypeError(f"Config.{field} must be a mapping of str -> bits, got {type(table).__name__}")
             for key, value in table.items():
                 if not isinstance(key, str):
                     raise TypeError(f"Config.{field} keys must be str, got {key!r}")
+                if field == "site_bits" and key.count(":") != 1:
+                    raise ValueError(f"Config.site_bits key {key!r} must read 'module.path:kind', "
+                                     "e.g. 'layer1.0.conv1:conv' (':kind' for the root)")
                 try:
-                    check_bits(value)
+                    if not (field == "site_bits" and value == KEEP_EXACT and not isinstance(value, bool)):
+                        check_bits(value)
                 except (TypeError, ValueError) as err:
                     raise type(err)(f"Config.{field}[{key!r}]: {err}") from None
             # Freeze the table so the config stays immutable and hashable.
@@ -64,6 +76,10 @@ class Config:
 
     def bits_for(self, kind: str, module_path: str | None) -> int:
         """The width to use for a value saved by an op of ``kind`` inside ``module_path``."""
+        if self.site_bits:
+            exact = self.site_bits.get(f"{module_path or ''}:{kind}")
+            if exact is not None:
+                return exact
         if module_path is not None and self.module_bits:
             best = None
             for key, value in self.module_bits.items():

@@ -53,10 +53,28 @@ def is_converted(module: nn.Module) -> bool:
 
 
 def convert(model, bits: int | None = None, *, group_size: int | None = None, config: Config | None = None,
-            leaf_modules=(), example_inputs=None) -> nn.Module:
-    """Return ``model`` converted to save compressed activations; see the module docstring."""
+            leaf_modules=(), example_inputs=None, plan=None) -> nn.Module:
+    """Return ``model`` converted to save compressed activations; see the module docstring.
+
+    ``plan``: an ``actfx.Plan`` (``actfx.plan``) giving each op its width; it replaces bits,
+    group_size and config.
+    """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.convert expects a torch.nn.Module, got {type(model).__name__}")
+    if plan is not None:
+        from actfx.planner.plan import Plan
+
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
+        clash = [f"{name}={value!r}" for name, value in (("bits", bits), ("group_size", group_size),
+                                                           ("config", config)) if value is not None]
+        if clash:
+            raise ValueError(f"plan= and {', '.join(clash)} both set the widths; pass the plan alone "
+                             "(it carries its own widths and group size)")
+        config = plan.config()
+        converted = convert(model, config=config, leaf_modules=leaf_modules, example_inputs=example_inputs)
+        _check_plan_fits(plan, converted._actfx_record)
+        return converted
     if config is None:
         config = Config(bits=check_bits(2 if bits is None else bits),
                         group_size=check_group_size(256 if group_size is None else group_size))
@@ -93,6 +111,18 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     result._actfx_record = record
     _warn_if_root_untraced(model, record)
     return result
+
+
+def _check_plan_fits(plan, record: ConversionRecord) -> None:
+    """A plan names ops by module path and kind; one made for another model would silently apply
+    the default widths, so refuse it."""
+    from actfx.passes.rewrite import unit_key
+
+    present = {unit_key(d.module_path, d.kind) for d in record.decisions}
+    missing = [key for key in plan.config().site_bits if key not in present]
+    if missing:
+        raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "
+                         f"{missing[0]!r}); it was made for another model: plan this one with actfx.plan")
 
 
 def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:

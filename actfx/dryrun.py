@@ -47,13 +47,16 @@ class DryRun:
 
 
 def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dtype, *, bits: int,
-            dtype: torch.dtype | None = None, step: Callable[[str], None] = lambda name: None) -> DryRun:
-    """Build ``spec``, convert it at ``bits`` and measure both forwards on one batch of
-    ``input_shape`` (no measuring when it is None: the rows then list ops without bytes)."""
+            dtype: torch.dtype | None = None, step: Callable[[str], None] = lambda name: None,
+            plan: actfx.Plan | None = None) -> DryRun:
+    """Build ``spec``, convert it at ``bits`` (or with ``plan``'s widths) and measure both
+    forwards on one batch of ``input_shape`` (no measuring when it is None: the rows then list ops
+    without bytes)."""
     step(STEPS[0])
     model = _stage(STEPS[0], lambda: build(spec))
     step(STEPS[1])
-    converted = _stage(STEPS[1], lambda: actfx.convert(model, bits=bits))
+    converted = _stage(STEPS[1], lambda: actfx.convert(model, plan=plan) if plan is not None
+                       else actfx.convert(model, bits=bits))
     inputs = () if input_shape is None else (torch.empty(input_shape, dtype=input_dtype, device="meta"),)
     before = after = None
     if input_shape is not None:

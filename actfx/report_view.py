@@ -28,7 +28,7 @@ def layers(rows: list, top: int | None = None) -> list[dict]:
 
 
 def summarize(run: DryRun, costs: StaticCosts, *, spec: str, bits: int, optimizer: str, gpu: str | None,
-              capacity: int | None, top: int, seconds: float) -> dict:
+              capacity: int | None, top: int, seconds: float, plan: str | None = None) -> dict:
     shape = list(run.inputs[0].shape)
     batch = shape[0] if shape else 1
     base = estimate(run.before, costs, batch, capacity, "baseline")
@@ -39,6 +39,7 @@ def summarize(run: DryRun, costs: StaticCosts, *, spec: str, bits: int, optimize
         "input_dtype": str(run.inputs[0].dtype).removeprefix("torch."),
         "dtype": str(run.dtype or torch.float32).removeprefix("torch."),
         "bits": bits,
+        "plan": plan,
         "optimizer": optimizer,
         "gpu": gpu,
         "gpu_memory_bytes": capacity,
@@ -74,7 +75,9 @@ def render(summary: dict, console: Console) -> None:
     gpu = summary["gpu"] or ("GPU" if summary["gpu_memory_bytes"] else None)
     console.print(
         f"actfx report: {summary['spec']}, input {summary['input_shape']} {summary['input_dtype']}, "
-        f"{summary['dtype']} training, {summary['bits']}-bit activations, {summary['optimizer']}"
+        f"{summary['dtype']} training, "
+        + (f"widths from {summary['plan']}" if summary.get("plan") else f"{summary['bits']}-bit activations")
+        + f", {summary['optimizer']}"
         + (f", {gpu} ({format_bytes(summary['gpu_memory_bytes'])})" if gpu else ""),
         highlight=False, markup=False,
     )

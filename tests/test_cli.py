@@ -131,3 +131,39 @@ def test_a_real_process():
     assert done.returncode == 0, done.stderr
     assert "largest batch on v100-16" in done.stdout and "\x1b[" not in done.stdout
     assert done.stderr == ""
+
+
+def test_plan_writes_a_plan_that_report_applies(capsys, tmp_path):
+    import actfx
+
+    path, report = tmp_path / "plan.json", tmp_path / "report.json"
+    code, out, _ = run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", "--activation-budget", "8KiB",
+                       "--out", str(path))
+    assert code == 0 and "held for backward" in out and f"wrote {path}" in out
+    plan = actfx.Plan.load(path)
+    assert plan.activation_bytes <= 8 * 1024 and {s.module for s in plan.sites} >= {"layers.0", "fc"}
+    code, out, _ = run(capsys, "report", "mlp", "--input-shape", "8,1,28,28", "--plan", str(path),
+                       "--json", str(report))
+    assert code == 0 and f"widths from {path}" in out
+    assert json.loads(report.read_text())["activation_bytes_actfx"] == plan.activation_bytes
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--activation-budget", "1KiB"], "cannot meet the activation budget 1.00 KiB: every planned op at 1 bit "
+                                      "still needs held activations of at least"),
+    (["--budget", "1MiB"], "cannot meet the peak budget 1.00 MiB"),
+    (["--budget", "1GiB", "--gpu", "t4"], "give exactly one of --budget, --activation-budget or --gpu"),
+    (["--budget", "1GiB", "--batch", "4"], "--batch goes with --gpu"),
+    (["--budget", "lots"], "--budget: cannot read 'lots'"),
+])
+def test_plan_errors_are_one_line_and_exit_code_2(capsys, argv, expected):
+    code, _, err = run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", *argv)
+    assert code == 2
+    assert expected in err and len(err.strip().splitlines()) == 1
+
+
+def test_report_refuses_a_plan_made_for_another_model(capsys, tmp_path):
+    path = tmp_path / "plan.json"
+    assert run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", "--budget", "1GiB", "--out", str(path))[0] == 0
+    code, _, err = run(capsys, "report", "resnet18", "--input-shape", "2,3,64,64", "--plan", str(path))
+    assert code == 2 and "made for another model" in err and "--input-shape" not in err

@@ -29,6 +29,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, Interpreter, Node
 
 from actfx.passes.capture import trace, training_mode
+from actfx.variants.packing import pack_value
 
 META_KEY = "actfx_saved"
 CALLS = ("call_module", "call_function", "call_method")
@@ -57,6 +58,9 @@ class NodeSaved:
     module_path: str | None
     tensors: list = dataclasses.field(default_factory=list)  # SavedTensor
     output_bytes: int = 0  # its largest output tensor (for workspace estimates)
+    packed_numel: int = 0  # a pack node of a rewritten graph: how many values it packed (0: none)
+    packed_storage: int = 0  # ... and the bytes of the storage they live in (what keeping them exact holds)
+    packed_itemsize: int = 0
     node: Node | None = dataclasses.field(default=None, repr=False, compare=False)  # None: a whole module
 
     @property
@@ -224,6 +228,10 @@ class _Attributing(Interpreter):
         with self.recorder.running(entry):
             result = super().run_node(n)
         self.recorder.note_outputs(entry, result)
+        if n.target is pack_value and result[0] is not None:
+            value = self.env[n.args[0]]
+            entry.packed_numel, entry.packed_itemsize = value.numel(), value.element_size()
+            entry.packed_storage = value.untyped_storage().nbytes()
         return result
 
     def call_module(self, target, args, kwargs):

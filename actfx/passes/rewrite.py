@@ -20,7 +20,7 @@ import operator
 
 from torch.fx import Graph, GraphModule, Node
 
-from actfx.config import Config
+from actfx.config import KEEP_EXACT, Config
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.sites import Site, find_site, saves_nothing
@@ -39,6 +39,31 @@ class Decision:
     kind: str
     module_path: str | None
     saved: list  # one description per value its backward needs
+    graph_path: str = ""  # the module whose graph holds the node ("" for the root)
+    values: list = dataclasses.field(default_factory=list)  # per saved value: its node's name, or None
+    # per saved value, where its backward's copy comes from, in the original graph's node names
+    # (for the planner's calibration): ("pack", value) | ("masked", relu, inner) | ("affine", bn, inner)
+    # | ("sum", left, right) | ("reshape", inner) | None (kept exact, or only its shape)
+    sources: list = dataclasses.field(default_factory=list)
+
+
+PACK_META = "actfx_pack"  # on each pack_value node: PackSource
+UNIT_SEP = ":"  # a unit is "module.path:kind", as Config.site_bits keys it
+
+
+@dataclasses.dataclass(frozen=True)
+class PackSource:
+    """What one pack in a rewritten graph stores: the original node's value, and the units (module
+    path and op kind of each consumer) whose widths set its bits (the widest wins)."""
+
+    value: str
+    units: tuple
+    derived: bool = False  # holds something computed from the node's input (GELU's derivative), not its value
+
+
+def unit_key(module_path: str | None, kind: str) -> str:
+    """``"layer1.0.conv1:conv"``: a site's key in ``Config.site_bits`` and in plans."""
+    return f"{module_path or ''}{UNIT_SEP}{kind}"
 
 
 def describe(spec: tuple) -> str:
@@ -95,21 +120,25 @@ class _Rewriter:
 
     def _bits_per_value(self) -> dict[Node, int]:
         bits: dict[Node, int] = {}
+        self.units: dict[Node, set] = {}
         for site in self.sites.values():
             b = self.config.bits_for(site.kind, self._path(site))
             for v in site.saved:
                 if isinstance(v, Node):
                     bits[v] = max(bits.get(v, 0), b)
+                    self.units.setdefault(v, set()).add(unit_key(self._path(site), site.kind))
         return bits
 
     # ------------------------------------------------------------ storage choices
 
     def _pack(self, v: Node) -> tuple:
-        entry = self._pack_new(self.env[v], self.bits[v])
-        self.packs[v] = entry
-        return entry
+        if self.bits[v] == KEEP_EXACT:  # a plan keeps it as it is
+            return ("exact",), [self.env[v]], None
+        spec, run = self._pack_new(self.env[v], self.bits[v], PackSource(v.name, tuple(sorted(self.units[v]))))
+        self.packs[v] = (spec, run, ("pack", v.name))
+        return self.packs[v]
 
-    def _pack_new(self, value: Node, bits: int) -> tuple:
+    def _pack_new(self, value: Node, bits: int, source: PackSource) -> tuple:
         if self.seed is None:
             with self.new.inserting_after(self._last_placeholder):
                 state = self.new.get_attr(SEED_STATE)
@@ -121,6 +150,7 @@ class _Rewriter:
         call = self.new.call_function(
             pack_value, (value, self.seed, self.stream, bits, gs, self.config.stochastic, self.config.min_numel)
         )
+        call.meta[PACK_META] = source
         self.stream += 1
         codes = self.new.call_function(operator.getitem, (call, 0))
         meta = self.new.call_function(operator.getitem, (call, 1))
@@ -130,7 +160,10 @@ class _Rewriter:
         """Pack a value a site computes itself (softmax's output), at the site's width."""
         site = self.sites[old]
         bits = self.config.bits_for(site.kind, self._path(site))
-        return self._pack_new(value, bits)
+        if bits == KEEP_EXACT:
+            return ("exact",), [value]
+        source = PackSource(old.name, (unit_key(self._path(site), site.kind),), derived=site.kind != "softmax")
+        return self._pack_new(value, bits, source)
 
     def _cheap(self, v: Node, adds: int = 1) -> tuple | None:
         """A way to have ``v`` in backward without storing anything new, if there is one
@@ -143,30 +176,32 @@ class _Rewriter:
         if terms is not None and adds > 0:
             left, right = (self._cheap(t, adds - 1) for t in terms)
             if left is not None and right is not None:
-                return ("sum", left[0], right[0]), [self.env[v], *left[1], *right[1]]
+                return (("sum", left[0], right[0]), [self.env[v], *left[1], *right[1]],
+                        ("sum", left[2], right[2]))
         if v in self.masks:
             mask, slope, src = self.masks[v]
             inner = self._cheap(src, adds)
             if inner is not None:
-                return ("masked", slope, inner[0]), [self.env[v], mask, *_nested(inner[1])]
+                return (("masked", slope, inner[0]), [self.env[v], mask, *_nested(inner[1])],
+                        ("masked", v.name, inner[2]))
         if v in self.affine:
-            a, b, spec, run = self.affine[v]
+            a, b, spec, run, source = self.affine[v]
             if spec[0] != "exact":
-                return ("affine", 1, spec), [self.env[v], a, b, *run]
+                return ("affine", 1, spec), [self.env[v], a, b, *run], ("affine", v.name, source)
         src = self.facts.reshape_source(v)
         if src is not None:
             inner = self._cheap(src, adds)
             if inner is not None:
-                return ("reshape", inner[0]), [self.env[v], *inner[1]]
+                return ("reshape", inner[0]), [self.env[v], *inner[1]], ("reshape", inner[2])
         return None
 
     def _storage(self, site: Site, i: int, v) -> tuple:
         if not isinstance(v, Node):
-            return ("exact",), [v]
+            return ("exact",), [v], None
         if i in site.shape_only:
-            return ("shape",), [self.env[v]]
+            return ("shape",), [self.env[v]], None
         if i in site.exact or self.facts.is_parameter_like(v) or self.facts.is_non_tensor(v):
-            return ("exact",), [self.env[v]]
+            return ("exact",), [self.env[v]], None
         return self._cheap(v) or self._pack(v)
 
     # ------------------------------------------------------------ the pass
@@ -192,8 +227,8 @@ class _Rewriter:
     def _emit(self, site: Site) -> None:
         node = site.node
         chosen = [self._storage(site, i, v) for i, v in enumerate(site.saved)]
-        specs = [spec for spec, _ in chosen]
-        runs = [run for _, run in chosen]
+        specs = [spec for spec, _, _ in chosen]
+        runs = [run for _, run, _ in chosen]
         emitted: list = []  # values the variant packs itself (an output, a derivative)
 
         def pack_output(value, old):
@@ -210,12 +245,13 @@ class _Rewriter:
                 self.masks[node] = (mask, slope, site.source)
         if "packed_output" in extras:
             spec, run = extras["packed_output"]
-            self.packs[node] = (spec, [out, *run[1:]])
+            self.packs[node] = (spec, [out, *run[1:]], ("pack", node.name))
         if "affine" in extras:
             a, b = extras["affine"]
-            self.affine[node] = (a, b, specs[0], runs[0])
-        self.decisions.append(Decision(node.name, site.kind, self._path(site),
-                                       [describe(spec) for spec in [*specs, *emitted]]))
+            self.affine[node] = (a, b, specs[0], runs[0], chosen[0][2])
+        self.decisions.append(Decision(
+            node.name, site.kind, self._path(site), [describe(spec) for spec in [*specs, *emitted]], self.prefix,
+            [v.name if isinstance(v, Node) else None for v in site.saved], [source for _, _, source in chosen]))
 
 
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:

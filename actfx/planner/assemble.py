@@ -1,0 +1,55 @@
+"""A plan from the widths chosen per group: one Site per op, its bytes and variance, the totals."""
+
+from __future__ import annotations
+
+from actfx.config import KEEP_EXACT
+from actfx.kernels import ALLOWED_BITS
+from actfx.planner.choose import Option
+from actfx.planner.inventory import Inventory
+from actfx.planner.plan import Plan, Site
+
+
+def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
+    """A group's bytes and measured variance at each width (derived packs carry no estimate);
+    ``exact``: keeping it as it is is an option too (no variance)."""
+    widths = (*ALLOWED_BITS, KEEP_EXACT) if exact else ALLOWED_BITS
+    return Option({b: group.nbytes(b, group_size) for b in widths},
+                  {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[p.key].at(b) for p in group.packs
+                                                      if p.key in sensitivity and not p.source.derived)
+                   for b in widths})
+
+
+def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, bits, group_size, batch,
+             words) -> Plan:
+    """The Plan for ``widths`` (one per planned group): a Site per unit, carrying the bytes and the
+    variance of the packs it is first consumer of; units of unplanned groups keep their widths."""
+    chosen = {g.units: w for g, w in zip(planned, widths)}
+    variance = {g.units: o.variance[w] for g, o, w in zip(planned, options, widths)}
+    per_unit: dict = {}
+    numel_bits = numel = 0
+    for group in inventory.groups:
+        width = chosen.get(group.units)
+        for unit in group.units:
+            per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
+        for pack in group.packs:
+            b = width if width is not None else pack.bits
+            numel_bits += pack.numel * (8 * pack.itemsize if b == KEEP_EXACT else b)
+            numel += pack.numel
+            first = per_unit[pack.source.units[0]]
+            first[1] += pack.nbytes(b, group_size)
+        if width is not None:
+            per_unit[group.units[0]][2] += variance[group.units]
+    sites = []
+    for unit, (width, nbytes, var) in sorted(per_unit.items()):
+        module, _, op = unit.rpartition(":")
+        sites.append(Site(module, op, width if width is not None else _default_bits(inventory, unit), nbytes, var))
+    activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths))
+    return Plan(tuple(sites), bits, group_size, batch, activation, peak.peak(activation),
+                numel_bits / numel if numel else float(bits), sum(variance.values()), words)
+
+
+def _default_bits(inventory: Inventory, unit: str) -> int:
+    for group in inventory.groups:
+        if unit in group.units:
+            return max(p.bits for p in group.packs)
+    raise KeyError(unit)

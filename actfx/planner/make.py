@@ -1,0 +1,168 @@
+"""``actfx.plan``: choose a width per op so a training step fits a byte budget with the least harm.
+
+1. convert the model at the default width and measure, on fake tensors at the batch to plan for,
+   every pack it makes (``inventory``);
+2. calibrate: one forward on real inputs, one backward per pack with only that pack rounded,
+   gives each pack's gradient variance per width (``sensitivity``);
+3. turn the budget into bytes for the packs (``peak``, from one forward and backward on fake
+   tensors, ``step_memory``) and pick widths: least summed variance within those bytes
+   (``choose``); the chosen conversion's step is measured again, and if the peak still exceeds the
+   budget the pack bytes shrink by the excess and widths are chosen again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import torch
+import torch.nn as nn
+
+from actfx.config import Config, check_bits
+from actfx.convert import convert
+from actfx.passes.analyze import measure, trace_like
+from actfx.planner.assemble import assemble, option
+from actfx.planner.batch import batch_of, with_batch
+from actfx.planner.choose import BudgetError, choose
+from actfx.planner.inventory import take_inventory
+from actfx.planner.peak import largest_batch, peak_model
+from actfx.planner.plan import Plan
+from actfx.planner.sensitivity import pack_sensitivities
+from actfx.planner.step_memory import step_bytes
+from actfx.report import GPUS, OPTIMIZER_STATES
+from actfx.units import format_bytes, parse_bytes
+
+PATHS = ("eager", "compile")
+
+
+def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=None, gpu: str | None = None,
+         batch: int | None = None, optimizer: str = "adamw", path: str = "eager", loss_fn=None,
+         calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None) -> Plan:
+    """A plan for ``model`` (see the module docstring); give exactly one of:
+
+    - ``budget``: peak training memory, bytes or a string such as ``"6GiB"``;
+    - ``activation_budget``: bytes held for backward at the batch of ``example_inputs``;
+    - ``gpu`` (a name from ``actfx report``'s table, e.g. ``"t4"``): fit ``batch`` on it, or
+      without ``batch`` the largest batch the default width fits.
+
+    ``example_inputs``: a tensor or tuple of positional inputs, real (also used to calibrate) or
+    meta (then pass ``calibration_inputs``, a small real batch); the first dimension is the batch.
+    Calibration costs one backward per pack at its batch: give a large ``example_inputs`` as meta
+    tensors with a few real samples as ``calibration_inputs``.
+    ``loss_fn(output) -> scalar`` for calibration (default: output projected on a fixed Gaussian).
+    ``optimizer``: whose state the peak counts (sgd, adam, adamw).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"actfx.plan expects a torch.nn.Module, got {type(model).__name__}")
+    given = [name for name, v in (("budget", budget), ("activation_budget", activation_budget), ("gpu", gpu))
+             if v is not None]
+    if len(given) != 1:
+        raise ValueError(f"actfx.plan needs exactly one of budget=, activation_budget= or gpu=, got "
+                         f"{', '.join(given) or 'none'}; e.g. actfx.plan(model, x, budget='6GiB')")
+    if batch is not None and gpu is None:
+        raise ValueError("batch= goes with gpu= (fit that batch on that GPU); with budget= or activation_budget= "
+                         "the batch is the one of example_inputs")
+    if path not in PATHS:
+        raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if path == "compile":
+        raise NotImplementedError("plans for actfx.compile are not implemented yet; plan with path='eager' "
+                                  "and apply with actfx.convert(model, plan=plan)")
+    if optimizer not in OPTIMIZER_STATES:
+        raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
+    check_bits(bits)
+    limit = None if gpu is not None else _bytes(budget if budget is not None else activation_budget,
+                                                   "budget" if budget is not None else "activation_budget")
+    capacity = GPUS[_gpu(gpu)] if gpu is not None else None
+    inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    calibration = calibration_inputs if calibration_inputs is not None else inputs
+    calibration = calibration if isinstance(calibration, (tuple, list)) else (calibration,)
+    if any(isinstance(x, torch.Tensor) and x.is_meta for x in calibration):
+        raise ValueError("calibration needs real tensors: example_inputs are on the meta device, so pass "
+                         "calibration_inputs=(a small real batch,)")
+    base = Config(bits=bits, group_size=group_size)
+    converted = convert(model, config=base)
+    planned_inputs = with_batch(inputs, batch) if batch is not None else inputs
+    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    if gpu is not None and batch is None:
+        batch = largest_batch(model, converted, inputs, GPUS[_gpu(gpu)], optimizer=optimizer, dtype=dtype)
+        planned_inputs = with_batch(inputs, batch)
+        inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    peak = peak_model(model, step_bytes(converted, planned_inputs, dtype=dtype), inventory.measured.activation_bytes,
+                      optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
+    sensitivity = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
+                                     tuple(calibration), loss_fn=loss_fn, group_size=group_size)
+    planned = [g for g in inventory.groups if any(p.key in sensitivity and not p.source.derived for p in g.packs)]
+    fixed = [g for g in inventory.groups if g not in planned]
+    fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
+    if activation_budget is not None:
+        room = limit
+        words = f"activation budget {format_bytes(room)}"
+    else:
+        total = capacity if gpu is not None else limit
+        room = peak.activation_room(total)
+        words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
+                 else f"peak budget {format_bytes(total)}")
+    sources = _rebuild_sources(converted._actfx_record.decisions)
+    options = [option(g, sensitivity, group_size, exact=not any(p.key in sources for p in g.packs)) for g in planned]
+    for _ in range(3):
+        try:
+            widths = choose(options, room - fixed_bytes)
+        except BudgetError as err:
+            smallest = fixed_bytes + err.smallest
+            what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
+                    else f"a peak of at least {format_bytes(peak.peak(smallest))}")
+            raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit still needs {what}; "
+                              "raise the budget or lower the batch", peak.peak(smallest)
+                              if activation_budget is None else smallest) from None
+        result = assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
+                          batch_of(planned_inputs), words)
+        # Measure what the chosen widths really hold and need (an op whose input is kept exact
+        # may keep statistics it recomputes from a pack), and correct the room by any excess.
+        chosen = convert(model, config=result.config())
+        held = measure(chosen, planned_inputs, dtype=dtype).activation_bytes
+        step = step_bytes(chosen, planned_inputs, dtype=dtype)
+        result = dataclasses.replace(result, activation_bytes=held, predicted_peak_bytes=peak.peak(held, step))
+        over = (held - limit if activation_budget is not None else result.predicted_peak_bytes - total)
+        if over <= 0:
+            return result
+        room -= over if activation_budget is not None else math.ceil(over / peak.fragmentation)
+    raise BudgetError(f"cannot meet the {words}: the closest plan found holds {format_bytes(result.activation_bytes)}"
+                      f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
+                      "batch", result.activation_bytes if activation_budget is not None
+                      else result.predicted_peak_bytes)
+
+
+def _rebuild_sources(decisions) -> set:
+    """Packs other values are rebuilt from (BN's input under a ReLU's mask, a residual sum's
+    terms): keeping one exact would change how those values are stored, so it is not offered."""
+    found = set()
+
+    def walk(path, tree, inside):
+        if tree is None:
+            return
+        if tree[0] == "pack":
+            if inside:
+                found.add((path, tree[1]))
+            return
+        for part in tree[1:]:
+            if isinstance(part, tuple):
+                walk(path, part, True)
+
+    for d in decisions:
+        for tree in d.sources:
+            walk(d.graph_path, tree, False)
+    return found
+
+
+def _gpu(name: str) -> str:
+    key = str(name).lower()
+    if key not in GPUS:
+        raise ValueError(f"unknown GPU {name!r}; use one of {', '.join(GPUS)}, or budget='24GiB'")
+    return key
+
+
+def _bytes(value, name: str) -> int:
+    n = parse_bytes(value) if isinstance(value, str) else value
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0:
+        raise ValueError(f"{name} must be a positive number of bytes or a string such as '6GiB', got {value!r}")
+    return int(n)

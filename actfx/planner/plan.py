@@ -1,0 +1,113 @@
+"""``actfx.Plan``: a width per op, what it is expected to cost, saved as readable JSON.
+
+A plan is static: ``actfx.convert(model, plan=plan)`` bakes its widths into the rewritten graph
+(``Config.site_bits``), so training steps read no statistics and never sync with the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+from actfx.config import KEEP_EXACT, Config
+from actfx.kernels import check_bits, check_group_size
+
+FORMAT = "actfx-plan/1"
+
+
+@dataclasses.dataclass(frozen=True)
+class Site:
+    """One op the plan sets the width of (``module`` path and ``op`` kind, as ``actfx.show`` names
+    them); ``bytes`` and ``variance`` are those of the packs it is first consumer of."""
+
+    module: str
+    op: str
+    bits: int  # 1, 2, 4, 8, or KEEP_EXACT (written "exact" in JSON)
+    bytes: int
+    variance: float | None  # None: not measured (kept at the default width)
+
+    def __post_init__(self):
+        if self.bits != KEEP_EXACT:
+            check_bits(self.bits)
+        if ":" in self.module or ":" in self.op:
+            raise ValueError(f"plan site {self.module!r}/{self.op!r}: names cannot contain ':'")
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.op}"
+
+    @property
+    def planned(self) -> bool:
+        return self.variance is not None
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Widths for one model at one batch, and what they are expected to cost."""
+
+    sites: tuple  # Site
+    bits: int  # the default width (ops the plan does not set)
+    group_size: int
+    batch: int
+    activation_bytes: int  # held for backward at ``batch`` (exact: summed from the chosen packs)
+    predicted_peak_bytes: int
+    average_bits: float  # over every packed value, weighted by size
+    gradient_variance: float  # predicted, at the calibration batch (sum over measured packs)
+    budget: str = ""  # what the plan was made to fit, in words
+
+    def __post_init__(self):
+        check_bits(self.bits)
+        check_group_size(self.group_size)
+        keys = [s.key for s in self.sites]
+        if len(set(keys)) != len(keys):
+            raise ValueError("a plan lists each module:op once; found duplicates")
+
+    def config(self) -> Config:
+        """The conversion settings that apply the plan."""
+        return Config(bits=self.bits, group_size=self.group_size,
+                      site_bits={s.key: s.bits for s in self.sites if s.planned})
+
+    # ------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict:
+        head = {k: getattr(self, k) for k in ("bits", "group_size", "batch", "activation_bytes",
+                                               "predicted_peak_bytes", "average_bits", "gradient_variance", "budget")}
+        sites = [{**dataclasses.asdict(s), "bits": "exact" if s.bits == KEEP_EXACT else s.bits} for s in self.sites]
+        return {"format": FORMAT, **head, "sites": sites}
+
+    def save(self, path) -> None:
+        with open(path, "w") as f:
+            json.dump(self.to_dict(), f, indent=1)
+            f.write("\n")
+
+    @classmethod
+    def load(cls, path) -> "Plan":
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path} is not a plan: not JSON ({err}); write one with actfx plan ... --out") from None
+        return cls.from_dict(data, where=str(path))
+
+    @classmethod
+    def from_dict(cls, data: dict, where: str = "plan") -> "Plan":
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            raise ValueError(f"{where} is not an actfx plan (expected \"format\": \"{FORMAT}\"); "
+                             "write one with actfx.plan(...).save(path) or actfx plan ... --out")
+        try:
+            sites = tuple(Site(**{**s, "bits": KEEP_EXACT if s["bits"] == "exact" else s["bits"]})
+                          for s in data["sites"])
+            fields = {k: data[k] for k in ("bits", "group_size", "batch", "activation_bytes",
+                                           "predicted_peak_bytes", "average_bits", "gradient_variance")}
+        except (KeyError, TypeError) as err:
+            raise ValueError(f"{where}: malformed plan ({type(err).__name__}: {err}); write it again with actfx plan") \
+                from None
+        return cls(sites=sites, budget=data.get("budget", ""), **fields)
+
+    # ------------------------------------------------------------ printing
+
+    def summary(self, console=None) -> None:
+        """Print per-op widths and bytes with rich."""
+        from actfx.planner.view import render
+
+        render(self, console)

@@ -1,0 +1,47 @@
+"""The memory one training step needs above its parameters, measured on fake tensors.
+
+One forward and backward of the converted model run under ``FakeTensorMode`` (nothing is
+allocated, any batch costs the same) inside PyTorch's ``MemTracker``, which follows every tensor
+alive at each moment: gradients as backward produces them, what forward keeps, and the transient
+tensors of backward (incoming and outgoing gradients, actfx's unpacked copies, the temporaries of
+each op's backward). Its peak is what the step adds on top of parameters, buffers and optimizer
+state; the model's own parameters and buffers are swapped for fake twins, and nothing of the
+model is modified (gradients are taken with ``torch.autograd.grad``, never stored on it).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+
+from actfx.passes.analyze import _Twins
+from actfx.passes.capture import training_mode
+
+
+def step_bytes(converted: nn.Module, inputs, *, dtype=None) -> int:
+    """Peak bytes of gradients, held activations and temporaries during one forward + backward
+    of ``converted`` on ``inputs`` (real, meta or fake tensors: only shapes and dtypes are read)."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    mode = FakeTensorMode(allow_non_fake_inputs=True)
+    twin = _Twins(mode, dtype)
+    named = [*converted.named_parameters(), *converted.named_buffers()]
+    state = {name: twin(t) for name, t in named}
+    trainable = [state[name] for name, p in converted.named_parameters() if p.requires_grad]
+    args = [twin(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x for x in inputs]
+    with training_mode(converted, True), mode, torch.enable_grad():
+        if dtype is not None:
+            args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+        tracker = MemTracker()
+        with tracker:
+            out = torch.func.functional_call(converted, state, tuple(args))
+            leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            loss = sum(t.float().sum() for t in leaves)
+            del out, leaves
+            grads = torch.autograd.grad(loss, trainable, allow_unused=True)
+            del grads, loss
+        peak = tracker.get_tracker_snapshot("peak")
+    # The tracker attributes the fake parameters and buffers to the modules; they are held anyway.
+    held_anyway = (_MemRefType.PARAM, _MemRefType.BUFFER)
+    return int(sum(d["Total"] - sum(d.get(k, 0) for k in held_anyway) for d in peak.values()))

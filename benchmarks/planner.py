@@ -1,0 +1,313 @@
+"""The memory planner, measured: gradient error at equal held bytes, and predicted vs measured peak.
+
+    python benchmarks/planner.py quality                  # vit_tiny and resnet50, uniform 2-bit vs the plan
+    python benchmarks/planner.py quality --models vit_tiny --batch 8 --samples 8
+    python benchmarks/planner.py peak                     # resnet50 and gpt_tiny, three batches each, CPU RSS
+    python benchmarks/planner.py maxbatch --limit 1GiB    # resnet50: largest batch under a CPU peak, predicted vs found
+
+quality: for each model, on one fixed random batch with random labels (cross-entropy), the exact
+gradient g, then K gradients of the model converted at uniform 2 bits and K of the model converted
+with ``actfx.plan(model, x, activation_budget=<what uniform 2-bit holds>)``. The plan is
+calibrated on a *different* random batch of the same size (same loss), so it is not fitted to the
+batch it is judged on. Printed per model: held bytes (``count_saved``), average bits,
+one-step error sqrt(mean_k ||g_k - g||^2) / ||g||, and the error of the mean of K,
+||mean_k g_k - g|| / ||g|| (falls like 1/sqrt(K) when unbiased). Models at initialisation;
+torchvision-style ViTs start with a zero head, which leaves every other gradient zero, so the
+head is re-initialised N(0, 0.02) first (as timm does).
+
+peak: each (model, batch) in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 and one
+thread: a plan with ``activation_budget`` = what uniform 2-bit holds (calibrated on one small
+sample), one warm-up step at the batch (actfx's kernels compile, AdamW's state appears), then a
+second step: its peak RSS (VmHWM, reset before it) minus the RSS at its start (parameters and
+AdamW state, no gradients: ``zero_grad(set_to_none=True)``), against the plan's prediction of the
+same, ``predicted_peak_bytes - parameters - optimizer state - buffers`` (= gradients + held
+activations + 2 x output + 3 x largest op output). The full predicted peak adds parameters,
+AdamW state and buffers, which are counted exactly.
+
+maxbatch: for ResNet-50 (224 px) converted at uniform 2 bits with AdamW, the largest batch whose
+full peak (parameters + AdamW state + buffers, counted, plus the measured step peak as in `peak`)
+stays under ``--limit``: predicted by bisection on the fake-tensor step (``step_bytes``), found by
+bisection on real steps, each batch in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import actfx
+from actfx.accounting import count_saved
+from actfx.models import build_model, get_model_spec
+
+SHAPES = {"vit_tiny": None, "resnet50": (3, 64, 64), "gpt_tiny": (64,), "resnet20": None}
+
+
+def _model(name: str) -> torch.nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name)
+    for pname, p in model.named_parameters():
+        if "head" in pname and p.dim() == 2 and not p.detach().any():
+            torch.nn.init.normal_(p, std=0.02)
+    return model
+
+
+def _batch(name: str, batch: int, seed: int):
+    spec = get_model_spec(name)
+    gen = torch.Generator().manual_seed(seed)
+    x = spec.example_input(batch, generator=gen)
+    shape = SHAPES.get(name)
+    if shape is not None:
+        x = x[(slice(None), *[slice(0, n) for n in shape])].contiguous()
+    return x, gen
+
+
+def _labels(model, x, gen):
+    with torch.no_grad():
+        out = model(x)
+    return torch.randint(out.shape[-1], out.shape[:-1], generator=gen)
+
+
+def _gradient(model, params, x, y) -> torch.Tensor:
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
+    g = torch.cat([(torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)).double() for p in params])
+    model.zero_grad(set_to_none=True)
+    return g
+
+
+def _errors(model, params, x, y, exact, samples) -> dict:
+    total, sq = torch.zeros_like(exact), 0.0
+    for _ in range(samples):
+        g = _gradient(model, params, x, y)
+        total += g
+        sq += float((g - exact).square().sum())
+    norm = float(exact.norm())
+    return {"one_step": math.sqrt(sq / samples) / norm, "mean_of_k": float((total / samples - exact).norm()) / norm}
+
+
+def _average_bits(converted, x) -> float:
+    from actfx.planner.inventory import take_inventory
+
+    packs = [p for g in take_inventory(converted, (x,)).groups for p in g.packs]
+    return sum(p.numel * p.bits for p in packs) / sum(p.numel for p in packs)
+
+
+def _held(model, x) -> int:
+    with count_saved(model) as saved:
+        out = model(x)
+    del out
+    return saved.activation_bytes
+
+
+def quality(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
+    model = _model(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, gen = _batch(name, batch, seed=0)
+    y = _labels(model, x, gen)
+    exact = _gradient(model, params, x, y)
+    uniform = actfx.convert(model, bits=2)
+    held = _held(uniform, x)
+    xc, genc = _batch(name, batch, seed=1)
+    yc = _labels(model, xc, genc)
+    loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
+    plan = actfx.plan(model, x, activation_budget=int(held * fraction), calibration_inputs=(xc,), loss_fn=loss)
+    planned = actfx.convert(model, plan=plan)
+    return {
+        "model": name, "input": list(x.shape), "samples": samples, "fraction": fraction,
+        "uniform": {"held": held, "bits": _average_bits(uniform, x), **_errors(uniform, params, x, y, exact, samples)},
+        "plan": {"held": _held(planned, x), "predicted_held": plan.activation_bytes, "bits": plan.average_bits,
+                 **_errors(planned, params, x, y, exact, samples)},
+    }
+
+
+# ---------------------------------------------------------------- peak (one process per point)
+
+
+def _rss(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"{field} missing from /proc/self/status")
+
+
+PEAK_SHAPES = {"resnet50": (3, 224, 224), "gpt_tiny": (128,)}
+CALIBRATION_SHAPES = {"resnet50": (3, 64, 64), "gpt_tiny": (128,)}
+
+
+def peak_worker(name: str, batch: int) -> dict:
+    from actfx.report import static_costs
+
+    torch.manual_seed(0)
+    SHAPES[name] = PEAK_SHAPES.get(name)
+    x, gen = _batch(name, batch, seed=0)
+    model = _model(name)
+    y = _labels(model, x, gen)
+    held2 = _held(actfx.convert(model, bits=2), x)
+    SHAPES[name] = CALIBRATION_SHAPES.get(name)
+    xc, _ = _batch(name, 1, seed=1)
+    plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,))
+    costs = static_costs(model, "adamw")
+    converted = actfx.convert(model, plan=plan)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = converted(x)
+        F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    import gc
+
+    gc.collect()
+    start = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    peak = _rss("VmHWM")
+    fixed = costs.param_bytes + costs.optimizer_bytes + costs.buffer_bytes
+    return {"model": name, "batch": batch, "input": list(x.shape), "predicted_peak": plan.predicted_peak_bytes,
+            "predicted": plan.predicted_peak_bytes - fixed, "measured": peak - start, "held": plan.activation_bytes,
+            "fixed": fixed}
+
+
+def step_worker(name: str, batch: int) -> dict:
+    """The measured step peak of uniform 2-bit at ``batch`` (as in peak_worker, no plan)."""
+    torch.manual_seed(0)
+    SHAPES[name] = PEAK_SHAPES.get(name)
+    x, gen = _batch(name, batch, seed=0)
+    model = _model(name)
+    y = _labels(model, x, gen)
+    converted = actfx.convert(model, bits=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        out = converted(x)
+        F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step()
+    import gc
+
+    gc.collect()
+    start = _rss("VmRSS")
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    step()
+    return {"batch": batch, "measured": _rss("VmHWM") - start}
+
+
+def _bisect(fits, low: int, high: int) -> int:
+    """Largest b in [low, high) with fits(b), given fits(low) and not fits(high)."""
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
+
+
+def maxbatch(name: str, limit: int) -> dict:
+    from actfx.planner.step_memory import step_bytes
+    from actfx.report import static_costs
+
+    model = _model(name)
+    fixed = (lambda c: c.param_bytes + c.optimizer_bytes + c.buffer_bytes)(static_costs(model, "adamw"))
+    converted = actfx.convert(model, bits=2)
+    shape = PEAK_SHAPES.get(name) or get_model_spec(name).input_shape
+    predicted = _bisect(lambda b: fixed + step_bytes(converted, (torch.empty(b, *shape, device="meta"),)) <= limit,
+                        0, 256)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    tried = {}
+
+    def fits(b):
+        out = subprocess.run([sys.executable, __file__, "step-worker", name, str(b)], env=env, capture_output=True,
+                             text=True, check=True)
+        tried[b] = json.loads(out.stdout.strip().splitlines()[-1])["measured"] + fixed
+        return tried[b] <= limit
+
+    found = _bisect(fits, 0, 2 * max(predicted, 1) + 1)
+    return {"model": name, "limit": limit, "predicted": predicted, "found": found, "tried": tried}
+
+
+def peak(models, batches) -> list:
+    rows = []
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+    for name in models:
+        for batch in batches[name]:
+            out = subprocess.run([sys.executable, __file__, "peak-worker", name, str(batch)], env=env,
+                                 capture_output=True, text=True, check=True)
+            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return rows
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=("quality", "peak", "maxbatch", "peak-worker", "step-worker"))
+    p.add_argument("--limit", default="1GiB", help="maxbatch: the full peak to stay under")
+    p.add_argument("args", nargs="*")
+    p.add_argument("--models", nargs="+")
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--samples", type=int, default=8)
+    p.add_argument("--fractions", type=float, nargs="+", default=[1.0],
+                   help="quality: plan for these fractions of what uniform 2-bit holds")
+    p.add_argument("--json", metavar="PATH")
+    a = p.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.what == "peak-worker":
+        print(json.dumps(peak_worker(a.args[0], int(a.args[1]))))
+        return
+    if a.what == "step-worker":
+        print(json.dumps(step_worker(a.args[0], int(a.args[1]))))
+        return
+    if a.what == "maxbatch":
+        from actfx.units import parse_bytes
+
+        rows = [maxbatch(name, parse_bytes(a.limit)) for name in (a.models or ["resnet50"])]
+        for r in rows:
+            tried = ", ".join(f"{b}: {v / 2**20:.0f} MiB" for b, v in sorted(r["tried"].items()))
+            print(f"{r['model']}: largest batch under {a.limit}: predicted {r['predicted']}, found {r['found']} "
+                  f"(full peak per batch tried: {tried})")
+        if a.json:
+            with open(a.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return
+    if a.what == "quality":
+        rows = [quality(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
+                for f in a.fractions]
+        print(f"{'model':10} {'input':18} {'':12} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}")
+        for r in rows:
+            for which in ("uniform", "plan"):
+                e = r[which]
+                label = "uniform 2" if which == "uniform" else f"plan x{r['fraction']:g}"
+                print(f"{r['model']:10} {str(r['input']):18} {label:12} {e['held']:>10} {e['bits']:>5.2f} "
+                      f"{e['one_step']:>10.4f} {e['mean_of_k']:>13.4f}")
+            print(f"{'':10} one-step error ratio uniform/plan: {r['uniform']['one_step'] / r['plan']['one_step']:.2f}x"
+                  f" (K={r['samples']})")
+    else:
+        models = a.models or ["resnet50", "gpt_tiny"]
+        batches = {"resnet50": [4, 8, 16], "gpt_tiny": [8, 16, 32]}
+        rows = peak(models, {m: batches.get(m, [4, 8, 16]) for m in models})
+        print("step peak above its start (RSS, MiB): predicted vs measured; full peak adds the fixed part")
+        print(f"{'model':10} {'input':20} {'held':>8} {'predicted':>9} {'measured':>9} {'error':>7} "
+              f"{'fixed':>7} {'full peak error':>15}")
+        for r in rows:
+            full = (r["predicted"] - r["measured"]) / (r["measured"] + r["fixed"])
+            print(f"{r['model']:10} {str(r['input']):20} {r['held'] / 2**20:>8.1f} {r['predicted'] / 2**20:>9.1f} "
+                  f"{r['measured'] / 2**20:>9.1f} {(r['predicted'] - r['measured']) / r['measured']:>+7.1%} "
+                  f"{r['fixed'] / 2**20:>7.1f} {full:>+15.1%}")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
