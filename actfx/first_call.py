@@ -52,16 +52,39 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             if not captured and _real_call(args, kwargs):
                 _capture(self, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None
-            if bound is not None:
+            if bound is not None and captured.get("ran"):
                 return captured["forward"](self, *bound[0], **bound[1])
+            if bound is not None:
+                try:
+                    out = captured["forward"](self, *bound[0], **bound[1])
+                except Exception as err:  # noqa: BLE001 - a graph export could not run (a buffer
+                    # reassigned with another shape): the model keeps what fx converted
+                    _give_up(err)
+                    return base(self, *args, **kwargs)
+                captured["ran"] = True
+                return out
         return base(self, *args, **kwargs)
 
+    def _give_up(err):
+        previous = captured.get("previous")
+        if previous is not None:
+            record.decisions, record.uncovered, record.graphs = previous
+        captured.clear()
+        captured["failed"] = True
+        warnings.warn(f"actfx: the graph torch.export captured from {type(model).__name__} at its first training "
+                      f"call does not run ({str(err).splitlines()[0] if str(err) else type(err).__name__}), so "
+                      f"it keeps what fx converted", stacklevel=4)
+
     def _capture(self, args, kwargs):
+        from actfx.breakdown import original_of
+
         whole = type(record)(config)
         try:
+            # Export what will run: this model's own state (a buffer the original reassigned
+            # since, like ConViT's position indices, must not be baked in), original forwards.
             # Identity hooks: the caller's saved-tensor hooks must not see export's fake tensors.
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                forward, call = exported_forward(model, (tuple(args), dict(kwargs)), config, whole)
+                forward, call = exported_forward(original_of(self), (tuple(args), dict(kwargs)), config, whole)
         except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
             captured["failed"] = True
             warnings.warn(f"actfx: torch.export could not capture {type(model).__name__} at its first training "
@@ -70,6 +93,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             return
         for name, value in call.carried.items():
             object.__setattr__(self, name, value)
+        captured["previous"] = (record.decisions, record.uncovered, record.graphs)
         record.decisions, record.uncovered, record.graphs = whole.decisions, whole.uncovered, whole.graphs
         captured.update(forward=forward, call=call)
 

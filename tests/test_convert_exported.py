@@ -144,3 +144,38 @@ def test_calls_fx_keeps_whole_are_captured_by_export_at_the_first_training_call(
     with count_saved(converted) as after:
         kept = converted(x)  # noqa: F841
     assert after.activation_bytes * 3 < before.activation_bytes
+
+
+class _PaddedPool(nn.AvgPool2d):
+    """timm's AvgPool2dSame: an AvgPool2d subclass with a forward of its own (fx cannot trace it)."""
+
+    def forward(self, x):
+        pad = int(x.shape[-1]) % 2  # a Python int from a size: fx cannot trace this
+        return super().forward(torch.nn.functional.pad(x, (0, pad, 0, pad)))
+
+
+class _CachedIndices(nn.Module):
+    """ConViT's attention: a buffer rebuilt in forward when the input size changes, and a root
+    fx cannot trace (so export captures it at the first training call)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", torch.zeros(1, 1), persistent=False)
+        self.proj, self.pool = nn.Linear(16, 16), _PaddedPool(2)
+
+    def forward(self, x):
+        if self.table.shape[0] != x.shape[1]:
+            self.table = torch.linspace(0, 1, x.shape[1]).unsqueeze(1)
+        h = self.proj(x) * self.table
+        return self.pool(h.unsqueeze(1)).flatten(1)
+
+
+def test_the_first_call_exports_the_state_the_converted_model_runs_with():
+    torch.manual_seed(0)
+    model, x = _CachedIndices(), torch.randn(4, 32, 16)
+    with pytest.warns(UserWarning):
+        converted = actfx.convert(model, bits=8)
+    expected = model(x)  # the original runs first and rebuilds *its* buffer
+    assert torch.equal(converted(x), expected)  # used to read the converted copy's stale buffer
+    converted(x).sum().backward()
+    assert torch.equal(converted(x), model(x))

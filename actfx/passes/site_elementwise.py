@@ -219,12 +219,13 @@ def _module_as_call(node, path, m):
         nn.Softplus: lambda: (F.softplus, (x,), {"beta": getattr(m, "beta", 1.0), "threshold": getattr(m, "threshold", 20.0)}),
         nn.LogSoftmax: lambda: (F.log_softmax, (x,), {"dim": getattr(m, "dim", None)}),
     }
-    if isinstance(m, (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d)):
+    # Exact types only: a subclass (timm's AvgPool2dSame pads first) has a forward of its own.
+    if type(m) in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
         fn = {nn.AvgPool1d: F.avg_pool1d, nn.AvgPool2d: F.avg_pool2d, nn.AvgPool3d: F.avg_pool3d}[type(m)]
         extra = (m.ceil_mode, m.count_include_pad) + ((m.divisor_override,) if not isinstance(m, nn.AvgPool1d) else ())
         return _recompute_site(node, path, "avg_pool", fn, (x, m.kernel_size, m.stride, m.padding, *extra), {},
                                shape_only=True)
-    elif isinstance(m, (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d)):
+    elif type(m) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
         fn = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d, nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
               nn.AdaptiveAvgPool3d: F.adaptive_avg_pool3d}[type(m)]
         return _recompute_site(node, path, "adaptive_avg_pool", fn, (x, m.output_size), {}, shape_only=True)
