@@ -137,6 +137,9 @@ def _norm_site(node, path, kind, x, static, weight, bias):
     """static: (normalized_shape,) / (num_groups,) / () followed by eps; weight/bias: nodes,
     None, or callables making get_attr nodes for a module's parameters."""
 
+    if kind == "layer_norm":
+        return _layer_norm_site(node, path, x, static, weight, bias)
+
     def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
@@ -147,6 +150,20 @@ def _norm_site(node, path, kind, x, static, weight, bias):
         return graph.call_function(fn, (specs[0], *head, w, b, eps, *runs[0])), {}
 
     return Site(node, kind, path, [x], emit)
+
+
+def _layer_norm_site(node, path, x, static, weight, bias):
+    """LayerNorm keeps its *normalised* input packed (see variants/norms.py, layer_norm_normalized)."""
+    shape, eps = static
+
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        b = bias(graph) if callable(bias) else _env(env, bias)
+        xhat = graph.call_function(norms.layer_norm_normalized, (env[x], shape, eps))
+        spec, run = pack(xhat, node)
+        return graph.call_function(norms.layer_norm_from_normalized, (spec, shape, w, b, eps, env[x], *run)), {}
+
+    return Site(node, "layer_norm", path, [], emit)
 
 
 def _norm_module(node, path, m):

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from actfx.variants.batchnorm import batch_norm_backward
-from actfx.variants.common import needs_saving, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -55,6 +55,60 @@ def layer_norm(spec, normalized_shape, weight, bias, eps, *run):
     if not needs_saving(run[0], weight, bias):
         return F.layer_norm(run[0], shape, weight, bias, eps)
     return _PackedLayerNorm.apply(spec, shape, eps, weight, bias, *run)
+
+
+def layer_norm_normalized(x, normalized_shape, eps):
+    """``(x - mean) * rstd`` over the normalised dims (fp32, outside autograd): what LayerNorm
+    keeps packed instead of ``x``, or None when no backward will run.
+
+    Why: a group of 256 stored values spans rows when a row is shorter (or ends mid-group);
+    with ``x`` packed, a row of small spread (a ViT's class token at initialisation) shares its
+    group's step with a wide one, and backward multiplies that rounding noise by the row's
+    ``rstd``: the built-in vit_tiny's gradient at 2 bits was 980x its own norm off. Normalised
+    rows have unit spread, so the noise backward sees is bounded by the rounding step itself.
+    """
+    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+        return None
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    dims = tuple(range(-len(shape), 0))
+    with torch.no_grad():
+        xf = x.detach().float()
+        var, mean = torch.var_mean(xf, dims, correction=0, keepdim=True)
+        return (xf - mean) * torch.rsqrt(var + eps)
+
+
+class _LayerNormFromNormalized(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, spec, shape, eps, weight, bias, x, *run):
+        xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
+        out, mean, rstd = torch.native_layer_norm(xc, shape, w, b, eps)
+        plans, storage = split_all([spec], run)
+        ctx.plans, ctx.shape, ctx.compute, ctx.x_dtype = plans, shape, xc.dtype, x.dtype
+        ctx.save_for_backward(w, b, mean, rstd, *storage)
+        return not_a_view(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward("layer_norm")
+        w, b, mean, rstd, *storage = ctx.saved_tensors
+        xhat = materialize_all(ctx.plans, storage)[0]
+        # The input as ATen's backward takes it: it normalises it again with the same statistics.
+        x = (xhat.float() / rstd.float() + mean.float()).to(ctx.compute)
+        mask = [ctx.needs_input_grad[5], w is not None and ctx.needs_input_grad[3],
+                b is not None and ctx.needs_input_grad[4]]
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
+            grad_out.to(ctx.compute).contiguous(), x, ctx.shape, mean, rstd, w, b, mask
+        )
+        return (None, None, None, gw if mask[1] else None, gb if mask[2] else None,
+                gx.to(ctx.x_dtype) if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 6)
+
+
+def layer_norm_from_normalized(spec, normalized_shape, weight, bias, eps, x, *run):
+    """``F.layer_norm``, whose backward reads the packed normalised input (run's head: it)."""
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    if run[0] is None or not needs_saving(x, weight, bias):
+        return F.layer_norm(x, shape, weight, bias, eps)
+    return _LayerNormFromNormalized.apply(spec, shape, eps, weight, bias, x, *run)
 
 
 class _PackedGroupNorm(torch.autograd.Function):
