@@ -156,27 +156,10 @@ def peak_worker(name: str, batch: int) -> dict:
     xc, _ = _batch(name, 1, seed=1)
     plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,))
     costs = static_costs(model, "adamw")
-    converted = actfx.convert(model, plan=plan)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        out = converted(x)
-        F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    step()
-    import gc
-
-    gc.collect()
-    start = _rss("VmRSS")
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    step()
-    peak = _rss("VmHWM")
+    measured = _step_peak(actfx.convert(model, plan=plan), model, x, y)
     fixed = costs.param_bytes + costs.optimizer_bytes + costs.buffer_bytes
     return {"model": name, "batch": batch, "input": list(x.shape), "predicted_peak": plan.predicted_peak_bytes,
-            "predicted": plan.predicted_peak_bytes - fixed, "measured": peak - start, "held": plan.activation_bytes,
+            "predicted": plan.predicted_peak_bytes - fixed, "measured": measured, "held": plan.activation_bytes,
             "fixed": fixed}
 
 
@@ -187,7 +170,14 @@ def step_worker(name: str, batch: int) -> dict:
     x, gen = _batch(name, batch, seed=0)
     model = _model(name)
     y = _labels(model, x, gen)
-    converted = actfx.convert(model, bits=2)
+    return {"batch": batch, "measured": _step_peak(actfx.convert(model, bits=2), model, x, y)}
+
+
+def _step_peak(converted, model, x, y) -> int:
+    """RSS peak of one AdamW training step of ``converted`` above the level before it (after a
+    warm-up step, so optimizer state and kernels exist already)."""
+    import gc
+
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -197,14 +187,12 @@ def step_worker(name: str, batch: int) -> dict:
         optimizer.zero_grad(set_to_none=True)
 
     step()
-    import gc
-
     gc.collect()
     start = _rss("VmRSS")
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     step()
-    return {"batch": batch, "measured": _rss("VmHWM") - start}
+    return _rss("VmHWM") - start
 
 
 def _bisect(fits, low: int, high: int) -> int:

@@ -38,13 +38,14 @@ def _teacher_data(n: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
     return x, (torch.tanh(x @ w1) @ w2).argmax(1)
 
 
-def _loss_curve(bits: int | None, seed: int, data) -> torch.Tensor:
-    """Mean training loss per window of WINDOW steps."""
+def train_curve(seed: int, data, prepare) -> torch.Tensor:
+    """Mean training loss per window of WINDOW steps of the MLP made with ``seed``, trained
+    through ``prepare(model, x, y)`` (the model itself, or a converted one sharing its weights)."""
     x, y = data
     torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(DIM, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
                           nn.Linear(WIDTH, CLASSES))
-    run = model if bits is None else actfx.convert(model, bits=bits)
+    run = prepare(model, x, y)
     opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
     order = torch.Generator().manual_seed(seed)
     losses = []
@@ -56,6 +57,10 @@ def _loss_curve(bits: int | None, seed: int, data) -> torch.Tensor:
         opt.step()
         losses.append(loss.detach())
     return torch.stack(losses).view(-1, WINDOW).mean(1)
+
+
+def _loss_curve(bits: int | None, seed: int, data) -> torch.Tensor:
+    return train_curve(seed, data, lambda model, x, y: model if bits is None else actfx.convert(model, bits=bits))
 
 
 @pytest.fixture(scope="module")

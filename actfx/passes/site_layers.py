@@ -146,8 +146,7 @@ def _norm_site(node, path, kind, x, static, weight, bias):
         *head, eps = static
         if kind == "instance_norm":
             return graph.call_function(norms.instance_norm, (specs[0], w, b, eps, *runs[0])), {}
-        fn = norms.layer_norm if kind == "layer_norm" else norms.group_norm
-        return graph.call_function(fn, (specs[0], *head, w, b, eps, *runs[0])), {}
+        return graph.call_function(norms.group_norm, (specs[0], *head, w, b, eps, *runs[0])), {}
 
     return Site(node, kind, path, [x], emit)
 

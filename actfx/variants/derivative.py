@@ -10,13 +10,13 @@ few-bit-derivative idea of Novikov et al. (2023), with actfx's per-group format.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import not_a_view, refuse_double_backward
-from actfx.variants.saved import materialize_all, split_all
+from actfx.variants.pointwise import from_packed_derivative
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -48,25 +48,7 @@ def derivative_of(kind: str, x):
         return DERIVATIVES[kind](x.detach().float())
 
 
-class _FromPackedDerivative(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec, kind, kwargs, x, *run):
-        out = FUNCTIONS[kind](x, **dict(kwargs))
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.kind, ctx.x_dtype = plans, kind, x.dtype
-        ctx.save_for_backward(*storage)
-        return not_a_view(out)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward(ctx.kind)
-        d = materialize_all(ctx.plans, ctx.saved_tensors)[0]
-        return (None, None, None, (grad_out * d).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
-
-
 def activation(spec, kind, kwargs, x, *run):
     """The activation ``kind`` (F.silu / F.gelu with ``kwargs``) whose backward reads the packed
     derivative run (its head: the derivative)."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or run[0] is None:
-        return FUNCTIONS[kind](x, **dict(kwargs))
-    return _FromPackedDerivative.apply(spec, kind, kwargs, x, *run)
+    return from_packed_derivative(functools.partial(FUNCTIONS[kind], **dict(kwargs)), kind, spec, x, *run)

@@ -26,37 +26,6 @@ def _autocast_fp32(device_type: str, *tensors):
     return tensors
 
 
-class _PackedLayerNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, spec, shape, eps, weight, bias, *run):
-        x, w, b = _autocast_fp32(run[0].device.type, run[0], weight, bias)
-        out, mean, rstd = torch.native_layer_norm(x, shape, w, b, eps)
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.shape, ctx.compute, ctx.x_dtype = plans, shape, x.dtype, run[0].dtype
-        ctx.save_for_backward(w, b, mean, rstd, *storage)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward("layer_norm")
-        w, b, mean, rstd, *storage = ctx.saved_tensors
-        x = materialize_all(ctx.plans, storage)[0].to(ctx.compute)
-        mask = [ctx.needs_input_grad[5], w is not None and ctx.needs_input_grad[3],
-                b is not None and ctx.needs_input_grad[4]]
-        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            grad_out.to(ctx.compute).contiguous(), x, ctx.shape, mean, rstd, w, b, mask
-        )
-        return (None, None, None, gw if mask[1] else None, gb if mask[2] else None,
-                gx.to(ctx.x_dtype) if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 6)
-
-
-def layer_norm(spec, normalized_shape, weight, bias, eps, *run):
-    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    if not needs_saving(run[0], weight, bias):
-        return F.layer_norm(run[0], shape, weight, bias, eps)
-    return _PackedLayerNorm.apply(spec, shape, eps, weight, bias, *run)
-
-
 def layer_norm_normalized(x, normalized_shape, eps):
     """``(x - mean) * rstd`` over the normalised dims (fp32, outside autograd): what LayerNorm
     keeps packed instead of ``x``, or None when no backward will run.

@@ -36,6 +36,14 @@ class _FromPackedDerivative(torch.autograd.Function):
         return (None, None, None, (grad_out * d).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
+def from_packed_derivative(fn, name: str, spec, x, *run):
+    """``fn(x)`` (element-wise) whose backward is ``g * d``, ``d`` read from the packed run (its
+    head: the derivative); plain ``fn(x)`` when nothing was packed or no backward will run."""
+    if run[0] is None or not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+        return fn(x)
+    return _FromPackedDerivative.apply(fn, name, spec, x, *run)
+
+
 @dataclasses.dataclass(frozen=True, eq=False)
 class Pointwise:
     """``fn``: an element-wise, out-of-place function of one tensor (its other arguments fixed).
@@ -76,10 +84,7 @@ class Pointwise:
 
     def apply(self, spec, x, *run):
         """``fn(x)``, with a backward that reads the packed derivative run (its head: ``f'(x)``)."""
-        if run[0] is None or not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
-            out = self.fn(x)
-        else:
-            out = _FromPackedDerivative.apply(self.fn, self.name, spec, x, *run)
+        out = from_packed_derivative(self.fn, self.name, spec, x, *run)
         if self.inplace:
             return x.copy_(out)  # a view keeps its base's history through CopySlices
         return out

@@ -13,7 +13,7 @@ from torch import nn
 
 import actfx
 from actfx.accounting import count_saved
-from test_convergence import BATCH, CLASSES, DIM, LR, MAX_2BIT_OVER_FP32, SEEDS, STEPS, WIDTH, WINDOW, _teacher_data
+from test_convergence import BATCH, MAX_2BIT_OVER_FP32, SEEDS, _teacher_data, train_curve
 
 
 def _held(model, x) -> int:
@@ -31,23 +31,8 @@ def _planned(model, x, y) -> nn.Module:
 
 
 def _loss_curve(planned: bool, seed: int, data) -> torch.Tensor:
-    """Mean training loss per window of WINDOW steps (as tests/test_convergence.py trains)."""
-    x, y = data
-    torch.manual_seed(seed)
-    model = nn.Sequential(nn.Linear(DIM, WIDTH), nn.ReLU(), nn.Linear(WIDTH, WIDTH), nn.ReLU(),
-                          nn.Linear(WIDTH, CLASSES))
-    run = _planned(model, x[:BATCH], y[:BATCH]) if planned else model
-    opt = torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9)
-    order = torch.Generator().manual_seed(seed)
-    losses = []
-    for _ in range(STEPS):
-        idx = torch.randint(len(x), (BATCH,), generator=order)
-        loss = F.cross_entropy(run(x[idx]), y[idx])
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses).view(-1, WINDOW).mean(1)
+    """Mean training loss per window of WINDOW steps (tests/test_convergence.py's training)."""
+    return train_curve(seed, data, lambda model, x, y: _planned(model, x[:BATCH], y[:BATCH]) if planned else model)
 
 
 @pytest.fixture(scope="module")
