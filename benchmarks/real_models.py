@@ -84,8 +84,9 @@ def _no_dropout(model):
     """Dropout and stochastic depth off before conversion (fx bakes their p into the graph)."""
     for module in model.modules():
         kind = type(module).__name__.lower()
-        if ("drop" in kind or "stochasticdepth" in kind) and isinstance(getattr(module, "p", None), float):
-            module.p = 0.0
+        for name in ("p", "drop_prob"):  # torch / torchvision, timm's DropPath
+            if ("drop" in kind or "stochasticdepth" in kind) and isinstance(getattr(module, name, None), float):
+                setattr(module, name, 0.0)
     return model
 
 

@@ -77,7 +77,7 @@ def test_conv_variants(conv, shape):
 @pytest.mark.parametrize("fn, kind", [
     (lambda s, x: s.lin(x), "linear"),
     (lambda s, x: F.linear(x, s.lin.weight, s.lin.bias), "linear"),
-    (lambda s, x: x @ s.lin.weight.t(), "matmul"),
+    (lambda s, x: x @ s.lin.weight.t(), "linear"),  # an activation times a weight is a linear layer (bits)
 ])
 def test_linear_forms_any_leading_dims(fn, kind):
     check_variant(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32), kinds=[kind])

@@ -5,6 +5,7 @@ For each value some backward needs, the pass picks the cheapest exact-in-expecta
 - the output of a ReLU whose input is BatchNorm's output: rebuild it in backward as
   ``mask * (a * bn_input + b)`` from BatchNorm's packed input, the exact 1-bit ReLU mask and
   BatchNorm's per-channel affine map -- nothing new is stored (conv -> BN -> ReLU -> conv);
+- LayerNorm's output: ``w * x̂ + b`` from the normalised input LayerNorm packed (LN -> linear);
 - a reshape of something already stored: reshape it back;
 - a residual add of two values that are both available that way: add them back in backward
   (at most one add deep, so backward work per consumer stays bounded; in a ResNet every other
@@ -100,6 +101,11 @@ class _Rewriter:
             if site is not None:
                 self.sites[node] = site
         self.facts = GraphFacts(gm.graph)
+        for site in self.sites.values():
+            # an activation times a weight (Falcon's ``x @ w.T``) is a linear layer, not attention
+            if site.kind == "matmul" and any(isinstance(v, Node) and self.facts.is_parameter_like(v)
+                                             for v in site.saved):
+                site.kind = "linear"
         self.bits = self._bits_per_value()
         self.new = Graph()
         self.env: dict[Node, Node] = {}
@@ -185,9 +191,10 @@ class _Rewriter:
                 return (("masked", slope, inner[0]), [self.env[v], mask, *_nested(inner[1])],
                         ("masked", v.name, inner[2]))
         if v in self.affine:
-            a, b, spec, run, source = self.affine[v]
-            if spec[0] != "exact":
-                return ("affine", 1, spec), [self.env[v], a, b, *run], ("affine", v.name, source)
+            a, b, spec, run, source, channel_dim = self.affine[v]
+            # not from a narrower pack than a consumer asks for (attention's 8 bits)
+            if spec[0] != "exact" and not (spec[0] == "packed" and spec[1] < self.bits.get(v, 0)):
+                return ("affine", channel_dim, spec), [self.env[v], a, b, *run], ("affine", v.name, source)
         src = self.facts.reshape_source(v)
         if src is not None:
             inner = self._cheap(src, adds)
@@ -246,9 +253,13 @@ class _Rewriter:
         if "packed_output" in extras:
             spec, run = extras["packed_output"]
             self.packs[node] = (spec, [out, *run[1:]], ("pack", node.name))
-        if "affine" in extras:
+        if "affine" in extras:  # the output is a * inner + b per channel (BatchNorm: of its input)
             a, b = extras["affine"]
-            self.affine[node] = (a, b, specs[0], runs[0], chosen[0][2])
+            if "affine_of" in extras:  # an inner value the site packed itself (LayerNorm's x̂)
+                spec, run, channel_dim = extras["affine_of"]
+                self.affine[node] = (a, b, spec, run, ("pack", node.name), channel_dim)
+            else:
+                self.affine[node] = (a, b, specs[0], runs[0], chosen[0][2], 1)
         self.decisions.append(Decision(
             node.name, site.kind, self._path(site), [describe(spec) for spec in [*specs, *emitted]], self.prefix,
             [v.name if isinstance(v, Node) else None for v in site.saved], [source for _, _, source in chosen]))

@@ -10,6 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
+from actfx.passes.expansion import expansion_chain
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _get
 from actfx.passes.site_elementwise import _recompute_site, _template
@@ -20,7 +21,9 @@ from actfx.variants import module_recompute, products, softmax
 
 def _sdpa(node):
     """F.scaled_dot_product_attention: q, k, v packed (Config.op_bits["sdpa"], 8 by default),
-    backward recomputes attention from them (replaying dropout); the mask is kept exact."""
+    backward recomputes attention from them (replaying dropout); the mask is kept exact. A key,
+    value or mask repeated from a smaller tensor (grouped-query attention's ``repeat_kv``, a
+    broadcast mask) is kept as that tensor and repeated again in backward."""
     a = bind("sdpa", node.args, node.kwargs)
     if a is None:
         return None
@@ -28,9 +31,13 @@ def _sdpa(node):
     replay = isinstance(dropout, Node) or dropout != 0.0
     args = (a["query"], a["key"], a["value"])
     kwargs = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")}
-    site = _recompute_site(node, None, "sdpa", F.scaled_dot_product_attention, args, kwargs, replay_rng=replay)
+    chains = {n: c for n in (a["key"], a["value"], a["attn_mask"]) if isinstance(n, Node)
+              for c in [expansion_chain(n)] if c is not None}
+    site = _recompute_site(node, None, "sdpa", F.scaled_dot_product_attention, args, kwargs, replay_rng=replay,
+                           chains=chains)
     if site is not None and isinstance(a["attn_mask"], Node):
-        site.exact = (site.saved.index(a["attn_mask"]),)
+        mask = chains[a["attn_mask"]][0] if a["attn_mask"] in chains else a["attn_mask"]
+        site.exact = (site.saved.index(mask),)
     return site
 
 

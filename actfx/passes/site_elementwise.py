@@ -8,6 +8,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
+from actfx.passes.expansion import chain_template
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site
 from actfx.rules import SIGN_ONLY, Kind, aten, aten_packet, is_pointwise, rule_for
@@ -18,11 +19,17 @@ from actfx.variants.recompute import SLOT, make_recompute_variant
 
 # ---------------------------------------------------------------- recompute-from-packed-input ops
 
-def _template(args, kwargs):
-    """Replace Node arguments by slot markers; returns (args template, kwargs template, nodes)."""
+def _template(args, kwargs, chains=None):
+    """Replace Node arguments by slot markers; returns (args template, kwargs template, nodes).
+    ``chains``: Node -> (source, chain nodes) for arguments to take as a replay of their source
+    (``actfx/passes/expansion.py``)."""
     nodes: list = []
+    chains = chains or {}
 
     def mark(n):
+        if n in chains:
+            source, chain = chains[n]
+            return chain_template(mark(source), chain, mark)
         nodes.append(n)
         return (SLOT, len(nodes) - 1)
 
@@ -131,7 +138,8 @@ def cross_entropy_site(node, path, x, target, weight, ignore_index, reduction, l
     return Site(node, "cross_entropy", path, [], emit)
 
 
-def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False):
+def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False,
+                    chains=None):
     kwargs = dict(kwargs)
     if "inplace" in kwargs:
         inplace = inplace or bool(kwargs["inplace"])
@@ -149,7 +157,7 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
         site = _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace)
         if site is not None:
             return site
-    args_t, kwargs_t, nodes = _template(args, kwargs)
+    args_t, kwargs_t, nodes = _template(args, kwargs, chains)
     variant = _RECOMPUTE_VARIANTS[fn]
 
     def emit(graph, env, specs, runs, pack=None):

@@ -152,15 +152,21 @@ def _norm_site(node, path, kind, x, static, weight, bias):
 
 
 def _layer_norm_site(node, path, x, static, weight, bias):
-    """LayerNorm keeps its *normalised* input packed (see variants/norms.py, layer_norm_normalized)."""
+    """LayerNorm keeps its *normalised* input packed (see variants/norms.py, layer_norm_normalized).
+    With a weight and a bias over one dim, its output is ``w * x̂ + b``: a consumer that saves it
+    (the next linear) rebuilds it from that pack instead of packing it again."""
     shape, eps = static
 
     def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
-        xhat = graph.call_function(norms.layer_norm_normalized, (env[x], shape, eps))
+        xhat = graph.call_function(norms.layer_norm_normalized, (env[x], shape, eps, w, b))
         spec, run = pack(xhat, node)
-        return graph.call_function(norms.layer_norm_from_normalized, (spec, shape, w, b, eps, env[x], *run)), {}
+        out = graph.call_function(norms.layer_norm_from_normalized, (spec, shape, w, b, eps, env[x], *run))
+        one_dim = isinstance(shape, int) or len(shape) == 1
+        if one_dim and isinstance(w, Node) and isinstance(b, Node):
+            return out, {"affine": (w, b), "affine_of": (spec, run, -1)}
+        return out, {}
 
     return Site(node, "layer_norm", path, [], emit)
 

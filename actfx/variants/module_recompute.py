@@ -16,7 +16,7 @@ import torch
 from torch.func import functional_call
 
 from actfx.variants.common import not_a_view, refuse_double_backward
-from actfx.variants.recompute import _autocast_state, _replay, _rng_state, fill
+from actfx.variants.recompute import _autocast_state, _replay_rng, _rng_state, fill
 from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
 
 
@@ -82,7 +82,7 @@ class _RecomputeModule(torch.autograd.Function):
             outs = out if isinstance(out, tuple) else (out,)
             return tuple(o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
 
-        with _replay(ctx.rng):
+        with _replay_rng(ctx.rng):
             outs, vjp = torch.func.vjp(run, [params[i] for i in want_params], [values[i] for i in diff])
         kept = [g for g, keep in zip(grads_out, ctx.out_mask) if keep]
         cotangents = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(kept, outs))

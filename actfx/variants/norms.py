@@ -26,9 +26,10 @@ def _autocast_fp32(device_type: str, *tensors):
     return tensors
 
 
-def layer_norm_normalized(x, normalized_shape, eps):
+def layer_norm_normalized(x, normalized_shape, eps, weight=None, bias=None):
     """``(x - mean) * rstd`` over the normalised dims (fp32, outside autograd): what LayerNorm
-    keeps packed instead of ``x``, or None when no backward will run.
+    keeps packed instead of ``x`` (for x's gradient and for the weight's), or None when no
+    backward will run.
 
     Why: a group of 256 stored values spans rows when a row is shorter (or ends mid-group);
     with ``x`` packed, a row of small spread (a ViT's class token at initialisation) shares its
@@ -36,7 +37,7 @@ def layer_norm_normalized(x, normalized_shape, eps):
     ``rstd``: the built-in vit_tiny's gradient at 2 bits was 980x its own norm off. Normalised
     rows have unit spread, so the noise backward sees is bounded by the rounding step itself.
     """
-    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+    if not (isinstance(x, torch.Tensor) and needs_saving(x, weight, bias)):
         return None
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
     dims = tuple(range(-len(shape), 0))
@@ -50,19 +51,20 @@ class _LayerNormFromNormalized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, spec, shape, eps, weight, bias, x, *run):
         xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
-        out, mean, rstd = torch.native_layer_norm(xc, shape, w, b, eps)
+        out, _, rstd = torch.native_layer_norm(xc, shape, w, b, eps)
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.shape, ctx.compute, ctx.x_dtype = plans, shape, xc.dtype, x.dtype
-        ctx.save_for_backward(w, b, mean, rstd, *storage)
+        ctx.save_for_backward(w, b, rstd, *storage)  # the mean is not needed: x̂ is centred
         return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("layer_norm")
-        w, b, mean, rstd, *storage = ctx.saved_tensors
+        w, b, rstd, *storage = ctx.saved_tensors
         xhat = materialize_all(ctx.plans, storage)[0]
-        # The input as ATen's backward takes it: it normalises it again with the same statistics.
-        x = (xhat.float() / rstd.float() + mean.float()).to(ctx.compute)
+        # An input ATen's backward normalises back to x̂: x̂ / rstd about a zero mean.
+        x = (xhat.float() / rstd.float()).to(ctx.compute)
+        mean = torch.zeros_like(rstd)
         mask = [ctx.needs_input_grad[5], w is not None and ctx.needs_input_grad[3],
                 b is not None and ctx.needs_input_grad[4]]
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(

@@ -2,7 +2,9 @@
 
 Each operand's gradient is linear in the *other* operand, so packed operands give unbiased
 gradients. Division keeps its denominator exact (1/b of a packed b is biased and unbounded near
-zero); only the numerator is packed.
+zero); only the numerator is packed. An operand is kept only when the other one's gradient is
+needed (as autograd does): ``x * noise`` with a constant ``noise`` (stochastic depth, a mask)
+keeps the noise alone.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import operator
 import torch
 
 from actfx.variants.common import not_a_view, refuse_double_backward
-from actfx.variants.saved import materialize_all, spec_width, split_all, values_of
+from actfx.variants.saved import materialize, spec_width, split_all, values_of
 
 
 class _Product(torch.autograd.Function):
@@ -20,9 +22,17 @@ class _Product(torch.autograd.Function):
     def forward(ctx, op, specs, *flat):
         a, b = values_of(specs, flat)
         out = {"mul": operator.mul, "div": operator.truediv, "matmul": torch.matmul}[op](a, b)
-        plans, storage = split_all(specs, flat)
+        width = spec_width(specs[0])
+        ctx.second = 2 + width
+        need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[ctx.second]
+        # a is read by b's gradient (and by a division's gradient for b); b by both gradients of a division
+        keep = (need_b, need_a or (op == "div" and need_b))
+        plans, storage = [], []
+        for spec, run, kept in zip(specs, (flat[:width], flat[width:]), keep):
+            plan, store = split_all([spec], run) if kept else ([None], [])
+            plans += plan
+            storage += store
         ctx.op, ctx.plans, ctx.compute = op, plans, out.dtype
-        ctx.second = 2 + spec_width(specs[0])
         ctx.like = [(v.shape, v.dtype) if isinstance(v, torch.Tensor) else None for v in (a, b)]
         ctx.save_for_backward(*storage)
         return not_a_view(out)
@@ -30,7 +40,8 @@ class _Product(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward(ctx.op)
-        a, b = materialize_all(ctx.plans, ctx.saved_tensors)
+        it = iter(ctx.saved_tensors)
+        a, b = (None if plan is None else materialize(plan, it) for plan in ctx.plans)
         need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[ctx.second]
         g = grad_out
         ga = gb = None

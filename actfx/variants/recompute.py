@@ -19,13 +19,17 @@ from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
 
 SLOT = "actfx.slot"
+CHAIN = "actfx.chain"  # (CHAIN, steps, source): view ops replayed on a stored source (passes/expansion.py)
 
 
 def fill(template, values):
-    """Replace ("actfx.slot", i) markers in a nested args template with values[i]."""
+    """Replace ("actfx.slot", i) markers in a nested args template with values[i], and replay
+    (CHAIN, steps, source) markers on their filled source (``actfx/passes/expansion.py``)."""
     if isinstance(template, tuple):
         if len(template) == 2 and template[0] == SLOT:
             return values[template[1]]
+        if len(template) == 3 and template[0] == CHAIN:
+            return replay(template[1], fill(template[2], values), lambda t: fill(t, values))
         return tuple(fill(t, values) for t in template)
     if isinstance(template, list):
         return [fill(t, values) for t in template]
@@ -39,8 +43,16 @@ def _rng_state(device: torch.device):
     return device, torch.get_rng_state()
 
 
+def replay(steps: tuple, value, fill_args):
+    """Run a chain's steps (Tensor method name, other args, kwargs) on ``value``; ``fill_args``
+    fills each step's slots."""
+    for method, rest, kwargs in steps:
+        value = getattr(value, method)(*fill_args(rest), **dict(fill_args(kwargs)))
+    return value
+
+
 @contextlib.contextmanager
-def _replay(state):
+def _replay_rng(state):
     """Run with the generator state forward saw; the global stream is restored afterwards."""
     device, rng = state
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
@@ -108,7 +120,7 @@ class _Recompute(torch.autograd.Function):
             return ctx.fn(*args, **kwargs)
 
         if ctx.rng is not None:
-            with _replay(ctx.rng):
+            with _replay_rng(ctx.rng):
                 out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
         else:
             out, vjp = torch.func.vjp(run, *[values[i] for i in diff])

@@ -1,0 +1,134 @@
+"""Values backward can rebuild from something already stored are not stored again: a key/value
+repeated for grouped-query attention, an operand whose partner needs no gradient, LayerNorm's
+output read by the next linear. Each case: the decision that says so, fewer bytes held, forward
+identical, gradients close at 8 bits and unbiased at 2."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import actfx
+from actfx.accounting import count_saved
+
+
+def _held(model, x):
+    torch.manual_seed(0)
+    with count_saved(model) as saved:
+        out = model(x)  # noqa: F841  (the live output keeps the graph)
+    return saved.activation_bytes
+
+
+def _gradient(model, x, seed):
+    torch.manual_seed(seed)
+    model.zero_grad(set_to_none=True)
+    xi = x.clone().requires_grad_(True)
+    out = model(xi)
+    (out * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+    return torch.cat([xi.grad.reshape(-1)] + [p.grad.reshape(-1) for p in model.parameters() if p.grad is not None])
+
+
+def _check(model, x, bits=8, tol=0.03):
+    converted = actfx.convert(model, bits=bits)
+    torch.manual_seed(0)
+    expected = model(x)
+    torch.manual_seed(0)
+    assert torch.equal(converted(x), expected)
+    exact = _gradient(model, x, 0)
+    got = _gradient(converted, x, 0)
+    assert ((got - exact).norm() / exact.norm()).item() < tol
+    return converted
+
+
+def _unbiased(model, x, k=16):
+    converted = actfx.convert(model, bits=2)
+    exact = _gradient(model, x, 0)
+    samples = torch.stack([_gradient(converted, x, seed) for seed in range(k)])
+    one = (samples[0] - exact).norm() / exact.norm()
+    mean = (samples.mean(0) - exact).norm() / exact.norm()
+    assert mean / one < 1.5 / k ** 0.5, (mean / one).item()
+
+
+class GroupedQueryAttention(nn.Module):
+    """Two key/value heads for four query heads, repeated as Hugging Face's ``repeat_kv`` does."""
+
+    def __init__(self, dim=32, heads=4, kv_heads=2):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, 2 * kv_heads * self.head_dim)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, s, _ = x.shape
+        q = self.q(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(x).view(b, s, 2 * self.kv_heads, self.head_dim).transpose(1, 2).chunk(2, dim=1)
+        n = self.heads // self.kv_heads
+        k = k[:, :, None, :, :].expand(b, self.kv_heads, n, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
+        v = v[:, :, None, :, :].expand(b, self.kv_heads, n, s, self.head_dim).reshape(b, self.heads, s, self.head_dim)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        return self.out(y.transpose(1, 2).reshape(b, s, -1))
+
+
+def test_grouped_query_attention_keeps_the_key_and_value_heads_once():
+    torch.manual_seed(0)
+    model, x = GroupedQueryAttention().train(), torch.randn(2, 64, 32)
+    converted = _check(model, x)
+    (sdpa,) = [d for d in converted._actfx_record.decisions if d.kind == "sdpa"]
+    assert [name.split("_")[0] for name in sdpa.values[:3]] == ["transpose", "getitem", "getitem"], sdpa.values
+    # the same attention with four key/value heads hands SDPA tensors of the same shapes
+    torch.manual_seed(0)
+    four = GroupedQueryAttention(kv_heads=4).train()
+    saved = 2 * (2 * 4 * 64 * 8 - 2 * 2 * 64 * 8)  # two of four heads of k and v, one byte each
+    assert _held(converted, x) <= _held(actfx.convert(four, bits=8), x) - saved * 0.95
+    _unbiased(model, x)
+
+
+class Gated(nn.Module):
+    """``h * noise`` with a constant noise (stochastic depth, a fixed mask): h is not needed."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = self.fc(x).tanh()
+        noise = torch.ones_like(x[:, :1]).bernoulli_(0.8) / 0.8
+        return h * noise
+
+
+def test_a_product_with_a_constant_keeps_only_the_constant():
+    torch.manual_seed(0)
+    model, x = Gated().train(), torch.randn(8, 64)
+    converted = _check(model, x)
+    assert any(d.kind == "mul" for d in converted._actfx_record.decisions)
+    # tanh's packed derivative (8 bits) plus the linear's input and the noise; not h again
+    without_product = _held(actfx.convert(nn.Sequential(model.fc, nn.Tanh()), bits=8), x)
+    assert _held(converted, x) <= without_product + 8 * 4
+
+
+class PreNorm(nn.Module):
+    def __init__(self, dim=64):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, 4 * dim)
+        self.proj = nn.Linear(4 * dim, dim)
+
+    def forward(self, x):
+        return x + self.proj(F.gelu(self.fc(self.norm(x))))
+
+
+def test_the_linear_after_layer_norm_rebuilds_its_input_from_the_normalised_pack():
+    torch.manual_seed(0)
+    model, x = PreNorm().train(), torch.randn(4, 32, 64) * 3 + 1
+    converted = _check(model, x)
+    (fc,) = [d for d in converted._actfx_record.decisions if d.module_path == "fc"]
+    assert fc.saved == ["affine of packed 8-bit"], fc.saved
+    # without a bias LayerNorm's output is not offered: the linear packs it again
+    unbiased_norm = PreNorm().train()
+    unbiased_norm.load_state_dict(model.state_dict(), strict=False)
+    unbiased_norm.norm = nn.LayerNorm(64, bias=False)
+    again = actfx.convert(unbiased_norm, bits=8)
+    assert _held(converted, x) <= _held(again, x) - 4 * 32 * 64 * 0.95
+    _unbiased(model, x)
