@@ -23,7 +23,7 @@ from torch.fx import Graph, GraphModule
 
 from actfx.config import Config, check_bits, check_group_size
 from actfx.first_call import capture_at_first_call, opaque_calls
-from actfx.passes.capture import split_leaf_modules, trace
+from actfx.passes.capture import copy_graph, split_leaf_modules, trace
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
 from actfx.variants.packing import SeedState
@@ -44,6 +44,8 @@ class ConversionRecord:
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     uncovered: list[Unconverted] = dataclasses.field(default_factory=list)
     graphs: dict = dataclasses.field(default_factory=dict)  # path -> {training: rewritten fx Graph}
+    # path -> the graph torch.export captured, before the rewrite (show()'s "before" per op)
+    captured: dict = dataclasses.field(default_factory=dict)
     # (shape, dtype) of each positional input of the last training call, for show() without inputs
     last_training_inputs: tuple | None = None
 
@@ -240,6 +242,7 @@ def _exported_forward(model, example_inputs, config, record):
     from actfx.passes.export_capture import export_graph, exported_call
 
     gm = export_graph(model, example_inputs)
+    record.captured[""] = copy_graph(gm.graph)  # the rewrite changes gm's graph in place
     graph, decisions, uncovered = rewrite_graph(gm, config, "")
     graph.set_codegen(gm.graph._codegen)
     record.decisions.extend(decisions)

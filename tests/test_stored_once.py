@@ -132,3 +132,43 @@ def test_the_linear_after_layer_norm_rebuilds_its_input_from_the_normalised_pack
     again = actfx.convert(unbiased_norm, bits=8)
     assert _held(converted, x) <= _held(again, x) - 4 * 32 * 64 * 0.95
     _unbiased(model, x)
+
+
+class BiasedAttention(nn.Module):
+    """T5-style: a learned position bias and a padding mask, broadcast into SDPA's float mask."""
+
+    def __init__(self, dim=32, heads=4, seq=16):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.bias = nn.Parameter(torch.randn(heads, seq, seq) * 0.1)
+        self.out = nn.Linear(dim, dim)
+
+    def forward(self, x, keep):
+        if x.dim() != 3:  # fx cannot trace this: export captures it, with every value's shape
+            raise ValueError("x must be (batch, tokens, features)")
+        b, s, d = x.shape
+        q, k, v = self.qkv(x).view(b, s, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        mask = torch.where(keep[:, None, None, :], self.bias[None], torch.finfo(x.dtype).min)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.out(y.transpose(1, 2).reshape(b, s, d))
+
+
+def test_a_broadcast_float_mask_is_kept_as_its_small_inputs():
+    torch.manual_seed(0)
+    model = BiasedAttention().train()
+    x, keep = torch.randn(8, 16, 32), torch.rand(8, 16) > 0.2
+    converted = actfx.convert(model, bits=8, example_inputs=(x, keep))
+    (sdpa,) = [d for d in converted._actfx_record.decisions if d.kind == "sdpa"]
+    assert "where" not in " ".join(n for n in sdpa.values if n), sdpa.values  # its inputs, not the mask
+    assert torch.equal(converted(x, keep), model(x, keep))
+    with count_saved(converted) as saved:
+        out = converted(x, keep)
+    mask_bytes = 8 * 4 * 16 * 16 * 4
+    assert saved.activation_bytes < mask_bytes  # the whole model holds less than the mask alone would
+    grads = []
+    for m in (model, converted):
+        m.zero_grad(set_to_none=True)
+        (m(x, keep) * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
+        grads.append(m.bias.grad.clone())
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.03

@@ -26,9 +26,9 @@ import weakref
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
-from torch.fx import Graph, Interpreter, Node
+from torch.fx import Graph, GraphModule, Interpreter, Node
 
-from actfx.passes.capture import trace, training_mode
+from actfx.passes.capture import copy_graph, trace, training_mode
 from actfx.variants.packing import pack_value
 
 META_KEY = "actfx_saved"
@@ -273,8 +273,13 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
     at the root. A module that does not trace gets no graph (it runs whole)."""
     like_record = getattr(like, "_actfx_record", None)
     paths = list(like_record.graphs) if like_record is not None else [""]
+    captured = like_record.captured if like_record is not None else {}
     graphs = {}
     for path in paths:
+        if path in captured:  # captured by torch.export: the graph as it was before the rewrite
+            root = module.get_submodule(path) if path else module
+            graphs[path] = GraphModule(root, copy_graph(captured[path])).graph
+            continue
         inner = frozenset(q[len(path) + 1:] if path else q for q in paths
                           if q != path and (not path or q.startswith(path + ".")))
         try:

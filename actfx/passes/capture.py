@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 
 import torch.nn as nn
-from torch.fx import GraphModule, Tracer
+from torch.fx import Graph, GraphModule, Tracer
 
 
 class _ActfxTracer(Tracer):
@@ -71,3 +71,12 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     if graphs[True].code == graphs[False].code:
         return {True: graphs[True]}
     return graphs
+
+
+def copy_graph(graph: Graph) -> Graph:
+    """A copy of ``graph`` (nodes, their meta, output, code generator) that passes may change
+    without touching the original."""
+    copied = Graph()
+    copied.output(copied.graph_copy(graph, {}))
+    copied.set_codegen(graph._codegen)
+    return copied

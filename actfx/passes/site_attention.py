@@ -10,7 +10,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
 
-from actfx.passes.expansion import expansion_chain
+from actfx.passes.expansion import chain_inputs, replay_chain
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _get
 from actfx.passes.site_elementwise import _recompute_site, _template
@@ -31,13 +31,14 @@ def _sdpa(node):
     replay = isinstance(dropout, Node) or dropout != 0.0
     args = (a["query"], a["key"], a["value"])
     kwargs = {k: a[k] for k in ("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")}
-    chains = {n: c for n in (a["key"], a["value"], a["attn_mask"]) if isinstance(n, Node)
-              for c in [expansion_chain(n)] if c is not None}
+    mask = a["attn_mask"]
+    chains = {n: c for n in (a["key"], a["value"], mask) if isinstance(n, Node)
+              for c in [replay_chain(n, pointwise=n is mask)] if c is not None}
     site = _recompute_site(node, None, "sdpa", F.scaled_dot_product_attention, args, kwargs, replay_rng=replay,
                            chains=chains)
-    if site is not None and isinstance(a["attn_mask"], Node):
-        mask = chains[a["attn_mask"]][0] if a["attn_mask"] in chains else a["attn_mask"]
-        site.exact = (site.saved.index(mask),)
+    if site is not None and isinstance(mask, Node):
+        exact = chain_inputs(*chains[mask]) if mask in chains else {mask}
+        site.exact = tuple(i for i, n in enumerate(site.saved) if n in exact)
     return site
 
 

@@ -29,7 +29,7 @@ def _template(args, kwargs, chains=None):
     def mark(n):
         if n in chains:
             source, chain = chains[n]
-            return chain_template(mark(source), chain, mark)
+            return chain_template(mark(source), chain, source, mark)
         nodes.append(n)
         return (SLOT, len(nodes) - 1)
 

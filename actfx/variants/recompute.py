@@ -12,6 +12,7 @@ them at a packed input is biased.
 from __future__ import annotations
 
 import contextlib
+import operator
 
 import torch
 
@@ -19,21 +20,53 @@ from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
 
 SLOT = "actfx.slot"
-CHAIN = "actfx.chain"  # (CHAIN, steps, source): view ops replayed on a stored source (passes/expansion.py)
+CHAIN = "actfx.chain"  # (CHAIN, steps, source): ops replayed on a stored source (passes/expansion.py)
+PREV = "actfx.prev"  # (PREV,) in a chain step's arguments: the value the chain has built so far
 
 
-def fill(template, values):
+def fill(template, values, prev=None):
     """Replace ("actfx.slot", i) markers in a nested args template with values[i], and replay
     (CHAIN, steps, source) markers on their filled source (``actfx/passes/expansion.py``)."""
     if isinstance(template, tuple):
         if len(template) == 2 and template[0] == SLOT:
             return values[template[1]]
+        if len(template) == 1 and template[0] == PREV:
+            return prev
         if len(template) == 3 and template[0] == CHAIN:
-            return replay(template[1], fill(template[2], values), lambda t: fill(t, values))
-        return tuple(fill(t, values) for t in template)
+            value = fill(template[2], values)
+            for ref, args_t, kwargs_t in template[1]:
+                value = _resolve(ref)(*fill(args_t, values, value), **dict(fill(kwargs_t, values, value)))
+            if (isinstance(value, torch.Tensor) and value.is_leaf and value.is_floating_point()
+                    and not value.requires_grad and any(v.requires_grad for v in _slot_tensors(template, values))):
+                # Replayed in a Function's forward (no grad), it stands in for a value that
+                # required grad; kernels choose by that flag (CPU SDPA's fused kernel refuses a
+                # mask that requires grad, and would round differently).
+                value.requires_grad_(True)
+            return value
+        return tuple(fill(t, values, prev) for t in template)
     if isinstance(template, list):
-        return [fill(t, values) for t in template]
+        return [fill(t, values, prev) for t in template]
     return template
+
+
+def _slot_tensors(template, values):
+    if isinstance(template, (tuple, list)):
+        if len(template) == 2 and template[0] == SLOT:
+            value = values[template[1]]
+            return [value] if isinstance(value, torch.Tensor) else []
+        return [t for part in template for t in _slot_tensors(part, values)]
+    return []
+
+
+def _resolve(ref: tuple):
+    """The callable a chain step names: ("method", name), ("aten", packet, overload),
+    ("operator" | "torch" | "F", name)."""
+    space, name = ref[0], ref[1]
+    if space == "method":
+        return lambda self, *args, **kwargs: getattr(self, name)(*args, **kwargs)
+    if space == "aten":
+        return getattr(getattr(torch.ops.aten, name), ref[2])
+    return getattr({"operator": operator, "torch": torch, "F": torch.nn.functional}[space], name)
 
 
 def _rng_state(device: torch.device):
@@ -41,14 +74,6 @@ def _rng_state(device: torch.device):
     if device.type == "cuda":
         return device, torch.cuda.get_rng_state(device)
     return device, torch.get_rng_state()
-
-
-def replay(steps: tuple, value, fill_args):
-    """Run a chain's steps (Tensor method name, other args, kwargs) on ``value``; ``fill_args``
-    fills each step's slots."""
-    for method, rest, kwargs in steps:
-        value = getattr(value, method)(*fill_args(rest), **dict(fill_args(kwargs)))
-    return value
 
 
 @contextlib.contextmanager
