@@ -97,12 +97,12 @@ def test_spelled_out_activations_are_collapsed_and_packed():
     model, x = Spelled(), torch.randn(32, 64)
     converted = actfx.convert(model, bits=2)
     kinds = {d.node: (d.kind, d.saved) for d in converted._actfx_record.decisions}
-    # GELU chain (ends in mul_3), QuickGELU with the norm's cast (ends in `to`), RMSNorm's add +
-    # rsqrt: regions; RMSNorm's pow, the sigmoid module, the tanh method: single ops. Each keeps
-    # one packed derivative.
-    expected = {"mul_3": "pointwise", "to": "pointwise", "rsqrt": "pointwise", "pow_2": "pow", "gate": "sigmoid",
-                "tanh_1": "tanh"}
+    # GELU chain (ends in mul_3), QuickGELU with the norm's cast (ends in `to`): regions; the
+    # sigmoid module, the tanh method: single ops. Each keeps one packed derivative. RMSNorm is
+    # one op of its own (passes/rms_regions.py) keeping its packed normalised value.
+    expected = {"mul_3": "pointwise", "to": "pointwise", "gate": "sigmoid", "tanh_1": "tanh"}
     assert {name: kinds[name][0] for name in expected if name in kinds} == expected, kinds
+    assert [saved for kind, saved in kinds.values() if kind == "rms_norm"] == [["packed 2-bit"]], kinds
     assert all(kinds[name][1] == ["packed 2-bit"] for name in expected), kinds
     assert not [u for u in converted._actfx_record.uncovered if u.what in ("pow", "tanh", "mul")]
     with count_saved(model) as before:

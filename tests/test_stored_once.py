@@ -14,9 +14,10 @@ from actfx.accounting import count_saved
 
 
 def _held(model, x):
+    """Bytes autograd keeps after a forward whose input requires grad."""
     torch.manual_seed(0)
     with count_saved(model) as saved:
-        out = model(x)  # noqa: F841  (the live output keeps the graph)
+        out = model(x.clone().requires_grad_(True))  # noqa: F841  (the live output keeps the graph)
     return saved.activation_bytes
 
 
@@ -172,3 +173,34 @@ def test_a_broadcast_float_mask_is_kept_as_its_small_inputs():
         (m(x, keep) * torch.linspace(-1, 1, out.numel()).reshape(out.shape)).sum().backward()
         grads.append(m.bias.grad.clone())
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.03
+
+
+class HandWrittenRMSNorm(nn.Module):
+    """Llama's RMSNorm as Hugging Face writes it, then a linear."""
+
+    def __init__(self, dim=64, square=lambda h: h.pow(2)):
+        super().__init__()
+        self.weight = nn.Parameter(1 + 0.1 * torch.randn(dim))
+        self.fc = nn.Linear(dim, dim)
+        self.square = square
+
+    def forward(self, x):
+        h = x.to(torch.float32)
+        variance = self.square(h).mean(-1, keepdim=True)
+        h = h * torch.rsqrt(variance + 1e-6)
+        return self.fc(self.weight * h.to(x.dtype))
+
+
+def test_hand_written_rms_norm_keeps_one_pack_of_its_normalised_value():
+    torch.manual_seed(0)
+    x = torch.randn(4, 32, 64) * torch.rand(4, 32, 1) * 4  # rows of very different spread
+    for square in (lambda h: h.pow(2), lambda h: h * h, torch.square):
+        model = HandWrittenRMSNorm(square=square).train()
+        converted = _check(model, x)
+        kinds = [d.kind for d in converted._actfx_record.decisions]
+        assert "rms_norm" in kinds and "pow" not in kinds and "pointwise" not in kinds, kinds
+    # held: the normalised value at 8 bits once (the weight's product shares it), 1/rms per row,
+    # and the linear's input
+    values = 4 * 32 * 64
+    assert _held(converted, x) < 2.2 * values
+    _unbiased(model, x)

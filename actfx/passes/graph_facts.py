@@ -27,7 +27,7 @@ _VIEW_FUNCTIONS = {
     torch.select, torch.detach, operator.getitem,
 }
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
-                    "view_as", "reshape_as"}
+                    "view_as", "reshape_as", "to", "float", "half", "bfloat16", "type_as"}  # and casts
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
 _NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "item", "tolist", "stride",
                        "element_size", "get_device", "is_contiguous", "data_ptr"}
@@ -117,8 +117,10 @@ class GraphFacts:
         return a in self._root and b in self._root and self._find(a) is self._find(b)
 
     def reshape_source(self, node: Node) -> Node | None:
-        """The tensor ``node`` is a pure reshape of, if it is one (dropout with p=0 included:
-        attention probabilities pass through one on their way to the value matmul)."""
+        """The tensor ``node`` is a pure reshape or float cast of, if it is one (dropout with p=0
+        included: attention probabilities pass through one on their way to the value matmul);
+        a consumer rebuilds it from the source's stored form (casts to non-float types keep
+        the value at run time)."""
         if node.op == "call_method" and node.target in _RESHAPE_METHODS:
             src = node.args[0]
         elif node.op == "call_function" and node.target in _RESHAPE_FUNCTIONS:

@@ -24,6 +24,7 @@ from torch.fx import Graph, GraphModule, Node
 from actfx.config import KEEP_EXACT, Config
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
+from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.sites import Site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
 
@@ -268,6 +269,7 @@ class _Rewriter:
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:
     """New graph for ``gm`` with compressed-save variants; also the decisions taken and the
     nodes that were left as they are."""
+    collapse_rms_norms(gm)
     collapse_pointwise_regions(gm)
     rewriter = _Rewriter(gm, config, prefix)
     graph = rewriter.run()

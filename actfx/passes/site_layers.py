@@ -236,6 +236,21 @@ def _rms_norm_module(node, path, m):
     return _rms_norm_site(node, path, node.args[0], tuple(m.normalized_shape), weight, m.eps)
 
 
+def rms_normalize_site(node):
+    """Hand-written RMS normalisation collapsed by ``passes/rms_regions.py``: keeps the packed
+    normalised value (shared with the weight's product) and the exact 1/rms."""
+    x, dims, eps, square = node.args
+
+    def emit(graph, env, specs, runs, pack=None):
+        pair = graph.call_function(rmsnorm.rms_normalized, (env[x], dims, eps, square))
+        normalized, scale = (graph.call_function(operator.getitem, (pair, i)) for i in range(2))
+        spec, run = pack(normalized, node)
+        out = graph.call_function(rmsnorm.rms_from_normalized, (spec, dims, env[x], scale, *run))
+        return out, {"packed_output": (spec, run)}
+
+    return Site(node, "rms_norm", None, [], emit)
+
+
 def _rms_norm_functional(node):
     a = bind("rms_norm", node.args, node.kwargs)
     if a is None or isinstance(a["normalized_shape"], Node) or isinstance(a["eps"], Node):

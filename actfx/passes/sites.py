@@ -30,9 +30,11 @@ from actfx.passes.site_elementwise import (
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
-    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, vector_norm_site,
+    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, rms_normalize_site,
+    vector_norm_site,
 )
 from actfx.passes.signatures import bind
+from actfx.variants.rmsnorm import rms_normalize
 
 __all__ = ["Site", "find_site", "saves_nothing"]
 
@@ -128,6 +130,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _norm_functional(node)
         if t is F.rms_norm:
             return _rms_norm_functional(node)
+        if t is rms_normalize:  # collapsed by passes/rms_regions.py
+            return rms_normalize_site(node)
         if t is F.scaled_dot_product_attention:
             return _sdpa(node)
         if t in (F.softmax, torch.softmax):

@@ -8,7 +8,8 @@ tensors. The spec says how to rebuild the value from stored pieces:
     ("packed", bits, group_size)        tensors: value, codes, meta       -> unpack
     ("masked", slope, inner)            tensors: value, mask, *inner      -> inner * mask (ReLU: slope None)
     ("affine", channel_dim, inner)      tensors: value, a, b, *inner      -> a * inner + b per channel (BatchNorm)
-    ("reshape", inner)                  tensors: value, *inner            -> inner.reshape(value.shape)
+    ("reshape", inner)                  tensors: value, *inner            -> inner.reshape(value.shape), in
+                                                                             value's dtype (a cast)
     ("permute", dims, inner)            tensors: value, *inner            -> inner.permute(dims)
     ("sum", left, right)                tensors: value, *left, *right     -> left + right (residual adds)
     ("shape",)                          tensors: value                    -> zeros of value's shape
@@ -90,7 +91,9 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
             return EXACT, [value]
         return ("affine", value.dim(), spec[1], value.dtype, inner_plan), [a, b, *inner_store]
     if kind == "reshape":
-        return ("reshape", tuple(value.shape), inner_plan), inner_store
+        if not value.is_floating_point():
+            return EXACT, [value]
+        return ("reshape", tuple(value.shape), value.dtype, inner_plan), inner_store
     if kind == "permute":
         return ("permute", spec[1], inner_plan), inner_store
     raise ValueError(f"unknown saved-value spec {spec!r}")
@@ -148,7 +151,7 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
         left = materialize(plan[1], storage)
         return left + materialize(plan[2], storage)
     if kind == "reshape":
-        return materialize(plan[2], storage).reshape(plan[1])
+        return materialize(plan[3], storage).reshape(plan[1]).to(plan[2])
     if kind == "permute":
         return materialize(plan[2], storage).permute(plan[1])
     raise ValueError(f"unknown saved-value plan {plan!r}")
