@@ -51,7 +51,7 @@ def _hoist_round(run) -> bool:
             continue
         if not any(u in dependent or u is output for u in node.users):
             continue
-        root = _linear_root(run, node)
+        root = _linear_root(run, node, degrees)
         biased = _biased(root, degrees)
         if biased and _hoist_one(run, root, biased, sources):
             degrees = noise_degree.degrees(bwd, sources)
@@ -59,16 +59,16 @@ def _hoist_round(run) -> bool:
     return len(run.hoisted) > count
 
 
-def _linear_root(run, node: fx.Node) -> fx.Node:
+def _linear_root(run, node: fx.Node, degrees: dict) -> fx.Node:
     """Through views and negations (permute, view, neg, expand) to the value they re-present:
     P, -P and P transposed all read one hoisted P."""
     while view_like(node):
         parent = node.all_input_nodes[0]
         if parent.op != "call_function" or not is_tensor(parent) or val(parent).dtype != val(node).dtype:
             break
-        if not all(view_like(u) for u in parent.users):
-            break  # the parent has other, nonlinear readers: hoisting it would not help them
-        node = parent
+        if not all(view_like(u) for u in parent.users) and not _biased(parent, degrees):
+            break  # the parent's other readers are fine as they are: hoisting it would not help them
+        node = parent  # (a parent hoisted anyway serves the view too: attention's P and P transposed)
     return node
 
 
@@ -149,3 +149,47 @@ def masks_once(run) -> None:
         if (isinstance(mask, fx.Node) and mask.target is aten.le.Scalar and mask.args == (y, 0)
                 and isinstance(zero, fx.Node) and zero.op == "call_function" and not zero.all_input_nodes):
             node.replace_all_uses_with(mask)
+
+
+def _is_zero_select(select: fx.Node):
+    """(mask, y) when ``select`` is where(mask, 0, y) with mask = (y <= 0): ReLU as a select."""
+    if not (isinstance(select, fx.Node) and select.target is aten.where.self):
+        return None
+    mask, zero, y = select.args
+    if (isinstance(mask, fx.Node) and mask.target is aten.le.Scalar and mask.args[1] == 0
+            and _same_value(mask.args[0], y)
+            and isinstance(zero, fx.Node) and zero.op == "call_function" and not zero.all_input_nodes):
+        return mask, y
+    return None
+
+
+def _same_value(a, b, depth: int = 12) -> bool:
+    """Whether two forward values are one computation (hoisting copies regions, so a BatchNorm
+    output can appear twice before Inductor's CSE merges them)."""
+    if a is b:
+        return True
+    if not (isinstance(a, fx.Node) and isinstance(b, fx.Node)) or depth == 0:
+        return not isinstance(a, fx.Node) and not isinstance(b, fx.Node) and a == b
+    if a.op != "call_function" or a.target != b.target or len(a.args) != len(b.args) or a.kwargs != b.kwargs:
+        return False
+    return all(_same_value(x, y, depth - 1) for x, y in zip(a.args, b.args))
+
+
+def saved_masks_once(run) -> None:
+    """A saved ``relu(y) <= 0`` (through aliases, ReLU as where(y <= 0, 0, y)) is the saved
+    ``y <= 0``: keep one mask, read it twice (ResNet: one per ReLU instead of two)."""
+    for fwd, bwd in list(run.g.saved_tensors()):
+        if fwd.target is not aten.le.Scalar or fwd.args[1] != 0:
+            continue
+        value = fwd.args[0]
+        while isinstance(value, fx.Node) and value.target is aten.alias.default:
+            value = value.args[0]
+        found = _is_zero_select(value)
+        if found is None or found[0] is fwd:
+            continue
+        mask = found[0]
+        placeholder = run.g.placeholder_of.get(mask)
+        if placeholder is None:
+            placeholder = run.g.add_saved(mask, fwd)
+        bwd.replace_all_uses_with(placeholder)
+        run.g.drop_saved(fwd)
