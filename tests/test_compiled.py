@@ -120,6 +120,32 @@ def test_cnn_masks_and_8_bit_gradients(cnn):
     assert any(v.storage is Storage.PACKED and v.bits == 8 for v in values)
 
 
+class Bottleneck(nn.Module):
+    """Each ReLU's output feeds a conv and a residual: backward reads its mask three ways."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.c1, self.b1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
+        self.c3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
+
+    def forward(self, x):
+        h = self.stem(x)
+        r = F.relu(self.b1(self.c1(h)))
+        h = F.relu(self.b2(self.c2(r)) + h)
+        return self.c3(h).mean()
+
+
+def test_one_mask_per_relu():
+    """relu(y) <= 0 is y <= 0, and hoisting may compute y twice: one saved mask serves them all."""
+    from actfx.compiled_estimate import estimate_compiled
+
+    record = estimate_compiled(Bottleneck().to("meta"), (torch.randn(8, 3, 32, 32, device="meta"),), actfx.Config(bits=8))
+    masks = [v for plan in record.plans for v in plan.saved if v.storage is Storage.MASK]
+    assert len(masks) == 3, [(v.name, v.op) for v in masks]  # was 7
+
+
 def test_each_compiled_model_keeps_its_own_settings(block, cnn):
     assert block[1]._actfx_compiled.config.bits == 2 and cnn[1]._actfx_compiled.config.bits == 8
     bits = {v.bits for v in block[1]._actfx_compiled.plans[-1].saved if v.storage is Storage.PACKED}

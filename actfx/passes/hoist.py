@@ -176,8 +176,10 @@ def _same_value(a, b, depth: int = 12) -> bool:
 
 
 def saved_masks_once(run) -> None:
-    """A saved ``relu(y) <= 0`` (through aliases, ReLU as where(y <= 0, 0, y)) is the saved
-    ``y <= 0``: keep one mask, read it twice (ResNet: one per ReLU instead of two)."""
+    """Saved ``<= 0`` masks of one value are one mask: ``relu(y) <= 0`` (through aliases, ReLU as
+    where(y <= 0, 0, y)) is ``y <= 0``, and hoisting can copy a value's computation (ResNet: one
+    mask per ReLU instead of two or three)."""
+    kept: list = []  # (compared value, backward placeholder)
     for fwd, bwd in list(run.g.saved_tensors()):
         if fwd.target is not aten.le.Scalar or fwd.args[1] != 0:
             continue
@@ -185,11 +187,10 @@ def saved_masks_once(run) -> None:
         while isinstance(value, fx.Node) and value.target is aten.alias.default:
             value = value.args[0]
         found = _is_zero_select(value)
-        if found is None or found[0] is fwd:
+        value = found[1] if found is not None else value
+        same = next((placeholder for other, placeholder in kept if _same_value(other, value)), None)
+        if same is None:
+            kept.append((value, bwd))
             continue
-        mask = found[0]
-        placeholder = run.g.placeholder_of.get(mask)
-        if placeholder is None:
-            placeholder = run.g.add_saved(mask, fwd)
-        bwd.replace_all_uses_with(placeholder)
+        bwd.replace_all_uses_with(same)
         run.g.drop_saved(fwd)
