@@ -161,3 +161,17 @@ def test_models_converted_in_pieces_still_pair_up(make, kwargs, x):
     assert sum(r["after_bytes"] for r in rows) == measure(converted, x).activation_bytes
     saving = [r for r in rows if r["after_bytes"]]
     assert saving and all(r["before_bytes"] is not None for r in saving)
+
+
+def test_a_model_captured_by_torch_export_pairs_up_op_by_op():
+    """The exported graph is kept as it was before the rewrite: each row has its before bytes
+    and the ATen op's name, and they add up to the original's total."""
+    torch.manual_seed(0)
+    model, x = Looping(), torch.randn(8, 256)
+    converted = actfx.convert(model, example_inputs=(x,))
+    assert "" in converted._actfx_record.captured  # captured whole by torch.export
+    rows = actfx.show(converted, x, console=plain_console())
+    assert sum(r["before_bytes"] or 0 for r in rows) == measure(model, x).activation_bytes
+    saving = [r for r in rows if r["after_bytes"]]
+    assert saving and all(r["before_bytes"] for r in saving), saving
+    assert {"linear", "gelu"} <= {r["op"] for r in saving}, [r["op"] for r in saving]
