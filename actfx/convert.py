@@ -259,15 +259,32 @@ def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:
 
 
 def _trace_without_optional(module, graphs, leaf_types, leaf_paths) -> dict | None:
-    """The graphs traced with every optional (None-default) input left None, which is how most
-    calls leave them (Hugging Face and timm modules); None when there are none or that fails."""
+    """The graphs traced with every optional (None-default) input left None and every flag at
+    its default (``is_causal=False``: fx cannot branch on a traced bool), which is how most calls
+    leave them (Hugging Face and timm modules); None when there are none or that fails."""
     optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
     if not optional or _has_var_arguments(type(module)):
         return None
+    fixed = _constant_defaults(type(module), [gm.graph for gm in graphs.values()])
     try:
-        return trace(module, leaf_types, leaf_paths, concrete_args=dict.fromkeys(optional))
+        return trace(module, leaf_types, leaf_paths, concrete_args={**dict.fromkeys(optional), **fixed})
     except Exception:  # noqa: BLE001 - fx raises many kinds; the general graphs still serve
         return None
+
+
+def _constant_defaults(base: type, graphs) -> dict:
+    """Graph inputs whose default in ``base.forward`` is a Python constant (a flag, a size)."""
+    try:
+        params = inspect.signature(base.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    names = {n.target for g in graphs for n in g.nodes if n.op == "placeholder"}
+    return {name: p.default for name, p in params.items()
+            if name in names and isinstance(p.default, (bool, int, float, str))}
+
+
+def _at_default(value, default) -> bool:
+    return type(value) is type(default) and value == default
 
 
 def _has_var_arguments(base: type) -> bool:
@@ -298,7 +315,8 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
         forwards, rewritten = _rewrite_all(without_optional, path, config, record)
         general, _ = _rewrite_all(graphs, path, config, None)
         optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
-        cls = _converted_class(type(module), general, optional, forwards)
+        fixed = _constant_defaults(type(module), [gm.graph for gm in graphs.values()])
+        cls = _converted_class(type(module), general, optional, forwards, fixed)
     else:
         forwards, rewritten = _rewrite_all(graphs, path, config, record)
         cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()))
@@ -354,11 +372,14 @@ def _optional_inputs(base: type, graphs) -> tuple:
     return tuple(name for name, p in params.items() if name in names and p.default is None)
 
 
-def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None) -> type:
+def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None,
+                     fixed: dict | None = None) -> type:
     """``forwards``: {training: forward} of the rewritten graphs. ``optional``: inputs those
     graphs took as tensors though their default is None; a call leaving any None runs
-    ``without_optional`` (graphs traced with all of them None) when every one is None and that
-    exists, else the module's own forward."""
+    ``without_optional`` (graphs traced with all of them None and the ``fixed`` inputs at their
+    defaults) when every one is None, the fixed ones are at their defaults and that exists, else
+    the module's own forward."""
+    fixed = fixed or {}
     train_fwd = forwards.get(True, next(iter(forwards.values())))
     eval_fwd = forwards.get(False, train_fwd)
     signature = inspect.signature(base.forward) if optional else None
@@ -370,7 +391,9 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         if optional:
             bound = signature.bind(self, *args, **kwargs)
             left = [name for name in optional if bound.arguments.get(name) is None]
-            if left and without_optional is not None and len(left) == len(optional):
+            at_defaults = all(_at_default(bound.arguments.get(name, default), default)
+                              for name, default in fixed.items())
+            if left and without_optional is not None and len(left) == len(optional) and at_defaults:
                 bound.apply_defaults()
                 flat = list(bound.arguments.values())[1:]  # fx named the fixed inputs anew: pass by position
                 if self.training:

@@ -87,6 +87,8 @@ def _no_dropout(model):
         for name in ("p", "drop_prob"):  # torch / torchvision, timm's DropPath
             if ("drop" in kind or "stochasticdepth" in kind) and isinstance(getattr(module, name, None), float):
                 setattr(module, name, 0.0)
+        if isinstance(getattr(module, "drop_rate", None), float):  # timm heads call F.dropout with it
+            module.drop_rate = 0.0
     return model
 
 

@@ -203,6 +203,38 @@ def test_calls_leaving_an_optional_input_none_run_a_graph_traced_with_it_none():
     assert torch.equal(converted(x, mask), model(x, mask))  # given: the general graph
 
 
+class FlaggedBlock(nn.Module):
+    """timm's VisionTransformer: an optional mask and a flag, both branched on together."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 256), nn.Linear(256, 64)
+
+    def forward(self, x, mask=None, is_causal: bool = False):
+        h = torch.nn.functional.gelu(self.a(x))
+        if mask is not None or is_causal:
+            h = h * (mask if mask is not None else torch.tril(torch.ones_like(h)))
+        return self.b(h)
+
+
+def test_a_flag_left_at_its_default_does_not_stop_the_graph_traced_without_the_mask():
+    """fx cannot branch on a traced bool: the graph for calls leaving the mask None fixes the
+    flag at its default too (timm ViTs: nothing was packed before), and calls that set it run
+    the model's own forward."""
+    torch.manual_seed(0)
+    model, x = FlaggedBlock(), torch.randn(128, 64)
+    converted = actfx.convert(model, bits=2)
+    with count_saved(model) as before:
+        kept = model(x)
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    assert torch.equal(converted(x), model(x))
+    assert after.activation_bytes * 8 < before.activation_bytes
+    assert torch.equal(converted(x, is_causal=True), model(x, is_causal=True))
+    mask = torch.rand(128, 256)
+    assert torch.equal(converted(x, mask), model(x, mask))
+
+
 def test_hugging_face_bert_without_example_inputs_trains():
     transformers = pytest.importorskip("transformers")
     cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=64, num_attention_heads=4, intermediate_size=128,
