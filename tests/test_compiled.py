@@ -120,14 +120,11 @@ def test_cnn_masks_and_8_bit_gradients(cnn):
     assert any(v.storage is Storage.PACKED and v.bits == 8 for v in values)
 
 
-class Bottleneck(nn.Module):
+class Bottleneck(ResidualCnn):
     """Each ReLU's output feeds a conv and a residual: backward reads its mask three ways."""
 
     def __init__(self):
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
-        self.c1, self.b1 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
-        self.c2, self.b2 = nn.Conv2d(16, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16)
         self.c3 = nn.Conv2d(16, 16, 3, padding=1, bias=False)
 
     def forward(self, x):
