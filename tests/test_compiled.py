@@ -101,6 +101,17 @@ def test_transformer_block_saved_values_are_packed(block):
     assert plan.bytes_before / plan.bytes_after > 5
 
 
+def test_normalisation_statistics_stay_exact():
+    """LayerNorm's 1/std per row is kept as it is even when large enough to pack."""
+    from actfx.compiled_estimate import estimate_compiled
+
+    record = estimate_compiled(Block().to("meta"), (torch.randn(2, 128, 128, device="meta"),),
+                               actfx.Config(bits=2, min_numel=16), memory_budget=0.3)
+    statistics = [v for plan in record.plans for v in plan.saved if v.shape == (2, 128, 1)]
+    assert statistics and all(v.storage is Storage.EXACT and v.reason == "normalisation statistic"
+                              for v in statistics), [(v.op, v.storage, v.reason) for v in statistics]
+
+
 def test_transformer_gradients_are_unbiased(block):
     model, compiled, _, x, exact = block
     torch.manual_seed(2)

@@ -22,6 +22,8 @@ once. The result is recorded as a ``GraphPlan`` for ``actfx.show``.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 
@@ -66,6 +68,8 @@ class PackSaved:
             return "dynamic shape (packing needs static sizes)"
         if numel(fwd_node) < self.config.min_numel:
             return "small"
+        if _is_statistic(fwd_node):
+            return "normalisation statistic"
         return None
 
     def sources(self) -> dict[fx.Node, fx.Node]:
@@ -169,6 +173,19 @@ class PackSaved:
         """Readers of ``placeholder`` read ``unpacked`` (shapes are static, so the unpack itself
         does not read the placeholder)."""
         placeholder.replace_all_uses_with(unpacked)
+
+
+# Per-row / per-channel statistics of a normalisation: one value per row, tiny next to the rows
+# themselves, and every gradient of the norm is scaled by them: kept exact.
+_STATISTICS = {aten.rsqrt.default, aten.mean.dim, aten.var.correction, aten.var_mean.correction}
+
+
+def _is_statistic(node: fx.Node) -> bool:
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        return source.target is aten.var_mean.correction or (
+            source.target in (aten.native_layer_norm.default, aten.native_batch_norm.default) and node.args[1] > 0)
+    return node.target in _STATISTICS and any(hint(s) == 1 for s in val(node).shape)
 
 
 def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices,
