@@ -83,6 +83,16 @@ def test_linear_forms_any_leading_dims(fn, kind):
     check_variant(Wrap(fn, lin=nn.Linear(32, 16)), torch.randn(3, 5, 7, 32), kinds=[kind])
 
 
+def test_baddbmm_packs_both_batches_and_reads_its_input_for_its_shape():
+    """Bloom's attention scores: baddbmm(alibi, q, k^T); the bias needs no storage."""
+    bias = torch.randn(6, 1, 16)
+    converted = check_variant(
+        Wrap(lambda s, x: torch.baddbmm(bias, s.q(x), s.k(x).transpose(1, 2), beta=1.0, alpha=0.25),
+             q=nn.Linear(8, 8), k=nn.Linear(8, 8)), torch.randn(6, 16, 8), kinds=["matmul"])
+    (site,) = [d for d in converted._actfx_record.decisions if d.kind == "matmul"]
+    assert site.saved == ["shape only", "packed 8-bit", "packed 8-bit"], site.saved
+
+
 @pytest.mark.parametrize("bn", [
     nn.BatchNorm1d(8), nn.BatchNorm2d(8, momentum=None), nn.BatchNorm3d(8, track_running_stats=False),
     nn.BatchNorm2d(8, affine=False),

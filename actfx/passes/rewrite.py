@@ -105,7 +105,7 @@ class _Rewriter:
         for site in self.sites.values():
             # an activation times a weight (Falcon's ``x @ w.T``) is a linear layer, not attention
             if site.kind == "matmul" and any(isinstance(v, Node) and self.facts.is_parameter_like(v)
-                                             for v in site.saved):
+                                             for i, v in enumerate(site.saved) if i not in site.shape_only):
                 site.kind = "linear"
         self.bits = self._bits_per_value()
         self.new = Graph()

@@ -188,8 +188,20 @@ _SHAPE_ONLY = {F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d:
 _RECOMPUTE_VARIANTS = {
     fn: make_recompute_variant(fn, kind)
     for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(),
-                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), (torch.einsum, "einsum")]
+                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), (torch.einsum, "einsum"),
+                     (torch.baddbmm, "baddbmm")]
 }
+
+
+def baddbmm_site(node):
+    """``baddbmm(input, b1, b2, beta=, alpha=)`` (Bloom's ALiBi attention scores): b1 and b2 are
+    packed as a matmul's operands (each gradient is linear in the other), ``input`` is read for
+    its shape only (its gradient is ``beta * g``); backward re-derives it."""
+    if len(node.args) != 3 or set(node.kwargs) - {"beta", "alpha"}:
+        return None
+    if any(isinstance(v, Node) for v in node.kwargs.values()):
+        return None
+    return _recompute_site(node, None, "matmul", torch.baddbmm, node.args, node.kwargs, shape_only=True)
 
 
 def einsum_site(node):

@@ -26,7 +26,7 @@ from actfx.passes.site_attention import (
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site, cross_entropy_site, einsum_site, inplace_pointwise_site, pointwise_site,
+    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, pointwise_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -115,6 +115,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return pointwise_site(node, None, calls, node.args[0], kind=t.actfx_kind)
         if t in _CONV_FUNCS:
             return _conv_functional(node)
+        if t in (torch.baddbmm, torch.ops.aten.baddbmm.default):
+            return baddbmm_site(node)
         if t in (torch.einsum, torch.ops.aten.einsum.default):
             return einsum_site(node)
         if t in (torch.linalg.vector_norm, torch.ops.aten.linalg_vector_norm.default):
