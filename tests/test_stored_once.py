@@ -204,3 +204,40 @@ def test_hand_written_rms_norm_keeps_one_pack_of_its_normalised_value():
     values = 4 * 32 * 64
     assert _held(converted, x) < 2.2 * values
     _unbiased(model, x)
+
+
+class RelativeBias(nn.Module):
+    """T5 / MPNet style: a bias looked up per query-key pair from computed position buckets."""
+
+    def __init__(self, buckets=32, heads=4):
+        super().__init__()
+        self.buckets = buckets
+        self.table = nn.Embedding(buckets, heads)  # 32 rows: uint8 indices
+        self.wide = nn.Parameter(torch.randn(40000, 2))  # 40000 rows: int32 (int16 holds 32768)
+        self.register_buffer("weights", torch.randn(2, 64, 64))
+
+    def forward(self, x):
+        s = x.shape[1]
+        pos = torch.arange(s)
+        rel = (pos[None, :] - pos[:, None]).clamp(-(self.buckets // 2), self.buckets // 2 - 1) + self.buckets // 2
+        bias = self.table(rel).sum(-1)  # (s, s)
+        wide = F.embedding(rel * 1000, self.wide).sum(-1)
+        return (self.weights[0] * bias).sum() + (self.weights[1] * wide).sum() + x.sum()
+
+
+def test_embedding_keeps_its_indices_in_the_narrowest_integer_type():
+    torch.manual_seed(0)
+    model, x = RelativeBias().train(), torch.randn(2, 64, 64)
+    converted = actfx.convert(model, bits=8)
+    assert [d.kind for d in converted._actfx_record.decisions].count("embedding") == 2
+    assert torch.equal(converted(x), model(x))
+    grads = []
+    for m in (model, converted):
+        m.zero_grad(set_to_none=True)
+        m(x).backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    assert torch.equal(grads[0], grads[1])  # exact: the indices are exact
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+        converted(x)
+    assert torch.uint8 in saved and torch.int32 in saved and torch.int64 not in saved, saved

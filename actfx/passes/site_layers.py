@@ -11,7 +11,7 @@ from torch.fx import Node
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
-from actfx.variants import batchnorm, conv, linear, norms, rmsnorm, vector_norm
+from actfx.variants import batchnorm, conv, embedding, linear, norms, rmsnorm, vector_norm
 
 
 # ---------------------------------------------------------------- convolution and linear
@@ -234,6 +234,31 @@ def _rms_norm_module(node, path, m):
         return None
     weight = (lambda g: _get(g, path, "weight")) if m.weight is not None else None
     return _rms_norm_site(node, path, node.args[0], tuple(m.normalized_shape), weight, m.eps)
+
+
+def embedding_site(node, path=None, module=None):
+    """Embedding (``F.embedding`` or ``nn.Embedding``): its indices kept compact
+    (``variants/embedding.py``); nothing is packed."""
+    if module is not None:
+        if len(node.args) != 1 or node.kwargs:
+            return None
+        a = {"input": node.args[0], "padding_idx": module.padding_idx, "max_norm": module.max_norm,
+             "norm_type": module.norm_type, "scale_grad_by_freq": module.scale_grad_by_freq, "sparse": module.sparse}
+        weight = lambda g: _get(g, path, "weight")  # noqa: E731
+    else:
+        a = bind("embedding", node.args, node.kwargs)
+        if a is None:
+            return None
+        weight = a["weight"]
+    if any(isinstance(a[k], Node) for k in ("padding_idx", "max_norm", "norm_type", "scale_grad_by_freq", "sparse")):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        return graph.call_function(embedding.embedding, (_env(env, a["input"]), w, a["padding_idx"], a["max_norm"],
+                                                         a["norm_type"], a["scale_grad_by_freq"], a["sparse"])), {}
+
+    return Site(node, "embedding", path, [], emit)
 
 
 def rms_normalize_site(node):

@@ -30,7 +30,8 @@ from actfx.passes.site_elementwise import (
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
-    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, rms_normalize_site,
+    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, embedding_site,
+    rms_normalize_site,
     vector_norm_site,
 )
 from actfx.passes.signatures import bind
@@ -52,6 +53,7 @@ _MODULE_HANDLERS = [
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm_module),
     ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _norm_module),
     ((nn.RMSNorm,), _rms_norm_module),
+    ((nn.Embedding,), lambda node, path, m: embedding_site(node, path, m)),
     (_RECOMPUTED_MODULES, _module_recompute_site),
     ((nn.Softmax,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
         node, path, node.args[0], m.dim, None) or None),
@@ -74,7 +76,7 @@ _NOTHING_SAVED_FUNCTIONS = {
     torch.squeeze, torch.unsqueeze, torch.chunk, torch.split, torch.narrow, torch.mean, torch.sum,
     torch.neg, F.pad, F.interpolate, F.adaptive_avg_pool1d, torch.unbind, torch.movedim, getattr,
     torch.zeros_like, torch.ones_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
-    F.embedding, F.one_hot, torch.where, torch.roll, torch.tile, torch.repeat_interleave,
+    F.one_hot, torch.where, torch.roll, torch.tile, torch.repeat_interleave,
 }
 _NOTHING_SAVED_METHODS = {
     "add", "sub", "neg", "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
@@ -84,7 +86,7 @@ _NOTHING_SAVED_METHODS = {
     "movedim", "swapaxes", "roll", "flip", "long", "int", "bool", "new_zeros", "new_ones", "new_empty",
 }
 _NOTHING_SAVED_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d,
-                          nn.Embedding, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+                          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
 
 
 def saves_nothing(node: Node, modules: dict) -> bool:
@@ -132,6 +134,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _norm_functional(node)
         if t is F.rms_norm:
             return _rms_norm_functional(node)
+        if t is F.embedding:
+            return embedding_site(node)
         if t is rms_normalize:  # collapsed by passes/rms_regions.py
             return rms_normalize_site(node)
         if t is F.scaled_dot_product_attention:
