@@ -274,13 +274,8 @@ def _trace_without_optional(module, graphs, leaf_types, leaf_paths) -> dict | No
 
 def _constant_defaults(base: type, graphs) -> dict:
     """Graph inputs whose default in ``base.forward`` is a Python constant (a flag, a size)."""
-    try:
-        params = inspect.signature(base.forward).parameters
-    except (TypeError, ValueError):
-        return {}
-    names = {n.target for g in graphs for n in g.nodes if n.op == "placeholder"}
-    return {name: p.default for name, p in params.items()
-            if name in names and isinstance(p.default, (bool, int, float, str))}
+    return {name: default for name, default in _input_defaults(base, graphs).items()
+            if isinstance(default, (bool, int, float, str))}
 
 
 def _at_default(value, default) -> bool:
@@ -361,15 +356,20 @@ def _remember_inputs(module: nn.Module, args: tuple) -> None:
         record.last_training_inputs = tuple((tuple(a.shape), a.dtype) for a in args)
 
 
-def _optional_inputs(base: type, graphs) -> tuple:
-    """Graph inputs whose default in ``base.forward`` is None. fx traced them as tensors, so a
-    call that leaves one None (Hugging Face modules do) must run the module's own forward."""
+def _input_defaults(base: type, graphs) -> dict:
+    """Graph input name -> its default in ``base.forward``, for the inputs that have one."""
     try:
         params = inspect.signature(base.forward).parameters
     except (TypeError, ValueError):
-        return ()
+        return {}
     names = {n.target for g in graphs for n in g.nodes if n.op == "placeholder"}
-    return tuple(name for name, p in params.items() if name in names and p.default is None)
+    return {name: p.default for name, p in params.items() if name in names and p.default is not p.empty}
+
+
+def _optional_inputs(base: type, graphs) -> tuple:
+    """Graph inputs whose default in ``base.forward`` is None. fx traced them as tensors, so a
+    call that leaves one None (Hugging Face modules do) must run the module's own forward."""
+    return tuple(name for name, default in _input_defaults(base, graphs).items() if default is None)
 
 
 def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None,

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Node
 
+from actfx.passes.graph_facts import NON_TENSOR_ATTRS, NON_TENSOR_METHODS
 from actfx.rules import aten_packet, is_pointwise
 from actfx.variants.recompute import CHAIN, PREV
 
@@ -68,9 +69,9 @@ def _is_tensor(node: Node) -> bool:
     if value is not None:
         return isinstance(value, torch.Tensor)
     if node.op == "call_method":
-        return node.target not in ("size", "dim", "numel")
+        return node.target not in NON_TENSOR_METHODS
     if node.op == "call_function" and node.target is getattr:
-        return node.args[1] not in ("shape", "ndim")
+        return node.args[1] not in NON_TENSOR_ATTRS
     if node.op == "call_function" and node.target is operator.getitem:
         return _is_tensor(node.args[0])
     if node.op == "call_function" and getattr(node.target, "__module__", None) in ("_operator", "math", "builtins"):

@@ -29,9 +29,9 @@ _VIEW_FUNCTIONS = {
 _RESHAPE_METHODS = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "contiguous",
                     "view_as", "reshape_as", "to", "float", "half", "bfloat16", "type_as"}  # and casts
 _RESHAPE_FUNCTIONS = {torch.flatten, torch.reshape, torch.squeeze, torch.unsqueeze}
-_NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "item", "tolist", "stride",
+NON_TENSOR_METHODS = {"size", "dim", "numel", "nelement", "ndimension", "item", "tolist", "stride",
                        "element_size", "get_device", "is_contiguous", "data_ptr"}
-_NON_TENSOR_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
+NON_TENSOR_ATTRS = {"shape", "dtype", "device", "ndim", "is_cuda", "requires_grad", "layout"}
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
                       operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior,
                       operator.ixor, operator.ilshift, operator.irshift}
@@ -78,10 +78,10 @@ class GraphFacts:
             self._union(node, ins[0])
 
     def _is_non_tensor(self, node: Node, ins: list[Node]) -> bool:
-        if node.op == "call_method" and node.target in _NON_TENSOR_METHODS:
+        if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
             return True
         if node.op == "call_function" and node.target is getattr and len(node.args) > 1:
-            return node.args[1] in _NON_TENSOR_ATTRS
+            return node.args[1] in NON_TENSOR_ATTRS
         if node.op == "call_function" and getattr(node.target, "__module__", None) in (
             "_operator", "operator", "math", "builtins"):
             return bool(ins) and all(self._non_tensor.get(i, False) for i in ins)

@@ -142,13 +142,9 @@ def masks_once(run) -> None:
     for node in list(run.g.bwd.nodes):
         if node.target is not aten.le.Scalar or node.args[1] != 0:
             continue
-        select = node.args[0]
-        if not (isinstance(select, fx.Node) and select.target is aten.where.self):
-            continue
-        mask, zero, y = select.args
-        if (isinstance(mask, fx.Node) and mask.target is aten.le.Scalar and mask.args == (y, 0)
-                and isinstance(zero, fx.Node) and zero.op == "call_function" and not zero.all_input_nodes):
-            node.replace_all_uses_with(mask)
+        found = _is_zero_select(node.args[0])
+        if found is not None:
+            node.replace_all_uses_with(found[0])
 
 
 def _is_zero_select(select: fx.Node):

@@ -177,7 +177,7 @@ class PackSaved:
 
 # Per-row / per-channel statistics of a normalisation: one value per row, tiny next to the rows
 # themselves, and every gradient of the norm is scaled by them: kept exact.
-_STATISTICS = {aten.rsqrt.default, aten.mean.dim, aten.var.correction, aten.var_mean.correction}
+_STATISTICS = {aten.rsqrt.default, aten.mean.dim, aten.var.correction}
 
 
 def _is_statistic(node: fx.Node) -> bool:

@@ -17,6 +17,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from actfx.config import Config
 from actfx.passes.analyze import CALLS, module_path, target_name
+from actfx.passes.capture import copy_graph
 from actfx.passes.rewrite import rewrite_graph
 
 SOURCE_KEY = "actfx_source"
@@ -33,10 +34,7 @@ def provenance(rewritten: Graph, traced: GraphModule, config: Config, path: str 
     """Sources of the nodes of ``rewritten`` (the record's training graph for ``path``), or None
     when rewriting ``traced`` (the original module at ``path``, traced as ``convert`` traced it:
     ``actfx.passes.analyze.trace_like``) does not reproduce it (the model changed since, say)."""
-    copied = Graph()
-    output = copied.graph_copy(traced.graph, {})  # the rewrite adds nodes to the graph it reads
-    copied.output(output)
-    gm = GraphModule(traced, copied)
+    gm = GraphModule(traced, copy_graph(traced.graph))  # the rewrite adds nodes to the graph it reads
     ops = {}
     for node in gm.graph.nodes:
         node.meta[SOURCE_KEY] = node.name

@@ -11,14 +11,11 @@ import torch
 import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
+from actfx.variants.pool import compact_index_dtype
 
 
 def narrowest_index_dtype(rows: int) -> torch.dtype:
-    if rows <= 256:
-        return torch.uint8
-    if rows <= 32768:
-        return torch.int16
-    return torch.int32 if rows <= 2 ** 31 else torch.int64
+    return torch.uint8 if rows <= 256 else compact_index_dtype(rows)
 
 
 class _CompactEmbedding(torch.autograd.Function):
