@@ -19,7 +19,6 @@ import torch
 import torch.nn as nn
 from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import min_cut_rematerialization_partition
-from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from actfx.config import Config, check_bits
@@ -77,6 +76,18 @@ def _attention_as_math(example_inputs):
     return contextlib.nullcontext()
 
 
+def _layout(example_inputs) -> dict:
+    """On CPU, keep convolutions in the layout they were written in. Inductor's layout
+    optimisation converts every 3x3 weight (and the input) to channels-last in forward, and
+    backward reads those copies, so they are held between the passes: on ResNet-50 batch 8,
+    50 MB of weight copies next to 40 MB of packed activations. Without it the step is also
+    faster here (packs read their groups contiguously): 3.0 s vs 4.0 s, while plain
+    torch.compile's step is the same either way (1.58 vs 1.56 s). On CUDA, where channels-last
+    convolutions use tensor cores, PyTorch's default stays."""
+    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
+    return {"layout_optimization": False} if tensors and all(t.device.type == "cpu" for t in tensors) else {}
+
+
 class _Partitioner(CustomPartitionerFn):
     """min-cut partitioning (under the memory budget), then pack_saved on the pair."""
 
@@ -112,9 +123,10 @@ class Backend:
 
         # The autograd cache would skip the partitioner (and so the record) on a hit; Inductor's
         # own code cache still applies to the packed graphs.
-        with inductor_config.patch(custom_partitioner_fn=_Partitioner(self.record)), \
-                functorch_config.patch(enable_autograd_cache=False), _attention_as_math(example_inputs):
-            return compile_fx(gm, example_inputs)
+        # config_patches (not a surrounding patch): they also hold when backward compiles, later.
+        patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs)}
+        with functorch_config.patch(enable_autograd_cache=False), _attention_as_math(example_inputs):
+            return compile_fx(gm, example_inputs, config_patches=patches)
 
 
 def backend(bits: int | None = None, *, memory_budget: float | None = None, config: Config | None = None) -> Backend:
