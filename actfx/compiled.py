@@ -38,6 +38,7 @@ class CompiledRecord:
     config: Config
     memory_budget: float | None
     plans: list[GraphPlan] = dataclasses.field(default_factory=list)
+    probe: object = None  # calibrating for a plan: backward reads saved values through it
 
 
 def _check_budget(memory_budget) -> float | None:
@@ -99,8 +100,11 @@ class _Partitioner(CustomPartitionerFn):
         patch = functorch_config.patch(activation_memory_budget=budget) if budget is not None else contextlib.nullcontext()
         with patch:
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        if self.record.probe is not None:
+            self.record.probe.graph = len(self.record.plans)
         plan = pack_saved(fwd, bwd, num_fwd_outputs=kwargs["num_fwd_outputs"],
-                          static_indices=kwargs.get("static_lifetime_input_indices"), config=self.record.config)
+                          static_indices=kwargs.get("static_lifetime_input_indices"), config=self.record.config,
+                          probe=self.record.probe)
         self.record.plans.append(plan)
         return fwd, bwd
 
@@ -136,18 +140,24 @@ def backend(bits: int | None = None, *, memory_budget: float | None = None, conf
 
 
 def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float | None = None, config: Config | None = None,
-            **compile_kwargs) -> nn.Module:
+            plan=None, **compile_kwargs) -> nn.Module:
     """A compiled copy of ``model`` whose saved activations are packed (same Parameters, buffers,
     submodules and state_dict keys; ``model`` itself is left as it was).
 
     memory_budget: torch.compile's ``activation_memory_budget`` for the partitioner (None keeps
-    PyTorch's default); compile_kwargs go to ``torch.compile`` (``dynamic``, ``fullgraph``, ...).
+    PyTorch's default); ``plan``: an ``actfx.plan(..., path="compile")`` plan giving each saved
+    value its width (it replaces bits and config); compile_kwargs go to ``torch.compile``
+    (``dynamic``, ``fullgraph``, ...).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.compile expects a torch.nn.Module, got {type(model).__name__}")
     if "backend" in compile_kwargs:
         raise TypeError("actfx.compile chooses the backend; use torch.compile(model, backend=actfx.backend(...)) "
                         "to combine it with other options")
+    if plan is not None:
+        config = _plan_config(plan, bits, config)
+        bits = None
+        memory_budget = plan.memory_budget if memory_budget is None else memory_budget
     chosen = backend(bits, memory_budget=memory_budget, config=config)
     compiled = _clone(model, type(model))
     # The copy's own forward, compiled (an instance attribute over the class's): hooks and
@@ -155,6 +165,20 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     object.__setattr__(compiled, "forward", torch.compile(compiled.forward, backend=chosen, **compile_kwargs))
     object.__setattr__(compiled, "_actfx_compiled", chosen.record)
     return compiled
+
+
+def _plan_config(plan, bits, config) -> Config:
+    from actfx.planner.plan import Plan
+
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
+    if plan.path != "compile":
+        raise ValueError("this plan was made for actfx.convert (path='eager'); apply it with actfx.convert(model, "
+                         "plan=plan), or plan for actfx.compile with actfx.plan(..., path='compile')")
+    clash = [f"{name}={value!r}" for name, value in (("bits", bits), ("config", config)) if value is not None]
+    if clash:
+        raise ValueError(f"plan= and {', '.join(clash)} both set the widths; pass the plan alone")
+    return plan.config()
 
 
 def compiled_record(model: nn.Module) -> CompiledRecord | None:

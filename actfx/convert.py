@@ -68,6 +68,9 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
 
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
+        if plan.path != "eager":
+            raise ValueError("this plan was made for actfx.compile (path='compile'); apply it with "
+                             "actfx.compile(model, plan=plan), or plan for convert with actfx.plan(..., path='eager')")
         clash = [f"{name}={value!r}" for name, value in (("bits", bits), ("group_size", group_size),
                                                            ("config", config)) if value is not None]
         if clash:

@@ -73,3 +73,20 @@ def test_packed_size_matches_the_formula():
     packed, lo, step = pack_values(x, 2, 256)
     nbytes = packed.numel() + lo.numel() * 4 + step.numel() * 4
     assert nbytes == packed_value_bytes(1000, 2, 256)
+
+
+def test_stochastic_rounding_noise_is_uniform_and_reproducible_per_seed():
+    from actfx.kernels.graph_pack import _uniform_like
+
+    like = torch.empty(1 << 16)
+    torch.manual_seed(3)
+    u = _uniform_like(like)
+    torch.manual_seed(3)
+    again = _uniform_like(like)
+    other = _uniform_like(like)
+    assert torch.equal(u, again) and not torch.equal(u, other)
+    assert 0 <= float(u.min()) and float(u.max()) < 1
+    assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.002
+    # neighbours (the hash's counter differs by one) are uncorrelated
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02
+    assert torch.histc(u, bins=16, min=0, max=1).div(len(u) / 16).sub(1).abs().max() < 0.06

@@ -27,11 +27,11 @@ import operator
 import torch
 from torch import fx
 
-from actfx.config import Config
+from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import graph_pack
 from actfx.passes import hoist, linearize, noise_degree, rematerialize
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
-from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage
+from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
                                      static_shape, val)
 from actfx.rules import rule_for
@@ -43,9 +43,10 @@ class PackSaved:
     """One run of the pass on a partitioned pair: the steps (``linearize``, ``hoist``,
     ``rematerialize``) read and change it; ``classify`` and ``rewrite`` finish."""
 
-    def __init__(self, fwd, bwd, num_fwd_outputs: int, static_indices, config: Config):
+    def __init__(self, fwd, bwd, num_fwd_outputs: int, static_indices, config: Config, probe=None):
         self.g = SavedPair(fwd, bwd, num_fwd_outputs)
         self.config = config
+        self.probe = probe
         self.params = parameter_nodes(self.g.fwd, static_indices)
         self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
         self.exact_reason: dict[str, str] = {}
@@ -104,19 +105,25 @@ class PackSaved:
         plan = GraphPlan()
         for fwd, bwd in self.g.saved_tensors():
             storage = decisions[fwd]
-            bits = self.config.bits_for(self._kind(fwd), module_path(fwd)) if storage is Storage.PACKED else None
+            op = self.hoisted.get(fwd.name, op_name(fwd))
+            bits = self._bits(fwd, op) if storage is Storage.PACKED else None
+            if bits == KEEP_EXACT:
+                storage, bits = Storage.EXACT, None
+                self.exact_reason[fwd.name] = "plan"
             self._replace_shape_only_uses(bwd)
             if not bwd.users:
                 self.g.drop_saved(fwd)
                 continue
-            if storage is Storage.PACKED:
+            if storage is Storage.PACKED and self.probe is not None:
+                after = self._probe(fwd, bwd, bits)
+            elif storage is Storage.PACKED:
                 after = self._pack(fwd, bwd, bits)
             elif storage is Storage.MASK:
                 after = self._mask(fwd, bwd)
             else:
                 after = nbytes(fwd)
             plan.saved.append(SavedValue(
-                name=fwd.name, op=self.hoisted.get(fwd.name, op_name(fwd)), module_path=module_path(fwd),
+                name=fwd.name, op=op, module_path=module_path(fwd),
                 shape=tuple(hint(s) for s in val(fwd).shape), dtype=str(val(fwd).dtype).replace("torch.", ""),
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
@@ -124,6 +131,24 @@ class PackSaved:
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
+
+    def _bits(self, fwd: fx.Node, op: str) -> int:
+        """A plan's width for this value (``Config.site_bits`` keyed ``module:op``), else the
+        per-module / per-kind width."""
+        planned = self.config.site_bits.get(site_key(module_path(fwd), op)) if self.config.site_bits else None
+        return planned if planned is not None else self.config.bits_for(self._kind(fwd), module_path(fwd))
+
+    def _probe(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:
+        """Calibration (``actfx.plan(path="compile")``): the value stays saved as it is and
+        backward reads it through the probe, which can add one pack's rounding noise."""
+        read = self.g.bwd.call_function(self.probe.read, (bwd, self.probe.key(fwd.name)))
+        read.meta["val"] = bwd.meta["val"]
+        self.first_use(bwd).prepend(read)
+        for user in list(bwd.users):
+            if user is not read:
+                user.replace_input_with(bwd, read)
+        numel_ = numel(fwd)
+        return graph_pack.packed_value_bytes(numel_, bits, self.config.group_size)
 
     def _kind(self, fwd: fx.Node) -> str:
         """The Config.op_bits kind of a saved value: values of attention (the op that was
@@ -189,9 +214,11 @@ def _is_statistic(node: fx.Node) -> bool:
 
 
 def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices,
-               config: Config) -> GraphPlan:
-    """Run the pass in place on a partitioned pair; returns what each saved value became."""
-    run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config)
+               config: Config, probe=None) -> GraphPlan:
+    """Run the pass in place on a partitioned pair; returns what each saved value became.
+    ``probe``: calibrating (see ``actfx.planner.compiled_sensitivity``): values to pack are kept
+    and read through ``probe.read(value, name)`` instead."""
+    run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config, probe)
     before = sum(nbytes(f) for f, _ in run.g.saved_tensors() if f not in run.params)
     dependent = noise_degree.tangent_dependent(run.g.bwd)
     recomputed = sum(1 for n in run.g.bwd.nodes if n.op == "call_function" and n not in dependent)

@@ -37,7 +37,8 @@ PATHS = ("eager", "compile")
 
 def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=None, gpu: str | None = None,
          batch: int | None = None, optimizer: str = "adamw", path: str = "eager", loss_fn=None,
-         calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None) -> Plan:
+         calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None,
+         memory_budget: float | None = None) -> Plan:
     """A plan for ``model`` (see the module docstring); give exactly one of:
 
     - ``budget``: peak training memory, bytes or a string such as ``"6GiB"``;
@@ -51,6 +52,8 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     tensors with a few real samples as ``calibration_inputs``.
     ``loss_fn(output) -> scalar`` for calibration (default: output projected on a fixed Gaussian).
     ``optimizer``: whose state the peak counts (sgd, adam, adamw).
+    ``path="compile"``: widths for the values ``actfx.compile`` packs (apply with
+    ``actfx.compile(model, plan=plan)``), with the partitioner's ``memory_budget`` as given there.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.plan expects a torch.nn.Module, got {type(model).__name__}")
@@ -64,9 +67,12 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                          "the batch is the one of example_inputs")
     if path not in PATHS:
         raise ValueError(f"path must be one of {', '.join(PATHS)}, got {path!r}")
+    if memory_budget is not None and path != "compile":
+        raise ValueError("memory_budget= is the compiled partitioner's; it goes with path='compile'")
     if path == "compile":
-        raise NotImplementedError("plans for actfx.compile are not implemented yet; plan with path='eager' "
-                                  "and apply with actfx.convert(model, plan=plan)")
+        from actfx.compiled import _check_budget
+
+        memory_budget = _check_budget(memory_budget)
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
     check_bits(bits)
@@ -89,11 +95,6 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         inventory = take_inventory(converted, planned_inputs, dtype=dtype)
     peak = peak_model(model, step_bytes(converted, planned_inputs, dtype=dtype), inventory.measured.activation_bytes,
                       optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
-    sensitivity = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
-                                     tuple(calibration), loss_fn=loss_fn, group_size=group_size)
-    planned = [g for g in inventory.groups if any(p.key in sensitivity and not p.source.derived for p in g.packs)]
-    fixed = [g for g in inventory.groups if g not in planned]
-    fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
     if activation_budget is not None:
         room = limit
         words = f"activation budget {format_bytes(room)}"
@@ -102,6 +103,25 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         room = peak.activation_room(total)
         words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
                  else f"peak budget {format_bytes(total)}")
+    if path == "compile":
+        from actfx.planner.make_compiled import plan_compiled
+
+        result = plan_compiled(model, tuple(planned_inputs), tuple(calibration), room=room,
+                               activation_limit=activation_budget is not None, peak=peak, words=words,
+                               batch=batch_of(planned_inputs), base=base, memory_budget=memory_budget, loss_fn=loss_fn)
+        over = (result.activation_bytes - limit if activation_budget is not None
+                else result.predicted_peak_bytes - total)
+        if over > 0:
+            raise BudgetError(f"cannot meet the {words}: the closest compiled plan found holds "
+                              f"{format_bytes(result.activation_bytes)} and peaks at "
+                              f"{format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
+                              result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes)
+        return result
+    sensitivity = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
+                                     tuple(calibration), loss_fn=loss_fn, group_size=group_size)
+    planned = [g for g in inventory.groups if any(p.key in sensitivity and not p.source.derived for p in g.packs)]
+    fixed = [g for g in inventory.groups if g not in planned]
+    fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
     sources = _rebuild_sources(converted._actfx_record.decisions)
     options = [option(g, sensitivity, group_size, exact=not any(p.key in sources for p in g.packs)) for g in planned]
     for _ in range(3):

@@ -54,6 +54,8 @@ class Plan:
     average_bits: float  # over every packed value, weighted by size
     gradient_variance: float  # predicted, at the calibration batch (sum over measured packs)
     budget: str = ""  # what the plan was made to fit, in words
+    path: str = "eager"  # "eager": sites are actfx.convert's ops; "compile": actfx.compile's saved values
+    memory_budget: float | None = None  # compile: the partitioner's activation_memory_budget planned with
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -61,6 +63,8 @@ class Plan:
         keys = [s.key for s in self.sites]
         if len(set(keys)) != len(keys):
             raise ValueError("a plan lists each module:op once; found duplicates")
+        if self.path not in ("eager", "compile"):
+            raise ValueError(f"a plan's path is 'eager' or 'compile', got {self.path!r}")
 
     def config(self) -> Config:
         """The conversion settings that apply the plan."""
@@ -71,7 +75,8 @@ class Plan:
 
     def to_dict(self) -> dict:
         head = {k: getattr(self, k) for k in ("bits", "group_size", "batch", "activation_bytes",
-                                               "predicted_peak_bytes", "average_bits", "gradient_variance", "budget")}
+                                               "predicted_peak_bytes", "average_bits", "gradient_variance", "budget",
+                                               "path", "memory_budget")}
         sites = [{**dataclasses.asdict(s), "bits": "exact" if s.bits == KEEP_EXACT else s.bits} for s in self.sites]
         return {"format": FORMAT, **head, "sites": sites}
 
@@ -102,7 +107,8 @@ class Plan:
         except (KeyError, TypeError) as err:
             raise ValueError(f"{where}: malformed plan ({type(err).__name__}: {err}); write it again with actfx plan") \
                 from None
-        return cls(sites=sites, budget=data.get("budget", ""), **fields)
+        return cls(sites=sites, budget=data.get("budget", ""), path=data.get("path", "eager"),
+                   memory_budget=data.get("memory_budget"), **fields)
 
     # ------------------------------------------------------------ printing
 

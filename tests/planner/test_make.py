@@ -100,7 +100,8 @@ def test_gpu_without_batch_takes_the_largest_batch_that_fits():
     ({"budget": "1GiB", "batch": 4}, ValueError, "batch= goes with gpu="),
     ({"gpu": "t5"}, ValueError, "unknown GPU 't5'"),
     ({"budget": "lots"}, ValueError, "cannot read 'lots'"),
-    ({"budget": "1GiB", "path": "compile"}, NotImplementedError, "path='eager'"),
+    ({"budget": "1GiB", "path": "jit"}, ValueError, "path must be one of"),
+    ({"budget": "1GiB", "path": "compile", "memory_budget": 2}, ValueError, "memory_budget must be a number"),
     ({"budget": "1GiB", "optimizer": "lion"}, ValueError, "unknown optimizer"),
 ])
 def test_bad_arguments_say_what_to_do(kwargs, error, text):

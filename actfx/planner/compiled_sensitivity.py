@@ -1,0 +1,95 @@
+"""Gradient variance per width of each value ``actfx.compile`` packs, measured on its own graphs.
+
+The same estimate as the eager path's (``sensitivity``), taken where the compiled path packs:
+the model is captured and partitioned exactly as ``actfx.compile`` does it (min-cut partitioner,
+then actfx's pass: hoisting, masks, exact statistics), but the graphs run as plain fx code and
+each value the pass would pack stays saved as it is, read in backward through a ``Probe``. One
+forward on real calibration inputs, one exact backward, then one backward per packed value with
+that value stochastically rounded to 2 bits where backward reads it:
+
+    Var_v(2) = || g(noise on v) - g ||^2,   Var_v(b) = Var_v(2) * sum sigma^2(b) / sum sigma^2(2)
+
+(``sigma^2`` the per-value rounding variance, ``sensitivity.rounding_variance``). Nothing is kept
+on the model; training steps after planning read fixed widths and never sync with the host.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from actfx.compiled import CompiledRecord, _Partitioner
+from actfx.config import Config
+from actfx.kernels import ALLOWED_BITS
+from actfx.passes.saved_plan import Storage
+from actfx.planner.sensitivity import (CALIBRATION_BITS, PackSensitivity, _gradient, _projection, rounding_noise,
+                                       rounding_variance)
+
+
+class Probe:
+    """Backward reads each would-be-packed value through ``read``: it keeps a copy the first
+    time and adds the active value's noise while one backward runs."""
+
+    def __init__(self):
+        self.graph = 0  # index of the graph being partitioned (set by the partitioner)
+        self.values: dict = {}  # (graph, node name) -> copy of the value
+        self.active = None  # (key, noise)
+
+    def key(self, name: str) -> tuple:
+        return (self.graph, name)
+
+    def read(self, value: torch.Tensor, key: tuple) -> torch.Tensor:
+        if key not in self.values:
+            self.values[key] = value.detach().clone()
+        if self.active is not None and self.active[0] == key:
+            return value + self.active[1].to(value.dtype)
+        return value
+
+
+def compiled_sensitivities(model: nn.Module, inputs: tuple, config: Config, memory_budget: float | None, *,
+                           loss_fn=None, seed: int = 0) -> dict:
+    """{site ("module:op"): PackSensitivity} over the values actfx.compile would pack in
+    ``model`` on ``inputs`` (real tensors); values sharing a site add their variances."""
+    import torch._inductor.lowering  # noqa: F401 - Inductor's decomposition table reads it
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.decomposition import select_decomp_table
+
+    probe = Probe()
+    record = CompiledRecord(config, memory_budget, probe=probe)
+
+    def keep(gm, example_inputs):
+        return make_boxed_func(gm.forward)
+
+    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=_Partitioner(record),
+                           decompositions=select_decomp_table())
+    params = [p for p in model.parameters() if p.requires_grad]
+    generator = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.train()
+    try:
+        with torch.enable_grad():
+            out = torch.compile(model, backend=backend)(*inputs)
+            loss = loss_fn(out) if loss_fn is not None else _projection(out, generator)
+            exact = _gradient(loss, params)
+            sites = {(index, v.name): v.site for index, plan in enumerate(record.plans) for v in plan.saved
+                     if v.storage is Storage.PACKED}
+            result: dict = {}
+            group = config.group_size
+            for key in sorted(probe.values):
+                value = probe.values[key]
+                if key not in sites or not value.is_floating_point():
+                    continue
+                probe.active = (key, rounding_noise(value, CALIBRATION_BITS, group, generator))
+                diff = torch._foreach_sub(_gradient(loss, params), exact)
+                measured = sum(float(n) ** 2 for n in torch._foreach_norm(diff))
+                base = float(rounding_variance(value, CALIBRATION_BITS, group).sum())
+                variance = {b: measured * float(rounding_variance(value, b, group).sum()) / base if base > 0 else 0.0
+                            for b in ALLOWED_BITS}
+                total = result.setdefault(sites[key], dict.fromkeys(ALLOWED_BITS, 0.0))
+                for b in ALLOWED_BITS:
+                    total[b] += variance[b]
+            probe.active = None
+    finally:
+        model.train(was_training)
+    return {site: PackSensitivity(v) for site, v in result.items()}

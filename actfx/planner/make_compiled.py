@@ -1,0 +1,93 @@
+"""``actfx.plan(..., path="compile")``: widths for the values ``actfx.compile`` packs.
+
+1. partition the model as ``actfx.compile`` would, on meta tensors at the batch to plan for
+   (``estimate_compiled``): every saved value, its bytes and how the pass keeps it;
+2. calibrate on the same partition with real inputs (``compiled_sensitivity``);
+3. pick widths per site (``"module:op"``; values sharing a site share a width) with the same
+   knapsack as the eager path (``choose``), then partition again with the chosen widths and
+   report what that holds.
+
+The peak counts the compiled plan's held bytes on top of the eager conversion's backward working
+set (``PeakModel``): Inductor frees temporaries at least as early as eager PyTorch, so this is an
+upper bound, not a measurement of the compiled step.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import torch
+import torch.nn as nn
+
+from actfx.compiled_estimate import estimate_compiled
+from actfx.config import KEEP_EXACT, Config
+from actfx.kernels import ALLOWED_BITS, graph_pack
+from actfx.passes.saved_plan import Storage
+from actfx.planner.choose import BudgetError, Option, choose
+from actfx.planner.compiled_sensitivity import compiled_sensitivities
+from actfx.planner.plan import Plan, Site
+from actfx.units import format_bytes
+
+
+def _numel(value) -> int:
+    n = 1
+    for s in value.shape:
+        n *= int(s)
+    return n
+
+
+def _held(record) -> int:
+    return sum(p.bytes_after for p in record.plans)
+
+
+def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *, room: int, activation_limit: bool,
+                  peak, words: str, batch: int, base: Config, memory_budget: float | None, loss_fn=None) -> Plan:
+    """A compile plan holding at most ``room`` bytes of activations (see the module docstring)."""
+    meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in planned_inputs)
+    shape_only = copy.deepcopy(model).to("meta")  # the partition at the planned batch costs no memory
+    estimate = estimate_compiled(shape_only, meta, base, memory_budget)
+    sensitivity = compiled_sensitivities(model, calibration, base, memory_budget, loss_fn=loss_fn)
+    group = base.group_size
+    values: dict = {}
+    fixed = 0
+    for plan in estimate.plans:
+        for v in plan.saved:
+            if v.reason == "parameter":
+                continue
+            if v.storage is Storage.PACKED and v.site in sensitivity:
+                values.setdefault(v.site, []).append(v)
+            else:
+                fixed += v.bytes_after
+    sites = sorted(values)
+    options = []
+    for site in sites:
+        nbytes = {b: sum(graph_pack.packed_value_bytes(_numel(v), b, group) for v in values[site])
+                  for b in ALLOWED_BITS}
+        nbytes[KEEP_EXACT] = sum(v.bytes_before for v in values[site])
+        variance = {**sensitivity[site].variance, KEEP_EXACT: 0.0}
+        options.append(Option(nbytes, variance))
+    try:
+        widths = choose(options, room - fixed)
+    except BudgetError as err:
+        smallest = fixed + err.smallest
+        what = (f"held activations of at least {format_bytes(smallest)}" if activation_limit
+                else f"a peak of at least {format_bytes(peak.peak(smallest))}")
+        raise BudgetError(f"cannot meet the {words}: every planned value at 1 bit still needs {what}; raise the "
+                          "budget or lower the batch", smallest if activation_limit else peak.peak(smallest)) from None
+    chosen = {site: width for site, width in zip(sites, widths)}
+    config = dataclasses.replace(base, site_bits=chosen)
+    held = _held(estimate_compiled(shape_only, meta, config, memory_budget))
+    numel_bits = numel = 0
+    for site, width in chosen.items():
+        for v in values[site]:
+            numel_bits += _numel(v) * (32 if width == KEEP_EXACT else width)
+            numel += _numel(v)
+    plan_sites = []
+    for site, option, width in zip(sites, options, widths):
+        module, _, op = site.rpartition(":")
+        plan_sites.append(Site(module, op, width, option.nbytes[width], option.variance[width]))
+    return Plan(tuple(plan_sites), base.bits, group, batch, held, peak.peak(held),
+                numel_bits / numel if numel else float(base.bits),
+                sum(o.variance[w] for o, w in zip(options, widths)), words, path="compile",
+                memory_budget=memory_budget)

@@ -1,0 +1,101 @@
+"""actfx.plan(..., path="compile"): widths for the values actfx.compile packs, and
+actfx.compile(model, plan=plan) applying them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actfx
+from actfx.compiled import CompiledRecord, _Partitioner
+from actfx.compiled_estimate import estimate_compiled
+from actfx.config import KEEP_EXACT, Config
+from actfx.planner.compiled_sensitivity import compiled_sensitivities
+from planner_models import SmallCNN, projection
+
+
+# Each test compiles its own class: dynamo keeps at most 8 compiled versions of one forward.
+class PlannedCnn(SmallCNN):
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.gelu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+class CalibratedCnn(PlannedCnn):
+    def forward(self, x):
+        x = self.relu(self.bn1(self.conv1(x)))
+        x = torch.nn.functional.gelu(self.bn2(self.conv2(x)))
+        return self.head(x.mean((2, 3)))
+
+
+def _held(record: CompiledRecord) -> int:
+    return sum(p.bytes_after for p in record.plans)
+
+
+def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
+    torch.manual_seed(0)
+    model, x = PlannedCnn(), torch.randn(4, 3, 16, 16)
+    uniform = _held(estimate_compiled(model, (x,), Config(bits=2)))
+    plan = actfx.plan(model, x, activation_budget=int(uniform * 1.5), path="compile", loss_fn=projection())
+    assert plan.path == "compile" and plan.activation_bytes <= uniform * 1.5
+    widths = {s.key: s.bits for s in plan.sites}
+    assert len(set(widths.values())) > 1  # a mix, not one width everywhere
+    compiled = actfx.compile(model, plan=plan)
+    projection()(compiled(x)).backward()
+    record = compiled._actfx_compiled
+    assert _held(record) == plan.activation_bytes
+    seen = 0
+    for value in (v for p in record.plans for v in p.saved):
+        if value.site in widths:
+            seen += 1
+            expected = None if widths[value.site] == KEEP_EXACT else widths[value.site]
+            assert value.bits == expected, value
+    assert seen >= len(widths)
+
+
+def test_the_estimate_matches_the_variance_of_the_packed_graphs():
+    """Sum over values at 2 bits against E||g_k - g||^2 of the same partition with real 2-bit
+    packs, run as fx code (K draws)."""
+    import torch._inductor.lowering  # noqa: F401
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+    from torch._inductor.decomposition import select_decomp_table
+
+    torch.manual_seed(0)
+    model, x, loss = CalibratedCnn(), torch.randn(8, 3, 16, 16), projection()
+    config = Config(bits=2, op_bits={})
+    predicted = sum(s.at(2) for s in compiled_sensitivities(model, (x,), config, None, loss_fn=loss).values())
+    record = CompiledRecord(config, None)
+
+    def keep(gm, example_inputs):
+        return make_boxed_func(gm.forward)
+
+    packed = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep,
+                                                       partition_fn=_Partitioner(record),
+                                                       decompositions=select_decomp_table()))
+    params = list(model.parameters())
+    exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(model(x)), params)])
+    samples = []
+    for _ in range(24):
+        grads = torch.autograd.grad(loss(packed(x)), params)
+        samples.append(float((torch.cat([g.reshape(-1) for g in grads]) - exact).square().sum()))
+    measured = sum(samples) / len(samples)
+    assert any(v.bits == 2 for p in record.plans for v in p.saved)
+    assert measured == pytest.approx(predicted, rel=0.35)
+
+
+def test_a_plan_goes_to_the_path_it_was_made_for():
+    torch.manual_seed(0)
+    model, x = SmallCNN(), torch.randn(2, 3, 8, 8)
+    eager = actfx.plan(model, x, activation_budget=10**9)
+    with pytest.raises(ValueError, match="made for actfx.convert"):
+        actfx.compile(model, plan=eager)
+    compiled_plan = actfx.Plan.from_dict({**eager.to_dict(), "path": "compile", "sites": []})
+    with pytest.raises(ValueError, match="made for actfx.compile"):
+        actfx.convert(model, plan=compiled_plan)
+    with pytest.raises(ValueError, match="both set the widths"):
+        actfx.compile(model, bits=4, plan=compiled_plan)
+    with pytest.raises(ValueError, match="goes with path='compile'"):
+        actfx.plan(model, x, activation_budget=10**9, memory_budget=0.3)
