@@ -16,10 +16,10 @@ from actfx.compiled import CompiledRecord, _Partitioner
 from actfx.config import Config
 
 
-def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_budget: float | None = None
-                      ) -> CompiledRecord:
-    """The CompiledRecord (plans) of one training forward of ``model`` on ``inputs`` (meta or
-    real tensors; meta costs nothing); ``model`` is left as it was."""
+def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = None):
+    """``model`` captured, partitioned and packed as ``actfx.compile`` does it, with the graphs
+    run as fx code instead of generated kernels (the same ATen pack math; for estimates,
+    calibration and tests), and the CompiledRecord its partitions fill."""
     import torch._inductor.lowering  # noqa: F401 - Inductor's decomposition table reads it
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
@@ -32,11 +32,19 @@ def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_bu
 
     backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=_Partitioner(record),
                            decompositions=select_decomp_table())
+    return torch.compile(model, backend=backend), record
+
+
+def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_budget: float | None = None
+                      ) -> CompiledRecord:
+    """The CompiledRecord (plans) of one training forward of ``model`` on ``inputs`` (meta or
+    real tensors; meta costs nothing); ``model`` is left as it was."""
+    compiled, record = as_fx_code(model, config, memory_budget)
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad():
-            torch.compile(model, backend=backend)(*inputs)
+            compiled(*inputs)
     finally:
         model.train(was_training)
     return record

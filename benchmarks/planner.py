@@ -2,6 +2,7 @@
 
     python benchmarks/planner.py quality                  # vit_tiny and resnet50, uniform 2-bit vs the plan
     python benchmarks/planner.py quality --models vit_tiny --batch 8 --samples 8
+    python benchmarks/planner.py quality --path compile   # the same for actfx.plan(path="compile")
     python benchmarks/planner.py peak                     # resnet50 and gpt_tiny, three batches each, CPU RSS
     python benchmarks/planner.py maxbatch --limit 1GiB    # resnet50: largest batch under a CPU peak, predicted vs found
 
@@ -13,7 +14,10 @@ batch it is judged on. Printed per model: held bytes (``count_saved``), average 
 one-step error sqrt(mean_k ||g_k - g||^2) / ||g||, and the error of the mean of K,
 ||mean_k g_k - g|| / ||g|| (falls like 1/sqrt(K) when unbiased). Models at initialisation;
 torchvision-style ViTs start with a zero head, which leaves every other gradient zero, so the
-head is re-initialised N(0, 0.02) first (as timm does).
+head is re-initialised N(0, 0.02) first (as timm does). ``--path compile``: the same with
+uniform 2-bit ``actfx.compile`` against ``actfx.plan(path="compile")``, held bytes from the
+compiled pass's record, the packed partitions run as fx code (the ATen pack math Inductor would
+fuse, without generating code).
 
 peak: each (model, batch) in a fresh process started with MALLOC_MMAP_THRESHOLD_=65536 and one
 thread: a plan with ``activation_budget`` = what uniform 2-bit holds (calibrated on one small
@@ -125,6 +129,46 @@ def quality(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
         "uniform": {"held": held, "bits": _average_bits(uniform, x), **_errors(uniform, params, x, y, exact, samples)},
         "plan": {"held": _held(planned, x), "predicted_held": plan.activation_bytes, "bits": plan.average_bits,
                  **_errors(planned, params, x, y, exact, samples)},
+    }
+
+
+def _record_bits(record) -> float:
+    from actfx.passes.saved_plan import Storage
+
+    packed = [v for p in record.plans for v in p.saved if v.storage is Storage.PACKED]
+    return sum(math.prod(v.shape) * v.bits for v in packed) / max(sum(math.prod(v.shape) for v in packed), 1)
+
+
+def quality_compiled(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
+    """``quality`` for ``actfx.plan(path="compile")``: uniform 2-bit actfx.compile against the
+    compile plan at the bytes uniform holds (the compiled record's bytes)."""
+    from actfx.compiled import _attention_as_math
+    from actfx.compiled_estimate import as_fx_code
+    from actfx.config import Config
+
+    model = _model(name)
+    params = [p for p in model.parameters() if p.requires_grad]
+    x, gen = _batch(name, batch, seed=0)
+    y = _labels(model, x, gen)
+    exact = _gradient(model, params, x, y)
+    math_attention = _attention_as_math((x,))  # as actfx.compile traces SDPA on CPU
+    with math_attention:
+        uniform, uniform_record = as_fx_code(model, Config(bits=2))
+        uniform_errors = _errors(uniform, params, x, y, exact, samples)
+    held = sum(p.bytes_after for p in uniform_record.plans)
+    xc, genc = _batch(name, batch, seed=1)
+    yc = _labels(model, xc, genc)
+    loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
+    plan = actfx.plan(model, x, activation_budget=int(held * fraction), calibration_inputs=(xc,), loss_fn=loss,
+                      path="compile")
+    with _attention_as_math((x,)):
+        planned, planned_record = as_fx_code(model, plan.config())
+        planned_errors = _errors(planned, params, x, y, exact, samples)
+    return {
+        "model": name, "input": list(x.shape), "samples": samples, "fraction": fraction, "path": "compile",
+        "uniform": {"held": held, "bits": _record_bits(uniform_record), **uniform_errors},
+        "plan": {"held": sum(p.bytes_after for p in planned_record.plans), "predicted_held": plan.activation_bytes,
+                 "bits": plan.average_bits, **planned_errors},
     }
 
 
@@ -247,6 +291,8 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0],
                    help="quality: plan for these fractions of what uniform 2-bit holds")
+    p.add_argument("--path", choices=("eager", "compile"), default="eager",
+                   help="quality: plan for actfx.convert (eager) or actfx.compile (compile)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -269,7 +315,8 @@ def main(argv=None) -> None:
                 json.dump(rows, f, indent=1)
         return
     if a.what == "quality":
-        rows = [quality(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
+        measure = quality_compiled if a.path == "compile" else quality
+        rows = [measure(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
                 for f in a.fractions]
         print(f"{'model':10} {'input':18} {'':12} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}")
         for r in rows:

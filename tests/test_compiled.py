@@ -231,3 +231,44 @@ def test_report_compile_estimates_the_partition_on_meta_tensors(capsys):
     assert main(["report", "mlp", "--input-shape", "8,1,28,28", "--memory-budget", "0.5"]) == 2
     assert "add --compile" in capsys.readouterr().err
     assert main(["report", "mlp", "--input-shape", "8,1,28,28", "--compile", "--memory-budget", "3"]) == 2
+
+
+class ClassToken(nn.Module):
+    """A zero-initialised class token and a position embedding before a LayerNorm (torchvision's
+    ViT): the token's row is ~100x smaller than the patch rows it shares pack groups with."""
+
+    def __init__(self, d=192):
+        super().__init__()
+        self.token = nn.Parameter(torch.zeros(1, 1, d))
+        self.pos = nn.Parameter(torch.randn(1, 9, d) * 0.02)
+        self.embed = nn.Linear(d, d)
+        self.ln = nn.LayerNorm(d)
+        self.head = nn.Linear(d, 10)
+
+    def forward(self, x):
+        x = torch.cat([self.token.expand(x.shape[0], -1, -1), self.embed(x)], dim=1) + self.pos
+        return self.head(self.ln(x)).mean(1)
+
+
+def test_layer_norm_keeps_its_normalised_value_not_its_input():
+    from actfx.compiled_estimate import as_fx_code
+    from actfx.config import Config
+
+    torch.manual_seed(0)
+    model, x = ClassToken(), torch.randn(8, 8, 192) * 3
+    target = torch.randn(8, 10)
+    params = list(model.parameters())
+
+    def gradient(m):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(((m(x) - target) ** 2).sum(), params)])
+
+    exact = gradient(model)
+    packed, record = as_fx_code(model, Config(bits=2))
+    errors = [float((gradient(packed) - exact).norm() / exact.norm()) for _ in range(4)]
+    saved = [v for p in record.plans for v in p.saved if v.storage is Storage.PACKED]
+    # the normalised value, computed in forward from what backward would have rebuilt, is packed;
+    # the raw sum (class token + embedding + position) is not saved at all
+    assert any(v.hoisted and v.module_path == "ln" for v in saved)
+    assert not any(v.op.endswith("cat.default") or v.op.endswith("add.Tensor") for v in saved if not v.hoisted)
+    # packed raw, the token row's rounding error times its 1/std made this ~10-100x the norm
+    assert max(errors) < 1.0

@@ -227,6 +227,7 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     hoist.masks_once(run)
     linearize.linearize(run)
     hoist.hoist(run)
+    hoist.normalised_inputs(run)
     hoist.saved_masks_once(run)
     decisions = run.classify()
     plan = run.rewrite(decisions)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from actfx.compiled import CompiledRecord, _Partitioner
+from actfx.compiled_estimate import as_fx_code
 from actfx.config import Config
 from actfx.kernels import ALLOWED_BITS
 from actfx.passes.saved_plan import Storage
@@ -50,26 +50,16 @@ def compiled_sensitivities(model: nn.Module, inputs: tuple, config: Config, memo
                            loss_fn=None, seed: int = 0) -> dict:
     """{site ("module:op"): PackSensitivity} over the values actfx.compile would pack in
     ``model`` on ``inputs`` (real tensors); values sharing a site add their variances."""
-    import torch._inductor.lowering  # noqa: F401 - Inductor's decomposition table reads it
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._inductor.decomposition import select_decomp_table
-
     probe = Probe()
-    record = CompiledRecord(config, memory_budget, probe=probe)
-
-    def keep(gm, example_inputs):
-        return make_boxed_func(gm.forward)
-
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=_Partitioner(record),
-                           decompositions=select_decomp_table())
+    compiled, record = as_fx_code(model, config, memory_budget)
+    record.probe = probe
     params = [p for p in model.parameters() if p.requires_grad]
     generator = torch.Generator().manual_seed(seed)
     was_training = model.training
     model.train()
     try:
         with torch.enable_grad():
-            out = torch.compile(model, backend=backend)(*inputs)
+            out = compiled(*inputs)
             loss = loss_fn(out) if loss_fn is not None else _projection(out, generator)
             exact = _gradient(loss, params)
             sites = {(index, v.name): v.site for index, plan in enumerate(record.plans) for v in plan.saved

@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import actfx
-from actfx.compiled import CompiledRecord, _Partitioner
-from actfx.compiled_estimate import estimate_compiled
+from actfx.compiled import CompiledRecord
+from actfx.compiled_estimate import as_fx_code, estimate_compiled
 from actfx.config import KEEP_EXACT, Config
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
 from planner_models import SmallCNN, projection
@@ -58,23 +57,11 @@ def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
 def test_the_estimate_matches_the_variance_of_the_packed_graphs():
     """Sum over values at 2 bits against E||g_k - g||^2 of the same partition with real 2-bit
     packs, run as fx code (K draws)."""
-    import torch._inductor.lowering  # noqa: F401
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-    from torch._inductor.decomposition import select_decomp_table
-
     torch.manual_seed(0)
     model, x, loss = CalibratedCnn(), torch.randn(8, 3, 16, 16), projection()
     config = Config(bits=2, op_bits={})
     predicted = sum(s.at(2) for s in compiled_sensitivities(model, (x,), config, None, loss_fn=loss).values())
-    record = CompiledRecord(config, None)
-
-    def keep(gm, example_inputs):
-        return make_boxed_func(gm.forward)
-
-    packed = torch.compile(model, backend=aot_autograd(fw_compiler=keep, bw_compiler=keep,
-                                                       partition_fn=_Partitioner(record),
-                                                       decompositions=select_decomp_table()))
+    packed, record = as_fx_code(model, config)
     params = list(model.parameters())
     exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(model(x)), params)])
     samples = []
