@@ -40,6 +40,11 @@ class CompiledRecord:
     plans: list[GraphPlan] = dataclasses.field(default_factory=list)
     probe: object = None  # calibrating for a plan: backward reads saved values through it
 
+    @property
+    def bytes_after(self) -> int:
+        """Bytes kept for backward over every compiled graph, parameters excluded."""
+        return sum(p.bytes_after for p in self.plans)
+
 
 def _check_budget(memory_budget) -> float | None:
     if memory_budget is None:
@@ -100,8 +105,6 @@ class _Partitioner(CustomPartitionerFn):
         patch = functorch_config.patch(activation_memory_budget=budget) if budget is not None else contextlib.nullcontext()
         with patch:
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-        if self.record.probe is not None:
-            self.record.probe.graph = len(self.record.plans)
         plan = pack_saved(fwd, bwd, num_fwd_outputs=kwargs["num_fwd_outputs"],
                           static_indices=kwargs.get("static_lifetime_input_indices"), config=self.record.config,
                           probe=self.record.probe)
@@ -155,7 +158,11 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
         raise TypeError("actfx.compile chooses the backend; use torch.compile(model, backend=actfx.backend(...)) "
                         "to combine it with other options")
     if plan is not None:
-        config = _plan_config(plan, bits, config)
+        from actfx.planner.plan import Plan
+
+        if not isinstance(plan, Plan):
+            raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
+        config = plan.config_for("compile", bits=bits, config=config)
         bits = None
         memory_budget = plan.memory_budget if memory_budget is None else memory_budget
     chosen = backend(bits, memory_budget=memory_budget, config=config)
@@ -165,20 +172,6 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     object.__setattr__(compiled, "forward", torch.compile(compiled.forward, backend=chosen, **compile_kwargs))
     object.__setattr__(compiled, "_actfx_compiled", chosen.record)
     return compiled
-
-
-def _plan_config(plan, bits, config) -> Config:
-    from actfx.planner.plan import Plan
-
-    if not isinstance(plan, Plan):
-        raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
-    if plan.path != "compile":
-        raise ValueError("this plan was made for actfx.convert (path='eager'); apply it with actfx.convert(model, "
-                         "plan=plan), or plan for actfx.compile with actfx.plan(..., path='compile')")
-    clash = [f"{name}={value!r}" for name, value in (("bits", bits), ("config", config)) if value is not None]
-    if clash:
-        raise ValueError(f"plan= and {', '.join(clash)} both set the widths; pass the plan alone")
-    return plan.config()
 
 
 def compiled_record(model: nn.Module) -> CompiledRecord | None:

@@ -40,7 +40,7 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
                       format_bytes(row["after_bytes"]), row["saved_as"])
     console.print(table)
     before = sum(p.bytes_before for p in record.plans)
-    after = sum(p.bytes_after for p in record.plans)
+    after = record.bytes_after
     recomputed = sum(p.recomputed_ops for p in record.plans)
     budget = "PyTorch's default" if record.memory_budget is None else str(record.memory_budget)
     console.print(f"saved for backward (parameters excluded): {format_bytes(before)} -> {format_bytes(after)} "

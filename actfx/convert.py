@@ -68,15 +68,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
 
         if not isinstance(plan, Plan):
             raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
-        if plan.path != "eager":
-            raise ValueError("this plan was made for actfx.compile (path='compile'); apply it with "
-                             "actfx.compile(model, plan=plan), or plan for convert with actfx.plan(..., path='eager')")
-        clash = [f"{name}={value!r}" for name, value in (("bits", bits), ("group_size", group_size),
-                                                           ("config", config)) if value is not None]
-        if clash:
-            raise ValueError(f"plan= and {', '.join(clash)} both set the widths; pass the plan alone "
-                             "(it carries its own widths and group size)")
-        config = plan.config()
+        config = plan.config_for("eager", bits=bits, group_size=group_size, config=config)
         converted = convert(model, config=config, leaf_modules=leaf_modules, example_inputs=example_inputs)
         _check_plan_fits(plan, converted._actfx_record)
         return converted

@@ -151,11 +151,10 @@ def quality_compiled(name: str, batch: int, samples: int, fraction: float = 1.0)
     x, gen = _batch(name, batch, seed=0)
     y = _labels(model, x, gen)
     exact = _gradient(model, params, x, y)
-    math_attention = _attention_as_math((x,))  # as actfx.compile traces SDPA on CPU
-    with math_attention:
+    with _attention_as_math((x,)):  # as actfx.compile traces SDPA on CPU
         uniform, uniform_record = as_fx_code(model, Config(bits=2))
         uniform_errors = _errors(uniform, params, x, y, exact, samples)
-    held = sum(p.bytes_after for p in uniform_record.plans)
+    held = uniform_record.bytes_after
     xc, genc = _batch(name, batch, seed=1)
     yc = _labels(model, xc, genc)
     loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
@@ -167,7 +166,7 @@ def quality_compiled(name: str, batch: int, samples: int, fraction: float = 1.0)
     return {
         "model": name, "input": list(x.shape), "samples": samples, "fraction": fraction, "path": "compile",
         "uniform": {"held": held, "bits": _record_bits(uniform_record), **uniform_errors},
-        "plan": {"held": sum(p.bytes_after for p in planned_record.plans), "predicted_held": plan.activation_bytes,
+        "plan": {"held": planned_record.bytes_after, "predicted_held": plan.activation_bytes,
                  "bits": plan.average_bits, **planned_errors},
     }
 

@@ -219,7 +219,7 @@ def normalised_inputs(run) -> None:
         region, leaves = _region(run, scaled)
         if region is not None:
             candidates[scaled] = (set(region), leaves)
-    inside = set().union(*(r for r, _ in candidates.values())) if candidates else set()
+    inside = set().union(*(r for r, _ in candidates.values()))
     for scaled, (region, leaves) in candidates.items():
         packed = [leaf for leaf in leaves if leaf in sources]
         if not packed:

@@ -147,8 +147,7 @@ class PackSaved:
         for user in list(bwd.users):
             if user is not read:
                 user.replace_input_with(bwd, read)
-        numel_ = numel(fwd)
-        return graph_pack.packed_value_bytes(numel_, bits, self.config.group_size)
+        return graph_pack.packed_value_bytes(numel(fwd), bits, self.config.group_size)
 
     def _kind(self, fwd: fx.Node) -> str:
         """The Config.op_bits kind of a saved value: values of attention (the op that was

@@ -30,13 +30,13 @@ class Probe:
     """Backward reads each would-be-packed value through ``read``: it keeps a copy the first
     time and adds the active value's noise while one backward runs."""
 
-    def __init__(self):
-        self.graph = 0  # index of the graph being partitioned (set by the partitioner)
-        self.values: dict = {}  # (graph, node name) -> copy of the value
+    def __init__(self, record):
+        self.record = record  # the graph being partitioned is the next plan it records
+        self.values: dict = {}  # (graph index, node name) -> copy of the value
         self.active = None  # (key, noise)
 
     def key(self, name: str) -> tuple:
-        return (self.graph, name)
+        return (len(self.record.plans), name)
 
     def read(self, value: torch.Tensor, key: tuple) -> torch.Tensor:
         if key not in self.values:
@@ -50,9 +50,8 @@ def compiled_sensitivities(model: nn.Module, inputs: tuple, config: Config, memo
                            loss_fn=None, seed: int = 0) -> dict:
     """{site ("module:op"): PackSensitivity} over the values actfx.compile would pack in
     ``model`` on ``inputs`` (real tensors); values sharing a site add their variances."""
-    probe = Probe()
     compiled, record = as_fx_code(model, config, memory_budget)
-    record.probe = probe
+    probe = record.probe = Probe(record)
     was_training = model.training
     model.train()
     try:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 
 import torch
 import torch.nn as nn
@@ -29,17 +30,6 @@ from actfx.planner.choose import BudgetError, Option, choose
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
 from actfx.planner.plan import Plan, Site
 from actfx.units import format_bytes
-
-
-def _numel(value) -> int:
-    n = 1
-    for s in value.shape:
-        n *= int(s)
-    return n
-
-
-def _held(record) -> int:
-    return sum(p.bytes_after for p in record.plans)
 
 
 def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *, room: int, activation_limit: bool,
@@ -65,7 +55,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     sites = sorted(values)
     options = []
     for site in sites:
-        nbytes = {b: sum(graph_pack.packed_value_bytes(_numel(v), b, group) for v in values[site])
+        nbytes = {b: sum(graph_pack.packed_value_bytes(math.prod(v.shape), b, group) for v in values[site])
                   for b in ALLOWED_BITS}
         nbytes[KEEP_EXACT] = sum(v.bytes_before for v in values[site])
         variance = {**sensitivity[site].variance, KEEP_EXACT: 0.0}
@@ -81,12 +71,12 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     chosen = {site: width for site, width in zip(sites, widths)}
     config = dataclasses.replace(base, site_bits=chosen)
     with _attention_as_math(calibration):
-        held = _held(estimate_compiled(shape_only, meta, config, memory_budget))
+        held = estimate_compiled(shape_only, meta, config, memory_budget).bytes_after
     numel_bits = numel = 0
     for site, width in chosen.items():
         for v in values[site]:
-            numel_bits += _numel(v) * (32 if width == KEEP_EXACT else width)
-            numel += _numel(v)
+            numel_bits += math.prod(v.shape) * (32 if width == KEEP_EXACT else width)
+            numel += math.prod(v.shape)
     plan_sites = []
     for site, option, width in zip(sites, options, widths):
         module, _, op = site.rpartition(":")

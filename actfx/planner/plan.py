@@ -66,6 +66,20 @@ class Plan:
         if self.path not in ("eager", "compile"):
             raise ValueError(f"a plan's path is 'eager' or 'compile', got {self.path!r}")
 
+    def config_for(self, path: str, **given) -> Config:
+        """The settings applying the plan on ``path`` ("eager": actfx.convert, "compile":
+        actfx.compile); refuses a plan made for the other path, or widths ``given`` beside it."""
+        apply = {"eager": "actfx.convert", "compile": "actfx.compile"}
+        if self.path != path:
+            raise ValueError(f"this plan was made for {apply[self.path]} (path='{self.path}'); apply it with "
+                             f"{apply[self.path]}(model, plan=plan), or plan for {apply[path]} with "
+                             f"actfx.plan(..., path='{path}')")
+        clash = [f"{name}={value!r}" for name, value in given.items() if value is not None]
+        if clash:
+            raise ValueError(f"plan= and {', '.join(clash)} both set the widths; pass the plan alone "
+                             "(it carries its own widths and group size)")
+        return self.config()
+
     def config(self) -> Config:
         """The conversion settings that apply the plan."""
         return Config(bits=self.bits, group_size=self.group_size,

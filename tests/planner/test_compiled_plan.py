@@ -7,7 +7,6 @@ import pytest
 import torch
 
 import actfx
-from actfx.compiled import CompiledRecord
 from actfx.compiled_estimate import as_fx_code, estimate_compiled
 from actfx.config import KEEP_EXACT, Config
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
@@ -29,14 +28,10 @@ class CalibratedCnn(PlannedCnn):
         return self.head(x.mean((2, 3)))
 
 
-def _held(record: CompiledRecord) -> int:
-    return sum(p.bytes_after for p in record.plans)
-
-
 def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
     torch.manual_seed(0)
     model, x = PlannedCnn(), torch.randn(4, 3, 16, 16)
-    uniform = _held(estimate_compiled(model, (x,), Config(bits=2)))
+    uniform = estimate_compiled(model, (x,), Config(bits=2)).bytes_after
     plan = actfx.plan(model, x, activation_budget=int(uniform * 1.5), path="compile", loss_fn=projection())
     assert plan.path == "compile" and plan.activation_bytes <= uniform * 1.5
     widths = {s.key: s.bits for s in plan.sites}
@@ -44,7 +39,7 @@ def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
     compiled = actfx.compile(model, plan=plan)
     projection()(compiled(x)).backward()
     record = compiled._actfx_compiled
-    assert _held(record) == plan.activation_bytes
+    assert record.bytes_after == plan.activation_bytes
     seen = 0
     for value in (v for p in record.plans for v in p.saved):
         if value.site in widths:
