@@ -10,8 +10,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from actfx.variants.conv_backward import batch_slices, convolution_backward
 from actfx.variants.common import cast_grad, needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
+from actfx.variants.saved_rows import cuttable, rows, settle
 
 _FORWARD = {
     (False, 1): F.conv1d,
@@ -52,6 +54,7 @@ class _PackedConv(torch.autograd.Function):
         plans, storage = split_all([spec], run)
         ctx.plans = plans
         ctx.geometry = geometry
+        ctx.x_shape = tuple(x.shape)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.shape, out.dtype)
         ctx.save_for_backward(weight, *storage)
         return not_a_view(out)
@@ -62,14 +65,28 @@ class _PackedConv(torch.autograd.Function):
         weight, *storage = ctx.saved_tensors
         transposed, nd, stride, padding, dilation, output_padding, groups, pad = ctx.geometry
         x_dtype, w_dtype, bias_shape, compute = ctx.meta
-        x = materialize_all(ctx.plans, storage)[0].to(compute)
-        x_shape = x.shape
-        if pad is not None:
-            x = F.pad(x, pad[0], mode=pad[1])
+        x_shape = ctx.x_shape
+
+        def prepared(x):
+            x = x.to(compute)
+            return x if pad is None else F.pad(x, pad[0], mode=pad[1])
+
+        parts = batch_slices(x_shape, torch.empty((), dtype=compute).element_size(), weight.dim(), weight.device)
+        if parts is not None and cuttable(ctx.plans[0]):
+            settled = settle(ctx.plans[0], storage)
+
+            def input_rows(part):
+                return prepared(rows(*settled, part))
+        else:
+            x = prepared(materialize_all(ctx.plans, storage)[0])
+
+            def input_rows(part):
+                return x if part is None else x[part]
         mask = [ctx.needs_input_grad[4], ctx.needs_input_grad[2], bias_shape is not None and ctx.needs_input_grad[3]]
-        gx, gw, gb = torch.ops.aten.convolution_backward(
+        gx, gw, gb = convolution_backward(
             grad_out.to(compute),
-            x,
+            input_rows,
+            parts,
             weight.to(compute),
             list(bias_shape) if bias_shape is not None else None,
             _as_list(stride, nd),

@@ -99,8 +99,27 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
     raise ValueError(f"unknown saved-value spec {spec!r}")
 
 
-def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
-    """Rebuild a value from its plan, consuming its tensors from ``storage`` in order."""
+def plan_width(plan: tuple) -> int:
+    """How many storage tensors ``materialize(plan, ...)`` consumes."""
+    kind = plan[0]
+    if kind in ("const", "zeros"):
+        return 0
+    if kind == "exact":
+        return 1
+    if kind == "packed":
+        return 2
+    if kind == "sum":
+        return plan_width(plan[1]) + plan_width(plan[2])
+    return {"masked": 1, "affine": 2}.get(kind, 0) + plan_width(plan[-1])
+
+
+def materialize(plan: tuple, storage: Iterator[torch.Tensor], keep: bool = True) -> torch.Tensor:
+    """Rebuild a value from its plan, consuming its tensors from ``storage`` in order.
+
+    ``keep``: an unpacked value that other readers still wait for is held for them. Not for
+    values reached through a residual shortcut: in a ResNet stage each block's output is rebuilt
+    from the previous one's, so holding them would keep the whole chain unpacked (at full size)
+    until backward reaches its first block; those are unpacked again when their reader comes."""
     kind = plan[0]
     if kind == "exact":
         return next(storage)
@@ -114,7 +133,7 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
                 f"version {version} instead. (actfx kept a packed copy, but refuses, as autograd does, to "
                 "differentiate through a value changed after it was used; make the edit out of place.)"
             )
-        return materialize(inner, storage)
+        return materialize(inner, storage, keep)
     if kind == "const":
         return plan[1]
     if kind == "zeros":
@@ -122,7 +141,7 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
     if kind == "packed":
         _, shape, dtype, bits, group_size = plan
         codes, meta = next(storage), next(storage)
-        return _unpack_once(codes, meta, shape, dtype, bits, group_size)
+        return _unpack_once(codes, meta, shape, dtype, bits, group_size, keep)
     if kind == "masked":
         _, shape, slope, inner_plan = plan
         codes = next(storage)
@@ -137,23 +156,25 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor]) -> torch.Tensor:
         if affine is not None and affine[1] == len(shape):
             _, _, channel_dim, dtype, affine_inner = affine
             a, b = next(storage), next(storage)
-            x = materialize(affine_inner, storage).reshape(shape)
-            shortcut = None if shortcut_plan is None else materialize(shortcut_plan, storage).reshape(shape)
+            x_storage = [next(storage) for _ in range(plan_width(affine_inner))]
+            # The shortcut first: its own chain of rebuilds is done and freed before x is unpacked.
+            shortcut = None if shortcut_plan is None else materialize(shortcut_plan, storage, keep=False).reshape(shape)
+            x = materialize(affine_inner, iter(x_storage), keep).reshape(shape)
             return affine_scale_by_mask(x.contiguous(), a, b, channel_dim, codes, 1.0, outside, dtype,
                                         addend=None if shortcut is None else shortcut.contiguous())
-        inner = materialize(inner_plan, storage).reshape(shape)
+        inner = materialize(inner_plan, storage, keep).reshape(shape)
         return scale_by_mask(inner.contiguous(), codes, 1.0, outside)
     if kind == "affine":
         _, _, channel_dim, dtype, inner_plan = plan
         a, b = next(storage), next(storage)
-        return channel_affine(materialize(inner_plan, storage), a, b, channel_dim, dtype)
+        return channel_affine(materialize(inner_plan, storage, keep), a, b, channel_dim, dtype)
     if kind == "sum":
-        left = materialize(plan[1], storage)
-        return left + materialize(plan[2], storage)
+        left = materialize(plan[1], storage, keep)
+        return left + materialize(plan[2], storage, keep)
     if kind == "reshape":
-        return materialize(plan[3], storage).reshape(plan[1]).to(plan[2])
+        return materialize(plan[3], storage, keep).reshape(plan[1]).to(plan[2])
     if kind == "permute":
-        return materialize(plan[2], storage).permute(plan[1])
+        return materialize(plan[2], storage, keep).permute(plan[1])
     raise ValueError(f"unknown saved-value plan {plan!r}")
 
 
@@ -171,17 +192,24 @@ def _count_reader(codes: torch.Tensor) -> None:
         state[_READERS] = state.get(_READERS, 0) + 1
 
 
-def _unpack_once(codes, meta, shape, dtype, bits, group_size) -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        return unpack_groups(codes, meta, shape, dtype, bits, group_size)
+def claim_unpacked(codes: torch.Tensor, shape, dtype) -> torch.Tensor | None:
+    """Count one reader of ``codes`` as served; the unpacked value if an earlier reader left it."""
     state = codes.__dict__
-    left = state.get(_READERS, 1) - 1
+    state[_READERS] = state.get(_READERS, 1) - 1
     value = state.pop(_UNPACKED, None)
     if value is None or value.dtype != dtype or tuple(value.shape) != tuple(shape):
+        return None
+    return value
+
+
+def _unpack_once(codes, meta, shape, dtype, bits, group_size, keep: bool = True) -> torch.Tensor:
+    if torch.compiler.is_compiling():
+        return unpack_groups(codes, meta, shape, dtype, bits, group_size)
+    value = claim_unpacked(codes, shape, dtype)
+    if value is None:
         value = unpack_groups(codes, meta, shape, dtype, bits, group_size)
-    state[_READERS] = left
-    if left > 0:
-        state[_UNPACKED] = value
+    if codes.__dict__[_READERS] > 0 and keep:
+        codes.__dict__[_UNPACKED] = value
     return value
 
 
