@@ -115,6 +115,9 @@ class SavedPair:
         self.set_outputs(outputs[:index] + [fwd_node] + outputs[index:])
         with self.bwd.inserting_before(self.placeholder_of[like]):
             placeholder = self.bwd.placeholder(fwd_node.name)
+        # The graph may have renamed it (a backward node has that name); the generated code names
+        # the argument after the target, so a stale target would read that other node's value.
+        placeholder.target = placeholder.name
         placeholder.meta.update(fwd_node.meta)
         self.placeholder_of[fwd_node] = placeholder
         return placeholder
