@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, disable_fake_tensor_cache
 
 from actfx.passes.analyze import _Twins
 from actfx.passes.capture import training_mode
@@ -30,7 +30,10 @@ def step_bytes(converted: nn.Module, inputs, *, dtype=None) -> int:
     state = {name: twin(t) for name, t in named}
     trainable = [state[name] for name, p in converted.named_parameters() if p.requires_grad]
     args = [twin(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x for x in inputs]
-    with training_mode(converted, True), mode, torch.enable_grad():
+    # FakeTensorMode's dispatch cache keeps tensors alive that the real step frees (views of
+    # linear outputs, detached q, k, v): with it on, gpt_tiny's step read 20.2 MiB, not 13.7
+    # (13.2 measured).
+    with training_mode(converted, True), mode, disable_fake_tensor_cache(mode), torch.enable_grad():
         if dtype is not None:
             args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
         tracker = MemTracker()

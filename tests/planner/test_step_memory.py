@@ -25,3 +25,33 @@ def test_the_step_holds_gradients_activations_and_grows_with_the_batch():
     # Everything but the gradients scales with the batch (4x here), give or take BN's statistics.
     assert abs((large - grads) / (small - grads) - 4) < 0.2
     assert all(p.grad is None for p in model.parameters())  # nothing written into the model
+
+
+def _real_step_bytes(converted, x) -> int:
+    """The same step as ``step_bytes``, on real tensors, followed by the same tracker."""
+    from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
+
+    params = [p for p in converted.parameters() if p.requires_grad]
+    tracker = MemTracker()
+    with tracker:
+        out = converted(x)
+        loss = out.float().sum()
+        del out
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        del grads, loss
+    peak = tracker.get_tracker_snapshot("peak")
+    fixed = (_MemRefType.PARAM, _MemRefType.BUFFER)
+    return int(sum(d["Total"] - sum(d.get(k, 0) for k in fixed) for d in peak.values()))
+
+
+def test_the_fake_step_matches_the_real_one_on_a_transformer():
+    # FakeTensorMode's dispatch cache kept linear outputs and attention's q, k, v alive after
+    # forward (20.2 MiB against 13.2 measured on gpt_tiny); the fake step runs without it.
+    from actfx.models import build_model
+
+    torch.manual_seed(0)
+    converted = actfx.convert(build_model("gpt_tiny"), bits=2)
+    x = torch.randint(0, 256, (4, 64))
+    fake = step_bytes(converted, (x,))
+    real = _real_step_bytes(converted, x)
+    assert abs(fake - real) <= 0.05 * real, (fake, real)
