@@ -83,6 +83,10 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--calibration-shape", metavar="B,C,H,W",
                       help="shape of the random batch the sensitivities are measured on (default: one sample, "
                            "dims after the first two cut to 64 when the model accepts that)")
+    plan.add_argument("--compile", action="store_true",
+                      help="plan for actfx.compile: widths per value the compiled pass packs (default: actfx.convert)")
+    plan.add_argument("--memory-budget", metavar="F", help="with --compile: the partitioner's "
+                      "activation_memory_budget to plan under, 0 < F <= 1 (default: PyTorch's)")
     plan.add_argument("--out", metavar="PATH", help="write the plan as JSON (actfx.Plan.load, actfx report --plan)")
 
     show = sub.add_parser("show", help="each op: what backward saves, before -> after")
@@ -313,6 +317,9 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     if args.batch is not None and args.gpu is None:
         raise UsageError("--batch goes with --gpu; with --budget or --activation-budget the batch is --input-shape's")
     batch = _int(args.batch, "--batch") if args.batch is not None else None
+    if args.memory_budget is not None and not args.compile:
+        raise UsageError("--memory-budget applies to the compiled path; add --compile")
+    memory_budget = _memory_budget(args.memory_budget)
     optimizer = _choice(args.optimizer, {k: k for k in OPTIMIZER_STATES}, "--optimizer")
     sizes = {}
     for flag, text in (("--budget", args.budget), ("--activation-budget", args.activation_budget)):
@@ -340,7 +347,8 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     try:
         result = plan(model, (example,), budget=sizes.get("--budget"), activation_budget=sizes.get("--activation-budget"),
                       gpu=args.gpu, batch=batch, optimizer=optimizer, calibration_inputs=(calibration,),
-                      bits=options.bits, dtype=None if options.dtype == torch.float32 else options.dtype)
+                      bits=options.bits, dtype=None if options.dtype == torch.float32 else options.dtype,
+                      path="compile" if args.compile else "eager", memory_budget=memory_budget)
     except BudgetError as err:
         print(f"actfx: error: {err}", file=sys.stderr)
         return 2

@@ -32,7 +32,9 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
 
     backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=_Partitioner(record),
                            decompositions=select_decomp_table())
-    return torch.compile(model, backend=backend), record
+    # Static: plans estimate one batch, calibrate on another and estimate again; with automatic
+    # dynamic shapes the third compile would see a symbolic batch and keep every value exact.
+    return torch.compile(model, backend=backend, dynamic=False), record
 
 
 def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_budget: float | None = None

@@ -148,7 +148,23 @@ def test_plan_writes_a_plan_that_report_applies(capsys, tmp_path):
     assert json.loads(report.read_text())["activation_bytes_actfx"] == plan.activation_bytes
 
 
+def test_plan_compile_writes_a_plan_for_the_compiled_pass(capsys, tmp_path):
+    import actfx
+
+    path = tmp_path / "plan.json"
+    code, out, err = run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", "--activation-budget", "16KiB",
+                         "--compile", "--memory-budget", "0.5", "--out", str(path))
+    assert code == 0 and f"wrote {path}" in out, err
+    plan = actfx.Plan.load(path)
+    assert plan.path == "compile" and plan.memory_budget == 0.5
+    assert plan.activation_bytes <= 16 * 1024 and any(s.planned for s in plan.sites)
+    # Sites are the compiled pass's saved values, named by ATen op, not actfx.convert's op kinds.
+    assert plan.sites and not {s.op for s in plan.sites} & {"linear", "relu"}, [s.op for s in plan.sites]
+
+
 @pytest.mark.parametrize("argv, expected", [
+    (["--budget", "1GiB", "--memory-budget", "0.3"], "--memory-budget applies to the compiled path; add --compile"),
+    (["--budget", "1GiB", "--compile", "--memory-budget", "2"], "must be a number in (0, 1]"),
     (["--activation-budget", "1KiB"], "cannot meet the activation budget 1.00 KiB: every planned op at 1 bit "
                                       "still needs held activations of at least"),
     (["--budget", "1MiB"], "cannot meet the peak budget 1.00 MiB"),

@@ -272,3 +272,25 @@ def test_layer_norm_keeps_its_normalised_value_not_its_input():
     assert not any(v.op.endswith("cat.default") or v.op.endswith("add.Tensor") for v in saved if not v.hoisted)
     # packed raw, the token row's rounding error times its 1/std made this ~10-100x the norm
     assert max(errors) < 1.0
+
+
+def test_dynamic_batch_keeps_values_exact_and_trains():
+    """A symbolic batch: packs, masks and shape-only stand-ins need static sizes, so those values
+    stay exact (a symbolic size used to crash the pass) and gradients are the exact ones."""
+    from torch._dynamo.backends.common import aot_autograd
+    from torch._functorch.aot_autograd import make_boxed_func
+
+    from actfx.compiled import CompiledRecord, _Partitioner
+
+    torch.manual_seed(0)
+    model = ResidualCnn()
+    record = CompiledRecord(actfx.Config(bits=2), None)
+    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
+                           bw_compiler=lambda gm, _: make_boxed_func(gm.forward), partition_fn=_Partitioner(record))
+    compiled = torch.compile(model, backend=backend, dynamic=True)
+    for batch in (4, 6):
+        x = torch.randn(batch, 3, 16, 16)
+        got = _grads(model, compiled, x)
+        torch.testing.assert_close(got, _grads(model, model, x), rtol=1e-4, atol=1e-5)
+    dynamic = [v for plan in record.plans for v in plan.saved if v.reason.startswith("dynamic shape")]
+    assert any(v.dtype == "float32" for v in dynamic) and all(v.storage is Storage.EXACT for v in dynamic)

@@ -61,12 +61,12 @@ class PackSaved:
             return "graph input"
         if fwd_node in self.user_outputs:
             return "also a forward output"
+        if not static_shape(fwd_node):
+            return "dynamic shape (packing needs static sizes)"
         if value.dtype == torch.bool:
             return None
         if not value.is_floating_point():
             return "integer"
-        if not static_shape(fwd_node):
-            return "dynamic shape (packing needs static sizes)"
         if numel(fwd_node) < self.config.min_numel:
             return "small"
         if _is_statistic(fwd_node):
@@ -164,7 +164,10 @@ class PackSaved:
         return min(placeholder.users, key=order.get)
 
     def _replace_shape_only_uses(self, placeholder: fx.Node) -> None:
-        """Ops that read only the shape of a saved value get a broadcast zero of that shape."""
+        """Ops that read only the shape of a saved value get a broadcast zero of that shape
+        (static shapes only: a symbolic one would have to come from the graph's size nodes)."""
+        if not static_shape(placeholder):
+            return
         for user in list(placeholder.users):
             rule = rule_for(user.target)
             positions = [i for i, a in enumerate(user.args) if a is placeholder]
