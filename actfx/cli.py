@@ -268,16 +268,26 @@ def _report_compiled(args, console: Console, started: float) -> int:
     budget = _memory_budget(args.memory_budget)
     if options.shape is None:
         raise UsageError("--compile needs --input-shape")
+    plan = _load_plan(args)
+    config = Config(bits=options.bits)
+    if plan is not None:
+        if args.memory_budget is not None:
+            raise UsageError("--plan carries its own --memory-budget; give one")
+        try:
+            config, budget = plan.config_for("compile"), plan.memory_budget
+        except ValueError as err:
+            raise UsageError(str(err)) from None
     spec = resolve(args.spec)
     model = build(spec)
     dtype = options.input_dtype or (spec.input_dtype if spec.input_dtype not in (None, torch.float32) else options.dtype)
     inputs = (torch.empty(options.shape, dtype=dtype, device="meta"),) if on_meta(model) else (
         torch.zeros(options.shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(options.shape, dtype=dtype),)
     try:
-        record = estimate_compiled(model, inputs, Config(bits=options.bits), budget)
+        record = estimate_compiled(model, inputs, config, budget)
     except Exception as err:  # noqa: BLE001 - the user's model can raise anything; name the stage
         raise StageError(f"partitioning {args.spec} on input {list(options.shape)}", err) from err
-    show_compiled(record, console, f"actfx report --compile: {args.spec}, {options.bits}-bit (estimate, no code generated)")
+    widths = f"widths from {args.plan}" if plan is not None else f"{options.bits}-bit"
+    show_compiled(record, console, f"actfx report --compile: {args.spec}, {widths} (estimate, no code generated)")
     console.print(f"done in {time.perf_counter() - started:.1f} s", highlight=False)
     return 0
 

@@ -160,6 +160,8 @@ def test_plan_compile_writes_a_plan_for_the_compiled_pass(capsys, tmp_path):
     assert plan.activation_bytes <= 16 * 1024 and any(s.planned for s in plan.sites)
     # Sites are the compiled pass's saved values, named by ATen op, not actfx.convert's op kinds.
     assert plan.sites and not {s.op for s in plan.sites} & {"linear", "relu"}, [s.op for s in plan.sites]
+    code, out, err = run(capsys, "report", "mlp", "--input-shape", "8,1,28,28", "--compile", "--plan", str(path))
+    assert code == 0 and "widths from" in out and "memory budget 0.5" in out, err
 
 
 @pytest.mark.parametrize("argv, expected", [
