@@ -71,7 +71,7 @@ class _PackedConv(torch.autograd.Function):
             x = x.to(compute)
             return x if pad is None else F.pad(x, pad[0], mode=pad[1])
 
-        parts = batch_slices(x_shape, torch.empty((), dtype=compute).element_size(), weight.dim(), weight.device)
+        parts = batch_slices(x_shape, compute.itemsize, weight.dim(), weight.device)
         if parts is not None and cuttable(ctx.plans[0]):
             settled = settle(ctx.plans[0], storage)
 
