@@ -8,8 +8,9 @@
    report what that holds.
 
 The peak counts the compiled plan's held bytes on top of the eager conversion's backward working
-set (``PeakModel``): Inductor frees temporaries at least as early as eager PyTorch, so this is an
-upper bound, not a measurement of the compiled step.
+set (``PeakModel``). This is an estimate, not a bound: the eager conversion runs convolution
+backward a batch slice at a time, while the compiled step calls PyTorch's whole-batch backward,
+whose CPU temporaries can be larger; no compiled step's peak has been measured against it.
 """
 
 from __future__ import annotations
