@@ -99,6 +99,11 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
     raise ValueError(f"unknown saved-value spec {spec!r}")
 
 
+# Storage tensors each plan kind reads before its inner plan (the last element); watch, reshape
+# and permute read none of their own.
+PLAN_HEAD = {"masked": 1, "affine": 2}
+
+
 def plan_width(plan: tuple) -> int:
     """How many storage tensors ``materialize(plan, ...)`` consumes."""
     kind = plan[0]
@@ -110,7 +115,7 @@ def plan_width(plan: tuple) -> int:
         return 2
     if kind == "sum":
         return plan_width(plan[1]) + plan_width(plan[2])
-    return {"masked": 1, "affine": 2}.get(kind, 0) + plan_width(plan[-1])
+    return PLAN_HEAD.get(kind, 0) + plan_width(plan[-1])
 
 
 def materialize(plan: tuple, storage: Iterator[torch.Tensor], keep: bool = True) -> torch.Tensor:

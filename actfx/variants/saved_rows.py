@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 
-from actfx.variants.saved import claim_unpacked, materialize
+from actfx.variants.saved import PLAN_HEAD, claim_unpacked, materialize
 
 
 def cuttable(plan: tuple) -> bool:
@@ -55,7 +55,7 @@ def _settle(plan, it):
         left, left_store = _settle(plan[1], it)
         right, right_store = _settle(plan[2], it)
         return ("sum", left, right), left_store + right_store
-    head = [next(it) for _ in range({"masked": 1, "affine": 2}.get(kind, 0))]
+    head = [next(it) for _ in range(PLAN_HEAD.get(kind, 0))]
     inner, inner_store = _settle(plan[-1], it)
     return plan[:-1] + (inner,), head + inner_store
 
@@ -92,7 +92,7 @@ def _cut(plan, it, part):
         left, left_store = _cut(plan[1], it, part)
         right, right_store = _cut(plan[2], it, part)
         return ("sum", left, right), left_store + right_store
-    head = [next(it) for _ in range({"affine": 2}.get(kind, 0))]
+    head = [next(it) for _ in range(PLAN_HEAD.get(kind, 0))]  # masked was cut above
     inner, inner_store = _cut(plan[-1], it, part)
     return plan[:-1] + (inner,), head + inner_store
 
