@@ -158,11 +158,9 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
         raise TypeError("actfx.compile chooses the backend; use torch.compile(model, backend=actfx.backend(...)) "
                         "to combine it with other options")
     if plan is not None:
-        from actfx.planner.plan import Plan
+        from actfx.planner.plan import plan_config
 
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
-        config = plan.config_for("compile", bits=bits, config=config)
+        config = plan_config(plan, "compile", bits=bits, config=config)
         bits = None
         memory_budget = plan.memory_budget if memory_budget is None else memory_budget
     chosen = backend(bits, memory_budget=memory_budget, config=config)

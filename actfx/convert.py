@@ -64,11 +64,9 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.convert expects a torch.nn.Module, got {type(model).__name__}")
     if plan is not None:
-        from actfx.planner.plan import Plan
+        from actfx.planner.plan import plan_config
 
-        if not isinstance(plan, Plan):
-            raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
-        config = plan.config_for("eager", bits=bits, group_size=group_size, config=config)
+        config = plan_config(plan, "eager", bits=bits, group_size=group_size, config=config)
         converted = convert(model, config=config, leaf_modules=leaf_modules, example_inputs=example_inputs)
         _check_plan_fits(plan, converted._actfx_record)
         return converted

@@ -131,3 +131,10 @@ class Plan:
         from actfx.planner.view import render
 
         render(self, console)
+
+
+def plan_config(plan, path: str, **given) -> Config:
+    """``plan.config_for(path, **given)`` for a ``plan=`` argument, refusing what is not a Plan."""
+    if not isinstance(plan, Plan):
+        raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
+    return plan.config_for(path, **given)
