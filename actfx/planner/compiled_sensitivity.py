@@ -57,8 +57,9 @@ def compiled_sensitivities(model: nn.Module, inputs: tuple, config: Config, memo
     try:
         return _measure(model, inputs, compiled, record, probe, config, loss_fn, seed)
     except (RuntimeError, IndexError) as err:
-        # Seen on torchvision's ResNet-50: the partition run as fx code reads a saved tensor of
-        # the wrong shape in backward, while Inductor runs the same model (not diagnosed yet).
+        # The partition runs here as fx code, which Inductor never does: a failure of that path
+        # (as torchvision's ResNets had, before saved_pair kept argument names unique) names
+        # the eager planner as the way on.
         raise RuntimeError(f"actfx.plan(path='compile') could not calibrate {type(model).__name__} on its "
                            f"compiled partition ({type(err).__name__}: {str(err).splitlines()[0][:120]}); "
                            "plan with path='eager' and actfx.convert(model, plan=plan) instead") from err
