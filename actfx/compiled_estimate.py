@@ -16,7 +16,7 @@ from actfx.compiled import CompiledRecord, _Partitioner
 from actfx.config import Config
 
 
-def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = None):
+def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = None, *, dynamic: bool = False):
     """``model`` captured, partitioned and packed as ``actfx.compile`` does it, with the graphs
     run as fx code instead of generated kernels (the same ATen pack math; for estimates,
     calibration and tests), and the CompiledRecord its partitions fill."""
@@ -32,9 +32,9 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
 
     backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=_Partitioner(record),
                            decompositions=select_decomp_table())
-    # Static: plans estimate one batch, calibrate on another and estimate again; with automatic
-    # dynamic shapes the third compile would see a symbolic batch and keep every value exact.
-    return torch.compile(model, backend=backend, dynamic=False), record
+    # Static by default: plans estimate one batch, calibrate on another and estimate again; with
+    # automatic dynamic shapes the third compile would see a symbolic batch and keep every value exact.
+    return torch.compile(model, backend=backend, dynamic=dynamic), record
 
 
 def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_budget: float | None = None

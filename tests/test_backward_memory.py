@@ -40,6 +40,15 @@ def _gradients(model, x, seed=0):
     return torch.cat([xi.grad.reshape(-1)] + [p.grad.reshape(-1) for p in model.parameters()])
 
 
+def _record_unpacks(monkeypatch) -> list:
+    """The shapes of the packed values backward unpacks, in order."""
+    unpacked = []
+    real_unpack = saved.unpack_groups
+    monkeypatch.setattr(saved, "unpack_groups", lambda codes, meta, shape, *a: unpacked.append(tuple(shape))
+                        or real_unpack(codes, meta, shape, *a))
+    return unpacked
+
+
 def test_convolution_backward_unpacks_its_input_one_slice_at_a_time(monkeypatch):
     torch.manual_seed(0)
     model = Stage()
@@ -49,10 +58,7 @@ def test_convolution_backward_unpacks_its_input_one_slice_at_a_time(monkeypatch)
 
     sample_bytes = 8 * 16 * 16 * 4
     monkeypatch.setattr(conv_backward, "SLICE_BYTES", 2 * sample_bytes)
-    unpacked = []
-    real_unpack = saved.unpack_groups
-    monkeypatch.setattr(saved, "unpack_groups", lambda codes, meta, shape, *a: unpacked.append(tuple(shape))
-                        or real_unpack(codes, meta, shape, *a))
+    unpacked = _record_unpacks(monkeypatch)
     sliced = _gradients(converted, x)
 
     conv_inputs = [s for s in unpacked if s[1:] == (8, 16, 16)]
@@ -119,10 +125,7 @@ def test_the_fake_step_runs_one_slice_per_convolution(monkeypatch):
     model = Stage()
     converted = actfx.convert(model, bits=2)
     monkeypatch.setattr(conv_backward, "SLICE_BYTES", 8 * 16 * 16 * 4)  # one sample per slice
-    unpacked = []
-    real_unpack = saved.unpack_groups
-    monkeypatch.setattr(saved, "unpack_groups", lambda codes, meta, shape, *a: unpacked.append(tuple(shape))
-                        or real_unpack(codes, meta, shape, *a))
+    unpacked = _record_unpacks(monkeypatch)
     assert step_bytes(converted, (torch.empty(64, 3, 16, 16, device="meta"),)) > 0
     slices = [s for s in unpacked if s == (1, 8, 16, 16)]
     # Each convolution rebuilds its input from a few packed pieces, once, not once per sample.

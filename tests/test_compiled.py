@@ -277,17 +277,11 @@ def test_layer_norm_keeps_its_normalised_value_not_its_input():
 def test_dynamic_batch_keeps_values_exact_and_trains():
     """A symbolic batch: packs, masks and shape-only stand-ins need static sizes, so those values
     stay exact (a symbolic size used to crash the pass) and gradients are the exact ones."""
-    from torch._dynamo.backends.common import aot_autograd
-    from torch._functorch.aot_autograd import make_boxed_func
-
-    from actfx.compiled import CompiledRecord, _Partitioner
+    from actfx.compiled_estimate import as_fx_code
 
     torch.manual_seed(0)
     model = ResidualCnn()
-    record = CompiledRecord(actfx.Config(bits=2), None)
-    backend = aot_autograd(fw_compiler=lambda gm, _: make_boxed_func(gm.forward),
-                           bw_compiler=lambda gm, _: make_boxed_func(gm.forward), partition_fn=_Partitioner(record))
-    compiled = torch.compile(model, backend=backend, dynamic=True)
+    compiled, record = as_fx_code(model, actfx.Config(bits=2), dynamic=True)
     for batch in (4, 6):
         x = torch.randn(batch, 3, 16, 16)
         got = _grads(model, compiled, x)

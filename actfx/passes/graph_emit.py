@@ -34,6 +34,9 @@ def _template(fn, key, vals) -> fx.Graph:
     those), reused for every value of the same shape; ~70 ms a trace otherwise."""
     from torch._inductor.decomposition import select_decomp_table
 
+    if not all(isinstance(s, int) for v in vals for s in v.shape):
+        raise ValueError("graph_emit traces for static sizes; check static_shape() before emitting ops for a "
+                         "value with a symbolic size")
     full_key = (key, tuple((tuple(v.shape), v.dtype, str(v.device)) for v in vals))
     graph = _TEMPLATES.get(full_key)
     if graph is None:

@@ -13,7 +13,7 @@ from torch import fx
 
 from actfx.passes import noise_degree
 from actfx.passes.graph_emit import emit, relu_select
-from actfx.passes.saved_pair import is_tensor, numel, op_name, val, view_like
+from actfx.passes.saved_pair import is_tensor, numel, op_name, static_shape, val, view_like
 
 aten = torch.ops.aten
 
@@ -130,7 +130,8 @@ def relu_as_select(run) -> None:
     """Recomputed ``relu(y)`` becomes ``where(y <= 0, 0, y)``: linear in y once the mask is exact."""
     dependent = noise_degree.tangent_dependent(run.g.bwd)
     for node in list(run.g.bwd.nodes):
-        if node.op == "call_function" and node.target is aten.relu.default and node not in dependent:
+        if (node.op == "call_function" and node.target is aten.relu.default and node not in dependent
+                and static_shape(node.args[0])):  # emitted ops are traced for static sizes
             select = emit(run.g.bwd, relu_select, [node.args[0]], before=node, key="relu_select")
             node.replace_all_uses_with(select)
             run.g.bwd.erase_node(node)
