@@ -46,6 +46,9 @@ class ConversionRecord:
     graphs: dict = dataclasses.field(default_factory=dict)  # path -> {training: rewritten fx Graph}
     # path -> the graph torch.export captured, before the rewrite (show()'s "before" per op)
     captured: dict = dataclasses.field(default_factory=dict)
+    # path -> [(rewritten fx Graph, the forward compiled from it)]: the planner's calibration runs
+    # them with a probe in place of pack_value (``actfx.planner.probe_sensitivity``)
+    forwards: dict = dataclasses.field(default_factory=dict)
     # (shape, dtype) of each positional input of the last training call, for show() without inputs
     last_training_inputs: tuple | None = None
 
@@ -241,7 +244,9 @@ def _exported_forward(model, example_inputs, config, record):
     record.decisions.extend(decisions)
     record.uncovered.extend(_uncovered_node(node, gm, "") for node in uncovered)
     record.graphs[""] = {True: graph}
-    return _compile_forward(graph, "model:export"), exported_call(gm)
+    forward = _compile_forward(graph, "model:export")
+    record.forwards[""] = [(graph, forward)]
+    return forward, exported_call(gm)
 
 
 def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:
@@ -301,7 +306,7 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
     if without_optional is not None:
         # The record describes the graphs calls mostly take: optional inputs left None.
         forwards, rewritten = _rewrite_all(without_optional, path, config, record)
-        general, _ = _rewrite_all(graphs, path, config, None)
+        general, general_graphs = _rewrite_all(graphs, path, config, None)
         optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
         fixed = _constant_defaults(type(module), [gm.graph for gm in graphs.values()])
         cls = _converted_class(type(module), general, optional, forwards, fixed)
@@ -309,6 +314,9 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
         forwards, rewritten = _rewrite_all(graphs, path, config, record)
         cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()))
     record.graphs[path] = rewritten
+    record.forwards[path] = [(rewritten[t], forwards[t]) for t in forwards]
+    if without_optional is not None:
+        record.forwards[path] += [(general_graphs[t], general[t]) for t in general]
     new = _attach_seed(_clone(module, cls), path, module)
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)

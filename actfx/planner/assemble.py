@@ -10,12 +10,12 @@ from actfx.planner.plan import Plan, Site
 
 
 def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
-    """A group's bytes and measured variance at each width (derived packs carry no estimate);
+    """A group's bytes and measured variance at each width (packs without an estimate add none);
     ``exact``: keeping it as it is is an option too (no variance)."""
     widths = (*ALLOWED_BITS, KEEP_EXACT) if exact else ALLOWED_BITS
     return Option({b: group.nbytes(b, group_size) for b in widths},
                   {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[p.key].at(b) for p in group.packs
-                                                      if p.key in sensitivity and not p.source.derived)
+                                                      if p.key in sensitivity)
                    for b in widths})
 
 

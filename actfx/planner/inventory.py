@@ -18,6 +18,7 @@ from actfx.config import KEEP_EXACT
 from actfx.kernels import packed_nbytes
 from actfx.passes.analyze import Measurement, measure
 from actfx.passes.rewrite import PACK_META, PackSource
+from actfx.planner.probe_sensitivity import pack_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +35,7 @@ class Pack:
 
     @property
     def key(self) -> tuple:
-        return (self.graph_path, self.source.value)
+        return pack_key(self.graph_path, self.source)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -3,7 +3,8 @@
 1. convert the model at the default width and measure, on fake tensors at the batch to plan for,
    every pack it makes (``inventory``);
 2. calibrate: one forward on real inputs, one backward per pack with only that pack rounded,
-   gives each pack's gradient variance per width (``sensitivity``);
+   gives each pack's gradient variance per width (``sensitivity``); packs PyTorch has no saved
+   tensor for are probed on the converted model, one step each (``probe_sensitivity``);
 3. turn the budget into bytes for the packs (``peak``, from one forward and backward on fake
    tensors, ``step_memory``) and pick widths: least summed variance within those bytes
    (``choose``); the chosen conversion's step is measured again, and if the peak still exceeds the
@@ -27,6 +28,7 @@ from actfx.planner.choose import BudgetError, choose
 from actfx.planner.inventory import take_inventory
 from actfx.planner.peak import largest_batch, peak_model
 from actfx.planner.plan import Plan
+from actfx.planner.probe_sensitivity import probed_sensitivities
 from actfx.planner.sensitivity import pack_sensitivities
 from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
@@ -117,9 +119,8 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                               f"{format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
                               result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes)
         return result
-    sensitivity = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
-                                     tuple(calibration), loss_fn=loss_fn, group_size=group_size)
-    planned = [g for g in inventory.groups if any(p.key in sensitivity and not p.source.derived for p in g.packs)]
+    sensitivity = _sensitivities(model, converted, inventory, tuple(calibration), loss_fn, group_size)
+    planned = [g for g in inventory.groups if any(p.key in sensitivity for p in g.packs)]
     fixed = [g for g in inventory.groups if g not in planned]
     fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
     sources = _rebuild_sources(converted._actfx_record.decisions)
@@ -152,8 +153,20 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                       else result.predicted_peak_bytes)
 
 
+def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, group_size: int) -> dict:
+    """{pack key: PackSensitivity}: noise put into PyTorch's saved tensors where a pack stands for
+    one (one forward for all), else the converted model probed one pack at a time."""
+    found = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
+                               calibration, loss_fn=loss_fn, group_size=group_size)
+    sensitivity = {(path, name, False): s for (path, name), s in found.items()}
+    unmeasured = {p.key for g in inventory.groups for p in g.packs if p.key not in sensitivity}
+    sensitivity.update(probed_sensitivities(converted, calibration, unmeasured, loss_fn=loss_fn,
+                                            group_size=group_size))
+    return sensitivity
+
+
 def _rebuild_sources(decisions) -> set:
-    """Packs other values are rebuilt from (BN's input under a ReLU's mask, a residual sum's
+    """Pack keys of the values others are rebuilt from (BN's input under a ReLU's mask, a residual sum's
     terms): keeping one exact would change how those values are stored, so it is not offered."""
     found = set()
 
@@ -162,7 +175,7 @@ def _rebuild_sources(decisions) -> set:
             return
         if tree[0] == "pack":
             if inside:
-                found.add((path, tree[1]))
+                found.add((path, tree[1], False))
             return
         for part in tree[1:]:
             if isinstance(part, tuple):

@@ -21,9 +21,10 @@ range^2 estimate without averaging ``f (1 - f)`` to 1/6), so
 ``Var_p(b) = Var_p(b0) * sum_i sigma_i^2(b) / sum_i sigma_i^2(b0)``.
 
 Packs of different values round independently with zero mean, so the gradient's variance is the
-sum of the packs' ``Var_p``: that sum is what the planner minimises. Values whose actfx variant
-reads something else than what PyTorch saves (attention recomputed from packed q, k, v) get no
-estimate here: the planner leaves them at their default width.
+sum of the packs' ``Var_p``: that sum is what the planner minimises. Packs that hold something
+PyTorch never saves (attention's q, k, v that backward recomputes from, GELU's derivative,
+LayerNorm's normalised input) get no estimate here: ``probe_sensitivity`` measures those on the
+converted model itself.
 """
 
 from __future__ import annotations

@@ -1,0 +1,117 @@
+"""Sensitivity of the packs PyTorch's saved tensors cannot stand in for, measured on the converted model.
+
+Why: ``sensitivity`` puts rounding noise into what PyTorch saves, so it cannot reach a pack that
+holds something PyTorch never saves: GELU's packed derivative, LayerNorm's normalised input, the
+q, k, v from which attention's backward recomputes. Those packs were left at their default width,
+which on a ViT is most of what it holds. Here the converted model itself runs, its compiled
+forwards calling a probe in place of ``pack_value``: every pack is kept exact except one, which is
+packed for real at its width, and ``Var_p = ||g(that pack) - g||^2`` comes from one forward and
+backward (one draw, as in ``sensitivity``; recomputed attention's nonlinear error included). Other
+widths scale by the rounding variance. One step per probed pack, on the planner's own converted
+copy; the random state, the model's buffers and the forwards' globals are restored afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from actfx.kernels import ALLOWED_BITS
+from actfx.passes.rewrite import PACK_META
+from actfx.planner.sensitivity import PackSensitivity, _gradient, _projection, rounding_variance
+from actfx.variants.packing import pack_value
+
+
+def pack_key(path: str, source) -> tuple:
+    """How the planner names a pack: its graph, the value it stores, and whether it stores
+    something derived from that value (GELU's derivative) rather than the value itself."""
+    return (path, source.value, source.derived)
+
+
+def probed_sensitivities(converted: nn.Module, inputs: tuple, wanted: set, *, loss_fn=None,
+                         group_size: int = 256, seed: int = 0) -> dict:
+    """{pack key: PackSensitivity} for each key in ``wanted`` (``pack_key``) that a training
+    forward of ``converted`` on ``inputs`` (real tensors) packs."""
+    if not wanted:
+        return {}
+    params = [p for p in converted.parameters() if p.requires_grad]
+    probe = _Probe()
+
+    def gradient():
+        with torch.random.fork_rng(devices=[]):  # dropout draws the same masks in every run
+            torch.manual_seed(seed)
+            out = converted(*inputs)
+        loss = loss_fn(out) if loss_fn is not None else _projection(out, torch.Generator().manual_seed(seed))
+        return _gradient(loss, params)
+
+    result = {}
+    buffers = [b.detach().clone() for b in converted.buffers()]
+    try:
+        with torch.enable_grad(), _probing(converted, probe):
+            exact = gradient()
+            for key in sorted(wanted & probe.seen):
+                probe.start(key)
+                noisy = gradient()
+                measured = sum(float(n) ** 2 for n in torch._foreach_norm(torch._foreach_sub(noisy, exact)))
+                base = sum(float(rounding_variance(v, probe.bits, group_size).sum()) for v in probe.values)
+                result[key] = PackSensitivity({
+                    b: measured * sum(float(rounding_variance(v, b, group_size).sum()) for v in probe.values) / base
+                    if base > 0 else 0.0 for b in ALLOWED_BITS})
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(converted.buffers(), buffers):
+                b.copy_(saved)
+    return result
+
+
+class _Probe:
+    """Stands in for ``pack_value``: keeps every value exact except the active pack's."""
+
+    def __init__(self):
+        self.seen: set = set()
+        self.active = None
+        self.values: list = []
+        self.bits = None
+
+    def start(self, key) -> None:
+        self.active, self.values, self.bits = key, [], None
+
+    def pack(self, path: str, streams: dict, x, seed, stream: int, bits: int, group_size: int, stochastic: bool,
+             min_numel: int):
+        source = streams.get(stream)
+        key = pack_key(path, source) if source is not None else None
+        self.seen.add(key)
+        if key is None or key != self.active:
+            return None, None
+        codes, meta = pack_value(x, seed, stream, bits, group_size, stochastic, min_numel)
+        if codes is not None:
+            self.values.append(x.detach().clone())
+            self.bits = bits
+        return codes, meta
+
+
+@contextlib.contextmanager
+def _probing(converted: nn.Module, probe: _Probe):
+    """The converted model's compiled forwards call ``probe.pack`` instead of ``pack_value``."""
+    swapped = []
+    try:
+        for path, pairs in converted._actfx_record.forwards.items():
+            for graph, forward in pairs:
+                streams = {n.args[2]: n.meta[PACK_META] for n in graph.nodes if PACK_META in n.meta}
+                scope = forward.__globals__
+                for name, value in list(scope.items()):
+                    if value is pack_value:
+                        swapped.append((scope, name))
+                        scope[name] = _bound(probe, path, streams)
+        yield
+    finally:
+        for scope, name in swapped:
+            scope[name] = pack_value
+
+
+def _bound(probe: _Probe, path: str, streams: dict):
+    def pack(*args):
+        return probe.pack(path, streams, *args)
+    return pack
