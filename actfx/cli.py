@@ -87,6 +87,9 @@ def _parser() -> argparse.ArgumentParser:
                       help="plan for actfx.compile: widths per value the compiled pass packs (default: actfx.convert)")
     plan.add_argument("--memory-budget", metavar="F", help="with --compile: the partitioner's "
                       "activation_memory_budget to plan under, 0 < F <= 1 (default: PyTorch's)")
+    plan.add_argument("--recompute", metavar="R", help="blocks the plan may rerun in backward from exact inputs: "
+                      "auto (only where no widths fit; the default), off, or a fraction of the forward's FLOPs "
+                      "in (0, 1] to spend where that lowers the gradient error")
     plan.add_argument("--out", metavar="PATH", help="write the plan as JSON (actfx.Plan.load, actfx report --plan)")
 
     show = sub.add_parser("show", help="each op: what backward saves, before -> after")
@@ -292,6 +295,20 @@ def _report_compiled(args, console: Console, started: float) -> int:
     return 0
 
 
+def _recompute(text: str | None):
+    if text is None or text == "auto":
+        return "auto"
+    if text == "off":
+        return False
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value <= 1.0:
+        raise UsageError(f"--recompute {text!r} must be auto, off or a fraction in (0, 1], e.g. 0.3")
+    return value
+
+
 def _memory_budget(text: str | None) -> float | None:
     if text is None:
         return None
@@ -330,6 +347,10 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     if args.memory_budget is not None and not args.compile:
         raise UsageError("--memory-budget applies to the compiled path; add --compile")
     memory_budget = _memory_budget(args.memory_budget)
+    recompute = _recompute(args.recompute)
+    if args.recompute is not None and args.compile:
+        raise UsageError("--recompute plans actfx.convert; with --compile the partitioner recomputes "
+                         "(use --memory-budget)")
     optimizer = _choice(args.optimizer, {k: k for k in OPTIMIZER_STATES}, "--optimizer")
     sizes = {}
     for flag, text in (("--budget", args.budget), ("--activation-budget", args.activation_budget)):
@@ -358,7 +379,8 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
         result = plan(model, (example,), budget=sizes.get("--budget"), activation_budget=sizes.get("--activation-budget"),
                       gpu=args.gpu, batch=batch, optimizer=optimizer, calibration_inputs=(calibration,),
                       bits=options.bits, dtype=None if options.dtype == torch.float32 else options.dtype,
-                      path="compile" if args.compile else "eager", memory_budget=memory_budget)
+                      path="compile" if args.compile else "eager", memory_budget=memory_budget,
+                      recompute=recompute)
     except BudgetError as err:
         print(f"actfx: error: {err}", file=sys.stderr)
         return 2

@@ -37,6 +37,9 @@ class Config:
         ``""`` for the root, and its kind as in ``actfx.show``), e.g. ``{"layer1.0.conv1:conv": 4}``;
         wins over module_bits and op_bits; ``KEEP_EXACT`` (32) keeps the values it would pack as
         they are. ``actfx.plan`` writes this table.
+    recompute_modules: module paths (e.g. ``("layers.3", "layers.7")``) whose forward backward
+        reruns from their inputs, kept exact (activation checkpointing inside a converted model:
+        nothing inside them is held, gradients stay exact); ``actfx.plan`` picks them.
     """
 
     bits: int = 2
@@ -47,9 +50,16 @@ class Config:
     op_bits: Mapping[str, int] = dataclasses.field(default_factory=lambda: dict(DEFAULT_OP_BITS))
     module_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
     site_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    recompute_modules: tuple = ()
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
+        paths = self.recompute_modules
+        if isinstance(paths, str) or not isinstance(paths, (tuple, list, frozenset, set)) or \
+                not all(isinstance(p, str) and p for p in paths):
+            raise TypeError(f"Config.recompute_modules must be a tuple of module paths such as ('layers.3',), "
+                            f"got {paths!r}")
+        object.__setattr__(self, "recompute_modules", tuple(sorted(set(paths))))
         check_group_size(self.group_size)
         for name in ("stochastic", "rebuild_chains"):
             if not isinstance(getattr(self, name), bool):

@@ -139,12 +139,14 @@ def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
 def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
              record: ConversionRecord) -> nn.Module:
     leaf_types, leaf_paths = split_leaf_modules(leaf_modules, path)
+    # modules to recompute stay calls in the graph (the rewrite wraps each call), not converted apart
+    traced_leaves = leaf_paths | split_leaf_modules(config.recompute_modules, path)[1]
     try:
-        graphs = trace(module, leaf_types, leaf_paths)
+        graphs = trace(module, leaf_types, traced_leaves)
     except Exception as err:  # fx raises many kinds; any of them means "does not trace"
         return _convert_children(module, path, config, leaf_modules, record, err)
     new = _from_graphs(module, graphs, path, config, record,
-                       without_optional=_trace_without_optional(module, graphs, leaf_types, leaf_paths))
+                       without_optional=_trace_without_optional(module, graphs, leaf_types, traced_leaves))
     # Declared leaves stay as calls in this graph; convert them as units of their own.
     for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
         _replace(new, child_path, _convert(module.get_submodule(child_path),

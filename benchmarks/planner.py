@@ -42,6 +42,7 @@ import math
 import os
 import subprocess
 import sys
+import time
 
 import torch
 import torch.nn.functional as F
@@ -88,13 +89,16 @@ def _gradient(model, params, x, y) -> torch.Tensor:
 
 
 def _errors(model, params, x, y, exact, samples) -> dict:
-    total, sq = torch.zeros_like(exact), 0.0
+    total, sq, seconds = torch.zeros_like(exact), 0.0, []
     for _ in range(samples):
+        start = time.perf_counter()
         g = _gradient(model, params, x, y)
+        seconds.append(time.perf_counter() - start)
         total += g
         sq += float((g - exact).square().sum())
     norm = float(exact.norm())
-    return {"one_step": math.sqrt(sq / samples) / norm, "mean_of_k": float((total / samples - exact).norm()) / norm}
+    return {"one_step": math.sqrt(sq / samples) / norm, "mean_of_k": float((total / samples - exact).norm()) / norm,
+            "step_s": sorted(seconds)[len(seconds) // 2]}
 
 
 def _average_bits(converted, x) -> float:
@@ -111,7 +115,7 @@ def _held(model, x) -> int:
     return saved.activation_bytes
 
 
-def quality(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
+def quality(name: str, batch: int, samples: int, fraction: float = 1.0, recompute="auto") -> dict:
     model = _model(name)
     params = [p for p in model.parameters() if p.requires_grad]
     x, gen = _batch(name, batch, seed=0)
@@ -122,13 +126,14 @@ def quality(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
     xc, genc = _batch(name, batch, seed=1)
     yc = _labels(model, xc, genc)
     loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
-    plan = actfx.plan(model, x, activation_budget=int(held * fraction), calibration_inputs=(xc,), loss_fn=loss)
+    plan = actfx.plan(model, x, activation_budget=int(held * fraction), calibration_inputs=(xc,), loss_fn=loss,
+                      recompute=recompute)
     planned = actfx.convert(model, plan=plan)
     return {
         "model": name, "input": list(x.shape), "samples": samples, "fraction": fraction,
         "uniform": {"held": held, "bits": _average_bits(uniform, x), **_errors(uniform, params, x, y, exact, samples)},
         "plan": {"held": _held(planned, x), "predicted_held": plan.activation_bytes, "bits": plan.average_bits,
-                 **_errors(planned, params, x, y, exact, samples)},
+                 "recomputed": [s.module for s in plan.recomputed], **_errors(planned, params, x, y, exact, samples)},
     }
 
 
@@ -290,6 +295,8 @@ def main(argv=None) -> None:
     p.add_argument("--samples", type=int, default=8)
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0],
                    help="quality: plan for these fractions of what uniform 2-bit holds")
+    p.add_argument("--recompute", default="auto",
+                   help="quality (eager): actfx.plan's recompute= ('auto', 'off', or a fraction of forward FLOPs)")
     p.add_argument("--path", choices=("eager", "compile"), default="eager",
                    help="quality: plan for actfx.convert (eager) or actfx.compile (compile)")
     p.add_argument("--json", metavar="PATH")
@@ -314,16 +321,24 @@ def main(argv=None) -> None:
                 json.dump(rows, f, indent=1)
         return
     if a.what == "quality":
-        measure = quality_compiled if a.path == "compile" else quality
-        rows = [measure(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
-                for f in a.fractions]
-        print(f"{'model':10} {'input':18} {'':12} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}")
+        recompute = {"auto": "auto", "off": False}.get(a.recompute) if a.recompute in ("auto", "off") \
+            else float(a.recompute)
+        if a.path == "compile":
+            rows = [quality_compiled(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
+                    for f in a.fractions]
+        else:
+            rows = [quality(name, a.batch, a.samples, f, recompute) for name in (a.models or ["vit_tiny", "resnet50"])
+                    for f in a.fractions]
+        print(f"{'model':10} {'input':18} {'':12} {'held':>10} {'bits':>5} {'1-step err':>10} {'mean-of-K err':>13}"
+              f" {'step s':>7}")
         for r in rows:
             for which in ("uniform", "plan"):
                 e = r[which]
                 label = "uniform 2" if which == "uniform" else f"plan x{r['fraction']:g}"
                 print(f"{r['model']:10} {str(r['input']):18} {label:12} {e['held']:>10} {e['bits']:>5.2f} "
-                      f"{e['one_step']:>10.4f} {e['mean_of_k']:>13.4f}")
+                      f"{e['one_step']:>10.4f} {e['mean_of_k']:>13.4f} {e.get('step_s', math.nan):>7.3f}")
+            if r["plan"].get("recomputed"):
+                print(f"{'':10} recomputed in backward: {', '.join(r['plan']['recomputed'])}")
             print(f"{'':10} one-step error ratio uniform/plan: {r['uniform']['one_step'] / r['plan']['one_step']:.2f}x"
                   f" (K={r['samples']})")
     else:

@@ -164,11 +164,24 @@ def test_plan_compile_writes_a_plan_for_the_compiled_pass(capsys, tmp_path):
     assert code == 0 and "widths from" in out and "memory budget 0.5" in out, err
 
 
+def test_plan_recompute_reruns_blocks_in_backward(capsys, tmp_path):
+    import actfx
+
+    path = tmp_path / "plan.json"
+    code, out, err = run(capsys, "plan", "gpt_tiny", "--input-shape", "4,64", "--activation-budget", "400KiB",
+                         "--recompute", "1", "--out", str(path))
+    assert code == 0 and "recompute" in out and "recomputed in" in out, err
+    plan = actfx.Plan.load(path)
+    assert [s.module for s in plan.recomputed] == ["h.0", "h.1"] and plan.activation_bytes <= 400 * 1024
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--budget", "1GiB", "--memory-budget", "0.3"], "--memory-budget applies to the compiled path; add --compile"),
     (["--budget", "1GiB", "--compile", "--memory-budget", "2"], "must be a number in (0, 1]"),
-    (["--activation-budget", "1KiB"], "cannot meet the activation budget 1.00 KiB: every planned op at 1 bit "
-                                      "still needs held activations of at least"),
+    (["--activation-budget", "1KiB"], "cannot meet the activation budget 1.00 KiB: every planned op at 1 bit"),
+    (["--activation-budget", "1KiB", "--recompute", "off"], "every planned op at 1 bit still needs held activations"),
+    (["--budget", "1GiB", "--recompute", "lots"], "--recompute 'lots' must be auto, off or a fraction in (0, 1]"),
+    (["--budget", "1GiB", "--compile", "--recompute", "0.5"], "--recompute plans actfx.convert"),
     (["--budget", "1MiB"], "cannot meet the peak budget 1.00 MiB"),
     (["--budget", "1GiB", "--gpu", "t4"], "give exactly one of --budget, --activation-budget or --gpu"),
     (["--budget", "1GiB", "--batch", "4"], "--batch goes with --gpu"),

@@ -25,7 +25,7 @@ from actfx.config import KEEP_EXACT, Config
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.rms_regions import collapse_rms_norms
-from actfx.passes.sites import Site, find_site, saves_nothing
+from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
 
 SEED_BUFFER = "_actfx_seed"  # int64 buffer on the converted module
@@ -97,8 +97,12 @@ class _Rewriter:
         self.modules = dict(gm.named_modules())
         old_nodes = list(gm.graph.nodes)
         self.sites: dict[Node, Site] = {}
+        checkpointed = set(config.recompute_modules)
         for node in old_nodes:
-            site = find_site(node, self.modules)
+            if node.op == "call_module" and self._full(node.target) in checkpointed:
+                site = checkpoint_site(node, node.target, self.modules[node.target])
+            else:
+                site = find_site(node, self.modules)
             if site is not None:
                 self.sites[node] = site
         self.facts = GraphFacts(gm.graph)
@@ -116,6 +120,9 @@ class _Rewriter:
         self.masks: dict[Node, tuple] = {}  # relu node -> (mask node, slope)
         self.affine: dict[Node, tuple] = {}  # bn node -> (a, b, input spec, input run)
         self.decisions: list[Decision] = []
+
+    def _full(self, target: str) -> str:
+        return f"{self.prefix}.{target}" if self.prefix else target
 
     def _path(self, site: Site) -> str | None:
         path = site.module_path or self.facts.module_path(site.node)

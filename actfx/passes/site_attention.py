@@ -61,17 +61,19 @@ def _softmax_functional(node, method=False):
 _RECOMPUTED_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
-def _module_recompute_site(node, path, m):
+def _module_recompute_site(node, path, m, checkpoint: bool = False):
+    """Attention modules keep their first three inputs packed; a ``checkpoint`` (a module
+    ``Config.recompute_modules`` names) keeps every input exact, so its gradients are exact."""
     args_t, kwargs_t, nodes = _template(node.args, node.kwargs)
-    exact = tuple(i for i, n in enumerate(nodes) if n not in node.args[:3])  # masks and flags stay exact
+    exact = tuple(i for i, n in enumerate(nodes) if checkpoint or n not in node.args[:3])  # masks, flags
 
     def emit(graph, env, specs, runs, pack=None):
         flat = [n for run in runs for n in run]
         static = (args_t, kwargs_t, tuple(specs))
         return graph.call_function(module_recompute.recompute_module, (_get(graph, path), static, *flat)), {}
 
-    return Site(node, "attention" if isinstance(m, nn.MultiheadAttention) else "transformer_layer", path, nodes,
-                emit, exact=exact)
+    kind = "checkpoint" if checkpoint else "attention" if isinstance(m, nn.MultiheadAttention) else "transformer_layer"
+    return Site(node, kind, path, nodes, emit, exact=exact)
 
 
 # ---------------------------------------------------------------- products

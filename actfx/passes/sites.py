@@ -37,7 +37,7 @@ from actfx.passes.site_layers import (
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
 
-__all__ = ["Site", "find_site", "saves_nothing"]
+__all__ = ["Site", "checkpoint_site", "find_site", "saves_nothing"]
 
 
 # ---------------------------------------------------------------- dispatch
@@ -98,6 +98,11 @@ def saves_nothing(node: Node, modules: dict) -> bool:
     if node.op == "call_module":
         return isinstance(modules.get(node.target), _NOTHING_SAVED_MODULES)
     return False
+
+
+def checkpoint_site(node: Node, path: str, module) -> Site:
+    """A module ``Config.recompute_modules`` names: rerun in backward from its exact inputs."""
+    return _module_recompute_site(node, path, module, checkpoint=True)
 
 
 def find_site(node: Node, modules: dict) -> Site | None:

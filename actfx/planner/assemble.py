@@ -6,7 +6,7 @@ from actfx.config import KEEP_EXACT
 from actfx.kernels import ALLOWED_BITS
 from actfx.planner.choose import Option
 from actfx.planner.inventory import Inventory
-from actfx.planner.plan import Plan, Site
+from actfx.planner.plan import CHECKPOINT, Plan, Site
 
 
 def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
@@ -20,14 +20,18 @@ def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
 
 
 def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, bits, group_size, batch,
-             words) -> Plan:
-    """The Plan for ``widths`` (one per planned group): a Site per unit, carrying the bytes and the
-    variance of the packs it is first consumer of; units of unplanned groups keep their widths."""
-    chosen = {g.units: w for g, w in zip(planned, widths)}
-    variance = {g.units: o.variance[w] for g, o, w in zip(planned, options, widths)}
+             words, recomputed=()) -> Plan:
+    """The Plan for ``widths`` (one per planned group; None for a group inside a ``recomputed``
+    block): a Site per unit, carrying the bytes and the variance of the packs it is first consumer
+    of, and one ``checkpoint`` Site per recomputed block; units of unplanned groups keep their widths."""
+    chosen = {g.units: w for g, w in zip(planned, widths) if w is not None}
+    variance = {g.units: o.variance[w] for g, o, w in zip(planned, options, widths) if w is not None}
+    inside = [b.path for b in recomputed]
     per_unit: dict = {}
     numel_bits = numel = 0
     for group in inventory.groups:
+        if all(_within(u, inside) for u in group.units):
+            continue  # recomputed: nothing of it is held
         width = chosen.get(group.units)
         for unit in group.units:
             per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
@@ -43,9 +47,16 @@ def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, 
     for unit, (width, nbytes, var) in sorted(per_unit.items()):
         module, _, op = unit.rpartition(":")
         sites.append(Site(module, op, width if width is not None else _default_bits(inventory, unit), nbytes, var))
-    activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths))
-    return Plan(tuple(sites), bits, group_size, batch, activation, peak.peak(activation),
+    sites += [Site(b.path, CHECKPOINT, KEEP_EXACT, b.input_bytes, 0.0) for b in recomputed]
+    activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths) if w is not None) + \
+        sum(b.input_bytes for b in recomputed)
+    return Plan(tuple(sorted(sites, key=lambda s: s.key)), bits, group_size, batch, activation, peak.peak(activation),
                 numel_bits / numel if numel else float(bits), sum(variance.values()), words)
+
+
+def _within(unit: str, paths) -> bool:
+    module = unit.rpartition(":")[0]
+    return any(module == p or module.startswith(p + ".") for p in paths)
 
 
 def _default_bits(inventory: Inventory, unit: str) -> int:

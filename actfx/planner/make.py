@@ -24,11 +24,12 @@ from actfx.convert import convert
 from actfx.passes.analyze import measure, trace_like
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
-from actfx.planner.choose import BudgetError, choose
+from actfx.planner.choose import BudgetError
 from actfx.planner.inventory import take_inventory
 from actfx.planner.peak import largest_batch, peak_model
 from actfx.planner.plan import Plan
 from actfx.planner.probe_sensitivity import probed_sensitivities
+from actfx.planner.recompute import candidate_paths, measure_blocks, pick
 from actfx.planner.sensitivity import pack_sensitivities
 from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
@@ -40,7 +41,7 @@ PATHS = ("eager", "compile")
 def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=None, gpu: str | None = None,
          batch: int | None = None, optimizer: str = "adamw", path: str = "eager", loss_fn=None,
          calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None,
-         memory_budget: float | None = None) -> Plan:
+         memory_budget: float | None = None, recompute="auto") -> Plan:
     """A plan for ``model`` (see the module docstring); give exactly one of:
 
     - ``budget``: peak training memory, bytes or a string such as ``"6GiB"``;
@@ -56,6 +57,10 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     ``optimizer``: whose state the peak counts (sgd, adam, adamw).
     ``path="compile"``: widths for the values ``actfx.compile`` packs (apply with
     ``actfx.compile(model, plan=plan)``), with the partitioner's ``memory_budget`` as given there.
+    ``recompute`` (eager path; on the compiled one the partitioner recomputes): which repeated
+    blocks may be rerun in backward from their exact inputs instead of held (``recompute.py``):
+    ``"auto"`` only where no widths fit the budget, a fraction ``r`` in (0, 1] lets them cost up
+    to ``r`` of the forward's FLOPs wherever that lowers the gradient variance, ``False`` never.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.plan expects a torch.nn.Module, got {type(model).__name__}")
@@ -75,6 +80,13 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         from actfx.compiled import _check_budget
 
         memory_budget = _check_budget(memory_budget)
+    if not (recompute == "auto" or recompute is False or (
+            isinstance(recompute, (int, float)) and not isinstance(recompute, bool) and 0 <= recompute <= 1)):
+        raise ValueError(f"recompute must be 'auto', False or a fraction of the forward's FLOPs in [0, 1], "
+                         f"got {recompute!r}")
+    if recompute not in ("auto", False, 0) and path == "compile":
+        raise ValueError("recompute= is the eager path's; with path='compile' the partitioner chooses what to "
+                         "recompute (pass memory_budget=)")
     if optimizer not in OPTIMIZER_STATES:
         raise ValueError(f"unknown optimizer {optimizer!r}; use one of {', '.join(OPTIMIZER_STATES)}")
     check_bits(bits)
@@ -124,19 +136,24 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     fixed = [g for g in inventory.groups if g not in planned]
     fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
     sources = _rebuild_sources(converted._actfx_record.decisions)
-    options = [option(g, sensitivity, group_size, exact=not any(p.key in sources for p in g.packs)) for g in planned]
-    for _ in range(3):
+    options = [option(g, sensitivity, group_size, exact=not any(p.key[:2] in sources for p in g.packs))
+               for g in planned]
+    blocks, allowance = _blocks(model, planned_inputs, planned, recompute, dtype)
+    charged = False
+    for _ in range(4):
         try:
-            widths = choose(options, room - fixed_bytes)
+            picked = pick(options, blocks, room - fixed_bytes, allowance)
         except BudgetError as err:
             smallest = fixed_bytes + err.smallest
             what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
                     else f"a peak of at least {format_bytes(peak.peak(smallest))}")
-            raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit still needs {what}; "
+            rerun = " (recomputing the blocks where that helps)" if blocks else ""
+            raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit{rerun} still needs {what}; "
                               "raise the budget or lower the batch", peak.peak(smallest)
                               if activation_budget is None else smallest) from None
+        widths = [picked.widths.get(i) for i in range(len(planned))]
         result = assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
-                          batch_of(planned_inputs), words)
+                          batch_of(planned_inputs), words, picked.blocks)
         # Measure what the chosen widths really hold and need (an op whose input is kept exact
         # may keep statistics it recomputes from a pack), and correct the room by any excess.
         chosen = convert(model, config=result.config())
@@ -146,11 +163,29 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         over = (held - limit if activation_budget is not None else result.predicted_peak_bytes - total)
         if over <= 0:
             return result
-        room -= over if activation_budget is not None else math.ceil(over / peak.fragmentation)
+        excess = over if activation_budget is not None else math.ceil(over / peak.fragmentation)
+        if picked.blocks and not charged:
+            # first charge a recomputed block what it holds beyond its inputs (once): shrinking
+            # the room instead would squeeze every width and could undo the gain of recomputing
+            charged = True
+            share = math.ceil(excess / len(picked.blocks))
+            blocks = [dataclasses.replace(b, input_bytes=b.input_bytes + share) if b in picked.blocks else b
+                      for b in blocks]
+        else:
+            room -= excess
     raise BudgetError(f"cannot meet the {words}: the closest plan found holds {format_bytes(result.activation_bytes)}"
                       f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
                       "batch", result.activation_bytes if activation_budget is not None
                       else result.predicted_peak_bytes)
+
+
+def _blocks(model, inputs, planned, recompute, dtype) -> tuple:
+    """(the blocks the plan may recompute, the FLOPs it may spend on them; None: only to fit)."""
+    if recompute is False or recompute == 0:
+        return [], 0
+    units = {u for g in planned for u in g.units}
+    blocks, total = measure_blocks(model, inputs, candidate_paths(model, units), planned, dtype=dtype)
+    return blocks, None if recompute == "auto" else recompute * total
 
 
 def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, group_size: int) -> dict:
@@ -166,7 +201,7 @@ def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, gro
 
 
 def _rebuild_sources(decisions) -> set:
-    """Pack keys of the values others are rebuilt from (BN's input under a ReLU's mask, a residual sum's
+    """(graph path, value) of the packs others are rebuilt from (BN's input under a ReLU's mask, a residual sum's
     terms): keeping one exact would change how those values are stored, so it is not offered."""
     found = set()
 
@@ -174,8 +209,8 @@ def _rebuild_sources(decisions) -> set:
         if tree is None:
             return
         if tree[0] == "pack":
-            if inside:
-                found.add((path, tree[1], False))
+            if inside:  # a tree names the packed value, not whether the pack is derived: match both
+                found.add((path, tree[1]))
             return
         for part in tree[1:]:
             if isinstance(part, tuple):

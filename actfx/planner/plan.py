@@ -13,6 +13,7 @@ from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import check_bits, check_group_size
 
 FORMAT = "actfx-plan/1"
+CHECKPOINT = "checkpoint"  # a site's op when the plan recomputes that module in backward
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,7 +84,13 @@ class Plan:
     def config(self) -> Config:
         """The conversion settings that apply the plan."""
         return Config(bits=self.bits, group_size=self.group_size,
-                      site_bits={s.key: s.bits for s in self.sites if s.planned})
+                      site_bits={s.key: s.bits for s in self.sites if s.planned},
+                      recompute_modules=tuple(s.module for s in self.recomputed))
+
+    @property
+    def recomputed(self) -> tuple:
+        """The sites of the modules the plan reruns in backward from their exact inputs."""
+        return tuple(s for s in self.sites if s.op == CHECKPOINT)
 
     # ------------------------------------------------------------ JSON
 

@@ -7,6 +7,7 @@ from rich.console import Console
 from rich.table import Table
 
 from actfx.config import KEEP_EXACT
+from actfx.planner.plan import CHECKPOINT
 from actfx.units import format_bytes
 
 
@@ -23,10 +24,11 @@ def render(plan, console: Console | None = None) -> None:
             share = "not measured"
         else:
             share = f"{100 * site.variance / total:.1f}%" if total > 0 else "-"
-        bits = "exact" if site.bits == KEEP_EXACT else str(site.bits)
+        bits = "recompute" if site.op == CHECKPOINT else "exact" if site.bits == KEEP_EXACT else str(site.bits)
         table.add_row(site.module or "<root>", site.op, bits, format_bytes(site.bytes), share)
     console.print(table)
+    rerun = f", {len(plan.recomputed)} module(s) recomputed in backward" if plan.recomputed else ""
     console.print(
         f"batch {plan.batch}: held for backward {format_bytes(plan.activation_bytes)}, average "
-        f"{plan.average_bits:.2f} bits, predicted peak {format_bytes(plan.predicted_peak_bytes)}",
+        f"{plan.average_bits:.2f} bits{rerun}, predicted peak {format_bytes(plan.predicted_peak_bytes)}",
         highlight=False)

@@ -1,0 +1,111 @@
+"""Recompute as a plan choice (actfx/planner/recompute.py) and Config.recompute_modules."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actfx
+from actfx.accounting import count_saved
+from actfx.config import Config
+from actfx.models import build_model
+from actfx.planner.recompute import candidate_paths
+
+
+class Mlp(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm, self.up, self.act, self.down = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+
+    def forward(self, x):
+        return x + self.down(self.act(self.up(self.norm(x))))
+
+
+class Stack(nn.Module):
+    def __init__(self, depth=3, d=32):
+        super().__init__()
+        self.blocks = nn.ModuleList(Mlp(d) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def _held(model, x) -> int:
+    with count_saved(model) as saved:
+        out = model(x)
+    del out
+    return saved.activation_bytes
+
+
+def _grads(model, x):
+    return torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+
+
+def test_recomputed_modules_hold_only_their_inputs_and_give_the_exact_gradient():
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(8, 16, 32)
+    converted = actfx.convert(model, config=Config(bits=2, recompute_modules=("blocks.0", "blocks.1", "blocks.2")))
+    kinds = [(d.module_path, d.kind) for d in converted._actfx_record.decisions]
+    assert kinds == [("blocks.0", "checkpoint"), ("blocks.1", "checkpoint"), ("blocks.2", "checkpoint")]
+    assert _held(converted, x) == 3 * x.numel() * 4  # each block's fp32 input, nothing inside
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
+    for a, b in zip(_grads(converted, x), _grads(model, x)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_recompute_modules_must_be_module_paths():
+    with pytest.raises(TypeError, match="recompute_modules must be a tuple of module paths"):
+        Config(recompute_modules="blocks.0")
+
+
+def test_candidates_are_the_outermost_repeated_blocks():
+    model = build_model("vit_tiny")
+    units = [f"encoder.layers.encoder_layer_{i}.mlp.1:gelu" for i in range(4)] + ["conv_proj:conv"]
+    assert candidate_paths(model, units) == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
+
+
+def test_an_allowance_trades_recompute_for_variance_at_the_same_bytes():
+    torch.manual_seed(0)
+    model, x = build_model("gpt_tiny"), torch.randint(256, (4, 64))
+    uniform = _held(actfx.convert(model, bits=2), x)
+    widths_only = actfx.plan(model, x, activation_budget=uniform, recompute=False)
+    assert not widths_only.recomputed
+    assert not actfx.plan(model, x, activation_budget=uniform).recomputed  # "auto": only to fit
+    planned = actfx.plan(model, x, activation_budget=uniform, recompute=1.0)
+    assert [s.module for s in planned.recomputed] == ["h.0", "h.1"]
+    assert planned.gradient_variance < 0.1 * widths_only.gradient_variance
+    converted = actfx.convert(model, plan=planned)
+    assert _held(converted, x) == planned.activation_bytes <= uniform
+    assert {(d.module_path, d.kind) for d in converted._actfx_record.decisions} >= {("h.0", "checkpoint"),
+                                                                                   ("h.1", "checkpoint")}
+    # only the final LayerNorm's pack is left (8 bits): the gradient is within a percent of exact
+    exact = torch.cat([g.reshape(-1) for g in _grads(model, x)])
+    got = torch.cat([g.reshape(-1) for g in _grads(converted, x)])
+    assert float((got - exact).norm() / exact.norm()) < 0.02
+
+
+def test_a_plan_with_recompute_saves_loads_and_reapplies(tmp_path):
+    torch.manual_seed(0)
+    model, x = Stack(), torch.randn(8, 16, 32)
+    plan = actfx.plan(model, x, activation_budget=2 * _held(actfx.convert(model, bits=2), x), recompute=1.0)
+    assert plan.recomputed
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    sites = {s["module"]: s for s in json.loads(path.read_text())["sites"] if s["op"] == "checkpoint"}
+    assert set(sites) == {s.module for s in plan.recomputed}
+    again = actfx.Plan.load(path)
+    assert again == plan and again.config().recompute_modules == plan.config().recompute_modules
+
+
+def test_recompute_is_refused_where_it_does_not_apply():
+    model, x = Stack(), torch.randn(2, 4, 32)
+    with pytest.raises(ValueError, match="recompute must be 'auto', False or a fraction"):
+        actfx.plan(model, x, activation_budget=10_000, recompute="yes")
+    with pytest.raises(ValueError, match="recompute= is the eager path's"):
+        actfx.plan(model, x, activation_budget=10_000, recompute=0.5, path="compile")
