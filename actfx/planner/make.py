@@ -24,10 +24,10 @@ from actfx.convert import convert
 from actfx.passes.analyze import measure, trace_like
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
-from actfx.planner.choose import BudgetError
+from actfx.planner.choose import BudgetError, choose
 from actfx.planner.inventory import take_inventory
 from actfx.planner.peak import largest_batch, peak_model
-from actfx.planner.plan import Plan
+from actfx.planner.plan import CHECKPOINT, Plan
 from actfx.planner.probe_sensitivity import probed_sensitivities
 from actfx.planner.recompute import candidate_paths, measure_blocks, pick
 from actfx.planner.sensitivity import pack_sensitivities
@@ -138,16 +138,18 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     sources = _rebuild_sources(converted._actfx_record.decisions)
     options = [option(g, sensitivity, group_size, exact=not any(p.key[:2] in sources for p in g.packs))
                for g in planned]
-    blocks, allowance = _blocks(model, planned_inputs, planned, recompute, dtype)
-    charged = False
+    blocks, allowance, charged = None, 0, False
     for _ in range(4):
+        if blocks is None and recompute is not False and recompute != 0 and (
+                recompute != "auto" or not _fits(options, room - fixed_bytes)):
+            blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
         try:
-            picked = pick(options, blocks, room - fixed_bytes, allowance)
+            picked = pick(options, blocks or [], room - fixed_bytes, allowance)
         except BudgetError as err:
             smallest = fixed_bytes + err.smallest
             what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
                     else f"a peak of at least {format_bytes(peak.peak(smallest))}")
-            rerun = " (recomputing the blocks where that helps)" if blocks else ""
+            rerun = " (recomputing the blocks where that helps)" if blocks else ""  # None/[]: none offered
             raise BudgetError(f"cannot meet the {words}: every planned op at 1 bit{rerun} still needs {what}; "
                               "raise the budget or lower the batch", peak.peak(smallest)
                               if activation_budget is None else smallest) from None
@@ -179,12 +181,24 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                       else result.predicted_peak_bytes)
 
 
-def _blocks(model, inputs, planned, recompute, dtype) -> tuple:
-    """(the blocks the plan may recompute, the FLOPs it may spend on them; None: only to fit)."""
-    if recompute is False or recompute == 0:
-        return [], 0
+def _fits(options, room: int) -> bool:
+    try:
+        choose(options, room)
+    except BudgetError:
+        return False
+    return True
+
+
+def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:
+    """(the blocks the plan may recompute, the FLOPs it may spend on them; None: only to fit).
+    Only blocks the conversion can wrap count (not inside a graph torch.export captured)."""
     units = {u for g in planned for u in g.units}
-    blocks, total = measure_blocks(model, inputs, candidate_paths(model, units), planned, dtype=dtype)
+    paths = candidate_paths(model, units)
+    if paths:
+        wrapped = convert(model, config=dataclasses.replace(base, recompute_modules=tuple(paths)))
+        present = {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
+        paths = [p for p in paths if p in present]
+    blocks, total = measure_blocks(model, inputs, paths, planned, dtype=dtype)
     return blocks, None if recompute == "auto" else recompute * total
 
 
