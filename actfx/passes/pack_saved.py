@@ -29,7 +29,7 @@ from torch import fx
 
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import graph_pack
-from actfx.passes import hoist, linearize, noise_degree, rematerialize
+from actfx.passes import decorrelate, hoist, linearize, noise_degree, rematerialize
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
@@ -231,6 +231,7 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     hoist.hoist(run)
     hoist.normalised_inputs(run)
     hoist.saved_masks_once(run)
+    decorrelate.decorrelate(run)
     decisions = run.classify()
     plan = run.rewrite(decisions)
     plan.bytes_before = before
