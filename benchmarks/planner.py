@@ -5,6 +5,7 @@
     python benchmarks/planner.py quality --path compile   # the same for actfx.plan(path="compile")
     python benchmarks/planner.py peak                     # resnet50 and gpt_tiny, three batches each, CPU RSS
     python benchmarks/planner.py maxbatch --limit 1GiB    # resnet50: largest batch under a CPU peak, predicted vs found
+    python benchmarks/planner.py parity                   # LM parity test's setup: fp32, uniform 2-bit, plan <= 1.5 bits
 
 quality: for each model, on one fixed random batch with random labels (cross-entropy), the exact
 gradient g, then K gradients of the model converted at uniform 2 bits and K of the model converted
@@ -176,6 +177,35 @@ def quality_compiled(name: str, batch: int, samples: int, fraction: float = 1.0)
     }
 
 
+# ---------------------------------------------------------------- parity (tests/test_lm_parity.py setup)
+
+
+def parity(fractions=(0.55, 0.5, 0.45, 0.4), most_bits: float = 1.5) -> dict:
+    """Final validation loss over seeds 0-2 of the LM parity test's model and steps: fp32, uniform
+    2-bit, and a plan at the largest fraction of uniform 2-bit's bytes averaging <= ``most_bits``
+    (calibrated on one training batch at seed 0's initialisation)."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import test_lm_parity as lm
+    from actfx.models.gpt import GPT, GPTConfig
+
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=256, n_positions=lm.SEQ, n_layer=2, n_head=4, n_embd=64, dropout=0.0))
+    data = lm.corpus()
+    x, y = lm.sample(data[: int(0.9 * data.numel())], lm.BATCH, torch.Generator().manual_seed(5))
+    uniform = _held(actfx.convert(model, bits=2), x)
+    loss = lambda out: F.cross_entropy(out.flatten(0, 1), y.flatten())  # noqa: E731
+    for fraction in fractions:
+        plan = actfx.plan(model, x, activation_budget=int(uniform * fraction), loss_fn=loss, recompute=False)
+        if plan.average_bits <= most_bits:
+            break
+    else:
+        raise SystemExit(f"no plan at {fractions} of uniform 2-bit's bytes averages <= {most_bits} bits")
+    rows = {name: [lm.validation_loss(config, seed) for seed in lm.SEEDS]
+            for name, config in (("fp32", None), ("uniform 2", actfx.Config(bits=2)), ("plan", plan.config()))}
+    return {"fraction": fraction, "bits": plan.average_bits, "held": plan.activation_bytes, "uniform_held": uniform,
+            "losses": rows}
+
+
 # ---------------------------------------------------------------- peak (one process per point)
 
 
@@ -287,7 +317,7 @@ def peak(models, batches) -> list:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=("quality", "peak", "maxbatch", "peak-worker", "step-worker"))
+    p.add_argument("what", choices=("quality", "peak", "maxbatch", "parity", "peak-worker", "step-worker"))
     p.add_argument("--limit", default="1GiB", help="maxbatch: the full peak to stay under")
     p.add_argument("args", nargs="*")
     p.add_argument("--models", nargs="+")
@@ -307,6 +337,15 @@ def main(argv=None) -> None:
         return
     if a.what == "step-worker":
         print(json.dumps(step_worker(a.args[0], int(a.args[1]))))
+        return
+    if a.what == "parity":
+        torch.set_num_threads(2)
+        r = parity()
+        print(f"plan at {r['fraction']:g}x uniform 2-bit's bytes ({r['held']} of {r['uniform_held']}): "
+              f"average {r['bits']:.2f} bits")
+        for name, losses in r["losses"].items():
+            print(f"{name:10} final validation loss, seeds 0-2: {', '.join(f'{v:.3f}' for v in losses)}; "
+                  f"mean {sum(losses) / len(losses):.3f}")
         return
     if a.what == "maxbatch":
         from actfx.units import parse_bytes
