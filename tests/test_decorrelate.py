@@ -37,3 +37,24 @@ def test_short_attention_rows_are_packed_twice_and_unbiased():
     one = sum((g - exact).norm() for g in grads) / k
     mean = (sum(grads) / k - exact).norm()
     assert mean < 1.5 * one / math.sqrt(k), (float(mean), float(one))
+
+
+def test_batch_norm_over_few_values_is_packed_twice_and_unbiased():
+    """32 values per channel (batch 8, 2x2): BatchNorm's backward x_hat * sum(g * x_hat) kept
+    its input exact; two packs make it unbiased."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
+                                torch.nn.Conv2d(16, 8, 3, padding=1), torch.nn.BatchNorm2d(8))
+    x = torch.randn(8, 8, 2, 2)
+    compiled, record = as_fx_code(model, actfx.Config(bits=2, min_numel=16))
+    exact = _grads(model, model, x)
+    torch.manual_seed(1)
+    k = 32
+    grads = [_grads(model, compiled, x) for _ in range(k)]
+    inputs = [v for plan in record.plans for v in plan.saved if v.shape in ((8, 16, 2, 2), (8, 8, 2, 2))
+              and v.storage is not Storage.MASK and v.reason != "graph input"]
+    assert inputs and all(v.storage is Storage.PACKED for v in inputs), [(v.op, v.storage, v.reason) for v in inputs]
+    assert sum("alias" in v.op for v in inputs) == 2  # each BatchNorm input read through a second pack
+    one = sum((g - exact).norm() for g in grads) / k
+    mean = (sum(grads) / k - exact).norm()
+    assert mean < 1.5 * one / math.sqrt(k), (float(mean), float(one))

@@ -45,12 +45,10 @@ def _chain(placeholder: fx.Node, factor: fx.Node, dependent: set) -> list | None
     nodes, stack = set(), [factor]
     while stack:
         n = stack.pop()
-        if n is placeholder or n in nodes:
-            continue
+        if n is placeholder or n in nodes or not _reaches(n, placeholder):
+            continue  # side inputs (a saved mean, a constant) are read as they are
         if n.op != "call_function" or n in dependent or len(nodes) >= MAX_CHAIN:
             return None
-        if not _reaches(n, placeholder):
-            continue
         nodes.add(n)
         stack.extend(n.all_input_nodes)
     if not nodes:
