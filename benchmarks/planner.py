@@ -221,7 +221,11 @@ PEAK_SHAPES = {"resnet50": (3, 224, 224), "gpt_tiny": (128,)}
 CALIBRATION_SHAPES = {"resnet50": (3, 64, 64), "gpt_tiny": (128,)}
 
 
-def peak_worker(name: str, batch: int) -> dict:
+def _recompute(text: str):
+    return {"auto": "auto", "off": False}.get(text) if text in ("auto", "off") else float(text)
+
+
+def peak_worker(name: str, batch: int, recompute="auto") -> dict:
     from actfx.report import static_costs
 
     torch.manual_seed(0)
@@ -232,13 +236,13 @@ def peak_worker(name: str, batch: int) -> dict:
     held2 = _held(actfx.convert(model, bits=2), x)
     SHAPES[name] = CALIBRATION_SHAPES.get(name)
     xc, _ = _batch(name, 1, seed=1)
-    plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,))
+    plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,), recompute=recompute)
     costs = static_costs(model, "adamw")
     measured = _step_peak(actfx.convert(model, plan=plan), model, x, y)
     fixed = costs.param_bytes + costs.optimizer_bytes + costs.buffer_bytes
     return {"model": name, "batch": batch, "input": list(x.shape), "predicted_peak": plan.predicted_peak_bytes,
             "predicted": plan.predicted_peak_bytes - fixed, "measured": measured, "held": plan.activation_bytes,
-            "fixed": fixed}
+            "fixed": fixed, "recomputed": [s.module for s in plan.recomputed]}
 
 
 def step_worker(name: str, batch: int) -> dict:
@@ -304,12 +308,12 @@ def maxbatch(name: str, limit: int) -> dict:
     return {"model": name, "limit": limit, "predicted": predicted, "found": found, "tried": tried}
 
 
-def peak(models, batches) -> list:
+def peak(models, batches, recompute: str = "auto") -> list:
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     for name in models:
         for batch in batches[name]:
-            out = subprocess.run([sys.executable, __file__, "peak-worker", name, str(batch)], env=env,
+            out = subprocess.run([sys.executable, __file__, "peak-worker", name, str(batch), recompute], env=env,
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
@@ -326,14 +330,14 @@ def main(argv=None) -> None:
     p.add_argument("--fractions", type=float, nargs="+", default=[1.0],
                    help="quality: plan for these fractions of what uniform 2-bit holds")
     p.add_argument("--recompute", default="auto",
-                   help="quality (eager): actfx.plan's recompute= ('auto', 'off', or a fraction of forward FLOPs)")
+                   help="quality (eager) and peak: actfx.plan's recompute= (auto, off, or a fraction of forward FLOPs)")
     p.add_argument("--path", choices=("eager", "compile"), default="eager",
                    help="quality: plan for actfx.convert (eager) or actfx.compile (compile)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.what == "peak-worker":
-        print(json.dumps(peak_worker(a.args[0], int(a.args[1]))))
+        print(json.dumps(peak_worker(a.args[0], int(a.args[1]), _recompute(a.args[2] if len(a.args) > 2 else "auto"))))
         return
     if a.what == "step-worker":
         print(json.dumps(step_worker(a.args[0], int(a.args[1]))))
@@ -360,8 +364,7 @@ def main(argv=None) -> None:
                 json.dump(rows, f, indent=1)
         return
     if a.what == "quality":
-        recompute = {"auto": "auto", "off": False}.get(a.recompute) if a.recompute in ("auto", "off") \
-            else float(a.recompute)
+        recompute = _recompute(a.recompute)
         if a.path == "compile":
             rows = [quality_compiled(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
                     for f in a.fractions]
@@ -383,7 +386,7 @@ def main(argv=None) -> None:
     else:
         models = a.models or ["resnet50", "gpt_tiny"]
         batches = {"resnet50": [4, 8, 16], "gpt_tiny": [8, 16, 32]}
-        rows = peak(models, {m: batches.get(m, [4, 8, 16]) for m in models})
+        rows = peak(models, {m: batches.get(m, [4, 8, 16]) for m in models}, a.recompute)
         print("step peak above its start (RSS, MiB): predicted vs measured; full peak adds the fixed part")
         print(f"{'model':10} {'input':20} {'held':>8} {'predicted':>9} {'measured':>9} {'error':>7} "
               f"{'fixed':>7} {'full peak error':>15}")
@@ -391,7 +394,8 @@ def main(argv=None) -> None:
             full = (r["predicted"] - r["measured"]) / (r["measured"] + r["fixed"])
             print(f"{r['model']:10} {str(r['input']):20} {r['held'] / 2**20:>8.1f} {r['predicted'] / 2**20:>9.1f} "
                   f"{r['measured'] / 2**20:>9.1f} {(r['predicted'] - r['measured']) / r['measured']:>+7.1%} "
-                  f"{r['fixed'] / 2**20:>7.1f} {full:>+15.1%}")
+                  f"{r['fixed'] / 2**20:>7.1f} {full:>+15.1%}"
+                  + (f"  recomputed: {', '.join(r['recomputed'])}" if r.get("recomputed") else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=1)
