@@ -300,24 +300,23 @@ def _recompute(text: str | None):
         return "auto"
     if text == "off":
         return False
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0.0 < value <= 1.0:
-        raise UsageError(f"--recompute {text!r} must be auto, off or a fraction in (0, 1], e.g. 0.3")
-    return value
+    return _fraction(text, f"--recompute {text!r} must be auto, off or a fraction in (0, 1], e.g. 0.3")
 
 
 def _memory_budget(text: str | None) -> float | None:
     if text is None:
         return None
+    return _fraction(text, f"--memory-budget {text!r} must be a number in (0, 1], e.g. 0.3")
+
+
+def _fraction(text: str, error: str) -> float:
+    """``text`` as a number in (0, 1], else a UsageError saying ``error``."""
     try:
         value = float(text)
     except ValueError:
         value = -1.0
     if not 0.0 < value <= 1.0:
-        raise UsageError(f"--memory-budget {text!r} must be a number in (0, 1], e.g. 0.3")
+        raise UsageError(error)
     return value
 
 

@@ -49,6 +49,8 @@ class ConversionRecord:
     # path -> [(rewritten fx Graph, the forward compiled from it)]: the planner's calibration runs
     # them with a probe in place of pack_value (``actfx.planner.probe_sensitivity``)
     forwards: dict = dataclasses.field(default_factory=dict)
+    # torch.export captures the root at its first training call: until then the ops are unknown
+    capture_pending: bool = False
     # (shape, dtype) of each positional input of the last training call, for show() without inputs
     last_training_inputs: tuple | None = None
 
@@ -91,6 +93,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     if not isinstance(leaf_modules, (tuple, list, set, frozenset)):
         leaf_modules = (leaf_modules,)
     split_leaf_modules(leaf_modules, "")  # validate early
+    _check_recompute_modules(model, config)
     record = ConversionRecord(config)
     if example_inputs is not None:
         result = _convert_exported(model, example_inputs, config, record)
@@ -102,13 +105,23 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         # first training call lets torch.export capture the whole model with real inputs.
         forward = capture_at_first_call(model, config, record, _exported_forward)
         result = _attach_seed(_clone(result, _converted_class(type(model), {True: forward})), "", model)
+        record.capture_pending = True
     elif opaque_calls(record.graphs.get("", {}).get(True)):
         # fx kept calls of wrapped Python functions (torch.fx.wrap) whole: export sees inside them.
         forward = capture_at_first_call(model, config, record, _exported_forward, fallback=type(result).forward)
         result = _clone(result, _converted_class(type(model), {True: forward}))
+        record.capture_pending = True
     result._actfx_record = record
     _warn_if_root_untraced(model, record)
     return result
+
+
+def _check_recompute_modules(model: nn.Module, config: Config) -> None:
+    names = {name for name, _ in model.named_modules()}
+    missing = [path for path in config.recompute_modules if path not in names]
+    if missing:
+        raise ValueError(f"Config.recompute_modules names {missing[0]!r}, which is not a submodule of "
+                         f"{type(model).__name__}; use paths as model.named_modules() lists them")
 
 
 def _check_plan_fits(plan, record: ConversionRecord) -> None:
@@ -116,6 +129,8 @@ def _check_plan_fits(plan, record: ConversionRecord) -> None:
     the default widths, so refuse it."""
     from actfx.passes.rewrite import unit_key
 
+    if record.capture_pending:
+        return  # the ops are known after the first training call's capture
     present = {unit_key(d.module_path, d.kind) for d in record.decisions}
     missing = [key for key in plan.config().site_bits if key not in present]
     if missing:

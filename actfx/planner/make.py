@@ -22,6 +22,7 @@ import torch.nn as nn
 from actfx.config import Config, check_bits
 from actfx.convert import convert
 from actfx.passes.analyze import measure, trace_like
+from actfx.passes.capture import training_mode
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
 from actfx.planner.choose import BudgetError, choose
@@ -101,6 +102,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                          "calibration_inputs=(a small real batch,)")
     base = Config(bits=bits, group_size=group_size)
     converted = convert(model, config=base)
+    _capture_now(converted, calibration)
     planned_inputs = with_batch(inputs, batch) if batch is not None else inputs
     inventory = take_inventory(converted, planned_inputs, dtype=dtype)
     if gpu is not None and batch is None:
@@ -159,6 +161,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         # Measure what the chosen widths really hold and need (an op whose input is kept exact
         # may keep statistics it recomputes from a pack), and correct the room by any excess.
         chosen = convert(model, config=result.config())
+        _capture_now(chosen, calibration)
         held = measure(chosen, planned_inputs, dtype=dtype).activation_bytes
         step = step_bytes(chosen, planned_inputs, dtype=dtype)
         result = dataclasses.replace(result, activation_bytes=held, predicted_peak_bytes=peak.peak(held, step))
@@ -179,6 +182,20 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                       f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
                       "batch", result.activation_bytes if activation_budget is not None
                       else result.predicted_peak_bytes)
+
+
+def _capture_now(converted: nn.Module, calibration: tuple) -> None:
+    """One training forward on the calibration inputs: a model fx cannot trace is captured by
+    torch.export at its first real training call, and the plan must measure that capture (fake
+    and meta calls capture nothing). The model's buffers (BatchNorm's statistics) are restored."""
+    buffers = [b.detach().clone() for b in converted.buffers()]
+    try:
+        with torch.enable_grad(), training_mode(converted, True):
+            converted(*calibration)
+    finally:
+        with torch.no_grad():
+            for b, saved in zip(converted.buffers(), buffers):
+                b.copy_(saved)
 
 
 def _fits(options, room: int) -> bool:

@@ -11,6 +11,8 @@ model is modified (gradients are taken with ``torch.autograd.grad``, never store
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, disable_fake_tensor_cache
@@ -21,7 +23,28 @@ from actfx.passes.capture import training_mode
 
 def step_bytes(converted: nn.Module, inputs, *, dtype=None) -> int:
     """Peak bytes of gradients, held activations and temporaries during one forward + backward
-    of ``converted`` on ``inputs`` (real, meta or fake tensors: only shapes and dtypes are read)."""
+    of ``converted`` on ``inputs`` (real, meta or fake tensors: only shapes and dtypes are read).
+
+    Where the tracked fake step cannot run (Hugging Face models build masks under ``vmap``,
+    whose wrapped tensors ``MemTracker`` cannot read), the report's formula stands in, with a
+    warning: gradients + held activations + 2 x output + 3 x the largest op output."""
+    try:
+        return _tracked_step(converted, inputs, dtype)
+    except Exception as err:  # noqa: BLE001 - any failure of the tracked run: the formula still holds
+        from actfx.passes.analyze import measure
+        from actfx.report import WORKING_SET
+
+        warnings.warn(f"actfx.plan: the fake-tensor step of {type(converted).__name__} failed ({type(err).__name__}: "
+                      f"{str(err).splitlines()[0] if str(err) else ''}); its peak uses the report's formula "
+                      f"instead (backward's working set: 3x the largest op output)", stacklevel=3)
+        measured = measure(converted, inputs, dtype=dtype)
+        gradients = sum(p.numel() * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
+                        for p in converted.parameters() if p.requires_grad)
+        return (gradients + measured.activation_bytes + 2 * measured.output_bytes
+                + WORKING_SET["actfx"] * measured.largest_output_bytes)
+
+
+def _tracked_step(converted: nn.Module, inputs, dtype) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
     mode = FakeTensorMode(allow_non_fake_inputs=True)

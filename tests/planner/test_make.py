@@ -133,3 +133,54 @@ def test_a_plan_for_another_model_is_refused():
     plan = actfx.plan(TwoBranch(), torch.randn(32, 64), budget="1GiB")
     with pytest.raises(ValueError, match="made for another model"):
         actfx.convert(SmallCNN(), plan=plan)
+
+
+class _BranchesOnRank(torch.nn.Module):
+    """fx cannot trace ``if h.dim() == 2``: converted models capture it at their first training call."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(32, 256), torch.nn.Linear(256, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.dim() == 2:
+            h = torch.tanh(h) * 2.0
+        return self.b(h)
+
+
+def _captured_held(converted, x) -> int:
+    converted(x)  # the first training call captures the model
+    return _held(converted, x)
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_a_model_captured_at_its_first_call_is_planned_on_the_capture():
+    """Before planning captured it, the plan measured the untraced model (nothing packed) and
+    could not meet a budget that uniform 2-bit meets."""
+    torch.manual_seed(0)
+    model, x = _BranchesOnRank(), torch.randn(64, 32)
+    uniform = _captured_held(actfx.convert(model, bits=2), x)
+    plan = actfx.plan(model, x, activation_budget=uniform, loss_fn=projection())
+    assert any(s.op == "pointwise" for s in plan.sites if s.planned)  # tanh * 2, seen in the capture
+    converted = actfx.convert(model, plan=plan)
+    assert _captured_held(converted, x) == plan.activation_bytes <= uniform
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_hugging_face_gpt2_is_planned():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(config).train()
+    ids = torch.randint(0, 128, (2, 32))
+    loss = lambda out: out.logits.float().square().mean()  # noqa: E731
+    uniform = actfx.convert(model, bits=2)
+    uniform(ids)
+    with count_saved(uniform) as saved:
+        out = uniform(ids)
+    del out
+    plan = actfx.plan(model, ids, activation_budget=saved.activation_bytes, loss_fn=loss)
+    assert plan.activation_bytes <= saved.activation_bytes and all(s.planned for s in plan.sites)
+    converted = actfx.convert(model, plan=plan)
+    converted(ids).logits.square().mean().backward()

@@ -109,3 +109,8 @@ def test_recompute_is_refused_where_it_does_not_apply():
         actfx.plan(model, x, activation_budget=10_000, recompute="yes")
     with pytest.raises(ValueError, match="recompute= is the eager path's"):
         actfx.plan(model, x, activation_budget=10_000, recompute=0.5, path="compile")
+
+
+def test_recompute_modules_must_name_submodules():
+    with pytest.raises(ValueError, match="names 'blocks.7', which is not a submodule of Stack"):
+        actfx.convert(Stack(), config=Config(recompute_modules=("blocks.7",)))
