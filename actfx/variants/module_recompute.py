@@ -73,6 +73,9 @@ class _RecomputeModule(torch.autograd.Function):
                 vals[i] = v
             table = dict(zip(ctx.names, params))
             table.update({ctx.names[i]: p for i, p in zip(want_params, param_values)})
+            # the replay normalises with the batch's statistics as forward did, but updates
+            # copies: forward already counted this batch in BatchNorm's running statistics
+            table.update({name: b.clone() for name, b in ctx.module.named_buffers()})
             call = lambda: functional_call(ctx.module, table, fill(args_t, vals), dict(fill(kwargs_t, vals)))  # noqa: E731
             if ctx.autocast is not None:
                 with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):

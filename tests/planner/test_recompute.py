@@ -114,3 +114,30 @@ def test_recompute_is_refused_where_it_does_not_apply():
 def test_recompute_modules_must_name_submodules():
     with pytest.raises(ValueError, match="names 'blocks.7', which is not a submodule of Stack"):
         actfx.convert(Stack(), config=Config(recompute_modules=("blocks.7",)))
+
+
+class ConvBlock(nn.Module):
+    def __init__(self, c=8):
+        super().__init__()
+        self.conv, self.bn, self.act = nn.Conv2d(c, c, 3, padding=1), nn.BatchNorm2d(c), nn.Hardswish()
+
+    def forward(self, x):
+        return x + self.act(self.bn(self.conv(x)))
+
+
+def test_a_recomputed_block_with_batch_norm_counts_the_batch_once():
+    """The replay in backward must not update BatchNorm's running statistics again (it crashed:
+    vjp refuses num_batches_tracked.add_ on a captured buffer)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(ConvBlock(), ConvBlock()), torch.randn(4, 8, 6, 6)
+    reference = nn.Sequential(ConvBlock(), ConvBlock())
+    reference.load_state_dict(model.state_dict())
+    converted = actfx.convert(model, config=Config(recompute_modules=("0", "1")))
+    assert [d.kind for d in converted._actfx_record.decisions] == ["checkpoint", "checkpoint"]
+    got = torch.autograd.grad(converted(x).square().mean(), list(model.parameters()))
+    want = torch.autograd.grad(reference(x).square().mean(), list(reference.parameters()))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    for name, buffer in reference.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[name], buffer, rtol=0, atol=0)
+    assert int(model[0].bn.num_batches_tracked) == 1
