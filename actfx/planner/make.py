@@ -141,7 +141,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     options = [option(g, sensitivity, group_size, exact=not any(p.key[:2] in sources for p in g.packs))
                for g in planned]
     blocks, allowance, charged = None, 0, False
-    for _ in range(4):
+    for attempt in range(4):
         if blocks is None and recompute is not False and recompute != 0 and (
                 recompute != "auto" or not _fits(options, room - fixed_bytes)):
             blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
@@ -177,7 +177,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
             blocks = [dataclasses.replace(b, input_bytes=b.input_bytes + share) if b in picked.blocks else b
                       for b in blocks]
         else:
-            room -= excess
+            room -= excess * (1 + attempt)  # widening steps: an excess that survives one correction
     raise BudgetError(f"cannot meet the {words}: the closest plan found holds {format_bytes(result.activation_bytes)}"
                       f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
                       "batch", result.activation_bytes if activation_budget is not None
