@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import networkx as nx
 import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensorMode
@@ -33,19 +34,18 @@ class Block:
 
 
 def candidate_paths(model: nn.Module, units) -> list:
-    """Outermost children of ModuleList / Sequential containers inside which some unit runs."""
-    modules = [path for path, m in model.named_modules() if isinstance(m, (nn.ModuleList, nn.Sequential))]
-    inside = {unit.rpartition(":")[0] for unit in units}
-    found = []
-    for container in modules:
-        for name, _ in (model.get_submodule(container).named_children()):
-            path = f"{container}.{name}" if container else name
-            if any(path == f or f.startswith(path + ".") for f in found):
-                continue
-            if any(u == path or u.startswith(path + ".") for u in inside) and \
-                    not any(path.startswith(f + ".") for f in found):
-                found.append(path)
-    return found
+    """Outermost children of ModuleList / Sequential containers inside which some unit runs,
+    found on the module tree as a networkx DiGraph (parent -> child)."""
+    tree = nx.DiGraph()
+    for path, module in model.named_modules():
+        tree.add_node(path, container=isinstance(module, (nn.ModuleList, nn.Sequential)))
+        if path:
+            tree.add_edge(path.rpartition(".")[0], path)
+    running = {unit.rpartition(":")[0] for unit in units} & set(tree)
+    holds = set(running).union(*(nx.ancestors(tree, m) for m in running))  # a unit runs at or below
+    blocks = {child for parent, child in tree.edges if tree.nodes[parent]["container"] and child in holds}
+    order = {path: i for i, path in enumerate(tree)}
+    return sorted((b for b in blocks if not nx.ancestors(tree, b) & blocks), key=order.get)
 
 
 def measure_blocks(model: nn.Module, inputs: tuple, paths: list, groups, *, dtype=None) -> tuple:
