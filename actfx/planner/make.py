@@ -104,13 +104,15 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     converted = convert(model, config=base)
     _capture_now(converted, calibration)
     planned_inputs = with_batch(inputs, batch) if batch is not None else inputs
-    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    step = None
     if gpu is not None and batch is None:
-        batch = largest_batch(model, converted, inputs, GPUS[_gpu(gpu)], optimizer=optimizer, dtype=dtype)
+        batch, step = largest_batch(model, converted, inputs, GPUS[_gpu(gpu)], optimizer=optimizer, dtype=dtype)
         planned_inputs = with_batch(inputs, batch)
-        inventory = take_inventory(converted, planned_inputs, dtype=dtype)
-    peak = peak_model(model, step_bytes(converted, planned_inputs, dtype=dtype), inventory.measured.activation_bytes,
-                      optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
+    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    if step is None:
+        step = step_bytes(converted, planned_inputs, dtype=dtype)
+    peak = peak_model(model, step, inventory.measured.activation_bytes, optimizer=optimizer, gpu=gpu is not None,
+                      dtype=dtype)
     if activation_budget is not None:
         room = limit
         words = f"activation budget {format_bytes(room)}"
@@ -187,7 +189,10 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
 def _capture_now(converted: nn.Module, calibration: tuple) -> None:
     """One training forward on the calibration inputs: a model fx cannot trace is captured by
     torch.export at its first real training call, and the plan must measure that capture (fake
-    and meta calls capture nothing). The model's buffers (BatchNorm's statistics) are restored."""
+    and meta calls capture nothing). The model's buffers (BatchNorm's statistics) are restored.
+    Models fx converted need nothing (a real forward would only compile pack kernels)."""
+    if not converted._actfx_record.capture_pending:
+        return
     buffers = [b.detach().clone() for b in converted.buffers()]
     try:
         with torch.enable_grad(), training_mode(converted, True):

@@ -51,9 +51,10 @@ def peak_model(model: nn.Module, step_bytes: int, held_bytes: int, *, optimizer:
 
 
 def largest_batch(model: nn.Module, converted: nn.Module, inputs: tuple, capacity: int, *, optimizer: str,
-                  dtype=None) -> int:
-    """The largest batch whose step with ``converted`` fits ``capacity`` bytes of GPU: the step's
-    memory less the gradients taken as proportional to the batch, then checked at that batch."""
+                  dtype=None) -> tuple:
+    """(the largest batch whose step with ``converted`` fits ``capacity`` bytes of GPU, that
+    step's bytes as measured there): the step's memory less the gradients taken as proportional
+    to the batch, then checked at that batch (the caller reuses the measured step)."""
     from actfx.planner.choose import BudgetError
     base_batch = batch_of(inputs)
     grads = static_costs(model, optimizer, dtype).grad_bytes
@@ -62,14 +63,17 @@ def largest_batch(model: nn.Module, converted: nn.Module, inputs: tuple, capacit
     per_sample = peak.fragmentation * max(peak.step_bytes - grads, 0) / base_batch
     room = capacity - peak.fixed_bytes - peak.fragmentation * grads
     batch = math.floor(room / per_sample) if per_sample > 0 else 0
+    step = None
     for _ in range(4):  # the step is not exactly proportional to the batch: check, and shrink to fit
         if batch < 1:
             break
-        needed = peak.peak(0, step_bytes(converted, with_batch(inputs, batch), dtype=dtype))
+        step = step_bytes(converted, with_batch(inputs, batch), dtype=dtype)
+        needed = peak.peak(0, step)
         if needed <= capacity:
             break
         batch = math.floor(batch * (capacity - peak.fixed_bytes) / (needed - peak.fixed_bytes) * 0.99)
+        step = None
     if batch < 1:
         raise BudgetError(f"not even a batch of 1 fits {format_bytes(capacity)}: parameters, optimizer state "
                           f"and the 1 GiB margin alone take {format_bytes(peak.fixed_bytes)}", peak.fixed_bytes)
-    return batch
+    return batch, step
