@@ -62,11 +62,15 @@ def test_eval_and_no_grad_run_the_original_forward():
         assert torch.equal(converted(ids, attention_mask=mask).logits, model(ids, attention_mask=mask).logits)
 
 
-def test_hugging_face_gpt2_tiny():
+def _hf_gpt2_tiny():
     transformers = pytest.importorskip("transformers")
     config = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, vocab_size=128, n_positions=64, use_cache=False)
     torch.manual_seed(0)
-    model = transformers.GPT2LMHeadModel(config).train()
+    return transformers.GPT2LMHeadModel(config).train()
+
+
+def test_hugging_face_gpt2_tiny():
+    model = _hf_gpt2_tiny()
     ids = torch.randint(0, 128, (2, 12))
     converted = actfx.convert(model, bits=8, example_inputs=(ids,))
     torch.manual_seed(0)
@@ -179,3 +183,22 @@ def test_the_first_call_exports_the_state_the_converted_model_runs_with():
     assert torch.equal(converted(x), expected)  # used to read the converted copy's stale buffer
     converted(x).sum().backward()
     assert torch.equal(converted(x), model(x))
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_hugging_face_gpt2_is_planned_on_its_capture():
+    """actfx.plan captures the model first (fx cannot trace it): every op planned, within the budget."""
+    from actfx.accounting import count_saved
+
+    model = _hf_gpt2_tiny()
+    ids = torch.randint(0, 128, (2, 32))
+    uniform = actfx.convert(model, bits=2)
+    uniform(ids)
+    with count_saved(uniform) as saved:
+        out = uniform(ids)
+    del out
+    plan = actfx.plan(model, ids, activation_budget=saved.activation_bytes,
+                      loss_fn=lambda out: out.logits.float().square().mean())
+    assert plan.activation_bytes <= saved.activation_bytes and all(s.planned for s in plan.sites)
+    converted = actfx.convert(model, plan=plan)
+    converted(ids).logits.square().mean().backward()
