@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 
+import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule, Tracer
 
@@ -35,6 +36,19 @@ def training_mode(module: nn.Module, training: bool):
     finally:
         for m, flag in saved.items():
             m.training = flag
+
+
+@contextlib.contextmanager
+def buffers_restored(module: nn.Module):
+    """Run, then put every buffer back as it was (calibration forwards must not move
+    BatchNorm's running statistics)."""
+    saved = [b.detach().clone() for b in module.buffers()]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, value in zip(module.buffers(), saved):
+                b.copy_(value)
 
 
 def split_leaf_modules(leaf_modules, path: str) -> tuple[tuple, frozenset]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from actfx.config import Config, check_bits
 from actfx.convert import convert
 from actfx.passes.analyze import measure, trace_like
-from actfx.passes.capture import training_mode
+from actfx.passes.capture import buffers_restored, training_mode
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
 from actfx.planner.choose import BudgetError, choose
@@ -193,14 +193,8 @@ def _capture_now(converted: nn.Module, calibration: tuple) -> None:
     Models fx converted need nothing (a real forward would only compile pack kernels)."""
     if not converted._actfx_record.capture_pending:
         return
-    buffers = [b.detach().clone() for b in converted.buffers()]
-    try:
-        with torch.enable_grad(), training_mode(converted, True):
-            converted(*calibration)
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(converted.buffers(), buffers):
-                b.copy_(saved)
+    with buffers_restored(converted), torch.enable_grad(), training_mode(converted, True):
+        converted(*calibration)
 
 
 def _fits(options, room: int) -> bool:
@@ -237,8 +231,9 @@ def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, gro
 
 
 def _rebuild_sources(decisions) -> set:
-    """(graph path, value) of the packs others are rebuilt from (BN's input under a ReLU's mask, a residual sum's
-    terms): keeping one exact would change how those values are stored, so it is not offered."""
+    """(graph path, value) of the packs others are rebuilt from (BN's input under a ReLU's mask,
+    a residual sum's terms): keeping one exact would change how those values are stored, so it
+    is not offered."""
     found = set()
 
     def walk(path, tree, inside):

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 
 from actfx.kernels import ALLOWED_BITS
+from actfx.passes.capture import buffers_restored
 from actfx.passes.rewrite import PACK_META
 from actfx.planner.sensitivity import PackSensitivity, _gradient, _projection, rounding_variance
 from actfx.variants.packing import pack_value
@@ -47,22 +48,16 @@ def probed_sensitivities(converted: nn.Module, inputs: tuple, wanted: set, *, lo
         return _gradient(loss, params)
 
     result = {}
-    buffers = [b.detach().clone() for b in converted.buffers()]
-    try:
-        with torch.enable_grad(), _probing(converted, probe):
-            exact = gradient()
-            for key in sorted(wanted & probe.seen):
-                probe.start(key)
-                noisy = gradient()
-                measured = sum(float(n) ** 2 for n in torch._foreach_norm(torch._foreach_sub(noisy, exact)))
-                base = sum(float(rounding_variance(v, probe.bits, group_size).sum()) for v in probe.values)
-                result[key] = PackSensitivity({
-                    b: measured * sum(float(rounding_variance(v, b, group_size).sum()) for v in probe.values) / base
-                    if base > 0 else 0.0 for b in ALLOWED_BITS})
-    finally:
-        with torch.no_grad():
-            for b, saved in zip(converted.buffers(), buffers):
-                b.copy_(saved)
+    with buffers_restored(converted), torch.enable_grad(), _probing(converted, probe):
+        exact = gradient()
+        for key in sorted(wanted & probe.seen):
+            probe.start(key)
+            noisy = gradient()
+            measured = sum(float(n) ** 2 for n in torch._foreach_norm(torch._foreach_sub(noisy, exact)))
+            base = sum(float(rounding_variance(v, probe.bits, group_size).sum()) for v in probe.values)
+            result[key] = PackSensitivity({
+                b: measured * sum(float(rounding_variance(v, b, group_size).sum()) for v in probe.values) / base
+                if base > 0 else 0.0 for b in ALLOWED_BITS})
     return result
 
 
