@@ -295,7 +295,8 @@ def _report_compiled(args, console: Console, started: float) -> int:
     return 0
 
 
-def _recompute(text: str | None):
+def parse_recompute(text: str | None):
+    """``--recompute``'s text as ``actfx.plan``'s ``recompute=`` (auto, off, or a fraction)."""
     if text is None or text == "auto":
         return "auto"
     if text == "off":
@@ -346,7 +347,7 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     if args.memory_budget is not None and not args.compile:
         raise UsageError("--memory-budget applies to the compiled path; add --compile")
     memory_budget = _memory_budget(args.memory_budget)
-    recompute = _recompute(args.recompute)
+    recompute = parse_recompute(args.recompute)
     if args.recompute is not None and args.compile:
         raise UsageError("--recompute plans actfx.convert; with --compile the partitioner recomputes "
                          "(use --memory-budget)")

@@ -4,6 +4,7 @@
     python benchmarks/planner.py quality --models vit_tiny --batch 8 --samples 8
     python benchmarks/planner.py quality --path compile   # the same for actfx.plan(path="compile")
     python benchmarks/planner.py peak                     # resnet50 and gpt_tiny, three batches each, CPU RSS
+    python benchmarks/planner.py peak --path compile --models gpt_tiny   # the same for actfx.compile
     python benchmarks/planner.py maxbatch --limit 1GiB    # resnet50: largest batch under a CPU peak, predicted vs found
     python benchmarks/planner.py parity                   # LM parity test's setup: fp32, uniform 2-bit, plan <= 1.5 bits
 
@@ -27,7 +28,8 @@ second step: its peak RSS (VmHWM, reset before it) minus the RSS at its start (p
 AdamW state, no gradients: ``zero_grad(set_to_none=True)``), against the plan's prediction of the
 same, ``predicted_peak_bytes - parameters - optimizer state - buffers`` (= gradients + held
 activations + 2 x output + 3 x largest op output). The full predicted peak adds parameters,
-AdamW state and buffers, which are counted exactly.
+AdamW state and buffers, which are counted exactly. ``--path compile``: the plan is
+``actfx.plan(path="compile")`` applied with ``actfx.compile`` (the warm-up step compiles).
 
 maxbatch: for ResNet-50 (224 px) converted at uniform 2 bits with AdamW, the largest batch whose
 full peak (parameters + AdamW state + buffers, counted, plus the measured step peak as in `peak`)
@@ -50,6 +52,7 @@ import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
+from actfx.cli import parse_recompute
 from actfx.models import build_model, get_model_spec
 
 SHAPES = {"vit_tiny": None, "resnet50": (3, 64, 64), "gpt_tiny": (64,), "resnet20": None}
@@ -221,11 +224,7 @@ PEAK_SHAPES = {"resnet50": (3, 224, 224), "gpt_tiny": (128,)}
 CALIBRATION_SHAPES = {"resnet50": (3, 64, 64), "gpt_tiny": (128,)}
 
 
-def _recompute(text: str):
-    return {"auto": "auto", "off": False}.get(text) if text in ("auto", "off") else float(text)
-
-
-def peak_worker(name: str, batch: int, recompute="auto") -> dict:
+def peak_worker(name: str, batch: int, recompute="auto", path: str = "eager") -> dict:
     from actfx.report import static_costs
 
     torch.manual_seed(0)
@@ -236,9 +235,14 @@ def peak_worker(name: str, batch: int, recompute="auto") -> dict:
     held2 = _held(actfx.convert(model, bits=2), x)
     SHAPES[name] = CALIBRATION_SHAPES.get(name)
     xc, _ = _batch(name, 1, seed=1)
-    plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,), recompute=recompute)
+    if path == "compile":
+        plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,), path="compile")
+        stepped = actfx.compile(model, plan=plan)  # the warm-up step in _step_peak compiles it
+    else:
+        plan = actfx.plan(model, x, activation_budget=held2, calibration_inputs=(xc,), recompute=recompute)
+        stepped = actfx.convert(model, plan=plan)
     costs = static_costs(model, "adamw")
-    measured = _step_peak(actfx.convert(model, plan=plan), model, x, y)
+    measured = _step_peak(stepped, model, x, y)
     fixed = costs.param_bytes + costs.optimizer_bytes + costs.buffer_bytes
     return {"model": name, "batch": batch, "input": list(x.shape), "predicted_peak": plan.predicted_peak_bytes,
             "predicted": plan.predicted_peak_bytes - fixed, "measured": measured, "held": plan.activation_bytes,
@@ -308,12 +312,12 @@ def maxbatch(name: str, limit: int) -> dict:
     return {"model": name, "limit": limit, "predicted": predicted, "found": found, "tried": tried}
 
 
-def peak(models, batches, recompute: str = "auto") -> list:
+def peak(models, batches, recompute: str = "auto", path: str = "eager") -> list:
     rows = []
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
     for name in models:
         for batch in batches[name]:
-            out = subprocess.run([sys.executable, __file__, "peak-worker", name, str(batch), recompute], env=env,
+            out = subprocess.run([sys.executable, __file__, "peak-worker", name, str(batch), recompute, path], env=env,
                                  capture_output=True, text=True, check=True)
             rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     return rows
@@ -332,12 +336,13 @@ def main(argv=None) -> None:
     p.add_argument("--recompute", default="auto",
                    help="quality (eager) and peak: actfx.plan's recompute= (auto, off, or a fraction of forward FLOPs)")
     p.add_argument("--path", choices=("eager", "compile"), default="eager",
-                   help="quality: plan for actfx.convert (eager) or actfx.compile (compile)")
+                   help="quality and peak: plan for actfx.convert (eager) or actfx.compile (compile)")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
     if a.what == "peak-worker":
-        print(json.dumps(peak_worker(a.args[0], int(a.args[1]), _recompute(a.args[2] if len(a.args) > 2 else "auto"))))
+        extra = [*a.args[2:], "auto", "eager"][:2]
+        print(json.dumps(peak_worker(a.args[0], int(a.args[1]), parse_recompute(extra[0]), extra[1])))
         return
     if a.what == "step-worker":
         print(json.dumps(step_worker(a.args[0], int(a.args[1]))))
@@ -364,7 +369,7 @@ def main(argv=None) -> None:
                 json.dump(rows, f, indent=1)
         return
     if a.what == "quality":
-        recompute = _recompute(a.recompute)
+        recompute = parse_recompute(a.recompute)
         if a.path == "compile":
             rows = [quality_compiled(name, a.batch, a.samples, f) for name in (a.models or ["vit_tiny", "resnet50"])
                     for f in a.fractions]
@@ -386,7 +391,7 @@ def main(argv=None) -> None:
     else:
         models = a.models or ["resnet50", "gpt_tiny"]
         batches = {"resnet50": [4, 8, 16], "gpt_tiny": [8, 16, 32]}
-        rows = peak(models, {m: batches.get(m, [4, 8, 16]) for m in models}, a.recompute)
+        rows = peak(models, {m: batches.get(m, [4, 8, 16]) for m in models}, a.recompute, a.path)
         print("step peak above its start (RSS, MiB): predicted vs measured; full peak adds the fixed part")
         print(f"{'model':10} {'input':20} {'held':>8} {'predicted':>9} {'measured':>9} {'error':>7} "
               f"{'fixed':>7} {'full peak error':>15}")

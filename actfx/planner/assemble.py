@@ -7,6 +7,7 @@ from actfx.kernels import ALLOWED_BITS
 from actfx.planner.choose import Option
 from actfx.planner.inventory import Inventory
 from actfx.planner.plan import CHECKPOINT, Plan, Site
+from actfx.planner.recompute import held_bytes
 
 
 def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
@@ -33,23 +34,26 @@ def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, 
         if all(_within(u, inside) for u in group.units):
             continue  # recomputed: nothing of it is held
         width = chosen.get(group.units)
-        for unit in group.units:
+        # units inside a recomputed module are not ops of the conversion any more; the group's
+        # packs are made for its units outside it
+        outside = [u for u in group.units if not _within(u, inside)]
+        for unit in outside:
             per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
         for pack in group.packs:
             b = width if width is not None else pack.bits
             numel_bits += pack.numel * (8 * pack.itemsize if b == KEEP_EXACT else b)
             numel += pack.numel
-            first = per_unit[pack.source.units[0]]
+            first = per_unit[next((u for u in pack.source.units if u in outside), outside[0])]
             first[1] += pack.nbytes(b, group_size)
         if width is not None:
-            per_unit[group.units[0]][2] += variance[group.units]
+            per_unit[outside[0]][2] += variance[group.units]
     sites = []
     for unit, (width, nbytes, var) in sorted(per_unit.items()):
         module, _, op = unit.rpartition(":")
         sites.append(Site(module, op, width if width is not None else _default_bits(inventory, unit), nbytes, var))
     sites += [Site(b.path, CHECKPOINT, KEEP_EXACT, b.input_bytes, 0.0) for b in recomputed]
     activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths) if w is not None) + \
-        sum(b.input_bytes for b in recomputed)
+        held_bytes(recomputed)
     return Plan(tuple(sorted(sites, key=lambda s: s.key)), bits, group_size, batch, activation, peak.peak(activation),
                 numel_bits / numel if numel else float(bits), sum(variance.values()), words)
 

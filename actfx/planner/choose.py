@@ -28,12 +28,14 @@ class BudgetError(ValueError):
         self.smallest = smallest
 
 
-def choose(options: list[Option], budget: int) -> list[int]:
-    """The width of each group, whose bytes sum to at most ``budget``."""
-    chosen = [min(o.nbytes) for o in options]
+def choose(options: list[Option], budget: int, floor: list | None = None) -> list[int]:
+    """The width of each group, whose bytes sum to at most ``budget``; ``floor``: the narrowest
+    width each group may take (None: any)."""
+    chosen = [min(o.nbytes) for o in options] if floor is None else list(floor)
     used = sum(o.nbytes[b] for o, b in zip(options, chosen))
     if used > budget:
-        raise BudgetError(f"the packs need {used} bytes at their narrowest, over the budget of {budget}", used)
+        raise BudgetError(f"the packs need {used} bytes at their narrowest{' allowed' if floor else ''}, over the "
+                          f"budget of {budget}", used)
     while True:
         best = None
         for i, option in enumerate(options):

@@ -25,12 +25,12 @@ from actfx.passes.analyze import measure, trace_like
 from actfx.passes.capture import buffers_restored, training_mode
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
-from actfx.planner.choose import BudgetError, choose
+from actfx.planner.choose import BudgetError
 from actfx.planner.inventory import take_inventory
 from actfx.planner.peak import largest_batch, peak_model
 from actfx.planner.plan import CHECKPOINT, Plan
 from actfx.planner.probe_sensitivity import probed_sensitivities
-from actfx.planner.recompute import candidate_paths, measure_blocks, pick
+from actfx.planner.recompute import candidate_paths, measure_blocks, outermost, pick
 from actfx.planner.sensitivity import pack_sensitivities
 from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
@@ -142,13 +142,19 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     sources = _rebuild_sources(converted._actfx_record.decisions)
     options = [option(g, sensitivity, group_size, exact=not any(p.key[:2] in sources for p in g.packs))
                for g in planned]
-    blocks, allowance, charged = None, 0, False
-    for attempt in range(4):
-        if blocks is None and recompute is not False and recompute != 0 and (
-                recompute != "auto" or not _fits(options, room - fixed_bytes)):
-            blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
+    blocks, allowance, charged, shrinks = None, 0, False, 0
+    if recompute not in ("auto", False, 0):
+        blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
+    for _ in range(8):
         try:
-            picked = pick(options, blocks or [], room - fixed_bytes, allowance)
+            try:
+                picked = pick(options, blocks or [], room - fixed_bytes, allowance)
+            except BudgetError:
+                if recompute != "auto" or blocks is not None:
+                    raise
+                # "auto": blocks are measured only once the widths alone do not fit
+                blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
+                picked = pick(options, blocks, room - fixed_bytes, allowance)
         except BudgetError as err:
             smallest = fixed_bytes + err.smallest
             what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
@@ -176,10 +182,18 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
             # the room instead would squeeze every width and could undo the gain of recomputing
             charged = True
             share = math.ceil(excess / len(picked.blocks))
-            blocks = [dataclasses.replace(b, input_bytes=b.input_bytes + share) if b in picked.blocks else b
-                      for b in blocks]
+            blocks = [dataclasses.replace(b, extra=b.extra + share) if b in picked.blocks else b for b in blocks]
+        elif picked.blocks and recompute != "auto":
+            # recomputed modules again held more than their inputs (a module boundary that cuts a
+            # rebuild chain makes the op outside pack on its own): offer only the outermost
+            # blocks, then none (widths only fit this room); shrinking the room instead narrowed
+            # every width to 1 bit, where noise compounds (EfficientNet-B0 at 64 px: a gradient
+            # 7.7e6x its norm off)
+            outer = outermost(blocks)
+            blocks, charged = (outer if len(outer) < len(blocks) else []), False
         else:
-            room -= excess * (1 + attempt)  # widening steps: an excess that survives one correction
+            shrinks += 1
+            room -= excess * shrinks  # widening steps: an excess that survives one correction
     raise BudgetError(f"cannot meet the {words}: the closest plan found holds {format_bytes(result.activation_bytes)}"
                       f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
                       "batch", result.activation_bytes if activation_budget is not None
@@ -197,23 +211,18 @@ def _capture_now(converted: nn.Module, calibration: tuple) -> None:
         converted(*calibration)
 
 
-def _fits(options, room: int) -> bool:
-    try:
-        choose(options, room)
-    except BudgetError:
-        return False
-    return True
-
-
 def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:
     """(the blocks the plan may recompute, the FLOPs it may spend on them; None: only to fit).
-    Only blocks the conversion can wrap count (not inside a graph torch.export captured)."""
+    Only blocks the conversion can wrap count (not inside a graph torch.export captured), each
+    checked by converting with every candidate of its depth named."""
     units = {u for g in planned for u in g.units}
     paths = candidate_paths(model, units)
-    if paths:
-        wrapped = convert(model, config=dataclasses.replace(base, recompute_modules=tuple(paths)))
-        present = {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
-        paths = [p for p in paths if p in present]
+    present = set()
+    for depth in sorted({p.count(".") for p in paths}):  # paths of one depth never nest: one conversion each
+        level = tuple(p for p in paths if p.count(".") == depth)
+        wrapped = convert(model, config=dataclasses.replace(base, recompute_modules=level))
+        present |= {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
+    paths = [p for p in paths if p in present]
     blocks, total = measure_blocks(model, inputs, paths, planned, dtype=dtype)
     return blocks, None if recompute == "auto" else recompute * total
 

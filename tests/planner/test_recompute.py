@@ -12,7 +12,10 @@ import actfx
 from actfx.accounting import count_saved
 from actfx.config import Config
 from actfx.models import build_model
-from actfx.planner.recompute import candidate_paths
+import actfx.planner.make
+from actfx.planner.choose import Option
+from actfx.planner.recompute import (Block, Choice, _evaluate, candidate_paths, held_bytes, measure_blocks,
+                                     outermost, pick)
 
 
 class Mlp(nn.Module):
@@ -64,10 +67,16 @@ def test_recompute_modules_must_be_module_paths():
         Config(recompute_modules="blocks.0")
 
 
-def test_candidates_are_the_outermost_repeated_blocks():
+def test_candidates_are_the_repeated_blocks_and_the_composite_modules_inside_them():
     model = build_model("vit_tiny")
     units = [f"encoder.layers.encoder_layer_{i}.mlp.1:gelu" for i in range(4)] + ["conv_proj:conv"]
-    assert candidate_paths(model, units) == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
+    # the MLP (a Sequential with children) is offered beside its block; its GELU (a leaf) is not,
+    # nor is anything wider than a block (the encoder) or outside the repeated blocks (conv_proj)
+    assert candidate_paths(model, units) == [p for i in range(4) for p in (f"encoder.layers.encoder_layer_{i}",
+                                                                         f"encoder.layers.encoder_layer_{i}.mlp")]
+    # the plan's fallback when recomputed parts overshoot: the blocks alone
+    blocks = [Block(p, frozenset(), 1, frozenset({i})) for i, p in enumerate(candidate_paths(model, units))]
+    assert [b.path for b in outermost(blocks)] == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
 
 
 def test_an_allowance_trades_recompute_for_variance_at_the_same_bytes():
@@ -141,3 +150,69 @@ def test_a_recomputed_block_with_batch_norm_counts_the_batch_once():
     for name, buffer in reference.state_dict().items():
         torch.testing.assert_close(model.state_dict()[name], buffer, rtol=0, atol=0)
     assert int(model[0].bn.num_batches_tracked) == 1
+
+
+class Parallel(nn.Module):
+    """Two branches reading one tensor (GPT-J's parallel attention and MLP, reduced to MLPs)."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.a = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        self.b = nn.Sequential(nn.Linear(d, 2 * d), nn.Tanh(), nn.Linear(2 * d, d))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class ParallelStack(nn.Module):
+    def __init__(self, depth=2, d=32):
+        super().__init__()
+        self.blocks = nn.ModuleList(Parallel(d) for _ in range(depth))
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(x)
+        return x
+
+
+def test_two_recomputed_branches_reading_one_tensor_hold_it_once():
+    torch.manual_seed(0)
+    model, x = ParallelStack(depth=1), torch.randn(8, 16, 32)
+    converted = actfx.convert(model, config=Config(recompute_modules=("blocks.0.a", "blocks.0.b")))
+    assert _held(converted, x) == x.numel() * 4
+    groups = actfx.planner.make.take_inventory(actfx.convert(model), (x,)).groups
+    blocks, _ = measure_blocks(model, (x,), ["blocks.0.a", "blocks.0.b"], groups)
+    assert [b.path for b in blocks] == ["blocks.0.a", "blocks.0.b"]
+    assert held_bytes(blocks) == held_bytes(blocks[:1]) == x.numel() * 4  # the DiGraph's union: x once
+    assert blocks[0].input_bytes + blocks[1].input_bytes == 2 * x.numel() * 4
+
+
+def test_a_small_allowance_recomputes_a_branch_inside_a_block():
+    torch.manual_seed(0)
+    model, x = ParallelStack(), torch.randn(8, 16, 32)
+    uniform = _held(actfx.convert(model, bits=2), x)
+    widths_only = actfx.plan(model, x, activation_budget=2 * uniform, recompute=False)
+    planned = actfx.plan(model, x, activation_budget=2 * uniform, recompute=0.45)  # below a block's FLOPs
+    recomputed = [s.module for s in planned.recomputed]
+    assert recomputed and all(m.startswith("blocks.") and m.count(".") == 2 for m in recomputed), recomputed
+    assert planned.gradient_variance < widths_only.gradient_variance
+    converted = actfx.convert(model, plan=planned)
+    assert _held(converted, x) == planned.activation_bytes <= 2 * uniform
+    assert {d.module_path for d in converted._actfx_record.decisions if d.kind == "checkpoint"} == set(recomputed)
+
+
+def test_recompute_only_widens_what_is_left_where_the_widths_alone_fit():
+    """Narrowing the other packs to pay for a recompute is refused even where the summed
+    variance says it helps: that sum assumes independent noise, and at 1 bit everywhere noise
+    compounds across layers (EfficientNet-B0 at 64 px measured a gradient 10^6x its norm off)."""
+    widths = {1: 10, 2: 20, 4: 40, 8: 80}
+    options = [Option(widths, {1: 1e4, 2: 1e3, 4: 100, 8: 10}), Option(widths, {1: 30, 2: 3, 4: 0.3, 8: 0.03}),
+               Option(widths, {1: 30, 2: 3, 4: 0.3, 8: 0.03})]
+    block = Block("blocks.0", frozenset({("x", 75)}), flops=1, groups=frozenset({0}))
+    alone = _evaluate(options, [], 100)
+    assert alone == ("fits", 103.3, {0: 4, 1: 4, 2: 2})
+    assert _evaluate(options, [block], 100) == ("fits", 60, {1: 1, 2: 1})  # less summed variance, 1 bit
+    assert pick(options, [block], 100, allowance=10) == Choice((), {0: 4, 1: 4, 2: 2})
+    wide = Block("blocks.0", frozenset({("x", 35)}), flops=1, groups=frozenset({0}))  # pays for itself
+    chosen = pick(options, [wide], 100, allowance=10)
+    assert chosen.blocks == (wide,) and all(w >= alone[2][i] for i, w in chosen.widths.items())
