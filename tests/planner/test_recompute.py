@@ -28,9 +28,9 @@ class Mlp(nn.Module):
 
 
 class Stack(nn.Module):
-    def __init__(self, depth=3, d=32):
+    def __init__(self, depth=3, d=32, block=Mlp):
         super().__init__()
-        self.blocks = nn.ModuleList(Mlp(d) for _ in range(depth))
+        self.blocks = nn.ModuleList(block(d) for _ in range(depth))
 
     def forward(self, x):
         for block in self.blocks:
@@ -161,23 +161,12 @@ class Parallel(nn.Module):
         self.b = nn.Sequential(nn.Linear(d, 2 * d), nn.Tanh(), nn.Linear(2 * d, d))
 
     def forward(self, x):
-        return self.a(x) + self.b(x)
-
-
-class ParallelStack(nn.Module):
-    def __init__(self, depth=2, d=32):
-        super().__init__()
-        self.blocks = nn.ModuleList(Parallel(d) for _ in range(depth))
-
-    def forward(self, x):
-        for block in self.blocks:
-            x = x + block(x)
-        return x
+        return x + self.a(x) + self.b(x)
 
 
 def test_two_recomputed_branches_reading_one_tensor_hold_it_once():
     torch.manual_seed(0)
-    model, x = ParallelStack(depth=1), torch.randn(8, 16, 32)
+    model, x = Stack(depth=1, block=Parallel), torch.randn(8, 16, 32)
     converted = actfx.convert(model, config=Config(recompute_modules=("blocks.0.a", "blocks.0.b")))
     assert _held(converted, x) == x.numel() * 4
     groups = actfx.planner.make.take_inventory(actfx.convert(model), (x,)).groups
@@ -189,7 +178,7 @@ def test_two_recomputed_branches_reading_one_tensor_hold_it_once():
 
 def test_a_small_allowance_recomputes_a_branch_inside_a_block():
     torch.manual_seed(0)
-    model, x = ParallelStack(), torch.randn(8, 16, 32)
+    model, x = Stack(depth=2, block=Parallel), torch.randn(8, 16, 32)
     uniform = _held(actfx.convert(model, bits=2), x)
     widths_only = actfx.plan(model, x, activation_budget=2 * uniform, recompute=False)
     planned = actfx.plan(model, x, activation_budget=2 * uniform, recompute=0.45)  # below a block's FLOPs
