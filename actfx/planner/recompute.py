@@ -11,9 +11,9 @@ block's attention, its MLP): a sub-block costs a fraction of the block's FLOPs a
 its variance. Regions wider than a block are not offered: their whole forward would live at once
 during their backward.
 
-What a recompute needs is a dependency DiGraph (networkx) measured in one forward on fake tensors:
-value -> block edges for every tensor a block reads. A set of recomputed blocks holds the union
-of its blocks' predecessors, so two blocks reading one tensor hold it once. A block recomputed
+What a recompute needs is measured in one forward on fake tensors: every tensor a block reads,
+keyed by its storage. A set of recomputed blocks holds the union of what its blocks read, so two
+blocks reading one tensor hold it once. A block recomputed
 drops the groups whose ops all run inside it. The choice is greedy: while the allowance of rerun
 FLOPs lasts, add the block that lowers the least total variance reachable within the budget
 (``choose`` on what is left) the most per FLOP; where no width fits, the one that lowers the bytes
@@ -50,15 +50,10 @@ class Block:
 
 
 def held_bytes(blocks) -> int:
-    """What recomputing ``blocks`` holds: each tensor they read once (the union of their
-    predecessors in the value -> block DiGraph), plus what each holds beyond its inputs."""
-    needs = nx.DiGraph()
-    for block in blocks:
-        needs.add_node(("block", block.path), extra=block.extra)
-        needs.add_edges_from(((("value", key), ("block", block.path)) for key, _ in block.inputs))
-        needs.add_nodes_from((("value", key), {"bytes": n}) for key, n in block.inputs)
-    values = set().union(*(needs.predecessors(("block", b.path)) for b in blocks)) if blocks else set()
-    return sum(needs.nodes[v]["bytes"] for v in values) + sum(b.extra for b in blocks)
+    """What recomputing ``blocks`` holds: each tensor they read once (the union of their inputs,
+    keyed by storage), plus what each holds beyond its inputs."""
+    read = dict(item for block in blocks for item in block.inputs)
+    return sum(read.values()) + sum(b.extra for b in blocks)
 
 
 def outermost(blocks: list) -> list:
@@ -81,11 +76,11 @@ def candidate_paths(model: nn.Module, units) -> list:
     running = {unit.rpartition(":")[0] for unit in units} & set(tree)
     holds = set(running).union(*(nx.ancestors(tree, m) for m in running))  # a unit runs at or below
     blocks = {child for parent, child in tree.edges if tree.nodes[parent]["container"] and child in holds}
-    outermost = {b for b in blocks if not nx.ancestors(tree, b) & blocks}
-    inner = {d for b in outermost for d in nx.descendants(tree, b)
+    repeated = {b for b in blocks if not nx.ancestors(tree, b) & blocks}
+    inner = {d for b in repeated for d in nx.descendants(tree, b)
              if d in holds and tree.nodes[d]["composite"] and tree.nodes[d]["callable_"]}
     order = {path: i for i, path in enumerate(tree)}
-    return sorted(outermost | inner, key=order.get)
+    return sorted(repeated | inner, key=order.get)
 
 
 def measure_blocks(model: nn.Module, inputs: tuple, paths: list, groups, *, dtype=None) -> tuple:
@@ -130,7 +125,7 @@ def _entered(path, seen, counter, alive):
     def hook(module, args, kwargs):
         storages = {}
         for t in torch.utils._pytree.tree_leaves((args, kwargs)):
-            if isinstance(t, torch.Tensor) and t.is_floating_point() and not isinstance(t, nn.Parameter):
+            if isinstance(t, torch.Tensor) and t.is_floating_point():
                 alive.append(t)
                 storages[t.untyped_storage()._cdata] = t.untyped_storage().nbytes()
         seen.setdefault(path, {}).setdefault("inputs", {}).update(storages)  # every call's inputs

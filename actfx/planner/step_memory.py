@@ -32,14 +32,13 @@ def step_bytes(converted: nn.Module, inputs, *, dtype=None) -> int:
         return _tracked_step(converted, inputs, dtype)
     except Exception as err:  # noqa: BLE001 - any failure of the tracked run: the formula still holds
         from actfx.passes.analyze import measure
-        from actfx.report import WORKING_SET
+        from actfx.report import WORKING_SET, static_costs
 
         warnings.warn(f"actfx.plan: the fake-tensor step of {type(converted).__name__} failed ({type(err).__name__}: "
                       f"{str(err).splitlines()[0] if str(err) else ''}); its peak uses the report's formula "
                       f"instead (backward's working set: 3x the largest op output)", stacklevel=3)
         measured = measure(converted, inputs, dtype=dtype)
-        gradients = sum(p.numel() * (dtype.itemsize if dtype is not None and p.is_floating_point() else p.element_size())
-                        for p in converted.parameters() if p.requires_grad)
+        gradients = static_costs(converted, "sgd", dtype).grad_bytes
         return (gradients + measured.activation_bytes + 2 * measured.output_bytes
                 + WORKING_SET["actfx"] * measured.largest_output_bytes)
 

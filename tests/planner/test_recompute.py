@@ -172,7 +172,7 @@ def test_two_recomputed_branches_reading_one_tensor_hold_it_once():
     groups = actfx.planner.make.take_inventory(actfx.convert(model), (x,)).groups
     blocks, _ = measure_blocks(model, (x,), ["blocks.0.a", "blocks.0.b"], groups)
     assert [b.path for b in blocks] == ["blocks.0.a", "blocks.0.b"]
-    assert held_bytes(blocks) == held_bytes(blocks[:1]) == x.numel() * 4  # the DiGraph's union: x once
+    assert held_bytes(blocks) == held_bytes(blocks[:1]) == x.numel() * 4  # the union of what they read: x once
     assert blocks[0].input_bytes + blocks[1].input_bytes == 2 * x.numel() * 4
 
 
