@@ -117,6 +117,46 @@ def test_batch_norm_train_and_eval_updates_running_stats_identically(bn):
     check_variant(model, x, kinds=["batch_norm"])
 
 
+@pytest.mark.parametrize("form", ["module", "functional", "eval"])
+def test_batch_norm_packs_its_normalised_input_so_small_maps_of_mixed_scales_stay_accurate(form):
+    """64 channels of 2x2 maps: one group of 256 packed values spans 64 channels. Channels spread
+    1e-2 .. 1e2 apart: with the raw input packed, the small ones round to a step set by the wide
+    ones and backward multiplies that by their 1/std (the input's gradient was 6.6e6x its norm off
+    at 2 bits). The normalised input has unit spread per channel: errors of order one, unbiased
+    (the mean of 16 steps about 1/4 of one step's error)."""
+    torch.manual_seed(0)
+    scales = (10.0 ** torch.arange(-2, 3).float()).repeat(13)[:64].reshape(1, 64, 1, 1)
+    x = torch.randn(8, 64, 2, 2) * scales + scales
+    bn = nn.BatchNorm2d(64)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.normal_()
+    if form == "functional":
+        model = Wrap(lambda s, x: F.batch_norm(x, None, None, s.bn.weight, s.bn.bias, True), bn=bn)
+    else:
+        model = Wrap(lambda s, x: s.bn(x), bn=bn)
+    if form == "eval":
+        bn.running_mean.copy_(scales.reshape(-1))
+        bn.running_var.copy_(scales.reshape(-1) ** 2)
+        model.eval()
+    converted = actfx.convert(model, bits=2)
+    assert [d.kind for d in converted._actfx_record.decisions] == ["batch_norm"]
+    r = torch.randn(8, 64, 2, 2)
+
+    def grads(m):
+        xi = x.clone().requires_grad_(True)
+        return [g.reshape(-1) for g in torch.autograd.grad((m(xi) * r).sum(), [xi, bn.weight])]
+
+    exact, draws = grads(model), [grads(converted) for _ in range(16)]
+    for i, limit in ((0, 0.5), (1, 2.0)):  # x, then the weight (32 values per channel)
+        one = sum(float((g[i] - exact[i]).norm()) for g in draws) / len(draws) / float(exact[i].norm())
+        mean = float((sum(g[i] for g in draws) / len(draws) - exact[i]).norm() / exact[i].norm())
+        if form == "eval" and i == 0:  # eval's input gradient is weight / std times the output's
+            assert one < 1e-6
+            continue
+        assert one < limit and one / mean > 2.5, (i, one, mean)
+
+
 @pytest.mark.parametrize("name, fn", [
     ("module", lambda s, x: s.act(x)),
     ("F.relu", lambda s, x: F.relu(x)),

@@ -3,13 +3,13 @@
 For each value some backward needs, the pass picks the cheapest exact-in-expectation storage:
 - already packed for another consumer (and not modified in place since): share that pack;
 - the output of a ReLU whose input is BatchNorm's output: rebuild it in backward as
-  ``mask * (a * bn_input + b)`` from BatchNorm's packed input, the exact 1-bit ReLU mask and
-  BatchNorm's per-channel affine map -- nothing new is stored (conv -> BN -> ReLU -> conv);
+  ``mask * (γ x̂ + β)`` from BatchNorm's packed normalised input, the exact 1-bit ReLU mask and
+  BatchNorm's per-channel weight and bias -- nothing new is stored (conv -> BN -> ReLU -> conv);
 - LayerNorm's output: ``w * x̂ + b`` from the normalised input LayerNorm packed (LN -> linear);
 - a reshape of something already stored: reshape it back;
 - a residual add of two values that are both available that way: add them back in backward
   (at most one add deep, so backward work per consumer stays bounded; in a ResNet every other
-  block output is rebuilt as mask * (a * bn3_input + b + block_input));
+  block output is rebuilt as mask * (γ x̂3 + β + block_input));
 - otherwise pack it once, right before its first consumer, at the widest bits any consumer asks for.
 Parameters, buffers and values derived only from them are kept as they are (never compressed).
 """
@@ -45,7 +45,8 @@ class Decision:
     values: list = dataclasses.field(default_factory=list)  # per saved value: its node's name, or None
     # per saved value, where its backward's copy comes from, in the original graph's node names
     # (for the planner's calibration): ("pack", value) | ("masked", relu, inner) | ("affine", bn, inner)
-    # | ("sum", left, right) | ("reshape", inner) | None (kept exact, or only its shape)
+    # | ("sum", left, right) | ("reshape", inner) | ("normalized", bn) (BatchNorm's packed x̂)
+    # | ("unnormalized", bn, inner) (its input, x̂ * std + mean) | None (kept exact, or only its shape)
     sources: list = dataclasses.field(default_factory=list)
 
 
@@ -118,7 +119,7 @@ class _Rewriter:
         self.stream = 0
         self.packs: dict[Node, tuple] = {}  # value -> (spec, run) of its live pack
         self.masks: dict[Node, tuple] = {}  # relu node -> (mask node, slope)
-        self.affine: dict[Node, tuple] = {}  # bn node -> (a, b, input spec, input run)
+        self.affine: dict[Node, tuple] = {}  # norm node -> (a, b, inner spec, inner run, source, channel dim)
         self.decisions: list[Decision] = []
 
     def _full(self, target: str) -> str:
@@ -261,16 +262,15 @@ class _Rewriter:
         if "packed_output" in extras:
             spec, run = extras["packed_output"]
             self.packs[node] = (spec, [out, *run[1:]], ("pack", node.name))
-        if "affine" in extras:  # the output is a * inner + b per channel (BatchNorm: of its input)
-            a, b = extras["affine"]
-            if "affine_of" in extras:  # an inner value the site packed itself (LayerNorm's x̂)
-                spec, run, channel_dim = extras["affine_of"]
-                self.affine[node] = (a, b, spec, run, ("pack", node.name), channel_dim)
-            else:
-                self.affine[node] = (a, b, specs[0], runs[0], chosen[0][2], 1)
+        if "affine" in extras:  # the output is a * inner + b per channel, inner a value the site
+            a, b = extras["affine"]  # packed itself (BatchNorm's and LayerNorm's normalised input)
+            spec, run, channel_dim, source = extras["affine_of"]
+            self.affine[node] = (a, b, spec, run, source, channel_dim)
+        reads = extras.get("reads", [])  # values backward reads through what the site packed itself
         self.decisions.append(Decision(
             node.name, site.kind, self._path(site), [describe(spec) for spec in [*specs, *emitted]], self.prefix,
-            [v.name if isinstance(v, Node) else None for v in site.saved], [source for _, _, source in chosen]))
+            [v.name if isinstance(v, Node) else None for v in site.saved] + [v.name for v, _ in reads],
+            [source for _, _, source in chosen] + [tree for _, tree in reads]))
 
 
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:

@@ -104,31 +104,50 @@ def _addmm(node):
 
 # ---------------------------------------------------------------- batch norm
 
+def _batch_norm_site(node, path, x, normalized, call):
+    """BatchNorm packs its *normalised* input (see variants/batchnorm.py) and returns ``γ, β``:
+    its output is ``γ x̂ + β`` per channel, so a ReLU -> conv chain after it rebuilds the conv's
+    input from that pack. ``normalized(graph, env)`` and ``call(graph, env, spec, run)`` emit the
+    two calls of the module or functional form."""
+
+    def emit(graph, env, specs, runs, pack=None):
+        spec, run = pack(normalized(graph, env), node)
+        node_call = call(graph, env, spec, run)
+        out, gamma, beta = (graph.call_function(operator.getitem, (node_call, i)) for i in range(3))
+        # backward reads x through x̂ = (x - mean) / std (the planner's noise model follows it)
+        reads = [(x, ("unnormalized", node.name, ("normalized", node.name)))]
+        return out, {"affine": (gamma, beta), "affine_of": (spec, run, 1, ("normalized", node.name)), "reads": reads}
+
+    return Site(node, "batch_norm", path, [], emit)
+
+
 def _batch_norm_module(node, path, m):
     if len(node.args) != 1 or node.kwargs:
         return None
-
-    def emit(graph, env, specs, runs, pack=None):
-        call = graph.call_function(batchnorm.batch_norm_module, (_get(graph, path), specs[0], *runs[0]))
-        out, a, b = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
-        return out, {"affine": (a, b)}
-
-    return Site(node, "batch_norm", path, [node.args[0]], emit)
+    x = node.args[0]
+    return _batch_norm_site(
+        node, path, x,
+        lambda graph, env: graph.call_function(batchnorm.batch_norm_module_normalized, (_get(graph, path), env[x])),
+        lambda graph, env, spec, run: graph.call_function(
+            batchnorm.batch_norm_module, (_get(graph, path), spec, env[x], *run)))
 
 
 def _batch_norm_functional(node):
     a = bind("batch_norm", node.args, node.kwargs)
     if a is None:
         return None
+    x = a["input"]
 
-    def emit(graph, env, specs, runs, pack=None):
-        args = [_env(env, a[k]) for k in ("running_mean", "running_var", "weight", "bias", "training",
-                                          "momentum", "eps")]
-        call = graph.call_function(batchnorm.batch_norm_functional, (specs[0], *args, *runs[0]))
-        out, aa, bb = (graph.call_function(operator.getitem, (call, i)) for i in range(3))
-        return out, {"affine": (aa, bb)}
+    def args(env, *keys):
+        return [_env(env, a[k]) for k in keys]
 
-    return Site(node, "batch_norm", None, [a["input"]], emit)
+    return _batch_norm_site(
+        node, None, x,
+        lambda graph, env: graph.call_function(batchnorm.batch_norm_normalized, (
+            env[x], *args(env, "running_mean", "running_var", "training", "eps", "weight", "bias"))),
+        lambda graph, env, spec, run: graph.call_function(batchnorm.batch_norm_functional, (
+            spec, *args(env, "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
+            env[x], *run)))
 
 
 # ---------------------------------------------------------------- LayerNorm / GroupNorm / InstanceNorm
@@ -165,7 +184,7 @@ def _layer_norm_site(node, path, x, static, weight, bias):
         out = graph.call_function(norms.layer_norm_from_normalized, (spec, shape, w, b, eps, env[x], *run))
         one_dim = isinstance(shape, int) or len(shape) == 1
         if one_dim and isinstance(w, Node) and isinstance(b, Node):
-            return out, {"affine": (w, b), "affine_of": (spec, run, -1)}
+            return out, {"affine": (w, b), "affine_of": (spec, run, -1, ("pack", node.name))}
         return out, {}
 
     return Site(node, "layer_norm", path, [], emit)

@@ -232,7 +232,7 @@ def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, gro
     one (one forward for all), else the converted model probed one pack at a time."""
     found = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
                                calibration, loss_fn=loss_fn, group_size=group_size)
-    sensitivity = {(path, name, False): s for (path, name), s in found.items()}
+    sensitivity = dict(found)
     unmeasured = {p.key for g in inventory.groups for p in g.packs if p.key not in sensitivity}
     sensitivity.update(probed_sensitivities(converted, calibration, unmeasured, loss_fn=loss_fn,
                                             group_size=group_size))
@@ -248,13 +248,13 @@ def _rebuild_sources(decisions) -> set:
     def walk(path, tree, inside):
         if tree is None:
             return
-        if tree[0] == "pack":
+        if tree[0] in ("pack", "normalized"):
             if inside:  # a tree names the packed value, not whether the pack is derived: match both
                 found.add((path, tree[1]))
             return
         for part in tree[1:]:
-            if isinstance(part, tuple):
-                walk(path, part, True)
+            if isinstance(part, tuple):  # BatchNorm reading its own x̂ rebuilds nothing else
+                walk(path, part, inside or tree[0] != "unnormalized")
 
     for d in decisions:
         for tree in d.sources:

@@ -10,8 +10,10 @@ model, and training steps after planning never sync with the host):
 ``pack_groups`` rounds them) and every other saved value exactly. The forward runs once, the
 backward once exactly and once per pack (``retain_graph``); the noise reaches every reader of the
 pack: the op that packed it and the values the rewrite rebuilds from it (a ReLU output rebuilt as
-``mask * (a * bn_input + b)`` reads ``mask * a`` times the BN input's noise), because the noise is
-put into PyTorch's own saved tensors as backward unpacks them (``saved_tensors_hooks``). One
+``mask * (γ x̂ + β)`` from BatchNorm's packed normalised input reads ``mask * γ`` times the noise
+on x̂, and BatchNorm's own backward, which PyTorch feeds its input ``x = x̂ std + mean``, reads
+``std`` times it), because the noise is put into PyTorch's own saved tensors as backward unpacks
+them (``saved_tensors_hooks``). One
 draw of the noise per pack: the squared error is a sum over many independent values, so one draw
 is close to its expectation (the benchmark checks the ranking against the measured error).
 
@@ -33,9 +35,11 @@ import dataclasses
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import Interpreter, Node
 
 from actfx.kernels import ALLOWED_BITS
+from actfx.passes.signatures import bind
 
 # Kinds whose backward recomputes from what it packed rather than reading what PyTorch saves.
 UNMEASURED_KINDS = frozenset({"sdpa", "attention", "transformer_layer"})
@@ -85,22 +89,23 @@ def rounding_noise(x: torch.Tensor, bits: int, group_size: int, generator: torch
 
 def pack_sensitivities(model: nn.Module, graphs: dict, decisions: list, inputs: tuple, *, loss_fn=None,
                        group_size: int = 256, seed: int = 0) -> dict:
-    """{(graph path, value name): PackSensitivity} for every pack the decisions name that some
-    backward reads.
+    """{pack key (graph path, value name, derived): PackSensitivity} for every pack the decisions
+    name that some backward reads (a BatchNorm's packed normalised input is derived from its input).
 
     ``model``: the original (unconverted) model; ``graphs``: its training graphs per module path,
     traced as conversion traced them (``actfx.passes.analyze.trace_like``); ``decisions``: the
     conversion record's; ``inputs``: real example inputs; ``loss_fn(output) -> scalar``, by default
     ``<output, r>`` with a fixed Gaussian ``r`` (every output gradient N(0, 1)).
     """
-    trees = {}
+    trees, reads = {}, {}
     for d in decisions:
+        reads[(d.graph_path, d.node)] = set(d.values)
         if d.kind in UNMEASURED_KINDS:
             continue
         for name, source in zip(d.values, d.sources):
             if name is not None and source is not None:
                 trees.setdefault((d.graph_path, name), source)
-    state = _State(trees)
+    state = _State(trees, reads)
     params = [p for p in model.parameters() if p.requires_grad]
     state.parameters = {p.untyped_storage().data_ptr() for p in [*model.parameters(), *model.buffers()]}
     generator = torch.Generator().manual_seed(seed)
@@ -110,7 +115,9 @@ def pack_sensitivities(model: nn.Module, graphs: dict, decisions: list, inputs: 
     exact = _gradient(loss, params)
     result = {}
     for key in sorted(state.readers):
-        value = state.values[key]
+        value = state.leaf_value(key)
+        if value is None:
+            continue
         state.active = (key, rounding_noise(value, CALIBRATION_BITS, group_size, generator))
         measured = sum(float(n) ** 2 for n in torch._foreach_norm(torch._foreach_sub(_gradient(loss, params), exact)))
         base = float(rounding_variance(value, CALIBRATION_BITS, group_size).sum())
@@ -138,11 +145,15 @@ class _State:
     """What the calibration run keeps: node values (copied before any in-place op touches them),
     which saved tensors read which packs, and the one pack whose noise backward reads now."""
 
-    def __init__(self, trees: dict):
+    def __init__(self, trees: dict, reads: dict):
         self.trees = trees
+        self.reads = reads  # (graph path, converted op) -> the values its backward reads from packs
+        self.current = None  # (graph path, node) the calibration forward runs now
         self.values: dict = {}  # key -> copy of the value
         self.storage: dict = {}  # storage data_ptr -> [(key, live tensor)] in execution order
-        self.scale: dict = {}  # key -> per-channel scale of a BatchNorm's output (its affine rebuild)
+        self.scale: dict = {}  # BatchNorm key -> its weight, per channel (output = weight * x̂ + bias)
+        self.std: dict = {}  # BatchNorm key -> the std it divides its input by, per channel
+        self.normalized: dict = {}  # BatchNorm key -> its normalised input x̂ (what the conversion packs)
         self.readers: set = set()  # packs some saved tensor reads
         self.parameters: set = set()
         self.active = None  # (pack key, its noise) while one backward runs
@@ -150,13 +161,21 @@ class _State:
         for (path, _), tree in trees.items():
             self.wanted |= set(_named(path, tree))
 
-    def record(self, key, value, module, first_input) -> None:
+    def record(self, key, value, batch_norm=None) -> None:
+        """``batch_norm``: (input, mean, std, weight) per channel when the node is a BatchNorm."""
         if isinstance(value, torch.Tensor) and value.is_floating_point():
             self.storage.setdefault(value.untyped_storage().data_ptr(), []).append((key, value))
             if key in self.wanted:
                 self.values[key] = value.detach().clone()
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and isinstance(first_input, torch.Tensor):
-                    self.scale[key] = _bn_scale(module, first_input)
+                if batch_norm is not None:
+                    x, mean, std, weight = batch_norm
+                    self.normalized[key] = (x.detach().float() - mean) / std
+                    self.std[key], self.scale[key] = std, weight
+
+    def leaf_value(self, leaf) -> torch.Tensor | None:
+        """What a pack (``_leaves``' key) stores: a node's value, or a BatchNorm's x̂ (None: not recorded)."""
+        path, name, derived = leaf
+        return (self.normalized if derived else self.values).get((path, name))
 
     def pack(self, t: torch.Tensor):
         ptr = t.untyped_storage().data_ptr()
@@ -166,7 +185,11 @@ class _State:
             geometry = _Geometry(tuple(value.shape), tuple(value.stride()), value.storage_offset())
             if key not in self.trees or _offset_in(geometry, t) is None:
                 continue
-            leaves = [k for k in _leaves(key[0], self.trees[key]) if k in self.values]
+            if self.current in self.reads and key[1] not in self.reads[self.current]:
+                # an op the conversion keeps this value exact for (a ReLU's own mask, from its output)
+                return (t, None)
+            # a BatchNorm's x̂ is recorded after the op that saves its input ran: leaves are looked up later
+            leaves = _leaves(key[0], self.trees[key])
             if not leaves:
                 return (t, None)
             self.readers.update(leaves)
@@ -184,8 +207,8 @@ class _State:
     def _noise(self, path: str, tree, shape) -> torch.Tensor | None:
         """The active pack's noise as the value ``tree`` describes reads it (None: not at all)."""
         kind = tree[0]
-        if kind == "pack":
-            return self.active[1] if (path, tree[1]) == self.active[0] else None
+        if kind in ("pack", "normalized"):
+            return self.active[1] if (path, tree[1], kind == "normalized") == self.active[0] else None
         if kind == "sum":
             parts = [self._noise(path, part, shape) for part in tree[1:]]
             parts = [p.reshape(shape) for p in parts if p is not None]
@@ -194,11 +217,13 @@ class _State:
         if inner is None:
             return None
         inner = inner.reshape(shape)
-        key = (path, tree[1]) if kind in ("masked", "affine") else None
+        key = (path, tree[1]) if kind in ("masked", "affine", "unnormalized") else None
         if kind == "masked" and key in self.values:
             return inner * (self.values[key] != 0)
         if kind == "affine" and key in self.scale:
             return inner * self.scale[key]
+        if kind == "unnormalized" and key in self.std:  # x = x̂ std + mean
+            return inner * self.std[key]
         return inner
 
 
@@ -221,15 +246,16 @@ def _named(path: str, tree) -> list:
     """Every (path, node name) a noise tree reads a value of."""
     if tree is None:
         return []
-    out = [(path, tree[1])] if tree[0] in ("pack", "masked", "affine") else []
+    out = [(path, tree[1])] if tree[0] in ("pack", "masked", "affine", "normalized", "unnormalized") else []
     return out + [k for part in tree[1:] if isinstance(part, tuple) for k in _named(path, part)]
 
 
 def _leaves(path: str, tree) -> list:
+    """The pack keys a noise tree reads (see ``probe_sensitivity.pack_key``)."""
     if tree is None:
         return []
-    if tree[0] == "pack":
-        return [(path, tree[1])]
+    if tree[0] in ("pack", "normalized"):
+        return [(path, tree[1], tree[0] == "normalized")]
     return [k for part in tree[1:] if isinstance(part, tuple) for k in _leaves(path, part)]
 
 
@@ -258,13 +284,33 @@ def _view(noise: torch.Tensor, value: _Geometry, saved: torch.Tensor) -> torch.T
     return noise.reshape(-1).as_strided(saved.shape, saved.stride(), offset)
 
 
-def _bn_scale(module, x: torch.Tensor) -> torch.Tensor:
-    """``weight / sqrt(batch var + eps)`` per channel, shaped to broadcast over the output."""
-    dims = [d for d in range(x.dim()) if d != 1]
-    scale = torch.rsqrt(x.detach().float().var(dims, unbiased=False) + module.eps)
-    if module.weight is not None:
-        scale = scale * module.weight.detach().float()
-    return scale.reshape([1, -1] + [1] * (x.dim() - 2))
+def _batch_norm_stats(module, node: Node, env: dict):
+    """(input, mean, std, weight), each per channel shaped to broadcast over the input, for a
+    BatchNorm module call or an ``F.batch_norm`` node; None for any other node."""
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        x = env.get(node.args[0]) if node.args else None
+        batch_stats = module.training or module.running_mean is None
+        running, weight, eps = (module.running_mean, module.running_var), module.weight, module.eps
+    elif node.op == "call_function" and node.target is F.batch_norm:
+        bound = bind("batch_norm", *torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n]))
+        if bound is None:
+            return None
+        x, batch_stats, weight, eps = bound["input"], bound["training"], bound["weight"], bound["eps"]
+        running = (bound["running_mean"], bound["running_var"])
+    else:
+        return None
+    if not isinstance(x, torch.Tensor) or x.dim() < 2 or (not batch_stats and running[0] is None):
+        return None
+    with torch.no_grad():
+        xf = x.detach().float()
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        if batch_stats:
+            var, mean = torch.var_mean(xf, [d for d in range(x.dim()) if d != 1], correction=0, keepdim=True)
+        else:
+            mean, var = running[0].float().reshape(shape), running[1].float().reshape(shape)
+        std = torch.sqrt(var + eps)
+        scale = torch.ones_like(std) if weight is None else weight.detach().float().reshape(shape)
+    return x, mean, std, scale
 
 
 class _Calibrating(Interpreter):
@@ -276,10 +322,11 @@ class _Calibrating(Interpreter):
         self.path, self.state, self.graphs = path, state, graphs
 
     def run_node(self, n: Node):
+        self.state.current = (self.path, n.name)
         result = super().run_node(n)
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
-        first = self.env.get(n.args[0]) if n.args and isinstance(n.args[0], Node) else None
-        self.state.record((self.path, n.name), result, module, first)
+        key = (self.path, n.name)
+        self.state.record(key, result, _batch_norm_stats(module, n, self.env) if key in self.state.wanted else None)
         return result
 
     def call_module(self, target, args, kwargs):

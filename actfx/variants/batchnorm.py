@@ -1,10 +1,15 @@
-"""BatchNorm (1d/2d/3d, train and eval, momentum None, no running stats) with a packed input.
+"""BatchNorm (1d/2d/3d, train and eval, momentum None, no running stats) with a packed normalised input.
 
 Forward runs the same ATen op as ``F.batch_norm`` (``_batch_norm_impl_index``), so outputs and
-running-statistics updates are identical. The exact batch statistics are kept (they are per
-channel, tiny); backward evaluates BatchNorm's gradient at the unpacked input, which is linear in
-it. The op also returns the per-channel affine map ``out = a * x + b`` so a following
-ReLU -> conv chain can rebuild its conv input from this packed input instead of packing again.
+running-statistics updates are identical. What is packed is the normalised input
+``x̂ = (x - mean) / std`` (``batch_norm_normalized``), not ``x``: a group of 256 stored values
+spans channels when a feature map is small (64 channels of a 2x2 map), and with ``x`` packed a
+channel of small spread shares its group's step with a wide one while backward multiplies that
+rounding noise by the channel's 1/std (EfficientNet-B0 at 64 px and 2 bits: one step's gradient
+8.6x its own norm off). Normalised channels have unit spread. Backward is linear in ``x̂``:
+``γ/std (g - mean(g) - x̂ mean(g x̂))`` in training, ``γ/std g`` in eval, and ``Σ g x̂`` for the
+weight. The op also returns ``γ, β`` so a following ReLU -> conv chain rebuilds its conv input
+as ``mask (γ x̂ + β)`` from the same pack instead of packing again.
 """
 
 from __future__ import annotations
@@ -17,88 +22,105 @@ from actfx.variants.common import needs_saving, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
+def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    return bn.training or (bn.running_mean is None and bn.running_var is None)
+
+
 def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):
-    """Mirror nn.BatchNorm's forward: the momentum factor, training flag and running stats."""
+    """Mirror nn.BatchNorm's forward: the momentum factor, training flag and running stats
+    (counting this call in ``num_batches_tracked``, as the module does)."""
     factor = 0.0 if bn.momentum is None else bn.momentum
     if bn.training and bn.track_running_stats and bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
         factor = 1.0 / float(bn.num_batches_tracked) if bn.momentum is None else bn.momentum
-    use_batch_stats = bn.training or (bn.running_mean is None and bn.running_var is None)
     keep_running = not bn.training or bn.track_running_stats
     rm = bn.running_mean if keep_running else None
     rv = bn.running_var if keep_running else None
-    return factor, use_batch_stats, rm, rv
+    return factor, _uses_batch_stats(bn), rm, rv
 
 
-def _affine(weight, bias, mean, invstd, channels, like):
-    """a, b with batch_norm(x) == a * x + b per channel (fp32)."""
-    a = invstd.float() if weight is None else weight.float() * invstd.float()
-    b = -mean.float() * a
-    if bias is not None:
-        b = b + bias.float()
-    return a.reshape(channels), b.reshape(channels)
+def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return t.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
-def batch_norm_backward(impl, x, grad_out, weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve):
-    """BatchNorm's ATen backward for whichever implementation ran forward (native, cuDNN, MIOpen).
+def batch_norm_normalized(x, running_mean, running_var, training, eps, weight=None, bias=None):
+    """What BatchNorm packs: ``(x - mean) / sqrt(var + eps)`` per channel in ``x``'s dtype, with
+    the batch's statistics or the running ones (as its forward uses them), or None when no
+    backward will run. ATen's own BatchNorm without weight, bias or running-statistics update
+    computes it (2.8x faster on CPU than ``var_mean`` and two pointwise ops)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and needs_saving(x, weight, bias)):
+        return None
+    if not training and (running_mean is None or running_var is None):
+        return None  # F.batch_norm refuses this call with its own message
+    with torch.no_grad():
+        return torch.batch_norm(x.detach(), None, None, None if training else running_mean,
+                                None if training else running_var, training, 0.0, eps, torch.backends.cudnn.enabled)
 
-    The native backward is used whenever forward was native, and under torch.compile (whose
-    fake-tensor tracing cannot run the dispatching ``_batch_norm_impl_index_backward``).
-    """
-    if impl == 0 or torch.compiler.is_compiling():
-        return torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(), x, weight, rm, rv, save_mean, save_invstd, training, eps, mask)
-    return torch.ops.aten._batch_norm_impl_index_backward(
-        impl, x, grad_out.contiguous(), weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve)
+
+def batch_norm_module_normalized(bn: nn.modules.batchnorm._BatchNorm, x):
+    """``batch_norm_normalized`` for a BatchNorm module's call (its mode and statistics)."""
+    return batch_norm_normalized(x, bn.running_mean, bn.running_var, _uses_batch_stats(bn), bn.eps,
+                                 bn.weight, bn.bias)
 
 
 class _PackedBatchNorm(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, eps, factor, training, weight, bias, rm, rv, *run):
-        x = run[0]
-        out, save_mean, save_var, reserve, impl = torch._batch_norm_impl_index(
+    def forward(ctx, spec, eps, factor, training, weight, bias, rm, rv, x, *run):
+        out, save_mean, save_invstd, _, _ = torch._batch_norm_impl_index(
             x, weight, bias, rm, rv, training, factor, eps, torch.backends.cudnn.enabled
         )
-        if training:
-            mean, invstd = save_mean, save_var
-        else:
-            mean, invstd = rm, torch.rsqrt(rv.float() + eps)
-        a, b = _affine(weight, bias, mean, invstd, x.shape[1], x)
+        invstd = save_invstd if training else torch.rsqrt(rv.float() + eps)
+        channels = x.shape[1]
+        gamma = weight.detach().float().clone() if weight is not None else x.new_ones(channels, dtype=torch.float)
+        beta = bias.detach().float().clone() if bias is not None else x.new_zeros(channels, dtype=torch.float)
         plans, storage = split_all([spec], run)
-        ctx.plans, ctx.impl, ctx.eps, ctx.training = plans, impl, eps, training
-        ctx.x_dtype = x.dtype
-        ctx.save_for_backward(weight, rm, rv, save_mean, save_var, reserve, *storage)
-        ctx.mark_non_differentiable(a, b)
-        return out, a, b
+        ctx.plans, ctx.training, ctx.x_dtype = plans, training, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.save_for_backward(weight, invstd, *storage)
+        ctx.mark_non_differentiable(gamma, beta)
+        return out, gamma, beta
 
     @staticmethod
     def backward(ctx, grad_out, _ga, _gb):
         refuse_double_backward("batch_norm")
-        weight, rm, rv, save_mean, save_var, reserve, *storage = ctx.saved_tensors
-        x = materialize_all(ctx.plans, storage)[0]
+        weight, invstd, *storage = ctx.saved_tensors
+        xhat = materialize_all(ctx.plans, storage)[0]
         mask = [ctx.needs_input_grad[8], weight is not None and ctx.needs_input_grad[4],
                 ctx.needs_input_grad[5]]
-        gx, gw, gb = batch_norm_backward(ctx.impl, x, grad_out, weight, rm, rv, save_mean, save_var,
-                                         ctx.training, ctx.eps, mask, reserve)
-        return (None, None, None, None, gw if mask[1] else None, gb if mask[2] else None, None, None,
+        gx, gw, gb = _backward(grad_out.contiguous(), xhat.to(ctx.x_dtype), weight, invstd, ctx.training, mask)
+        return (None, None, None, None, gw.to(weight.dtype) if mask[1] else None,
+                gb.to(ctx.bias_dtype) if mask[2] else None, None, None,
                 gx if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
-def batch_norm_module(bn, spec, *run):
-    """BatchNorm module call; returns (out, a, b). a and b are None when nothing is saved."""
-    x = run[0]
-    if not needs_saving(x, bn.weight, bn.bias):
+def _backward(grad_out, xhat, weight, invstd, training: bool, mask):
+    """BatchNorm's gradients from the normalised input: ATen's kernel with unit statistics and
+    ``γ/std`` as the weight in training; the eval formula (no batch terms) directly. The
+    parameters' gradients come back in fp32."""
+    scale = invstd.float() if weight is None else weight.float() * invstd.float()
+    if training:
+        zeros = torch.zeros_like(scale)
+        gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
+            grad_out, xhat, scale, None, None, zeros, torch.ones_like(scale), True, 0.0, mask)
+        return gx, gw, gb
+    dims = [d for d in range(xhat.dim()) if d != 1]
+    gx = (grad_out.float() * _per_channel(scale, xhat)).to(grad_out.dtype) if mask[0] else None
+    gw = (grad_out.float() * xhat.float()).sum(dims) if mask[1] else None
+    gb = grad_out.float().sum(dims) if mask[2] else None
+    return gx, gw, gb
+
+
+def batch_norm_module(bn, spec, x, *run):
+    """BatchNorm module call; returns (out, γ, β). γ and β are None when nothing is saved."""
+    if run[0] is None or not needs_saving(x, bn.weight, bn.bias):
         return bn(x), None, None
-    if x.dim() < 2:
-        raise ValueError(f"{type(bn).__name__} expects at least 2-D input, got shape {tuple(x.shape)}")
     bn._check_input_dim(x)
     factor, training, rm, rv = _batch_norm_args(bn)
-    return _PackedBatchNorm.apply(spec, bn.eps, factor, training, bn.weight, bn.bias, rm, rv, *run)
+    return _PackedBatchNorm.apply(spec, bn.eps, factor, training, bn.weight, bn.bias, rm, rv, x, *run)
 
 
-def batch_norm_functional(spec, running_mean, running_var, weight, bias, training, momentum, eps, *run):
-    """``F.batch_norm`` call form; returns (out, a, b)."""
-    x = run[0]
-    if not needs_saving(x, weight, bias):
+def batch_norm_functional(spec, running_mean, running_var, weight, bias, training, momentum, eps, x, *run):
+    """``F.batch_norm`` call form; returns (out, γ, β)."""
+    if run[0] is None or not needs_saving(x, weight, bias):
         return F.batch_norm(x, running_mean, running_var, weight, bias, training, momentum, eps), None, None
-    return _PackedBatchNorm.apply(spec, eps, momentum, training, weight, bias, running_mean, running_var, *run)
+    return _PackedBatchNorm.apply(spec, eps, momentum, training, weight, bias, running_mean, running_var, x, *run)

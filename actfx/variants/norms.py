@@ -14,9 +14,21 @@ import math
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.batchnorm import batch_norm_backward
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
+
+
+def batch_norm_backward(impl, x, grad_out, weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve):
+    """BatchNorm's ATen backward for whichever implementation ran forward (native, cuDNN, MIOpen).
+
+    The native backward is used whenever forward was native, and under torch.compile (whose
+    fake-tensor tracing cannot run the dispatching ``_batch_norm_impl_index_backward``).
+    """
+    if impl == 0 or torch.compiler.is_compiling():
+        return torch.ops.aten.native_batch_norm_backward(
+            grad_out.contiguous(), x, weight, rm, rv, save_mean, save_invstd, training, eps, mask)
+    return torch.ops.aten._batch_norm_impl_index_backward(
+        impl, x, grad_out.contiguous(), weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve)
 
 
 def _autocast_fp32(device_type: str, *tensors):
