@@ -171,13 +171,14 @@ class _Rewriter:
         meta = self.new.call_function(operator.getitem, (call, 1))
         return ("packed", bits, gs), [value, codes, meta]
 
-    def _pack_output(self, value: Node, old: Node) -> tuple:
-        """Pack a value a site computes itself (softmax's output), at the site's width."""
+    def _pack_output(self, value: Node, old: Node, copy: str = "") -> tuple:
+        """Pack a value a site computes itself (softmax's output), at the site's width; ``copy``
+        names a second, independently rounded pack of it (its own key for the planner)."""
         site = self.sites[old]
         bits = self.config.bits_for(site.kind, self._path(site))
         if bits == KEEP_EXACT:
             return ("exact",), [value]
-        source = PackSource(old.name, (unit_key(self._path(site), site.kind),), derived=site.kind != "softmax")
+        source = PackSource(old.name + copy, (unit_key(self._path(site), site.kind),), derived=site.kind != "softmax")
         return self._pack_new(value, bits, source)
 
     def _cheap(self, v: Node, adds: int = 1) -> tuple | None:
@@ -247,8 +248,8 @@ class _Rewriter:
         runs = [run for _, run, _ in chosen]
         emitted: list = []  # values the variant packs itself (an output, a derivative)
 
-        def pack_output(value, old):
-            entry = self._pack_output(value, old)
+        def pack_output(value, old, copy=""):
+            entry = self._pack_output(value, old, copy)
             emitted.append(entry[0])
             return entry
 

@@ -104,6 +104,9 @@ def _addmm(node):
 
 # ---------------------------------------------------------------- batch norm
 
+COPY = "#copy"  # the key suffix of BatchNorm's second pack of x̂ (batchnorm.second_copy)
+
+
 def _batch_norm_site(node, path, x, normalized, call):
     """BatchNorm packs its *normalised* input (see variants/batchnorm.py) and returns ``γ, β``:
     its output is ``γ x̂ + β`` per channel, so a ReLU -> conv chain after it rebuilds the conv's
@@ -111,8 +114,10 @@ def _batch_norm_site(node, path, x, normalized, call):
     two calls of the module or functional form."""
 
     def emit(graph, env, specs, runs, pack=None):
-        spec, run = pack(normalized(graph, env), node)
-        node_call = call(graph, env, spec, run)
+        xhat = normalized(graph, env)
+        spec, run = pack(xhat, node)
+        spec2, run2 = pack(graph.call_function(batchnorm.second_copy, (xhat,)), node, COPY)
+        node_call = call(graph, env, (spec, spec2), [*run, *run2])
         out, gamma, beta = (graph.call_function(operator.getitem, (node_call, i)) for i in range(3))
         # backward reads x through x̂ = (x - mean) / std (the planner's noise model follows it)
         reads = [(x, ("unnormalized", node.name, ("normalized", node.name)))]
