@@ -160,8 +160,8 @@ def test_batch_norm_packs_its_normalised_input_so_small_maps_of_mixed_scales_sta
 def test_batch_norm_over_few_values_per_channel_stays_unbiased():
     """M = 16 values per channel: backward's ``x̂_i mean_j(g_j x̂_j)`` read from one pack meets
     element i's rounding twice and kept a floor of 3.6% in the mean of 1024 input gradients (16
-    -> 256: 7.5% -> 3.9%). With the mean read from a second pack, the error of the mean of K
-    falls as 1/sqrt(K): 16 -> 256 divides it by about 4."""
+    -> 256: 7.5% -> 3.9%). Corrected with a second pack, the error of the mean of K falls as
+    1/sqrt(K): 16 -> 256 divides it by about 4."""
     torch.manual_seed(0)
     x, r = torch.randn(4, 64, 2, 2), torch.randn(4, 64, 2, 2)
     model = Wrap(lambda s, x: s.bn(x), bn=nn.BatchNorm2d(64))
