@@ -70,7 +70,8 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
             model = _stage(STEPS[0], spec.factory)
             with warnings.catch_warnings():  # the first conversion already warned about the same model
                 warnings.simplefilter("ignore")
-                converted = _stage(STEPS[1], lambda: actfx.convert(model, bits=bits))
+                converted = _stage(STEPS[1], lambda: actfx.convert(model, plan=plan) if plan is not None
+                                   else actfx.convert(model, bits=bits))
             before = _stage(f"running {spec.text} on input {list(input_shape)}",
                             lambda: measure(model, inputs, dtype=dtype, like=converted))
         step(STEPS[3])
