@@ -107,16 +107,16 @@ def _addmm(node):
 COPY = "#copy"  # the key suffix of BatchNorm's second pack of x̂ (batchnorm.second_copy)
 
 
-def _batch_norm_site(node, path, x, normalized, call):
+def _batch_norm_site(node, path, x, normalized, copy, call):
     """BatchNorm packs its *normalised* input (see variants/batchnorm.py) and returns ``γ, β``:
     its output is ``γ x̂ + β`` per channel, so a ReLU -> conv chain after it rebuilds the conv's
-    input from that pack. ``normalized(graph, env)`` and ``call(graph, env, spec, run)`` emit the
-    two calls of the module or functional form."""
+    input from that pack. ``normalized(graph, env)``, ``copy(graph, env, xhat)`` and
+    ``call(graph, env, specs, run)`` emit the three calls of the module or functional form."""
 
     def emit(graph, env, specs, runs, pack=None):
         xhat = normalized(graph, env)
         spec, run = pack(xhat, node)
-        spec2, run2 = pack(graph.call_function(batchnorm.second_copy, (xhat,)), node, COPY)
+        spec2, run2 = pack(copy(graph, env, xhat), node, COPY)
         node_call = call(graph, env, (spec, spec2), [*run, *run2])
         out, gamma, beta = (graph.call_function(operator.getitem, (node_call, i)) for i in range(3))
         # backward reads x through x̂ = (x - mean) / std (the planner's noise model follows it)
@@ -133,6 +133,7 @@ def _batch_norm_module(node, path, m):
     return _batch_norm_site(
         node, path, x,
         lambda graph, env: graph.call_function(batchnorm.batch_norm_module_normalized, (_get(graph, path), env[x])),
+        lambda graph, env, xhat: graph.call_function(batchnorm.module_second_copy, (_get(graph, path), xhat)),
         lambda graph, env, spec, run: graph.call_function(
             batchnorm.batch_norm_module, (_get(graph, path), spec, env[x], *run)))
 
@@ -150,6 +151,7 @@ def _batch_norm_functional(node):
         node, None, x,
         lambda graph, env: graph.call_function(batchnorm.batch_norm_normalized, (
             env[x], *args(env, "running_mean", "running_var", "training", "eps", "weight", "bias"))),
+        lambda graph, env, xhat: graph.call_function(batchnorm.second_copy, (xhat, *args(env, "training"))),
         lambda graph, env, spec, run: graph.call_function(batchnorm.batch_norm_functional, (
             spec, *args(env, "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
             env[x], *run)))

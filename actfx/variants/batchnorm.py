@@ -6,7 +6,7 @@ running-statistics updates are identical. What is packed is the normalised input
 spans channels when a feature map is small (64 channels of a 2x2 map), and with ``x`` packed a
 channel of small spread shares its group's step with a wide one while backward multiplies that
 rounding noise by the channel's 1/std (EfficientNet-B0 at 64 px and 2 bits: one step's gradient
-8.6x its own norm off). Normalised channels have unit spread. Backward is linear in ``x̂``:
+7.7x its own norm off). Normalised channels have unit spread. Backward is linear in ``x̂``:
 ``γ/std (g - mean(g) - x̂ mean(g x̂))`` in training, ``γ/std g`` in eval, and ``Σ g x̂`` for the
 weight. The op also returns ``γ, β`` so a following ReLU -> conv chain rebuilds its conv input
 as ``mask (γ x̂ + β)`` from the same pack instead of packing again.
@@ -58,14 +58,15 @@ def batch_norm_normalized(x, running_mean, running_var, training, eps, weight=No
                                 None if training else running_var, training, 0.0, eps, torch.backends.cudnn.enabled)
 
 
-def second_copy(xhat):
+def second_copy(xhat, training: bool):
     """x̂ again, for a second pack rounded independently of the first, where a channel has fewer
     than ``DILUTION_MIN`` values (None elsewhere: nothing is packed). Why: training backward reads
     x̂ twice in ``x̂_i mean_j(g_j x̂_j)``; from one pack, element i's rounding meets itself in the
     mean and biases the product by ``g_i var_i / M`` (M values per channel). Measured on 4x64x2x2
     (M = 16) at 2 bits: the mean of 1024 input gradients stayed 3.6% off the exact one; with the
-    copy correcting the diagonal term (``_backward_two_reads``) it is unbiased."""
-    if xhat is None or xhat.numel() // xhat.shape[1] >= DILUTION_MIN:
+    copy correcting the diagonal term (``_backward_two_reads``) it is unbiased. Eval mode's
+    backward has no such term: no copy."""
+    if xhat is None or not training or xhat.numel() // xhat.shape[1] >= DILUTION_MIN:
         return None
     return xhat.view_as(xhat)  # another tensor object: torch.compile refuses one tensor passed twice
 
@@ -74,6 +75,11 @@ def batch_norm_module_normalized(bn: nn.modules.batchnorm._BatchNorm, x):
     """``batch_norm_normalized`` for a BatchNorm module's call (its mode and statistics)."""
     return batch_norm_normalized(x, bn.running_mean, bn.running_var, _uses_batch_stats(bn), bn.eps,
                                  bn.weight, bn.bias)
+
+
+def module_second_copy(bn: nn.modules.batchnorm._BatchNorm, xhat):
+    """``second_copy`` for a BatchNorm module's call."""
+    return second_copy(xhat, _uses_batch_stats(bn))
 
 
 class _PackedBatchNorm(torch.autograd.Function):
