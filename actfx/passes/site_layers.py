@@ -167,14 +167,21 @@ def _norm_site(node, path, kind, x, static, weight, bias):
         return _layer_norm_site(node, path, x, static, weight, bias)
 
     def emit(graph, env, specs, runs, pack=None):
+        # like LayerNorm, the normalised input is what is packed (see variants/norms.py)
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
         *head, eps = static
         if kind == "instance_norm":
-            return graph.call_function(norms.instance_norm, (specs[0], w, b, eps, *runs[0])), {}
-        return graph.call_function(norms.group_norm, (specs[0], *head, w, b, eps, *runs[0])), {}
+            xhat = graph.call_function(norms.instance_norm_normalized, (env[x], eps, w, b))
+            copy = graph.call_function(norms.instance_norm_copy, (xhat,))
+        else:
+            xhat = graph.call_function(norms.group_norm_normalized, (env[x], *head, eps, w, b))
+            copy = graph.call_function(norms.group_norm_copy, (xhat, *head))
+        (spec, run), (spec2, run2) = pack(xhat, node), pack(copy, node, COPY)
+        variant = norms.instance_norm if kind == "instance_norm" else norms.group_norm
+        return graph.call_function(variant, ((spec, spec2), *head, w, b, eps, env[x], *run, *run2)), {}
 
-    return Site(node, kind, path, [x], emit)
+    return Site(node, kind, path, [], emit)
 
 
 def _layer_norm_site(node, path, x, static, weight, bias):

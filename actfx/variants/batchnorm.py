@@ -18,8 +18,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from actfx.rules import DILUTION_MIN
 from actfx.variants.common import needs_saving, refuse_double_backward
+from actfx.variants.second_pack import copy_for_small_rows, rounding_variance
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -59,16 +59,9 @@ def batch_norm_normalized(x, running_mean, running_var, training, eps, weight=No
 
 
 def second_copy(xhat, training: bool):
-    """x̂ again, for a second pack rounded independently of the first, where a channel has fewer
-    than ``DILUTION_MIN`` values (None elsewhere: nothing is packed). Why: training backward reads
-    x̂ twice in ``x̂_i mean_j(g_j x̂_j)``; from one pack, element i's rounding meets itself in the
-    mean and biases the product by ``g_i var_i / M`` (M values per channel). Measured on 4x64x2x2
-    (M = 16) at 2 bits: the mean of 1024 input gradients stayed 3.6% off the exact one; with the
-    copy correcting the diagonal term (``_backward_two_reads``) it is unbiased. Eval mode's
-    backward has no such term: no copy."""
-    if xhat is None or not training or xhat.numel() // xhat.shape[1] >= DILUTION_MIN:
-        return None
-    return xhat.view_as(xhat)  # another tensor object: torch.compile refuses one tensor passed twice
+    """BatchNorm's second pack of x̂ where a channel holds few values (``second_pack``); eval
+    mode's backward has no ``x̂ mean(g x̂)`` term, so no copy."""
+    return copy_for_small_rows(xhat, xhat.shape[1]) if training and xhat is not None else None
 
 
 def batch_norm_module_normalized(bn: nn.modules.batchnorm._BatchNorm, x):
@@ -108,15 +101,15 @@ class _PackedBatchNorm(torch.autograd.Function):
                 ctx.needs_input_grad[5]]
         grad_out = grad_out.contiguous()
         if copy is not None and ctx.training and mask[0]:
-            gx, gw, gb = _backward_two_reads(grad_out, xhat, copy, weight, invstd, mask)
+            gx, gw, gb = batch_norm_two_reads(grad_out, xhat, copy, weight, invstd, mask)
         else:
-            gx, gw, gb = _backward(grad_out, xhat.to(ctx.x_dtype), weight, invstd, ctx.training, mask)
+            gx, gw, gb = batch_norm_from_normalized(grad_out, xhat.to(ctx.x_dtype), weight, invstd, ctx.training, mask)
         return (None, None, None, None, gw.to(weight.dtype) if mask[1] else None,
                 gb.to(ctx.bias_dtype) if mask[2] else None, None, None,
                 gx if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
-def _backward(grad_out, xhat, weight, invstd, training: bool, mask):
+def batch_norm_from_normalized(grad_out, xhat, weight, invstd, training: bool, mask):
     """BatchNorm's gradients from the normalised input: ATen's kernel with unit statistics and
     ``γ/std`` as the weight in training; the eval formula (no batch terms) directly. The
     parameters' gradients come back in fp32."""
@@ -133,19 +126,13 @@ def _backward(grad_out, xhat, weight, invstd, training: bool, mask):
     return gx, gw, gb
 
 
-def _backward_two_reads(grad_out, xhat, copy, weight, invstd, mask):
-    """Training backward without the bias ``g_i var_i / M`` of ``x̂_i mean_j(g_j x̂_j)`` read from
-    one pack (see ``second_copy``): the diagonal term ``g_i x̂_i^2 / M`` is corrected by
-    ``(x̂_i - x̂'_i)^2 / 2``, x̂' the second pack, an unbiased estimate of the rounding variance
-    (both packs share one grid, so it is 0 or half a step squared: bounded). The price is
-    variance. EfficientNet-B0 at 64 px, batch 4, 2 bits: one step's error is 4.1x the gradient's
-    norm (2.6x from one pack) and the mean of 32 steps 0.70x, 4.1/sqrt(32): unbiased. One pack
-    gave 0.58x there, above its 0.46x: a bias of about 0.36x the norm that no K removes."""
-    gx, gw, gb = _backward(grad_out, xhat.to(grad_out.dtype), weight, invstd, True, mask)
+def batch_norm_two_reads(grad_out, xhat, copy, weight, invstd, mask):
+    """Training backward with the diagonal term's rounding variance taken off (``second_pack``)."""
+    gx, gw, gb = batch_norm_from_normalized(grad_out, xhat.to(grad_out.dtype), weight, invstd, True, mask)
     scale = invstd.float() if weight is None else weight.float() * invstd.float()
     count = grad_out.numel() // grad_out.shape[1]
-    variance = (xhat.float() - copy.float()).square_().mul_(0.5)
-    return (gx.float() + grad_out.float() * variance * (_per_channel(scale, variance) / count)).to(gx.dtype), gw, gb
+    correction = grad_out.float() * rounding_variance(xhat, copy) * (_per_channel(scale, grad_out) / count)
+    return (gx.float() + correction).to(gx.dtype), gw, gb
 
 
 def batch_norm_module(bn, specs, x, *run):

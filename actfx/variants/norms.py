@@ -1,10 +1,11 @@
-"""LayerNorm, GroupNorm and InstanceNorm with a packed input and exact statistics.
+"""LayerNorm, GroupNorm and InstanceNorm with a packed normalised input and exact statistics.
 
 Their backward, like BatchNorm's, needs the input and the per-row mean and 1/std. Recomputing
 the statistics from a packed input would inflate the variance by the quantization noise and
 bias every gradient (measured: InstanceNorm at 2 bits doubled the error of a 16-sample mean).
-So forward keeps the exact mean and rstd (one value per normalized row: tiny) and backward
-evaluates the ATen gradient at the unpacked input with them.
+So forward keeps the exact 1/std (one value per normalized row: tiny), packs the normalised input
+x̂ instead of x (a group of 256 stored values may span rows of very different spread, and backward
+multiplies a narrow row's rounding by its 1/std), and backward evaluates the ATen gradient at x̂.
 """
 
 from __future__ import annotations
@@ -14,21 +15,10 @@ import math
 import torch
 import torch.nn.functional as F
 
+from actfx.variants.batchnorm import batch_norm_from_normalized, batch_norm_two_reads
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
-
-
-def batch_norm_backward(impl, x, grad_out, weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve):
-    """BatchNorm's ATen backward for whichever implementation ran forward (native, cuDNN, MIOpen).
-
-    The native backward is used whenever forward was native, and under torch.compile (whose
-    fake-tensor tracing cannot run the dispatching ``_batch_norm_impl_index_backward``).
-    """
-    if impl == 0 or torch.compiler.is_compiling():
-        return torch.ops.aten.native_batch_norm_backward(
-            grad_out.contiguous(), x, weight, rm, rv, save_mean, save_invstd, training, eps, mask)
-    return torch.ops.aten._batch_norm_impl_index_backward(
-        impl, x, grad_out.contiguous(), weight, rm, rv, save_mean, save_invstd, training, eps, mask, reserve)
+from actfx.variants.second_pack import copy_for_small_rows, rounding_variance
 
 
 def _autocast_fp32(device_type: str, *tensors):
@@ -94,55 +84,103 @@ def layer_norm_from_normalized(spec, normalized_shape, weight, bias, eps, x, *ru
     return _LayerNormFromNormalized.apply(spec, shape, eps, weight, bias, x, *run)
 
 
-class _PackedGroupNorm(torch.autograd.Function):
+def group_norm_normalized(x, groups, eps, weight=None, bias=None):
+    """What GroupNorm packs: its normalised input (ATen's GroupNorm without weight and bias, in
+    the dtype it computes in), or None when no backward will run. Why not x: where a group of 256
+    stored values spans normalisation groups of different spread (small maps), backward
+    multiplies the narrow one's rounding by its 1/std (a 2x2-map test: the input's gradient
+    7e5x its norm off at 2 bits)."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and needs_saving(x, weight, bias)):
+        return None
+    (xc,) = _autocast_fp32(x.device.type, x)
+    n, c = xc.shape[0], xc.shape[1]
+    with torch.no_grad():
+        return torch.native_group_norm(xc.detach(), None, None, n, c, math.prod(xc.shape[2:]), groups, eps)[0]
+
+
+def group_norm_copy(xhat, groups):
+    """GroupNorm's second pack of x̂ where a group holds few values (``second_pack``)."""
+    return None if xhat is None else copy_for_small_rows(xhat, xhat.shape[0] * groups)
+
+
+class _GroupNormFromNormalized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, groups, eps, weight, bias, *run):
-        x, w, b = _autocast_fp32(run[0].device.type, run[0], weight, bias)
-        n, c = x.shape[0], x.shape[1]
-        hw = math.prod(x.shape[2:])
-        out, mean, rstd = torch.native_group_norm(x, w, b, n, c, hw, groups, eps)
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.dims, ctx.compute, ctx.x_dtype = plans, (n, c, hw, groups), x.dtype, run[0].dtype
-        ctx.save_for_backward(w, mean, rstd, *storage)
+    def forward(ctx, specs, groups, eps, weight, bias, x, *run):
+        xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
+        n, c = xc.shape[0], xc.shape[1]
+        hw = math.prod(xc.shape[2:])
+        out, _, rstd = torch.native_group_norm(xc, w, b, n, c, hw, groups, eps)
+        plans, storage = split_all(list(specs), run)
+        ctx.plans, ctx.dims, ctx.x_dtype = plans, (n, c, hw, groups), x.dtype
+        ctx.save_for_backward(w, rstd, *storage)  # the mean is not needed: x̂ is centred
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("group_norm")
-        w, mean, rstd, *storage = ctx.saved_tensors
-        x = materialize_all(ctx.plans, storage)[0].to(ctx.compute)
-        mask = [ctx.needs_input_grad[5], w is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
+        w, rstd, *storage = ctx.saved_tensors
+        xhat, copy = materialize_all(ctx.plans, storage)
         n, c, hw, groups = ctx.dims
+        # An input ATen's backward normalises back to x̂: x̂ / rstd about a zero mean.
+        x = (xhat.reshape(n, groups, -1).float() / rstd.float().reshape(n, groups, 1)).to(xhat.dtype).reshape(xhat.shape)
+        mask = [ctx.needs_input_grad[5], w is not None and ctx.needs_input_grad[3], ctx.needs_input_grad[4]]
+        grad_out = grad_out.to(xhat.dtype).contiguous()
         gx, gw, gb = torch.ops.aten.native_group_norm_backward(
-            grad_out.to(ctx.compute).contiguous(), x.contiguous(), mean, rstd, w, n, c, hw, groups, mask
+            grad_out, x.contiguous(), torch.zeros_like(rstd), rstd, w, n, c, hw, groups, mask
         )
+        if copy is not None and mask[0]:  # the diagonal term's rounding variance (second_pack)
+            weighted = grad_out.float() if w is None else grad_out.float() * w.float().reshape(1, c, *[1] * (grad_out.dim() - 2))
+            scale = (rstd.float() / (c // groups * hw)).reshape(n, groups, 1)
+            correction = (weighted * rounding_variance(xhat, copy)).reshape(n, groups, -1) * scale
+            gx = (gx.float() + correction.reshape(gx.shape)).to(gx.dtype)
         return (None, None, None, gw if mask[1] else None, gb if mask[2] else None,
                 gx.to(ctx.x_dtype) if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
-def group_norm(spec, num_groups, weight, bias, eps, *run):
-    if not needs_saving(run[0], weight, bias):
-        return F.group_norm(run[0], num_groups, weight, bias, eps)
-    return _PackedGroupNorm.apply(spec, num_groups, eps, weight, bias, *run)
+def group_norm(specs, num_groups, weight, bias, eps, x, *run):
+    """``F.group_norm``, whose backward reads the packed normalised input and its copy (``specs``,
+    ``run``: theirs)."""
+    if run[0] is None or not needs_saving(x, weight, bias):
+        return F.group_norm(x, num_groups, weight, bias, eps)
+    return _GroupNormFromNormalized.apply(specs, num_groups, eps, weight, bias, x, *run)
 
 
-class _PackedInstanceNorm(torch.autograd.Function):
+def _instance_view(x: torch.Tensor) -> torch.Tensor:
+    """InstanceNorm is BatchNorm over a (1, N*C, ...) view."""
+    return x.contiguous().view(1, x.shape[0] * x.shape[1], *x.shape[2:])
+
+
+def instance_norm_normalized(x, eps, weight=None, bias=None):
+    """What InstanceNorm packs: its normalised input, or None when no backward will run (the
+    reason is GroupNorm's, with one plane per (sample, channel))."""
+    if not (isinstance(x, torch.Tensor) and x.dim() >= 3 and needs_saving(x, weight, bias)):
+        return None
+    with torch.no_grad():
+        flat = torch.batch_norm(_instance_view(x.detach()), None, None, None, None, True, 0.0, eps,
+                                torch.backends.cudnn.enabled)
+    return flat.view(x.shape)
+
+
+def instance_norm_copy(xhat):
+    """InstanceNorm's second pack of x̂ where a plane holds few values (``second_pack``)."""
+    return None if xhat is None else copy_for_small_rows(xhat, xhat.shape[0] * xhat.shape[1])
+
+
+class _InstanceNormFromNormalized(torch.autograd.Function):
     """F.instance_norm is batch norm over a (1, N*C, ...) view with repeated affine parameters;
     running the same op here keeps the output identical and yields the exact statistics."""
 
     @staticmethod
-    def forward(ctx, spec, eps, weight, bias, *run):
-        x = run[0]
+    def forward(ctx, specs, eps, weight, bias, x, *run):
         n, c = x.shape[0], x.shape[1]
-        flat = x.contiguous().view(1, n * c, *x.shape[2:])
         w = weight.repeat(n) if weight is not None else None
         b = bias.repeat(n) if bias is not None else None
-        out, mean, invstd, reserve, impl = torch._batch_norm_impl_index(
-            flat, w, b, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
+        out, _, invstd, _, _ = torch._batch_norm_impl_index(
+            _instance_view(x), w, b, None, None, True, 0.0, eps, torch.backends.cudnn.enabled
         )
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.impl, ctx.eps, ctx.nc = plans, impl, eps, (n, c)
-        ctx.save_for_backward(w, mean, invstd, reserve, *storage)
+        plans, storage = split_all(list(specs), run)
+        ctx.plans, ctx.nc = plans, (n, c)
+        ctx.save_for_backward(w, invstd, *storage)
         # The same memory reshaped, but not a view: a view made inside a Function cannot be
         # modified in place afterwards, and models do `instance_norm(x).relu_()`.
         shaped = out.view(x.shape)
@@ -153,21 +191,24 @@ class _PackedInstanceNorm(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("instance_norm")
-        w, mean, invstd, reserve, *storage = ctx.saved_tensors
+        w, invstd, *storage = ctx.saved_tensors
         n, c = ctx.nc
-        x = materialize_all(ctx.plans, storage)[0]
-        flat = x.contiguous().view(1, n * c, *x.shape[2:])
+        xhat, copy = materialize_all(ctx.plans, storage)
         mask = [ctx.needs_input_grad[4], w is not None and ctx.needs_input_grad[2], ctx.needs_input_grad[3]]
-        gx, gw, gb = batch_norm_backward(ctx.impl, flat, grad_out.contiguous().view(flat.shape), w, None, None,
-                                         mean, invstd, True, ctx.eps, mask, reserve)
-        gw = gw.view(n, c).sum(0) if mask[1] else None
-        gb = gb.view(n, c).sum(0) if mask[2] else None
-        return (None, None, gw, gb, gx.view(x.shape) if mask[0] else None) + (None,) * (
+        flat_grad, flat_xhat = _instance_view(grad_out), _instance_view(xhat)
+        if copy is not None and mask[0]:
+            gx, gw, gb = batch_norm_two_reads(flat_grad, flat_xhat, _instance_view(copy), w, invstd, mask)
+        else:
+            gx, gw, gb = batch_norm_from_normalized(flat_grad, flat_xhat.to(grad_out.dtype), w, invstd, True, mask)
+        gw = gw.view(n, c).sum(0).to(w.dtype) if mask[1] else None
+        gb = gb.view(n, c).sum(0).to(w.dtype if w is not None else grad_out.dtype) if mask[2] else None
+        return (None, None, gw, gb, gx.view(xhat.shape) if mask[0] else None) + (None,) * (
             len(ctx.needs_input_grad) - 5)
 
 
-def instance_norm(spec, weight, bias, eps, *run):
-    """F.instance_norm with use_input_stats=True and no running statistics."""
-    if not needs_saving(run[0], weight, bias):
-        return F.instance_norm(run[0], None, None, weight, bias, True, 0.0, eps)
-    return _PackedInstanceNorm.apply(spec, eps, weight, bias, *run)
+def instance_norm(specs, weight, bias, eps, x, *run):
+    """F.instance_norm with use_input_stats=True and no running statistics; backward reads the
+    packed normalised input and its copy (``specs``, ``run``: theirs)."""
+    if run[0] is None or not needs_saving(x, weight, bias):
+        return F.instance_norm(x, None, None, weight, bias, True, 0.0, eps)
+    return _InstanceNormFromNormalized.apply(specs, eps, weight, bias, x, *run)

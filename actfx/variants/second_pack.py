@@ -1,0 +1,33 @@
+"""A second pack of a normalised input, for normalisations over few values per row.
+
+Training backward of BatchNorm, GroupNorm and InstanceNorm reads x̂ twice, in
+``x̂_i mean_j(g_j x̂_j)``. From one pack, element i's rounding meets itself in the mean and biases
+the product by ``g_i var_i / M``, M the values per normalised row: negligible from
+``rules.DILUTION_MIN`` (128) values up, not below (2 bits, 2x2 maps: the mean of 1024 input
+gradients stayed 3.6% off for BatchNorm at M = 16, 8.6% for InstanceNorm at M = 4, 6.3% for
+GroupNorm at M = 8). Below it, a second pack of x̂, rounded independently on the same grid, gives
+``(x̂ - x̂')^2 / 2``: an unbiased estimate of each element's rounding variance, which backward
+adds back, ``rstd g_i var_i / M``. Both packs share one grid, so the estimate is 0 or half a step
+squared (bounded). It costs variance: EfficientNet-B0 at 64 px, batch 4, 2 bits, one step's
+error is 4.1x the gradient's norm against 2.6x from one pack, whose mean of 32 steps stayed at
+0.58x (a bias of about 0.36x the norm) where the corrected one reached 0.70x = 4.1/sqrt(32).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from actfx.rules import DILUTION_MIN
+
+
+def copy_for_small_rows(xhat, rows: int):
+    """x̂ again (to be packed on its own) where ``rows`` normalised rows hold fewer than
+    ``DILUTION_MIN`` values each, else None (nothing is packed)."""
+    if xhat is None or xhat.numel() // rows >= DILUTION_MIN:
+        return None
+    return xhat.view_as(xhat)  # another tensor object: torch.compile refuses one tensor passed twice
+
+
+def rounding_variance(xhat: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
+    """``(x̂ - x̂')^2 / 2`` in fp32: unbiased for the rounding variance of each element."""
+    return (xhat.float() - copy.float()).square_().mul_(0.5)
