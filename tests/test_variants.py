@@ -182,15 +182,19 @@ def test_group_and_instance_norm_pack_their_normalised_input(kind, norm):
     assert one < 1.0 and one / mean > 2.5, (one, mean)
 
 
-@pytest.mark.parametrize("norm", [nn.BatchNorm2d(64), nn.InstanceNorm2d(64, affine=True), nn.GroupNorm(32, 64)])
-def test_normalisation_over_few_values_per_row_stays_unbiased(norm):
+@pytest.mark.parametrize("norm, shape", [
+    (nn.BatchNorm2d(64), (4, 64, 2, 2)), (nn.InstanceNorm2d(64, affine=True), (4, 64, 2, 2)),
+    (nn.GroupNorm(32, 64), (4, 64, 2, 2)), (nn.LayerNorm(16), (64, 16)),
+])
+def test_normalisation_over_few_values_per_row_stays_unbiased(norm, shape):
     """M values per normalised row (16 per BatchNorm channel, 4 per InstanceNorm plane, 8 per
-    GroupNorm group): backward's ``x̂_i mean_j(g_j x̂_j)`` read from one pack meets element i's
-    rounding twice; the mean of 1024 input gradients kept a floor of 3.6% / 8.6% / 6.3% (16 ->
-    256 steps: 7.5% -> 3.9% for BatchNorm). Corrected with a second pack (``second_pack``), the
-    error of the mean of K falls as 1/sqrt(K): 16 -> 256 divides it by about 4."""
+    GroupNorm group, 16 LayerNorm features): backward's ``x̂_i mean_j(g_j x̂_j)`` read from one
+    pack meets element i's rounding twice; the mean of 1024 input gradients kept a floor of 3.6%
+    / 8.6% / 6.3% / 4.9% (16 -> 256 steps: 7.5% -> 3.9% for BatchNorm). Corrected with a second
+    pack (``second_pack``), the error of the mean of K falls as 1/sqrt(K): 16 -> 256 divides it
+    by about 4."""
     torch.manual_seed(0)
-    x, r = torch.randn(4, 64, 2, 2), torch.randn(4, 64, 2, 2)
+    x, r = torch.randn(*shape) * torch.linspace(0.5, 2, shape[-1]), torch.randn(*shape)
     model = Wrap(lambda s, x: s.n(x), n=norm)
     converted = actfx.convert(model, bits=2)
     (decision,) = converted._actfx_record.decisions

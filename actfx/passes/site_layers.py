@@ -133,7 +133,7 @@ def _batch_norm_module(node, path, m):
     return _batch_norm_site(
         node, path, x,
         lambda graph, env: graph.call_function(batchnorm.batch_norm_module_normalized, (_get(graph, path), env[x])),
-        lambda graph, env, xhat: graph.call_function(batchnorm.module_second_copy, (_get(graph, path), xhat)),
+        lambda graph, env, xhat: graph.call_function(batchnorm.module_second_copy, (_get(graph, path), xhat, env[x])),
         lambda graph, env, spec, run: graph.call_function(
             batchnorm.batch_norm_module, (_get(graph, path), spec, env[x], *run)))
 
@@ -151,7 +151,7 @@ def _batch_norm_functional(node):
         node, None, x,
         lambda graph, env: graph.call_function(batchnorm.batch_norm_normalized, (
             env[x], *args(env, "running_mean", "running_var", "training", "eps", "weight", "bias"))),
-        lambda graph, env, xhat: graph.call_function(batchnorm.second_copy, (xhat, *args(env, "training"))),
+        lambda graph, env, xhat: graph.call_function(batchnorm.second_copy, (xhat, *args(env, "training"), env[x])),
         lambda graph, env, spec, run: graph.call_function(batchnorm.batch_norm_functional, (
             spec, *args(env, "running_mean", "running_var", "weight", "bias", "training", "momentum", "eps"),
             env[x], *run)))
@@ -173,10 +173,10 @@ def _norm_site(node, path, kind, x, static, weight, bias):
         *head, eps = static
         if kind == "instance_norm":
             xhat = graph.call_function(norms.instance_norm_normalized, (env[x], eps, w, b))
-            copy = graph.call_function(norms.instance_norm_copy, (xhat,))
+            copy = graph.call_function(norms.instance_norm_copy, (xhat, env[x]))
         else:
             xhat = graph.call_function(norms.group_norm_normalized, (env[x], *head, eps, w, b))
-            copy = graph.call_function(norms.group_norm_copy, (xhat, *head))
+            copy = graph.call_function(norms.group_norm_copy, (xhat, *head, env[x]))
         (spec, run), (spec2, run2) = pack(xhat, node), pack(copy, node, COPY)
         variant = norms.instance_norm if kind == "instance_norm" else norms.group_norm
         return graph.call_function(variant, ((spec, spec2), *head, w, b, eps, env[x], *run, *run2)), {}
@@ -195,7 +195,9 @@ def _layer_norm_site(node, path, x, static, weight, bias):
         b = bias(graph) if callable(bias) else _env(env, bias)
         xhat = graph.call_function(norms.layer_norm_normalized, (env[x], shape, eps, w, b))
         spec, run = pack(xhat, node)
-        out = graph.call_function(norms.layer_norm_from_normalized, (spec, shape, w, b, eps, env[x], *run))
+        spec2, run2 = pack(graph.call_function(norms.layer_norm_copy, (xhat, shape, env[x])), node, COPY)
+        out = graph.call_function(norms.layer_norm_from_normalized,
+                                  ((spec, spec2), shape, w, b, eps, env[x], *run, *run2))
         one_dim = isinstance(shape, int) or len(shape) == 1
         if one_dim and isinstance(w, Node) and isinstance(b, Node):
             return out, {"affine": (w, b), "affine_of": (spec, run, -1, ("pack", node.name))}

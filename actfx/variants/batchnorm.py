@@ -58,10 +58,10 @@ def batch_norm_normalized(x, running_mean, running_var, training, eps, weight=No
                                 None if training else running_var, training, 0.0, eps, torch.backends.cudnn.enabled)
 
 
-def second_copy(xhat, training: bool):
+def second_copy(xhat, training: bool, x):
     """BatchNorm's second pack of x̂ where a channel holds few values (``second_pack``); eval
     mode's backward has no ``x̂ mean(g x̂)`` term, so no copy."""
-    return copy_for_small_rows(xhat, xhat.shape[1]) if training and xhat is not None else None
+    return copy_for_small_rows(xhat, xhat.shape[1], x) if training and xhat is not None else None
 
 
 def batch_norm_module_normalized(bn: nn.modules.batchnorm._BatchNorm, x):
@@ -70,9 +70,9 @@ def batch_norm_module_normalized(bn: nn.modules.batchnorm._BatchNorm, x):
                                  bn.weight, bn.bias)
 
 
-def module_second_copy(bn: nn.modules.batchnorm._BatchNorm, xhat):
+def module_second_copy(bn: nn.modules.batchnorm._BatchNorm, xhat, x):
     """``second_copy`` for a BatchNorm module's call."""
-    return second_copy(xhat, _uses_batch_stats(bn))
+    return second_copy(xhat, _uses_batch_stats(bn), x)
 
 
 class _PackedBatchNorm(torch.autograd.Function):

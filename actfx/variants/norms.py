@@ -49,12 +49,20 @@ def layer_norm_normalized(x, normalized_shape, eps, weight=None, bias=None):
         return (xf - mean) * torch.rsqrt(var + eps)
 
 
+def layer_norm_copy(xhat, normalized_shape, x):
+    """LayerNorm's second pack of x̂ where a row holds few values (``second_pack``)."""
+    if xhat is None:
+        return None
+    width = math.prod([normalized_shape] if isinstance(normalized_shape, int) else normalized_shape)
+    return copy_for_small_rows(xhat, xhat.numel() // max(width, 1), x)
+
+
 class _LayerNormFromNormalized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, shape, eps, weight, bias, x, *run):
+    def forward(ctx, specs, shape, eps, weight, bias, x, *run):
         xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
         out, _, rstd = torch.native_layer_norm(xc, shape, w, b, eps)
-        plans, storage = split_all([spec], run)
+        plans, storage = split_all(list(specs), run)
         ctx.plans, ctx.shape, ctx.compute, ctx.x_dtype = plans, shape, xc.dtype, x.dtype
         ctx.save_for_backward(w, b, rstd, *storage)  # the mean is not needed: x̂ is centred
         return not_a_view(out)
@@ -63,25 +71,29 @@ class _LayerNormFromNormalized(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward("layer_norm")
         w, b, rstd, *storage = ctx.saved_tensors
-        xhat = materialize_all(ctx.plans, storage)[0]
+        xhat, copy = materialize_all(ctx.plans, storage)
         # An input ATen's backward normalises back to x̂: x̂ / rstd about a zero mean.
         x = (xhat.float() / rstd.float()).to(ctx.compute)
         mean = torch.zeros_like(rstd)
         mask = [ctx.needs_input_grad[5], w is not None and ctx.needs_input_grad[3],
                 b is not None and ctx.needs_input_grad[4]]
-        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(
-            grad_out.to(ctx.compute).contiguous(), x, ctx.shape, mean, rstd, w, b, mask
-        )
+        grad_out = grad_out.to(ctx.compute).contiguous()
+        gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad_out, x, ctx.shape, mean, rstd, w, b, mask)
+        if copy is not None and mask[0]:  # the diagonal term's rounding variance (second_pack)
+            weighted = grad_out.float() if w is None else grad_out.float() * w.float()
+            width = math.prod(ctx.shape)
+            gx = (gx.float() + weighted * rounding_variance(xhat, copy) * (rstd.float() / width)).to(gx.dtype)
         return (None, None, None, gw if mask[1] else None, gb if mask[2] else None,
                 gx.to(ctx.x_dtype) if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
-def layer_norm_from_normalized(spec, normalized_shape, weight, bias, eps, x, *run):
-    """``F.layer_norm``, whose backward reads the packed normalised input (run's head: it)."""
+def layer_norm_from_normalized(specs, normalized_shape, weight, bias, eps, x, *run):
+    """``F.layer_norm``, whose backward reads the packed normalised input and its copy
+    (``specs``, ``run``: theirs)."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
     if run[0] is None or not needs_saving(x, weight, bias):
         return F.layer_norm(x, shape, weight, bias, eps)
-    return _LayerNormFromNormalized.apply(spec, shape, eps, weight, bias, x, *run)
+    return _LayerNormFromNormalized.apply(specs, shape, eps, weight, bias, x, *run)
 
 
 def group_norm_normalized(x, groups, eps, weight=None, bias=None):
@@ -98,9 +110,9 @@ def group_norm_normalized(x, groups, eps, weight=None, bias=None):
         return torch.native_group_norm(xc.detach(), None, None, n, c, math.prod(xc.shape[2:]), groups, eps)[0]
 
 
-def group_norm_copy(xhat, groups):
+def group_norm_copy(xhat, groups, x):
     """GroupNorm's second pack of x̂ where a group holds few values (``second_pack``)."""
-    return None if xhat is None else copy_for_small_rows(xhat, xhat.shape[0] * groups)
+    return None if xhat is None else copy_for_small_rows(xhat, xhat.shape[0] * groups, x)
 
 
 class _GroupNormFromNormalized(torch.autograd.Function):
@@ -161,9 +173,9 @@ def instance_norm_normalized(x, eps, weight=None, bias=None):
     return flat.view(x.shape)
 
 
-def instance_norm_copy(xhat):
+def instance_norm_copy(xhat, x):
     """InstanceNorm's second pack of x̂ where a plane holds few values (``second_pack``)."""
-    return None if xhat is None else copy_for_small_rows(xhat, xhat.shape[0] * xhat.shape[1])
+    return None if xhat is None else copy_for_small_rows(xhat, xhat.shape[0] * xhat.shape[1], x)
 
 
 class _InstanceNormFromNormalized(torch.autograd.Function):
