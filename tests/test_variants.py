@@ -182,9 +182,30 @@ def test_group_and_instance_norm_pack_their_normalised_input(kind, norm):
     assert one < 1.0 and one / mean > 2.5, (one, mean)
 
 
+def test_rms_norm_packs_its_normalised_input():
+    """Per-head RMSNorm over 64 features: a group of 256 packed values spans 4 rows. Rows 1e-2 ..
+    1e2 apart: with x packed the input's gradient was 6.9e6x its norm off at 2 bits."""
+    torch.manual_seed(0)
+    scales = (10.0 ** torch.arange(-2, 3).float()).repeat(13)[:64].reshape(64, 1)
+    x, r = torch.randn(64, 64) * scales, torch.randn(64, 64)
+    model = Wrap(lambda s, x: s.n(x), n=nn.RMSNorm(64))
+    converted = actfx.convert(model, bits=2)
+    assert [d.kind for d in converted._actfx_record.decisions] == ["rms_norm"]
+    assert torch.equal(converted(x), model(x))
+
+    def grad_x(m):
+        xi = x.clone().requires_grad_(True)
+        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
+
+    exact, draws = grad_x(model), [grad_x(converted) for _ in range(16)]
+    one = sum(float((g - exact).norm()) for g in draws) / len(draws) / float(exact.norm())
+    mean = float((sum(draws) / len(draws) - exact).norm() / exact.norm())
+    assert one < 0.5 and one / mean > 2.5, (one, mean)
+
+
 @pytest.mark.parametrize("norm, shape", [
     (nn.BatchNorm2d(64), (4, 64, 2, 2)), (nn.InstanceNorm2d(64, affine=True), (4, 64, 2, 2)),
-    (nn.GroupNorm(32, 64), (4, 64, 2, 2)), (nn.LayerNorm(16), (64, 16)),
+    (nn.GroupNorm(32, 64), (4, 64, 2, 2)), (nn.LayerNorm(16), (64, 16)), (nn.RMSNorm(16), (64, 16)),
 ])
 def test_normalisation_over_few_values_per_row_stays_unbiased(norm, shape):
     """M values per normalised row (16 per BatchNorm channel, 4 per InstanceNorm plane, 8 per

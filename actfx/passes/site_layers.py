@@ -195,7 +195,7 @@ def _layer_norm_site(node, path, x, static, weight, bias):
         b = bias(graph) if callable(bias) else _env(env, bias)
         xhat = graph.call_function(norms.layer_norm_normalized, (env[x], shape, eps, w, b))
         spec, run = pack(xhat, node)
-        spec2, run2 = pack(graph.call_function(norms.layer_norm_copy, (xhat, shape, env[x])), node, COPY)
+        spec2, run2 = pack(graph.call_function(norms.last_dims_copy, (xhat, shape, env[x])), node, COPY)
         out = graph.call_function(norms.layer_norm_from_normalized,
                                   ((spec, spec2), shape, w, b, eps, env[x], *run, *run2))
         one_dim = isinstance(shape, int) or len(shape) == 1
@@ -240,11 +240,16 @@ def _norm_functional(node):
 
 
 def _rms_norm_site(node, path, x, shape, weight, eps):
+    """RMSNorm keeps its normalised input packed (and a copy over few features), as LayerNorm."""
+
     def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
-        return graph.call_function(rmsnorm.rms_norm, (specs[0], shape, w, eps, *runs[0])), {}
+        xhat = graph.call_function(rmsnorm.rms_norm_normalized, (env[x], shape, eps, w))
+        (spec, run), (spec2, run2) = pack(xhat, node), pack(
+            graph.call_function(norms.last_dims_copy, (xhat, shape, env[x])), node, COPY)
+        return graph.call_function(rmsnorm.rms_norm, ((spec, spec2), shape, w, eps, env[x], *run, *run2)), {}
 
-    return Site(node, "rms_norm", path, [x], emit)
+    return Site(node, "rms_norm", path, [], emit)
 
 
 def vector_norm_site(node):

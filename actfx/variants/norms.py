@@ -49,8 +49,8 @@ def layer_norm_normalized(x, normalized_shape, eps, weight=None, bias=None):
         return (xf - mean) * torch.rsqrt(var + eps)
 
 
-def layer_norm_copy(xhat, normalized_shape, x):
-    """LayerNorm's second pack of x̂ where a row holds few values (``second_pack``)."""
+def last_dims_copy(xhat, normalized_shape, x):
+    """LayerNorm's and RMSNorm's second pack of x̂ where a row holds few values (``second_pack``)."""
     if xhat is None:
         return None
     width = math.prod([normalized_shape] if isinstance(normalized_shape, int) else normalized_shape)

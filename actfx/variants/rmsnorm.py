@@ -1,30 +1,48 @@
-"""RMSNorm (``F.rms_norm`` / ``nn.RMSNorm``) with a packed input and the exact 1/rms.
+"""RMSNorm (``F.rms_norm`` / ``nn.RMSNorm``) with a packed normalised input and the exact 1/rms.
 
 As with the other norms, recomputing the statistic from a packed input would bias gradients,
-so forward keeps the exact per-row ``rstd`` (tiny) and backward evaluates the closed-form
-gradient at the unpacked input:
-    y = x * rstd * w,  dx = rstd * (g*w - x * rstd^2 * mean(g*w*x)),  dw = sum(g * x * rstd).
+so forward keeps the exact per-row ``rstd`` (tiny). What is packed is ``x̂ = x * rstd``, not x:
+a group of 256 stored values spans rows when a row is shorter (per-head norms over 64 or 128
+features), and with x packed a row of small scale rounds with a large row's step while backward
+multiplies that by its rstd (64 rows over 64 features, scales 1e-2..1e2, 2 bits: the input's
+gradient was 6.9e6x its norm off). Backward, linear in x̂ but for the term ``second_pack``
+corrects: ``y = x̂ w``, ``dx = rstd (g w - x̂ mean(g w x̂))``, ``dw = sum(g x̂)``.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
+from actfx.variants.second_pack import rounding_variance
 
 
-class _PackedRMSNorm(torch.autograd.Function):
+def _rstd(x, dims, eps):
+    eps_value = torch.finfo(x.dtype).eps if eps is None else eps
+    return torch.rsqrt(x.float().square().mean(dims, keepdim=True) + eps_value)
+
+
+def rms_norm_normalized(x, normalized_shape, eps, weight=None):
+    """``x * rstd`` in fp32 (what RMSNorm packs), or None when no backward will run."""
+    if not (isinstance(x, torch.Tensor) and needs_saving(x, weight)):
+        return None
+    shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
+    with torch.no_grad():
+        return x.detach().float() * _rstd(x.detach(), tuple(range(-len(shape), 0)), eps)
+
+
+class _RMSNormFromNormalized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, shape, eps, weight, *run):
-        x = run[0]
+    def forward(ctx, specs, shape, eps, weight, x, *run):
         out = F.rms_norm(x, shape, weight, eps)
         dims = tuple(range(-len(shape), 0))
-        eps_value = torch.finfo(x.dtype).eps if eps is None else eps
-        rstd = torch.rsqrt(x.float().square().mean(dims, keepdim=True) + eps_value)
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.dims, ctx.x_dtype = plans, dims, x.dtype
+        rstd = _rstd(x, dims, eps)
+        plans, storage = split_all(list(specs), run)
+        ctx.plans, ctx.dims, ctx.x_dtype, ctx.width = plans, dims, x.dtype, math.prod(shape)
         ctx.save_for_backward(weight, rstd, *storage)
         return not_a_view(out)
 
@@ -32,23 +50,29 @@ class _PackedRMSNorm(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward("rms_norm")
         weight, rstd, *storage = ctx.saved_tensors
-        x = materialize_all(ctx.plans, storage)[0].float()
+        xhat, copy = materialize_all(ctx.plans, storage)
+        xhat = xhat.float()
         g = grad_out.float()
         gw_in = g * weight.float() if weight is not None else g
         gx = gw = None
         if ctx.needs_input_grad[4]:
-            inner = (gw_in * x).mean(ctx.dims, keepdim=True)
-            gx = (rstd * (gw_in - x * rstd.square() * inner)).to(ctx.x_dtype)
+            inner = (gw_in * xhat).mean(ctx.dims, keepdim=True)
+            gx = rstd * (gw_in - xhat * inner)
+            if copy is not None:  # the diagonal term's rounding variance (second_pack)
+                gx = gx + gw_in * rounding_variance(xhat, copy) * (rstd / ctx.width)
+            gx = gx.to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[3]:
-            gw = (g * x * rstd).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
+            gw = (g * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
         return (None, None, None, gw, gx) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
-def rms_norm(spec, normalized_shape, weight, eps, *run):
+def rms_norm(specs, normalized_shape, weight, eps, x, *run):
+    """``F.rms_norm``, whose backward reads the packed normalised input and its copy (``specs``,
+    ``run``: theirs)."""
     shape = [normalized_shape] if isinstance(normalized_shape, int) else list(normalized_shape)
-    if not needs_saving(run[0], weight):
-        return F.rms_norm(run[0], shape, weight, eps)
-    return _PackedRMSNorm.apply(spec, tuple(shape), eps, weight, *run)
+    if run[0] is None or not needs_saving(x, weight):
+        return F.rms_norm(x, shape, weight, eps)
+    return _RMSNormFromNormalized.apply(specs, tuple(shape), eps, weight, x, *run)
 
 
 # ---------------------------------------------------------------- hand-written RMS normalisation
