@@ -157,6 +157,23 @@ def test_batch_norm_packs_its_normalised_input_so_small_maps_of_mixed_scales_sta
         assert one < limit and one / mean > 2.5, (i, one, mean)
 
 
+def mixed_scale_input_error(model, x, kind):
+    """The op of ``kind`` was the one converted (2 bits), forward identical; (one step's input
+    gradient error, the error of the mean of 16), each relative to the exact gradient's norm."""
+    converted = actfx.convert(model, bits=2)
+    assert [d.kind for d in converted._actfx_record.decisions] == [kind]
+    assert torch.equal(converted(x), model(x))
+    r = torch.randn(x.shape, generator=torch.Generator().manual_seed(1))
+
+    def grad_x(m):
+        xi = x.clone().requires_grad_(True)
+        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
+
+    exact, draws = grad_x(model), [grad_x(converted) for _ in range(16)]
+    one = sum(float((g - exact).norm()) for g in draws) / len(draws) / float(exact.norm())
+    return one, float((sum(draws) / len(draws) - exact).norm() / exact.norm())
+
+
 @pytest.mark.parametrize("kind, norm", [
     ("group_norm", lambda s, x: s.n(x)), ("group_norm", lambda s, x: F.group_norm(x, 32, s.n.weight, s.n.bias)),
     ("instance_norm", lambda s, x: s.i(x)), ("instance_norm", lambda s, x: F.instance_norm(x, weight=s.i.weight)),
@@ -166,19 +183,8 @@ def test_group_and_instance_norm_pack_their_normalised_input(kind, norm):
     input's gradient was 7e5x (GroupNorm) and 1.3e8x (InstanceNorm) its norm off at 2 bits."""
     torch.manual_seed(0)
     scales = (10.0 ** torch.arange(-2, 3).float()).repeat(13)[:64].reshape(1, 64, 1, 1)
-    x, r = torch.randn(8, 64, 2, 2) * scales + scales, torch.randn(8, 64, 2, 2)
     model = Wrap(norm, n=nn.GroupNorm(32, 64), i=nn.InstanceNorm2d(64, affine=True))
-    converted = actfx.convert(model, bits=2)
-    assert [d.kind for d in converted._actfx_record.decisions] == [kind]
-    assert torch.equal(converted(x), model(x))
-
-    def grad_x(m):
-        xi = x.clone().requires_grad_(True)
-        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
-
-    exact, draws = grad_x(model), [grad_x(converted) for _ in range(16)]
-    one = sum(float((g - exact).norm()) for g in draws) / len(draws) / float(exact.norm())
-    mean = float((sum(draws) / len(draws) - exact).norm() / exact.norm())
+    one, mean = mixed_scale_input_error(model, torch.randn(8, 64, 2, 2) * scales + scales, kind)
     assert one < 1.0 and one / mean > 2.5, (one, mean)
 
 
@@ -187,19 +193,8 @@ def test_rms_norm_packs_its_normalised_input():
     1e2 apart: with x packed the input's gradient was 6.9e6x its norm off at 2 bits."""
     torch.manual_seed(0)
     scales = (10.0 ** torch.arange(-2, 3).float()).repeat(13)[:64].reshape(64, 1)
-    x, r = torch.randn(64, 64) * scales, torch.randn(64, 64)
     model = Wrap(lambda s, x: s.n(x), n=nn.RMSNorm(64))
-    converted = actfx.convert(model, bits=2)
-    assert [d.kind for d in converted._actfx_record.decisions] == ["rms_norm"]
-    assert torch.equal(converted(x), model(x))
-
-    def grad_x(m):
-        xi = x.clone().requires_grad_(True)
-        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
-
-    exact, draws = grad_x(model), [grad_x(converted) for _ in range(16)]
-    one = sum(float((g - exact).norm()) for g in draws) / len(draws) / float(exact.norm())
-    mean = float((sum(draws) / len(draws) - exact).norm() / exact.norm())
+    one, mean = mixed_scale_input_error(model, torch.randn(64, 64) * scales, "rms_norm")
     assert one < 0.5 and one / mean > 2.5, (one, mean)
 
 
