@@ -40,6 +40,7 @@ from torch.fx import Interpreter, Node
 
 from actfx.kernels import ALLOWED_BITS
 from actfx.passes.signatures import bind
+from actfx.variants.batchnorm import uses_batch_stats
 
 # Kinds whose backward recomputes from what it packed rather than reading what PyTorch saves.
 UNMEASURED_KINDS = frozenset({"sdpa", "attention", "transformer_layer"})
@@ -289,7 +290,7 @@ def _batch_norm_stats(module, node: Node, env: dict):
     BatchNorm module call or an ``F.batch_norm`` node; None for any other node."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
         x = env.get(node.args[0]) if node.args else None
-        batch_stats = module.training or module.running_mean is None
+        batch_stats = uses_batch_stats(module)
         running, weight, eps = (module.running_mean, module.running_var), module.weight, module.eps
     elif node.op == "call_function" and node.target is F.batch_norm:
         bound = bind("batch_norm", *torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n]))

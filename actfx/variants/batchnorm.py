@@ -19,11 +19,12 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, refuse_double_backward
-from actfx.variants.second_pack import copy_for_small_rows, rounding_variance
+from actfx.variants.second_pack import add_rounding_variance, copy_for_small_rows
 from actfx.variants.saved import materialize_all, split_all
 
 
-def _uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+def uses_batch_stats(bn: nn.modules.batchnorm._BatchNorm) -> bool:
+    """Whether a BatchNorm module normalises with the batch's statistics (else its running ones)."""
     return bn.training or (bn.running_mean is None and bn.running_var is None)
 
 
@@ -37,7 +38,7 @@ def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):
     keep_running = not bn.training or bn.track_running_stats
     rm = bn.running_mean if keep_running else None
     rv = bn.running_var if keep_running else None
-    return factor, _uses_batch_stats(bn), rm, rv
+    return factor, uses_batch_stats(bn), rm, rv
 
 
 def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -66,13 +67,13 @@ def second_copy(xhat, training: bool, x):
 
 def batch_norm_module_normalized(bn: nn.modules.batchnorm._BatchNorm, x):
     """``batch_norm_normalized`` for a BatchNorm module's call (its mode and statistics)."""
-    return batch_norm_normalized(x, bn.running_mean, bn.running_var, _uses_batch_stats(bn), bn.eps,
+    return batch_norm_normalized(x, bn.running_mean, bn.running_var, uses_batch_stats(bn), bn.eps,
                                  bn.weight, bn.bias)
 
 
 def module_second_copy(bn: nn.modules.batchnorm._BatchNorm, xhat, x):
     """``second_copy`` for a BatchNorm module's call."""
-    return second_copy(xhat, _uses_batch_stats(bn), x)
+    return second_copy(xhat, uses_batch_stats(bn), x)
 
 
 class _PackedBatchNorm(torch.autograd.Function):
@@ -109,11 +110,16 @@ class _PackedBatchNorm(torch.autograd.Function):
                 gx if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 9)
 
 
+def _gradient_scale(weight, invstd) -> torch.Tensor:
+    """``γ / std`` per channel in fp32 (``1 / std`` without a weight)."""
+    return invstd.float() if weight is None else weight.float() * invstd.float()
+
+
 def batch_norm_from_normalized(grad_out, xhat, weight, invstd, training: bool, mask):
     """BatchNorm's gradients from the normalised input: ATen's kernel with unit statistics and
     ``γ/std`` as the weight in training; the eval formula (no batch terms) directly. The
     parameters' gradients come back in fp32."""
-    scale = invstd.float() if weight is None else weight.float() * invstd.float()
+    scale = _gradient_scale(weight, invstd)
     if training:
         zeros = torch.zeros_like(scale)
         gx, gw, gb = torch.ops.aten.native_batch_norm_backward(
@@ -129,10 +135,9 @@ def batch_norm_from_normalized(grad_out, xhat, weight, invstd, training: bool, m
 def batch_norm_two_reads(grad_out, xhat, copy, weight, invstd, mask):
     """Training backward with the diagonal term's rounding variance taken off (``second_pack``)."""
     gx, gw, gb = batch_norm_from_normalized(grad_out, xhat.to(grad_out.dtype), weight, invstd, True, mask)
-    scale = invstd.float() if weight is None else weight.float() * invstd.float()
     count = grad_out.numel() // grad_out.shape[1]
-    correction = grad_out.float() * rounding_variance(xhat, copy) * (_per_channel(scale, grad_out) / count)
-    return (gx.float() + correction).to(gx.dtype), gw, gb
+    scale = _per_channel(_gradient_scale(weight, invstd), grad_out) / count
+    return add_rounding_variance(gx, grad_out, xhat, copy, scale), gw, gb
 
 
 def batch_norm_module(bn, specs, x, *run):

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from actfx.variants.batchnorm import batch_norm_from_normalized, batch_norm_two_reads
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
-from actfx.variants.second_pack import copy_for_small_rows, rounding_variance
+from actfx.variants.second_pack import add_rounding_variance, copy_for_small_rows
 
 
 def _autocast_fp32(device_type: str, *tensors):
@@ -80,9 +80,8 @@ class _LayerNormFromNormalized(torch.autograd.Function):
         grad_out = grad_out.to(ctx.compute).contiguous()
         gx, gw, gb = torch.ops.aten.native_layer_norm_backward(grad_out, x, ctx.shape, mean, rstd, w, b, mask)
         if copy is not None and mask[0]:  # the diagonal term's rounding variance (second_pack)
-            weighted = grad_out.float() if w is None else grad_out.float() * w.float()
-            width = math.prod(ctx.shape)
-            gx = (gx.float() + weighted * rounding_variance(xhat, copy) * (rstd.float() / width)).to(gx.dtype)
+            weighted = grad_out if w is None else grad_out.float() * w.float()
+            gx = add_rounding_variance(gx, weighted, xhat, copy, rstd.float() / math.prod(ctx.shape))
         return (None, None, None, gw if mask[1] else None, gb if mask[2] else None,
                 gx.to(ctx.x_dtype) if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 6)
 
@@ -141,10 +140,11 @@ class _GroupNormFromNormalized(torch.autograd.Function):
             grad_out, x.contiguous(), torch.zeros_like(rstd), rstd, w, n, c, hw, groups, mask
         )
         if copy is not None and mask[0]:  # the diagonal term's rounding variance (second_pack)
-            weighted = grad_out.float() if w is None else grad_out.float() * w.float().reshape(1, c, *[1] * (grad_out.dim() - 2))
+            weighted = grad_out if w is None else grad_out.float() * w.float().reshape(1, c, *[1] * (grad_out.dim() - 2))
+            per_group = (n, groups, -1)  # rstd is per (sample, group)
             scale = (rstd.float() / (c // groups * hw)).reshape(n, groups, 1)
-            correction = (weighted * rounding_variance(xhat, copy)).reshape(n, groups, -1) * scale
-            gx = (gx.float() + correction.reshape(gx.shape)).to(gx.dtype)
+            gx = add_rounding_variance(gx.reshape(per_group), weighted.reshape(per_group), xhat.reshape(per_group),
+                                       copy.reshape(per_group), scale).reshape(gx.shape)
         return (None, None, None, gw if mask[1] else None, gb if mask[2] else None,
                 gx.to(ctx.x_dtype) if mask[0] else None) + (None,) * (len(ctx.needs_input_grad) - 6)
 

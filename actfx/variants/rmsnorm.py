@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
-from actfx.variants.second_pack import rounding_variance
+from actfx.variants.second_pack import add_rounding_variance
 
 
 def _rstd(x, dims, eps):
@@ -59,7 +59,7 @@ class _RMSNormFromNormalized(torch.autograd.Function):
             inner = (gw_in * xhat).mean(ctx.dims, keepdim=True)
             gx = rstd * (gw_in - xhat * inner)
             if copy is not None:  # the diagonal term's rounding variance (second_pack)
-                gx = gx + gw_in * rounding_variance(xhat, copy) * (rstd / ctx.width)
+                gx = add_rounding_variance(gx, gw_in, xhat, copy, rstd / ctx.width)
             gx = gx.to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[3]:
             gw = (g * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)

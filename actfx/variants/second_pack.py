@@ -1,11 +1,12 @@
 """A second pack of a normalised input, for normalisations over few values per row.
 
-Training backward of BatchNorm, GroupNorm, InstanceNorm and LayerNorm reads x̂ twice, in
+Training backward of BatchNorm, GroupNorm, InstanceNorm, LayerNorm and RMSNorm reads x̂ twice, in
 ``x̂_i mean_j(g_j x̂_j)``. From one pack, element i's rounding meets itself in the mean and biases
 the product by ``g_i var_i / M``, M the values per normalised row: small from
 ``rules.DILUTION_MIN`` (128) values up (LayerNorm over 128 features: about 0.8%), not below (2
 bits: the mean of 1024 input gradients stayed 3.6% off for BatchNorm at M = 16, 8.6% for
-InstanceNorm at M = 4, 6.3% for GroupNorm at M = 8, 4.9% for LayerNorm over 16 features). Below it, a second pack of x̂, rounded independently on the same grid, gives
+InstanceNorm at M = 4, 6.3% for GroupNorm at M = 8, 4.9% for LayerNorm over 16 features).
+Below it, a second pack of x̂, rounded independently on the same grid, gives
 ``(x̂ - x̂')^2 / 2``: an unbiased estimate of each element's rounding variance, which backward
 adds back, ``rstd g_i var_i / M``. Both packs share one grid, so the estimate is 0 or half a step
 squared (bounded). It costs variance: EfficientNet-B0 at 64 px, batch 4, 2 bits, one step's
@@ -29,6 +30,10 @@ def copy_for_small_rows(xhat, rows: int, x):
     return xhat.view_as(xhat)  # another tensor object: torch.compile refuses one tensor passed twice
 
 
-def rounding_variance(xhat: torch.Tensor, copy: torch.Tensor) -> torch.Tensor:
-    """``(x̂ - x̂')^2 / 2`` in fp32: unbiased for the rounding variance of each element."""
-    return (xhat.float() - copy.float()).square_().mul_(0.5)
+def add_rounding_variance(gx: torch.Tensor, weighted_grad: torch.Tensor, xhat: torch.Tensor, copy: torch.Tensor,
+                          scale) -> torch.Tensor:
+    """``gx + weighted_grad * (x̂ - x̂')^2 / 2 * scale`` in fp32, returned in gx's dtype: the
+    diagonal term's rounding variance given back. ``weighted_grad`` is the output's gradient
+    times the weight; ``scale`` is rstd / M per row, shaped to broadcast over x̂."""
+    variance = (xhat.float() - copy.float()).square_().mul_(0.5)  # unbiased for each element's
+    return (gx.float() + weighted_grad.float() * variance * scale).to(gx.dtype)
