@@ -47,6 +47,20 @@ def _timed(model, x, target, repeats: int) -> float:
     return statistics.median(times)
 
 
+def interleaved_medians(console, args, labelled: dict, x, target) -> list[float]:
+    """Median unprofiled step of each model (interleaved, so load changes hit all), printed with
+    the ratio of the second to the first."""
+    times = {label: [] for label in labelled}
+    for _ in range(args.repeats):
+        for label, model in labelled.items():
+            times[label].append(_timed(model, x, target, 1))
+    medians = [statistics.median(ts) for ts in times.values()]
+    console.print(f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, unprofiled medians of "
+                  f"{args.repeats}: " + ", ".join(f"{label} {m:.3f} s" for label, m in zip(labelled, medians))
+                  + f" ({medians[1] / medians[0]:.2f}x)")
+    return medians
+
+
 def breakdown(prof) -> tuple[dict, dict, float, dict]:
     """(ms per actfx op incl. children, ms per (actfx op, aten op) self time inside it, total ms,
     self ms per op name outside the actfx ops)."""
@@ -101,14 +115,7 @@ def compare_compiled(args, model, twin, x, target, console) -> None:
             t0 = time.perf_counter()
             _step(compiled, x, target)  # compiles forward and backward
             console.print(f"{name}: first step (compiles) {time.perf_counter() - t0:.1f} s")
-    plain_s, ours_s = [], []
-    for _ in range(args.repeats):
-        plain_s.append(_timed(plain, x, target, 1))
-        ours_s.append(_timed(ours, x, target, 1))
-    plain_med, ours_med = statistics.median(plain_s), statistics.median(ours_s)
-    console.print(f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, unprofiled medians of "
-                  f"{args.repeats}: torch.compile {plain_med:.3f} s, actfx.compile bits={args.bits} {ours_med:.3f} s "
-                  f"({ours_med / plain_med:.2f}x)")
+    interleaved_medians(console, args, {"torch.compile": plain, f"actfx.compile bits={args.bits}": ours}, x, target)
     result = {}
     for name, compiled in (("torch.compile", plain), ("actfx.compile", ours)):
         with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -156,14 +163,7 @@ def main(argv=None) -> None:
     converted = actfx.convert(model, bits=args.bits)
     _step(model, x, target)
     _step(converted, x, target)  # warm-up: first-call costs (Inductor compiles the CPU kernels)
-    plain_s, actfx_s = [], []
-    for _ in range(args.repeats):  # interleaved, so load changes hit both
-        plain_s.append(_timed(model, x, target, 1))
-        actfx_s.append(_timed(converted, x, target, 1))
-    plain_med, actfx_med = statistics.median(plain_s), statistics.median(actfx_s)
-    console.print(f"{args.model} batch {args.batch}, {torch.get_num_threads()} threads, unprofiled medians of "
-                  f"{args.repeats}: plain {plain_med:.3f} s, actfx bits={args.bits} {actfx_med:.3f} s "
-                  f"({actfx_med / plain_med:.2f}x)")
+    interleaved_medians(console, args, {"plain": model, f"actfx bits={args.bits}": converted}, x, target)
     with profile(activities=[ProfilerActivity.CPU]) as prof_plain:
         _step(model, x, target)
     with profile(activities=[ProfilerActivity.CPU]) as prof:
