@@ -40,7 +40,7 @@ from torch.fx import Interpreter, Node
 
 from actfx.kernels import ALLOWED_BITS
 from actfx.passes.signatures import bind
-from actfx.variants.batchnorm import uses_batch_stats
+from actfx.variants.batchnorm import per_channel, uses_batch_stats
 
 # Kinds whose backward recomputes from what it packed rather than reading what PyTorch saves.
 UNMEASURED_KINDS = frozenset({"sdpa", "attention", "transformer_layer"})
@@ -304,13 +304,12 @@ def _batch_norm_stats(module, node: Node, env: dict):
         return None
     with torch.no_grad():
         xf = x.detach().float()
-        shape = [1, -1] + [1] * (x.dim() - 2)
         if batch_stats:
             var, mean = torch.var_mean(xf, [d for d in range(x.dim()) if d != 1], correction=0, keepdim=True)
         else:
-            mean, var = running[0].float().reshape(shape), running[1].float().reshape(shape)
+            mean, var = per_channel(running[0].float(), x), per_channel(running[1].float(), x)
         std = torch.sqrt(var + eps)
-        scale = torch.ones_like(std) if weight is None else weight.detach().float().reshape(shape)
+        scale = torch.ones_like(std) if weight is None else per_channel(weight.detach().float(), x)
     return x, mean, std, scale
 
 

@@ -41,7 +41,8 @@ def _batch_norm_args(bn: nn.modules.batchnorm._BatchNorm):
     return factor, uses_batch_stats(bn), rm, rv
 
 
-def _per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def per_channel(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over ``x`` (channels in dim 1)."""
     return t.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
@@ -126,7 +127,7 @@ def batch_norm_from_normalized(grad_out, xhat, weight, invstd, training: bool, m
             grad_out, xhat, scale, None, None, zeros, torch.ones_like(scale), True, 0.0, mask)
         return gx, gw, gb
     dims = [d for d in range(xhat.dim()) if d != 1]
-    gx = (grad_out.float() * _per_channel(scale, xhat)).to(grad_out.dtype) if mask[0] else None
+    gx = (grad_out.float() * per_channel(scale, xhat)).to(grad_out.dtype) if mask[0] else None
     gw = (grad_out.float() * xhat.float()).sum(dims) if mask[1] else None
     gb = grad_out.float().sum(dims) if mask[2] else None
     return gx, gw, gb
@@ -136,7 +137,7 @@ def batch_norm_two_reads(grad_out, xhat, copy, weight, invstd, mask):
     """Training backward with the diagonal term's rounding variance taken off (``second_pack``)."""
     gx, gw, gb = batch_norm_from_normalized(grad_out, xhat.to(grad_out.dtype), weight, invstd, True, mask)
     count = grad_out.numel() // grad_out.shape[1]
-    scale = _per_channel(_gradient_scale(weight, invstd), grad_out) / count
+    scale = per_channel(_gradient_scale(weight, invstd), grad_out) / count
     return add_rounding_variance(gx, grad_out, xhat, copy, scale), gw, gb
 
 

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.batchnorm import batch_norm_from_normalized, batch_norm_two_reads
+from actfx.variants.batchnorm import batch_norm_from_normalized, batch_norm_two_reads, per_channel
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 from actfx.variants.second_pack import add_rounding_variance, copy_for_small_rows
@@ -140,7 +140,7 @@ class _GroupNormFromNormalized(torch.autograd.Function):
             grad_out, x.contiguous(), torch.zeros_like(rstd), rstd, w, n, c, hw, groups, mask
         )
         if copy is not None and mask[0]:  # the diagonal term's rounding variance (second_pack)
-            weighted = grad_out if w is None else grad_out.float() * w.float().reshape(1, c, *[1] * (grad_out.dim() - 2))
+            weighted = grad_out if w is None else grad_out.float() * per_channel(w.float(), grad_out)
             per_group = (n, groups, -1)  # rstd is per (sample, group)
             scale = (rstd.float() / (c // groups * hw)).reshape(n, groups, 1)
             gx = add_rounding_variance(gx.reshape(per_group), weighted.reshape(per_group), xhat.reshape(per_group),
