@@ -23,7 +23,7 @@ from actfx.config import KEEP_EXACT
 from actfx.convert import is_converted
 from actfx.passes.analyze import CALLS, Measurement, NodeSaved, module_path, target_name, trace_like
 from actfx.passes.provenance import provenance
-from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, unit_key
+from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR
 
 _VARIANTS = "actfx.variants."
 _PLUMBING = "actfx.variants.packing"  # seed and pack calls: they feed variants and save nothing
@@ -92,7 +92,7 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
             row.before = [_describe(t, {}) for t in orig.tensors]
         if row.covered and after is not None and row.after_bytes >= (row.before_bytes or 0) > 0 and not any(
                 t.dtype == torch.uint8 and t.counted for t in merged.tensors):
-            planned = any(record.config.site_bits.get(unit_key(d.module_path, d.kind)) == KEEP_EXACT
+            planned = any(record.config.site_bits.get(d.key) == KEEP_EXACT
                           for d in decisions)
             # the variant packs nothing below min_numel, or a plan keeps the value exact
             row.kind = "kept exact (plan)" if planned else "kept exact (too small to pack)"

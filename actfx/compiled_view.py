@@ -27,7 +27,7 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
             rows.append({"graph": index, "node": value.name, "op": value.op, "module": value.module_path,
                          "shape": list(value.shape), "dtype": value.dtype, "before_bytes": value.bytes_before,
                          "after_bytes": value.bytes_after, "saved_as": value.saved_as,
-                         "computed_in_forward": value.hoisted})
+                         "computed_in_forward": value.hoisted, "plan_key": value.site})
     terminal = console.is_terminal
     table = Table(title=title, box=box.ROUNDED if terminal else None, show_edge=terminal,
                   header_style="bold" if terminal else "", pad_edge=False)

@@ -84,10 +84,12 @@ class Config:
             # Freeze the table so the config stays immutable and hashable.
             object.__setattr__(self, field, _FrozenDict(table))
 
-    def bits_for(self, kind: str, module_path: str | None) -> int:
-        """The width to use for a value saved by an op of ``kind`` inside ``module_path``."""
+    def bits_for(self, kind: str, module_path: str | None, key: str | None = None) -> int:
+        """The width to use for a value saved by an op of ``kind`` inside ``module_path``; ``key``:
+        the op's own ``site_bits`` key where it is not ``module:kind`` (the second op of a kind in
+        one module is ``module:kind#2``)."""
         if self.site_bits:
-            exact = self.site_bits.get(f"{module_path or ''}:{kind}")
+            exact = self.site_bits.get(key if key is not None else f"{module_path or ''}:{kind}")
             if exact is not None:
                 return exact
         if module_path is not None and self.module_bits:

@@ -127,11 +127,9 @@ def _check_recompute_modules(model: nn.Module, config: Config) -> None:
 def _check_plan_fits(plan, record: ConversionRecord) -> None:
     """A plan names ops by module path and kind; one made for another model would silently apply
     the default widths, so refuse it."""
-    from actfx.passes.rewrite import unit_key
-
     if record.capture_pending:
         return  # the ops are known after the first training call's capture
-    present = {unit_key(d.module_path, d.kind) for d in record.decisions}
+    present = {d.key for d in record.decisions}
     missing = [key for key in plan.config().site_bits if key not in present]
     if missing:
         raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "

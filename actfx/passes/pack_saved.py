@@ -22,6 +22,7 @@ once. The result is recorded as a ``GraphPlan`` for ``actfx.show``.
 
 from __future__ import annotations
 
+import collections
 import operator
 
 import torch
@@ -103,10 +104,13 @@ class PackSaved:
 
     def rewrite(self, decisions: dict[fx.Node, Storage]) -> GraphPlan:
         plan = GraphPlan()
+        seen: collections.Counter = collections.Counter()
         for fwd, bwd in self.g.saved_tensors():
             storage = decisions[fwd]
             op = self.hoisted.get(fwd.name, op_name(fwd))
-            bits = self._bits(fwd, op) if storage is Storage.PACKED else None
+            seen[site_key(module_path(fwd), op)] += 1
+            site = site_key(module_path(fwd), op, seen[site_key(module_path(fwd), op)])
+            bits = self._bits(fwd, site) if storage is Storage.PACKED else None
             if bits == KEEP_EXACT:
                 storage, bits = Storage.EXACT, None
                 self.exact_reason[fwd.name] = "plan"
@@ -127,15 +131,15 @@ class PackSaved:
                 shape=tuple(hint(s) for s in val(fwd).shape), dtype=str(val(fwd).dtype).replace("torch.", ""),
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
-                hoisted=fwd.name in self.hoisted))
+                hoisted=fwd.name in self.hoisted, site=site))
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
 
-    def _bits(self, fwd: fx.Node, op: str) -> int:
-        """A plan's width for this value (``Config.site_bits`` keyed ``module:op``), else the
+    def _bits(self, fwd: fx.Node, site: str) -> int:
+        """A plan's width for this value (``Config.site_bits`` keyed by its ``site``), else the
         per-module / per-kind width."""
-        planned = self.config.site_bits.get(site_key(module_path(fwd), op)) if self.config.site_bits else None
+        planned = self.config.site_bits.get(site) if self.config.site_bits else None
         return planned if planned is not None else self.config.bits_for(self._kind(fwd), module_path(fwd))
 
     def _probe(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:

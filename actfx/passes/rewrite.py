@@ -16,6 +16,7 @@ Parameters, buffers and values derived only from them are kept as they are (neve
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import operator
 
@@ -48,6 +49,7 @@ class Decision:
     # | ("sum", left, right) | ("reshape", inner) | ("normalized", bn) (BatchNorm's packed x̂)
     # | ("unnormalized", bn, inner) (its input, x̂ * std + mean) | None (kept exact, or only its shape)
     sources: list = dataclasses.field(default_factory=list)
+    key: str = ""  # its unit key (Config.site_bits, plans)
 
 
 PACK_META = "actfx_pack"  # on each pack_value node: PackSource
@@ -64,9 +66,12 @@ class PackSource:
     derived: bool = False  # holds something computed from the node's input (GELU's derivative), not its value
 
 
-def unit_key(module_path: str | None, kind: str) -> str:
-    """``"layer1.0.conv1:conv"``: a site's key in ``Config.site_bits`` and in plans."""
-    return f"{module_path or ''}{UNIT_SEP}{kind}"
+def unit_key(module_path: str | None, kind: str, occurrence: int = 1) -> str:
+    """``"layer1.0.conv1:conv"``: a site's key in ``Config.site_bits`` and in plans. The n-th op of
+    one kind in one module (functional code, a module called again) is ``"path:kind#n"``, so a
+    plan sets each op's width, not one width per module and kind."""
+    base = f"{module_path or ''}{UNIT_SEP}{kind}"
+    return base if occurrence == 1 else f"{base}#{occurrence}"
 
 
 def describe(spec: tuple) -> str:
@@ -112,6 +117,7 @@ class _Rewriter:
             if site.kind == "matmul" and any(isinstance(v, Node) and self.facts.is_parameter_like(v)
                                              for i, v in enumerate(site.saved) if i not in site.shape_only):
                 site.kind = "linear"
+        self.keys = self._site_keys()
         self.bits = self._bits_per_value()
         self.new = Graph()
         self.env: dict[Node, Node] = {}
@@ -133,15 +139,25 @@ class _Rewriter:
             return self.prefix or None
         return f"{self.prefix}.{path}" if self.prefix else path
 
+    def _site_keys(self) -> dict[Node, str]:
+        """Each site's unit key, numbering repeats of one module and kind in graph order."""
+        seen: collections.Counter = collections.Counter()
+        keys = {}
+        for node, site in self.sites.items():
+            path = self._path(site)
+            seen[path, site.kind] += 1
+            keys[node] = unit_key(path, site.kind, seen[path, site.kind])
+        return keys
+
     def _bits_per_value(self) -> dict[Node, int]:
         bits: dict[Node, int] = {}
         self.units: dict[Node, set] = {}
-        for site in self.sites.values():
-            b = self.config.bits_for(site.kind, self._path(site))
+        for node, site in self.sites.items():
+            b = self.config.bits_for(site.kind, self._path(site), self.keys[node])
             for v in site.saved:
                 if isinstance(v, Node):
                     bits[v] = max(bits.get(v, 0), b)
-                    self.units.setdefault(v, set()).add(unit_key(self._path(site), site.kind))
+                    self.units.setdefault(v, set()).add(self.keys[node])
         return bits
 
     # ------------------------------------------------------------ storage choices
@@ -175,10 +191,10 @@ class _Rewriter:
         """Pack a value a site computes itself (softmax's output), at the site's width; ``copy``
         names a second, independently rounded pack of it (its own key for the planner)."""
         site = self.sites[old]
-        bits = self.config.bits_for(site.kind, self._path(site))
+        bits = self.config.bits_for(site.kind, self._path(site), self.keys[old])
         if bits == KEEP_EXACT:
             return ("exact",), [value]
-        source = PackSource(old.name + copy, (unit_key(self._path(site), site.kind),), derived=site.kind != "softmax")
+        source = PackSource(old.name + copy, (self.keys[old],), derived=site.kind != "softmax")
         return self._pack_new(value, bits, source)
 
     def _cheap(self, v: Node, adds: int = 1) -> tuple | None:
@@ -271,7 +287,7 @@ class _Rewriter:
         self.decisions.append(Decision(
             node.name, site.kind, self._path(site), [describe(spec) for spec in [*specs, *emitted]], self.prefix,
             [v.name if isinstance(v, Node) else None for v in site.saved] + [v.name for v, _ in reads],
-            [source for _, _, source in chosen] + [tree for _, tree in reads]))
+            [source for _, _, source in chosen] + [tree for _, tree in reads], self.keys[node]))
 
 
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:

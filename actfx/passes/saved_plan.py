@@ -16,16 +16,18 @@ class Storage(enum.Enum):
     EXACT = "exact"  # kept as is; `reason` says why
 
 
-def site_key(module_path: str, op: str) -> str:
+def site_key(module_path: str, op: str, occurrence: int = 1) -> str:
     """A compiled saved value's plan key: its module path and its ATen op without namespace and
     overload (``"layer1.0.conv1:convolution"``); Python's getitem (a tuple output) reads
-    ``getitem``."""
+    ``getitem``. The n-th value of one op in one module, in the order the graph saves them, is
+    ``"path:op#n"``, so a plan sets each value's width."""
     if "getitem" in op:
         short = "getitem"
     else:
         parts = op.replace("aten.", "").split(".")
         short = parts[0] if parts[0] else op
-    return f"{module_path}:{short.replace(':', '_').replace(' ', '_')}"
+    base = f"{module_path}:{short.replace(':', '_').replace(' ', '_')}"
+    return base if occurrence == 1 else f"{base}#{occurrence}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,11 +43,7 @@ class SavedValue:
     bits: int | None = None
     reason: str = ""
     hoisted: bool = False  # computed in forward instead of backward (a derivative, a mask)
-
-    @property
-    def site(self) -> str:
-        """``"module.path:op"``: how a plan for actfx.compile names this value (``Config.site_bits``)."""
-        return site_key(self.module_path, self.op)
+    site: str = ""  # ``"module.path:op"`` (``site_key``): how a plan for actfx.compile names this value
 
     @property
     def saved_as(self) -> str:

@@ -6,7 +6,7 @@ from actfx.config import KEEP_EXACT
 from actfx.kernels import ALLOWED_BITS
 from actfx.planner.choose import Option
 from actfx.planner.inventory import Inventory
-from actfx.planner.plan import CHECKPOINT, Plan, Site
+from actfx.planner.plan import CHECKPOINT, Plan, Site, site_order
 from actfx.planner.recompute import held_bytes
 
 
@@ -54,7 +54,7 @@ def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, 
     sites += [Site(b.path, CHECKPOINT, KEEP_EXACT, b.input_bytes, 0.0) for b in recomputed]
     activation = fixed_bytes + sum(o.nbytes[w] for o, w in zip(options, widths) if w is not None) + \
         held_bytes(recomputed)
-    return Plan(tuple(sorted(sites, key=lambda s: s.key)), bits, group_size, batch, activation, peak.peak(activation),
+    return Plan(tuple(sorted(sites, key=lambda s: site_order(s.key))), bits, group_size, batch, activation, peak.peak(activation),
                 numel_bits / numel if numel else float(bits), sum(variance.values()), words)
 
 

@@ -31,7 +31,7 @@ from actfx.kernels import ALLOWED_BITS, graph_pack
 from actfx.passes.saved_plan import Storage
 from actfx.planner.choose import BudgetError, Option, choose
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
-from actfx.planner.plan import Plan, Site
+from actfx.planner.plan import Plan, Site, site_order
 from actfx.units import format_bytes
 
 
@@ -55,7 +55,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
                 values.setdefault(v.site, []).append(v)
             else:
                 fixed += v.bytes_after
-    sites = sorted(values)
+    sites = sorted(values, key=site_order)
     options = []
     for site in sites:
         nbytes = {b: sum(graph_pack.packed_value_bytes(math.prod(v.shape), b, group) for v in values[site])

@@ -16,6 +16,12 @@ FORMAT = "actfx-plan/1"
 CHECKPOINT = "checkpoint"  # a site's op when the plan recomputes that module in backward
 
 
+def site_order(key: str) -> tuple:
+    """Sort key for site keys: ``:linear#10`` after ``:linear#9``."""
+    base, _, occurrence = key.partition("#")
+    return base, int(occurrence) if occurrence.isdigit() else 1
+
+
 @dataclasses.dataclass(frozen=True)
 class Site:
     """One op the plan sets the width of (``module`` path and ``op`` kind, as ``actfx.show`` names

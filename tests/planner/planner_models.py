@@ -19,6 +19,19 @@ class TwoBranch(nn.Module):
         return self.narrow(x * 1.0) + self.wide(x * 100.0)
 
 
+class FunctionalTwoBranch(nn.Module):
+    """TwoBranch as functional code in one forward: both products are ops of kind linear in the
+    root module, told apart only by their order (plan keys ``:linear`` and ``:linear#2``)."""
+
+    def __init__(self, features: int = 64, out: int = 8):
+        super().__init__()
+        self.narrow = nn.Parameter(torch.randn(out, features) / features**0.5)
+        self.wide = nn.Parameter(torch.randn(out, features) / features**0.5)
+
+    def forward(self, x):
+        return nn.functional.linear(x * 1.0, self.narrow) + nn.functional.linear(x * 100.0, self.wide)
+
+
 class SmallCNN(nn.Module):
     def __init__(self, classes: int = 10):
         super().__init__()

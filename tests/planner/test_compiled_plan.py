@@ -49,6 +49,32 @@ def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
     assert seen >= len(widths)
 
 
+class _TanhStack(torch.nn.Module):
+    """Functional code in one forward: every saved value is the root module's."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.ParameterList([torch.nn.Parameter(torch.randn(64, 64) / 8) for _ in range(3)])
+
+    def forward(self, x):
+        for w in self.w:
+            x = x + torch.tanh(x @ w)
+        return x
+
+
+def test_values_of_one_op_in_one_module_have_their_own_plan_keys():
+    """The layers' tanh derivatives are three ``aten.mul`` values of the root module: keys
+    ``:mul``, ``:mul#2``, ``:mul#3``, and a width given for one applies to that value alone."""
+    model, x = _TanhStack(), torch.randn(32, 64)
+    saved = [v for p in estimate_compiled(model, (x,), Config(bits=2)).plans for v in p.saved]
+    muls = [v.site for v in saved if v.op == "aten.mul.Tensor"]
+    assert muls == [":mul", ":mul#2", ":mul#3"]
+    assert len({v.site for v in saved}) == len(saved)
+    planned = estimate_compiled(model, (x,), Config(bits=2, site_bits={":mul#2": 8}))
+    assert {v.site: v.bits for p in planned.plans for v in p.saved if v.op == "aten.mul.Tensor"} == {
+        ":mul": 2, ":mul#2": 8, ":mul#3": 2}
+
+
 def test_the_estimate_matches_the_variance_of_the_packed_graphs():
     """Sum over values at 2 bits against E||g_k - g||^2 of the same partition with real 2-bit
     packs, run as fx code (K draws)."""

@@ -13,7 +13,7 @@ from actfx.accounting import count_saved
 from actfx.config import KEEP_EXACT
 from actfx.models import build_model
 from actfx.report import GPUS
-from planner_models import SmallCNN, TwoBranch, projection
+from planner_models import FunctionalTwoBranch, SmallCNN, TwoBranch, projection
 
 
 def _held(model, x) -> int:
@@ -47,6 +47,21 @@ def test_a_tight_budget_gives_the_wide_branch_the_bits():
     plan = actfx.plan(model, x, activation_budget=int(uniform * 1.25), loss_fn=projection())
     bits = {s.module: s.bits for s in plan.sites}
     assert (bits["narrow"], bits["wide"]) == (1, 4)
+
+
+def test_functional_code_gets_a_width_per_op_not_per_module():
+    """Two F.linear calls in one forward are two plan sites (``:linear``, ``:linear#2``), so the
+    wide one gets the bits as TwoBranch's modules do; applied through JSON, each pack has its own."""
+    torch.manual_seed(0)
+    model, x = FunctionalTwoBranch(), torch.randn(32, 64)
+    uniform = _held(actfx.convert(model, bits=2), x)
+    plan = actfx.plan(model, x, activation_budget=int(uniform * 1.25), loss_fn=projection())
+    bits = {s.key: s.bits for s in plan.sites}
+    assert (bits[":linear"], bits[":linear#2"]) == (1, 4)
+    converted = actfx.convert(model, plan=actfx.Plan.from_dict(plan.to_dict()))
+    saved = {d.key: d.saved for d in converted._actfx_record.decisions}
+    assert saved[":linear"] == ["packed 1-bit"] and saved[":linear#2"] == ["packed 4-bit"]
+    assert _held(converted, x) == plan.activation_bytes
 
 
 def test_room_for_everything_keeps_values_exact():
