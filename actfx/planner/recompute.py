@@ -8,8 +8,9 @@ one more forward of the block.
 Candidates are the repeated blocks (the outermost children of ``nn.ModuleList`` /
 ``nn.Sequential`` containers whose ops make packs) and the composite modules inside them (a
 block's attention, its MLP): a sub-block costs a fraction of the block's FLOPs and may hold all of
-its variance. Regions wider than a block are not offered: their whole forward would live at once
-during their backward.
+its variance. Models assembled by hand (``self.block1 = Block()``, no container) offer their
+composite parts the same way. Regions wider than a block are not offered: their whole forward
+would live at once during their backward.
 
 What a recompute needs is measured in one forward on fake tensors: every tensor a block reads,
 keyed by its storage. A set of recomputed blocks holds the union of what its blocks read, so two
@@ -63,7 +64,9 @@ def outermost(blocks: list) -> list:
 
 def candidate_paths(model: nn.Module, units) -> list:
     """The repeated blocks inside which some unit runs (outermost children of ModuleList /
-    Sequential containers) and their composite descendants inside which units run, found on the
+    Sequential containers), their composite descendants inside which units run, and the
+    composite parts of hand-assembled models (``self.enc1 = DoubleConv(...)``: a composite child
+    of a plain module, holding some but not all of the units and no repeated block), found on the
     module tree as a networkx DiGraph (parent -> child); in tree order. Leaf modules are not
     offered: recomputing one op from its exact input is the "keep exact" width."""
     tree = nx.DiGraph()
@@ -79,8 +82,14 @@ def candidate_paths(model: nn.Module, units) -> list:
     repeated = {b for b in blocks if not nx.ancestors(tree, b) & blocks}
     inner = {d for b in repeated for d in nx.descendants(tree, b)
              if d in holds and tree.nodes[d]["composite"] and tree.nodes[d]["callable_"]}
+    # every unit inside it: the whole model (a wrapper's one child), wider than any block
+    whole = {m for m in holds if running <= nx.descendants(tree, m) | {m}}
+    parts = {child for parent, child in tree.edges
+             if not tree.nodes[parent]["container"] and child in holds and child not in whole
+             and tree.nodes[child]["composite"] and tree.nodes[child]["callable_"]
+             and not nx.descendants(tree, child) & blocks and not nx.ancestors(tree, child) & repeated}
     order = {path: i for i, path in enumerate(tree)}
-    return sorted(repeated | inner, key=order.get)
+    return sorted(repeated | inner | parts, key=order.get)
 
 
 def measure_blocks(model: nn.Module, inputs: tuple, paths: list, groups, *, dtype=None) -> tuple:

@@ -205,3 +205,52 @@ def test_recompute_only_widens_what_is_left_where_the_widths_alone_fit():
     wide = Block("blocks.0", frozenset({("x", 35)}), flops=1, groups=frozenset({0}))  # pays for itself
     chosen = pick(options, [wide], 100, allowance=10)
     assert chosen.blocks == (wide,) and all(w >= alone[2][i] for i, w in chosen.widths.items())
+
+
+class _Attention(nn.Module):
+    def __init__(self, d=32, heads=4):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = self.qkv(x).reshape(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        p = (q @ k.transpose(-1, -2) * (d // self.heads) ** -0.5).softmax(-1)
+        return self.out((p @ v).transpose(1, 2).reshape(b, t, d))
+
+
+class _Block(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm, self.attn, self.fc = nn.LayerNorm(d), _Attention(d), nn.Linear(d, d)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm(x))
+        return x + nn.functional.gelu(self.fc(x))
+
+
+class HandAssembled(nn.Module):
+    """Blocks as attributes (``self.block1``), no ModuleList: hand-written models often look so."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.block1, self.block2, self.head = _Block(d), _Block(d), nn.Linear(d, 10)
+
+    def forward(self, x):
+        return self.head(self.block2(self.block1(x)))
+
+
+def test_hand_assembled_blocks_are_candidates_and_recomputed():
+    """Composite children of a plain module are offered (not the head, a leaf, nor the whole
+    model); on 64-token attention a recomputed block holds its fp32 input, less than its packs."""
+    torch.manual_seed(0)
+    model, x = HandAssembled(), torch.randn(4, 64, 32)
+    units = [d.key for d in actfx.convert(model)._actfx_record.decisions]
+    assert candidate_paths(model, units) == ["block1", "block1.attn", "block2", "block2.attn"]
+    uniform = _held(actfx.convert(model, bits=2), x)
+    planned = actfx.plan(model, x, activation_budget=uniform, recompute=1.0)
+    assert {s.module for s in planned.recomputed} == {"block1", "block2"}
+    converted = actfx.convert(model, plan=planned)
+    assert _held(converted, x) == planned.activation_bytes < uniform
+    for exact, got in zip(_grads(model, x), _grads(converted, x)):
+        torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-6)
