@@ -189,6 +189,26 @@ class Functional(nn.Module):
         return F.silu(out) + F.leaky_relu(out, 0.2) * F.dropout(out, 0.1, self.training)
 
 
+class FunctionalNorms(nn.Module):
+    """Normalisations in functional code whose shape is read from the input (``(h.shape[-1],)``,
+    ``h.shape[-1:]``): fx records those sizes as nodes of the graph."""
+
+    def __init__(self, d=32, h=64):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(h, d) / d**0.5)
+        self.w2 = nn.Parameter(torch.randn(h, h) / h**0.5)
+        self.w3 = nn.Parameter(torch.randn(d, h) / h**0.5)
+        self.ln_w, self.ln_b = nn.Parameter(torch.ones(h)), nn.Parameter(torch.zeros(h))
+        self.rms_w = nn.Parameter(torch.ones(h))
+        self.gn_w, self.gn_b = nn.Parameter(torch.ones(h)), nn.Parameter(torch.zeros(h))
+
+    def forward(self, x):
+        h = F.layer_norm(F.linear(x, self.w1), (x.shape[-1] * 2,), self.ln_w, self.ln_b)
+        h = F.rms_norm(F.gelu(F.linear(h, self.w2)), h.shape[-1:], self.rms_w)
+        h = F.group_norm(h.transpose(1, 2), 4, self.gn_w, self.gn_b).transpose(1, 2)
+        return F.linear(torch.tanh(h), self.w3)
+
+
 FAMILIES = {
     "resnet_basic": lambda: (TinyResNet(False), torch.randn(4, 3, 16, 16)),
     "resnet_bottleneck": lambda: (TinyResNet(True), torch.randn(4, 3, 16, 16)),
@@ -198,4 +218,5 @@ FAMILIES = {
     "unet": lambda: (TinyUNet(), torch.randn(2, 3, 16, 16)),
     "mlp": mlp,
     "functional": lambda: (Functional(), torch.randn(4, 3, 16, 16)),
+    "functional_norms": lambda: (FunctionalNorms(), torch.randn(4, 32, 32)),
 }

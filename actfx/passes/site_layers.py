@@ -8,6 +8,7 @@ import operator
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
+from torch.fx.node import map_arg
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
@@ -193,12 +194,13 @@ def _layer_norm_site(node, path, x, static, weight, bias):
     def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
-        xhat = graph.call_function(norms.layer_norm_normalized, (env[x], shape, eps, w, b))
+        size = map_arg(shape, lambda n: env[n])  # (h.shape[-1],) in functional code: read at run time
+        xhat = graph.call_function(norms.layer_norm_normalized, (env[x], size, eps, w, b))
         spec, run = pack(xhat, node)
-        spec2, run2 = pack(graph.call_function(norms.last_dims_copy, (xhat, shape, env[x])), node, COPY)
+        spec2, run2 = pack(graph.call_function(norms.last_dims_copy, (xhat, size, env[x])), node, COPY)
         out = graph.call_function(norms.layer_norm_from_normalized,
-                                  ((spec, spec2), shape, w, b, eps, env[x], *run, *run2))
-        one_dim = isinstance(shape, int) or len(shape) == 1
+                                  ((spec, spec2), size, w, b, eps, env[x], *run, *run2))
+        one_dim = isinstance(shape, int) or (isinstance(shape, (tuple, list)) and len(shape) == 1)
         if one_dim and isinstance(w, Node) and isinstance(b, Node):
             return out, {"affine": (w, b), "affine_of": (spec, run, -1, ("pack", node.name))}
         return out, {}
@@ -234,8 +236,8 @@ def _norm_functional(node):
         if a["running_mean"] is not None or a["running_var"] is not None or a["use_input_stats"] is not True:
             return None
         static = (a["eps"],)
-    if any(isinstance(v, Node) for v in static):
-        return None
+    if isinstance(static[-1], Node) or (kind == "group_norm" and isinstance(static[0], Node)):
+        return None  # eps and the group count must be constants; a shape may be read from a size
     return _norm_site(node, None, kind, a["input"], static, a["weight"], a["bias"])
 
 
@@ -244,10 +246,11 @@ def _rms_norm_site(node, path, x, shape, weight, eps):
 
     def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
-        xhat = graph.call_function(rmsnorm.rms_norm_normalized, (env[x], shape, eps, w))
+        size = map_arg(shape, lambda n: env[n])  # read at run time where it comes from x.shape
+        xhat = graph.call_function(rmsnorm.rms_norm_normalized, (env[x], size, eps, w))
         (spec, run), (spec2, run2) = pack(xhat, node), pack(
-            graph.call_function(norms.last_dims_copy, (xhat, shape, env[x])), node, COPY)
-        return graph.call_function(rmsnorm.rms_norm, ((spec, spec2), shape, w, eps, env[x], *run, *run2)), {}
+            graph.call_function(norms.last_dims_copy, (xhat, size, env[x])), node, COPY)
+        return graph.call_function(rmsnorm.rms_norm, ((spec, spec2), size, w, eps, env[x], *run, *run2)), {}
 
     return Site(node, "rms_norm", path, [], emit)
 
@@ -318,6 +321,6 @@ def rms_normalize_site(node):
 
 def _rms_norm_functional(node):
     a = bind("rms_norm", node.args, node.kwargs)
-    if a is None or isinstance(a["normalized_shape"], Node) or isinstance(a["eps"], Node):
+    if a is None or isinstance(a["eps"], Node):
         return None
     return _rms_norm_site(node, None, a["input"], a["normalized_shape"], a["weight"], a["eps"])

@@ -14,6 +14,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+from torch._prims_common import suggest_memory_format
 
 from actfx.variants.batchnorm import batch_norm_from_normalized, batch_norm_two_reads, per_channel
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
@@ -95,6 +96,12 @@ def layer_norm_from_normalized(specs, normalized_shape, weight, bias, eps, x, *r
     return _LayerNormFromNormalized.apply(specs, shape, eps, weight, bias, x, *run)
 
 
+def _as_group_norm_reads(x):
+    """x in the layout ATen's group_norm hands native_group_norm (which refuses any other): a
+    transposed input (GroupNorm over a (batch, time, channels) tensor's channels) is copied."""
+    return x.contiguous(memory_format=suggest_memory_format(x))
+
+
 def group_norm_normalized(x, groups, eps, weight=None, bias=None):
     """What GroupNorm packs: its normalised input (ATen's GroupNorm without weight and bias, in
     the dtype it computes in), or None when no backward will run. Why not x: where a group of 256
@@ -106,7 +113,8 @@ def group_norm_normalized(x, groups, eps, weight=None, bias=None):
     (xc,) = _autocast_fp32(x.device.type, x)
     n, c = xc.shape[0], xc.shape[1]
     with torch.no_grad():
-        return torch.native_group_norm(xc.detach(), None, None, n, c, math.prod(xc.shape[2:]), groups, eps)[0]
+        return torch.native_group_norm(_as_group_norm_reads(xc.detach()), None, None, n, c,
+                                       math.prod(xc.shape[2:]), groups, eps)[0]
 
 
 def group_norm_copy(xhat, groups, x):
@@ -120,7 +128,7 @@ class _GroupNormFromNormalized(torch.autograd.Function):
         xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
         n, c = xc.shape[0], xc.shape[1]
         hw = math.prod(xc.shape[2:])
-        out, _, rstd = torch.native_group_norm(xc, w, b, n, c, hw, groups, eps)
+        out, _, rstd = torch.native_group_norm(_as_group_norm_reads(xc), w, b, n, c, hw, groups, eps)
         plans, storage = split_all(list(specs), run)
         ctx.plans, ctx.dims, ctx.x_dtype = plans, (n, c, hw, groups), x.dtype
         ctx.save_for_backward(w, rstd, *storage)  # the mean is not needed: x̂ is centred
