@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule, Tracer
 
+from actfx.passes.autograd_functions import functions_as_calls
+
 
 class _ActfxTracer(Tracer):
     def __init__(self, leaf_types: tuple, leaf_paths: frozenset):
@@ -24,6 +26,11 @@ class _ActfxTracer(Tracer):
         if (self.leaf_types and isinstance(m, self.leaf_types)) or qualname in self.leaf_paths:
             return True
         return super().is_leaf_module(m, qualname)
+
+    def trace(self, root, concrete_args=None):
+        with functions_as_calls(self):
+            return super().trace(root, concrete_args)
+
 
 
 @contextlib.contextmanager

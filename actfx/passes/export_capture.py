@@ -33,6 +33,7 @@ from torch.fx import Graph, GraphModule
 from torch.fx.graph import _PyTreeCodeGen
 
 from actfx.passes.aten_to_functional import to_functional
+from actfx.passes.autograd_functions import inlined_functions
 from actfx.passes.capture import training_mode
 
 META_KEY = "actfx_export"
@@ -286,15 +287,21 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     target, signature_used = _with_explicit_keywords(model, signature, bound)
     dynamic = {param: _dynamic_dims(value)
                for param, value in signature_used.bind(*args, **kwargs).arguments.items()}
+    inlined: list = []
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
-            ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
+            with inlined_functions(inlined):
+                ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(
                 f"actfx: torch.export could not capture {name}: {first}; convert without "
                 "example_inputs to convert submodule by submodule"
             ) from err
+    if inlined:
+        raise RuntimeError(
+            f"actfx: torch.export would inline the custom autograd.Function {inlined[0]} of {name} and drop its "
+            "backward; convert without example_inputs to convert submodule by submodule (the Function runs as written)")
     unlifted = ep.module()
     graph = unlifted.graph
     guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)
