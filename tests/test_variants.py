@@ -228,6 +228,35 @@ def test_normalisation_over_few_values_per_row_stays_unbiased(norm, shape):
     assert errors[16] / errors[256] > 2.8, errors
 
 
+def _cosine_similarity(s, x):
+    h = F.normalize(x * 1.0, dim=-1)
+    return h @ h.transpose(-1, -2)
+
+
+def test_normalize_packs_its_output_and_stays_unbiased():
+    """F.normalize was an element-wise recompute from its packed input: ``x / ||x||`` of a rounded
+    x is biased (cosine similarity of 16-feature rows at 2 bits: the mean of 256 input gradients
+    stayed near the mean of 16's error). Packed output, exact 1/norm and a second pack: 1/sqrt(K)."""
+    torch.manual_seed(0)
+    x, r = torch.randn(8, 16, 16) * torch.linspace(0.5, 2, 16), torch.randn(8, 16, 16)
+    model = Wrap(_cosine_similarity)
+    converted = actfx.convert(model, bits=2)
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "normalize"] == [
+        ["packed 2-bit", "packed 2-bit"]]  # the output and its copy
+    assert torch.equal(converted(x), model(x))
+
+    def grad_x(m):
+        xi = x.clone().requires_grad_(True)
+        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
+
+    exact, total, errors = grad_x(model), torch.zeros_like(x), {}
+    for k in range(1, 257):
+        total += grad_x(converted)
+        if k in (16, 256):
+            errors[k] = float((total / k - exact).norm() / exact.norm())
+    assert errors[16] / errors[256] > 2.8, errors
+
+
 @pytest.mark.parametrize("name, fn", [
     ("module", lambda s, x: s.act(x)),
     ("F.relu", lambda s, x: F.relu(x)),

@@ -12,7 +12,7 @@ from torch.fx.node import map_arg
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
-from actfx.variants import batchnorm, conv, embedding, linear, norms, rmsnorm, vector_norm
+from actfx.variants import batchnorm, conv, embedding, linear, normalize, norms, rmsnorm, vector_norm
 
 
 # ---------------------------------------------------------------- convolution and linear
@@ -253,6 +253,24 @@ def _rms_norm_site(node, path, x, shape, weight, eps):
         return graph.call_function(rmsnorm.rms_norm, ((spec, spec2), size, w, eps, env[x], *run, *run2)), {}
 
     return Site(node, "rms_norm", path, [], emit)
+
+
+def normalize_site(node):
+    """``F.normalize(x, 2, dim, eps)``: its output packed (and a copy over few features) with the
+    exact 1/norm (``variants/normalize.py``); other norms stay element-wise recomputes (None)."""
+    a = bind("normalize", node.args, node.kwargs)
+    if (a is None or a["p"] not in (2, 2.0) or not isinstance(a["dim"], int) or isinstance(a["eps"], Node)
+            or a["out"] is not None):
+        return None
+    x, dim, eps = a["input"], a["dim"], a["eps"]
+
+    def emit(graph, env, specs, runs, pack=None):
+        pair = graph.call_function(normalize.normalized, (env[x], dim, eps))
+        (spec, run), (spec2, run2) = pack(graph.call_function(normalize.output_of, (pair,)), node), pack(
+            graph.call_function(normalize.row_copy, (pair, dim, env[x])), node, COPY)
+        return graph.call_function(normalize.normalize, ((spec, spec2), dim, eps, env[x], pair, *run, *run2)), {}
+
+    return Site(node, "normalize", None, [], emit)
 
 
 def vector_norm_site(node):

@@ -31,8 +31,7 @@ from actfx.passes.site_elementwise import (
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, embedding_site,
-    rms_normalize_site,
-    vector_norm_site,
+    normalize_site, rms_normalize_site, vector_norm_site,
 )
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
@@ -167,6 +166,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
                 return None  # the deprecated arguments: left as is
             return cross_entropy_site(node, None, a["input"], a["target"], a["weight"], a["ignore_index"],
                                       a["reduction"], a["label_smoothing"])
+        if t is F.normalize:
+            return normalize_site(node) or _recompute_functional(node)
         if t in _ELEMENTWISE or t in _SHAPE_ONLY:
             return _recompute_functional(node)
         return inplace_pointwise_site(node)
