@@ -90,3 +90,27 @@ def test_stochastic_rounding_noise_is_uniform_and_reproducible_per_seed():
     # neighbours (the hash's counter differs by one) are uncorrelated
     assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02
     assert torch.histc(u, bins=16, min=0, max=1).div(len(u) / 16).sub(1).abs().max() < 0.06
+
+
+def test_emitted_packs_are_traced_per_strides():
+    """emit caches each traced pack by its input's shape; a transposed value of a shape traced
+    before (a conv1d output and a GroupNorm over its transpose, under actfx.compile) replayed the
+    contiguous value's ``view`` and failed: "Cannot view a tensor with shape [2, 32, 16] and strides
+    (512, 1, 32)". The cache key holds the strides."""
+    from torch import fx
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from actfx.passes.graph_emit import emit
+
+    with FakeTensorMode():
+        values = [torch.empty(2, 32, 16), torch.empty(2, 16, 32).transpose(1, 2)]
+    graph = fx.Graph()
+    inputs = []
+    for i, value in enumerate(values):
+        inputs.append(graph.placeholder(f"x{i}"))
+        inputs[-1].meta["val"] = value
+    out = graph.output(None)
+    for node in inputs:
+        codes, lo, step = emit(graph, lambda x: pack_values(x, 2, 256), [node], before=out,
+                               key="test_emitted_packs_are_traced_per_strides")
+        assert tuple(codes.meta["val"].shape) == (4, 64)

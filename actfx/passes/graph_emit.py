@@ -31,13 +31,14 @@ _TEMPLATES: dict = {}  # traced op sequences by (function, input shapes and dtyp
 
 def _template(fn, key, vals) -> fx.Graph:
     """fn traced once per key (make_fx with Inductor's decompositions: Inductor lowers only
-    those), reused for every value of the same shape; ~70 ms a trace otherwise."""
+    those), reused for every value of the same shape and strides; ~70 ms a trace otherwise."""
     from torch._inductor.decomposition import select_decomp_table
 
     if not all(isinstance(s, int) for v in vals for s in v.shape):
         raise ValueError("graph_emit traces for static sizes; check static_shape() before emitting ops for a "
                          "value with a symbolic size")
-    full_key = (key, tuple((tuple(v.shape), v.dtype, str(v.device)) for v in vals))
+    # strides too: a reshape traced as a view of a contiguous value cannot replay on a transposed one
+    full_key = (key, tuple((tuple(v.shape), tuple(v.stride()), v.dtype, str(v.device)) for v in vals))
     graph = _TEMPLATES.get(full_key)
     if graph is None:
         with detect_fake_mode(vals):
