@@ -28,9 +28,20 @@ class _ActfxTracer(Tracer):
         return super().is_leaf_module(m, qualname)
 
     def trace(self, root, concrete_args=None):
+        self.grad_mode_changed, self._grad_at_start = False, torch.is_grad_enabled()
         with functions_as_calls(self):
-            return super().trace(root, concrete_args)
+            graph = super().trace(root, concrete_args)
+        if self.grad_mode_changed:
+            raise RuntimeError("the forward changes grad mode (torch.no_grad, enable_grad or set_grad_enabled), "
+                               "which an fx graph cannot record: it would compute that block with gradients")
+        return graph
 
+    def create_node(self, *args, **kwargs):
+        """Notes an op recorded under another grad mode than the trace began in. fx runs
+        ``with torch.no_grad():`` at trace time and records nothing: such a target then took part
+        in backward (8-bit gradient 0.80 of its norm off, silently)."""
+        self.grad_mode_changed |= torch.is_grad_enabled() != self._grad_at_start
+        return super().create_node(*args, **kwargs)
 
 
 @contextlib.contextmanager
