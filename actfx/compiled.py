@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import pathlib
+import types
 
 import torch
 import torch.nn as nn
@@ -136,6 +138,21 @@ class Backend:
             return compile_fx(gm, example_inputs, config_patches=patches)
 
 
+def own_cache_entry(fn):
+    """``fn`` called through a code object of its own, to hand to torch.compile. Dynamo keeps
+    compiled code per code object and compares backends: every actfx.compile brings a backend of
+    its own, so each model added an entry on its class's ``forward``, and past dynamo's
+    ``recompile_limit`` (8) the next model of that class ran eagerly with nothing packed (its
+    record empty, only dynamo's log line saying so). The entry is this call's, not the class's."""
+
+    def call(*args, **kwargs):
+        return fn(*args, **kwargs)
+
+    code = call.__code__.replace()  # a new code object: dynamo's cache lives on it
+    fresh = types.FunctionType(code, call.__globals__, call.__name__, call.__defaults__, call.__closure__)
+    return functools.update_wrapper(fresh, fn)
+
+
 def backend(bits: int | None = None, *, memory_budget: float | None = None, config: Config | None = None) -> Backend:
     """``torch.compile(model, backend=actfx.backend(bits=2))``: see the module docstring. bits
     defaults to 2 (or config.bits)."""
@@ -167,7 +184,8 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     compiled = _clone(model, type(model))
     # The copy's own forward, compiled (an instance attribute over the class's): hooks and
     # train()/eval() work as on any module, and built-in containers compile too.
-    object.__setattr__(compiled, "forward", torch.compile(compiled.forward, backend=chosen, **compile_kwargs))
+    forward = own_cache_entry(compiled.forward)
+    object.__setattr__(compiled, "forward", torch.compile(forward, backend=chosen, **compile_kwargs))
     object.__setattr__(compiled, "_actfx_compiled", chosen.record)
     return compiled
 

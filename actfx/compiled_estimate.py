@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from actfx.compiled import CompiledRecord, _Partitioner
+from actfx.compiled import CompiledRecord, _Partitioner, own_cache_entry
 from actfx.config import Config
 
 
@@ -34,7 +34,7 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
                            decompositions=select_decomp_table())
     # Static by default: plans estimate one batch, calibrate on another and estimate again; with
     # automatic dynamic shapes the third compile would see a symbolic batch and keep every value exact.
-    return torch.compile(model, backend=backend, dynamic=dynamic), record
+    return torch.compile(own_cache_entry(model), backend=backend, dynamic=dynamic), record
 
 
 def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_budget: float | None = None

@@ -160,6 +160,31 @@ def test_each_compiled_model_keeps_its_own_settings(block, cnn):
     assert 2 in bits
 
 
+class _Mlp(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_many_models_of_one_class_all_compile_and_pack():
+    """Dynamo compares backends and keeps at most recompile_limit entries per code object: each
+    actfx.compile (and each estimate) added one on the class's forward, and past the limit the
+    next model of that class ran eagerly with nothing packed. The limit is lowered to 2 here."""
+    from actfx.compiled_estimate import estimate_compiled
+
+    x = torch.randn(32, 64)
+    with torch._dynamo.config.patch(recompile_limit=2):
+        for _ in range(3):
+            assert estimate_compiled(_Mlp(), (x,), actfx.Config(bits=2)).bytes_after > 0
+        for _ in range(3):
+            compiled = actfx.compile(_Mlp(), bits=2)
+            compiled(x).sum().backward()
+            assert compiled._actfx_compiled.bytes_after > 0
+
+
 def test_same_parameters_and_state_dict_and_original_untouched(block):
     model, compiled, _, x, _ = block
     assert list(compiled.state_dict()) == list(model.state_dict())

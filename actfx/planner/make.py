@@ -48,7 +48,8 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     - ``budget``: peak training memory, bytes or a string such as ``"6GiB"``;
     - ``activation_budget``: bytes held for backward at the batch of ``example_inputs``;
     - ``gpu`` (a name from ``actfx report``'s table, e.g. ``"t4"``): fit ``batch`` on it, or
-      without ``batch`` the largest batch the default width fits.
+      without ``batch`` the largest batch the default width fits (with ``path="compile"``, the largest
+      the compiled plan fits).
 
     ``example_inputs``: a tensor or tuple of positional inputs, real (also used to calibrate) or
     meta (then pass ``calibration_inputs``, a small real batch); the first dimension is the batch.
@@ -105,36 +106,36 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     _capture_now(converted, calibration)
     planned_inputs = with_batch(inputs, batch) if batch is not None else inputs
     step = None
-    if gpu is not None and batch is None:
+    fit_batch = gpu is not None and batch is None
+    if fit_batch:
         batch, step = largest_batch(model, converted, inputs, GPUS[_gpu(gpu)], optimizer=optimizer, dtype=dtype)
         planned_inputs = with_batch(inputs, batch)
+    if path == "compile":
+        for _ in range(4):
+            try:
+                return _plan_compiled_at(model, converted, planned_inputs, calibration, step, capacity=capacity,
+                                         limit=limit, activation_budget=activation_budget, gpu=gpu,
+                                         optimizer=optimizer, dtype=dtype, base=base, memory_budget=memory_budget,
+                                         loss_fn=loss_fn)
+            except _CompiledOverBudget as over:
+                error = over.error
+                # the batch was sized for the eager conversion at the default width, which can
+                # hold less than the compiled partition (values it keeps exact): shrink to fit
+                if not fit_batch:
+                    raise error from None
+                fixed = over.peak.fixed_bytes
+                now = batch_of(planned_inputs)
+                smaller = math.floor(now * (capacity - fixed) / max(error.smallest - fixed, 1) * 0.99)
+                if not 1 <= smaller < now:
+                    raise error from None
+                planned_inputs, step = with_batch(inputs, smaller), None
+        raise error
     inventory = take_inventory(converted, planned_inputs, dtype=dtype)
     if step is None:
         step = step_bytes(converted, planned_inputs, dtype=dtype)
     peak = peak_model(model, step, inventory.measured.activation_bytes, optimizer=optimizer, gpu=gpu is not None,
                       dtype=dtype)
-    if activation_budget is not None:
-        room = limit
-        words = f"activation budget {format_bytes(room)}"
-    else:
-        total = capacity if gpu is not None else limit
-        room = peak.activation_room(total)
-        words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
-                 else f"peak budget {format_bytes(total)}")
-    if path == "compile":
-        from actfx.planner.make_compiled import plan_compiled
-
-        result = plan_compiled(model, tuple(planned_inputs), tuple(calibration), room=room,
-                               activation_limit=activation_budget is not None, peak=peak, words=words,
-                               batch=batch_of(planned_inputs), base=base, memory_budget=memory_budget, loss_fn=loss_fn)
-        over = (result.activation_bytes - limit if activation_budget is not None
-                else result.predicted_peak_bytes - total)
-        if over > 0:
-            raise BudgetError(f"cannot meet the {words}: the closest compiled plan found holds "
-                              f"{format_bytes(result.activation_bytes)} and peaks at "
-                              f"{format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
-                              result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes)
-        return result
+    room, words, total = _room(peak, limit, capacity, activation_budget, gpu, planned_inputs)
     sensitivity = _sensitivities(model, converted, inventory, tuple(calibration), loss_fn, group_size)
     planned = [g for g in inventory.groups if any(p.key in sensitivity for p in g.packs)]
     fixed = [g for g in inventory.groups if g not in planned]
@@ -209,6 +210,52 @@ def _capture_now(converted: nn.Module, calibration: tuple) -> None:
         return
     with buffers_restored(converted), torch.enable_grad(), training_mode(converted, True):
         converted(*calibration)
+
+
+class _CompiledOverBudget(Exception):
+    """A compile plan over its budget: the user's BudgetError and the peak model it was read with."""
+
+    def __init__(self, error: BudgetError, peak):
+        super().__init__(str(error))
+        self.error, self.peak = error, peak
+
+
+def _room(peak, limit, capacity, activation_budget, gpu, planned_inputs) -> tuple:
+    """(bytes the held activations may take, the budget in words, the peak budget)."""
+    if activation_budget is not None:
+        return limit, f"activation budget {format_bytes(limit)}", None
+    total = capacity if gpu is not None else limit
+    words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
+             else f"peak budget {format_bytes(total)}")
+    return peak.activation_room(total), words, total
+
+
+def _plan_compiled_at(model, converted, planned_inputs, calibration, step, *, capacity, limit, activation_budget,
+                      gpu, optimizer, dtype, base, memory_budget, loss_fn) -> Plan:
+    """The compile plan at the batch of ``planned_inputs``; over budget: _CompiledOverBudget."""
+    from actfx.planner.make_compiled import plan_compiled
+
+    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    if step is None:
+        step = step_bytes(converted, planned_inputs, dtype=dtype)
+    peak = peak_model(model, step, inventory.measured.activation_bytes, optimizer=optimizer, gpu=gpu is not None,
+                      dtype=dtype)
+    room, words, total = _room(peak, limit, capacity, activation_budget, gpu, planned_inputs)
+    try:
+        result = plan_compiled(model, tuple(planned_inputs), tuple(calibration), room=room,
+                               activation_limit=activation_budget is not None, peak=peak, words=words,
+                               batch=batch_of(planned_inputs), base=base, memory_budget=memory_budget,
+                               loss_fn=loss_fn)
+    except BudgetError as err:
+        raise _CompiledOverBudget(err, peak) from None
+    over = (result.activation_bytes - limit if activation_budget is not None
+            else result.predicted_peak_bytes - total)
+    if over > 0:
+        raise _CompiledOverBudget(BudgetError(
+            f"cannot meet the {words}: the closest compiled plan found holds {format_bytes(result.activation_bytes)} "
+            f"and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
+            result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes), peak)
+    return result
 
 
 def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:

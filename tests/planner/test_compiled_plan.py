@@ -13,7 +13,6 @@ from actfx.planner.compiled_sensitivity import compiled_sensitivities
 from planner_models import SmallCNN, projection
 
 
-# Each test compiles its own class: dynamo keeps at most 8 compiled versions of one forward.
 class PlannedCnn(SmallCNN):
     def forward(self, x):
         x = self.relu(self.bn1(self.conv1(x)))
@@ -107,3 +106,24 @@ def test_a_plan_goes_to_the_path_it_was_made_for():
         actfx.compile(model, bits=4, plan=compiled_plan)
     with pytest.raises(ValueError, match="goes with path='compile'"):
         actfx.plan(model, x, activation_budget=10**9, memory_budget=0.3)
+
+
+class _TanhMlp(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_the_largest_batch_on_a_gpu_is_the_one_the_compiled_plan_fits():
+    """The batch was sized for the eager conversion at the default width; the compiled partition
+    holds more here (it keeps the model's input exact, which the eager conversion packs), so the
+    plan at that batch could not fit and plan() failed. The batch now shrinks until the compiled plan fits."""
+    from actfx.report import GPUS
+
+    torch.manual_seed(0)
+    model, x = _TanhMlp(), torch.randn(256, 64)
+    plan = actfx.plan(model, x, gpu="t4", path="compile")
+    assert plan.batch > 256 and plan.predicted_peak_bytes <= GPUS["t4"]
