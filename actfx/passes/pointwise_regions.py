@@ -119,7 +119,9 @@ def _collapse(graph: Graph, x: Node, region: list[Node], out: Node, packet) -> N
     sub.output(env[out])
     fn = GraphModule(torch.nn.Module(), sub, class_name=f"Pointwise_{out.name}")
     kind = packet.__name__.split(".")[-1] if len(region) == 1 else "pointwise"  # one op keeps its name
-    plain, _, _ = pointwise_callables(Pointwise(fn, out.name, kind=kind))
+    # fn.forward, not fn: a module call under torch.func.vjp hands its wrapped tensors to global
+    # module hooks (the planner's MemTracker cannot read them, and its step estimate failed)
+    plain, _, _ = pointwise_callables(Pointwise(fn.forward, out.name, kind=kind))
     # ``out`` becomes the call: it keeps its name and meta, so decisions and reports name the op
     # after the original output.
     out.meta["actfx_pointwise"] = [m.name for m in region]

@@ -55,3 +55,26 @@ def test_the_fake_step_matches_the_real_one_on_a_transformer():
     fake = step_bytes(converted, (x,))
     real = _real_step_bytes(converted, x)
     assert abs(fake - real) <= 0.05 * real, (fake, real)
+
+
+class _FunctionalTanh(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(64, 256), torch.nn.Linear(256, 64)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(x)) * 0.5)
+
+
+def test_a_functional_elementwise_chain_is_tracked_not_estimated(recwarn):
+    """A collapsed element-wise chain computes its derivative under torch.func.vjp; called as a
+    module there, it handed vjp's wrapped tensors to the tracker's module hooks, the tracked step
+    failed and the planner's peak fell back to the report's formula."""
+    torch.manual_seed(0)
+    converted = actfx.convert(_FunctionalTanh(), bits=2)
+    x = torch.randn(128, 64)
+    assert "pointwise" in [d.kind for d in converted._actfx_record.decisions]  # the chain was collapsed
+    fake = step_bytes(converted, (x,))
+    assert not [w for w in recwarn if "fake-tensor step" in str(w.message)]
+    real = _real_step_bytes(converted, x)
+    assert abs(fake - real) <= 0.05 * real, (fake, real)
