@@ -58,3 +58,35 @@ def test_batch_norm_over_few_values_is_packed_twice_and_unbiased():
     one = sum((g - exact).norm() for g in grads) / k
     mean = (sum(grads) / k - exact).norm()
     assert mean < 1.5 * one / math.sqrt(k), (float(mean), float(one))
+
+
+class _ChannelNormBlock(torch.nn.Module):
+    """ConvNeXt's pattern: a LayerNorm over the 16 channels of each pixel, then 1x1 convolutions."""
+
+    def __init__(self, c=16):
+        super().__init__()
+        self.dw = torch.nn.Conv2d(c, c, 3, padding=1, groups=c)
+        self.norm = torch.nn.LayerNorm(c)
+        self.fc1, self.fc2 = torch.nn.Conv2d(c, 4 * c, 1), torch.nn.Conv2d(4 * c, c, 1)
+
+    def forward(self, x):
+        h = self.norm(self.dw(x).permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+        return x + self.fc2(torch.nn.functional.gelu(self.fc1(h)))
+
+
+def test_layer_norm_over_short_rows_reads_its_normalised_value_twice_and_stays_unbiased():
+    """Backward's x_hat * sum(g * x_hat) over 16 channels, x_hat saved as it is: the product's
+    second factor is the saved value itself, with no chain of ops to copy; it stayed exact."""
+    torch.manual_seed(0)
+    model, x = _ChannelNormBlock(), torch.randn(4, 16, 8, 8)
+    compiled, record = as_fx_code(model, actfx.Config(bits=2))
+    exact = _grads(model, model, x)
+    torch.manual_seed(1)
+    k = 32
+    grads = [_grads(model, compiled, x) for _ in range(k)]
+    normed = [v for plan in record.plans for v in plan.saved if v.site.startswith("norm:") and v.shape == (4, 8, 8, 16)]
+    assert all(v.storage is Storage.PACKED for v in normed), [(v.op, v.storage, v.reason) for v in normed]
+    assert sum("alias" in v.op for v in normed) == 1  # x_hat's second, independent copy
+    one = sum((g - exact).norm() for g in grads) / k
+    mean = (sum(grads) / k - exact).norm()
+    assert mean < 1.5 * one / math.sqrt(k), (float(mean), float(one))

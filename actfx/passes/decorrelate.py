@@ -5,7 +5,7 @@ in ``x~``) has expectation ``f(x) h(x) + Cov``: biased, so the value stayed exac
 two independently rounded packs, ``E[f(x~1) h(x~2)] = f(x) h(x)``: unbiased, at twice a pack's
 bytes (still a quarter of fp32 at 8 bits). Softmax's backward ``P * (g - sum(g * P))`` is such a
 product: attention probabilities on rows shorter than ``rules.DILUTION_MIN`` (a ViT's 65 tokens)
-were kept exact. One factor's reads (a short chain of views and pointwise ops from the saved
+were kept exact; so is LayerNorm's ``x^ * sum(g x^)`` over short rows (ConvNeXt's channels). One factor's reads (a short chain of views and pointwise ops from the saved
 value, not depending on the gradient) are copied onto a second saved copy (a forward ``alias``);
 the split is kept only if neither copy is biased afterwards.
 """
@@ -41,7 +41,10 @@ def decorrelate(run) -> None:
 
 def _chain(placeholder: fx.Node, factor: fx.Node, dependent: set) -> list | None:
     """The nodes between ``placeholder`` and ``factor`` (inclusive), in graph order, if ``factor``
-    reads it through a short gradient-free chain; else None."""
+    reads it through a short gradient-free chain; empty when the factor is the saved value
+    itself (LayerNorm's ``x^ * sum(g x^)`` over ConvNeXt's short channel rows); else None."""
+    if factor is placeholder:
+        return []
     nodes, stack = set(), [factor]
     while stack:
         n = stack.pop()
@@ -80,11 +83,12 @@ def _split(run, placeholder: fx.Node, fwd: fx.Node, culprit: fx.Node, position: 
     with run.g.bwd.inserting_before(culprit):
         for n in chain:
             copies[n] = run.g.bwd.node_copy(n, lambda a: copies.get(a, a))
-    culprit.update_arg(position, copies[chain[-1]])
+    factor = chain[-1] if chain else placeholder
+    culprit.update_arg(position, copies[factor])
     trial = {**sources, second: copy}
     biased = noise_degree.biased_sources(run.g.bwd, trial)
     if placeholder in biased or second in biased:  # undo: the value stays exact as before
-        culprit.update_arg(position, chain[-1])
+        culprit.update_arg(position, factor)
         for n in reversed(chain):
             run.g.bwd.erase_node(copies[n])
         run.g.drop_saved(copy)
