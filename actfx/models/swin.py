@@ -11,7 +11,6 @@ constant sizes and torch.fx traces the whole model.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 __all__ = ["SwinTransformer", "swin_t", "swin_tiny"]
