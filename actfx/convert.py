@@ -363,12 +363,23 @@ def _compile_forward(graph: Graph, name: str):
     return forward
 
 
-def _remember_inputs(module: nn.Module, args: tuple) -> None:
-    """Shapes of a training call's positional tensor inputs, on the root's record (cheap: no data)."""
+def _remember_inputs(module: nn.Module, base: type, args: tuple, kwargs: dict) -> None:
+    """Shapes of a training call's tensor inputs, by position, on the root's record (cheap: no
+    data). A call with keyword arguments is bound to ``base.forward``'s signature; where that does
+    not give tensors by position alone, the call is not kept (``show`` reran the model without
+    its keyword inputs and crashed)."""
     if torch.compiler.is_compiling():
         return
     record = module.__dict__.get("_actfx_record")
-    if record is not None and torch.is_grad_enabled() and all(isinstance(a, torch.Tensor) for a in args):
+    if record is None or not torch.is_grad_enabled():
+        return
+    if kwargs:
+        try:
+            bound = inspect.signature(base.forward).bind(module, *args, **kwargs)
+        except (TypeError, ValueError):
+            bound = None
+        args = bound.args[1:] if bound is not None and not bound.kwargs else None
+    if args is not None and all(isinstance(a, torch.Tensor) for a in args):
         record.last_training_inputs = tuple((tuple(a.shape), a.dtype) for a in args)
 
 
@@ -413,13 +424,19 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
                 bound.apply_defaults()
                 flat = list(bound.arguments.values())[1:]  # fx named the fixed inputs anew: pass by position
                 if self.training:
-                    _remember_inputs(self, args)
+                    _remember_inputs(self, base, args, kwargs)
                     return none_train(self, *flat)
                 return none_eval(self, *flat)
             if left:
+                given = [name for name in optional if name not in left]
+                warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): called with "
+                              f"{', '.join(left)} None but {', '.join(given) or 'a flag off its default'} given, "
+                              "a combination its converted graphs do not take; pass all of its optional inputs "
+                              "or none, or convert it with example_inputs= shaped like this call", stacklevel=2)
                 return base.forward(self, *args, **kwargs)
         if self.training:
-            _remember_inputs(self, args)
+            if without_optional is None:  # else the record describes the other graphs: not this call
+                _remember_inputs(self, base, args, kwargs)
             return train_fwd(self, *args, **kwargs)
         return eval_fwd(self, *args, **kwargs)
 

@@ -20,6 +20,44 @@ def test_show_after_a_training_step_prints_bytes(capsys):
     assert "bytes: unknown" not in capsys.readouterr().out
 
 
+class KeywordInput(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, scale=None):
+        return torch.relu(self.lin(x)) * (1.0 if scale is None else scale)
+
+
+class TwoOptionalInputs(KeywordInput):
+    def forward(self, x=None, scale=None):
+        return torch.relu(self.lin(x)) * (1.0 if scale is None else scale)
+
+
+def test_a_call_the_converted_graphs_do_not_take_says_it_runs_unconverted():
+    """Graphs exist for every optional input given or every one None; a call giving some runs
+    the module's own forward, which packs nothing: said, not silent."""
+    converted = actfx.convert(TwoOptionalInputs(), bits=8)
+    x = torch.randn(2, 8)
+    with pytest.warns(UserWarning, match="ran unconverted .* scale None but x given"):
+        out = converted(x)
+    torch.testing.assert_close(out, TwoOptionalInputs.forward(converted, x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted(x, scale=torch.tensor(2.0))  # both given: the converted graph
+
+
+def test_show_after_a_training_call_by_keyword_measures_it():
+    """Only positional inputs were remembered: after model(x=...) show reran the model with no
+    inputs and crashed inside it (linear(): argument input must be Tensor, not NoneType)."""
+    converted = actfx.convert(KeywordInput(), bits=8)
+    converted(x=torch.randn(2, 8)).sum().backward()
+    rows = actfx.show(converted)
+    assert rows and all(r["before_bytes"] is not None for r in rows if r["kind"] != "nothing saved")
+    converted(torch.randn(2, 8), scale=torch.tensor(2.0)).sum().backward()
+    assert actfx.show(converted)
+
+
 class DataDependent(nn.Module):
     def __init__(self):
         super().__init__()

@@ -19,6 +19,7 @@ the train/eval flags, set to train for the run, are put back.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import copy
 import dataclasses
 import weakref
@@ -282,11 +283,29 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
             continue
         inner = frozenset(q[len(path) + 1:] if path else q for q in paths
                           if q != path and (not path or q.startswith(path + ".")))
+        root = module.get_submodule(path) if path else module
         try:
-            graphs[path] = trace(module.get_submodule(path) if path else module, (), inner)[True].graph
+            graphs[path] = trace(root, (), inner, concrete_args=_fixed_like(root, like_record, path))[True].graph
         except Exception:  # noqa: BLE001 - fx raises many kinds; any of them means "run it whole"
             continue
     return graphs
+
+
+def _fixed_like(root: nn.Module, like_record, path: str) -> dict | None:
+    """The forward arguments the converted graph at ``path`` was traced without (optional inputs
+    left None, flags at their defaults), at those values: traced with them, the original's graph
+    wanted inputs the recorded call did not give (``show`` after ``model(x)`` with ``mask=None``)."""
+    converted = like_record.graphs.get(path) if like_record is not None else None
+    if not converted:
+        return None
+    taken = {n.target for n in next(iter(converted.values())).nodes if n.op == "placeholder"}
+    try:
+        params = list(inspect.signature(type(root).forward).parameters.values())[1:]
+    except (TypeError, ValueError):
+        return None
+    fixed = {p.name: p.default for p in params if p.name not in taken and p.default is not p.empty
+             and p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)}
+    return fixed or None
 
 
 class _RealCopies:
