@@ -82,6 +82,30 @@ def test_hugging_face_gpt2_tiny():
     got.logits.square().mean().backward()
 
 
+def test_a_causal_lm_returning_its_cache_in_training_is_captured_whole():
+    """HF causal LMs return a DynamicCache in train mode unless use_cache=False; torch.export
+    refused it as an output, so the model kept what fx converted, its attention unconverted
+    (17-31% of a small Llama-style model's saved bytes). transformers' cache pytree rules let
+    export capture it: attention is converted and the output, cache included, is the model's."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).train()
+    converted = actfx.convert(model, bits=8)
+    for length in (12, 12):  # the capturing call, then one running the captured graph
+        ids = torch.randint(0, 128, (2, length))
+        expected, got = model(input_ids=ids), converted(input_ids=ids)
+        assert torch.equal(got.logits, expected.logits)
+        for mine, theirs in zip(got.past_key_values.layers, expected.past_key_values.layers):
+            assert torch.equal(mine.keys, theirs.keys) and torch.equal(mine.values, theirs.values)
+        got.logits.square().mean().backward()
+    record = converted._actfx_record
+    assert "" in record.graphs  # captured whole
+    assert not [u for u in record.uncovered if "Attention" in u.what], record.uncovered
+    assert "sdpa" in {d.kind for d in record.decisions}
+
+
 class _BranchesOnRank(nn.Module):
     """fx cannot trace ``if h.dim() == 2`` (a Proxy has no truth value); torch.export can."""
 

@@ -269,6 +269,22 @@ def _leaves(graph: Graph) -> tuple:
     return tuple(out)
 
 
+def _cache_pytrees_registered(model: nn.Module, err: Exception) -> bool:
+    """Whether the export failed on a Hugging Face cache in the output and transformers' own
+    pytree rules for its cache classes (the ones its exporter registers) are now in place.
+    A causal LM in train mode returns its ``DynamicCache`` unless ``use_cache=False``; export
+    refused it and the whole model stayed as fx converted it (attention unconverted: 17-31% of a
+    Llama-style model's saved bytes)."""
+    if "Cache" not in str(err):
+        return False
+    try:
+        from transformers.exporters.exporter_dynamo import register_cache_pytrees_for_model
+    except ImportError:
+        return False
+    register_cache_pytrees_for_model(model)
+    return True
+
+
 def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     """``model``'s train-mode forward as a GraphModule (see the module docstring).
 
@@ -291,7 +307,12 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
             with inlined_functions(inlined):
-                ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
+                try:
+                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
+                except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output
+                    if not _cache_pytrees_registered(model, err):
+                        raise
+                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise RuntimeError(
