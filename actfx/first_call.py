@@ -68,7 +68,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     def _give_up(err):
         previous = captured.get("previous")
         if previous is not None:
-            record.decisions, record.uncovered, record.graphs, record.forwards = previous
+            record.decisions, record.uncovered, record.graphs, record.forwards, record.captured = previous
         captured.clear()
         captured["failed"] = True
         warnings.warn(f"actfx: the graph torch.export captured from {type(model).__name__} at its first training "
@@ -93,9 +93,9 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             return
         for name, value in call.carried.items():
             object.__setattr__(self, name, value)
-        captured["previous"] = (record.decisions, record.uncovered, record.graphs, record.forwards)
+        captured["previous"] = (record.decisions, record.uncovered, record.graphs, record.forwards, record.captured)
         record.decisions, record.uncovered, record.graphs = whole.decisions, whole.uncovered, whole.graphs
-        record.forwards = whole.forwards
+        record.forwards, record.captured = whole.forwards, whole.captured
         record.capture_pending = False
         captured.update(forward=forward, call=call)
 

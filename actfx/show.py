@@ -70,10 +70,13 @@ def recorded_inputs(model: nn.Module):
     """Meta tensors shaped like the inputs of the model's last training call, else like those
     recorded on the root graph's placeholders at conversion (``node.meta["val"]`` or
     ``["tensor_meta"]``), or None when there are none."""
-    last = model._actfx_record.last_training_inputs
-    if last is not None:
+    record = model._actfx_record
+    last = record.last_training_inputs
+    # A root torch.export captured runs its graph on the call's flattened inputs (keywords
+    # included), which its placeholders list: they come first.
+    if last is not None and "" not in record.captured:
         return tuple(torch.empty(shape, dtype=dtype, device="meta") for shape, dtype in last)
-    graphs = model._actfx_record.graphs.get("")
+    graphs = record.graphs.get("")
     if not graphs:
         return None
     inputs = []
@@ -81,10 +84,25 @@ def recorded_inputs(model: nn.Module):
         if node.op != "placeholder":
             continue
         meta = node.meta.get("val", node.meta.get("tensor_meta"))
-        if meta is None or not hasattr(meta, "shape"):
+        shape = _example_shape(meta)
+        if shape is None:
             return None
-        inputs.append(torch.empty(tuple(meta.shape), dtype=meta.dtype, device="meta"))
+        inputs.append(torch.empty(shape, dtype=meta.dtype, device="meta"))
     return tuple(inputs) or None
+
+
+def _example_shape(meta) -> tuple | None:
+    """``meta``'s shape with export's symbolic sizes (dynamic batch and length) at the values of
+    the call it captured; None when there is none."""
+    if meta is None or not hasattr(meta, "shape"):
+        return None
+    sizes = []
+    for size in meta.shape:
+        hint = size if isinstance(size, int) else getattr(getattr(size, "node", None), "hint", None)
+        if hint is None:
+            return None
+        sizes.append(int(hint))
+    return tuple(sizes)
 
 
 def default_console() -> Console:

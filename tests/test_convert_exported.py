@@ -106,6 +106,36 @@ def test_a_causal_lm_returning_its_cache_in_training_is_captured_whole():
     assert "sdpa" in {d.kind for d in record.decisions}
 
 
+def test_an_encoder_decoder_called_by_keyword_is_captured_and_shown():
+    """BartModel returns an EncoderDecoderCache in train mode (captured once its pytree rules are
+    registered); show after that keyword call measured the captured graph with export's
+    symbolic sizes and the inputs in the wrong places, and crashed."""
+    import io
+
+    from rich.console import Console
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BartConfig(vocab_size=128, d_model=32, encoder_layers=1, decoder_layers=1,
+                                     encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=64,
+                                     decoder_ffn_dim=64, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.BartModel(config).train()
+    converted = actfx.convert(model, bits=8)
+    ids, decoder_ids = torch.randint(0, 128, (2, 24)), torch.randint(0, 128, (2, 12))
+    torch.manual_seed(1)
+    expected = model(input_ids=ids, decoder_input_ids=decoder_ids).last_hidden_state
+    torch.manual_seed(1)
+    got = converted(input_ids=ids, decoder_input_ids=decoder_ids).last_hidden_state
+    assert torch.equal(got, expected)
+    got.square().mean().backward()
+    record = converted._actfx_record
+    assert "" in record.graphs and "sdpa" in {d.kind for d in record.decisions}  # captured whole, attention too
+    out = io.StringIO()
+    rows = actfx.show(converted, console=Console(file=out, width=200))
+    assert all(r["before_bytes"] is not None for r in rows)
+    assert "activations kept for backward" in out.getvalue()
+
+
 class _BranchesOnRank(nn.Module):
     """fx cannot trace ``if h.dim() == 2`` (a Proxy has no truth value); torch.export can."""
 
