@@ -136,6 +136,26 @@ def test_an_encoder_decoder_called_by_keyword_is_captured_and_shown():
     assert "activations kept for backward" in out.getvalue()
 
 
+def test_a_captured_model_whose_graph_reads_lifted_constants_is_measured():
+    """Export lifts constants out of Qwen2's attention into attributes only the converted model
+    carries; measuring the original on the captured graph (show's "before", the planner's
+    calibration) failed with an AttributeError."""
+    from actfx.passes.analyze import measure
+
+    transformers = pytest.importorskip("transformers")
+    config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.Qwen2ForCausalLM(config).train()
+    converted = actfx.convert(model, bits=8)
+    converted(input_ids=torch.randint(0, 128, (2, 12))).logits.square().mean().backward()
+    lifted = [n.target for n in converted._actfx_record.captured[""].find_nodes(op="get_attr") if "lifted" in n.target]
+    assert lifted  # what this test is about
+    before = measure(model, (torch.empty(2, 12, dtype=torch.long, device="meta"),), like=converted)  # as plan() does
+    after = measure(converted, (torch.empty(2, 12, dtype=torch.long, device="meta"),))
+    assert 0 < after.activation_bytes < before.activation_bytes
+
+
 class _BranchesOnRank(nn.Module):
     """fx cannot trace ``if h.dim() == 2`` (a Proxy has no truth value); torch.export can."""
 

@@ -222,6 +222,8 @@ class _Attributing(Interpreter):
         self.path, self.recorder, self.graphs, self.twin = path, recorder, graphs, twin
 
     def run_node(self, n: Node):
+        if n.op == "get_attr" and CARRIED in n.meta:
+            return self._as_state(n.meta[CARRIED])
         if n.op not in CALLS:
             return super().run_node(n)
         entry = NodeSaved(n.name, self.path, n.op, target_name(n, self.module), module_path(n, self.path), node=n)
@@ -244,7 +246,9 @@ class _Attributing(Interpreter):
         return sub(*args, **kwargs)
 
     def fetch_attr(self, target: str):
-        value = super().fetch_attr(target)
+        return self._as_state(super().fetch_attr(target))
+
+    def _as_state(self, value):
         if isinstance(value, torch.Tensor):
             value = value if isinstance(value, FakeTensor) else self.twin(value)
             # Model state either way: a tensor constant fx folded (a buffer's view, a table
@@ -279,7 +283,8 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
     for path in paths:
         if path in captured:  # captured by torch.export: the graph as it was before the rewrite
             root = module.get_submodule(path) if path else module
-            graphs[path] = GraphModule(root, copy_graph(captured[path])).graph
+            carrier = like.get_submodule(path) if path else like
+            graphs[path] = _with_carried(root, carrier, copy_graph(captured[path]))
             continue
         inner = frozenset(q[len(path) + 1:] if path else q for q in paths
                           if q != path and (not path or q.startswith(path + ".")))
@@ -289,6 +294,29 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
         except Exception:  # noqa: BLE001 - fx raises many kinds; any of them means "run it whole"
             continue
     return graphs
+
+
+CARRIED = "actfx_carried"  # node.meta: a constant export lifted, kept by the converted model only
+
+
+def _with_carried(root: nn.Module, carrier: nn.Module, graph: Graph) -> Graph:
+    """``graph`` owned by ``root``; the constants export lifted out of the forward (rotary
+    frequencies, masks) live on the converted model (``carrier``) only, so their get_attr nodes
+    take the value along (the original has no such attribute: measuring it failed)."""
+    attrs = {}
+    for node in graph.find_nodes(op="get_attr"):
+        try:
+            attrs[node.target] = _attribute(root, node.target)
+        except AttributeError:
+            attrs[node.target] = node.meta[CARRIED] = _attribute(carrier, node.target)
+    return GraphModule(attrs, graph).graph
+
+
+def _attribute(module, target: str):
+    value = module
+    for name in target.split("."):
+        value = getattr(value, name)
+    return value
 
 
 def _fixed_like(root: nn.Module, like_record, path: str) -> dict | None:

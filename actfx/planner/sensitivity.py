@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.fx import Interpreter, Node
 
 from actfx.kernels import ALLOWED_BITS
+from actfx.passes.analyze import CARRIED
 from actfx.passes.signatures import bind
 from actfx.variants.batchnorm import per_channel, uses_batch_stats
 
@@ -323,7 +324,8 @@ class _Calibrating(Interpreter):
 
     def run_node(self, n: Node):
         self.state.current = (self.path, n.name)
-        result = super().run_node(n)
+        # a constant export lifted lives on the converted model only (analyze._with_carried)
+        result = n.meta[CARRIED] if n.op == "get_attr" and CARRIED in n.meta else super().run_node(n)
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
         key = (self.path, n.name)
         self.state.record(key, result, _batch_norm_stats(module, n, self.env) if key in self.state.wanted else None)
