@@ -159,7 +159,8 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
     except Exception as err:  # fx raises many kinds; any of them means "does not trace"
         return _convert_children(module, path, config, leaf_modules, record, err)
     new = _from_graphs(module, graphs, path, config, record,
-                       without_optional=_trace_without_optional(module, graphs, leaf_types, traced_leaves))
+                       without_optional=_trace_without_optional(module, graphs, leaf_types, traced_leaves),
+                       retrace=lambda concrete: trace(module, leaf_types, traced_leaves, concrete_args=concrete))
     # Declared leaves stay as calls in this graph; convert them as units of their own.
     for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
         _replace(new, child_path, _convert(module.get_submodule(child_path),
@@ -317,17 +318,31 @@ def _rewrite_all(graphs, path, config, record) -> tuple[dict, dict]:
     return forwards, rewritten
 
 
-def _from_graphs(module, graphs, path, config, record, self_attr=False, without_optional=None) -> nn.Module:
+def _from_graphs(module, graphs, path, config, record, self_attr=False, without_optional=None,
+                 retrace=None) -> nn.Module:
+    def forwards_for(concrete: dict) -> dict | None:
+        """Forwards for a call leaving ``concrete``'s inputs at those values (some optional inputs
+        None, others given), traced and rewritten at its first such call; None if fx fails."""
+        try:
+            traced = retrace(concrete)
+        except Exception:  # noqa: BLE001 - fx raises many kinds; the module's own forward serves
+            return None
+        made, made_graphs = _rewrite_all(traced, path, config, None)
+        record.forwards[path] = record.forwards.get(path, []) + [(made_graphs[t], made[t]) for t in made]
+        return made
+
+    lazy = forwards_for if retrace is not None else None
     if without_optional is not None:
         # The record describes the graphs calls mostly take: optional inputs left None.
         forwards, rewritten = _rewrite_all(without_optional, path, config, record)
         general, general_graphs = _rewrite_all(graphs, path, config, None)
         optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
         fixed = _constant_defaults(type(module), [gm.graph for gm in graphs.values()])
-        cls = _converted_class(type(module), general, optional, forwards, fixed)
+        cls = _converted_class(type(module), general, optional, forwards, fixed, lazy)
     else:
         forwards, rewritten = _rewrite_all(graphs, path, config, record)
-        cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()))
+        cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()),
+                               fixed=_constant_defaults(type(module), rewritten.values()), forwards_for=lazy)
     record.graphs[path] = rewritten
     record.forwards[path] = [(rewritten[t], forwards[t]) for t in forwards]
     if without_optional is not None:
@@ -383,6 +398,21 @@ def _remember_inputs(module: nn.Module, base: type, args: tuple, kwargs: dict) -
         record.last_training_inputs = tuple((tuple(a.shape), a.dtype) for a in args)
 
 
+def _pattern_forwards(patterns: dict, forwards_for, left: list, bound, fixed: dict) -> dict | None:
+    """The forwards for a call leaving ``left`` None with these flag values: traced at the first
+    such call (``forwards_for``), then reused. Such calls ran the module's own forward, unconverted
+    (a block called with a mask but no position bias)."""
+    if forwards_for is None:
+        return None
+    flags = tuple((name, bound.arguments.get(name, default)) for name, default in fixed.items())
+    if not all(isinstance(value, (bool, int, float, str)) for _, value in flags):
+        return None  # a flag given as a tensor: fx could not take it as a constant
+    key = (tuple(left), flags)
+    if key not in patterns:
+        patterns[key] = forwards_for({**dict.fromkeys(left), **dict(flags)})
+    return patterns[key]
+
+
 def _input_defaults(base: type, graphs) -> dict:
     """Graph input name -> its default in ``base.forward``, for the inputs that have one."""
     try:
@@ -400,7 +430,7 @@ def _optional_inputs(base: type, graphs) -> tuple:
 
 
 def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None,
-                     fixed: dict | None = None) -> type:
+                     fixed: dict | None = None, forwards_for=None) -> type:
     """``forwards``: {training: forward} of the rewritten graphs. ``optional``: inputs those
     graphs took as tensors though their default is None; a call leaving any None runs
     ``without_optional`` (graphs traced with all of them None and the ``fixed`` inputs at their
@@ -413,6 +443,8 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
     if without_optional is not None:
         none_train = without_optional.get(True, next(iter(without_optional.values())))
         none_eval = without_optional.get(False, none_train)
+
+    patterns: dict = {}  # (inputs left None, flags) -> forwards traced for such calls, or None
 
     def forward(self, *args, **kwargs):
         if optional:
@@ -428,6 +460,11 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
                     return none_train(self, *flat)
                 return none_eval(self, *flat)
             if left:
+                chosen = _pattern_forwards(patterns, forwards_for, left, bound, fixed)
+                if chosen is not None:
+                    bound.apply_defaults()
+                    flat = list(bound.arguments.values())[1:]
+                    return chosen.get(self.training, next(iter(chosen.values())))(self, *flat)
                 given = [name for name in optional if name not in left]
                 warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): called with "
                               f"{', '.join(left)} None but {', '.join(given) or 'a flag off its default'} given, "

@@ -34,17 +34,44 @@ class TwoOptionalInputs(KeywordInput):
         return torch.relu(self.lin(x)) * (1.0 if scale is None else scale)
 
 
-def test_a_call_the_converted_graphs_do_not_take_says_it_runs_unconverted():
-    """Graphs exist for every optional input given or every one None; a call giving some runs
-    the module's own forward, which packs nothing: said, not silent."""
-    converted = actfx.convert(TwoOptionalInputs(), bits=8)
-    x = torch.randn(2, 8)
-    with pytest.warns(UserWarning, match="ran unconverted .* scale None but x given"):
-        out = converted(x)
-    torch.testing.assert_close(out, TwoOptionalInputs.forward(converted, x))
+def test_a_call_giving_some_optional_inputs_gets_a_graph_of_its_own():
+    """Graphs existed for every optional input given or every one None; a call giving some ran
+    the module's own forward, which packs nothing. Such a call is traced at its first use."""
+    torch.manual_seed(0)
+    model, x = TwoOptionalInputs(), torch.randn(64, 8)
+    converted = actfx.convert(model, bits=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        converted(x, scale=torch.tensor(2.0))  # both given: the converted graph
+        out = converted(x)
+    assert torch.equal(out, model(x))
+    with count_saved(model) as before:
+        kept = model(x)
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    assert after.activation_bytes < before.activation_bytes  # packed, not the module's own forward
+    assert len(converted._actfx_record.forwards[""]) == 3  # general, all-None, and this call's
+    exact = torch.autograd.grad(model(x).square().sum(), model.lin.weight)[0]
+    got = torch.autograd.grad(converted(x).square().sum(), converted.lin.weight)[0]
+    assert (got - exact).norm() < 0.05 * exact.norm()
+
+
+class _FloatOfOptional(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, a=None, b=None):
+        h = self.lin(x)
+        return h * float(b.sum()) if a is None else h + a
+
+
+def test_a_call_fx_cannot_trace_runs_the_module_and_says_so():
+    """fx cannot take float() of a traced value: that call runs unconverted, with a warning."""
+    converted = actfx.convert(_FloatOfOptional(), bits=8)
+    x, b = torch.randn(2, 8), torch.randn(3)
+    with pytest.warns(UserWarning, match="ran unconverted .* a None but b given"):
+        out = converted(x, b=b)
+    torch.testing.assert_close(out, _FloatOfOptional.forward(converted, x, b=b))
 
 
 def test_show_after_a_training_call_by_keyword_measures_it():
