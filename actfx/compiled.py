@@ -167,7 +167,9 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     memory_budget: torch.compile's ``activation_memory_budget`` for the partitioner (None keeps
     PyTorch's default); ``plan``: an ``actfx.plan(..., path="compile")`` plan giving each saved
     value its width (it replaces bits and config); compile_kwargs go to ``torch.compile``
-    (``dynamic``, ``fullgraph``, ...).
+    (``dynamic``, ``fullgraph``, ...); ``dynamic`` defaults to False here: each new input shape
+    compiles a graph of its own (packed), up to dynamo's ``recompile_limit``; ``dynamic=True`` or
+    None (torch.compile's default) compile symbolic sizes, whose values stay exact.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.compile expects a torch.nn.Module, got {type(model).__name__}")
@@ -181,6 +183,10 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
         bits = None
         memory_budget = plan.memory_budget if memory_budget is None else memory_budget
     chosen = backend(bits, memory_budget=memory_budget, config=config)
+    # Static shapes unless asked otherwise: under torch.compile's default a second input shape (an
+    # epoch's smaller last batch) recompiles with a symbolic batch, whose values stay exact, and
+    # every later step ran that graph (held 3.2x more for the rest of training, silently).
+    compile_kwargs.setdefault("dynamic", False)
     compiled = _clone(model, type(model))
     # The copy's own forward, compiled (an instance attribute over the class's): hooks and
     # train()/eval() work as on any module, and built-in containers compile too.
