@@ -32,7 +32,8 @@ def format_bytes(n: int | float | None) -> str:
         return "?"
     n = float(n)
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
+        # 999.5 up: three figures would read 1.00e+03 (1023.6 KiB printed "1.02e+03 KiB")
+        if abs(n) < (1024 if unit == "B" else 999.5) or unit == "TiB":
             break
         n /= 1024
     if unit == "B":

@@ -87,3 +87,4 @@ def test_parse_bytes_refuses_what_it_cannot_read(text):
 def test_format_bytes():
     assert [format_bytes(n) for n in (0, 1023, 1536, 196 * MiB, int(42.3 * GiB), None)] == [
         "0 B", "1023 B", "1.50 KiB", "196 MiB", "42.3 GiB", "?"]
+    assert format_bytes(1048000) == "1.00 MiB"  # was "1.02e+03 KiB"
