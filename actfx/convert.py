@@ -445,6 +445,9 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         none_eval = without_optional.get(False, none_train)
 
     patterns: dict = {}  # (inputs left None, flags) -> forwards traced for such calls, or None
+    var_arguments = bool(optional) and _has_var_arguments(base)
+    if var_arguments:
+        forwards_for = None  # *args / **kwargs: the call cannot be passed by position
 
     def forward(self, *args, **kwargs):
         if optional:
@@ -465,11 +468,10 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
                     bound.apply_defaults()
                     flat = list(bound.arguments.values())[1:]
                     return chosen.get(self.training, next(iter(chosen.values())))(self, *flat)
-                given = [name for name in optional if name not in left]
-                warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): called with "
-                              f"{', '.join(left)} None but {', '.join(given) or 'a flag off its default'} given, "
-                              "a combination its converted graphs do not take; pass all of its optional inputs "
-                              "or none, or convert it with example_inputs= shaped like this call", stacklevel=2)
+                why = "its forward takes *args or **kwargs" if var_arguments else "fx could not trace such a call"
+                warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): no converted graph takes "
+                              f"a call with {', '.join(left)} None ({why}); convert it with example_inputs= "
+                              "shaped like this call to capture it with torch.export", stacklevel=2)
                 return base.forward(self, *args, **kwargs)
         if self.training:
             if without_optional is None:  # else the record describes the other graphs: not this call
