@@ -1,6 +1,6 @@
 """Throughput of pack / unpack against a plain copy of the same tensor on the same device.
 
-Run: python benchmarks/kernels.py [--device cpu|cuda] [--sizes 1MB 16MB ...] [--bits 2 4]
+Run: python benchmarks/kernel_throughput.py [--device cpu|cuda] [--sizes 1MB 16MB ...] [--bits 2 4]
      [--dtypes float32 bfloat16] [--backend auto|triton|compiled|reference] [--json PATH]
 
 `--backend compiled` is the torch.compile'd CPU path (the default on CPU), `reference` the eager
