@@ -82,16 +82,22 @@ def test_hugging_face_gpt2_tiny():
     got.logits.square().mean().backward()
 
 
+def _tiny_causal_lm(name: str, layers: int):
+    """A random-init ``{name}ForCausalLM`` in train mode with its config's defaults (use_cache on)."""
+    transformers = pytest.importorskip("transformers")
+    config = getattr(transformers, f"{name}Config")(hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
+                                                    num_attention_heads=4, num_key_value_heads=2, vocab_size=128,
+                                                    max_position_embeddings=64)
+    torch.manual_seed(0)
+    return getattr(transformers, f"{name}ForCausalLM")(config).train()
+
+
 def test_a_causal_lm_returning_its_cache_in_training_is_captured_whole():
     """HF causal LMs return a DynamicCache in train mode unless use_cache=False; torch.export
     refused it as an output, so the model kept what fx converted, its attention unconverted
     (17-31% of a small Llama-style model's saved bytes). transformers' cache pytree rules let
     export capture it: attention is converted and the output, cache included, is the model's."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(config).train()
+    model = _tiny_causal_lm("Llama", layers=2)
     converted = actfx.convert(model, bits=8)
     for length in (12, 12):  # the capturing call, then one running the captured graph
         ids = torch.randint(0, 128, (2, length))
@@ -142,11 +148,7 @@ def test_a_captured_model_whose_graph_reads_lifted_constants_is_measured():
     calibration) failed with an AttributeError."""
     from actfx.passes.analyze import measure
 
-    transformers = pytest.importorskip("transformers")
-    config = transformers.Qwen2Config(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    torch.manual_seed(0)
-    model = transformers.Qwen2ForCausalLM(config).train()
+    model = _tiny_causal_lm("Qwen2", layers=1)
     converted = actfx.convert(model, bits=8)
     converted(input_ids=torch.randint(0, 128, (2, 12))).logits.square().mean().backward()
     lifted = [n.target for n in converted._actfx_record.captured[""].find_nodes(op="get_attr") if "lifted" in n.target]

@@ -130,12 +130,9 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                     raise error from None
                 planned_inputs, step = with_batch(inputs, smaller), None
         raise error
-    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
-    if step is None:
-        step = step_bytes(converted, planned_inputs, dtype=dtype)
-    peak = peak_model(model, step, inventory.measured.activation_bytes, optimizer=optimizer, gpu=gpu is not None,
-                      dtype=dtype)
-    room, words, total = _room(peak, limit, capacity, activation_budget, gpu, planned_inputs)
+    inventory, peak, (room, words, total) = _budget_at(model, converted, planned_inputs, step, limit=limit,
+                                                       capacity=capacity, activation_budget=activation_budget,
+                                                       gpu=gpu, optimizer=optimizer, dtype=dtype)
     sensitivity = _sensitivities(model, converted, inventory, tuple(calibration), loss_fn, group_size)
     planned = [g for g in inventory.groups if any(p.key in sensitivity for p in g.packs)]
     fixed = [g for g in inventory.groups if g not in planned]
@@ -220,6 +217,18 @@ class _CompiledOverBudget(Exception):
         self.error, self.peak = error, peak
 
 
+def _budget_at(model, converted, planned_inputs, step, *, limit, capacity, activation_budget, gpu, optimizer,
+               dtype) -> tuple:
+    """(inventory, peak model, _room) at the batch of ``planned_inputs``; ``step``: the step's
+    measured bytes there, or None to measure them."""
+    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
+    if step is None:
+        step = step_bytes(converted, planned_inputs, dtype=dtype)
+    peak = peak_model(model, step, inventory.measured.activation_bytes, optimizer=optimizer, gpu=gpu is not None,
+                      dtype=dtype)
+    return inventory, peak, _room(peak, limit, capacity, activation_budget, gpu, planned_inputs)
+
+
 def _room(peak, limit, capacity, activation_budget, gpu, planned_inputs) -> tuple:
     """(bytes the held activations may take, the budget in words, the peak budget)."""
     if activation_budget is not None:
@@ -235,12 +244,9 @@ def _plan_compiled_at(model, converted, planned_inputs, calibration, step, *, ca
     """The compile plan at the batch of ``planned_inputs``; over budget: _CompiledOverBudget."""
     from actfx.planner.make_compiled import plan_compiled
 
-    inventory = take_inventory(converted, planned_inputs, dtype=dtype)
-    if step is None:
-        step = step_bytes(converted, planned_inputs, dtype=dtype)
-    peak = peak_model(model, step, inventory.measured.activation_bytes, optimizer=optimizer, gpu=gpu is not None,
-                      dtype=dtype)
-    room, words, total = _room(peak, limit, capacity, activation_budget, gpu, planned_inputs)
+    _, peak, (room, words, total) = _budget_at(model, converted, planned_inputs, step, limit=limit, capacity=capacity,
+                                               activation_budget=activation_budget, gpu=gpu, optimizer=optimizer,
+                                               dtype=dtype)
     try:
         result = plan_compiled(model, tuple(planned_inputs), tuple(calibration), room=room,
                                activation_limit=activation_budget is not None, peak=peak, words=words,
