@@ -42,7 +42,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     shape_only = copy.deepcopy(model).to("meta")  # the partition at the planned batch costs no memory
     # SDPA traced as actfx.compile will trace it on the calibration inputs' device (math on CPU)
     with _attention_as_math(calibration):
-        estimate = estimate_compiled(shape_only, meta, base, memory_budget)
+        estimate = _estimate_on_meta(shape_only, meta, base, memory_budget)
         sensitivity = compiled_sensitivities(model, calibration, base, memory_budget, loss_fn=loss_fn)
     group = base.group_size
     values: dict = {}
@@ -74,7 +74,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     chosen = {site: width for site, width in zip(sites, widths)}
     config = dataclasses.replace(base, site_bits=chosen)
     with _attention_as_math(calibration):
-        held = estimate_compiled(shape_only, meta, config, memory_budget).bytes_after
+        held = _estimate_on_meta(shape_only, meta, config, memory_budget).bytes_after
     numel_bits = numel = 0
     for site, width in chosen.items():
         for v in values[site]:
@@ -88,3 +88,16 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
                 numel_bits / numel if numel else float(base.bits),
                 sum(o.variance[w] for o, w in zip(options, widths)), words, path="compile",
                 memory_budget=memory_budget)
+
+
+def _estimate_on_meta(model: nn.Module, meta: tuple, config: Config, memory_budget):
+    """The partition at the planned batch on meta tensors, or one line saying why it cannot run
+    there (a Hugging Face model with its cache on builds real tensors under dynamo: the dynamo
+    error ran to dozens of lines)."""
+    try:
+        return estimate_compiled(model, meta, config, memory_budget)
+    except Exception as err:  # noqa: BLE001 - dynamo raises many kinds
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise RuntimeError(f"actfx.plan(path='compile') could not partition {type(model).__name__} on meta tensors "
+                           f"({type(err).__name__}: {first}); for a Hugging Face model set config.use_cache=False, "
+                           "or plan with path='eager'") from err

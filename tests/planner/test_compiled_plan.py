@@ -127,3 +127,19 @@ def test_the_largest_batch_on_a_gpu_is_the_one_the_compiled_plan_fits():
     model, x = _TanhMlp(), torch.randn(256, 64)
     plan = actfx.plan(model, x, gpu="t4", path="compile")
     assert plan.batch > 256 and plan.predicted_peak_bytes <= GPUS["t4"]
+
+
+def test_a_model_that_cannot_be_partitioned_on_meta_tensors_says_what_to_do():
+    """A Hugging Face causal LM with its cache on builds real tensors under dynamo, so the
+    partition at the planned batch (meta tensors) fails: one line names the fix, where the dynamo
+    error ran to dozens; with the cache off the plan is made and applied."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+                                      num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model, ids = transformers.LlamaForCausalLM(config).train(), torch.randint(0, 128, (2, 16))
+    with pytest.raises(RuntimeError, match="set config.use_cache=False, or plan with path='eager'"):
+        actfx.plan(model, (ids,), activation_budget=10**6, path="compile")
+    model.config.use_cache = False
+    plan = actfx.plan(model, (ids,), activation_budget=10**6, path="compile")
+    assert plan.activation_bytes <= 10**6
