@@ -378,9 +378,9 @@ def _compile_forward(graph: Graph, name: str):
     return forward
 
 
-def _remember_inputs(module: nn.Module, base: type, args: tuple, kwargs: dict) -> None:
+def _remember_inputs(module: nn.Module, signature, args: tuple, kwargs: dict) -> None:
     """Shapes of a training call's tensor inputs, by position, on the root's record (cheap: no
-    data). A call with keyword arguments is bound to ``base.forward``'s signature; where that does
+    data). A call with keyword arguments is bound to the forward's ``signature``; where that does
     not give tensors by position alone, the call is not kept (``show`` reran the model without
     its keyword inputs and crashed)."""
     if torch.compiler.is_compiling():
@@ -390,12 +390,20 @@ def _remember_inputs(module: nn.Module, base: type, args: tuple, kwargs: dict) -
         return
     if kwargs:
         try:
-            bound = inspect.signature(base.forward).bind(module, *args, **kwargs)
-        except (TypeError, ValueError):
+            bound = signature.bind(module, *args, **kwargs) if signature is not None else None
+        except TypeError:
             bound = None
         args = bound.args[1:] if bound is not None and not bound.kwargs else None
     if args is not None and all(isinstance(a, torch.Tensor) for a in args):
         record.last_training_inputs = tuple((tuple(a.shape), a.dtype) for a in args)
+
+
+def _forward_signature(base: type):
+    """``base.forward``'s signature, read once per converted class (calls bind to it), or None."""
+    try:
+        return inspect.signature(base.forward)
+    except (TypeError, ValueError):
+        return None
 
 
 def _pattern_forwards(patterns: dict, forwards_for, left: list, bound, fixed: dict) -> dict | None:
@@ -439,7 +447,7 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
     fixed = fixed or {}
     train_fwd = forwards.get(True, next(iter(forwards.values())))
     eval_fwd = forwards.get(False, train_fwd)
-    signature = inspect.signature(base.forward) if optional else None
+    signature = _forward_signature(base)
     if without_optional is not None:
         none_train = without_optional.get(True, next(iter(without_optional.values())))
         none_eval = without_optional.get(False, none_train)
@@ -459,7 +467,7 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
                 bound.apply_defaults()
                 flat = list(bound.arguments.values())[1:]  # fx named the fixed inputs anew: pass by position
                 if self.training:
-                    _remember_inputs(self, base, args, kwargs)
+                    _remember_inputs(self, signature, args, kwargs)
                     return none_train(self, *flat)
                 return none_eval(self, *flat)
             if left:
@@ -475,7 +483,7 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
                 return base.forward(self, *args, **kwargs)
         if self.training:
             if without_optional is None:  # else the record describes the other graphs: not this call
-                _remember_inputs(self, base, args, kwargs)
+                _remember_inputs(self, signature, args, kwargs)
             return train_fwd(self, *args, **kwargs)
         return eval_fwd(self, *args, **kwargs)
 

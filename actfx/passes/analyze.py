@@ -19,9 +19,10 @@ the train/eval flags, set to train for the run, are put back.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import copy
 import dataclasses
+import inspect
+import operator
 import weakref
 
 import torch
@@ -281,14 +282,13 @@ def trace_like(module: nn.Module, like: nn.Module | None = None) -> dict[str, Gr
     captured = like_record.captured if like_record is not None else {}
     graphs = {}
     for path in paths:
+        root = module.get_submodule(path) if path else module
         if path in captured:  # captured by torch.export: the graph as it was before the rewrite
-            root = module.get_submodule(path) if path else module
             carrier = like.get_submodule(path) if path else like
             graphs[path] = _with_carried(root, carrier, copy_graph(captured[path]))
             continue
         inner = frozenset(q[len(path) + 1:] if path else q for q in paths
                           if q != path and (not path or q.startswith(path + ".")))
-        root = module.get_submodule(path) if path else module
         try:
             graphs[path] = trace(root, (), inner, concrete_args=_fixed_like(root, like_record, path))[True].graph
         except Exception:  # noqa: BLE001 - fx raises many kinds; any of them means "run it whole"
@@ -305,18 +305,12 @@ def _with_carried(root: nn.Module, carrier: nn.Module, graph: Graph) -> Graph:
     take the value along (the original has no such attribute: measuring it failed)."""
     attrs = {}
     for node in graph.find_nodes(op="get_attr"):
+        read = operator.attrgetter(node.target)
         try:
-            attrs[node.target] = _attribute(root, node.target)
+            attrs[node.target] = read(root)
         except AttributeError:
-            attrs[node.target] = node.meta[CARRIED] = _attribute(carrier, node.target)
+            attrs[node.target] = node.meta[CARRIED] = read(carrier)
     return GraphModule(attrs, graph).graph
-
-
-def _attribute(module, target: str):
-    value = module
-    for name in target.split("."):
-        value = getattr(value, name)
-    return value
 
 
 def _fixed_like(root: nn.Module, like_record, path: str) -> dict | None:

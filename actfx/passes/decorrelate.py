@@ -5,8 +5,9 @@ in ``x~``) has expectation ``f(x) h(x) + Cov``: biased, so the value stayed exac
 two independently rounded packs, ``E[f(x~1) h(x~2)] = f(x) h(x)``: unbiased, at twice a pack's
 bytes (still a quarter of fp32 at 8 bits). Softmax's backward ``P * (g - sum(g * P))`` is such a
 product: attention probabilities on rows shorter than ``rules.DILUTION_MIN`` (a ViT's 65 tokens)
-were kept exact; so is LayerNorm's ``x^ * sum(g x^)`` over short rows (ConvNeXt's channels). One factor's reads (a short chain of views and pointwise ops from the saved
-value, not depending on the gradient) are copied onto a second saved copy (a forward ``alias``);
+were kept exact; so is LayerNorm's ``x^ * sum(g x^)`` over short rows (ConvNeXt's channels).
+One factor's reads (a short chain of views and pointwise ops from the saved value, not depending
+on the gradient) are copied onto a second saved copy (a forward ``alias``);
 the split is kept only if neither copy is biased afterwards.
 """
 
