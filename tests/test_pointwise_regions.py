@@ -65,6 +65,21 @@ class Single(nn.Module):
         return h
 
 
+class WithConstants(nn.Module):
+    """Element-wise functions that read tensors made from a shape or a number: a leaky ReLU
+    spelled with ``maximum``/``minimum`` against ``zeros_like`` and ``new_tensor``, a clamp
+    against ``full_like``."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.a, self.b = nn.Linear(d, d), nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = torch.maximum(h, torch.zeros_like(h)) + 0.1 * torch.minimum(h, h.new_tensor(0.0))
+        return self.b(h * torch.sigmoid(torch.minimum(h, torch.full_like(h, 2.0))))
+
+
 def _gradients(model, x, seed):
     torch.manual_seed(seed)
     model.zero_grad(set_to_none=True)
@@ -81,7 +96,7 @@ def _bias_ratio(model, converted, x):
     return (mean / one).item(), one.item()
 
 
-@pytest.mark.parametrize("cls", [Spelled, Single])
+@pytest.mark.parametrize("cls", [Spelled, Single, WithConstants])
 def test_regions_identical_forward_and_unbiased(cls):
     torch.manual_seed(0)
     model, x = cls(), torch.randn(32, 64)
@@ -109,6 +124,21 @@ def test_spelled_out_activations_are_collapsed_and_packed():
         kept = model(x)
     with count_saved(converted) as after:
         kept = converted(x)  # noqa: F841
+    assert after.activation_bytes * 8 < before.activation_bytes, (before.activation_bytes, after.activation_bytes)
+
+
+def test_constant_tensors_inside_an_elementwise_function_are_part_of_its_region():
+    torch.manual_seed(0)
+    model, x = WithConstants(), torch.randn(32, 64)
+    converted = actfx.convert(model, bits=2)
+    kinds = {d.node: (d.kind, d.saved) for d in converted._actfx_record.decisions}
+    assert [k for k, _ in kinds.values() if k == "pointwise"] == ["pointwise"], kinds
+    assert not [u for u in converted._actfx_record.uncovered if u.what in ("maximum", "minimum")]
+    with count_saved(model) as before:
+        kept = model(x)
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    # before: maximum's and minimum's inputs, sigmoid's output, the product's factors (6 values)
     assert after.activation_bytes * 8 < before.activation_bytes, (before.activation_bytes, after.activation_bytes)
 
 

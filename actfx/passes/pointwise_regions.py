@@ -9,7 +9,8 @@ packed is unbiased and stores one tensor instead of several.
 
 A region is found by ATen facts, not spellings (``actfx.rules``): its nodes are element-wise ops
 (ATen's ``pointwise`` tag) whose tensor arguments are the region's one input ``x`` or other
-nodes of the region (everything else is a constant), only the last node is read outside it, and
+nodes of the region (everything else is a constant, and so are tensors made from a shape or a
+Python number: ``zeros_like(x)``, ``x.new_tensor(0.0)``), only the last node is read outside it, and
 it holds something non-linear (otherwise backward saves nothing). Ops with an exact 1-bit mask
 variant (ReLU and its kin) are never part of a region.
 """
@@ -30,11 +31,31 @@ _CASTS = {aten.to, aten._to_copy}
 _COMPARISONS = {aten.gt, aten.ge, aten.lt, aten.le, aten.eq, aten.ne, aten.logical_not, aten.logical_and,
                 aten.logical_or, aten.isnan, aten.isinf, aten.isfinite, aten.sign}
 _CONSTANTS = (int, float, bool, str, type(None), torch.dtype)
+# Tensors made from a tensor's shape alone, or from a Python number: inside a region they are
+# constants (``torch.maximum(x, torch.zeros_like(x))``, ``torch.minimum(x, x.new_tensor(0.0))``).
+_SHAPE_FACTORIES = {aten.zeros_like, aten.ones_like, aten.full_like}
+_FACTORY_OPTIONS = (*_CONSTANTS, torch.device, torch.layout, torch.memory_format)
+_SCALAR = (int, float, bool)
+
+
+def _constant_tensor(node: Node) -> bool:
+    """A node whose value reads no tensor's values: ``zeros_like(t)`` and kin, or a 0-dim tensor
+    of a Python number (``t.new_tensor(0.0)``, ``torch.tensor(0.0)``)."""
+    options = [a for a in (*node.args[1:], *node.kwargs.values())]
+    if any(isinstance(a, Node) or not isinstance(a, _FACTORY_OPTIONS) for a in options):
+        return False
+    if node.op == "call_method" and node.target == "new_tensor":
+        return len(node.args) == 2 and isinstance(node.args[1], _SCALAR)
+    if node.op == "call_function" and node.target in (torch.tensor, torch.scalar_tensor):
+        return len(node.args) == 1 and isinstance(node.args[0], _SCALAR)
+    return aten_packet(node.op, node.target) in _SHAPE_FACTORIES and len(node.all_input_nodes) == 1
 
 
 def _packet(node: Node):
     if node.op not in ("call_function", "call_method"):
         return None
+    if _constant_tensor(node):
+        return aten.full_like
     if node.op == "call_method" and node.target.endswith("_"):
         return None  # in place: it writes a value other nodes may read
     if node.kwargs.get("inplace") or "out" in node.kwargs:
@@ -67,11 +88,12 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], No
     """
     nodes = list(graph.nodes)
     order = {node: i for i, node in enumerate(nodes)}
-    packets = {node: p for node in nodes if (p := _packet(node)) is not None and node.all_input_nodes}
+    packets = {node: p for node in nodes if (p := _packet(node)) is not None
+               and (node.all_input_nodes or p in _SHAPE_FACTORIES)}
     taken: set = set()
     found = []
     for out in reversed(nodes):
-        if out not in packets or out in taken or packets[out] in _COMPARISONS:
+        if out not in packets or out in taken or packets[out] in _COMPARISONS or packets[out] in _SHAPE_FACTORIES:
             continue
         region, stack = {out}, [out]
         while stack:
