@@ -16,6 +16,7 @@ import functools
 import hashlib
 import pathlib
 import types
+import warnings
 
 import torch
 import torch.nn as nn
@@ -41,6 +42,7 @@ class CompiledRecord:
     memory_budget: float | None
     plans: list[GraphPlan] = dataclasses.field(default_factory=list)
     probe: object = None  # calibrating for a plan: backward reads saved values through it
+    training_calls: int = 0  # calls of an actfx.compile model with grad enabled (not counted for backend())
 
     @property
     def bytes_after(self) -> int:
@@ -191,9 +193,35 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     # The copy's own forward, compiled (an instance attribute over the class's): hooks and
     # train()/eval() work as on any module, and built-in containers compile too.
     forward = own_cache_entry(compiled.forward)
-    object.__setattr__(compiled, "forward", torch.compile(forward, backend=chosen, **compile_kwargs))
+    compiled_forward = torch.compile(forward, backend=chosen, **compile_kwargs)
+    object.__setattr__(compiled, "forward", _noting_training_calls(compiled_forward, chosen.record, type(model).__name__))
     object.__setattr__(compiled, "_actfx_compiled", chosen.record)
     return compiled
+
+
+def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str):
+    """``compiled_forward``, counting calls with grad enabled, and warning once when such a call
+    compiled nothing for training. Why: where dynamo gives up on a forward (``nn.LSTM``/``nn.GRU``,
+    which it does not trace, inside one expression), torch.compile runs it eagerly without a
+    word, and a model meant to hold 2-bit activations held all of them in full precision."""
+
+    @functools.wraps(compiled_forward)
+    def forward(*args, **kwargs):
+        out = compiled_forward(*args, **kwargs)
+        if torch.is_grad_enabled():
+            record.training_calls += 1
+            if not record.plans and record.training_calls == 1 and _requires_grad(out):
+                warnings.warn(f"actfx.compile: torch.compile captured no graph of {name}'s forward for training, "
+                              "so it ran eagerly and nothing is packed (dynamo skipped it: run with "
+                              "TORCH_LOGS=graph_breaks to see why; nn.LSTM/GRU/RNN are not traced); "
+                              "actfx.convert(model) packs what it can of such a model", stacklevel=4)
+        return out
+
+    return forward
+
+
+def _requires_grad(out) -> bool:
+    return any(t.requires_grad for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def compiled_record(model: nn.Module) -> CompiledRecord | None:

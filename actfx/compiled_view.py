@@ -15,6 +15,12 @@ from actfx.units import format_bytes, format_ratio
 
 
 def show_compiled(record, console: Console, title: str) -> list[dict]:
+    if not record.plans and record.training_calls:
+        console.print(f"{title}: nothing compiled for training: torch.compile captured no graph of the forward in "
+                      f"{record.training_calls} call(s) with grad enabled, which ran eagerly with nothing packed "
+                      "(TORCH_LOGS=graph_breaks says why; nn.LSTM/GRU/RNN are not traced by dynamo). "
+                      "actfx.convert(model) packs what it can of such a model.")
+        return []
     if not record.plans:
         console.print(f"{title}: nothing compiled for training yet. Run one training step (forward and "
                       "backward with grad enabled), then call actfx.show(model) again.")

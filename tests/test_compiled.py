@@ -4,6 +4,7 @@ Each model compiles once per module (tens of seconds on 2 cores with a cold Indu
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -330,3 +331,36 @@ def test_dynamic_batch_keeps_values_exact_and_trains():
         torch.testing.assert_close(got, _grads(model, model, x), rtol=1e-4, atol=1e-5)
     dynamic = [v for plan in record.plans for v in plan.saved if v.reason.startswith("dynamic shape")]
     assert any(v.dtype == "float32" for v in dynamic) and all(v.storage is Storage.EXACT for v in dynamic)
+
+
+class _Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.fc = nn.LSTM(16, 32, batch_first=True), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.rnn(x)[0]))
+
+
+def test_a_forward_dynamo_skips_warns_that_nothing_is_packed(capsys):
+    """Dynamo does not trace nn.LSTM; a graph break inside one expression makes it skip the whole
+    forward, which then runs eagerly: nothing packed, and torch.compile says nothing."""
+    compiled = actfx.compile(_Recurrent(), bits=2)
+    x = torch.randn(4, 8, 16)
+    with pytest.warns(UserWarning, match="captured no graph of _Recurrent's forward for training"):
+        compiled(x).sum().backward()
+    assert compiled._actfx_compiled.plans == [] and compiled._actfx_compiled.training_calls == 1
+    actfx.show(compiled)
+    assert "nothing compiled for training: torch.compile captured no graph" in capsys.readouterr().out.replace("\n", " ")
+    with torch.no_grad():
+        compiled(x)  # no grad: not a training call, no second warning
+    assert compiled._actfx_compiled.training_calls == 1
+
+
+def test_a_model_that_compiles_does_not_warn():
+    compiled = actfx.compile(_Mlp(), bits=2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        compiled(torch.randn(32, 64)).sum().backward()
+    assert not [w for w in caught if "actfx" in str(w.message)]
+    assert compiled._actfx_compiled.plans and compiled._actfx_compiled.training_calls == 1
