@@ -68,7 +68,7 @@ class Single(nn.Module):
 class WithConstants(nn.Module):
     """Element-wise functions that read tensors made from a shape or a number: a leaky ReLU
     spelled with ``maximum``/``minimum`` against ``zeros_like`` and ``new_tensor``, a clamp
-    against ``full_like``."""
+    against ``full_like``, a scale made in forward (fx traces ``torch.tensor`` to a constant)."""
 
     def __init__(self, d=64):
         super().__init__()
@@ -77,7 +77,7 @@ class WithConstants(nn.Module):
     def forward(self, x):
         h = self.a(x)
         h = torch.maximum(h, torch.zeros_like(h)) + 0.1 * torch.minimum(h, h.new_tensor(0.0))
-        return self.b(h * torch.sigmoid(torch.minimum(h, torch.full_like(h, 2.0))))
+        return self.b(h * torch.sigmoid(torch.minimum(h, torch.full_like(h, 2.0)) * torch.tensor(1.5)))
 
 
 def _gradients(model, x, seed):

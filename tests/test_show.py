@@ -34,6 +34,28 @@ def test_rows_add_up_to_the_measured_totals(resnet):
     assert all(r["before_bytes"] is not None for r in rows)  # every op paired with the original's
 
 
+class _MadeInForward(nn.Module):
+    """A tensor made in forward: fx stores it as ``_tensor_constant<i>``, named anew by each trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(self.a(x) * torch.tensor(2.0))
+
+
+def test_a_tensor_made_in_forward_does_not_hide_the_original_bytes():
+    model, x = _MadeInForward(), torch.randn(8, 16)
+    converted = actfx.convert(model, bits=2)
+    rows = actfx.show(converted, x, console=plain_console())
+    assert {r["node"] for r in rows} >= {"a", "mul", "b"}
+    assert all(r["before_bytes"] is not None for r in rows)
+    by_node = {r["node"]: r for r in rows}
+    assert by_node["a"]["before_bytes"] == x.numel() * 4 and by_node["b"]["before_bytes"] == 8 * 32 * 4
+    assert by_node["mul"]["after_bytes"] == 0  # a product with a constant saves only the constant
+
+
 def test_rows_say_how_each_value_is_kept(resnet):
     _, converted, x = resnet
     rows = {r["node"]: r for r in actfx.show(converted, x, console=plain_console())}

@@ -38,9 +38,20 @@ _FACTORY_OPTIONS = (*_CONSTANTS, torch.device, torch.layout, torch.memory_format
 _SCALAR = (int, float, bool)
 
 
+def _traced_scalar(node: Node):
+    """The 0-dim tensor fx stored for a ``torch.tensor(c)`` made in forward, else None."""
+    if node.op != "get_attr" or not str(node.target).startswith("_tensor_constant"):
+        return None
+    value = getattr(node.graph.owning_module, node.target, None)
+    return value if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad else None
+
+
 def _constant_tensor(node: Node) -> bool:
     """A node whose value reads no tensor's values: ``zeros_like(t)`` and kin, or a 0-dim tensor
-    of a Python number (``t.new_tensor(0.0)``, ``torch.tensor(0.0)``)."""
+    of a Python number (``t.new_tensor(0.0)``, ``torch.tensor(0.0)``, as a call or as the
+    constant fx traced it to)."""
+    if _traced_scalar(node) is not None:
+        return True
     options = [a for a in (*node.args[1:], *node.kwargs.values())]
     if any(isinstance(a, Node) or not isinstance(a, _FACTORY_OPTIONS) for a in options):
         return False
@@ -52,10 +63,10 @@ def _constant_tensor(node: Node) -> bool:
 
 
 def _packet(node: Node):
-    if node.op not in ("call_function", "call_method"):
-        return None
     if _constant_tensor(node):
         return aten.full_like
+    if node.op not in ("call_function", "call_method"):
+        return None
     if node.op == "call_method" and node.target.endswith("_"):
         return None  # in place: it writes a value other nodes may read
     if node.kwargs.get("inplace") or "out" in node.kwargs:
@@ -74,7 +85,7 @@ def _nonlinear(node: Node, packet) -> bool:
         return False
     kind = rule_for(packet).kind
     if kind is Kind.PRODUCT:
-        return len(node.all_input_nodes) > 1  # x * x, x * sigmoid(x)
+        return len([a for a in node.all_input_nodes if not _constant_tensor(a)]) > 1  # x * x, x * sigmoid(x)
     return kind is not Kind.LINEAR
 
 
@@ -139,7 +150,8 @@ def _collapse(graph: Graph, x: Node, region: list[Node], out: Node, packet) -> N
     for m in region:
         env[m] = sub.node_copy(m, lambda n: env[n])
     sub.output(env[out])
-    fn = GraphModule(torch.nn.Module(), sub, class_name=f"Pointwise_{out.name}")
+    constants = {m.target: _traced_scalar(m) for m in region if m.op == "get_attr"}
+    fn = GraphModule(constants or torch.nn.Module(), sub, class_name=f"Pointwise_{out.name}")
     kind = packet.__name__.split(".")[-1] if len(region) == 1 else "pointwise"  # one op keeps its name
     # fn.forward, not fn: a module call under torch.func.vjp hands its wrapped tensors to global
     # module hooks (the planner's MemTracker cannot read them, and its step estimate failed)

@@ -55,7 +55,16 @@ def provenance(rewritten: Graph, traced: GraphModule, config: Config, path: str 
 
 
 def _differ(a: Node, b: Node) -> bool:
+    if _tensor_constant(a) and _tensor_constant(b):
+        return False
     return a.op != b.op or a.name != b.name or _target(a) != _target(b)
+
+
+def _tensor_constant(node: Node) -> bool:
+    """fx stores a tensor made in forward (``torch.tensor(2.0)``) on the traced module under the
+    first free ``_tensor_constant<i>``: every trace makes a new tensor, so a second trace of the
+    same module names it differently (and show's "before" column read "?" for the whole model)."""
+    return node.op == "get_attr" and isinstance(node.target, str) and node.target.startswith("_tensor_constant")
 
 
 def _target(node: Node):
