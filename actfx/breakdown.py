@@ -123,7 +123,7 @@ def _op_rows(model, record, before, after) -> list:
             decision = prov.decisions.get(source)
             row = Row(f"{path}:{source}" if path else source, op, where, decision is not None)
             entries = [measured[id(n)] for n in nodes if id(n) in measured]
-            orig = originals.get((path, source))
+            orig = _original(originals, path, source, nodes)
             found.append((row, path, entries, orig, [decision] if decision else []))
     placed = {id(e) for _, _, entries, _, _ in found for e in entries}
     for entry in after.nodes if after else ():  # anything no row holds
@@ -131,6 +131,16 @@ def _op_rows(model, record, before, after) -> list:
             found.append((Row(entry.label, entry.target, entry.module_path, False), entry.graph_path,
                           [entry], None, []))
     return found
+
+
+def _original(originals: dict, path: str, source: str, nodes: list) -> NodeSaved | None:
+    """What the original saved for a row: a collapsed element-wise region's row holds every op
+    it replaced (``sigmoid(h) * 2``: the sigmoid's output too, not only the product's saves)."""
+    names = [source]
+    for node in nodes:
+        names += [m for m in node.meta.get("actfx_replaces", ()) if m not in names]
+    found = [originals[(path, m)] for m in names if (path, m) in originals]
+    return _merge(found, source) if len(found) > 1 else (found[0] if found else None)
 
 
 def _rewritten_op_rows(path: str, graph: Graph, measured: dict, root: nn.Module) -> list:

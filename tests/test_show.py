@@ -56,6 +56,29 @@ def test_a_tensor_made_in_forward_does_not_hide_the_original_bytes():
     assert by_node["mul"]["after_bytes"] == 0  # a product with a constant saves only the constant
 
 
+class _Chains(nn.Module):
+    """Chains the rewrite collapses into one op each: GPT-2's GELU, an RMSNorm, a scaled sigmoid."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 64), nn.Linear(64, 4)
+
+    def forward(self, x):
+        h = self.a(x)
+        h = 0.5 * h * (1.0 + torch.tanh(0.7978845608 * (h + 0.044715 * torch.pow(h, 3.0))))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)
+        return self.b(torch.sigmoid(h) * torch.tensor(2.0))
+
+
+def test_rows_of_collapsed_chains_hold_every_op_they_replaced():
+    model, x = _Chains(), torch.randn(8, 16)
+    converted = actfx.convert(model, bits=2)
+    rows = actfx.show(converted, x, console=plain_console())
+    kinds = {d.kind for d in converted._actfx_record.decisions}
+    assert {"pointwise", "rms_norm"} <= kinds, kinds
+    assert sum(r["before_bytes"] for r in rows) == measure(model, x).activation_bytes
+
+
 def test_rows_say_how_each_value_is_kept(resnet):
     _, converted, x = resnet
     rows = {r["node"]: r for r in actfx.show(converted, x, console=plain_console())}

@@ -158,7 +158,7 @@ def _collapse(graph: Graph, x: Node, region: list[Node], out: Node, packet) -> N
     plain, _, _ = pointwise_callables(Pointwise(fn.forward, out.name, kind=kind))
     # ``out`` becomes the call: it keeps its name and meta, so decisions and reports name the op
     # after the original output.
-    out.meta["actfx_pointwise"] = [m.name for m in region]
+    out.meta["actfx_replaces"] = [m.name for m in region]
     out.op, out.target, out.args, out.kwargs = "call_function", plain, (x,), {}
     for m in reversed(region):
         if m is not out:

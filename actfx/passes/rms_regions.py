@@ -90,6 +90,7 @@ def collapse_rms_norms(gm: GraphModule) -> int:
         if found is None:
             continue
         x, dims, eps, square, dead = found
+        y.meta["actfx_replaces"] = [y.name, *(node.name for node in dead)]  # show's "before" per row
         y.op, y.target, y.args, y.kwargs = "call_function", rms_normalize, (x, dims, eps, square), {}
         for node in dead:
             graph.erase_node(node)
