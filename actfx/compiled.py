@@ -26,6 +26,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from actfx.config import Config, check_bits
 from actfx.convert import _clone
+from actfx.outputs import grad_leaves
 from actfx.passes.pack_saved import pack_saved
 from actfx.passes.saved_plan import GraphPlan
 
@@ -210,7 +211,7 @@ def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str):
         out = compiled_forward(*args, **kwargs)
         if torch.is_grad_enabled():
             record.training_calls += 1
-            if not record.plans and record.training_calls == 1 and _requires_grad(out):
+            if not record.plans and record.training_calls == 1 and grad_leaves(out):
                 warnings.warn(f"actfx.compile: torch.compile captured no graph of {name}'s forward for training, "
                               "so it ran eagerly and nothing is packed (dynamo skipped it: run with "
                               "TORCH_LOGS=graph_breaks to see why; nn.LSTM/GRU/RNN are not traced); "
@@ -218,10 +219,6 @@ def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str):
         return out
 
     return forward
-
-
-def _requires_grad(out) -> bool:
-    return any(t.requires_grad for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor))
 
 
 def compiled_record(model: nn.Module) -> CompiledRecord | None:

@@ -18,6 +18,7 @@ from rich.tree import Tree
 
 from actfx.breakdown import Row, breakdown, original_of
 from actfx.convert import is_converted
+from actfx.outputs import grad_leaves
 from actfx.passes.analyze import measure
 from actfx.units import format_bytes, format_ratio
 
@@ -59,7 +60,7 @@ def _training_step(model: nn.Module, example_inputs) -> None:
     model.train()
     with torch.enable_grad():
         out = model(*inputs)
-        leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+        leaves = grad_leaves(out)
         if leaves:
             torch.autograd.backward([t.float().sum() for t in leaves])
     model.zero_grad(set_to_none=True)

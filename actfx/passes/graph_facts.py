@@ -41,6 +41,13 @@ def _node_inputs(node: Node) -> list[Node]:
     return list(node.all_input_nodes)
 
 
+def is_traced_constant(node: Node) -> bool:
+    """A tensor made in forward (``torch.tensor(2.0)``), which fx stores on the traced module under
+    the first free ``_tensor_constant<i>``: every trace makes a new tensor, so a second trace of
+    the same module names it differently."""
+    return node.op == "get_attr" and isinstance(node.target, str) and node.target.startswith("_tensor_constant")
+
+
 def writes_first_argument(target) -> bool:
     """Whether a called function writes into its first argument: `torch.relu_`-style names, and
     ATen overloads (`aten.add_.Tensor`, from torch.export) whose schema marks the write."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Graph, GraphModule, Node
 
-from actfx.passes.graph_facts import GraphFacts
+from actfx.passes.graph_facts import GraphFacts, is_traced_constant
 from actfx.rules import SIGN_ONLY, Kind, aten, aten_packet, is_pointwise, rule_for
 from actfx.variants.pointwise import Pointwise, pointwise_callables
 
@@ -40,7 +40,7 @@ _SCALAR = (int, float, bool)
 
 def _traced_scalar(node: Node):
     """The 0-dim tensor fx stored for a ``torch.tensor(c)`` made in forward, else None."""
-    if node.op != "get_attr" or not str(node.target).startswith("_tensor_constant"):
+    if not is_traced_constant(node):
         return None
     value = getattr(node.graph.owning_module, node.target, None)
     return value if isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad else None
@@ -52,7 +52,7 @@ def _constant_tensor(node: Node) -> bool:
     constant fx traced it to)."""
     if _traced_scalar(node) is not None:
         return True
-    options = [a for a in (*node.args[1:], *node.kwargs.values())]
+    options = (*node.args[1:], *node.kwargs.values())
     if any(isinstance(a, Node) or not isinstance(a, _FACTORY_OPTIONS) for a in options):
         return False
     if node.op == "call_method" and node.target == "new_tensor":

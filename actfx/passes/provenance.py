@@ -18,6 +18,7 @@ from torch.fx import Graph, GraphModule, Node
 from actfx.config import Config
 from actfx.passes.analyze import CALLS, module_path, target_name
 from actfx.passes.capture import copy_graph
+from actfx.passes.graph_facts import is_traced_constant
 from actfx.passes.rewrite import rewrite_graph
 
 SOURCE_KEY = "actfx_source"
@@ -55,16 +56,9 @@ def provenance(rewritten: Graph, traced: GraphModule, config: Config, path: str 
 
 
 def _differ(a: Node, b: Node) -> bool:
-    if _tensor_constant(a) and _tensor_constant(b):
-        return False
+    if is_traced_constant(a) and is_traced_constant(b):
+        return False  # named anew by each trace (show's "before" column read "?" for such models)
     return a.op != b.op or a.name != b.name or _target(a) != _target(b)
-
-
-def _tensor_constant(node: Node) -> bool:
-    """fx stores a tensor made in forward (``torch.tensor(2.0)``) on the traced module under the
-    first free ``_tensor_constant<i>``: every trace makes a new tensor, so a second trace of the
-    same module names it differently (and show's "before" column read "?" for the whole model)."""
-    return node.op == "get_attr" and isinstance(node.target, str) and node.target.startswith("_tensor_constant")
 
 
 def _target(node: Node):

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch.fx import Interpreter, Node
 
 from actfx.kernels import ALLOWED_BITS
+from actfx.outputs import grad_leaves
 from actfx.passes.analyze import CARRIED
 from actfx.passes.signatures import bind
 from actfx.variants.batchnorm import per_channel, uses_batch_stats
@@ -136,7 +137,7 @@ def _gradient(loss: torch.Tensor, params: list) -> list:
 
 
 def _projection(out, generator) -> torch.Tensor:
-    leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+    leaves = grad_leaves(out)
     if not leaves:
         raise ValueError("the model's output does not depend on its parameters: nothing to calibrate; "
                          "pass loss_fn=... that returns a scalar loss")

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, disable_fake_tensor_cache
 
+from actfx.outputs import grad_leaves
 from actfx.passes.analyze import _Twins
 from actfx.passes.capture import training_mode
 
@@ -61,7 +62,7 @@ def _tracked_step(converted: nn.Module, inputs, dtype) -> int:
         tracker = MemTracker()
         with tracker:
             out = torch.func.functional_call(converted, state, tuple(args))
-            leaves = [t for t in torch.utils._pytree.tree_leaves(out) if isinstance(t, torch.Tensor) and t.requires_grad]
+            leaves = grad_leaves(out)
             loss = sum(t.float().sum() for t in leaves)
             del out, leaves
             grads = torch.autograd.grad(loss, trainable, allow_unused=True)
