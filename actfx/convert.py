@@ -23,7 +23,7 @@ from torch.fx import Graph, GraphModule
 
 from actfx.config import Config, check_bits, check_group_size
 from actfx.first_call import capture_at_first_call, opaque_calls
-from actfx.passes.capture import copy_graph, split_leaf_modules, trace
+from actfx.passes.capture import copy_graph, has_hooks, split_leaf_modules, trace
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
 from actfx.variants.packing import SeedState
@@ -161,11 +161,12 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
     new = _from_graphs(module, graphs, path, config, record,
                        without_optional=_trace_without_optional(module, graphs, leaf_types, traced_leaves),
                        retrace=lambda concrete: trace(module, leaf_types, traced_leaves, concrete_args=concrete))
-    # Declared leaves stay as calls in this graph; convert them as units of their own.
+    # Declared leaves (and hooked modules) stay as calls in this graph; convert them as units of
+    # their own, which report what they leave uncovered themselves.
     for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
-        _replace(new, child_path, _convert(module.get_submodule(child_path),
-                                           f"{path}.{child_path}" if path else child_path,
-                                           config, leaf_modules, record))
+        full_path = f"{path}.{child_path}" if path else child_path
+        record.uncovered[:] = [u for u in record.uncovered if not (u.path == full_path and u.reason == _MODULE_RUNS_AS_IS)]
+        _replace(new, child_path, _convert(module.get_submodule(child_path), full_path, config, leaf_modules, record))
     return new
 
 
@@ -174,7 +175,7 @@ def _declared_leaf_children(module, leaf_types, leaf_paths):
     for name, sub in module.named_modules():
         if not name or any(name.startswith(p + ".") for p in out):
             continue
-        if name in leaf_paths or (leaf_types and isinstance(sub, leaf_types)):
+        if name in leaf_paths or (leaf_types and isinstance(sub, leaf_types)) or has_hooks(sub):
             if find_site_type(sub) is None:
                 out.append(name)
     return out
@@ -357,12 +358,15 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
     return new
 
 
+_MODULE_RUNS_AS_IS = "no compressed-save variant for this module: runs as is"
+
+
 def _uncovered_node(node, gm, path) -> Unconverted:
     where = path
     if node.op == "call_module":
         what = type(gm.get_submodule(node.target)).__name__
         where = f"{path}.{node.target}" if path else node.target
-        reason = "no compressed-save variant for this module: runs as is"
+        reason = _MODULE_RUNS_AS_IS
     else:
         what = getattr(node.target, "__name__", str(node.target))
         reason = "no compressed-save variant for this op: runs as is"

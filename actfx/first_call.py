@@ -87,9 +87,10 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
                 forward, call = exported_forward(original_of(self), (tuple(args), dict(kwargs)), config, whole)
         except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
             captured["failed"] = True
+            cause = (err.__cause__ or err) if isinstance(err, RuntimeError) and str(err).startswith("actfx:") else err
             warnings.warn(f"actfx: torch.export could not capture {type(model).__name__} at its first training "
-                          f"call, so it keeps what fx converted: "
-                          f"{str(err).splitlines()[0] if str(err) else type(err).__name__}", stacklevel=4)
+                          f"call ({str(cause).splitlines()[0] if str(cause) else type(cause).__name__}), so it keeps "
+                          f"what fx converted", stacklevel=4)
             return
         for name, value in call.carried.items():
             object.__setattr__(self, name, value)

@@ -250,10 +250,12 @@ class DataDependent(nn.Module):
         return x * 2 if x.sum() > 0 else x
 
 
-def test_export_failure_is_a_clear_runtime_error():
+def test_export_failure_is_a_clear_runtime_error(capfd):
+    """torch.export also printed the partial graph of the failed capture to stderr."""
     with pytest.raises(RuntimeError, match="torch.export could not capture DataDependent: .*submodule by submodule") as info:
         export_graph(DataDependent(), (torch.randn(3, 4),))
     assert info.value.__cause__ is not None
+    assert "def forward" not in capfd.readouterr().err
 
 
 class WithConstants(nn.Module):

@@ -13,6 +13,7 @@ import contextlib
 import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule, Tracer
+from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
 
@@ -23,25 +24,48 @@ class _ActfxTracer(Tracer):
         self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if has_hooks(m):
+            return True
+        if parametrize.is_parametrized(m):
+            return False  # traced into: its ops (F.linear on the computed weight) have variants
         if (self.leaf_types and isinstance(m, self.leaf_types)) or qualname in self.leaf_paths:
             return True
         return super().is_leaf_module(m, qualname)
 
     def trace(self, root, concrete_args=None):
         self.grad_mode_changed, self._grad_at_start = False, torch.is_grad_enabled()
+        self.autocast_changed, self._autocast_at_start = False, _autocast_state()
         with functions_as_calls(self):
             graph = super().trace(root, concrete_args)
         if self.grad_mode_changed:
             raise RuntimeError("the forward changes grad mode (torch.no_grad, enable_grad or set_grad_enabled), "
                                "which an fx graph cannot record: it would compute that block with gradients")
+        if self.autocast_changed:
+            raise RuntimeError("the forward enters or leaves torch.autocast, which an fx graph cannot record: "
+                               "it would compute that block in the caller's precision")
         return graph
 
     def create_node(self, *args, **kwargs):
-        """Notes an op recorded under another grad mode than the trace began in. fx runs
-        ``with torch.no_grad():`` at trace time and records nothing: such a target then took part
-        in backward (8-bit gradient 0.80 of its norm off, silently)."""
+        """Notes an op recorded under another grad mode or autocast state than the trace began
+        in. fx runs ``with torch.no_grad():`` or ``with torch.autocast(...):`` at trace time and
+        records nothing: such a target then took part in backward (8-bit gradient 0.80 of its
+        norm off, silently), and an autocast block ran in fp32 (outputs 0.02 off a bf16 model's)."""
         self.grad_mode_changed |= torch.is_grad_enabled() != self._grad_at_start
+        self.autocast_changed |= _autocast_state() != self._autocast_at_start
         return super().create_node(*args, **kwargs)
+
+
+def _autocast_state() -> tuple:
+    return tuple((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda"))
+
+
+def has_hooks(module: nn.Module) -> bool:
+    """True if the module has its own forward or backward hooks. fx traces a module's forward
+    without running its hooks, so inlining it (or replacing it with a variant) would drop them:
+    a hook that rescaled an output changed the converted forward silently. Such modules stay
+    calls in their parent's graph and are converted as units that keep their hooks."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 @contextlib.contextmanager

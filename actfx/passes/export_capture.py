@@ -21,9 +21,12 @@ lifted, ``no_grad`` regions as submodules) is listed in ``exported_call(gm).carr
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import inspect
+import io
+import sys
 from typing import Any
 
 import torch
@@ -269,6 +272,23 @@ def _leaves(graph: Graph) -> tuple:
     return tuple(out)
 
 
+@contextlib.contextmanager
+def _without_partial_graph_print():
+    """torch.export prints the partial graph of a failed capture to stderr (hundreds of lines
+    for a real model); actfx raises its own one-line error or falls back, so that print is
+    dropped. Everything else export writes to stderr (warnings) is passed on."""
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            yield
+    except Exception as err:
+        text = buffer.getvalue()
+        partial = getattr(err, "partial_fx_graph", None)
+        sys.stderr.write(text.replace(str(partial) + "\n", "") if partial is not None else text)
+        raise
+    sys.stderr.write(buffer.getvalue())
+
+
 def _cache_pytrees_registered(model: nn.Module, err: Exception) -> bool:
     """Whether the export failed on a Hugging Face cache in the output and transformers' own
     pytree rules for its cache classes (the ones its exporter registers) are now in place.
@@ -306,7 +326,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     inlined: list = []
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
-            with inlined_functions(inlined):
+            with inlined_functions(inlined), _without_partial_graph_print():
                 try:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output

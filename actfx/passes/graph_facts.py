@@ -77,6 +77,8 @@ class GraphFacts:
             self._param_like[node] = True
         elif node.op == "placeholder":
             self._param_like[node] = False
+        elif node.op == "call_module" and not ins:
+            self._param_like[node] = True  # reads only its own state: a parametrization's weight
         else:
             self._param_like[node] = bool(ins) and all(self._param_like.get(i, False) for i in ins)
         self._non_tensor[node] = self._is_non_tensor(node, ins)

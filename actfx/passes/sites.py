@@ -33,6 +33,7 @@ from actfx.passes.site_layers import (
     _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, embedding_site,
     normalize_site, rms_normalize_site, vector_norm_site,
 )
+from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
 
@@ -108,7 +109,7 @@ def find_site(node: Node, modules: dict) -> Site | None:
     """The Site for ``node``, or None when actfx has no variant for it."""
     if node.op == "call_module":
         m = modules.get(node.target)
-        if m is None or isinstance(m, _LAZY):
+        if m is None or isinstance(m, _LAZY) or has_hooks(m):
             return None
         for types, handler in _MODULE_HANDLERS:
             if type(m) in types:
