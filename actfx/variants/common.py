@@ -18,10 +18,14 @@ def refuse_double_backward(op: str) -> None:
 
 
 def needs_saving(*tensors) -> bool:
-    """True when autograd will call backward: grad mode on and some input requires grad."""
-    if not torch.is_grad_enabled():
+    """True when autograd will call backward: grad mode on and some input requires grad. False
+    for complex inputs too: the variants' backward formulas are written for real values (a
+    complex product's gradient needs the other factor's conjugate), so complex ops run as
+    PyTorch runs them."""
+    tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
+    if not torch.is_grad_enabled() or any(t.is_complex() for t in tensors):
         return False
-    return any(isinstance(t, torch.Tensor) and t.requires_grad for t in tensors)
+    return any(t.requires_grad for t in tensors)
 
 
 def cast_grad(grad, like):

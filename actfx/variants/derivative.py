@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from actfx.variants.pointwise import from_packed_derivative
+from actfx.variants.common import needs_saving
 
 _SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -42,7 +43,7 @@ FUNCTIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_tanh": F.gelu}
 
 def derivative_of(kind: str, x):
     """The activation's derivative at ``x`` (fp32, outside autograd), or None when no backward."""
-    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+    if not needs_saving(x):
         return None
     with torch.no_grad():
         return DERIVATIVES[kind](x.detach().float())

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from actfx.kernels import pack_bits, pack_bits_between, scale_by_mask
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import needs_saving, refuse_double_backward
 
 # kind -> (forward(x, inplace, *params), (lo, hi) with mask = lo < out < hi (hi None: no upper
 # bound), gradient slope outside the mask)
@@ -51,7 +51,7 @@ class _MaskedActivation(torch.autograd.Function):
 def relu_like(kind, inplace, params, x):
     """Returns (out, mask bits); mask bits are None when nothing needs saving."""
     fwd = _RELU_LIKE[kind][0]
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not needs_saving(x):
         return fwd(x, inplace, *params), None
     if inplace and _eager_view(x):
         return _write_back(x, *_MaskedActivation.apply(kind, False, params, x))
@@ -95,7 +95,7 @@ class _MaskedDropout(torch.autograd.Function):
 
 def dropout(p, training, inplace, x):
     """F.dropout semantics (module or functional); returns (out, mask bits or None)."""
-    if not training or p == 0.0 or not (torch.is_grad_enabled() and x.requires_grad) or x.numel() == 0:
+    if not training or p == 0.0 or not needs_saving(x) or x.numel() == 0:
         return F.dropout(x, p, training, inplace), None
     if p == 1.0:
         return F.dropout(x, p, training, inplace), None

@@ -15,7 +15,7 @@ from typing import Callable
 
 import torch
 
-from actfx.variants.common import not_a_view, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -39,7 +39,7 @@ class _FromPackedDerivative(torch.autograd.Function):
 def from_packed_derivative(fn, name: str, spec, x, *run):
     """``fn(x)`` (element-wise) whose backward is ``g * d``, ``d`` read from the packed run (its
     head: the derivative); plain ``fn(x)`` when nothing was packed or no backward will run."""
-    if run[0] is None or not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+    if run[0] is None or not needs_saving(x):
         return fn(x)
     return _FromPackedDerivative.apply(fn, name, spec, x, *run)
 
@@ -56,7 +56,7 @@ class Pointwise:
 
     def derivative(self, x):
         """``f'(x)`` element-wise, or None when no backward will run (nothing to keep)."""
-        if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+        if not needs_saving(x):
             return None
         try:
             # torch.func.vjp rather than autograd.grad: torch.compile traces it without a graph break.

@@ -15,7 +15,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import refuse_double_backward
+from actfx.variants.common import needs_saving, refuse_double_backward
 
 _MAX_POOL = {1: F.max_pool1d, 2: F.max_pool2d, 3: F.max_pool3d}
 _ADAPTIVE_MAX_POOL = {1: F.adaptive_max_pool1d, 2: F.adaptive_max_pool2d, 3: F.adaptive_max_pool3d}
@@ -137,7 +137,7 @@ class _CompactMaxPool(torch.autograd.Function):
 
 
 def _pool(fn, nd, args, x, geometry=None):
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not needs_saving(x):
         return fn(x, *args)
     return _CompactMaxPool.apply(fn, nd, args, geometry, x)
 

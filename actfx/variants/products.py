@@ -13,7 +13,7 @@ import operator
 
 import torch
 
-from actfx.variants.common import not_a_view, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize, spec_width, split_all, values_of
 
 
@@ -70,7 +70,7 @@ def product(op, specs, *flat):
     a, b = values_of(specs, flat)
     fn = {"mul": operator.mul, "div": operator.truediv, "matmul": torch.matmul}[op]
     tensors = [v for v in (a, b) if isinstance(v, torch.Tensor)]
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not needs_saving(*tensors):
         return fn(a, b)
     if op == "matmul" and (a.dim() < 2 or b.dim() < 2):
         return fn(a, b)  # vector cases: rare on hot paths, left to autograd

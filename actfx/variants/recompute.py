@@ -16,7 +16,7 @@ import operator
 
 import torch
 
-from actfx.variants.common import not_a_view, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
 
 SLOT = "actfx.slot"
@@ -163,7 +163,7 @@ def make_recompute_variant(fn, name: str):
     def variant(static, *flat):
         args_t, kwargs_t, specs, inplace = static[:4]
         values = values_of(specs, flat)
-        if not (torch.is_grad_enabled() and any(isinstance(v, torch.Tensor) and v.requires_grad for v in values)):
+        if not needs_saving(*values):
             args, kwargs = fill(args_t, values), dict(fill(kwargs_t, values))
             if inplace:
                 kwargs["inplace"] = True

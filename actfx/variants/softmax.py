@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.variants.common import not_a_view, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -42,7 +42,7 @@ class _SoftmaxFromPacked(torch.autograd.Function):
 
 def softmax(spec, dim, dtype, x, *run):
     """``run`` is the saved-value run of the softmax output (first element: the output)."""
-    if not (torch.is_grad_enabled() and x.requires_grad):
+    if not needs_saving(x):
         return run[0]
     return _SoftmaxFromPacked.apply(spec, dim, x, *run)
 
@@ -50,7 +50,7 @@ def softmax(spec, dim, dtype, x, *run):
 def log_softmax_probabilities(x, dim, dtype=None):
     """softmax(x): what log_softmax's backward reads (exp of its output), finite where the output
     is -inf. None when nothing needs saving."""
-    if not (torch.is_grad_enabled() and isinstance(x, torch.Tensor) and x.requires_grad):
+    if not needs_saving(x):
         return None
     with torch.no_grad():
         return torch.softmax(x.detach(), dim, dtype=dtype)
@@ -77,7 +77,7 @@ class _LogSoftmaxFromPacked(torch.autograd.Function):
 def log_softmax(spec, dim, dtype, x, *run):
     """log_softmax whose backward reads the packed probabilities (``run``'s head), not its input:
     an input with -inf (masked logits) would make a whole packed group NaN."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or run[0] is None:
+    if not needs_saving(x) or run[0] is None:
         return torch.log_softmax(x, dim, dtype=dtype)
     return _LogSoftmaxFromPacked.apply(spec, dim, dtype, x, *run)
 
@@ -132,7 +132,7 @@ class _CrossEntropyFromPacked(torch.autograd.Function):
 def cross_entropy(spec, weight, ignore_index, reduction, label_smoothing, x, target, *run):
     """F.cross_entropy whose backward reads packed class probabilities instead of the saved
     log-probabilities (for a language model, the largest single tensor training keeps)."""
-    if not (torch.is_grad_enabled() and x.requires_grad) or run[0] is None:
+    if not needs_saving(x) or run[0] is None:
         return F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
     return _CrossEntropyFromPacked.apply(spec, weight, ignore_index, reduction, x, target, *run)
