@@ -25,6 +25,7 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from actfx.config import Config, check_bits
+from actfx.kernels.seed_stream import SeedStream, calls_with
 from actfx.convert import _clone
 from actfx.outputs import grad_leaves
 from actfx.passes.pack_saved import pack_saved
@@ -32,7 +33,7 @@ from actfx.passes.saved_plan import GraphPlan
 
 _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_saved.py", "passes/noise_degree.py",
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
-            "passes/graph_emit.py")
+            "passes/graph_emit.py", "kernels/seed_stream.py")
 
 
 @dataclasses.dataclass
@@ -44,6 +45,7 @@ class CompiledRecord:
     plans: list[GraphPlan] = dataclasses.field(default_factory=list)
     probe: object = None  # calibrating for a plan: backward reads saved values through it
     training_calls: int = 0  # calls of an actfx.compile model with grad enabled (not counted for backend())
+    seeds: SeedStream = dataclasses.field(default_factory=SeedStream)  # the packs' rounding seeds
 
     @property
     def bytes_after(self) -> int:
@@ -138,7 +140,7 @@ class Backend:
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
         patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs)}
         with functorch_config.patch(enable_autograd_cache=False), _attention_as_math(example_inputs):
-            return compile_fx(gm, example_inputs, config_patches=patches)
+            return calls_with(compile_fx(gm, example_inputs, config_patches=patches), self.record.seeds)
 
 
 def own_cache_entry(fn):

@@ -14,6 +14,7 @@ import torch.nn as nn
 
 from actfx.compiled import CompiledRecord, _Partitioner, own_cache_entry
 from actfx.config import Config
+from actfx.kernels.seed_stream import calls_with
 
 
 def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = None, *, dynamic: bool = False):
@@ -30,7 +31,10 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
     def keep(gm, example_inputs):
         return make_boxed_func(gm.forward)  # the graph as it is: no code generation
 
-    backend = aot_autograd(fw_compiler=keep, bw_compiler=keep, partition_fn=_Partitioner(record),
+    def keep_forward(gm, example_inputs):
+        return calls_with(keep(gm, example_inputs), record.seeds)  # its packs draw the record's seeds
+
+    backend = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep, partition_fn=_Partitioner(record),
                            decompositions=select_decomp_table())
     # Static by default: plans estimate one batch, calibrate on another and estimate again; with
     # automatic dynamic shapes the third compile would see a symbolic batch and keep every value exact.

@@ -45,8 +45,8 @@ _LOW32 = 0xFFFFFFFF
 
 def _uniform_like(t: torch.Tensor) -> torch.Tensor:
     """U[0, 1) noise on a 2^-24 grid: a counter-based integer hash of each element's index and a
-    per-pack seed (one draw from torch's default generator through Inductor's seed buffer, so
-    ``torch.manual_seed`` makes packs reproducible). Why not Inductor's own ``rand``: on CPU it runs
+    per-pack seed (an Inductor seed node here; the pass replaces all of a graph's seeds by one
+    ``actfx::pack_seeds`` call on the model's own stream, see ``seed_stream.py``). Why not Inductor's own ``rand``: on CPU it runs
     one scalar Philox per element, 6x slower than the whole rest of a pack (ResNet-50's 2-bit pack
     of an 8x256x56x56 value: 51 ms with it, 8 ms with this). The hash (multiply-xorshift rounds,
     kept in int64 below 2^63 so nothing overflows) vectorises in Inductor's C++ and Triton code."""

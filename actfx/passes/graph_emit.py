@@ -77,9 +77,11 @@ def emit(graph: fx.Graph, fn, inputs: list[fx.Node], *, before: fx.Node, key=Non
 
 
 def fuse_seeds(graph: fx.Graph) -> None:
-    """One ``inductor_seeds`` call for all the packs' seeds (Inductor's own joint-graph pass
-    does this for the model's random ops, but runs before ours)."""
+    """One ``actfx::pack_seeds`` call for all the packs' seeds, in place of Inductor's seed
+    buffer (which draws from torch's default generator: see ``actfx/kernels/seed_stream.py``)."""
     from torch._inductor import inductor_prims
+
+    from actfx.kernels import seed_stream
 
     seeds = [n for n in graph.nodes if n.op == "call_function" and n.target is inductor_prims.seed]
     by_device: dict = {}
@@ -88,9 +90,9 @@ def fuse_seeds(graph: fx.Graph) -> None:
     first = next(n for n in graph.nodes if n.op != "placeholder")
     for device, nodes in by_device.items():
         with graph.inserting_before(first):
-            combined = graph.call_function(inductor_prims.seeds, (len(nodes), device))
+            combined = graph.call_function(torch.ops.actfx.pack_seeds.default, (len(nodes), device))
         with detect_fake_mode([nodes[0].meta["val"]]):
-            combined.meta["val"] = inductor_prims.seeds(len(nodes), device)
+            combined.meta["val"] = seed_stream.pack_seeds(len(nodes), device)
         for index, node in enumerate(nodes):
             with graph.inserting_before(node):
                 lookup = graph.call_function(inductor_prims.lookup_seed, (combined, index))
