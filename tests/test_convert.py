@@ -496,3 +496,36 @@ def test_complex_products_keep_autograds_conjugate():
     got = torch.cat([g.flatten() for g in torch.autograd.grad(converted(x).square().mean(), converted.parameters())])
     assert rel(got, exact) < 0.03
     assert [d.kind for d in converted._actfx_record.decisions].count("linear") == 2
+
+
+class _KeepsFeatures(torch.nn.Module):
+    """Stores an intermediate on itself for a later loss (perceptual / distillation losses)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 32), torch.nn.Linear(32, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.features = torch.nn.functional.gelu(self.a(x))
+        self.calls += 1
+        return self.b(self.features)
+
+
+def test_a_forward_that_assigns_attributes_runs_as_written():
+    """fx records no attribute assignment: the converted forward never updated ``features``,
+    which held an fx Proxy from the trace (in the original model too), and tracing had counted
+    calls. Such a forward runs as written, its submodules converted; the original is untouched."""
+    torch.manual_seed(0)
+    model, x = _KeepsFeatures(), torch.randn(4, 16)
+    with pytest.warns(UserWarning, match="assigns the attribute"):
+        converted = actfx.convert(model, bits=8)
+    assert not hasattr(model, "features") and model.calls == 0
+    out = converted(2 * x)
+    torch.testing.assert_close(converted.features, torch.nn.functional.gelu(model.a(2 * x)))
+    assert converted.calls == 1
+    assert torch.equal(out, model.b(torch.nn.functional.gelu(model.a(2 * x))))
+    assert {"a", "b"} <= {d.module_path for d in converted._actfx_record.decisions}
+    with pytest.raises(RuntimeError, match="assigns the attribute 'features'"):
+        actfx.convert(model, bits=8, example_inputs=(x,))
+    assert not hasattr(model, "features") and model.calls == 0

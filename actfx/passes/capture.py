@@ -93,6 +93,62 @@ def buffers_restored(module: nn.Module):
                 b.copy_(value)
 
 
+_MISSING = object()
+_CONTAINERS = ("_parameters", "_buffers", "_modules")
+
+
+def _attributes(module: nn.Module) -> dict:
+    state = {key: value for key, value in module.__dict__.items() if key not in _CONTAINERS}
+    for container in _CONTAINERS:
+        state.update({(container, name): value for name, value in module.__dict__[container].items()})
+    return state
+
+
+def _equal_plain_values(a, b) -> bool:
+    """Equal non-tensor values (torch.export swaps a LayerNorm's ``normalized_shape`` tuple
+    for an equal one while it runs)."""
+    if type(a) is not type(b) or isinstance(a, (torch.Tensor, nn.Module)) or a is _MISSING:
+        return False
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - values whose == raises or is ambiguous are not equal
+        return False
+
+
+@contextlib.contextmanager
+def attributes_kept(module: nn.Module):
+    """Run a capture (fx trace or torch.export), then put every module's attributes back as
+    they were, and raise if the forward assigned any. Why: neither capture records a Python
+    attribute assignment (``self.features = h`` for a perceptual loss, ``self.calls += 1``),
+    so the captured forward would skip it, silently; and the capture's own run left fx proxies
+    or fake tensors in the user's model. The fx tracer's lifted constants (``_tensor_constant``)
+    are neither assignments nor removed."""
+    saved = {m: _attributes(m) for m in module.modules()}
+    assigned = []
+    try:
+        yield
+    finally:
+        for m, before in saved.items():
+            now = _attributes(m)
+            for key in set(before) | set(now):
+                old, new = before.get(key, _MISSING), now.get(key, _MISSING)
+                if old is new or _equal_plain_values(old, new):
+                    continue
+                name = key[1] if isinstance(key, tuple) else key
+                if name.startswith("_tensor_constant") or key == "training":
+                    continue  # fx's lifted constants: later retraces' graphs read them from here
+                assigned.append((m, name))
+                target = m.__dict__[key[0]] if isinstance(key, tuple) else m.__dict__
+                if old is _MISSING:
+                    target.pop(name, None)
+                else:
+                    target[name] = old
+    if assigned:
+        m, name = assigned[0]
+        raise RuntimeError(f"the forward assigns the attribute {name!r} of a {type(m).__name__}, which a captured "
+                           "graph cannot record (register a buffer and update it in place, or return the value)")
+
+
 def split_leaf_modules(leaf_modules, path: str) -> tuple[tuple, frozenset]:
     """Leaf declarations (module types or dotted paths from the model root) relative to ``path``."""
     types, paths = [], set()
@@ -120,7 +176,7 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     """
     graphs = {}
     for training in (True, False):
-        with training_mode(module, training):
+        with training_mode(module, training), attributes_kept(module):
             tracer = _ActfxTracer(leaf_types, leaf_paths)
             graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)

@@ -37,7 +37,7 @@ from torch.fx.graph import _PyTreeCodeGen
 
 from actfx.passes.aten_to_functional import to_functional
 from actfx.passes.autograd_functions import inlined_functions
-from actfx.passes.capture import training_mode
+from actfx.passes.capture import attributes_kept, training_mode
 
 META_KEY = "actfx_export"
 CARRIED_PREFIX = "_actfx_export_"
@@ -326,7 +326,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     inlined: list = []
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
-            with inlined_functions(inlined), _without_partial_graph_print():
+            with inlined_functions(inlined), _without_partial_graph_print(), attributes_kept(model):
                 try:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output
