@@ -36,6 +36,51 @@ def _dropout_site(node, path, x, p, training, inplace, module=False):
     return Site(node, "dropout", path, [], emit, inplace_on=x if inplace else None)
 
 
+def _extremum_site(node, op, fn, a, b):
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(masks.extremum, (op, fn, env[a], env[b])), {}
+
+    return Site(node, op, None, [], emit)
+
+
+# max / min of two tensors (torch.max / torch.min only in their binary form): op and the call as
+# written ("torch:", "aten:" or "method:" + name), which runs where the operands are not two tensors
+_EXTREMUM_FUNCS = {torch.maximum: ("maximum", "torch:maximum"), torch.minimum: ("minimum", "torch:minimum"),
+                   torch.max: ("maximum", "torch:max"), torch.min: ("minimum", "torch:min"),
+                   torch.ops.aten.maximum.default: ("maximum", "aten:maximum"),
+                   torch.ops.aten.minimum.default: ("minimum", "aten:minimum"),
+                   torch.ops.aten.max.other: ("maximum", "aten:maximum"),
+                   torch.ops.aten.min.other: ("minimum", "aten:minimum")}
+_EXTREMUM_METHODS = {name: (op, f"method:{name}") for name, op in
+                     (("maximum", "maximum"), ("minimum", "minimum"), ("max", "maximum"), ("min", "minimum"))}
+
+
+def extremum_site(node, op, fn):
+    """Both operands must be graph values (a constant operand goes to the element-wise regions);
+    ``fn`` (the call as written, see ``_EXTREMUM_FUNCS``) runs whenever they turn out not to be two float tensors that
+    need gradients (``torch.max(x, dim)`` with a computed dim)."""
+    args = list(node.args)
+    if len(args) != 2 or node.kwargs or not all(isinstance(v, torch.fx.Node) for v in args):
+        return None
+    if any(v.op == "get_attr" or _an_integer(v) for v in args):
+        return None
+    return _extremum_site(node, op, fn, *args)
+
+
+_INTEGER_METHODS = {"dim", "size", "numel", "item", "__len__"}
+
+
+def _an_integer(node: torch.fx.Node, depth: int = 3) -> bool:
+    """A value fx cannot type but that is an int: ``x.dim() - 1``, ``len(x.shape)``."""
+    if node.op == "call_method" and node.target in _INTEGER_METHODS:
+        return True
+    if node.op == "call_function" and node.target in (operator.add, operator.sub, operator.mul, operator.floordiv,
+                                                      operator.neg, len, getattr) and depth > 0:
+        return any(isinstance(a, torch.fx.Node) and _an_integer(a, depth - 1) for a in node.args) or node.target is len
+    value = node.meta.get("val")
+    return value is not None and not isinstance(value, torch.Tensor)
+
+
 _RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
 
 

@@ -17,8 +17,8 @@ from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
 from actfx.passes.site_activations import (
-    _ADAPTIVE_MAX_FUNCS, _MAX_POOL_FUNCS, _RELU_FUNCS, _dropout_site, _max_pool_functional, _max_pool_module,
-    _relu_functional, _relu_like_site, _relu_module,
+    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _MAX_POOL_FUNCS, _RELU_FUNCS, _dropout_site,
+    _max_pool_functional, _max_pool_module, _relu_functional, _relu_like_site, _relu_module, extremum_site,
 )
 from actfx.passes.site_attention import (
     _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
@@ -161,6 +161,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _max_pool_functional(node)
         if t in _PRODUCT_FUNCS:
             return _product(node, _PRODUCT_FUNCS[t])
+        if t in _EXTREMUM_FUNCS:
+            return extremum_site(node, *_EXTREMUM_FUNCS[t])
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
@@ -178,6 +180,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _relu_like_site(node, None, "relu", node.args[0], name == "relu_", (), None)
         if name in _PRODUCT_METHODS:
             return _product(node, _PRODUCT_METHODS[name])
+        if name in _EXTREMUM_METHODS:
+            return extremum_site(node, *_EXTREMUM_METHODS[name])
         if name == "softmax":
             return _softmax_functional(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:

@@ -106,3 +106,42 @@ def dropout(p, training, inplace, x):
 
 def dropout_module(module, x):
     return dropout(module.p, module.training, module.inplace, x)
+
+
+class _Extremum(torch.autograd.Function):
+    """``torch.maximum`` / ``minimum`` of two activations. Backward sends the gradient to the
+    winner, half to each side of a tie and all to both where a NaN makes them unordered (ATen's
+    own formula): three exact 1-bit masks at the output's size instead of both inputs."""
+
+    @staticmethod
+    def forward(ctx, op, a, b):
+        out = torch.maximum(a, b) if op == "maximum" else torch.minimum(a, b)
+        a_, b_ = a.detach(), b.detach()
+        a_loses, b_loses = (a_ < b_, a_ > b_) if op == "maximum" else (a_ > b_, a_ < b_)
+        ctx.save_for_backward(*(pack_bits(m.expand(out.shape).contiguous()) for m in (a_ == b_, a_loses, b_loses)))
+        ctx.op = op
+        ctx.like = [(t.shape, t.dtype) for t in (a, b)]
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward(ctx.op)
+        tie, a_loses, b_loses = ctx.saved_tensors
+        shared = scale_by_mask(grad_out.contiguous(), tie, 0.5, 1.0)
+        grads = []
+        for needed, loses, (shape, dtype) in zip(ctx.needs_input_grad[1:], (a_loses, b_loses), ctx.like):
+            grad = scale_by_mask(shared, loses, 0.0, 1.0) if needed else None
+            grads.append(None if grad is None else grad.sum_to_size(shape).to(dtype))
+        return None, *grads
+
+
+def extremum(op: str, written: str, a, b):
+    """``op`` in {"maximum", "minimum"} of two tensors, keeping masks instead of the inputs;
+    for anything else the call as ``written`` ("torch:max", "aten:maximum", "method:max")."""
+    if (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.is_floating_point()
+            and b.is_floating_point() and needs_saving(a, b)):
+        return _Extremum.apply(op, a, b)
+    kind, name = written.split(":")
+    if kind == "method":
+        return getattr(a, name)(b)
+    return (getattr(torch.ops.aten, name).default if kind == "aten" else getattr(torch, name))(a, b)

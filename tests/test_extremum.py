@@ -1,0 +1,68 @@
+"""torch.maximum / minimum of two activations: three exact 1-bit masks instead of both inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actfx
+from actfx.accounting import count_saved
+from actfx.variants.masks import extremum
+
+
+@pytest.mark.parametrize("op", ["maximum", "minimum"])
+def test_gradients_equal_atens_with_ties_nan_and_broadcasting(op):
+    fn = getattr(torch, op)
+    a = torch.tensor([1.0, 2.0, 3.0, float("nan"), 5.0, 1.0], requires_grad=True)
+    b = torch.tensor([[0.0, 2.0, 4.0, 1.0, float("nan"), 1.0]] * 2, requires_grad=True)
+    g = torch.arange(12.0).view(2, 6)
+    out = extremum(op, f"torch:{op}", a, b)
+    assert torch.equal(out.isnan(), fn(a, b).isnan())
+    for got, expected in zip(torch.autograd.grad(out, (a, b), g), torch.autograd.grad(fn(a, b), (a, b), g)):
+        assert torch.equal(got, expected)
+
+
+class _Gate(nn.Module):
+    """RWKV-style: the larger of two computed values (as its WKV recurrence keeps a running max)."""
+
+    def __init__(self, spelling):
+        super().__init__()
+        self.a, self.b, self.out = nn.Linear(32, 256), nn.Linear(32, 256), nn.Linear(256, 8)
+        self.spelling = spelling
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        if self.spelling == "maximum":
+            h = torch.maximum(a, b)
+        elif self.spelling == "min":
+            h = torch.min(a, b.round())  # ties
+        elif self.spelling == "method":
+            h = a.max(b[:1])  # broadcast
+        else:  # torch.max over a computed dim: not a binary max
+            h = a * torch.max(b, a.dim() - 1)[0][..., None]
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("spelling", ["maximum", "min", "method", "dim"])
+@pytest.mark.parametrize("exported", [False, True])
+def test_converted_and_keeps_masks(spelling, exported):
+    torch.manual_seed(0)
+    model, x = _Gate(spelling), torch.randn(64, 32)
+    exact = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    converted = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
+    assert torch.equal(converted(x), model(x))
+    got = torch.autograd.grad(converted(x).sum(), list(model.parameters()))
+    assert max(((g - e).norm() / e.norm()).item() for g, e in zip(got, exact)) < 0.03
+    kinds = [d.kind for d in converted._actfx_record.decisions]
+    if spelling == "dim":
+        assert not {"maximum", "minimum"} & set(kinds)
+        return
+    assert ("minimum" if spelling == "min" else "maximum") in kinds
+    narrow = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
+    with count_saved(narrow) as after:
+        kept = narrow(x)  # noqa: F841
+    with count_saved(model) as before:
+        kept = model(x)  # noqa: F841
+    # both 64x256 inputs (128 KiB in all) became 3 bits per output element (6 KiB)
+    assert after.activation_bytes < before.activation_bytes / 6
