@@ -66,3 +66,55 @@ def test_converted_and_keeps_masks(spelling, exported):
         kept = model(x)  # noqa: F841
     # both 64x256 inputs (128 KiB in all) became 3 bits per output element (6 KiB)
     assert after.activation_bytes < before.activation_bytes / 6
+
+
+@pytest.mark.parametrize("op", ["amax", "amin"])
+@pytest.mark.parametrize("dim, keepdim", [(-1, False), ((0, 2), True), ((), False), (1, True)])
+def test_reduced_extremum_gradients_equal_atens(op, dim, keepdim):
+    from actfx.variants.masks import reduced_extremum
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (3, 4, 5)).float()  # many ties
+    x[0, 1, 2] = float("nan")
+    x.requires_grad_()
+    fn = getattr(torch, op)
+    expected_out = fn(x, dim, keepdim)
+    out = reduced_extremum(op, x, dim, keepdim)
+    assert torch.equal(out.isnan(), expected_out.isnan())
+    g = torch.randn(expected_out.shape)
+    (got,), (expected,) = torch.autograd.grad(out, x, g), torch.autograd.grad(expected_out, x, g)
+    assert torch.equal(got.isnan(), expected.isnan())
+    assert torch.equal(got.nan_to_num(), expected.nan_to_num())
+
+
+class _WindowMax(nn.Module):
+    """Hiera's mask-unit pooling: a max over a window dimension written as ``amax``."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.a, self.out = nn.Linear(32, 64), nn.Linear(64, 8)
+        self.method = method
+
+    def forward(self, x):
+        h = self.a(x).view(x.shape[0], 4, -1, 64)
+        h = h.amax(dim=1) if self.method else torch.amin(h, 1, keepdim=True).squeeze(1)
+        return self.out(torch.tanh(h))
+
+
+@pytest.mark.parametrize("method", [True, False])
+@pytest.mark.parametrize("exported", [False, True])
+def test_amax_keeps_a_mask(method, exported):
+    torch.manual_seed(0)
+    model, x = _WindowMax(method), torch.randn(8, 64, 32)
+    exact = torch.autograd.grad(model(x).sum(), list(model.parameters()))
+    converted = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
+    assert torch.equal(converted(x), model(x))
+    assert ("amax" if method else "amin") in [d.kind for d in converted._actfx_record.decisions]
+    converted8 = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
+    got = torch.autograd.grad(converted8(x).sum(), list(model.parameters()))
+    assert max(((g - e).norm() / e.norm()).item() for g, e in zip(got, exact)) < 0.03
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    with count_saved(model) as before:
+        kept = model(x)  # noqa: F841
+    assert after.activation_bytes < before.activation_bytes / 6

@@ -81,6 +81,22 @@ def _an_integer(node: torch.fx.Node, depth: int = 3) -> bool:
     return value is not None and not isinstance(value, torch.Tensor)
 
 
+_REDUCED_EXTREMA = {torch.amax: "amax", torch.amin: "amin", torch.ops.aten.amax.default: "amax",
+                    torch.ops.aten.amin.default: "amin", "amax": "amax", "amin": "amin"}
+
+
+def reduced_extremum_site(node, op):
+    a = bind("amax", node.args, node.kwargs)
+    if a is None or isinstance(a["dim"], torch.fx.Node) or not isinstance(a["keepdim"], bool):
+        return None
+    x, dim, keepdim = a["input"], a["dim"], a["keepdim"]
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(masks.reduced_extremum, (op, env[x], dim, keepdim)), {}
+
+    return Site(node, op, None, [], emit)
+
+
 _RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
 
 

@@ -17,8 +17,9 @@ from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
 from actfx.passes.site_activations import (
-    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _MAX_POOL_FUNCS, _RELU_FUNCS, _dropout_site,
-    _max_pool_functional, _max_pool_module, _relu_functional, _relu_like_site, _relu_module, extremum_site,
+    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _MAX_POOL_FUNCS, _REDUCED_EXTREMA, _RELU_FUNCS,
+    _dropout_site, _max_pool_functional, _max_pool_module, _relu_functional, _relu_like_site, _relu_module,
+    extremum_site, reduced_extremum_site,
 )
 from actfx.passes.site_attention import (
     _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
@@ -163,6 +164,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _product(node, _PRODUCT_FUNCS[t])
         if t in _EXTREMUM_FUNCS:
             return extremum_site(node, *_EXTREMUM_FUNCS[t])
+        if t in _REDUCED_EXTREMA:
+            return reduced_extremum_site(node, _REDUCED_EXTREMA[t])
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
@@ -182,6 +185,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _product(node, _PRODUCT_METHODS[name])
         if name in _EXTREMUM_METHODS:
             return extremum_site(node, *_EXTREMUM_METHODS[name])
+        if name in _REDUCED_EXTREMA:
+            return reduced_extremum_site(node, _REDUCED_EXTREMA[name])
         if name == "softmax":
             return _softmax_functional(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from actfx.kernels import pack_bits, pack_bits_between, scale_by_mask
+from actfx.kernels import pack_bits, pack_bits_between, scale_by_mask, unpack_bits
 from actfx.variants.common import needs_saving, refuse_double_backward
 
 # kind -> (forward(x, inplace, *params), (lo, hi) with mask = lo < out < hi (hi None: no upper
@@ -145,3 +145,44 @@ def extremum(op: str, written: str, a, b):
     if kind == "method":
         return getattr(a, name)(b)
     return (getattr(torch.ops.aten, name).default if kind == "aten" else getattr(torch, name))(a, b)
+
+
+def _reduced_dims(dim, ndim: int) -> list[int]:
+    dims = [dim] if isinstance(dim, int) else list(dim)
+    return sorted(d % ndim for d in dims) if dims else list(range(ndim))
+
+
+class _ReducedExtremum(torch.autograd.Function):
+    """``amax`` / ``amin`` over dims. Backward spreads the gradient evenly over the elements equal
+    to the extremum (ATen's own formula, NaN slices included): one exact 1-bit mask at the
+    input's size instead of the input and the output."""
+
+    @staticmethod
+    def forward(ctx, op, dim, keepdim, x):
+        out = torch.amax(x, dim, keepdim) if op == "amax" else torch.amin(x, dim, keepdim)
+        dims = _reduced_dims(dim, x.dim())
+        restored = out.detach()
+        if not keepdim:
+            for d in dims:
+                restored = restored.unsqueeze(d)
+        ctx.save_for_backward(pack_bits((x.detach() == restored).contiguous()))
+        ctx.op, ctx.dims, ctx.keepdim, ctx.shape = op, dims, keepdim, x.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward(ctx.op)
+        (codes,) = ctx.saved_tensors
+        mask = unpack_bits(codes, ctx.shape)
+        grad = grad_out
+        if not ctx.keepdim:
+            for d in ctx.dims:
+                grad = grad.unsqueeze(d)
+        return None, None, None, (grad / mask.sum(ctx.dims, keepdim=True)) * mask
+
+
+def reduced_extremum(op: str, x, dim=(), keepdim=False):
+    """``op`` in {"amax", "amin"}, keeping the mask of the extremum's positions."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and needs_saving(x)) or x.dim() == 0:
+        return (torch.amax if op == "amax" else torch.amin)(x, dim, keepdim)
+    return _ReducedExtremum.apply(op, dim, keepdim, x)
