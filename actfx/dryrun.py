@@ -64,8 +64,9 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
         try:
             before = measure(model, inputs, dtype=dtype, like=converted)
         except Exception as err:  # noqa: BLE001 - named by _stage below unless it reads values
+            failure = err
             if type(err).__name__ not in DATA_DEPENDENT or not on_meta(model):
-                before = _stage(f"running {spec.text} on input {list(input_shape)}", lambda: _raise(err))
+                before = _stage(f"running {spec.text} on input {list(input_shape)}", lambda: _raise(failure))
             # The forward reads tensor values: only a real model can run it (on random inputs).
             model = _stage(STEPS[0], spec.factory)
             with warnings.catch_warnings():  # the first conversion already warned about the same model

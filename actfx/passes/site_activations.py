@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _env, _get
-from actfx.variants import masks, pool
+from actfx.variants import masks, pool, prelu
 
 
 # ---------------------------------------------------------------- ReLU family and dropout
@@ -95,6 +95,24 @@ def reduced_extremum_site(node, op):
         return graph.call_function(masks.reduced_extremum, (op, env[x], dim, keepdim)), {}
 
     return Site(node, op, None, [], emit)
+
+
+def prelu_site(node, path, x, weight):
+    """``weight``: a node, or (module) a function of the graph giving the module's weight."""
+    def emit(graph, env, specs, runs, pack=None):
+        w = weight(graph) if callable(weight) else _env(env, weight)
+        return graph.call_function(prelu.prelu, (specs[0], w, *runs[0])), {}
+
+    return Site(node, "prelu", path, [x], emit)
+
+
+_PRELU_FUNCS = (F.prelu, torch.prelu, torch.ops.aten.prelu.default, torch.ops.aten._prelu_kernel.default)
+
+
+def prelu_functional(node):
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    return prelu_site(node, None, *node.args)
 
 
 _RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
