@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _env, _get
-from actfx.variants import masks, pool, prelu
+from actfx.variants import glu, masks, pool, prelu
 
 
 # ---------------------------------------------------------------- ReLU family and dropout
@@ -113,6 +113,31 @@ def prelu_functional(node):
     if len(node.args) != 2 or node.kwargs:
         return None
     return prelu_site(node, None, *node.args)
+
+
+def glu_site(node, path, x, dim):
+    """GLU keeps its two packed factors (see variants/glu.py)."""
+    if not isinstance(x, torch.fx.Node) or not isinstance(dim, int):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        both = graph.call_function(glu.factors, (env[x], dim))
+        (spec_s, run_s), (spec_d, run_d) = (pack(graph.call_function(operator.getitem, (both, i)), node)
+                                            for i in range(2))
+        return graph.call_function(glu.glu, (dim, (spec_s, spec_d), env[x], *run_s, *run_d)), {}
+
+    return Site(node, "glu", path, [], emit)
+
+
+_GLU_FUNCS = (F.glu, torch.ops.aten.glu.default)
+
+
+def glu_functional(node):
+    args = list(node.args) + [node.kwargs[k] for k in ("dim",) if k in node.kwargs]
+    if not 1 <= len(args) <= 2 or set(node.kwargs) - {"dim", "input"}:
+        return None
+    x = args[0] if args else node.kwargs.get("input")
+    return glu_site(node, None, x, args[1] if len(args) > 1 else -1)
 
 
 _RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}

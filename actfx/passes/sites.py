@@ -17,9 +17,10 @@ from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
 from actfx.passes.site_activations import (
-    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _MAX_POOL_FUNCS, _PRELU_FUNCS, _REDUCED_EXTREMA,
-    _RELU_FUNCS, _dropout_site, _max_pool_functional, _max_pool_module, _relu_functional, _relu_like_site,
-    _relu_module, extremum_site, prelu_functional, prelu_site, reduced_extremum_site,
+    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
+    _REDUCED_EXTREMA, _RELU_FUNCS, _dropout_site, _max_pool_functional, _max_pool_module, _relu_functional,
+    _relu_like_site, _relu_module, extremum_site, glu_functional, glu_site, prelu_functional, prelu_site,
+    reduced_extremum_site,
 )
 from actfx.passes.site_attention import (
     _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
@@ -59,6 +60,8 @@ _MODULE_HANDLERS = [
     ((nn.Softmax,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
         node, path, node.args[0], m.dim, None) or None),
     ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6), _relu_module),
+    ((nn.GLU,), lambda node, path, m: len(node.args) == 1 and not node.kwargs and glu_site(
+        node, path, node.args[0], m.dim) or None),
     ((nn.PReLU,), lambda node, path, m: len(node.args) == 1 and not node.kwargs and prelu_site(
         node, path, node.args[0], lambda g: _get(g, path, "weight")) or None),
     ((nn.CrossEntropyLoss,), lambda node, path, m: len(node.args) == 2 and not node.kwargs and cross_entropy_site(
@@ -170,6 +173,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return reduced_extremum_site(node, _REDUCED_EXTREMA[t])
         if t in _PRELU_FUNCS:
             return prelu_functional(node)
+        if t in _GLU_FUNCS:
+            return glu_functional(node)
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
