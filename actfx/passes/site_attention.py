@@ -91,6 +91,25 @@ _PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div"
 _PRODUCT_METHODS = {"mul": "mul", "div": "div", "true_divide": "div", "matmul": "matmul", "bmm": "matmul"}
 
 
+_ADDCMUL = (torch.addcmul, torch.ops.aten.addcmul.default, "addcmul")
+
+
+def addcmul_site(node):
+    """``addcmul(input, t1, t2, value=v)`` (ResMLP's affine layers): the two factors as a product."""
+    args = list(node.args)
+    kwargs = dict(node.kwargs)
+    value = kwargs.pop("value", 1)
+    if len(args) != 3 or kwargs or not isinstance(value, (int, float)) or not all(
+            isinstance(a, Node) for a in args):
+        return None
+    base, t1, t2 = args
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(products.addcmul, (value, tuple(specs), env[base], *runs[0], *runs[1])), {}
+
+    return Site(node, "addcmul", None, [t1, t2], emit)
+
+
 def _product(node, op):
     a = bind("div" if op == "div" else "binary", node.args, node.kwargs)
     if a is None or a.get("rounding_mode") is not None:

@@ -23,8 +23,8 @@ from actfx.passes.site_activations import (
     reduced_extremum_site,
 )
 from actfx.passes.site_attention import (
-    _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
-    _softmax_functional, _softmax_site,
+    _ADDCMUL, _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
+    _softmax_functional, _softmax_site, addcmul_site,
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
@@ -175,6 +175,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return prelu_functional(node)
         if t in _GLU_FUNCS:
             return glu_functional(node)
+        if t in _ADDCMUL:
+            return addcmul_site(node)
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
@@ -196,6 +198,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return extremum_site(node, *_EXTREMUM_METHODS[name])
         if name in _REDUCED_EXTREMA:
             return reduced_extremum_site(node, _REDUCED_EXTREMA[name])
+        if name in _ADDCMUL:
+            return addcmul_site(node)
         if name == "softmax":
             return _softmax_functional(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:

@@ -77,3 +77,49 @@ def product(op, specs, *flat):
     if op != "matmul" and not all(isinstance(v, torch.Tensor) for v in (a, b)):
         return fn(a, b)  # a scalar factor: autograd saves nothing for the tensor side
     return _Product.apply(op, specs, *flat)
+
+
+class _AddCMul(torch.autograd.Function):
+    """``addcmul(input, t1, t2, value)``: each factor's gradient is linear in the other factor,
+    which is kept (packed) only when that gradient is needed; ``input`` needs nothing."""
+
+    @staticmethod
+    def forward(ctx, value, specs, base, *flat):
+        t1, t2 = values_of(specs, flat)
+        out = torch.addcmul(base, t1, t2, value=value)
+        width = spec_width(specs[0])
+        ctx.second = 3 + width
+        need_1, need_2 = ctx.needs_input_grad[3], ctx.needs_input_grad[ctx.second]
+        plans, storage = [], []
+        for spec, run, kept in zip(specs, (flat[:width], flat[width:]), (need_2, need_1)):
+            plan, store = split_all([spec], run) if kept else ([None], [])
+            plans += plan
+            storage += store
+        ctx.plans, ctx.value = plans, value
+        ctx.like = [(v.shape, v.dtype) for v in (base, t1, t2)]
+        ctx.save_for_backward(*storage)
+        return not_a_view(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward("addcmul")
+        it = iter(ctx.saved_tensors)
+        t1, t2 = (None if plan is None else materialize(plan, it) for plan in ctx.plans)
+        g = grad_out
+        grads = [None] * len(ctx.needs_input_grad)
+        wanted = ((2, g, ctx.like[0]),
+                  (3, g * t2 * ctx.value if ctx.needs_input_grad[3] else None, ctx.like[1]),
+                  (ctx.second, g * t1 * ctx.value if ctx.needs_input_grad[ctx.second] else None, ctx.like[2]))
+        for pos, grad, (shape, dtype) in wanted:
+            if grad is not None and ctx.needs_input_grad[pos]:
+                grads[pos] = (grad.sum_to_size(shape) if grad.shape != shape else grad).to(dtype)
+        return tuple(grads)
+
+
+def addcmul(value, specs, base, *flat):
+    """``torch.addcmul(base, t1, t2, value=value)``; ``flat`` holds the factors' saved-value runs."""
+    t1, t2 = values_of(specs, flat)
+    tensors = [v for v in (base, t1, t2) if isinstance(v, torch.Tensor)]
+    if len(tensors) != 3 or not needs_saving(*tensors) or not all(t.is_floating_point() for t in tensors):
+        return torch.addcmul(base, t1, t2, value=value)
+    return _AddCMul.apply(value, specs, base, *flat)
