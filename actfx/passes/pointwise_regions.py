@@ -94,8 +94,8 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], No
 
     From the last node back, each element-wise node not yet taken grows a region over its
     element-wise inputs whose every reader is already in it; the region stands if what it reads
-    from outside is one tensor. Nodes of a region that does not stand are tried again as outputs
-    of smaller ones.
+    from outside is one tensor, else the output op alone is tried. Nodes of a region that does
+    not stand are tried again as outputs of smaller ones.
     """
     nodes = list(graph.nodes)
     order = {node: i for i, node in enumerate(nodes)}
@@ -113,6 +113,11 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], No
                     region.add(a)
                     stack.append(a)
         outside = {a for m in region for a in m.all_input_nodes if a not in region}
+        if len(outside) != 1 and len(region) > 1:
+            # ``exp(A * dt)`` (Mamba), ``exp(a - b)`` (RWKV): the chain reads two values, but its
+            # last op alone reads one
+            region = {out}
+            outside = set(out.all_input_nodes)
         if len(outside) != 1:
             continue
         x = outside.pop()

@@ -36,10 +36,13 @@ class _FromPackedDerivative(torch.autograd.Function):
         return (None, None, None, (grad_out * d).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-def from_packed_derivative(fn, name: str, spec, x, *run):
+def from_packed_derivative(fn, name: str, spec, x, *run, in_place: bool = False):
     """``fn(x)`` (element-wise) whose backward is ``g * d``, ``d`` read from the packed run (its
-    head: the derivative); plain ``fn(x)`` when nothing was packed or no backward will run."""
-    if run[0] is None or not needs_saving(x):
+    head: the derivative); plain ``fn(x)`` when no backward will run, or when the derivative was
+    too small to pack: then PyTorch's own saves, often shared with the next op (an exp's output,
+    which the product after it keeps anyway), cost no more than an exact copy of ``d``. Not for
+    an op ``in_place`` (its result is copied into ``x``, which ``fn`` may have saved)."""
+    if run[0] is None or not needs_saving(x) or (spec[0] == "packed" and run[1] is None and not in_place):
         return fn(x)
     return _FromPackedDerivative.apply(fn, name, spec, x, *run)
 
@@ -84,7 +87,7 @@ class Pointwise:
 
     def apply(self, spec, x, *run):
         """``fn(x)``, with a backward that reads the packed derivative run (its head: ``f'(x)``)."""
-        out = from_packed_derivative(self.fn, self.name, spec, x, *run)
+        out = from_packed_derivative(self.fn, self.name, spec, x, *run, in_place=self.inplace)
         if self.inplace:
             return x.copy_(out)  # a view keeps its base's history through CopySlices
         return out
