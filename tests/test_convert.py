@@ -529,3 +529,25 @@ def test_a_forward_that_assigns_attributes_runs_as_written():
     with pytest.raises(RuntimeError, match="assigns the attribute 'features'"):
         actfx.convert(model, bits=8, example_inputs=(x,))
     assert not hasattr(model, "features") and model.calls == 0
+
+
+class _Aliases(torch.nn.Module):
+    """Products spelled with PyTorch's aliases (ConvBert: ``torch.multiply``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b, self.out = torch.nn.Linear(16, 64), torch.nn.Linear(16, 64), torch.nn.Linear(64, 4)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return self.out(torch.multiply(a, torch.sigmoid(b)) + a.divide(b.exp()) + a.multiply(b))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_product_aliases_are_converted_as_products(exported):
+    torch.manual_seed(0)
+    model, x = _Aliases(), torch.randn(32, 16)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
+    assert torch.equal(converted(x), model(x))
+    kinds = [d.kind for d in converted._actfx_record.decisions]
+    assert kinds.count("mul") == 2 and kinds.count("div") == 1

@@ -107,7 +107,10 @@ _FUNCTIONS: dict = {
         F.scaled_dot_product_attention, "query", "key", "value",
         keywords=("attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")),
     aten.mul.Tensor: _call(operator.mul, "self", "other"),
+    aten.multiply.Tensor: _call(operator.mul, "self", "other"),  # ConvBert spells it torch.multiply
     aten.div.Tensor: _call(operator.truediv, "self", "other"),
+    aten.divide.Tensor: _call(operator.truediv, "self", "other"),
+    aten.true_divide.Tensor: _call(operator.truediv, "self", "other"),
     aten.add.Tensor: _call(operator.add, "self", "other", when=_alpha_one),
     aten.sub.Tensor: _call(operator.sub, "self", "other", when=_alpha_one),
     aten.neg.default: _call(operator.neg, "self"),

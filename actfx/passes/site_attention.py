@@ -85,10 +85,12 @@ def _product_site(node, op, a, b):
     return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else ())
 
 
-_PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
+_PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", torch.multiply: "mul", operator.truediv: "div",
+                  torch.div: "div", torch.divide: "div",
                   torch.true_divide: "div", operator.matmul: "matmul", torch.matmul: "matmul",
                   torch.bmm: "matmul"}
-_PRODUCT_METHODS = {"mul": "mul", "div": "div", "true_divide": "div", "matmul": "matmul", "bmm": "matmul"}
+_PRODUCT_METHODS = {"mul": "mul", "multiply": "mul", "div": "div", "divide": "div", "true_divide": "div",
+                    "matmul": "matmul", "bmm": "matmul"}
 
 
 _ADDCMUL = (torch.addcmul, torch.ops.aten.addcmul.default, "addcmul")
