@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import operator
 
+import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Node
@@ -12,7 +13,7 @@ from torch.fx.node import map_arg
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
-from actfx.variants import batchnorm, conv, embedding, linear, normalize, norms, rmsnorm, vector_norm
+from actfx.variants import batchnorm, conv, embedding, grid_sample, linear, normalize, norms, rmsnorm, vector_norm
 
 
 # ---------------------------------------------------------------- convolution and linear
@@ -79,6 +80,35 @@ def _conv_functional(node):
                       tup(a["padding"]), tup(a["dilation"]),
                       tup(a.get("output_padding", 0)), a["groups"],
                       kind="conv_transpose" if transposed else "conv")
+
+
+_GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
+_GRID_PADDINGS = {"zeros": 0, "border": 1, "reflection": 2}
+_GRID_SAMPLERS = (F.grid_sample, torch.grid_sampler, torch.ops.aten.grid_sampler.default)
+
+
+def grid_sample_site(node):
+    """``F.grid_sample`` (or the ``grid_sampler`` it calls): input packed, grid exact."""
+    if node.target is F.grid_sample:
+        a = bind("grid_sample", node.args, node.kwargs)
+        if a is None or a["mode"] not in _GRID_MODES or a["padding_mode"] not in _GRID_PADDINGS:
+            return None
+        mode, padding = _GRID_MODES[a["mode"]], _GRID_PADDINGS[a["padding_mode"]]
+        align = bool(a["align_corners"])  # None is False (F.grid_sample warns about it itself)
+    else:
+        a = bind("grid_sampler", node.args, node.kwargs)
+        if a is None:
+            return None
+        mode, padding, align = a["interpolation_mode"], a["padding_mode"], a["align_corners"]
+    if not all(isinstance(v, int) for v in (mode, padding)) or not isinstance(align, bool):
+        return None
+    x, grid = a["input"], a["grid"]
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(grid_sample.grid_sample, (specs[0], mode, padding, align, _env(env, grid),
+                                                             *runs[0])), {}
+
+    return Site(node, "grid_sample", None, [x], emit)
 
 
 def _linear_site(node, path, x, weight, bias):

@@ -32,7 +32,8 @@ from actfx.passes.site_elementwise import (
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
-    _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module, embedding_site,
+    _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
+    embedding_site, grid_sample_site,
     normalize_site, rms_normalize_site, vector_norm_site,
 )
 from actfx.passes.capture import has_hooks
@@ -177,6 +178,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return glu_functional(node)
         if t in _ADDCMUL:
             return addcmul_site(node)
+        if t in _GRID_SAMPLERS:
+            return grid_sample_site(node)
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
