@@ -198,3 +198,28 @@ def test_a_derivative_too_small_to_pack_costs_no_more_than_pytorchs_saves():
     with count_saved(converted) as after:
         kept = converted(x)  # noqa: F841
     assert after.activation_bytes <= before.activation_bytes
+
+
+class _MoreUnary(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(32, 32) for _ in range(7))
+
+    def forward(self, x):
+        x = F.softsign(self.layers[0](x))
+        x = F.tanhshrink(self.layers[1](x))
+        x = F.softshrink(self.layers[2](x), 0.1)
+        x = torch.erf(self.layers[3](x))
+        x = self.layers[4](x).expm1()
+        return self.layers[6](torch.log1p(self.layers[5](x).square()))
+
+
+def test_functional_composites_and_more_unary_ops_are_covered_under_fx():
+    """``F.softsign`` / ``F.tanhshrink`` are Python composites with no ATen op of their name:
+    fx left them (and erf, expm1, log1p, square) uncovered, keeping their inputs."""
+    torch.manual_seed(0)
+    model, x = _MoreUnary(), torch.randn(64, 32)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), model(x))
+    assert not converted._actfx_record.uncovered
+    assert {"softsign", "tanhshrink", "softshrink", "erf", "expm1"} <= {d.kind for d in converted._actfx_record.decisions}

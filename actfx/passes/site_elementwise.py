@@ -179,9 +179,13 @@ _ELEMENTWISE = {
     F.log_softmax: "log_softmax", torch.pow: "pow", torch.rsqrt: "rsqrt", torch.exp: "exp",
     torch.log: "log", torch.sqrt: "sqrt", torch.sin: "sin", torch.cos: "cos", F.scaled_dot_product_attention: "sdpa",
     torch.log_softmax: "log_softmax", F.normalize: "normalize",
+    F.softsign: "softsign", F.tanhshrink: "tanhshrink", F.softshrink: "softshrink", F.hardshrink: "hardshrink",
+    torch.erf: "erf", torch.log1p: "log1p", torch.expm1: "expm1", torch.reciprocal: "reciprocal",
+    torch.square: "square",
 }
 _ELEMENTWISE_METHODS = {name: getattr(torch.Tensor, name) for name in
-                        ("sigmoid", "tanh", "log_softmax", "pow", "rsqrt", "exp", "log", "sqrt", "sin", "cos")}
+                        ("sigmoid", "tanh", "log_softmax", "pow", "rsqrt", "exp", "log", "sqrt", "sin", "cos", "erf",
+                         "log1p", "expm1", "reciprocal", "square")}
 _SHAPE_ONLY = {F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool"}
