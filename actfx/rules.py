@@ -82,6 +82,9 @@ RULES: dict[object, Rule] = {
     aten.convolution: Rule(Kind.PRODUCT, linear_args=(2,)),
     # (grad_input, grad_weight, grad_bias) read (grad, weight), (grad, input), (grad)
     aten.convolution_backward: Rule(Kind.PRODUCT, outputs=((0, 2), (0, 1), (0,))),
+    # (grad_input, grad_grid) read (grad, grid), (grad, input, grid); the grid exact (sample positions)
+    aten.grid_sampler_2d_backward: Rule(Kind.PRODUCT, exact=(2,), outputs=((0, 2), (0, 1, 2))),
+    aten.grid_sampler_3d_backward: Rule(Kind.PRODUCT, exact=(2,), outputs=((0, 2), (0, 1, 2))),
     aten.addmm: Rule(Kind.PRODUCT, linear_args=(0,)),
     aten.baddbmm: Rule(Kind.PRODUCT, linear_args=(0,)),
     aten.addcmul: Rule(Kind.PRODUCT, linear_args=(0,)),

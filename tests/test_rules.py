@@ -93,6 +93,14 @@ def test_convolution_backward_results_read_only_their_own_arguments():
     assert not noise_degree.biased_sources(gm.graph, saved)
 
 
+def test_grid_sample_backward_is_linear_in_the_input_and_needs_the_grid_exact():
+    grid = (2, 4, 4, 2)
+    gm, saved, _ = backward_like(
+        lambda g, x, p: torch.ops.aten.grid_sampler_2d_backward(g, x, p, 0, 0, False, [True, True])[1],
+        (2, 3, 4, 4), (2, 3, 8, 8), grid)
+    assert noise_degree.biased_sources(gm.graph, saved).keys() == {saved[1]}
+
+
 def test_registry_is_keyed_by_aten_ops_and_defaults_to_nonlinear():
     assert rule_for(aten.mm.default).kind is Kind.PRODUCT
     assert rule_for(aten.view.default).kind is Kind.LINEAR
