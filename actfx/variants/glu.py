@@ -15,8 +15,8 @@ from actfx.variants.saved import materialize_all, split_all, spec_width
 
 def factors(x, dim: int):
     """(sigmoid(b), a * sigmoid'(b)) in x's dtype, outside autograd; (None, None) without backward."""
-    if not (isinstance(x, torch.Tensor) and needs_saving(x)):
-        return None, None
+    if not (isinstance(x, torch.Tensor) and needs_saving(x)) or x.shape[dim] % 2:
+        return None, None  # an odd size: F.glu itself raises its own error
     with torch.no_grad():
         a, b = x.detach().chunk(2, dim)
         s = torch.sigmoid(b.float())
