@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 
+import actfx
 from actfx.accounting import count_saved
 
 
@@ -21,3 +24,36 @@ def assert_same_forward_and_fewer_bytes(model, converted, x, factor):
     assert packed.activation_bytes < baseline.activation_bytes / factor, (
         baseline.activation_bytes, packed.activation_bytes)
     got.sum().backward()
+
+
+def parameter_grads(model, x):
+    """The gradient of ``model(x).square().sum()`` over every parameter, as one vector."""
+    return torch.cat([g.flatten() for g in torch.autograd.grad(model(x).square().sum(), list(model.parameters()))])
+
+
+def assert_converted(model, x, kinds: dict, *, exported: bool, factor: float | None = None):
+    """At 8 bits: the same output, each op kind in ``kinds`` converted that many times, and a
+    gradient within 3% of the exact one; with ``factor``, at 2 bits that many times fewer bytes
+    kept for backward (``assert_same_forward_and_fewer_bytes``)."""
+    example = (x,) if exported else None
+    converted = actfx.convert(model, bits=8, example_inputs=example)
+    assert torch.equal(converted(x), model(x))
+    converted_kinds = [d.kind for d in converted._actfx_record.decisions]
+    for kind, count in kinds.items():
+        assert converted_kinds.count(kind) == count, (kind, converted_kinds)
+    exact = parameter_grads(model, x)
+    assert (parameter_grads(converted, x) - exact).norm() / exact.norm() < 0.03
+    if factor is not None:
+        assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2, example_inputs=example), x, factor)
+
+
+def assert_unbiased(model, x, k: int = 32):
+    """At 2 bits one step's gradient is noisy, and the mean of ``k`` steps approaches the exact
+    one as 1/sqrt(k) (within 1.5x): the rounding noise averages out."""
+    exact = parameter_grads(model, x)
+    converted = actfx.convert(model, bits=2)
+    grads = [parameter_grads(converted, x) for _ in range(k)]
+    one = sum((g - exact).norm() for g in grads) / k
+    mean = (sum(grads) / k - exact).norm()
+    assert one > 1e-3 * exact.norm()
+    assert mean < 1.5 * one / math.sqrt(k)

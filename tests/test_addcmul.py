@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
 
-import actfx
-from actfx.accounting import count_saved
+from checks import assert_converted, assert_unbiased
 
 
 class _Affine(nn.Module):
@@ -26,35 +23,12 @@ class _Affine(nn.Module):
         return self.out(torch.tanh(h))
 
 
-def _grads(model, x):
-    return torch.cat([g.flatten() for g in torch.autograd.grad(model(x).square().sum(), list(model.parameters()))])
-
-
 @pytest.mark.parametrize("exported", [False, True])
 def test_addcmul_is_converted(exported):
     torch.manual_seed(0)
-    model, x = _Affine(), torch.randn(32, 16, 64)
-    converted = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
-    assert torch.equal(converted(x), model(x))
-    assert [d.kind for d in converted._actfx_record.decisions].count("addcmul") == 2
-    exact = _grads(model, x)
-    assert (_grads(converted, x) - exact).norm() / exact.norm() < 0.03
-    with count_saved(model) as before:
-        kept = model(x)  # noqa: F841
-    narrow = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
-    with count_saved(narrow) as after:
-        kept = narrow(x)  # noqa: F841
-    assert after.activation_bytes < before.activation_bytes / 6
+    assert_converted(_Affine(), torch.randn(32, 16, 64), {"addcmul": 2}, exported=exported, factor=6)
 
 
 def test_addcmul_gradients_are_unbiased_at_2_bits():
     torch.manual_seed(0)
-    model, x = _Affine(), torch.randn(8, 16, 64)
-    exact = _grads(model, x)
-    converted = actfx.convert(model, bits=2)
-    k = 32
-    grads = [_grads(converted, x) for _ in range(k)]
-    one = sum((g - exact).norm() for g in grads) / k
-    mean = (sum(grads) / k - exact).norm()
-    assert one > 1e-3 * exact.norm()
-    assert mean < 1.5 * one / math.sqrt(k)
+    assert_unbiased(_Affine(), torch.randn(8, 16, 64))

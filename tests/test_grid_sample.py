@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 import actfx
-from actfx.accounting import count_saved
+from checks import assert_converted, assert_same_forward_and_fewer_bytes, assert_unbiased
 
 
 class _Deformable(nn.Module):
@@ -32,35 +30,15 @@ class _Deformable(nn.Module):
         return self.head(sampled.mean((2, 3)) + sampled.amax((2, 3)))
 
 
-def _grads(model, x):
-    return torch.cat([g.flatten() for g in torch.autograd.grad(model(x).square().sum(), list(model.parameters()))])
-
-
 @pytest.mark.parametrize("mode, padding", [("bilinear", "zeros"), ("bicubic", "border"), ("nearest", "reflection")])
 @pytest.mark.parametrize("exported", [False, True])
 def test_grid_sample_is_converted(mode, padding, exported):
     torch.manual_seed(0)
-    model, x = _Deformable(mode, padding), torch.randn(2, 3, 32, 32)
-    converted = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
-    assert torch.equal(converted(x), model(x))
-    assert "grid_sample" in [d.kind for d in converted._actfx_record.decisions]
-    exact = _grads(model, x)
-    assert (_grads(converted, x) - exact).norm() / exact.norm() < 0.03
+    assert_converted(_Deformable(mode, padding), torch.randn(2, 3, 32, 32), {"grid_sample": 1}, exported=exported)
 
 
 def test_grid_sample_holds_less_and_is_unbiased_at_2_bits():
     torch.manual_seed(0)
     model, x = _Deformable(), torch.randn(2, 3, 32, 32)
-    with count_saved(model) as before:
-        kept = model(x)  # noqa: F841
-    converted = actfx.convert(model, bits=2)
-    with count_saved(converted) as after:
-        kept = converted(x)  # noqa: F841
-    assert after.activation_bytes < before.activation_bytes / 4
-    exact = _grads(model, x)
-    k = 32
-    grads = [_grads(converted, x) for _ in range(k)]
-    one = sum((g - exact).norm() for g in grads) / k
-    mean = (sum(grads) / k - exact).norm()
-    assert one > 1e-3 * exact.norm()
-    assert mean < 1.5 * one / math.sqrt(k)
+    assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2), x, 4)
+    assert_unbiased(model, x)
