@@ -152,6 +152,13 @@ def _reduced_dims(dim, ndim: int) -> list[int]:
     return sorted(d % ndim for d in dims) if dims else list(range(ndim))
 
 
+def _with_reduced_dims(t: torch.Tensor, dims: list[int], keepdim: bool) -> torch.Tensor:
+    """A reduction's result (or its gradient) with the reduced dims back as size 1."""
+    for d in dims if not keepdim else ():
+        t = t.unsqueeze(d)
+    return t
+
+
 class _ReducedExtremum(torch.autograd.Function):
     """``amax`` / ``amin`` over dims. Backward spreads the gradient evenly over the elements equal
     to the extremum (ATen's own formula, NaN slices included): one exact 1-bit mask at the
@@ -161,10 +168,7 @@ class _ReducedExtremum(torch.autograd.Function):
     def forward(ctx, op, dim, keepdim, x):
         out = torch.amax(x, dim, keepdim) if op == "amax" else torch.amin(x, dim, keepdim)
         dims = _reduced_dims(dim, x.dim())
-        restored = out.detach()
-        if not keepdim:
-            for d in dims:
-                restored = restored.unsqueeze(d)
+        restored = _with_reduced_dims(out.detach(), dims, keepdim)
         ctx.save_for_backward(pack_bits((x.detach() == restored).contiguous()))
         ctx.op, ctx.dims, ctx.keepdim, ctx.shape = op, dims, keepdim, x.shape
         return out
@@ -174,10 +178,7 @@ class _ReducedExtremum(torch.autograd.Function):
         refuse_double_backward(ctx.op)
         (codes,) = ctx.saved_tensors
         mask = unpack_bits(codes, ctx.shape)
-        grad = grad_out
-        if not ctx.keepdim:
-            for d in ctx.dims:
-                grad = grad.unsqueeze(d)
+        grad = _with_reduced_dims(grad_out, ctx.dims, ctx.keepdim)
         return None, None, None, (grad / mask.sum(ctx.dims, keepdim=True)) * mask
 
 
