@@ -110,9 +110,8 @@ _PRELU_FUNCS = (F.prelu, torch.prelu, torch.ops.aten.prelu.default, torch.ops.at
 
 
 def prelu_functional(node):
-    if len(node.args) != 2 or node.kwargs:
-        return None
-    return prelu_site(node, None, *node.args)
+    a = bind("prelu", node.args, node.kwargs)
+    return a and prelu_site(node, None, a["input"], a["weight"])
 
 
 def glu_site(node, path, x, dim):
@@ -133,11 +132,8 @@ _GLU_FUNCS = (F.glu, torch.ops.aten.glu.default)
 
 
 def glu_functional(node):
-    args = list(node.args) + [node.kwargs[k] for k in ("dim",) if k in node.kwargs]
-    if not 1 <= len(args) <= 2 or set(node.kwargs) - {"dim", "input"}:
-        return None
-    x = args[0] if args else node.kwargs.get("input")
-    return glu_site(node, None, x, args[1] if len(args) > 1 else -1)
+    a = bind("glu", node.args, node.kwargs)
+    return a and glu_site(node, None, a["input"], a["dim"])
 
 
 _RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}

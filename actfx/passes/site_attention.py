@@ -98,13 +98,12 @@ _ADDCMUL = (torch.addcmul, torch.ops.aten.addcmul.default, "addcmul")
 
 def addcmul_site(node):
     """``addcmul(input, t1, t2, value=v)`` (ResMLP's affine layers): the two factors as a product."""
-    args = list(node.args)
-    kwargs = dict(node.kwargs)
-    value = kwargs.pop("value", 1)
-    if len(args) != 3 or kwargs or not isinstance(value, (int, float)) or not all(
-            isinstance(a, Node) for a in args):
+    a = bind("addcmul", node.args, node.kwargs)
+    if a is None:
         return None
-    base, t1, t2 = args
+    base, t1, t2, value = a["input"], a["tensor1"], a["tensor2"], a["value"]
+    if not isinstance(value, (int, float)) or not all(isinstance(v, Node) for v in (base, t1, t2)):
+        return None
 
     def emit(graph, env, specs, runs, pack=None):
         return graph.call_function(products.addcmul, (value, tuple(specs), env[base], *runs[0], *runs[1])), {}
