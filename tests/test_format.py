@@ -300,6 +300,19 @@ def test_non_finite_groups_unpack_to_nan(bad, dtype):
     assert torch.isfinite(y[:64]).all() and torch.isfinite(y[96:]).all()
 
 
+def test_a_nan_whose_bits_round_to_a_number_still_marks_its_group():
+    """CUDA's NaN (0x7FFFFFFF) as a group's min and max: its step, rounded up to bf16, is -0.0, a
+    number; the group must still be stored as NaN (on an H200 the reference pack stored it as
+    finite and its meta differed from the Triton kernel's)."""
+    from actfx.kernels.reference import non_finite_groups, round_bf16_down, round_bf16_up
+
+    nan = torch.tensor([0x7FFFFFFF], dtype=torch.int32).view(torch.float32)  # CUDA arithmetic's NaN
+    mn, mx = torch.cat([nan, torch.tensor([1.0])]), torch.cat([nan, torch.tensor([2.0])])
+    step = round_bf16_up(torch.cat([nan, (mx[1:] - round_bf16_down(mn[1:])) / 3]))  # (mx - lo) / 3 on CUDA
+    assert torch.isfinite(step[0])  # the rounding alone hides the NaN
+    assert non_finite_groups(mn, mx, step).tolist() == [True, False]
+
+
 def test_nan_in_partial_last_group():
     x = torch.randn(40)
     x[35] = float("nan")

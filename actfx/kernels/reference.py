@@ -80,6 +80,13 @@ def round_bf16_up(v: torch.Tensor) -> torch.Tensor:
     return torch.where(bits < 0, bits & _HI_MASK, away).view(torch.float32)
 
 
+def non_finite_groups(mn: torch.Tensor, mx: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+    """Groups stored as NaN: a NaN or infinity among their values, or a range beyond fp32 / bf16.
+    Read from the statistics too, not only from the rounded step: rounding a NaN's bits can give
+    a number (CUDA's NaN, 0x7FFFFFFF, rounded up to bf16 is -0.0; seen on an H200)."""
+    return ~(torch.isfinite(step) & torch.isfinite(mn) & torch.isfinite(mx))
+
+
 class _Scratch:
     """Temporaries reused from chunk to chunk within one call.
 
@@ -210,7 +217,7 @@ def _quantize_chunk(
     mn, mx = torch.amin(groups, dim=1), torch.amax(groups, dim=1)  # 10x faster than aminmax on CPU
     lo = round_bf16_down(mn)
     step = round_bf16_up((mx - lo).mul_(inv_levels(bits)))
-    bad = ~torch.isfinite(step)  # a NaN or inf value, or a range beyond fp32 / bf16
+    bad = non_finite_groups(mn, mx, step)
     const = (mx == mn).logical_and_(~bad)
     step.masked_fill_(const, 0.0)
     ok = step > 0  # False for NaN
