@@ -86,7 +86,7 @@ def rounding_noise(x: torch.Tensor, bits: int, group_size: int, generator: torch
     """``round(x) - x`` for one draw of stochastic rounding to ``bits``, shaped like ``x``."""
     groups = _groups(x, group_size)
     lo, step, pos = _levels(groups, bits)
-    rounded = lo + step * (pos + torch.rand(pos.shape, generator=generator)).floor()
+    rounded = lo + step * (pos + torch.rand(pos.shape, generator=generator).to(pos.device)).floor()
     return (rounded - groups).reshape(-1)[: x.numel()].reshape(x.shape)
 
 
@@ -141,7 +141,7 @@ def _projection(out, generator) -> torch.Tensor:
     if not leaves:
         raise ValueError("the model's output does not depend on its parameters: nothing to calibrate; "
                          "pass loss_fn=... that returns a scalar loss")
-    return sum((t.float() * torch.randn(t.shape, generator=generator)).sum() for t in leaves)
+    return sum((t.float() * torch.randn(t.shape, generator=generator).to(t.device)).sum() for t in leaves)
 
 
 class _State:
