@@ -1,6 +1,7 @@
 """actfx against PyTorch's own tools, as measured in issue 11: held memory and step time.
 
     python benchmarks/compile_table.py [--models hf_gpt2 resnet50] [--threads 2] [--repeats 5]
+    python benchmarks/compile_table.py --device cuda     # the same table on a GPU
 
 Models: a Hugging Face GPT-2 (4 layers, d512, 8 heads, 256 tokens, batch 4, dropout 0; needs
 transformers) and ResNet-50 at batch 8 (224x224); loss = mean of the output. Each strategy's
@@ -8,11 +9,18 @@ memory is measured in a fresh process (RSS with MALLOC_MMAP_THRESHOLD_=65536, em
 cache): held = memory after forward minus before, median of 3 steps after the first; the first
 step (which compiles) is timed there alone. Step times: all strategies in one process,
 interleaved round-robin, median; ratios against the same run's torch.compile.
+
+On a GPU (``--device cuda``) this process measures everything: held = growth of
+``torch.cuda.memory_allocated`` across the forward (exact, so no fresh process is needed), step
+time between synchronizations, and CUDA kernels launched per step (torch.profiler). First steps
+share the process's Inductor caches (set TORCHINDUCTOR_CACHE_DIR to a fresh directory for cold
+ones), so later strategies can reuse kernels an earlier one compiled.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -34,7 +42,7 @@ STRATEGIES = ["eager", "actfx_convert2", "checkpoint", "compile", "compile_budge
               "actfx_compile2", "actfx_compile2_budget0.3"]
 
 
-def build(model_name: str):
+def build(model_name: str, device: str = "cpu"):
     torch.manual_seed(0)
     if model_name == "hf_gpt2":
         from transformers import GPT2Config, GPT2LMHeadModel
@@ -43,10 +51,10 @@ def build(model_name: str):
                          attn_pdrop=0.0, use_cache=False)
         model = GPT2LMHeadModel(cfg)
         x = torch.randint(0, cfg.vocab_size, (4, 256), generator=torch.Generator().manual_seed(0))
-        return model, x, lambda m, inp: m(input_ids=inp).logits.mean()
+        return model.to(device), x.to(device), lambda m, inp: m(input_ids=inp).logits.mean()
     model = build_model(model_name)
     x = torch.randn(8, 3, 224, 224, generator=torch.Generator().manual_seed(0))
-    return model, x, lambda m, inp: m(inp).mean()
+    return model.to(device), x.to(device), lambda m, inp: m(inp).mean()
 
 
 def prepare(strategy: str, model, x):
@@ -110,6 +118,104 @@ def time_worker(model_name: str, strategies: list[str], repeats: int) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
+def _kernels_per_step(step) -> int:
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        torch.cuda.synchronize()
+    return sum(1 for e in prof.events() if e.device_type == DeviceType.CUDA)
+
+
+def gpu_worker(model_name: str, strategies: list[str], repeats: int) -> dict:
+    """Every strategy in this process on the GPU: held bytes, first step, kernels, step times."""
+    torch._dynamo.config.cache_size_limit = 64
+    runs, rows = {}, {}
+    for name in strategies:
+        model, x, loss_fn = build(model_name, "cuda")
+        try:
+            prepared = prepare(name, model, x)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            loss_fn(prepared, x).backward()
+            torch.cuda.synchronize()
+            first = time.perf_counter() - t0
+            model.zero_grad(set_to_none=True)
+            held = []
+            for _ in range(3):
+                before = torch.cuda.memory_allocated()
+                loss = loss_fn(prepared, x)
+                held.append(torch.cuda.memory_allocated() - before)
+                loss.backward()
+                del loss
+                model.zero_grad(set_to_none=True)
+
+            def step(prepared=prepared, model=model, x=x, loss_fn=loss_fn):
+                loss_fn(prepared, x).backward()
+                model.zero_grad(set_to_none=True)
+
+            rows[name] = {"held_bytes": statistics.median(held), "first_step_s": first,
+                          "kernels": _kernels_per_step(step)}
+            runs[name] = step
+        except Exception as e:  # noqa: BLE001 - a strategy that fails is a row that says why
+            rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+        print(f"  ({name}: {json.dumps(rows[name])})", flush=True)
+    times = {name: [] for name in runs}
+    names = list(runs)
+    with _timing_turn():
+        _time_steps(runs, names, times, repeats)
+    for name, ts in times.items():
+        rows[name]["step_s"] = statistics.median(ts)
+    return rows
+
+
+@contextlib.contextmanager
+def _timing_turn():
+    """Exclusive use of the GPU while timing, when several benchmarks share one machine
+    (``ACTFX_TIMING_LOCK`` names a lock file; ``benchmarks/gpu_check.sh`` sets it)."""
+    path = os.environ.get("ACTFX_TIMING_LOCK")
+    if not path:
+        yield
+        return
+    import fcntl
+
+    with open(path) as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _time_steps(runs, names, times, repeats) -> None:
+    for r in range(repeats + 2):
+        order = names[r % len(names):] + names[:r % len(names)]
+        for name in order:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            runs[name]()
+            torch.cuda.synchronize()
+            if r > 1:
+                times[name].append(time.perf_counter() - t0)
+
+
+def _gpu_table(model: str, args) -> None:
+    """The GPU table for one model, measured in this process (partial rows print as they come)."""
+    print(f"\n{model} ({torch.cuda.get_device_name()}, torch {torch.__version__}): "
+          "held MB / step ms / vs compile / first step s / CUDA kernels per step", flush=True)
+    rows = gpu_worker(model, args.strategies, args.repeats)
+    base = rows.get("compile", {}).get("step_s")
+    for s in args.strategies:
+        r = rows[s]
+        if "error" in r:
+            print(f"  {s:26s} error: {r['error']}")
+            continue
+        ratio = f"{r['step_s'] / base:.2f}x" if base else "-"
+        print(f"  {s:26s} {r['held_bytes'] / 1e6:8.1f} MB  {r['step_s'] * 1e3:8.2f} ms  {ratio:>6s}  "
+              f"{r['first_step_s']:7.1f} s  {r['kernels']:6d}")
+
+
 def _run(args: list[str], memory: bool, threads: int) -> dict:
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if memory:
@@ -129,8 +235,13 @@ def main() -> None:
     p.add_argument("--strategies", nargs="+", default=STRATEGIES, choices=STRATEGIES)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     p.add_argument("--worker", choices=["memory", "time"], help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.device == "cuda":
+        for model in args.models:
+            _gpu_table(model, args)
+        return
     torch.set_num_threads(args.threads)
     if args.worker == "memory":
         print("RESULT " + json.dumps(memory_worker(args.models[0], args.strategies[0])))

@@ -34,7 +34,11 @@ AdamW state and buffers, which are counted exactly. ``--path compile``: the plan
 maxbatch: for ResNet-50 (224 px) converted at uniform 2 bits with AdamW, the largest batch whose
 full peak (parameters + AdamW state + buffers, counted, plus the measured step peak as in `peak`)
 stays under ``--limit``: predicted by bisection on the fake-tensor step (``step_bytes``), found by
-bisection on real steps, each batch in a fresh subprocess.
+bisection on real steps, each batch in a fresh subprocess. ``--device cuda``: the real steps run
+on the GPU in this process, their full peak read from the allocator (``max_memory_allocated``) with
+the allocator capped at ``--limit`` (``set_per_process_memory_fraction``), as on a card that size;
+a step that runs out of memory does not fit. It also prints the batch ``actfx.plan``'s GPU rule
+predicts (``planner.peak.largest_batch``: a 1 GiB margin and 1.10 fragmentation on the fake step).
 """
 
 from __future__ import annotations
@@ -289,7 +293,42 @@ def _bisect(fits, low: int, high: int) -> int:
     return low
 
 
-def maxbatch(name: str, limit: int) -> dict:
+def _cuda_full_peak(name: str, batch: int) -> int | None:
+    """Allocator peak (``max_memory_allocated``) of the second AdamW step of ``name`` converted at
+    uniform 2 bits, at ``batch`` on the GPU: parameters, AdamW state, gradients, the batch, held
+    activations and backward's working set. None when the step runs out of memory."""
+    import gc
+
+    torch.manual_seed(0)
+    SHAPES[name] = PEAK_SHAPES.get(name)
+    x, gen = _batch(name, batch, seed=0)
+    s = {"model": _model(name).cuda(), "x": x.cuda()}  # one dict, emptied after the step or its OOM
+
+    def step():
+        out = s["converted"](s["x"])
+        F.cross_entropy(out.flatten(0, -2).float(), s["y"].flatten()).backward()
+        s["optimizer"].step()
+        s["optimizer"].zero_grad(set_to_none=True)
+
+    try:
+        s["y"] = _labels(s["model"], s["x"], gen).cuda()
+        s["converted"] = actfx.convert(s["model"], bits=2)
+        s["optimizer"] = torch.optim.AdamW(s["model"].parameters(), lr=1e-4)
+        step()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated()
+    except torch.cuda.OutOfMemoryError:
+        return None
+    finally:
+        s.clear()
+        gc.collect()
+        torch.cuda.empty_cache()
+
+
+def maxbatch(name: str, limit: int, device: str = "cpu") -> dict:
     from actfx.planner.step_memory import step_bytes
     from actfx.report import static_costs
 
@@ -297,10 +336,31 @@ def maxbatch(name: str, limit: int) -> dict:
     fixed = (lambda c: c.param_bytes + c.optimizer_bytes + c.buffer_bytes)(static_costs(model, "adamw"))
     converted = actfx.convert(model, bits=2)
     shape = PEAK_SHAPES.get(name) or get_model_spec(name).input_shape
-    predicted = _bisect(lambda b: fixed + step_bytes(converted, (torch.empty(b, *shape, device="meta"),)) <= limit,
-                        0, 256)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
+
+    def predicted_fits(b):
+        return fixed + step_bytes(converted, (torch.empty(b, *shape, device="meta"),)) <= limit
+
+    high = 256
+    while predicted_fits(high):
+        high *= 2
+    predicted = _bisect(predicted_fits, 0, high)
     tried = {}
+    if device == "cuda":
+        # a card of `limit` bytes: the caching allocator refuses to grow past it (OutOfMemoryError)
+        torch.cuda.set_per_process_memory_fraction(min(1.0, limit / torch.cuda.get_device_properties(0).total_memory))
+
+        def fits_on_gpu(b):
+            peak = _cuda_full_peak(name, b)
+            tried[b] = peak if peak is not None else float("inf")
+            return peak is not None and peak <= limit
+
+        from actfx.planner.peak import largest_batch
+
+        found = _bisect(fits_on_gpu, 0, 2 * max(predicted, 1) + 1)
+        rule = largest_batch(model, converted, (torch.empty(64, *shape, device="meta"),), limit, optimizer="adamw")[0]
+        return {"model": name, "limit": limit, "predicted": predicted, "predicted_gpu_rule": rule, "found": found,
+                "tried": tried, "device": torch.cuda.get_device_name()}
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "OMP_NUM_THREADS": "1"}
 
     def fits(b):
         out = subprocess.run([sys.executable, __file__, "step-worker", name, str(b)], env=env, capture_output=True,
@@ -337,6 +397,8 @@ def main(argv=None) -> None:
                    help="quality (eager) and peak: actfx.plan's recompute= (auto, off, or a fraction of forward FLOPs)")
     p.add_argument("--path", choices=("eager", "compile"), default="eager",
                    help="quality and peak: plan for actfx.convert (eager) or actfx.compile (compile)")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="maxbatch: real steps on the GPU (allocator peak, memory capped at --limit) instead of CPU RSS")
     p.add_argument("--json", metavar="PATH")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -359,9 +421,13 @@ def main(argv=None) -> None:
     if a.what == "maxbatch":
         from actfx.units import parse_bytes
 
-        rows = [maxbatch(name, parse_bytes(a.limit)) for name in (a.models or ["resnet50"])]
+        rows = [maxbatch(name, parse_bytes(a.limit), a.device) for name in (a.models or ["resnet50"])]
         for r in rows:
-            tried = ", ".join(f"{b}: {v / 2**20:.0f} MiB" for b, v in sorted(r["tried"].items()))
+            tried = ", ".join(f"{b}: {v / 2**20:.0f} MiB" if v != float("inf") else f"{b}: out of memory"
+                              for b, v in sorted(r["tried"].items()))
+            if "device" in r:
+                print(f"on {r['device']}, allocator peak, memory capped at the limit; actfx.plan's GPU rule "
+                      f"(1 GiB margin, 1.10 fragmentation) predicts {r['predicted_gpu_rule']}:")
             print(f"{r['model']}: largest batch under {a.limit}: predicted {r['predicted']}, found {r['found']} "
                   f"(full peak per batch tried: {tried})")
         if a.json:
