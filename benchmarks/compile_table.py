@@ -32,7 +32,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from _memory import CpuProbe  # noqa: E402
+from _memory import CpuProbe, CudaProbe  # noqa: E402
 from _strategies import checkpoint_blocks  # noqa: E402
 
 import actfx  # noqa: E402
@@ -78,13 +78,12 @@ def prepare(strategy: str, model, x):
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 
-def memory_worker(model_name: str, strategy: str) -> dict:
-    model, x, loss_fn = build(model_name)
-    prepared = prepare(strategy, model, x)
-    probe = CpuProbe()
-    probe.check_env()
+def _first_step_and_held(prepared, model, x, loss_fn, probe) -> dict:
+    """The first step (it compiles), timed alone; then the bytes a forward holds, median of 3."""
+    probe.sync()
     t0 = time.perf_counter()
     loss_fn(prepared, x).backward()
+    probe.sync()
     first = time.perf_counter() - t0
     model.zero_grad(set_to_none=True)
     held = []
@@ -98,24 +97,44 @@ def memory_worker(model_name: str, strategy: str) -> dict:
     return {"held_bytes": statistics.median(held), "first_step_s": first}
 
 
+def memory_worker(model_name: str, strategy: str) -> dict:
+    model, x, loss_fn = build(model_name)
+    prepared = prepare(strategy, model, x)
+    probe = CpuProbe()
+    probe.check_env()
+    return _first_step_and_held(prepared, model, x, loss_fn, probe)
+
+
+def _interleaved_medians(runs: dict, repeats: int, warmup: int, sync=lambda: None) -> dict:
+    """Median seconds of each ``(step, model)`` in ``runs``, run round-robin (the order rotates
+    every round) after ``warmup`` untimed rounds; gradients are cleared outside the timing."""
+    names = list(runs)
+    times = {name: [] for name in names}
+    for r in range(repeats + warmup):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            step, model = runs[name]
+            sync()
+            t0 = time.perf_counter()
+            step()
+            sync()
+            elapsed = time.perf_counter() - t0
+            model.zero_grad(set_to_none=True)
+            if r >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _step(prepared, x, loss_fn):
+    return lambda: loss_fn(prepared, x).backward()
+
+
 def time_worker(model_name: str, strategies: list[str], repeats: int) -> dict:
     torch._dynamo.config.cache_size_limit = 64  # several compiled copies of one model's code
     runs = {}
     for name in strategies:
         model, x, loss_fn = build(model_name)
-        runs[name] = (prepare(name, model, x), model, x, loss_fn)
-    times = {name: [] for name in strategies}
-    for r in range(repeats + 1):
-        order = strategies[r % len(strategies):] + strategies[:r % len(strategies)]
-        for name in order:
-            prepared, model, x, loss_fn = runs[name]
-            t0 = time.perf_counter()
-            loss_fn(prepared, x).backward()
-            elapsed = time.perf_counter() - t0
-            model.zero_grad(set_to_none=True)
-            if r > 0:
-                times[name].append(elapsed)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+        runs[name] = (_step(prepare(name, model, x), x, loss_fn), model)
+    return _interleaved_medians(runs, repeats, warmup=1)
 
 
 def _kernels_per_step(step) -> int:
@@ -132,41 +151,23 @@ def gpu_worker(model_name: str, strategies: list[str], repeats: int) -> dict:
     """Every strategy in this process on the GPU: held bytes, first step, kernels, step times."""
     torch._dynamo.config.cache_size_limit = 64
     runs, rows = {}, {}
+    probe = CudaProbe(torch.device("cuda"))
     for name in strategies:
         model, x, loss_fn = build(model_name, "cuda")
         try:
             prepared = prepare(name, model, x)
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            loss_fn(prepared, x).backward()
-            torch.cuda.synchronize()
-            first = time.perf_counter() - t0
+            rows[name] = _first_step_and_held(prepared, model, x, loss_fn, probe)
+            runs[name] = (_step(prepared, x, loss_fn), model)
+            rows[name]["kernels"] = _kernels_per_step(runs[name][0])
             model.zero_grad(set_to_none=True)
-            held = []
-            for _ in range(3):
-                before = torch.cuda.memory_allocated()
-                loss = loss_fn(prepared, x)
-                held.append(torch.cuda.memory_allocated() - before)
-                loss.backward()
-                del loss
-                model.zero_grad(set_to_none=True)
-
-            def step(prepared=prepared, model=model, x=x, loss_fn=loss_fn):
-                loss_fn(prepared, x).backward()
-                model.zero_grad(set_to_none=True)
-
-            rows[name] = {"held_bytes": statistics.median(held), "first_step_s": first,
-                          "kernels": _kernels_per_step(step)}
-            runs[name] = step
         except Exception as e:  # noqa: BLE001 - a strategy that fails is a row that says why
             rows[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"}
+            runs.pop(name, None)
         print(f"  ({name}: {json.dumps(rows[name])})", flush=True)
-    times = {name: [] for name in runs}
-    names = list(runs)
     with _timing_turn():
-        _time_steps(runs, names, times, repeats)
-    for name, ts in times.items():
-        rows[name]["step_s"] = statistics.median(ts)
+        times = _interleaved_medians(runs, repeats, warmup=2, sync=probe.sync)
+    for name, t in times.items():
+        rows[name]["step_s"] = t
     return rows
 
 
@@ -186,18 +187,6 @@ def _timing_turn():
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _time_steps(runs, names, times, repeats) -> None:
-    for r in range(repeats + 2):
-        order = names[r % len(names):] + names[:r % len(names)]
-        for name in order:
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            runs[name]()
-            torch.cuda.synchronize()
-            if r > 1:
-                times[name].append(time.perf_counter() - t0)
 
 
 def _gpu_table(model: str, args) -> None:
