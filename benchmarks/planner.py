@@ -263,11 +263,8 @@ def step_worker(name: str, batch: int) -> dict:
     return {"batch": batch, "measured": _step_peak(actfx.convert(model, bits=2), model, x, y)}
 
 
-def _step_peak(converted, model, x, y) -> int:
-    """RSS peak of one AdamW training step of ``converted`` above the level before it (after a
-    warm-up step, so optimizer state and kernels exist already)."""
-    import gc
-
+def _adamw_step(converted, model, x, y):
+    """One training step of ``converted`` (cross-entropy, AdamW), as a function to call."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
     def step():
@@ -276,6 +273,15 @@ def _step_peak(converted, model, x, y) -> int:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    return step
+
+
+def _step_peak(converted, model, x, y) -> int:
+    """RSS peak of one AdamW training step of ``converted`` above the level before it (after a
+    warm-up step, so optimizer state and kernels exist already)."""
+    import gc
+
+    step = _adamw_step(converted, model, x, y)
     step()
     gc.collect()
     start = _rss("VmRSS")
@@ -303,21 +309,13 @@ def _cuda_full_peak(name: str, batch: int) -> int | None:
     SHAPES[name] = PEAK_SHAPES.get(name)
     x, gen = _batch(name, batch, seed=0)
     s = {"model": _model(name).cuda(), "x": x.cuda()}  # one dict, emptied after the step or its OOM
-
-    def step():
-        out = s["converted"](s["x"])
-        F.cross_entropy(out.flatten(0, -2).float(), s["y"].flatten()).backward()
-        s["optimizer"].step()
-        s["optimizer"].zero_grad(set_to_none=True)
-
     try:
         s["y"] = _labels(s["model"], s["x"], gen).cuda()
-        s["converted"] = actfx.convert(s["model"], bits=2)
-        s["optimizer"] = torch.optim.AdamW(s["model"].parameters(), lr=1e-4)
-        step()
+        s["step"] = _adamw_step(actfx.convert(s["model"], bits=2), s["model"], s["x"], s["y"])
+        s["step"]()
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        step()
+        s["step"]()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated()
     except torch.cuda.OutOfMemoryError:
