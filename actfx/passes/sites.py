@@ -8,6 +8,7 @@ a variant get ``None`` and stay as they are (correct, uncompressed, reported), e
 
 from __future__ import annotations
 
+import functools
 import operator
 
 import torch
@@ -112,6 +113,18 @@ def checkpoint_site(node: Node, path: str, module) -> Site:
     return _module_recompute_site(node, path, module, checkpoint=True)
 
 
+# Sites that read only the node, keyed by function, ATen overload or (for a method) its name.
+_NODE_SITES = {
+    **{t: functools.partial(extremum_site, op=op, fn=fn)
+       for t, (op, fn) in {**_EXTREMUM_FUNCS, **_EXTREMUM_METHODS}.items()},
+    **{t: functools.partial(reduced_extremum_site, op=op) for t, op in _REDUCED_EXTREMA.items()},
+    **dict.fromkeys(_PRELU_FUNCS, prelu_functional),
+    **dict.fromkeys(_GLU_FUNCS, glu_functional),
+    **dict.fromkeys(_ADDCMUL, addcmul_site),
+    **dict.fromkeys(_GRID_SAMPLERS, grid_sample_site),
+}
+
+
 def find_site(node: Node, modules: dict) -> Site | None:
     """The Site for ``node``, or None when actfx has no variant for it."""
     if node.op == "call_module":
@@ -168,18 +181,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _max_pool_functional(node)
         if t in _PRODUCT_FUNCS:
             return _product(node, _PRODUCT_FUNCS[t])
-        if t in _EXTREMUM_FUNCS:
-            return extremum_site(node, *_EXTREMUM_FUNCS[t])
-        if t in _REDUCED_EXTREMA:
-            return reduced_extremum_site(node, _REDUCED_EXTREMA[t])
-        if t in _PRELU_FUNCS:
-            return prelu_functional(node)
-        if t in _GLU_FUNCS:
-            return glu_functional(node)
-        if t in _ADDCMUL:
-            return addcmul_site(node)
-        if t in _GRID_SAMPLERS:
-            return grid_sample_site(node)
+        if t in _NODE_SITES:
+            return _NODE_SITES[t](node)
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
@@ -197,12 +200,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _relu_like_site(node, None, "relu", node.args[0], name == "relu_", (), None)
         if name in _PRODUCT_METHODS:
             return _product(node, _PRODUCT_METHODS[name])
-        if name in _EXTREMUM_METHODS:
-            return extremum_site(node, *_EXTREMUM_METHODS[name])
-        if name in _REDUCED_EXTREMA:
-            return reduced_extremum_site(node, _REDUCED_EXTREMA[name])
-        if name in _ADDCMUL:
-            return addcmul_site(node)
+        if name in _NODE_SITES:
+            return _NODE_SITES[name](node)
         if name == "softmax":
             return _softmax_functional(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:
