@@ -11,7 +11,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from checks import parameter_grads
-from test_compiled import Block, ResidualCnn
+from test_compiled import Block, ResidualCnn, _activations
 
 import actfx
 from actfx.passes.saved_plan import Storage
@@ -34,11 +34,6 @@ def _assert_unbiased(grads, exact):
     assert mean < 1.5 * one / math.sqrt(k), (float(mean), float(one))
 
 
-def _activations(compiled):
-    plan = compiled._actfx_compiled.plans[-1]
-    return [v for v in plan.saved if v.reason not in ("parameter", "graph input")]
-
-
 def test_compiled_cnn_matches_torch_compile_with_masks_and_8_bit_gradients():
     torch.manual_seed(0)
     model, x = ResidualCnn().to(CUDA), torch.randn(8, 3, 32, 32, device=CUDA)
@@ -47,7 +42,7 @@ def test_compiled_cnn_matches_torch_compile_with_masks_and_8_bit_gradients():
     exact = _grads(model, reference, x)
     grad = _grads(model, compiled, x)
     assert (grad - exact).norm() / exact.norm() < 0.03
-    values = _activations(compiled)
+    values = _activations(compiled._actfx_compiled.plans[-1])
     assert any(v.storage is Storage.MASK for v in values)
     assert any(v.storage is Storage.PACKED and v.bits == 8 for v in values)
 
@@ -60,7 +55,7 @@ def test_compiled_transformer_is_identical_forward_and_unbiased():
     exact = _grads(model, reference, x)
     _assert_unbiased([_grads(model, compiled, x) for _ in range(16)], exact)
     plan = compiled._actfx_compiled.plans[-1]
-    assert any(v.storage is Storage.PACKED and v.bits == 2 for v in _activations(compiled))
+    assert any(v.storage is Storage.PACKED and v.bits == 2 for v in _activations(compiled._actfx_compiled.plans[-1]))
     assert plan.bytes_before / plan.bytes_after > 2
 
 
@@ -106,7 +101,7 @@ def test_compiled_bf16_autocast_forward_identical_and_packed():
         out, ref = compiled(x), reference(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     out.float().square().mean().backward()
-    assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in _activations(compiled))
+    assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in _activations(compiled._actfx_compiled.plans[-1]))
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
