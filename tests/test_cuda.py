@@ -86,7 +86,8 @@ def test_compiled_packs_are_triton_code():
         if name == "actfx":
             packing = {k: v for k, v in kernels.items() if "tl.uint8" in v}
             for k, src in kernels.items():
-                print(f"{k}: stores uint8 {k in packing}, erf {'erf' in src}, reductions {src.count('tl.sum') + src.count('triton_helpers.m')}")
+                reductions = src.count("tl.sum") + src.count("triton_helpers.m")
+                print(f"{k}: stores uint8 {k in packing}, erf {'erf' in src}, reductions {reductions}")
             for k, src in packing.items():
                 print(f"--- {k}\n{src}")
             assert packing, sorted(kernels)
@@ -101,7 +102,8 @@ def test_compiled_bf16_autocast_forward_identical_and_packed():
         out, ref = compiled(x), reference(x)
     torch.testing.assert_close(out, ref, rtol=0, atol=0)
     out.float().square().mean().backward()
-    assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in _activations(compiled._actfx_compiled.plans[-1]))
+    values = _activations(compiled._actfx_compiled.plans[-1])
+    assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in values)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
@@ -158,7 +160,8 @@ def test_plan_on_cuda_inputs_holds_what_it_predicts():
 
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.BatchNorm2d(32), nn.ReLU(),
-                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 32 * 32, 10)).to(CUDA)
+                          nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Flatten(),
+                          nn.Linear(32 * 32 * 32, 10)).to(CUDA)
     x = torch.randn(16, 3, 32, 32, device=CUDA)
     with count_saved(model) as baseline:
         model(x)
