@@ -17,6 +17,22 @@ from actfx.variants.common import needs_saving, not_a_view, refuse_double_backwa
 from actfx.variants.saved import materialize, spec_width, split_all, values_of
 
 
+def _kept_factors(specs, flat, width: int, keep) -> tuple[list, list]:
+    """(plans, storage) of the two factors' runs (``flat[:width]``, ``flat[width:]``), each split
+    for saving only where ``keep`` says its partner's gradient reads it (else a None plan)."""
+    plans, storage = [], []
+    for spec, run, kept in zip(specs, (flat[:width], flat[width:]), keep):
+        plan, store = split_all([spec], run) if kept else ([None], [])
+        plans += plan
+        storage += store
+    return plans, storage
+
+
+def _as_input(grad, shape, dtype):
+    """A gradient summed over the dims broadcasting added, in its input's dtype."""
+    return (grad.sum_to_size(shape) if grad.shape != shape else grad).to(dtype)
+
+
 class _Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, specs, *flat):
@@ -26,12 +42,7 @@ class _Product(torch.autograd.Function):
         ctx.second = 2 + width
         need_a, need_b = ctx.needs_input_grad[2], ctx.needs_input_grad[ctx.second]
         # a is read by b's gradient (and by a division's gradient for b); b by both gradients of a division
-        keep = (need_b, need_a or (op == "div" and need_b))
-        plans, storage = [], []
-        for spec, run, kept in zip(specs, (flat[:width], flat[width:]), keep):
-            plan, store = split_all([spec], run) if kept else ([None], [])
-            plans += plan
-            storage += store
+        plans, storage = _kept_factors(specs, flat, width, (need_b, need_a or (op == "div" and need_b)))
         ctx.op, ctx.plans, ctx.compute = op, plans, out.dtype
         ctx.like = [(v.shape, v.dtype) if isinstance(v, torch.Tensor) else None for v in (a, b)]
         ctx.save_for_backward(*storage)
@@ -59,9 +70,7 @@ class _Product(torch.autograd.Function):
         grads = [None] * len(ctx.needs_input_grad)
         for pos, grad, like in ((2, ga, ctx.like[0]), (ctx.second, gb, ctx.like[1])):
             if grad is not None and like is not None:
-                if grad.shape != like[0]:
-                    grad = grad.sum_to_size(like[0])
-                grads[pos] = grad.to(like[1])
+                grads[pos] = _as_input(grad, *like)
         return tuple(grads)
 
 
@@ -90,11 +99,7 @@ class _AddCMul(torch.autograd.Function):
         width = spec_width(specs[0])
         ctx.second = 3 + width
         need_1, need_2 = ctx.needs_input_grad[3], ctx.needs_input_grad[ctx.second]
-        plans, storage = [], []
-        for spec, run, kept in zip(specs, (flat[:width], flat[width:]), (need_2, need_1)):
-            plan, store = split_all([spec], run) if kept else ([None], [])
-            plans += plan
-            storage += store
+        plans, storage = _kept_factors(specs, flat, width, (need_2, need_1))
         ctx.plans, ctx.value = plans, value
         ctx.like = [(v.shape, v.dtype) for v in (base, t1, t2)]
         ctx.save_for_backward(*storage)
@@ -112,7 +117,7 @@ class _AddCMul(torch.autograd.Function):
                   (ctx.second, g * t1 * ctx.value if ctx.needs_input_grad[ctx.second] else None, ctx.like[2]))
         for pos, grad, (shape, dtype) in wanted:
             if grad is not None and ctx.needs_input_grad[pos]:
-                grads[pos] = (grad.sum_to_size(shape) if grad.shape != shape else grad).to(dtype)
+                grads[pos] = _as_input(grad, shape, dtype)
         return tuple(grads)
 
 
