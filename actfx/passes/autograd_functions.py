@@ -26,9 +26,12 @@ def _caller(function: type):
 
 @contextlib.contextmanager
 def _apply_replaced(apply):
+    """``Function.apply`` routed through ``apply(original, cls, ...)``, ``original`` bound to
+    ``cls``. Bound with ``__get__`` because the stored attribute is a Python ``classmethod`` in
+    some torch releases and a C ``classmethod_descriptor`` (no ``__func__``) in others (2.14)."""
     original = torch.autograd.Function.__dict__["apply"]
-    torch.autograd.Function.apply = classmethod(lambda cls, *args, **kwargs: apply(original.__func__, cls, *args,
-                                                                                   **kwargs))
+    torch.autograd.Function.apply = classmethod(
+        lambda cls, *args, **kwargs: apply(original.__get__(None, cls), cls, *args, **kwargs))
     try:
         yield
     finally:
@@ -42,7 +45,7 @@ def functions_as_calls(tracer: Tracer):
     def apply(original, cls, *args, **kwargs):
         if any(isinstance(a, Proxy) for a in tree_leaves((args, kwargs))):
             return tracer.create_proxy("call_function", _caller(cls), args, kwargs)
-        return original(cls, *args, **kwargs)
+        return original(*args, **kwargs)
 
     return _apply_replaced(apply)
 
@@ -54,6 +57,6 @@ def inlined_functions(seen: list):
     def apply(original, cls, *args, **kwargs):
         if not cls.__module__.startswith("torch."):
             seen.append(cls.__qualname__)
-        return original(cls, *args, **kwargs)
+        return original(*args, **kwargs)
 
     return _apply_replaced(apply)
