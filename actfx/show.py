@@ -19,14 +19,14 @@ from rich.tree import Tree
 from actfx.breakdown import Row, breakdown, original_of
 from actfx.convert import is_converted
 from actfx.outputs import grad_leaves
-from actfx.passes.analyze import measure
+from actfx.passes.analyze import call_arguments, measure
 from actfx.units import format_bytes, format_ratio
 
 
 def show(model: nn.Module, example_inputs=None, *, console: Console | None = None, depth: int = 2) -> list[dict]:
     """Print the rewritten graph of a converted ``model`` (table, module tree, totals, ops left
-    uncovered with the reason) and return its rows. ``example_inputs``: a tensor or a tuple of
-    positional inputs; ``depth``: how many module levels the tree shows."""
+    uncovered with the reason) and return its rows. ``example_inputs``: a tensor, a tuple of
+    positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair; ``depth``: how many module levels the tree shows."""
     from actfx.compiled import compiled_record
 
     record = compiled_record(model)
@@ -55,11 +55,11 @@ def show(model: nn.Module, example_inputs=None, *, console: Console | None = Non
 def _training_step(model: nn.Module, example_inputs) -> None:
     """One forward and backward of a compiled model on ``example_inputs`` (real tensors), so the
     partitioner pass runs and records its plan; gradients it leaves are cleared."""
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    args, kwargs = call_arguments((example_inputs,) if isinstance(example_inputs, torch.Tensor) else example_inputs)
     was_training = model.training
     model.train()
     with torch.enable_grad():
-        out = model(*inputs)
+        out = model(*args, **kwargs)
         leaves = grad_leaves(out)
         if leaves:
             torch.autograd.backward([t.float().sum() for t in leaves])

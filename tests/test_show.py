@@ -220,3 +220,34 @@ def test_a_model_captured_by_torch_export_pairs_up_op_by_op():
     saving = [r for r in rows if r["after_bytes"]]
     assert saving and all(r["before_bytes"] for r in saving), saving
     assert {"linear", "gelu"} <= {r["op"] for r in saving}, [r["op"] for r in saving]
+
+
+class _Gated(nn.Module):
+    """A forward taking keywords, with an optional input, as Hugging Face models do."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 128), nn.Linear(128, 64)
+
+    def forward(self, x, gate=None, scale=1.0):
+        h = torch.nn.functional.gelu(self.a(x))
+        return self.b(h if gate is None else h * gate) * scale
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_inputs_given_by_keyword_are_measured_as_convert_takes_them(exported):
+    """``actfx.show`` takes ``example_inputs`` in convert's forms (a dict of keywords, an
+    ``(args, kwargs)`` pair); a dict used to reach the forward as one positional argument.
+    (fx's root graph is the one traced for the usual call, with ``gate`` left None.)"""
+    torch.manual_seed(0)
+    model, x, gate = _Gated(), torch.randn(8, 64), torch.rand(8, 128)
+    given = {"gate": gate} if exported else {}
+    converted = actfx.convert(model, bits=2, example_inputs=((x,), given) if exported else None)
+    positional = actfx.show(converted, (x, *given.values()), console=plain_console())
+    assert sum(r["after_bytes"] or 0 for r in positional) > 0
+    for form in ({"x": x, **given}, ((x,), given), ((), {**given, "x": x})):
+        rows = actfx.show(converted, form, console=plain_console())
+        assert [(r["node"], r["before_bytes"], r["after_bytes"]) for r in rows] == \
+            [(r["node"], r["before_bytes"], r["after_bytes"]) for r in positional]
+    with pytest.raises(TypeError, match="example inputs do not fit _Gated.forward"):
+        actfx.show(converted, {"y": x}, console=plain_console())

@@ -379,8 +379,9 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
     """Run ``module`` (original or converted) forward on fake tensors in train mode with grad
     enabled, and return what backward would keep, node by node.
 
-    ``inputs``: a tensor or a sequence of positional inputs; real, meta or fake tensors (only
-    their shapes and dtypes matter; fake ones must come from ``mode``). ``dtype`` stands in for
+    ``inputs``: a tensor, a tuple of positional inputs, a dict of keyword inputs or an
+    ``(args, kwargs)`` pair, as ``actfx.convert``'s ``example_inputs``; real, meta or fake
+    tensors (only their shapes and dtypes matter; fake ones must come from ``mode``). ``dtype`` stands in for
     ``module.to(dtype)``: floating parameters, buffers and inputs are taken in that dtype.
     ``like``: the converted version of ``module``; the original is then traced in the same
     pieces, so the two measurements line up node for node (``actfx.breakdown``).
@@ -389,6 +390,7 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
         raise TypeError(f"measure expects a torch.nn.Module, got {type(module).__name__}")
     if isinstance(inputs, torch.Tensor):
         inputs = (inputs,)
+    inputs = call_arguments(inputs)
     try:
         return _measure(module, inputs, mode or FakeTensorMode(allow_non_fake_inputs=True), dtype, like)
     except Exception as err:  # noqa: BLE001 - re-raised unless the forward reads tensor values
@@ -413,15 +415,17 @@ def _measure(module, inputs, mode, dtype, like) -> Measurement:
     context = mode if mode is not None else contextlib.nullcontext()
     graphs = _training_graphs(module, like)  # traced outside the fake mode
     state = {name: twin(t) for name, t in [*module.named_parameters(), *module.named_buffers()]}
-    args = [twin(x) if isinstance(x, torch.Tensor) and not isinstance(x, FakeTensor) else x for x in inputs]
+    args, kwargs = torch.utils._pytree.tree_map_only(
+        torch.Tensor, lambda x: x if isinstance(x, FakeTensor) else twin(x), inputs)
     if dtype is not None:
         with context:
-            args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
+            args, kwargs = torch.utils._pytree.tree_map_only(
+                torch.Tensor, lambda x: x.to(dtype) if x.is_floating_point() else x, (args, kwargs))
     recorder = _Recorder({t.untyped_storage()._cdata for t in state.values()})
     runner = _Runner(module, graphs, recorder, twin)
     with training_mode(module, True), context, torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-        out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args))
+        out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args), kwargs)
         recorder.finish()
     return Measurement(recorder.nodes, _total_tensor_bytes(out), graphs, on_real_tensors=mode is None)
 
@@ -443,11 +447,60 @@ class _Runner(nn.Module):
         self.model = model
         self.graphs, self.recorder, self.twin = graphs, recorder, twin
 
-    def forward(self, *args):
+    def forward(self, *args, **kwargs):
         if "" in self.graphs:
-            return _Attributing(self.model, self.graphs[""], "", self.recorder, self.graphs, self.twin).run(*args)
+            values = _placeholder_values(self.graphs[""], self.model, args, kwargs)
+            return _Attributing(self.model, self.graphs[""], "", self.recorder, self.graphs, self.twin).run(*values)
         with _per_module(self.model, self.recorder):
-            return self.model(*args)
+            return self.model(*args, **kwargs)
+
+
+def call_arguments(inputs) -> tuple[tuple, dict]:
+    """(args, kwargs) from a tuple of positional inputs, a dict of keyword inputs or an
+    ``(args, kwargs)`` pair (``actfx.convert``'s forms of ``example_inputs``)."""
+    if (isinstance(inputs, tuple) and len(inputs) == 2 and isinstance(inputs[0], tuple)
+            and isinstance(inputs[1], dict)):
+        return inputs
+    if isinstance(inputs, dict):
+        return (), dict(inputs)
+    return tuple(inputs), {}
+
+
+def _placeholder_values(graph: Graph, model: nn.Module, args: tuple, kwargs: dict) -> tuple:
+    """A root graph's inputs for a call with keywords: fx and torch.export name each placeholder
+    after the forward parameter it stands for, so values are matched by name (defaults fill the
+    rest, as the interpreter would)."""
+    if not kwargs:
+        return args
+    base = type(model).__bases__[0] if getattr(type(model), "_actfx_converted", False) else type(model)
+    signature = inspect.signature(base.forward)
+    try:
+        bound = signature.bind(None, *args, **kwargs)  # None stands for self
+    except TypeError as err:
+        raise TypeError(f"actfx: example inputs do not fit {base.__name__}.forward: {err}; pass them "
+                        "as a tuple of positional inputs, a dict of keyword inputs or an (args, kwargs) pair") from None
+    named = {}
+    for name, value in list(bound.arguments.items())[1:]:
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        else:
+            named[name] = value
+    values = []
+    for node in graph.nodes:
+        if node.op != "placeholder":
+            continue
+        name = str(node.target).lstrip("*")
+        if name in named:
+            values.append(named.pop(name))
+        elif node.args:
+            values.append(node.args[0])
+        else:
+            raise TypeError(f"actfx: no example input for {base.__name__}.forward's input {name!r}; "
+                            "pass it by name or position")
+    if any(isinstance(v, torch.Tensor) for v in named.values()):
+        raise TypeError(f"actfx: the traced {base.__name__}.forward does not take {sorted(k for k, v in named.items() if isinstance(v, torch.Tensor))} "
+                        "(captured without them); pass the inputs the model was converted with")
+    return tuple(values)
 
 
 @contextlib.contextmanager
