@@ -20,8 +20,8 @@ Each entry says how the noise *degree* of the op's output follows from its argum
 ``exact`` lists argument positions whose values must be exact (indices, conditions, divisors),
 ``shape_only`` those whose values are never read (``max_pool2d_with_indices_backward``'s input),
 ``outputs`` which arguments each result of a tuple-returning op reads.
-Adding an op is one entry in ``RULES``; ``tests/test_rules.py`` checks each kind's claim
-numerically (mean of K noisy evaluations against the exact one).
+Adding an op is one entry in ``RULES`` (``RULES_BY_NAME`` for other libraries' ops);
+``tests/test_rules.py`` checks each kind's claim numerically (mean of K noisy evaluations against the exact one).
 """
 
 from __future__ import annotations
@@ -85,6 +85,8 @@ RULES: dict[object, Rule] = {
     # (grad_input, grad_grid) read (grad, grid), (grad, input, grid); the grid exact (sample positions)
     aten.grid_sampler_2d_backward: Rule(Kind.PRODUCT, exact=(2,), outputs=((0, 2), (0, 1, 2))),
     aten.grid_sampler_3d_backward: Rule(Kind.PRODUCT, exact=(2,), outputs=((0, 2), (0, 1, 2))),
+    # mixture-of-experts grouped matmul (tokens, experts, group ends exact, bias)
+    aten._grouped_mm: Rule(Kind.PRODUCT, exact=(2,), linear_args=(3,)),
     aten.addmm: Rule(Kind.PRODUCT, linear_args=(0,)),
     aten.baddbmm: Rule(Kind.PRODUCT, linear_args=(0,)),
     aten.addcmul: Rule(Kind.PRODUCT, linear_args=(0,)),
@@ -109,6 +111,14 @@ RULES: dict[object, Rule] = {
     aten.sym_size: _SHAPE, aten.sym_numel: _SHAPE, aten.sym_stride: _SHAPE,
 }
 
+# Ops of other libraries, by qualified name (their library need not be imported).
+RULES_BY_NAME: dict[str, Rule] = {
+    # transformers' MoE grouped matmul (input, weight, offs) and its backward op
+    # (input, weight, offs, grad) -> (grad_input, grad_weight), reading (weight, grad), (input, grad)
+    "transformers::grouped_mm_fallback": Rule(Kind.PRODUCT, exact=(2,)),
+    "transformers::grouped_mm_fallback_backward": Rule(Kind.PRODUCT, exact=(2,), outputs=((1, 3), (0, 3))),
+}
+
 _NONLINEAR = Rule(Kind.NONLINEAR)
 
 
@@ -116,8 +126,10 @@ def rule_for(target) -> Rule:
     """The rule of an fx node's target (an OpOverload, its packet, or a Python callable)."""
     rule = RULES.get(target)
     if rule is None:
-        rule = RULES.get(getattr(target, "overloadpacket", None), _NONLINEAR)
-    return rule
+        rule = RULES.get(getattr(target, "overloadpacket", None))
+    if rule is None and isinstance(target, torch._ops.OpOverload):
+        rule = RULES_BY_NAME.get(target.name())
+    return rule or _NONLINEAR
 
 
 def power_rule(exponent) -> Kind | None:

@@ -101,6 +101,22 @@ def test_grid_sample_backward_is_linear_in_the_input_and_needs_the_grid_exact():
     assert noise_degree.biased_sources(gm.graph, saved).keys() == {saved[1]}
 
 
+def test_grouped_mm_backward_is_linear_in_the_tokens_and_needs_the_group_ends_exact():
+    """A mixture-of-experts layer's expert gradient: each expert's tokens times their gradients."""
+    args = [torch.randn(12, 4), torch.randn(12, 8), torch.tensor([4, 4, 12], dtype=torch.int32)]
+    gm = make_fx(lambda g, x, offs: torch._grouped_mm(x.t(), g, offs))(*args)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    placeholders[0]._rename("tangents_1")
+    saved = placeholders[1:]
+    assert noise_degree.biased_sources(gm.graph, saved).keys() == {saved[1]}
+
+
+def test_other_libraries_ops_are_keyed_by_name():
+    pytest.importorskip("transformers.integrations.moe")  # registers transformers' MoE ops
+    rule = rule_for(torch.ops.transformers.grouped_mm_fallback_backward.default)
+    assert rule.kind is Kind.PRODUCT and rule.exact == (2,) and rule.outputs == ((1, 3), (0, 3))
+
+
 def test_registry_is_keyed_by_aten_ops_and_defaults_to_nonlinear():
     assert rule_for(aten.mm.default).kind is Kind.PRODUCT
     assert rule_for(aten.view.default).kind is Kind.LINEAR

@@ -13,7 +13,9 @@ from torch.fx.node import map_arg
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
-from actfx.variants import batchnorm, conv, embedding, grid_sample, linear, normalize, norms, rmsnorm, vector_norm
+from actfx.variants import (
+    batchnorm, conv, embedding, grid_sample, grouped_mm, linear, normalize, norms, rmsnorm, vector_norm,
+)
 
 
 # ---------------------------------------------------------------- convolution and linear
@@ -109,6 +111,35 @@ def grid_sample_site(node):
                                                              *runs[0])), {}
 
     return Site(node, "grid_sample", None, [x], emit)
+
+
+def grouped_mm_implementation(target) -> str | None:
+    """Which grouped matmul an fx target is (``variants/grouped_mm.IMPLEMENTATIONS``), if any;
+    transformers' op is matched by name, so transformers need not be imported."""
+    if target in (torch._grouped_mm, torch.ops.aten._grouped_mm.default):
+        return "aten"
+    if isinstance(target, torch._ops.OpOverload) and target.name() == "transformers::grouped_mm_fallback":
+        return "transformers"
+    return None
+
+
+def grouped_mm_site(node):
+    """A mixture-of-experts grouped matmul: tokens packed; experts, group ends exact. Calls with
+    a bias or an output dtype stay as they are."""
+    implementation = grouped_mm_implementation(node.target)
+    schema = torch.ops.aten._grouped_mm.default._schema  # (self, mat2, offs, bias, out_dtype)
+    names = [a.name for a in schema.arguments]
+    a = dict(zip(names, node.args)) | {names[0] if k == "input" else names[1] if k == "weight" else k: v
+                                       for k, v in node.kwargs.items()}
+    if a.get("bias") is not None or a.get("out_dtype") is not None or not isinstance(a.get("offs"), Node):
+        return None
+    x, weight, offs = a["self"], a["mat2"], a["offs"]
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(grouped_mm.grouped_mm, (specs[0], implementation, _env(env, weight),
+                                                           _env(env, offs), *runs[0])), {}
+
+    return Site(node, "grouped_mm", None, [x], emit)
 
 
 def _linear_site(node, path, x, weight, bias):

@@ -34,7 +34,7 @@ from actfx.passes.site_elementwise import (
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
-    embedding_site, grid_sample_site,
+    embedding_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
     normalize_site, rms_normalize_site, vector_norm_site,
 )
 from actfx.passes.capture import has_hooks
@@ -183,6 +183,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _product(node, _PRODUCT_FUNCS[t])
         if t in _NODE_SITES:
             return _NODE_SITES[t](node)
+        if grouped_mm_implementation(t) is not None:
+            return grouped_mm_site(node)
         if t is F.cross_entropy:
             a = bind("cross_entropy", node.args, node.kwargs)
             if a is None or a["size_average"] is not None or a["reduce"] is not None:
