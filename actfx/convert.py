@@ -53,6 +53,8 @@ class ConversionRecord:
     capture_pending: bool = False
     # (shape, dtype) of each positional input of the last training call, for show() without inputs
     last_training_inputs: tuple | None = None
+    # module classes torch.export could not capture at a first call: not tried again in this model
+    export_refused: set = dataclasses.field(default_factory=set)
 
 
 def is_converted(module: nn.Module) -> bool:
@@ -217,7 +219,17 @@ def _convert_children(module, path, config, leaf_modules, record, err):
             if new is None:
                 new = _clone(module, type(module))
             new._modules[name] = converted
-    return new if new is not None else module
+    new = new if new is not None else module
+    if not path or not _has_own_forward(module):
+        return new  # the root is captured by convert(); containers are never called
+    # When the whole model cannot be captured either (a custom autograd.Function elsewhere,
+    # data-dependent control flow), torch.export captures this module at its first call.
+    forward = capture_at_first_call(module, config, record, _exported_forward, path=path)
+    return _attach_seed(_clone(new, _converted_class(type(module), {True: forward})), path, module)
+
+
+def _has_own_forward(module: nn.Module) -> bool:
+    return type(module).forward is not nn.Module.forward and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
 
 
 def _convert_leaf(module, path, config, record):
@@ -249,20 +261,20 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
     return new
 
 
-def _exported_forward(model, example_inputs, config, record):
-    """(rewritten training forward, ExportedCall) of ``model`` captured by torch.export; the
-    decisions and graph go into ``record``."""
+def _exported_forward(model, example_inputs, config, record, path: str = ""):
+    """(rewritten training forward, ExportedCall) of ``model`` (the module at ``path``) captured
+    by torch.export; the decisions and graph go into ``record``."""
     from actfx.passes.export_capture import export_graph, exported_call
 
     gm = export_graph(model, example_inputs)
-    record.captured[""] = copy_graph(gm.graph)  # the rewrite changes gm's graph in place
-    graph, decisions, uncovered = rewrite_graph(gm, config, "")
+    record.captured[path] = copy_graph(gm.graph)  # the rewrite changes gm's graph in place
+    graph, decisions, uncovered = rewrite_graph(gm, config, path)
     graph.set_codegen(gm.graph._codegen)
     record.decisions.extend(decisions)
-    record.uncovered.extend(_uncovered_node(node, gm, "") for node in uncovered)
-    record.graphs[""] = {True: graph}
-    forward = _compile_forward(graph, "model:export")
-    record.forwards[""] = [(graph, forward)]
+    record.uncovered.extend(_uncovered_node(node, gm, path) for node in uncovered)
+    record.graphs[path] = {True: graph}
+    forward = _compile_forward(graph, f"{path or 'model'}:export")
+    record.forwards[path] = [(graph, forward)]
     return forward, exported_call(gm)
 
 

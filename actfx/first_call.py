@@ -25,6 +25,12 @@ def _real_call(args, kwargs) -> bool:
     return not any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.is_meta) for t in leaves)
 
 
+def _own_parameters(module: nn.Module) -> bool:
+    """The module runs with its Parameters, not tensors swapped in by ``functional_call``
+    (``actfx.show``'s measuring run on copies): a capture then would record the copies."""
+    return all(isinstance(p, nn.Parameter) for p in module.parameters())
+
+
 _TRANSPARENT_MODULES = ("torch", "actfx", "operator", "math", "builtins", "_operator")
 
 
@@ -38,18 +44,20 @@ def opaque_calls(graph) -> list:
             and (n.target.__module__ or "").split(".")[0] not in _TRANSPARENT_MODULES]
 
 
-def capture_at_first_call(model: nn.Module, config: Config, record, exported_forward, fallback=None):
-    """The root's forward for a model fx cannot trace (or traces around opaque calls): its own
-    forward (``fallback``: the fx-converted one) until the first training call, which captures
-    the whole model with ``exported_forward`` (``convert._exported_forward``) from that call's
-    inputs; from then on training calls export can take run the captured graph (``record`` then
-    describes it), the others ``fallback``."""
+def capture_at_first_call(model: nn.Module, config: Config, record, exported_forward, fallback=None, path: str = ""):
+    """The forward of a module fx cannot trace (or traces around opaque calls), the model's root
+    or the submodule at ``path``: its own forward (``fallback``: the fx-converted one) until the
+    first training call, which captures it whole with ``exported_forward``
+    (``convert._exported_forward``) from that call's inputs; from then on training calls export
+    can take run the captured graph (``record`` then describes it at ``path``), the others
+    ``fallback``. A submodule's capture runs only where the root's failed (the root's graph
+    inlines it otherwise); a class export refused once is not retried in this model."""
     base = fallback or type(model).forward
-    captured: dict = {}  # this model's capture: "forward", "call", or "failed"
+    captured: dict = {}  # this module's capture: "forward", "call", or "failed"
 
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            if not captured and _real_call(args, kwargs):
+            if not captured and _real_call(args, kwargs) and _own_parameters(self):
                 _capture(self, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None
             if bound is not None and captured.get("ran"):
@@ -58,7 +66,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
                 try:
                     out = captured["forward"](self, *bound[0], **bound[1])
                 except Exception as err:  # noqa: BLE001 - a graph export could not run (a buffer
-                    # reassigned with another shape): the model keeps what fx converted
+                    # reassigned with another shape): the module keeps what fx converted
                     _give_up(err)
                     return base(self, *args, **kwargs)
                 captured["ran"] = True
@@ -68,7 +76,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     def _give_up(err):
         previous = captured.get("previous")
         if previous is not None:
-            record.decisions, record.uncovered, record.graphs, record.forwards, record.captured = previous
+            _merge(record, previous, path)
         captured.clear()
         captured["failed"] = True
         warnings.warn(f"actfx: the graph torch.export captured from {type(model).__name__} at its first training "
@@ -78,26 +86,56 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     def _capture(self, args, kwargs):
         from actfx.breakdown import original_of
 
+        if path and type(model) in record.export_refused:
+            captured["failed"] = True
+            return
         whole = type(record)(config)
         try:
             # Export what will run: this model's own state (a buffer the original reassigned
             # since, like ConViT's position indices, must not be baked in), original forwards.
             # Identity hooks: the caller's saved-tensor hooks must not see export's fake tensors.
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                forward, call = exported_forward(original_of(self), (tuple(args), dict(kwargs)), config, whole)
+                forward, call = exported_forward(original_of(self), (tuple(args), dict(kwargs)), config, whole,
+                                                 *((path,) if path else ()))
         except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
             captured["failed"] = True
+            record.export_refused.add(type(model))
             cause = (err.__cause__ or err) if isinstance(err, RuntimeError) and str(err).startswith("actfx:") else err
-            warnings.warn(f"actfx: torch.export could not capture {type(model).__name__} at its first training "
+            where = f"{type(model).__name__} ({path})" if path else type(model).__name__
+            warnings.warn(f"actfx: torch.export could not capture {where} at its first training "
                           f"call ({str(cause).splitlines()[0] if str(cause) else type(cause).__name__}), so it keeps "
                           f"what fx converted", stacklevel=4)
             return
         for name, value in call.carried.items():
             object.__setattr__(self, name, value)
-        captured["previous"] = (record.decisions, record.uncovered, record.graphs, record.forwards, record.captured)
-        record.decisions, record.uncovered, record.graphs = whole.decisions, whole.uncovered, whole.graphs
-        record.forwards, record.captured = whole.forwards, whole.captured
-        record.capture_pending = False
+        captured["previous"] = _part(record, path)
+        _merge(record, whole, path)
+        if not path:
+            record.capture_pending = False
         captured.update(forward=forward, call=call)
 
     return forward
+
+
+def _inside(key: str, path: str) -> bool:
+    return not path or key == path or key.startswith(path + ".")
+
+
+def _part(record, path: str):
+    """What ``record`` holds about the module at ``path`` and below (a record of its own)."""
+    part = type(record)(record.config)
+    part.decisions = [d for d in record.decisions if _inside(d.graph_path, path)]
+    part.uncovered = [u for u in record.uncovered if _inside(u.path, path)]
+    for attr in ("graphs", "forwards", "captured"):
+        setattr(part, attr, {k: v for k, v in getattr(record, attr).items() if _inside(k, path)})
+    return part
+
+
+def _merge(record, part, path: str) -> None:
+    """``record`` with what it held at ``path`` and below replaced by ``part``."""
+    record.decisions = [d for d in record.decisions if not _inside(d.graph_path, path)] + list(part.decisions)
+    record.uncovered = [u for u in record.uncovered if not _inside(u.path, path)] + list(part.uncovered)
+    for attr in ("graphs", "forwards", "captured"):
+        kept = {k: v for k, v in getattr(record, attr).items() if not _inside(k, path)}
+        kept.update(getattr(part, attr))
+        setattr(record, attr, kept)
