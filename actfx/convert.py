@@ -345,17 +345,20 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
         return made
 
     lazy = forwards_for if retrace is not None else None
+    # a call no fx graph takes is captured by torch.export at its first training call
+    unserved = capture_at_first_call(module, config, record, _exported_forward, path=path) if path else None
     if without_optional is not None:
         # The record describes the graphs calls mostly take: optional inputs left None.
         forwards, rewritten = _rewrite_all(without_optional, path, config, record)
         general, general_graphs = _rewrite_all(graphs, path, config, None)
         optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
         fixed = _constant_defaults(type(module), [gm.graph for gm in graphs.values()])
-        cls = _converted_class(type(module), general, optional, forwards, fixed, lazy)
+        cls = _converted_class(type(module), general, optional, forwards, fixed, lazy, unserved)
     else:
         forwards, rewritten = _rewrite_all(graphs, path, config, record)
         cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()),
-                               fixed=_constant_defaults(type(module), rewritten.values()), forwards_for=lazy)
+                               fixed=_constant_defaults(type(module), rewritten.values()), forwards_for=lazy,
+                               unserved=unserved)
     record.graphs[path] = rewritten
     record.forwards[path] = [(rewritten[t], forwards[t]) for t in forwards]
     if without_optional is not None:
@@ -454,12 +457,13 @@ def _optional_inputs(base: type, graphs) -> tuple:
 
 
 def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None,
-                     fixed: dict | None = None, forwards_for=None) -> type:
+                     fixed: dict | None = None, forwards_for=None, unserved=None) -> type:
     """``forwards``: {training: forward} of the rewritten graphs. ``optional``: inputs those
     graphs took as tensors though their default is None; a call leaving any None runs
     ``without_optional`` (graphs traced with all of them None and the ``fixed`` inputs at their
     defaults) when every one is None, the fixed ones are at their defaults and that exists, else
-    the module's own forward."""
+    a graph fx traces for that call (``forwards_for``), else ``unserved`` (a forward capturing
+    such calls with torch.export), else the module's own forward."""
     fixed = fixed or {}
     train_fwd = forwards.get(True, next(iter(forwards.values())))
     eval_fwd = forwards.get(False, train_fwd)
@@ -492,6 +496,8 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
                     bound.apply_defaults()
                     flat = list(bound.arguments.values())[1:]
                     return chosen.get(self.training, next(iter(chosen.values())))(self, *flat)
+                if unserved is not None:
+                    return unserved(self, *args, **kwargs)
                 why = "its forward takes *args or **kwargs" if var_arguments else "fx could not trace such a call"
                 warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): no converted graph takes "
                               f"a call with {', '.join(left)} None ({why}); convert it with example_inputs= "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -341,3 +343,52 @@ def test_submodules_are_captured_where_the_whole_model_cannot_be():
     rows = actfx.show(converted, x)
     packed = {r["node"] for r in rows if r["op"] != "linear" and r["after_bytes"] < (r["before_bytes"] or 0)}
     assert packed, rows
+
+
+class _OptionalMask(nn.Module):
+    """fx traces it, but its ``*args`` keep a call that leaves ``mask`` None from a graph of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 32)
+
+    def forward(self, x, mask=None, *args):
+        h = torch.tanh(self.a(x))
+        return x + self.b(h if mask is None else h * mask)
+
+
+class _RootOfOptionalMasks(nn.Module):
+    """fx cannot trace the root (item assignment), torch.export refuses it (a custom Function)."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_OptionalMask(), _OptionalMask()])
+
+    def forward(self, x):
+        x = (_StraightThrough.apply(x * 4) / 4).clone()
+        x[:, 0] = 0.0
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+def test_a_call_no_fx_graph_takes_is_captured_by_export_in_a_submodule():
+    """Bloom's attention: fx traced it, but not for the call it gets (an optional input None,
+    ``*args`` in its forward); it ran unconverted, its tanh and Linears unpacked."""
+    torch.manual_seed(0)
+    model, x = _RootOfOptionalMasks(), torch.randn(64, 32)
+    with pytest.warns(UserWarning):
+        converted = actfx.convert(model, bits=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = converted(x)
+    assert not [w for w in caught if "ran unconverted" in str(w.message)], [str(w.message) for w in caught]
+    assert torch.equal(out, model(x))
+    record = converted._actfx_record
+    assert {"blocks.0", "blocks.1"} <= set(record.captured), record.captured.keys()
+    out.square().sum().backward()
+    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    model(x).square().sum().backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    assert ((approx - exact).norm() / exact.norm()) < 0.03
