@@ -12,6 +12,7 @@ directly, and whatever stays unconverted is recorded with the reason (``actfx.sh
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import inspect
 import warnings
@@ -55,6 +56,7 @@ class ConversionRecord:
     last_training_inputs: tuple | None = None
     # module classes torch.export could not capture at a first call: not tried again in this model
     export_refused: set = dataclasses.field(default_factory=set)
+    leaf_modules: tuple = ()  # as convert() was given them (pickling converts again with them)
 
 
 def is_converted(module: nn.Module) -> bool:
@@ -96,7 +98,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         leaf_modules = (leaf_modules,)
     split_leaf_modules(leaf_modules, "")  # validate early
     _check_recompute_modules(model, config)
-    record = ConversionRecord(config)
+    record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
     if example_inputs is not None:
         result = _convert_exported(model, example_inputs, config, record)
         result._actfx_record = record
@@ -510,8 +512,36 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         return eval_fwd(self, *args, **kwargs)
 
     attrs = {"forward": forward, "_actfx_converted": True, "__module__": base.__module__,
-             "__qualname__": f"Actfx{base.__qualname__}"}
+             "__qualname__": f"Actfx{base.__qualname__}", "__reduce_ex__": _reduce_converted,
+             "__copy__": _copied, "__deepcopy__": _copied}
     return type(f"Actfx{base.__name__}", (base,), attrs)
+
+
+def _reduce_converted(self, protocol):
+    """Pickled (``torch.save(model)``, ``pickle``) as the original module and how it was
+    converted: the converted classes are made at conversion, so pickle cannot find them by
+    name. Unpickling converts again (a torch.export capture then happens at the first training
+    call). A converted submodule pickled alone has no record of how: it loads unconverted."""
+    from actfx.breakdown import original_of
+
+    original = original_of(self)
+    record = getattr(self, "_actfx_record", None)
+    if record is None:
+        warnings.warn(f"actfx: a converted {type(original).__name__} pickled apart from its model loads "
+                      "unconverted; pickle the whole converted model, or convert again after loading",
+                      stacklevel=2)
+        return original.__reduce_ex__(protocol)
+    return _unpickle_converted, (original, record.config, record.leaf_modules)
+
+
+def _copied(self, memo=None):
+    """``copy.copy`` / ``copy.deepcopy`` as for any object (of the same converted class), not
+    through the pickling reduction above."""
+    return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))
+
+
+def _unpickle_converted(original: nn.Module, config: Config, leaf_modules: tuple) -> nn.Module:
+    return convert(original, config=config, leaf_modules=leaf_modules)
 
 
 def _clone(module: nn.Module, cls: type) -> nn.Module:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import copy
+import io
 
 import pytest
 import torch
+import torch.nn as nn
 
 import actfx
 from actfx.accounting import count_saved
+from actfx.convert import is_converted
 from checks import assert_same_forward_and_fewer_bytes
 from model_families import FAMILIES
 
@@ -137,6 +140,30 @@ def test_deepcopy_is_independent():
     with torch.no_grad():
         next(clone.parameters()).add_(1.0)
     assert not torch.equal(clone(x), converted(x))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_a_converted_model_pickles_whole_and_loads_converted(exported):
+    """``torch.save(model)`` of a converted model failed: pickle looks its class up by name, and
+    the converted classes are made at conversion. It now saves the original and its config, and
+    loading converts again (a model captured by torch.export: at its first training call)."""
+    model, x = build("resnet_basic")
+    converted = actfx.convert(model, bits=2, leaf_modules=(nn.BatchNorm2d,), example_inputs=(x,) if exported else None)
+    buffer = io.BytesIO()
+    torch.save(converted, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert type(loaded) is not type(converted) and is_converted(loaded)
+    assert loaded._actfx_record.config == converted._actfx_record.config
+    assert loaded._actfx_record.leaf_modules == (nn.BatchNorm2d,)
+    assert list(loaded.state_dict()) == list(converted.state_dict())
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), converted.state_dict().values()))
+    torch.manual_seed(1)
+    expected = converted(x)
+    torch.manual_seed(1)
+    assert torch.equal(loaded(x), expected)
+    assert len(loaded._actfx_record.decisions) == len(converted._actfx_record.decisions) > 0
+    assert copy.copy(converted) is not converted and type(copy.copy(converted)) is type(converted)
 
 
 def test_dtype_conversion_follows_the_shared_parameters():
