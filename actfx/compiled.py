@@ -27,6 +27,7 @@ from torch._inductor.custom_graph_pass import CustomPartitionerFn
 from actfx.config import Config, check_bits
 from actfx.kernels.seed_stream import SeedStream, calls_with
 from actfx.convert import _clone
+from actfx.copies import COMPILE_ARGS, compiled_class
 from actfx.outputs import grad_leaves
 from actfx.passes.pack_saved import pack_saved
 from actfx.passes.saved_plan import GraphPlan
@@ -181,6 +182,7 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     if "backend" in compile_kwargs:
         raise TypeError("actfx.compile chooses the backend; use torch.compile(model, backend=actfx.backend(...)) "
                         "to combine it with other options")
+    arguments = dict(bits=bits, memory_budget=memory_budget, config=config, plan=plan, **compile_kwargs)
     if plan is not None:
         from actfx.planner.plan import plan_config
 
@@ -192,7 +194,8 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     # epoch's smaller last batch) recompiles with a symbolic batch, whose values stay exact, and
     # every later step ran that graph (held 3.2x more for the rest of training, silently).
     compile_kwargs.setdefault("dynamic", False)
-    compiled = _clone(model, type(model))
+    compiled = _clone(model, compiled_class(type(model)))  # copies and pickles compile anew (actfx/copies.py)
+    object.__setattr__(compiled, COMPILE_ARGS, arguments)
     # The copy's own forward, compiled (an instance attribute over the class's): hooks and
     # train()/eval() work as on any module, and built-in containers compile too.
     forward = own_cache_entry(compiled.forward)

@@ -12,7 +12,6 @@ directly, and whatever stays unconverted is recorded with the reason (``actfx.sh
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import warnings
@@ -23,6 +22,7 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
 from actfx.config import Config, check_bits, check_group_size
+from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import copy_graph, has_hooks, split_leaf_modules, trace
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
@@ -512,36 +512,9 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         return eval_fwd(self, *args, **kwargs)
 
     attrs = {"forward": forward, "_actfx_converted": True, "__module__": base.__module__,
-             "__qualname__": f"Actfx{base.__qualname__}", "__reduce_ex__": _reduce_converted,
-             "__copy__": _copied, "__deepcopy__": _copied}
+             "__qualname__": f"Actfx{base.__qualname__}", "__reduce_ex__": reduce_converted,
+             "__copy__": copied, "__deepcopy__": copied}
     return type(f"Actfx{base.__name__}", (base,), attrs)
-
-
-def _reduce_converted(self, protocol):
-    """Pickled (``torch.save(model)``, ``pickle``) as the original module and how it was
-    converted: the converted classes are made at conversion, so pickle cannot find them by
-    name. Unpickling converts again (a torch.export capture then happens at the first training
-    call). A converted submodule pickled alone has no record of how: it loads unconverted."""
-    from actfx.breakdown import original_of
-
-    original = original_of(self)
-    record = getattr(self, "_actfx_record", None)
-    if record is None:
-        warnings.warn(f"actfx: a converted {type(original).__name__} pickled apart from its model loads "
-                      "unconverted; pickle the whole converted model, or convert again after loading",
-                      stacklevel=2)
-        return original.__reduce_ex__(protocol)
-    return _unpickle_converted, (original, record.config, record.leaf_modules)
-
-
-def _copied(self, memo=None):
-    """``copy.copy`` / ``copy.deepcopy`` as for any object (of the same converted class), not
-    through the pickling reduction above."""
-    return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))
-
-
-def _unpickle_converted(original: nn.Module, config: Config, leaf_modules: tuple) -> nn.Module:
-    return convert(original, config=config, leaf_modules=leaf_modules)
 
 
 def _clone(module: nn.Module, cls: type) -> nn.Module:

@@ -3,6 +3,8 @@
 Each model compiles once per module (tens of seconds on 2 cores with a cold Inductor cache).
 """
 
+import copy
+import io
 import math
 import warnings
 
@@ -201,6 +203,30 @@ def test_a_smaller_last_batch_does_not_turn_packing_off():
         held.append(saved.activation_bytes)
     assert held[2] == held[0] and held[1] < held[0]
     assert not [v for plan in compiled._actfx_compiled.plans for v in plan.saved if v.reason.startswith("dynamic")]
+
+
+def test_copies_run_their_own_parameters_and_pickles_compile_again():
+    """A deepcopy (an EMA or teacher model) kept the compiled forward bound to the original, so
+    it ran the original's parameters, silently; ``torch.save(model)`` failed on that forward."""
+    torch.manual_seed(0)
+    model, x = _Mlp(), torch.randn(32, 64)
+    compiled = actfx.compile(model, bits=8)
+    expected = compiled(x)
+    twin = copy.deepcopy(compiled)
+    assert all(a is not b for a, b in zip(twin.parameters(), model.parameters()))
+    with torch.no_grad():
+        for p in twin.parameters():
+            p.zero_()
+    out = twin(x)
+    assert torch.equal(out, torch.zeros_like(out)) and torch.equal(compiled(x), expected)
+    out.sum().backward()
+    assert twin._actfx_compiled is not compiled._actfx_compiled and twin._actfx_compiled.plans
+    buffer = io.BytesIO()
+    torch.save(compiled, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert torch.equal(loaded(x), expected) and list(loaded.state_dict()) == list(compiled.state_dict())
+    assert loaded._actfx_compiled.plans and loaded._actfx_compiled.plans[-1].saved
 
 
 def test_same_parameters_and_state_dict_and_original_untouched(block):
