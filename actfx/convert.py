@@ -24,7 +24,9 @@ from torch.fx import Graph, GraphModule
 from actfx.config import Config, check_bits, check_group_size
 from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
-from actfx.passes.capture import copy_graph, has_hooks, split_leaf_modules, trace
+from actfx.passes.capture import (
+    copy_graph, has_hooks, hooked_submodule, split_leaf_modules, trace, uncalled_submodules, warn_hooks_dropped,
+)
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
 from actfx.variants.packing import SeedState
@@ -249,9 +251,13 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
     """
     train_forward, call = _exported_forward(model, example_inputs, config, record)
     base_forward = type(model).forward
+    inlined = uncalled_submodules(model, ())
 
     def forward(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled():
+        hooked = hooked_submodule(self, inlined)
+        if hooked is not None:
+            warn_hooks_dropped(self, hooked)
+        elif self.training and torch.is_grad_enabled():
             bound = call.bind(args, kwargs)
             if bound is not None:
                 return train_forward(self, *bound[0], **bound[1])
@@ -355,12 +361,13 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
         general, general_graphs = _rewrite_all(graphs, path, config, None)
         optional = _optional_inputs(type(module), [gm.graph for gm in graphs.values()])
         fixed = _constant_defaults(type(module), [gm.graph for gm in graphs.values()])
-        cls = _converted_class(type(module), general, optional, forwards, fixed, lazy, unserved)
+        uncalled = uncalled_submodules(module, [*rewritten.values(), *general_graphs.values()])
+        cls = _converted_class(type(module), general, optional, forwards, fixed, lazy, unserved, uncalled)
     else:
         forwards, rewritten = _rewrite_all(graphs, path, config, record)
         cls = _converted_class(type(module), forwards, _optional_inputs(type(module), rewritten.values()),
                                fixed=_constant_defaults(type(module), rewritten.values()), forwards_for=lazy,
-                               unserved=unserved)
+                               unserved=unserved, uncalled=uncalled_submodules(module, rewritten.values()))
     record.graphs[path] = rewritten
     record.forwards[path] = [(rewritten[t], forwards[t]) for t in forwards]
     if without_optional is not None:
@@ -459,13 +466,14 @@ def _optional_inputs(base: type, graphs) -> tuple:
 
 
 def _converted_class(base: type, forwards: dict, optional: tuple = (), without_optional: dict | None = None,
-                     fixed: dict | None = None, forwards_for=None, unserved=None) -> type:
+                     fixed: dict | None = None, forwards_for=None, unserved=None, uncalled: tuple = ()) -> type:
     """``forwards``: {training: forward} of the rewritten graphs. ``optional``: inputs those
     graphs took as tensors though their default is None; a call leaving any None runs
     ``without_optional`` (graphs traced with all of them None and the ``fixed`` inputs at their
     defaults) when every one is None, the fixed ones are at their defaults and that exists, else
     a graph fx traces for that call (``forwards_for``), else ``unserved`` (a forward capturing
-    such calls with torch.export), else the module's own forward."""
+    such calls with torch.export), else the module's own forward. The module's own forward
+    also runs while a submodule the graphs do not call (``uncalled``) has hooks."""
     fixed = fixed or {}
     train_fwd = forwards.get(True, next(iter(forwards.values())))
     eval_fwd = forwards.get(False, train_fwd)
@@ -480,6 +488,10 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         forwards_for = None  # *args / **kwargs: the call cannot be passed by position
 
     def forward(self, *args, **kwargs):
+        hooked = hooked_submodule(self, uncalled)
+        if hooked is not None:
+            warn_hooks_dropped(self, hooked)
+            return base.forward(self, *args, **kwargs)
         if optional:
             bound = signature.bind(self, *args, **kwargs)
             left = [name for name in optional if bound.arguments.get(name) is None]

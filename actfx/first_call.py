@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from actfx.config import Config
+from actfx.passes.capture import hooked_submodule, uncalled_submodules, warn_hooks_dropped
 
 
 def _real_call(args, kwargs) -> bool:
@@ -54,12 +55,17 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     inlines it otherwise); a class export refused once is not retried in this model."""
     base = fallback or type(model).forward
     captured: dict = {}  # this module's capture: "forward", "call", or "failed"
+    inlined = uncalled_submodules(model, ())  # export inlines every submodule
 
     def forward(self, *args, **kwargs):
         if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             if not captured and _real_call(args, kwargs) and _own_parameters(self):
                 _capture(self, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None
+            hooked = hooked_submodule(self, inlined) if bound is not None else None
+            if hooked is not None:
+                warn_hooks_dropped(self, hooked)
+                bound = None
             if bound is not None and captured.get("ran"):
                 return captured["forward"](self, *bound[0], **bound[1])
             if bound is not None:

@@ -166,6 +166,26 @@ def test_a_converted_model_pickles_whole_and_loads_converted(exported):
     assert copy.copy(converted) is not converted and type(copy.copy(converted)) is type(converted)
 
 
+@pytest.mark.parametrize("exported", [False, True])
+def test_hooks_registered_after_conversion_run(exported):
+    """A hook put on an inlined submodule after conversion (feature extraction, Grad-CAM, a
+    library's hooks) never ran: the converted graph does not call that module. While such a
+    hook is there the module runs its own forward, and says so; without it, packing resumes."""
+    model, x = build("resnet_basic")
+    converted = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
+    seen = []
+    handle = converted.layers[0].register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 2)
+    with pytest.warns(UserWarning, match="got hooks after conversion"):
+        out = converted(x)
+    assert seen and torch.equal(out, model(x))  # the original model shares the hooked module
+    handle.remove()
+    with count_saved(converted) as packed:
+        out = converted(x)
+    with count_saved(model) as baseline:
+        kept = model(x)  # noqa: F841
+    assert packed.activation_bytes < baseline.activation_bytes / 4 and len(seen) == 2
+
+
 def test_dtype_conversion_follows_the_shared_parameters():
     model, x = build("mlp")
     converted = actfx.convert(model, bits=8).to(torch.float64)

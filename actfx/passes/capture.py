@@ -9,6 +9,7 @@ mode they were in.
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 import torch.nn as nn
@@ -66,6 +67,36 @@ def has_hooks(module: nn.Module) -> bool:
     calls in their parent's graph and are converted as units that keep their hooks."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or module._backward_pre_hooks)
+
+
+def uncalled_submodules(module: nn.Module, graphs) -> tuple[str, ...]:
+    """Paths of the submodules none of ``graphs`` calls as a module (the trace inlined them, a
+    variant replaced them, or torch.export captured them): hooks registered on them after
+    conversion would never run."""
+    called = {n.target for g in graphs for n in g.nodes if n.op == "call_module"}
+    return tuple(name for name, _ in module.named_modules()
+                 if name and not any(name == c or name.startswith(c + ".") for c in called))
+
+
+SUBMODULES_CACHE = "_actfx_uncalled_submodules"  # instance attribute: (paths, their modules)
+
+
+def hooked_submodule(module: nn.Module, paths: tuple[str, ...]) -> str | None:
+    """The first of ``paths`` whose submodule has hooks now, or None. Runs at every call, so
+    the submodules are looked up once per instance (1.4 ms a call for ResNet-50's 150 paths)."""
+    cached = module.__dict__.get(SUBMODULES_CACHE)
+    if cached is None or cached[0] is not paths:
+        cached = module.__dict__[SUBMODULES_CACHE] = (paths, [module.get_submodule(p) for p in paths])
+    for path, sub in zip(paths, cached[1]):
+        if sub._forward_hooks or sub._forward_pre_hooks or sub._backward_hooks or sub._backward_pre_hooks:
+            return path
+    return None
+
+
+def warn_hooks_dropped(module: nn.Module, path: str) -> None:
+    warnings.warn(f"actfx: {path} of {type(module).__name__} got hooks after conversion, which the converted "
+                  "graph would not run; this module runs its own forward, unconverted, while they are there "
+                  "(register hooks before actfx.convert to keep packing)", stacklevel=3)
 
 
 @contextlib.contextmanager
