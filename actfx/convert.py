@@ -25,7 +25,8 @@ from actfx.config import Config, check_bits, check_group_size
 from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import (
-    copy_graph, has_hooks, hooked_submodule, split_leaf_modules, trace, uncalled_submodules, warn_hooks_dropped,
+    changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
+    warn_hooks_changed,
 )
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -252,11 +253,12 @@ def _convert_exported(model, example_inputs, config, record) -> nn.Module:
     train_forward, call = _exported_forward(model, example_inputs, config, record)
     base_forward = type(model).forward
     inlined = uncalled_submodules(model, ())
+    hooks = hooks_now(model, inlined)  # export ran them into the graph
 
     def forward(self, *args, **kwargs):
-        hooked = hooked_submodule(self, inlined)
+        hooked = changed_hooks(self, inlined, hooks)
         if hooked is not None:
-            warn_hooks_dropped(self, hooked)
+            warn_hooks_changed(self, hooked)
         elif self.training and torch.is_grad_enabled():
             bound = call.bind(args, kwargs)
             if bound is not None:
@@ -473,7 +475,8 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
     defaults) when every one is None, the fixed ones are at their defaults and that exists, else
     a graph fx traces for that call (``forwards_for``), else ``unserved`` (a forward capturing
     such calls with torch.export), else the module's own forward. The module's own forward
-    also runs while a submodule the graphs do not call (``uncalled``) has hooks."""
+    also runs while a submodule the graphs do not call (``uncalled``) has hooks (fx kept the
+    modules hooked at conversion as calls)."""
     fixed = fixed or {}
     train_fwd = forwards.get(True, next(iter(forwards.values())))
     eval_fwd = forwards.get(False, train_fwd)
@@ -488,9 +491,9 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         forwards_for = None  # *args / **kwargs: the call cannot be passed by position
 
     def forward(self, *args, **kwargs):
-        hooked = hooked_submodule(self, uncalled)
+        hooked = changed_hooks(self, uncalled, None)  # fx kept modules hooked then as calls
         if hooked is not None:
-            warn_hooks_dropped(self, hooked)
+            warn_hooks_changed(self, hooked)
             return base.forward(self, *args, **kwargs)
         if optional:
             bound = signature.bind(self, *args, **kwargs)

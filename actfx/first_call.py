@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from actfx.config import Config
-from actfx.passes.capture import hooked_submodule, uncalled_submodules, warn_hooks_dropped
+from actfx.passes.capture import changed_hooks, hooks_now, uncalled_submodules, warn_hooks_changed
 
 
 def _real_call(args, kwargs) -> bool:
@@ -62,9 +62,9 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             if not captured and _real_call(args, kwargs) and _own_parameters(self):
                 _capture(self, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None
-            hooked = hooked_submodule(self, inlined) if bound is not None else None
+            hooked = changed_hooks(self, inlined, captured["hooks"]) if bound is not None else None
             if hooked is not None:
-                warn_hooks_dropped(self, hooked)
+                warn_hooks_changed(self, hooked)
                 bound = None
             if bound is not None and captured.get("ran"):
                 return captured["forward"](self, *bound[0], **bound[1])
@@ -118,7 +118,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
         _merge(record, whole, path)
         if not path:
             record.capture_pending = False
-        captured.update(forward=forward, call=call)
+        captured.update(forward=forward, call=call, hooks=hooks_now(self, inlined))  # export ran these
 
     return forward
 

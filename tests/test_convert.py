@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import io
+import warnings
 
 import pytest
 import torch
@@ -175,7 +176,7 @@ def test_hooks_registered_after_conversion_run(exported):
     converted = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
     seen = []
     handle = converted.layers[0].register_forward_hook(lambda module, args, out: seen.append(out.shape) or out * 2)
-    with pytest.warns(UserWarning, match="got hooks after conversion"):
+    with pytest.warns(UserWarning, match="hooks of layers.0 in ActfxTinyResNet changed after conversion"):
         out = converted(x)
     assert seen and torch.equal(out, model(x))  # the original model shares the hooked module
     handle.remove()
@@ -184,6 +185,25 @@ def test_hooks_registered_after_conversion_run(exported):
     with count_saved(model) as baseline:
         kept = model(x)  # noqa: F841
     assert packed.activation_bytes < baseline.activation_bytes / 4 and len(seen) == 2
+
+
+def test_a_hook_torch_export_ran_into_the_graph_and_then_removed_is_not_applied():
+    """torch.export runs hooks present at capture into its graph (Hugging Face's
+    ``gradient_checkpointing_enable`` puts one on the input embeddings): those keep packing,
+    but once such a hook is removed the graph would still apply it."""
+    model, x = build("resnet_basic")
+    handle = model.layers[1].register_forward_hook(lambda module, args, out: out * 2)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch.manual_seed(1)
+        out = converted(x)
+    torch.manual_seed(1)
+    assert torch.equal(out, model(x))
+    handle.remove()
+    with pytest.warns(UserWarning, match="hooks of layers.1 in ActfxTinyResNet changed"):
+        out = converted(x)
+    assert torch.equal(out, model(x))
 
 
 def test_dtype_conversion_follows_the_shared_parameters():
