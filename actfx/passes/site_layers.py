@@ -72,16 +72,34 @@ _CONV_FUNCS = {F.conv1d: (False, 1), F.conv2d: (False, 2), F.conv3d: (False, 3),
 def _conv_functional(node):
     transposed, nd = _CONV_FUNCS[node.target]
     a = bind("conv_transpose" if transposed else "conv", node.args, node.kwargs)
-    if a is None or isinstance(a["padding"], str):
+    if a is None:
         return None
 
     def tup(v):
         return tuple(v) if isinstance(v, (tuple, list)) else (v,) * nd
 
+    padding = a["padding"]
+    if isinstance(padding, str):
+        padding = _string_padding(padding, a["weight"], tup(a["dilation"]))
+        if padding is None:
+            return None
     return _conv_site(node, None, a["input"], a["weight"], a["bias"], transposed, nd, tup(a["stride"]),
-                      tup(a["padding"]), tup(a["dilation"]),
+                      tup(padding), tup(a["dilation"]),
                       tup(a.get("output_padding", 0)), a["groups"],
                       kind="conv_transpose" if transposed else "conv")
+
+
+def _string_padding(padding: str, weight, dilation: tuple) -> tuple | None:
+    """``padding="valid"`` (SigLIP's patch embedding) as numbers; ``"same"`` where the padding
+    is symmetric and the kernel's size is known from the graph (torch.export records it), else
+    None (the call stays as it is: ``"same"`` with an odd total pads one side more)."""
+    if padding == "valid":
+        return (0,) * len(dilation)
+    value = weight.meta.get("val") if isinstance(weight, Node) else weight
+    if padding != "same" or not isinstance(value, torch.Tensor):
+        return None
+    totals = [d * (k - 1) for d, k in zip(dilation, value.shape[2:])]
+    return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
 
 
 _GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
