@@ -42,4 +42,3 @@ def test_grid_sample_holds_less_and_is_unbiased_at_2_bits():
     model, x = _Deformable(), torch.randn(2, 3, 32, 32)
     assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2), x, 4)
     assert_unbiased(model, x)
-
