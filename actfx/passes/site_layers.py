@@ -14,7 +14,7 @@ from torch.fx.node import map_arg
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
 from actfx.variants import (
-    batchnorm, conv, embedding, grid_sample, grouped_mm, linear, normalize, norms, rmsnorm, vector_norm,
+    batchnorm, conv, embedding, gather, grid_sample, grouped_mm, linear, normalize, norms, rmsnorm, vector_norm,
 )
 
 
@@ -399,6 +399,21 @@ def embedding_site(node, path=None, module=None):
                                                          a["norm_type"], a["scale_grad_by_freq"], a["sparse"])), {}
 
     return Site(node, "embedding", path, [], emit)
+
+
+GATHERS = (torch.gather, torch.ops.aten.gather.default, "gather")
+
+
+def gather_site(node):
+    """``torch.gather`` / ``x.gather`` (dense): its index kept compact (``variants/gather.py``)."""
+    a = dict(zip(("input", "dim", "index"), node.args)) | {"input" if k == "self" else k: v for k, v in node.kwargs.items()}
+    if a.get("sparse_grad") or not isinstance(a.get("dim"), int) or not isinstance(a.get("index"), Node):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(gather.gather, (_env(env, a["input"]), a["dim"], _env(env, a["index"]))), {}
+
+    return Site(node, "gather", None, [], emit)
 
 
 def rms_normalize_site(node):

@@ -34,7 +34,7 @@ from actfx.passes.site_elementwise import (
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
-    embedding_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
+    GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
     normalize_site, rms_normalize_site, vector_norm_site,
 )
 from actfx.passes.capture import has_hooks
@@ -122,6 +122,7 @@ _NODE_SITES = {
     **dict.fromkeys(_GLU_FUNCS, glu_functional),
     **dict.fromkeys(_ADDCMUL, addcmul_site),
     **dict.fromkeys(_GRID_SAMPLERS, grid_sample_site),
+    **dict.fromkeys(GATHERS, gather_site),
 }
 
 
