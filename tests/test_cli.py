@@ -10,6 +10,7 @@ import textwrap
 import pytest
 import torch
 
+import actfx
 from actfx.accounting import count_saved
 from actfx.cli import main
 from actfx.models import build_model
@@ -85,6 +86,40 @@ def test_a_file_spec_and_a_module_spec(capsys, tmp_path):
     """))
     assert run(capsys, "report", f"{tmp_path / 'net.py'}:Net", "--input-shape", "8,16")[0] == 0
     assert run(capsys, "report", "actfx.models:resnet20", "--input-shape", "2,3,32,32")[0] == 0
+
+
+def test_a_model_fx_cannot_trace_is_reported_as_its_capture_would_convert_it(capsys, tmp_path):
+    """Such a model is captured by torch.export at its first training call, which a dry run never
+    made: the report counted fx's part alone (a Hugging Face Llama config: 4.0x, not 11.5x).
+    The dry run now captures it on meta tensors and reports what a real conversion holds."""
+    (tmp_path / "net.py").write_text(textwrap.dedent("""
+        import torch
+        import torch.nn as nn
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.a, self.b = nn.Linear(64, 256), nn.Linear(256, 64)
+
+            def forward(self, x):
+                h = torch.tanh(self.a(x)).clone()
+                h[:, 0] = 0.0  # fx cannot trace item assignment; torch.export can
+                return self.b(h * torch.sigmoid(h))
+    """))
+    out_path = tmp_path / "report.json"
+    assert run(capsys, "report", f"{tmp_path / 'net.py'}:Net", "--input-shape", "64,64", "--json", str(out_path))[0] == 0
+    reported = json.loads(out_path.read_text())
+    sys.path.insert(0, str(tmp_path))
+    try:
+        from net import Net
+    finally:
+        sys.path.remove(str(tmp_path))
+    model, x = Net(), torch.randn(64, 64)
+    converted = actfx.convert(model, bits=2, example_inputs=(x,))
+    with count_saved(converted) as after:
+        kept = converted(x)  # noqa: F841
+    assert reported["activation_bytes_actfx"] == after.activation_bytes
+    assert reported["activation_bytes_baseline"] > 6 * reported["activation_bytes_actfx"]
 
 
 BAD = {

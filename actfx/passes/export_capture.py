@@ -305,6 +305,17 @@ def _cache_pytrees_registered(model: nn.Module, err: Exception) -> bool:
     return True
 
 
+def meta_devices_to_cpu(gm: GraphModule) -> None:
+    """Every ``device=meta`` an export on the meta device recorded (``.to(x.device)``,
+    ``arange(device=...)``, its metadata asserts) made ``cpu``, in place."""
+    meta, cpu = torch.device("meta"), torch.device("cpu")
+    swap = lambda v: cpu if isinstance(v, torch.device) and v == meta else v  # noqa: E731
+    for node in gm.graph.nodes:
+        node.args = pytree.tree_map(swap, node.args)
+        node.kwargs = pytree.tree_map(swap, node.kwargs)
+    gm.recompile()
+
+
 def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     """``model``'s train-mode forward as a GraphModule (see the module docstring).
 
