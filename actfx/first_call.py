@@ -101,8 +101,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             # since, like ConViT's position indices, must not be baked in), original forwards.
             # Identity hooks: the caller's saved-tensor hooks must not see export's fake tensors.
             with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-                forward, call = exported_forward(original_of(self), (tuple(args), dict(kwargs)), config, whole,
-                                                 *((path,) if path else ()))
+                forward, call = exported_forward(original_of(self), (tuple(args), dict(kwargs)), config, whole, path)
         except Exception as err:  # noqa: BLE001 - export raises many kinds; the fallback stays
             captured["failed"] = True
             record.export_refused.add(type(model))
