@@ -95,13 +95,14 @@ def _submodules(module: nn.Module, paths: tuple[str, ...]) -> list:
 
 
 def hooks_now(module: nn.Module, paths: tuple[str, ...]) -> tuple:
-    """Which hooks ``paths``' submodules have (their handles' ids): what a captured graph ran."""
-    return tuple(_hook_keys(sub) for sub in _submodules(module, paths))
+    """Which hooks ``paths``' submodules have (their handles' ids; None for none): what a
+    captured graph ran."""
+    return tuple(_hook_keys(sub) if has_hooks(sub) else None for sub in _submodules(module, paths))
 
 
 def changed_hooks(module: nn.Module, paths: tuple[str, ...], captured: tuple | None) -> str | None:
     """The first of ``paths`` whose hooks differ from ``captured`` (``hooks_now`` when the graph
-    was captured; None: no hooks then), or None. torch.export runs a module's hooks into its
+    was captured; None: no hooks on any then), or None. torch.export runs a module's hooks into its
     graph and fx keeps hooked modules as calls, so only hooks added or removed since matter.
     About 35 us a call for ResNet-50's 150 submodules."""
     for i, sub in enumerate(_submodules(module, paths)):
