@@ -10,7 +10,19 @@ import torch.nn as nn
 
 import actfx
 from actfx.accounting import count_saved
+from test_convert import _RoundStraightThrough
 from test_export_capture import LMOutput, TinyLM, _lm_inputs
+
+
+def _gradient_error(out, model, x):
+    """Relative error of the gradient of ``out.square().sum()`` (a converted model's output)
+    against the one ``model`` itself gives on ``x``; the model's gradients are left set."""
+    out.square().sum().backward()
+    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
+    model.zero_grad()
+    model(x).square().sum().backward()
+    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
+    return (approx - exact).norm() / exact.norm()
 
 
 def build():
@@ -187,12 +199,7 @@ def test_untraceable_root_is_captured_by_export_at_its_first_training_call():
     out = converted(x)
     assert torch.equal(out, model(x))
     assert "" in record.graphs and "pointwise" in {d.kind for d in record.decisions}, record.decisions  # tanh * scale
-    out.square().sum().backward()
-    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
-    model.zero_grad()
-    model(x).square().sum().backward()
-    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert ((approx - exact).norm() / exact.norm()) < 0.03
+    assert _gradient_error(out, model, x) < 0.03
     # A call export did not see (another keyword) runs the model's own forward, correctly.
     assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
 
@@ -282,16 +289,6 @@ def test_hugging_face_gpt2_is_planned_on_its_capture():
     converted(ids).logits.square().mean().backward()
 
 
-class _StraightThrough(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return torch.round(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 class _SetsItems(nn.Module):
     """fx cannot trace it (item assignment on a traced value); torch.export can."""
 
@@ -313,7 +310,7 @@ class _QuantizedInput(nn.Module):
         self.blocks = nn.ModuleList([_SetsItems(), _SetsItems()])
 
     def forward(self, x):
-        x = _StraightThrough.apply(x * 4) / 4
+        x = _RoundStraightThrough.apply(x * 4) / 4
         for block in self.blocks:
             x = block(x)
         return x
@@ -334,12 +331,7 @@ def test_submodules_are_captured_where_the_whole_model_cannot_be():
     assert torch.equal(out, model(x))
     assert {"blocks.0", "blocks.1"} <= set(record.captured), record.captured.keys()
     assert sum(d.kind == "pointwise" and d.graph_path.startswith("blocks.") for d in record.decisions) == 2
-    out.square().sum().backward()
-    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
-    model.zero_grad()
-    model(x).square().sum().backward()
-    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert ((approx - exact).norm() / exact.norm()) < 0.03
+    assert _gradient_error(out, model, x) < 0.03
     rows = actfx.show(converted, x)
     packed = {r["node"] for r in rows if r["op"] != "linear" and r["after_bytes"] < (r["before_bytes"] or 0)}
     assert packed, rows
@@ -365,7 +357,7 @@ class _RootOfOptionalMasks(nn.Module):
         self.blocks = nn.ModuleList([_OptionalMask(), _OptionalMask()])
 
     def forward(self, x):
-        x = (_StraightThrough.apply(x * 4) / 4).clone()
+        x = (_RoundStraightThrough.apply(x * 4) / 4).clone()
         x[:, 0] = 0.0
         for block in self.blocks:
             x = block(x)
@@ -386,9 +378,4 @@ def test_a_call_no_fx_graph_takes_is_captured_by_export_in_a_submodule():
     assert torch.equal(out, model(x))
     record = converted._actfx_record
     assert {"blocks.0", "blocks.1"} <= set(record.captured), record.captured.keys()
-    out.square().sum().backward()
-    approx = torch.cat([p.grad.flatten() for p in model.parameters()])
-    model.zero_grad()
-    model(x).square().sum().backward()
-    exact = torch.cat([p.grad.flatten() for p in model.parameters()])
-    assert ((approx - exact).norm() / exact.norm()) < 0.03
+    assert _gradient_error(out, model, x) < 0.03
