@@ -60,8 +60,11 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
         converted = _stage(STEPS[1], lambda: actfx.convert(model, plan=plan) if plan is not None
                            else actfx.convert(model, bits=bits))
     inputs = () if input_shape is None else (torch.empty(input_shape, dtype=input_dtype, device="meta"),)
+    measured = None  # the captured model's measurement, taken while checking that it runs
     if inputs and converted._actfx_record.capture_pending and on_meta(model):
-        converted, said = _captured_on_meta(model, converted, inputs, spec, dtype), []  # fx's partial view: moot
+        captured = _captured_on_meta(model, inputs, spec, dtype, converted._actfx_record.config)
+        if captured is not None:
+            (converted, measured), said = captured, []  # fx's partial view: moot
     for w in said:
         warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
     before = after = None
@@ -81,29 +84,31 @@ def dry_run(spec: ResolvedSpec, input_shape: tuple | None, input_dtype: torch.dt
                                    else actfx.convert(model, bits=bits))
             before = _stage(f"running {spec.text} on input {list(input_shape)}",
                             lambda: measure(model, inputs, dtype=dtype, like=converted))
+            measured = None  # of the model replaced above
         step(STEPS[3])
-        after = _stage(f"running converted {spec.text}", lambda: measure(converted, inputs, dtype=dtype))
+        after = measured if measured is not None else _stage(
+            f"running converted {spec.text}", lambda: measure(converted, inputs, dtype=dtype))
     rows: list[Row] = breakdown(converted, before, after)
     return DryRun(model, converted, inputs, dtype, before, after, rows)
 
 
-def _captured_on_meta(model, converted, inputs, spec, dtype):
-    """The whole model captured by torch.export (``convert_on_meta``), as its first training
-    call would, in ``dtype`` (the graph records it); where export fails, the fx conversion
-    stays, with a warning."""
+def _captured_on_meta(model, inputs, spec, dtype, config):
+    """(the whole model captured by torch.export (``convert_on_meta``), as its first training
+    call would, in ``dtype`` (the graph records it); its measurement), or None where that
+    fails: the fx conversion then stays, with a warning."""
     from actfx.convert import convert_on_meta
 
     if dtype is not None:
         model.to(dtype)  # meta tensors: nothing is allocated
     try:
-        captured = convert_on_meta(model, converted._actfx_record.config, inputs)
-        measure(captured, inputs, dtype=dtype)  # runs on fake CPU tensors: not every op has a kernel there
-        return captured
+        captured = convert_on_meta(model, config, inputs)
+        # runs on fake CPU tensors, where not every op has a kernel
+        return captured, measure(captured, inputs, dtype=dtype)
     except Exception as err:  # noqa: BLE001 - export raises many kinds; fx's part is still measured
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         warnings.warn(f"actfx: torch.export could not capture {spec.text} on meta tensors ({first}); the report "
                       "counts what fx converted", stacklevel=3)
-        return converted
+        return None
 
 
 def on_meta(model: nn.Module) -> bool:
