@@ -17,7 +17,7 @@ Each entry says how the noise *degree* of the op's output follows from its argum
   number of values reduced (>= ``DILUTION_MIN``).
 * ``NONLINEAR`` (every op not listed): the output is biased by any noise in any argument.
 
-``exact`` lists argument positions whose values must be exact (indices, conditions, divisors),
+``exact`` lists argument positions (keyword arguments by their schema position) whose values must be exact (indices, conditions, divisors),
 ``shape_only`` those whose values are never read (``max_pool2d_with_indices_backward``'s input),
 ``outputs`` which arguments each result of a tuple-returning op reads.
 Adding an op is one entry in ``RULES`` (``RULES_BY_NAME`` for other libraries' ops);
@@ -87,6 +87,14 @@ RULES: dict[object, Rule] = {
     aten.grid_sampler_3d_backward: Rule(Kind.PRODUCT, exact=(2,), outputs=((0, 2), (0, 1, 2))),
     # mixture-of-experts grouped matmul (tokens, experts, group ends exact, bias)
     aten._grouped_mm: Rule(Kind.PRODUCT, exact=(2,), linear_args=(3,)),
+    # fused attention backward: P = exp(q k^T s - logsumexp) is recomputed from q, k (exact), and
+    # the gradients are linear in v (dO v^T) and in out (rowsum(dO * out)), each a factor of dO
+    aten._scaled_dot_product_flash_attention_for_cpu_backward: Rule(Kind.PRODUCT, exact=(1, 2, 5, 8)),
+    aten._scaled_dot_product_efficient_attention_backward: Rule(Kind.PRODUCT, exact=(1, 2, 4, 6, 7, 8)),
+    aten._scaled_dot_product_flash_attention_backward: Rule(Kind.PRODUCT, exact=(1, 2, 5, 6, 7, 12, 13)),
+    aten._scaled_dot_product_cudnn_attention_backward: Rule(Kind.PRODUCT, exact=(1, 2, 5, 6, 7, 8, 9, 10)),
+    aten._scaled_dot_product_fused_attention_overrideable_backward: Rule(
+        Kind.PRODUCT, exact=(1, 2, 4, 7, 8, 9, 14, 15)),
     aten.addmm: Rule(Kind.PRODUCT, linear_args=(0,)),
     aten.baddbmm: Rule(Kind.PRODUCT, linear_args=(0,)),
     aten.addcmul: Rule(Kind.PRODUCT, linear_args=(0,)),

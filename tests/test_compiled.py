@@ -276,7 +276,9 @@ def test_backend_for_torch_compile():
 
 def test_autocast_bf16_forward_identical_and_packed():
     """Under autocast the fused attention stays (the math backend would round differently); the
-    rest is packed, the forward identical to torch.compile's."""
+    rest is packed, the forward identical to torch.compile's. The fused backward recomputes the
+    probabilities from q and k (kept exact) and reads v and the attention output linearly: those
+    two are packed, and the gradients stay unbiased."""
     torch.manual_seed(0)
     model, x = Block(), torch.randn(2, 128, 128)
     compiled, reference = actfx.compile(model, bits=2), torch.compile(model)
@@ -287,6 +289,18 @@ def test_autocast_bf16_forward_identical_and_packed():
     plan = compiled._actfx_compiled.plans[-1]
     assert any(v.storage is Storage.PACKED and v.dtype == "bfloat16" for v in plan.saved)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    heads = [v for v in plan.saved if v.shape == (2, 4, 128, 32)]  # q, k, v, attention output
+    assert sorted(v.storage.name for v in heads) == ["EXACT", "EXACT", "PACKED", "PACKED"]
+    assert all("flash_attention" in v.reason for v in heads if v.storage is Storage.EXACT)
+
+    def grads(fn):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return _grads(model, lambda inputs: fn(inputs).float(), x)
+
+    exact, k = grads(reference), 16
+    samples = [grads(compiled) for _ in range(k)]
+    one = sum((g - exact).norm() for g in samples) / k
+    assert (sum(samples) / k - exact).norm() < 1.5 * one / math.sqrt(k)
 
 
 def test_report_compile_estimates_the_partition_on_meta_tensors(capsys):

@@ -123,3 +123,51 @@ def test_registry_is_keyed_by_aten_ops_and_defaults_to_nonlinear():
     assert rule_for(aten.exp.default).kind is Kind.NONLINEAR
     for key in RULES:
         assert isinstance(key, (torch._ops.OpOverloadPacket, torch._ops.OpOverload)) or callable(key)
+
+
+def _cpu_attention():
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 16, 8) for _ in range(3))
+    mask = torch.randn(16, 16)
+    out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, attn_mask=mask)
+    return q, k, v, out, lse, mask
+
+
+def _attention_backward(g, q, k, v, out, lse, mask):
+    return aten._scaled_dot_product_flash_attention_for_cpu_backward(g, q, k, v, out, lse, 0.0, False, attn_mask=mask)
+
+
+def test_fused_attention_backward_is_linear_in_value_and_output_and_needs_q_k_and_the_mask_exact():
+    """The fused kernels recompute the probabilities from q, k, the mask and the logsumexp
+    (nonlinear) and read v and the output linearly; the mask is a keyword argument."""
+    q, k, v, out, lse, mask = _cpu_attention()
+    gm = make_fx(_attention_backward)(torch.randn_like(out), q, k, v, out, lse, mask)
+    placeholders = list(gm.graph.find_nodes(op="placeholder"))
+    placeholders[0]._rename("tangents_1")
+    saved = placeholders[1:]
+    flagged = noise_degree.biased_sources(gm.graph, saved)
+    assert set(flagged) == {saved[0], saved[1], saved[4], saved[5]}  # q, k, logsumexp, mask
+
+
+@pytest.mark.parametrize("noisy, biased", [("v and out", False), ("q", True)])
+def test_fused_attention_gradients_are_unbiased_in_noisy_value_and_output(noisy, biased):
+    q, k, v, out, lse, mask = _cpu_attention()
+    g = torch.randn_like(out)
+    exact = torch.cat([t.flatten() for t in _attention_backward(g, q, k, v, out, lse, mask)])
+
+    def rounded(x, step=0.5):
+        return torch.floor(x / step + torch.rand_like(x)) * step  # stochastic rounding: E = x
+
+    def one():
+        args = (rounded(q), k, v, out) if noisy == "q" else (q, k, rounded(v), rounded(out))
+        return torch.cat([t.flatten() for t in _attention_backward(g, *args, lse, mask)])
+
+    def error(n):
+        return ((sum(one() for _ in range(n)) / n - exact).norm() / exact.norm()).item()
+
+    n = 256
+    e1, en = error(1), error(n)
+    if biased:
+        assert en > 2.0 * e1 / math.sqrt(n)
+    else:
+        assert en < 1.5 * e1 / math.sqrt(n)

@@ -77,12 +77,20 @@ def _arg_degrees(node: fx.Node, degrees: dict) -> list[tuple[int | None, fx.Node
         for item in items:
             if isinstance(item, fx.Node) and degrees.get(item):
                 out.append((i, item, degrees[item]))
-    for arg in node.kwargs.values():
+    for name, arg in node.kwargs.items():
         items = arg if isinstance(arg, (list, tuple)) else (arg,)
         for item in items:
             if isinstance(item, fx.Node) and degrees.get(item):
-                out.append((None, item, degrees[item]))
+                out.append((_schema_position(node.target, name), item, degrees[item]))
     return out
+
+
+def _schema_position(target, name: str) -> int | None:
+    """A keyword argument's position in the op's schema, so rules name it as they name the rest
+    (``attn_mask`` of ``_scaled_dot_product_flash_attention_for_cpu_backward``)."""
+    schema = getattr(target, "_schema", None)
+    names = [a.name for a in schema.arguments] if schema is not None else []
+    return names.index(name) if name in names else None
 
 
 def node_degrees(node: fx.Node, degrees: dict, dependent: set = frozenset()) -> Degrees:
