@@ -29,6 +29,7 @@ from actfx.kernels.seed_stream import SeedStream, calls_with
 from actfx.convert import _clone
 from actfx.copies import COMPILE_ARGS, compiled_class
 from actfx.outputs import grad_leaves
+from actfx.passes.attention_kernel import choose_attention_kernels
 from actfx.passes.pack_saved import pack_saved
 from actfx.passes.saved_plan import GraphPlan
 
@@ -71,23 +72,6 @@ def _resolve_config(bits, config) -> Config:
     if bits is not None and bits != config.bits:
         raise ValueError(f"bits={bits} disagrees with config=Config(bits={config.bits}); pass the width in one place")
     return config
-
-
-def _attention_as_math(example_inputs):
-    """On CPU, trace SDPA as matmul -> softmax -> matmul (PyTorch's math backend), so backward
-    reads the attention probabilities (packed; backward is linear in them) instead of recomputing
-    them from q and k (nonlinear: q and k would have to stay exact). CPU flash attention saves
-    little here: the probabilities are kept at 8 bits. In fp32 the math backend's outputs match
-    the fused kernel's to float rounding; under autocast or in half precision they would not
-    (the math backend rounds its softmax to 16 bits), so there and on CUDA the fused kernels stay."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    tensors = [t for t in example_inputs if isinstance(t, torch.Tensor)]
-    full_precision = not torch.is_autocast_enabled("cpu") and all(
-        t.dtype not in (torch.float16, torch.bfloat16) for t in tensors)
-    if full_precision and all(t.device.type == "cpu" for t in tensors):
-        return sdpa_kernel([SDPBackend.MATH])
-    return contextlib.nullcontext()
 
 
 def _layout(example_inputs) -> dict:
@@ -140,7 +124,8 @@ class Backend:
         # own code cache still applies to the packed graphs.
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
         patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs)}
-        with functorch_config.patch(enable_autograd_cache=False), _attention_as_math(example_inputs):
+        choose_attention_kernels(gm, self.record.config.bits_for("attention", None))
+        with functorch_config.patch(enable_autograd_cache=False):
             return calls_with(compile_fx(gm, example_inputs, config_patches=patches), self.record.seeds)
 
 

@@ -15,6 +15,7 @@ import torch.nn as nn
 from actfx.compiled import CompiledRecord, _Partitioner, own_cache_entry
 from actfx.config import Config
 from actfx.kernels.seed_stream import calls_with
+from actfx.passes.attention_kernel import choose_attention_kernels
 
 
 def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = None, *, dynamic: bool = False):
@@ -25,6 +26,7 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
     from torch._inductor.decomposition import select_decomp_table
+    from torch._inductor.fx_passes.post_grad import remove_noop_ops
 
     record = CompiledRecord(config, memory_budget)
 
@@ -34,8 +36,22 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
     def keep_forward(gm, example_inputs):
         return calls_with(keep(gm, example_inputs), record.seeds)  # its packs draw the record's seeds
 
-    backend = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep, partition_fn=_Partitioner(record),
-                           decompositions=select_decomp_table())
+    partition = _Partitioner(record)
+
+    def without_noop_then_partition(gm, joint_inputs, **kwargs):
+        # compile_fx removes no-op aliases from the joint graph before partitioning; without that a
+        # fused attention output read by two ops was saved (and counted) twice
+        remove_noop_ops(gm.graph)
+        gm.recompile()
+        return partition(gm, joint_inputs, **kwargs)
+
+    traced = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep, partition_fn=without_noop_then_partition,
+                          decompositions=select_decomp_table())
+
+    def backend(gm, example_inputs):
+        choose_attention_kernels(gm, config.bits_for("attention", None))  # as actfx.compile's backend does
+        return traced(gm, example_inputs)
+
     # Static by default: plans estimate one batch, calibrate on another and estimate again; with
     # automatic dynamic shapes the third compile would see a symbolic batch and keep every value exact.
     return torch.compile(own_cache_entry(model), backend=backend, dynamic=dynamic), record

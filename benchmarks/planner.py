@@ -155,7 +155,6 @@ def _record_bits(record) -> float:
 def quality_compiled(name: str, batch: int, samples: int, fraction: float = 1.0) -> dict:
     """``quality`` for ``actfx.plan(path="compile")``: uniform 2-bit actfx.compile against the
     compile plan at the bytes uniform holds (the compiled record's bytes)."""
-    from actfx.compiled import _attention_as_math
     from actfx.compiled_estimate import as_fx_code
     from actfx.config import Config
 
@@ -164,18 +163,16 @@ def quality_compiled(name: str, batch: int, samples: int, fraction: float = 1.0)
     x, gen = _batch(name, batch, seed=0)
     y = _labels(model, x, gen)
     exact = _gradient(model, params, x, y)
-    with _attention_as_math((x,)):  # as actfx.compile traces SDPA on CPU
-        uniform, uniform_record = as_fx_code(model, Config(bits=2))
-        uniform_errors = _errors(uniform, params, x, y, exact, samples)
+    uniform, uniform_record = as_fx_code(model, Config(bits=2))
+    uniform_errors = _errors(uniform, params, x, y, exact, samples)
     held = uniform_record.bytes_after
     xc, genc = _batch(name, batch, seed=1)
     yc = _labels(model, xc, genc)
     loss = lambda out: F.cross_entropy(out.flatten(0, -2).float(), yc.flatten())  # noqa: E731
     plan = actfx.plan(model, x, activation_budget=int(held * fraction), calibration_inputs=(xc,), loss_fn=loss,
                       path="compile")
-    with _attention_as_math((x,)):
-        planned, planned_record = as_fx_code(model, plan.config())
-        planned_errors = _errors(planned, params, x, y, exact, samples)
+    planned, planned_record = as_fx_code(model, plan.config())
+    planned_errors = _errors(planned, params, x, y, exact, samples)
     return {
         "model": name, "input": list(x.shape), "samples": samples, "fraction": fraction, "path": "compile",
         "uniform": {"held": held, "bits": _record_bits(uniform_record), **uniform_errors},

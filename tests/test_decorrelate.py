@@ -8,7 +8,6 @@ import math
 import torch
 
 import actfx
-from actfx.compiled import _attention_as_math
 from actfx.compiled_estimate import as_fx_code
 from actfx.passes.saved_plan import Storage
 from test_compiled import Block
@@ -24,12 +23,11 @@ def test_short_attention_rows_are_packed_twice_and_unbiased():
     torch.manual_seed(0)
     model, x = Block(d=64, heads=4), torch.randn(4, 16, 64)  # rows of 16 probabilities: too short to dilute
     config = actfx.Config(bits=2, op_bits={})  # probabilities at 2 bits too: a biased product would show
-    with _attention_as_math((x,)):
-        compiled, record = as_fx_code(model, config)
-        exact = _grads(model, model, x)
-        torch.manual_seed(1)
-        k = 32
-        grads = [_grads(model, compiled, x) for _ in range(k)]
+    compiled, record = as_fx_code(model, config)
+    exact = _grads(model, model, x)
+    torch.manual_seed(1)
+    k = 32
+    grads = [_grads(model, compiled, x) for _ in range(k)]
     probabilities = [v for plan in record.plans for v in plan.saved if v.shape == (4, 4, 16, 16)]
     assert len(probabilities) == 2 and all(v.storage is Storage.PACKED for v in probabilities), \
         [(v.op, v.storage, v.reason) for v in probabilities]

@@ -24,7 +24,6 @@ import math
 import torch
 import torch.nn as nn
 
-from actfx.compiled import _attention_as_math
 from actfx.compiled_estimate import estimate_compiled
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import ALLOWED_BITS, graph_pack
@@ -40,10 +39,8 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     """A compile plan holding at most ``room`` bytes of activations (see the module docstring)."""
     meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in planned_inputs)
     shape_only = copy.deepcopy(model).to("meta")  # the partition at the planned batch costs no memory
-    # SDPA traced as actfx.compile will trace it on the calibration inputs' device (math on CPU)
-    with _attention_as_math(calibration):
-        estimate = _estimate_on_meta(shape_only, meta, base, memory_budget)
-        sensitivity = compiled_sensitivities(model, calibration, base, memory_budget, loss_fn=loss_fn)
+    estimate = _estimate_on_meta(shape_only, meta, base, memory_budget)
+    sensitivity = compiled_sensitivities(model, calibration, base, memory_budget, loss_fn=loss_fn)
     group = base.group_size
     values: dict = {}
     fixed = 0
@@ -73,8 +70,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
                           "budget or lower the batch", smallest if activation_limit else peak.peak(smallest)) from None
     chosen = {site: width for site, width in zip(sites, widths)}
     config = dataclasses.replace(base, site_bits=chosen)
-    with _attention_as_math(calibration):
-        held = _estimate_on_meta(shape_only, meta, config, memory_budget).bytes_after
+    held = _estimate_on_meta(shape_only, meta, config, memory_budget).bytes_after
     numel_bits = numel = 0
     for site, width in chosen.items():
         for v in values[site]:

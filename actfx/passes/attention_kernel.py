@@ -1,0 +1,93 @@
+"""Per SDPA call, which attention kernel actfx traces: PyTorch's math backend or a fused one.
+
+Why: the two keep different values for backward. Math (matmul -> softmax -> matmul) keeps the
+probabilities, which backward reads linearly, so they are packed (at the attention width, 8 bits
+by default) with q, k and v. A fused kernel (flash, memory-efficient, CPU flash) recomputes the
+probabilities from q and k, so those stay exact (``actfx.rules``) and only v and the output are
+packed. Per query row, with S keys, head width D, ``a`` bytes per packed attention value and
+``e`` bytes per element of q, math holds ``S*a + 3*D*a`` and the fused kernel ``2*D*e + 2*D*a``:
+math where that is less (a GPT-2 head of 64 at 8 bits: up to 447 keys), and at most ``8*D`` keys,
+since math's forward also materialises each S-wide row in full precision. In half precision and
+under autocast the fused kernel stays: the math backend rounds its softmax to 16 bits, so the
+forward would differ from torch.compile's; in fp32 the two agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import fx
+
+_SDPA = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+_FULL_PRECISION = (torch.float32, torch.float64)
+MAX_KEYS_PER_HEAD_WIDTH = 8  # math's forward row of S full-precision scores, against D
+
+
+def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int) -> bool:
+    """Whether the math backend keeps fewer bytes for backward than a fused kernel (docstring)."""
+    if query.dtype not in _FULL_PRECISION or query.dim() < 2 or key.dim() < 2:
+        return False
+    width, keys, element = int(query.shape[-1]), int(key.shape[-2]), query.element_size()
+    packed = min(attention_bits / 8, element)
+    return (keys * packed + 3 * width * packed < 2 * width * element + 2 * width * packed
+            and keys <= MAX_KEYS_PER_HEAD_WIDTH * width)
+
+
+def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
+    """Point each SDPA call of a dynamo graph at the kernel that holds less (module docstring)."""
+    if _autocast(gm):
+        return
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target not in _SDPA:
+            continue
+        query, key = (_example(a) for a in _query_key(node))
+        if query is None or key is None:
+            continue
+        if math_holds_less(query, key, attention_bits):
+            node.target = attention_as_math
+        elif query.device.type == "meta":
+            node.target = fused_attention_on_meta
+    gm.recompile()
+
+
+def attention_as_math(*args, **kwargs):
+    """F.scaled_dot_product_attention traced through PyTorch's math backend."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel([SDPBackend.MATH]):
+        return F.scaled_dot_product_attention(*args, **kwargs)
+
+
+def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                            enable_gqa=False):
+    """A fused kernel's saved values on meta tensors, for estimates (SDPA on meta traces math):
+    the memory-efficient kernel's (CUDA's choice in fp32), output strides included, so that its
+    readers share it as they do on the device."""
+    if query.dim() != 4 or query.shape[1] != key.shape[1]:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+    if attn_mask is not None:
+        attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
+    return torch.ops.aten._scaled_dot_product_efficient_attention(
+        query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+
+def _query_key(node: fx.Node):
+    query = node.args[0] if node.args else node.kwargs.get("query")
+    key = node.args[1] if len(node.args) > 1 else node.kwargs.get("key")
+    return query, key
+
+
+def _example(arg) -> torch.Tensor | None:
+    value = arg.meta.get("example_value") if isinstance(arg, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def _autocast(gm: fx.GraphModule) -> bool:
+    """Autocast on around the compiled call, or entered inside the graph."""
+    if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
+        return True
+    return any(node.op == "call_function" and "autocast" in getattr(node.target, "__name__", "")
+               for node in gm.graph.nodes)

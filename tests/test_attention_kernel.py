@@ -1,0 +1,51 @@
+"""actfx/passes/attention_kernel.py: per SDPA call, math backend or fused kernel, whichever holds less."""
+
+import math
+
+import torch
+
+import actfx
+from actfx.compiled_estimate import estimate_compiled
+from actfx.passes.attention_kernel import math_holds_less
+from actfx.passes.saved_plan import Storage
+from test_compiled import Block, _grads
+
+
+def test_math_where_its_probabilities_hold_less_than_exact_q_and_k():
+    q = torch.empty(1, 12, 256, 64)
+    assert math_holds_less(q, torch.empty(1, 12, 256, 64), attention_bits=8)  # GPT-2's heads at 256 tokens
+    assert not math_holds_less(q, torch.empty(1, 12, 480, 64), attention_bits=8)
+    assert math_holds_less(q, torch.empty(1, 12, 480, 64), attention_bits=2)  # narrower probabilities
+    assert not math_holds_less(q, torch.empty(1, 12, 1024, 64), attention_bits=2)  # the forward row cap, 8 x 64
+    assert not math_holds_less(q.bfloat16(), torch.empty(1, 12, 256, 64, dtype=torch.bfloat16), attention_bits=8)
+
+
+def test_long_rows_keep_the_fused_kernel_and_pack_v_and_the_output():
+    """160 keys against heads of 16: the fused kernel holds less. Its backward recomputes the
+    probabilities from q and k (kept exact) and reads v and the output linearly (packed); the
+    forward is torch.compile's, the gradients unbiased, and the estimate on meta tensors (the
+    memory-efficient kernel) holds what the compiled model holds."""
+    torch.manual_seed(0)
+    model, x = Block(d=64, heads=4), torch.randn(2, 160, 64)
+    compiled, reference = actfx.compile(model, bits=2), torch.compile(model)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    exact, k = _grads(model, reference, x), 16
+    samples = [_grads(model, compiled, x) for _ in range(k)]
+    one = sum((g - exact).norm() for g in samples) / k
+    assert (sum(samples) / k - exact).norm() < 1.5 * one / math.sqrt(k)
+
+    plan = compiled._actfx_compiled.plans[-1]
+    assert not [v for v in plan.saved if v.shape == (2, 4, 160, 160)]  # no probabilities
+    heads = [v for v in plan.saved if v.shape == (2, 4, 160, 16)]  # q, k, v, output
+    assert sorted((v.storage.name, v.bits) for v in heads) == [("EXACT", None), ("EXACT", None),
+                                                                ("PACKED", 8), ("PACKED", 8)]
+    estimate = estimate_compiled(Block(d=64, heads=4).to("meta"), (x.to("meta"),), actfx.Config(bits=2))
+    assert abs(estimate.bytes_after - compiled._actfx_compiled.bytes_after) <= 64  # the GPU kernel's RNG state
+
+
+def test_short_rows_trace_math_and_pack_the_probabilities():
+    torch.manual_seed(0)
+    model, x = Block(d=64, heads=4), torch.randn(2, 64, 64)  # 64 keys against heads of 16
+    record = estimate_compiled(model, (x,), actfx.Config(bits=2))
+    probabilities = [v for v in record.plans[-1].saved if v.shape == (2, 4, 64, 64)]
+    assert probabilities and all(v.storage is Storage.PACKED and v.bits == 8 for v in probabilities)
