@@ -49,3 +49,32 @@ def test_short_rows_trace_math_and_pack_the_probabilities():
     record = estimate_compiled(model, (x,), actfx.Config(bits=2))
     probabilities = [v for v in record.plans[-1].saved if v.shape == (2, 4, 64, 64)]
     assert probabilities and all(v.storage is Storage.PACKED and v.bits == 8 for v in probabilities)
+
+
+class MaskedBlock(Block):
+    """Block with the additive mask Hugging Face models build: where(causal, 0, -inf)."""
+
+    def forward(self, x):
+        b, t, d = x.shape
+        causal = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        mask = torch.where(causal, 0.0, float("-inf")).expand(b, 1, t, t)
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return x + self.proj(a.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_fused_kernels_float_mask_is_kept_as_its_boolean():
+    """The fused backward reads the mask (exact); built from a boolean and two constants, it is
+    rebuilt in backward from a 1-bit mask instead of held in fp32."""
+    torch.manual_seed(0)
+    model, x = MaskedBlock(d=64, heads=4), torch.randn(2, 160, 64)
+    compiled, reference = actfx.compile(model, bits=2), torch.compile(model)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    exact, k = _grads(model, reference, x), 16
+    samples = [_grads(model, compiled, x) for _ in range(k)]
+    one = sum((g - exact).norm() for g in samples) / k
+    assert (sum(samples) / k - exact).norm() < 1.5 * one / math.sqrt(k)
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert not [v for v in saved if v.dtype == "float32" and v.shape[-2:] == (160, 160)]
+    masks = [v for v in saved if v.storage is Storage.MASK and v.shape[-2:] == (160, 160)]
+    assert masks and sum(v.bytes_after for v in masks) <= 2 * 160 * 160 // 8 + 64
