@@ -78,3 +78,27 @@ def test_a_fused_kernels_float_mask_is_kept_as_its_boolean():
     assert not [v for v in saved if v.dtype == "float32" and v.shape[-2:] == (160, 160)]
     masks = [v for v in saved if v.storage is Storage.MASK and v.shape[-2:] == (160, 160)]
     assert masks and sum(v.bytes_after for v in masks) <= 2 * 160 * 160 // 8 + 64
+
+
+def test_attention_inside_a_checkpointed_region_is_chosen_too():
+    from torch.utils.checkpoint import checkpoint
+
+    from actfx.passes.attention_kernel import attention_as_math, choose_attention_kernels
+
+    class Checkpointed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block(d=64, heads=4)
+
+        def forward(self, x):
+            return checkpoint(self.block, x, use_reentrant=False)
+
+    targets = []
+
+    def backend(gm, example_inputs):
+        choose_attention_kernels(gm, attention_bits=8)
+        targets.extend(n.target for m in gm.modules() if isinstance(m, torch.fx.GraphModule) for n in m.graph.nodes)
+        return gm
+
+    torch.compile(Checkpointed(), backend=backend)(torch.randn(2, 32, 64, requires_grad=True))
+    assert attention_as_math in targets

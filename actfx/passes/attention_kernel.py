@@ -37,17 +37,20 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
     """Point each SDPA call of a dynamo graph at the kernel that holds less (module docstring)."""
     if _autocast(gm):
         return
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target not in _SDPA:
+    for module in gm.modules():  # the graph and its subgraphs (checkpointed regions, ...)
+        if not isinstance(module, fx.GraphModule):
             continue
-        query, key = (_example(a) for a in _query_key(node))
-        if query is None or key is None:
-            continue
-        if math_holds_less(query, key, attention_bits):
-            node.target = attention_as_math
-        elif query.device.type == "meta":
-            node.target = fused_attention_on_meta
-    gm.recompile()
+        for node in module.graph.nodes:
+            if node.op != "call_function" or node.target not in _SDPA:
+                continue
+            query, key = (_example(a) for a in _query_key(node))
+            if query is None or key is None:
+                continue
+            if math_holds_less(query, key, attention_bits):
+                node.target = attention_as_math
+            elif query.device.type == "meta":
+                node.target = fused_attention_on_meta
+        module.recompile()
 
 
 def attention_as_math(*args, **kwargs):
@@ -90,4 +93,4 @@ def _autocast(gm: fx.GraphModule) -> bool:
     if any(torch.is_autocast_enabled(device) for device in ("cpu", "cuda")):
         return True
     return any(node.op == "call_function" and "autocast" in getattr(node.target, "__name__", "")
-               for node in gm.graph.nodes)
+               for module in gm.modules() if isinstance(module, fx.GraphModule) for node in module.graph.nodes)
