@@ -102,3 +102,17 @@ def test_attention_inside_a_checkpointed_region_is_chosen_too():
 
     torch.compile(Checkpointed(), backend=backend)(torch.randn(2, 32, 64, requires_grad=True))
     assert attention_as_math in targets
+
+
+def test_symbolic_sequence_lengths_keep_pytorchs_choice_and_exact_gradients():
+    """With dynamic shapes the sizes are symbolic: reading them would add guards, and the values
+    stay exact anyway; the SDPA call is left as it is, and one graph serves every length."""
+    from actfx.compiled_estimate import as_fx_code
+
+    torch.manual_seed(0)
+    model = Block(d=64, heads=4)
+    compiled, record = as_fx_code(model, actfx.Config(bits=2), dynamic=True)
+    for length in (24, 40):
+        x = torch.randn(2, length, 64)
+        torch.testing.assert_close(_grads(model, compiled, x), _grads(model, model, x), rtol=1e-4, atol=1e-5)
+    assert len(record.plans) == 1  # one graph for both lengths: no size was specialised

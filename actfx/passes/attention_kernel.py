@@ -27,7 +27,9 @@ def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int)
     """Whether the math backend keeps fewer bytes for backward than a fused kernel (docstring)."""
     if query.dtype not in _FULL_PRECISION or query.dim() < 2 or key.dim() < 2:
         return False
-    width, keys, element = int(query.shape[-1]), int(key.shape[-2]), query.element_size()
+    width, keys, element = query.shape[-1], key.shape[-2], query.element_size()
+    if not (isinstance(width, int) and isinstance(keys, int)):
+        return False  # symbolic sizes: their values stay exact either way; int() would add a guard
     packed = min(attention_bits / 8, element)
     return (keys * packed + 3 * width * packed < 2 * width * element + 2 * width * packed
             and keys <= MAX_KEYS_PER_HEAD_WIDTH * width)
