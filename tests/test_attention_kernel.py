@@ -116,3 +116,32 @@ def test_symbolic_sequence_lengths_keep_pytorchs_choice_and_exact_gradients():
         x = torch.randn(2, length, 64)
         torch.testing.assert_close(_grads(model, compiled, x), _grads(model, model, x), rtol=1e-4, atol=1e-5)
     assert len(record.plans) == 1  # one graph for both lengths: no size was specialised
+
+
+class GroupedQueryAttention(torch.nn.Module):
+    """4 query heads sharing 2 key/value heads, a boolean causal mask passed to SDPA."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.kv = torch.nn.Linear(64, 64), torch.nn.Linear(64, 64)
+
+    def forward(self, x):
+        b, t, _ = x.shape
+        q = self.q(x).view(b, t, 4, 16).transpose(1, 2)
+        k, v = self.kv(x).view(b, t, 2, 32).transpose(1, 2).split(16, -1)
+        mask = torch.ones(t, t, dtype=torch.bool, device=x.device).tril()
+        return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+
+
+def test_the_estimate_on_meta_traces_the_fused_kernel_as_the_cpu_does():
+    """Grouped-query attention with a boolean mask, 160 keys on heads of 16: the estimate on meta
+    tensors keeps what the run on real tensors keeps (k and v ungrouped, the mask as bits)."""
+    from actfx.compiled_estimate import as_fx_code
+
+    torch.manual_seed(0)
+    model, x = GroupedQueryAttention(), torch.randn(2, 160, 64)
+    compiled, record = as_fx_code(model, actfx.Config(bits=8))
+    compiled(x).sum().backward()
+    estimate = estimate_compiled(GroupedQueryAttention().to("meta"), (x.to("meta"),), actfx.Config(bits=8))
+    assert abs(estimate.bytes_after - record.bytes_after) <= 64
+    assert [v for v in record.plans[-1].saved if v.storage is Storage.MASK and v.shape == (160, 160)]

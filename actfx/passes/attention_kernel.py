@@ -68,11 +68,14 @@ def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is
     """A fused kernel's saved values on meta tensors, for estimates (SDPA on meta traces math):
     the memory-efficient kernel's (CUDA's choice in fp32), output strides included, so that its
     readers share it as they do on the device."""
-    if query.dim() != 4 or query.shape[1] != key.shape[1]:
+    if query.dim() != 4:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
-    if attn_mask is not None and attn_mask.dtype == torch.bool:
-        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill(~attn_mask, float("-inf"))
+    if query.shape[1] != key.shape[1]:  # grouped-query attention: the CPU kernel keeps k, v ungrouped
+        return torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)[0]
+    if attn_mask is not None and attn_mask.dtype == torch.bool:  # as SDPA hands a boolean mask to the kernel
+        attn_mask = torch.where(attn_mask, 0.0, float("-inf")).to(query.dtype)
     if attn_mask is not None:
         attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(
