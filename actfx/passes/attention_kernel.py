@@ -67,7 +67,8 @@ def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is
                             enable_gqa=False):
     """A fused kernel's saved values on meta tensors, for estimates (SDPA on meta traces math):
     the memory-efficient kernel's (CUDA's choice in fp32), output strides included, so that its
-    readers share it as they do on the device."""
+    readers share it as they do on the device; for grouped-query attention the CPU kernel's,
+    which keeps k and v ungrouped."""
     if query.dim() != 4:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
