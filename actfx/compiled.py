@@ -185,9 +185,31 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     # train()/eval() work as on any module, and built-in containers compile too.
     forward = own_cache_entry(compiled.forward)
     compiled_forward = torch.compile(forward, backend=chosen, **compile_kwargs)
+    if compile_kwargs["dynamic"] is False:
+        compiled_forward = _static_inputs(compiled_forward)
     object.__setattr__(compiled, "forward", _noting_training_calls(compiled_forward, chosen.record, type(model).__name__))
     object.__setattr__(compiled, "_actfx_compiled", chosen.record)
     return compiled
+
+
+_PROPAGATED = "_dynamo_propagated_dynamic_indices"
+
+
+def _static_inputs(compiled_forward):
+    """``compiled_forward`` called with its tensor inputs' propagated dynamic marks dropped. Why: a
+    plain torch.compile that recompiled for a second shape marks the dims of the tensors it saw
+    (``_dynamo_propagated_dynamic_indices``); torch 2.14 honours the mark under ``dynamic=False``,
+    so an actfx.compile model later called on the same tensor compiled symbolic sizes and kept
+    every value exact. Marks the user set (``torch._dynamo.mark_dynamic``) stay."""
+
+    @functools.wraps(compiled_forward)
+    def forward(*args, **kwargs):
+        for value in (*args, *kwargs.values()):
+            if isinstance(value, torch.Tensor) and _PROPAGATED in value.__dict__:
+                delattr(value, _PROPAGATED)
+        return compiled_forward(*args, **kwargs)
+
+    return forward
 
 
 def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str):

@@ -452,3 +452,23 @@ def test_rounding_noise_is_reproducible_per_seed_and_differs_between_steps():
     again = steps(actfx.compile(model, bits=2))
     assert torch.equal(first[0], again[0]) and torch.equal(first[1], again[1])  # same seed, same noise
     assert not torch.equal(first[0], first[1])  # the next step draws new noise
+
+
+def test_inputs_a_plain_compile_marked_dynamic_are_still_packed():
+    """A plain torch.compile that recompiled for a second shape marks the dims of the tensors it
+    saw as dynamic; torch 2.14 honours that mark under dynamic=False, and an actfx.compile model
+    then called on the same tensor kept every value exact."""
+    torch.manual_seed(0)
+
+    def mlp():
+        return nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+
+    plain, x = torch.compile(mlp()), torch.randn(8, 64)
+    plain(torch.randn(4, 64))
+    plain(x)  # the recompile marks x's batch dim
+    model = mlp()
+    compiled = actfx.compile(model, bits=2)
+    compiled(x).square().mean().backward()
+    values = _activations(compiled._actfx_compiled.plans[-1])
+    assert values and not [v for v in values if v.reason.startswith("dynamic")]
+    assert any(v.storage is Storage.PACKED for v in values)
