@@ -68,52 +68,60 @@ def _rebuild(run, value: fx.Node, recipes: dict, available: dict, before: fx.Nod
     return env[value]
 
 
-def _chain(run, value: fx.Node, available: dict, limit: int = 24):
+def _chain(run, value: fx.Node, available: dict):
     """(forward ops computing ``value`` from saved values, parameters and small values, in
-    order; the parameters and small values not saved yet) or None when it needs anything else or more than ``limit`` ops
-    (elementwise ops, ReLU and views only)."""
-    chain, params, stack, seen = [], [], [value], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n is not value and n in available:
-            continue
+    order; the parameters and small values not saved yet) or None when it needs anything else or
+    more than ``_LIMIT`` ops (elementwise ops, ReLU and views only)."""
+
+    def leaf(n):
+        if n in available:
+            return False  # saved already
         if (n.op == "placeholder" and n in run.params) or (
-                n is not value and is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel):
-            params.append(n)  # a parameter, or a small value (statistics): saved as is
-            continue
-        if n.op != "call_function" or n.target in RANDOM_OPS or len(chain) >= limit:
-            return None
-        view = rule_for(n.target).kind is Kind.LINEAR and len(n.all_input_nodes) == 1
-        if not (pointwise(n) or view or n.target is aten.relu.default):
-            return None
-        chain.append(n)
-        stack.extend(n.all_input_nodes)
-    return sorted(chain, key=run.g.order.get), params
+                is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel):
+            return True  # a parameter, or a small value (statistics): saved as is
+        return None
+
+    return _walk(run, value, leaf)
 
 
-def _from_booleans(run, value: fx.Node, limit: int = 24):
+def _from_booleans(run, value: fx.Node):
     """(forward ops computing ``value`` from boolean tensors and small values alone, in order; those
     booleans and small values) or None."""
+
+    def leaf(n):
+        if is_tensor(n) and static_shape(n) and (val(n).dtype == torch.bool or numel(n) < run.config.min_numel):
+            return True  # a boolean (stored as a 1-bit mask) or a small value (as is)
+        return None
+
+    found = _walk(run, value, leaf)
+    if found is None or not any(val(n).dtype == torch.bool for n in found[1]):
+        return None
+    return found
+
+
+_LIMIT = 24  # ops in a chain recomputed in backward
+
+
+def _walk(run, value: fx.Node, leaf):
+    """(the elementwise ops and views between ``value`` and its leaves, in graph order; the leaves
+    ``leaf`` returns True for) or None. ``leaf(node)``: True, a leaf to return; False, a leaf
+    already at hand; None, not a leaf."""
     chain, leaves, stack, seen = [], [], [value], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n is not value and is_tensor(n) and static_shape(n) and (
-                val(n).dtype == torch.bool or numel(n) < run.config.min_numel):
-            leaves.append(n)  # a boolean (stored as a 1-bit mask) or a small value (as is)
+        kind = None if n is value else leaf(n)
+        if kind is not None:
+            if kind:
+                leaves.append(n)
             continue
-        if n.op != "call_function" or n.target in RANDOM_OPS or len(chain) >= limit:
+        if n.op != "call_function" or n.target in RANDOM_OPS or len(chain) >= _LIMIT:
             return None
         view = rule_for(n.target).kind is Kind.LINEAR and len(n.all_input_nodes) == 1
-        if not (pointwise(n) or view):
+        if not (pointwise(n) or view or n.target is aten.relu.default):
             return None
         chain.append(n)
         stack.extend(n.all_input_nodes)
-    if not any(val(n).dtype == torch.bool for n in leaves):
-        return None
     return sorted(chain, key=run.g.order.get), leaves
