@@ -47,13 +47,20 @@ def assert_converted(model, x, kinds: dict, *, exported: bool, factor: float | N
         assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2, example_inputs=example), x, factor)
 
 
+def assert_mean_converges(samples: list, exact: torch.Tensor, *, least_noise: float = 0.0) -> None:
+    """The mean of the ``samples`` (noisy gradients) approaches ``exact`` as 1/sqrt(k), within
+    1.5x: unbiased noise averages out; ``least_noise``: one sample's error must exceed that share
+    of ``exact``'s norm (there is noise to average)."""
+    k = len(samples)
+    one = sum((g - exact).norm() for g in samples) / k
+    mean = (sum(samples) / k - exact).norm()
+    assert one > least_noise * exact.norm(), (float(one), float(exact.norm()))
+    assert mean < 1.5 * one / math.sqrt(k), (float(mean), float(one))
+
+
 def assert_unbiased(model, x, k: int = 32):
     """At 2 bits one step's gradient is noisy, and the mean of ``k`` steps approaches the exact
     one as 1/sqrt(k) (within 1.5x): the rounding noise averages out."""
     exact = parameter_grads(model, x)
     converted = actfx.convert(model, bits=2)
-    grads = [parameter_grads(converted, x) for _ in range(k)]
-    one = sum((g - exact).norm() for g in grads) / k
-    mean = (sum(grads) / k - exact).norm()
-    assert one > 1e-3 * exact.norm()
-    assert mean < 1.5 * one / math.sqrt(k)
+    assert_mean_converges([parameter_grads(converted, x) for _ in range(k)], exact, least_noise=1e-3)
