@@ -72,7 +72,7 @@ def test_packed_size_matches_the_formula():
     x = torch.randn(1000)
     packed, lo, step = pack_values(x, 2, 256)
     nbytes = packed.numel() + lo.numel() * 4 + step.numel() * 4
-    assert nbytes == packed_value_bytes(1000, 2, 256)
+    assert nbytes == packed_value_bytes((1000,), 2, 256)
 
 
 def test_stochastic_rounding_noise_is_uniform_and_reproducible_per_seed():
@@ -126,3 +126,84 @@ def test_emitted_packs_are_traced_per_strides():
         codes, lo, step = emit(graph, lambda x: pack_values(x, 2, 256), [node], before=out,
                                key="test_emitted_packs_are_traced_per_strides")
         assert tuple(codes.meta["val"].shape) == (4, 64)
+
+
+def test_row_layout_is_byte_exact():
+    """Rows of the innermost dimension: a group is one column of rows, four rows share a byte at
+    2 bits, row r at bit 2 * (r % 4) of byte r // 4 in its column."""
+    x = (torch.arange(16.0) % 4)[:, None] + torch.tensor([0.0, 10.0, 20.0])  # 16 rows, 3 columns
+    packed, lo, step = pack_values(x, bits=2, group_size=16, stochastic=False, inner=1)
+    assert packed.dtype == torch.uint8 and packed.shape == (4, 3)
+    assert packed.tolist() == [[0b11_10_01_00] * 3] * 4
+    assert lo.tolist() == [[0.0, 10.0, 20.0]] and step.tolist() == [[1.0, 1.0, 1.0]]
+    assert torch.equal(unpack_values(packed, lo, step, x, 2, inner=1), x)
+
+
+def _per_value_step(packed, lo, step, like, bits, inner):
+    """Each value's group step, read back through the unpack itself (all codes at the top)."""
+    top = torch.full_like(packed, 255)
+    return unpack_values(top, torch.zeros_like(lo), step, like.float(), bits, inner) / ((1 << bits) - 1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("shape,inner", [((2, 6, 5, 7), 1), ((3, 20, 12), 2), ((37, 9, 3), 0), ((300, 5), 1)])
+def test_row_layout_round_to_nearest_error_is_at_most_half_a_step(bits, shape, inner):
+    x = torch.randn(shape)
+    pieces = pack_values(x, bits, 32, stochastic=False, inner=inner)
+    y = unpack_values(*pieces, x, bits, inner=inner)
+    assert y.shape == x.shape and y.dtype == x.dtype
+    assert torch.all((y - x).abs() <= _per_value_step(*pieces, x, bits, inner) / 2 + 1e-6)
+    # groups hold one column each: a column's step is its own range / levels (one group of rows here
+    # when rows <= 32), never its neighbours'
+    if x.numel() // x.shape[inner] <= 32:
+        column_range = x.movedim(inner, -1).reshape(-1, x.shape[inner])
+        expected = (column_range.amax(0) - column_range.amin(0)) / ((1 << bits) - 1)
+        torch.testing.assert_close(pieces[2][0], expected)
+
+
+def test_row_layout_stochastic_rounding_is_unbiased():
+    torch.manual_seed(0)
+    x = torch.randn(8, 16, 6, 6)
+    k = 256
+    mean = sum(unpack_values(*pack_values(x, 2, 256, inner=1), x, 2, inner=1) for _ in range(k)) / k
+    step = _per_value_step(*pack_values(x, 2, 256, inner=1), x, 2, 1)
+    z = ((mean - x) / (step / (2 * math.sqrt(k)))).abs()
+    assert z.mean() < 1.0 and z.max() < 6.0
+
+
+def test_row_layout_pads_with_the_last_row_and_keeps_columns_apart():
+    """10 rows pad to 16 (copies of row 9 cannot widen a range); a NaN makes its own column's
+    group NaN and leaves the constant column exact."""
+    x = torch.full((10, 2), 0.1)
+    x[:, 1] = torch.arange(10.0)
+    x[4, 1] = float("nan")
+    packed, lo, step = pack_values(x, 2, 256, inner=1)
+    assert packed.shape == (4, 2)  # 16 rows, four to a byte
+    y = unpack_values(packed, lo, step, x, 2, inner=1)
+    assert torch.equal(y[:, 0], x[:, 0]) and torch.isnan(y[:, 1]).all()
+
+
+def test_row_layout_mask_round_trip():
+    mask = torch.rand(3, 6, 5, 7) > 0.5  # 105 rows of 6 channels: 14 bytes a channel
+    packed = pack_mask(mask, inner=1)
+    assert packed.shape == (14, 6)
+    assert torch.equal(unpack_mask(packed, mask, inner=1), mask)
+
+
+@pytest.mark.parametrize("shape,inner", [((2, 64, 28, 28), 1), ((8, 2048, 7, 7), 1), ((4, 256, 512), 2)])
+def test_row_layout_packed_size_matches_the_formula(shape, inner):
+    x = torch.randn(shape)
+    packed, lo, step = pack_values(x, 2, 256, inner=inner)
+    assert packed.numel() + lo.numel() * 4 + step.numel() * 4 == packed_value_bytes(shape, 2, 256, inner)
+    # about as small as the flat layout: under 8 padding rows a group, and groups of fewer rows
+    # where the rows do not divide evenly (392 rows: two groups of 200)
+    assert packed_value_bytes(shape, 2, 256, inner) <= packed_value_bytes(shape, 2, 256) * 1.06
+
+
+def test_rows_are_used_from_a_group_of_rows_up():
+    from actfx.kernels.graph_pack import rows_inner
+
+    assert rows_inner((1000,), 0, 256) is None  # one row
+    assert rows_inner((100, 64), -1, 256) is None  # 100 rows: the flat layout
+    assert rows_inner((1000, 64), -1, 256) == 1
+    assert rows_inner((2, 64, 28, 28), 1, 256) == 1

@@ -30,7 +30,7 @@ from torch import fx
 
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import graph_pack
-from actfx.passes import decorrelate, hoist, linearize, noise_degree, rematerialize
+from actfx.passes import decorrelate, hoist, linearize, noise_degree, rematerialize, stored_layout
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
@@ -52,6 +52,7 @@ class PackSaved:
         self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
         self.exact_reason: dict[str, str] = {}
         self.hoisted: dict[str, str] = {}  # fwd node name -> op description
+        self.channels_last: set[fx.Node] = set()  # set by rewrite, once the forward has all its nodes
 
     def packable(self, fwd_node: fx.Node) -> str | None:
         """None if the value may be packed, else why it stays exact."""
@@ -105,6 +106,7 @@ class PackSaved:
     def rewrite(self, decisions: dict[fx.Node, Storage]) -> GraphPlan:
         plan = GraphPlan()
         seen: collections.Counter = collections.Counter()
+        self.channels_last = stored_layout.channels_last_values(self.g.fwd)
         for fwd, bwd in self.g.saved_tensors():
             storage = decisions[fwd]
             op = self.hoisted.get(fwd.name, op_name(fwd))
@@ -131,7 +133,8 @@ class PackSaved:
                 shape=tuple(hint(s) for s in val(fwd).shape), dtype=str(val(fwd).dtype).replace("torch.", ""),
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
-                hoisted=fwd.name in self.hoisted, site=site))
+                hoisted=fwd.name in self.hoisted, site=site,
+                rows_inner=self._rows_inner(fwd, self.config.group_size) if storage is Storage.PACKED else None))
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
@@ -151,7 +154,8 @@ class PackSaved:
         for user in list(bwd.users):
             if user is not read:
                 user.replace_input_with(bwd, read)
-        return graph_pack.packed_value_bytes(numel(fwd), bits, self.config.group_size)
+        group = self.config.group_size
+        return graph_pack.packed_value_bytes(tuple(val(fwd).shape), bits, group, self._rows_inner(fwd, group))
 
     def _kind(self, fwd: fx.Node) -> str:
         """The Config.op_bits kind of a saved value: values of attention (the op that was
@@ -179,23 +183,30 @@ class PackSaved:
                 zero = emit(self.g.bwd, broadcast_zero, [placeholder], before=user, key="zero")
                 user.replace_input_with(placeholder, zero)
 
+    def _rows_inner(self, fwd: fx.Node, min_rows: int) -> int | None:
+        """The row layout's innermost dimension for this value, None for the flat layout."""
+        return graph_pack.rows_inner(tuple(val(fwd).shape), stored_layout.inner_dim(fwd, self.channels_last), min_rows)
+
     def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:
         group, stochastic = self.config.group_size, self.config.stochastic
-        pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic), [fwd],
-                      before=fwd.next, key=("pack", bits, group, stochastic))
+        inner = self._rows_inner(fwd, group)
+        pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic, inner), [fwd],
+                      before=fwd.next, key=("pack", bits, group, stochastic, inner))
         holders = [self.g.add_saved(p, fwd) for p in pieces]
         like = bwd
-        unpacked = emit(self.g.bwd, lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits),
-                        [*holders, like], before=self.first_use(bwd), key=("unpack", bits))
+        unpacked = emit(self.g.bwd, lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, inner),
+                        [*holders, like], before=self.first_use(bwd), key=("unpack", bits, inner))
         self._swap(bwd, unpacked)
         self.g.drop_saved(fwd)
         return sum(nbytes(p) for p in pieces)
 
     def _mask(self, fwd: fx.Node, bwd: fx.Node) -> int:
-        packed = emit(self.g.fwd, graph_pack.pack_mask, [fwd], before=fwd.next, key="pack_mask")
+        inner = self._rows_inner(fwd, _MASK_MIN_ROWS)
+        packed = emit(self.g.fwd, lambda m: graph_pack.pack_mask(m, inner), [fwd], before=fwd.next,
+                      key=("pack_mask", inner))
         holder = self.g.add_saved(packed, fwd)
-        unpacked = emit(self.g.bwd, graph_pack.unpack_mask, [holder, bwd], before=self.first_use(bwd),
-                        key="unpack_mask")
+        unpacked = emit(self.g.bwd, lambda p, m: graph_pack.unpack_mask(p, m, inner), [holder, bwd],
+                        before=self.first_use(bwd), key=("unpack_mask", inner))
         self._swap(bwd, unpacked)
         self.g.drop_saved(fwd)
         return nbytes(packed)
@@ -205,6 +216,9 @@ class PackSaved:
         does not read the placeholder)."""
         placeholder.replace_all_uses_with(unpacked)
 
+
+# A mask is packed in rows (see graph_pack) from this many rows up: its padding stays under 1/8.
+_MASK_MIN_ROWS = 64
 
 # Per-row / per-channel statistics of a normalisation: one value per row, tiny next to the rows
 # themselves, and every gradient of the norm is scaled by them: kept exact.

@@ -44,6 +44,7 @@ class SavedValue:
     reason: str = ""
     hoisted: bool = False  # computed in forward instead of backward (a derivative, a mask)
     site: str = ""  # ``"module.path:op"`` (``site_key``): how a plan for actfx.compile names this value
+    rows_inner: int | None = None  # packed in graph_pack's row layout along this dimension (None: flat)
 
     @property
     def saved_as(self) -> str:
