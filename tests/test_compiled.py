@@ -479,6 +479,8 @@ def test_conv_outputs_are_packed_in_rows_and_unpacked_in_vector_loads():
     from torch._inductor import cpu_vec_isa
     from torch._inductor.utils import run_and_get_code
 
+    from actfx.kernels.graph_pack import Rows
+
     if not cpu_vec_isa.valid_vec_isa_list():
         pytest.skip("this CPU has no SIMD instruction set Inductor vectorizes for")
     torch.manual_seed(0)
@@ -487,7 +489,8 @@ def test_conv_outputs_are_packed_in_rows_and_unpacked_in_vector_loads():
     _, codes = run_and_get_code(lambda: _grads(model, compiled, x))
     values = _activations(compiled._actfx_compiled.plans[-1])
     convs = [v for v in values if "convolution" in v.op and v.storage is Storage.PACKED]
-    assert convs and all(v.rows_inner == 3 for v in convs), [(v.op, v.rows_inner) for v in values]
+    # read along W, a group inside one channel's plane (H rows)
+    assert convs and all(v.rows == Rows(3, plane=v.shape[2]) for v in convs), [(v.op, v.rows) for v in values]
     kernels = re.findall(r"async_compile\.cpp_pybinding\((\[.*?\]), r'''(.*?)'''", "\n".join(codes), re.S)
     unpacking = [body for signature, body in kernels if "'const uint8_t*'" in signature]
     assert unpacking and all("Vectorized<uint8_t>::loadu" in body for body in unpacking)

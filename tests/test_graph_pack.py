@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from actfx.kernels.graph_pack import pack_mask, pack_values, packed_value_bytes, unpack_mask, unpack_values
+from actfx.kernels.graph_pack import (Rows, pack_mask, pack_values, packed_value_bytes, row_layout, unpack_mask,
+                                      unpack_values)
 
 
 def test_two_bit_layout_is_byte_exact():
@@ -132,78 +133,102 @@ def test_row_layout_is_byte_exact():
     """Rows of the innermost dimension: a group is one column of rows, four rows share a byte at
     2 bits, row r at bit 2 * (r % 4) of byte r // 4 in its column."""
     x = (torch.arange(16.0) % 4)[:, None] + torch.tensor([0.0, 10.0, 20.0])  # 16 rows, 3 columns
-    packed, lo, step = pack_values(x, bits=2, group_size=16, stochastic=False, inner=1)
+    packed, lo, step = pack_values(x, bits=2, group_size=16, stochastic=False, rows=Rows(1))
     assert packed.dtype == torch.uint8 and packed.shape == (4, 3)
     assert packed.tolist() == [[0b11_10_01_00] * 3] * 4
     assert lo.tolist() == [[0.0, 10.0, 20.0]] and step.tolist() == [[1.0, 1.0, 1.0]]
-    assert torch.equal(unpack_values(packed, lo, step, x, 2, inner=1), x)
+    assert torch.equal(unpack_values(packed, lo, step, x, 2, rows=Rows(1)), x)
 
 
-def _per_value_step(packed, lo, step, like, bits, inner):
+def test_row_blocks_stay_inside_one_channel_plane():
+    """NCHW read along W with the channel a row dimension: a group is a block of whole rows of one
+    channel's plane (H = 4 rows of 8 here, group 16: two rows), so channels of different ranges
+    never share a group."""
+    x = torch.randn(2, 3, 4, 8) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
+    packed, lo, step = pack_values(x, 2, 16, stochastic=False, rows=Rows(3, plane=4))
+    assert lo.shape == (2 * 3 * 2,) and packed.shape == (6, 8)
+    blocks = x.reshape(-1, 16)  # two rows of 8: one group each, in NCHW order
+    torch.testing.assert_close(lo, blocks.amin(1))
+    torch.testing.assert_close(step, (blocks.amax(1) - blocks.amin(1)) / 3)
+    y = unpack_values(packed, lo, step, x, 2, rows=Rows(3, plane=4))
+    assert torch.all((y - x).abs() <= step.repeat_interleave(16).view(x.shape) / 2 + 1e-5)
+
+
+def _per_value_step(packed, lo, step, like, bits, rows):
     """Each value's group step, read back through the unpack itself (all codes at the top)."""
     top = torch.full_like(packed, 255)
-    return unpack_values(top, torch.zeros_like(lo), step, like.float(), bits, inner) / ((1 << bits) - 1)
+    return unpack_values(top, torch.zeros_like(lo), step, like.float(), bits, rows) / ((1 << bits) - 1)
+
+
+_LAYOUTS = [((2, 6, 5, 7), Rows(1)), ((3, 20, 12), Rows(2)), ((37, 9, 3), Rows(0)), ((300, 5), Rows(1)),
+            ((2, 6, 5, 7), Rows(3, plane=5)), ((2, 6, 37, 7), Rows(3, plane=37)), ((4, 3, 9), Rows(2, plane=1))]
 
 
 @pytest.mark.parametrize("bits", [1, 2, 4, 8])
-@pytest.mark.parametrize("shape,inner", [((2, 6, 5, 7), 1), ((3, 20, 12), 2), ((37, 9, 3), 0), ((300, 5), 1)])
-def test_row_layout_round_to_nearest_error_is_at_most_half_a_step(bits, shape, inner):
+@pytest.mark.parametrize("shape,rows", _LAYOUTS)
+def test_row_layout_round_to_nearest_error_is_at_most_half_a_step(bits, shape, rows):
     x = torch.randn(shape)
-    pieces = pack_values(x, bits, 32, stochastic=False, inner=inner)
-    y = unpack_values(*pieces, x, bits, inner=inner)
+    pieces = pack_values(x, bits, 32, stochastic=False, rows=rows)
+    y = unpack_values(*pieces, x, bits, rows=rows)
     assert y.shape == x.shape and y.dtype == x.dtype
-    assert torch.all((y - x).abs() <= _per_value_step(*pieces, x, bits, inner) / 2 + 1e-6)
-    # groups hold one column each: a column's step is its own range / levels (one group of rows here
-    # when rows <= 32), never its neighbours'
-    if x.numel() // x.shape[inner] <= 32:
-        column_range = x.movedim(inner, -1).reshape(-1, x.shape[inner])
-        expected = (column_range.amax(0) - column_range.amin(0)) / ((1 << bits) - 1)
-        torch.testing.assert_close(pieces[2][0], expected)
+    assert torch.all((y - x).abs() <= _per_value_step(*pieces, x, bits, rows) / 2 + 1e-6)
+    assert pieces[0].numel() + 8 * pieces[1].numel() == packed_value_bytes(shape, bits, 32, rows)
 
 
-def test_row_layout_stochastic_rounding_is_unbiased():
+def test_column_groups_hold_one_column_each():
+    x = torch.randn(20, 6) * torch.arange(1.0, 7.0)
+    _, lo, step = pack_values(x, 2, 32, stochastic=False, rows=Rows(1))
+    torch.testing.assert_close(lo[0], x.amin(0))
+    torch.testing.assert_close(step[0], (x.amax(0) - x.amin(0)) / 3)
+
+
+@pytest.mark.parametrize("rows", [Rows(1), Rows(3, plane=6)])
+def test_row_layout_stochastic_rounding_is_unbiased(rows):
     torch.manual_seed(0)
     x = torch.randn(8, 16, 6, 6)
     k = 256
-    mean = sum(unpack_values(*pack_values(x, 2, 256, inner=1), x, 2, inner=1) for _ in range(k)) / k
-    step = _per_value_step(*pack_values(x, 2, 256, inner=1), x, 2, 1)
+    mean = sum(unpack_values(*pack_values(x, 2, 256, rows=rows), x, 2, rows=rows) for _ in range(k)) / k
+    step = _per_value_step(*pack_values(x, 2, 256, rows=rows), x, 2, rows)
     z = ((mean - x) / (step / (2 * math.sqrt(k)))).abs()
     assert z.mean() < 1.0 and z.max() < 6.0
 
 
-def test_row_layout_pads_with_the_last_row_and_keeps_columns_apart():
-    """10 rows pad to 16 (copies of row 9 cannot widen a range); a NaN makes its own column's
-    group NaN and leaves the constant column exact."""
+@pytest.mark.parametrize("rows", [Rows(1), Rows(1, plane=10)])
+def test_row_layout_pads_with_the_last_row_and_keeps_groups_apart(rows):
+    """10 rows pad to whole bytes and groups with copies of row 9 (they cannot widen a range); a
+    NaN makes its own group NaN and leaves a constant column exact (columns), or the whole
+    block NaN (blocks)."""
     x = torch.full((10, 2), 0.1)
     x[:, 1] = torch.arange(10.0)
     x[4, 1] = float("nan")
-    packed, lo, step = pack_values(x, 2, 256, inner=1)
-    assert packed.shape == (4, 2)  # 16 rows, four to a byte
-    y = unpack_values(packed, lo, step, x, 2, inner=1)
-    assert torch.equal(y[:, 0], x[:, 0]) and torch.isnan(y[:, 1]).all()
+    y = unpack_values(*pack_values(x, 2, 256, rows=rows), x, 2, rows=rows)
+    assert torch.isnan(y[:, 1]).all()
+    if rows.plane is None:
+        assert torch.equal(y[:, 0], x[:, 0])
+    z = torch.full((10, 2), 0.1)
+    assert torch.equal(unpack_values(*pack_values(z, 2, 256, rows=rows), z, 2, rows=rows), z)
 
 
 def test_row_layout_mask_round_trip():
     mask = torch.rand(3, 6, 5, 7) > 0.5  # 105 rows of 6 channels: 14 bytes a channel
-    packed = pack_mask(mask, inner=1)
+    packed = pack_mask(mask, rows=Rows(1))
     assert packed.shape == (14, 6)
-    assert torch.equal(unpack_mask(packed, mask, inner=1), mask)
+    assert torch.equal(unpack_mask(packed, mask, rows=Rows(1)), mask)
 
 
-@pytest.mark.parametrize("shape,inner", [((2, 64, 28, 28), 1), ((8, 2048, 7, 7), 1), ((4, 256, 512), 2)])
-def test_row_layout_packed_size_matches_the_formula(shape, inner):
+@pytest.mark.parametrize("shape,rows", [((2, 64, 28, 28), Rows(1)), ((8, 2048, 7, 7), Rows(1)), ((4, 256, 512), Rows(2)),
+                                        ((8, 64, 56, 56), Rows(3, plane=56)), ((8, 512, 7, 7), Rows(3, plane=7))])
+def test_row_layout_packed_size_matches_the_formula(shape, rows):
     x = torch.randn(shape)
-    packed, lo, step = pack_values(x, 2, 256, inner=inner)
-    assert packed.numel() + lo.numel() * 4 + step.numel() * 4 == packed_value_bytes(shape, 2, 256, inner)
+    packed, lo, step = pack_values(x, 2, 256, rows=rows)
+    assert packed.numel() + lo.numel() * 4 + step.numel() * 4 == packed_value_bytes(shape, 2, 256, rows)
     # about as small as the flat layout: under 8 padding rows a group, and groups of fewer rows
-    # where the rows do not divide evenly (392 rows: two groups of 200)
-    assert packed_value_bytes(shape, 2, 256, inner) <= packed_value_bytes(shape, 2, 256) * 1.06
+    # where the rows do not divide evenly (392 rows: two groups of 200; 56 x 56 planes: 224 values)
+    assert packed_value_bytes(shape, 2, 256, rows) <= packed_value_bytes(shape, 2, 256) * 1.06
 
 
 def test_rows_are_used_from_a_group_of_rows_up():
-    from actfx.kernels.graph_pack import rows_inner
-
-    assert rows_inner((1000,), 0, 256) is None  # one row
-    assert rows_inner((100, 64), -1, 256) is None  # 100 rows: the flat layout
-    assert rows_inner((1000, 64), -1, 256) == 1
-    assert rows_inner((2, 64, 28, 28), 1, 256) == 1
+    assert row_layout((1000,), 0, None, 256) is None  # one row
+    assert row_layout((100, 64), -1, None, 256) is None  # 100 rows: the flat layout
+    assert row_layout((1000, 64), -1, None, 256) == Rows(1)
+    assert row_layout((2, 64, 28, 28), 3, 28, 256) == Rows(3, plane=28)

@@ -21,27 +21,30 @@ Memory at G = 256: bits + 64/256 bits per value (2.25 at 2 bits: 14.2x smaller t
 
 Boolean masks are packed 8 to a byte (exact).
 
-Row layout (``inner`` given): the value is read as rows of the dimension Inductor stores
-innermost (``x.permute(..., inner).reshape(R, Q)``; channels for a channels-last convolution
-output, features for a transformer's), padded to whole groups by repeating its last row. A group
-is one column of m rows (m <= G, a multiple of 8, as even as R allows), and ``8 / bits``
-consecutive rows share a byte: ``packed[r // per, q]`` holds ``code[r, q]`` at bit
-``bits * (r % per)``. Why: a backward kernel reading the value runs along q; here its byte, shift
-and group index are contiguous or constant along q, so Inductor vectorizes the unpack fused into
-that kernel. In the flat layout every lane reads byte ``i // per`` at shift ``bits * (i % per)``,
-and Inductor's C++ backend runs those kernels scalar (ResNet-50 batch 8, 2 bits, CPU: backward
-1.54 s flat, 0.89 s in rows; torch.compile's own 0.99 s). Masks use the same rows, 8 to a byte.
+Row layout (``rows`` given, a :class:`Rows`): the value is read as rows of the dimension
+Inductor stores innermost (``x.permute(..., inner).reshape(R, Q)``: W of an NCHW convolution
+output, channels of a channels-last one, features of a transformer's), padded with copies of its
+last row, and ``8 / bits`` consecutive rows share a byte: ``packed[r // per, q]`` holds
+``code[r, q]`` at bit ``bits * (r % per)``. A group stays inside one channel: where the channel is
+the column, a group is one column of up to G rows; where it is a row dimension (NCHW), a group is
+a block of whole rows of one channel plane holding up to G values. Why: a backward kernel reading
+the value runs along q; here its byte and shift are contiguous or constant along q, and its
+group index too, so Inductor vectorizes the unpack fused into that kernel. In the flat layout
+every lane reads byte ``i // per`` at shift ``bits * (i % per)``, and Inductor's C++ backend
+ran those kernels scalar (ResNet-50 batch 8, 2 bits, CPU: backward 1.54 s flat, 0.89 s in rows;
+torch.compile's own 0.99 s). Masks use the same rows, 8 to a byte.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
 from torch._inductor import inductor_prims
 
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
-           "rows_inner"]
+           "Rows", "row_layout"]
 
 
 def _groups(flat: torch.Tensor, group: int) -> torch.Tensor:
@@ -97,16 +100,29 @@ def _uniform_like_wide(t: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
     return (h & 0xFFFFFF).float() * (1.0 / (1 << 24))
 
 
-def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = True, inner: int | None = None):
-    """x (any float dtype and shape) -> (packed uint8, lo fp32, step fp32); ``inner``: the row
-    layout's innermost dimension (None: flat)."""
+@dataclasses.dataclass(frozen=True)
+class Rows:
+    """The row layout of a value: ``inner`` is the dimension read as columns; ``plane``: how many
+    consecutive rows share one channel when the channel is not ``inner`` (H for an NCHW
+    convolution output read along W), then a group is a block of whole rows inside one channel
+    plane; None: the channel is ``inner`` itself, and a group is one column of rows."""
+
+    inner: int
+    plane: int | None = None
+
+
+def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = True, rows: Rows | None = None):
+    """x (any float dtype and shape) -> (packed uint8, lo fp32, step fp32); ``rows``: the row
+    layout (None: flat)."""
     levels = (1 << bits) - 1
-    if inner is None:
+    if rows is None:
         xg = _groups(x.reshape(-1).float(), group_size)
     else:
-        rows = _rows(x, inner).float()
-        m, padded = _row_groups(rows.shape[0], group_size)
-        xg = _pad_rows(rows, padded).view(padded // m, m, rows.shape[1])
+        table = _rows(x, rows.inner).float()
+        count, columns = table.shape
+        per_group, padded = _row_groups(count, columns, group_size, rows.plane)
+        table = _pad_rows(table, padded)
+        xg = table.view(-1, per_group * columns) if rows.plane else table.view(-1, per_group, columns)
     lo, hi = xg.amin(dim=1), xg.amax(dim=1)
     step = (hi - lo) * (1.0 / levels)
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
@@ -114,49 +130,54 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     noise = _uniform_like(t) if stochastic else torch.full_like(t, 0.5)
     code = torch.floor(t + noise).clamp(0.0, float(levels))
     code = torch.where(torch.isnan(code), 0.0, code).to(torch.int32)
-    if inner is None:
+    if rows is None:
         return _or_bits(code.view(code.shape[0], -1, 8 // bits), bits, dim=2), lo, step
-    return _or_bits(code.view(-1, 8 // bits, code.shape[2]), bits, dim=1), lo, step
+    return _or_bits(code.view(-1, 8 // bits, columns), bits, dim=1), lo, step
 
 
 def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits: int,
-                  inner: int | None = None):
+                  rows: Rows | None = None):
     """The inverse of :func:`pack_values`, shaped and typed like ``like`` (only its shape and dtype
     are read: it may be a fake tensor or an expanded zero)."""
-    if inner is None:
+    if rows is None:
         code = _split_bits(packed, bits, dim=2)
         values = code.float() * step[:, None, None] + lo[:, None, None]
         return values.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
-    code = _split_bits(packed, bits, dim=1).view(lo.shape[0], -1, lo.shape[1])
-    values = code.float() * step[:, None, :] + lo[:, None, :]
-    return _from_rows(values.view(-1, lo.shape[1]), like, inner).to(like.dtype)
+    columns = packed.shape[1]
+    code = _split_bits(packed, bits, dim=1).view(lo.shape[0], -1)
+    if rows.plane:
+        values = code.float() * step[:, None] + lo[:, None]
+    else:
+        code = code.view(lo.shape[0], -1, columns)
+        values = code.float() * step[:, None, :] + lo[:, None, :]
+    return _from_rows(values.view(-1, columns), like, rows.inner).to(like.dtype)
 
 
-def pack_mask(mask: torch.Tensor, inner: int | None = None) -> torch.Tensor:
-    """bool (any shape) -> uint8: flat, bit k of byte j = mask.flatten()[8 * j + k]; in rows
-    (``inner`` given), bit k of ``packed[j, q]`` = row ``8 * j + k``, column q."""
-    if inner is None:
+def pack_mask(mask: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
+    """bool (any shape) -> uint8: flat, bit k of byte j = mask.flatten()[8 * j + k]; in rows,
+    bit k of ``packed[j, q]`` = row ``8 * j + k``, column q."""
+    if rows is None:
         return _or_bits(_groups(mask.reshape(-1).to(torch.int32), 8), 1, dim=1)
-    rows = _rows(mask, inner).to(torch.int32)
-    padded = _ceil_div(rows.shape[0], 8) * 8
-    return _or_bits(_pad_rows(rows, padded, zero=True).view(-1, 8, rows.shape[1]), 1, dim=1)
+    table = _rows(mask, rows.inner).to(torch.int32)
+    padded = _ceil_div(table.shape[0], 8) * 8
+    return _or_bits(_pad_rows(table, padded, zero=True).view(-1, 8, table.shape[1]), 1, dim=1)
 
 
-def unpack_mask(packed: torch.Tensor, like: torch.Tensor, inner: int | None = None) -> torch.Tensor:
+def unpack_mask(packed: torch.Tensor, like: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
     """The inverse of :func:`pack_mask`, shaped like ``like``."""
-    if inner is None:
+    if rows is None:
         return _split_bits(packed, 1, dim=1).reshape(-1)[: like.numel()].view(like.shape).to(torch.bool)
-    return _from_rows(_split_bits(packed, 1, dim=1).view(-1, packed.shape[1]), like, inner).to(torch.bool)
+    return _from_rows(_split_bits(packed, 1, dim=1).view(-1, packed.shape[1]), like, rows.inner).to(torch.bool)
 
 
-def rows_inner(shape, inner: int, min_rows: int) -> int | None:
-    """``inner`` if a value of ``shape`` is packed in rows along it, None for the flat layout:
-    rows need at least ``min_rows`` of them (a group's worth), or the padding and the per-column
-    groups would cost more than they save."""
+def row_layout(shape, inner: int, plane: int | None, min_rows: int) -> Rows | None:
+    """The row layout along ``inner`` for a value of ``shape``, or None for the flat layout: rows
+    need at least ``min_rows`` of them (a group's worth), or the padding and the per-column groups
+    would cost more than they save."""
     if len(shape) < 2 or not all(isinstance(s, int) for s in shape) or shape[inner] == 0:
         return None
-    rows = math.prod(shape) // shape[inner]
-    return inner % len(shape) if rows >= min_rows else None
+    count = math.prod(shape) // shape[inner]
+    return Rows(inner % len(shape), plane) if count >= min_rows else None
 
 
 def _or_bits(code: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -194,12 +215,25 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor, inner: int) -> torch.Tens
     return permuted.permute([order.index(d) for d in range(like.dim())])
 
 
-def _row_groups(rows: int, group_size: int) -> tuple[int, int]:
-    """(rows per group, padded row count): as few groups as ``group_size`` allows, each a
-    multiple of 8 rows, so padding stays under 8 rows a group."""
-    groups = _ceil_div(rows, group_size)
-    per_group = _ceil_div(_ceil_div(rows, groups), 8) * 8
-    return per_group, groups * per_group
+def _row_groups(count: int, columns: int, group_size: int, plane: int | None) -> tuple[int, int]:
+    """(rows per group, padded row count). Columns of rows (``plane`` None): as few groups as
+    ``group_size`` allows, each a multiple of 8 rows, so padding stays under 8 rows a group.
+    Blocks of whole rows: the most rows of one plane that fit ``group_size`` values and divide the
+    plane (whole planes when one is smaller than a group), so a group never mixes channels, unless
+    that leaves under half a group (then the rows that fit); padded to whole groups and bytes."""
+    if plane is None:
+        groups = _ceil_div(count, group_size)
+        per_group = _ceil_div(_ceil_div(count, groups), 8) * 8
+        return per_group, groups * per_group
+    fit = max(1, group_size // columns)
+    if fit >= plane:
+        per_group = plane * (fit // plane)
+    else:
+        per_group = max(d for d in range(1, fit + 1) if plane % d == 0)
+        if per_group * columns * 2 < group_size:
+            per_group = fit
+    whole = math.lcm(per_group, 8)
+    return per_group, _ceil_div(count, whole) * whole
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -215,14 +249,15 @@ def _pad_rows(rows: torch.Tensor, padded: int, zero: bool = False) -> torch.Tens
     return torch.cat([rows, fill.expand(padded - rows.shape[0], rows.shape[1])])
 
 
-def packed_value_bytes(shape, bits: int, group_size: int, inner: int | None = None) -> int:
+def packed_value_bytes(shape, bits: int, group_size: int, rows: Rows | None = None) -> int:
     """What :func:`pack_values` returns for a value of ``shape``, in bytes."""
     numel = math.prod(shape)
-    if inner is None:
+    if rows is None:
         return _ceil_div(numel, group_size) * (group_size * bits // 8 + 8)
-    columns = shape[inner]
-    per_group, padded = _row_groups(numel // columns, group_size)
-    return (padded // per_group) * columns * 8 + padded * columns * bits // 8
+    columns = shape[rows.inner]
+    per_group, padded = _row_groups(numel // columns, columns, group_size, rows.plane)
+    groups = padded // per_group
+    return groups * (1 if rows.plane else columns) * 8 + padded * columns * bits // 8
 
 
 def packed_mask_bytes(numel: int) -> int:

@@ -52,7 +52,7 @@ class PackSaved:
         self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
         self.exact_reason: dict[str, str] = {}
         self.hoisted: dict[str, str] = {}  # fwd node name -> op description
-        self.channels_last: set[fx.Node] = set()  # set by rewrite, once the forward has all its nodes
+        self.layouts: stored_layout.StoredLayouts | None = None  # set by rewrite, once the forward has all its nodes
 
     def packable(self, fwd_node: fx.Node) -> str | None:
         """None if the value may be packed, else why it stays exact."""
@@ -106,7 +106,7 @@ class PackSaved:
     def rewrite(self, decisions: dict[fx.Node, Storage]) -> GraphPlan:
         plan = GraphPlan()
         seen: collections.Counter = collections.Counter()
-        self.channels_last = stored_layout.channels_last_values(self.g.fwd)
+        self.layouts = stored_layout.StoredLayouts(self.g.fwd)
         for fwd, bwd in self.g.saved_tensors():
             storage = decisions[fwd]
             op = self.hoisted.get(fwd.name, op_name(fwd))
@@ -134,7 +134,7 @@ class PackSaved:
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
                 hoisted=fwd.name in self.hoisted, site=site,
-                rows_inner=self._rows_inner(fwd, self.config.group_size) if storage is Storage.PACKED else None))
+                rows=self._rows(fwd, self.config.group_size) if storage is Storage.PACKED else None))
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
@@ -155,7 +155,7 @@ class PackSaved:
             if user is not read:
                 user.replace_input_with(bwd, read)
         group = self.config.group_size
-        return graph_pack.packed_value_bytes(tuple(val(fwd).shape), bits, group, self._rows_inner(fwd, group))
+        return graph_pack.packed_value_bytes(tuple(val(fwd).shape), bits, group, self._rows(fwd, group))
 
     def _kind(self, fwd: fx.Node) -> str:
         """The Config.op_bits kind of a saved value: values of attention (the op that was
@@ -183,30 +183,31 @@ class PackSaved:
                 zero = emit(self.g.bwd, broadcast_zero, [placeholder], before=user, key="zero")
                 user.replace_input_with(placeholder, zero)
 
-    def _rows_inner(self, fwd: fx.Node, min_rows: int) -> int | None:
-        """The row layout's innermost dimension for this value, None for the flat layout."""
-        return graph_pack.rows_inner(tuple(val(fwd).shape), stored_layout.inner_dim(fwd, self.channels_last), min_rows)
+    def _rows(self, fwd: fx.Node, min_rows: int) -> graph_pack.Rows | None:
+        """This value's row layout, None for the flat layout."""
+        inner, plane = self.layouts.columns_and_plane(fwd)
+        return graph_pack.row_layout(tuple(val(fwd).shape), inner, plane, min_rows)
 
     def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:
         group, stochastic = self.config.group_size, self.config.stochastic
-        inner = self._rows_inner(fwd, group)
-        pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic, inner), [fwd],
-                      before=fwd.next, key=("pack", bits, group, stochastic, inner))
+        rows = self._rows(fwd, group)
+        pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic, rows), [fwd],
+                      before=fwd.next, key=("pack", bits, group, stochastic, rows))
         holders = [self.g.add_saved(p, fwd) for p in pieces]
         like = bwd
-        unpacked = emit(self.g.bwd, lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, inner),
-                        [*holders, like], before=self.first_use(bwd), key=("unpack", bits, inner))
+        unpacked = emit(self.g.bwd, lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, rows),
+                        [*holders, like], before=self.first_use(bwd), key=("unpack", bits, rows))
         self._swap(bwd, unpacked)
         self.g.drop_saved(fwd)
         return sum(nbytes(p) for p in pieces)
 
     def _mask(self, fwd: fx.Node, bwd: fx.Node) -> int:
-        inner = self._rows_inner(fwd, _MASK_MIN_ROWS)
-        packed = emit(self.g.fwd, lambda m: graph_pack.pack_mask(m, inner), [fwd], before=fwd.next,
-                      key=("pack_mask", inner))
+        rows = self._rows(fwd, _MASK_MIN_ROWS)
+        packed = emit(self.g.fwd, lambda m: graph_pack.pack_mask(m, rows), [fwd], before=fwd.next,
+                      key=("pack_mask", rows))
         holder = self.g.add_saved(packed, fwd)
-        unpacked = emit(self.g.bwd, lambda p, m: graph_pack.unpack_mask(p, m, inner), [holder, bwd],
-                        before=self.first_use(bwd), key=("unpack_mask", inner))
+        unpacked = emit(self.g.bwd, lambda p, m: graph_pack.unpack_mask(p, m, rows), [holder, bwd],
+                        before=self.first_use(bwd), key=("unpack_mask", rows))
         self._swap(bwd, unpacked)
         self.g.drop_saved(fwd)
         return nbytes(packed)

@@ -8,6 +8,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from actfx.kernels.graph_pack import Rows
 
 
 class Storage(enum.Enum):
@@ -44,7 +48,7 @@ class SavedValue:
     reason: str = ""
     hoisted: bool = False  # computed in forward instead of backward (a derivative, a mask)
     site: str = ""  # ``"module.path:op"`` (``site_key``): how a plan for actfx.compile names this value
-    rows_inner: int | None = None  # packed in graph_pack's row layout along this dimension (None: flat)
+    rows: Rows | None = None  # graph_pack's row layout it is packed in (None: flat)
 
     @property
     def saved_as(self) -> str:

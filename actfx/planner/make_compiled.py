@@ -55,7 +55,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     sites = sorted(values, key=site_order)
     options = []
     for site in sites:
-        nbytes = {b: sum(graph_pack.packed_value_bytes(v.shape, b, group, v.rows_inner) for v in values[site])
+        nbytes = {b: sum(graph_pack.packed_value_bytes(v.shape, b, group, v.rows) for v in values[site])
                   for b in ALLOWED_BITS}
         nbytes[KEEP_EXACT] = sum(v.bytes_before for v in values[site])
         variance = {**sensitivity[site].variance, KEEP_EXACT: 0.0}
