@@ -232,3 +232,17 @@ def test_rows_are_used_from_a_group_of_rows_up():
     assert row_layout((100, 64), -1, None, 256) is None  # 100 rows: the flat layout
     assert row_layout((1000, 64), -1, None, 256) == Rows(1)
     assert row_layout((2, 64, 28, 28), 3, 28, 256) == Rows(3, plane=28)
+
+
+def test_row_layout_of_a_transposed_value():
+    """A fused attention kernel's v and output are transposed views: they pack in rows and come
+    back with their values. (Partitioning a Hugging Face GPT-2 on meta tensors once failed in the
+    unpack's ``view`` of strided codes; the row layout reshapes instead. That failure is not
+    reproduced here: eager and fake tensors both copy these to contiguous rows.)"""
+    x = torch.randn(4, 1024, 128).transpose(1, 2)
+    packed, lo, step = pack_values(x, 2, 256, stochastic=False, rows=Rows(2))
+    assert packed.is_contiguous()
+    y = unpack_values(packed, lo, step, x, 2, rows=Rows(2))
+    assert torch.all((y - x).abs() <= _per_value_step(packed, lo, step, x, 2, Rows(2)) / 2 + 1e-6)
+    mask = x > 0
+    assert torch.equal(unpack_mask(pack_mask(mask, rows=Rows(2)), mask, rows=Rows(2)), mask)

@@ -122,7 +122,8 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
         count, columns = table.shape
         per_group, padded = _row_groups(count, columns, group_size, rows.plane)
         table = _pad_rows(table, padded)
-        xg = table.view(-1, per_group * columns) if rows.plane else table.view(-1, per_group, columns)
+        # reshape, not view: a transposed value's table is a strided view (Inductor copies it only there)
+        xg = table.reshape(-1, per_group * columns) if rows.plane else table.reshape(-1, per_group, columns)
     lo, hi = xg.amin(dim=1), xg.amax(dim=1)
     step = (hi - lo) * (1.0 / levels)
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
@@ -132,7 +133,8 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     code = torch.where(torch.isnan(code), 0.0, code).to(torch.int32)
     if rows is None:
         return _or_bits(code.view(code.shape[0], -1, 8 // bits), bits, dim=2), lo, step
-    return _or_bits(code.view(-1, 8 // bits, columns), bits, dim=1), lo, step
+    # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
+    return _or_bits(code.reshape(-1, 8 // bits, columns), bits, dim=1).contiguous(), lo, step
 
 
 def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits: int,
@@ -144,7 +146,7 @@ def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, li
         values = code.float() * step[:, None, None] + lo[:, None, None]
         return values.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
     columns = packed.shape[1]
-    code = _split_bits(packed, bits, dim=1).view(lo.shape[0], -1)
+    code = _split_bits(packed, bits, dim=1).reshape(lo.shape[0], -1)
     if rows.plane:
         values = code.float() * step[:, None] + lo[:, None]
     else:
@@ -160,14 +162,14 @@ def pack_mask(mask: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
         return _or_bits(_groups(mask.reshape(-1).to(torch.int32), 8), 1, dim=1)
     table = _rows(mask, rows.inner).to(torch.int32)
     padded = _ceil_div(table.shape[0], 8) * 8
-    return _or_bits(_pad_rows(table, padded, zero=True).view(-1, 8, table.shape[1]), 1, dim=1)
+    return _or_bits(_pad_rows(table, padded, zero=True).reshape(-1, 8, table.shape[1]), 1, dim=1).contiguous()
 
 
 def unpack_mask(packed: torch.Tensor, like: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
     """The inverse of :func:`pack_mask`, shaped like ``like``."""
     if rows is None:
         return _split_bits(packed, 1, dim=1).reshape(-1)[: like.numel()].view(like.shape).to(torch.bool)
-    return _from_rows(_split_bits(packed, 1, dim=1).view(-1, packed.shape[1]), like, rows.inner).to(torch.bool)
+    return _from_rows(_split_bits(packed, 1, dim=1).reshape(-1, packed.shape[1]), like, rows.inner).to(torch.bool)
 
 
 def row_layout(shape, inner: int, plane: int | None, min_rows: int) -> Rows | None:
