@@ -143,3 +143,34 @@ def test_the_estimate_on_meta_traces_the_fused_kernel_as_the_cpu_does():
     estimate = estimate_compiled(GroupedQueryAttention().to("meta"), (x.to("meta"),), actfx.Config(bits=8))
     assert abs(estimate.bytes_after - record.bytes_after) <= 64
     assert [v for v in record.plans[-1].saved if v.storage is Storage.MASK and v.shape == (160, 160)]
+
+
+class CausalBooleanAttention(torch.nn.Module):
+    """Attention as Hugging Face's GPT-2 calls SDPA: a boolean causal mask built in the graph and
+    the default scale passed explicitly."""
+
+    def __init__(self, d=64, heads=2):
+        super().__init__()
+        self.heads, self.qkv, self.out = heads, torch.nn.Linear(d, 3 * d), torch.nn.Linear(d, d)
+
+    def forward(self, x):
+        b, t, d = x.shape
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in self.qkv(x).split(d, dim=2))
+        i = torch.arange(t, device=x.device)
+        mask = (i[None, None, :, None] >= i[None, None, None, :]).expand(b, 1, t, t)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=0.0,
+                                                             scale=(d // self.heads) ** -0.5, is_causal=False)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_inductors_attention_patterns_do_not_turn_the_chosen_math_back_into_the_fused_kernel():
+    """Inductor's joint-graph patterns (fuse_attention.py) matched the math backend's traced
+    scaling and put the CPU flash kernel back: q and k stayed exact, the probabilities unsaved,
+    and a Hugging Face GPT-2 held 25.8 MB instead of 17.1. The query is scaled before the call."""
+    torch.manual_seed(0)
+    model, x = CausalBooleanAttention(), torch.randn(2, 128, 64)  # 128 keys, heads of 32: math
+    compiled = _compiled_as_torch_compile_and_unbiased(model, x)
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert not [v for v in saved if "flash" in v.reason], [(v.op, v.reason) for v in saved if "flash" in v.reason]
+    probabilities = [v for v in saved if v.shape == (2, 2, 128, 128) and v.storage is Storage.PACKED]
+    assert probabilities and all(v.bits == 8 for v in probabilities)

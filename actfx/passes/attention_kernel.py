@@ -14,6 +14,8 @@ forward would differ from torch.compile's; in fp32 the two agree to float roundi
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import fx
@@ -55,12 +57,19 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
         module.recompile()
 
 
-def attention_as_math(*args, **kwargs):
-    """F.scaled_dot_product_attention traced through PyTorch's math backend."""
+def attention_as_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
+    """F.scaled_dot_product_attention traced through PyTorch's math backend, with the scale
+    applied to the query beforehand. Why: Inductor's joint-graph patterns
+    (``fx_passes/fuse_attention.py``) match the math backend's own scaling (a float factor on q
+    and k) and turn the traced math back into the fused CPU kernel, whose q and k stay exact
+    (a Hugging Face GPT-2 at 4 x 256 tokens held 25.8 MB instead of 17.1); a query scaled
+    before the call leaves the scores unscaled, which none of those patterns takes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])  # SDPA's default
     with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(*args, **kwargs)
+        return F.scaled_dot_product_attention(query * factor, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=1.0, **kwargs)
 
 
 def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
