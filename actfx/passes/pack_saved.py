@@ -120,10 +120,11 @@ class PackSaved:
             if not bwd.users:
                 self.g.drop_saved(fwd)
                 continue
+            rows = self._rows(fwd, self.config.group_size) if storage is Storage.PACKED else None
             if storage is Storage.PACKED and self.probe is not None:
-                after = self._probe(fwd, bwd, bits)
+                after = self._probe(fwd, bwd, bits, rows)
             elif storage is Storage.PACKED:
-                after = self._pack(fwd, bwd, bits)
+                after = self._pack(fwd, bwd, bits, rows)
             elif storage is Storage.MASK:
                 after = self._mask(fwd, bwd)
             else:
@@ -133,8 +134,7 @@ class PackSaved:
                 shape=tuple(hint(s) for s in val(fwd).shape), dtype=str(val(fwd).dtype).replace("torch.", ""),
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
-                hoisted=fwd.name in self.hoisted, site=site,
-                rows=self._rows(fwd, self.config.group_size) if storage is Storage.PACKED else None))
+                hoisted=fwd.name in self.hoisted, site=site, rows=rows))
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
@@ -145,7 +145,7 @@ class PackSaved:
         planned = self.config.site_bits.get(site) if self.config.site_bits else None
         return planned if planned is not None else self.config.bits_for(self._kind(fwd), module_path(fwd))
 
-    def _probe(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:
+    def _probe(self, fwd: fx.Node, bwd: fx.Node, bits: int, rows: graph_pack.Rows | None) -> int:
         """Calibration (``actfx.plan(path="compile")``): the value stays saved as it is and
         backward reads it through the probe, which can add one pack's rounding noise."""
         read = self.g.bwd.call_function(self.probe.read, (bwd, self.probe.key(fwd.name)))
@@ -154,8 +154,7 @@ class PackSaved:
         for user in list(bwd.users):
             if user is not read:
                 user.replace_input_with(bwd, read)
-        group = self.config.group_size
-        return graph_pack.packed_value_bytes(tuple(val(fwd).shape), bits, group, self._rows(fwd, group))
+        return graph_pack.packed_value_bytes(tuple(val(fwd).shape), bits, self.config.group_size, rows)
 
     def _kind(self, fwd: fx.Node) -> str:
         """The Config.op_bits kind of a saved value: values of attention (the op that was
@@ -188,9 +187,8 @@ class PackSaved:
         inner, plane = self.layouts.columns_and_plane(fwd)
         return graph_pack.row_layout(tuple(val(fwd).shape), inner, plane, min_rows)
 
-    def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int) -> int:
+    def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int, rows: graph_pack.Rows | None) -> int:
         group, stochastic = self.config.group_size, self.config.stochastic
-        rows = self._rows(fwd, group)
         pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic, rows), [fwd],
                       before=fwd.next, key=("pack", bits, group, stochastic, rows))
         holders = [self.g.add_saved(p, fwd) for p in pieces]

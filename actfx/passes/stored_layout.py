@@ -14,7 +14,6 @@ the last dimension of anything else.
 from __future__ import annotations
 
 import math
-import operator
 
 import torch
 from torch import fx
@@ -51,12 +50,9 @@ def _convolution_values(graph: fx.Graph) -> set[fx.Node]:
             continue
         if node.target is aten.convolution.default:
             found.add(node)
-        elif node.target is operator.getitem:
-            if node.args[0] in found and _same_rank(node, node.args[0]):
-                found.add(node)
         elif not getattr(node.target, "is_view", False) and any(
                 n in found and _same_rank(node, n) for n in node.all_input_nodes):
-            found.add(node)
+            found.add(node)  # getitem of a pool's or norm's tuple included
     return found
 
 
