@@ -30,12 +30,13 @@ from actfx.convert import _clone
 from actfx.copies import COMPILE_ARGS, compiled_class
 from actfx.outputs import grad_leaves
 from actfx.passes.attention_kernel import choose_attention_kernels
+from actfx.passes.graph_memory import partition_memory, step_peak
 from actfx.passes.pack_saved import pack_saved
 from actfx.passes.saved_plan import GraphPlan
 
 _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_saved.py", "passes/noise_degree.py",
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
-            "passes/graph_emit.py", "kernels/seed_stream.py")
+            "passes/graph_emit.py", "passes/index_range.py", "passes/stored_layout.py", "kernels/seed_stream.py")
 
 
 @dataclasses.dataclass
@@ -53,6 +54,11 @@ class CompiledRecord:
     def bytes_after(self) -> int:
         """Bytes kept for backward over every compiled graph, parameters excluded."""
         return sum(p.bytes_after for p in self.plans)
+
+    @property
+    def step_bytes(self) -> int:
+        """The training step's worst point beyond parameters and inputs (``graph_memory``)."""
+        return step_peak([(p.memory, p.bytes_after) for p in self.plans if p.memory is not None])
 
 
 def _check_budget(memory_budget) -> float | None:
@@ -100,6 +106,7 @@ class _Partitioner(CustomPartitionerFn):
         plan = pack_saved(fwd, bwd, num_fwd_outputs=kwargs["num_fwd_outputs"],
                           static_indices=kwargs.get("static_lifetime_input_indices"), config=self.record.config,
                           probe=self.record.probe)
+        plan.memory = partition_memory(fwd, bwd, kwargs["num_fwd_outputs"])
         self.record.plans.append(plan)
         return fwd, bwd
 

@@ -52,6 +52,12 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
     console.print(f"saved for backward (parameters excluded): {format_bytes(before)} -> {format_bytes(after)} "
                   f"({format_ratio(before, after)}); {len(record.plans)} compiled graph(s), memory budget "
                   f"{budget}, {recomputed} ops recomputed in backward by the partitioner or for actfx")
+    if all(p.memory is not None for p in record.plans):
+        forward = max(p.memory.forward_peak for p in record.plans)
+        backward = max(p.memory.backward_peak for p in record.plans)
+        console.print(f"one training step's worst point, beyond parameters, inputs and optimizer state: about "
+                      f"{format_bytes(record.step_bytes)} (forward {format_bytes(forward)}, backward "
+                      f"{format_bytes(backward)} with the gradients; Inductor's fusion estimated on the graphs)")
     exact = [v for p in record.plans for v in p.saved if v.storage is Storage.EXACT and v.reason not in
              ("parameter", "small")]
     if exact:

@@ -197,6 +197,7 @@ def test_plan_compile_writes_a_plan_for_the_compiled_pass(capsys, tmp_path):
     assert plan.sites and not {s.op for s in plan.sites} & {"linear", "relu"}, [s.op for s in plan.sites]
     code, out, err = run(capsys, "report", "mlp", "--input-shape", "8,1,28,28", "--compile", "--plan", str(path))
     assert code == 0 and "widths from" in out and "memory budget 0.5" in out, err
+    assert "one training step's worst point" in out  # the compiled step's peak, from the same partition
 
 
 def test_plan_recompute_reruns_blocks_in_backward(capsys, tmp_path):

@@ -26,6 +26,7 @@ def broadcast_zero(like: torch.Tensor) -> torch.Tensor:
     return torch.zeros((), dtype=like.dtype, device=like.device).expand(like.shape)
 
 
+EMITTED = "actfx_emitted"  # meta key on every node emit inserts (graph_memory counts them as fused)
 _TEMPLATES: dict = {}  # traced op sequences by (function, input shapes and dtypes): code, not settings
 
 
@@ -71,7 +72,7 @@ def emit(graph: fx.Graph, fn, inputs: list[fx.Node], *, before: fx.Node, key=Non
             else:
                 new = graph.node_copy(node, lambda a: env[a])
                 args, kwargs = fx.map_arg((new.args, new.kwargs), lambda a: a.meta["val"])
-                new.meta = {"val": new.target(*args, **kwargs)}
+                new.meta = {"val": new.target(*args, **kwargs), EMITTED: True}
                 env[node] = new
     return result
 

@@ -32,6 +32,7 @@ from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import graph_pack
 from actfx.passes import decorrelate, hoist, linearize, noise_degree, rematerialize, stored_layout
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
+from actfx.passes.index_range import compact_dtype
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
                                      static_shape, val)
@@ -127,6 +128,9 @@ class PackSaved:
                 after = self._pack(fwd, bwd, bits, rows)
             elif storage is Storage.MASK:
                 after = self._mask(fwd, bwd)
+            elif self.exact_reason.get(fwd.name) == "integer" and (narrow := compact_dtype(fwd)) is not None:
+                after = self._narrow(fwd, bwd, narrow)
+                self.exact_reason[fwd.name] = f"integer, stored as {str(narrow).replace('torch.', '')}"
             else:
                 after = nbytes(fwd)
             plan.saved.append(SavedValue(
@@ -209,6 +213,17 @@ class PackSaved:
         self._swap(bwd, unpacked)
         self.g.drop_saved(fwd)
         return nbytes(packed)
+
+    def _narrow(self, fwd: fx.Node, bwd: fx.Node, dtype: torch.dtype) -> int:
+        """An index saved in the narrower ``dtype`` its producer bounds it to (``index_range``),
+        widened back right before backward's first reader."""
+        wide = val(fwd).dtype
+        narrow = emit(self.g.fwd, lambda i: i.to(dtype), [fwd], before=fwd.next, key=("narrow", dtype))
+        holder = self.g.add_saved(narrow, fwd)
+        widened = emit(self.g.bwd, lambda i: i.to(wide), [holder], before=self.first_use(bwd), key=("widen", wide))
+        self._swap(bwd, widened)
+        self.g.drop_saved(fwd)
+        return nbytes(narrow)
 
     def _swap(self, placeholder: fx.Node, unpacked: fx.Node) -> None:
         """Readers of ``placeholder`` read ``unpacked`` (shapes are static, so the unpack itself

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from actfx.kernels.graph_pack import Rows
+    from actfx.passes.graph_memory import PartitionMemory
 
 
 class Storage(enum.Enum):
@@ -66,6 +67,7 @@ class GraphPlan:
     bytes_before: int = 0  # what the partitioner alone would save, parameters excluded
     saved: list[SavedValue] = dataclasses.field(default_factory=list)
     recomputed_ops: int = 0
+    memory: PartitionMemory | None = None  # the pair's memory in a step, as Inductor would run it
 
     @property
     def bytes_after(self) -> int:

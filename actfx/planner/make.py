@@ -113,17 +113,16 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     if path == "compile":
         for _ in range(4):
             try:
-                return _plan_compiled_at(model, converted, planned_inputs, calibration, step, capacity=capacity,
-                                         limit=limit, activation_budget=activation_budget, gpu=gpu,
-                                         optimizer=optimizer, dtype=dtype, base=base, memory_budget=memory_budget,
-                                         loss_fn=loss_fn)
+                return _plan_compiled_at(model, planned_inputs, calibration, capacity=capacity, limit=limit,
+                                         activation_budget=activation_budget, gpu=gpu, optimizer=optimizer,
+                                         dtype=dtype, base=base, memory_budget=memory_budget, loss_fn=loss_fn)
             except _CompiledOverBudget as over:
                 error = over.error
                 # the batch was sized for the eager conversion at the default width, which can
                 # hold less than the compiled partition (values it keeps exact): shrink to fit
                 if not fit_batch:
                     raise error from None
-                fixed = over.peak.fixed_bytes
+                fixed = over.fixed_bytes
                 now = batch_of(planned_inputs)
                 smaller = math.floor(now * (capacity - fixed) / max(error.smallest - fixed, 1) * 0.99)
                 if not 1 <= smaller < now:
@@ -210,11 +209,11 @@ def _capture_now(converted: nn.Module, calibration: tuple) -> None:
 
 
 class _CompiledOverBudget(Exception):
-    """A compile plan over its budget: the user's BudgetError and the peak model it was read with."""
+    """A compile plan over its budget: the user's BudgetError, and the peak's fixed bytes."""
 
-    def __init__(self, error: BudgetError, peak):
+    def __init__(self, error: BudgetError, fixed_bytes: int):
         super().__init__(str(error))
-        self.error, self.peak = error, peak
+        self.error, self.fixed_bytes = error, fixed_bytes
 
 
 def _budget_at(model, converted, planned_inputs, step, *, limit, capacity, activation_budget, gpu, optimizer,
@@ -231,36 +230,42 @@ def _budget_at(model, converted, planned_inputs, step, *, limit, capacity, activ
 
 def _room(peak, limit, capacity, activation_budget, gpu, planned_inputs) -> tuple:
     """(bytes the held activations may take, the budget in words, the peak budget)."""
+    words, total = _budget_words(limit, capacity, activation_budget, gpu, planned_inputs)
+    return (limit if activation_budget is not None else peak.activation_room(total)), words, total
+
+
+def _budget_words(limit, capacity, activation_budget, gpu, planned_inputs) -> tuple:
+    """(the budget in words, the peak budget; None for an activation budget)."""
     if activation_budget is not None:
-        return limit, f"activation budget {format_bytes(limit)}", None
+        return f"activation budget {format_bytes(limit)}", None
     total = capacity if gpu is not None else limit
     words = (f"{gpu} ({format_bytes(total)}) at batch {batch_of(planned_inputs)}" if gpu is not None
              else f"peak budget {format_bytes(total)}")
-    return peak.activation_room(total), words, total
+    return words, total
 
 
-def _plan_compiled_at(model, converted, planned_inputs, calibration, step, *, capacity, limit, activation_budget,
-                      gpu, optimizer, dtype, base, memory_budget, loss_fn) -> Plan:
-    """The compile plan at the batch of ``planned_inputs``; over budget: _CompiledOverBudget."""
+def _plan_compiled_at(model, planned_inputs, calibration, *, capacity, limit, activation_budget, gpu, optimizer,
+                      dtype, base, memory_budget, loss_fn) -> Plan:
+    """The compile plan at the batch of ``planned_inputs``; over budget: _CompiledOverBudget.
+    Its peak is the compiled step's (``make_compiled``), not the eager conversion's."""
     from actfx.planner.make_compiled import plan_compiled
 
-    _, peak, (room, words, total) = _budget_at(model, converted, planned_inputs, step, limit=limit, capacity=capacity,
-                                               activation_budget=activation_budget, gpu=gpu, optimizer=optimizer,
-                                               dtype=dtype)
+    words, total = _budget_words(limit, capacity, activation_budget, gpu, planned_inputs)
+    fixed = peak_model(model, 0, 0, optimizer=optimizer, gpu=gpu is not None, dtype=dtype).fixed_bytes
     try:
-        result = plan_compiled(model, tuple(planned_inputs), tuple(calibration), room=room,
-                               activation_limit=activation_budget is not None, peak=peak, words=words,
-                               batch=batch_of(planned_inputs), base=base, memory_budget=memory_budget,
-                               loss_fn=loss_fn)
+        result = plan_compiled(model, tuple(planned_inputs), tuple(calibration), activation_limit=(
+            limit if activation_budget is not None else None), peak_limit=total, words=words,
+            batch=batch_of(planned_inputs), base=base, memory_budget=memory_budget, loss_fn=loss_fn,
+            optimizer=optimizer, gpu=gpu is not None, dtype=dtype)
     except BudgetError as err:
-        raise _CompiledOverBudget(err, peak) from None
+        raise _CompiledOverBudget(err, fixed) from None
     over = (result.activation_bytes - limit if activation_budget is not None
             else result.predicted_peak_bytes - total)
     if over > 0:
         raise _CompiledOverBudget(BudgetError(
             f"cannot meet the {words}: the closest compiled plan found holds {format_bytes(result.activation_bytes)} "
             f"and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
-            result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes), peak)
+            result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes), fixed)
     return result
 
 

@@ -7,12 +7,12 @@
    knapsack as the eager path (``choose``), then partition again with the chosen widths and
    report what that holds.
 
-The peak counts the compiled plan's held bytes on top of the eager conversion's backward working
-set (``PeakModel``). This is an estimate, not a bound: the eager conversion runs convolution
-backward a batch slice at a time, while the compiled step calls PyTorch's whole-batch backward,
-whose CPU temporaries can be larger. Measured (``benchmarks/planner.py peak --path compile``):
-on gpt_tiny it overestimates the compiled step's RSS peak by 19-25% (the compiled forward, not
-backward, is that step's peak phase).
+The peak is the compiled step's own (``PeakModel`` with ``CompiledRecord.step_bytes``): the
+partitioned forward and backward walked in order as Inductor runs them (``passes/graph_memory``:
+pointwise chains fused, buffers freed after their last reader). The eager conversion's working
+set stood in before and overestimated a compiled gpt_tiny's step by 31-35%
+(``benchmarks/planner.py peak --path compile``): it counts every intermediate of backward, while
+the compiled step's worst point is often in forward.
 """
 
 from __future__ import annotations
@@ -30,16 +30,21 @@ from actfx.kernels import ALLOWED_BITS, graph_pack
 from actfx.passes.saved_plan import Storage
 from actfx.planner.choose import BudgetError, Option, choose
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
+from actfx.planner.peak import peak_model
 from actfx.planner.plan import Plan, Site, site_order
 from actfx.units import format_bytes
 
 
-def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *, room: int, activation_limit: bool,
-                  peak, words: str, batch: int, base: Config, memory_budget: float | None, loss_fn=None) -> Plan:
-    """A compile plan holding at most ``room`` bytes of activations (see the module docstring)."""
+def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *, activation_limit: int | None,
+                  peak_limit: int | None, words: str, batch: int, base: Config, memory_budget: float | None,
+                  optimizer: str, gpu: bool, dtype=None, loss_fn=None) -> Plan:
+    """A compile plan holding at most ``activation_limit`` bytes of activations, or else peaking
+    at most at ``peak_limit`` (see the module docstring)."""
     meta = tuple(x.to("meta") if isinstance(x, torch.Tensor) else x for x in planned_inputs)
     shape_only = copy.deepcopy(model).to("meta")  # the partition at the planned batch costs no memory
     estimate = _estimate_on_meta(shape_only, meta, base, memory_budget)
+    peak = peak_model(model, estimate.step_bytes, estimate.bytes_after, optimizer=optimizer, gpu=gpu, dtype=dtype)
+    room = activation_limit if activation_limit is not None else peak.activation_room(peak_limit)
     sensitivity = compiled_sensitivities(model, calibration, base, memory_budget, loss_fn=loss_fn)
     group = base.group_size
     values: dict = {}
@@ -64,13 +69,15 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
         widths = choose(options, room - fixed)
     except BudgetError as err:
         smallest = fixed + err.smallest
-        what = (f"held activations of at least {format_bytes(smallest)}" if activation_limit
+        what = (f"held activations of at least {format_bytes(smallest)}" if activation_limit is not None
                 else f"a peak of at least {format_bytes(peak.peak(smallest))}")
         raise BudgetError(f"cannot meet the {words}: every planned value at 1 bit still needs {what}; raise the "
-                          "budget or lower the batch", smallest if activation_limit else peak.peak(smallest)) from None
+                          "budget or lower the batch", smallest if activation_limit is not None
+                          else peak.peak(smallest)) from None
     chosen = {site: width for site, width in zip(sites, widths)}
     config = dataclasses.replace(base, site_bits=chosen)
-    held = _estimate_on_meta(shape_only, meta, config, memory_budget).bytes_after
+    final = _estimate_on_meta(shape_only, meta, config, memory_budget)
+    held = final.bytes_after
     numel_bits = numel = 0
     for site, width in chosen.items():
         for v in values[site]:
@@ -80,7 +87,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     for site, option, width in zip(sites, options, widths):
         module, _, op = site.rpartition(":")
         plan_sites.append(Site(module, op, width, option.nbytes[width], option.variance[width]))
-    return Plan(tuple(plan_sites), base.bits, group, batch, held, peak.peak(held),
+    return Plan(tuple(plan_sites), base.bits, group, batch, held, peak.peak(held, final.step_bytes),
                 numel_bits / numel if numel else float(base.bits),
                 sum(o.variance[w] for o, w in zip(options, widths)), words, path="compile",
                 memory_budget=memory_budget)

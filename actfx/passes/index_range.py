@@ -1,0 +1,105 @@
+"""The smallest integer type a saved index fits, from the ATen op that produced it.
+
+Why: backward reads integer values exactly (gather and scatter indices, max-pool and top-k
+positions), so the compiled path cannot round them; but an index into a dimension of 300 needs
+9 bits, and PyTorch keeps it in 64. The op that made the index bounds it: ``topk(x, k, dim)``'s
+indices lie in ``[0, x.size(dim))``, max pooling's in ``[0, H * W)``. Such a value is saved in
+the narrowest signed type that holds the bound and widened again where backward reads it, so
+every value backward sees is the one forward made.
+"""
+
+from __future__ import annotations
+
+import math
+import operator
+
+import torch
+import torch._inductor.inductor_prims  # noqa: F401 - registers the prims Inductor's max-pool decomposition emits
+from torch import fx
+
+aten = torch.ops.aten
+prims = torch.ops.prims
+
+# Ops whose value is an index along ``dim`` of their input ``self`` (all of it when dim is None).
+_INDEX = {aten.argmax, aten.argmin}
+# Ops whose second output is one.
+_SECOND_IS_INDEX = {aten.max, aten.min, aten.topk, aten.sort, aten.kthvalue, aten.mode, aten.median,
+                    aten.nanmedian, aten.cummax, aten.cummin}
+# Pools whose second output indexes the flattened spatial dimensions (that many trailing dims).
+_POOL_INDEX = {aten.max_pool2d_with_indices: 2, aten.max_pool3d_with_indices: 3, aten.adaptive_max_pool2d: 2,
+               aten.adaptive_max_pool3d: 3}
+# Ops that pass values through unchanged (rearranged, repeated or a subset of them).
+_SAME_VALUES = {aten.view, aten._unsafe_view, aten.reshape, aten.unsqueeze, aten.squeeze, aten.permute,
+                aten.transpose, aten.t, aten.expand, aten.clone, aten.slice, aten.select, aten.alias, aten.contiguous}
+
+_NARROW = (torch.int8, torch.int16, torch.int32)
+
+
+def compact_dtype(node: fx.Node) -> torch.dtype | None:
+    """The narrowest integer type holding every value ``node`` can take, if narrower than its
+    own; None when unknown or no narrower."""
+    value = node.meta.get("val")
+    if not isinstance(value, torch.Tensor) or value.dtype not in (torch.int64, torch.int32):
+        return None
+    bound = _bound(node)
+    if bound is None:
+        return None
+    for dtype in _NARROW:
+        if bound - 1 <= torch.iinfo(dtype).max:
+            return dtype if torch.iinfo(dtype).bits < torch.iinfo(value.dtype).bits else None
+    return None
+
+
+def _bound(node: fx.Node) -> int | None:
+    """An exclusive upper bound on ``node``'s values (all >= 0), or None."""
+    while node.op == "call_function" and _packet(node.target) in _SAME_VALUES:
+        node = node.args[0]
+    if node.op != "call_function":
+        return None
+    if node.target is prims._low_memory_max_pool_offsets_to_indices.default:
+        return _static(math.prod(_argument(node, "input_size")))
+    if _packet(node.target) in _INDEX:
+        return _along(node)
+    if node.target is operator.getitem and node.args[1] == 1 and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        packet = _packet(source.target)
+        if packet in _SECOND_IS_INDEX and "dim" in _names(source):
+            return _along(source)
+        if packet in _POOL_INDEX:
+            shape = _input(source).meta["val"].shape
+            return _static(math.prod(shape[-_POOL_INDEX[packet]:]))
+    return None
+
+
+def _along(node: fx.Node) -> int | None:
+    shape = _input(node).meta["val"].shape
+    dim = _argument(node, "dim")
+    return _static(math.prod(shape) if dim is None else (shape[dim] if shape else 1))
+
+
+def _input(node: fx.Node) -> fx.Node:
+    return node.args[0]
+
+
+def _packet(target):
+    return target.overloadpacket if isinstance(target, torch._ops.OpOverload) else None
+
+
+def _names(node: fx.Node) -> set:
+    return {a.name for a in node.target._schema.arguments}
+
+
+def _argument(node: fx.Node, name: str):
+    """``node``'s argument ``name``, given by position or keyword, else its schema default."""
+    for i, arg in enumerate(node.target._schema.arguments):
+        if arg.name == name:
+            if name in node.kwargs:
+                return node.kwargs[name]
+            if i < len(node.args) and not arg.kwarg_only:
+                return node.args[i]
+            return arg.default_value
+    raise KeyError(f"{node.target} has no argument {name!r}")
+
+
+def _static(size) -> int | None:
+    return size if isinstance(size, int) else None
