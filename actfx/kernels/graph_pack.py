@@ -129,8 +129,10 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
     t = (xg - lo[:, None]) * recip[:, None]
     noise = _uniform_like(t) if stochastic else torch.full_like(t, 0.5)
-    code = torch.floor(t + noise).clamp(0.0, float(levels))
-    code = torch.where(torch.isnan(code), 0.0, code).to(torch.int32)
+    rounded = torch.floor(t + noise)
+    # NaN (a group with NaN or Inf) fails the comparison and stores 0; written without isnan,
+    # which Inductor's C++ backend evaluates lane by lane in every pack
+    code = torch.where(rounded > 0, rounded.clamp_max(float(levels)), 0.0).to(torch.int32)
     if rows is None:
         return _or_bits(code.view(code.shape[0], -1, 8 // bits), bits, dim=2), lo, step
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes

@@ -8,6 +8,8 @@ Inductor can fuse.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch import fx
 from torch._guards import detect_fake_mode
@@ -95,8 +97,9 @@ def fuse_seeds(graph: fx.Graph) -> None:
         with detect_fake_mode([nodes[0].meta["val"]]):
             combined.meta["val"] = seed_stream.pack_seeds(len(nodes), device)
         for index, node in enumerate(nodes):
-            with graph.inserting_before(node):
-                lookup = graph.call_function(inductor_prims.lookup_seed, (combined, index))
+            with graph.inserting_after(combined):
+                lookup = graph.call_function(operator.getitem, (combined, index))
             lookup.meta.update(node.meta)
+            lookup.meta["val"] = combined.meta["val"][index]
             node.replace_all_uses_with(lookup)
             graph.erase_node(node)
