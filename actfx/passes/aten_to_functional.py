@@ -20,7 +20,7 @@ from torch.fx import Graph, Node
 aten = torch.ops.aten
 
 
-def _schema_arguments(node: Node) -> dict:
+def schema_arguments(node: Node) -> dict:
     """The node's arguments by ATen schema name, defaults filled in."""
     out = {}
     for i, arg in enumerate(node.target._schema.arguments):
@@ -188,7 +188,7 @@ def _replacement(node: Node) -> tuple | None:
     build: Callable | None = _FUNCTIONS.get(node.target)
     if build is not None:
         try:
-            return build(_schema_arguments(node))
+            return build(schema_arguments(node))
         except KeyError as err:
             raise ValueError(f"actfx: {node.format_node()} lacks the argument {err} its schema requires") from None
     method = _METHODS.get(node.target) or _inplace_method(node.target)

@@ -64,11 +64,11 @@ def _kind(node: fx.Node) -> str:
     return "reduction" if name in _REDUCTIONS else "extern"
 
 
-def _readers(node: fx.Node) -> list:
+def _readers(node: fx.Node, kinds: dict) -> list:
     """The ops that read ``node``, looking through views."""
     found = []
     for user in node.users:
-        found.extend(_readers(user) if _kind(user) == "view" else [user])
+        found.extend(_readers(user, kinds) if kinds[user] == "view" else [user])
     return found
 
 
@@ -115,7 +115,7 @@ def _written_values(nodes: list, kinds: dict) -> set:
                 heavy, ops, reads = heavy or inlined[a].heavy, ops + inlined[a].ops, reads | inlined[a].reads
             else:
                 reads.add(a)
-        must = any(kinds.get(r) in ("extern", "output") for r in _readers(n))
+        must = any(kinds[r] in ("extern", "output") for r in _readers(n, kinds))
         # actfx's own pack arithmetic is written to fuse (its codes are never stored)
         reused = (_shared(n, kinds) and not n.meta.get(EMITTED)
                   and (heavy or ops > _LARGE_INNER_FN or len(reads) > _MANY_READS))
@@ -149,8 +149,10 @@ def graph_memory(gm: fx.GraphModule, kept: set, *, packs_early: bool = False) ->
     placeholder is counted from the start and freed after its last reader. ``packs_early``
     (forward graphs): actfx's packs run as soon as their value exists, as Inductor fuses them
     into its producer's kernel, wherever the partitioner left the saved value's node."""
-    nodes = _packs_early(list(gm.graph.nodes)) if packs_early else list(gm.graph.nodes)
+    nodes = list(gm.graph.nodes)
     kinds = {n: _kind(n) for n in nodes}
+    if packs_early:
+        nodes = _packs_early(nodes, kinds)
     storages = {n: _storages(n) for n in nodes}
     values = _written_values(nodes, kinds)
     written = {k for n in values for k, _ in storages[n]}
@@ -177,11 +179,11 @@ def graph_memory(gm: fx.GraphModule, kept: set, *, packs_early: bool = False) ->
     return _sweep(len(nodes), size, first, last, held)
 
 
-def _packs_early(nodes: list) -> list:
+def _packs_early(nodes: list, kinds: dict) -> list:
     """``nodes`` reordered: views and emitted nodes right after their latest input."""
     earliest = {}
     for i, n in enumerate(nodes):
-        movable = n.meta.get(EMITTED) or _kind(n) == "view"
+        movable = n.meta.get(EMITTED) or kinds[n] == "view"
         earliest[n] = max((earliest[a] for a in n.all_input_nodes), default=0) if movable else i
     order = {n: i for i, n in enumerate(nodes)}
     return sorted(nodes, key=lambda n: (earliest[n], order[n]))

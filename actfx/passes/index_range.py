@@ -17,6 +17,8 @@ import torch
 import torch._inductor.inductor_prims  # noqa: F401 - registers the prims Inductor's max-pool decomposition emits
 from torch import fx
 
+from actfx.passes.aten_to_functional import schema_arguments
+
 aten = torch.ops.aten
 prims = torch.ops.prims
 
@@ -57,48 +59,28 @@ def _bound(node: fx.Node) -> int | None:
     if node.op != "call_function":
         return None
     if node.target is prims._low_memory_max_pool_offsets_to_indices.default:
-        return _static(math.prod(_argument(node, "input_size")))
+        return _static(math.prod(schema_arguments(node)["input_size"]))
     if _packet(node.target) in _INDEX:
         return _along(node)
     if node.target is operator.getitem and node.args[1] == 1 and isinstance(node.args[0], fx.Node):
         source = node.args[0]
         packet = _packet(source.target)
-        if packet in _SECOND_IS_INDEX and "dim" in _names(source):
+        if packet in _SECOND_IS_INDEX and "dim" in schema_arguments(source):
             return _along(source)
         if packet in _POOL_INDEX:
-            shape = _input(source).meta["val"].shape
+            shape = source.args[0].meta["val"].shape
             return _static(math.prod(shape[-_POOL_INDEX[packet]:]))
     return None
 
 
 def _along(node: fx.Node) -> int | None:
-    shape = _input(node).meta["val"].shape
-    dim = _argument(node, "dim")
+    shape = node.args[0].meta["val"].shape
+    dim = schema_arguments(node)["dim"]
     return _static(math.prod(shape) if dim is None else (shape[dim] if shape else 1))
-
-
-def _input(node: fx.Node) -> fx.Node:
-    return node.args[0]
 
 
 def _packet(target):
     return target.overloadpacket if isinstance(target, torch._ops.OpOverload) else None
-
-
-def _names(node: fx.Node) -> set:
-    return {a.name for a in node.target._schema.arguments}
-
-
-def _argument(node: fx.Node, name: str):
-    """``node``'s argument ``name``, given by position or keyword, else its schema default."""
-    for i, arg in enumerate(node.target._schema.arguments):
-        if arg.name == name:
-            if name in node.kwargs:
-                return node.kwargs[name]
-            if i < len(node.args) and not arg.kwarg_only:
-                return node.args[i]
-            return arg.default_value
-    raise KeyError(f"{node.target} has no argument {name!r}")
 
 
 def _static(size) -> int | None:

@@ -193,37 +193,31 @@ class PackSaved:
 
     def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int, rows: graph_pack.Rows | None) -> int:
         group, stochastic = self.config.group_size, self.config.stochastic
-        pieces = emit(self.g.fwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic, rows), [fwd],
-                      before=fwd.next, key=("pack", bits, group, stochastic, rows))
-        holders = [self.g.add_saved(p, fwd) for p in pieces]
-        like = bwd
-        unpacked = emit(self.g.bwd, lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, rows),
-                        [*holders, like], before=self.first_use(bwd), key=("unpack", bits, rows))
-        self._swap(bwd, unpacked)
-        self.g.drop_saved(fwd)
-        return sum(nbytes(p) for p in pieces)
+        return self._store(fwd, bwd, lambda x: graph_pack.pack_values(x, bits, group, stochastic, rows),
+                           lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, rows),
+                           key=("pack", bits, group, stochastic, rows))
 
     def _mask(self, fwd: fx.Node, bwd: fx.Node) -> int:
         rows = self._rows(fwd, _MASK_MIN_ROWS)
-        packed = emit(self.g.fwd, lambda m: graph_pack.pack_mask(m, rows), [fwd], before=fwd.next,
-                      key=("pack_mask", rows))
-        holder = self.g.add_saved(packed, fwd)
-        unpacked = emit(self.g.bwd, lambda p, m: graph_pack.unpack_mask(p, m, rows), [holder, bwd],
-                        before=self.first_use(bwd), key=("unpack_mask", rows))
-        self._swap(bwd, unpacked)
-        self.g.drop_saved(fwd)
-        return nbytes(packed)
+        return self._store(fwd, bwd, lambda m: graph_pack.pack_mask(m, rows),
+                           lambda p, m: graph_pack.unpack_mask(p, m, rows), key=("pack_mask", rows))
 
     def _narrow(self, fwd: fx.Node, bwd: fx.Node, dtype: torch.dtype) -> int:
         """An index saved in the narrower ``dtype`` its producer bounds it to (``index_range``),
-        widened back right before backward's first reader."""
-        wide = val(fwd).dtype
-        narrow = emit(self.g.fwd, lambda i: i.to(dtype), [fwd], before=fwd.next, key=("narrow", dtype))
-        holder = self.g.add_saved(narrow, fwd)
-        widened = emit(self.g.bwd, lambda i: i.to(wide), [holder], before=self.first_use(bwd), key=("widen", wide))
-        self._swap(bwd, widened)
+        widened back to its own type for backward."""
+        return self._store(fwd, bwd, lambda i: i.to(dtype), lambda i, like: i.to(like.dtype), key=("narrow", dtype))
+
+    def _store(self, fwd: fx.Node, bwd: fx.Node, store, restore, *, key: tuple) -> int:
+        """Save ``store(value)``'s pieces in place of ``fwd`` (computed right after it) and give
+        backward ``restore(*pieces, like=value)`` before its first reader; returns the pieces'
+        bytes. ``key`` names both functions for graph_emit's template cache."""
+        pieces = emit(self.g.fwd, store, [fwd], before=fwd.next, key=("store", *key))
+        pieces = (pieces,) if isinstance(pieces, fx.Node) else tuple(pieces)
+        holders = [self.g.add_saved(p, fwd) for p in pieces]
+        restored = emit(self.g.bwd, restore, [*holders, bwd], before=self.first_use(bwd), key=("restore", *key))
+        self._swap(bwd, restored)
         self.g.drop_saved(fwd)
-        return nbytes(narrow)
+        return sum(nbytes(p) for p in pieces)
 
     def _swap(self, placeholder: fx.Node, unpacked: fx.Node) -> None:
         """Readers of ``placeholder`` read ``unpacked`` (shapes are static, so the unpack itself
