@@ -64,6 +64,23 @@ def _kind(node: fx.Node) -> str:
     return "reduction" if name in _REDUCTIONS else "extern"
 
 
+def view_base(node: fx.Node) -> fx.Node:
+    """The value ``node`` is a view of (itself if it is not a view)."""
+    while _kind(node) == "view" and node.target is not operator.getitem and node.args \
+            and isinstance(node.args[0], fx.Node):
+        node = node.args[0]
+    return node
+
+
+def written_by_extern(node: fx.Node) -> bool:
+    """Whether ``node`` is (a view of) an extern kernel's output: a matmul's or a convolution's,
+    which no pointwise code can join (or an element of its tuple)."""
+    base = view_base(node)
+    if base.target is operator.getitem and isinstance(base.args[0], fx.Node):
+        base = base.args[0]
+    return _kind(base) == "extern"
+
+
 def _readers(node: fx.Node, kinds: dict) -> list:
     """The ops that read ``node``, looking through views."""
     found = []

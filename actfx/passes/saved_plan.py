@@ -50,11 +50,12 @@ class SavedValue:
     hoisted: bool = False  # computed in forward instead of backward (a derivative, a mask)
     site: str = ""  # ``"module.path:op"`` (``site_key``): how a plan for actfx.compile names this value
     rows: Rows | None = None  # graph_pack's row layout it is packed in (None: flat)
+    apart: bool = False  # packed by extern_pack's precompiled kernel, not in Inductor's generated code
 
     @property
     def saved_as(self) -> str:
         if self.storage is Storage.PACKED:
-            return f"packed {self.bits}-bit"
+            return f"packed {self.bits}-bit" + (", by the CPU pack kernel" if self.apart else "")
         if self.storage is Storage.MASK:
             return "1-bit mask"
         return f"exact ({self.reason})" if self.reason else "exact"
