@@ -39,7 +39,7 @@ import actfx  # noqa: E402
 from actfx.models import build_model  # noqa: E402
 
 STRATEGIES = ["eager", "actfx_convert2", "checkpoint", "compile", "compile_budget0.3",
-              "actfx_compile2", "actfx_compile2_budget0.3"]
+              "actfx_compile2", "actfx_compile2_budget0.3", "actfx_compile2_kernel"]
 
 
 def build(model_name: str, device: str = "cpu"):
@@ -75,6 +75,8 @@ def prepare(strategy: str, model, x):
         return actfx.compile(model, bits=2)
     if strategy == "actfx_compile2_budget0.3":
         return actfx.compile(model, bits=2, memory_budget=0.3)
+    if strategy == "actfx_compile2_kernel":  # Config.pack_kernel: the precompiled CPU pack kernel
+        return actfx.compile(model, config=actfx.Config(bits=2, pack_kernel=True))
     raise ValueError(f"unknown strategy {strategy!r}; choose from {', '.join(STRATEGIES)}")
 
 

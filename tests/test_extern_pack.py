@@ -1,8 +1,9 @@
 """extern_pack: the compiled path's precompiled CPU pack kernel (``actfx::pack_table``).
 
-Values an extern kernel writes (convolution and matmul outputs) are packed by one C++ kernel
-instead of ATen math Inductor generates code for, value by value. Its bytes must be graph_pack's
-bit for bit, so backward's fused unpack reads them unchanged.
+With ``Config(pack_kernel=True)``, values an extern kernel writes (convolution and matmul
+outputs) and the 1-bit masks are packed by one C++ kernel instead of ATen math Inductor
+generates code for, value by value. Its bytes must be graph_pack's bit for bit, so backward's
+fused unpack reads them unchanged.
 """
 
 import pytest
@@ -11,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import actfx
+from actfx import Config
 from actfx.kernels import extern_pack, graph_pack
 from actfx.kernels.graph_pack import Rows
 from actfx.passes.saved_plan import Storage
@@ -110,7 +112,7 @@ def test_extern_outputs_are_packed_by_the_kernel_and_pointwise_values_in_generat
 
     torch.manual_seed(0)
     model, x = ConvMlp(), torch.randn(4, 3, 16, 16)
-    compiled = actfx.compile(model, bits=2)
+    compiled = actfx.compile(model, config=Config(bits=2, pack_kernel=True))
     _, codes = run_and_get_code(lambda: _grads(model, compiled, x))
     packed = [v for v in compiled._actfx_compiled.plans[-1].saved if v.storage is Storage.PACKED]
     # the convolution's output (as the Linear's flattened input) by the kernel, the GELU's in Inductor's code
@@ -124,16 +126,19 @@ def test_extern_outputs_are_packed_by_the_kernel_and_pointwise_values_in_generat
     torch.testing.assert_close(out, torch.compile(model)(x), rtol=1e-6, atol=1e-6)
 
 
-def test_without_the_kernel_every_pack_is_generated_and_gradients_match(monkeypatch):
-    """Where the kernel cannot be built, the same values are packed as ATen math: same bytes,
-    so one seed gives the same gradients."""
+@pytest.mark.parametrize("config", [Config(bits=2), Config(bits=2, pack_kernel=True)], ids=["default", "no_compiler"])
+def test_without_the_kernel_every_pack_is_generated_and_gradients_match(config, monkeypatch):
+    """By default, and where the kernel cannot be built, the same values are packed as ATen
+    math: same bytes, so one seed gives the same gradients as with the kernel."""
     torch.manual_seed(0)
     model, x = ConvMlp(), torch.randn(4, 3, 16, 16)
     torch.manual_seed(5)
-    with_kernel = _grads(model, actfx.compile(model, bits=2), x)
-    monkeypatch.setattr(extern_pack, "kernel_available", lambda: False)
-    compiled = actfx.compile(model, bits=2)
+    with_kernel = _grads(model, actfx.compile(model, config=Config(bits=2, pack_kernel=True)), x)
+    if config.pack_kernel:
+        monkeypatch.setattr(extern_pack, "kernel_available", lambda: False)
+    compiled = actfx.compile(model, config=config)
     torch.manual_seed(5)
     without = _grads(model, compiled, x)
-    assert not any(v.apart for v in compiled._actfx_compiled.plans[-1].saved)
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert any(v.storage is Storage.PACKED for v in saved) and not any(v.apart for v in saved)
     torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-6)

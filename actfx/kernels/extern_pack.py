@@ -13,8 +13,10 @@ same fp32 arithmetic), so backward's fused unpack reads them unchanged.
 The value is read as the table ``graph_pack`` packs (rows of its last dimension; the flat
 layout is a table of one column), padded with copies of its last row. Groups are blocks of
 whole rows (``lo``/``step`` per group) or, where the channel is the column, columns of rows
-(per group and column). ``8 / bits`` consecutive rows share a byte. Two passes over the value:
-group ranges, then codes, each split over OpenMP threads.
+(per group and column). ``8 / bits`` consecutive rows share a byte. The table is cut into
+chunks of whole groups and whole bytes, split over OpenMP threads; each chunk gets its group
+ranges, then its codes, while it is in cache. 1-bit masks (``actfx::pack_mask_table``) are
+packed the same way, 8 rows to a byte.
 """
 
 from __future__ import annotations
@@ -76,76 +78,181 @@ static inline void codes(const T* row, const float* l, const float* recip, uint3
     }
 }
 
+// group g's range into lo[g] / step[g] (per column where ``by_column``)
+template <typename T>
+static void group_range(const T* x, float* lo, float* step, int64_t g, int64_t rows, int64_t cols,
+                        int64_t per_group, bool by_column, float inv_levels) {
+    const int64_t width = by_column ? cols : 1;
+    float* mn = lo + g * width;
+    float* mx = step + g * width;
+    for (int64_t q = 0; q < width; ++q) { mn[q] = INFINITY; mx[q] = -INFINITY; }
+    for (int64_t r = g * per_group; r < (g + 1) * per_group; ++r) {
+        const T* row = x + (r < rows ? r : rows - 1) * cols;
+        if (by_column) {
+            for (int64_t q = 0; q < cols; ++q) {
+                float v = as_float(row[q]);
+                mn[q] = lower(v, mn[q]);
+                mx[q] = upper(v, mx[q]);
+            }
+            continue;
+        }
+        // lane-wise partial ranges: a reduction into one scalar does not vectorize
+        float a[16], b[16];
+        for (int i = 0; i < 16; ++i) { a[i] = mn[0]; b[i] = mx[0]; }
+        int64_t q = 0;
+        for (; q + 16 <= cols; q += 16)
+            for (int i = 0; i < 16; ++i) {
+                float v = as_float(row[q + i]);
+                a[i] = lower(v, a[i]);
+                b[i] = upper(v, b[i]);
+            }
+        for (; q < cols; ++q) {
+            float v = as_float(row[q]);
+            a[0] = lower(v, a[0]);
+            b[0] = upper(v, b[0]);
+        }
+        for (int i = 0; i < 16; ++i) { mn[0] = lower(a[i], mn[0]); mx[0] = upper(b[i], mx[0]); }
+    }
+    for (int64_t q = 0; q < width; ++q) mx[q] = (mx[q] - mn[q]) * inv_levels;
+}
+
+// Chunks of whole groups and whole bytes: each chunk's groups get their ranges, then its
+// bytes their codes, while the chunk is still in cache (one read of the value from memory).
 template <typename T>
 static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
                  int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits,
                  bool stochastic, int threads) {
-    const int64_t groups = padded / per_group;
     const float levels = float((1 << bits) - 1);
     const float inv_levels = 1.0f / levels;
     const int64_t per = 8 / bits;
     const int64_t width = by_column ? cols : 1;
-    #pragma omp parallel for num_threads(threads)
-    for (int64_t g = 0; g < groups; ++g) {
-        float* mn = lo + g * width;
-        float* mx = step + g * width;
-        for (int64_t q = 0; q < width; ++q) { mn[q] = INFINITY; mx[q] = -INFINITY; }
-        for (int64_t r = g * per_group; r < (g + 1) * per_group; ++r) {
-            const T* row = x + (r < rows ? r : rows - 1) * cols;
-            if (by_column) {
-                for (int64_t q = 0; q < cols; ++q) {
-                    float v = as_float(row[q]);
-                    mn[q] = lower(v, mn[q]);
-                    mx[q] = upper(v, mx[q]);
-                }
-            } else {
-                // lane-wise partial ranges: a reduction into one scalar does not vectorize
-                float a[16], b[16];
-                for (int i = 0; i < 16; ++i) { a[i] = mn[0]; b[i] = mx[0]; }
-                int64_t q = 0;
-                for (; q + 16 <= cols; q += 16)
-                    for (int i = 0; i < 16; ++i) {
-                        float v = as_float(row[q + i]);
-                        a[i] = lower(v, a[i]);
-                        b[i] = upper(v, b[i]);
-                    }
-                for (; q < cols; ++q) {
-                    float v = as_float(row[q]);
-                    a[0] = lower(v, a[0]);
-                    b[0] = upper(v, b[0]);
-                }
-                for (int i = 0; i < 16; ++i) { mn[0] = lower(a[i], mn[0]); mx[0] = upper(b[i], mx[0]); }
-            }
-        }
-        for (int64_t q = 0; q < width; ++q) mx[q] = (mx[q] - mn[q]) * inv_levels;
-    }
+    int64_t a = per_group, b = per;
+    while (b) { int64_t t = a % b; a = b; b = t; }
+    const int64_t chunk = per_group / a * per;  // lcm: padded is a multiple of it
     #pragma omp parallel num_threads(threads)
     {
         std::vector<uint32_t> acc(cols);
         std::vector<float> recip(cols);
         #pragma omp for
-        for (int64_t j = 0; j < padded / per; ++j) {
-            for (int64_t q = 0; q < cols; ++q) acc[q] = 0;
-            for (int64_t k = 0; k < per; ++k) {
-                const int64_t r = j * per + k;
-                const T* row = x + (r < rows ? r : rows - 1) * cols;
-                const int64_t g = r / per_group;
-                const float* l = lo + g * width;
-                const float* s = step + g * width;
-                for (int64_t q = 0; q < width; ++q) recip[q] = s[q] > 0.0f ? 1.0f / s[q] : 0.0f;
-                const uint32_t base = uint32_t(r * cols);
-                const uint32_t shift = uint32_t(bits * k);
-                if (by_column && stochastic)
-                    codes<1, true>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
-                else if (by_column)
-                    codes<1, false>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
-                else if (stochastic)
-                    codes<0, true>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
-                else
-                    codes<0, false>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+        for (int64_t c = 0; c < padded / chunk; ++c) {
+            for (int64_t g = c * chunk / per_group; g < (c + 1) * chunk / per_group; ++g)
+                group_range(x, lo, step, g, rows, cols, per_group, by_column, inv_levels);
+            for (int64_t j = c * chunk / per; j < (c + 1) * chunk / per; ++j) {
+                for (int64_t q = 0; q < cols; ++q) acc[q] = 0;
+                for (int64_t k = 0; k < per; ++k) {
+                    const int64_t r = j * per + k;
+                    const T* row = x + (r < rows ? r : rows - 1) * cols;
+                    const int64_t g = r / per_group;
+                    const float* l = lo + g * width;
+                    const float* s = step + g * width;
+                    for (int64_t q = 0; q < width; ++q) recip[q] = s[q] > 0.0f ? 1.0f / s[q] : 0.0f;
+                    const uint32_t base = uint32_t(r * cols);
+                    const uint32_t shift = uint32_t(bits * k);
+                    if (by_column && stochastic)
+                        codes<1, true>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                    else if (by_column)
+                        codes<1, false>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                    else if (stochastic)
+                        codes<0, true>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                    else
+                        codes<0, false>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                }
+                uint8_t* out = packed + j * cols;
+                for (int64_t q = 0; q < cols; ++q) out[q] = uint8_t(acc[q]);
             }
-            uint8_t* out = packed + j * cols;
-            for (int64_t q = 0; q < cols; ++q) out[q] = uint8_t(acc[q]);
+        }
+    }
+}
+
+// min and max of n contiguous values (NaN sticks), in 16 lanes: a reduction into one scalar
+// does not vectorize
+template <typename T>
+static inline void span_range(const T* x, int64_t n, float* mn, float* mx) {
+    float a[16], b[16];
+    for (int i = 0; i < 16; ++i) { a[i] = INFINITY; b[i] = -INFINITY; }
+    int64_t q = 0;
+    for (; q + 16 <= n; q += 16)
+        for (int i = 0; i < 16; ++i) {
+            float v = as_float(x[q + i]);
+            a[i] = lower(v, a[i]);
+            b[i] = upper(v, b[i]);
+        }
+    for (; q < n; ++q) {
+        float v = as_float(x[q]);
+        a[0] = lower(v, a[0]);
+        b[0] = upper(v, b[0]);
+    }
+    *mn = INFINITY;
+    *mx = -INFINITY;
+    for (int i = 0; i < 16; ++i) { *mn = lower(a[i], *mn); *mx = upper(b[i], *mx); }
+}
+
+// codes of table positions [begin, end), read ``back`` positions earlier (padding rows repeat
+// the last row), one per byte at out[i - origin]; the noise hashes the position itself
+template <bool stochastic, typename T>
+static inline void code_span(const T* x, int64_t begin, int64_t end, int64_t back, float l, float recip,
+                             uint32_t seed, float levels, uint8_t* out, int64_t origin) {
+    for (int64_t i = begin; i < end; ++i) {
+        float t = (as_float(x[i - back]) - l) * recip;
+        float u = stochastic ? noise(uint32_t(i), seed) : 0.5f;
+        float rounded = std::floor(t + u);
+        float code = rounded > 0.0f ? (rounded < levels ? rounded : levels) : 0.0f;
+        out[i - origin] = uint8_t(int32_t(code));
+    }
+}
+
+// Groups of whole rows (and the flat layout): a group is contiguous, so its range and codes run
+// as flat loops however narrow the rows (ResNet-50's 7-wide rows ran 3x slower per value by
+// row); then ``per`` rows of codes are or-ed into each byte row.
+template <typename T>
+static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+                        int64_t cols, int64_t padded, int64_t per_group, int64_t bits, bool stochastic,
+                        int threads) {
+    const float levels = float((1 << bits) - 1);
+    const float inv_levels = 1.0f / levels;
+    const int64_t per = 8 / bits;
+    int64_t a = per_group, b = per;
+    while (b) { int64_t t = a % b; a = b; b = t; }
+    const int64_t chunk = per_group / a * per;  // lcm: padded is a multiple of it
+    #pragma omp parallel num_threads(threads)
+    {
+        std::vector<uint8_t> code(chunk * cols);
+        #pragma omp for
+        for (int64_t c = 0; c < padded / chunk; ++c) {
+            const int64_t origin = c * chunk * cols;
+            for (int64_t g = c * chunk / per_group; g < (c + 1) * chunk / per_group; ++g) {
+                const int64_t first = g * per_group, end = first + per_group;
+                const int64_t real = end < rows ? end : rows;
+                float mn, mx;
+                if (first < rows)
+                    span_range(x + first * cols, (real - first) * cols, &mn, &mx);
+                else  // only padding: copies of the last row
+                    span_range(x + (rows - 1) * cols, cols, &mn, &mx);
+                const float s = (mx - mn) * inv_levels;
+                lo[g] = mn;
+                step[g] = s;
+                const float recip = s > 0.0f ? 1.0f / s : 0.0f;
+                if (first < rows) {
+                    if (stochastic)
+                        code_span<true>(x, first * cols, real * cols, 0, mn, recip, seed, levels, code.data(), origin);
+                    else
+                        code_span<false>(x, first * cols, real * cols, 0, mn, recip, seed, levels, code.data(), origin);
+                }
+                for (int64_t r = first > rows ? first : rows; r < end; ++r) {
+                    const int64_t back = (r - rows + 1) * cols;
+                    if (stochastic)
+                        code_span<true>(x, r * cols, (r + 1) * cols, back, mn, recip, seed, levels, code.data(), origin);
+                    else
+                        code_span<false>(x, r * cols, (r + 1) * cols, back, mn, recip, seed, levels, code.data(), origin);
+                }
+            }
+            for (int64_t j = c * chunk / per; j < (c + 1) * chunk / per; ++j) {
+                uint8_t* out = packed + j * cols;
+                const uint8_t* in = code.data() + (j * per * cols - origin);
+                for (int64_t q = 0; q < cols; ++q) out[q] = in[q];
+                for (int64_t k = 1; k < per; ++k)
+                    for (int64_t q = 0; q < cols; ++q) out[q] |= uint8_t(in[k * cols + q] << (bits * k));
+            }
         }
     }
 }
@@ -170,7 +277,14 @@ extern "C" void kernel(const void* x, const int64_t* seed, uint8_t* packed, floa
                        int64_t rows, int64_t cols, int64_t padded, int64_t per_group, int64_t by_column,
                        int64_t bits, int64_t stochastic, int64_t bfloat16, int64_t threads) {
     const uint32_t s = uint32_t(seed[0] & 0x7FFFFFFF);
-    if (bfloat16)
+    // narrow rows (ResNet's 7 and 14) vectorize poorly row by row: whole groups, flat
+    if (!by_column && cols < 16 && bfloat16)
+        pack_blocks(static_cast<const uint16_t*>(x), s, packed, lo, step, rows, cols, padded, per_group, bits,
+                    stochastic != 0, int(threads));
+    else if (!by_column && cols < 16)
+        pack_blocks(static_cast<const float*>(x), s, packed, lo, step, rows, cols, padded, per_group, bits,
+                    stochastic != 0, int(threads));
+    else if (bfloat16)
         pack(static_cast<const uint16_t*>(x), s, packed, lo, step, rows, cols, padded, per_group, by_column != 0,
              bits, stochastic != 0, int(threads));
     else
@@ -292,8 +406,10 @@ def extern_mask_applies(mask: torch.Tensor, rows: graph_pack.Rows | None) -> boo
 
 
 def pack_mask_extern(mask: torch.Tensor, rows: graph_pack.Rows | None) -> torch.Tensor:
-    """:func:`graph_pack.pack_mask` as one opaque call."""
-    return torch.ops.actfx.pack_mask_table(mask, -1 if rows is None else rows.inner)
+    """:func:`graph_pack.pack_mask` as one opaque call. The mask reaches it as bytes: Inductor's
+    C++ backend stores a bool buffer lane by lane, which turned the whole kernel computing it
+    (BatchNorm -> ReLU in ResNet-50) scalar."""
+    return torch.ops.actfx.pack_mask_table(mask.to(torch.uint8), -1 if rows is None else rows.inner)
 
 
 def extern_pack_applies(value: torch.Tensor, rows: graph_pack.Rows | None) -> bool:

@@ -216,16 +216,16 @@ class PackSaved:
                            key=("pack", pack.__name__, bits, group, stochastic, rows))
 
     def _packs_apart(self, fwd: fx.Node, rows: graph_pack.Rows | None) -> bool:
-        """Whether ``fwd`` is packed by the precompiled kernel (``extern_pack``) rather than as
-        ATen math Inductor generates code for: values an extern kernel writes, which no pack can
-        join, where that kernel can read them."""
-        import os
-        return ((os.environ.get("ACTFX_PACK_ALL") == "1" or written_by_extern(fwd))
+        """Whether ``fwd`` is packed by the precompiled kernel (``extern_pack``, with
+        ``Config.pack_kernel``) rather than as ATen math Inductor generates code for: values an
+        extern kernel writes, which no pack can join, where that kernel can read them."""
+        return (self.config.pack_kernel and written_by_extern(fwd)
                 and extern_pack.extern_pack_applies(val(fwd), rows))
 
     def _mask(self, fwd: fx.Node, bwd: fx.Node) -> int:
         rows = self._rows(fwd, _MASK_MIN_ROWS)
-        pack = extern_pack.pack_mask_extern if extern_pack.extern_mask_applies(val(fwd), rows) else graph_pack.pack_mask
+        apart = self.config.pack_kernel and extern_pack.extern_mask_applies(val(fwd), rows)
+        pack = extern_pack.pack_mask_extern if apart else graph_pack.pack_mask
         return self._store(fwd, bwd, lambda m: pack(m, rows),
                            lambda p, m: graph_pack.unpack_mask(p, m, rows), key=("pack_mask", pack.__name__, rows))
 
