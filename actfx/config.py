@@ -42,8 +42,8 @@ class Config:
         nothing inside them is held, gradients stay exact); ``actfx.plan`` picks them.
     pack_kernel: ``actfx.compile`` on CPU: pack convolution and matmul outputs and the 1-bit
         masks with one precompiled C++ kernel instead of code Inductor generates for each
-        value: the same bytes, a first step about half as long, slower steps (ResNet-50 batch
-        8: first step 113 s against 215 s, step 1.43x torch.compile's against 1.22x; see README).
+        value: the same bytes, a first step 40% shorter, slower steps (ResNet-50 batch
+        8: first step 108 s against 177 s, step 1.43x torch.compile's against 1.17x; see README).
     """
 
     bits: int = 2
