@@ -118,10 +118,9 @@ static void group_range(const T* x, float* lo, float* step, int64_t g, int64_t r
 
 // Chunks of whole groups and whole bytes: each chunk's groups get their ranges, then its
 // bytes their codes, while the chunk is still in cache (one read of the value from memory).
-template <typename T>
+template <bool stochastic, typename T>
 static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
-                 int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits,
-                 bool stochastic, int threads) {
+                 int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits, int threads) {
     const float levels = float((1 << bits) - 1);
     const float inv_levels = 1.0f / levels;
     const int64_t per = 8 / bits;
@@ -148,14 +147,10 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
                     for (int64_t q = 0; q < width; ++q) recip[q] = s[q] > 0.0f ? 1.0f / s[q] : 0.0f;
                     const uint32_t base = uint32_t(r * cols);
                     const uint32_t shift = uint32_t(bits * k);
-                    if (by_column && stochastic)
-                        codes<1, true>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
-                    else if (by_column)
-                        codes<1, false>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
-                    else if (stochastic)
-                        codes<0, true>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                    if (by_column)
+                        codes<1, stochastic>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
                     else
-                        codes<0, false>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                        codes<0, stochastic>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
                 }
                 uint8_t* out = packed + j * cols;
                 for (int64_t q = 0; q < cols; ++q) out[q] = uint8_t(acc[q]);
@@ -204,10 +199,9 @@ static inline void code_span(const T* x, int64_t begin, int64_t end, int64_t bac
 // Groups of whole rows (and the flat layout): a group is contiguous, so its range and codes run
 // as flat loops however narrow the rows (ResNet-50's 7-wide rows ran 3x slower per value by
 // row); then ``per`` rows of codes are or-ed into each byte row.
-template <typename T>
+template <bool stochastic, typename T>
 static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
-                        int64_t cols, int64_t padded, int64_t per_group, int64_t bits, bool stochastic,
-                        int threads) {
+                        int64_t cols, int64_t padded, int64_t per_group, int64_t bits, int threads) {
     const float levels = float((1 << bits) - 1);
     const float inv_levels = 1.0f / levels;
     const int64_t per = 8 / bits;
@@ -232,19 +226,11 @@ static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, f
                 lo[g] = mn;
                 step[g] = s;
                 const float recip = s > 0.0f ? 1.0f / s : 0.0f;
-                if (first < rows) {
-                    if (stochastic)
-                        code_span<true>(x, first * cols, real * cols, 0, mn, recip, seed, levels, code.data(), origin);
-                    else
-                        code_span<false>(x, first * cols, real * cols, 0, mn, recip, seed, levels, code.data(), origin);
-                }
-                for (int64_t r = first > rows ? first : rows; r < end; ++r) {
-                    const int64_t back = (r - rows + 1) * cols;
-                    if (stochastic)
-                        code_span<true>(x, r * cols, (r + 1) * cols, back, mn, recip, seed, levels, code.data(), origin);
-                    else
-                        code_span<false>(x, r * cols, (r + 1) * cols, back, mn, recip, seed, levels, code.data(), origin);
-                }
+                if (first < rows)
+                    code_span<stochastic>(x, first * cols, real * cols, 0, mn, recip, seed, levels, code.data(), origin);
+                for (int64_t r = first > rows ? first : rows; r < end; ++r)  // padding repeats the last row
+                    code_span<stochastic>(x, r * cols, (r + 1) * cols, (r - rows + 1) * cols, mn, recip, seed, levels,
+                                          code.data(), origin);
             }
             for (int64_t j = c * chunk / per; j < (c + 1) * chunk / per; ++j) {
                 uint8_t* out = packed + j * cols;
@@ -273,23 +259,33 @@ extern "C" void mask_kernel(const uint8_t* mask, uint8_t* packed, int64_t rows, 
     }
 }
 
+// narrow rows (ResNet's 7 and 14) vectorize poorly row by row: whole groups, flat
+template <bool stochastic, typename T>
+static void pack_any(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+                     int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits, int threads) {
+    if (!by_column && cols < 16)
+        pack_blocks<stochastic>(x, seed, packed, lo, step, rows, cols, padded, per_group, bits, threads);
+    else
+        pack<stochastic>(x, seed, packed, lo, step, rows, cols, padded, per_group, by_column, bits, threads);
+}
+
+template <typename T>
+static void pack_typed(const void* x, const int64_t* seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+                       int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits,
+                       bool stochastic, int threads) {
+    const T* values = static_cast<const T*>(x);
+    const uint32_t s = uint32_t(seed[0] & 0x7FFFFFFF);
+    if (stochastic)
+        pack_any<true>(values, s, packed, lo, step, rows, cols, padded, per_group, by_column, bits, threads);
+    else
+        pack_any<false>(values, s, packed, lo, step, rows, cols, padded, per_group, by_column, bits, threads);
+}
+
 extern "C" void kernel(const void* x, const int64_t* seed, uint8_t* packed, float* lo, float* step,
                        int64_t rows, int64_t cols, int64_t padded, int64_t per_group, int64_t by_column,
                        int64_t bits, int64_t stochastic, int64_t bfloat16, int64_t threads) {
-    const uint32_t s = uint32_t(seed[0] & 0x7FFFFFFF);
-    // narrow rows (ResNet's 7 and 14) vectorize poorly row by row: whole groups, flat
-    if (!by_column && cols < 16 && bfloat16)
-        pack_blocks(static_cast<const uint16_t*>(x), s, packed, lo, step, rows, cols, padded, per_group, bits,
-                    stochastic != 0, int(threads));
-    else if (!by_column && cols < 16)
-        pack_blocks(static_cast<const float*>(x), s, packed, lo, step, rows, cols, padded, per_group, bits,
-                    stochastic != 0, int(threads));
-    else if (bfloat16)
-        pack(static_cast<const uint16_t*>(x), s, packed, lo, step, rows, cols, padded, per_group, by_column != 0,
-             bits, stochastic != 0, int(threads));
-    else
-        pack(static_cast<const float*>(x), s, packed, lo, step, rows, cols, padded, per_group, by_column != 0,
-             bits, stochastic != 0, int(threads));
+    (bfloat16 ? pack_typed<uint16_t> : pack_typed<float>)(x, seed, packed, lo, step, rows, cols, padded, per_group,
+                                                          by_column != 0, bits, stochastic != 0, int(threads));
 }
 """
 
