@@ -142,3 +142,9 @@ def test_without_the_kernel_every_pack_is_generated_and_gradients_match(config, 
     saved = compiled._actfx_compiled.plans[-1].saved
     assert any(v.storage is Storage.PACKED for v in saved) and not any(v.apart for v in saved)
     torch.testing.assert_close(without, with_kernel, rtol=1e-5, atol=1e-6)
+
+
+def test_a_graph_packed_by_the_kernel_says_what_to_do_where_it_cannot_be_built(monkeypatch):
+    monkeypatch.setattr(extern_pack, "_kernel", lambda: None)
+    with pytest.raises(RuntimeError, match="install g\\+\\+, or compile with Config\\(pack_kernel=False\\)"):
+        torch.ops.actfx.pack_table(torch.randn(4, 300), _SEED, 2, 256, True, -1, 0)

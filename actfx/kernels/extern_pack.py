@@ -322,6 +322,16 @@ def kernel_available() -> bool:
     return _kernel() is not None
 
 
+def _built():
+    """The kernel's entry points; a clear error where a graph cached with it runs on a machine
+    that cannot build it."""
+    kernel = _kernel()
+    if kernel is None:
+        raise RuntimeError("actfx: this compiled graph packs with actfx's CPU pack kernel, which cannot be built "
+                           "here (no C++ compiler); install g++, or compile with Config(pack_kernel=False)")
+    return kernel
+
+
 def _table_layout(shape, group_size: int, rows: graph_pack.Rows | None):
     """(rows, columns, padded rows, rows per group, groups by column) of the table a value of
     ``shape`` is packed as: graph_pack's layout, the flat one as a table of one column."""
@@ -360,7 +370,7 @@ def pack_table(x: torch.Tensor, seed: torch.Tensor, bits: int, group_size: int, 
     ``seed``, by the C++ kernel. ``inner`` -1: the flat layout; ``plane`` 0: groups of columns."""
     packed, lo, step, (count, columns, padded, per_group, by_column) = _outputs(x, bits, group_size, inner, plane)
     table = x.contiguous()
-    _kernel()[0](table, seed, packed, lo, step, count, columns, padded, per_group, int(by_column), bits,
+    _built()[0](table, seed, packed, lo, step, count, columns, padded, per_group, int(by_column), bits,
               int(stochastic), int(table.dtype == torch.bfloat16), torch.get_num_threads())
     return packed, lo, step
 
@@ -385,7 +395,7 @@ def pack_mask_table(mask: torch.Tensor, inner: int) -> torch.Tensor:
     """``graph_pack.pack_mask(mask, rows)`` by the C++ kernel; ``inner`` -1: the flat layout."""
     count, columns, padded = _mask_layout(tuple(mask.shape), inner)
     packed = mask.new_empty((padded // 8,) if inner < 0 else (padded // 8, columns), dtype=torch.uint8)
-    _kernel()[1](mask.contiguous(), packed, count, columns, padded, int(inner < 0), torch.get_num_threads())
+    _built()[1](mask.contiguous(), packed, count, columns, padded, int(inner < 0), torch.get_num_threads())
     return packed
 
 
