@@ -148,3 +148,16 @@ def test_a_graph_packed_by_the_kernel_says_what_to_do_where_it_cannot_be_built(m
     monkeypatch.setattr(extern_pack, "_kernel", lambda: None)
     with pytest.raises(RuntimeError, match="install g\\+\\+, or compile with Config\\(pack_kernel=False\\)"):
         torch.ops.actfx.pack_table(torch.randn(4, 300), _SEED, 2, 256, True, -1, 0)
+
+
+def test_masks_are_packed_by_the_kernel_and_marked_so():
+    from torch._inductor.utils import run_and_get_code
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
+    x = torch.randn(2, 3, 16, 16)
+    compiled = actfx.compile(model, config=Config(bits=2, pack_kernel=True))
+    _, codes = run_and_get_code(lambda: _grads(model, compiled, x))
+    masks = [v for v in compiled._actfx_compiled.plans[-1].saved if v.storage is Storage.MASK]
+    assert masks and all(v.apart and v.saved_as == "1-bit mask, by the CPU pack kernel" for v in masks), masks
+    assert codes[0].count("= torch.ops.actfx.pack_mask_table.default(") == len(masks)

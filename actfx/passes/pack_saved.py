@@ -88,8 +88,8 @@ class PackSaved:
         if depth == 0 or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
                 or torch.Tag.pointwise not in node.target.tags:
             return False
-        inputs = [a for a in node.all_input_nodes]
-        return bool(inputs) and any(not (a in self.params) for a in inputs) and all(
+        inputs = node.all_input_nodes
+        return any(a not in self.params for a in inputs) and all(
             a in self.params or self._is_statistic(a, depth - 1) for a in inputs)
 
     def sources(self) -> dict[fx.Node, fx.Node]:
@@ -138,13 +138,14 @@ class PackSaved:
                 self.g.drop_saved(fwd)
                 continue
             rows = self._rows(fwd, self.config.group_size) if storage is Storage.PACKED else None
-            apart = storage is Storage.PACKED and self.probe is None and self._packs_apart(fwd, rows)
+            mask_rows = self._rows(fwd, _MASK_MIN_ROWS) if storage is Storage.MASK else None
+            apart = self.probe is None and self._packs_apart(fwd, storage, rows or mask_rows)
             if storage is Storage.PACKED and self.probe is not None:
                 after = self._probe(fwd, bwd, bits, rows)
             elif storage is Storage.PACKED:
                 after = self._pack(fwd, bwd, bits, rows, apart)
             elif storage is Storage.MASK:
-                after = self._mask(fwd, bwd)
+                after = self._mask(fwd, bwd, mask_rows, apart)
             elif self.exact_reason.get(fwd.name) == "integer" and (narrow := compact_dtype(fwd)) is not None:
                 after = self._narrow(fwd, bwd, narrow)
                 self.exact_reason[fwd.name] = f"integer, stored as {str(narrow).replace('torch.', '')}"
@@ -215,16 +216,18 @@ class PackSaved:
                            lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, rows),
                            key=("pack", pack.__name__, bits, group, stochastic, rows))
 
-    def _packs_apart(self, fwd: fx.Node, rows: graph_pack.Rows | None) -> bool:
+    def _packs_apart(self, fwd: fx.Node, storage: Storage, rows: graph_pack.Rows | None) -> bool:
         """Whether ``fwd`` is packed by the precompiled kernel (``extern_pack``, with
-        ``Config.pack_kernel``) rather than as ATen math Inductor generates code for: values an
-        extern kernel writes, which no pack can join, where that kernel can read them."""
-        return (self.config.pack_kernel and written_by_extern(fwd)
+        ``Config.pack_kernel``) rather than as ATen math Inductor generates code for: masks, and
+        values an extern kernel writes (no pack can join it), where that kernel can read them."""
+        if not self.config.pack_kernel:
+            return False
+        if storage is Storage.MASK:
+            return extern_pack.extern_mask_applies(val(fwd), rows)
+        return (storage is Storage.PACKED and written_by_extern(fwd)
                 and extern_pack.extern_pack_applies(val(fwd), rows))
 
-    def _mask(self, fwd: fx.Node, bwd: fx.Node) -> int:
-        rows = self._rows(fwd, _MASK_MIN_ROWS)
-        apart = self.config.pack_kernel and extern_pack.extern_mask_applies(val(fwd), rows)
+    def _mask(self, fwd: fx.Node, bwd: fx.Node, rows: graph_pack.Rows | None, apart: bool) -> int:
         pack = extern_pack.pack_mask_extern if apart else graph_pack.pack_mask
         return self._store(fwd, bwd, lambda m: pack(m, rows),
                            lambda p, m: graph_pack.unpack_mask(p, m, rows), key=("pack_mask", pack.__name__, rows))

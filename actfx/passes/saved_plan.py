@@ -50,15 +50,19 @@ class SavedValue:
     hoisted: bool = False  # computed in forward instead of backward (a derivative, a mask)
     site: str = ""  # ``"module.path:op"`` (``site_key``): how a plan for actfx.compile names this value
     rows: Rows | None = None  # graph_pack's row layout it is packed in (None: flat)
-    apart: bool = False  # packed by extern_pack's precompiled kernel, not in Inductor's generated code
+    apart: bool = False  # packed (or masked) by extern_pack's precompiled kernel, not in Inductor's code
 
     @property
     def saved_as(self) -> str:
         if self.storage is Storage.PACKED:
-            return f"packed {self.bits}-bit" + (", by the CPU pack kernel" if self.apart else "")
+            return f"packed {self.bits}-bit" + self._by_kernel
         if self.storage is Storage.MASK:
-            return "1-bit mask"
+            return "1-bit mask" + self._by_kernel
         return f"exact ({self.reason})" if self.reason else "exact"
+
+    @property
+    def _by_kernel(self) -> str:
+        return ", by the CPU pack kernel" if self.apart else ""
 
 
 @dataclasses.dataclass
