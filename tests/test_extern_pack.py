@@ -28,7 +28,7 @@ _LAYOUTS = [((7, 333), None), ((4096,), None), ((3, 8, 20, 56), Rows(3, 20)), ((
 
 def _reference(x, bits, stochastic, rows, monkeypatch):
     """graph_pack's ATen pack with the kernel's seed."""
-    monkeypatch.setattr(graph_pack, "_uniform_like", lambda t: graph_pack.uniform_from_seed(t, _SEED))
+    monkeypatch.setattr(graph_pack, "_pack_seed", lambda device: _SEED)
     return graph_pack.pack_values(x, bits, 256, stochastic, rows)
 
 

@@ -76,31 +76,34 @@ def test_packed_size_matches_the_formula():
     assert nbytes == packed_value_bytes((1000,), 2, 256)
 
 
-def test_stochastic_rounding_noise_is_uniform_and_reproducible_per_seed():
-    from actfx.kernels.graph_pack import _uniform_like
+@pytest.mark.parametrize("per,columns", [(1, 1), (4, 1), (8, 1), (4, 56), (2, 7)])
+def test_stochastic_rounding_noise_is_uniform_and_reproducible_per_seed(per, columns):
+    """One hash per byte, spread over its ``per`` lanes: every lane uniform, the lanes of a byte
+    and neighbouring bytes uncorrelated, the same noise for the same seed."""
+    from actfx.kernels.graph_pack import uniform_from_seed
 
-    like = torch.empty(1 << 16)
-    torch.manual_seed(3)
-    u = _uniform_like(like)
-    torch.manual_seed(3)
-    again = _uniform_like(like)
-    other = _uniform_like(like)
-    assert torch.equal(u, again) and not torch.equal(u, other)
+    like = torch.empty(per * columns * (1 << 16) // math.gcd(columns, 8))
+    seed, other_seed = torch.tensor(0x2545F491, dtype=torch.int64), torch.tensor(7, dtype=torch.int64)
+    u = uniform_from_seed(like, seed, per, columns)
+    assert torch.equal(u, uniform_from_seed(like, seed, per, columns))
+    assert not torch.equal(u, uniform_from_seed(like, other_seed, per, columns))
     assert 0 <= float(u.min()) and float(u.max()) < 1
     assert abs(float(u.mean()) - 0.5) < 0.01 and abs(float(u.var()) - 1 / 12) < 0.002
-    # neighbours (the hash's counter differs by one) are uncorrelated
-    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02
     assert torch.histc(u, bins=16, min=0, max=1).div(len(u) / 16).sub(1).abs().max() < 0.06
+    lanes = u.view(-1, per, columns).transpose(0, 1).reshape(per, -1).double()
+    for k in range(1, per):  # lane 0 against each other lane of the same bytes
+        assert abs(float(torch.corrcoef(torch.stack([lanes[0], lanes[k]]))[0, 1])) < 0.02
+    assert abs(float(torch.corrcoef(torch.stack([u[:-1], u[1:]]))[0, 1])) < 0.02  # neighbours in memory
 
 
 def test_compiled_noise_is_the_eager_noise():
-    """The int32 hash wraps its products the same way in Inductor's vectorised C++ loop, its
-    scalar tail (1003 elements: not a whole number of vectors) and eager ATen."""
+    """The int32 hash and the lane multiplies wrap the same way in Inductor's vectorised C++
+    loop, its scalar tail (1003 columns: not a whole number of vectors) and eager ATen."""
     from actfx.kernels.graph_pack import uniform_from_seed
 
-    like, seed = torch.empty(1003), torch.tensor(0x5DEECE66D, dtype=torch.int64)
-    eager = uniform_from_seed(like, seed)
-    compiled = torch.compile(uniform_from_seed, backend="inductor")(like, seed)
+    like, seed = torch.empty(4 * 1003), torch.tensor(0x5DEECE66D, dtype=torch.int64)
+    eager = uniform_from_seed(like, seed, 4, 1003)
+    compiled = torch.compile(uniform_from_seed, backend="inductor")(like, seed, 4, 1003)
     assert torch.equal(eager, compiled)
     assert abs(float(eager.mean()) - 0.5) < 0.05
 

@@ -43,6 +43,8 @@ _SOURCE = r"""
 #include <vector>
 #include <omp.h>
 
+constexpr uint32_t LANE_STEP = LANE_STEP_VALUEu;  // graph_pack._LANE_STEP
+
 static inline float as_float(float v) { return v; }
 static inline float as_float(uint16_t v) {  // bfloat16 bits
     uint32_t b = uint32_t(v) << 16;
@@ -51,15 +53,21 @@ static inline float as_float(uint16_t v) {  // bfloat16 bits
     return f;
 }
 
-// graph_pack.uniform_from_seed: two multiply-xorshift rounds on the 32-bit index
-static inline float noise(uint32_t index, uint32_t seed) {
+// graph_pack.uniform_from_seed: two multiply-xorshift rounds on the 32-bit index of a byte of
+// ``packed``; lane k of the byte takes the top 24 bits of that hash times lane_multiplier(k)
+static inline uint32_t byte_hash(uint32_t index, uint32_t seed) {
     uint32_t h = index ^ seed;
     h ^= h >> 16;
     h *= 0x7FEB352Du;
     h ^= h >> 15;
     h *= 0x846CA68Bu;
-    h ^= h >> 16;
-    return float(h & 0xFFFFFFu) * (1.0f / 16777216.0f);
+    return h ^ (h >> 16);
+}
+
+static inline uint32_t lane_multiplier(int64_t k) { return 1u + uint32_t(k) * LANE_STEP; }
+
+static inline float lane_noise(uint32_t h, uint32_t multiplier) {
+    return float(((h * multiplier) >> 8) & 0xFFFFFFu) * (1.0f / 16777216.0f);
 }
 
 static inline float lower(float v, float m) { return (v < m || v != v) ? v : m; }  // NaN sticks
@@ -68,11 +76,11 @@ static inline float upper(float v, float m) { return (v > m || v != v) ? v : m; 
 // one row's codes, or-ed into acc at ``shift``; ``stride`` 1: lo and recip per column, 0: one
 // for the row (both constant per call, so each branch compiles to its own vector loop)
 template <int64_t stride, bool stochastic, typename T>
-static inline void codes(const T* row, const float* l, const float* recip, uint32_t base, uint32_t seed,
-                         float levels, uint32_t shift, uint32_t* acc, int64_t cols) {
+static inline void codes(const T* row, const float* l, const float* recip, const uint32_t* hashes,
+                         uint32_t multiplier, float levels, uint32_t shift, uint32_t* acc, int64_t cols) {
     for (int64_t q = 0; q < cols; ++q) {
         float t = (as_float(row[q]) - l[q * stride]) * recip[q * stride];
-        float u = stochastic ? noise(base + uint32_t(q), seed) : 0.5f;
+        float u = stochastic ? lane_noise(hashes[q], multiplier) : 0.5f;
         float rounded = std::floor(t + u);
         float code = rounded > 0.0f ? (rounded < levels ? rounded : levels) : 0.0f;
         acc[q] |= uint32_t(int32_t(code)) << shift;
@@ -155,7 +163,7 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
     const int64_t chunk = per_group / a * per;  // lcm: padded is a multiple of it
     #pragma omp parallel num_threads(threads)
     {
-        std::vector<uint32_t> acc(cols);
+        std::vector<uint32_t> acc(cols), hashes(cols);
         std::vector<float> recip(cols);
         #pragma omp for
         for (int64_t c = 0; c < padded / chunk; ++c) {
@@ -163,6 +171,8 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
                 group_range(x, lo, step, g, rows, cols, per_group, by_column, inv_levels);
             for (int64_t j = c * chunk / per; j < (c + 1) * chunk / per; ++j) {
                 for (int64_t q = 0; q < cols; ++q) acc[q] = 0;
+                if (stochastic)
+                    for (int64_t q = 0; q < cols; ++q) hashes[q] = byte_hash(uint32_t(j * cols + q), seed);
                 for (int64_t k = 0; k < per; ++k) {
                     const int64_t r = j * per + k;
                     const T* row = x + (r < rows ? r : rows - 1) * cols;
@@ -170,12 +180,13 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
                     const float* l = lo + g * width;
                     const float* s = step + g * width;
                     for (int64_t q = 0; q < width; ++q) recip[q] = s[q] > 0.0f ? 1.0f / s[q] : 0.0f;
-                    const uint32_t base = uint32_t(r * cols);
                     const uint32_t shift = uint32_t(bits * k);
                     if (by_column)
-                        codes<1, stochastic>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                        codes<1, stochastic>(row, l, recip.data(), hashes.data(), lane_multiplier(k), levels, shift,
+                                             acc.data(), cols);
                     else
-                        codes<0, stochastic>(row, l, recip.data(), base, seed, levels, shift, acc.data(), cols);
+                        codes<0, stochastic>(row, l, recip.data(), hashes.data(), lane_multiplier(k), levels, shift,
+                                             acc.data(), cols);
                 }
                 uint8_t* out = packed + j * cols;
                 for (int64_t q = 0; q < cols; ++q) out[q] = uint8_t(acc[q]);
@@ -185,16 +196,36 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
 }
 
 // codes of table positions [begin, end), read ``back`` positions earlier (padding rows repeat
-// the last row), one per byte at out[i - origin]; the noise hashes the position itself
+// the last row), one per byte at out[i - origin], with the noise at noise[i - origin]
 template <bool stochastic, typename T>
 static inline void code_span(const T* x, int64_t begin, int64_t end, int64_t back, float l, float recip,
-                             uint32_t seed, float levels, uint8_t* out, int64_t origin) {
+                             const float* noise, float levels, uint8_t* out, int64_t origin) {
     for (int64_t i = begin; i < end; ++i) {
         float t = (as_float(x[i - back]) - l) * recip;
-        float u = stochastic ? noise(uint32_t(i), seed) : 0.5f;
+        float u = stochastic ? noise[i - origin] : 0.5f;
         float rounded = std::floor(t + u);
         float code = rounded > 0.0f ? (rounded < levels ? rounded : levels) : 0.0f;
         out[i - origin] = uint8_t(int32_t(code));
+    }
+}
+
+// the noise of ``count`` byte rows from byte row ``first`` on, in table order (row j * per + k,
+// column q at (j - first) * per * cols + k * cols + q); one column (the flat layout): one loop
+static inline void chunk_noise(uint32_t seed, int64_t first, int64_t count, int64_t per, int64_t cols,
+                               uint32_t* hashes, float* noise) {
+    if (cols == 1) {
+        const int64_t shift = per == 8 ? 3 : per == 4 ? 2 : per == 2 ? 1 : 0;
+        for (int64_t p = 0; p < count * per; ++p)
+            noise[p] = lane_noise(byte_hash(uint32_t(first + (p >> shift)), seed), lane_multiplier(p & (per - 1)));
+        return;
+    }
+    for (int64_t j = 0; j < count; ++j) {
+        for (int64_t q = 0; q < cols; ++q) hashes[q] = byte_hash(uint32_t((first + j) * cols + q), seed);
+        for (int64_t k = 0; k < per; ++k) {
+            const uint32_t multiplier = lane_multiplier(k);
+            float* out = noise + (j * per + k) * cols;
+            for (int64_t q = 0; q < cols; ++q) out[q] = lane_noise(hashes[q], multiplier);
+        }
     }
 }
 
@@ -213,9 +244,13 @@ static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, f
     #pragma omp parallel num_threads(threads)
     {
         std::vector<uint8_t> code(chunk * cols);
+        std::vector<float> noise(stochastic ? chunk * cols : 0);
+        std::vector<uint32_t> hashes(cols);
         #pragma omp for
         for (int64_t c = 0; c < padded / chunk; ++c) {
             const int64_t origin = c * chunk * cols;
+            if (stochastic)
+                chunk_noise(seed, c * chunk / per, chunk / per, per, cols, hashes.data(), noise.data());
             for (int64_t g = c * chunk / per_group; g < (c + 1) * chunk / per_group; ++g) {
                 const int64_t first = g * per_group, end = first + per_group;
                 const int64_t real = end < rows ? end : rows;
@@ -229,10 +264,11 @@ static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, f
                 step[g] = s;
                 const float recip = s > 0.0f ? 1.0f / s : 0.0f;
                 if (first < rows)
-                    code_span<stochastic>(x, first * cols, real * cols, 0, mn, recip, seed, levels, code.data(), origin);
+                    code_span<stochastic>(x, first * cols, real * cols, 0, mn, recip, noise.data(), levels, code.data(),
+                                          origin);
                 for (int64_t r = first > rows ? first : rows; r < end; ++r)  // padding repeats the last row
-                    code_span<stochastic>(x, r * cols, (r + 1) * cols, (r - rows + 1) * cols, mn, recip, seed, levels,
-                                          code.data(), origin);
+                    code_span<stochastic>(x, r * cols, (r + 1) * cols, (r - rows + 1) * cols, mn, recip, noise.data(),
+                                          levels, code.data(), origin);
             }
             for (int64_t j = c * chunk / per; j < (c + 1) * chunk / per; ++j) {
                 uint8_t* out = packed + j * cols;
@@ -289,7 +325,7 @@ extern "C" void kernel(const void* x, const int64_t* seed, uint8_t* packed, floa
     (bfloat16 ? pack_typed<uint16_t> : pack_typed<float>)(x, seed, packed, lo, step, rows, cols, padded, per_group,
                                                           by_column != 0, bits, stochastic != 0, int(threads));
 }
-"""
+""".replace("LANE_STEP_VALUE", str(graph_pack._LANE_STEP))
 
 @functools.cache
 def _kernel():

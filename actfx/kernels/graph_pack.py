@@ -60,44 +60,72 @@ def _groups(flat: torch.Tensor, group: int) -> torch.Tensor:
 _LOW32 = 0xFFFFFFFF
 
 
-def _uniform_like(t: torch.Tensor) -> torch.Tensor:
-    """U[0, 1) noise on a 2^-24 grid: a counter-based integer hash of each element's index and a
-    per-pack seed (an Inductor seed node here; the pass replaces all of a graph's seeds by one
-    ``actfx::pack_seeds`` call on the model's own stream, see ``seed_stream.py``). Why not Inductor's own ``rand``: on CPU it runs
-    one scalar Philox per element, 6x slower than the whole rest of a pack (ResNet-50's 2-bit pack
-    of an 8x256x56x56 value: 51 ms with it, 8 ms with this). The hash (two multiply-xorshift
-    rounds) runs in int32, 8 lanes to an AVX2 vector with a native multiply: in int64 (4 lanes,
-    the multiply emulated) it doubled the time of a whole 2-bit pack (40 ms against 18 ms for
-    that value, one thread). The products wrap modulo 2^32 (the vector multiply does so; a signed
-    shift is masked to act as a logical one). Values of 2^31 elements or more hash in int64."""
-    return uniform_from_seed(t, inductor_prims.seed(t.device))
+def _pack_seed(device: torch.device) -> torch.Tensor:
+    """A pack's noise seed: an Inductor seed node here; the pass replaces all of a graph's seeds
+    by one ``actfx::pack_seeds`` call on the model's own stream (``seed_stream.py``)."""
+    return inductor_prims.seed(device)
 
 
-def uniform_from_seed(t: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """:func:`_uniform_like`'s noise for a given int64 ``seed`` (a 0-d tensor)."""
-    if t.numel() >= 1 << 31:
-        return _uniform_like_wide(t, seed)
-    index = torch.arange(t.numel(), dtype=torch.int32, device=t.device).view(t.shape)
+# Stochastic rounding's noise: U[0, 1) on a 2^-24 grid from a counter-based integer hash of each
+# output byte's index and the pack's seed, spread over the byte's lanes by one multiply per value:
+# lane k takes the top 24 bits of hash * (1 + k * _LANE_STEP). The multiplier is odd, a bijection
+# of the 32-bit hash, so each lane is as uniform as the hash; distinct multipliers keep the lanes
+# of a byte uncorrelated (tests/test_graph_pack.py). Why not Inductor's own ``rand``: on CPU it runs
+# one scalar Philox per element, 6x slower than the whole rest of a pack (ResNet-50's 2-bit pack
+# of an 8x256x56x56 value: 51 ms with it, 8 ms with this). Why one hash per byte: a byte's lanes
+# are generated as one copy of their code each, and hashing every value made the hash most of
+# that code. The hash (two multiply-xorshift rounds) runs in int32, 8 lanes to an AVX2 vector with
+# a native multiply (int64 emulates it on 4 lanes and doubled a whole pack's time); products wrap
+# modulo 2^32, and a signed shift is masked to act as a logical one. Tables of 2^31 bytes and
+# more hash in int64. 7 * _LANE_STEP stays below 2^31.
+_LANE_STEP = 0x11E3_779A
+
+
+def byte_hashes(count: int, columns: int, seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The hash of each byte of a ``[count, columns]`` byte table (int32; int64 past 2^31)."""
+    wide = count * columns >= 1 << 31
+    index = torch.arange(count * columns, dtype=torch.int64 if wide else torch.int32, device=device)
+    index = index.view(count, columns)
+    return _hash_wide(index, seed) if wide else _hash(index, seed)
+
+
+def lane_uniform(hashes: torch.Tensor, lane: int) -> torch.Tensor:
+    """Lane ``lane``'s U[0, 1) noise of bytes with these hashes."""
+    h = hashes
+    if lane:
+        h = h * (1 + lane * _LANE_STEP)
+        if h.dtype == torch.int64:
+            h = h & _LOW32
+    return ((h >> 8) & 0xFFFFFF).float() * (1.0 / (1 << 24))
+
+
+def uniform_from_seed(t: torch.Tensor, seed: torch.Tensor, per: int = 1, columns: int = 1) -> torch.Tensor:
+    """The noise :func:`pack_values` adds to ``t`` (the codes' fp32 table, read flat as rows of
+    ``columns`` columns, ``per`` rows to a byte; the flat layout: one column) under ``seed``: the
+    value at row r, column q is lane ``r % per`` of byte ``(r // per) * columns + q``."""
+    count = t.numel() // (per * columns)
+    hashes = byte_hashes(count, columns, seed, t.device)
+    return torch.stack([lane_uniform(hashes, k) for k in range(per)], dim=1).reshape(t.shape)
+
+
+def _hash(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """32 well-mixed bits of (index, seed), as int32."""
     h = index ^ (seed & 0x7FFFFFFF).to(torch.int32)
     h = h ^ ((h >> 16) & 0xFFFF)
     h = h * 0x7FEB352D
     h = h ^ ((h >> 15) & 0x1FFFF)
     h = h * -0x7B935975  # 0x846CA68B as a signed 32-bit value
-    h = h ^ ((h >> 16) & 0xFFFF)
-    return (h & 0xFFFFFF).float() * (1.0 / (1 << 24))
+    return h ^ ((h >> 16) & 0xFFFF)
 
 
-def _uniform_like_wide(t: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
-    """The same noise for values too large for an int32 index: the hash in int64, each product
-    kept below 2^63 by masking to 32 bits."""
-    index = torch.arange(t.numel(), dtype=torch.int64, device=t.device).view(t.shape)
+def _hash_wide(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
+    """:func:`_hash` for indices of 2^31 and more, in int64 (each product masked to 32 bits)."""
     h = ((index + seed) & _LOW32) ^ (index >> 32)
     h = h ^ (h >> 16)
     h = (h * 0x7FEB352D) & _LOW32
     h = h ^ (h >> 15)
     h = (h * 0x846CA68B) & _LOW32
-    h = h ^ (h >> 16)
-    return (h & 0xFFFFFF).float() * (1.0 / (1 << 24))
+    return h ^ (h >> 16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,15 +156,26 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     step = (hi - lo) * (1.0 / levels)
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
     t = (xg - lo[:, None]) * recip[:, None]
-    noise = _uniform_like(t) if stochastic else torch.full_like(t, 0.5)
-    rounded = torch.floor(t + noise)
-    # NaN (a group with NaN or Inf) fails the comparison and stores 0; written without isnan,
-    # which Inductor's C++ backend evaluates lane by lane in every pack
-    code = torch.where(rounded > 0, rounded.clamp_max(float(levels)), 0.0).to(torch.int32)
+    per = 8 // bits
+    columns = 1 if rows is None else columns
+    # the byte table [bytes, per, columns]; each lane is computed from its own select, so no
+    # large node has several readers (Inductor stores a reused node that is large or reads many
+    # buffers, and the pack would write a full fp32 or int32 copy of the value), and the bytes'
+    # hash is one shared expression Inductor emits once per byte
+    table = t.reshape(-1, per, columns)
+    hashes = byte_hashes(table.shape[0], columns, _pack_seed(t.device), t.device) if stochastic else None
+    packed = None
+    for k in range(per):
+        noise = lane_uniform(hashes, k) if stochastic else 0.5
+        # t >= 0, so only a group with NaN or Inf rounds to NaN; the int32 that NaN converts to
+        # is masked to the lane's bits (x86 gives 0x80000000: code 0, as the CPU kernel stores)
+        code = (torch.floor(table.select(1, k) + noise).clamp_max(float(levels)).to(torch.int32)) & levels
+        packed = code if k == 0 else packed | (code << (bits * k))
+    packed = packed.to(torch.uint8)
     if rows is None:
-        return _or_bits(code.view(code.shape[0], -1, 8 // bits), bits, dim=2), lo, step
+        return packed.view(lo.shape[0], -1), lo, step
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
-    return _or_bits(code.reshape(-1, 8 // bits, columns), bits, dim=1).contiguous(), lo, step
+    return packed.contiguous(), lo, step
 
 
 def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits: int,
