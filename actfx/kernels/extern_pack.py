@@ -210,23 +210,25 @@ static inline void code_span(const T* x, int64_t begin, int64_t end, int64_t bac
 }
 
 // the noise of ``count`` byte rows from byte row ``first`` on, in table order (row j * per + k,
-// column q at (j - first) * per * cols + k * cols + q); one column (the flat layout): one loop
+// column q at (j * per + k) * cols + q): the bytes' hashes in one flat loop (they are
+// contiguous in ``packed``), then each lane from them
 static inline void chunk_noise(uint32_t seed, int64_t first, int64_t count, int64_t per, int64_t cols,
                                uint32_t* hashes, float* noise) {
-    if (cols == 1) {
+    const int64_t bytes = count * cols;
+    for (int64_t p = 0; p < bytes; ++p) hashes[p] = byte_hash(uint32_t(first * cols + p), seed);
+    if (cols == 1) {  // the flat layout: value p is lane p % per of byte p / per
         const int64_t shift = per == 8 ? 3 : per == 4 ? 2 : per == 2 ? 1 : 0;
-        for (int64_t p = 0; p < count * per; ++p)
-            noise[p] = lane_noise(byte_hash(uint32_t(first + (p >> shift)), seed), lane_multiplier(p & (per - 1)));
+        for (int64_t p = 0; p < bytes * per; ++p)
+            noise[p] = lane_noise(hashes[p >> shift], lane_multiplier(p & (per - 1)));
         return;
     }
-    for (int64_t j = 0; j < count; ++j) {
-        for (int64_t q = 0; q < cols; ++q) hashes[q] = byte_hash(uint32_t((first + j) * cols + q), seed);
+    for (int64_t j = 0; j < count; ++j)
         for (int64_t k = 0; k < per; ++k) {
             const uint32_t multiplier = lane_multiplier(k);
+            const uint32_t* h = hashes + j * cols;
             float* out = noise + (j * per + k) * cols;
-            for (int64_t q = 0; q < cols; ++q) out[q] = lane_noise(hashes[q], multiplier);
+            for (int64_t q = 0; q < cols; ++q) out[q] = lane_noise(h[q], multiplier);
         }
-    }
 }
 
 // Groups of whole rows (and the flat layout): a group is contiguous, so its range and codes run
@@ -245,7 +247,7 @@ static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, f
     {
         std::vector<uint8_t> code(chunk * cols);
         std::vector<float> noise(stochastic ? chunk * cols : 0);
-        std::vector<uint32_t> hashes(cols);
+        std::vector<uint32_t> hashes(stochastic ? chunk / per * cols : 0);
         #pragma omp for
         for (int64_t c = 0; c < padded / chunk; ++c) {
             const int64_t origin = c * chunk * cols;
