@@ -155,7 +155,10 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     lo, hi = xg.amin(dim=1), xg.amax(dim=1)
     step = (hi - lo) * (1.0 / levels)
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
-    t = (xg - lo[:, None]) * recip[:, None]
+    # a group with NaN or Inf (step NaN or inf; it unpacks to NaN) gets codes 0: every t is then
+    # finite and >= 0, and no NaN reaches the float -> int conversion (undefined in C++ and LLVM)
+    finite = step < float("inf")
+    t = torch.where(finite[:, None], (xg - lo[:, None]) * recip[:, None], 0.0)
     per = 8 // bits
     columns = 1 if rows is None else columns
     # the byte table [bytes, per, columns]; each lane is computed from its own select, so no
@@ -167,9 +170,7 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     packed = None
     for k in range(per):
         noise = lane_uniform(hashes, k) if stochastic else 0.5
-        # t >= 0, so only a group with NaN or Inf rounds to NaN; the int32 that NaN converts to
-        # is masked to the lane's bits (x86 gives 0x80000000: code 0, as the CPU kernel stores)
-        code = (torch.floor(table.select(1, k) + noise).clamp_max(float(levels)).to(torch.int32)) & levels
+        code = torch.floor(table.select(1, k) + noise).clamp_max(float(levels)).to(torch.int32)
         packed = code if k == 0 else packed | (code << (bits * k))
     packed = packed.to(torch.uint8)
     if rows is None:
