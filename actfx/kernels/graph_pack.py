@@ -200,9 +200,11 @@ def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, li
 def pack_mask(mask: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
     """bool (any shape) -> uint8: flat, bit k of byte j = mask.flatten()[8 * j + k]; in rows,
     bit k of ``packed[j, q]`` = row ``8 * j + k``, column q."""
+    # as uint8: the table has 8 readers, and Inductor stores a reused mask that reads many buffers
+    # (BatchNorm -> ReLU's five) before packing it; in int32 that copy took 4 bytes a value
     if rows is None:
-        return _or_bits(_groups(mask.reshape(-1).to(torch.int32), 8), 1, dim=1)
-    table = _rows(mask, rows.inner).to(torch.int32)
+        return _or_bits(_groups(mask.reshape(-1).to(torch.uint8), 8), 1, dim=1)
+    table = _rows(mask, rows.inner).to(torch.uint8)
     padded = _ceil_div(table.shape[0], 8) * 8
     return _or_bits(_pad_rows(table, padded, zero=True).reshape(-1, 8, table.shape[1]), 1, dim=1).contiguous()
 
@@ -225,12 +227,12 @@ def row_layout(shape, inner: int, plane: int | None, min_rows: int) -> Rows | No
 
 
 def _or_bits(code: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """int32 codes -> uint8, the ``8 / bits`` entries along ``dim`` (which is dropped) to a
-    byte, least-significant first."""
+    """Codes (uint8 or int32) -> uint8, the ``8 / bits`` entries along ``dim`` (which is dropped)
+    to a byte, least-significant first; each entry widened to int32 on its own."""
     per = code.shape[dim]
-    packed = code.select(dim, 0)
+    packed = code.select(dim, 0).to(torch.int32)
     for k in range(1, per):
-        packed = packed | (code.select(dim, k) << (bits * k))
+        packed = packed | (code.select(dim, k).to(torch.int32) << (bits * k))
     return packed.to(torch.uint8)
 
 
