@@ -167,12 +167,12 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     # hash is one shared expression Inductor emits once per byte
     table = t.reshape(-1, per, columns)
     hashes = byte_hashes(table.shape[0], columns, _pack_seed(t.device), t.device) if stochastic else None
-    packed = None
-    for k in range(per):
+
+    def lane_codes(k: int) -> torch.Tensor:
         noise = lane_uniform(hashes, k) if stochastic else 0.5
-        code = torch.floor(table.select(1, k) + noise).clamp_max(float(levels)).to(torch.int32)
-        packed = code if k == 0 else packed | (code << (bits * k))
-    packed = packed.to(torch.uint8)
+        return torch.floor(table.select(1, k) + noise).clamp_max(float(levels)).to(torch.int32)
+
+    packed = _or_lanes([lane_codes(k) for k in range(per)], bits)
     if rows is None:
         return packed.view(lo.shape[0], -1), lo, step
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
@@ -229,10 +229,14 @@ def row_layout(shape, inner: int, plane: int | None, min_rows: int) -> Rows | No
 def _or_bits(code: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Codes (uint8 or int32) -> uint8, the ``8 / bits`` entries along ``dim`` (which is dropped)
     to a byte, least-significant first; each entry widened to int32 on its own."""
-    per = code.shape[dim]
-    packed = code.select(dim, 0).to(torch.int32)
-    for k in range(1, per):
-        packed = packed | (code.select(dim, k).to(torch.int32) << (bits * k))
+    return _or_lanes([code.select(dim, k).to(torch.int32) for k in range(code.shape[dim])], bits)
+
+
+def _or_lanes(lanes: list, bits: int) -> torch.Tensor:
+    """int32 codes, one tensor per lane of a byte -> uint8, lane k at bit ``bits * k``."""
+    packed = lanes[0]
+    for k in range(1, len(lanes)):
+        packed = packed | (lanes[k] << (bits * k))
     return packed.to(torch.uint8)
 
 
