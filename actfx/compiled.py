@@ -38,7 +38,7 @@ _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_sav
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
             "passes/graph_emit.py", "passes/index_range.py", "passes/stored_layout.py", "kernels/seed_stream.py",
             "kernels/extern_pack.py", "passes/graph_memory.py", "passes/decorrelate.py",
-            "passes/aten_to_functional.py")
+            "passes/aten_to_functional.py", "passes/forward_cse.py")
 
 
 @dataclasses.dataclass
@@ -242,7 +242,26 @@ def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str):
     return forward
 
 
-def compiled_record(model: nn.Module) -> CompiledRecord | None:
-    """The record of a model returned by actfx.compile, or of any module holding one."""
+def compiled_record(model) -> CompiledRecord | None:
+    """The record of a model returned by actfx.compile (or any module holding one), of
+    ``torch.compile(model, backend=actfx.backend())``'s module, or of that backend itself."""
+    if isinstance(model, Backend):
+        return model.record
     record = getattr(model, "_actfx_compiled", None)
-    return record if isinstance(record, CompiledRecord) else None
+    if isinstance(record, CompiledRecord):
+        return record
+    backend = _backend_of(model)
+    return backend.record if backend is not None else None
+
+
+def _backend_of(module) -> Backend | None:
+    """The actfx Backend a torch.compile'd module runs, through the wrappers dynamo puts around a
+    backend (each keeps the one it wraps); None for any other module."""
+    wrapper, seen = getattr(getattr(module, "dynamo_ctx", None), "callback", None), set()
+    while wrapper is not None and id(wrapper) not in seen:
+        if isinstance(wrapper, Backend):
+            return wrapper
+        seen.add(id(wrapper))
+        inner = (getattr(wrapper, name, None) for name in ("_torchdynamo_orig_backend", "_inner_convert", "compiler_fn"))
+        wrapper = next((w for w in inner if w is not None and id(w) not in seen), None)
+    return None

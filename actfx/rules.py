@@ -77,6 +77,11 @@ RULES: dict[object, Rule] = {
     aten.div: Rule(Kind.LINEAR, exact=(1,)),
     aten.where: Rule(Kind.LINEAR, exact=(0,)),
     aten.masked_fill: Rule(Kind.LINEAR, exact=(1,)),
+    # activation backwards: linear in the incoming gradient, nonlinear in the value they read
+    **{op: Rule(Kind.LINEAR, exact=(1,)) for op in (
+        aten.threshold_backward, aten.gelu_backward, aten.sigmoid_backward, aten.tanh_backward,
+        aten.silu_backward, aten.native_dropout_backward,
+    )},
     # products: degrees add up
     aten.mul: _P, aten.mm: _P, aten.bmm: _P, aten.matmul: _P, aten.dot: _P, aten.mv: _P,
     aten.convolution: Rule(Kind.PRODUCT, linear_args=(2,)),

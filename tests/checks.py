@@ -47,6 +47,14 @@ def assert_converted(model, x, kinds: dict, *, exported: bool, factor: float | N
         assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2, example_inputs=example), x, factor)
 
 
+def weighted_grads(model, call, x, w) -> torch.Tensor:
+    """The gradient of ``(call(x) * w).sum()`` over ``model``'s parameters, as one vector
+    (``call``: the model itself or a converted or compiled form of it)."""
+    model.zero_grad(set_to_none=True)
+    (call(x) * w).sum().backward()
+    return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+
 def assert_mean_converges(samples: list, exact: torch.Tensor, *, least_noise: float = 0.0) -> None:
     """The mean of the ``samples`` (noisy gradients) approaches ``exact`` as 1/sqrt(k), within
     1.5x: unbiased noise averages out; ``least_noise``: one sample's error must exceed that share

@@ -174,3 +174,32 @@ def test_inductors_attention_patterns_do_not_turn_the_chosen_math_back_into_the_
     assert not [v for v in saved if "flash" in v.reason], [(v.op, v.reason) for v in saved if "flash" in v.reason]
     probabilities = [v for v in saved if v.shape == (2, 2, 128, 128) and v.storage is Storage.PACKED]
     assert probabilities and all(v.bits == 8 for v in probabilities)
+
+
+class PrescaledQueryAttention(torch.nn.Module):
+    """Attention as Hugging Face's OPT calls SDPA: the query scaled by the model, ``scale=1.0``."""
+
+    def __init__(self, d=64, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.q, self.k, self.v, self.out = (torch.nn.Linear(d, d) for _ in range(4))
+
+    def forward(self, x):
+        b, t, d = x.shape
+        width = d // self.heads
+        q = self.q(x) * width ** -0.5
+        q, k, v = (y.view(b, t, self.heads, width).transpose(1, 2) for y in (q, self.k(x), self.v(x)))
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
+        return self.out(y.transpose(1, 2).reshape(b, t, d))
+
+
+def test_a_query_the_model_scaled_itself_keeps_the_chosen_math():
+    """With ``scale=1.0`` the query's factor of 1 was removed as a no-op and Inductor's unscaled
+    attention pattern put the CPU flash kernel back (OPT: q and k exact, 3.9x instead of 8.5x).
+    Fails without the fix under torch 2.14.1; torch 2.13's patterns did not take that graph."""
+    torch.manual_seed(0)
+    model, x = PrescaledQueryAttention(), torch.randn(2, 128, 64)
+    compiled = _compiled_as_torch_compile_and_unbiased(model, x)
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert not [v for v in saved if "flash" in v.reason], [(v.op, v.reason) for v in saved if "flash" in v.reason]
+    assert [v for v in saved if v.shape == (2, 2, 128, 128) and v.storage is Storage.PACKED]

@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from checks import assert_mean_converges
+from checks import assert_mean_converges, weighted_grads
+from test_convert_exported import ClippedHidden
 
 import actfx
 from actfx.passes.saved_plan import Storage
@@ -121,6 +122,46 @@ def test_transformer_gradients_are_unbiased(block):
     assert_mean_converges([_grads(model, compiled, x) for _ in range(16)], exact)
 
 
+class _ClampedBackward(torch.autograd.Function):
+    """sin forward; a backward that clips what it passes on: clamp(g * cos(x))."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x.sin()
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return (g * x.cos()).clamp(-0.05, 0.05)
+
+
+class ClippedGradients(ClippedHidden):
+    """Backward nonlinear in the incoming gradient: a clipping hook after GELU, and a Function
+    whose backward clamps."""
+
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Linear(64, 64)
+
+    def forward(self, x):
+        return self.c(_ClampedBackward.apply(super().forward(x)))
+
+
+def test_backward_nonlinear_in_the_gradient_keeps_its_values_exact():
+    """clamp(g * D) of a packed D is not clamp(g * D) on average: the values such a backward reads
+    stay exact (before, the hook's clamp was moved onto D alone and the mean of 32 gradients
+    stayed 60% off), and the gradient is still unbiased."""
+    torch.manual_seed(0)
+    model, x, w = ClippedGradients(), torch.randn(2, 32, 64), torch.randn(2, 32, 64)
+    exact = weighted_grads(model, torch.compile(model), x, w)
+    compiled = actfx.compile(model, bits=2)
+    samples = [weighted_grads(model, compiled, x, w) for _ in range(16)]
+    exact_values = [v for v in _activations(compiled._actfx_compiled.plans[-1]) if v.storage is Storage.EXACT]
+    assert any("clamp" in v.reason for v in exact_values), [(v.name, v.reason) for v in exact_values]
+    assert_mean_converges(samples, exact)
+
+
 def test_cnn_masks_and_8_bit_gradients(cnn):
     model, compiled, _, x, exact = cnn
     grad = _grads(model, compiled, x)
@@ -151,6 +192,52 @@ def test_one_mask_per_relu():
     record = estimate_compiled(Bottleneck().to("meta"), (torch.randn(8, 3, 32, 32, device="meta"),), actfx.Config(bits=8))
     masks = [v for plan in record.plans for v in plan.saved if v.storage is Storage.MASK]
     assert len(masks) == 3, [(v.name, v.op) for v in masks]  # was 7
+
+
+class Stage(nn.Module):
+    """Three residual blocks in a row: each block's ReLU mask, rebuilt in backward, recomputes the
+    block before it."""
+
+    def __init__(self, blocks=3, width=16):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, padding=1, bias=False), nn.BatchNorm2d(width), nn.ReLU())
+        self.convs = nn.ModuleList(nn.Conv2d(width, width, 3, padding=1, bias=False) for _ in range(blocks))
+        self.norms = nn.ModuleList(nn.BatchNorm2d(width) for _ in range(blocks))
+
+    def forward(self, x):
+        h = self.stem(x)
+        for conv, norm in zip(self.convs, self.norms):
+            h = F.relu(norm(conv(h)) + h)
+        return h.mean()
+
+
+def test_hoisted_masks_read_the_forwards_own_values(monkeypatch):
+    """A mask hoisted into forward reads the value forward already computed: no BatchNorm or
+    residual sum is computed twice (copied as they were, the last block's mask rebuilt every block
+    before it, and Inductor generated and compiled each copy)."""
+    import actfx.compiled as compiled_module
+    from actfx.compiled_estimate import estimate_compiled
+
+    forwards = []
+    real = compiled_module.pack_saved
+
+    def keep_forward(fwd, bwd, **kwargs):
+        plan = real(fwd, bwd, **kwargs)
+        forwards.append(fwd.graph)
+        return plan
+
+    monkeypatch.setattr(compiled_module, "pack_saved", keep_forward)
+    record = estimate_compiled(Stage().to("meta"), (torch.randn(4, 3, 16, 16, device="meta"),), actfx.Config(bits=2))
+    (graph,) = forwards
+    ops = [n for n in graph.nodes if n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+           and n.target.namespace == "aten" and torch.Tag.pointwise in n.target.tags
+           and tuple(n.meta["val"].shape) == (4, 16, 16, 16)]  # the model's values, not the packs' tables
+    keys = [(n.target, tuple(n.args)) for n in ops]
+    assert len(keys) == len(set(keys)), [n.format_node() for n in ops if keys.count((n.target, tuple(n.args))) > 1]
+    compares = [n for n in ops if n.target is torch.ops.aten.le.Scalar]
+    assert len(compares) == 4  # one per ReLU
+    masks = [v for plan in record.plans for v in plan.saved if v.storage is Storage.MASK]
+    assert len(masks) == 4
 
 
 def test_each_compiled_model_keeps_its_own_settings(block, cnn):
@@ -265,9 +352,21 @@ def test_bad_arguments_fail_with_one_clear_error(kwargs, error):
         actfx.compile(nn.Linear(4, 4), **kwargs)
 
 
-def test_backend_for_torch_compile():
+def test_backend_for_torch_compile(capsys):
+    """torch.compile(model, backend=actfx.backend(...)) packs, and actfx.show reads its module
+    (found through dynamo's wrappers of the backend) as it reads actfx.compile's."""
     backend = actfx.backend(bits=4, memory_budget=0.5)
     assert backend.record.config.bits == 4 and backend.record.memory_budget == 0.5
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 64))
+    compiled = torch.compile(model, backend=backend)
+    compiled(torch.randn(8, 64)).sum().backward()
+    rows = actfx.show(compiled)
+    assert rows == actfx.show(backend)
+    assert any(r["saved_as"].startswith("packed 4-bit") for r in rows), rows
+    assert "saved for backward" in capsys.readouterr().out
+    with pytest.raises(TypeError, match="actfx.convert or actfx.compile"):
+        actfx.show(torch.compile(model))
 
 
 def test_autocast_bf16_forward_identical_and_packed():

@@ -10,6 +10,7 @@ import torch.nn as nn
 
 import actfx
 from actfx.accounting import count_saved
+from checks import assert_mean_converges, weighted_grads
 from test_convert import _RoundStraightThrough
 from test_export_capture import LMOutput, TinyLM, _lm_inputs
 
@@ -379,3 +380,34 @@ def test_a_call_no_fx_graph_takes_is_captured_by_export_in_a_submodule():
     record = converted._actfx_record
     assert {"blocks.0", "blocks.1"} <= set(record.captured), record.captured.keys()
     assert _gradient_error(out, model, x) < 0.03
+
+
+class ClippedHidden(nn.Module):
+    """A gradient-clipping hook registered in forward (fx cannot trace its ``requires_grad`` test)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        z = self.a(x) * 3
+        if z.requires_grad:
+            z.register_hook(lambda g: g.clamp(-0.02, 0.02))
+        return self.b(torch.nn.functional.gelu(z))
+
+
+def test_a_forward_that_registers_a_gradient_hook_is_not_replaced_by_its_export():
+    """torch.export records the forward's ops, not the hook: the exported forward trained without
+    the clipping (one step's gradient 27x its norm off, the mean of 32 no closer). Capture is
+    refused with a warning naming the hook, the forward runs as written, and the gradients
+    average to the clipped ones."""
+    torch.manual_seed(0)
+    model, x, w = ClippedHidden(), torch.randn(2, 32, 64), torch.randn(2, 32, 64)
+    exact = weighted_grads(model, model, x, w)
+    with pytest.warns(UserWarning):
+        converted = actfx.convert(model, bits=2)
+    with pytest.warns(UserWarning, match="registers a gradient hook"):
+        first = weighted_grads(converted, converted, x, w)
+    samples = [first] + [weighted_grads(converted, converted, x, w) for _ in range(15)]
+    assert_mean_converges(samples, exact)
+    assert max((g - exact).norm() for g in samples) < exact.norm()  # the clipping ran (27x without it)

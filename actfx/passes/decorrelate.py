@@ -86,8 +86,8 @@ def _split(run, placeholder: fx.Node, fwd: fx.Node, culprit: fx.Node, position: 
             copies[n] = run.g.bwd.node_copy(n, lambda a: copies.get(a, a))
     factor = chain[-1] if chain else placeholder
     culprit.update_arg(position, copies[factor])
-    trial = {**sources, second: copy}
-    biased = noise_degree.biased_sources(run.g.bwd, trial)
+    # each source's degrees are its own: the two copies' are all the check needs
+    biased = noise_degree.biased_sources(run.g.bwd, {placeholder: fwd, second: copy})
     if placeholder in biased or second in biased:  # undo: the value stays exact as before
         culprit.update_arg(position, factor)
         for n in reversed(chain):

@@ -38,6 +38,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from actfx.passes.aten_to_functional import to_functional
 from actfx.passes.autograd_functions import inlined_functions
 from actfx.passes.capture import attributes_kept, training_mode
+from actfx.passes.tensor_hooks import registered_hooks
 
 META_KEY = "actfx_export"
 CARRIED_PREFIX = "_actfx_export_"
@@ -335,9 +336,11 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     dynamic = {param: _dynamic_dims(value)
                for param, value in signature_used.bind(*args, **kwargs).arguments.items()}
     inlined: list = []
+    hooks: list = []
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
-            with inlined_functions(inlined), _without_partial_graph_print(), attributes_kept(model):
+            with inlined_functions(inlined), registered_hooks(hooks), _without_partial_graph_print(), \
+                    attributes_kept(model):
                 try:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output
@@ -354,6 +357,10 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
         raise RuntimeError(
             f"actfx: torch.export would inline the custom autograd.Function {inlined[0]} of {name} and drop its "
             "backward; convert without example_inputs to convert submodule by submodule (the Function runs as written)")
+    if hooks:
+        raise RuntimeError(
+            f"actfx: {name}'s forward registers a gradient hook ({hooks[0]}) that torch.export would drop; convert "
+            "without example_inputs to convert submodule by submodule (the forward runs as written, hooks included)")
     unlifted = ep.module()
     graph = unlifted.graph
     guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)

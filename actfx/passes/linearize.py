@@ -41,6 +41,8 @@ def linearize(run) -> None:
             continue
         nodes, entry, free_inputs = region
         done.update(nodes)
+        if not _linear_in(nodes, entry):
+            continue  # clamp(g * D) (a clipping hook) is not g * clamp(D)
         if not any(d > noise_degree.ONE for f in free_inputs for d in degrees.get(f, {}).values()):
             continue
         _factor_out(run, node, nodes, entry)
@@ -74,6 +76,15 @@ def _pointwise_region(run, exit_node: fx.Node, dependent: set):
         return None
     order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
     return sorted(nodes, key=order.get), entry, free
+
+
+def _linear_in(nodes: list, entry: fx.Node) -> bool:
+    """Whether the region (in graph order) is at most linear in ``entry``: its degree there, with
+    ``entry`` as the one source and every op judged by its rule alone."""
+    degrees = {entry: {entry: noise_degree.ONE}}
+    for n in nodes:
+        degrees[n] = noise_degree.node_degrees(n, degrees)
+    return degrees[nodes[-1]].get(entry, noise_degree.ZERO) <= noise_degree.ONE
 
 
 def _factor_out(run, exit_node: fx.Node, nodes: list, entry: fx.Node) -> None:

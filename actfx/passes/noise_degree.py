@@ -97,8 +97,11 @@ def node_degrees(node: fx.Node, degrees: dict, dependent: set = frozenset()) -> 
     """This node's degree per source, from its arguments' (``degrees``) and its op's rule.
 
     An op without a rule is taken as nonlinear in its arguments, except those that depend on the
-    incoming gradient (``dependent``): a backward graph is linear in the gradient, so such an op
-    (``_scaled_dot_product_flash_attention_for_cpu_backward``'s grad_out) passes their degree on.
+    incoming gradient (``dependent``) where the op is not elementwise: a backward graph is linear
+    in the gradient, so such an op (``_scaled_dot_product_flash_attention_for_cpu_backward``'s
+    grad_out) passes their degree on. An elementwise op without a rule is nonlinear in the
+    gradient too: a hook or a custom backward that clamps it (gradient clipping) makes
+    ``clamp(g * x)`` of a packed x, whose mean is not ``clamp(g * x)`` of the exact one.
     """
     if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
         parent = node.args[0]
@@ -120,9 +123,10 @@ def node_degrees(node: fx.Node, degrees: dict, dependent: set = frozenset()) -> 
 def _combine(node: fx.Node, rule, kind: Kind, args: list, dependent) -> Degrees:
     out: Degrees = {}
     if kind is Kind.NONLINEAR:
+        elementwise = isinstance(node.target, torch._ops.OpOverload) and torch.Tag.pointwise in node.target.tags
         for _, arg, deg in args:
             for src, d in deg.items():
-                if arg in dependent:
+                if arg in dependent and not elementwise:
                     out[src] = max(out.get(src, ZERO), d)
                 elif d > ZERO:
                     out[src] = MANY
@@ -171,21 +175,18 @@ def degrees(graph: fx.Graph, sources) -> dict[fx.Node, Degrees]:
 
 
 def biased_sources(graph: fx.Graph, sources) -> dict[fx.Node, fx.Node]:
-    """Sources some backward output is nonlinear in, each with the first op that made it so."""
+    """Sources some backward output is nonlinear in, each with the first op (in graph order) that
+    made it so; found in one pass over the graph."""
     result = degrees(graph, sources)
-    culprit: dict[fx.Node, fx.Node] = {}
     output = next(iter(graph.find_nodes(op="output")))
-    reached = {n for n in output.all_input_nodes}
-    # Walk back from the outputs: a source is biased if an output has degree > 1 in it.
-    for out in reached:
-        for src, d in result.get(out, {}).items():
-            if d > ONE and src not in culprit:
-                culprit[src] = _first_biased(graph, src, result)
-    return culprit
-
-
-def _first_biased(graph: fx.Graph, src: fx.Node, result: dict) -> fx.Node:
+    biased = {src for out in output.all_input_nodes for src, d in result.get(out, {}).items() if d > ONE}
+    culprit: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
-        if result.get(node, {}).get(src, ZERO) > ONE:
-            return node
-    return src
+        if len(culprit) == len(biased):
+            break
+        for src, d in result.get(node, {}).items():
+            if d > ONE and src in biased and src not in culprit:
+                culprit[src] = node
+    for src in biased:
+        culprit.setdefault(src, src)
+    return culprit

@@ -30,7 +30,7 @@ from torch import fx
 
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import extern_pack, graph_pack
-from actfx.passes import decorrelate, hoist, linearize, noise_degree, rematerialize, stored_layout
+from actfx.passes import decorrelate, forward_cse, hoist, linearize, noise_degree, rematerialize, stored_layout
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
@@ -69,6 +69,8 @@ class PackSaved:
             return "dynamic shape (packing needs static sizes)"
         if value.dtype == torch.bool:
             return None
+        if value.is_complex():
+            return "complex"
         if not value.is_floating_point():
             return "integer"
         if numel(fwd_node) < self.config.min_numel:
@@ -286,6 +288,7 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     linearize.linearize(run)
     hoist.hoist(run)
     hoist.normalised_inputs(run)
+    forward_cse.merge_copies(run)
     hoist.saved_masks_once(run)
     decorrelate.decorrelate(run)
     decisions = run.classify()
