@@ -124,6 +124,11 @@ RULES: dict[object, Rule] = {
     aten.sym_size: _SHAPE, aten.sym_numel: _SHAPE, aten.sym_stride: _SHAPE,
 }
 
+# Ops that fill a tensor with one value given as an argument (no tensor input, no randomness): a
+# saved one is rebuilt in backward for free instead of being stored. (Index ranges, arange and
+# iota, are left to the partitioner: the masks computed from them are stored as bits.)
+CONSTANT_FACTORIES = {aten.full.default, aten.zeros.default, aten.ones.default}
+
 # Ops of other libraries, by qualified name (their library need not be imported).
 RULES_BY_NAME: dict[str, Rule] = {
     # transformers' MoE grouped matmul (input, weight, offs) and its backward op

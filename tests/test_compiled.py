@@ -593,3 +593,22 @@ def test_conv_outputs_are_packed_in_rows_and_unpacked_in_vector_loads():
     kernels = re.findall(r"async_compile\.cpp_pybinding\((\[.*?\]), r'''(.*?)'''", "\n".join(codes), re.S)
     unpacking = [body for signature, body in kernels if "'const uint8_t*'" in signature]
     assert unpacking and all("Vectorized<uint8_t>::loadu" in body for body in unpacking)
+
+
+def test_a_saved_constant_is_rebuilt_in_backward_not_stored():
+    """Hugging Face's GPT-NeoX saved a [batch, heads, seq, seq] zero tensor (``full``) that a
+    backward ``slice_scatter`` reads, and it was packed at 8 bits like any value; a constant costs
+    nothing to rebuild in backward, so nothing is stored for it. Needs ``transformers``."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPTNeoXConfig(vocab_size=500, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                                        num_attention_heads=4, max_position_embeddings=64, use_cache=False)
+    torch.manual_seed(0)
+    model = transformers.GPTNeoXForCausalLM(config).train()
+    ids = torch.randint(3, 500, (2, 16))
+    compiled = actfx.compile(model, bits=2)
+    expected = torch.compile(model)(input_ids=ids).logits
+    got = compiled(input_ids=ids).logits
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    got.sum().backward()
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert not [v for v in saved if v.op.startswith(("aten.full", "aten.zeros"))], [(v.name, v.op) for v in saved]

@@ -4,6 +4,9 @@ the mask and the shortcut) instead of storing them too; with the ReLU's mask exa
 linear in what it reads, so one packed input serves both. A float value computed from booleans
 and constants alone (an attention mask, ``where(causal, 0, -inf)``, which a fused attention
 backward reads) is rebuilt from the booleans, stored as 1-bit masks: exact, 32x less than fp32.
+A constant (``full``, ``zeros``: ``rules.CONSTANT_FACTORIES``) and views of it are rebuilt in
+backward from nothing (Hugging Face's GPT-NeoX, Gemma, Mixtral saved a [batch, heads, seq, seq]
+zero tensor that a backward ``slice_scatter`` reads).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ import torch
 from torch import fx
 
 from actfx.passes.saved_pair import RANDOM_OPS, is_tensor, numel, pointwise, static_shape, val
-from actfx.rules import Kind, rule_for
+from actfx.rules import CONSTANT_FACTORIES, Kind, rule_for
 
 aten = torch.ops.aten
 
@@ -120,7 +123,9 @@ def _walk(run, value: fx.Node, leaf):
         if n.op != "call_function" or n.target in RANDOM_OPS or len(chain) >= _LIMIT:
             return None
         view = rule_for(n.target).kind is Kind.LINEAR and len(n.all_input_nodes) == 1
-        if not (pointwise(n) or view or n.target is aten.relu.default):
+        # a float constant; a boolean one (``ones(t, t).tril()``'s) stays with the masks built from it
+        constant = n.target in CONSTANT_FACTORIES and not n.all_input_nodes and val(n).is_floating_point()
+        if not (pointwise(n) or view or constant or n.target is aten.relu.default):
             return None
         chain.append(n)
         stack.extend(n.all_input_nodes)
