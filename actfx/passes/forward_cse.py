@@ -16,6 +16,7 @@ import operator
 import torch
 from torch import fx
 
+from actfx.passes import hoist
 from actfx.passes.saved_pair import RANDOM_OPS, val
 
 aten = torch.ops.aten
@@ -50,8 +51,9 @@ def merge_copies(run) -> int:
 def _key(node: fx.Node):
     if node.op != "call_function" or not _pure(node.target):
         return None
-    if node.target is aten.where.self and _relu_select(node) is not None:
-        return aten.relu.default, (_hashable(_relu_select(node)),), ()
+    relu = hoist.zero_select(node)
+    if relu is not None:
+        return aten.relu.default, (_hashable(relu[1]),), ()
     try:
         return node.target, _hashable(node.args), _hashable(tuple(sorted(node.kwargs.items())))
     except TypeError:
@@ -78,16 +80,6 @@ def _hashable(value):
         raise TypeError("symbolic argument")  # equal symbols need not be one node: leave them
     hash(value)
     return type(value), value
-
-
-def _relu_select(node: fx.Node):
-    """y when ``node`` is where(y <= 0, 0, y)."""
-    mask, zero, y = node.args
-    if (isinstance(mask, fx.Node) and mask.target is aten.le.Scalar and mask.args == (y, 0)
-            and isinstance(zero, fx.Node) and zero.op == "call_function" and not zero.all_input_nodes
-            and zero.target is aten.full.default and zero.args[1] == 0 and isinstance(y, fx.Node)):
-        return y
-    return None
 
 
 def _same_meta(a: fx.Node, b: fx.Node) -> bool:

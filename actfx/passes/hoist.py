@@ -143,21 +143,29 @@ def masks_once(run) -> None:
     for node in list(run.g.bwd.nodes):
         if node.target is not aten.le.Scalar or node.args[1] != 0:
             continue
-        found = _is_zero_select(node.args[0])
+        found = zero_select(node.args[0])
         if found is not None:
             node.replace_all_uses_with(found[0])
 
 
-def _is_zero_select(select: fx.Node):
+def zero_select(select: fx.Node):
     """(mask, y) when ``select`` is where(mask, 0, y) with mask = (y <= 0): ReLU as a select."""
     if not (isinstance(select, fx.Node) and select.target is aten.where.self):
         return None
     mask, zero, y = select.args
     if (isinstance(mask, fx.Node) and mask.target is aten.le.Scalar and mask.args[1] == 0
-            and _same_value(mask.args[0], y)
-            and isinstance(zero, fx.Node) and zero.op == "call_function" and not zero.all_input_nodes):
+            and _same_value(mask.args[0], y) and _is_zero(zero)):
         return mask, y
     return None
+
+
+def _is_zero(node) -> bool:
+    """A 0 built from nothing (``full(size, 0)``, ``scalar_tensor(0)``): relu_select's zero."""
+    if not (isinstance(node, fx.Node) and node.op == "call_function" and not node.all_input_nodes):
+        return False
+    if node.target is aten.full.default:
+        return node.args[1] == 0
+    return node.target is aten.scalar_tensor.default and node.args[0] == 0
 
 
 def _same_value(a, b, depth: int = 12) -> bool:
@@ -183,7 +191,7 @@ def saved_masks_once(run) -> None:
         value = fwd.args[0]
         while isinstance(value, fx.Node) and value.target is aten.alias.default:
             value = value.args[0]
-        found = _is_zero_select(value)
+        found = zero_select(value)
         value = found[1] if found is not None else value
         same = next((placeholder for other, placeholder in kept if _same_value(other, value)), None)
         if same is None:
