@@ -173,13 +173,18 @@ def _options(args) -> _Options:
     return dataclasses.replace(options, capacity=capacity, optimizer=optimizer, top=_int(args.top, "--top"))
 
 
-def _dry_run(args, options: _Options, err_console: Console):
-    spec = resolve(args.spec)
-    shape = options.shape
+def _check_rank(args, spec, shape) -> None:
+    """A built-in spec's input has a known rank: a shape of another rank is the user's slip."""
     if shape is not None and spec.input_shape is not None and len(shape) != len(spec.input_shape) + 1:
         sample = ", ".join(map(str, spec.input_shape))
         raise UsageError(f"--input-shape {args.input_shape} has {len(shape)} sizes but {args.spec} takes "
                          f"[batch, {sample}]; e.g. --input-shape 8,{sample.replace(' ', '')}")
+
+
+def _dry_run(args, options: _Options, err_console: Console):
+    spec = resolve(args.spec)
+    shape = options.shape
+    _check_rank(args, spec, shape)
     input_dtype = options.input_dtype
     if input_dtype is None:
         input_dtype = spec.input_dtype if spec.input_dtype not in (None, torch.float32) else options.dtype
@@ -362,6 +367,7 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     if args.gpu is not None and args.gpu.lower() not in GPUS:
         raise UsageError(f"unknown GPU {args.gpu!r}; use one of {', '.join(GPUS)}, or --budget 24GiB")
     spec = resolve(args.spec)
+    _check_rank(args, spec, options.shape)
     input_dtype = options.input_dtype or (spec.input_dtype if spec.input_dtype not in (None, torch.float32)
                                           else options.dtype)
     # Calibration runs one sample through hundreds of small backward passes: a second thread only
@@ -384,6 +390,10 @@ def _plan(args, console: Console, err_console: Console, started: float) -> int:
     except BudgetError as err:
         print(f"actfx: error: {err}", file=sys.stderr)
         return 2
+    except ValueError as err:  # the planner's checks of what it was given (a zero budget, ...)
+        raise UsageError(str(err)) from err
+    except Exception as err:  # noqa: BLE001 - the model failed on this input: say where, as report does
+        raise StageError(f"planning {args.spec} on input {list(options.shape)}", err) from err
     result.summary(console)
     if args.out:
         try:

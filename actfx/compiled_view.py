@@ -52,6 +52,10 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
     console.print(f"saved for backward (parameters excluded): {format_bytes(before)} -> {format_bytes(after)} "
                   f"({format_ratio(before, after)}); {len(record.plans)} compiled graph(s), memory budget "
                   f"{budget}, {recomputed} ops recomputed in backward by the partitioner or for actfx")
+    if len(record.plans) > 1:
+        console.print("several graphs: where they come from graph breaks, the code dynamo runs between them (a "
+                      "data-dependent branch or loop, an untraced call) saves for backward as in eager PyTorch, "
+                      "unpacked and not counted above (TORCH_LOGS=graph_breaks shows where)", highlight=False)
     if all(p.memory is not None for p in record.plans):
         forward = max(p.memory.forward_peak for p in record.plans)
         backward = max(p.memory.backward_peak for p in record.plans)

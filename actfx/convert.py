@@ -55,6 +55,8 @@ class ConversionRecord:
     forwards: dict = dataclasses.field(default_factory=dict)
     # torch.export captures the root at its first training call: until then the ops are unknown
     capture_pending: bool = False
+    # some module captures at its first training call: its forward holds that capture (copies convert again)
+    first_call_capture: bool = False
     # (shape, dtype) of each positional input of the last training call, for show() without inputs
     last_training_inputs: tuple | None = None
     # module classes torch.export could not capture at a first call: not tried again in this model
@@ -134,13 +136,13 @@ def _check_recompute_modules(model: nn.Module, config: Config) -> None:
 def _check_plan_fits(plan, record: ConversionRecord) -> None:
     """A plan names ops by module path and kind; one made for another model would silently apply
     the default widths, so refuse it."""
+    from actfx.planner.plan import plan_fit_error
+
     if record.capture_pending:
-        return  # the ops are known after the first training call's capture
-    present = {d.key for d in record.decisions}
-    missing = [key for key in plan.config().site_bits if key not in present]
-    if missing:
-        raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "
-                         f"{missing[0]!r}); it was made for another model: plan this one with actfx.plan")
+        return  # the ops are known after the first training call's capture (checked there)
+    error = plan_fit_error(plan.config().site_bits, {d.key for d in record.decisions})
+    if error:
+        raise ValueError(error)
 
 
 def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
@@ -212,7 +214,7 @@ def find_site_type(module: nn.Module):
 
 
 def _convert_children(module, path, config, leaf_modules, record, err):
-    if find_site_type(module) is not None:
+    if find_site_type(module) is not None and _takes_one_input(module):
         return _convert_leaf(module, path, config, record)
     reason = f"fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
     record.uncovered.append(Unconverted(path or "<root>", type(module).__name__, reason))
@@ -235,6 +237,18 @@ def _convert_children(module, path, config, leaf_modules, record, err):
 
 def _has_own_forward(module: nn.Module) -> bool:
     return type(module).forward is not nn.Module.forward and not isinstance(module, (nn.ModuleList, nn.ModuleDict))
+
+
+def _takes_one_input(module: nn.Module) -> bool:
+    """Whether ``module`` can be called with one positional input, as ``_leaf_graph`` calls it
+    (nn.MultiheadAttention needs query, key and value)."""
+    try:
+        parameters = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError):
+        return False
+    required = [p for p in parameters if p.default is inspect.Parameter.empty
+                and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+    return len(required) <= 1
 
 
 def _convert_leaf(module, path, config, record):
@@ -274,7 +288,7 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
 def _exported_forward(model, example_inputs, config, record, path: str = "", prepare=None):
     """(rewritten training forward, ExportedCall) of ``model`` (the module at ``path``) captured
     by torch.export, after ``prepare(gm)`` if given; the decisions and graph go into ``record``."""
-    from actfx.passes.export_capture import export_graph, exported_call
+    from actfx.passes.export_capture import export_graph, exported_call, is_input_guard
 
     gm = export_graph(model, example_inputs)
     if prepare is not None:
@@ -283,7 +297,7 @@ def _exported_forward(model, example_inputs, config, record, path: str = "", pre
     graph, decisions, uncovered = rewrite_graph(gm, config, path)
     graph.set_codegen(gm.graph._codegen)
     record.decisions.extend(decisions)
-    record.uncovered.extend(_uncovered_node(node, gm, path) for node in uncovered)
+    record.uncovered.extend(_uncovered_node(node, gm, path) for node in uncovered if not is_input_guard(node))
     record.graphs[path] = {True: graph}
     forward = _compile_forward(graph, f"{path or 'model'}:export")
     record.forwards[path] = [(graph, forward)]

@@ -36,7 +36,15 @@ def reduce_converted(self, protocol):
 
 def copied(self, memo=None):
     """``copy.copy`` / ``copy.deepcopy`` of a converted model as of any object (same class), not
-    through the pickling reduction."""
+    through the pickling reduction; but a deep copy of a model that captures at its first training
+    call is converted again from a deep copy of the original: that capture lives in the class's
+    forward, so a copy of the object shared it (the copy's capture went into the original's
+    record, and ``actfx.show`` of the copy listed nothing converted)."""
+    record = getattr(self, "_actfx_record", None)
+    if memo is not None and record is not None and record.first_call_capture:
+        from actfx.breakdown import original_of
+
+        return _convert_again(copy.deepcopy(original_of(self), memo), record.config, record.leaf_modules)
     return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))
 
 

@@ -54,6 +54,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     ``fallback``. A submodule's capture runs only where the root's failed (the root's graph
     inlines it otherwise); a class export refused once is not retried in this model."""
     base = fallback or type(model).forward
+    record.first_call_capture = True
     captured: dict = {}  # this module's capture: "forward", "call", or "failed"
     inlined = uncalled_submodules(model, ())  # export inlines every submodule
 
@@ -117,9 +118,20 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
         _merge(record, whole, path)
         if not path:
             record.capture_pending = False
+            _check_plan(record)
         captured.update(forward=forward, call=call, hooks=hooks_now(self, inlined))  # export ran these
 
     return forward
+
+
+def _check_plan(record) -> None:
+    """A plan's widths must name this model's ops; known only now, at the capture."""
+    from actfx.planner.plan import plan_fit_error
+
+    if record.config.site_bits:
+        error = plan_fit_error(record.config.site_bits, {d.key for d in record.decisions})
+        if error:
+            raise ValueError(error)
 
 
 def _inside(key: str, path: str) -> bool:

@@ -9,6 +9,8 @@ computed) or from the inputs recorded at conversion. The same rows are returned 
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 from rich import box
@@ -44,8 +46,14 @@ def show(model: nn.Module, example_inputs=None, *, console: Console | None = Non
     inputs = example_inputs if example_inputs is not None else recorded_inputs(model)
     before = after = None
     if inputs is not None:
-        before = measure(original_of(model), inputs, like=model)
-        after = measure(model, inputs)
+        try:
+            before = measure(original_of(model), inputs, like=model)
+            after = measure(model, inputs)
+        except RuntimeError as err:  # a forward that runs for real can still fail on fake tensors
+            before = after = None
+            warnings.warn(f"actfx.show: could not measure {type(model).__name__} on fake tensors ({type(err).__name__}: "
+                          f"{str(err).strip().splitlines()[0] if str(err).strip() else ''}); showing the conversion "
+                          "without bytes", stacklevel=2)
     rows = breakdown(model, before, after)
     totals = (before.activation_bytes, after.activation_bytes) if after is not None else None
     render(rows, console or default_console(), title=f"actfx: {type(model).__name__}", depth=depth, totals=totals)

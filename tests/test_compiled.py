@@ -450,6 +450,75 @@ def test_layer_norm_keeps_its_normalised_value_not_its_input():
     assert max(errors) < 1.0
 
 
+class _LayerScaled(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.norm, self.fc = nn.LayerNorm(d), nn.Linear(d, d)
+        self.gamma = nn.Parameter(torch.full((d,), 0.1))
+
+    def forward(self, x):
+        return x + self.gamma * self.fc(self.norm(x))
+
+
+class _Rms(nn.Module):
+    """Gemma's RMSNorm: ``x * rsqrt(mean(x^2) + eps) * (1 + weight)``."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+
+    def forward(self, x):
+        return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-6) * (1.0 + self.weight)
+
+
+class _PostNormed(nn.Module):
+    def __init__(self, d):
+        super().__init__()
+        self.pre, self.fc, self.post = _Rms(d), nn.Linear(d, d, bias=False), _Rms(d)
+
+    def forward(self, x):
+        return x + self.post(self.fc(self.pre(x)))
+
+
+def _packed_unbiased(model, layer_op, min_ratio):
+    """At 2 bits through as_fx_code: the layers' outputs (``layer_op``) packed, the saved bytes
+    ``min_ratio`` times fewer, and the mean of 32 gradients converging to the exact one."""
+    from actfx.compiled_estimate import as_fx_code
+
+    x, w = torch.randn(4, 64, 16), torch.randn(4, 64, 8)
+    exact = weighted_grads(model, model, x, w)
+    packed, record = as_fx_code(model, actfx.Config(bits=2))
+    torch.manual_seed(1)
+    samples = [weighted_grads(model, packed, x, w) for _ in range(32)]
+    saved = [v for plan in record.plans for v in plan.saved]
+    outputs = [v for v in saved if v.op.endswith(layer_op) and v.module_path.endswith("fc")]
+    assert outputs and all(v.storage is not Storage.EXACT for v in outputs), [(v.op, v.reason) for v in saved]
+    assert record.plans[0].bytes_before / record.bytes_after > min_ratio
+    assert_mean_converges(samples, exact, least_noise=1e-3)
+
+
+def test_a_residual_stream_rebuilt_from_layer_scaled_outputs_is_packed_unbiased():
+    """DINOv2's / ConvNeXt's LayerScale (``x + gamma * fc(norm(x))``): the partitioner saves each
+    fc output and rebuilds the residual stream from them in backward, where every later
+    LayerNorm multiplies two reads of it. The outputs, also read by gamma's gradient, stayed
+    exact (111 KB saved of 283 KB); each norm's normalised value is now computed in forward and
+    packed (23 KB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), _LayerScaled(32), _LayerScaled(32), nn.LayerNorm(32), nn.Linear(32, 8))
+    _packed_unbiased(model, "addmm.default", 8)
+
+
+def test_post_normed_residual_blocks_are_packed_unbiased():
+    """Gemma 2's post-norms (``x + norm(fc(norm(x)))``, RMSNorm): each norm's backward multiplies
+    its input twice, and the gradient it passes on meets the stream again in the next weight's
+    gradient, so one second pack was not enough, and the stream read by the final norm is built
+    from every layer's output. The outputs stayed exact (105 KB saved of 284 KB); now they are
+    split over several packs, and the stream is computed in forward and packed (69 KB)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), _PostNormed(32), _PostNormed(32), _Rms(32), nn.Linear(32, 8))
+    _packed_unbiased(model, "mm.default", 3.5)
+
+
 def test_dynamic_batch_keeps_values_exact_and_trains():
     """A symbolic batch: packs, masks and shape-only stand-ins need static sizes, so those values
     stay exact (a symbolic size used to crash the pass) and gradients are the exact ones."""

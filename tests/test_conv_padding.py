@@ -29,3 +29,19 @@ def test_string_paddings_are_converted_where_they_are_numbers(padding, kernel, c
     torch.export the kernel size of ``"same"`` is not in the graph (the module form is)."""
     torch.manual_seed(0)
     assert_converted(_StringPadded(padding, kernel), torch.randn(2, 3, 32, 32), {"conv": converted}, exported=exported)
+
+
+class _SamePaddedConv(nn.Conv2d):
+    """A Conv2d subclass fx traces into (Hugging Face EfficientNet's depthwise conv): F.conv2d with
+    padding="same" on the module's own weight."""
+
+    def forward(self, x):
+        return F.conv2d(x, self.weight, self.bias, self.stride, "same", self.dilation, self.groups)
+
+
+def test_same_padding_on_a_traced_weight_is_converted():
+    """Without torch.export an fx graph records no sizes; the kernel's comes from the weight the
+    get_attr node reads (the call stayed as it was, its input exact)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.GELU(), _SamePaddedConv(16, 16, 3, groups=16))
+    assert_converted(model, torch.randn(2, 3, 32, 32), {"conv": 2}, exported=False)

@@ -9,6 +9,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
@@ -623,3 +624,134 @@ def test_product_aliases_are_converted_as_products(exported):
     assert torch.equal(converted(x), model(x))
     kinds = [d.kind for d in converted._actfx_record.decisions]
     assert kinds.count("mul") == 2 and kinds.count("div") == 1
+
+
+class _CausalAttention(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x).view(x.shape[0], x.shape[1], 3, 4, -1).permute(2, 0, 3, 1, 4)
+        return self.out(F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(x.shape))
+
+
+def test_backward_runs_inside_saved_tensor_hooks():
+    """``torch.autograd.graph.save_on_cpu`` (and offloading wrappers) keep a saved-tensor-hooks
+    context open over the whole step; backward's recompute used torch.func.vjp, which refuses to
+    run there, so the converted model failed where the original trained."""
+    torch.manual_seed(0)
+    model, x = _CausalAttention(), torch.randn(2, 16, 32)
+    converted = actfx.convert(model, bits=8)
+    assert "sdpa" in [d.kind for d in converted._actfx_record.decisions]
+    grads = []
+    for m in (model, converted):
+        m.zero_grad(set_to_none=True)
+        with torch.autograd.graph.save_on_cpu():
+            m(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    assert (grads[1] - grads[0]).norm() < 0.03 * grads[0].norm()
+
+
+class _StepCounted(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.register_buffer("step", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x):
+        if self.training:
+            self.step += 1
+        return self.b(torch.tanh(self.a(x)) / (1 + self.step.float()))
+
+
+def test_a_buffer_the_forward_updates_in_place_keeps_counting():
+    """fx ran ``self.step += 1`` on the real buffer while tracing and kept the value it read as a
+    constant: the step was 1 after convert and never moved again (outputs 0.25 off from the
+    second call). Such a forward is now captured by torch.export, which records the update."""
+    torch.manual_seed(0)
+    model, x = _StepCounted(), torch.randn(8, 16)
+    reference = copy.deepcopy(model)
+    with pytest.warns(UserWarning, match="updates the 'step' buffer"):
+        converted = actfx.convert(model, bits=8)
+    assert int(converted.step) == 0
+    for call in range(1, 4):
+        assert torch.equal(converted(x), reference(x))
+        assert int(converted.step) == int(reference.step) == call
+
+
+def test_a_float64_model_with_batch_norm_trains():
+    """BatchNorm's backward took γ/std in fp32 beside fp64 values: ATen refused the mix on CPU."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(), nn.Conv2d(8, 4, 3)).double()
+    x = torch.randn(4, 3, 16, 16, dtype=torch.float64)
+    converted = actfx.convert(copy.deepcopy(model), bits=8)
+    assert "batch_norm" in {d.kind for d in converted._actfx_record.decisions}
+    grads = []
+    for m in (model, converted):
+        m(x).square().sum().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    assert (grads[1] - grads[0]).norm() < 0.03 * grads[0].norm()
+
+
+class _EncoderWithDropout(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(32, 4, 64, dropout=0.1, batch_first=True, norm_first=True)
+
+    def forward(self, x):
+        return self.layer(x)
+
+
+def test_a_recomputed_layer_replays_its_dropout_masks_from_exact_inputs():
+    """PyTorch's TransformerEncoderLayer is rerun in backward with the forward's random state.
+    Replayed under torch.func, dropout over its transposed attention output drew its numbers in
+    another order (other masks: gradients 20% off at 8 bits, the same every step); and rerun from
+    8-bit inputs, its LayerNorm and softmax made the mean of 64 gradients stay 1.8% off. Now the
+    replay draws as the forward did, from exact inputs: the gradients are the exact ones."""
+    torch.manual_seed(0)
+    model, x, w = _EncoderWithDropout(), torch.randn(4, 16, 32), torch.randn(4, 16, 32)
+    converted = actfx.convert(copy.deepcopy(model), bits=2)
+    assert "transformer_layer" in {d.kind for d in converted._actfx_record.decisions}
+
+    def grads(m):
+        torch.manual_seed(1)  # the same dropout masks in every call
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad((m(x) * w).sum(), list(m.parameters()))])
+
+    exact = grads(model)
+    torch.testing.assert_close(grads(converted), exact, rtol=1e-5, atol=1e-5)
+
+
+def test_a_bare_attention_module_as_the_model_trains():
+    """nn.TransformerEncoderLayer as the whole model recursed into itself in backward's rerun, and
+    nn.MultiheadAttention was called with one input (it takes query, key and value)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 16, 32)
+    for model, call in ((nn.TransformerEncoderLayer(32, 4, 64, dropout=0.0, batch_first=True), lambda m: m(x)),
+                        (nn.MultiheadAttention(32, 4, batch_first=True), lambda m: m(x, x, x)[0])):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            converted = actfx.convert(copy.deepcopy(model), bits=8)
+        assert torch.equal(call(converted), call(model))
+        grads = [torch.cat([g.reshape(-1) for g in torch.autograd.grad(call(m).square().sum(), list(m.parameters()))])
+                 for m in (model, converted)]
+        assert (grads[1] - grads[0]).norm() < 0.03 * grads[0].norm()
+
+
+class _Checkpointed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 16))
+
+    def forward(self, x):
+        return torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+
+
+def test_a_checkpoint_fx_traces_through_is_named():
+    """fx traces through a non-reentrant checkpoint: the block is then held packed instead of
+    rerun, which can hold more than the checkpoint did; convert says so and how to keep it."""
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="runs torch.utils.checkpoint"):
+        converted = actfx.convert(_Checkpointed(), bits=8)
+    x = torch.randn(8, 16)
+    assert torch.equal(converted(x), converted.block(x))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -203,6 +204,23 @@ def test_untraceable_root_is_captured_by_export_at_its_first_training_call():
     assert _gradient_error(out, model, x) < 0.03
     # A call export did not see (another keyword) runs the model's own forward, correctly.
     assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
+
+
+def test_a_deep_copy_made_before_the_first_call_captures_on_its_own():
+    """An EMA or teacher copy taken right after convert: the capture lives in the class's forward,
+    so the copy's first call used to write its capture into the original's record (the copy's
+    showed nothing converted, the original's a capture it never ran)."""
+    torch.manual_seed(0)
+    model, x = _BranchesOnRank(), torch.randn(64, 32)
+    with pytest.warns(UserWarning, match="first training call captures the whole model"):
+        converted = actfx.convert(model, bits=8)
+    twin = copy.deepcopy(converted)
+    out = twin(x)
+    assert torch.equal(out, model(x))
+    assert "" in twin._actfx_record.graphs and not twin._actfx_record.capture_pending
+    assert "" not in converted._actfx_record.graphs and converted._actfx_record.capture_pending
+    assert all(p.data_ptr() != q.data_ptr() for p, q in zip(twin.parameters(), converted.parameters()))
+    assert torch.equal(converted(x), model(x)) and "" in converted._actfx_record.graphs
 
 
 def _opaque_attention(q, k):

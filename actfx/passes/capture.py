@@ -36,6 +36,7 @@ class _ActfxTracer(Tracer):
     def trace(self, root, concrete_args=None):
         self.grad_mode_changed, self._grad_at_start = False, torch.is_grad_enabled()
         self.autocast_changed, self._autocast_at_start = False, _autocast_state()
+        self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
         with functions_as_calls(self):
             graph = super().trace(root, concrete_args)
         if self.grad_mode_changed:
@@ -53,7 +54,14 @@ class _ActfxTracer(Tracer):
         norm off, silently), and an autocast block ran in fp32 (outputs 0.02 off a bf16 model's)."""
         self.grad_mode_changed |= torch.is_grad_enabled() != self._grad_at_start
         self.autocast_changed |= _autocast_state() != self._autocast_at_start
+        self.hooks_changed |= _saved_tensors_hooks() != self._hooks_at_start
         return super().create_node(*args, **kwargs)
+
+
+def _saved_tensors_hooks():
+    """The innermost saved-tensor hooks in force (``torch.utils.checkpoint``'s, inside a block it
+    checkpoints without reentrance), or None."""
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
 def _autocast_state() -> tuple:
@@ -179,9 +187,18 @@ def attributes_kept(module: nn.Module):
     are neither assignments nor removed."""
     saved = {m: _attributes(m) for m in module.modules()}
     assigned = []
+    # fx runs Python on real buffers: ``self.step += 1`` happened once, and the graph kept the
+    # value it read as a constant (the step then never moved); so buffers changed in place are
+    # put back and refused too (torch.export records such updates)
+    buffers = {name: (b, b._version, b.detach().clone()) for name, b in module.named_buffers()}
     try:
         yield
     finally:
+        with torch.no_grad():
+            for name, (b, version, value) in buffers.items():
+                if b._version != version:
+                    b.copy_(value)
+                    assigned.append((module, f"buffer {name}"))
         for m, before in saved.items():
             now = _attributes(m)
             for key in set(before) | set(now):
@@ -199,6 +216,9 @@ def attributes_kept(module: nn.Module):
                     target[name] = old
     if assigned:
         m, name = assigned[0]
+        if name.startswith("buffer "):
+            raise RuntimeError(f"the forward updates the {name[7:]!r} buffer of a {type(m).__name__} in place "
+                               "outside the traced ops, which an fx graph cannot record")
         raise RuntimeError(f"the forward assigns the attribute {name!r} of a {type(m).__name__}, which a captured "
                            "graph cannot record (register a buffer and update it in place, or return the value)")
 
@@ -234,6 +254,12 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
             tracer = _ActfxTracer(leaf_types, leaf_paths)
             graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)
+        if training and tracer.hooks_changed:
+            warnings.warn(f"actfx.convert: the forward of {type(module).__name__} runs torch.utils.checkpoint "
+                          "without reentrance (or another saved-tensor-hooks block), which fx traces through: the "
+                          "checkpointed ops are converted and held packed instead of rerun in backward; to keep "
+                          "rerunning a block, name it in actfx.Config(recompute_modules=[...]), or use "
+                          "actfx.compile", stacklevel=4)
     if graphs[True].code == graphs[False].code:
         return {True: graphs[True]}
     return graphs

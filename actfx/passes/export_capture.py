@@ -90,6 +90,11 @@ class _InputGuard:
             ) from err
 
 
+def is_input_guard(node) -> bool:
+    """Whether ``node`` calls the guard check export_graph puts first (it saves nothing)."""
+    return isinstance(getattr(node, "target", None), _InputGuard)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Leaf:
     """What export saw for one flattened input: a tensor's dtype/device/ndim, or nothing."""

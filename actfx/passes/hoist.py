@@ -44,7 +44,7 @@ def _hoist_round(run) -> bool:
     for node in list(bwd.nodes):
         if node.op == "call_function" and node not in dependent and is_tensor(node) \
                 and val(node).dtype == torch.bool and _biased(node, degrees):
-            _hoist_one(run, node, _biased(node, degrees), sources)
+            hoist_one(run, node, _biased(node, degrees), sources)
     degrees = noise_degree.degrees(bwd, sources)
     for node in list(bwd.nodes):
         if node.op != "call_function" or node in dependent or not is_tensor(node) or not node.users:
@@ -53,7 +53,7 @@ def _hoist_round(run) -> bool:
             continue
         root = _linear_root(run, node, degrees)
         biased = _biased(root, degrees)
-        if biased and _hoist_one(run, root, biased, sources):
+        if biased and hoist_one(run, root, biased, sources):
             degrees = noise_degree.degrees(bwd, sources)
     bwd.eliminate_dead_code()
     return len(run.hoisted) > count
@@ -76,8 +76,8 @@ def _biased(node: fx.Node, degrees: dict) -> list:
     return [s for s, d in degrees.get(node, {}).items() if d > noise_degree.ONE]
 
 
-def _hoist_one(run, node: fx.Node, biased: list, sources: dict) -> bool:
-    region, leaves = _region(run, node)
+def hoist_one(run, node: fx.Node, biased: list, sources: dict) -> bool:
+    region, leaves = backward_region(run, node)
     if region is None:
         return False
     freed = sum(numel(s) for s in biased)
@@ -103,7 +103,7 @@ def _hoist_one(run, node: fx.Node, biased: list, sources: dict) -> bool:
     return True
 
 
-def _region(run, node: fx.Node):
+def backward_region(run, node: fx.Node):
     """The backward ops computing ``node`` from saved values, in graph order, and those values."""
     region, leaves, stack, seen = [], set(), [node], set()
     while stack:
@@ -201,7 +201,7 @@ def saved_masks_once(run) -> None:
         run.g.drop_saved(fwd)
 
 
-def normalised_inputs(run) -> None:
+def normalised_inputs(run, *, biased_only: bool = False) -> None:
     """Store a normalisation's output instead of its input: where backward reads packable saved
     values only to rebuild ``(v - mean) * rstd`` (LayerNorm's decomposed backward; ``v`` maybe
     recomputed from them, as a position embedding's sum) with exact per-row statistics, that
@@ -210,7 +210,11 @@ def normalised_inputs(run) -> None:
     zero-initialised class token plus position embedding) and a row of large ones rounds the
     small row with the large row's step, and backward multiplies that error by the small row's
     1/std (torchvision ViT-tiny, 2 bits: one step's gradient error ~100x the gradient's norm,
-    from that one value)."""
+    from that one value).
+
+    ``biased_only`` (after decorrelate's splits): only where an input is still biased, and even
+    where other backward ops read the inputs too: they would stay exact (DINOv2's LayerScale
+    outputs, read by the scale's gradient, rebuild the residual stream its norms read)."""
     sources = run.sources()
     dependent = noise_degree.tangent_dependent(run.g.bwd)
     first: list = []
@@ -225,19 +229,23 @@ def normalised_inputs(run) -> None:
     run.g.bwd.eliminate_dead_code()
     candidates: dict = {}
     for scaled in first:
-        region, leaves = _region(run, scaled)
+        region, leaves = backward_region(run, scaled)
         if region is not None:
             candidates[scaled] = (set(region), leaves)
     inside = set().union(*(r for r, _ in candidates.values()))
+    biased = noise_degree.biased_sources(run.g.bwd, sources) if biased_only and candidates else {}
     for scaled, (region, leaves) in candidates.items():
         packed = [leaf for leaf in leaves if leaf in sources]
         if not packed:
             continue
-        if not all(u in inside for leaf in packed for u in leaf.users):
+        if biased_only:
+            if not any(leaf in biased for leaf in packed):
+                continue
+        elif not all(u in inside for leaf in packed for u in leaf.users):
             continue  # another backward op still reads the input: storing both would cost more
         if not all(u in inside for n in region if n is not scaled for u in n.users):
             continue
-        _hoist_one(run, scaled, packed, sources)
+        hoist_one(run, scaled, packed, sources)
     run.g.bwd.eliminate_dead_code()  # the rebuilt ops, and with them the last reads of the inputs
 
 

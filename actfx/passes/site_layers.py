@@ -96,10 +96,20 @@ def _string_padding(padding: str, weight, dilation: tuple) -> tuple | None:
     if padding == "valid":
         return (0,) * len(dilation)
     value = weight.meta.get("val") if isinstance(weight, Node) else weight
+    if value is None and isinstance(weight, Node) and weight.op == "get_attr":
+        value = _attribute(weight)  # an fx trace records no values: the weight itself has the size
     if padding != "same" or not isinstance(value, torch.Tensor):
         return None
     totals = [d * (k - 1) for d, k in zip(dilation, value.shape[2:])]
     return tuple(t // 2 for t in totals) if all(t % 2 == 0 for t in totals) else None
+
+
+def _attribute(node: Node):
+    """The tensor a ``get_attr`` node reads from its graph's module, or None."""
+    value = node.graph.owning_module
+    for name in str(node.target).split("."):
+        value = getattr(value, name, None)
+    return value
 
 
 _GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}
@@ -355,10 +365,20 @@ def normalize_site(node):
 def vector_norm_site(node):
     """``torch.linalg.vector_norm(x, 2, dim, keepdim)`` over given dims (F.normalize's and cosine
     attention's norm, as torch.export records it): input packed, norm exact."""
-    names = ("input", "ord", "dim", "keepdim", "dtype")
+    return _two_norm_site(node, ("input", "ord", "dim", "keepdim", "dtype"), default_order=2)
+
+
+def torch_norm_site(node):
+    """``torch.norm(x, p, dim, keepdim)`` / ``x.norm(...)`` with p 2 or "fro" over given dims
+    (ConvNeXt-V2's GRN): the same 2-norm as ``vector_norm``."""
+    return _two_norm_site(node, ("input", "p", "dim", "keepdim", "out", "dtype"), default_order="fro")
+
+
+def _two_norm_site(node, names: tuple, default_order):
     a = {**dict(zip(names, node.args)), **node.kwargs}
-    x, ord_, dim, keepdim = a.get("input"), a.get("ord", 2), a.get("dim"), a.get("keepdim", False)
-    if (not isinstance(x, Node) or ord_ not in (2, 2.0) or a.get("dtype") is not None or dim is None
+    x, ord_, dim, keepdim = a.get("input"), a.get(names[1], default_order), a.get("dim"), a.get("keepdim", False)
+    if (not isinstance(x, Node) or ord_ not in (2, 2.0, "fro") or a.get("dtype") is not None or dim is None
+            or a.get("out") is not None
             or isinstance(dim, Node) or isinstance(keepdim, Node) or set(a) - set(names)):
         return None
     dim = dim if isinstance(dim, int) else tuple(dim)

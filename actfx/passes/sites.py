@@ -35,7 +35,7 @@ from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
     GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
-    normalize_site, rms_normalize_site, vector_norm_site,
+    normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
@@ -149,6 +149,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return einsum_site(node)
         if t in (torch.linalg.vector_norm, torch.ops.aten.linalg_vector_norm.default):
             return vector_norm_site(node)
+        if t is torch.norm:
+            return torch_norm_site(node)
         if t in (torch.addmm, torch.ops.aten.addmm.default):
             return _addmm(node)
         if t is F.linear:
@@ -207,6 +209,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _NODE_SITES[name](node)
         if name == "softmax":
             return _softmax_functional(node)
+        if name == "norm":
+            return torch_norm_site(node)
         if name.rstrip("_") in _ELEMENTWISE_METHODS:
             return _recompute_method(node)
         return inplace_pointwise_site(node)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import warnings
 
 import torch
 import torch.nn as nn
@@ -102,7 +103,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         raise ValueError("calibration needs real tensors: example_inputs are on the meta device, so pass "
                          "calibration_inputs=(a small real batch,)")
     base = Config(bits=bits, group_size=group_size)
-    converted = convert(model, config=base)
+    converted = _quiet_convert(model, config=base)
     _capture_now(converted, calibration)
     planned_inputs = with_batch(inputs, batch) if batch is not None else inputs
     step = None
@@ -165,7 +166,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                           batch_of(planned_inputs), words, picked.blocks)
         # Measure what the chosen widths really hold and need (an op whose input is kept exact
         # may keep statistics it recomputes from a pack), and correct the room by any excess.
-        chosen = convert(model, config=result.config())
+        chosen = _quiet_convert(model, config=result.config())
         _capture_now(chosen, calibration)
         held = measure(chosen, planned_inputs, dtype=dtype).activation_bytes
         step = step_bytes(chosen, planned_inputs, dtype=dtype)
@@ -197,6 +198,14 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                       else result.predicted_peak_bytes)
 
 
+def _quiet_convert(model: nn.Module, **options) -> nn.Module:
+    """``convert(model, **options)`` without its note that the first training call captures the
+    model: the plan makes that call itself (``_capture_now``), once for every conversion it tries."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"actfx\.convert: .* does not trace as a whole")
+        return convert(model, **options)
+
+
 def _capture_now(converted: nn.Module, calibration: tuple) -> None:
     """One training forward on the calibration inputs: a model fx cannot trace is captured by
     torch.export at its first real training call, and the plan must measure that capture (fake
@@ -204,6 +213,10 @@ def _capture_now(converted: nn.Module, calibration: tuple) -> None:
     Models fx converted need nothing (a real forward would only compile pack kernels)."""
     if not converted._actfx_record.capture_pending:
         return
+    if batch_of(calibration) == 1:
+        # export fixes a batch of 1 into the capture, and the plan measures other batches
+        calibration = tuple(torch.cat([x, x]) if isinstance(x, torch.Tensor) and x.dim() > 0 else x
+                            for x in calibration)
     with buffers_restored(converted), torch.enable_grad(), training_mode(converted, True):
         converted(*calibration)
 
@@ -278,7 +291,7 @@ def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:
     present = set()
     for depth in sorted({p.count(".") for p in paths}):  # paths of one depth never nest: one conversion each
         level = tuple(p for p in paths if p.count(".") == depth)
-        wrapped = convert(model, config=dataclasses.replace(base, recompute_modules=level))
+        wrapped = _quiet_convert(model, config=dataclasses.replace(base, recompute_modules=level))
         present |= {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
     paths = [p for p in paths if p in present]
     blocks, total = measure_blocks(model, inputs, paths, planned, dtype=dtype)
@@ -329,6 +342,6 @@ def _gpu(name: str) -> str:
 
 def _bytes(value, name: str) -> int:
     n = parse_bytes(value) if isinstance(value, str) else value
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or n <= 0:
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not 0 < n < math.inf:  # NaN fails too
         raise ValueError(f"{name} must be a positive number of bytes or a string such as '6GiB', got {value!r}")
     return int(n)

@@ -151,3 +151,13 @@ def plan_config(plan, path: str, **given) -> Config:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan must be an actfx.Plan, got {type(plan).__name__}")
     return plan.config_for(path, **given)
+
+
+def plan_fit_error(site_bits, present) -> str | None:
+    """Why a plan's widths (``site_bits``) do not fit a model whose ops are ``present`` (their
+    site keys), or None: a plan made for another model would silently leave the default widths."""
+    missing = [key for key in site_bits if key not in present]
+    if missing:
+        return (f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. {missing[0]!r}); "
+                "it was made for another model: plan this one with actfx.plan")
+    return None

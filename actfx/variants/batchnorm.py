@@ -112,8 +112,10 @@ class _PackedBatchNorm(torch.autograd.Function):
 
 
 def _gradient_scale(weight, invstd) -> torch.Tensor:
-    """``γ / std`` per channel in fp32 (``1 / std`` without a weight)."""
-    return invstd.float() if weight is None else weight.float() * invstd.float()
+    """``γ / std`` per channel in fp32, or fp64 for an fp64 model (``1 / std`` without a weight):
+    ATen's kernel takes an fp32 weight beside half-precision values only."""
+    dtype = torch.float64 if invstd.dtype == torch.float64 else torch.float32
+    return invstd.to(dtype) if weight is None else weight.to(dtype) * invstd.to(dtype)
 
 
 def batch_norm_from_normalized(grad_out, xhat, weight, invstd, training: bool, mask):

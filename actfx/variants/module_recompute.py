@@ -18,6 +18,7 @@ from torch.func import functional_call
 from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.recompute import _autocast_state, _replay_rng, _rng_state, fill
 from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
+from actfx.variants import hooked_vjp
 
 
 def _call_like_caller(module, args, kwargs):
@@ -86,10 +87,11 @@ class _RecomputeModule(torch.autograd.Function):
             return tuple(o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
 
         with _replay_rng(ctx.rng):
-            outs, vjp = torch.func.vjp(run, [params[i] for i in want_params], [values[i] for i in diff])
+            outs, pullback = hooked_vjp.vjp(run, [params[i] for i in want_params], [values[i] for i in diff],
+                                            eager=True)
         kept = [g for g, keep in zip(grads_out, ctx.out_mask) if keep]
         cotangents = tuple(g if g is not None else torch.zeros_like(o) for g, o in zip(kept, outs))
-        g_params, g_inputs = vjp(cotangents)
+        g_params, g_inputs = pullback(cotangents)
         grads = [None] * len(ctx.needs_input_grad)
         for i, g in zip(want_params, g_params):
             grads[3 + i] = g
@@ -100,8 +102,11 @@ class _RecomputeModule(torch.autograd.Function):
 
 def recompute_module(module, static, *flat):
     """``static`` = (args template, kwargs template, specs); ``flat`` = the inputs' runs."""
+    from actfx.breakdown import original_of  # noqa: PLC0415 - breakdown imports the variants
+
     args_t, kwargs_t, specs = static
     values = values_of(specs, flat)
+    module = original_of(module)  # a converted root (a bare TransformerEncoderLayer) would call itself
     params = [p for _, p in module.named_parameters()]
     if not (torch.is_grad_enabled() and (any(p.requires_grad for p in params) or any(
             isinstance(v, torch.Tensor) and v.requires_grad for v in values))):

@@ -18,6 +18,7 @@ import torch
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
+from actfx.variants import hooked_vjp
 
 SLOT = "actfx.slot"
 CHAIN = "actfx.chain"  # (CHAIN, steps, source): ops replayed on a stored source (passes/expansion.py)
@@ -146,10 +147,10 @@ class _Recompute(torch.autograd.Function):
 
         if ctx.rng is not None:
             with _replay_rng(ctx.rng):
-                out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
+                out, pullback = hooked_vjp.vjp(run, *[values[i] for i in diff], eager=True)
         else:
-            out, vjp = torch.func.vjp(run, *[values[i] for i in diff])
-        got = vjp(grad_out.to(out.dtype))
+            out, pullback = hooked_vjp.vjp(run, *[values[i] for i in diff])
+        got = pullback(grad_out.to(out.dtype))
         for i, g in zip(diff, got):
             grads[ctx.heads[i]] = g
         return tuple(grads)

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
+from actfx.variants import hooked_vjp
 
 
 def softmax_forward(x, dim, dtype=None):
@@ -122,9 +123,9 @@ class _CrossEntropyFromPacked(torch.autograd.Function):
         weight = rest.pop(0) if ctx.has_weight else None
         p = materialize_all(ctx.plans, rest)[0]
         zeros = torch.zeros(ctx.x_shape, dtype=p.dtype, device=p.device)
-        _, vjp = torch.func.vjp(lambda z: F.nll_loss(z, target, weight, ignore_index=ctx.ignore_index,
+        _, pullback = hooked_vjp.vjp(lambda z: F.nll_loss(z, target, weight, ignore_index=ctx.ignore_index,
                                                      reduction=ctx.reduction), zeros)
-        g = vjp(grad_out.to(p.dtype))[0]
+        g = pullback(grad_out.to(p.dtype))[0]
         gx = g - p * g.sum(_class_dim(p), keepdim=True)
         return (None,) * 4 + (gx.to(ctx.x_dtype),) + (None,) * (len(ctx.needs_input_grad) - 5)
 

@@ -120,6 +120,8 @@ def test_gpu_without_batch_takes_the_largest_batch_that_fits():
     ({"budget": "1GiB", "path": "jit"}, ValueError, "path must be one of"),
     ({"budget": "1GiB", "path": "compile", "memory_budget": 2}, ValueError, "memory_budget must be a number"),
     ({"budget": "1GiB", "optimizer": "lion"}, ValueError, "unknown optimizer"),
+    ({"budget": float("nan")}, ValueError, "budget must be a positive number"),
+    ({"activation_budget": float("inf")}, ValueError, "activation_budget must be a positive number"),
 ])
 def test_bad_arguments_say_what_to_do(kwargs, error, text):
     with pytest.raises(error, match=text):
@@ -180,3 +182,29 @@ def test_a_model_captured_at_its_first_call_is_planned_on_the_capture():
     assert any(s.op == "pointwise" for s in plan.sites if s.planned)  # tanh * 2, seen in the capture
     converted = actfx.convert(model, plan=plan)
     assert _captured_held(converted, x) == plan.activation_bytes <= uniform
+
+
+class _OtherBranchesOnRank(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.p, self.q = torch.nn.Linear(32, 64), torch.nn.Linear(64, 8)
+
+    def forward(self, x):
+        h = self.p(x)
+        if h.dim() == 2:
+            h = torch.sigmoid(h)
+        return self.q(h)
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_a_model_captured_at_its_first_call_plans_on_one_sample_and_refuses_another_models_plan():
+    """Calibrated on one sample, the capture fixed a batch of 1 and the plan failed at the planned
+    batch (every Hugging Face spec under ``actfx plan``); a plan for another such model was applied
+    with the default widths, silently: its ops are known only at the first call."""
+    torch.manual_seed(0)
+    model, x = _BranchesOnRank(), torch.randn(64, 32)
+    plan = actfx.plan(model, x, activation_budget=8 * 1024, calibration_inputs=(x[:1],), loss_fn=projection())
+    assert plan.activation_bytes <= 8 * 1024
+    other = actfx.convert(_OtherBranchesOnRank(), plan=plan)
+    with pytest.raises(ValueError, match="made for another model"):
+        other(x)
