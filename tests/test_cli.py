@@ -225,7 +225,7 @@ def test_plan_recompute_reruns_blocks_in_backward(capsys, tmp_path):
     (["--budget", "0"], "budget must be a positive number of bytes"),
     (["--activation-budget", "0"], "activation_budget must be a positive number of bytes"),
     (["--budget", "1GiB", "--input-shape", "8,1,28"], "--input-shape 8,1,28 has 3 sizes but mlp takes"),
-    (["--budget", "1GiB", "--input-shape", "8,1,28,20"], "planning mlp on input [8, 1, 28, 20] failed"),
+    (["--budget", "1GiB", "--input-shape", "8,1,28,20"], "failed on example_inputs of shape [8, 1, 28, 20]"),
 ])
 def test_plan_errors_are_one_line_and_exit_code_2(capsys, argv, expected):
     code, _, err = run(capsys, "plan", "mlp", "--input-shape", "8,1,28,28", *argv)

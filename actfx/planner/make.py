@@ -14,6 +14,8 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
+import logging
 import math
 import warnings
 
@@ -40,6 +42,32 @@ from actfx.units import format_bytes, parse_bytes
 PATHS = ("eager", "compile")
 
 
+def _input_errors_named(fn):
+    """``fn`` (``plan``) with a model that fails on its example inputs named in one line: the
+    fake-tensor run's own log (a traceback per failed op) is silenced, and the error says which
+    inputs did not fit, with the op's message (the cause stays chained)."""
+
+    @functools.wraps(fn)
+    def checked(model, example_inputs, **kwargs):
+        logger = logging.getLogger("torch._subclasses.fake_tensor")
+        level = logger.level
+        logger.setLevel(logging.CRITICAL)
+        try:
+            return fn(model, example_inputs, **kwargs)
+        except RuntimeError as err:
+            if "While executing" not in str(err):
+                raise
+            inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+            shapes = ", ".join(str(list(x.shape)) if isinstance(x, torch.Tensor) else type(x).__name__ for x in inputs)
+            raise ValueError(f"actfx.plan: {type(model).__name__} failed on example_inputs of shape {shapes} "
+                             f"({str(err).strip().splitlines()[0]}); check the inputs' shapes and dtypes") from err
+        finally:
+            logger.setLevel(level)
+
+    return checked
+
+
+@_input_errors_named
 def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=None, gpu: str | None = None,
          batch: int | None = None, optimizer: str = "adamw", path: str = "eager", loss_fn=None,
          calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None,
@@ -97,6 +125,9 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                                                    "budget" if budget is not None else "activation_budget")
     capacity = GPUS[_gpu(gpu)] if gpu is not None else None
     inputs = example_inputs if isinstance(example_inputs, (tuple, list)) else (example_inputs,)
+    if any(isinstance(x, (dict, tuple, list)) for x in inputs):
+        raise TypeError("actfx.plan takes positional inputs (a tensor or a tuple of them), not keywords or "
+                        "nested (args, kwargs); plan a small wrapper module whose forward passes them on")
     calibration = calibration_inputs if calibration_inputs is not None else inputs
     calibration = calibration if isinstance(calibration, (tuple, list)) else (calibration,)
     if any(isinstance(x, torch.Tensor) and x.is_meta for x in calibration):

@@ -128,6 +128,13 @@ def test_bad_arguments_say_what_to_do(kwargs, error, text):
         actfx.plan(SmallCNN(), torch.randn(2, 3, 8, 8), **kwargs)
 
 
+@pytest.mark.parametrize("inputs", [{"x": torch.randn(2, 3, 8, 8)}, ((torch.randn(2, 3, 8, 8),), {})])
+def test_keyword_inputs_are_refused_in_one_line(inputs):
+    """They reached the model as one positional dict (an AttributeError deep in a variant)."""
+    with pytest.raises(TypeError, match="actfx.plan takes positional inputs"):
+        actfx.plan(SmallCNN(), inputs, budget="1GiB")
+
+
 def test_meta_inputs_need_calibration_inputs():
     with pytest.raises(ValueError, match="calibration_inputs"):
         actfx.plan(SmallCNN(), torch.empty(2, 3, 8, 8, device="meta"), budget="1GiB")
@@ -208,3 +215,10 @@ def test_a_model_captured_at_its_first_call_plans_on_one_sample_and_refuses_anot
     other = actfx.convert(_OtherBranchesOnRank(), plan=plan)
     with pytest.raises(ValueError, match="made for another model"):
         other(x)
+
+
+def test_inputs_the_model_cannot_take_are_named_in_one_line():
+    """A wrong shape failed deep inside a variant, after a screen of fake-tensor log lines."""
+    model = torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.GELU(), torch.nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"failed on example_inputs of shape \[16, 31\]"):
+        actfx.plan(model, torch.randn(16, 31), budget="1GiB")
