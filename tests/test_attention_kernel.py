@@ -203,3 +203,26 @@ def test_a_query_the_model_scaled_itself_keeps_the_chosen_math():
     saved = compiled._actfx_compiled.plans[-1].saved
     assert not [v for v in saved if "flash" in v.reason], [(v.op, v.reason) for v in saved if "flash" in v.reason]
     assert [v for v in saved if v.shape == (2, 2, 128, 128) and v.storage is Storage.PACKED]
+
+
+class TorchMultiheadAttention(torch.nn.Module):
+    """nn.MultiheadAttention as torchvision's ViT calls it (batch first, no weights returned)."""
+
+    def __init__(self, d=64, heads=4):
+        super().__init__()
+        self.norm, self.attn = torch.nn.LayerNorm(d), torch.nn.MultiheadAttention(d, heads, batch_first=True)
+
+    def forward(self, x):
+        h = self.norm(x)
+        return x + self.attn(h, h, h, need_weights=False)[0]
+
+
+def test_multihead_attention_modules_get_the_per_call_choice_too():
+    """Dynamo keeps ``F.multi_head_attention_forward`` one call, so its SDPA was never pointed at
+    math: q and k stayed exact (17 tokens, heads of 16: 44.1 -> 23.4 KB; through SDPA 8.5 KB)."""
+    torch.manual_seed(0)
+    model, x = TorchMultiheadAttention(), torch.randn(2, 17, 64)
+    compiled = _compiled_as_torch_compile_and_unbiased(model, x)
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert not [v for v in saved if "flash" in v.reason], [(v.op, v.reason) for v in saved if "flash" in v.reason]
+    assert [v for v in saved if v.shape == (2, 4, 17, 17) and v.storage is Storage.PACKED and v.bits == 8]

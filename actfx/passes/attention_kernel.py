@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import fx
 
 _SDPA = (torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention)
+_MHA = (F.multi_head_attention_forward,)  # nn.MultiheadAttention: dynamo keeps it one call
 _FULL_PRECISION = (torch.float32, torch.float64)
 MAX_KEYS_PER_HEAD_WIDTH = 8  # math's forward row of S full-precision scores, against D
 
@@ -45,6 +46,11 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
         if not isinstance(module, fx.GraphModule):
             continue
         for node in module.graph.nodes:
+            if node.op == "call_function" and node.target in _MHA:
+                heads = _mha_query_key(node)
+                if heads is not None and math_holds_less(*heads, attention_bits):
+                    node.target = multi_head_attention_as_math
+                continue
             if node.op != "call_function" or node.target not in _SDPA:
                 continue
             query, key = (_example(a) for a in _query_key(node))
@@ -72,8 +78,33 @@ def attention_as_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])  # SDPA's default
     scaled = query * 2.0 * 0.5 if factor == 1.0 else query * factor
     with sdpa_kernel([SDPBackend.MATH]):
-        return F.scaled_dot_product_attention(scaled, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                              is_causal=is_causal, scale=1.0, **kwargs)
+        return torch._C._nn.scaled_dot_product_attention(scaled, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                                         is_causal=is_causal, scale=1.0, **kwargs)
+
+
+def multi_head_attention_as_math(*args, **kwargs):
+    """``F.multi_head_attention_forward`` (nn.MultiheadAttention's) with its SDPA call traced as
+    :func:`attention_as_math`. It calls SDPA by the name ``torch.nn.functional`` holds, which is
+    pointed at the math version for this call only (tracing is one thread)."""
+    F.scaled_dot_product_attention = attention_as_math
+    try:
+        return _MHA[0](*args, **kwargs)
+    finally:
+        F.scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention
+
+
+def _mha_query_key(node: fx.Node):
+    """Per-head query and key shapes of a ``multi_head_attention_forward`` call ((L, N, E) inputs,
+    ``num_heads`` fifth), as meta tensors; None where unknown."""
+    query, key = (_example(a) for a in _query_key(node))
+    heads = node.args[4] if len(node.args) > 4 else node.kwargs.get("num_heads")
+    if query is None or key is None or not isinstance(heads, int) or query.dim() != 3 or key.dim() != 3:
+        return None
+    (length, batch, width), keys = query.shape, key.shape[0]
+    if not all(isinstance(s, int) for s in (length, batch, width, keys)) or width % heads:
+        return None
+    return (torch.empty(batch, heads, length, width // heads, dtype=query.dtype, device="meta"),
+            torch.empty(batch, heads, keys, width // heads, dtype=key.dtype, device="meta"))
 
 
 def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
