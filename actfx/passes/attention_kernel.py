@@ -14,7 +14,9 @@ forward would differ from torch.compile's; in fp32 the two agree to float roundi
 
 from __future__ import annotations
 
+import functools
 import math
+import types
 
 import torch
 import torch.nn.functional as F
@@ -78,19 +80,22 @@ def attention_as_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
     factor = scale if scale is not None else 1.0 / math.sqrt(query.shape[-1])  # SDPA's default
     scaled = query * 2.0 * 0.5 if factor == 1.0 else query * factor
     with sdpa_kernel([SDPBackend.MATH]):
-        return torch._C._nn.scaled_dot_product_attention(scaled, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                         is_causal=is_causal, scale=1.0, **kwargs)
+        return F.scaled_dot_product_attention(scaled, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=is_causal, scale=1.0, **kwargs)
 
 
-def multi_head_attention_as_math(*args, **kwargs):
-    """``F.multi_head_attention_forward`` (nn.MultiheadAttention's) with its SDPA call traced as
-    :func:`attention_as_math`. It calls SDPA by the name ``torch.nn.functional`` holds, which is
-    pointed at the math version for this call only (tracing is one thread)."""
-    F.scaled_dot_product_attention = attention_as_math
-    try:
-        return _MHA[0](*args, **kwargs)
-    finally:
-        F.scaled_dot_product_attention = torch._C._nn.scaled_dot_product_attention
+def _with_math_attention(fn):
+    """A copy of ``fn`` (a function of ``torch.nn.functional``) whose global name
+    ``scaled_dot_product_attention`` is :func:`attention_as_math`; torch's own is left alone."""
+    scope = {**fn.__globals__, "scaled_dot_product_attention": attention_as_math}
+    copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = fn.__kwdefaults__
+    scope[fn.__name__] = copy  # its __torch_function__ dispatch (under tracing) calls itself by name
+    return functools.wraps(fn)(copy)
+
+
+# ``F.multi_head_attention_forward`` (nn.MultiheadAttention's) with its SDPA call traced as the chosen math
+multi_head_attention_as_math = _with_math_attention(_MHA[0])
 
 
 def _mha_query_key(node: fx.Node):
