@@ -226,3 +226,13 @@ def test_multihead_attention_modules_get_the_per_call_choice_too():
     saved = compiled._actfx_compiled.plans[-1].saved
     assert not [v for v in saved if "flash" in v.reason], [(v.op, v.reason) for v in saved if "flash" in v.reason]
     assert [v for v in saved if v.shape == (2, 4, 17, 17) and v.storage is Storage.PACKED and v.bits == 8]
+
+
+def test_the_estimate_of_a_long_row_multihead_attention_traces_the_fused_kernel():
+    """On meta tensors SDPA traces math; 160 keys against heads of 16 run the fused kernel on the
+    CPU, so the estimate must hold no probabilities either (it counted them, 8-bit, instead of
+    exact q and k)."""
+    model, x = TorchMultiheadAttention().to("meta"), torch.randn(2, 160, 64, device="meta")
+    record = estimate_compiled(model, (x,), actfx.Config(bits=2))
+    assert not [v for v in record.plans[-1].saved if v.shape == (2, 4, 160, 160)]
+    assert [v for v in record.plans[-1].saved if v.storage is Storage.EXACT and "attention" in v.reason]

@@ -52,6 +52,8 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
                 heads = _mha_query_key(node)
                 if heads is not None and math_holds_less(*heads, attention_bits):
                     node.target = multi_head_attention_as_math
+                elif heads is not None and _example(node.args[0]).device.type == "meta":
+                    node.target = multi_head_attention_fused_on_meta
                 continue
             if node.op != "call_function" or node.target not in _SDPA:
                 continue
@@ -84,18 +86,19 @@ def attention_as_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causa
                                               is_causal=is_causal, scale=1.0, **kwargs)
 
 
-def _with_math_attention(fn):
+def _with_attention(fn, attention):
     """A copy of ``fn`` (a function of ``torch.nn.functional``) whose global name
-    ``scaled_dot_product_attention`` is :func:`attention_as_math`; torch's own is left alone."""
-    scope = {**fn.__globals__, "scaled_dot_product_attention": attention_as_math}
+    ``scaled_dot_product_attention`` is ``attention``; torch's own is left alone."""
+    scope = {**fn.__globals__, "scaled_dot_product_attention": attention}
     copy = types.FunctionType(fn.__code__, scope, fn.__name__, fn.__defaults__, fn.__closure__)
     copy.__kwdefaults__ = fn.__kwdefaults__
     scope[fn.__name__] = copy  # its __torch_function__ dispatch (under tracing) calls itself by name
     return functools.wraps(fn)(copy)
 
 
-# ``F.multi_head_attention_forward`` (nn.MultiheadAttention's) with its SDPA call traced as the chosen math
-multi_head_attention_as_math = _with_math_attention(_MHA[0])
+# ``F.multi_head_attention_forward`` (nn.MultiheadAttention's) with its SDPA call traced as the chosen math,
+# or on meta tensors (estimates) as the fused kernel the CPU would run
+multi_head_attention_as_math = _with_attention(_MHA[0], attention_as_math)
 
 
 def _mha_query_key(node: fx.Node):
@@ -130,6 +133,9 @@ def fused_attention_on_meta(query, key, value, attn_mask=None, dropout_p=0.0, is
         attn_mask = attn_mask.expand(query.shape[0], query.shape[1], query.shape[2], key.shape[2])
     return torch.ops.aten._scaled_dot_product_efficient_attention(
         query, key, value, attn_mask, True, dropout_p, is_causal, scale=scale)[0]
+
+
+multi_head_attention_fused_on_meta = _with_attention(_MHA[0], fused_attention_on_meta)
 
 
 def _query_key(node: fx.Node):
