@@ -136,13 +136,10 @@ def _check_recompute_modules(model: nn.Module, config: Config) -> None:
 def _check_plan_fits(plan, record: ConversionRecord) -> None:
     """A plan names ops by module path and kind; one made for another model would silently apply
     the default widths, so refuse it."""
-    from actfx.planner.plan import plan_fit_error
+    from actfx.planner.plan import check_plan_fits
 
-    if record.capture_pending:
-        return  # the ops are known after the first training call's capture (checked there)
-    error = plan_fit_error(plan.config().site_bits, {d.key for d in record.decisions})
-    if error:
-        raise ValueError(error)
+    if not record.capture_pending:  # else the ops are known at the first training call's capture (checked there)
+        check_plan_fits(plan.config().site_bits, record.decisions)
 
 
 def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:

@@ -480,7 +480,7 @@ class _PostNormed(nn.Module):
         return x + self.post(self.fc(self.pre(x)))
 
 
-def _packed_unbiased(model, layer_op, min_ratio):
+def _assert_packed_unbiased(model, layer_op, min_ratio):
     """At 2 bits through as_fx_code: the layers' outputs (``layer_op``) packed, the saved bytes
     ``min_ratio`` times fewer, and the mean of 32 gradients converging to the exact one."""
     from actfx.compiled_estimate import as_fx_code
@@ -505,7 +505,7 @@ def test_a_residual_stream_rebuilt_from_layer_scaled_outputs_is_packed_unbiased(
     packed (23 KB)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), _LayerScaled(32), _LayerScaled(32), nn.LayerNorm(32), nn.Linear(32, 8))
-    _packed_unbiased(model, "addmm.default", 8)
+    _assert_packed_unbiased(model, "addmm.default", 8)
 
 
 def test_post_normed_residual_blocks_are_packed_unbiased():
@@ -516,7 +516,7 @@ def test_post_normed_residual_blocks_are_packed_unbiased():
     split over several packs, and the stream is computed in forward and packed (69 KB)."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(16, 32), _PostNormed(32), _PostNormed(32), _Rms(32), nn.Linear(32, 8))
-    _packed_unbiased(model, "mm.default", 3.5)
+    _assert_packed_unbiased(model, "mm.default", 3.5)
 
 
 def test_dynamic_batch_keeps_values_exact_and_trains():

@@ -57,8 +57,7 @@ def decorrelate(run) -> None:
 @dataclasses.dataclass
 class _Hoist:
     factor: fx.Node  # the backward node, left without readers
-    placeholder: fx.Node  # the saved value its readers read now
-    forward: list  # the forward nodes that compute it, in graph order
+    forward: list  # the forward nodes that compute it, in graph order (the saved value last)
     read: list  # the biased saved values it was built from
 
 
@@ -70,8 +69,7 @@ def _hoist_mixed_factors(run, hoists: list) -> bool:
     sources = run.sources()
     dependent = noise_degree.tangent_dependent(run.g.bwd)
     degrees = noise_degree.degrees(run.g.bwd, sources)
-    output = next(iter(run.g.bwd.find_nodes(op="output")))
-    biased = {s for out in output.all_input_nodes for s, d in degrees.get(out, {}).items() if d > noise_degree.ONE}
+    biased = noise_degree.biased_at_output(run.g.bwd, degrees)
     hoisted = False
     for product in _bias_origins(run.g.bwd, degrees):
         for factor in product.all_input_nodes:
@@ -81,11 +79,9 @@ def _hoist_mixed_factors(run, hoists: list) -> bool:
             read = [leaf for leaf in (leaves or ()) if leaf in sources]
             if nodes is None or len(read) < 2:
                 continue
-            before = set(run.g.fwd.nodes)
-            if hoist_one(run, factor, read, sources):
-                forward = [n for n in run.g.fwd.nodes if n not in before]
-                hoists.append(_Hoist(factor, run.g.placeholder_of[forward[-1]], forward,
-                                     [r for r in read if r in biased]))
+            forward = hoist_one(run, factor, read, sources)
+            if forward:
+                hoists.append(_Hoist(factor, forward, [r for r in read if r in biased]))
                 hoisted = True
                 break
     return hoisted
@@ -101,13 +97,14 @@ def _undo_unhelpful(run, hoists: list) -> None:
     order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
     for hoist in reversed(hoists):
         computed = hoist.forward[-1]
-        if not all(r in biased for r in hoist.read) or run.g.placeholder_of.get(computed) is not hoist.placeholder:
+        placeholder = run.g.placeholder_of.get(computed)
+        if placeholder is None or not all(r in biased for r in hoist.read):
             continue
-        if any(order[u] < order[hoist.factor] for u in hoist.placeholder.users):
+        if any(order[u] < order[hoist.factor] for u in placeholder.users):
             continue  # a reader placed since (a split's copy) comes before the backward node: keep it
         if any(f.target is aten.alias.default and f.args[0] is computed for f in run.g.placeholder_of):
             continue  # split: its copies are read too
-        hoist.placeholder.replace_all_uses_with(hoist.factor)
+        placeholder.replace_all_uses_with(hoist.factor)
         run.g.drop_saved(computed)
         for node in reversed(hoist.forward):
             if not node.users:

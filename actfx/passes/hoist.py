@@ -76,16 +76,18 @@ def _biased(node: fx.Node, degrees: dict) -> list:
     return [s for s, d in degrees.get(node, {}).items() if d > noise_degree.ONE]
 
 
-def hoist_one(run, node: fx.Node, biased: list, sources: dict) -> bool:
+def hoist_one(run, node: fx.Node, biased: list, sources: dict) -> list:
+    """Compute ``node`` in forward and save it in its place; the forward nodes made, in graph
+    order (the hoisted value last), or an empty list where it was not hoisted."""
     region, leaves = backward_region(run, node)
     if region is None:
-        return False
+        return []
     freed = sum(numel(s) for s in biased)
     if numel(node) > MAX_HOIST_GROWTH * freed:
-        return False
+        return []
     fwd_leaves = {leaf: _fwd_of(run, leaf) for leaf in leaves}
     if any(v is None for v in fwd_leaves.values()):
-        return False
+        return []
     anchor = max(fwd_leaves.values(), key=lambda n: run.g.order[n])
     after = anchor.next
     env = dict(fwd_leaves)
@@ -100,7 +102,7 @@ def hoist_one(run, node: fx.Node, biased: list, sources: dict) -> bool:
     placeholder = run.g.add_saved(hoisted, like)
     node.replace_all_uses_with(placeholder)
     run.hoisted[hoisted.name] = op_name(node)
-    return True
+    return [env[inner] for inner in region]
 
 
 def backward_region(run, node: fx.Node):

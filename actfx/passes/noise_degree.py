@@ -174,12 +174,17 @@ def degrees(graph: fx.Graph, sources) -> dict[fx.Node, Degrees]:
     return result
 
 
+def biased_at_output(graph: fx.Graph, result: dict) -> set[fx.Node]:
+    """The sources some backward output is nonlinear in, from ``degrees(graph, ...)``'s result."""
+    output = next(iter(graph.find_nodes(op="output")))
+    return {src for out in output.all_input_nodes for src, d in result.get(out, {}).items() if d > ONE}
+
+
 def biased_sources(graph: fx.Graph, sources) -> dict[fx.Node, fx.Node]:
     """Sources some backward output is nonlinear in, each with the first op (in graph order) that
     made it so; found in one pass over the graph."""
     result = degrees(graph, sources)
-    output = next(iter(graph.find_nodes(op="output")))
-    biased = {src for out in output.all_input_nodes for src, d in result.get(out, {}).items() if d > ONE}
+    biased = biased_at_output(graph, result)
     culprit: dict[fx.Node, fx.Node] = {}
     for node in graph.nodes:
         if len(culprit) == len(biased):

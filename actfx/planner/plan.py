@@ -153,11 +153,11 @@ def plan_config(plan, path: str, **given) -> Config:
     return plan.config_for(path, **given)
 
 
-def plan_fit_error(site_bits, present) -> str | None:
-    """Why a plan's widths (``site_bits``) do not fit a model whose ops are ``present`` (their
-    site keys), or None: a plan made for another model would silently leave the default widths."""
+def check_plan_fits(site_bits, decisions) -> None:
+    """Refuse a plan whose widths (``site_bits``) name ops the conversion's ``decisions`` lack: a
+    plan made for another model would silently leave the default widths."""
+    present = {d.key for d in decisions}
     missing = [key for key in site_bits if key not in present]
     if missing:
-        return (f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. {missing[0]!r}); "
-                "it was made for another model: plan this one with actfx.plan")
-    return None
+        raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "
+                         f"{missing[0]!r}); it was made for another model: plan this one with actfx.plan")

@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 from torch.func import functional_call
 
+from actfx.variants import hooked_vjp
 from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.recompute import _autocast_state, _replay_rng, _rng_state, fill
 from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
-from actfx.variants import hooked_vjp
 
 
 def _call_like_caller(module, args, kwargs):

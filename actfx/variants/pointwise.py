@@ -15,6 +15,7 @@ from typing import Callable
 
 import torch
 
+from actfx.variants import hooked_vjp
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
 
@@ -62,27 +63,16 @@ class Pointwise:
         if not needs_saving(x):
             return None
         try:
-            # torch.func.vjp rather than autograd.grad: torch.compile traces it without a graph break.
-            y, vjp = torch.func.vjp(self.fn, x.detach())
-        except RuntimeError as err:  # vjp refuses to run under saved-tensor hooks (save_on_cpu, ...)
-            if "saved tensor hooks" in str(err):
-                return self._derivative_by_autograd(x)
+            # torch.func.vjp rather than autograd.grad: torch.compile traces it without a graph
+            # break (under saved-tensor hooks, which torch.func refuses, hooked_vjp takes autograd)
+            y, pullback = hooked_vjp.vjp(self.fn, x.detach())
+        except RuntimeError as err:
             if "must be floating-point" in str(err):
                 return None  # an integer or boolean result has no gradient: nothing to keep
             raise
         if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == x.shape):
             return None  # not differentiable here, or broadcast: autograd keeps what it needs
-        (d,) = vjp(torch.ones_like(y))
-        return None if d is None else d.detach()
-
-    def _derivative_by_autograd(self, x):
-        # Identity hooks: the temporary graph stays out of the caller's hooks (it is freed at once).
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):
-            leaf = x.detach().requires_grad_(True)
-            y = self.fn(leaf)
-            if not (isinstance(y, torch.Tensor) and y.requires_grad and y.shape == x.shape):
-                return None
-            (d,) = torch.autograd.grad(y, leaf, torch.ones_like(y), allow_unused=True)
+        (d,) = pullback(torch.ones_like(y))
         return None if d is None else d.detach()
 
     def apply(self, spec, x, *run):

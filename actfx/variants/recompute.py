@@ -16,9 +16,9 @@ import operator
 
 import torch
 
+from actfx.variants import hooked_vjp
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
-from actfx.variants import hooked_vjp
 
 SLOT = "actfx.slot"
 CHAIN = "actfx.chain"  # (CHAIN, steps, source): ops replayed on a stored source (passes/expansion.py)
@@ -145,11 +145,9 @@ class _Recompute(torch.autograd.Function):
                     return ctx.fn(*args, **kwargs)
             return ctx.fn(*args, **kwargs)
 
-        if ctx.rng is not None:
-            with _replay_rng(ctx.rng):
-                out, pullback = hooked_vjp.vjp(run, *[values[i] for i in diff], eager=True)
-        else:
-            out, pullback = hooked_vjp.vjp(run, *[values[i] for i in diff])
+        # a random op replays its draws through autograd, as the forward drew them (hooked_vjp.vjp)
+        with _replay_rng(ctx.rng) if ctx.rng is not None else contextlib.nullcontext():
+            out, pullback = hooked_vjp.vjp(run, *[values[i] for i in diff], eager=ctx.rng is not None)
         got = pullback(grad_out.to(out.dtype))
         for i, g in zip(diff, got):
             grads[ctx.heads[i]] = g

@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from actfx.variants import hooked_vjp
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
-from actfx.variants import hooked_vjp
 
 
 def softmax_forward(x, dim, dtype=None):
