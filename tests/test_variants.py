@@ -457,6 +457,22 @@ def test_addmm_with_a_weight_is_a_linear():
     check_variant(model, torch.randn(4, 16, 32), kinds=["linear"])
 
 
+def test_addmm_with_alpha_and_beta_packs_its_factors():
+    model = Wrap(lambda s, x: torch.addmm(s.lin(x), x, s.lin.weight.t(), beta=0.5, alpha=2.0),
+                 lin=nn.Linear(32, 32))
+    converted = check_variant(model, torch.randn(64, 32), kinds=["linear"])
+    # an activation times a weight counts as a linear layer: x packed, the weight as it is
+    assert [d.saved for d in converted._actfx_record.decisions] == [
+        ["packed 8-bit"], ["shape only", "packed 8-bit", "kept exact"]]
+
+
+def test_channel_dropout_is_not_reported_as_uncovered():
+    """F.dropout2d keeps one mask value per channel: nothing worth compressing or listing."""
+    model = Wrap(lambda s, x: F.dropout2d(s.conv(x), 0.2), conv=nn.Conv2d(4, 4, 3))
+    converted = actfx.convert(model)
+    assert not converted._actfx_record.uncovered
+
+
 def _pool_geometries():
     for nd in (1, 2, 3):
         for k, stride, pad, dil in itertools.product((1, 2, 3, 4), (1, 2, 3), (0, 1, 2), (1, 2)):

@@ -193,7 +193,7 @@ _RECOMPUTE_VARIANTS = {
     fn: make_recompute_variant(fn, kind)
     for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(),
                      *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), (torch.einsum, "einsum"),
-                     (torch.baddbmm, "baddbmm")]
+                     (torch.baddbmm, "baddbmm"), (torch.addmm, "addmm")]
 }
 
 

@@ -13,6 +13,7 @@ from torch.fx.node import map_arg
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
+from actfx.passes.site_elementwise import _recompute_site
 from actfx.variants import (
     batchnorm, conv, embedding, gather, grid_sample, grouped_mm, linear, normalize, norms, rmsnorm, vector_norm,
 )
@@ -180,10 +181,14 @@ def _linear_site(node, path, x, weight, bias):
 
 
 def _addmm(node):
-    """``addmm(bias, x, w)`` (GPT-2's Conv1D) is ``F.linear(x, w.t(), bias)``, bit for bit."""
+    """``addmm(bias, x, w)`` (GPT-2's Conv1D) is ``F.linear(x, w.t(), bias)``, bit for bit; with
+    ``beta`` / ``alpha`` it is recomputed from its packed factors as ``baddbmm`` is."""
     a = bind("addmm", node.args, node.kwargs)
-    if a is None or a["beta"] != 1 or a["alpha"] != 1:
+    if a is None or any(isinstance(a[k], Node) for k in ("beta", "alpha")):
         return None
+    if a["beta"] != 1 or a["alpha"] != 1:
+        return _recompute_site(node, None, "matmul", torch.addmm, (a["input"], a["mat1"], a["mat2"]),
+                               {"beta": a["beta"], "alpha": a["alpha"]}, shape_only=True)
 
     def emit(graph, env, specs, runs, pack=None):
         weight = graph.call_method("t", (_env(env, a["mat2"]),))

@@ -1,7 +1,8 @@
 """Recognise the fx nodes actfx has a compressed-save variant for, in module, functional and method form.
 
 ``find_site(node, modules)`` returns a ``Site`` (see site.py) from the family modules
-``site_layers``, ``site_activations``, ``site_elementwise`` and ``site_attention``; nodes without
+``site_layers``, ``site_activations``, ``site_elementwise``, ``site_attention`` and
+``site_reductions``; nodes without
 a variant get ``None`` and stay as they are (correct, uncompressed, reported), except the ops
 ``saves_nothing`` knows keep nothing worth compressing.
 """
@@ -37,6 +38,7 @@ from actfx.passes.site_layers import (
     GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
+from actfx.passes.site_reductions import DEVIATIONS, LOGSUMEXPS, deviation_site, logsumexp_site
 from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
@@ -85,6 +87,7 @@ _NOTHING_SAVED_FUNCTIONS = {
     torch.neg, F.pad, F.interpolate, F.adaptive_avg_pool1d, torch.unbind, torch.movedim, getattr,
     torch.zeros_like, torch.ones_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
     F.one_hot, torch.where, torch.roll, torch.tile, torch.repeat_interleave,
+    F.dropout1d, F.dropout2d, F.dropout3d, F.feature_alpha_dropout,  # a mask of one value per channel
 }
 _NOTHING_SAVED_METHODS = {
     "add", "sub", "neg", "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
@@ -123,6 +126,8 @@ _NODE_SITES = {
     **dict.fromkeys(_ADDCMUL, addcmul_site),
     **dict.fromkeys(_GRID_SAMPLERS, grid_sample_site),
     **dict.fromkeys(GATHERS, gather_site),
+    **dict.fromkeys(DEVIATIONS, deviation_site),
+    **dict.fromkeys(LOGSUMEXPS, logsumexp_site),
 }
 
 

@@ -1,0 +1,70 @@
+"""Sites for reductions whose backward reads their input: ``std`` / ``var`` (input packed, std
+exact) and ``logsumexp`` (its probabilities packed), in function, method and ATen form."""
+
+from __future__ import annotations
+
+import torch
+from torch.fx import Node
+
+from actfx.passes.site import Site
+from actfx.variants import deviation, logsumexp
+
+aten = torch.ops.aten
+
+# fx targets -> the name of the spelling the variant runs (``deviation.SPELLINGS``)
+DEVIATIONS = {
+    torch.std: "torch.std", torch.var: "torch.var", "std": "Tensor.std", "var": "Tensor.var",
+    **{op: name for name, op in deviation.SPELLINGS.items() if isinstance(op, torch._ops.OpOverload)},
+}
+LOGSUMEXPS = (torch.logsumexp, "logsumexp", aten.logsumexp.default)
+
+
+def _split_input(node):
+    """(input, other positional args, keyword args) with the input named or first; None when an
+    argument other than the input is computed in the graph, or an ``out=`` is given."""
+    kwargs = dict(node.kwargs)
+    x = node.args[0] if node.args else kwargs.pop("input", kwargs.pop("self", None))
+    rest = node.args[1:]
+    if not isinstance(x, Node) or "out" in kwargs:
+        return None
+    if _holds_node((rest, kwargs)):
+        return None
+    return x, tuple(rest), tuple(kwargs.items())
+
+
+def _holds_node(value) -> bool:
+    found = []
+    torch.fx.node.map_arg(value, found.append)
+    return bool(found)
+
+
+def deviation_site(node):
+    """``std`` / ``var``: the input packed (std's exact output kept), see ``variants/deviation.py``."""
+    parts = _split_input(node)
+    if parts is None:
+        return None
+    x, rest, kwargs = parts
+    fn = DEVIATIONS[node.target]
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(deviation.deviation, (specs[0], fn, rest, kwargs, *runs[0])), {}
+
+    return Site(node, "std" if fn in deviation.AS_VARIANCE else "var", None, [x], emit)
+
+
+def logsumexp_site(node):
+    """``logsumexp(x, dim, keepdim)``: keeps the packed ``exp(x - out)`` (``variants/logsumexp.py``)."""
+    a = dict(zip(("input", "dim", "keepdim"), node.args))
+    a.update({"input" if k == "self" else k: v for k, v in node.kwargs.items()})
+    x, dim, keepdim = a.get("input"), a.get("dim"), a.get("keepdim", False)
+    if (not isinstance(x, Node) or set(a) - {"input", "dim", "keepdim"} or _holds_node((dim, keepdim))
+            or not isinstance(dim, (int, tuple, list)) or (not isinstance(dim, int) and not dim)):
+        return None
+    dim = dim if isinstance(dim, int) else tuple(dim)
+
+    def emit(graph, env, specs, runs, pack=None):
+        p = graph.call_function(logsumexp.logsumexp_probabilities, (env[x], dim, keepdim))
+        spec, run = pack(p, node)
+        return graph.call_function(logsumexp.logsumexp, (spec, dim, bool(keepdim), env[x], *run)), {}
+
+    return Site(node, "logsumexp", None, [], emit)

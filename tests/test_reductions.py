@@ -1,0 +1,107 @@
+"""std / var (input packed, std exact) and logsumexp (probabilities packed): converted in every
+spelling, the same forward, unbiased gradients, and PyTorch's own values at the edges."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actfx
+from checks import assert_mean_converges, weighted_grads
+from test_variants import Wrap, check_variant
+
+
+class HandWrittenLayerNorm(nn.Module):
+    """The Annotated Transformer's LayerNorm: divides by ``x.std(-1)``."""
+
+    def __init__(self, features, eps=1e-6):
+        super().__init__()
+        self.lin = nn.Linear(features, features)
+        self.a_2, self.b_2, self.eps = nn.Parameter(torch.ones(features)), nn.Parameter(torch.zeros(features)), eps
+
+    def forward(self, x):
+        x = self.lin(x)
+        mean, std = x.mean(-1, keepdim=True), x.std(-1, keepdim=True)
+        return self.a_2 * (x - mean) / (std + self.eps) + self.b_2
+
+
+@pytest.mark.parametrize("kind, fn", [
+    ("std", lambda s, x: s.lin(x).std(-1, keepdim=True)),
+    ("std", lambda s, x: torch.std(s.lin(x), dim=(1, 2), correction=0)),
+    ("std", lambda s, x: s.lin(x).std()),
+    ("var", lambda s, x: torch.var(s.lin(x), -1, unbiased=False)),
+    ("var", lambda s, x: s.lin(x).var(1, keepdim=True) * 3),
+])
+def test_std_and_var_pack_their_input(kind, fn):
+    converted = check_variant(Wrap(fn, lin=nn.Linear(32, 32)), torch.randn(4, 16, 32), tol=0.03,
+                              kinds=["linear", kind])
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == kind] == [["packed 8-bit"]]
+
+
+@pytest.mark.parametrize("kind, fn", [
+    ("logsumexp", lambda s, x: torch.logsumexp(s.lin(x), -1)),
+    ("logsumexp", lambda s, x: s.lin(x).logsumexp((0, 2), keepdim=True)),
+])
+def test_logsumexp_packs_its_probabilities(kind, fn):
+    converted = check_variant(Wrap(fn, lin=nn.Linear(32, 32)), torch.randn(4, 16, 32), tol=0.03,
+                              kinds=["linear", kind])
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == kind] == [["packed 8-bit"]]
+
+
+def _unbiased(model, x, kind):
+    converted = actfx.convert(model, bits=2)
+    assert kind in {d.kind for d in converted._actfx_record.decisions}
+    assert torch.equal(converted(x), model(x))
+    w = torch.randn(model(x).shape, generator=torch.Generator().manual_seed(3))
+    exact = weighted_grads(model, model, x, w)
+    assert_mean_converges([weighted_grads(model, converted, x, w) for _ in range(64)], exact, least_noise=1e-3)
+
+
+def test_a_hand_written_layer_norm_dividing_by_std_is_unbiased():
+    """Recomputing std from its packed input would be biased (E sqrt(var(x + noise)) > std(x));
+    with the exact std kept, the mean of 64 two-bit gradients approaches the exact one."""
+    torch.manual_seed(0)
+    _unbiased(HandWrittenLayerNorm(16), torch.randn(8, 12, 16), "std")
+
+
+def test_a_z_loss_over_masked_router_logits_is_unbiased():
+    """MoE routers' z-loss: logsumexp of logits with masked (-inf) entries; the probabilities are
+    packed, not the -inf logits."""
+    torch.manual_seed(0)
+    mask = torch.rand(8, 12, 16) < 0.3
+
+    def z_loss(s, x):
+        logits = s.lin(x).masked_fill(mask, float("-inf"))
+        return torch.logsumexp(logits, dim=-1) ** 2
+
+    _unbiased(Wrap(z_loss, lin=nn.Linear(16, 16)), torch.randn(8, 12, 16), "logsumexp")
+
+
+def test_std_of_a_constant_row_has_pytorchs_zero_gradient():
+    """std is 0 on a constant row: PyTorch's backward gives 0 there, not NaN; so does actfx's."""
+    model = Wrap(lambda s, x: (s.lin(x) * s.mask).std(-1), lin=nn.Linear(8, 8))
+    model.register_buffer("mask", torch.tensor([[1.0], [0.0], [1.0], [0.0]]))
+    x = torch.randn(4, 8)
+    converted = actfx.convert(model, bits=8)
+    exact = torch.autograd.grad(model(x).sum(), model.lin.weight)[0]
+    got = torch.autograd.grad(converted(x).sum(), model.lin.weight)[0]
+    assert torch.isfinite(got).all()
+    assert ((got - exact).norm() / exact.norm()) < 0.03
+
+
+def test_exported_std_var_and_logsumexp_are_converted():
+    """The ATen spellings torch.export records (aten.std.correction, aten.var.correction,
+    aten.logsumexp.default) reach the same variants."""
+    def fn(s, x):
+        h = s.lin(x)
+        return h.std(-1) + h.var(-1, unbiased=False) + h.logsumexp(-1)
+
+    model, x = Wrap(fn, lin=nn.Linear(16, 16)), torch.randn(4, 16)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,))
+    kinds = [d.kind for d in converted._actfx_record.decisions]
+    assert {"std", "var", "logsumexp"} <= set(kinds), kinds
+    assert torch.equal(converted(x), model(x))
+    w = torch.randn(4)
+    exact, got = weighted_grads(model, model, x, w), weighted_grads(model, converted, x, w)
+    assert (got - exact).norm() / exact.norm() < 0.03
