@@ -26,7 +26,7 @@ from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import (
     changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
-    warn_hooks_changed,
+    under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -270,6 +270,8 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
         hooked = changed_hooks(self, inlined, hooks)
         if hooked is not None:
             warn_hooks_changed(self, hooked)
+        elif under_function_transform(self):
+            pass
         elif self.training and torch.is_grad_enabled():
             bound = call.bind(args, kwargs)
             if bound is not None:
@@ -521,6 +523,8 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         hooked = changed_hooks(self, uncalled, None)  # fx kept modules hooked then as calls
         if hooked is not None:
             warn_hooks_changed(self, hooked)
+            return base.forward(self, *args, **kwargs)
+        if under_function_transform(self):
             return base.forward(self, *args, **kwargs)
         if optional:
             bound = signature.bind(self, *args, **kwargs)

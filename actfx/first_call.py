@@ -15,7 +15,9 @@ import torch
 import torch.nn as nn
 
 from actfx.config import Config
-from actfx.passes.capture import changed_hooks, hooks_now, uncalled_submodules, warn_hooks_changed
+from actfx.passes.capture import (
+    changed_hooks, hooks_now, uncalled_submodules, under_function_transform, warn_hooks_changed,
+)
 
 
 def _real_call(args, kwargs) -> bool:
@@ -59,7 +61,8 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     inlined = uncalled_submodules(model, ())  # export inlines every submodule
 
     def forward(self, *args, **kwargs):
-        if self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling():
+        if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and not under_function_transform(self)):
             if not captured and _real_call(args, kwargs) and _own_parameters(self):
                 _capture(self, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None

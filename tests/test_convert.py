@@ -748,3 +748,27 @@ def test_a_checkpoint_fx_traces_through_is_named():
         converted = actfx.convert(_Checkpointed(), bits=8)
     x = torch.randn(8, 16)
     assert torch.equal(converted(x), converted.block(x))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_per_sample_gradients_under_torch_func_run_the_models_own_forward(exported):
+    """``vmap(grad(functional_call(...)))`` (per-sample gradients) reached actfx's autograd
+    Functions, which torch.func cannot transform (a crash on an in-place seed update); the
+    model's own forward runs there instead, with the same gradients, and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 2))
+    x = torch.randn(5, 8)
+    converted = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def per_sample(module):
+        def loss(p, xi):
+            return torch.func.functional_call(module, p, (xi.unsqueeze(0),)).square().sum()
+        return torch.vmap(torch.func.grad(loss), in_dims=(None, 0))(params, x)
+
+    with pytest.warns(UserWarning, match="inside torch.func transforms"):
+        got = per_sample(converted)
+    exact = per_sample(model)
+    assert all(torch.allclose(got[k], exact[k], rtol=1e-6, atol=1e-7) for k in exact)
+    converted(x).sum().backward()  # outside the transforms it packs as before
+    assert any(d.saved == ["packed 2-bit"] for d in converted._actfx_record.decisions)

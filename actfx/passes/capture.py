@@ -272,3 +272,14 @@ def copy_graph(graph: Graph) -> Graph:
     copied.output(copied.graph_copy(graph, {}))
     copied.set_codegen(graph._codegen)
     return copied
+
+
+def under_function_transform(module: nn.Module) -> bool:
+    """True inside ``torch.func.grad`` / ``vmap`` / ``jvp`` (per-sample gradients, functional
+    training loops): actfx's autograd Functions cannot run under those transforms, so the model's
+    own forward runs there, unconverted (said once per place)."""
+    if torch.compiler.is_compiling() or torch._C._functorch.peek_interpreter_stack() is None:
+        return False
+    warnings.warn(f"actfx: {type(module).__name__} runs unconverted inside torch.func transforms (grad, vmap, "
+                  "jvp): nothing is packed there; call the model outside them to pack its activations", stacklevel=3)
+    return True
