@@ -62,6 +62,7 @@ class ConversionRecord:
     # module classes torch.export could not capture at a first call: not tried again in this model
     export_refused: set = dataclasses.field(default_factory=set)
     leaf_modules: tuple = ()  # as convert() was given them (pickling converts again with them)
+    plan_ops: tuple = ()  # the ops of the plan applied, if any (checked where the capture waits for a call)
 
 
 def is_converted(module: nn.Module) -> bool:
@@ -138,8 +139,9 @@ def _check_plan_fits(plan, record: ConversionRecord) -> None:
     the default widths, so refuse it."""
     from actfx.planner.plan import check_plan_fits
 
+    record.plan_ops = plan.ops
     if not record.capture_pending:  # else the ops are known at the first training call's capture (checked there)
-        check_plan_fits(plan.config().site_bits, record.decisions)
+        check_plan_fits(plan.config().site_bits, record.decisions, plan.ops)
 
 
 def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:

@@ -123,7 +123,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             record.capture_pending = False
             from actfx.planner.plan import check_plan_fits
 
-            check_plan_fits(record.config.site_bits, record.decisions)  # a plan's ops are known only now
+            check_plan_fits(record.config.site_bits, record.decisions, record.plan_ops)  # known only now
         captured.update(forward=forward, call=call, hooks=hooks_now(self, inlined))  # export ran these
 
     return forward

@@ -201,7 +201,8 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         _capture_now(chosen, calibration)
         held = measure(chosen, planned_inputs, dtype=dtype).activation_bytes
         step = step_bytes(chosen, planned_inputs, dtype=dtype)
-        result = dataclasses.replace(result, activation_bytes=held, predicted_peak_bytes=peak.peak(held, step))
+        result = dataclasses.replace(result, activation_bytes=held, predicted_peak_bytes=peak.peak(held, step),
+                                     ops=tuple(sorted({d.key for d in chosen._actfx_record.decisions})))
         over = (held - limit if activation_budget is not None else result.predicted_peak_bytes - total)
         if over <= 0:
             return result

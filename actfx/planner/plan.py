@@ -63,6 +63,7 @@ class Plan:
     budget: str = ""  # what the plan was made to fit, in words
     path: str = "eager"  # "eager": sites are actfx.convert's ops; "compile": actfx.compile's saved values
     memory_budget: float | None = None  # compile: the partitioner's activation_memory_budget planned with
+    ops: tuple = ()  # eager: every op the planned conversion converted (a larger model is refused)
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -105,7 +106,7 @@ class Plan:
                                                "predicted_peak_bytes", "average_bits", "gradient_variance", "budget",
                                                "path", "memory_budget")}
         sites = [{**dataclasses.asdict(s), "bits": "exact" if s.bits == KEEP_EXACT else s.bits} for s in self.sites]
-        return {"format": FORMAT, **head, "sites": sites}
+        return {"format": FORMAT, **head, "sites": sites, "ops": list(self.ops)}
 
     def save(self, path) -> None:
         with open(path, "w") as f:
@@ -135,7 +136,7 @@ class Plan:
             raise ValueError(f"{where}: malformed plan ({type(err).__name__}: {err}); write it again with actfx plan") \
                 from None
         return cls(sites=sites, budget=data.get("budget", ""), path=data.get("path", "eager"),
-                   memory_budget=data.get("memory_budget"), **fields)
+                   memory_budget=data.get("memory_budget"), ops=tuple(data.get("ops", ())), **fields)
 
     # ------------------------------------------------------------ printing
 
@@ -153,11 +154,18 @@ def plan_config(plan, path: str, **given) -> Config:
     return plan.config_for(path, **given)
 
 
-def check_plan_fits(site_bits, decisions) -> None:
-    """Refuse a plan whose widths (``site_bits``) name ops the conversion's ``decisions`` lack: a
-    plan made for another model would silently leave the default widths."""
+def check_plan_fits(site_bits, decisions, ops=()) -> None:
+    """Refuse a plan whose widths (``site_bits``) name ops the conversion's ``decisions`` lack, or,
+    where the plan lists the ``ops`` it was made for, a conversion with ops beyond them: a plan
+    made for another model would silently leave the default widths (a GPT-2 plan on a GPT-2 one
+    layer deeper held 1.19x the planned bytes)."""
     present = {d.key for d in decisions}
     missing = [key for key in site_bits if key not in present]
     if missing:
         raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "
                          f"{missing[0]!r}); it was made for another model: plan this one with actfx.plan")
+    known = set(ops)
+    extra = [key for key in present if known and key not in known]
+    if extra:
+        raise ValueError(f"this model has {len(extra)} op(s) the plan was not made for (e.g. {sorted(extra)[0]!r}); "
+                         "it was made for a smaller model: plan this one with actfx.plan")

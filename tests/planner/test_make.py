@@ -159,6 +159,22 @@ def test_a_plan_for_another_model_is_refused():
         actfx.convert(SmallCNN(), plan=plan)
 
 
+def _stack(depth: int) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*[torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.GELU()) for _ in range(depth)])
+
+
+def test_a_plan_for_a_smaller_model_is_refused():
+    """A plan names the ops it was made for: on a model one block deeper, the extra block's ops
+    took the default width, silently (a GPT-2 plan on a deeper GPT-2 held 1.19x its bytes)."""
+    x = torch.randn(32, 64)
+    plan = actfx.plan(_stack(2), x, activation_budget=4096, loss_fn=projection())
+    assert "1.1:gelu" in plan.ops and actfx.Plan.from_dict(plan.to_dict()).ops == plan.ops
+    actfx.convert(_stack(2), plan=plan)  # the model it was made for
+    with pytest.raises(ValueError, match=r"has 2 op\(s\) the plan was not made for \(e.g. '2.0:linear'\)"):
+        actfx.convert(_stack(3), plan=plan)
+
+
 class _BranchesOnRank(torch.nn.Module):
     """fx cannot trace ``if h.dim() == 2``: converted models capture it at their first training call."""
 
@@ -215,6 +231,14 @@ def test_a_model_captured_at_its_first_call_plans_on_one_sample_and_refuses_anot
     other = actfx.convert(_OtherBranchesOnRank(), plan=plan)
     with pytest.raises(ValueError, match="made for another model"):
         other(x)
+    wider = actfx.convert(_WiderBranchesOnRank(), plan=plan)  # the same ops and one more
+    with pytest.raises(ValueError, match="made for a smaller model"):
+        wider(x)
+
+
+class _WiderBranchesOnRank(_BranchesOnRank):
+    def forward(self, x):
+        return super().forward(x).sigmoid()
 
 
 def test_inputs_the_model_cannot_take_are_named_in_one_line():
