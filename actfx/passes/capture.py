@@ -19,14 +19,18 @@ from torch.nn.utils import parametrize
 from actfx.passes.autograd_functions import functions_as_calls
 
 
+# node.meta key of a module call a non-reentrant checkpoint made in the traced forward
+CHECKPOINTED = "actfx_checkpointed"
+
+
 class _ActfxTracer(Tracer):
     def __init__(self, leaf_types: tuple, leaf_paths: frozenset):
         super().__init__()
         self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if has_hooks(m):
-            return True
+        if has_hooks(m) or self._checkpointing():
+            return True  # a module a non-reentrant checkpoint calls stays a call: it is rerun (see create_node)
         if parametrize.is_parametrized(m):
             return False  # traced into: its ops (F.linear on the computed weight) have variants
         if (self.leaf_types and isinstance(m, self.leaf_types)) or qualname in self.leaf_paths:
@@ -47,15 +51,25 @@ class _ActfxTracer(Tracer):
                                "it would compute that block in the caller's precision")
         return graph
 
-    def create_node(self, *args, **kwargs):
+    def create_node(self, kind, target, *args, **kwargs):
         """Notes an op recorded under another grad mode or autocast state than the trace began
         in. fx runs ``with torch.no_grad():`` or ``with torch.autocast(...):`` at trace time and
         records nothing: such a target then took part in backward (8-bit gradient 0.80 of its
-        norm off, silently), and an autocast block ran in fp32 (outputs 0.02 off a bf16 model's)."""
+        norm off, silently), and an autocast block ran in fp32 (outputs 0.02 off a bf16 model's).
+        A module called inside a non-reentrant ``torch.utils.checkpoint`` (whose saved-tensor
+        hooks fx runs through and does not record) is marked ``CHECKPOINTED``: the rewrite reruns
+        it in backward from its exact inputs, as the checkpoint did; other ops there are noted."""
         self.grad_mode_changed |= torch.is_grad_enabled() != self._grad_at_start
         self.autocast_changed |= _autocast_state() != self._autocast_at_start
-        self.hooks_changed |= _saved_tensors_hooks() != self._hooks_at_start
-        return super().create_node(*args, **kwargs)
+        checkpointed = self._checkpointing() and kind == "call_module"
+        self.hooks_changed |= self._checkpointing() and not checkpointed and kind not in ("get_attr", "placeholder")
+        node = super().create_node(kind, target, *args, **kwargs)
+        if checkpointed:
+            node.meta[CHECKPOINTED] = True
+        return node
+
+    def _checkpointing(self) -> bool:
+        return _saved_tensors_hooks() != self._hooks_at_start
 
 
 def _saved_tensors_hooks():
@@ -255,11 +269,11 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
             graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)
         if training and tracer.hooks_changed:
-            warnings.warn(f"actfx.convert: the forward of {type(module).__name__} runs torch.utils.checkpoint "
-                          "without reentrance (or another saved-tensor-hooks block), which fx traces through: the "
-                          "checkpointed ops are converted and held packed instead of rerun in backward; to keep "
-                          "rerunning a block, name it in actfx.Config(recompute_modules=[...]), or use "
-                          "actfx.compile", stacklevel=4)
+            warnings.warn(f"actfx.convert: the forward of {type(module).__name__} runs ops outside modules inside "
+                          "torch.utils.checkpoint without reentrance (or another saved-tensor-hooks block), which fx "
+                          "traces through: those ops are converted and held packed instead of rerun in backward "
+                          "(modules checkpointed are rerun); to rerun a block, checkpoint a module or name it in "
+                          "actfx.Config(recompute_modules=[...]), or use actfx.compile", stacklevel=4)
     if graphs[True].code == graphs[False].code:
         return {True: graphs[True]}
     return graphs

@@ -23,6 +23,7 @@ import operator
 from torch.fx import Graph, GraphModule, Node
 
 from actfx.config import KEEP_EXACT, Config
+from actfx.passes.capture import CHECKPOINTED
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.rms_regions import collapse_rms_norms
@@ -105,7 +106,7 @@ class _Rewriter:
         self.sites: dict[Node, Site] = {}
         checkpointed = set(config.recompute_modules)
         for node in old_nodes:
-            if node.op == "call_module" and self._full(node.target) in checkpointed:
+            if node.op == "call_module" and (self._full(node.target) in checkpointed or node.meta.get(CHECKPOINTED)):
                 site = checkpoint_site(node, node.target, self.modules[node.target])
             else:
                 site = find_site(node, self.modules)
