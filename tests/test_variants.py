@@ -457,6 +457,28 @@ def test_addmm_with_a_weight_is_a_linear():
     check_variant(model, torch.randn(4, 16, 32), kinds=["linear"])
 
 
+class _ModulatedConv(nn.Module):
+    """StyleGAN2's modulated convolution: one group per sample, ``groups`` read from the input."""
+
+    def __init__(self, c=8):
+        super().__init__()
+        self.weight, self.affine = nn.Parameter(torch.randn(1, c, c, 3, 3) * 0.1), nn.Linear(c, c)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        wt = self.weight * self.affine(x.mean((2, 3))).view(b, 1, c, 1, 1)
+        wt = wt * torch.rsqrt(wt.pow(2).sum([2, 3, 4], keepdim=True) + 1e-8)
+        return F.conv2d(x.reshape(1, b * c, h, w), wt.view(b * c, c, 3, 3), padding=1, groups=b).view(b, c, h, w)
+
+
+def test_a_convolution_whose_groups_come_from_the_input_shape_is_converted():
+    """The conv site put the traced graph's node for ``groups`` into its static geometry: the
+    rewrite crashed ("does not belong to this Graph"). It is read at run time now."""
+    torch.manual_seed(0)
+    converted = check_variant(_ModulatedConv(), torch.randn(4, 8, 12, 12), tol=0.03, kinds=["conv"])
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "conv"] == [["packed 8-bit"]]
+
+
 def test_addmm_with_alpha_and_beta_packs_its_factors():
     model = Wrap(lambda s, x: torch.addmm(s.lin(x), x, s.lin.weight.t(), beta=0.5, alpha=2.0),
                  lin=nn.Linear(32, 32))

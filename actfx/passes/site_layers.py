@@ -24,7 +24,8 @@ from actfx.variants import (
 def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dilation, output_padding,
                groups, pad=None, kind="conv"):
     def emit(graph, env, specs, runs, pack=None):
-        geometry = (transposed, nd, stride, padding, dilation, output_padding, groups, pad)
+        # read at run time where the graph computes it (StyleGAN2's modulated conv: groups = batch)
+        geometry = _env(env, (transposed, nd, stride, padding, dilation, output_padding, groups, pad))
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
         out = graph.call_function(conv.conv, (geometry, specs[0], w, b, *runs[0]))
