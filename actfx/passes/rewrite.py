@@ -27,6 +27,7 @@ from actfx.passes.capture import CHECKPOINTED
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.rms_regions import collapse_rms_norms
+from actfx.passes.site import NONLINEAR_BITS
 from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
 
@@ -158,9 +159,9 @@ class _Rewriter:
         self.units: dict[Node, set] = {}
         for node, site in self.sites.items():
             b = self.config.bits_for(site.kind, self._path(site), self.keys[node])
-            for v in site.saved:
+            for i, v in enumerate(site.saved):
                 if isinstance(v, Node):
-                    bits[v] = max(bits.get(v, 0), b)
+                    bits[v] = max(bits.get(v, 0), b, NONLINEAR_BITS if i in site.nonlinear else 0)
                     self.units.setdefault(v, set()).add(self.keys[node])
         return bits
 

@@ -20,8 +20,9 @@ from actfx.variants import module_recompute, products, softmax
 # ---------------------------------------------------------------- attention
 
 def _sdpa(node):
-    """F.scaled_dot_product_attention: q, k, v packed (Config.op_bits["sdpa"], 8 by default),
-    backward recomputes attention from them (replaying dropout); the mask is kept exact. A key,
+    """F.scaled_dot_product_attention: q, k, v packed (Config.op_bits["sdpa"], 8 by default; q
+    and k never below ``NONLINEAR_BITS``), backward recomputes attention from them (replaying
+    dropout); the mask is kept exact. A key,
     value or mask repeated from a smaller tensor (grouped-query attention's ``repeat_kv``, a
     broadcast mask) is kept as that tensor and repeated again in backward."""
     a = bind("sdpa", node.args, node.kwargs)
@@ -39,6 +40,10 @@ def _sdpa(node):
     if site is not None and isinstance(mask, Node):
         exact = chain_inputs(*chains[mask]) if mask in chains else {mask}
         site.exact = tuple(i for i, n in enumerate(site.saved) if n in exact)
+    if site is not None:
+        # softmax(q k^T) is recomputed from q and k: nonlinear in them (v enters linearly)
+        scores = chain_inputs(*chains[a["key"]]) if a["key"] in chains else {a["key"]}
+        site.nonlinear = tuple(i for i, n in enumerate(site.saved) if n is a["query"] or n in scores)
     return site
 
 
