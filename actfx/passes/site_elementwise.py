@@ -157,6 +157,10 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
         site = _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace)
         if site is not None:
             return site
+        if fn not in _RECOMPUTED_LINEARLY:
+            # recomputed from rounded inputs, a nonlinear op's gradient is biased (``x ** y`` of two
+            # activations, ``F.normalize`` with p != 2): it stays as it is, reported
+            return None
     args_t, kwargs_t, nodes = _template(args, kwargs, chains)
     variant = _RECOMPUTE_VARIANTS[fn]
 
@@ -195,6 +199,11 @@ _RECOMPUTE_VARIANTS = {
                      *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), (torch.einsum, "einsum"),
                      (torch.baddbmm, "baddbmm"), (torch.addmm, "addmm")]
 }
+
+
+# Ops recomputed from packed inputs whose gradients are linear in each input (bilinear products),
+# or nonlinear only where their Site says so (attention: ``Site.nonlinear``)
+_RECOMPUTED_LINEARLY = frozenset({torch.einsum, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention})
 
 
 def baddbmm_site(node):
