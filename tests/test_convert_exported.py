@@ -429,3 +429,55 @@ def test_a_forward_that_registers_a_gradient_hook_is_not_replaced_by_its_export(
     samples = [first] + [weighted_grads(converted, converted, x, w) for _ in range(15)]
     assert_mean_converges(samples, exact)
     assert max((g - exact).norm() for g in samples) < exact.norm()  # the clipping ran (27x without it)
+
+
+class _CachedTable(nn.Module):
+    """Caches a table in a buffer at first use (x-transformers' ALiBi bias)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("table", None, persistent=False)
+
+    def forward(self, n):
+        if self.table is None or self.table.shape[-1] < n:
+            self.register_buffer("table", torch.arange(n).float() * 0.1, persistent=False)
+        return self.table[:n]
+
+
+class _TakesAModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, table):  # ``table``: a module of the parent, handed in, not a child
+        if x.shape[-1] > 4:  # fx cannot trace this; torch.export captures it at the first call
+            x = x * 1.0
+        return torch.relu(self.lin(x) + table(x.shape[-1]))
+
+
+class _HandsOverAModule(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.table, self.attn, self.out = _CachedTable(), _TakesAModule(), nn.Linear(8, 8)
+
+    def forward(self, x):
+        if x.shape[-1] > 4:
+            x = x * 1.0
+        return self.out(self.attn(x, self.table))
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_a_module_handed_to_a_captured_forward_keeps_its_real_buffers():
+    """A submodule captured at its first call ran a module it was handed (outside its own tree),
+    which cached a table: torch.export's fake tensor stayed in that buffer, and every later call
+    read it (a data-dependent guard error at the next comparison). Its attributes are put back."""
+    torch.manual_seed(0)
+    model, x = _HandsOverAModule(), torch.randn(4, 8)
+    expected = model(x)
+    model.table.table = None
+    converted = actfx.convert(model, bits=2)
+    for _ in range(2):
+        out = converted(x)
+        assert type(converted.table.table) is torch.Tensor
+        assert torch.equal(out, expected)
+    out.sum().backward()

@@ -192,27 +192,31 @@ def _equal_plain_values(a, b) -> bool:
 
 
 @contextlib.contextmanager
-def attributes_kept(module: nn.Module):
+def attributes_kept(module: nn.Module, others=()):
     """Run a capture (fx trace or torch.export), then put every module's attributes back as
     they were, and raise if the forward assigned any. Why: neither capture records a Python
     attribute assignment (``self.features = h`` for a perceptual loss, ``self.calls += 1``),
     so the captured forward would skip it, silently; and the capture's own run left fx proxies
     or fake tensors in the user's model. The fx tracer's lifted constants (``_tensor_constant``)
-    are neither assignments nor removed."""
-    saved = {m: _attributes(m) for m in module.modules()}
+    are neither assignments nor removed. ``others``: modules outside ``module``'s tree that the
+    forward is handed (x-transformers passes its ALiBi module to each attention layer, which
+    caches a table in it: export left a fake tensor there, and every later call read it)."""
+    trees = [module, *others]
+    saved = {m: _attributes(m) for root in trees for m in root.modules()}
     assigned = []
     # fx runs Python on real buffers: ``self.step += 1`` happened once, and the graph kept the
     # value it read as a constant (the step then never moved); so buffers changed in place are
     # put back and refused too (torch.export records such updates)
-    buffers = {name: (b, b._version, b.detach().clone()) for name, b in module.named_buffers()}
+    buffers = {(i, name): (b, b._version, b.detach().clone())
+               for i, root in enumerate(trees) for name, b in root.named_buffers()}
     try:
         yield
     finally:
         with torch.no_grad():
-            for name, (b, version, value) in buffers.items():
+            for (i, name), (b, version, value) in buffers.items():
                 if b._version != version:
                     b.copy_(value)
-                    assigned.append((module, f"buffer {name}"))
+                    assigned.append((trees[i], f"buffer {name}"))
         for m, before in saved.items():
             now = _attributes(m)
             for key in set(before) | set(now):

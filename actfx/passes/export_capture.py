@@ -344,8 +344,9 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     hooks: list = []
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
+            handed = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, nn.Module)]
             with inlined_functions(inlined), registered_hooks(hooks), _without_partial_graph_print(), \
-                    attributes_kept(model):
+                    attributes_kept(model, handed):
                 try:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output
