@@ -467,6 +467,22 @@ def _forward_signature(base: type):
         return None
 
 
+def _none_inside(args: tuple, kwargs: dict) -> str | None:
+    """Which input is a list, tuple or dict holding a None (diffusers' ``added_cond_kwargs``), or
+    None: fx traced such an input as tensors all through, so its graph may not fit the call."""
+    def holds_none(value, depth=0) -> bool:
+        if isinstance(value, dict):
+            value = list(value.values())
+        if not isinstance(value, (list, tuple)) or depth > 4:
+            return False
+        return any(v is None or holds_none(v, depth + 1) for v in value)
+
+    for where, value in [*((f"#{i}", a) for i, a in enumerate(args)), *kwargs.items()]:
+        if holds_none(value):
+            return where
+    return None
+
+
 def _pattern_forwards(patterns: dict, forwards_for, left: list, bound, fixed: dict) -> dict | None:
     """The forwards for a call leaving ``left`` None with these flag values: traced at the first
     such call (``forwards_for``), then reused. Such calls ran the module's own forward, unconverted
@@ -527,6 +543,15 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
             warn_hooks_changed(self, hooked)
             return base.forward(self, *args, **kwargs)
         if under_function_transform(self):
+            return base.forward(self, *args, **kwargs)
+        holder = _none_inside(args, kwargs)
+        if holder is not None:
+            if unserved is not None:
+                return unserved(self, *args, **kwargs)
+            warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): its input {holder} holds None "
+                          "inside, and fx traced it as tensors (a test like `d.get(k) is not None` took one branch "
+                          "for good); convert it with example_inputs= shaped like this call to capture it with "
+                          "torch.export", stacklevel=2)
             return base.forward(self, *args, **kwargs)
         if optional:
             bound = signature.bind(self, *args, **kwargs)

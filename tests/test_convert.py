@@ -803,3 +803,41 @@ def test_per_sample_gradients_under_torch_func_run_the_models_own_forward(export
     assert all(torch.allclose(got[k], exact[k], rtol=1e-6, atol=1e-7) for k in exact)
     converted(x).sum().backward()  # outside the transforms it packs as before
     assert any(d.saved == ["packed 2-bit"] for d in converted._actfx_record.decisions)
+
+
+class _Conditioned(nn.Module):
+    """Reads an optional entry of a dict input (diffusers' ``added_cond_kwargs``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+
+    def forward(self, x, cond=None):
+        if cond is not None and cond.get("scale") is not None:
+            x = x * cond["scale"]
+        return torch.relu(self.lin(x))
+
+
+class _ConditionedInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block, self.head = _Conditioned(), nn.Linear(8, 2)
+
+    def forward(self, x, cond):
+        return self.head(self.block(x, cond=cond))
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_a_dict_input_holding_none_is_not_run_through_a_graph_traced_for_tensors():
+    """fx traced ``cond`` as tensors all through, so ``cond.get("scale") is not None`` took the
+    multiplying branch for good: a call with ``{"scale": None}`` crashed (Tensor * None). Such a
+    call now runs the module's own forward (a submodule: captured by torch.export at that call)."""
+    torch.manual_seed(0)
+    x = torch.randn(4, 8)
+    for model in (_Conditioned(), _ConditionedInside()):
+        converted = actfx.convert(model, bits=8)
+        for cond in ({"scale": None}, {"scale": torch.full((8,), 2.0)}):
+            assert torch.equal(converted(x, cond=cond), model(x, cond=cond))
+            converted(x, cond=cond).sum().backward()
+    with pytest.warns(UserWarning, match="its input cond holds None inside"):
+        actfx.convert(_Conditioned(), bits=8)(x, cond={"scale": None})
