@@ -78,6 +78,9 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.convert expects a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError("actfx.convert cannot convert a TorchScript module (torch.jit.script / trace): it runs its "
+                        "own compiled graph; convert the nn.Module itself (before scripting it)")
     if plan is not None:
         from actfx.planner.plan import plan_config
 
@@ -213,6 +216,11 @@ def find_site_type(module: nn.Module):
 
 
 def _convert_children(module, path, config, leaf_modules, record, err):
+    if isinstance(module, torch.jit.ScriptModule):
+        # TorchScript runs its own compiled graph: nothing to trace, export or clone
+        record.uncovered.append(Unconverted(path or "<root>", type(module).__name__,
+                                            "a TorchScript module: runs as it is"))
+        return module
     if find_site_type(module) is not None and _takes_one_input(module):
         return _convert_leaf(module, path, config, record)
     reason = f"fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"

@@ -841,3 +841,31 @@ def test_a_dict_input_holding_none_is_not_run_through_a_graph_traced_for_tensors
             converted(x, cond=cond).sum().backward()
     with pytest.warns(UserWarning, match="its input cond holds None inside"):
         actfx.convert(_Conditioned(), bits=8)(x, cond={"scale": None})
+
+
+class _ScriptedInside(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(16, 32)
+        self.act = torch.jit.script(nn.Sequential(nn.Linear(32, 16), nn.Tanh()))
+
+    def forward(self, x):
+        h = F.relu(self.fc(x))
+        if h.mean() > 0:  # fx cannot trace this: the model is converted child by child
+            h = h * 2
+        return self.act(h)
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_a_torchscript_submodule_runs_as_it_is_and_a_scripted_model_is_refused():
+    """Converting child by child read ``forward`` off a scripted child's class, which raised
+    AttributeError: the TorchScript module now runs as it is (reported); a scripted model is
+    refused in one line."""
+    torch.manual_seed(0)
+    model, x = _ScriptedInside(), torch.randn(8, 16)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), model(x))
+    converted(x).sum().backward()
+    assert any(u.reason == "a TorchScript module: runs as it is" for u in converted._actfx_record.uncovered)
+    with pytest.raises(TypeError, match="cannot convert a TorchScript module"):
+        actfx.convert(torch.jit.script(nn.Linear(4, 4)))
