@@ -520,6 +520,21 @@ def test_a_convolution_whose_groups_come_from_the_input_shape_is_converted():
     assert [d.saved for d in converted._actfx_record.decisions if d.kind == "conv"] == [["packed 8-bit"]]
 
 
+@pytest.mark.parametrize("fn", [
+    lambda s, x: s.conv(s.pad(F.relu(s.c0(x)))),  # CycleGAN's ResNet generator
+    lambda s, x: s.conv(F.pad(F.relu(s.c0(x)), (1, 1, 1, 1), mode="reflect")),
+    lambda s, x: s.conv(F.pad(F.relu(s.c0(x)), (1, 2, 0, 1), "replicate")),
+])
+def test_reflection_and_replication_padding_keep_only_their_input_shape(fn):
+    """PyTorch keeps a reflection / replication pad's whole input for a backward that reads only
+    its shape: after the ReLU became a 1-bit mask, that input was held exact (a style-transfer
+    network held 290 of its 505 KiB there)."""
+    model = Wrap(fn, c0=nn.Conv2d(3, 8, 3, padding=1), conv=nn.Conv2d(8, 8, 3), pad=nn.ReflectionPad2d(1))
+    converted = check_variant(model, torch.randn(2, 3, 16, 16), kinds=["pad", "conv"])
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "pad"] == [["shape only"]]
+    assert not converted._actfx_record.uncovered
+
+
 def test_addmm_with_alpha_and_beta_packs_its_factors():
     model = Wrap(lambda s, x: torch.addmm(s.lin(x), x, s.lin.weight.t(), beta=0.5, alpha=2.0),
                  lin=nn.Linear(32, 32))

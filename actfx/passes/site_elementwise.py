@@ -69,7 +69,8 @@ def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):
     x = args[0] if args else None
     rest = [*args[1:], *kwargs.values()]
     packet = aten_packet("call_function", fn) or aten_packet("call_method", getattr(fn, "__name__", None))
-    if not isinstance(x, Node) or any(isinstance(v, Node) for v in rest) or packet is None or not is_pointwise(packet):
+    elementwise = fn in _COMPOSITE_POINTWISE or (packet is not None and is_pointwise(packet))
+    if not isinstance(x, Node) or any(isinstance(v, Node) for v in rest) or not elementwise:
         return None
     name = getattr(fn, "__name__", "op")
     if node.op == "call_function" and callable(node.target) and not inplace:
@@ -80,6 +81,10 @@ def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):
 
     calls = pointwise_callables(Pointwise(apply, f"{name}_{node.name}", inplace, kind))
     return pointwise_site(node, path, calls, x, inplace, kind)
+
+
+# Element-wise functions written in Python over ATen ops (no ATen op of their own to read the tag of)
+_COMPOSITE_POINTWISE = frozenset({F.softsign, F.tanhshrink})
 
 
 def inplace_pointwise_site(node):
@@ -190,7 +195,7 @@ _ELEMENTWISE = {
 _ELEMENTWISE_METHODS = {name: getattr(torch.Tensor, name) for name in
                         ("sigmoid", "tanh", "log_softmax", "pow", "rsqrt", "exp", "log", "sqrt", "sin", "cos", "erf",
                          "log1p", "expm1", "reciprocal", "square")}
-_SHAPE_ONLY = {F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
+_SHAPE_ONLY = {F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool"}
 _RECOMPUTE_VARIANTS = {
@@ -253,6 +258,9 @@ def _module_as_call(node, path, m):
         nn.LogSoftmax: lambda: (F.log_softmax, (x,), {"dim": getattr(m, "dim", None)}),
     }
     # Exact types only: a subclass (timm's AvgPool2dSame pads first) has a forward of its own.
+    if type(m) in _PAD_MODES:
+        return _recompute_site(node, path, "pad", F.pad, (x, tuple(m.padding), _PAD_MODES[type(m)]), {},
+                               shape_only=True)
     if type(m) in (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d):
         fn = {nn.AvgPool1d: F.avg_pool1d, nn.AvgPool2d: F.avg_pool2d, nn.AvgPool3d: F.avg_pool3d}[type(m)]
         extra = (m.ceil_mode, m.count_include_pad) + ((m.divisor_override,) if not isinstance(m, nn.AvgPool1d) else ())
@@ -267,6 +275,21 @@ def _module_as_call(node, path, m):
     else:
         return None
     return _recompute_site(node, path, _ELEMENTWISE[fn], fn, args, kwargs)
+
+
+# Padding modules whose backward PyTorch gives the whole input (for its shape alone)
+_PAD_MODES = {**dict.fromkeys((nn.ReflectionPad1d, nn.ReflectionPad2d, nn.ReflectionPad3d), "reflect"),
+              **dict.fromkeys((nn.ReplicationPad1d, nn.ReplicationPad2d, nn.ReplicationPad3d), "replicate")}
+
+
+def pad_site(node):
+    """``F.pad`` in reflect / replicate mode: PyTorch keeps the input, its backward needs only the
+    shape (CycleGAN's and style-transfer generators pad every conv this way); constant and
+    circular padding keep nothing (None)."""
+    a = dict(zip(("input", "pad", "mode", "value"), node.args)) | dict(node.kwargs)
+    if a.get("mode") not in ("reflect", "replicate") or set(a) - {"input", "pad", "mode", "value"}:
+        return None
+    return _recompute_site(node, None, "pad", F.pad, (a["input"], a["pad"], a["mode"]), {}, shape_only=True)
 
 
 def _recompute_functional(node):

@@ -30,7 +30,7 @@ from actfx.passes.site_attention import (
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, pointwise_site,
+    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, pad_site, pointwise_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -201,6 +201,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
                                       a["reduction"], a["label_smoothing"])
         if t is F.normalize:
             return normalize_site(node) or _recompute_functional(node)
+        if t is F.pad:
+            return pad_site(node)
         if t in _ELEMENTWISE or t in _SHAPE_ONLY:
             return _recompute_functional(node)
         return inplace_pointwise_site(node)
