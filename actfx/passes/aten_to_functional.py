@@ -96,6 +96,9 @@ _FUNCTIONS: dict = {
     aten.layer_norm.default: _call(F.layer_norm, "input", "normalized_shape", "weight", "bias", "eps"),
     aten.group_norm.default: _call(F.group_norm, "input", "num_groups", "weight", "bias", "eps"),
     aten.rms_norm.default: _call(F.rms_norm, "input", "normalized_shape", "weight", "eps"),
+    # nn.InstanceNorm*d (torchvision's RAFT encoder): F.instance_norm calls this op (cuDNN flag as for batch_norm)
+    aten.instance_norm.default: _call(F.instance_norm, "input", "running_mean", "running_var", "weight", "bias",
+                                      "use_input_stats", "momentum", "eps"),
     # F.batch_norm is what nn.BatchNorm*d calls; it passes the live cudnn flag, which export
     # records as False because it traces with cuDNN switched off. Running-stat updates happen
     # inside the op on the buffers it is given, as in eager.
