@@ -45,7 +45,10 @@ def module_path(node: fx.Node) -> str:
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
     path = re.sub(r"^__self__\.?", "", path)
-    return re.sub(r"_modules\['([^']*)'\]", r"\1", path)
+    # dynamo's sources: ``_modules['gen']``, ``__dict__['_modules']['gen']`` (a module with hooks), ``[0]``
+    path = re.sub(r"(?:__dict__\['_modules'\]|_modules)\['([^']*)'\]", r".\1", path)
+    path = re.sub(r"\[(\d+)\]", r".\1", path)
+    return re.sub(r"\.+", ".", path).strip(".")
 
 
 def pointwise(node: fx.Node) -> bool:
