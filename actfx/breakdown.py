@@ -95,8 +95,10 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
                 t.dtype == torch.uint8 and t.counted for t in merged.tensors):
             planned = any(record.config.site_bits.get(d.key) == KEEP_EXACT
                           for d in decisions)
-            # the variant packs nothing below min_numel, or a plan keeps the value exact
-            row.kind = "kept exact (plan)" if planned else "kept exact (too small to pack)"
+            # the variant packs nothing below min_numel or of complex values, or a plan keeps it exact
+            complex_values = any(t.dtype.is_complex for t in merged.tensors)
+            row.kind = ("kept exact (plan)" if planned else "kept exact (complex values)" if complex_values
+                        else "kept exact (too small to pack)")
     return [row for row, *_ in found]
 
 

@@ -535,6 +535,17 @@ def test_reflection_and_replication_padding_keep_only_their_input_shape(fn):
     assert not converted._actfx_record.uncovered
 
 
+@pytest.mark.parametrize("fn", [
+    lambda s, x: torch.fft.rfft(s.lin(x), dim=-1).abs(),
+    lambda s, x: torch.view_as_real(torch.fft.rfft2(s.lin(x), norm="ortho")),  # a Fourier neural operator
+    lambda s, x: torch.fft.fft(s.lin(x)).real,
+])
+def test_fourier_transforms_keep_only_their_input_shape(fn):
+    """An FFT is linear: PyTorch keeps its whole input for a backward that reads the shape alone."""
+    converted = check_variant(Wrap(fn, lin=nn.Linear(64, 64)), torch.randn(4, 8, 64), tol=0.03, kinds=["fft"])
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "fft"] == [["shape only"]]
+
+
 def test_addmm_with_alpha_and_beta_packs_its_factors():
     model = Wrap(lambda s, x: torch.addmm(s.lin(x), x, s.lin.weight.t(), beta=0.5, alpha=2.0),
                  lin=nn.Linear(32, 32))

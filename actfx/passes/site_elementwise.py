@@ -195,7 +195,9 @@ _ELEMENTWISE = {
 _ELEMENTWISE_METHODS = {name: getattr(torch.Tensor, name) for name in
                         ("sigmoid", "tanh", "log_softmax", "pow", "rsqrt", "exp", "log", "sqrt", "sin", "cos", "erf",
                          "log1p", "expm1", "reciprocal", "square")}
-_SHAPE_ONLY = {F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
+_SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn, torch.fft.fft, torch.fft.fft2,
+                                 torch.fft.fftn), "fft"),  # linear: PyTorch keeps the input for its shape
+               F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool"}
 _RECOMPUTE_VARIANTS = {
