@@ -556,6 +556,8 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         if holder is not None:
             if unserved is not None:
                 return unserved(self, *args, **kwargs)
+            if not (self.training and torch.is_grad_enabled()):
+                return base.forward(self, *args, **kwargs)  # nothing would be packed anyway
             warnings.warn(f"actfx: {base.__name__} ran unconverted (nothing packed): its input {holder} holds None "
                           "inside, and fx traced it as tensors (a test like `d.get(k) is not None` took one branch "
                           "for good); convert it with example_inputs= shaped like this call to capture it with "

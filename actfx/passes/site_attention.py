@@ -22,9 +22,9 @@ from actfx.variants import module_recompute, products, softmax
 def _sdpa(node):
     """F.scaled_dot_product_attention: q, k, v packed (Config.op_bits["sdpa"], 8 by default; q
     and k never below ``NONLINEAR_BITS``), backward recomputes attention from them (replaying
-    dropout); the mask is kept exact. A key,
-    value or mask repeated from a smaller tensor (grouped-query attention's ``repeat_kv``, a
-    broadcast mask) is kept as that tensor and repeated again in backward."""
+    dropout); the mask is kept exact. A key, value or mask repeated from a smaller tensor
+    (grouped-query attention's ``repeat_kv``, a broadcast mask) is kept as that tensor and
+    repeated again in backward."""
     a = bind("sdpa", node.args, node.kwargs)
     if a is None:
         return None
