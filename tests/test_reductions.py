@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import actfx
 from checks import assert_mean_converges, weighted_grads
@@ -105,3 +106,39 @@ def test_exported_std_var_and_logsumexp_are_converted():
     w = torch.randn(4)
     exact, got = weighted_grads(model, model, x, w), weighted_grads(model, converted, x, w)
     assert (got - exact).norm() / exact.norm() < 0.03
+
+
+class _Distilled(nn.Module):
+    """Knowledge distillation: a student's log-probabilities against a frozen teacher's."""
+
+    def __init__(self, reduction="batchmean", log_target=False, module=False):
+        super().__init__()
+        self.student, self.teacher = nn.Linear(32, 500), nn.Linear(32, 500).requires_grad_(False)
+        self.reduction, self.log_target = reduction, log_target
+        self.loss = nn.KLDivLoss(reduction=reduction, log_target=log_target) if module else None
+
+    def forward(self, x):
+        log_p = F.log_softmax(self.student(x) / 2.0, -1)
+        teacher = self.teacher(x) / 2.0
+        target = F.log_softmax(teacher, -1) if self.log_target else F.softmax(teacher, -1)
+        if self.loss is not None:
+            return self.loss(log_p, target)
+        return F.kl_div(log_p, target, reduction=self.reduction, log_target=self.log_target)
+
+
+@pytest.mark.filterwarnings("ignore:reduction")
+@pytest.mark.parametrize("options", [{}, {"reduction": "sum", "log_target": True},
+                                     {"reduction": "mean", "module": True}, {"reduction": "none"}])
+def test_a_distillation_loss_packs_the_teachers_probabilities_unbiased(options):
+    """PyTorch's kl_div keeps the student's log-probabilities and the teacher's probabilities,
+    both vocabulary-wide; the input's gradient is ``-p * g``, linear in the teacher's ``p``, which
+    is packed instead."""
+    torch.manual_seed(0)
+    model, x = _Distilled(**options), torch.randn(64, 32)
+    converted = actfx.convert(model, bits=2)
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "kl_div"] == [["packed 2-bit"]]
+    assert torch.equal(converted(x), model(x))
+    w = torch.randn(model(x).shape)
+    exact = weighted_grads(model.student, model, x, w)
+    assert_mean_converges([weighted_grads(model.student, converted, x, w) for _ in range(64)], exact,
+                          least_noise=1e-3)

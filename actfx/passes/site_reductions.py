@@ -1,5 +1,6 @@
 """Sites for reductions whose backward reads their input: ``std`` / ``var`` (input packed, std
-exact) and ``logsumexp`` (its probabilities packed), in function, method and ATen form."""
+exact), ``logsumexp`` (its probabilities packed), in function, method and ATen form, and the
+KL-divergence loss (its target packed)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 from torch.fx import Node
 
 from actfx.passes.site import Site
-from actfx.variants import deviation, logsumexp
+from actfx.variants import deviation, kl_div, logsumexp
 
 aten = torch.ops.aten
 
@@ -68,3 +69,32 @@ def logsumexp_site(node):
         return graph.call_function(logsumexp.logsumexp, (spec, dim, bool(keepdim), env[x], *run)), {}
 
     return Site(node, "logsumexp", None, [], emit)
+
+
+_KL_DIV_NAMES = ("input", "target", "size_average", "reduce", "reduction", "log_target")
+
+
+def kl_div_site(node, path=None, module=None):
+    """``F.kl_div`` / ``nn.KLDivLoss`` (distillation): the target's probabilities packed, decided
+    at run time (``variants/kl_div.py``)."""
+    if module is not None:
+        if len(node.args) != 2 or node.kwargs:
+            return None
+        a = {"input": node.args[0], "target": node.args[1], "reduction": module.reduction,
+             "log_target": module.log_target}
+    else:
+        a = dict(zip(_KL_DIV_NAMES, node.args)) | dict(node.kwargs)
+        if set(a) - set(_KL_DIV_NAMES) or a.get("size_average") is not None or a.get("reduce") is not None:
+            return None  # the deprecated arguments: left as is
+    x, target = a.get("input"), a.get("target")
+    reduction, log_target = a.get("reduction", "mean"), a.get("log_target", False)
+    if (not isinstance(x, Node) or not isinstance(target, Node) or _holds_node((reduction, log_target))
+            or reduction not in ("none", "sum", "mean", "batchmean")):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        p = graph.call_function(kl_div.target_probabilities, (env[x], env[target], bool(log_target)))
+        spec, run = pack(p, node)
+        return graph.call_function(kl_div.kl_div, (spec, reduction, bool(log_target), env[x], env[target], *run)), {}
+
+    return Site(node, "kl_div", path, [], emit)

@@ -38,7 +38,7 @@ from actfx.passes.site_layers import (
     GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
-from actfx.passes.site_reductions import DEVIATIONS, LOGSUMEXPS, deviation_site, logsumexp_site
+from actfx.passes.site_reductions import DEVIATIONS, LOGSUMEXPS, deviation_site, kl_div_site, logsumexp_site
 from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
@@ -71,6 +71,7 @@ _MODULE_HANDLERS = [
     ((nn.CrossEntropyLoss,), lambda node, path, m: len(node.args) == 2 and not node.kwargs and cross_entropy_site(
         node, path, node.args[0], node.args[1], _loss_weight(node, path, m), m.ignore_index, m.reduction,
         m.label_smoothing) or None),
+    ((nn.KLDivLoss,), lambda node, path, m: kl_div_site(node, path, m)),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
         node, path, node.args[0], None, None, m.inplace, module=True) or None),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
@@ -203,6 +204,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return normalize_site(node) or _recompute_functional(node)
         if t is F.pad:
             return pad_site(node)
+        if t is F.kl_div:
+            return kl_div_site(node)
         if t in _ELEMENTWISE or t in _SHAPE_ONLY:
             return _recompute_functional(node)
         return inplace_pointwise_site(node)
