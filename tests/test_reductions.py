@@ -9,6 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import actfx
+from actfx.accounting import count_saved
 from checks import assert_mean_converges, weighted_grads
 from test_variants import Wrap, check_variant
 
@@ -141,4 +142,44 @@ def test_a_distillation_loss_packs_the_teachers_probabilities_unbiased(options):
     w = torch.randn(model(x).shape)
     exact = weighted_grads(model.student, model, x, w)
     assert_mean_converges([weighted_grads(model.student, converted, x, w) for _ in range(64)], exact,
+                          least_noise=1e-3)
+
+
+class _SoftTargets(nn.Module):
+    """Mixup / distillation: cross-entropy against class probabilities, per pixel when 4-D."""
+
+    def __init__(self, weight=None, reduction="mean", per_pixel=False):
+        super().__init__()
+        self.head, self.weight, self.reduction, self.per_pixel = nn.Linear(32, 100), weight, reduction, per_pixel
+
+    def forward(self, x, probabilities):
+        logits = self.head(x)
+        if self.per_pixel:
+            logits = logits.permute(0, 3, 1, 2)
+        return F.cross_entropy(logits, probabilities, self.weight, reduction=self.reduction)
+
+
+@pytest.mark.parametrize("weight, reduction, shape", [
+    (None, "mean", (64,)), (torch.rand(100), "sum", (64,)), (None, "none", (4, 6, 6))])
+def test_cross_entropy_against_class_probabilities_packs_the_softmax_unbiased(weight, reduction, shape):
+    """With class-probability targets F.cross_entropy ran as PyTorch runs it (log-probabilities
+    kept exact, full size); its gradient is linear in the log-probabilities there too, so the
+    packed softmax serves it as it does class indices."""
+    torch.manual_seed(0)
+    model = _SoftTargets(weight, reduction, per_pixel=len(shape) == 3)
+    x = torch.randn(*shape, 32)
+    target = torch.softmax(torch.randn(*shape, 100) * 3, -1)
+    target = target.permute(0, 3, 1, 2) if target.dim() == 4 else target
+    converted = actfx.convert(model, bits=2)
+    assert torch.equal(converted(x, target), model(x, target))
+    w = torch.randn(model(x, target).shape)
+    call = lambda m: (lambda inp: m(inp, target))  # noqa: E731
+    exact = weighted_grads(model, call(model), x, w)
+    with count_saved(model) as plain:
+        kept = model(x, target)  # noqa: F841
+    with count_saved(converted) as packed:
+        kept = converted(x, target)  # noqa: F841
+    # the target is kept as PyTorch keeps it (the caller's tensor); the log-probabilities are not
+    assert plain.activation_bytes - packed.activation_bytes > 0.7 * target.numel() * 4
+    assert_mean_converges([weighted_grads(model, call(converted), x, w) for _ in range(64)], exact,
                           least_noise=1e-3)

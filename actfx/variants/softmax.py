@@ -89,9 +89,25 @@ def _class_dim(x) -> int:
 
 def _packs_cross_entropy(x, target, label_smoothing) -> bool:
     """Class-index targets without smoothing: then F.cross_entropy is exactly
-    nll_loss(log_softmax(x, class_dim)) (ATen's own decomposition), so splitting it changes nothing."""
-    return (label_smoothing == 0.0 and isinstance(target, torch.Tensor) and not target.is_floating_point()
-            and isinstance(x, torch.Tensor) and x.dim() >= 1)
+    nll_loss(log_softmax(x, class_dim)) (ATen's own decomposition), so splitting it changes nothing.
+    Class-probability targets (mixup, distillation) that need no gradient, without smoothing: the
+    loss is linear in the log-probabilities too (``_soft_nll``)."""
+    if label_smoothing != 0.0 or not isinstance(target, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() < 1:
+        return False
+    if target.is_floating_point():
+        return target.shape == x.shape and not target.requires_grad
+    return True
+
+
+def _soft_nll(log_p, target, weight, reduction):
+    """F.cross_entropy of class probabilities as a function of the log-probabilities (linear)."""
+    dim = _class_dim(log_p)
+    if weight is not None:
+        target = target * weight.view([-1 if d == dim else 1 for d in range(log_p.dim())])
+    loss = -(target * log_p).sum(dim)
+    if reduction == "mean":
+        return loss.sum() / (log_p.numel() // log_p.shape[dim]) if log_p.dim() > 1 else loss
+    return loss.sum() if reduction == "sum" else loss
 
 
 def cross_entropy_probabilities(x, target, label_smoothing):
@@ -123,8 +139,11 @@ class _CrossEntropyFromPacked(torch.autograd.Function):
         weight = rest.pop(0) if ctx.has_weight else None
         p = materialize_all(ctx.plans, rest)[0]
         zeros = torch.zeros(ctx.x_shape, dtype=p.dtype, device=p.device)
-        _, pullback = hooked_vjp.vjp(lambda z: F.nll_loss(z, target, weight, ignore_index=ctx.ignore_index,
-                                                     reduction=ctx.reduction), zeros)
+        if target.is_floating_point():
+            _, pullback = hooked_vjp.vjp(lambda z: _soft_nll(z, target.to(p.dtype), weight, ctx.reduction), zeros)
+        else:
+            _, pullback = hooked_vjp.vjp(lambda z: F.nll_loss(z, target, weight, ignore_index=ctx.ignore_index,
+                                                         reduction=ctx.reduction), zeros)
         g = pullback(grad_out.to(p.dtype))[0]
         gx = g - p * g.sum(_class_dim(p), keepdim=True)
         return (None,) * 4 + (gx.to(ctx.x_dtype),) + (None,) * (len(ctx.needs_input_grad) - 5)
