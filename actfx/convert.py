@@ -280,9 +280,7 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
         hooked = changed_hooks(self, inlined, hooks)
         if hooked is not None:
             warn_hooks_changed(self, hooked)
-        elif under_function_transform(self):
-            pass
-        elif self.training and torch.is_grad_enabled():
+        elif not under_function_transform(self) and self.training and torch.is_grad_enabled():
             bound = call.bind(args, kwargs)
             if bound is not None:
                 return train_forward(self, *bound[0], **bound[1])

@@ -51,7 +51,7 @@ def test_logsumexp_packs_its_probabilities(kind, fn):
     assert [d.saved for d in converted._actfx_record.decisions if d.kind == kind] == [["packed 8-bit"]]
 
 
-def _unbiased(model, x, kind):
+def _assert_converted_and_unbiased(model, x, kind):
     converted = actfx.convert(model, bits=2)
     assert kind in {d.kind for d in converted._actfx_record.decisions}
     assert torch.equal(converted(x), model(x))
@@ -64,7 +64,7 @@ def test_a_hand_written_layer_norm_dividing_by_std_is_unbiased():
     """Recomputing std from its packed input would be biased (E sqrt(var(x + noise)) > std(x));
     with the exact std kept, the mean of 64 two-bit gradients approaches the exact one."""
     torch.manual_seed(0)
-    _unbiased(HandWrittenLayerNorm(16), torch.randn(8, 12, 16), "std")
+    _assert_converted_and_unbiased(HandWrittenLayerNorm(16), torch.randn(8, 12, 16), "std")
 
 
 def test_a_z_loss_over_masked_router_logits_is_unbiased():
@@ -77,7 +77,7 @@ def test_a_z_loss_over_masked_router_logits_is_unbiased():
         logits = s.lin(x).masked_fill(mask, float("-inf"))
         return torch.logsumexp(logits, dim=-1) ** 2
 
-    _unbiased(Wrap(z_loss, lin=nn.Linear(16, 16)), torch.randn(8, 12, 16), "logsumexp")
+    _assert_converted_and_unbiased(Wrap(z_loss, lin=nn.Linear(16, 16)), torch.randn(8, 12, 16), "logsumexp")
 
 
 def test_std_of_a_constant_row_has_pytorchs_zero_gradient():

@@ -61,8 +61,9 @@ class _ActfxTracer(Tracer):
         it in backward from its exact inputs, as the checkpoint did; other ops there are noted."""
         self.grad_mode_changed |= torch.is_grad_enabled() != self._grad_at_start
         self.autocast_changed |= _autocast_state() != self._autocast_at_start
-        checkpointed = self._checkpointing() and kind == "call_module"
-        self.hooks_changed |= self._checkpointing() and not checkpointed and kind not in ("get_attr", "placeholder")
+        checkpointing = self._checkpointing()
+        checkpointed = checkpointing and kind == "call_module"
+        self.hooks_changed |= checkpointing and not checkpointed and kind not in ("get_attr", "placeholder")
         node = super().create_node(kind, target, *args, **kwargs)
         if checkpointed:
             node.meta[CHECKPOINTED] = True

@@ -42,6 +42,9 @@ def _normalize(input, p=2.0, dim=1, eps=1e-12, out=None): ...
 def _embedding(input, weight, padding_idx=None, max_norm=None, norm_type=2.0, scale_grad_by_freq=False, sparse=False): ...
 def _cross_entropy(input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, reduction="mean",
                    label_smoothing=0.0): ...
+def _kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False): ...
+def _logsumexp(input, dim, keepdim=False): ...
+def _pad(input, pad, mode="constant", value=None): ...
 
 
 SIGNATURES = {name: inspect.signature(fn) for name, fn in {
@@ -75,6 +78,9 @@ SIGNATURES = {name: inspect.signature(fn) for name, fn in {
     "div": _div,
     "embedding": _embedding,
     "cross_entropy": _cross_entropy,
+    "kl_div": _kl_div,
+    "logsumexp": _logsumexp,
+    "pad": _pad,
 }.items()}
 
 

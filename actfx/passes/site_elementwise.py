@@ -200,17 +200,16 @@ _SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn
                F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool"}
+# Products of two activations recomputed from their packed factors: each gradient is linear in them
+_BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "addmm"}
+# Ops recomputed from packed inputs whose gradients are linear in each input, or nonlinear only
+# where their Site says so (attention: ``Site.nonlinear``)
+_RECOMPUTED_LINEARLY = frozenset({*_BILINEAR, F.scaled_dot_product_attention})
 _RECOMPUTE_VARIANTS = {
     fn: make_recompute_variant(fn, kind)
     for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(),
-                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), (torch.einsum, "einsum"),
-                     (torch.baddbmm, "baddbmm"), (torch.addmm, "addmm")]
+                     *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), *_BILINEAR.items()]
 }
-
-
-# Ops recomputed from packed inputs whose gradients are linear in each input (bilinear products),
-# or nonlinear only where their Site says so (attention: ``Site.nonlinear``)
-_RECOMPUTED_LINEARLY = frozenset({torch.einsum, torch.baddbmm, torch.addmm, F.scaled_dot_product_attention})
 
 
 def baddbmm_site(node):
@@ -288,8 +287,8 @@ def pad_site(node):
     """``F.pad`` in reflect / replicate mode: PyTorch keeps the input, its backward needs only the
     shape (CycleGAN's and style-transfer generators pad every conv this way); constant and
     circular padding keep nothing (None)."""
-    a = dict(zip(("input", "pad", "mode", "value"), node.args)) | dict(node.kwargs)
-    if a.get("mode") not in ("reflect", "replicate") or set(a) - {"input", "pad", "mode", "value"}:
+    a = bind("pad", node.args, node.kwargs)
+    if a is None or a["mode"] not in ("reflect", "replicate"):
         return None
     return _recompute_site(node, None, "pad", F.pad, (a["input"], a["pad"], a["mode"]), {}, shape_only=True)
 

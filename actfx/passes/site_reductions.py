@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 from torch.fx import Node
 
+from actfx.passes.signatures import bind
 from actfx.passes.site import Site
 from actfx.variants import deviation, kl_div, logsumexp
 
@@ -55,10 +56,11 @@ def deviation_site(node):
 
 def logsumexp_site(node):
     """``logsumexp(x, dim, keepdim)``: keeps the packed ``exp(x - out)`` (``variants/logsumexp.py``)."""
-    a = dict(zip(("input", "dim", "keepdim"), node.args))
-    a.update({"input" if k == "self" else k: v for k, v in node.kwargs.items()})
-    x, dim, keepdim = a.get("input"), a.get("dim"), a.get("keepdim", False)
-    if (not isinstance(x, Node) or set(a) - {"input", "dim", "keepdim"} or _holds_node((dim, keepdim))
+    a = bind("logsumexp", node.args, {"input" if k == "self" else k: v for k, v in node.kwargs.items()})
+    if a is None:
+        return None
+    x, dim, keepdim = a["input"], a["dim"], a["keepdim"]
+    if (not isinstance(x, Node) or _holds_node((dim, keepdim))
             or not isinstance(dim, (int, tuple, list)) or (not isinstance(dim, int) and not dim)):
         return None
     dim = dim if isinstance(dim, int) else tuple(dim)
@@ -71,9 +73,6 @@ def logsumexp_site(node):
     return Site(node, "logsumexp", None, [], emit)
 
 
-_KL_DIV_NAMES = ("input", "target", "size_average", "reduce", "reduction", "log_target")
-
-
 def kl_div_site(node, path=None, module=None):
     """``F.kl_div`` / ``nn.KLDivLoss`` (distillation): the target's probabilities packed, decided
     at run time (``variants/kl_div.py``)."""
@@ -83,11 +82,10 @@ def kl_div_site(node, path=None, module=None):
         a = {"input": node.args[0], "target": node.args[1], "reduction": module.reduction,
              "log_target": module.log_target}
     else:
-        a = dict(zip(_KL_DIV_NAMES, node.args)) | dict(node.kwargs)
-        if set(a) - set(_KL_DIV_NAMES) or a.get("size_average") is not None or a.get("reduce") is not None:
+        a = bind("kl_div", node.args, node.kwargs)
+        if a is None or a["size_average"] is not None or a["reduce"] is not None:
             return None  # the deprecated arguments: left as is
-    x, target = a.get("input"), a.get("target")
-    reduction, log_target = a.get("reduction", "mean"), a.get("log_target", False)
+    x, target, reduction, log_target = a["input"], a["target"], a["reduction"], a["log_target"]
     if (not isinstance(x, Node) or not isinstance(target, Node) or _holds_node((reduction, log_target))
             or reduction not in ("none", "sum", "mean", "batchmean")):
         return None

@@ -42,3 +42,11 @@ def not_a_view(out):
     if not isinstance(out, torch.Tensor) or out._base is None or torch.compiler.is_compiling():
         return out
     return out.new_empty(0).set_(out.untyped_storage(), out.storage_offset(), out.shape, out.stride())
+
+
+def with_reduced_dims(value, dim, ndim: int):
+    """``value`` (a reduction over ``dim`` of an ``ndim``-d tensor, without keepdim) with the
+    reduced dims put back as size 1, so it broadcasts against the input in backward."""
+    for d in sorted(d % max(ndim, 1) for d in ((dim,) if isinstance(dim, int) else dim)):
+        value = value.unsqueeze(d)
+    return value

@@ -9,20 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward, with_reduced_dims
 from actfx.variants.saved import materialize_all, split_all
-
-
-def _dims(dim, ndim: int) -> list[int]:
-    dims = (dim,) if isinstance(dim, int) else tuple(dim)
-    return sorted(d % max(ndim, 1) for d in dims)
-
-
-def _expand(value, dim, keepdim: bool, ndim: int):
-    if not keepdim:
-        for d in _dims(dim, ndim):
-            value = value.unsqueeze(d)
-    return value
 
 
 def logsumexp_probabilities(x, dim, keepdim):
@@ -47,7 +35,8 @@ class _LogSumExpFromPacked(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward("logsumexp")
         p = materialize_all(ctx.plans, ctx.saved_tensors)[0]
-        g = _expand(grad_out.to(p.dtype), ctx.dim, ctx.keepdim, p.dim())
+        g = grad_out.to(p.dtype)
+        g = g if ctx.keepdim else with_reduced_dims(g, ctx.dim, p.dim())
         return (None, None, None, (g * p).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward, with_reduced_dims
 from actfx.variants.saved import materialize_all, split_all
 
 
@@ -31,9 +31,7 @@ class _PackedVectorNorm(torch.autograd.Function):
         x = materialize_all(ctx.plans, storage)[0]
         g = grad_out
         if not ctx.keepdim:
-            dims = sorted(d % x.dim() for d in ((ctx.dim,) if isinstance(ctx.dim, int) else ctx.dim))
-            for d in dims:
-                norm, g = norm.unsqueeze(d), g.unsqueeze(d)
+            norm, g = with_reduced_dims(norm, ctx.dim, x.dim()), with_reduced_dims(g, ctx.dim, x.dim())
         scale = (g / norm).masked_fill(norm == 0, 0)
         return (None, None, None, (x * scale).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
 
