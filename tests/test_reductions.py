@@ -183,3 +183,71 @@ def test_cross_entropy_against_class_probabilities_packs_the_softmax_unbiased(we
     assert plain.activation_bytes - packed.activation_bytes > 0.7 * target.numel() * 4
     assert_mean_converges([weighted_grads(model, call(converted), x, w) for _ in range(64)], exact,
                           least_noise=1e-3)
+
+
+class _Smoothed(nn.Module):
+    """Cross-entropy with label smoothing over class indices (the usual vision / LM recipe)."""
+
+    def __init__(self, weight=None, reduction="mean", ignore_index=-100, smoothing=0.1, per_pixel=False):
+        super().__init__()
+        self.head, self.weight, self.per_pixel = nn.Linear(32, 100), weight, per_pixel
+        self.options = dict(reduction=reduction, ignore_index=ignore_index, label_smoothing=smoothing)
+
+    def forward(self, x, target):
+        logits = self.head(x)
+        if self.per_pixel:
+            logits = logits.permute(0, 3, 1, 2)
+        return F.cross_entropy(logits, target, self.weight, **self.options)
+
+
+_SMOOTHED_CASES = [
+    dict(), dict(reduction="sum", ignore_index=3), dict(weight=torch.rand(100) + 0.5, ignore_index=3),
+    dict(weight=torch.rand(100) + 0.5, reduction="none"), dict(per_pixel=True, ignore_index=3), dict(smoothing=1.0),
+]
+
+
+@pytest.mark.parametrize("options", _SMOOTHED_CASES, ids=lambda o: "-".join(sorted(o)) or "plain")
+def test_label_smoothing_is_linear_in_the_log_probabilities(options):
+    """The backward's loss, written as a function of the log-probabilities, has the gradient of
+    F.cross_entropy itself (ATen's smoothing term and its "mean" normaliser included)."""
+    from actfx.variants.softmax import _index_nll
+
+    torch.manual_seed(0)
+    per_pixel = options.get("per_pixel", False)
+    x = torch.randn(4, 100, 3, 3) if per_pixel else torch.randn(64, 100)
+    target = torch.randint(0, 100, (4, 3, 3) if per_pixel else (64,))
+    target[0] = 3  # one ignored position where ignore_index=3
+    smoothing, weight = options.get("smoothing", 0.1), options.get("weight")
+    reduction, ignore = options.get("reduction", "mean"), options.get("ignore_index", -100)
+    x.requires_grad_(True)
+    out = F.cross_entropy(x, target, weight, reduction=reduction, ignore_index=ignore, label_smoothing=smoothing)
+    mine = _index_nll(torch.log_softmax(x, 1), target, weight, ignore, reduction, smoothing)
+    torch.testing.assert_close(mine, out)
+    g = torch.randn(out.shape)
+    torch.testing.assert_close(torch.autograd.grad(mine, x, g)[0], torch.autograd.grad(out, x, g)[0])
+
+
+@pytest.mark.parametrize("options", _SMOOTHED_CASES[:5], ids=lambda o: "-".join(sorted(o)) or "plain")
+def test_label_smoothing_packs_the_softmax_unbiased(options):
+    """With label smoothing F.cross_entropy ran as PyTorch runs it (log-probabilities kept exact,
+    full size); it now keeps the packed softmax, and the mean of K gradients converges."""
+    torch.manual_seed(0)
+    options = dict(options)
+    per_pixel = options.get("per_pixel", False)
+    model = _Smoothed(**options)
+    x = torch.randn(4, 3, 3, 32) if per_pixel else torch.randn(64, 32)
+    target = torch.randint(0, 100, (4, 3, 3) if per_pixel else (64,))
+    target[0] = 3
+    converted = actfx.convert(model, bits=2)
+    assert torch.equal(converted(x, target), model(x, target))
+    call = lambda m: (lambda inp: m(inp, target))  # noqa: E731
+    w = torch.randn(model(x, target).shape)
+    exact = weighted_grads(model, call(model), x, w)
+    with count_saved(model) as plain:
+        kept = model(x, target)  # noqa: F841
+    with count_saved(converted) as packed:
+        kept = converted(x, target)  # noqa: F841
+    assert plain.activation_bytes - packed.activation_bytes > 0.7 * target.numel() * 100 * 4
+    assert_mean_converges([weighted_grads(model, call(converted), x, w) for _ in range(64)], exact,
+                          least_noise=1e-3)
+

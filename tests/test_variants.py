@@ -400,7 +400,7 @@ def test_cross_entropy_keeps_packed_probabilities(make):
     ({"label_smoothing": 0.1}, lambda: torch.randint(0, 40, (512,))),
     ({}, lambda: torch.softmax(torch.randn(512, 40), dim=1)),  # probability targets
 ])
-def test_cross_entropy_other_forms_run_as_they_are(kwargs, target):
+def test_cross_entropy_smoothed_and_soft_targets_match_pytorch(kwargs, target):
     torch.manual_seed(0)
     model = _WithLoss(functional=lambda z, t: F.cross_entropy(z, t.reshape(z.shape[0], -1).squeeze(1), **kwargs))
     x, t = torch.randn(8, 64, 16), target()

@@ -124,8 +124,8 @@ def _log_softmax_site(node, path, fn, args, kwargs):
 def cross_entropy_site(node, path, x, target, weight, ignore_index, reduction, label_smoothing):
     """F.cross_entropy / nn.CrossEntropyLoss: keep packed class probabilities (variants/softmax.py).
 
-    Whether the split applies (class-index targets, no label smoothing) is decided at run time;
-    otherwise the op runs as it is. ``weight``: None, a node, or (for a loss module's buffer) a
+    Whether the split applies (class indices, or class probabilities that need no gradient) is
+    decided at run time; otherwise the op runs as it is. ``weight``: None, a node, or (for a loss module's buffer) a
     function that fetches it in the new graph.
     """
     if not isinstance(x, Node) or not isinstance(target, Node):

@@ -88,26 +88,50 @@ def _class_dim(x) -> int:
 
 
 def _packs_cross_entropy(x, target, label_smoothing) -> bool:
-    """Class-index targets without smoothing: then F.cross_entropy is exactly
-    nll_loss(log_softmax(x, class_dim)) (ATen's own decomposition), so splitting it changes nothing.
-    Class-probability targets (mixup, distillation) that need no gradient, without smoothing: the
-    loss is linear in the log-probabilities too (``_soft_nll``)."""
-    if label_smoothing != 0.0 or not isinstance(target, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() < 1:
+    """Class-index targets: F.cross_entropy is nll_loss(log_softmax(x, class_dim)) (ATen's own
+    decomposition), plus, with label smoothing, a weighted sum of the same log-probabilities.
+    Class-probability targets that need no gradient (mixup, distillation): ``_soft_nll``. Either
+    way the loss is linear in the log-probabilities, so its backward needs only the probabilities."""
+    if not isinstance(target, torch.Tensor) or not isinstance(x, torch.Tensor) or x.dim() < 1:
         return False
+    if isinstance(label_smoothing, torch.Tensor) or not 0.0 <= label_smoothing <= 1.0:
+        return False  # F.cross_entropy itself refuses these; let it say so
     if target.is_floating_point():
         return target.shape == x.shape and not target.requires_grad
     return True
 
 
-def _soft_nll(log_p, target, weight, reduction):
+def _soft_nll(log_p, target, weight, reduction, label_smoothing=0.0):
     """F.cross_entropy of class probabilities as a function of the log-probabilities (linear)."""
     dim = _class_dim(log_p)
+    if label_smoothing:
+        target = target * (1 - label_smoothing) + label_smoothing / log_p.shape[dim]
     if weight is not None:
         target = target * weight.view([-1 if d == dim else 1 for d in range(log_p.dim())])
     loss = -(target * log_p).sum(dim)
     if reduction == "mean":
         return loss.sum() / (log_p.numel() // log_p.shape[dim]) if log_p.dim() > 1 else loss
     return loss.sum() if reduction == "sum" else loss
+
+
+def _index_nll(log_p, target, weight, ignore_index, reduction, label_smoothing):
+    """F.cross_entropy of class indices as a function of the log-probabilities (linear): nll_loss,
+    and with smoothing ATen's uniform term, normalised as ATen normalises it (by the summed
+    weights of the targets not ignored, for "mean")."""
+    nll = F.nll_loss(log_p, target, weight, ignore_index=ignore_index, reduction=reduction)
+    if not label_smoothing:
+        return nll
+    dim = _class_dim(log_p)
+    ignored = target == ignore_index
+    if weight is not None:
+        log_p = log_p * weight.view([-1 if d == dim else 1 for d in range(log_p.dim())])
+    uniform = (-log_p.sum(dim)).masked_fill(ignored, 0.0)
+    if reduction == "mean":
+        kept = (~ignored).sum() if weight is None else weight[target.masked_fill(ignored, 0)].masked_fill(ignored, 0).sum()
+        uniform = uniform.sum() / kept
+    elif reduction == "sum":
+        uniform = uniform.sum()
+    return (1 - label_smoothing) * nll + uniform * (label_smoothing / log_p.shape[dim])
 
 
 def cross_entropy_probabilities(x, target, label_smoothing):
@@ -124,10 +148,11 @@ class _CrossEntropyFromPacked(torch.autograd.Function):
     not do: autograd saves its full-size input (the log-probabilities) for the shape alone."""
 
     @staticmethod
-    def forward(ctx, spec, weight, ignore_index, reduction, x, target, *run):
-        out = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction)
+    def forward(ctx, spec, weight, ignore_index, reduction, label_smoothing, x, target, *run):
+        out = F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
+                              label_smoothing=label_smoothing)
         plans, storage = split_all([spec], run)
-        ctx.plans, ctx.ignore_index, ctx.reduction = plans, ignore_index, reduction
+        ctx.plans, ctx.ignore_index, ctx.reduction, ctx.smoothing = plans, ignore_index, reduction, label_smoothing
         ctx.x_shape, ctx.x_dtype, ctx.has_weight = x.shape, x.dtype, weight is not None
         ctx.save_for_backward(target, *((weight,) if weight is not None else ()), *storage)
         return out
@@ -140,13 +165,14 @@ class _CrossEntropyFromPacked(torch.autograd.Function):
         p = materialize_all(ctx.plans, rest)[0]
         zeros = torch.zeros(ctx.x_shape, dtype=p.dtype, device=p.device)
         if target.is_floating_point():
-            _, pullback = hooked_vjp.vjp(lambda z: _soft_nll(z, target.to(p.dtype), weight, ctx.reduction), zeros)
+            _, pullback = hooked_vjp.vjp(
+                lambda z: _soft_nll(z, target.to(p.dtype), weight, ctx.reduction, ctx.smoothing), zeros)
         else:
-            _, pullback = hooked_vjp.vjp(lambda z: F.nll_loss(z, target, weight, ignore_index=ctx.ignore_index,
-                                                         reduction=ctx.reduction), zeros)
+            _, pullback = hooked_vjp.vjp(
+                lambda z: _index_nll(z, target, weight, ctx.ignore_index, ctx.reduction, ctx.smoothing), zeros)
         g = pullback(grad_out.to(p.dtype))[0]
         gx = g - p * g.sum(_class_dim(p), keepdim=True)
-        return (None,) * 4 + (gx.to(ctx.x_dtype),) + (None,) * (len(ctx.needs_input_grad) - 5)
+        return (None,) * 5 + (gx.to(ctx.x_dtype),) + (None,) * (len(ctx.needs_input_grad) - 6)
 
 
 def cross_entropy(spec, weight, ignore_index, reduction, label_smoothing, x, target, *run):
@@ -155,4 +181,4 @@ def cross_entropy(spec, weight, ignore_index, reduction, label_smoothing, x, tar
     if not needs_saving(x) or run[0] is None:
         return F.cross_entropy(x, target, weight, ignore_index=ignore_index, reduction=reduction,
                                label_smoothing=label_smoothing)
-    return _CrossEntropyFromPacked.apply(spec, weight, ignore_index, reduction, x, target, *run)
+    return _CrossEntropyFromPacked.apply(spec, weight, ignore_index, reduction, label_smoothing, x, target, *run)
