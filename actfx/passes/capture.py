@@ -17,6 +17,7 @@ from torch.fx import Graph, GraphModule, Tracer
 from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
+from actfx.passes.traced_through import TRACED_THROUGH
 
 
 # node.meta key of a module call a non-reentrant checkpoint made in the traced forward
@@ -50,6 +51,12 @@ class _ActfxTracer(Tracer):
             raise RuntimeError("the forward enters or leaves torch.autocast, which an fx graph cannot record: "
                                "it would compute that block in the caller's precision")
         return graph
+
+    def create_proxy(self, kind, target, args, kwargs, *rest, **options):
+        """A call to a function in ``TRACED_THROUGH`` is traced through its ops."""
+        if kind == "call_function" and target in TRACED_THROUGH:
+            return TRACED_THROUGH[target](*args, **kwargs)
+        return super().create_proxy(kind, target, args, kwargs, *rest, **options)
 
     def create_node(self, kind, target, *args, **kwargs):
         """Notes an op recorded under another grad mode or autocast state than the trace began

@@ -1,0 +1,33 @@
+"""PyTorch functions fx records as one opaque call although their bodies are plain tensor code.
+
+Why: such a function checks for ``__torch_function__`` first, so a traced Proxy stops there and
+the graph holds a single call actfx has no variant for (it saves what PyTorch saves). Written out
+here as the same ops in the same order, forward bit-identical, each op meets its own variant. One
+entry per function; the tracer (``capture.py``) expands a call to a function listed in
+``TRACED_THROUGH`` instead of recording it.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+import torch.nn.functional as F
+
+
+def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
+    """F.gumbel_softmax: softmax of logits plus Gumbel noise (the softmax's output, which its
+    backward reads, is then packed); ``hard``: the one-hot of the sample in forward, the soft
+    sample's gradient in backward (straight through)."""
+    if eps != 1e-10:
+        warnings.warn("`eps` parameter is deprecated and has no effect.", stacklevel=3)
+    exponential = torch.empty_like(logits, memory_format=torch.legacy_contiguous_format).exponential_()
+    soft = ((logits + -exponential.log()) / tau).softmax(dim)
+    if not hard:
+        return soft
+    one_hot = torch.zeros_like(logits, memory_format=torch.legacy_contiguous_format)
+    one_hot = one_hot.scatter_(dim, soft.max(dim, keepdim=True)[1], 1.0)
+    return one_hot - soft.detach() + soft
+
+
+TRACED_THROUGH = {F.gumbel_softmax: gumbel_softmax}
