@@ -499,3 +499,49 @@ def test_an_exported_instance_norm_is_converted():
     torchvision's RAFT kept 21 of them (7 of its 10 MiB left) exact."""
     torch.manual_seed(0)
     assert_converted(_InstanceNormed(), torch.randn(2, 3, 16, 16), {"instance_norm": 1}, exported=True)
+
+
+class _LMWithLoss(nn.Module):
+    """Returns its loss as Hugging Face models do (F.cross_entropy over the flattened logits,
+    ignore_index -100); branches on the input's shape, so torch.export captures it."""
+
+    def __init__(self, smoothing=0.0, reduction="mean", nll=False):
+        super().__init__()
+        self.emb, self.body, self.head = nn.Embedding(32, 64), nn.Linear(64, 64), nn.Linear(64, 500)
+        self.smoothing, self.reduction, self.nll = smoothing, reduction, nll
+
+    def forward(self, ids, labels):
+        b, t = ids.shape
+        x = self.emb(ids)
+        if t > 1:
+            x = torch.tanh(self.body(x))
+        logits = self.head(x)
+        if self.nll:
+            log_p = torch.log_softmax(logits.view(b * t, -1), -1)
+            return torch.nn.functional.nll_loss(log_p, labels.view(-1), reduction=self.reduction)
+        return torch.nn.functional.cross_entropy(logits.view(b * t, -1), labels.view(-1), ignore_index=-100,
+                                                 reduction=self.reduction, label_smoothing=self.smoothing)
+
+
+@pytest.mark.parametrize("smoothing, reduction, nll", [(0.0, "mean", False), (0.1, "sum", False), (0.0, "mean", True)])
+def test_an_exported_loss_packs_the_softmax(smoothing, reduction, nll):
+    """torch.export records F.cross_entropy as ``aten.cross_entropy_loss`` and F.nll_loss as
+    ``aten.nll_loss_nd``, which had no mapping: the loss kept the full log-probabilities (a
+    Hugging Face LM's largest tensor; T5's loss was 501 of 14.7 MiB) however the rest was packed."""
+    torch.manual_seed(0)
+    model = _LMWithLoss(smoothing, reduction, nll).train()
+    ids, labels = torch.randint(0, 32, (4, 16)), torch.randint(0, 500, (4, 16))
+    labels[0, :4] = -100
+    converted = actfx.convert(model, config=actfx.Config(bits=2, op_bits={}), example_inputs=(ids, labels))
+    assert ({"log_softmax", "nll_loss"} if nll else {"cross_entropy"}) <= {
+        d.kind for d in converted._actfx_record.decisions}
+    assert torch.equal(converted(ids, labels), model(ids, labels))
+    with count_saved(model) as plain:
+        kept = model(ids, labels)  # noqa: F841
+    with count_saved(converted) as packed:
+        kept = converted(ids, labels)  # noqa: F841
+    assert plain.activation_bytes - packed.activation_bytes > 0.8 * 64 * 500 * 4
+    call = lambda m: (lambda i: m(i, labels))  # noqa: E731
+    exact = weighted_grads(model, call(model), ids, torch.ones(()))
+    assert_mean_converges([weighted_grads(model, call(converted), ids, torch.ones(())) for _ in range(64)], exact,
+                          least_noise=1e-3)

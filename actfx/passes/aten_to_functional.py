@@ -61,6 +61,22 @@ def _embedding(a: dict):
         "sparse": a["sparse"]}
 
 
+_REDUCTIONS = ("none", "mean", "sum")  # ATen's Reduction enum, by value
+
+
+def _loss(fn, *extra: str):
+    """A builder for a loss op F.<loss> calls with its reduction string turned into the enum."""
+
+    def build(a: dict):
+        reduction = a["reduction"]
+        if not isinstance(reduction, int) or not 0 <= reduction < len(_REDUCTIONS):
+            return None
+        kwargs = {"ignore_index": a["ignore_index"], "reduction": _REDUCTIONS[reduction], **{k: a[k] for k in extra}}
+        return "call_function", fn, (a["self"], a["target"], a["weight"]), kwargs
+
+    return build
+
+
 def _alpha_one(a: dict) -> bool:
     return a.get("alpha", 1) == 1
 
@@ -136,6 +152,8 @@ _FUNCTIONS: dict = {
     aten.adaptive_avg_pool2d.default: _call(F.adaptive_avg_pool2d, "self", "output_size"),
     aten.adaptive_avg_pool3d.default: _call(F.adaptive_avg_pool3d, "self", "output_size"),
     aten.embedding.default: _embedding,
+    aten.cross_entropy_loss.default: _loss(F.cross_entropy, "label_smoothing"),  # Hugging Face's loss functions
+    aten.nll_loss_nd.default: _loss(F.nll_loss),
     aten.cat.default: _call(torch.cat, "tensors", "dim"),
     aten.stack.default: _call(torch.stack, "tensors", "dim"),
 }

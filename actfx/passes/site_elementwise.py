@@ -143,6 +143,27 @@ def cross_entropy_site(node, path, x, target, weight, ignore_index, reduction, l
     return Site(node, "cross_entropy", path, [], emit)
 
 
+def nll_loss_site(node, path=None, module=None):
+    """F.nll_loss / nn.NLLLoss (after a log_softmax, which keeps its probabilities packed):
+    PyTorch keeps the full log-probabilities for their shape alone (the gradient is -weight at the
+    targets); only the shape is kept, the targets and class weights as they are. A module with a
+    class weight (its buffer is not a node here) runs as it is."""
+    if module is not None:
+        if module.weight is not None or len(node.args) != 2 or node.kwargs:
+            return None
+        args, kwargs = node.args, {"ignore_index": module.ignore_index, "reduction": module.reduction}
+    else:
+        a = bind("nll_loss", node.args, node.kwargs)
+        if a is None or a["size_average"] is not None or a["reduce"] is not None:
+            return None  # the deprecated arguments: left as is
+        args = (a["input"], a["target"], a["weight"])
+        kwargs = {"ignore_index": a["ignore_index"], "reduction": a["reduction"]}
+    site = _recompute_site(node, path, "nll_loss", F.nll_loss, args, kwargs, shape_only=True)
+    if site is not None:
+        site.exact = tuple(range(1, len(site.saved)))
+    return site
+
+
 def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_only=False, replay_rng=False,
                     chains=None):
     kwargs = dict(kwargs)
@@ -199,7 +220,7 @@ _SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn
                                  torch.fft.fftn), "fft"),  # linear: PyTorch keeps the input for its shape
                F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
-               F.adaptive_avg_pool3d: "adaptive_avg_pool"}
+               F.adaptive_avg_pool3d: "adaptive_avg_pool", F.nll_loss: "nll_loss"}
 # Products of two activations recomputed from their packed factors: each gradient is linear in them
 _BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "addmm"}
 # Ops recomputed from packed inputs whose gradients are linear in each input, or nonlinear only
@@ -295,6 +316,8 @@ def pad_site(node):
 
 def _recompute_functional(node):
     fn = node.target
+    if fn is F.nll_loss:
+        return nll_loss_site(node)
     if fn in _SHAPE_ONLY:
         return _recompute_site(node, None, _SHAPE_ONLY[fn], fn, node.args, node.kwargs, shape_only=True)
     return _recompute_site(node, None, _ELEMENTWISE[fn], fn, node.args, node.kwargs)

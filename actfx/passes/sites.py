@@ -30,7 +30,8 @@ from actfx.passes.site_attention import (
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, pad_site, pointwise_site,
+    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, nll_loss_site, pad_site,
+    pointwise_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -72,6 +73,7 @@ _MODULE_HANDLERS = [
         node, path, node.args[0], node.args[1], _loss_weight(node, path, m), m.ignore_index, m.reduction,
         m.label_smoothing) or None),
     ((nn.KLDivLoss,), lambda node, path, m: kl_div_site(node, path, m)),
+    ((nn.NLLLoss,), lambda node, path, m: nll_loss_site(node, path, m)),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
         node, path, node.args[0], None, None, m.inplace, module=True) or None),
     ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
