@@ -545,3 +545,21 @@ def test_an_exported_loss_packs_the_softmax(smoothing, reduction, nll):
     exact = weighted_grads(model, call(model), ids, torch.ones(()))
     assert_mean_converges([weighted_grads(model, call(converted), ids, torch.ones(())) for _ in range(64)], exact,
                           least_noise=1e-3)
+
+
+def test_a_view_as_example_input_does_not_bind_later_calls_to_views():
+    """Export guards a view input on its base's sizes (``input_ids._base.size()[1] == 64``): a
+    model first called with ``ids[:, :16]`` then failed on every tensor that is no view
+    (AttributeError in the guard; seen on Hugging Face CLIP)."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=32, dim=64, heads=4).train()
+    ids = torch.randint(0, 32, (2, 64))[:, :16]
+    converted = actfx.convert(model, bits=8, example_inputs=(ids,))
+    fresh = ids.clone()
+    assert fresh._base is None
+    for x in (ids, fresh):
+        outs = []
+        for m in (converted, model):
+            torch.manual_seed(1)  # the same dropout
+            outs.append(m(x).logits)
+        assert torch.equal(*outs)

@@ -322,6 +322,19 @@ def meta_devices_to_cpu(gm: GraphModule) -> None:
     gm.recompile()
 
 
+def _not_a_view(t: torch.Tensor) -> torch.Tensor:
+    """An input that is a view (``ids[:, :16]``) as a tensor of its own with the same strides.
+    Why: export guards a view input on its base's sizes (``input_ids._base.size()[1] == 64``),
+    and every later call with a tensor that is no view then failed in the guard
+    (``'NoneType' object has no attribute 'size'``)."""
+    if t._base is None or isinstance(t, torch._subclasses.FakeTensor):
+        return t
+    own = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    with torch.no_grad():
+        own.copy_(t)
+    return own.requires_grad_(t.requires_grad)
+
+
 def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     """``model``'s train-mode forward as a GraphModule (see the module docstring).
 
@@ -330,7 +343,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"export_graph expects a torch.nn.Module, got {type(model).__name__}")
-    args, kwargs = split_example_inputs(example_inputs)
+    args, kwargs = pytree.tree_map_only(torch.Tensor, _not_a_view, split_example_inputs(example_inputs))
     name = type(model).__name__
     signature = inspect.signature(model.forward)
     try:
