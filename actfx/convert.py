@@ -328,7 +328,11 @@ def convert_on_meta(model: nn.Module, config: Config, example_inputs) -> nn.Modu
 def _attach_seed(new: nn.Module, path: str, original: nn.Module) -> nn.Module:
     state = SeedState(salt=zlib.crc32(path.encode()))
     object.__setattr__(new, SEED_STATE, state)
-    new.register_buffer(SEED_BUFFER, state.initial_buffer().to(_device_of(original)), persistent=False)
+    # as register_buffer(persistent=False) does, without its hasattr check: a wrapper that hands
+    # unknown attributes to its inner model (peft's PeftModel and LoraModel) "has" the inner
+    # converted model's seed already, and register_buffer refused the wrapper's own
+    new._buffers[SEED_BUFFER] = state.initial_buffer().to(_device_of(original))
+    new._non_persistent_buffers_set.add(SEED_BUFFER)
     return new
 
 

@@ -869,3 +869,35 @@ def test_a_torchscript_submodule_runs_as_it_is_and_a_scripted_model_is_refused()
     assert any(u.reason == "a TorchScript module: runs as it is" for u in converted._actfx_record.uncovered)
     with pytest.raises(TypeError, match="cannot convert a TorchScript module"):
         actfx.convert(torch.jit.script(nn.Linear(4, 4)))
+
+
+class _HandsOnAttributes(nn.Module):
+    """Hands attributes it lacks to its inner model, as peft's PeftModel and LoraModel do; its
+    forward branches on a value, so fx cannot trace it."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.inner, name)
+
+    def forward(self, x):
+        return self.inner(x) if bool(x.sum() != 0) else x
+
+
+def test_a_wrapper_handing_attributes_to_its_converted_inner_model_converts():
+    """The wrapper "had" the inner converted model's seed buffer through its __getattr__, and
+    register_buffer refused its own (KeyError: attribute '_actfx_seed' already exists: every peft
+    LoRA / IA3 / prefix model failed to convert)."""
+    torch.manual_seed(0)
+    model = _HandsOnAttributes(_HandsOnAttributes(nn.Sequential(nn.Linear(16, 64), nn.ReLU(), nn.Linear(64, 4))))
+    x = torch.randn(8, 16)
+    converted = actfx.convert(model, bits=8)
+    assert {"linear", "relu"} <= {d.kind for d in converted._actfx_record.decisions}
+    assert torch.equal(converted(x), model(x))
+    own = dict(converted.inner.named_buffers(recurse=False))
+    assert "_actfx_seed" in own and own["_actfx_seed"] is not converted.inner.inner._buffers.get("_actfx_seed")
