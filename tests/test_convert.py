@@ -901,3 +901,4 @@ def test_a_wrapper_handing_attributes_to_its_converted_inner_model_converts():
     assert torch.equal(converted(x), model(x))
     own = dict(converted.inner.named_buffers(recurse=False))
     assert "_actfx_seed" in own and own["_actfx_seed"] is not converted.inner.inner._buffers.get("_actfx_seed")
+

@@ -649,3 +649,28 @@ def test_gumbel_softmax_is_traced_through_and_packs_its_softmax(hard):
         kept = converted(x)  # noqa: F841
     assert packed.activation_bytes < plain.activation_bytes / 4
     assert_mean_converges([grads(converted) for _ in range(64)], grads(model), least_noise=1e-3)
+
+
+@pytest.mark.parametrize("norm", [nn.LayerNorm(128), nn.GroupNorm(8, 128)], ids=["layer_norm", "group_norm"])
+def test_norms_under_cpu_autocast_compute_as_autocast_does(norm):
+    """CPU autocast runs the norms in the input's bf16 (CUDA's runs them in fp32); the variants
+    cast to fp32 whenever autocast was on, and a Linear -> LayerNorm came out fp32, 0.008 off."""
+    torch.manual_seed(0)
+    last = (lambda s, x: s.norm(s.fc(x))) if isinstance(norm, nn.LayerNorm) else (
+        lambda s, x: s.norm(s.fc(x).transpose(1, 2)))
+    model = Wrap(last, fc=nn.Linear(32, 128), norm=norm)
+    x = torch.randn(4, 16, 32)
+    converted = actfx.convert(model, bits=8)
+    kind = "layer_norm" if isinstance(norm, nn.LayerNorm) else "group_norm"
+    assert {"linear", kind} <= {d.kind for d in converted._actfx_record.decisions}
+    outs, grads = [], []
+    for m in (model, converted):
+        m.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = m(x)
+        outs.append(out)
+        out.float().square().mean().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in m.parameters()]))
+    assert outs[0].dtype == outs[1].dtype == torch.bfloat16
+    assert torch.equal(outs[0], outs[1])
+    assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.05

@@ -22,11 +22,21 @@ from actfx.variants.saved import materialize_all, split_all
 from actfx.variants.second_pack import add_rounding_variance, copy_for_small_rows
 
 
-def _autocast_fp32(device_type: str, *tensors):
-    """Autocast runs the norms in fp32; calling the ATen op directly must do the same cast."""
-    if torch.is_autocast_enabled(device_type):
-        return tuple(t.float() if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
-    return tensors
+_PROBES = {"layer_norm": lambda t: F.layer_norm(t, [2]), "group_norm": lambda t: F.group_norm(t, 1)}
+
+
+def _autocast_fp32(norm: str, device_type: str, *tensors):
+    """The tensors cast as autocast casts ``norm``'s inputs (calling the ATen op directly skips
+    autocast). The policy differs by device: CUDA runs the norms in fp32, the CPU in the input's
+    bf16 (casting there gave a converted Linear -> LayerNorm an fp32 output 0.008 off); so ask
+    autocast itself, with a two-element call of the norm."""
+    x = tensors[0]
+    if not torch.is_autocast_enabled(device_type) or x.dtype == torch.float32:
+        return tensors
+    probe = _PROBES[norm](torch.zeros(1, 1, 2, dtype=x.dtype, device=x.device))
+    if probe.dtype == x.dtype:
+        return tensors
+    return tuple(t.to(probe.dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t for t in tensors)
 
 
 def layer_norm_normalized(x, normalized_shape, eps, weight=None, bias=None):
@@ -61,7 +71,7 @@ def last_dims_copy(xhat, normalized_shape, x):
 class _LayerNormFromNormalized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, specs, shape, eps, weight, bias, x, *run):
-        xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
+        xc, w, b = _autocast_fp32("layer_norm", x.device.type, x, weight, bias)
         out, _, rstd = torch.native_layer_norm(xc, shape, w, b, eps)
         plans, storage = split_all(list(specs), run)
         ctx.plans, ctx.shape, ctx.compute, ctx.x_dtype = plans, shape, xc.dtype, x.dtype
@@ -110,7 +120,7 @@ def group_norm_normalized(x, groups, eps, weight=None, bias=None):
     7e5x its norm off at 2 bits)."""
     if not (isinstance(x, torch.Tensor) and x.dim() >= 2 and needs_saving(x, weight, bias)):
         return None
-    (xc,) = _autocast_fp32(x.device.type, x)
+    (xc,) = _autocast_fp32("group_norm", x.device.type, x)
     n, c = xc.shape[0], xc.shape[1]
     with torch.no_grad():
         return torch.native_group_norm(_as_group_norm_reads(xc.detach()), None, None, n, c,
@@ -125,7 +135,7 @@ def group_norm_copy(xhat, groups, x):
 class _GroupNormFromNormalized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, specs, groups, eps, weight, bias, x, *run):
-        xc, w, b = _autocast_fp32(x.device.type, x, weight, bias)
+        xc, w, b = _autocast_fp32("group_norm", x.device.type, x, weight, bias)
         n, c = xc.shape[0], xc.shape[1]
         hw = math.prod(xc.shape[2:])
         out, _, rstd = torch.native_group_norm(_as_group_norm_reads(xc), w, b, n, c, hw, groups, eps)
