@@ -178,12 +178,14 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
                         "to combine it with other options")
     arguments = dict(bits=bits, memory_budget=memory_budget, config=config, plan=plan, **compile_kwargs)
     if plan is not None:
-        from actfx.planner.plan import plan_config
+        from actfx.planner.plan import check_plan_paths, plan_config
 
         config = plan_config(plan, "compile", bits=bits, config=config)
+        check_plan_paths(config.site_bits, model)
         bits = None
         memory_budget = plan.memory_budget if memory_budget is None else memory_budget
     chosen = backend(bits, memory_budget=memory_budget, config=config)
+    chosen.record.config.check_paths(model)
     # Static shapes unless asked otherwise: under torch.compile's default a second input shape (an
     # epoch's smaller last batch) recompiles with a symbolic batch, whose values stay exact, and
     # every later step ran that graph (held 3.2x more for the rest of training, silently).

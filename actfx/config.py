@@ -89,6 +89,22 @@ class Config:
             # Freeze the table so the config stays immutable and hashable.
             object.__setattr__(self, field, _FrozenDict(table))
 
+    def check_paths(self, model) -> None:
+        """Every module path this config names is one of ``model``'s: a misspelt path matched
+        nothing and that part of the model trained at the default width, silently."""
+        names = {name for name, _ in model.named_modules()}
+        named = (("recompute_modules", self.recompute_modules), ("module_bits", self.module_bits),
+                 ("site_bits", [key.split(":")[0] for key in self.site_bits]))
+        for field, paths in named:
+            missing = [path for path in paths if path and path not in names]
+            if missing:
+                raise ValueError(f"Config.{field} names {missing[0]!r}, which is not a submodule of "
+                                 f"{type(model).__name__}; use paths as model.named_modules() lists them")
+
+    def unknown_kinds(self, kinds) -> list:
+        """The op_bits kinds, beyond the defaults, that none of ``kinds`` (a model's) is."""
+        return sorted(k for k in self.op_bits if k not in DEFAULT_OP_BITS and k not in set(kinds))
+
     def bits_for(self, kind: str, module_path: str | None, key: str | None = None) -> int:
         """The width to use for a value saved by an op of ``kind`` inside ``module_path``; ``key``:
         the op's own ``site_bits`` key where it is not ``module:kind`` (the second op of a kind in

@@ -82,9 +82,10 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         raise TypeError("actfx.convert cannot convert a TorchScript module (torch.jit.script / trace): it runs its "
                         "own compiled graph; convert the nn.Module itself (before scripting it)")
     if plan is not None:
-        from actfx.planner.plan import plan_config
+        from actfx.planner.plan import check_plan_paths, plan_config
 
         config = plan_config(plan, "eager", bits=bits, group_size=group_size, config=config)
+        check_plan_paths(config.site_bits, model)
         converted = convert(model, config=config, leaf_modules=leaf_modules, example_inputs=example_inputs)
         _check_plan_fits(plan, converted._actfx_record)
         return converted
@@ -106,7 +107,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     if not isinstance(leaf_modules, (tuple, list, set, frozenset)):
         leaf_modules = (leaf_modules,)
     split_leaf_modules(leaf_modules, "")  # validate early
-    _check_recompute_modules(model, config)
+    config.check_paths(model)
     record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
     if example_inputs is not None:
         result = _convert_exported(model, example_inputs, config, record)
@@ -126,15 +127,18 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         record.capture_pending = True
     result._actfx_record = record
     _warn_if_root_untraced(model, record)
+    _warn_of_unknown_kinds(record)
     return result
 
 
-def _check_recompute_modules(model: nn.Module, config: Config) -> None:
-    names = {name for name, _ in model.named_modules()}
-    missing = [path for path in config.recompute_modules if path not in names]
-    if missing:
-        raise ValueError(f"Config.recompute_modules names {missing[0]!r}, which is not a submodule of "
-                         f"{type(model).__name__}; use paths as model.named_modules() lists them")
+def _warn_of_unknown_kinds(record: ConversionRecord) -> None:
+    if record.capture_pending:
+        return  # the kinds are known after the first training call
+    unknown = record.config.unknown_kinds(d.kind for d in record.decisions)
+    if unknown:
+        kinds = ", ".join(sorted({d.kind for d in record.decisions}))
+        warnings.warn(f"actfx: Config.op_bits names {unknown[0]!r}, which is the kind of no op of this model "
+                      f"(its kinds: {kinds}); spell kinds as actfx.show lists them", stacklevel=3)
 
 
 def _check_plan_fits(plan, record: ConversionRecord) -> None:

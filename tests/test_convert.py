@@ -902,3 +902,25 @@ def test_a_wrapper_handing_attributes_to_its_converted_inner_model_converts():
     own = dict(converted.inner.named_buffers(recurse=False))
     assert "_actfx_seed" in own and own["_actfx_seed"] is not converted.inner.inner._buffers.get("_actfx_seed")
 
+
+
+@pytest.mark.parametrize("field, table", [("module_bits", {"layer9": 8}), ("site_bits", {"layer9:conv": 8}),
+                                          ("recompute_modules", ("layer9",))])
+def test_a_config_naming_no_submodule_is_refused(field, table):
+    """A misspelt path matched nothing and that part trained at the default width, silently."""
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    config = actfx.Config(**{field: table})
+    for make in (actfx.convert, actfx.compile):
+        with pytest.raises(ValueError, match=f"Config.{field} names 'layer9', which is not a submodule"):
+            make(model, config=config)
+    actfx.convert(model, config=actfx.Config(**{field: {"0": 8} if field == "module_bits" else
+                                                 {"0:conv": 8} if field == "site_bits" else ("0",)}))
+
+
+def test_an_op_kind_no_op_has_is_warned():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
+    with pytest.warns(UserWarning, match="Config.op_bits names 'convolution', which is the kind of no op"):
+        actfx.convert(model, config=actfx.Config(op_bits={"convolution": 4}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actfx.convert(model, config=actfx.Config(op_bits={"conv": 4}))  # defaults (sdpa, ...) never warn

@@ -154,16 +154,26 @@ def plan_config(plan, path: str, **given) -> Config:
     return plan.config_for(path, **given)
 
 
+def _refuse_missing(missing: list) -> None:
+    if missing:
+        raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "
+                         f"{missing[0]!r}); it was made for another model: plan this one with actfx.plan")
+
+
+def check_plan_paths(site_bits, model) -> None:
+    """Before converting: refuse a plan naming modules ``model`` lacks (as ``check_plan_fits``
+    would after; ``Config.check_paths`` would call it a misspelt path)."""
+    names = {name for name, _ in model.named_modules()}
+    _refuse_missing([key for key in site_bits if key.split(":")[0] and key.split(":")[0] not in names])
+
+
 def check_plan_fits(site_bits, decisions, ops=()) -> None:
     """Refuse a plan whose widths (``site_bits``) name ops the conversion's ``decisions`` lack, or,
     where the plan lists the ``ops`` it was made for, a conversion with ops beyond them: a plan
     made for another model would silently leave the default widths (a GPT-2 plan on a GPT-2 one
     layer deeper held 1.19x the planned bytes)."""
     present = {d.key for d in decisions}
-    missing = [key for key in site_bits if key not in present]
-    if missing:
-        raise ValueError(f"the plan sets widths for {len(missing)} op(s) this model does not have (e.g. "
-                         f"{missing[0]!r}); it was made for another model: plan this one with actfx.plan")
+    _refuse_missing([key for key in site_bits if key not in present])
     known = set(ops)
     extra = [key for key in present if known and key not in known]
     if extra:
