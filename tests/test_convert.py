@@ -924,3 +924,39 @@ def test_an_op_kind_no_op_has_is_warned():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         actfx.convert(model, config=actfx.Config(op_bits={"conv": 4}))  # defaults (sdpa, ...) never warn
+
+
+def test_frozen_layers_and_first_layers_keep_only_what_their_gradients_read():
+    """A frozen layer's input enters no gradient, and a layer whose input needs none reads no
+    weight in backward; the variants kept both (a frozen Linear's input packed where PyTorch keeps
+    nothing; a first weight_norm Linear's computed 4 MiB weight where PyTorch keeps 36 KiB)."""
+    from torch.nn.utils.parametrizations import weight_norm
+
+    torch.manual_seed(0)
+    frozen = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.Tanh(), nn.Conv2d(16, 16, 3, padding=1), nn.Flatten(),
+                           nn.Linear(16 * 64, 256), nn.Tanh(), nn.Linear(256, 256), nn.Linear(256, 10))
+    for layer in (frozen[2], frozen[6]):
+        layer.requires_grad_(False)
+    x = torch.randn(8, 3, 8, 8)
+    converted = actfx.convert(frozen, bits=8)
+    assert [d.kind for d in converted._actfx_record.decisions].count("conv") == 2
+    with count_saved(converted) as packed:
+        kept = converted(x)  # noqa: F841
+    frozen_inputs = 8 * 16 * 64 + 8 * 256  # values; at 8 bits one byte each
+    with_frozen = actfx.convert(copy.deepcopy(frozen).requires_grad_(True), bits=8)
+    with count_saved(with_frozen) as all_trained:
+        kept = with_frozen(x)  # noqa: F841
+    assert all_trained.activation_bytes - packed.activation_bytes >= frozen_inputs
+    trained = [p for p in frozen.parameters() if p.requires_grad]
+    exact = torch.autograd.grad(frozen(x).square().sum(), trained)
+    got = torch.autograd.grad(converted(x).square().sum(), trained)
+    assert rel(torch.cat([g.flatten() for g in got]), torch.cat([g.flatten() for g in exact])) < 0.03
+
+    first = weight_norm(nn.Linear(1024, 1024))
+    inputs = torch.randn(8, 1024)
+    with count_saved(first) as plain:
+        kept = first(inputs)  # noqa: F841
+    converted = actfx.convert(first, bits=2)
+    with count_saved(converted) as packed:
+        kept = converted(inputs)  # noqa: F841
+    assert packed.activation_bytes <= plain.activation_bytes

@@ -51,7 +51,9 @@ class _PackedConv(torch.autograd.Function):
     def forward(ctx, geometry, spec, weight, bias, *run):
         x = run[0]
         out = _run_conv(geometry, x, weight, bias)
-        plans, storage = split_all([spec], run)
+        # the input only for the weight's gradient (not for a frozen layer's): its values do not
+        # enter the input's gradient
+        plans, storage = split_all([spec], run) if ctx.needs_input_grad[2] else ([None], [])
         ctx.plans = plans
         ctx.geometry = geometry
         ctx.x_shape = tuple(x.shape)
@@ -72,7 +74,12 @@ class _PackedConv(torch.autograd.Function):
             return x if pad is None else F.pad(x, pad[0], mode=pad[1])
 
         parts = batch_slices(x_shape, compute.itemsize, weight.dim(), weight.device)
-        if parts is not None and cuttable(ctx.plans[0]):
+        if ctx.plans[0] is None:  # no weight gradient: zeros of the input's shape serve
+
+            def input_rows(part):
+                return prepared(grad_out.new_zeros(x_shape if part is None else (part.stop - part.start,) + x_shape[1:],
+                                                   dtype=x_dtype))
+        elif parts is not None and cuttable(ctx.plans[0]):
             settled = settle(ctx.plans[0], storage)
 
             def input_rows(part):

@@ -14,10 +14,12 @@ class _PackedLinear(torch.autograd.Function):
     def forward(ctx, spec, weight, bias, *run):
         x = run[0]
         out = F.linear(x, weight, bias)
-        plans, storage = split_all([spec], run)
+        # what each gradient reads, kept only for the gradients asked for: a frozen layer's input
+        # (fine-tuning) or a first layer's computed weight (weight_norm: 4 MiB) are not kept
+        plans, storage = split_all([spec], run) if ctx.needs_input_grad[1] else ([None], [])
         ctx.plans = plans
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
-        ctx.save_for_backward(weight, *storage)
+        ctx.save_for_backward(weight if ctx.needs_input_grad[3] else None, *storage)
         return not_a_view(out)
 
     @staticmethod
