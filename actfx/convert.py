@@ -176,8 +176,8 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
     new = _from_graphs(module, graphs, path, config, record,
                        without_optional=_trace_without_optional(module, graphs, leaf_types, traced_leaves),
                        retrace=lambda concrete: trace(module, leaf_types, traced_leaves, concrete_args=concrete))
-    # Declared leaves (and hooked modules) stay as calls in this graph; convert them as units of
-    # their own, which report what they leave uncovered themselves.
+    # Declared leaves (and hooked modules, and torch.nn's transformer stacks) stay as calls in this
+    # graph; convert them as units of their own, which report what they leave uncovered themselves.
     for child_path in _declared_leaf_children(module, leaf_types, leaf_paths):
         full_path = f"{path}.{child_path}" if path else child_path
         record.uncovered[:] = [u for u in record.uncovered if not (u.path == full_path and u.reason == _MODULE_RUNS_AS_IS)]
@@ -185,12 +185,17 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
     return new
 
 
+# torch.nn's stacks fx keeps as calls (it does not trace into torch.nn), whose layers have variants
+_NN_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
+
+
 def _declared_leaf_children(module, leaf_types, leaf_paths):
     out = []
     for name, sub in module.named_modules():
         if not name or any(name.startswith(p + ".") for p in out):
             continue
-        if name in leaf_paths or (leaf_types and isinstance(sub, leaf_types)) or has_hooks(sub):
+        if name in leaf_paths or (leaf_types and isinstance(sub, leaf_types)) or has_hooks(sub) or \
+                type(sub) in _NN_STACKS:
             if find_site_type(sub) is None:
                 out.append(name)
     return out
@@ -263,8 +268,29 @@ def _takes_one_input(module: nn.Module) -> bool:
 
 
 def _convert_leaf(module, path, config, record):
-    """A supported module whose own forward does not trace: emit its variant directly."""
+    """A supported module whose own forward does not trace: emit its variant directly. Its graph
+    takes the one input; a call passing more (nn.TransformerEncoder calls its layers with
+    ``src_mask=``, ``is_causal=``) runs the graph where the rest sit at their defaults and the
+    module's own forward otherwise (it had failed: unexpected keyword argument)."""
     new = _from_graphs(module, {True: _leaf_graph(module)}, path, config, record, self_attr=True)
+    cls, base = type(new), type(module)
+    graph_forward, signature = cls.forward, inspect.signature(base.forward)
+
+    def forward(self, *args, **kwargs):
+        if len(args) == 1 and not kwargs:
+            return graph_forward(self, *args)
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError:
+            return base.forward(self, *args, **kwargs)  # its own error
+        rest = list(bound.arguments.items())[2:]
+        if len(bound.arguments) >= 2 and all(
+                name in signature.parameters and _at_default(value, signature.parameters[name].default)
+                for name, value in rest):
+            return graph_forward(self, list(bound.arguments.values())[1])
+        return base.forward(self, *args, **kwargs)
+
+    cls.forward = forward
     return new
 
 

@@ -960,3 +960,43 @@ def test_frozen_layers_and_first_layers_keep_only_what_their_gradients_read():
     with count_saved(converted) as packed:
         kept = converted(inputs)  # noqa: F841
     assert packed.activation_bytes <= plain.activation_bytes
+
+
+class _WithStack(nn.Module):
+    """A torch.nn transformer stack inside a model fx traces (fx keeps torch.nn modules as calls)."""
+
+    def __init__(self, decoder=False):
+        super().__init__()
+        self.embed = nn.Linear(16, 64)
+        make = nn.TransformerDecoderLayer if decoder else nn.TransformerEncoderLayer
+        stack = nn.TransformerDecoder if decoder else nn.TransformerEncoder
+        self.stack = stack(make(64, 4, 128, dropout=0.0, batch_first=True), 2)
+        self.decoder = decoder
+
+    def forward(self, x):
+        h = self.embed(x)
+        return self.stack(h, h) if self.decoder else self.stack(h)
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+@pytest.mark.filterwarnings("ignore:enable_nested_tensor")
+@pytest.mark.parametrize("decoder", [False, True], ids=["encoder", "decoder"])
+def test_a_torch_nn_transformer_stack_inside_a_traced_model_is_converted(decoder):
+    """fx keeps nn.TransformerEncoder / Decoder as one call, which ran as is (1.0x); they are now
+    converted as units of their own. Their layers, converted one by one, failed when the stack
+    called them with ``src_mask=`` (an eval pass or actfx.show before the first training call)."""
+    torch.manual_seed(0)
+    model, x = _WithStack(decoder).train(), torch.randn(4, 12, 16)
+    converted = actfx.convert(model, bits=8)
+    converted.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(x), model.eval()(x))  # before any training call
+    converted.train(), model.train()
+    assert torch.equal(converted(x), model(x))
+    exact = parameter_grads(model, x)
+    assert rel(parameter_grads(converted, x), exact) < 0.03
+    with count_saved(model) as plain:
+        kept = model(x)  # noqa: F841
+    with count_saved(converted) as packed:
+        kept = converted(x)  # noqa: F841
+    assert packed.activation_bytes < plain.activation_bytes / 3
