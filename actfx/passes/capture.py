@@ -8,12 +8,14 @@ mode they were in.
 
 from __future__ import annotations
 
+import builtins
 import contextlib
+import sys
 import warnings
 
 import torch
 import torch.nn as nn
-from torch.fx import Graph, GraphModule, Tracer
+from torch.fx import Graph, GraphModule, Proxy, Tracer
 from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
@@ -24,10 +26,50 @@ from actfx.passes.traced_through import TRACED_THROUGH
 CHECKPOINTED = "actfx_checkpointed"
 
 
+# Callers whose isinstance checks of a traced value are PyTorch's or actfx's own bookkeeping
+# (fx's arguments, nn.Module.__setattr__), except torch.jit.isinstance, which user code calls
+_OWN_CHECKS = ("torch.", "actfx.")
+_USER_CHECKS = ("torch._jit_internal",)
+_isinstance = isinstance
+
+
+@contextlib.contextmanager
+def _isinstance_noted(tracer):
+    """While fx traces: ``isinstance(x, torch.Tensor)`` (or ``torch.jit.isinstance``) of a traced
+    value in the model's code is noted in ``tracer.type_checks``. A Proxy is no tensor, so fx
+    records the other branch and the converted forward computes another function, silently
+    (monai's BasicUNet: a crash; the same code with matching shapes: outputs 1.28 off). Python
+    code looks ``isinstance`` up in builtins, so it is swapped there for the trace, as fx swaps
+    the functions it wraps."""
+
+    def noting(obj, classes):
+        result = _isinstance(obj, classes)
+        if not result and type(obj) is Proxy and _could_be_tensor(classes):
+            caller = sys._getframe(1)
+            name = caller.f_globals.get("__name__", "")
+            if name in _USER_CHECKS or not name.startswith(_OWN_CHECKS):
+                tracer.type_checks.append(f"{caller.f_code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno}")
+        return result
+
+    builtins.isinstance = noting
+    try:
+        yield
+    finally:
+        builtins.isinstance = _isinstance
+
+
+def _could_be_tensor(classes) -> bool:
+    classes = classes if _isinstance(classes, tuple) else (classes,)
+    return any(_isinstance(c, type) and (issubclass(torch.Tensor, c) and c is not object or issubclass(c, torch.Tensor))
+               for c in classes)
+
+
 class _ActfxTracer(Tracer):
     def __init__(self, leaf_types: tuple, leaf_paths: frozenset):
         super().__init__()
         self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
+        self.type_checks: list[str] = []
+
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if has_hooks(m) or self._checkpointing():
@@ -42,8 +84,12 @@ class _ActfxTracer(Tracer):
         self.grad_mode_changed, self._grad_at_start = False, torch.is_grad_enabled()
         self.autocast_changed, self._autocast_at_start = False, _autocast_state()
         self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
-        with functions_as_calls(self):
+        self.type_checks = []
+        with functions_as_calls(self), _isinstance_noted(self):
             graph = super().trace(root, concrete_args)
+        if self.type_checks:
+            raise RuntimeError(f"isinstance of a traced value at {self.type_checks[0]}, which fx answers as for no "
+                               "tensor (the branch would be wrong)")
         if self.grad_mode_changed:
             raise RuntimeError("the forward changes grad mode (torch.no_grad, enable_grad or set_grad_enabled), "
                                "which an fx graph cannot record: it would compute that block with gradients")
