@@ -563,3 +563,40 @@ def test_a_view_as_example_input_does_not_bind_later_calls_to_views():
             torch.manual_seed(1)  # the same dropout
             outs.append(m(x).logits)
         assert torch.equal(*outs)
+
+
+class _ReentrantCheckpointed(nn.Module):
+    """Blocks under torch.utils.checkpoint(use_reentrant=True) (Hugging Face's
+    gradient_checkpointing_enable(use_reentrant=True), older repositories); a shape branch keeps
+    fx from tracing the root, so it is captured at its first training call."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = nn.Embedding(100, 64)
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(64, 128), nn.GELU(), nn.Linear(128, 64)) for _ in range(2)])
+        self.head = nn.Linear(64, 100)
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if ids.size(1) > 1:
+            h = h * 1.0
+        for block in self.blocks:
+            h = h + torch.utils.checkpoint.checkpoint(block, h, use_reentrant=True)
+        return self.head(h)
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_a_reentrant_checkpoint_is_not_inlined_by_the_capture():
+    """Its forward runs without gradients: torch.export inlined it, and the checkpointed blocks
+    (here the whole output) were cut off from backward."""
+    torch.manual_seed(0)
+    model, ids = _ReentrantCheckpointed().train(), torch.randint(0, 100, (2, 16))
+    converted = actfx.convert(model, bits=8)
+    out = converted(ids)
+    assert torch.equal(out, model(ids))
+    grads = []
+    for m in (converted, model):
+        m.zero_grad(set_to_none=True)
+        m(ids).square().mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.blocks.parameters()]))
+    assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 0.03

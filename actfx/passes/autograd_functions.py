@@ -52,10 +52,13 @@ def functions_as_calls(tracer: Tracer):
 
 def inlined_functions(seen: list):
     """While torch.export captures, the names of the Functions it inlines are appended to
-    ``seen`` (PyTorch's own, whose backward is the forward's gradient, are not)."""
+    ``seen`` (PyTorch's own, whose backward is the forward's gradient, are not; but a reentrant
+    ``torch.utils.checkpoint`` is: its forward runs without gradients, and inlined, the
+    checkpointed blocks were cut off from backward)."""
+    from torch.utils.checkpoint import CheckpointFunction
 
     def apply(original, cls, *args, **kwargs):
-        if not cls.__module__.startswith("torch."):
+        if not cls.__module__.startswith("torch.") or issubclass(cls, CheckpointFunction):
             seen.append(cls.__qualname__)
         return original(*args, **kwargs)
 
