@@ -28,6 +28,7 @@ from actfx.passes.capture import (
     changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
 )
+from actfx.passes.hf_outputs import share_recording
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
 from actfx.variants.packing import SeedState
@@ -639,6 +640,7 @@ def _clone(module: nn.Module, cls: type) -> nn.Module:
     the other; the tensors and submodules inside are the very same objects.
     """
     new = object.__new__(cls)
+    share_recording(module, new)
     state = dict(module.__dict__)
     for key, value in list(state.items()):
         if isinstance(value, (dict, set)):

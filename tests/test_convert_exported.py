@@ -600,3 +600,64 @@ def test_a_reentrant_checkpoint_is_not_inlined_by_the_capture():
         m(ids).square().mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.blocks.parameters()]))
     assert ((grads[0] - grads[1]).norm() / grads[1].norm()).item() < 0.03
+
+
+class _LazyHooks(nn.Module):
+    """Registers forward hooks on its blocks at its first call (as transformers' output recording
+    does) and collects their outputs through them."""
+
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([nn.Linear(16, 32), nn.Linear(32, 64), nn.Linear(64, 64)])
+        self.heads = nn.ModuleList([nn.Linear(32, 8), nn.Linear(64, 8), nn.Linear(64, 8)])
+        self.collected = None
+
+    def forward(self, x):
+        if not getattr(self, "hooked", False):
+            for block in self.blocks:
+                block.register_forward_hook(lambda m, a, out: self.collected.append(out))
+            self.hooked = True
+        self.collected = []
+        for block in self.blocks:
+            x = torch.relu(block(x))
+        hs, self.collected = self.collected, None
+        return sum(h(t) for h, t in zip(self.heads, hs)) + x.mean()
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_hooks_a_forward_registers_while_captured_are_not_left_behind():
+    """The capture ran the first call, which registered the hooks on the real blocks; refused for
+    its attribute, the capture left them there, and the model's own first call registered them
+    again: every block's output was collected twice (a shape error in backward's place)."""
+    torch.manual_seed(0)
+    model, x = _LazyHooks(), torch.randn(4, 16)
+    reference = copy.deepcopy(model)(x)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), reference)
+    assert [len(b._forward_hooks) for b in converted.blocks] == [1, 1, 1]
+
+
+def test_hugging_face_hidden_states_are_recorded_by_converted_models():
+    """transformers v5 records hidden states with hooks it installs at a model's first call that
+    asks, and looks what to record up by the model's class: a converted copy recorded nothing
+    (Segformer's decode head, which reads its encoder's hidden states, failed), and a capture
+    running that first call refused its hooks."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2)
+    model = transformers.LlamaForCausalLM(config).train()
+    ids = torch.randint(0, 100, (2, 16))
+    reference = copy.deepcopy(model)(input_ids=ids, output_hidden_states=True)
+    converted = actfx.convert(model, bits=8)
+    for _ in range(2):  # the capturing first call, then the converted graph
+        out = converted(input_ids=ids, output_hidden_states=True)
+        assert len(out.hidden_states) == len(reference.hidden_states) == 3
+        assert all(torch.equal(a, b) for a, b in zip(out.hidden_states, reference.hidden_states))
+    segformer = transformers.SegformerForSemanticSegmentation(transformers.SegformerConfig(
+        num_labels=5, hidden_sizes=[16, 32, 64, 128], decoder_hidden_size=32, depths=[1, 1, 1, 1],
+        hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, classifier_dropout_prob=0.0,
+        drop_path_rate=0.0)).train()
+    pixels, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
+    expected = copy.deepcopy(segformer)(pixel_values=pixels, labels=labels).loss
+    assert torch.equal(actfx.convert(segformer, bits=8)(pixel_values=pixels, labels=labels).loss, expected)

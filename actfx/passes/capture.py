@@ -19,6 +19,7 @@ from torch.fx import Graph, GraphModule, Proxy, Tracer
 from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
+from actfx.passes.hf_outputs import RECORDING_FLAG, is_recording_hook
 from actfx.passes.traced_through import TRACED_THROUGH
 
 
@@ -234,6 +235,12 @@ def _attributes(module: nn.Module) -> dict:
     return state
 
 
+def _hook_tables(module: nn.Module) -> dict:
+    """Copies of the module's hook tables (``_forward_hooks``, ``_forward_hooks_with_kwargs``, ...)."""
+    return {name: list(value.items()) for name, value in module.__dict__.items()
+            if "hooks" in name and isinstance(value, dict)}
+
+
 def _equal_plain_values(a, b) -> bool:
     """Equal non-tensor values (torch.export swaps a LayerNorm's ``normalized_shape`` tuple
     for an equal one while it runs)."""
@@ -257,6 +264,7 @@ def attributes_kept(module: nn.Module, others=()):
     caches a table in it: export left a fake tensor there, and every later call read it)."""
     trees = [module, *others]
     saved = {m: _attributes(m) for root in trees for m in root.modules()}
+    hooks = {m: _hook_tables(m) for m in saved}
     assigned = []
     # fx runs Python on real buffers: ``self.step += 1`` happened once, and the graph kept the
     # value it read as a constant (the step then never moved); so buffers changed in place are
@@ -271,6 +279,14 @@ def attributes_kept(module: nn.Module, others=()):
                 if b._version != version:
                     b.copy_(value)
                     assigned.append((trees[i], f"buffer {name}"))
+        for m, before in hooks.items():
+            for name, table in before.items():
+                live = m.__dict__[name]
+                added = [(key, hook) for key, hook in live.items() if (key, hook) not in table]
+                if any(not is_recording_hook(hook) for _, hook in added) or len(live) < len(table):
+                    live.clear()
+                    live.update(table)
+                    assigned.append((m, f"hook {name}"))
         for m, before in saved.items():
             now = _attributes(m)
             for key in set(before) | set(now):
@@ -280,6 +296,8 @@ def attributes_kept(module: nn.Module, others=()):
                 name = key[1] if isinstance(key, tuple) else key
                 if name.startswith("_tensor_constant") or key == "training":
                     continue  # fx's lifted constants: later retraces' graphs read them from here
+                if name == RECORDING_FLAG:
+                    continue  # transformers' output recording, installed as its first call does
                 assigned.append((m, name))
                 target = m.__dict__[key[0]] if isinstance(key, tuple) else m.__dict__
                 if old is _MISSING:
@@ -288,6 +306,9 @@ def attributes_kept(module: nn.Module, others=()):
                     target[name] = old
     if assigned:
         m, name = assigned[0]
+        if name.startswith("hook "):
+            raise RuntimeError(f"the forward registers a hook ({name[5:]}) on a {type(m).__name__} while it runs, "
+                               "which a captured graph does not record")
         if name.startswith("buffer "):
             raise RuntimeError(f"the forward updates the {name[7:]!r} buffer of a {type(m).__name__} in place "
                                "outside the traced ops, which an fx graph cannot record")
