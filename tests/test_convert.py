@@ -1039,3 +1039,33 @@ def test_an_isinstance_test_of_a_traced_value_is_not_answered_by_fx(check):
     assert torch.equal(converted(x), model(x))
     assert {"conv", "relu"} <= {d.kind for d in converted._actfx_record.decisions}
     assert rel(parameter_grads(converted, x), parameter_grads(model, x)) < 0.03
+
+
+class _BranchyNorm(nn.Module):
+    """fx cannot trace the branch: its BatchNorm is converted as a unit of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        h = self.conv(x)
+        if bool(h.sum() > 0):
+            h = h * 1.0
+        return self.bn(h)
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_a_batch_norm_converted_on_its_own_runs_in_eval():
+    """Where nothing is saved (eval, no_grad) its variant called the module, which was itself:
+    validation after a training step recursed without end (timm's FastViT)."""
+    torch.manual_seed(0)
+    model, x = _BranchyNorm(), torch.randn(4, 3, 8, 8)
+    converted = actfx.convert(model, bits=8)
+    converted(x).sum().backward()
+    reference = copy.deepcopy(model)
+    for m in (converted, reference):
+        m.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(x), reference(x))
+    assert torch.equal(converted.train()(x), reference.train()(x))
