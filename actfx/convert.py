@@ -28,6 +28,7 @@ from actfx.passes.capture import (
     changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
 )
+from actfx.passes.baked_values import baked_values, changed_value
 from actfx.passes.hf_outputs import share_recording
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -187,6 +188,8 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
 
 
 # torch.nn's stacks fx keeps as calls (it does not trace into torch.nn), whose layers have variants
+BAKED = "_actfx_baked"  # instance attribute: the plain values the graphs were traced with
+
 _NN_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 
@@ -447,6 +450,7 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
     if without_optional is not None:
         record.forwards[path] += [(general_graphs[t], general[t]) for t in general]
     new = _attach_seed(_clone(module, cls), path, module)
+    object.__setattr__(new, BAKED, baked_values(new))
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)
     # Tensor constants fx lifted from the forward live on the traced module.
@@ -582,6 +586,12 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
         hooked = changed_hooks(self, uncalled, None)  # fx kept modules hooked then as calls
         if hooked is not None:
             warn_hooks_changed(self, hooked)
+            return base.forward(self, *args, **kwargs)
+        changed = changed_value(self.__dict__.get(BAKED, ()))
+        if changed is not None:
+            warnings.warn(f"actfx: {changed} of {base.__name__} changed since conversion, and the converted graph "
+                          "computes with its value then: the model runs its own forward (nothing packed); keep a "
+                          "value that changes in training in a buffer, or convert again", stacklevel=2)
             return base.forward(self, *args, **kwargs)
         if under_function_transform(self):
             return base.forward(self, *args, **kwargs)

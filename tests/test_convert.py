@@ -1069,3 +1069,35 @@ def test_a_batch_norm_converted_on_its_own_runs_in_eval():
     with torch.no_grad():
         assert torch.equal(converted(x), reference(x))
     assert torch.equal(converted.train()(x), reference.train()(x))
+
+
+class _Tempered(nn.Module):
+    """A temperature and a flag read in forward (annealing schedules, gradient-reversal weights)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act = nn.Linear(32, 16), nn.LeakyReLU(0.1)
+        self.temperature, self.flip = 1.0, False
+
+    def forward(self, x):
+        y = self.act(self.fc(x)) / self.temperature
+        return -y if self.flip else y
+
+
+def test_a_python_value_changed_after_conversion_is_not_ignored():
+    """fx kept the values the forward read as constants: after ``temperature = 0.1`` (or a new
+    LeakyReLU slope) the converted model computed with the old ones, silently."""
+    torch.manual_seed(0)
+    model, x = _Tempered(), torch.randn(4, 32)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), model(x))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted(x)  # nothing changed: no warning, the converted graph
+    for change in (lambda m: setattr(m, "temperature", 0.1), lambda m: setattr(m, "flip", True),
+                   lambda m: setattr(m.act, "negative_slope", 0.3)):
+        change(converted)
+        change(model)
+        with pytest.warns(UserWarning, match="changed since conversion"):
+            out = converted(x)
+        assert torch.equal(out, model(x))
