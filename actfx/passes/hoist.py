@@ -265,7 +265,7 @@ def _normalised(scaled: fx.Node, sources: dict, dependent: set):
     if not isinstance(value, fx.Node) or value in dependent or not is_tensor(value):
         return None
     if not all(isinstance(s, fx.Node) and s.op == "placeholder" and s not in sources and is_tensor(s)
-               and numel(s) * 16 <= numel(value) for s in stats):
+               and numel(s) * 2 <= numel(value) for s in stats):
         return None
     if val(scaled).shape != val(value).shape or val(scaled).dtype != val(value).dtype:
         return None
