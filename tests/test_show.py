@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import io
+import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from rich.console import Console
 
 import actfx
@@ -276,3 +278,29 @@ def test_a_model_fake_tensors_cannot_run_is_shown_without_bytes():
     with pytest.warns(UserWarning, match="could not measure _?\\w* on fake tensors"):
         rows = actfx.show(converted, torch.randn(4, 8), console=plain_console())
     assert rows and all(r["after_bytes"] is None for r in rows)
+
+
+class _MaskedEncoder(nn.Module):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(64, 4, 128, dropout=0.0, activation=F.silu, batch_first=True, bias=False)
+        self.enc = nn.TransformerEncoder(layer, 2, norm=nn.LayerNorm(64), enable_nested_tensor=False)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x, mask):
+        return self.head(self.enc(x, mask=mask, is_causal=False))
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_show_measures_a_unit_called_by_keyword():
+    """The converted nn.TransformerEncoder unit's graph got the positional arguments only; called
+    with ``mask=`` its measure failed and show printed no bytes."""
+    torch.manual_seed(0)
+    x, mask = torch.randn(2, 12, 64), torch.randn(12, 12)
+    converted = actfx.convert(_MaskedEncoder(), bits=2)
+    converted(x, mask).sum().backward()
+    buffer = io.StringIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        actfx.show(converted, (x, mask), console=Console(file=buffer, width=200))
+    assert "activations kept for backward" in buffer.getvalue()

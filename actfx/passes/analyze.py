@@ -243,7 +243,9 @@ class _Attributing(Interpreter):
         path = f"{self.path}.{target}" if self.path else target
         graph = self.graphs.get(path)
         if graph is not None:
-            return _Attributing(sub, graph, path, self.recorder, self.graphs, self.twin).run(*args)
+            # by keyword too (nn.TransformerEncoder called with mask=): matched to placeholders by name
+            values = _placeholder_values(graph, sub, args, kwargs)
+            return _Attributing(sub, graph, path, self.recorder, self.graphs, self.twin).run(*values)
         return sub(*args, **kwargs)
 
     def fetch_attr(self, target: str):
