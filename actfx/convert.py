@@ -128,9 +128,18 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         result = _clone(result, _converted_class(type(model), {True: forward}))
         record.capture_pending = True
     result._actfx_record = record
+    _note_baked_values(result)
     _warn_if_root_untraced(model, record)
     _warn_of_unknown_kinds(record)
     return result
+
+
+def _note_baked_values(result: nn.Module) -> None:
+    """What each converted module's graphs were traced with, noted once the tree is final
+    (converted units replace the originals in their parents' slots first)."""
+    for module in result.modules():
+        if is_converted(module):
+            object.__setattr__(module, BAKED, baked_values(module))
 
 
 def _warn_of_unknown_kinds(record: ConversionRecord) -> None:
@@ -450,7 +459,6 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
     if without_optional is not None:
         record.forwards[path] += [(general_graphs[t], general[t]) for t in general]
     new = _attach_seed(_clone(module, cls), path, module)
-    object.__setattr__(new, BAKED, baked_values(new))
     if self_attr:
         object.__setattr__(new, SELF_ATTR, new)
     # Tensor constants fx lifted from the forward live on the traced module.

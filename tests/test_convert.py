@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import copy
 import io
 import warnings
@@ -1101,3 +1102,24 @@ def test_a_python_value_changed_after_conversion_is_not_ignored():
         with pytest.warns(UserWarning, match="changed since conversion"):
             out = converted(x)
         assert torch.equal(out, model(x))
+
+
+def test_a_submodule_replaced_after_conversion_is_not_ignored():
+    """The graph called the submodules it was traced with: a GELU swapped for a SiLU still ran
+    as GELU, a LayerNorm swapped for nn.Identity failed (no weight), a LoRA wrapper put around a
+    Linear was never called. A new module of the same kind and settings (a re-initialised head)
+    keeps the converted graph."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 64)
+    for name, new, same in [("act", nn.SiLU(), False), ("norm", nn.Identity(), False),
+                            ("b", nn.Linear(64, 10), True)]:
+        model = nn.Sequential(collections.OrderedDict(
+            a=nn.Linear(64, 64), act=nn.GELU(), norm=nn.LayerNorm(64), b=nn.Linear(64, 10)))
+        converted = actfx.convert(model, bits=8)
+        setattr(converted, name, new)
+        setattr(model, name, new)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = converted(x)
+        assert torch.equal(out, model(x)), name
+        assert any("changed since conversion" in str(w.message) for w in caught) != same, name

@@ -3,10 +3,11 @@
 Why: fx runs the forward's Python once and keeps what it read as constants of the graph: a
 temperature or gradient-reversal weight annealed during training, ``LeakyReLU.negative_slope``,
 ``LayerNorm.eps``, timm's ``DropPath.drop_prob`` schedules, ``grad_checkpointing`` switched on
-later; the converted model kept computing with the value at conversion, silently. The values of
-every module's plain attributes (numbers, strings, None, small tuples of them) are noted at
-conversion; a converted forward that finds one changed runs the model's own forward instead
-(correct, nothing packed) and says so.
+later; and the submodules it called (a GELU swapped for a SiLU, a Linear wrapped by a LoRA
+layer after conversion ran the old ones). The values of every module's plain attributes
+(numbers, strings, None, small tuples of them), its submodules and any forward set on an
+instance are noted at conversion; a converted forward that finds one changed runs the model's
+own forward instead (correct, nothing packed) and says so.
 """
 
 from __future__ import annotations
@@ -27,15 +28,41 @@ def _plain(value, depth: int = 0) -> bool:
 
 
 def baked_values(module: nn.Module) -> tuple:
-    """(module, path, name, value) for every plain attribute in ``module``'s tree."""
-    return tuple((m, path, name, value) for path, m in module.named_modules() for name, value in m.__dict__.items()
-                 if name not in _NOT_READ and not name.startswith(("_actfx", "__")) and _plain(value))
+    """What ``module``'s tree was traced with: (module, path, name, value) for every plain
+    attribute, for every submodule slot (its module then) and for ``forward`` (an instance's
+    own forward, or None)."""
+    tree = list(module.named_modules())
+    values = tuple((m, path, name, value) for path, m in tree for name, value in m.__dict__.items()
+                   if name not in _NOT_READ and not name.startswith(("_actfx", "__")) and _plain(value))
+    slots = tuple((m, path, name, child) for path, m in tree for name, child in m._modules.items())
+    forwards = tuple((m, path, "forward", m.__dict__.get("forward")) for path, m in tree)
+    return values, slots, forwards
 
 
 def changed_value(baked: tuple) -> str | None:
-    """``path.name`` of the first attribute whose value is not the one noted, or None."""
-    for m, path, name, value in baked:
+    """``path.name`` of the first attribute, submodule or forward that is not the one traced, or None."""
+    if not baked:
+        return None
+    values, slots, forwards = baked
+    for m, path, name, value in values:
         now = m.__dict__.get(name, value)
         if now is not value and not (type(now) is type(value) and now == value):
             return f"{path}.{name}" if path else name
+    for m, path, name, traced in slots:
+        now = m._modules.get(name)
+        if now is not traced and not _same_kind(now, traced):
+            return f"{path}.{name}" if path else name
+    for m, path, name, traced in forwards:
+        if m.__dict__.get(name) is not traced:
+            return f"{path}.{name}" if path else name
     return None
+
+
+def _same_kind(new, old) -> bool:
+    """A module the graph serves as it served ``old``: one of its class, without submodules,
+    with the same plain settings (a re-initialised ``fc = nn.Linear(2048, 10)``; the graph reads
+    its weights when it runs)."""
+    if type(new) is not type(old) or new._modules or old._modules:
+        return False
+    settings = [{k: v for k, v in m.__dict__.items() if k not in _NOT_READ and _plain(v)} for m in (new, old)]
+    return settings[0] == settings[1]
