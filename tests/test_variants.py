@@ -320,7 +320,10 @@ def test_average_pools_save_only_the_shape(fn, kind):
 
 
 @pytest.mark.parametrize("act", [nn.SiLU(), nn.GELU(), nn.GELU("tanh"), nn.Sigmoid(), nn.Tanh(), nn.Hardswish(),
-                                 nn.Hardsigmoid(), nn.Mish(), nn.Softmax(-1), nn.LogSoftmax(-1), nn.ELU()])
+                                 nn.Hardsigmoid(), nn.Mish(), nn.Softmax(-1), nn.LogSoftmax(-1), nn.ELU(),
+                                 # module forms of functions that had variants (the modules ran as is)
+                                 nn.CELU(0.7), nn.LogSigmoid(), nn.Softsign(), nn.Tanhshrink(), nn.Softshrink(0.3),
+                                 nn.Hardshrink(0.3)])
 def test_elementwise_activations(act):
     kind = {nn.LogSoftmax: "log_softmax"}.get(type(act), type(act).__name__.lower())
     check_variant(Wrap(lambda s, x: s.act(s.lin(x)), act=act, lin=nn.Linear(64, 64)), torch.randn(16, 64), tol=0.03,

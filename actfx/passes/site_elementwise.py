@@ -278,6 +278,12 @@ def _module_as_call(node, path, m):
         nn.SELU: lambda: (F.selu, (x,), {"inplace": getattr(m, "inplace", False)}),
         nn.Softplus: lambda: (F.softplus, (x,), {"beta": getattr(m, "beta", 1.0), "threshold": getattr(m, "threshold", 20.0)}),
         nn.LogSoftmax: lambda: (F.log_softmax, (x,), {"dim": getattr(m, "dim", None)}),
+        nn.CELU: lambda: (F.celu, (x,), {"alpha": m.alpha, "inplace": m.inplace}),
+        nn.LogSigmoid: lambda: (F.logsigmoid, (x,), {}),
+        nn.Softsign: lambda: (F.softsign, (x,), {}),
+        nn.Tanhshrink: lambda: (F.tanhshrink, (x,), {}),
+        nn.Softshrink: lambda: (F.softshrink, (x,), {"lambd": m.lambd}),
+        nn.Hardshrink: lambda: (F.hardshrink, (x,), {"lambd": m.lambd}),
     }
     # Exact types only: a subclass (timm's AvgPool2dSame pads first) has a forward of its own.
     if type(m) in _PAD_MODES:
