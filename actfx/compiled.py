@@ -94,6 +94,10 @@ def _layout(example_inputs) -> dict:
     return {"layout_optimization": False} if tensors and all(t.device.type == "cpu" for t in tensors) else {}
 
 
+def _has_sparse_values(gm) -> bool:
+    return any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.layout != torch.strided for n in gm.graph.nodes)
+
+
 class _Partitioner(CustomPartitionerFn):
     """min-cut partitioning (under the memory budget), then pack_saved on the pair."""
 
@@ -105,6 +109,12 @@ class _Partitioner(CustomPartitionerFn):
         patch = functorch_config.patch(activation_memory_budget=budget) if budget is not None else contextlib.nullcontext()
         with patch:
             fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        if _has_sparse_values(gm):
+            # Inductor re-derives the fake value of each op whose inputs the pass changed, and
+            # cannot read a sparse one (nn.Embedding(sparse=True): the backward compile failed)
+            warnings.warn("actfx.compile: a graph with sparse tensors (nn.Embedding(sparse=True)) is compiled as "
+                          "torch.compile compiles it, nothing packed; use a dense embedding to pack it", stacklevel=2)
+            return fwd, bwd
         plan = pack_saved(fwd, bwd, num_fwd_outputs=kwargs["num_fwd_outputs"],
                           static_indices=kwargs.get("static_lifetime_input_indices"), config=self.record.config,
                           probe=self.record.probe)
