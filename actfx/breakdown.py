@@ -22,6 +22,7 @@ from torch.fx import Graph
 from actfx.config import KEEP_EXACT
 from actfx.convert import is_converted
 from actfx.passes.analyze import CALLS, Measurement, NodeSaved, module_path, target_name, trace_like
+from actfx.passes.baked_values import BAKED
 from actfx.passes.capture import SUBMODULES_CACHE
 from actfx.passes.provenance import provenance
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR
@@ -61,7 +62,7 @@ def original_of(model: nn.Module) -> nn.Module:
     view = copy.copy(model)
     if is_converted(model):
         view.__class__ = type(model).__bases__[0]
-        for attr in (SEED_STATE, SELF_ATTR, "_actfx_record", SUBMODULES_CACHE):
+        for attr in (SEED_STATE, SELF_ATTR, "_actfx_record", SUBMODULES_CACHE, BAKED):
             view.__dict__.pop(attr, None)
         view._buffers = {k: v for k, v in model._buffers.items() if k != SEED_BUFFER}
     view._modules = {name: None if child is None else original_of(child) for name, child in model._modules.items()}

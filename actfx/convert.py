@@ -28,7 +28,7 @@ from actfx.passes.capture import (
     changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
 )
-from actfx.passes.baked_values import baked_values, changed_value
+from actfx.passes.baked_values import BAKED, baked_values, changed_value
 from actfx.passes.hf_outputs import share_recording
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -197,8 +197,6 @@ def _convert(module: nn.Module, path: str, config: Config, leaf_modules: tuple,
 
 
 # torch.nn's stacks fx keeps as calls (it does not trace into torch.nn), whose layers have variants
-BAKED = "_actfx_baked"  # instance attribute: the plain values the graphs were traced with
-
 _NN_STACKS = (nn.TransformerEncoder, nn.TransformerDecoder, nn.Transformer)
 
 

@@ -16,6 +16,8 @@ import torch.nn as nn
 
 from actfx.passes.hf_outputs import RECORDING_FLAG
 
+BAKED = "_actfx_baked"  # instance attribute of a converted module: what its graphs were traced with
+
 # nn.Module's own bookkeeping (train / eval have graphs of their own) and markers set at a first call
 _NOT_READ = frozenset({"training", "_is_full_backward_hook", RECORDING_FLAG})
 _PLAIN = (bool, int, float, str, type(None))
@@ -49,7 +51,7 @@ def changed_value(baked: tuple) -> str | None:
         if now is not value and not (type(now) is type(value) and now == value):
             return f"{path}.{name}" if path else name
     for m, path, name, traced in slots:
-        now = m._modules.get(name)
+        now = m._modules[name] if name in m._modules else None  # TorchScript's module dict has no get
         if now is not traced and not _same_kind(now, traced):
             return f"{path}.{name}" if path else name
     for m, path, name, traced in forwards:
