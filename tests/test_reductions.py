@@ -292,3 +292,39 @@ def test_nll_loss_keeps_only_the_shape_of_the_log_probabilities(options):
     exact = weighted_grads(model, call(model), x, w)
     assert_mean_converges([weighted_grads(model, call(converted), x, w) for _ in range(64)], exact,
                           least_noise=1e-3)
+
+
+
+class _NarrowEncoder(nn.Module):
+    """A BERT-like stack of width 128: summed embeddings, then LayerNorm between MLP blocks."""
+
+    def __init__(self, width=128, depth=4):
+        super().__init__()
+        self.words, self.positions = nn.Embedding(100, width), nn.Embedding(32, width)
+        self.norms = nn.ModuleList([nn.LayerNorm(width) for _ in range(depth)])
+        self.blocks = nn.ModuleList([nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+                                     for _ in range(depth)])
+        self.head = nn.Linear(width, 8)
+
+    def forward(self, ids):
+        h = self.words(ids) + self.positions(torch.arange(ids.shape[1]))
+        for norm, block in zip(self.norms, self.blocks):
+            h = norm(h)
+            h = h + block(h)
+        return self.head(h)
+
+
+def test_norms_over_512_values_or_fewer_stay_unbiased():
+    """LayerNorm's backward reads x̂ in ``x̂_i mean_j(g_j x̂_j)``; from one pack the product keeps
+    an O(1/M) bias, M the values per row. At M = 128 it added up to 1.7% of a 2-layer BERT's
+    gradient norm, in the embeddings (mean of 128 two-bit gradients: 0.16 of one step's error for
+    0.088); rows of fewer than 512 values now get the independent second pack."""
+    torch.manual_seed(0)
+    model, ids = _NarrowEncoder(), torch.randint(0, 100, (8, 32))
+    converted = actfx.convert(model, bits=2)
+    w = torch.randn(8, 32, 8)
+
+    def embedding_grad(m):
+        return torch.autograd.grad((m(ids) * w).sum(), model.words.weight)[0].flatten()
+
+    assert_mean_converges([embedding_grad(converted) for _ in range(512)], embedding_grad(model), least_noise=1e-3)
