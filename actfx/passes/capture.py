@@ -52,11 +52,11 @@ def _isinstance_noted(tracer):
                 tracer.type_checks.append(f"{caller.f_code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno}")
         return result
 
-    builtins.isinstance = noting
+    previous, builtins.isinstance = builtins.isinstance, noting
     try:
         yield
     finally:
-        builtins.isinstance = _isinstance
+        builtins.isinstance = previous
 
 
 def _could_be_tensor(classes) -> bool:
@@ -70,7 +70,6 @@ class _ActfxTracer(Tracer):
         super().__init__()
         self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
         self.type_checks: list[str] = []
-
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if has_hooks(m) or self._checkpointing():
