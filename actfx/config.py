@@ -103,7 +103,8 @@ class Config:
 
     def unknown_kinds(self, kinds) -> list:
         """The op_bits kinds, beyond the defaults, that none of ``kinds`` (a model's) is."""
-        return sorted(k for k in self.op_bits if k not in DEFAULT_OP_BITS and k not in set(kinds))
+        present = set(kinds)
+        return sorted(k for k in self.op_bits if k not in DEFAULT_OP_BITS and k not in present)
 
     def bits_for(self, kind: str, module_path: str | None, key: str | None = None) -> int:
         """The width to use for a value saved by an op of ``kind`` inside ``module_path``; ``key``:

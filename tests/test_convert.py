@@ -924,7 +924,12 @@ def test_an_op_kind_no_op_has_is_warned():
         actfx.convert(model, config=actfx.Config(op_bits={"convolution": 4}))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        actfx.convert(model, config=actfx.Config(op_bits={"conv": 4}))  # defaults (sdpa, ...) never warn
+        # kinds the model has, several of them (the model's kinds were read once, for the first
+        # key only, and every later one was warned of); defaults (sdpa, ...) never warn
+        converted = actfx.convert(model, config=actfx.Config(op_bits={"conv": 4, "relu": 1}))
+    assert {"conv", "relu"} <= {d.kind for d in converted._actfx_record.decisions}
+    assert actfx.Config(op_bits={"conv": 4, "relu": 1, "conv_typo": 4}).unknown_kinds(
+        kind for kind in ("conv", "relu")) == ["conv_typo"]
 
 
 def test_frozen_layers_and_first_layers_keep_only_what_their_gradients_read():
