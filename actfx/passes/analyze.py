@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
 from actfx.passes.capture import copy_graph, trace, training_mode
+from actfx.variants.common import unconverted_class
 from actfx.variants.packing import pack_value
 
 META_KEY = "actfx_saved"
@@ -474,7 +475,7 @@ def _placeholder_values(graph: Graph, model: nn.Module, args: tuple, kwargs: dic
     rest, as the interpreter would)."""
     if not kwargs:
         return args
-    base = type(model).__bases__[0] if getattr(type(model), "_actfx_converted", False) else type(model)
+    base = unconverted_class(model)
     signature = inspect.signature(base.forward)
     try:
         bound = signature.bind(None, *args, **kwargs)  # None stands for self

@@ -29,13 +29,18 @@ def _plain(value, depth: int = 0) -> bool:
     return type(value) is tuple and depth == 0 and len(value) <= 8 and all(_plain(v, 1) for v in value)
 
 
+def _settings(module: nn.Module) -> dict:
+    """The module's plain attributes a forward may read (not nn.Module's or actfx's own)."""
+    return {name: value for name, value in module.__dict__.items()
+            if name not in _NOT_READ and not name.startswith(("_actfx", "__")) and _plain(value)}
+
+
 def baked_values(module: nn.Module) -> tuple:
     """What ``module``'s tree was traced with: (module, path, name, value) for every plain
     attribute, for every submodule slot (its module then) and for ``forward`` (an instance's
     own forward, or None)."""
     tree = list(module.named_modules())
-    values = tuple((m, path, name, value) for path, m in tree for name, value in m.__dict__.items()
-                   if name not in _NOT_READ and not name.startswith(("_actfx", "__")) and _plain(value))
+    values = tuple((m, path, name, value) for path, m in tree for name, value in _settings(m).items())
     slots = tuple((m, path, name, child) for path, m in tree for name, child in m._modules.items())
     forwards = tuple((m, path, "forward", m.__dict__.get("forward")) for path, m in tree)
     return values, slots, forwards
@@ -66,5 +71,4 @@ def _same_kind(new, old) -> bool:
     its weights when it runs)."""
     if type(new) is not type(old) or new._modules or old._modules:
         return False
-    settings = [{k: v for k, v in m.__dict__.items() if k not in _NOT_READ and _plain(v)} for m in (new, old)]
-    return settings[0] == settings[1]
+    return _settings(new) == _settings(old)

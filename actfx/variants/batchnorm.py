@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from actfx.variants.common import needs_saving, refuse_double_backward
+from actfx.variants.common import needs_saving, refuse_double_backward, unconverted_class
 from actfx.variants.second_pack import add_rounding_variance, copy_for_small_rows
 from actfx.variants.saved import materialize_all, split_all
 
@@ -143,20 +143,13 @@ def batch_norm_two_reads(grad_out, xhat, copy, weight, invstd, mask):
     return add_rounding_variance(gx, grad_out, xhat, copy, scale), gw, gb
 
 
-def _unconverted_class(module) -> type:
-    cls = type(module)
-    while getattr(cls, "_actfx_converted", False):
-        cls = cls.__bases__[0]
-    return cls
-
-
 def batch_norm_module(bn, specs, x, *run):
     """BatchNorm module call; returns (out, γ, β). γ and β are None when nothing is saved.
     ``specs``: x̂'s and its second copy's; ``run``: their tensors."""
     if run[0] is None or not needs_saving(x, bn.weight, bn.bias):
         # its class's own forward: a BatchNorm converted as a unit of its own is ``bn`` itself
         # here, and calling it recursed without end (eval after training: timm's FastViT)
-        return _unconverted_class(bn).forward(bn, x), None, None
+        return unconverted_class(bn).forward(bn, x), None, None
     bn._check_input_dim(x)
     factor, training, rm, rv = _batch_norm_args(bn)
     return _PackedBatchNorm.apply(specs, bn.eps, factor, training, bn.weight, bn.bias, rm, rv, x, *run)

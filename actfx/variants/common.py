@@ -28,6 +28,14 @@ def needs_saving(*tensors) -> bool:
     return any(t.requires_grad for t in tensors)
 
 
+def unconverted_class(module) -> type:
+    """The class ``module``'s converted class (``actfx.convert``'s) was made from, or its own."""
+    cls = type(module)
+    while getattr(cls, "_actfx_converted", False):
+        cls = cls.__bases__[0]
+    return cls
+
+
 def cast_grad(grad, like):
     """Gradients leave in the dtype of the input they belong to (autocast computes in another)."""
     if grad is None or like is None:

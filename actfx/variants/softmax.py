@@ -101,13 +101,19 @@ def _packs_cross_entropy(x, target, label_smoothing) -> bool:
     return True
 
 
+def _along_classes(weight, log_p):
+    """Class weights shaped to broadcast along ``log_p``'s class dim."""
+    dim = _class_dim(log_p)
+    return weight.view([-1 if d == dim else 1 for d in range(log_p.dim())])
+
+
 def _soft_nll(log_p, target, weight, reduction, label_smoothing=0.0):
     """F.cross_entropy of class probabilities as a function of the log-probabilities (linear)."""
     dim = _class_dim(log_p)
     if label_smoothing:
         target = target * (1 - label_smoothing) + label_smoothing / log_p.shape[dim]
     if weight is not None:
-        target = target * weight.view([-1 if d == dim else 1 for d in range(log_p.dim())])
+        target = target * _along_classes(weight, log_p)
     loss = -(target * log_p).sum(dim)
     if reduction == "mean":
         return loss.sum() / (log_p.numel() // log_p.shape[dim]) if log_p.dim() > 1 else loss
@@ -124,7 +130,7 @@ def _index_nll(log_p, target, weight, ignore_index, reduction, label_smoothing):
     dim = _class_dim(log_p)
     ignored = target == ignore_index
     if weight is not None:
-        log_p = log_p * weight.view([-1 if d == dim else 1 for d in range(log_p.dim())])
+        log_p = log_p * _along_classes(weight, log_p)
     uniform = (-log_p.sum(dim)).masked_fill(ignored, 0.0)
     if reduction == "mean":
         kept = (~ignored).sum() if weight is None else weight[target.masked_fill(ignored, 0)].masked_fill(ignored, 0).sum()
