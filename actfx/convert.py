@@ -25,7 +25,7 @@ from actfx.config import Config, check_bits, check_group_size
 from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import (
-    changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
+    TypeTestError, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.baked_values import BAKED, baked_values, changed_value
@@ -116,7 +116,9 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         result._actfx_record = record
         return result
     result = _convert(model, "", config, tuple(leaf_modules), record)
-    if not is_converted(result):
+    if not is_converted(result) and type(model) in record.export_refused:
+        result = _attach_seed(_clone(result, _converted_class(type(model), {True: type(model).forward})), "", model)
+    elif not is_converted(result):
         # Nothing at the root traced: keep its own forward, with converted children, until the
         # first training call lets torch.export capture the whole model with real inputs.
         forward = capture_at_first_call(model, config, record, _exported_forward)
@@ -167,6 +169,11 @@ def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
     if root is None:
         return
     converted = record.decisions
+    if type(model) in record.export_refused:
+        warnings.warn(f"actfx.convert: {type(model).__name__} does not trace as a whole ({root.reason}); converted "
+                      f"{len(converted)} op(s) inside its traceable submodules; write the test as "
+                      f"isinstance(x, torch.Tensor) to convert it whole", stacklevel=3)
+        return
     warnings.warn(
         f"actfx.convert: {type(model).__name__} does not trace as a whole ({root.reason}); converted "
         f"{len(converted)} op(s) inside its traceable submodules so far; its first training call captures "
@@ -244,6 +251,9 @@ def _convert_children(module, path, config, leaf_modules, record, err):
     if find_site_type(module) is not None and _takes_one_input(module):
         return _convert_leaf(module, path, config, record)
     reason = f"fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
+    if isinstance(err, TypeTestError):
+        record.export_refused.add(type(module))  # export would take the same wrong branch
+        reason += "; it runs its own forward, with its submodules converted"
     record.uncovered.append(Unconverted(path or "<root>", type(module).__name__, reason))
     new = None
     for name, child in module.named_children():
@@ -254,7 +264,7 @@ def _convert_children(module, path, config, leaf_modules, record, err):
                 new = _clone(module, type(module))
             new._modules[name] = converted
     new = new if new is not None else module
-    if not path or not _has_own_forward(module):
+    if not path or not _has_own_forward(module) or type(module) in record.export_refused:
         return new  # the root is captured by convert(); containers are never called
     # When the whole model cannot be captured either (a custom autograd.Function elsewhere,
     # data-dependent control flow), torch.export captures this module at its first call.

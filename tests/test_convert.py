@@ -1047,6 +1047,26 @@ def test_an_isinstance_test_of_a_traced_value_is_not_answered_by_fx(check):
     assert rel(parameter_grads(converted, x), parameter_grads(model, x)) < 0.03
 
 
+_isinstance = isinstance  # an alias bound at import: the trace's swap of builtins.isinstance misses it
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+@pytest.mark.parametrize("check", [lambda v, t: _isinstance(v, torch.Tensor), lambda v, t: type(v) is torch.Tensor,
+                                   lambda v, t: v.__class__ in (torch.Tensor, nn.Parameter)],
+                         ids=["aliased isinstance", "type is", "__class__ in"])
+def test_a_type_test_no_hook_sees_is_read_from_the_code(check):
+    """An aliased isinstance, ``type(x) is torch.Tensor`` or ``x.__class__``: fx answered them for a
+    Proxy and the converted forward dropped the skip connection, silently (1.28 off). They are
+    read from the code that ran during the trace. An exact type test also fails torch.export's
+    fake tensors, so that module runs its own forward with its submodules converted."""
+    torch.manual_seed(0)
+    model, x = _WithSkip(check), torch.randn(2, 3, 16, 16)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), model(x))
+    assert "conv" in {d.kind for d in converted._actfx_record.decisions}
+    assert rel(parameter_grads(converted, x), parameter_grads(model, x)) < 0.03
+
+
 class _BranchyNorm(nn.Module):
     """fx cannot trace the branch: its BatchNorm is converted as a unit of its own."""
 

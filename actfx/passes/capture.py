@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from actfx.passes.autograd_functions import functions_as_calls
 from actfx.passes.hf_outputs import RECORDING_FLAG, is_recording_hook
 from actfx.passes.traced_through import TRACED_THROUGH
+from actfx.passes.type_tests import user_frames_seen, wrong_type_tests
 
 
 # node.meta key of a module call a non-reentrant checkpoint made in the traced forward
@@ -65,11 +66,17 @@ def _could_be_tensor(classes) -> bool:
                for c in classes)
 
 
+class TypeTestError(RuntimeError):
+    """The forward tests a value's exact type (``type(x) is torch.Tensor``): fx's Proxy and
+    torch.export's fake tensors both fail it, so neither may capture that forward."""
+
+
 class _ActfxTracer(Tracer):
     def __init__(self, leaf_types: tuple, leaf_paths: frozenset):
         super().__init__()
         self.leaf_types, self.leaf_paths = leaf_types, leaf_paths
         self.type_checks: list[str] = []
+        self._user_code: dict = {}  # code -> (globals, self) of the frames that recorded ops
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         if has_hooks(m) or self._checkpointing():
@@ -84,12 +91,16 @@ class _ActfxTracer(Tracer):
         self.grad_mode_changed, self._grad_at_start = False, torch.is_grad_enabled()
         self.autocast_changed, self._autocast_at_start = False, _autocast_state()
         self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
-        self.type_checks = []
+        self.type_checks, self._user_code = [], {}
         with functions_as_calls(self), _isinstance_noted(self):
             graph = super().trace(root, concrete_args)
-        if self.type_checks:
-            raise RuntimeError(f"isinstance of a traced value at {self.type_checks[0]}, which fx answers as for no "
-                               "tensor (the branch would be wrong)")
+        aliased, exact = wrong_type_tests(self._user_code)
+        if exact:
+            raise TypeTestError(f"an exact type test of a traced value at {exact[0]}, which fx and torch.export "
+                                "answer as for no plain tensor (the branch would be wrong)")
+        if self.type_checks or aliased:
+            raise RuntimeError(f"isinstance of a traced value at {(self.type_checks + aliased)[0]}, which fx answers "
+                               "as for no tensor (the branch would be wrong)")
         if self.grad_mode_changed:
             raise RuntimeError("the forward changes grad mode (torch.no_grad, enable_grad or set_grad_enabled), "
                                "which an fx graph cannot record: it would compute that block with gradients")
@@ -102,6 +113,7 @@ class _ActfxTracer(Tracer):
         """A call to a function in ``TRACED_THROUGH`` is traced through its ops."""
         if kind == "call_function" and target in TRACED_THROUGH:
             return TRACED_THROUGH[target](*args, **kwargs)
+        user_frames_seen(self._user_code, _ActfxTracer.trace.__code__)
         return super().create_proxy(kind, target, args, kwargs, *rest, **options)
 
     def create_node(self, kind, target, *args, **kwargs):
