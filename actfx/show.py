@@ -146,7 +146,7 @@ def render(rows: list[Row], console: Console, *, title: str, depth: int = 2, tot
                       format_bytes(row.after_bytes), row.kind, style=style)
     console.print(table)
     if hidden:
-        console.print(f"({_ops(hidden)} that save nothing for backward not listed)")
+        console.print(f"({_ops(hidden)} that save{'s' if hidden == 1 else ''} nothing for backward not listed)")
     console.print()
     if any(r.before_bytes is not None or r.after_bytes is not None for r in rows):
         _print_tree(rows, console, depth)

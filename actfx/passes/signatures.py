@@ -46,6 +46,7 @@ def _nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, 
 def _kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False): ...
 def _logsumexp(input, dim, keepdim=False): ...
 def _pad(input, pad, mode="constant", value=None): ...
+def _scatter_reduce(input, dim, index, src, reduce, *, include_self=True): ...
 
 
 SIGNATURES = {name: inspect.signature(fn) for name, fn in {
@@ -62,6 +63,7 @@ SIGNATURES = {name: inspect.signature(fn) for name, fn in {
     "adaptive_max_pool": _adaptive_max_pool,
     "binary": _binary,
     "amax": _amax,
+    "scatter_reduce": _scatter_reduce,
     "glu": _glu,
     "prelu": _prelu,
     "addcmul": _addcmul,

@@ -1,6 +1,6 @@
 """Sites for reductions whose backward reads their input: ``std`` / ``var`` (input packed, std
-exact), ``logsumexp`` (its probabilities packed), in function, method and ATen form, and the
-KL-divergence loss (its target packed)."""
+exact), ``logsumexp`` (its probabilities packed), ``scatter_reduce`` to an extremum (masks), in
+function, method and ATen form, and the KL-divergence loss (its target packed)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import torch
 from torch.fx import Node
 
 from actfx.passes.signatures import bind
-from actfx.passes.site import Site
-from actfx.variants import deviation, kl_div, logsumexp
+from actfx.passes.site import Site, _env
+from actfx.variants import deviation, kl_div, logsumexp, scatter_extremum
 
 aten = torch.ops.aten
 
@@ -19,6 +19,9 @@ DEVIATIONS = {
     **{op: name for name, op in deviation.SPELLINGS.items() if isinstance(op, torch._ops.OpOverload)},
 }
 LOGSUMEXPS = (torch.logsumexp, "logsumexp", aten.logsumexp.default)
+# fx targets -> whether the spelling writes into its input
+SCATTER_REDUCES = {torch.scatter_reduce: False, "scatter_reduce": False, aten.scatter_reduce.two: False,
+                   "scatter_reduce_": True, aten.scatter_reduce_.two: True}
 
 
 def _split_input(node):
@@ -96,3 +99,20 @@ def kl_div_site(node, path=None, module=None):
         return graph.call_function(kl_div.kl_div, (spec, reduction, bool(log_target), env[x], env[target], *run)), {}
 
     return Site(node, "kl_div", path, [], emit)
+
+
+def scatter_reduce_site(node):
+    """``scatter_reduce(x, dim, index, src, "amax" | "amin")``: 1-bit masks of the extrema in place
+    of the messages and the result (``variants/scatter_extremum.py``)."""
+    a = bind("scatter_reduce", node.args, {"input" if k == "self" else k: v for k, v in node.kwargs.items()})
+    if (a is None or a["reduce"] not in scatter_extremum.EXTREMA or not isinstance(a["dim"], int)
+            or not isinstance(a["include_self"], bool) or not isinstance(a["src"], Node)):
+        return None
+    inplace = SCATTER_REDUCES[node.target]
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(scatter_extremum.scatter_extremum, (
+            _env(env, a["input"]), a["dim"], _env(env, a["index"]), env[a["src"]], a["reduce"]),
+            {"include_self": a["include_self"], "inplace": inplace}), {}
+
+    return Site(node, "scatter_reduce", None, [], emit)

@@ -39,7 +39,9 @@ from actfx.passes.site_layers import (
     GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
-from actfx.passes.site_reductions import DEVIATIONS, LOGSUMEXPS, deviation_site, kl_div_site, logsumexp_site
+from actfx.passes.site_reductions import (
+    DEVIATIONS, LOGSUMEXPS, SCATTER_REDUCES, deviation_site, kl_div_site, logsumexp_site, scatter_reduce_site,
+)
 from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
@@ -131,6 +133,7 @@ _NODE_SITES = {
     **dict.fromkeys(GATHERS, gather_site),
     **dict.fromkeys(DEVIATIONS, deviation_site),
     **dict.fromkeys(LOGSUMEXPS, logsumexp_site),
+    **dict.fromkeys(SCATTER_REDUCES, scatter_reduce_site),
 }
 
 
