@@ -58,3 +58,20 @@ def test_the_masked_model_holds_less():
     with count_saved(converted) as after:
         kept = converted(x)  # noqa: F841
     assert after.activation_bytes * 6 < before.activation_bytes, (before.activation_bytes, after.activation_bytes)
+
+
+def test_an_expanded_index_is_kept_unexpanded():
+    """``idx[:, None].expand(-1, d)`` (a pointer network's or a graph's selection) holds one int64 a
+    row; its narrow copy at full size held d bytes a row: 4x what PyTorch keeps at d = 128."""
+    torch.manual_seed(0)
+    x = torch.randn(300, 128, requires_grad=True)
+    index = torch.randint(0, 300, (4000,)).view(-1, 1).expand(-1, 128)
+    with count_saved() as plain:
+        expected = torch.gather(x, 0, index)
+    with count_saved() as compact:
+        got = gather(x, 0, index)
+    assert torch.equal(got, expected)
+    assert compact.activation_bytes == 4000 * 2  # int16 for 300 rows
+    assert compact.activation_bytes < plain.activation_bytes
+    grad = torch.randn_like(got)
+    assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])

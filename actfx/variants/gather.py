@@ -18,8 +18,8 @@ class _CompactGather(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, dim, index):
         out = torch.gather(x, dim, index)
-        ctx.dim, ctx.like = dim, (x.shape, x.dtype)
-        ctx.save_for_backward(index.to(narrowest_index_dtype(x.shape[dim])))
+        ctx.dim, ctx.like, ctx.index_shape = dim, (x.shape, x.dtype), index.shape
+        ctx.save_for_backward(_unexpanded(index).to(narrowest_index_dtype(x.shape[dim])))
         return not_a_view(out)
 
     @staticmethod
@@ -27,8 +27,15 @@ class _CompactGather(torch.autograd.Function):
         refuse_double_backward("gather")
         (index,) = ctx.saved_tensors
         shape, dtype = ctx.like
-        grad = grad_out.new_zeros(shape, dtype=dtype).scatter_add_(ctx.dim, index.long(), grad_out)
+        index = index.long().expand(ctx.index_shape)
+        grad = grad_out.new_zeros(shape, dtype=dtype).scatter_add_(ctx.dim, index, grad_out)
         return grad, None, None
+
+
+def _unexpanded(index: torch.Tensor) -> torch.Tensor:
+    """``index`` without the dims an ``expand`` repeated (stride 0): ``idx[:, None].expand(-1, d)``
+    holds one value a row, and a copy at its full size would hold d of them."""
+    return index[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in index.stride())]
 
 
 def gather(x, dim: int, index):
