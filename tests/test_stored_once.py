@@ -241,3 +241,30 @@ def test_embedding_keeps_its_indices_in_the_narrowest_integer_type():
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
         converted(x)
     assert torch.uint8 in saved and torch.int32 in saved and torch.int64 not in saved, saved
+
+
+class _ExpandedGate(nn.Module):
+    """A per-sample gate from the first token, broadcast over the sequence by ``expand_as`` (or by
+    plain broadcasting): the gate is 8 x 1 x 64, read through a slice of the input too small to pack."""
+
+    def __init__(self, expand):
+        super().__init__()
+        self.lin, self.gate, self.expand = nn.Linear(16, 64), nn.Linear(16, 64), expand
+
+    def forward(self, x):
+        h, g = self.lin(x), self.gate(x[:, :1])
+        return h * (g.expand_as(h) if self.expand else g)
+
+
+def test_an_expanded_operand_and_a_small_slice_hold_only_their_own_values():
+    """An expanded value was packed at its full size (the 8 x 1 x 64 gate as 8 x 256 x 64), and a
+    slice kept exact held the whole input it was cut from after the input's own reader had packed
+    it: the converted model kept 204 KiB where 45 would do (PyTorch: 642)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 256, 16)
+    for expand in (True, False):
+        model = _ExpandedGate(expand)
+        converted = actfx.convert(model, bits=2)
+        plain, packed = _held(model, x), _held(converted, x)
+        assert packed * 10 < plain, (plain, packed)
+        _check(model, x)

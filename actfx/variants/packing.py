@@ -55,12 +55,16 @@ def next_seed(state: SeedState, seed: torch.Tensor) -> torch.Tensor:
 
 
 def pack_value(x, seed, stream: int, bits: int, group_size: int, stochastic: bool, min_numel: int):
-    """(codes, meta) for ``x``, or (None, None) when nothing will be saved or packing does not pay."""
+    """(codes, meta) for ``x``, or (None, None) when nothing will be saved or packing does not pay.
+    An expanded value (a stride 0: ``g.expand_as(h)``, a broadcast weight) holds only what it
+    repeats; packed at its full size it held more (an 8 x 1 x 64 gate expanded to 8 x 256 x 64:
+    128 KiB at 8 bits for 2 KiB), so it is kept as it is."""
     if (
         not torch.is_grad_enabled()
         or not isinstance(x, torch.Tensor)
         or x.dtype not in FLOAT_DTYPES
         or x.numel() < max(min_numel, 1)
+        or any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape))
     ):
         return None, None
     return pack_groups(x.detach(), seed, stream, bits, group_size, stochastic)

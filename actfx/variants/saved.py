@@ -58,13 +58,13 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
     if not isinstance(value, torch.Tensor):
         return ("const", value), []
     if kind == "exact":
-        return EXACT, [value]
+        return EXACT, [held(value)]
     if kind == "shape":
         return ("zeros", tuple(value.shape), value.dtype, value.device), []
     if kind == "packed":
         codes, meta = tensors[1], tensors[2]
         if codes is None:
-            return EXACT, [value]
+            return EXACT, [held(value)]
         _count_reader(codes)
         return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
     if kind == "sum":
@@ -97,6 +97,17 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
     if kind == "permute":
         return ("permute", spec[1], inner_plan), inner_store
     raise ValueError(f"unknown saved-value spec {spec!r}")
+
+
+def held(value: torch.Tensor) -> torch.Tensor:
+    """``value`` as kept exact: a copy when it is a small view of a much larger tensor (a CLS
+    token ``x[:, 0]``, a slice too small to pack), which would otherwise keep all of that tensor
+    alive for backward after its own consumers packed it."""
+    if value._base is None or torch.compiler.is_compiling() or value.layout != torch.strided:
+        return value
+    if value.untyped_storage().nbytes() <= 4 * value.numel() * value.element_size():
+        return value  # the view is most of its storage, or expanded (a stride 0 holds less)
+    return value.detach().clone()
 
 
 # Storage tensors each plan kind reads before its inner plan (the last element); watch, reshape
