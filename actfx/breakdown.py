@@ -95,7 +95,7 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
             row.before_bytes = orig.activation_bytes
             row.before = [_describe(t, {}) for t in orig.tensors]
         if row.covered and after is not None and row.after_bytes >= (row.before_bytes or 0) > 0 and not any(
-                t.dtype == torch.uint8 and t.counted for t in merged.tensors):
+                not (t.dtype.is_floating_point or t.dtype.is_complex) and t.counted for t in merged.tensors):
             planned = any(record.config.site_bits.get(d.key) == KEEP_EXACT
                           for d in decisions)
             # the variant packs nothing below min_numel or of complex values, or a plan keeps it exact
@@ -216,6 +216,8 @@ def _kind(record, row: Row, path: str, after: NodeSaved, orig: NodeSaved | None,
             return "parameter"
     if not measured and not row.covered and row.module_path != path and row.module_path in record.graphs:
         return "nothing saved"  # the call of a module converted on its own: its ops have rows
+    if not row.covered and measured and after.activation_bytes == 0 and (orig is None or orig.activation_bytes == 0):
+        return "nothing saved"  # what it keeps another op keeps too (MaxUnpool: the pooling's indices)
     if not row.covered:
         listed = any(item.path in (row.module_path, "<root>") and item.what == row.op for item in record.uncovered)
         return "not covered" if measured or listed else "nothing saved"

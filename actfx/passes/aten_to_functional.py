@@ -142,6 +142,12 @@ _FUNCTIONS: dict = {
     aten.max_pool1d.default: _call(F.max_pool1d, "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
     aten.max_pool2d.default: _call(F.max_pool2d, "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
     aten.max_pool3d.default: _call(F.max_pool3d, "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode"),
+    # (values, indices): max pooling asked for its indices, adaptive max pooling always
+    **{getattr(aten, f"max_pool{n}d_with_indices").default: _call(
+        getattr(F, f"max_pool{n}d_with_indices"), "self", "kernel_size", "stride", "padding", "dilation", "ceil_mode")
+       for n in (1, 2, 3)},
+    **{getattr(aten, f"adaptive_max_pool{n}d").default: _call(
+        getattr(F, f"adaptive_max_pool{n}d_with_indices"), "self", "output_size") for n in (1, 2, 3)},
     aten.avg_pool1d.default: _call(F.avg_pool1d, "self", "kernel_size", "stride", "padding", "ceil_mode",
                                    "count_include_pad"),
     aten.avg_pool2d.default: _call(F.avg_pool2d, "self", "kernel_size", "stride", "padding", "ceil_mode",

@@ -174,37 +174,53 @@ def _relu_module(node, path, m):
 
 _MAX_POOL_FUNCS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3}
 _ADAPTIVE_MAX_FUNCS = {F.adaptive_max_pool1d: 1, F.adaptive_max_pool2d: 2, F.adaptive_max_pool3d: 3}
+# What fx records for a pooling called with return_indices=True (F.max_pool2d dispatches on it)
+_WITH_INDICES = {getattr(F, f"max_pool{n}d_with_indices"): (n, False) for n in (1, 2, 3)} | {
+    getattr(F, f"adaptive_max_pool{n}d_with_indices"): (n, True) for n in (1, 2, 3)}
 
 
-def _max_pool_site(node, path, nd, x, args, adaptive=False):
+def _max_pool_site(node, path, nd, x, args, adaptive=False, return_indices=False):
+    if not isinstance(return_indices, bool):
+        return None
+
     def emit(graph, env, specs, runs, pack=None):
         fn = pool.adaptive_max_pool if adaptive else pool.max_pool
-        return graph.call_function(fn, (nd, *_env(env, args), env[x])), {}
+        return graph.call_function(fn, (nd, *_env(env, args), env[x], return_indices)), {}
 
     return Site(node, "max_pool", path, [], emit)
 
 
 def _max_pool_module(node, path, m):
-    if m.return_indices or len(node.args) != 1:
+    if len(node.args) != 1:
         return None
     if isinstance(m, nn.modules.pooling._AdaptiveMaxPoolNd):
         nd = {nn.AdaptiveMaxPool1d: 1, nn.AdaptiveMaxPool2d: 2, nn.AdaptiveMaxPool3d: 3}[type(m)]
-        return _max_pool_site(node, path, nd, node.args[0], (m.output_size,), adaptive=True)
+        return _max_pool_site(node, path, nd, node.args[0], (m.output_size,), True, m.return_indices)
     nd = {nn.MaxPool1d: 1, nn.MaxPool2d: 2, nn.MaxPool3d: 3}[type(m)]
     stride = m.stride if m.stride is not None else m.kernel_size
     return _max_pool_site(node, path, nd, node.args[0],
-                          (m.kernel_size, stride, m.padding, m.dilation, m.ceil_mode))
+                          (m.kernel_size, stride, m.padding, m.dilation, m.ceil_mode), False, m.return_indices)
 
 
 def _max_pool_functional(node):
+    if node.target in _WITH_INDICES:
+        nd, adaptive = _WITH_INDICES[node.target]
+        a = bind("adaptive_max_pool" if adaptive else "max_pool", node.args, node.kwargs)
+        if a is None:
+            return None
+        if adaptive:
+            return _max_pool_site(node, None, nd, a["input"], (a["output_size"],), True, True)
+        stride = a["stride"] if a["stride"] is not None and a["stride"] != [] else a["kernel_size"]
+        return _max_pool_site(node, None, nd, a["input"],
+                              (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]), False, True)
     if node.target in _ADAPTIVE_MAX_FUNCS:
         a = bind("adaptive_max_pool", node.args, node.kwargs)
-        if a is None or a["return_indices"]:
-            return None
-        return _max_pool_site(node, None, _ADAPTIVE_MAX_FUNCS[node.target], a["input"], (a["output_size"],), True)
+        return a and _max_pool_site(node, None, _ADAPTIVE_MAX_FUNCS[node.target], a["input"], (a["output_size"],),
+                                    True, a["return_indices"])
     a = bind("max_pool", node.args, node.kwargs)
-    if a is None or a["return_indices"]:
+    if a is None:
         return None
     stride = a["stride"] if a["stride"] is not None and a["stride"] != [] else a["kernel_size"]
     return _max_pool_site(node, None, _MAX_POOL_FUNCS[node.target], a["input"],
-                          (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]))
+                          (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]), False,
+                          a["return_indices"])

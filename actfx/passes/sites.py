@@ -19,7 +19,7 @@ from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
 from actfx.passes.site_activations import (
-    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
+    _ADAPTIVE_MAX_FUNCS, _WITH_INDICES, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
     _REDUCED_EXTREMA, _RELU_FUNCS, _dropout_site, _max_pool_functional, _max_pool_module, _relu_functional,
     _relu_like_site, _relu_module, extremum_site, glu_functional, glu_site, prelu_functional, prelu_site,
     reduced_extremum_site,
@@ -93,6 +93,7 @@ _NOTHING_SAVED_FUNCTIONS = {
     torch.zeros_like, torch.ones_like, torch.arange, torch.zeros, torch.ones, torch.full, torch.empty,
     F.one_hot, torch.where, torch.roll, torch.tile, torch.repeat_interleave,
     F.dropout1d, F.dropout2d, F.dropout3d, F.feature_alpha_dropout,  # a mask of one value per channel
+    F.max_unpool1d, F.max_unpool2d, F.max_unpool3d,  # the indices, which the max pooling returned
 }
 _NOTHING_SAVED_METHODS = {
     "add", "sub", "neg", "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
@@ -102,7 +103,8 @@ _NOTHING_SAVED_METHODS = {
     "movedim", "swapaxes", "roll", "flip", "long", "int", "bool", "new_zeros", "new_ones", "new_empty",
 }
 _NOTHING_SAVED_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d,
-                          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout)
+                          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                          nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
 
 
 def saves_nothing(node: Node, modules: dict) -> bool:
@@ -191,7 +193,7 @@ def find_site(node: Node, modules: dict) -> Site | None:
         if t is torch.dropout:
             a = bind("torch_dropout", node.args, node.kwargs)
             return a and _dropout_site(node, None, a["input"], a["p"], a["train"], False)
-        if t in _MAX_POOL_FUNCS or t in _ADAPTIVE_MAX_FUNCS:
+        if t in _MAX_POOL_FUNCS or t in _ADAPTIVE_MAX_FUNCS or t in _WITH_INDICES:
             return _max_pool_functional(node)
         if t in _PRODUCT_FUNCS:
             return _product(node, _PRODUCT_FUNCS[t])

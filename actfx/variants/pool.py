@@ -112,18 +112,21 @@ def _to_window_index_by_division(idx, in_shape, geometry):
 
 class _CompactMaxPool(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, nd, args, geometry, x):
+    def forward(ctx, fn, nd, args, geometry, returned, x):
         out, idx = fn(x, *args, return_indices=True)
-        if geometry is not None:
+        if returned:  # the caller holds the int64 indices (for MaxUnpool): backward reads those
+            small, geometry = idx, None
+            ctx.mark_non_differentiable(idx)
+        elif geometry is not None:
             small = to_window_index(idx, x.shape[-nd:], geometry)
         else:
             small = idx.to(compact_index_dtype(math.prod(x.shape[-nd:])))
         ctx.in_shape, ctx.spatial, ctx.geometry = x.shape, nd, geometry
         ctx.save_for_backward(small)
-        return out
+        return (out, idx) if returned else out
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *_grad_indices):
         refuse_double_backward("max_pool")
         (small,) = ctx.saved_tensors
         spatial = ctx.spatial
@@ -133,23 +136,24 @@ class _CompactMaxPool(torch.autograd.Function):
         plane = math.prod(ctx.in_shape[-spatial:])
         grad_in = grad_out.new_zeros((math.prod(lead), plane))
         grad_in.scatter_add_(1, small.reshape(math.prod(lead), -1).long(), grad_out.reshape(math.prod(lead), -1))
-        return None, None, None, None, grad_in.reshape(ctx.in_shape)
+        return None, None, None, None, None, grad_in.reshape(ctx.in_shape)
 
 
-def _pool(fn, nd, args, x, geometry=None):
+def _pool(fn, nd, args, x, geometry=None, return_indices=False):
     if not needs_saving(x):
-        return fn(x, *args)
-    return _CompactMaxPool.apply(fn, nd, args, geometry, x)
+        return fn(x, *args, return_indices=return_indices)
+    return _CompactMaxPool.apply(fn, nd, args, geometry, return_indices, x)
 
 
-def max_pool(nd, kernel_size, stride, padding, dilation, ceil_mode, x):
-    """F.max_poolNd without returned indices."""
+def max_pool(nd, kernel_size, stride, padding, dilation, ceil_mode, x, return_indices=False):
+    """F.max_poolNd; with ``return_indices`` it returns (values, int64 indices) as PyTorch does
+    and keeps those indices, which the caller holds anyway, instead of the input."""
     kernel = _tuple(kernel_size, nd)
     geometry = (kernel, _tuple(stride, nd), _tuple(padding, nd), _tuple(dilation, nd))
     if math.prod(kernel) > 256:
         geometry = None  # window positions do not fit a byte: keep plane indices
-    return _pool(_MAX_POOL[nd], nd, (kernel_size, stride, padding, dilation, ceil_mode), x, geometry)
+    return _pool(_MAX_POOL[nd], nd, (kernel_size, stride, padding, dilation, ceil_mode), x, geometry, return_indices)
 
 
-def adaptive_max_pool(nd, output_size, x):
-    return _pool(_ADAPTIVE_MAX_POOL[nd], nd, (output_size,), x)
+def adaptive_max_pool(nd, output_size, x, return_indices=False):
+    return _pool(_ADAPTIVE_MAX_POOL[nd], nd, (output_size,), x, return_indices=return_indices)
