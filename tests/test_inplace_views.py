@@ -76,3 +76,44 @@ def test_inplace_on_a_view_trains_like_pytorch(factory, shape):
     assert (got - expected).norm() <= 0.03 * expected.norm()
     kinds = {d.kind for d in converted._actfx_record.decisions}
     assert kinds & {"relu", "dropout"}, kinds  # the in-place op was converted, not left as is
+
+
+class _RenormalisedAttention(nn.Module):
+    """ConViT's gated attention renormalises its scores in place (``attn /= attn.sum(-1)``, which
+    export records as ``div_``); a gate is applied with ``mul_``, one on a slice (a view)."""
+
+    def __init__(self):
+        super().__init__()
+        self.qk, self.v = nn.Linear(32, 64), nn.Linear(32, 32)
+
+    def forward(self, x):
+        q, k = self.qk(x).chunk(2, -1)
+        attn = (q @ k.transpose(-2, -1)).softmax(-1) * 0.5 + 0.25
+        attn.div_(attn.sum(-1, keepdim=True))
+        h = attn @ self.v(x)
+        h[..., :16].mul_(torch.sigmoid(h[..., 16:]))
+        return h
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_in_place_products_are_packed_and_written_back(exported):
+    """``div_`` / ``mul_`` of two activations were left as they are (ConViT: its 10 attention maps
+    12 MB of the 31.5 it held, 3.7x less than PyTorch; 5.6x now)."""
+    from actfx.accounting import count_saved
+
+    torch.manual_seed(0)
+    model, x = _RenormalisedAttention(), torch.randn(4, 64, 32)
+    example = (x,) if exported else None
+    converted = actfx.convert(model, bits=8, example_inputs=example)
+    assert torch.equal(converted(x), model(x))
+    assert [d.kind for d in converted._actfx_record.decisions].count("div") == 1
+    assert [d.kind for d in converted._actfx_record.decisions].count("mul") >= 2
+    exact = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    got = torch.autograd.grad(converted(x).square().sum(), list(model.parameters()))
+    assert max(((g - e).norm() / e.norm()).item() for g, e in zip(got, exact)) < 0.03
+    narrow = actfx.convert(model, bits=2, example_inputs=example)
+    with count_saved(model) as plain:
+        kept = model(x)  # noqa: F841
+    with count_saved(narrow) as packed:
+        kept = narrow(x)  # noqa: F841
+    assert packed.activation_bytes * 4 < plain.activation_bytes, (plain.activation_bytes, packed.activation_bytes)

@@ -85,11 +85,12 @@ def _module_recompute_site(node, path, m, checkpoint: bool = False):
 
 # ---------------------------------------------------------------- products
 
-def _product_site(node, op, a, b):
+def _product_site(node, op, a, b, inplace=False):
     def emit(graph, env, specs, runs, pack=None):
-        return graph.call_function(products.product, (op, tuple(specs), *runs[0], *runs[1])), {}
+        return graph.call_function(products.product, (op, tuple(specs), *runs[0], *runs[1]),
+                                   {"inplace": True} if inplace else {}), {}
 
-    return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else ())
+    return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else (), inplace_on=a if inplace else None)
 
 
 _PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", torch.multiply: "mul", operator.truediv: "div",
@@ -97,7 +98,9 @@ _PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", torch.multiply: "mul", 
                   torch.true_divide: "div", operator.matmul: "matmul", torch.matmul: "matmul",
                   torch.bmm: "matmul"}
 _PRODUCT_METHODS = {"mul": "mul", "multiply": "mul", "div": "div", "divide": "div", "true_divide": "div",
-                    "matmul": "matmul", "bmm": "matmul"}
+                    "matmul": "matmul", "bmm": "matmul",
+                    # in place (``attn.div_(attn.sum(-1, keepdim=True))``, ConViT's gated attention)
+                    "mul_": "mul", "multiply_": "mul", "div_": "div", "divide_": "div", "true_divide_": "div"}
 
 
 _ADDCMUL = (torch.addcmul, torch.ops.aten.addcmul.default, "addcmul")
@@ -122,4 +125,7 @@ def _product(node, op):
     a = bind("div" if op == "div" else "binary", node.args, node.kwargs)
     if a is None or a.get("rounding_mode") is not None:
         return None
-    return _product_site(node, op, a["input"], a["other"])
+    inplace = node.op == "call_method" and node.target.endswith("_")
+    if inplace and not (isinstance(a["input"], Node) and isinstance(a["other"], Node)):
+        return None  # a Python number: written in place by autograd's own op, nothing worth packing
+    return _product_site(node, op, a["input"], a["other"], inplace)

@@ -74,9 +74,15 @@ class _Product(torch.autograd.Function):
         return tuple(grads)
 
 
-def product(op, specs, *flat):
-    """``op`` in {"mul", "div", "matmul"}; ``flat`` holds the two operands' saved-value runs."""
+def product(op, specs, *flat, inplace=False):
+    """``op`` in {"mul", "div", "matmul"}; ``flat`` holds the two operands' saved-value runs.
+    ``inplace`` (``a.mul_(b)``, ``a.div_(b)``): computed out of place, then written into ``a``."""
     a, b = values_of(specs, flat)
+    if inplace:
+        out = product(op, specs, *flat)
+        if out.shape != a.shape or out.dtype != a.dtype or (a.requires_grad and a.is_leaf):
+            return {"mul": a.mul_, "div": a.div_}[op](b)  # what PyTorch does (and refuses) itself
+        return a.copy_(out)
     fn = {"mul": operator.mul, "div": operator.truediv, "matmul": torch.matmul}[op]
     tensors = [v for v in (a, b) if isinstance(v, torch.Tensor)]
     if not needs_saving(*tensors):
