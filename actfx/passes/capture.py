@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import contextlib
+import operator
 import sys
 import warnings
 
@@ -46,11 +47,17 @@ def _isinstance_noted(tracer):
 
     def noting(obj, classes):
         result = _isinstance(obj, classes)
-        if not result and type(obj) is Proxy and _could_be_tensor(classes):
-            caller = sys._getframe(1)
-            name = caller.f_globals.get("__name__", "")
-            if name in _USER_CHECKS or not name.startswith(_OWN_CHECKS):
-                tracer.type_checks.append(f"{caller.f_code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno}")
+        if result or type(obj) is not Proxy:
+            return result
+        caller = sys._getframe(1)
+        name = caller.f_globals.get("__name__", "")
+        if not (name in _USER_CHECKS or not name.startswith(_OWN_CHECKS)):
+            return result  # fx's and PyTorch's own checks see the Proxy as the Proxy it is
+        known = _known_type(obj, tracer)
+        if known is not None:
+            return issubclass(known, classes)
+        if _could_be_tensor(classes) or _could_be_tuple(obj, classes, tracer):
+            tracer.type_checks.append(f"{caller.f_code.co_filename.rsplit('/', 1)[-1]}:{caller.f_lineno}")
         return result
 
     previous, builtins.isinstance = builtins.isinstance, noting
@@ -58,6 +65,62 @@ def _isinstance_noted(tracer):
         yield
     finally:
         builtins.isinstance = previous
+
+
+def _structure(module):
+    """The types of what a torch.nn module fx keeps as a call returns (nested tuples for tuples),
+    where they are fixed; None where they are not known."""
+    if isinstance(module, nn.LSTM):
+        return (torch.Tensor, (torch.Tensor, torch.Tensor))
+    if isinstance(module, (nn.GRU, nn.RNN, nn.LSTMCell)):
+        return (torch.Tensor, torch.Tensor)
+    if isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
+        return (torch.Tensor, torch.Tensor) if module.return_indices else torch.Tensor
+    if type(module).__module__ in _TENSOR_MODULE_FILES and not isinstance(module, nn.MultiheadAttention):
+        return torch.Tensor
+    return None
+
+
+# torch.nn's files of modules that return one tensor (not containers, not DDP, not transformers' stacks)
+_TENSOR_MODULE_FILES = frozenset(f"torch.nn.modules.{name}" for name in (
+    "conv", "linear", "activation", "batchnorm", "normalization", "instancenorm", "dropout", "padding",
+    "pixelshuffle", "upsampling", "flatten", "sparse", "distance", "fold", "channelshuffle", "pooling"))
+
+
+def _module_output(obj: Proxy, tracer):
+    """(module, getitem positions) when ``obj`` is a module call's output or an element of it."""
+    node, positions = obj.node, []
+    while node.op == "call_function" and node.target is operator.getitem and len(node.args) == 2:
+        positions.append(node.args[1])
+        node = node.args[0]
+    if node.op != "call_module":
+        return None, positions
+    try:
+        return tracer.root.get_submodule(node.target), positions[::-1]
+    except AttributeError:
+        return None, positions
+
+
+def _known_type(obj: Proxy, tracer):
+    """The type at run time of a torch.nn module's output (or an element of it) that fx keeps as
+    a Proxy, where it is fixed (an LSTM's (out, (h, c)): ``isinstance(state, tuple)`` is answered
+    True for (h, c)); None otherwise."""
+    module, positions = _module_output(obj, tracer)
+    structure = _structure(module) if module is not None else None
+    for i in positions:
+        if not (_isinstance(structure, tuple) and _isinstance(i, int) and -len(structure) <= i < len(structure)):
+            return None
+        structure = structure[i]
+    return tuple if _isinstance(structure, tuple) else structure
+
+
+def _could_be_tuple(obj: Proxy, classes, tracer) -> bool:
+    """``isinstance(out, tuple)`` of the output of a module fx keeps as a call whose type is not
+    known (hooked, declared a leaf): a Proxy is no tuple, and ``out[0] if isinstance(out, tuple)
+    else out`` took the other branch, silently (an LSTM's (h, c) for h: outputs 0.02 off)."""
+    classes = classes if _isinstance(classes, tuple) else (classes,)
+    module, _ = _module_output(obj, tracer)
+    return module is not None and any(_isinstance(c, type) and issubclass(c, (tuple, list)) for c in classes)
 
 
 def _could_be_tensor(classes) -> bool:

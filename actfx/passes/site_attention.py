@@ -63,7 +63,9 @@ def _softmax_functional(node, method=False):
     return _softmax_site(node, None, a["input"], a["dim"], a["dtype"])
 
 
-_RECOMPUTED_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
+_RECOMPUTED_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,
+                       # recurrent layers keep gates and states of every step; their input is far less
+                       nn.LSTM, nn.GRU, nn.RNN, nn.LSTMCell, nn.GRUCell, nn.RNNCell)
 
 
 def _module_recompute_site(node, path, m, checkpoint: bool = False):
@@ -79,7 +81,8 @@ def _module_recompute_site(node, path, m, checkpoint: bool = False):
         static = (args_t, kwargs_t, tuple(specs))
         return graph.call_function(module_recompute.recompute_module, (_get(graph, path), static, *flat)), {}
 
-    kind = "checkpoint" if checkpoint else "attention" if isinstance(m, nn.MultiheadAttention) else "transformer_layer"
+    kind = ("checkpoint" if checkpoint else "attention" if isinstance(m, nn.MultiheadAttention) else
+            "recurrent" if isinstance(m, (nn.RNNBase, nn.RNNCellBase)) else "transformer_layer")
     return Site(node, kind, path, nodes, emit, exact=exact)
 
 

@@ -13,7 +13,9 @@ inputs are stored in a few bits.
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 from torch.func import functional_call
+from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from actfx.variants import hooked_vjp
 from actfx.variants.common import not_a_view, refuse_double_backward
@@ -27,36 +29,40 @@ def _call_like_caller(module, args, kwargs):
     In eval mode nn.MultiheadAttention / TransformerEncoderLayer take a fused, numerically
     different path when grad mode is off, so there the call runs with grad on and its outputs
     are cloned out of the throwaway graph (a detached view would keep that graph alive).
-    In train mode the path does not depend on grad mode and no graph is built at all.
+    In train mode the path does not depend on grad mode and no graph is built at all, except for
+    recurrent layers (on CPU their kernel without gradients rounds differently: 3e-8).
     """
-    if module.training:
+    if module.training and not isinstance(module, (nn.RNNBase, nn.RNNCellBase)):
         return module(*args, **kwargs)
-    with torch.enable_grad():
+    # the throwaway graph keeps nothing (its saved tensors would be held until the outputs are cloned)
+    with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(_nothing, _nothing):
         out = module(*args, **kwargs)
-    if isinstance(out, tuple):
-        return tuple(o.detach().clone() if isinstance(o, torch.Tensor) else o for o in out)
-    return out.detach().clone()
+    return tree_map(lambda o: o.detach().clone() if isinstance(o, torch.Tensor) else o, out)
+
+
+def _nothing(_value):
+    return None
 
 
 class _RecomputeModule(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, module, static, n_params, *flat):
+    def forward(ctx, module, static, box, n_params, *flat):
         args_t, kwargs_t, specs = static
         params, flat = flat[:n_params], flat[n_params:]
         values = values_of(specs, flat)
         device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
         ctx.rng = _rng_state(device)
         ctx.autocast = _autocast_state(device.type)
-        out = _call_like_caller(module, fill(args_t, values), dict(fill(kwargs_t, values)))
+        out, structure = tree_flatten(_call_like_caller(module, fill(args_t, values), dict(fill(kwargs_t, values))))
+        box.append(structure)
         plans, storage = split_all(specs, flat)
         ctx.module, ctx.static, ctx.plans, ctx.n_params = module, static, plans, n_params
-        ctx.heads = head_positions(specs, 3 + n_params)
+        ctx.heads = head_positions(specs, _LEAD + n_params)
         ctx.names = [name for name, _ in module.named_parameters()]
         ctx.save_for_backward(*params, *storage)
-        outs = out if isinstance(out, tuple) else (out,)
-        ctx.out_mask = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in outs]
-        ctx.mark_non_differentiable(*[o for o in outs if isinstance(o, torch.Tensor) and not o.is_floating_point()])
-        return not_a_view(out)
+        ctx.out_mask = [isinstance(o, torch.Tensor) and o.is_floating_point() for o in out]
+        ctx.mark_non_differentiable(*[o for o in out if isinstance(o, torch.Tensor) and not o.is_floating_point()])
+        return tuple(not_a_view(o) for o in out)
 
     @staticmethod
     def backward(ctx, *grads_out):
@@ -66,7 +72,7 @@ class _RecomputeModule(torch.autograd.Function):
         args_t, kwargs_t, specs = ctx.static
         values = materialize_all(ctx.plans, storage)
         diff = [i for i, h in enumerate(ctx.heads) if isinstance(values[i], torch.Tensor) and ctx.needs_input_grad[h]]
-        want_params = [i for i in range(ctx.n_params) if ctx.needs_input_grad[3 + i]]
+        want_params = [i for i in range(ctx.n_params) if ctx.needs_input_grad[_LEAD + i]]
 
         def run(param_values, input_values):
             vals = list(values)
@@ -83,8 +89,7 @@ class _RecomputeModule(torch.autograd.Function):
                     out = call()
             else:
                 out = call()
-            outs = out if isinstance(out, tuple) else (out,)
-            return tuple(o for o in outs if isinstance(o, torch.Tensor) and o.is_floating_point())
+            return tuple(o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.is_floating_point())
 
         with _replay_rng(ctx.rng):
             outs, pullback = hooked_vjp.vjp(run, [params[i] for i in want_params], [values[i] for i in diff],
@@ -94,7 +99,7 @@ class _RecomputeModule(torch.autograd.Function):
         g_params, g_inputs = pullback(cotangents)
         grads = [None] * len(ctx.needs_input_grad)
         for i, g in zip(want_params, g_params):
-            grads[3 + i] = g
+            grads[_LEAD + i] = g
         for i, g in zip(diff, g_inputs):
             grads[ctx.heads[i]] = g
         return tuple(grads)
@@ -109,6 +114,14 @@ def recompute_module(module, static, *flat):
     module = original_of(module)  # a converted root (a bare TransformerEncoderLayer) would call itself
     params = [p for _, p in module.named_parameters()]
     if not (torch.is_grad_enabled() and (any(p.requires_grad for p in params) or any(
-            isinstance(v, torch.Tensor) and v.requires_grad for v in values))):
+            isinstance(v, torch.Tensor) and v.requires_grad for v in values))) or any(
+            not isinstance(v, (torch.Tensor, int, float, bool, str, type(None))) for v in values):
+        # nothing to save, or an input holding tensors inside (a PackedSequence), which the
+        # replay would not differentiate: the module runs as PyTorch runs it
         return module(*fill(args_t, values), **dict(fill(kwargs_t, values)))
-    return _RecomputeModule.apply(module, static, len(params), *params, *flat)
+    box: list = []  # the structure of the module's outputs (an LSTM's (out, (h, c))), flattened for autograd
+    out = _RecomputeModule.apply(module, static, box, len(params), *params, *flat)
+    return tree_unflatten(list(out), box[0])
+
+
+_LEAD = 4  # arguments of _RecomputeModule.forward before the parameters
