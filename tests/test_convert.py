@@ -1028,7 +1028,7 @@ class _WithSkip(nn.Module):
 
     def forward(self, x):
         h = self.inp(x)
-        return self.up(torch.relu(h), h)
+        return self.up(torch.relu(h), h * 1.0)  # a module's output would be known to be a tensor
 
 
 @pytest.mark.filterwarnings("ignore:actfx.convert")
