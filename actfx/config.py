@@ -9,9 +9,10 @@ from actfx.kernels import check_bits, check_group_size
 
 # Attention's saved tensors are the sensitive part of a transformer (see Config.op_bits).
 ATTENTION_BITS = {"sdpa": 8, "attention": 8, "softmax": 8, "matmul": 8, "transformer_layer": 8}
-# A loss's class probabilities: their rounding noise goes straight into the logits' gradient
-# (at 2 bits the output layer's weight gradient was 0.8 off in one step, 0.01 at 8 bits).
-PROBABILITY_BITS = {"cross_entropy": 8, "log_softmax": 8}
+# A loss's class probabilities, or its input gradients: their rounding noise goes straight into
+# the logits' gradient (at 2 bits the output layer's weight gradient was 0.8 off in one step,
+# 0.01 at 8 bits).
+PROBABILITY_BITS = {"cross_entropy": 8, "log_softmax": 8, "loss": 8}
 DEFAULT_OP_BITS = {**ATTENTION_BITS, **PROBABILITY_BITS}
 # A site_bits width meaning "keep the value as it is" (any dtype); wider than every packed width,
 # so a value one consumer keeps exact is kept exact for all of them.

@@ -64,6 +64,20 @@ def _embedding(a: dict):
 _REDUCTIONS = ("none", "mean", "sum")  # ATen's Reduction enum, by value
 
 
+def _reduced(fn, *positional: str, extra: tuple = ()):
+    """A builder for an element-wise loss F.<loss> calls with its reduction string turned into the
+    enum (``extra``: keyword arguments of the same name in both)."""
+
+    def build(a: dict):
+        reduction = a["reduction"]
+        if not isinstance(reduction, int) or not 0 <= reduction < len(_REDUCTIONS):
+            return None
+        kwargs = {"reduction": _REDUCTIONS[reduction], **{k: a[k] for k in extra}}
+        return "call_function", fn, tuple(a[p] for p in positional), kwargs
+
+    return build
+
+
 def _loss(fn, *extra: str):
     """A builder for a loss op F.<loss> calls with its reduction string turned into the enum."""
 
@@ -160,6 +174,14 @@ _FUNCTIONS: dict = {
     aten.embedding.default: _embedding,
     aten.cross_entropy_loss.default: _loss(F.cross_entropy, "label_smoothing"),  # Hugging Face's loss functions
     aten.nll_loss_nd.default: _loss(F.nll_loss),
+    aten.mse_loss.default: _reduced(F.mse_loss, "self", "target"),
+    aten.l1_loss.default: _reduced(F.l1_loss, "self", "target"),
+    aten.smooth_l1_loss.default: _reduced(F.smooth_l1_loss, "self", "target", extra=("beta",)),
+    aten.huber_loss.default: _reduced(F.huber_loss, "self", "target", extra=("delta",)),
+    aten.soft_margin_loss.default: _reduced(F.soft_margin_loss, "self", "target"),
+    aten.binary_cross_entropy.default: _reduced(F.binary_cross_entropy, "self", "target", extra=("weight",)),
+    aten.binary_cross_entropy_with_logits.default: _reduced(
+        F.binary_cross_entropy_with_logits, "self", "target", extra=("weight", "pos_weight")),
     aten.cat.default: _call(torch.cat, "tensors", "dim"),
     aten.stack.default: _call(torch.stack, "tensors", "dim"),
 }

@@ -4,12 +4,15 @@ function, method and ATen form, and the KL-divergence loss (its target packed)."
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import Node
 
 from actfx.passes.signatures import bind
-from actfx.passes.site import Site, _env
-from actfx.variants import deviation, kl_div, logsumexp, scatter_extremum
+from actfx.passes.site import Site, _env, _get
+from actfx.passes.site_elementwise import _template
+from actfx.variants import deviation, kl_div, logsumexp, loss_gradient, scatter_extremum
 
 aten = torch.ops.aten
 
@@ -116,3 +119,22 @@ def scatter_reduce_site(node):
             {"include_self": a["include_self"], "inplace": inplace}), {}
 
     return Site(node, "scatter_reduce", None, [], emit)
+
+
+def loss_site(node, fn, path=None, elementwise=True):
+    """A loss (``loss_gradient.LOSSES``, or a loss module at ``path``): its input gradients,
+    computed in forward, kept packed instead of its inputs (``variants/loss_gradient.py``)."""
+    args_t, kwargs_t, nodes = _template(node.args, node.kwargs)
+    if not nodes:
+        return None
+    static = (args_t, kwargs_t, elementwise)
+
+    def emit(graph, env, specs, runs, pack=None):
+        f = _get(graph, path) if path is not None else fn.__name__  # a name: fx prints no function arguments
+        inputs = [env[n] for n in nodes]
+        grads = graph.call_function(loss_gradient.input_gradients, (f, static, *inputs))
+        packed = [pack(graph.call_function(operator.getitem, (grads, i)), node) for i in range(len(nodes))]
+        return graph.call_function(loss_gradient.loss, (f, static, tuple(spec for spec, _ in packed), len(nodes),
+                                                         *inputs, *[t for _, run in packed for t in run])), {}
+
+    return Site(node, "loss", path, [], emit)

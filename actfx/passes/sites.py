@@ -40,8 +40,10 @@ from actfx.passes.site_layers import (
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
-    DEVIATIONS, LOGSUMEXPS, SCATTER_REDUCES, deviation_site, kl_div_site, logsumexp_site, scatter_reduce_site,
+    DEVIATIONS, LOGSUMEXPS, SCATTER_REDUCES, deviation_site, kl_div_site, logsumexp_site, loss_site,
+    scatter_reduce_site,
 )
+from actfx.variants.loss_gradient import LOSS_MODULES, LOSSES
 from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
 from actfx.variants.rmsnorm import rms_normalize
@@ -75,6 +77,7 @@ _MODULE_HANDLERS = [
         node, path, node.args[0], node.args[1], _loss_weight(node, path, m), m.ignore_index, m.reduction,
         m.label_smoothing) or None),
     ((nn.KLDivLoss,), lambda node, path, m: kl_div_site(node, path, m)),
+    (tuple(LOSS_MODULES), lambda node, path, m: loss_site(node, m, path, LOSS_MODULES[type(m)])),
     ((nn.NLLLoss,), lambda node, path, m: nll_loss_site(node, path, m)),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
         node, path, node.args[0], None, None, m.inplace, module=True) or None),
@@ -213,6 +216,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return pad_site(node)
         if t is F.kl_div:
             return kl_div_site(node)
+        if t in LOSSES:
+            return loss_site(node, t, elementwise=LOSSES[t])
         if t in _ELEMENTWISE or t in _SHAPE_ONLY:
             return _recompute_functional(node)
         return inplace_pointwise_site(node)
