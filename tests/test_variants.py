@@ -713,3 +713,28 @@ def test_norms_under_cpu_autocast_compute_as_autocast_does(norm):
     assert outs[0].dtype == outs[1].dtype == torch.bfloat16
     assert torch.equal(outs[0], outs[1])
     assert ((grads[1] - grads[0]).norm() / grads[0].norm()).item() < 0.05
+
+
+class _ComputedArguments(nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.lin, self.fn = nn.Linear(16, 32), fn
+
+    def forward(self, x):
+        return self.fn(self.lin(x)).square().sum()
+
+
+@pytest.mark.parametrize("fn", [
+    lambda h: F.softmax(h, dim=-1, dtype=h.dtype),  # Hugging Face's GPT-OSS attention sinks
+    lambda h: F.leaky_relu(h, 0.01 * h.dim()),
+    lambda h: F.hardtanh(h, -h.dim(), h.dim()),
+], ids=["softmax dtype", "leaky_relu slope", "hardtanh bounds"])
+def test_an_argument_computed_in_the_graph_is_taken_from_the_new_graph(fn):
+    """fx records ``h.dtype`` or ``0.01 * h.dim()`` as nodes: the softmax site passed the old
+    graph's node on ("does not belong to this Graph": GPT-OSS failed to convert), the ReLU-like
+    sites called float() on it (TypeError)."""
+    torch.manual_seed(0)
+    model, x = _ComputedArguments(fn), torch.randn(8, 16)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), model(x))
+    converted(x).backward()

@@ -139,6 +139,10 @@ def glu_functional(node):
 _RELU_FUNCS = {F.relu: False, torch.relu: False, torch.relu_: True, F.relu_: True}
 
 
+def _numbers(*values) -> bool:
+    return all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+
+
 def _relu_functional(node):
     target = node.target
     if target in (F.relu6,):
@@ -146,14 +150,18 @@ def _relu_functional(node):
         return a and _relu_like_site(node, None, "hardtanh", a["input"], a["inplace"], (0.0, 6.0), None)
     if target in (F.hardtanh, F.hardtanh_):
         a = bind("hardtanh", node.args, node.kwargs)
-        inplace = a and (a["inplace"] or target is F.hardtanh_)
-        return a and _relu_like_site(node, None, "hardtanh", a["input"], inplace,
-                                     (float(a["min_val"]), float(a["max_val"])), None)
+        if a is None or not _numbers(a["min_val"], a["max_val"]):
+            return None  # bounds computed in the graph: the op runs as it is
+        inplace = a["inplace"] or target is F.hardtanh_
+        return _relu_like_site(node, None, "hardtanh", a["input"], inplace,
+                               (float(a["min_val"]), float(a["max_val"])), None)
     if target in (F.leaky_relu, F.leaky_relu_):
         a = bind("leaky_relu", node.args, node.kwargs)
-        inplace = a and (a["inplace"] or target is F.leaky_relu_)
-        return a and _relu_like_site(node, None, "leaky_relu", a["input"], inplace,
-                                     (float(a["negative_slope"]),), float(a["negative_slope"]))
+        if a is None or not _numbers(a["negative_slope"]):
+            return None
+        inplace = a["inplace"] or target is F.leaky_relu_
+        return _relu_like_site(node, None, "leaky_relu", a["input"], inplace,
+                               (float(a["negative_slope"]),), float(a["negative_slope"]))
     a = bind("relu", node.args, node.kwargs)
     if a is None:
         return None

@@ -12,7 +12,7 @@ from torch.fx import Node
 
 from actfx.passes.expansion import chain_inputs, replay_chain
 from actfx.passes.signatures import bind
-from actfx.passes.site import Site, _get
+from actfx.passes.site import Site, _env, _get
 from actfx.passes.site_elementwise import _recompute_site, _template
 from actfx.variants import module_recompute, products, softmax
 
@@ -49,9 +49,10 @@ def _sdpa(node):
 
 def _softmax_site(node, path, x, dim, dtype):
     def emit(graph, env, specs, runs, pack=None):
-        y = graph.call_function(softmax.softmax_forward, (env[x], dim, dtype))
+        dt = _env(env, dtype)  # ``dtype=x.dtype`` is a node of the traced graph
+        y = graph.call_function(softmax.softmax_forward, (env[x], dim, dt))
         spec, run = pack(y, node)
-        return graph.call_function(softmax.softmax, (spec, dim, dtype, env[x], *run)), {"packed_output": (spec, run)}
+        return graph.call_function(softmax.softmax, (spec, dim, dt, env[x], *run)), {"packed_output": (spec, run)}
 
     return Site(node, "softmax", path, [], emit)
 
