@@ -274,10 +274,12 @@ def _is_own_statistic(node: fx.Node) -> bool:
 
 
 def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices,
-               config: Config, probe=None) -> GraphPlan:
+               config: Config, probe=None, hoisting: bool = True) -> GraphPlan:
     """Run the pass in place on a partitioned pair; returns what each saved value became.
     ``probe``: calibrating (see ``actfx.planner.compiled_sensitivity``): values to pack are kept
-    and read through ``probe.read(value, name)`` instead."""
+    and read through ``probe.read(value, name)`` instead. ``hoisting``: compute in forward the
+    backward values that are nonlinear in packed ones (``linearize``, ``hoist``); without it such
+    values keep their inputs exact."""
     run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config, probe)
     before = sum(nbytes(f) for f, _ in run.g.saved_tensors() if f not in run.params)
     dependent = noise_degree.tangent_dependent(run.g.bwd)
@@ -285,9 +287,10 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     rematerialize.rematerialize(run)
     hoist.relu_as_select(run)
     hoist.masks_once(run)
-    linearize.linearize(run)
-    hoist.hoist(run)
-    hoist.normalised_inputs(run)
+    if hoisting:
+        linearize.linearize(run)
+        hoist.hoist(run)
+        hoist.normalised_inputs(run)
     forward_cse.merge_copies(run)
     hoist.saved_masks_once(run)
     decorrelate.decorrelate(run)
@@ -299,4 +302,19 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     bwd.graph.lint()
     fwd.recompile()
     bwd.recompile()
+    return plan
+
+
+def kept_as_is(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices, config: Config,
+               reason: str) -> GraphPlan:
+    """The plan of a pair the pass leaves as the partitioner made it: every saved value exact."""
+    run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config)
+    plan = GraphPlan()
+    for f, _ in run.g.saved_tensors():
+        value = val(f)
+        plan.saved.append(SavedValue(
+            name=f.name, op=op_name(f), module_path=module_path(f), shape=tuple(hint(s) for s in value.shape),
+            dtype=str(value.dtype).replace("torch.", ""), bytes_before=nbytes(f), bytes_after=nbytes(f),
+            storage=Storage.EXACT, reason="parameter" if f in run.params else reason))
+    plan.bytes_before = plan.bytes_after
     return plan
