@@ -29,7 +29,7 @@ from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR
 
 _VARIANTS = "actfx.variants."
 _PLUMBING = "actfx.variants.packing"  # seed and pack calls: they feed variants and save nothing
-_MASK_KINDS = {"relu": "1-bit mask", "leaky_relu": "1-bit mask", "hardtanh": "1-bit mask",
+_MASK_KINDS = {"relu": "1-bit mask", "leaky_relu": "1-bit mask", "hardtanh": "1-bit mask", "threshold": "1-bit mask",
                "dropout": "1-bit mask", "max_pool": "compact indices", "gather": "compact indices",
                "amax": "1-bit mask", "amin": "1-bit mask", "maximum": "1-bit mask", "minimum": "1-bit mask",
                "scatter_reduce": "1-bit masks"}

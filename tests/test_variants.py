@@ -738,3 +738,22 @@ def test_an_argument_computed_in_the_graph_is_taken_from_the_new_graph(fn):
     converted = actfx.convert(model, bits=8)
     assert torch.equal(converted(x), model(x))
     converted(x).backward()
+
+
+@pytest.mark.parametrize("act", [
+    lambda s, x: F.threshold(x * 1.0, 0.1, 0.0),
+    lambda s, x: F.threshold(x * 1.0, -0.2, -0.5, inplace=True),
+    lambda s, x: s.act(x * 1.0),
+], ids=["functional", "in place", "module"])
+def test_threshold_keeps_a_mask(act):
+    """F.threshold / nn.Threshold with the value at or below the threshold: a ReLU at another level."""
+    check_variant(Wrap(act, act=nn.Threshold(0.3, 0.3)), torch.randn(16, 300), exact_grad=True, kinds=["threshold"])
+
+
+def test_a_threshold_replacing_with_a_larger_value_is_left_as_it_is():
+    """x <= 0.1 becomes 20: no mask of the output tells the two apart."""
+    model, x = Wrap(lambda s, x: s.act(x * 1.0), act=nn.Threshold(0.1, 20.0)), torch.randn(16, 300, requires_grad=True)
+    converted = actfx.convert(model, bits=8)
+    assert "threshold" not in {d.kind for d in converted._actfx_record.decisions}
+    assert torch.equal(converted(x), model(x))
+    assert torch.equal(torch.autograd.grad(converted(x).sum(), x)[0], torch.autograd.grad(model(x).sum(), x)[0])

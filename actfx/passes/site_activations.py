@@ -168,8 +168,23 @@ def _relu_functional(node):
     return _relu_like_site(node, None, "relu", a["input"], a["inplace"] or _RELU_FUNCS[target], (), None)
 
 
+def _threshold_site(node, path, x, threshold, value, inplace):
+    """F.threshold / nn.Threshold with ``value <= threshold`` (a ReLU at another level): one mask."""
+    if not _numbers(threshold, value) or value > threshold or not isinstance(inplace, bool):
+        return None
+    return _relu_like_site(node, path, "threshold", x, inplace, (float(threshold), float(value)), None)
+
+
+def _threshold_functional(node):
+    a = bind("threshold", node.args, node.kwargs)
+    return a and _threshold_site(node, None, a["input"], a["threshold"], a["value"],
+                                 a["inplace"] or node.target is F.threshold_)
+
+
 def _relu_module(node, path, m):
     x = node.args[0]
+    if isinstance(m, nn.Threshold):
+        return len(node.args) == 1 and _threshold_site(node, path, x, m.threshold, m.value, m.inplace) or None
     if isinstance(m, nn.ReLU):
         return _relu_like_site(node, path, "relu", x, m.inplace, (), None)
     if isinstance(m, nn.LeakyReLU):

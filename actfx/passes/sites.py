@@ -19,10 +19,10 @@ from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
 from actfx.passes.site_activations import (
-    _ADAPTIVE_MAX_FUNCS, _WITH_INDICES, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
-    _REDUCED_EXTREMA, _RELU_FUNCS, _dropout_site, _max_pool_functional, _max_pool_module, _relu_functional,
-    _relu_like_site, _relu_module, extremum_site, glu_functional, glu_site, prelu_functional, prelu_site,
-    reduced_extremum_site,
+    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
+    _REDUCED_EXTREMA, _RELU_FUNCS, _WITH_INDICES, _dropout_site, _max_pool_functional, _max_pool_module,
+    _relu_functional, _relu_like_site, _relu_module, _threshold_functional, extremum_site, glu_functional, glu_site,
+    prelu_functional, prelu_site, reduced_extremum_site,
 )
 from actfx.passes.site_attention import (
     _ADDCMUL, _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
@@ -68,7 +68,7 @@ _MODULE_HANDLERS = [
     (_RECOMPUTED_MODULES, _module_recompute_site),
     ((nn.Softmax,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
         node, path, node.args[0], m.dim, None) or None),
-    ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6), _relu_module),
+    ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Threshold), _relu_module),
     ((nn.GLU,), lambda node, path, m: len(node.args) == 1 and not node.kwargs and glu_site(
         node, path, node.args[0], m.dim) or None),
     ((nn.PReLU,), lambda node, path, m: len(node.args) == 1 and not node.kwargs and prelu_site(
@@ -190,6 +190,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return _recompute_site(node, None, "pow", torch.pow, node.args, node.kwargs)
         if t in _RELU_FUNCS or t in (F.relu6, F.hardtanh, F.hardtanh_, F.leaky_relu, F.leaky_relu_):
             return _relu_functional(node)
+        if t in (F.threshold, F.threshold_):
+            return _threshold_functional(node)
         if t is F.dropout:
             a = bind("dropout", node.args, node.kwargs)
             return a and _dropout_site(node, None, a["input"], a["p"], a["training"], bool(a["inplace"]))

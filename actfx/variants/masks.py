@@ -24,6 +24,9 @@ _RELU_LIKE = {
                  lambda lo, hi: (lo, hi), None),
     "leaky_relu": (lambda x, inplace, slope: F.leaky_relu(x, slope, inplace),
                    lambda slope: (0.0, None), "slope"),
+    # x where x > threshold, else value: the mask is out > threshold where value <= threshold
+    "threshold": (lambda x, inplace, threshold, value: F.threshold(x, threshold, value, inplace),
+                  lambda threshold, value: (threshold, None), None),
 }
 
 
