@@ -757,3 +757,14 @@ def test_a_threshold_replacing_with_a_larger_value_is_left_as_it_is():
     assert "threshold" not in {d.kind for d in converted._actfx_record.decisions}
     assert torch.equal(converted(x), model(x))
     assert torch.equal(torch.autograd.grad(converted(x).sum(), x)[0], torch.autograd.grad(model(x).sum(), x)[0])
+
+
+@pytest.mark.parametrize("fn, module", [
+    (lambda s, x: F.softmin(x * 1.0, dim=-1), None),
+    (lambda s, x: s.act(x * 1.0), nn.Softmin(dim=1)),
+    (lambda s, x: s.act(x.view(4, 4, 10, 30) * 1.0), nn.Softmax2d()),
+], ids=["F.softmin", "nn.Softmin", "nn.Softmax2d"])
+def test_softmin_and_softmax2d_pack_their_probabilities(fn, module):
+    """softmin is the softmax of -x, Softmax2d a softmax over channels: they kept input and output."""
+    # scores of a moderate spread: 8-bit probabilities near 0 dominate a sharp softmax's small gradient
+    check_variant(Wrap(fn, act=module or nn.Identity()), torch.randn(16, 300) * 0.5, kinds=["softmax"])

@@ -47,12 +47,14 @@ def _sdpa(node):
     return site
 
 
-def _softmax_site(node, path, x, dim, dtype):
+def _softmax_site(node, path, x, dim, dtype, negated=False):
+    """``negated``: softmin, the softmax of ``-x`` (as F.softmin computes it)."""
     def emit(graph, env, specs, runs, pack=None):
         dt = _env(env, dtype)  # ``dtype=x.dtype`` is a node of the traced graph
-        y = graph.call_function(softmax.softmax_forward, (env[x], dim, dt))
+        source = graph.call_function(operator.neg, (env[x],)) if negated else env[x]
+        y = graph.call_function(softmax.softmax_forward, (source, dim, dt))
         spec, run = pack(y, node)
-        return graph.call_function(softmax.softmax, (spec, dim, dt, env[x], *run)), {"packed_output": (spec, run)}
+        return graph.call_function(softmax.softmax, (spec, dim, dt, source, *run)), {"packed_output": (spec, run)}
 
     return Site(node, "softmax", path, [], emit)
 
@@ -61,7 +63,7 @@ def _softmax_functional(node, method=False):
     a = bind("softmax", node.args, node.kwargs)
     if a is None or a["dim"] is None or isinstance(a["dim"], Node):
         return None
-    return _softmax_site(node, None, a["input"], a["dim"], a["dtype"])
+    return _softmax_site(node, None, a["input"], a["dim"], a["dtype"], negated=node.target is F.softmin)
 
 
 _RECOMPUTED_MODULES = (nn.MultiheadAttention, nn.TransformerEncoderLayer, nn.TransformerDecoderLayer,

@@ -68,6 +68,9 @@ _MODULE_HANDLERS = [
     (_RECOMPUTED_MODULES, _module_recompute_site),
     ((nn.Softmax,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
         node, path, node.args[0], m.dim, None) or None),
+    ((nn.Softmin,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
+        node, path, node.args[0], m.dim, None, negated=True) or None),
+    ((nn.Softmax2d,), lambda node, path, m: len(node.args) == 1 and _softmax_site(node, path, node.args[0], -3, None)),
     ((nn.ReLU, nn.LeakyReLU, nn.Hardtanh, nn.ReLU6, nn.Threshold), _relu_module),
     ((nn.GLU,), lambda node, path, m: len(node.args) == 1 and not node.kwargs and glu_site(
         node, path, node.args[0], m.dim) or None),
@@ -184,7 +187,7 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return rms_normalize_site(node)
         if t is F.scaled_dot_product_attention:
             return _sdpa(node)
-        if t in (F.softmax, torch.softmax):
+        if t in (F.softmax, torch.softmax, F.softmin):
             return _softmax_functional(node)
         if t is operator.pow:
             return _recompute_site(node, None, "pow", torch.pow, node.args, node.kwargs)
