@@ -74,10 +74,10 @@ def _structure(module):
         return (torch.Tensor, (torch.Tensor, torch.Tensor))
     if isinstance(module, (nn.GRU, nn.RNN, nn.LSTMCell)):
         return (torch.Tensor, torch.Tensor)
-    if isinstance(module, (nn.modules.pooling._MaxPoolNd, nn.modules.pooling._AdaptiveMaxPoolNd)):
-        return (torch.Tensor, torch.Tensor) if module.return_indices else torch.Tensor
-    if type(module).__module__ in _TENSOR_MODULE_FILES and not isinstance(module, nn.MultiheadAttention):
-        return torch.Tensor
+    if getattr(module, "return_indices", False) is True:  # max pooling, fractional too
+        return (torch.Tensor, torch.Tensor)
+    if type(module).__module__ in _TENSOR_MODULE_FILES and not isinstance(module, (nn.MultiheadAttention, nn.Identity)):
+        return torch.Tensor  # (an Identity returns whatever it is given)
     return None
 
 
