@@ -768,3 +768,11 @@ def test_softmin_and_softmax2d_pack_their_probabilities(fn, module):
     """softmin is the softmax of -x, Softmax2d a softmax over channels: they kept input and output."""
     # scores of a moderate spread: 8-bit probabilities near 0 dominate a sharp softmax's small gradient
     check_variant(Wrap(fn, act=module or nn.Identity()), torch.randn(16, 300) * 0.5, kinds=["softmax"])
+
+
+def test_alpha_dropout_is_reported_as_not_covered():
+    """nn.AlphaDropout keeps a mask at its input's full size; it was listed with the ops that
+    save nothing worth packing (channel dropouts keep one value per channel), so show hid it."""
+    model = nn.Sequential(nn.Linear(16, 64), nn.AlphaDropout(0.2), nn.Linear(64, 4))
+    converted = actfx.convert(model, bits=2)
+    assert "AlphaDropout" in [u.what for u in converted._actfx_record.uncovered]

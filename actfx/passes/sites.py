@@ -109,7 +109,7 @@ _NOTHING_SAVED_METHODS = {
     "movedim", "swapaxes", "roll", "flip", "long", "int", "bool", "new_zeros", "new_ones", "new_empty",
 }
 _NOTHING_SAVED_MODULES = (nn.Flatten, nn.Unflatten, nn.Identity, nn.Upsample, nn.ZeroPad2d, nn.ConstantPad2d,
-                          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d,  # a mask of one value per channel
                           nn.MaxUnpool1d, nn.MaxUnpool2d, nn.MaxUnpool3d)
 
 
