@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import min_cut_rematerialization_partition
+from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn
 
 from actfx.config import Config, check_bits
@@ -30,6 +31,7 @@ from actfx.convert import _clone
 from actfx.copies import COMPILE_ARGS, compiled_class
 from actfx.outputs import grad_leaves
 from actfx.passes.attention_kernel import choose_attention_kernels
+from actfx.passes.attention_pattern import KeepMathAttention
 from actfx.passes.graph_memory import partition_memory, step_peak
 from actfx.passes.pack_saved import kept_as_is, pack_saved
 from actfx.passes.saved_plan import GraphPlan
@@ -152,7 +154,9 @@ class Backend:
         # own code cache still applies to the packed graphs.
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
         patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs)}
-        choose_attention_kernels(gm, self.record.config.bits_for("attention", None))
+        attention_bits = self.record.config.bits_for("attention", None)
+        if choose_attention_kernels(gm, attention_bits) and inductor_config.joint_custom_pre_pass is None:
+            patches["joint_custom_pre_pass"] = KeepMathAttention(attention_bits)  # attention written by hand
         with functorch_config.patch(enable_autograd_cache=False):
             return calls_with(compile_fx(gm, example_inputs, config_patches=patches), self.record.seeds)
 

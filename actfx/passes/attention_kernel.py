@@ -40,10 +40,11 @@ def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int)
             and keys <= MAX_KEYS_PER_HEAD_WIDTH * width)
 
 
-def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
-    """Point each SDPA call of a dynamo graph at the kernel that holds less (module docstring)."""
+def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> bool:
+    """Point each SDPA call of a dynamo graph at the kernel that holds less (module docstring).
+    False where the fused kernels stay whatever they hold (half precision, autocast)."""
     if _autocast(gm):
-        return
+        return False
     for module in gm.modules():  # the graph and its subgraphs (checkpointed regions, ...)
         if not isinstance(module, fx.GraphModule):
             continue
@@ -65,6 +66,7 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> None:
             elif query.device.type == "meta":
                 node.target = fused_attention_on_meta
         module.recompile()
+    return True
 
 
 def attention_as_math(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, **kwargs):
