@@ -271,3 +271,15 @@ def test_attention_written_by_hand_keeps_math_where_math_holds_less():
     assert probabilities and all(v.storage is Storage.PACKED for v in probabilities)
     exact = _grads(model, lambda inp: reference(inp, mask), x)
     assert_mean_converges([_grads(model, lambda inp: compiled(inp, mask), x) for _ in range(16)], exact)
+
+
+def test_attention_written_by_hand_with_symbolic_lengths_trains():
+    """Under dynamic shapes the scores' length is symbolic: the fused kernel stays, as for SDPA."""
+    torch.manual_seed(0)
+    model = HandWrittenAttention()
+    compiled = actfx.compile(model, bits=2, dynamic=True)
+    for length in (32, 48):
+        x, mask = torch.randn(2, length, 64), torch.zeros(2, 1, 1, length)
+        out = compiled(x, mask)
+        torch.testing.assert_close(out, model(x, mask), rtol=1e-5, atol=1e-6)
+        out.sum().backward()

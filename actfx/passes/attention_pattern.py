@@ -44,8 +44,8 @@ class KeepMathAttention(CustomGraphPass):
                 continue
             scores, value = node.args[0], node.args[0].meta.get("val")
             width = _query_width(scores)
-            if width is None or not isinstance(value, torch.Tensor):
-                continue
+            if width is None or not isinstance(value, torch.Tensor) or not isinstance(value.shape[-1], int):
+                continue  # (symbolic sizes keep PyTorch's choice, as attention_kernel does)
             query = torch.empty((1, width), dtype=value.dtype, device="meta")
             key = torch.empty((value.shape[-1], width), dtype=value.dtype, device="meta")
             if not math_holds_less(query, key, self.attention_bits):
