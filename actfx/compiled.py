@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import hashlib
 import pathlib
 import types
 import warnings
@@ -23,7 +22,7 @@ import torch.nn as nn
 from torch._functorch import config as functorch_config
 from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor import config as inductor_config
-from torch._inductor.custom_graph_pass import CustomPartitionerFn
+from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from actfx.config import Config, check_bits
 from actfx.kernels.seed_stream import SeedStream, calls_with
@@ -107,10 +106,7 @@ class _Partitioner(CustomPartitionerFn):
         self.record = record
 
     def __call__(self, gm, joint_inputs, **kwargs):
-        budget = self.record.memory_budget
-        patch = functorch_config.patch(activation_memory_budget=budget) if budget is not None else contextlib.nullcontext()
-        with patch:
-            fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+        fwd, bwd = self._partition(gm, joint_inputs, kwargs)
         if _has_sparse_values(gm):
             # Inductor re-derives the fake value of each op whose inputs the pass changed, and
             # cannot read a sparse one (nn.Embedding(sparse=True): the backward compile failed)
@@ -121,24 +117,30 @@ class _Partitioner(CustomPartitionerFn):
                     "static_indices": kwargs.get("static_lifetime_input_indices")}
         plan = pack_saved(fwd, bwd, probe=self.record.probe, **settings)
         # Never hold more than torch.compile: values computed in forward for backward that end up
-        # kept exact can outweigh what the packs free (a logcumsumexp block: 75 KB against 66 KB)
-        for hoisting in (False, None) if self.record.probe is None else ():
-            if plan.bytes_after <= plan.bytes_before:
-                break
-            with patch:
-                fwd, bwd = min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
-            plan = pack_saved(fwd, bwd, hoisting=False, **settings) if hoisting is False else kept_as_is(
-                fwd, bwd, reason="packing would hold more than torch.compile", **settings)
+        # kept exact can outweigh what the packs free (a logcumsumexp block: 75 KB against 66 KB).
+        # Such a pair is partitioned again (the pass changed it in place) and packed without
+        # hoisting, or, where that still holds more, left as the partitioner made it.
+        if self.record.probe is None and plan.bytes_after > plan.bytes_before:
+            fwd, bwd = self._partition(gm, joint_inputs, kwargs)
+            plan = pack_saved(fwd, bwd, hoisting=False, **settings)
+            if plan.bytes_after > plan.bytes_before:
+                fwd, bwd = self._partition(gm, joint_inputs, kwargs)
+                plan = kept_as_is(fwd, bwd, reason="packing would hold more than torch.compile", **settings)
         plan.memory = partition_memory(fwd, bwd, kwargs["num_fwd_outputs"])
         self.record.plans.append(plan)
         return fwd, bwd
 
+    def _partition(self, gm, joint_inputs, kwargs):
+        """min-cut partitioning of the joint graph, under the memory budget if one is set."""
+        budget = self.record.memory_budget
+        patch = functorch_config.patch(activation_memory_budget=budget) if budget is not None else contextlib.nullcontext()
+        with patch:
+            return min_cut_rematerialization_partition(gm, joint_inputs, **kwargs)
+
     def uuid(self):
         here = pathlib.Path(__file__).parent
-        digest = hashlib.sha256(repr((self.record.config, self.record.memory_budget)).encode())
-        for name in _SOURCES:
-            digest.update((here / name).read_bytes())
-        return digest.hexdigest()
+        return get_hash_for_files(tuple(str(here / name) for name in _SOURCES),
+                                  repr((self.record.config, self.record.memory_budget))).hex()
 
 
 class Backend:

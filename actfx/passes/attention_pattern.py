@@ -12,11 +12,10 @@ fused into the softmax's kernel, in none of those patterns.
 
 from __future__ import annotations
 
-import hashlib
 import pathlib
 
 import torch
-from torch._inductor.custom_graph_pass import CustomGraphPass
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 
 from actfx.passes.attention_kernel import math_holds_less
 
@@ -57,8 +56,8 @@ class KeepMathAttention(CustomGraphPass):
                 reader.replace_input_with(scores, same)
 
     def uuid(self) -> str:
-        source = pathlib.Path(__file__).read_bytes() + pathlib.Path(__file__).with_name("attention_kernel.py").read_bytes()
-        return hashlib.sha256(source + repr(self.attention_bits).encode()).hexdigest()
+        here = pathlib.Path(__file__)
+        return get_hash_for_files((str(here), str(here.with_name("attention_kernel.py"))), repr(self.attention_bits)).hex()
 
 
 def _softmax_readers(node: torch.fx.Node) -> list:

@@ -226,24 +226,18 @@ def _max_pool_module(node, path, m):
 
 
 def _max_pool_functional(node):
-    if node.target in _WITH_INDICES:
-        nd, adaptive = _WITH_INDICES[node.target]
-        a = bind("adaptive_max_pool" if adaptive else "max_pool", node.args, node.kwargs)
-        if a is None:
-            return None
-        if adaptive:
-            return _max_pool_site(node, None, nd, a["input"], (a["output_size"],), True, True)
-        stride = a["stride"] if a["stride"] is not None and a["stride"] != [] else a["kernel_size"]
-        return _max_pool_site(node, None, nd, a["input"],
-                              (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]), False, True)
-    if node.target in _ADAPTIVE_MAX_FUNCS:
-        a = bind("adaptive_max_pool", node.args, node.kwargs)
-        return a and _max_pool_site(node, None, _ADAPTIVE_MAX_FUNCS[node.target], a["input"], (a["output_size"],),
-                                    True, a["return_indices"])
-    a = bind("max_pool", node.args, node.kwargs)
+    t = node.target
+    if t in _WITH_INDICES:
+        nd, adaptive = _WITH_INDICES[t]
+    else:
+        adaptive = t in _ADAPTIVE_MAX_FUNCS
+        nd = _ADAPTIVE_MAX_FUNCS[t] if adaptive else _MAX_POOL_FUNCS[t]
+    a = bind("adaptive_max_pool" if adaptive else "max_pool", node.args, node.kwargs)
     if a is None:
         return None
+    returned = t in _WITH_INDICES or a["return_indices"]  # the *_with_indices forms always return them
+    if adaptive:
+        return _max_pool_site(node, None, nd, a["input"], (a["output_size"],), True, returned)
     stride = a["stride"] if a["stride"] is not None and a["stride"] != [] else a["kernel_size"]
-    return _max_pool_site(node, None, _MAX_POOL_FUNCS[node.target], a["input"],
-                          (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]), False,
-                          a["return_indices"])
+    return _max_pool_site(node, None, nd, a["input"],
+                          (a["kernel_size"], stride, a["padding"], a["dilation"], a["ceil_mode"]), False, returned)

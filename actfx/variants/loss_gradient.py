@@ -44,11 +44,11 @@ def _function(fn):
 
 
 def input_gradients(fn, static, *values):
-    """``fn``: see ``_function``. Per tensor slot of ``static`` (args template, kwargs template, whether ``fn`` is an
-    element-wise loss before its reduction): the gradient of ``fn``'s
-    result at that input (its derivative element by element when the result is not a scalar),
-    computed now; None for inputs without a gradient, and for all when none will run backward or
-    the result is neither a scalar nor element-wise in every input that needs one."""
+    """Per tensor slot of ``static`` (args template, kwargs template, whether ``fn`` is element-wise
+    before its reduction; ``fn``: see ``_function``): the gradient of ``fn``'s result at that input
+    (its derivative element by element when the result is not a scalar), computed now; None for
+    inputs without a gradient, and for all when none will run backward or the result is neither
+    a scalar nor element-wise in every input that needs one."""
     fn, nothing = _function(fn), (None,) * len(values)
     wanted = [i for i, v in enumerate(values)
               if isinstance(v, torch.Tensor) and v.is_floating_point() and needs_saving(v)]

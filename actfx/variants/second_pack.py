@@ -5,8 +5,8 @@ Training backward of BatchNorm, GroupNorm, InstanceNorm, LayerNorm and RMSNorm r
 the product by ``g_i var_i / M``, M the values per normalised row (2 bits: the mean of 1024
 input gradients stayed 3.6% off for BatchNorm at M = 16, 8.6% for InstanceNorm at M = 4, 6.3%
 for GroupNorm at M = 8, 4.9% for LayerNorm over 16 features; about 0.8% per LayerNorm at 128).
-Below ``SECOND_PACK_BELOW`` values per row, a second pack of x̂, rounded independently on the same grid, gives
-``(x̂ - x̂')^2 / 2``: an unbiased estimate of each element's rounding variance, which backward
+Below ``SECOND_PACK_BELOW`` values per row, a second pack of x̂, rounded independently on the
+same grid, gives ``(x̂ - x̂')^2 / 2``: an unbiased estimate of each element's rounding variance, which backward
 adds back, ``rstd g_i var_i / M``. Both packs share one grid, so the estimate is 0 or half a step
 squared (bounded). It costs variance: EfficientNet-B0 at 64 px, batch 4, 2 bits, one step's
 error is 4.1x the gradient's norm against 2.6x from one pack, whose mean of 32 steps stayed at
