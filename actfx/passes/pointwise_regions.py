@@ -23,6 +23,7 @@ from torch.fx import Graph, GraphModule, Node
 from actfx.passes.graph_facts import GraphFacts, is_traced_constant
 from actfx.rules import SIGN_ONLY, Kind, aten, aten_packet, is_pointwise, rule_for
 from actfx.variants.pointwise import Pointwise, pointwise_callables
+from actfx.variants.pointwise_several import Several, several_callables
 
 # Alone, these have a variant with an analytic derivative.
 _OWN_VARIANT = {aten.gelu, aten.silu}
@@ -36,6 +37,8 @@ _CONSTANTS = (int, float, bool, str, type(None), torch.dtype)
 _SHAPE_FACTORIES = {aten.zeros_like, aten.ones_like, aten.full_like}
 _FACTORY_OPTIONS = (*_CONSTANTS, torch.device, torch.layout, torch.memory_format)
 _SCALAR = (int, float, bool)
+# A region reading more tensors keeps more partials than its ops' own saves would be
+MAX_INPUTS = 3
 
 
 def _traced_scalar(node: Node):
@@ -89,13 +92,15 @@ def _nonlinear(node: Node, packet) -> bool:
     return kind is not Kind.LINEAR
 
 
-def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], Node]]:
-    """(input, members in graph order, output) of every region worth collapsing.
+def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[list[Node], list[Node], Node]]:
+    """(inputs, members, both in graph order, output) of every region worth collapsing.
 
     From the last node back, each element-wise node not yet taken grows a region over its
     element-wise inputs whose every reader is already in it; the region stands if what it reads
     from outside is one tensor, else the output op alone is tried. Nodes of a region that does
-    not stand are tried again as outputs of smaller ones.
+    not stand are tried again as outputs of smaller ones. A region reading two or three tensors
+    stands where it holds a truly nonlinear op (``atan2(a, b)``, ``silu(a) * b``): it keeps one
+    packed partial per input (``actfx/variants/pointwise_several.py``).
     """
     nodes = list(graph.nodes)
     order = {node: i for i, node in enumerate(nodes)}
@@ -112,24 +117,34 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[Node, list[Node], No
                 if a in packets and a not in taken and a not in region and all(u in region for u in a.users):
                     region.add(a)
                     stack.append(a)
-        outside = {a for m in region for a in m.all_input_nodes if a not in region}
-        if len(outside) != 1 and len(region) > 1:
-            # ``exp(A * dt)`` (Mamba), ``exp(a - b)`` (RWKV): the chain reads two values, but its
-            # last op alone reads one
-            region = {out}
-            outside = set(out.all_input_nodes)
-        if len(outside) != 1:
+        # one input first: ``exp(A * dt)`` (Mamba), ``exp(a - b)`` (RWKV) read two values, their
+        # last op alone one; then several, around a truly nonlinear op (products have their sites)
+        tries = [region] if len(_reads(region)) == 1 or len(region) == 1 else [
+            *([{out}] if len(_reads({out})) == 1 else []), region, {out}]
+        chosen = next((r for r in tries if _stands(r, out, packets, facts)), None)
+        if chosen is None:
             continue
-        x = outside.pop()
-        if facts.is_non_tensor(x) or facts.is_parameter_like(x):
-            continue
-        if len(region) == 1 and packets[out] in _OWN_VARIANT:
-            continue
-        if not any(_nonlinear(m, packets[m]) for m in region):
-            continue
-        taken |= region
-        found.append((x, sorted(region, key=order.__getitem__), out))
+        taken |= chosen
+        found.append((sorted(_reads(chosen), key=order.__getitem__), sorted(chosen, key=order.__getitem__), out))
     return found
+
+
+def _stands(region: set, out: Node, packets: dict, facts: GraphFacts) -> bool:
+    """Whether ``region`` (ending in ``out``) is worth collapsing."""
+    outside = _reads(region)
+    if not outside or any(facts.is_non_tensor(x) or facts.is_parameter_like(x) for x in outside):
+        return False
+    if len(outside) > 1 and not (len(outside) <= MAX_INPUTS and any(
+            rule_for(packets[m]).kind is Kind.NONLINEAR and packets[m] not in _CASTS for m in region)):
+        return False
+    if len(region) == 1 and packets[out] in _OWN_VARIANT and len(outside) == 1:
+        return False
+    return any(_nonlinear(m, packets[m]) for m in region)
+
+
+def _reads(region: set) -> set:
+    """The nodes outside ``region`` that its members read."""
+    return {a for m in region for a in m.all_input_nodes if a not in region}
 
 
 def collapse_pointwise_regions(gm: GraphModule) -> int:
@@ -140,8 +155,8 @@ def collapse_pointwise_regions(gm: GraphModule) -> int:
         regions = _regions(graph, GraphFacts(graph))
         if not regions:
             break
-        for x, region, out in regions:
-            _collapse(graph, x, region, out, aten_packet(out.op, out.target))
+        for xs, region, out in regions:
+            _collapse(graph, xs, region, out, aten_packet(out.op, out.target))
         count += len(regions)
     if count:
         graph.lint()
@@ -149,9 +164,9 @@ def collapse_pointwise_regions(gm: GraphModule) -> int:
     return count
 
 
-def _collapse(graph: Graph, x: Node, region: list[Node], out: Node, packet) -> None:
+def _collapse(graph: Graph, xs: list[Node], region: list[Node], out: Node, packet) -> None:
     sub = Graph()
-    env = {x: sub.placeholder("x")}
+    env = {x: sub.placeholder(f"x{i}" if len(xs) > 1 else "x") for i, x in enumerate(xs)}
     for m in region:
         env[m] = sub.node_copy(m, lambda n: env[n])
     sub.output(env[out])
@@ -160,11 +175,14 @@ def _collapse(graph: Graph, x: Node, region: list[Node], out: Node, packet) -> N
     kind = packet.__name__.split(".")[-1] if len(region) == 1 else "pointwise"  # one op keeps its name
     # fn.forward, not fn: a module call under torch.func.vjp hands its wrapped tensors to global
     # module hooks (the planner's MemTracker cannot read them, and its step estimate failed)
-    plain, _, _ = pointwise_callables(Pointwise(fn.forward, out.name, kind=kind))
+    if len(xs) == 1:
+        plain, _, _ = pointwise_callables(Pointwise(fn.forward, out.name, kind=kind))
+    else:
+        plain, _, _ = several_callables(Several(fn.forward, out.name, len(xs), kind=kind))
     # ``out`` becomes the call: it keeps its name and meta, so decisions and reports name the op
     # after the original output.
     out.meta["actfx_replaces"] = [m.name for m in region]
-    out.op, out.target, out.args, out.kwargs = "call_function", plain, (x,), {}
+    out.op, out.target, out.args, out.kwargs = "call_function", plain, tuple(xs), {}
     for m in reversed(region):
         if m is not out:
             graph.erase_node(m)

@@ -3,6 +3,8 @@ log-softmax, pow/rsqrt/exp...) and linear pools that need only their input's sha
 
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -62,6 +64,21 @@ def pointwise_site(node, path, calls, x, inplace=False, kind="pointwise"):
         return graph.call_function(variant, (spec, env[x], *run)), {}
 
     return Site(node, kind, path, [], emit, inplace_on=x if inplace else None)
+
+
+def several_pointwise_site(node, calls, xs, kind="pointwise"):
+    """An element-wise function of several tensors (``actfx/variants/pointwise_several.py``):
+    keep one packed partial derivative per input; each is a second pack of the site's output."""
+    _, partials_of, variant = calls
+
+    def emit(graph, env, specs, runs, pack=None):
+        partials = graph.call_function(partials_of, tuple(env[x] for x in xs))
+        packed = [pack(graph.call_function(operator.getitem, (partials, i)), node, f".d{i}" if i else "")
+                  for i in range(len(xs))]
+        return graph.call_function(variant, (tuple(s for s, _ in packed), *(env[x] for x in xs),
+                                             *(n for _, run in packed for n in run))), {}
+
+    return Site(node, kind, None, [], emit)
 
 
 def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):

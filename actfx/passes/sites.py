@@ -31,7 +31,7 @@ from actfx.passes.site_attention import (
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
     _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, nll_loss_site, pad_site,
-    pointwise_site,
+    pointwise_site, several_pointwise_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -159,6 +159,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
         t = node.target
         calls = getattr(t, "actfx_pointwise", None)
         if calls is not None:  # a region collapsed by passes/pointwise_regions.py
+            if len(node.args) > 1:
+                return several_pointwise_site(node, calls, node.args, kind=t.actfx_kind)
             return pointwise_site(node, None, calls, node.args[0], kind=t.actfx_kind)
         if t in _CONV_FUNCS:
             return _conv_functional(node)

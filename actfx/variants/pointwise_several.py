@@ -1,0 +1,130 @@
+"""Element-wise functions of several tensors that keep one packed partial derivative per input.
+
+Why: ``atan2(a, b)``, ``hypot``, ``lerp(a, b, w)``, ``clamp(a, min=b)`` or a chain such as SwiGLU's
+``silu(a) * b`` save their inputs, and backward is nonlinear in them (so packing them is biased),
+or, for a chain, each op saves its own (SwiGLU: silu's derivative, ``silu(a)`` and ``b``). Backward
+of ``y = f(x_1, ..., x_k)`` element-wise is ``g * df/dx_i`` summed to ``x_i``'s shape: linear in
+each partial, so keeping the partials packed is unbiased, one per input that needs a gradient.
+
+A partial that does not vary along the dims an input was broadcast over (a squeeze-excitation
+gate: ``d(x * sigmoid(s))/dx = sigmoid(s)``) is kept at that input's smaller shape; the check is
+exact (``torch.equal``), so only values that are truly constant are narrowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import torch
+
+from actfx.variants import hooked_vjp
+from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
+from actfx.variants.saved import materialize_all, split_all, spec_width
+
+
+class _FromPackedPartials(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, fn, name, specs, count, *inputs_and_runs):
+        xs, runs = inputs_and_runs[:count], inputs_and_runs[count:]
+        with torch.no_grad():
+            out = fn(*xs)
+        plans, storage = split_all(specs, runs)
+        ctx.plans, ctx.name, ctx.count = plans, name, count
+        ctx.inputs = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in xs]
+        ctx.save_for_backward(*storage)
+        return not_a_view(out)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        refuse_double_backward(ctx.name)
+        partials = materialize_all(ctx.plans, ctx.saved_tensors)
+        grads = [None if d is None or meta is None or not needed
+                 else (grad_out * d.to(grad_out.dtype)).sum_to_size(meta[0]).to(meta[1])
+                 for d, meta, needed in zip(partials, ctx.inputs, ctx.needs_input_grad[4:])]
+        return (None, None, None, None, *grads) + (None,) * (len(ctx.needs_input_grad) - 4 - ctx.count)
+
+
+def _narrowed(d: torch.Tensor, shapes: list) -> torch.Tensor:
+    """``d`` at the smallest of ``shapes`` (inputs' shapes, broadcast against ``d``'s) along
+    whose size-1 dims it is exactly constant; else ``d``."""
+    for shape in sorted(shapes, key=lambda s: torch.Size(s).numel()):
+        ones = [i for i, n in enumerate(shape) if n == 1 and d.shape[i] != 1]
+        if not ones:
+            continue
+        first = d
+        for i in ones:
+            first = first.narrow(i, 0, 1)
+        if torch.equal(first.expand_as(d), d):
+            return first.contiguous()
+    return d
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Several:
+    """``fn``: an element-wise, out-of-place function of ``count`` tensors (its other arguments fixed)."""
+
+    fn: Callable
+    name: str
+    count: int
+    kind: str = "pointwise"
+
+    def partials(self, *xs) -> tuple:
+        """``df/dx_i`` element-wise at the output's shape (or narrowed, module docstring), None
+        for inputs that need no gradient; all None where the function is not element-wise here."""
+        none = (None,) * self.count
+        wanted = [i for i, x in enumerate(xs) if isinstance(x, torch.Tensor) and needs_saving(x)
+                  and x.is_floating_point()]
+        if not wanted:
+            return none
+        shape = torch.broadcast_shapes(*(x.shape for x in xs if isinstance(x, torch.Tensor)))
+        fixed = [x.detach() if isinstance(x, torch.Tensor) else x for x in xs]
+
+        def of_wanted(*values):
+            args = list(fixed)
+            for i, v in zip(wanted, values):
+                args[i] = v
+            return self.fn(*args)
+
+        y, pullback = hooked_vjp.vjp(of_wanted, *(fixed[i].expand(shape) for i in wanted))
+        if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == shape):
+            return none
+        got = pullback(torch.ones_like(y))
+        dims = len(shape)
+        shapes = [(1,) * (dims - x.dim()) + tuple(x.shape) for x in fixed if isinstance(x, torch.Tensor)]
+        result = list(none)
+        for i, d in zip(wanted, got):
+            result[i] = None if d is None else _narrowed(d.detach(), shapes) if len(set(shapes)) > 1 else d.detach()
+        return tuple(result)
+
+    def apply(self, specs, *inputs_and_runs):
+        """``fn(*xs)`` whose backward reads the packed partials (the runs after the inputs);
+        plain ``fn(*xs)`` where no backward runs or nothing was packed."""
+        xs, runs = inputs_and_runs[:self.count], inputs_and_runs[self.count:]
+        heads, pos = [], 0
+        for spec in specs:
+            heads.append(runs[pos])
+            pos += spec_width(spec)
+        if all(h is None for h in heads):
+            return self.fn(*xs)
+        return _FromPackedPartials.apply(self.fn, self.name, specs, self.count, *xs, *runs)
+
+
+def several_callables(region: Several) -> tuple[Callable, Callable, Callable]:
+    """Graph-callable (plain call, partials, variant) for ``region``, named after it."""
+
+    def plain(*xs):
+        return region.fn(*xs)
+
+    def partials(*xs):
+        return region.partials(*xs)
+
+    def variant(specs, *inputs_and_runs):
+        return region.apply(specs, *inputs_and_runs)
+
+    calls = (plain, partials, variant)
+    for f, prefix in zip(calls, ("pointwise", "partials", "pointwise_packed")):
+        f.__name__ = f.__qualname__ = f"{prefix}_{region.name}"
+        f.actfx_pointwise = calls
+        f.actfx_kind = region.kind
+    return calls
