@@ -98,10 +98,12 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
                 not (t.dtype.is_floating_point or t.dtype.is_complex) and t.counted for t in merged.tensors):
             planned = any(record.config.site_bits.get(d.key) == KEEP_EXACT
                           for d in decisions)
-            # the variant packs nothing below min_numel or of complex values, or a plan keeps it exact
+            # the variant packs nothing below min_numel, of complex values or in float64 (the
+            # packing kernels take 16- and 32-bit floats), or a plan keeps it exact
             complex_values = any(t.dtype.is_complex for t in merged.tensors)
+            float64 = any(t.dtype == torch.float64 for t in merged.tensors)
             row.kind = ("kept exact (plan)" if planned else "kept exact (complex values)" if complex_values
-                        else "kept exact (too small to pack)")
+                        else "kept exact (float64)" if float64 else "kept exact (too small to pack)")
     return [row for row, *_ in found]
 
 

@@ -8,6 +8,7 @@ import io
 import warnings
 
 import pytest
+import rich.console
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -686,6 +687,18 @@ def test_a_float64_model_with_batch_norm_trains():
     assert "batch_norm" in {d.kind for d in converted._actfx_record.decisions}
     exact = parameter_grads(model, x)
     assert (parameter_grads(converted, x) - exact).norm() < 0.03 * exact.norm()
+
+
+def test_float64_activations_are_kept_exact_with_a_warning_and_labelled_so():
+    """The packing kernels take 16- and 32-bit floats: a float64 model trains with its values
+    exact, says so once, and ``show`` names float64 rather than a size as the reason."""
+    model = nn.Sequential(nn.Linear(64, 64), nn.Linear(64, 64)).double()
+    converted = actfx.convert(model, bits=2)
+    x = torch.randn(64, 64, dtype=torch.float64)
+    with pytest.warns(UserWarning, match="float64 activations exact"):
+        converted(x).sum().backward()
+    rows = actfx.show(converted, x, console=rich.console.Console(file=io.StringIO()))
+    assert "kept exact (float64)" in {row["kind"] for row in rows}, rows
 
 
 class _EncoderWithDropout(nn.Module):

@@ -64,3 +64,55 @@ def test_an_input_without_gradient_gets_no_partial_and_the_gradient_matches():
     assert dm is None and da.shape == a.shape
     expected, = torch.autograd.grad(region.fn(a, m).sum(), a)
     assert torch.allclose(da, expected)
+
+
+class RowDistances(nn.Module):
+    """Contrastive-style head: cosine similarity and distance of two projections, as functions
+    and as modules."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(16, 32)
+        self.cos, self.dist = nn.CosineSimilarity(dim=1), nn.PairwiseDistance(p=3.0, keepdim=True)
+
+    def forward(self, x):
+        a, b = self.a(x), self.b(x)
+        return (F.cosine_similarity(a, b, dim=-1)[:, None] + F.pairwise_distance(a, b)[:, None]
+                + self.cos(a, b)[:, None] * self.dist(a, b))
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_row_distances_keep_their_packed_row_jacobians(exported):
+    torch.manual_seed(0)
+    model, x = RowDistances(), torch.randn(64, 16)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
+    kinds = [d.kind for d in converted._actfx_record.decisions]
+    assert kinds.count("cosine_similarity") == 2 and kinds.count("pairwise_distance") == 2, kinds
+    assert torch.equal(converted(x), model(x))
+    exact = parameter_grads(model, x)
+    assert (parameter_grads(converted, x) - exact).norm() / exact.norm() < 0.03
+    if not exported:
+        assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2), x, 8)
+        assert_unbiased(model, x, k=16)
+
+
+class PNorms(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(16, 32)
+
+    def forward(self, x):
+        h = self.a(x)
+        return (h * torch.linalg.vector_norm(h, 3, dim=-1, keepdim=True) + h.norm(p=1, dim=1, keepdim=True)
+                + torch.norm(h, float("inf"), -1)[:, None])
+
+
+def test_p_norms_over_one_dim_keep_their_packed_row_jacobians():
+    torch.manual_seed(0)
+    model, x = PNorms(), torch.randn(64, 16)
+    converted = actfx.convert(model, bits=8)
+    assert [d.kind for d in converted._actfx_record.decisions].count("vector_norm") == 3
+    assert torch.equal(converted(x), model(x))
+    exact = parameter_grads(model, x)
+    assert (parameter_grads(converted, x) - exact).norm() / exact.norm() < 0.03
+    assert_unbiased(model, x, k=16)

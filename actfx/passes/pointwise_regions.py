@@ -134,12 +134,22 @@ def _stands(region: set, out: Node, packets: dict, facts: GraphFacts) -> bool:
     outside = _reads(region)
     if not outside or any(facts.is_non_tensor(x) or facts.is_parameter_like(x) for x in outside):
         return False
-    if len(outside) > 1 and not (len(outside) <= MAX_INPUTS and any(
-            rule_for(packets[m]).kind is Kind.NONLINEAR and packets[m] not in _CASTS for m in region)):
+    if len(outside) > 1 and not (len(outside) <= MAX_INPUTS and _each_read_nonlinearly(region, outside, packets)):
         return False
     if len(region) == 1 and packets[out] in _OWN_VARIANT and len(outside) == 1:
         return False
     return any(_nonlinear(m, packets[m]) for m in region)
+
+
+def _each_read_nonlinearly(region: set, outside: set, packets: dict) -> bool:
+    """Several inputs: the region holds a truly nonlinear op (products alone have their own
+    sites), and each input is read by a product or a nonlinear op. An input that only a sum reads
+    (``gate + tanh(h)``) has a constant partial: the nonlinear part alone keeps less."""
+    def bent(m):
+        return rule_for(packets[m]).kind is not Kind.LINEAR and packets[m] not in _CASTS
+
+    return (any(rule_for(packets[m]).kind is Kind.NONLINEAR and packets[m] not in _CASTS for m in region)
+            and all(any(x in m.all_input_nodes and bent(m) for m in region) for x in outside))
 
 
 def _reads(region: set) -> set:

@@ -66,7 +66,7 @@ def pointwise_site(node, path, calls, x, inplace=False, kind="pointwise"):
     return Site(node, kind, path, [], emit, inplace_on=x if inplace else None)
 
 
-def several_pointwise_site(node, calls, xs, kind="pointwise"):
+def several_pointwise_site(node, calls, xs, kind="pointwise", path=None):
     """An element-wise function of several tensors (``actfx/variants/pointwise_several.py``):
     keep one packed partial derivative per input; each is a second pack of the site's output."""
     _, partials_of, variant = calls
@@ -78,7 +78,7 @@ def several_pointwise_site(node, calls, xs, kind="pointwise"):
         return graph.call_function(variant, (tuple(s for s, _ in packed), *(env[x] for x in xs),
                                              *(n for _, run in packed for n in run))), {}
 
-    return Site(node, kind, None, [], emit)
+    return Site(node, kind, path, [], emit)
 
 
 def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):

@@ -13,10 +13,11 @@ from torch.fx.node import map_arg
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
-from actfx.passes.site_elementwise import _recompute_site
+from actfx.passes.site_elementwise import _recompute_site, several_pointwise_site
 from actfx.variants import (
     batchnorm, conv, embedding, gather, grid_sample, grouped_mm, linear, normalize, norms, rmsnorm, vector_norm,
 )
+from actfx.variants.pointwise_several import Several, several_callables
 
 
 # ---------------------------------------------------------------- convolution and linear
@@ -383,7 +384,9 @@ def torch_norm_site(node):
 def _two_norm_site(node, names: tuple, default_order):
     a = {**dict(zip(names, node.args)), **node.kwargs}
     x, ord_, dim, keepdim = a.get("input"), a.get(names[1], default_order), a.get("dim"), a.get("keepdim", False)
-    if (not isinstance(x, Node) or ord_ not in (2, 2.0, "fro") or a.get("dtype") is not None or dim is None
+    if ord_ not in (2, 2.0, "fro"):
+        return _row_norm_site(node, a, names)
+    if (not isinstance(x, Node) or a.get("dtype") is not None or dim is None
             or a.get("out") is not None
             or isinstance(dim, Node) or isinstance(keepdim, Node) or set(a) - set(names)):
         return None
@@ -393,6 +396,24 @@ def _two_norm_site(node, names: tuple, default_order):
         return graph.call_function(vector_norm.vector_norm, (specs[0], dim, keepdim, *runs[0])), {}
 
     return Site(node, "vector_norm", None, [x], emit)
+
+
+def _row_norm_site(node, a: dict, names: tuple):
+    """A p-norm (p not 2) over one dim: its backward reads the input nonlinearly, so each row's
+    Jacobian is kept packed instead (``variants/pointwise_several.py``)."""
+    x, dim = a.get("input"), a.get("dim")
+    dim = dim[0] if isinstance(dim, (tuple, list)) and len(dim) == 1 else dim
+    if (not isinstance(x, Node) or not isinstance(dim, int) or not isinstance(a.get(names[1]), (int, float))
+            or not isinstance(a.get("keepdim", False), bool) or a.get("out") is not None or set(a) - set(names)
+            or isinstance(a.get("dtype"), Node)):
+        return None
+    fn, options = node.target, {k: v for k, v in a.items() if k != "input"}
+
+    def call(value):
+        return fn(value, **options) if callable(fn) else getattr(value, fn)(**options)
+
+    calls = several_callables(Several(call, node.name, 1, kind="vector_norm", dim=dim, keepdim=a.get("keepdim", False)))
+    return several_pointwise_site(node, calls, (x,), kind="vector_norm")
 
 
 def _rms_norm_module(node, path, m):

@@ -1,6 +1,8 @@
 """Sites for reductions whose backward reads their input: ``std`` / ``var`` (input packed, std
 exact), ``logsumexp`` (its probabilities packed), ``scatter_reduce`` to an extremum (masks), in
-function, method and ATen form, and the KL-divergence loss (its target packed)."""
+function, method and ATen form, the KL-divergence loss (its target packed), and row distances
+(``cosine_similarity``, ``pairwise_distance``: their row Jacobians packed), and ops selecting
+along a dim (``sort``, ``topk``, ``cummax``...: compact indices)."""
 
 from __future__ import annotations
 
@@ -11,8 +13,9 @@ from torch.fx import Node
 
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _env, _get
-from actfx.passes.site_elementwise import _template
-from actfx.variants import deviation, kl_div, logsumexp, loss_gradient, scatter_extremum
+from actfx.passes.site_elementwise import _template, several_pointwise_site
+from actfx.variants import deviation, kl_div, logsumexp, loss_gradient, scatter_extremum, selection
+from actfx.variants.pointwise_several import Several, several_callables
 
 aten = torch.ops.aten
 
@@ -138,3 +141,88 @@ def loss_site(node, fn, path=None, elementwise=True):
                                                          *inputs, *[t for _, run in packed for t in run])), {}
 
     return Site(node, "loss", path, [], emit)
+
+
+# Row distances: one number per row of two tensors. fx target -> (kind, parameter names after x1, x2, defaults)
+ROW_DISTANCES = {
+    **dict.fromkeys((torch.nn.functional.cosine_similarity, torch.cosine_similarity, aten.cosine_similarity.default),
+                    ("cosine_similarity", ("dim", "eps"), (1, 1e-8))),
+    **dict.fromkeys((torch.nn.functional.pairwise_distance, torch.pairwise_distance, aten.pairwise_distance.default),
+                    ("pairwise_distance", ("p", "eps", "keepdim"), (2.0, 1e-6, False))),
+}
+
+
+def row_distance_site(node):
+    """``cosine_similarity(x1, x2, dim)`` / ``pairwise_distance(x1, x2, p, eps, keepdim)``: keeps
+    each input's packed row Jacobian (``variants/pointwise_several.py``) instead of both inputs,
+    which backward reads nonlinearly."""
+    kind, names, defaults = ROW_DISTANCES[node.target]
+    if len(node.args) < 2 or len(node.args) > 2 + len(names) or set(node.kwargs) - set(names):
+        return None
+    options = dict(zip(names, defaults)) | dict(zip(names, node.args[2:])) | dict(node.kwargs)
+    return _row_distance(node, None, kind, node.target, node.args[0], node.args[1], options)
+
+
+def row_distance_module_site(node, path, m):
+    """nn.CosineSimilarity / nn.PairwiseDistance: as their functions."""
+    if len(node.args) != 2 or node.kwargs:
+        return None
+    if isinstance(m, torch.nn.CosineSimilarity):
+        options = {"dim": m.dim, "eps": m.eps}
+        return _row_distance(node, path, "cosine_similarity", torch.nn.functional.cosine_similarity, *node.args, options)
+    options = {"p": m.norm, "eps": m.eps, "keepdim": m.keepdim}
+    return _row_distance(node, path, "pairwise_distance", torch.nn.functional.pairwise_distance, *node.args, options)
+
+
+def _row_distance(node, path, kind, fn, x1, x2, options):
+    if not (isinstance(x1, Node) and isinstance(x2, Node)) or _holds_node(tuple(options.values())):
+        return None
+    values = tuple(options.values())  # in the function's own order after x1, x2
+
+    def call(a, b):
+        return fn(a, b, *values)
+
+    dim, keepdim = (options["dim"], False) if kind == "cosine_similarity" else (-1, options["keepdim"])
+    calls = several_callables(Several(call, node.name, 2, kind=kind, dim=dim, keepdim=keepdim))
+    return several_pointwise_site(node, calls, (x1, x2), kind=kind, path=path)
+
+
+# Ops selecting along a dim, returning (values, indices): fx target -> (op, position of dim among
+# the arguments after the input, its default (None: required), position of keepdim or None)
+_SELECTING = {
+    "sort": ((torch.sort, "sort", aten.sort.default, aten.sort.stable), 0, -1, None),
+    "topk": ((torch.topk, "topk", aten.topk.default), 1, -1, None),
+    "cummax": ((torch.cummax, "cummax", aten.cummax.default), 0, None, None),
+    "cummin": ((torch.cummin, "cummin", aten.cummin.default), 0, None, None),
+    "kthvalue": ((torch.kthvalue, "kthvalue", aten.kthvalue.default), 1, -1, 2),
+    "median": ((torch.median, "median", aten.median.dim), 0, None, 1),
+    "nanmedian": ((torch.nanmedian, "nanmedian", aten.nanmedian.dim), 0, None, 1),
+    "mode": ((torch.mode, "mode", aten.mode.default), 0, -1, 1),
+}
+SELECTIONS = {target: (op, *where) for op, (targets, *where) in _SELECTING.items() for target in targets}
+
+
+def selection_site(node):
+    """``sort``, ``topk``, ``cummax``, ``median(x, dim)`` and kin: compact indices instead of
+    int64 ones (and the input, for ``cummax``), ``variants/selection.py``."""
+    split = _split_input(node)
+    if split is None:
+        return None
+    x, rest, kwargs = split
+    kwargs = dict(kwargs)
+    op, dim_at, dim_default, keep_at = SELECTIONS[node.target]
+    dim = kwargs.get("dim", rest[dim_at] if len(rest) > dim_at else dim_default)
+    keepdim = kwargs.get("keepdim", rest[keep_at] if keep_at is not None and len(rest) > keep_at else False)
+    if not isinstance(dim, int) or not isinstance(keepdim, bool):
+        return None  # median(x) over everything returns one value, not (values, indices)
+    target = node.target
+
+    def call(value):
+        return target(value, *rest, **kwargs) if callable(target) else getattr(value, target)(*rest, **kwargs)
+
+    select = selection.selecting(op, call, dim, keep_at is not None and not keepdim, node.name)
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(select, (env[x],)), {}
+
+    return Site(node, op, None, [], emit)

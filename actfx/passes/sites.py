@@ -40,8 +40,8 @@ from actfx.passes.site_layers import (
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
-    DEVIATIONS, LOGSUMEXPS, SCATTER_REDUCES, deviation_site, kl_div_site, logsumexp_site, loss_site,
-    scatter_reduce_site,
+    DEVIATIONS, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, deviation_site, kl_div_site, logsumexp_site,
+    loss_site, row_distance_module_site, row_distance_site, scatter_reduce_site, selection_site,
 )
 from actfx.variants.loss_gradient import LOSS_MODULES, LOSSES
 from actfx.passes.capture import has_hooks
@@ -64,6 +64,7 @@ _MODULE_HANDLERS = [
     ((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d), _batch_norm_module),
     ((nn.LayerNorm, nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d), _norm_module),
     ((nn.RMSNorm,), _rms_norm_module),
+    ((nn.CosineSimilarity, nn.PairwiseDistance), row_distance_module_site),
     ((nn.Embedding,), lambda node, path, m: embedding_site(node, path, m)),
     (_RECOMPUTED_MODULES, _module_recompute_site),
     ((nn.Softmax,), lambda node, path, m: m.dim is not None and len(node.args) == 1 and _softmax_site(
@@ -142,6 +143,8 @@ _NODE_SITES = {
     **dict.fromkeys(DEVIATIONS, deviation_site),
     **dict.fromkeys(LOGSUMEXPS, logsumexp_site),
     **dict.fromkeys(SCATTER_REDUCES, scatter_reduce_site),
+    **dict.fromkeys(ROW_DISTANCES, row_distance_site),
+    **dict.fromkeys(SELECTIONS, selection_site),
 }
 
 

@@ -9,6 +9,8 @@ seed tensor on the device).
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 from actfx.kernels import FLOAT_DTYPES, pack_groups
@@ -59,6 +61,9 @@ def pack_value(x, seed, stream: int, bits: int, group_size: int, stochastic: boo
     An expanded value (a stride 0: ``g.expand_as(h)``, a broadcast weight) holds only what it
     repeats; packed at its full size it held more (an 8 x 1 x 64 gate expanded to 8 x 256 x 64:
     128 KiB at 8 bits for 2 KiB), so it is kept as it is."""
+    if isinstance(x, torch.Tensor) and x.dtype == torch.float64 and torch.is_grad_enabled():
+        warnings.warn("actfx keeps float64 activations exact (it packs float32, float16 and bfloat16): "
+                      "train in float32 or lower to have them packed", stacklevel=2)
     if (
         not torch.is_grad_enabled()
         or not isinstance(x, torch.Tensor)

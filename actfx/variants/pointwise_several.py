@@ -6,6 +6,10 @@ or, for a chain, each op saves its own (SwiGLU: silu's derivative, ``silu(a)`` a
 of ``y = f(x_1, ..., x_k)`` element-wise is ``g * df/dx_i`` summed to ``x_i``'s shape: linear in
 each partial, so keeping the partials packed is unbiased, one per input that needs a gradient.
 
+The same holds for functions that reduce each row along one dim to one number
+(``cosine_similarity``, ``pairwise_distance``): the Jacobian of a row is one row-shaped vector, so
+``g`` (unsqueezed at that dim) times the packed partials is the gradient.
+
 A partial that does not vary along the dims an input was broadcast over (a squeeze-excitation
 gate: ``d(x * sigmoid(s))/dx = sigmoid(s)``) is kept at that input's smaller shape; the check is
 exact (``torch.equal``), so only values that are truly constant are narrowed.
@@ -25,12 +29,13 @@ from actfx.variants.saved import materialize_all, split_all, spec_width
 
 class _FromPackedPartials(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, fn, name, specs, count, *inputs_and_runs):
+    def forward(ctx, region, specs, *inputs_and_runs):
+        count = region.count
         xs, runs = inputs_and_runs[:count], inputs_and_runs[count:]
         with torch.no_grad():
-            out = fn(*xs)
+            out = region.fn(*xs)
         plans, storage = split_all(specs, runs)
-        ctx.plans, ctx.name, ctx.count = plans, name, count
+        ctx.plans, ctx.name, ctx.count, ctx.reduced = plans, region.name, count, region.reduced_dim(out)
         ctx.inputs = [(x.shape, x.dtype) if isinstance(x, torch.Tensor) else None for x in xs]
         ctx.save_for_backward(*storage)
         return not_a_view(out)
@@ -39,10 +44,11 @@ class _FromPackedPartials(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward(ctx.name)
         partials = materialize_all(ctx.plans, ctx.saved_tensors)
+        g = grad_out if ctx.reduced is None else grad_out.unsqueeze(ctx.reduced)
         grads = [None if d is None or meta is None or not needed
-                 else (grad_out * d.to(grad_out.dtype)).sum_to_size(meta[0]).to(meta[1])
-                 for d, meta, needed in zip(partials, ctx.inputs, ctx.needs_input_grad[4:])]
-        return (None, None, None, None, *grads) + (None,) * (len(ctx.needs_input_grad) - 4 - ctx.count)
+                 else (g * d.to(g.dtype)).sum_to_size(meta[0]).to(meta[1])
+                 for d, meta, needed in zip(partials, ctx.inputs, ctx.needs_input_grad[2:])]
+        return (None, None, *grads) + (None,) * (len(ctx.needs_input_grad) - 2 - ctx.count)
 
 
 def _narrowed(d: torch.Tensor, shapes: list) -> torch.Tensor:
@@ -62,12 +68,32 @@ def _narrowed(d: torch.Tensor, shapes: list) -> torch.Tensor:
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Several:
-    """``fn``: an element-wise, out-of-place function of ``count`` tensors (its other arguments fixed)."""
+    """``fn``: an element-wise, out-of-place function of ``count`` tensors (its other arguments
+    fixed); with ``dim``, one that reduces each row along ``dim`` (of the broadcast inputs) to one
+    number, the dim dropped unless ``keepdim``."""
 
     fn: Callable
     name: str
     count: int
     kind: str = "pointwise"
+    dim: int | None = None
+    keepdim: bool = False
+
+    def reduced_dim(self, out: torch.Tensor) -> int | None:
+        """Where backward unsqueezes the output's gradient: the reduced dim, counted in ``out``'s
+        rank plus one, or None (element-wise, or the dim kept)."""
+        if self.dim is None or self.keepdim:
+            return None
+        return self.dim % (out.dim() + 1)
+
+    def _result_shape(self, shape: torch.Size) -> tuple | None:
+        """The output's shape for inputs broadcast to ``shape``."""
+        if self.dim is None:
+            return tuple(shape)
+        if not shape:
+            return None
+        dim = self.dim % len(shape)
+        return (*shape[:dim], *((1,) if self.keepdim else ()), *shape[dim + 1:])
 
     def partials(self, *xs) -> tuple:
         """``df/dx_i`` element-wise at the output's shape (or narrowed, module docstring), None
@@ -87,7 +113,7 @@ class Several:
             return self.fn(*args)
 
         y, pullback = hooked_vjp.vjp(of_wanted, *(fixed[i].expand(shape) for i in wanted))
-        if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == shape):
+        if not (isinstance(y, torch.Tensor) and y.is_floating_point() and tuple(y.shape) == self._result_shape(shape)):
             return none
         got = pullback(torch.ones_like(y))
         dims = len(shape)
@@ -107,7 +133,7 @@ class Several:
             pos += spec_width(spec)
         if all(h is None for h in heads):
             return self.fn(*xs)
-        return _FromPackedPartials.apply(self.fn, self.name, specs, self.count, *xs, *runs)
+        return _FromPackedPartials.apply(self, specs, *xs, *runs)
 
 
 def several_callables(region: Several) -> tuple[Callable, Callable, Callable]:
