@@ -661,3 +661,29 @@ def test_hugging_face_hidden_states_are_recorded_by_converted_models():
     pixels, labels = torch.randn(2, 3, 32, 32), torch.randint(0, 5, (2, 32, 32))
     expected = copy.deepcopy(segformer)(pixel_values=pixels, labels=labels).loss
     assert torch.equal(actfx.convert(segformer, bits=8)(pixel_values=pixels, labels=labels).loss, expected)
+
+
+class _ScatterColumns(nn.Module):
+    """``out[:, idx] = v`` is ``index_put_(out, [None, idx], v)`` in an exported graph."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        out = torch.zeros_like(h)
+        out[:, torch.tensor([0, 2])] = h[:, :2].tanh()
+        return out
+
+
+def test_an_index_assignment_with_a_full_slice_runs_exported():
+    """The Tensor method refused the None of the full slice (a TypeError in forward)."""
+    torch.manual_seed(0)
+    model, x = _ScatterColumns(), torch.randn(4, 8)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,))
+    assert converted._actfx_record.decisions, "captured and converted"
+    assert torch.equal(converted(x), model(x))
+    exact = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    got = torch.autograd.grad(converted(x).square().sum(), list(model.parameters()))
+    assert all((g - e).norm() <= 0.03 * e.norm() for g, e in zip(got, exact))

@@ -95,6 +95,33 @@ class _RenormalisedAttention(nn.Module):
         return h
 
 
+class _Router(nn.Module):
+    """Mixtral's router renormalises its top-k weights in place; with few tokens they stay
+    exact (under ``min_numel``), and backward refused them as changed after being saved."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate = nn.Linear(8, 4)
+
+    def forward(self, x):
+        weights, _ = self.gate(x).softmax(-1).topk(2, dim=-1)
+        weights.div_(weights.sum(-1, keepdim=True))
+        weights.mul_(weights.mean(-1, keepdim=True))
+        return weights
+
+
+@pytest.mark.parametrize("exported", [False, True])
+def test_in_place_products_of_values_kept_exact_train(exported):
+    torch.manual_seed(0)
+    model, x = _Router(), torch.randn(16, 8)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,) if exported else None)
+    assert [d.kind for d in converted._actfx_record.decisions].count("div") == 1
+    assert torch.equal(converted(x), model(x))
+    exact = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
+    got = torch.autograd.grad(converted(x).square().sum(), list(model.parameters()))
+    assert all(torch.allclose(g, e) for g, e in zip(got, exact))
+
+
 @pytest.mark.parametrize("exported", [False, True])
 def test_in_place_products_are_packed_and_written_back(exported):
     """``div_`` / ``mul_`` of two activations were left as they are (ConViT: its 10 attention maps

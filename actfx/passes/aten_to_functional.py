@@ -241,9 +241,18 @@ def _replacement(node: Node) -> tuple | None:
         except KeyError as err:
             raise ValueError(f"actfx: {node.format_node()} lacks the argument {err} its schema requires") from None
     method = _METHODS.get(node.target) or _inplace_method(node.target)
-    if method is not None:
+    if method is not None and not _holes_in_optional_lists(node):
         return "call_method", method, tuple(node.args), dict(node.kwargs)
     return None
+
+
+def _holes_in_optional_lists(node: Node) -> bool:
+    """A ``Tensor?[]`` argument holding None (``out[:, idx] = v`` is ``index_put_(out, [None, idx],
+    v)``): the Tensor methods take tensors only there, so the ATen op stays."""
+    for argument, value in zip(node.target._schema.arguments, node.args):
+        if str(argument.type) == "List[Optional[Tensor]]" and isinstance(value, (list, tuple)) and None in value:
+            return True
+    return False
 
 
 def to_functional(graph: Graph) -> bool:

@@ -79,9 +79,14 @@ def product(op, specs, *flat, inplace=False):
     ``inplace`` (``a.mul_(b)``, ``a.div_(b)``): computed out of place, then written into ``a``."""
     a, b = values_of(specs, flat)
     if inplace:
-        out = product(op, specs, *flat)
-        if out.shape != a.shape or out.dtype != a.dtype or (a.requires_grad and a.is_leaf):
+        if not isinstance(a, torch.Tensor) or (a.requires_grad and a.is_leaf):
             return {"mul": a.mul_, "div": a.div_}[op](b)  # what PyTorch does (and refuses) itself
+        # a kept as it is (too small to pack) would be saved, then changed by the copy below, and
+        # backward refused it: its own copy is saved instead (as PyTorch's in-place ops do)
+        first = spec_width(specs[0])
+        out = product(op, specs, a.clone(), *flat[1:first], *flat[first:])
+        if out.shape != a.shape or out.dtype != a.dtype:
+            return {"mul": a.mul_, "div": a.div_}[op](b)
         return a.copy_(out)
     fn = {"mul": operator.mul, "div": operator.truediv, "matmul": torch.matmul}[op]
     tensors = [v for v in (a, b) if isinstance(v, torch.Tensor)]
