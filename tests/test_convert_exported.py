@@ -687,3 +687,32 @@ def test_an_index_assignment_with_a_full_slice_runs_exported():
     exact = torch.autograd.grad(model(x).square().sum(), list(model.parameters()))
     got = torch.autograd.grad(converted(x).square().sum(), list(model.parameters()))
     assert all((g - e).norm() <= 0.03 * e.norm() for g, e in zip(got, exact))
+
+
+class _UpcastRouter(nn.Module):
+    """A router's ``logits.float()`` (Mixtral, Gemma2): a no-op at an fp32 capture."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate, self.out = nn.Linear(32, 32), nn.Linear(32, 8)
+
+    def forward(self, x):
+        return self.out(self.gate(x).float().softmax(-1))
+
+
+def test_a_model_captured_in_float32_runs_under_autocast():
+    """Export asserted the cast's input dtype of the capture: under bfloat16 autocast the
+    converted forward raised "Tensor dtype mismatch" where the original ran."""
+    torch.manual_seed(0)
+    model, x = _UpcastRouter(), torch.randn(64, 32)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected, got = model(x), converted(x)
+        assert got.dtype == expected.dtype and torch.equal(got, expected)
+        got.float().square().sum().backward()
+        with count_saved(model) as before:
+            kept = model(x)  # noqa: F841
+        with count_saved(converted) as after:
+            kept = converted(x)  # noqa: F841 - the captured graph ran: it packed
+    assert after.activation_bytes * 2 < before.activation_bytes, (before.activation_bytes, after.activation_bytes)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())

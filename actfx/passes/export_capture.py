@@ -267,6 +267,16 @@ def _replace_guards_call(graph: Graph, guard: _InputGuard) -> None:
             graph.erase_node(node)
 
 
+def _drop_dtype_assertions(graph: Graph) -> None:
+    """Remove ``_assert_tensor_metadata`` nodes. Why: export records one before each cast
+    (``h.float()``: the cast itself stays an ``aten.to``), asserting the dtype its input had at
+    capture; under the caller's autocast that input is bfloat16, and a Mixtral router's
+    ``logits.float()`` raised "Tensor dtype mismatch" where the original ran."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is torch.ops.aten._assert_tensor_metadata.default and not node.users:
+            graph.erase_node(node)
+
+
 def _leaves(graph: Graph) -> tuple:
     out = []
     for node in graph.find_nodes(op="placeholder"):
@@ -384,6 +394,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     graph = unlifted.graph
     guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)
     _replace_guards_call(graph, guard)
+    _drop_dtype_assertions(graph)
     carried = _carry_foreign_attributes(graph, unlifted, model)
     for attr, value in carried.items():
         object.__setattr__(unlifted, attr, value)
