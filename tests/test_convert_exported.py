@@ -716,3 +716,27 @@ def test_a_model_captured_in_float32_runs_under_autocast():
             kept = converted(x)  # noqa: F841 - the captured graph ran: it packed
     assert after.activation_bytes * 2 < before.activation_bytes, (before.activation_bytes, after.activation_bytes)
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x, scale=None):
+        return self.a(x).tanh() * (1.0 if scale is None else scale)
+
+
+def test_a_training_call_the_capture_cannot_take_warns_once():
+    """It runs the original forward, packing nothing: a Hugging Face model captured from
+    ``input_ids`` and trained with ``labels`` got no saving and no word of it."""
+    model, x = _Scaled(), torch.randn(4, 8)
+    converted = actfx.convert(model, bits=2, example_inputs=(x,))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted(x)
+        assert not caught
+        for _ in range(2):
+            assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
+    assert len(caught) == 1 and "_Scaled was captured from a call with ['x']" in str(caught[0].message)
+    assert "'scale'" in str(caught[0].message)
