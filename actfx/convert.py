@@ -25,7 +25,7 @@ from actfx.config import Config, check_bits, check_group_size
 from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import (
-    TypeTestError, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
+    RunsOwnForward, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.baked_values import BAKED, baked_values, changed_value
@@ -112,9 +112,17 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     config.check_paths(model)
     record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
     if example_inputs is not None:
-        result = _convert_exported(model, example_inputs, config, record)
-        result._actfx_record = record
-        return result
+        from actfx.passes.export_capture import HookBlockInForward
+
+        try:
+            result = _convert_exported(model, example_inputs, config, record)
+        except HookBlockInForward as err:
+            warnings.warn(f"{err}; converting it submodule by submodule instead, as without example_inputs "
+                          "(checkpointed blocks stay checkpointed)", stacklevel=2)
+            record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
+        else:
+            result._actfx_record = record
+            return result
     result = _convert(model, "", config, tuple(leaf_modules), record)
     if not is_converted(result) and type(model) in record.export_refused:
         result = _attach_seed(_clone(result, _converted_class(type(model), {True: type(model).forward})), "", model)
@@ -171,8 +179,7 @@ def _warn_if_root_untraced(model: nn.Module, record: ConversionRecord) -> None:
     converted = record.decisions
     if type(model) in record.export_refused:
         warnings.warn(f"actfx.convert: {type(model).__name__} does not trace as a whole ({root.reason}); converted "
-                      f"{len(converted)} op(s) inside its traceable submodules; write the test as "
-                      f"isinstance(x, torch.Tensor) to convert it whole", stacklevel=3)
+                      f"{len(converted)} op(s) inside its traceable submodules", stacklevel=3)
         return
     warnings.warn(
         f"actfx.convert: {type(model).__name__} does not trace as a whole ({root.reason}); converted "
@@ -251,9 +258,9 @@ def _convert_children(module, path, config, leaf_modules, record, err):
     if find_site_type(module) is not None and _takes_one_input(module):
         return _convert_leaf(module, path, config, record)
     reason = f"fx could not trace it ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''})"
-    if isinstance(err, TypeTestError):
-        record.export_refused.add(type(module))  # export would take the same wrong branch
-        reason += "; it runs its own forward, with its submodules converted"
+    if isinstance(err, RunsOwnForward):
+        record.export_refused.add(type(module))  # export would capture the same wrong thing
+        reason += f"; it runs its own forward, with its submodules converted; {err.fix}"
     record.uncovered.append(Unconverted(path or "<root>", type(module).__name__, reason))
     new = None
     for name, child in module.named_children():

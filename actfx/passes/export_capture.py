@@ -38,7 +38,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from actfx.passes.aten_to_functional import to_functional
 from actfx.passes.autograd_functions import inlined_functions
 from actfx.passes.capture import attributes_kept, training_mode
-from actfx.passes.tensor_hooks import registered_hooks
+from actfx.passes.tensor_hooks import entered_saved_tensor_hooks, registered_hooks
 
 META_KEY = "actfx_export"
 CARRIED_PREFIX = "_actfx_export_"
@@ -267,6 +267,11 @@ def _replace_guards_call(graph: Graph, guard: _InputGuard) -> None:
             graph.erase_node(node)
 
 
+class HookBlockInForward(RuntimeError):
+    """The forward enters ``saved_tensors_hooks`` (``tensor_hooks.entered_saved_tensor_hooks``):
+    ``actfx.convert`` then converts submodule by submodule, the blocks running as written."""
+
+
 def _drop_dtype_assertions(graph: Graph) -> None:
     """Remove ``_assert_tensor_metadata`` nodes. Why: export records one before each cast
     (``h.float()``: the cast itself stays an ``aten.to``), asserting the dtype its input had at
@@ -365,11 +370,12 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
                for param, value in signature_used.bind(*args, **kwargs).arguments.items()}
     inlined: list = []
     hooks: list = []
+    hook_blocks: list = []
     with training_mode(target, True), torch.enable_grad():  # the training forward, whatever the caller's context
         try:
             handed = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, nn.Module)]
-            with inlined_functions(inlined), registered_hooks(hooks), _without_partial_graph_print(), \
-                    attributes_kept(model, handed):
+            with inlined_functions(inlined), registered_hooks(hooks), entered_saved_tensor_hooks(hook_blocks), \
+                    _without_partial_graph_print(), attributes_kept(model, handed):
                 try:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output
@@ -386,6 +392,11 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
         raise RuntimeError(
             f"actfx: torch.export would inline the custom autograd.Function {inlined[0]} of {name} and drop its "
             "backward; convert without example_inputs to convert submodule by submodule (the Function runs as written)")
+    if hook_blocks:
+        raise HookBlockInForward(
+            f"actfx: {name}'s forward runs a saved-tensor-hooks block ({hook_blocks[0]}: torch.utils.checkpoint without "
+            "reentrance, or activation offloading) that torch.export traces through, so a graph it captures would "
+            "hold what that block frees")
     if hooks:
         raise RuntimeError(
             f"actfx: {name}'s forward registers a gradient hook ({hooks[0]}) that torch.export would drop; convert "
