@@ -31,6 +31,7 @@ from actfx.copies import COMPILE_ARGS, compiled_class
 from actfx.outputs import grad_leaves
 from actfx.passes.attention_kernel import choose_attention_kernels
 from actfx.passes.attention_pattern import KeepMathAttention
+from actfx.passes.parameter_casts import recompute_parameter_casts
 from actfx.passes.graph_memory import partition_memory, step_peak
 from actfx.passes.pack_saved import kept_as_is, pack_saved
 from actfx.passes.saved_plan import GraphPlan
@@ -39,7 +40,7 @@ _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_sav
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
             "passes/graph_emit.py", "passes/index_range.py", "passes/stored_layout.py", "kernels/seed_stream.py",
             "kernels/extern_pack.py", "passes/graph_memory.py", "passes/decorrelate.py",
-            "passes/aten_to_functional.py", "passes/forward_cse.py")
+            "passes/aten_to_functional.py", "passes/forward_cse.py", "passes/parameter_casts.py")
 
 
 @dataclasses.dataclass
@@ -106,6 +107,7 @@ class _Partitioner(CustomPartitionerFn):
         self.record = record
 
     def __call__(self, gm, joint_inputs, **kwargs):
+        recompute_parameter_casts(gm, kwargs.get("static_lifetime_input_indices"))
         fwd, bwd = self._partition(gm, joint_inputs, kwargs)
         if _has_sparse_values(gm):
             # Inductor re-derives the fake value of each op whose inputs the pass changed, and

@@ -15,6 +15,7 @@ from checks import assert_mean_converges, weighted_grads
 from test_convert_exported import ClippedHidden
 
 import actfx
+from actfx.accounting import count_saved
 from actfx.passes.saved_plan import Storage
 
 
@@ -387,6 +388,17 @@ def test_autocast_bf16_forward_identical_and_packed():
     heads = [v for v in plan.saved if v.shape == (2, 4, 128, 32)]  # q, k, v, attention output
     assert sorted(v.storage.name for v in heads) == ["EXACT", "EXACT", "PACKED", "PACKED"]
     assert all("flash_attention" in v.reason for v in heads if v.storage is Storage.EXACT)
+    # the weights' bfloat16 copies are made again in backward, not saved (torch.compile saves
+    # them: 2 bytes per weight value), and the plan counts what is really held
+    assert not [v.name for v in plan.saved if v.reason == "parameter copy"]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with count_saved(model) as held:
+            kept = compiled(x)  # noqa: F841
+        with count_saved(model) as theirs:
+            kept = reference(x)  # noqa: F841
+    assert held.activation_bytes == compiled._actfx_compiled.bytes_after
+    weights = sum(2 * p.numel() for p in model.parameters() if p.dim() == 2)
+    assert theirs.by_dtype["torch.bfloat16"] >= weights, theirs
 
     def grads(fn):
         with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -36,7 +36,7 @@ from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
-                                     static_shape, val)
+                                     parameter_reason, static_shape, val)
 from actfx.rules import rule_for
 
 aten = torch.ops.aten
@@ -60,7 +60,7 @@ class PackSaved:
         """None if the value may be packed, else why it stays exact."""
         value = val(fwd_node)
         if fwd_node in self.params:
-            return "parameter"
+            return parameter_reason(fwd_node)
         if fwd_node.op == "placeholder":
             return "graph input"
         if fwd_node in self.user_outputs:
@@ -126,6 +126,7 @@ class PackSaved:
         plan = GraphPlan()
         seen: collections.Counter = collections.Counter()
         self.layouts = stored_layout.StoredLayouts(self.g.fwd)
+        copies = views_to_copy(self.g, decisions, self.user_outputs) if self.probe is None else set()
         for fwd, bwd in self.g.saved_tensors():
             storage = decisions[fwd]
             op = self.hoisted.get(fwd.name, op_name(fwd))
@@ -151,6 +152,11 @@ class PackSaved:
             elif self.exact_reason.get(fwd.name) == "integer" and (narrow := compact_dtype(fwd)) is not None:
                 after = self._narrow(fwd, bwd, narrow)
                 self.exact_reason[fwd.name] = f"integer, stored as {str(narrow).replace('torch.', '')}"
+            elif fwd in copies:  # a view of a larger value nothing else keeps: its own storage
+                after = self._store(fwd, bwd, lambda v: v.clone(memory_format=torch.contiguous_format),
+                                    lambda c, like: c, key=("own copy",))
+                reason = self.exact_reason.get(fwd.name, "")
+                self.exact_reason[fwd.name] = reason + " (its own copy: the view held its base)"
             else:
                 after = nbytes(fwd)
             plan.saved.append(SavedValue(
@@ -273,6 +279,38 @@ def _is_own_statistic(node: fx.Node) -> bool:
     return node.target in _STATISTICS and any(hint(s) == 1 for s in val(node).shape)
 
 
+def views_to_copy(g: SavedPair, decisions: dict, user_outputs: set) -> set:
+    """Values kept exact that are views of a larger value no one else keeps (q and k sliced from
+    one qkv projection for the fused attention kernel, v packed): each view held the whole base
+    (a third of it for v, unused). Copied into their own storage where, per base, the copies are
+    smaller than it."""
+    views: dict = collections.defaultdict(list)
+    kept = set()
+    for fwd, _ in g.saved_tensors():
+        base = _view_base(fwd)
+        if decisions.get(fwd) is Storage.EXACT and base is not fwd:
+            views[base].append(fwd)
+        elif decisions.get(fwd) is not Storage.PACKED and decisions.get(fwd) is not Storage.MASK:
+            kept.add(fwd)  # held whole (exact, or a placeholder's value)
+    copies = set()
+    for base, group in views.items():
+        if base in kept or base in user_outputs or base.op == "placeholder" or not static_shape(base):
+            continue
+        if all(static_shape(v) for v in group) and sum(nbytes(v) for v in group) < nbytes(base):
+            copies.update(group)
+    return copies
+
+
+def _view_base(node: fx.Node) -> fx.Node:
+    """The node whose storage ``node`` views (itself when it is no view)."""
+    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
+        schema = getattr(node.target, "_schema", None)
+        if schema is None or len(schema.returns) != 1 or schema.returns[0].alias_info is None:
+            break
+        node = node.args[0]
+    return node
+
+
 def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices,
                config: Config, probe=None, hoisting: bool = True) -> GraphPlan:
     """Run the pass in place on a partitioned pair; returns what each saved value became.
@@ -281,7 +319,8 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     backward values that are nonlinear in packed ones (``linearize``, ``hoist``); without it such
     values keep their inputs exact."""
     run = PackSaved(fwd, bwd, num_fwd_outputs, static_indices, config, probe)
-    before = sum(nbytes(f) for f, _ in run.g.saved_tensors() if f not in run.params)
+    before = sum(nbytes(f) for f, _ in run.g.saved_tensors()
+                 if f not in run.params or parameter_reason(f) != "parameter")
     dependent = noise_degree.tangent_dependent(run.g.bwd)
     recomputed = sum(1 for n in run.g.bwd.nodes if n.op == "call_function" and n not in dependent)
     rematerialize.rematerialize(run)
@@ -315,6 +354,6 @@ def kept_as_is(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
         plan.saved.append(SavedValue(
             name=f.name, op=op_name(f), module_path=module_path(f), shape=tuple(hint(s) for s in value.shape),
             dtype=str(value.dtype).replace("torch.", ""), bytes_before=nbytes(f), bytes_after=nbytes(f),
-            storage=Storage.EXACT, reason="parameter" if f in run.params else reason))
+            storage=Storage.EXACT, reason=parameter_reason(f) if f in run.params else reason))
     plan.bytes_before = plan.bytes_after
     return plan

@@ -69,7 +69,7 @@ class SavedValue:
 class GraphPlan:
     """Everything one partitioned graph saves, and the ops the partitioner recomputes instead."""
 
-    bytes_before: int = 0  # what the partitioner alone would save, parameters excluded
+    bytes_before: int = 0  # what the partitioner alone would save, parameters (not their copies) excluded
     saved: list[SavedValue] = dataclasses.field(default_factory=list)
     recomputed_ops: int = 0
     memory: PartitionMemory | None = None  # the pair's memory in a step, as Inductor would run it
