@@ -31,6 +31,18 @@ def test_an_index_is_bounded_by_the_dimension_its_op_indexes(fn, size, expected)
     assert _last_index(fn, torch.randn(4, size)) == expected
 
 
+def test_an_index_an_embedding_looks_up_is_bounded_by_its_rows():
+    """T5's relative-position buckets: arithmetic, then an embedding lookup (which refuses an
+    index outside the table) bounds them."""
+    def buckets(table, positions):
+        bucket = (positions[:, None] - positions[None, :]).abs().clamp(max=31)
+        return [bucket, F.embedding(bucket, table)]
+
+    positions = torch.arange(64)
+    assert _last_index(buckets, torch.randn(32, 4), positions) == torch.int8
+    assert _last_index(buckets, torch.randn(300, 4), positions) == torch.int16
+
+
 def test_pool_indices_are_bounded_by_the_pooled_plane():
     x = torch.randn(2, 3, 30, 30)
     assert _last_index(lambda t: [F.max_pool2d(t, 2, return_indices=True)[1]], x) == torch.int16  # 900 positions

@@ -5,7 +5,8 @@ positions), so the compiled path cannot round them; but an index into a dimensio
 9 bits, and PyTorch keeps it in 64. The op that made the index bounds it: ``topk(x, k, dim)``'s
 indices lie in ``[0, x.size(dim))``, max pooling's in ``[0, H * W)``. Such a value is saved in
 the narrowest signed type that holds the bound and widened again where backward reads it, so
-every value backward sees is the one forward made.
+every value backward sees is the one forward made. An index an embedding looks up in forward is
+bounded by the table's rows, whatever computed it.
 """
 
 from __future__ import annotations
@@ -54,6 +55,9 @@ def compact_dtype(node: fx.Node) -> torch.dtype | None:
 
 def _bound(node: fx.Node) -> int | None:
     """An exclusive upper bound on ``node``'s values (all >= 0), or None."""
+    rows = _embedding_rows(node)
+    if rows is not None:
+        return rows
     while node.op == "call_function" and _packet(node.target) in _SAME_VALUES:
         node = node.args[0]
     if node.op != "call_function":
@@ -70,6 +74,18 @@ def _bound(node: fx.Node) -> int | None:
         if packet in _POOL_INDEX:
             shape = source.args[0].meta["val"].shape
             return _static(math.prod(shape[-_POOL_INDEX[packet]:]))
+    return None
+
+
+def _embedding_rows(node: fx.Node) -> int | None:
+    """The rows of the table an ``embedding`` in forward looks ``node`` up in: forward refuses an
+    index outside ``[0, rows)``, so every value lies there (T5's and WavLM's relative-position
+    buckets, computed with log and min, were kept as int64)."""
+    for user in node.users:
+        if user.target is aten.embedding.default and len(user.args) > 1 and user.args[1] is node:
+            weight = user.args[0].meta.get("val") if isinstance(user.args[0], fx.Node) else None
+            if isinstance(weight, torch.Tensor) and weight.dim() == 2:
+                return _static(weight.shape[0])
     return None
 
 
