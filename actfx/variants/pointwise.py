@@ -97,9 +97,15 @@ def pointwise_callables(region: Pointwise) -> tuple[Callable, Callable, Callable
     def variant(spec, x, *run):
         return region.apply(spec, x, *run)
 
-    calls = (plain, derivative, variant)
-    for f, prefix in zip(calls, ("pointwise", "derivative", "pointwise_packed")):
-        f.__name__ = f.__qualname__ = f"{prefix}_{region.name}"
+    return named_calls((plain, derivative, variant), "derivative", region.name, region.kind)
+
+
+def named_calls(calls: tuple, middle: str, name: str, kind: str) -> tuple:
+    """(plain, ``middle``, variant) named ``pointwise_<name>``, ``<middle>_<name>`` and
+    ``pointwise_packed_<name>`` for the rewritten graph's code, each knowing the other two
+    (``actfx_pointwise``) and the op kind reports use (``actfx_kind``)."""
+    for f, prefix in zip(calls, ("pointwise", middle, "pointwise_packed")):
+        f.__name__ = f.__qualname__ = f"{prefix}_{name}"
         f.actfx_pointwise = calls
-        f.actfx_kind = region.kind
+        f.actfx_kind = kind
     return calls

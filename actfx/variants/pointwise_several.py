@@ -24,6 +24,7 @@ import torch
 
 from actfx.variants import hooked_vjp
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
+from actfx.variants.pointwise import named_calls
 from actfx.variants.saved import materialize_all, split_all, spec_width
 
 
@@ -148,9 +149,4 @@ def several_callables(region: Several) -> tuple[Callable, Callable, Callable]:
     def variant(specs, *inputs_and_runs):
         return region.apply(specs, *inputs_and_runs)
 
-    calls = (plain, partials, variant)
-    for f, prefix in zip(calls, ("pointwise", "partials", "pointwise_packed")):
-        f.__name__ = f.__qualname__ = f"{prefix}_{region.name}"
-        f.actfx_pointwise = calls
-        f.actfx_kind = region.kind
-    return calls
+    return named_calls((plain, partials, variant), "partials", region.name, region.kind)
