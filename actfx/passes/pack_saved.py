@@ -285,16 +285,17 @@ def views_to_copy(g: SavedPair, decisions: dict, user_outputs: set) -> set:
     (a third of it for v, unused). Copied into their own storage where, per base, the copies are
     smaller than it."""
     views: dict = collections.defaultdict(list)
-    kept = set()
+    kept = set()  # bases held whole anyway
     for fwd, _ in g.saved_tensors():
         base = _view_base(fwd)
         if decisions.get(fwd) is Storage.EXACT and base is not fwd:
             views[base].append(fwd)
         elif decisions.get(fwd) is not Storage.PACKED and decisions.get(fwd) is not Storage.MASK:
             kept.add(fwd)  # held whole (exact, or a placeholder's value)
+    kept |= {_view_base(o) for o in user_outputs if isinstance(o, fx.Node)}  # a returned view holds its base too
     copies = set()
     for base, group in views.items():
-        if base in kept or base in user_outputs or base.op == "placeholder" or not static_shape(base):
+        if base in kept or base.op == "placeholder" or not static_shape(base):
             continue
         if all(static_shape(v) for v in group) and sum(nbytes(v) for v in group) < nbytes(base):
             copies.update(group)
