@@ -11,7 +11,8 @@ on the gradient) are copied onto a second saved copy (a forward ``alias``). Wher
 is then biased (RMSNorm's backward multiplies its input twice, and the gradient it passes on
 meets the input again in a weight's gradient), that one is split onto a third copy, and so on up
 to ``MAX_COPIES`` while the copies cost less than the exact value; the splits are kept only if no
-copy is biased in the end.
+copy is biased in the end. A value still biased after the hoists below gets a last try with up to
+``MAX_COPIES_LAST``.
 
 Where the gradient-free factor is built from several saved values (a residual stream the
 partitioner rebuilds in backward from each layer's output, read twice by a later norm's backward),
@@ -37,6 +38,11 @@ from actfx.rules import Kind, rule_for
 aten = torch.ops.aten
 MAX_CHAIN = 8  # nodes copied onto the second read: views and casts, not computation
 MAX_COPIES = 4  # packs one value's reads are split over (4 at 2 bits: 9 bits a value, against 32)
+# ... and, last, for a value still biased after the hoists, while the packs cost less than the
+# exact value: a residual stream's first value (an embedding) read by a first norm and, rebuilt,
+# by the later ones needed five in a Hugging Face Llama, and stayed exact (32 KB of its 246).
+# Not from the start: more copies of a LayerScale stream held twice what its hoists hold.
+MAX_COPIES_LAST = 8
 MIXED_ROUNDS = 16  # hoist-then-split rounds: each can expose the next product upstream
 
 
@@ -52,6 +58,7 @@ def decorrelate(run) -> None:
             break
         _split_products(run)
     _undo_unhelpful(run, hoists)
+    _split_products(run, limit=MAX_COPIES_LAST)
 
 
 @dataclasses.dataclass
@@ -126,19 +133,19 @@ def _bias_origins(graph: fx.Graph, degrees: dict) -> list:
     return origins
 
 
-def _split_products(run) -> None:
+def _split_products(run, limit: int = MAX_COPIES) -> None:
     sources = run.sources()
     dependent = noise_degree.tangent_dependent(run.g.bwd)
     for placeholder, culprit in noise_degree.biased_sources(run.g.bwd, sources).items():
-        _split_value(run, placeholder, culprit, sources, dependent)
+        _split_value(run, placeholder, culprit, sources, dependent, limit)
 
 
-def _split_value(run, placeholder: fx.Node, culprit: fx.Node, sources: dict, dependent: set) -> None:
-    """Split the reads of one value, product by product, onto up to MAX_COPIES packs; undone
+def _split_value(run, placeholder: fx.Node, culprit: fx.Node, sources: dict, dependent: set, limit: int) -> None:
+    """Split the reads of one value, product by product, onto up to ``limit`` packs; undone
     (the value stays exact) unless no copy is biased in the end."""
     group = {placeholder: sources[placeholder]}  # this value's copies: backward placeholder -> forward node
     done: list = []
-    for _ in range(_most_copies(run, sources[placeholder]) - 1):
+    for _ in range(_most_copies(run, sources[placeholder], limit) - 1):
         split = _split(run, placeholder, group[placeholder], culprit, dependent)
         if split is None:
             break
@@ -188,12 +195,12 @@ def _reaches(node: fx.Node, target: fx.Node) -> bool:
     return False
 
 
-def _most_copies(run, fwd: fx.Node) -> int:
+def _most_copies(run, fwd: fx.Node, limit: int) -> int:
     """How many packs of ``fwd`` still cost less than keeping it exact (at least two, as before
-    more were tried; at most MAX_COPIES): 3 of an fp32 value at 8 bits, 4 at 2 bits."""
+    more were tried; at most ``limit``): 3 of an fp32 value at 8 bits, 12 at 2 bits."""
     bits = run.config.bits_for(run._kind(fwd), module_path(fwd))
     width = torch.finfo(fwd.meta["val"].dtype).bits
-    return max(2, min(MAX_COPIES, int(width / (bits + 0.5))))
+    return max(2, min(limit, int(width / (bits + 0.5))))
 
 
 @dataclasses.dataclass
