@@ -36,7 +36,7 @@ from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
-                                     parameter_reason, static_shape, val)
+                                     static_shape, val)
 from actfx.rules import rule_for
 
 aten = torch.ops.aten
@@ -287,12 +287,12 @@ def views_to_copy(g: SavedPair, decisions: dict, user_outputs: set) -> set:
     views: dict = collections.defaultdict(list)
     kept = set()  # bases held whole anyway
     for fwd, _ in g.saved_tensors():
-        base = _view_base(fwd)
+        base = view_base(fwd)
         if decisions.get(fwd) is Storage.EXACT and base is not fwd:
             views[base].append(fwd)
         elif decisions.get(fwd) is not Storage.PACKED and decisions.get(fwd) is not Storage.MASK:
             kept.add(fwd)  # held whole (exact, or a placeholder's value)
-    kept |= {_view_base(o) for o in user_outputs if isinstance(o, fx.Node)}  # a returned view holds its base too
+    kept |= {view_base(o) for o in user_outputs if isinstance(o, fx.Node)}  # a returned view holds its base too
     copies = set()
     for base, group in views.items():
         if base in kept or base.op == "placeholder" or not static_shape(base):
@@ -302,14 +302,11 @@ def views_to_copy(g: SavedPair, decisions: dict, user_outputs: set) -> set:
     return copies
 
 
-def _view_base(node: fx.Node) -> fx.Node:
-    """The node whose storage ``node`` views (itself when it is no view)."""
-    while node.op == "call_function" and node.args and isinstance(node.args[0], fx.Node):
-        schema = getattr(node.target, "_schema", None)
-        if schema is None or len(schema.returns) != 1 or schema.returns[0].alias_info is None:
-            break
-        node = node.args[0]
-    return node
+def parameter_reason(node: fx.Node) -> str:
+    """Why a value computed from parameters alone stays exact: "parameter" where it is one or a
+    view of one (no memory of its own), "parameter copy" where it is a cast or a computation of
+    them (held for backward like any value: the bytes count)."""
+    return "parameter copy" if view_base(node).op == "call_function" else "parameter"
 
 
 def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int, static_indices,

@@ -135,18 +135,6 @@ class SavedPair:
         self.bwd.erase_node(placeholder)
 
 
-def parameter_reason(node: fx.Node) -> str:
-    """Why a value computed from parameters alone stays exact: "parameter" where it is one or a
-    view of one (no memory of its own), "parameter copy" where it is a cast or a computation of
-    them (held for backward like any value: the bytes count)."""
-    while node.op == "call_function":
-        schema = getattr(node.target, "_schema", None)
-        if schema is None or len(schema.returns) != 1 or schema.returns[0].alias_info is None or not node.args:
-            return "parameter copy"
-        node = node.args[0]
-    return "parameter"
-
-
 def parameter_nodes(fwd: fx.Graph, static_indices) -> set[fx.Node]:
     """Forward nodes computed from parameters and buffers alone (their views and casts)."""
     placeholders = list(fwd.find_nodes(op="placeholder"))

@@ -25,7 +25,7 @@ import torch
 from actfx.variants import hooked_vjp
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.pointwise import named_calls
-from actfx.variants.saved import materialize_all, split_all, spec_width
+from actfx.variants.saved import head_positions, materialize_all, split_all
 
 
 class _FromPackedPartials(torch.autograd.Function):
@@ -128,11 +128,7 @@ class Several:
         """``fn(*xs)`` whose backward reads the packed partials (the runs after the inputs);
         plain ``fn(*xs)`` where no backward runs or nothing was packed."""
         xs, runs = inputs_and_runs[:self.count], inputs_and_runs[self.count:]
-        heads, pos = [], 0
-        for spec in specs:
-            heads.append(runs[pos])
-            pos += spec_width(spec)
-        if all(h is None for h in heads):
+        if all(runs[i] is None for i in head_positions(specs, 0)):
             return self.fn(*xs)
         return _FromPackedPartials.apply(self, specs, *xs, *runs)
 
