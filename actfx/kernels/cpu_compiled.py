@@ -260,10 +260,17 @@ def _scale_by_bits_body(values: torch.Tensor, codes: torch.Tensor, inside, outsi
 # ------------------------------------------------------------------------------- compiled cache
 
 
+# Inductor inlines a per-row value (lo, step, 1/step) into every lane that reads it, and a 1-bit
+# pack's 8 lanes made its loop body so large that generating its code took 28 s on this CPU
+# (2-bit: 15 s). Storing nodes of more than 16 ops that several lanes read (Inductor's default:
+# 30) stores those per-row values: 8 s and 5 s, at the same run time (65536 groups of 64).
+_INDUCTOR_OPTIONS = {"realize_opcount_threshold": 16}
+
+
 @functools.cache
 def _compiled(fn):
     """torch.compile'd `fn` (Inductor), rows dynamic via `maybe_mark_dynamic` at call time."""
-    return torch.compile(fn, fullgraph=True, dynamic=False)
+    return torch.compile(fn, fullgraph=True, dynamic=False, options=_INDUCTOR_OPTIONS)
 
 
 def _call(fn, *tensors, dynamic_dims: int = 1):
