@@ -114,10 +114,11 @@ def test_spelled_out_activations_are_collapsed_and_packed():
     kinds = {d.node: (d.kind, d.saved) for d in converted._actfx_record.decisions}
     # GELU chain (ends in mul_3), QuickGELU with the norm's cast (ends in `to`): regions; the
     # sigmoid module, the tanh method: single ops. Each keeps one packed derivative. RMSNorm is
-    # one op of its own (passes/rms_regions.py) keeping its packed normalised value.
+    # one op of its own (passes/rms_regions.py) keeping its packed normalised value and, over
+    # 64 features, a second pack of it (``second_pack``).
     expected = {"mul_3": "pointwise", "to": "pointwise", "gate": "sigmoid", "tanh_1": "tanh"}
     assert {name: kinds[name][0] for name in expected if name in kinds} == expected, kinds
-    assert [saved for kind, saved in kinds.values() if kind == "rms_norm"] == [["packed 2-bit"]], kinds
+    assert [saved for kind, saved in kinds.values() if kind == "rms_norm"] == [["packed 2-bit"] * 2], kinds
     assert all(kinds[name][1] == ["packed 2-bit"] for name in expected), kinds
     assert not [u for u in converted._actfx_record.uncovered if u.what in ("pow", "tanh", "mul")]
     with count_saved(model) as before:

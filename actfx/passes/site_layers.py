@@ -465,14 +465,16 @@ def gather_site(node):
 
 def rms_normalize_site(node):
     """Hand-written RMS normalisation collapsed by ``passes/rms_regions.py``: keeps the packed
-    normalised value (shared with the weight's product) and the exact 1/rms."""
+    normalised value (shared with the weight's product), a copy over few features, and the exact
+    1/rms."""
     x, dims, eps, square = node.args
 
     def emit(graph, env, specs, runs, pack=None):
         pair = graph.call_function(rmsnorm.rms_normalized, (env[x], dims, eps, square))
         normalized, scale = (graph.call_function(operator.getitem, (pair, i)) for i in range(2))
         spec, run = pack(normalized, node)
-        out = graph.call_function(rmsnorm.rms_from_normalized, (spec, dims, env[x], scale, *run))
+        spec2, run2 = pack(graph.call_function(rmsnorm.rms_copy, (normalized, dims, env[x])), node, COPY)
+        out = graph.call_function(rmsnorm.rms_from_normalized, ((spec, spec2), dims, env[x], scale, *run, *run2))
         return out, {"packed_output": (spec, run)}
 
     return Site(node, "rms_norm", None, [], emit)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import materialize_all, split_all
-from actfx.variants.second_pack import add_rounding_variance
+from actfx.variants.second_pack import add_rounding_variance, copy_for_small_rows
 
 
 def _rstd(x, dims, eps):
@@ -101,12 +101,25 @@ def rms_normalized(x, dims, eps, square):
         return x * scale, scale
 
 
+def rms_copy(normalized, dims, x):
+    """The normalised value again, packed apart, where a row holds few values (``second_pack``)."""
+    if normalized is None:
+        return None
+    return copy_for_small_rows(normalized, normalized.numel() // max(_width(normalized, dims), 1), x)
+
+
+def _width(value, dims) -> int:
+    """The values in one normalised row (``dims``: an int or a tuple of them)."""
+    return math.prod(value.shape[d] for d in ((dims,) if isinstance(dims, int) else dims))
+
+
 class _FromNormalized(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, spec, dims, x, scale, *run):
+    def forward(ctx, specs, dims, x, scale, *run):
         y = run[0]
-        plans, storage = split_all([spec], run)
+        plans, storage = split_all(list(specs), run)
         ctx.plans, ctx.dims, ctx.x_dtype = plans, dims, x.dtype
+        ctx.width = _width(y, dims)
         ctx.save_for_backward(scale, *storage)
         return y.view_as(y)
 
@@ -114,15 +127,18 @@ class _FromNormalized(torch.autograd.Function):
     def backward(ctx, grad_out):
         refuse_double_backward("rms_normalize")
         scale, *storage = ctx.saved_tensors
-        n = materialize_all(ctx.plans, storage)[0].float()
-        g = grad_out.float()
+        n, copy = materialize_all(ctx.plans, storage)
+        n, g = n.float(), grad_out.float()
         # y = x * r(x), r = (mean(x²) + eps)^-1/2:  dx = r * (g - n * mean(g * n)), n = x * r
         gx = scale.float() * (g - n * (g * n).mean(ctx.dims, keepdim=True))
+        if copy is not None:  # the diagonal term's rounding variance (second_pack)
+            gx = add_rounding_variance(gx, g, n, copy, scale.float() / ctx.width)
         return (None, None, gx.to(ctx.x_dtype), None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
-def rms_from_normalized(spec, dims, x, scale, *run):
-    """The normalised value (``run``'s head), whose backward reads its pack and the exact 1/rms."""
+def rms_from_normalized(specs, dims, x, scale, *run):
+    """The normalised value (``run``'s head), whose backward reads its pack, its copy over few
+    values a row (``specs``, ``run``: theirs) and the exact 1/rms."""
     if not needs_saving(x) or run[0] is None:
         return run[0]
-    return _FromNormalized.apply(spec, dims, x, scale, *run)
+    return _FromNormalized.apply(specs, dims, x, scale, *run)
