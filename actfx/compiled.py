@@ -33,7 +33,7 @@ from actfx.passes.attention_kernel import choose_attention_kernels
 from actfx.passes.attention_pattern import KeepMathAttention
 from actfx.passes.parameter_casts import recompute_parameter_casts
 from actfx.passes.graph_memory import partition_memory, step_peak
-from actfx.passes.pack_saved import kept_as_is, pack_saved
+from actfx.passes.pack_saved import SYMBOLIC_SIZES, kept_as_is, pack_saved
 from actfx.passes.saved_plan import GraphPlan
 
 _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_saved.py", "passes/noise_degree.py",
@@ -100,6 +100,16 @@ def _has_sparse_values(gm) -> bool:
     return any(isinstance(v := n.meta.get("val"), torch.Tensor) and v.layout != torch.strided for n in gm.graph.nodes)
 
 
+def _warn_symbolic_sizes(plan) -> None:
+    """Values with symbolic sizes (``dynamic=True``, or sizes dynamo marked dynamic) stay exact:
+    say so, or such a model trains holding what torch.compile holds without a word."""
+    kept = [v for v in plan.saved if v.reason == SYMBOLIC_SIZES]
+    if kept:
+        warnings.warn(f"actfx.compile: {len(kept)} saved value(s) with symbolic sizes (dynamic shapes) stay exact "
+                      f"({sum(v.bytes_after for v in kept)} bytes at these shapes); compile with dynamic=False "
+                      f"(actfx.compile's default) so that each new shape compiles a packed graph", stacklevel=2)
+
+
 class _Partitioner(CustomPartitionerFn):
     """min-cut partitioning (under the memory budget), then pack_saved on the pair."""
 
@@ -129,6 +139,7 @@ class _Partitioner(CustomPartitionerFn):
                 fwd, bwd = self._partition(gm, joint_inputs, kwargs)
                 plan = kept_as_is(fwd, bwd, reason="packing would hold more than torch.compile", **settings)
         plan.memory = partition_memory(fwd, bwd, kwargs["num_fwd_outputs"])
+        _warn_symbolic_sizes(plan)
         self.record.plans.append(plan)
         return fwd, bwd
 

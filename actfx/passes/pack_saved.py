@@ -41,6 +41,8 @@ from actfx.rules import rule_for
 
 aten = torch.ops.aten
 
+SYMBOLIC_SIZES = "dynamic shape (packing needs static sizes)"  # why a value with symbolic sizes stays exact
+
 
 class PackSaved:
     """One run of the pass on a partitioned pair: the steps (``linearize``, ``hoist``,
@@ -66,7 +68,7 @@ class PackSaved:
         if fwd_node in self.user_outputs:
             return "also a forward output"
         if not static_shape(fwd_node):
-            return "dynamic shape (packing needs static sizes)"
+            return SYMBOLIC_SIZES
         if value.dtype == torch.bool:
             return None
         if value.is_complex():
