@@ -191,7 +191,7 @@ class HandWrittenRMSNorm(nn.Module):
         return self.fc(self.weight * h.to(x.dtype))
 
 
-def test_hand_written_rms_norm_keeps_one_pack_of_its_normalised_value():
+def test_hand_written_rms_norm_keeps_its_normalised_value_packed_once_and_a_copy():
     torch.manual_seed(0)
     x = torch.randn(4, 32, 64) * torch.rand(4, 32, 1) * 4  # rows of very different spread
     for square in (lambda h: h.pow(2), lambda h: h * h, torch.square):
@@ -199,10 +199,10 @@ def test_hand_written_rms_norm_keeps_one_pack_of_its_normalised_value():
         converted = _check(model, x)
         kinds = [d.kind for d in converted._actfx_record.decisions]
         assert "rms_norm" in kinds and "pow" not in kinds and "pointwise" not in kinds, kinds
-    # held: the normalised value at 8 bits once (the weight's product shares it), 1/rms per row,
-    # and the linear's input
+    # held: the normalised value at 8 bits once (the weight's product shares it) and its second
+    # pack over 64 features (``second_pack``: unbiased backward), 1/rms per row, the linear's input
     values = 4 * 32 * 64
-    assert _held(converted, x) < 2.2 * values
+    assert _held(converted, x) < 3.2 * values
     _unbiased(model, x)
 
 
