@@ -197,7 +197,7 @@ def _reaches(node: fx.Node, target: fx.Node) -> bool:
 
 def _most_copies(run, fwd: fx.Node, limit: int) -> int:
     """How many packs of ``fwd`` still cost less than keeping it exact (at least two, as before
-    more were tried; at most ``limit``): 3 of an fp32 value at 8 bits, 12 at 2 bits."""
+    more were tried; at most ``limit``): 3 of an fp32 value at 8 bits, 12 at 2 bits before the limit."""
     bits = run.config.bits_for(run._kind(fwd), module_path(fwd))
     width = torch.finfo(fwd.meta["val"].dtype).bits
     return max(2, min(limit, int(width / (bits + 0.5))))

@@ -35,6 +35,16 @@ def rms_norm_normalized(x, normalized_shape, eps, weight=None):
         return x.detach().float() * _rstd(x.detach(), tuple(range(-len(shape), 0)), eps)
 
 
+def _input_grad(g, xhat, copy, rstd, dims):
+    """``rstd (g - x̂ mean(g x̂))`` over ``dims`` in fp32, the rounding variance of the diagonal
+    term given back from ``copy`` where there is one (``second_pack``); ``g``: the output's
+    gradient times the weight."""
+    gx = rstd * (g - xhat * (g * xhat).mean(dims, keepdim=True))
+    if copy is None:
+        return gx
+    return add_rounding_variance(gx, g, xhat, copy, rstd / _width(xhat, dims))
+
+
 class _RMSNormFromNormalized(torch.autograd.Function):
     @staticmethod
     def forward(ctx, specs, shape, eps, weight, x, *run):
@@ -42,7 +52,7 @@ class _RMSNormFromNormalized(torch.autograd.Function):
         dims = tuple(range(-len(shape), 0))
         rstd = _rstd(x, dims, eps)
         plans, storage = split_all(list(specs), run)
-        ctx.plans, ctx.dims, ctx.x_dtype, ctx.width = plans, dims, x.dtype, math.prod(shape)
+        ctx.plans, ctx.dims, ctx.x_dtype = plans, dims, x.dtype
         ctx.save_for_backward(weight, rstd, *storage)
         return not_a_view(out)
 
@@ -56,11 +66,7 @@ class _RMSNormFromNormalized(torch.autograd.Function):
         gw_in = g * weight.float() if weight is not None else g
         gx = gw = None
         if ctx.needs_input_grad[4]:
-            inner = (gw_in * xhat).mean(ctx.dims, keepdim=True)
-            gx = rstd * (gw_in - xhat * inner)
-            if copy is not None:  # the diagonal term's rounding variance (second_pack)
-                gx = add_rounding_variance(gx, gw_in, xhat, copy, rstd / ctx.width)
-            gx = gx.to(ctx.x_dtype)
+            gx = _input_grad(gw_in, xhat, copy, rstd, ctx.dims).to(ctx.x_dtype)
         if weight is not None and ctx.needs_input_grad[3]:
             gw = (g * xhat).reshape(-1, *weight.shape).sum(0).to(weight.dtype)
         return (None, None, None, gw, gx) + (None,) * (len(ctx.needs_input_grad) - 5)
@@ -119,7 +125,6 @@ class _FromNormalized(torch.autograd.Function):
         y = run[0]
         plans, storage = split_all(list(specs), run)
         ctx.plans, ctx.dims, ctx.x_dtype = plans, dims, x.dtype
-        ctx.width = _width(y, dims)
         ctx.save_for_backward(scale, *storage)
         return y.view_as(y)
 
@@ -128,11 +133,8 @@ class _FromNormalized(torch.autograd.Function):
         refuse_double_backward("rms_normalize")
         scale, *storage = ctx.saved_tensors
         n, copy = materialize_all(ctx.plans, storage)
-        n, g = n.float(), grad_out.float()
         # y = x * r(x), r = (mean(x²) + eps)^-1/2:  dx = r * (g - n * mean(g * n)), n = x * r
-        gx = scale.float() * (g - n * (g * n).mean(ctx.dims, keepdim=True))
-        if copy is not None:  # the diagonal term's rounding variance (second_pack)
-            gx = add_rounding_variance(gx, g, n, copy, scale.float() / ctx.width)
+        gx = _input_grad(grad_out.float(), n.float(), copy, scale.float(), ctx.dims)
         return (None, None, gx.to(ctx.x_dtype), None) + (None,) * (len(ctx.needs_input_grad) - 4)
 
 
