@@ -88,11 +88,14 @@ def _labels(model, x, gen):
 
 
 def _gradient(model, params, x, y) -> torch.Tensor:
-    model.zero_grad(set_to_none=True)
+    """One step's gradient of ``params``; ``model`` may be a compiled function (``as_fx_code``)."""
+    for p in params:
+        p.grad = None
     out = model(x)
     F.cross_entropy(out.flatten(0, -2).float(), y.flatten()).backward()
     g = torch.cat([(torch.zeros(p.numel()) if p.grad is None else p.grad.reshape(-1)).double() for p in params])
-    model.zero_grad(set_to_none=True)
+    for p in params:
+        p.grad = None
     return g
 
 
