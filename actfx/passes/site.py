@@ -32,6 +32,10 @@ class Site:
     # fewer than NONLINEAR_BITS, where the bias of that recompute is far below the rounding noise
     nonlinear: tuple = ()
     shape_only: tuple = ()  # positions whose backward needs only the shape
+    # positions whose value the gradient with respect to that same input reads (var, a 2-norm):
+    # such a value is never rebuilt from a pack its producer's backward also reads (``rewrite``)
+    reads_own: tuple = ()
+    factors: bool = False  # the saved values are factors of one product (a factor met twice reads itself)
     inplace_on: Node | None = None  # the input this op writes into, if any
     source: Node | None = None  # a ReLU-like op's input (its output is mask * input)
 

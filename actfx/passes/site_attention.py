@@ -96,7 +96,8 @@ def _product_site(node, op, a, b, inplace=False):
         return graph.call_function(products.product, (op, tuple(specs), *runs[0], *runs[1]),
                                    {"inplace": True} if inplace else {}), {}
 
-    return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else (), inplace_on=a if inplace else None)
+    return Site(node, op, None, [a, b], emit, exact=(1,) if op == "div" else (), inplace_on=a if inplace else None,
+                factors=op != "div")
 
 
 _PRODUCT_FUNCS = {operator.mul: "mul", torch.mul: "mul", torch.multiply: "mul", operator.truediv: "div",
@@ -124,7 +125,7 @@ def addcmul_site(node):
     def emit(graph, env, specs, runs, pack=None):
         return graph.call_function(products.addcmul, (value, tuple(specs), env[base], *runs[0], *runs[1])), {}
 
-    return Site(node, "addcmul", None, [t1, t2], emit)
+    return Site(node, "addcmul", None, [t1, t2], emit, factors=True)
 
 
 def _product(node, op):

@@ -212,7 +212,7 @@ def _recompute_site(node, path, kind, fn, args, kwargs, inplace=False, shape_onl
         static = (args_t, kwargs_t, tuple(specs), inplace) + ((True,) if replay_rng else ())
         return graph.call_function(variant, (static, *flat)), {}
 
-    site = Site(node, kind, path, nodes, emit, inplace_on=args[0] if inplace else None)
+    site = Site(node, kind, path, nodes, emit, inplace_on=args[0] if inplace else None, factors=fn in _BILINEAR)
     if shape_only:
         site.shape_only = (0,)
     return site

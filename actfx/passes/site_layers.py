@@ -395,7 +395,7 @@ def _two_norm_site(node, names: tuple, default_order):
     def emit(graph, env, specs, runs, pack=None):
         return graph.call_function(vector_norm.vector_norm, (specs[0], dim, keepdim, *runs[0])), {}
 
-    return Site(node, "vector_norm", None, [x], emit)
+    return Site(node, "vector_norm", None, [x], emit, reads_own=(0,))
 
 
 def _row_norm_site(node, a: dict, names: tuple):

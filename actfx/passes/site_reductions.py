@@ -60,7 +60,7 @@ def deviation_site(node):
     def emit(graph, env, specs, runs, pack=None):
         return graph.call_function(deviation.deviation, (specs[0], fn, rest, kwargs, *runs[0])), {}
 
-    return Site(node, "std" if fn in deviation.AS_VARIANCE else "var", None, [x], emit)
+    return Site(node, "std" if fn in deviation.AS_VARIANCE else "var", None, [x], emit, reads_own=(0,))
 
 
 def logsumexp_site(node):
