@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import warnings
 
@@ -304,3 +305,45 @@ def test_show_measures_a_unit_called_by_keyword():
         warnings.simplefilter("error", UserWarning)
         actfx.show(converted, (x, mask), console=Console(file=buffer, width=200))
     assert "activations kept for backward" in buffer.getvalue()
+
+
+class _SharedBlock(nn.Module):
+    def __init__(self, shared: nn.Module):
+        super().__init__()
+        self.conv, self.shared = nn.Conv2d(8, 8, 1), shared
+
+    def forward(self, x):
+        return F.relu(self.conv(x)) + self.shared(x)
+
+
+class _SharedTwice(nn.Module):
+    """A convolution registered under two parents, as timm's CoaT shares its ``crpe`` convolutions."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.pos = nn.Conv2d(8, 8, 3, padding=1, groups=8)
+        self.blocks = nn.ModuleList([_SharedBlock(self.pos) for _ in range(2)])
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = block(h)
+        return h.mean()
+
+
+def test_show_leaves_a_module_shared_by_two_parents_with_its_own_parameters():
+    """functional_call restored a submodule reached by two names with the fake twin it had swapped
+    in: after ``actfx.show`` the original and the converted model returned FakeTensors."""
+    model, x = _SharedTwice(), torch.randn(2, 3, 16, 16)
+    weights = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    converted = actfx.convert(model, bits=2)
+    converted(x).backward()  # show measures at this call's shapes
+    with contextlib.redirect_stdout(io.StringIO()):
+        actfx.show(converted)
+    assert all(p is w for (_, p), w in zip(model.named_parameters(remove_duplicate=False), weights, strict=True))
+    for m in (model, converted):
+        loss = m(x)
+        assert type(loss) is torch.Tensor
+        loss.backward()
+    assert model.pos.weight.grad is not None

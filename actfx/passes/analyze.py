@@ -31,6 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
 from actfx.passes.capture import copy_graph, trace, training_mode
+from actfx.passes.state_call import call_with_state
 from actfx.variants.common import unconverted_class
 from actfx.variants.packing import pack_value
 
@@ -428,7 +429,7 @@ def _measure(module, inputs, mode, dtype, like) -> Measurement:
     runner = _Runner(module, graphs, recorder, twin)
     with training_mode(module, True), context, torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
-        out = torch.func.functional_call(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args), kwargs)
+        out = call_with_state(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args), kwargs)
         recorder.finish()
     return Measurement(recorder.nodes, _total_tensor_bytes(out), graphs, on_real_tensors=mode is None)
 

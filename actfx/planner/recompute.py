@@ -34,6 +34,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from actfx.passes.analyze import _Twins
+from actfx.passes.state_call import call_with_state
 from actfx.planner.choose import BudgetError, choose
 
 
@@ -111,7 +112,7 @@ def measure_blocks(model: nn.Module, inputs: tuple, paths: list, groups, *, dtyp
         with mode, counter, torch.no_grad():
             if dtype is not None:
                 args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
-            torch.func.functional_call(model, state, tuple(args))
+            call_with_state(model, state, tuple(args))
     finally:
         for h in handles:
             h.remove()

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, disable_fa
 from actfx.outputs import grad_leaves
 from actfx.passes.analyze import _Twins
 from actfx.passes.capture import training_mode
+from actfx.passes.state_call import call_with_state
 
 
 def step_bytes(converted: nn.Module, inputs, *, dtype=None) -> int:
@@ -61,7 +62,7 @@ def _tracked_step(converted: nn.Module, inputs, dtype) -> int:
             args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
         tracker = MemTracker()
         with tracker:
-            out = torch.func.functional_call(converted, state, tuple(args))
+            out = call_with_state(converted, state, tuple(args))
             leaves = grad_leaves(out)
             loss = sum(t.float().sum() for t in leaves)
             del out, leaves

@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from torch.func import functional_call
 from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
+from actfx.passes.state_call import call_with_state
 from actfx.variants import hooked_vjp
 from actfx.variants.common import not_a_view, refuse_double_backward
 from actfx.variants.recompute import _autocast_state, _replay_rng, _rng_state, fill
@@ -83,7 +83,7 @@ class _RecomputeModule(torch.autograd.Function):
             # the replay normalises with the batch's statistics as forward did, but updates
             # copies: forward already counted this batch in BatchNorm's running statistics
             table.update({name: b.clone() for name, b in ctx.module.named_buffers()})
-            call = lambda: functional_call(ctx.module, table, fill(args_t, vals), dict(fill(kwargs_t, vals)))  # noqa: E731
+            call = lambda: call_with_state(ctx.module, table, fill(args_t, vals), dict(fill(kwargs_t, vals)))  # noqa: E731
             if ctx.autocast is not None:
                 with torch.autocast(ctx.autocast[0], dtype=ctx.autocast[1]):
                     out = call()
