@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
-from checks import assert_mean_converges, weighted_grads
+from checks import assert_mean_converges, assert_unbiased, weighted_grads
 
 
 class Wrap(nn.Module):
@@ -787,3 +787,36 @@ def test_alpha_dropout_is_reported_as_not_covered():
     model = nn.Sequential(nn.Linear(16, 64), nn.AlphaDropout(0.2), nn.Linear(64, 4))
     converted = actfx.convert(model, bits=2)
     assert "AlphaDropout" in [u.what for u in converted._actfx_record.uncovered]
+
+
+class _TimesVector(nn.Module):
+    """``tanh(h) @ v`` (or ``v @ tanh(h)``) with a parameter vector: GAT's attention logits, a scalar head."""
+
+    def __init__(self, hidden: tuple, vector_first: bool):
+        super().__init__()
+        self.lin, self.vector_first = nn.Linear(16, 16), vector_first
+        self.v = nn.Parameter(torch.randn(16) / 4)
+        self.hidden = hidden
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x)).reshape(self.hidden)
+        return (self.v @ h if self.vector_first else h @ self.v) * 1.0
+
+
+@pytest.mark.parametrize("hidden, vector_first", [((64, 16), False), ((4, 16, 16), False), ((4, 16, 16), True),
+                                                  ((16, 64), True)], ids=["mv", "batched-mv", "vm-batched", "vm"])
+def test_a_product_with_a_vector_packs_the_activation(hidden, vector_first):
+    """torch.matmul with a 1-D operand was left to autograd, which kept the activation exact."""
+    torch.manual_seed(0)
+    model, x = _TimesVector(hidden, vector_first), torch.randn(64, 16)
+    converted = actfx.convert(model, bits=2)
+    with count_saved(model) as before:
+        expected = model(x)
+    with count_saved(converted) as after:
+        out = converted(x)
+    assert torch.equal(out, expected)
+    (product,) = [d for d in converted._actfx_record.decisions if d.node == "matmul"]
+    assert sorted(product.saved) == ["kept exact", "packed 2-bit"]  # the parameter vector, the activation
+    assert after.activation_bytes < before.activation_bytes / 4, (after.activation_bytes, before.activation_bytes)
+    check_variant(model, x, kinds=[product.kind])
+    assert_unbiased(model, x)

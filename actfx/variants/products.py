@@ -33,6 +33,23 @@ def _as_input(grad, shape, dtype):
     return (grad.sum_to_size(shape) if grad.shape != shape else grad).to(dtype)
 
 
+def _matmul_grads(a, b, g, compute, vector_a: bool, vector_b: bool):
+    """``torch.matmul(a, b)``'s operand gradients (None for an operand not kept). A vector operand
+    is a matrix of one row (a) or one column (b) here, as matmul reads it; ``h @ v`` with a
+    parameter vector (GAT's attention logits, a scalar head) kept h exact before."""
+    shape = list(g.shape)
+    if vector_a:
+        shape.insert(len(shape) - (0 if vector_b else 1), 1)
+    if vector_b:
+        shape.append(1)
+    g = g.reshape(shape)
+    a = None if a is None else (a.to(compute).unsqueeze(0) if vector_a else a.to(compute))
+    b = None if b is None else (b.to(compute).unsqueeze(-1) if vector_b else b.to(compute))
+    ga = None if b is None else g @ b.mT
+    gb = None if a is None else a.mT @ g
+    return (ga.squeeze(-2) if vector_a and ga is not None else ga), (gb.squeeze(-1) if vector_b and gb is not None else gb)
+
+
 class _Product(torch.autograd.Function):
     @staticmethod
     def forward(ctx, op, specs, *flat):
@@ -63,10 +80,7 @@ class _Product(torch.autograd.Function):
             ga = g / b if need_a else None
             gb = -g * a / (b * b) if need_b else None
         else:
-            a_c = a.to(ctx.compute) if isinstance(a, torch.Tensor) else a
-            b_c = b.to(ctx.compute) if isinstance(b, torch.Tensor) else b
-            ga = g.to(ctx.compute) @ b_c.mT if need_a else None
-            gb = a_c.mT @ g.to(ctx.compute) if need_b else None
+            ga, gb = _matmul_grads(a, b, g.to(ctx.compute), ctx.compute, *(len(like[0]) == 1 for like in ctx.like))
         grads = [None] * len(ctx.needs_input_grad)
         for pos, grad, like in ((2, ga, ctx.like[0]), (ctx.second, gb, ctx.like[1])):
             if grad is not None and like is not None:
@@ -92,8 +106,8 @@ def product(op, specs, *flat, inplace=False):
     tensors = [v for v in (a, b) if isinstance(v, torch.Tensor)]
     if not needs_saving(*tensors):
         return fn(a, b)
-    if op == "matmul" and (a.dim() < 2 or b.dim() < 2):
-        return fn(a, b)  # vector cases: rare on hot paths, left to autograd
+    if op == "matmul" and (a.dim() < 1 or b.dim() < 1):
+        return fn(a, b)  # torch.matmul refuses 0-d operands itself
     if op != "matmul" and not all(isinstance(v, torch.Tensor) for v in (a, b)):
         return fn(a, b)  # a scalar factor: autograd saves nothing for the tensor side
     return _Product.apply(op, specs, *flat)
