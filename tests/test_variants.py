@@ -820,3 +820,29 @@ def test_a_product_with_a_vector_packs_the_activation(hidden, vector_first):
     assert after.activation_bytes < before.activation_bytes / 4, (after.activation_bytes, before.activation_bytes)
     check_variant(model, x, kinds=[product.kind])
     assert_unbiased(model, x)
+
+
+def _gated_scores(s, x):
+    q, k = torch.tanh(s.lin(x)).chunk(2, -1)
+    return torch.einsum("bid,bjd,bj->bij", q, k, torch.sigmoid(s.gate(x)).squeeze(-1))
+
+
+def _through_two_weights(s, x):
+    return torch.einsum("bid,de,ef->bif", torch.tanh(s.lin(x)), s.w1, s.w2)
+
+
+@pytest.mark.parametrize("fn", [_gated_scores, _through_two_weights], ids=["three-activations", "two-weights"])
+def test_an_einsum_of_three_operands_packs_them(fn):
+    """Only two-operand einsums were converted; three kept every operand exact."""
+    torch.manual_seed(0)
+    model = Wrap(fn, lin=nn.Linear(16, 32))
+    if fn is _gated_scores:
+        model.gate = nn.Linear(16, 1)
+    else:
+        model.w1, model.w2 = nn.Parameter(torch.randn(32, 8) / 4), nn.Parameter(torch.randn(8, 8) / 4)
+    x = torch.randn(4, 24, 16)
+    converted = actfx.convert(model, bits=2)
+    (einsum,) = [d for d in converted._actfx_record.decisions if d.node == "einsum"]
+    assert "packed" in einsum.saved[0] and all(s.startswith("packed") or s == "kept exact" for s in einsum.saved)
+    check_variant(model, x, kinds=[einsum.kind])
+    assert_unbiased(model, x)

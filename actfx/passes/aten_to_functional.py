@@ -183,6 +183,10 @@ _FUNCTIONS: dict = {
     aten.binary_cross_entropy_with_logits.default: _reduced(
         F.binary_cross_entropy_with_logits, "self", "target", extra=("weight", "pos_weight")),
     aten.cat.default: _call(torch.cat, "tensors", "dim"),
+    # torch.fft's functions are these ATen ops under their own names (FNO's spectral convolutions)
+    **{getattr(aten, f"fft_{name}").default: _call(getattr(torch.fft, name), "self", "n" if name[-1] == "t" else "s",
+                                                  "dim", "norm")
+       for name in ("fft", "rfft", "fft2", "rfft2", "fftn", "rfftn")},
     aten.stack.default: _call(torch.stack, "tensors", "dim"),
 }
 

@@ -262,8 +262,10 @@ def baddbmm_site(node):
 
 
 def einsum_site(node):
-    """``torch.einsum`` of two activations: bilinear, so each operand's gradient is linear in the
-    other one and both are packed (as matmul's: kind "matmul"); backward re-derives it."""
+    """``torch.einsum`` of two or more operands: multilinear, so each operand's gradient is linear
+    in every other one (a product of independently rounded packs) and all are packed (as
+    matmul's: kind "matmul"); backward re-derives it. Three operands: gated attention scores
+    ``bid,bjd,bj->bij``; an activation and two weights."""
     if node.target is torch.einsum:
         equation, operands = (node.args[0], node.args[1:]) if node.args else (None, ())
         if len(operands) == 1 and isinstance(operands[0], (list, tuple)):
@@ -272,7 +274,7 @@ def einsum_site(node):
         equation, operands = (node.args + (None, ()))[:2]
         if len(node.args) > 2 or node.kwargs:
             return None
-    if not isinstance(equation, str) or len(operands) != 2 or not all(isinstance(o, Node) for o in operands):
+    if not isinstance(equation, str) or len(operands) < 2 or not all(isinstance(o, Node) for o in operands):
         return None
     return _recompute_site(node, None, "matmul", torch.einsum, (equation, *operands), {})
 
