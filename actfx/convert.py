@@ -112,7 +112,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     config.check_paths(model)
     record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
     if example_inputs is not None:
-        from actfx.passes.export_capture import HookBlockInForward
+        from actfx.passes.export_capture import ExportRefused, HookBlockInForward
 
         try:
             result = _convert_exported(model, example_inputs, config, record)
@@ -120,6 +120,13 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
             warnings.warn(f"{err}; converting it submodule by submodule instead, as without example_inputs "
                           "(checkpointed blocks stay checkpointed)", stacklevel=2)
             record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
+        except ExportRefused as err:
+            # A model plain PyTorch trains is never refused (Hugging Face LED, ProphetNet, SEW-D:
+            # data-dependent shapes, a custom autograd.Function): what fx traces is converted
+            warnings.warn(f"{str(err).split('; convert without')[0]}; converted submodule by submodule instead, as "
+                          "without example_inputs (actfx.show lists what is covered)", stacklevel=2)
+            record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
+            record.export_refused.add(type(model))  # the first training call would fail the same way
         else:
             result._actfx_record = record
             return result

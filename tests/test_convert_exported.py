@@ -794,3 +794,31 @@ def test_an_exported_fft_keeps_only_its_input_shape():
     (fft,) = [d for d in converted._actfx_record.decisions if d.node.startswith("fft_rfft2")]
     assert fft.saved == ["shape only"]
     assert _gradient_error(converted(x), model, x) < 0.5
+
+
+class _BranchOnValues(nn.Module):
+    """Python control flow on a tensor's value: neither fx nor torch.export captures the whole model."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(16, 32), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.a(x))
+        return self.b(h) if h.sum() > 0 else self.b(-h)
+
+
+def test_a_model_export_cannot_capture_is_converted_submodule_by_submodule():
+    """With example_inputs such a model was refused with an error (Hugging Face LED, ProphetNet:
+    data-dependent shapes); it is converted as without them, and says so once."""
+    torch.manual_seed(0)
+    model, x = _BranchOnValues(), torch.randn(8, 16)
+    with pytest.warns(UserWarning, match="could not capture _BranchOnValues.*submodule by submodule"):
+        converted = actfx.convert(model, bits=2, example_inputs=(x,))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the first training call does not try export again
+        out = converted(x)
+    assert torch.equal(out, model(x))
+    assert {d.kind for d in converted._actfx_record.decisions} >= {"linear"}
+    out.square().sum().backward()
+    assert all(p.grad is not None for p in model.parameters())

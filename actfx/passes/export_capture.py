@@ -267,6 +267,12 @@ def _replace_guards_call(graph: Graph, guard: _InputGuard) -> None:
             graph.erase_node(node)
 
 
+class ExportRefused(RuntimeError):
+    """torch.export failed on the model, or would drop part of its backward (a custom
+    autograd.Function inlined, a gradient hook): ``actfx.convert`` then converts submodule by
+    submodule, as without example_inputs."""
+
+
 class HookBlockInForward(RuntimeError):
     """The forward enters ``saved_tensors_hooks`` (``tensor_hooks.entered_saved_tensor_hooks``):
     ``actfx.convert`` then converts submodule by submodule, the blocks running as written."""
@@ -384,12 +390,12 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise RuntimeError(
+            raise ExportRefused(
                 f"actfx: torch.export could not capture {name}: {first}; convert without "
                 "example_inputs to convert submodule by submodule"
             ) from err
     if inlined:
-        raise RuntimeError(
+        raise ExportRefused(
             f"actfx: torch.export would inline the custom autograd.Function {inlined[0]} of {name} and drop its "
             "backward; convert without example_inputs to convert submodule by submodule (the Function runs as written)")
     if hook_blocks:
@@ -398,7 +404,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             "reentrance, or activation offloading) that torch.export traces through, so a graph it captures would "
             "hold what that block frees")
     if hooks:
-        raise RuntimeError(
+        raise ExportRefused(
             f"actfx: {name}'s forward registers a gradient hook ({hooks[0]}) that torch.export would drop; convert "
             "without example_inputs to convert submodule by submodule (the forward runs as written, hooks included)")
     unlifted = ep.module()
