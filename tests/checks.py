@@ -72,3 +72,19 @@ def assert_unbiased(model, x, k: int = 32):
     exact = parameter_grads(model, x)
     converted = actfx.convert(model, bits=2)
     assert_mean_converges([parameter_grads(converted, x) for _ in range(k)], exact, least_noise=1e-3)
+
+
+def input_grad_mean_errors(model, converted, x, r, ks: tuple) -> dict:
+    """For each k in ``ks``: the error of the mean of the first k input gradients of
+    ``(converted(x) * r).sum()`` against ``model``'s, relative to its norm (falls as 1/sqrt(k)
+    when unbiased)."""
+    def grad_x(m):
+        xi = x.clone().requires_grad_(True)
+        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
+
+    exact, total, errors = grad_x(model), torch.zeros_like(x), {}
+    for k in range(1, max(ks) + 1):
+        total += grad_x(converted)
+        if k in ks:
+            errors[k] = float((total / k - exact).norm() / exact.norm())
+    return errors

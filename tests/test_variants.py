@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
-from checks import assert_mean_converges, assert_unbiased, weighted_grads
+from checks import assert_mean_converges, assert_unbiased, input_grad_mean_errors, weighted_grads
 
 
 class Wrap(nn.Module):
@@ -226,16 +226,7 @@ def test_normalisation_over_few_values_per_row_stays_unbiased(norm, shape):
     converted = actfx.convert(model, bits=2)
     (decision,) = converted._actfx_record.decisions
     assert decision.saved == ["packed 2-bit", "packed 2-bit"]  # x̂ and its copy
-
-    def grad_x(m):
-        xi = x.clone().requires_grad_(True)
-        return torch.autograd.grad((m(xi) * r).sum(), xi)[0]
-
-    exact, total, errors = grad_x(model), torch.zeros_like(x), {}
-    for k in range(1, 257):
-        total += grad_x(converted)
-        if k in (16, 256):
-            errors[k] = float((total / k - exact).norm() / exact.norm())
+    errors = input_grad_mean_errors(model, converted, x, r, (16, 256))
     assert errors[16] / errors[256] > 2.8, errors
 
 
