@@ -837,3 +837,34 @@ def test_an_einsum_of_three_operands_packs_them(fn):
     assert "packed" in einsum.saved[0] and all(s.startswith("packed") or s == "kept exact" for s in einsum.saved)
     check_variant(model, x, kinds=[einsum.kind])
     assert_unbiased(model, x)
+
+
+def _knn_distances(s, x):
+    h = torch.tanh(s.lin(x))
+    return torch.cdist(h, h).sin()
+
+
+def _to_prototypes(s, x):
+    return torch.cdist(torch.tanh(s.lin(x)), torch.tanh(s.lin(x[:, :5]) * 2), compute_mode="donot_use_mm_for_euclid_dist")
+
+
+@pytest.mark.parametrize("fn", [_knn_distances, _to_prototypes], ids=["one-input", "two-inputs"])
+def test_cdist_packs_its_inputs_and_keeps_the_distances(fn):
+    """torch.cdist kept both inputs exact (a kNN block held 1.8x less than the original); with the
+    distances exact its gradient is linear in the inputs, which are packed."""
+    torch.manual_seed(0)
+    model, x = Wrap(fn, lin=nn.Linear(8, 16)), torch.randn(4, 24, 8)
+    converted = actfx.convert(model, bits=2)
+    (decision,) = [d for d in converted._actfx_record.decisions if d.kind == "cdist"]
+    assert decision.saved == ["packed 2-bit", "packed 2-bit"]
+    check_variant(model, x, kinds=["cdist"])
+    assert_unbiased(model, x)
+
+
+def test_an_exported_cdist_is_packed_too():
+    """torch.export records ``aten.cdist`` (compute_mode an int or None there)."""
+    torch.manual_seed(0)
+    model, x = Wrap(_knn_distances, lin=nn.Linear(8, 16)), torch.randn(4, 24, 8)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,))
+    assert torch.equal(converted(x), model(x))
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "cdist"] == [["packed 8-bit"] * 2]

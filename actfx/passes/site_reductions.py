@@ -1,8 +1,9 @@
 """Sites for reductions whose backward reads their input: ``std`` / ``var`` (input packed, std
 exact), ``logsumexp`` (its probabilities packed), ``scatter_reduce`` to an extremum (masks), in
-function, method and ATen form, the KL-divergence loss (its target packed), and row distances
-(``cosine_similarity``, ``pairwise_distance``: their row Jacobians packed), and ops selecting
-along a dim (``sort``, ``topk``, ``cummax``...: compact indices)."""
+function, method and ATen form, the KL-divergence loss (its target packed), row distances
+(``cosine_similarity``, ``pairwise_distance``: their row Jacobians packed), pairwise distances
+(``cdist``: inputs packed, distances exact), and ops selecting along a dim (``sort``, ``topk``,
+``cummax``...: compact indices)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from torch.fx import Node
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _env, _get
 from actfx.passes.site_elementwise import _template, several_pointwise_site
-from actfx.variants import deviation, kl_div, logsumexp, loss_gradient, scatter_extremum, selection
+from actfx.variants import cdist, deviation, kl_div, logsumexp, loss_gradient, scatter_extremum, selection
 from actfx.variants.pointwise_several import Several, several_callables
 
 aten = torch.ops.aten
@@ -172,6 +173,27 @@ def row_distance_module_site(node, path, m):
         return _row_distance(node, path, "cosine_similarity", torch.nn.functional.cosine_similarity, *node.args, options)
     options = {"p": m.norm, "eps": m.eps, "keepdim": m.keepdim}
     return _row_distance(node, path, "pairwise_distance", torch.nn.functional.pairwise_distance, *node.args, options)
+
+
+CDISTS = (torch.cdist, aten.cdist.default)
+
+
+def cdist_site(node):
+    """``torch.cdist(x1, x2)`` with p = 2: both inputs packed, the distances exact
+    (``variants/cdist.py``); other p stay as they are."""
+    a = {**dict(zip(("x1", "x2", "p", "compute_mode"), node.args)), **node.kwargs}
+    x1, x2, p = a.get("x1"), a.get("x2"), a.get("p", 2.0)
+    fn = "torch.cdist" if node.target is torch.cdist else "aten.cdist"
+    mode = a.get("compute_mode", "use_mm_for_euclid_dist_if_necessary" if fn == "torch.cdist" else None)
+    if (not (isinstance(x1, Node) and isinstance(x2, Node)) or p not in (2, 2.0) or isinstance(mode, Node)
+            or set(a) - {"x1", "x2", "p", "compute_mode"}):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(cdist.cdist, (tuple(specs), fn, mode, *runs[0], *runs[1])), {}
+
+    # each input's gradient reads that input (x1_i - x2_j): its own rounding, never a producer's
+    return Site(node, "cdist", None, [x1, x2], emit, reads_own=(0, 1))
 
 
 def _row_distance(node, path, kind, fn, x1, x2, options):

@@ -40,8 +40,8 @@ from actfx.passes.site_layers import (
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
-    DEVIATIONS, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, deviation_site, kl_div_site, logsumexp_site,
-    loss_site, row_distance_module_site, row_distance_site, scatter_reduce_site, selection_site,
+    CDISTS, DEVIATIONS, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, cdist_site, deviation_site, kl_div_site,
+    logsumexp_site, loss_site, row_distance_module_site, row_distance_site, scatter_reduce_site, selection_site,
 )
 from actfx.variants.loss_gradient import LOSS_MODULES, LOSSES
 from actfx.passes.capture import has_hooks
@@ -144,6 +144,7 @@ _NODE_SITES = {
     **dict.fromkeys(LOGSUMEXPS, logsumexp_site),
     **dict.fromkeys(SCATTER_REDUCES, scatter_reduce_site),
     **dict.fromkeys(ROW_DISTANCES, row_distance_site),
+    **dict.fromkeys(CDISTS, cdist_site),
     **dict.fromkeys(SELECTIONS, selection_site),
 }
 
