@@ -179,3 +179,29 @@ def test_an_untraceable_model_is_measured_module_by_module():
     assert {e.module_path for e in measured.nodes if e.activation_bytes} == {"proj", "act"}
     converted = actfx.convert(model)
     assert measure(converted, x).activation_bytes == real_saved(converted, x).activation_bytes
+
+
+class _SqueezeExcite(nn.Module):
+    """A channel gate: ``h * sigmoid(s)`` with s of shape (B, C, 1, 1), as in EfficientNet and MobileNetV3."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.fc = nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.Conv2d(16, 16, 1)
+
+    def forward(self, x):
+        h = torch.relu(self.bn(self.conv(x)))
+        return h * torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+
+
+def test_a_broadcast_gate_is_measured_on_fake_tensors_as_on_real_ones():
+    """Whether a gate's partial is constant along the broadcast dims was read with torch.equal,
+    which fake tensors cannot answer: the measurement fell back to a real forward, at whatever
+    batch it was asked about (actfx.plan(gpu="t4") probes batches of hundreds of thousands)."""
+    torch.manual_seed(0)
+    converted, x = actfx.convert(_SqueezeExcite(), bits=2), torch.randn(8, 3, 16, 16)
+    fake = measure(converted, x)
+    assert not fake.on_real_tensors
+    with count_saved(converted) as real:
+        out = converted(x)
+    assert fake.activation_bytes == real.activation_bytes > 0
+    del out

@@ -21,6 +21,7 @@ import dataclasses
 from typing import Callable
 
 import torch
+from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
 from actfx.variants import hooked_vjp
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
@@ -52,19 +53,34 @@ class _FromPackedPartials(torch.autograd.Function):
         return (None, None, *grads) + (None,) * (len(ctx.needs_input_grad) - 2 - ctx.count)
 
 
-def _narrowed(d: torch.Tensor, shapes: list) -> torch.Tensor:
+def _narrowed(d: torch.Tensor, shapes: list, stand_in: torch.Tensor | None = None) -> torch.Tensor:
     """``d`` at the smallest of ``shapes`` (inputs' shapes, broadcast against ``d``'s) along
-    whose size-1 dims it is exactly constant; else ``d``."""
+    whose size-1 dims it is exactly constant; else ``d``. A fake ``d`` has no values: constancy
+    is read on ``stand_in``, the same partial at small random inputs of the same broadcast
+    pattern (None: not narrowed)."""
+    without_values = isinstance(d, FakeTensor) or d.is_meta
     for shape in sorted(shapes, key=lambda s: torch.Size(s).numel()):
         ones = [i for i, n in enumerate(shape) if n == 1 and d.shape[i] != 1]
         if not ones:
             continue
+        if without_values:
+            with unset_fake_temporarily():  # the stand-in is real, read outside the fake mode
+                if stand_in is None or not _constant_along(stand_in, ones):
+                    continue
+        if not without_values and not _constant_along(d, ones):
+            continue
         first = d
         for i in ones:
             first = first.narrow(i, 0, 1)
-        if torch.equal(first.expand_as(d), d):
-            return first.contiguous()
+        return first.contiguous()
     return d
+
+
+def _constant_along(d: torch.Tensor, dims: list) -> bool:
+    first = d
+    for i in dims:
+        first = first.narrow(i, 0, 1)
+    return torch.equal(first.expand_as(d), d)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -119,10 +135,30 @@ class Several:
         got = pullback(torch.ones_like(y))
         dims = len(shape)
         shapes = [(1,) * (dims - x.dim()) + tuple(x.shape) for x in fixed if isinstance(x, torch.Tensor)]
+        broadcast = len(set(shapes)) > 1
+        fake = any(isinstance(d, FakeTensor) or (d is not None and d.is_meta) for d in got)
+        stand_ins = self._at_small_inputs(xs) if broadcast and fake else none
         result = list(none)
         for i, d in zip(wanted, got):
-            result[i] = None if d is None else _narrowed(d.detach(), shapes) if len(set(shapes)) > 1 else d.detach()
+            result[i] = None if d is None else _narrowed(d.detach(), shapes, stand_ins[i]) if broadcast else d.detach()
         return tuple(result)
+
+    def _at_small_inputs(self, xs) -> tuple:
+        """The partials at small random real inputs with ``xs``' broadcast pattern (each size
+        above 1 made 3), for fake ``xs``: whether a partial is constant along a broadcast dim is
+        a property of ``fn``, which fake tensors cannot show (``torch.equal`` on them failed, and
+        the measurement of every squeeze-excite gate fell back to a real forward at the planned
+        batch). None where that cannot run (integer inputs, constants inside ``fn``)."""
+        if not all(x.is_floating_point() for x in xs if isinstance(x, torch.Tensor)):
+            return (None,) * self.count
+        with unset_fake_temporarily():
+            generator = torch.Generator().manual_seed(0)
+            small = [torch.randn([1 if n == 1 else 3 for n in x.shape], generator=generator, dtype=x.dtype)
+                     .requires_grad_(x.requires_grad) if isinstance(x, torch.Tensor) else x for x in xs]
+            try:
+                return self.partials(*small)
+            except Exception:  # noqa: BLE001 - fn may hold fake constants; then nothing is narrowed
+                return (None,) * self.count
 
     def apply(self, specs, *inputs_and_runs):
         """``fn(*xs)`` whose backward reads the packed partials (the runs after the inputs);
