@@ -822,3 +822,33 @@ def test_a_model_export_cannot_capture_is_converted_submodule_by_submodule():
     assert {d.kind for d in converted._actfx_record.decisions} >= {"linear"}
     out.square().sum().backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+class _VmapInForward(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.out = nn.Linear(16, 32), nn.Linear(32, 4)
+        self.w = nn.Parameter(torch.randn(32, 32) / 8)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.inp(x))
+        return self.out(torch.func.vmap(lambda v: torch.tanh(v @ self.w))(h))
+
+
+@pytest.mark.parametrize("example", [False, True], ids=["first-call", "example_inputs"])
+def test_a_forward_running_vmap_is_not_rewritten_through_its_levels(example):
+    """torch.export records vmap as separate level changes; the rewritten graph left a vmap level
+    active after the forward, and the user's next random op failed ("randomness error mode")."""
+    from torch._C._functorch import maybe_current_level
+
+    torch.manual_seed(0)
+    model, x = _VmapInForward(), torch.randn(4, 8, 16)
+    with pytest.warns(UserWarning, match="torch.func transform"):
+        converted = actfx.convert(model, bits=2, **({"example_inputs": (x,)} if example else {}))
+        out = converted(x)
+    assert maybe_current_level() is None
+    torch.randn(3)  # raised under the leaked level
+    assert torch.equal(out, model(x))
+    out.sum().backward()
+    assert model.w.grad is not None
+    assert {"inp", "out"} <= {d.module_path for d in converted._actfx_record.decisions}

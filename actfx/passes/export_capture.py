@@ -267,6 +267,12 @@ def _replace_guards_call(graph: Graph, guard: _InputGuard) -> None:
             graph.erase_node(node)
 
 
+# where torch.export's pre-dispatch graph puts a torch.func transform's level changes (vmap's
+# _vmap_increment_nesting / _add_batch_dim ...): a graph holding them is not rewritten, since a
+# pack between them ran inside the transform and a dropped decrement left vmap's level active
+_FUNCTORCH_LEVELS = "torch._functorch.predispatch"
+
+
 class ExportRefused(RuntimeError):
     """torch.export failed on the model, or would drop part of its backward (a custom
     autograd.Function inlined, a gradient hook): ``actfx.convert`` then converts submodule by
@@ -409,6 +415,13 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             "without example_inputs to convert submodule by submodule (the forward runs as written, hooks included)")
     unlifted = ep.module()
     graph = unlifted.graph
+    transform = next((n.target.__name__ for n in graph.nodes if n.op == "call_function"
+                      and getattr(n.target, "__module__", None) == _FUNCTORCH_LEVELS), None)
+    if transform is not None:
+        raise ExportRefused(
+            f"actfx: {name}'s forward runs a torch.func transform ({transform}: vmap, grad or jvp), whose levels the "
+            "captured graph holds as separate calls that a rewrite cannot keep paired; convert without example_inputs "
+            "to convert submodule by submodule (the forward runs as written)")
     guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)
     _replace_guards_call(graph, guard)
     _drop_dtype_assertions(graph)
