@@ -111,9 +111,12 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             record.export_refused.add(type(model))
             cause = (err.__cause__ or err) if isinstance(err, RuntimeError) and str(err).startswith("actfx:") else err
             where = f"{type(model).__name__} ({path})" if path else type(model).__name__
+            # the exception's type too: some say only an op's name (a fake-quantize op export
+            # does not support with a dynamic batch: "aten.fake_quantize_per_tensor_affine_cachemask")
+            said = str(cause).splitlines()[0] if str(cause) else ""
+            reason = said if said.startswith("actfx:") else f"{type(cause).__name__}: {said}" if said else type(cause).__name__
             warnings.warn(f"actfx: torch.export could not capture {where} at its first training "
-                          f"call ({str(cause).splitlines()[0] if str(cause) else type(cause).__name__}), so it keeps "
-                          f"what fx converted", stacklevel=4)
+                          f"call ({reason}), so it keeps what fx converted", stacklevel=4)
             return
         for name, value in call.carried.items():
             object.__setattr__(self, name, value)
