@@ -854,22 +854,10 @@ def test_a_forward_running_vmap_is_not_rewritten_through_its_levels(example):
     assert {"inp", "out"} <= {d.module_path for d in converted._actfx_record.decisions}
 
 
-class _ValueBranchInside(nn.Module):
-    """fx cannot trace the branch on a value; torch.export fails on it at the first call."""
-
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(8, 8), nn.Linear(8, 2)
-
-    def forward(self, x):
-        h = torch.relu(self.a(x))
-        return self.b(h if h.sum() > 0 else -h)
-
-
 def test_a_failed_first_call_capture_names_the_exception():
     """The warning kept only the exception's first line, which for some is only an op's name
     (a fake-quantize op torch.export does not support with a dynamic batch)."""
-    model, x = _ValueBranchInside(), torch.randn(4, 8)
+    model, x = _BranchOnValues(), torch.randn(4, 16)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         converted = actfx.convert(model, bits=8)
