@@ -123,8 +123,8 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         except ExportRefused as err:
             # A model plain PyTorch trains is never refused (Hugging Face LED, ProphetNet, SEW-D:
             # data-dependent shapes, a custom autograd.Function): what fx traces is converted
-            warnings.warn(f"{str(err).split('; convert without')[0]}; converted submodule by submodule instead, as "
-                          "without example_inputs (actfx.show lists what is covered)", stacklevel=2)
+            warnings.warn(f"{err.problem}; converted submodule by submodule instead, as without example_inputs "
+                          "(actfx.show lists what is covered)", stacklevel=2)
             record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
             record.export_refused.add(type(model))  # the first training call would fail the same way
         else:

@@ -18,6 +18,7 @@ from actfx.config import Config
 from actfx.passes.capture import (
     changed_hooks, hooks_now, uncalled_submodules, under_function_transform, warn_hooks_changed,
 )
+from actfx.passes.export_capture import ExportRefused
 
 
 def _real_call(args, kwargs) -> bool:
@@ -112,8 +113,9 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             cause = (err.__cause__ or err) if isinstance(err, RuntimeError) and str(err).startswith("actfx:") else err
             where = f"{type(model).__name__} ({path})" if path else type(model).__name__
             # the exception's type too: some say only an op's name (a fake-quantize op export
-            # does not support with a dynamic batch: "aten.fake_quantize_per_tensor_affine_cachemask")
-            said = str(cause).splitlines()[0] if str(cause) else ""
+            # does not support with a dynamic batch: "aten.fake_quantize_per_tensor_affine_cachemask");
+            # actfx's own refusals without their advice to convert without example_inputs
+            said = cause.problem if isinstance(cause, ExportRefused) else str(cause).splitlines()[0] if str(cause) else ""
             reason = said if said.startswith("actfx:") else f"{type(cause).__name__}: {said}" if said else type(cause).__name__
             warnings.warn(f"actfx: torch.export could not capture {where} at its first training "
                           f"call ({reason}), so it keeps what fx converted", stacklevel=4)

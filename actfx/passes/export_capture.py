@@ -276,7 +276,12 @@ _FUNCTORCH_LEVELS = "torch._functorch.predispatch"
 class ExportRefused(RuntimeError):
     """torch.export failed on the model, or would drop part of its backward (a custom
     autograd.Function inlined, a gradient hook): ``actfx.convert`` then converts submodule by
-    submodule, as without example_inputs."""
+    submodule, as without example_inputs. ``problem``: the message without that advice, for
+    callers that follow it themselves."""
+
+    def __init__(self, problem: str, how_it_runs: str = ""):
+        super().__init__(f"{problem}; convert without example_inputs to convert submodule by submodule{how_it_runs}")
+        self.problem = problem
 
 
 class HookBlockInForward(RuntimeError):
@@ -396,14 +401,11 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise ExportRefused(
-                f"actfx: torch.export could not capture {name}: {first}; convert without "
-                "example_inputs to convert submodule by submodule"
-            ) from err
+            raise ExportRefused(f"actfx: torch.export could not capture {name}: {first}") from err
     if inlined:
         raise ExportRefused(
             f"actfx: torch.export would inline the custom autograd.Function {inlined[0]} of {name} and drop its "
-            "backward; convert without example_inputs to convert submodule by submodule (the Function runs as written)")
+            "backward", " (the Function runs as written)")
     if hook_blocks:
         raise HookBlockInForward(
             f"actfx: {name}'s forward runs a saved-tensor-hooks block ({hook_blocks[0]}: torch.utils.checkpoint without "
@@ -411,17 +413,17 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             "hold what that block frees")
     if hooks:
         raise ExportRefused(
-            f"actfx: {name}'s forward registers a gradient hook ({hooks[0]}) that torch.export would drop; convert "
-            "without example_inputs to convert submodule by submodule (the forward runs as written, hooks included)")
+            f"actfx: {name}'s forward registers a gradient hook ({hooks[0]}) that torch.export would drop",
+            " (the forward runs as written, hooks included)")
     unlifted = ep.module()
     graph = unlifted.graph
-    transform = next((n.target.__name__ for n in graph.nodes if n.op == "call_function"
-                      and getattr(n.target, "__module__", None) == _FUNCTORCH_LEVELS), None)
-    if transform is not None:
+    levels = [n.target.__name__ for n in graph.nodes if n.op == "call_function"
+              and getattr(n.target, "__module__", None) == _FUNCTORCH_LEVELS]
+    if levels:  # named by its first level change, not by the decompositions' loader before it
+        transform = next((t for t in levels if t != "lazy_load_decompositions"), levels[0])
         raise ExportRefused(
             f"actfx: {name}'s forward runs a torch.func transform ({transform}: vmap, grad or jvp), whose levels the "
-            "captured graph holds as separate calls that a rewrite cannot keep paired; convert without example_inputs "
-            "to convert submodule by submodule (the forward runs as written)")
+            "captured graph holds as separate calls that a rewrite cannot keep paired", " (the forward runs as written)")
     guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)
     _replace_guards_call(graph, guard)
     _drop_dtype_assertions(graph)

@@ -253,9 +253,10 @@ class _Rewriter:
         of a product met twice, as in ``h * h`` or ``h @ h.mT``)."""
         if i in site.reads_own:
             return True
+        if not site.factors:
+            return False
         root = self._element_source(v)
-        return site.factors and any(j != i and isinstance(w, Node) and self._element_source(w) is root
-                                    for j, w in enumerate(site.saved))
+        return any(j != i and isinstance(w, Node) and self._element_source(w) is root for j, w in enumerate(site.saved))
 
     def _element_source(self, v: Node) -> Node:
         """The value ``v`` is a reshape, cast or transpose of (all its elements, same noise)."""

@@ -17,6 +17,7 @@ exact (``torch.equal``), so only values that are truly constant are narrowed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -58,22 +59,25 @@ def _narrowed(d: torch.Tensor, shapes: list, stand_in: torch.Tensor | None = Non
     whose size-1 dims it is exactly constant; else ``d``. A fake ``d`` has no values: constancy
     is read on ``stand_in``, the same partial at small random inputs of the same broadcast
     pattern (None: not narrowed)."""
-    without_values = isinstance(d, FakeTensor) or d.is_meta
+    fake = _without_values(d)
+    probe = stand_in if fake else d
     for shape in sorted(shapes, key=lambda s: torch.Size(s).numel()):
         ones = [i for i, n in enumerate(shape) if n == 1 and d.shape[i] != 1]
-        if not ones:
+        if not ones or probe is None:
             continue
-        if without_values:
-            with unset_fake_temporarily():  # the stand-in is real, read outside the fake mode
-                if stand_in is None or not _constant_along(stand_in, ones):
-                    continue
-        if not without_values and not _constant_along(d, ones):
-            continue
+        # a stand-in is real, read outside the fake mode (a training step's own d needs nothing)
+        with unset_fake_temporarily() if fake else contextlib.nullcontext():
+            if not _constant_along(probe, ones):
+                continue
         first = d
         for i in ones:
             first = first.narrow(i, 0, 1)
         return first.contiguous()
     return d
+
+
+def _without_values(d: torch.Tensor | None) -> bool:
+    return isinstance(d, FakeTensor) or (d is not None and d.is_meta)
 
 
 def _constant_along(d: torch.Tensor, dims: list) -> bool:
@@ -136,8 +140,7 @@ class Several:
         dims = len(shape)
         shapes = [(1,) * (dims - x.dim()) + tuple(x.shape) for x in fixed if isinstance(x, torch.Tensor)]
         broadcast = len(set(shapes)) > 1
-        fake = any(isinstance(d, FakeTensor) or (d is not None and d.is_meta) for d in got)
-        stand_ins = self._at_small_inputs(xs) if broadcast and fake else none
+        stand_ins = self._at_small_inputs(xs) if broadcast and any(_without_values(d) for d in got) else none
         result = list(none)
         for i, d in zip(wanted, got):
             result[i] = None if d is None else _narrowed(d.detach(), shapes, stand_ins[i]) if broadcast else d.detach()
