@@ -69,6 +69,7 @@ class PackSource:
     value: str
     units: tuple
     derived: bool = False  # holds something computed from the node's input (GELU's derivative), not its value
+    floor: int = 0  # the narrowest width it is packed at whatever its units ask (q, k of recomputed attention)
 
 
 def unit_key(module_path: str | None, kind: str, occurrence: int = 1) -> str:
@@ -161,11 +162,14 @@ class _Rewriter:
     def _bits_per_value(self) -> dict[Node, int]:
         bits: dict[Node, int] = {}
         self.units: dict[Node, set] = {}
+        self.floors: dict[Node, int] = {}
         for node, site in self.sites.items():
             b = self.config.bits_for(site.kind, self._path(site), self.keys[node])
             for i, v in enumerate(site.saved):
                 if isinstance(v, Node):
                     bits[v] = max(bits.get(v, 0), b, NONLINEAR_BITS if i in site.nonlinear else 0)
+                    if i in site.nonlinear:
+                        self.floors[v] = NONLINEAR_BITS
                     self.units.setdefault(v, set()).add(self.keys[node])
         return bits
 
@@ -174,7 +178,8 @@ class _Rewriter:
     def _pack(self, v: Node) -> tuple:
         if self.bits[v] == KEEP_EXACT:  # a plan keeps it as it is
             return ("exact",), [self.env[v]], None
-        spec, run = self._pack_new(self.env[v], self.bits[v], PackSource(v.name, tuple(sorted(self.units[v]))))
+        spec, run = self._pack_new(self.env[v], self.bits[v], PackSource(v.name, tuple(sorted(self.units[v])),
+                                                                              floor=self.floors.get(v, 0)))
         self.packs[v] = (spec, run, ("pack", v.name))
         return self.packs[v]
 

@@ -15,7 +15,7 @@ def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
     ``exact``: keeping it as it is is an option too (no variance)."""
     widths = (*ALLOWED_BITS, KEEP_EXACT) if exact else ALLOWED_BITS
     return Option({b: group.nbytes(b, group_size) for b in widths},
-                  {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[p.key].at(b) for p in group.packs
+                  {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[p.key].at(p.width(b)) for p in group.packs
                                                       if p.key in sensitivity)
                    for b in widths})
 
@@ -40,7 +40,7 @@ def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, 
         for unit in outside:
             per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
         for pack in group.packs:
-            b = width if width is not None else pack.bits
+            b = pack.width(width) if width is not None else pack.bits
             numel_bits += pack.numel * (8 * pack.itemsize if b == KEEP_EXACT else b)
             numel += pack.numel
             first = per_unit[next((u for u in pack.source.units if u in outside), outside[0])]

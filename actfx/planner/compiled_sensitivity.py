@@ -4,12 +4,13 @@ The same estimate as the eager path's (``sensitivity``), taken where the compile
 the model is captured and partitioned exactly as ``actfx.compile`` does it (min-cut partitioner,
 then actfx's pass: hoisting, masks, exact statistics), but the graphs run as plain fx code and
 each value the pass would pack stays saved as it is, read in backward through a ``Probe``. One
-forward on real calibration inputs, one exact backward, then one backward per packed value with
-that value stochastically rounded to 2 bits where backward reads it:
+forward on real calibration inputs, one exact backward, then two backwards per packed value with
+that value stochastically rounded to 1 and to 2 bits where backward reads it:
 
-    Var_v(2) = || g(noise on v) - g ||^2,   Var_v(b) = Var_v(2) * sum sigma^2(b) / sum sigma^2(2)
+    Var_v(b) = || g(noise on v at b bits) - g ||^2,   Var_v(b > 2) = Var_v(2) * sum sigma^2(b) / sum sigma^2(2)
 
-(``sigma^2`` the per-value rounding variance, ``sensitivity.rounding_variance``). Nothing is kept
+(``sigma^2`` the per-value rounding variance, ``sensitivity.rounding_variance``; ``sensitivity``
+says why 1 bit is measured, not scaled). Nothing is kept
 on the model; training steps after planning read fixed widths and never sync with the host.
 """
 
@@ -22,7 +23,7 @@ from actfx.compiled_estimate import as_fx_code
 from actfx.config import Config
 from actfx.kernels import ALLOWED_BITS
 from actfx.passes.saved_plan import Storage
-from actfx.planner.sensitivity import (CALIBRATION_BITS, PackSensitivity, _gradient, _projection, rounding_noise,
+from actfx.planner.sensitivity import (PackSensitivity, _gradient, _projection, measured_variance, rounding_noise,
                                        rounding_variance)
 
 
@@ -83,12 +84,14 @@ def _measure(model, inputs, compiled, record, probe, config, loss_fn, seed) -> d
             value = probe.values[key]
             if key not in sites or not value.is_floating_point():
                 continue
-            probe.active = (key, rounding_noise(value, CALIBRATION_BITS, group, generator))
-            diff = torch._foreach_sub(_gradient(loss, params), exact)
-            measured = sum(float(n) ** 2 for n in torch._foreach_norm(diff))
-            base = float(rounding_variance(value, CALIBRATION_BITS, group).sum())
+
+            def start(bits, key=key, value=value):
+                probe.active = (key, rounding_noise(value, bits, group, generator))
+
+            variance = measured_variance(start, loss, params, exact,
+                                         lambda b, value=value: float(rounding_variance(value, b, group).sum()))
             total = result.setdefault(sites[key], dict.fromkeys(ALLOWED_BITS, 0.0))
             for b in ALLOWED_BITS:
-                total[b] += measured * float(rounding_variance(value, b, group).sum()) / base if base > 0 else 0.0
+                total[b] += variance.at(b)
         probe.active = None
     return {site: PackSensitivity(v) for site, v in result.items()}

@@ -337,8 +337,9 @@ def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, gro
                                calibration, loss_fn=loss_fn, group_size=group_size)
     sensitivity = dict(found)
     unmeasured = {p.key for g in inventory.groups for p in g.packs if p.key not in sensitivity}
+    floors = {p.key: p.source.floor for g in inventory.groups for p in g.packs}
     sensitivity.update(probed_sensitivities(converted, calibration, unmeasured, loss_fn=loss_fn,
-                                            group_size=group_size))
+                                            group_size=group_size, floors=floors))
     return sensitivity
 
 

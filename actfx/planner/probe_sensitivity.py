@@ -6,9 +6,11 @@ q, k, v from which attention's backward recomputes. Those packs were left at the
 which on a ViT is most of what it holds. Here the converted model itself runs, its compiled
 forwards calling a probe in place of ``pack_value``: every pack is kept exact except one, which is
 packed for real at its width, and ``Var_p = ||g(that pack) - g||^2`` comes from one forward and
-backward (one draw, as in ``sensitivity``; recomputed attention's nonlinear error included). Other
-widths scale by the rounding variance. One step per probed pack, on the planner's own converted
-copy; the random state, the model's buffers and the forwards' globals are restored afterwards.
+backward (one draw, as in ``sensitivity``; recomputed attention's nonlinear error included). As
+there, 1 and 2 bits are measured too where the pack may take them: the value is first rounded to
+that width's levels (which the wider pack then holds exactly, up to its bf16 group range), other
+widths scale by the rounding variance. One step per probed pack and width, on the planner's own
+converted copy; the random state, the model's buffers and the forwards' globals are restored afterwards.
 """
 
 from __future__ import annotations
@@ -18,10 +20,10 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from actfx.kernels import ALLOWED_BITS
 from actfx.passes.capture import buffers_restored
 from actfx.passes.rewrite import PACK_META
-from actfx.planner.sensitivity import PackSensitivity, _gradient, _projection, rounding_variance
+from actfx.planner.sensitivity import (MEASURED_BITS, PackSensitivity, _gradient, _projection, per_width,
+                                       rounding_noise, rounding_variance, squared_distance)
 from actfx.variants.packing import pack_value
 
 
@@ -32,13 +34,14 @@ def pack_key(path: str, source) -> tuple:
 
 
 def probed_sensitivities(converted: nn.Module, inputs: tuple, wanted: set, *, loss_fn=None,
-                         group_size: int = 256, seed: int = 0) -> dict:
+                         group_size: int = 256, seed: int = 0, floors: dict | None = None) -> dict:
     """{pack key: PackSensitivity} for each key in ``wanted`` (``pack_key``) that a training
-    forward of ``converted`` on ``inputs`` (real tensors) packs."""
+    forward of ``converted`` on ``inputs`` (real tensors) packs; ``floors``: key -> the narrowest
+    width that pack is ever packed at (narrower widths are not measured)."""
     if not wanted:
         return {}
     params = [p for p in converted.parameters() if p.requires_grad]
-    probe = _Probe()
+    probe = _Probe(group_size, torch.Generator().manual_seed(seed))
 
     def gradient():
         with torch.random.fork_rng(devices=[]):  # dropout draws the same masks in every run
@@ -52,26 +55,34 @@ def probed_sensitivities(converted: nn.Module, inputs: tuple, wanted: set, *, lo
         exact = gradient()
         for key in sorted(wanted & probe.seen):
             probe.start(key)
-            noisy = gradient()
-            measured = sum(float(n) ** 2 for n in torch._foreach_norm(torch._foreach_sub(noisy, exact)))
-            base = sum(float(rounding_variance(v, probe.bits, group_size).sum()) for v in probe.values)
-            result[key] = PackSensitivity({
-                b: measured * sum(float(rounding_variance(v, b, group_size).sum()) for v in probe.values) / base
-                if base > 0 else 0.0 for b in ALLOWED_BITS})
+            noisy = squared_distance(gradient(), exact)
+            values, width = probe.values, probe.bits
+            if width is None:
+                continue  # nothing was packed (too small to pay)
+            measured = {width: noisy}
+            floor = (floors or {}).get(key, 0)
+            for bits in (b for b in MEASURED_BITS if floor <= b < width):
+                probe.start(key, rounded_to=bits)
+                measured[bits] = squared_distance(gradient(), exact)
+            result[key] = PackSensitivity(per_width(
+                measured.__getitem__, lambda b, values=values: sum(
+                    float(rounding_variance(v, b, group_size).sum()) for v in values), widths=sorted(measured)))
     return result
 
 
 class _Probe:
     """Stands in for ``pack_value``: keeps every value exact except the active pack's."""
 
-    def __init__(self):
+    def __init__(self, group_size: int, generator: torch.Generator):
         self.seen: set = set()
         self.active = None
         self.values: list = []
         self.bits = None
+        self.rounded_to = None  # first round the active value to this width's levels (None: no)
+        self.group_size, self.generator = group_size, generator
 
-    def start(self, key) -> None:
-        self.active, self.values, self.bits = key, [], None
+    def start(self, key, rounded_to: int | None = None) -> None:
+        self.active, self.values, self.bits, self.rounded_to = key, [], None, rounded_to
 
     def pack(self, path: str, streams: dict, x, seed, stream: int, bits: int, group_size: int, stochastic: bool,
              min_numel: int):
@@ -80,9 +91,12 @@ class _Probe:
         self.seen.add(key)
         if key is None or key != self.active:
             return None, None
+        value = x
+        if self.rounded_to is not None:
+            x = x + rounding_noise(x, self.rounded_to, self.group_size, self.generator).to(x.dtype)
         codes, meta = pack_value(x, seed, stream, bits, group_size, stochastic, min_numel)
         if codes is not None:
-            self.values.append(x.detach().clone())
+            self.values.append(value.detach().clone())
             self.bits = bits
         return codes, meta
 

@@ -118,3 +118,45 @@ def test_batch_norm_packs_are_estimated_from_their_normalised_input(unit, key):
     exact = gradient(model)
     measured = sum(float((gradient(converted) - exact).square().sum()) for _ in range(24)) / 24
     assert measured == pytest.approx(predicted, rel=0.35)
+
+
+class _Scaled(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = torch.nn.Linear(128, 8)
+
+    def forward(self, x):
+        return self.fc(x * 1.0)
+
+
+def test_one_bit_is_measured_not_scaled_from_two():
+    """Rows that set each group's range [-1, 1] alternate with rows sitting on 2-bit levels
+    (+-1/3), and only the latter reach the loss: 2-bit noise reaches the gradient hardly at all,
+    1-bit noise fully. Scaled down from 2 bits by the rounding variance, as every width was, the
+    1-bit estimate was about 10x too low (regnet_x_400mf's 1-bit packs were 2.5x too low, so its
+    plan put 1 bit where it hurt)."""
+    torch.manual_seed(0)
+    rows = 16
+    x = torch.empty(2 * rows, 128)
+    x[0::2] = torch.linspace(-1, 1, 128)  # one row of 128 and one of 128: a group of 256
+    x[1::2] = (torch.randint(0, 2, (rows, 128)) * 2 - 1) / 3.0
+    weight = torch.randn(rows, 8, generator=torch.Generator().manual_seed(1))
+
+    def loss(out):
+        return (out[1::2] * weight).sum()
+
+    model = _Scaled()
+    config = Config(bits=1, op_bits={})
+    converted = actfx.convert(model, config=config)
+    found = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions, (x,),
+                               loss_fn=loss)
+    (estimate,) = found.values()
+    params = list(model.parameters())
+
+    def gradient(m):
+        return torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(m(x)), params)])
+
+    exact = gradient(model)
+    measured = sum(float((gradient(converted) - exact).square().sum()) for _ in range(24)) / 24
+    assert measured == pytest.approx(estimate.at(1), rel=0.35)
+    assert estimate.at(1) > 20 * estimate.at(2)  # rounding variance alone says about 9x
