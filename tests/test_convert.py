@@ -16,7 +16,7 @@ import torch.nn.functional as F
 import actfx
 from actfx.accounting import count_saved
 from actfx.convert import is_converted
-from checks import assert_same_forward_and_fewer_bytes, parameter_grads
+from checks import assert_mean_converges, assert_same_forward_and_fewer_bytes, parameter_grads
 from model_families import FAMILIES
 
 NAMES = sorted(FAMILIES)
@@ -1209,3 +1209,25 @@ def test_a_submodule_replaced_after_conversion_is_not_ignored():
             out = converted(x)
         assert torch.equal(out, model(x)), name
         assert any("changed since conversion" in str(w.message) for w in caught) != same, name
+
+
+def test_a_frozen_prefix_leaves_the_first_trainable_conv_its_packed_input():
+    """Fine-tuning with conv -> BatchNorm -> ReLU frozen: the next conv rebuilds its input from
+    BatchNorm's x̂ and the ReLU's mask, which a frozen BatchNorm and ReLU do not make (no backward
+    runs through them). The conv then kept its input in fp32 (1.9x less than PyTorch, 17x with
+    nothing frozen); now it packs the input itself, unbiased."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                          nn.Conv2d(16, 16, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(16, 10))
+    for p in [*model[0].parameters(), *model[1].parameters()]:
+        p.requires_grad_(False)
+    x = torch.randn(4, 3, 16, 16)
+    converted = actfx.convert(model, bits=2)
+    assert_same_forward_and_fewer_bytes(model, converted, x, 10)
+    trained = [p for p in model.parameters() if p.requires_grad]
+
+    def grads(m):
+        return torch.cat([g.flatten() for g in torch.autograd.grad(m(x).square().sum(), trained)])
+
+    assert_mean_converges([grads(converted) for _ in range(64)], grads(model), least_noise=0.01)

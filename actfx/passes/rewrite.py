@@ -31,6 +31,7 @@ from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.site import NONLINEAR_BITS
 from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
 from actfx.variants.packing import next_seed, pack_value
+from actfx.variants.saved import value_if_missing
 
 _TRANSPOSES = {"transpose", "permute", "t", torch.transpose, torch.permute, torch.t}  # fx targets
 
@@ -95,6 +96,8 @@ def describe(spec: tuple) -> str:
         return "sum of (" + describe(spec[1]) + ") and (" + describe(spec[2]) + ")"
     if kind == "shape":
         return "shape only"
+    if kind == "or_pack":
+        return describe(spec[-1])  # what a model with nothing frozen stores
     return "kept exact"
 
 
@@ -183,7 +186,8 @@ class _Rewriter:
         self.packs[v] = (spec, run, ("pack", v.name))
         return self.packs[v]
 
-    def _pack_new(self, value: Node, bits: int, source: PackSource) -> tuple:
+    def _seed(self) -> Node:
+        """The forward's seed node (made at the first pack)."""
         if self.seed is None:
             with self.new.inserting_after(self._last_placeholder):
                 state = self.new.get_attr(SEED_STATE)
@@ -191,6 +195,26 @@ class _Rewriter:
                 buffer = self.new.get_attr(SEED_BUFFER)
             with self.new.inserting_after(buffer):
                 self.seed = self.new.call_function(next_seed, (state, buffer))
+        return self.seed
+
+    def _or_pack(self, v: Node, rebuilt: tuple) -> tuple:
+        """``rebuilt`` (a ``_cheap`` rebuild of ``v``), packing ``v`` at run time where the rebuild's
+        pieces are missing (their producer needs no backward: a frozen prefix)."""
+        bits = self.bits.get(v, self.config.bits)
+        if bits == KEEP_EXACT:
+            return rebuilt
+        spec, run, source = rebuilt
+        gs = self.config.group_size
+        missing = self.new.call_function(value_if_missing, (spec, self.env[v], *run[1:]))
+        call = self.new.call_function(
+            pack_value, (missing, self._seed(), self.stream, bits, gs, self.config.stochastic, self.config.min_numel))
+        self.stream += 1
+        codes = self.new.call_function(operator.getitem, (call, 0))
+        meta = self.new.call_function(operator.getitem, (call, 1))
+        return ("or_pack", bits, gs, spec), [self.env[v], codes, meta, *_nested(run)], source
+
+    def _pack_new(self, value: Node, bits: int, source: PackSource) -> tuple:
+        self._seed()
         gs = self.config.group_size
         call = self.new.call_function(
             pack_value, (value, self.seed, self.stream, bits, gs, self.config.stochastic, self.config.min_numel)
@@ -251,7 +275,10 @@ class _Rewriter:
             return ("exact",), [self.env[v]], None
         if self._reads_itself(site, i, v):
             return self._own_rounding(v)
-        return self._cheap(v) or self._pack(v)
+        rebuilt = self._cheap(v)
+        if rebuilt is not None and rebuilt[0][0] != "packed":
+            return self._or_pack(v, rebuilt)
+        return rebuilt or self._pack(v)
 
     def _reads_itself(self, site: Site, i: int, v: Node) -> bool:
         """Whether the gradient with respect to ``v`` reads ``v`` (``Site.reads_own``, or a factor

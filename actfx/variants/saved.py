@@ -14,6 +14,10 @@ tensors. The spec says how to rebuild the value from stored pieces:
     ("sum", left, right)                tensors: value, *left, *right     -> left + right (residual adds)
     ("shape",)                          tensors: value                    -> zeros of value's shape
                                         (for linear ops whose backward reads only the input's shape)
+    ("or_pack", bits, group_size, inner) tensors: value, codes, meta, *inner
+                                                                       -> inner, or, when its pieces
+                                        are missing at run time, the value packed in forward where
+                                        ``value_if_missing`` found them missing (codes None otherwise)
 
 ``value`` is the tensor itself; it is read for its shape and dtype and kept only when the cheaper
 pieces are missing at run time (grad disabled when packing, tiny tensors, integer dtypes). Inside
@@ -35,7 +39,8 @@ from actfx.kernels import affine_scale_by_mask, channel_affine, scale_by_mask, u
 EXACT = ("exact",)
 
 # Tensor slots each spec kind reads from the flat run before its inner spec.
-_HEAD = {"exact": 1, "shape": 1, "sum": 1, "packed": 3, "masked": 2, "affine": 3, "reshape": 1, "permute": 1}
+_HEAD = {"exact": 1, "shape": 1, "sum": 1, "packed": 3, "masked": 2, "affine": 3, "reshape": 1, "permute": 1,
+         "or_pack": 3}
 
 
 def spec_width(spec: tuple) -> int:
@@ -48,10 +53,11 @@ def spec_width(spec: tuple) -> int:
     return _HEAD[kind] + spec_width(spec[-1])
 
 
-def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[torch.Tensor]]:
+def split_spec(spec: tuple, tensors: Sequence, like=None, dry: bool = False) -> tuple[tuple, list[torch.Tensor]]:
     """Turn a spec and its run of tensors into (plan, storage) for ``ctx.save_for_backward``.
 
     The plan is the spec with shapes and dtypes filled in; storage is what is actually kept.
+    ``dry``: only the plan is wanted (no pack counts a reader).
     """
     kind = spec[0]
     value = tensors[0] if tensors[0] is not None or like is None else like
@@ -65,18 +71,21 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
         codes, meta = tensors[1], tensors[2]
         if codes is None:
             return EXACT, [held(value)]
-        _count_reader(codes)
+        if not dry:
+            _count_reader(codes)
         return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
+    if kind == "or_pack":
+        return _packed_if_missing(spec, tensors, value, dry)
     if kind == "sum":
         width = spec_width(spec[1])
-        left_plan, left_store = split_spec(spec[1], tensors[1 : 1 + width], like=value)
-        right_plan, right_store = split_spec(spec[2], tensors[1 + width :], like=value)
+        left_plan, left_store = split_spec(spec[1], tensors[1 : 1 + width], like=value, dry=dry)
+        right_plan, right_store = split_spec(spec[2], tensors[1 + width :], like=value, dry=dry)
         heads = (tensors[1], tensors[1 + width])
         same_shape = all(h is None or h.shape == value.shape for h in heads)
         if not same_shape or {left_plan[0], right_plan[0]} & {"exact", "const"}:
             return EXACT, [value]
         return ("sum", left_plan, right_plan), [*left_store, *right_store]
-    inner_plan, inner_store = split_spec(spec[-1], tensors[_HEAD[kind]:], like=value)
+    inner_plan, inner_store = split_spec(spec[-1], tensors[_HEAD[kind]:], like=value, dry=dry)
     if inner_plan[0] in ("exact", "const"):
         # Nothing cheaper than the value itself underneath: keep the value.
         return EXACT, [value]
@@ -97,6 +106,26 @@ def split_spec(spec: tuple, tensors: Sequence, like=None) -> tuple[tuple, list[t
     if kind == "permute":
         return ("permute", spec[1], inner_plan), inner_store
     raise ValueError(f"unknown saved-value spec {spec!r}")
+
+
+def _packed_if_missing(spec: tuple, tensors: Sequence, value: torch.Tensor, dry: bool) -> tuple:
+    inner_plan, inner_store = split_spec(spec[-1], tensors[3:], like=value, dry=dry)
+    if inner_plan[0] not in ("exact", "const") or tensors[1] is None:
+        return inner_plan, inner_store
+    return split_spec(("packed", spec[1], spec[2]), [value, tensors[1], tensors[2]], dry=dry)
+
+
+def value_if_missing(inner: tuple, value, *pieces):
+    """``value`` where the rebuild ``inner`` cannot be made from ``pieces`` at run time, else None
+    (what the forward then packs for an ``or_pack`` spec). The pieces are made only where their
+    producer's backward runs: with a frozen conv -> BatchNorm -> ReLU prefix (fine-tuning,
+    torchvision detection's frozen layers) the first trainable conv found neither BatchNorm's x̂
+    nor the ReLU's mask and kept its input in fp32 (ResNet-50 with conv1 and layer1 frozen held
+    5.6x less than PyTorch instead of 10.8x)."""
+    if not isinstance(value, torch.Tensor) or not torch.is_grad_enabled():
+        return None
+    plan, _ = split_spec(inner, [value, *pieces], dry=True)
+    return value if plan[0] in ("exact", "const") else None
 
 
 def held(value: torch.Tensor) -> torch.Tensor:
