@@ -45,7 +45,15 @@ def copied(self, memo=None):
         from actfx.breakdown import original_of
 
         return _convert_again(copy.deepcopy(original_of(self), memo), record.config, record.leaf_modules)
-    return copy._reconstruct(self, memo, *object.__reduce_ex__(self, 4))
+    # nn.Module's own state, not the class's __getstate__: a parametrized module's (weight_norm)
+    # raises to forbid pickling, and copies of a converted one (actfx.show, the first-call
+    # capture) failed although PyTorch copies the module itself fine
+    new = type(self).__new__(type(self))
+    if memo is not None:
+        memo[id(self)] = new
+    state = nn.Module.__getstate__(self)
+    new.__setstate__(state if memo is None else copy.deepcopy(state, memo))
+    return new
 
 
 def _convert_again(original: nn.Module, config, leaf_modules: tuple) -> nn.Module:
