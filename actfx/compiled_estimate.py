@@ -9,6 +9,8 @@ backward never runs.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn as nn
 
@@ -64,8 +66,11 @@ def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_bu
     compiled, record = as_fx_code(model, config, memory_budget)
     was_training = model.training
     model.train()
+    # on meta inputs, tensors the forward builds without a device (RoPE's torch.arange(T)) are made
+    # on meta too: made on the CPU they met meta activations ("Tensor device mismatch")
+    on_meta = any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs)
     try:
-        with torch.enable_grad():
+        with torch.enable_grad(), torch.device("meta") if on_meta else contextlib.nullcontext():
             compiled(*inputs)
     finally:
         model.train(was_training)

@@ -692,13 +692,16 @@ def _clone(module: nn.Module, cls: type) -> nn.Module:
     """A new module of class ``cls`` sharing the original's Parameters, buffers and children.
 
     Container dicts are fresh so later changes to one object's module tree do not leak into
-    the other; the tensors and submodules inside are the very same objects.
+    the other; the tensors and submodules inside are the very same objects. The hook dicts are
+    shared: a handle removes its hook from the dict it was registered in, and a clone holding a
+    copy kept running a hook the user had removed from the original (a forward hook scaling an
+    output by 10, silently), and a lazy module's one-shot initialising hook ran again and failed.
     """
     new = object.__new__(cls)
     share_recording(module, new)
     state = dict(module.__dict__)
     for key, value in list(state.items()):
-        if isinstance(value, (dict, set)):
+        if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key:
             state[key] = type(value)(value)
     new.__dict__.update(state)
     new.__dict__.pop("_actfx_record", None)

@@ -1265,3 +1265,39 @@ def test_a_parametrized_module_is_copied_and_captured():
     twin = copy.deepcopy(converted)
     assert torch.equal(twin(x), model(x))
     assert twin.conv.parametrizations.weight.original0 is not model.conv.parametrizations.weight.original0
+
+
+class _HookedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c = nn.Conv2d(3, 8, 3, padding=1)
+        self.l = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.l(self.c(x).relu().mean((2, 3)))
+
+
+def test_a_hook_removed_after_conversion_stops_running_in_the_converted_model():
+    """A hooked submodule is converted as a clone; its hook dict was a copy, so removing the hook
+    through its handle (feature extraction, Grad-CAM) left it running in the converted model."""
+    torch.manual_seed(0)
+    model, x = _HookedNet(), torch.randn(2, 3, 8, 8)
+    handle = model.c.register_forward_hook(lambda module, args, out: out * 10)
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(x), model(x))
+    handle.remove()
+    assert torch.equal(converted(x), model(x))
+
+
+def test_lazy_modules_converted_before_their_first_call_keep_working():
+    """A lazy module's initialising pre-hook removes itself after the first call; the clone kept it
+    and ran it again on the second call (AttributeError: 'Conv2d' has no 'initialize_parameters')."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.LazyConv2d(16, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU(), nn.Flatten(),
+                          nn.LazyLinear(10))
+    x = torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = actfx.convert(model, bits=2)
+        for _ in range(2):
+            converted(x).sum().backward()

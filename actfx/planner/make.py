@@ -24,7 +24,7 @@ import torch.nn as nn
 
 from actfx.config import Config, check_bits
 from actfx.convert import convert
-from actfx.passes.analyze import measure, trace_like
+from actfx.passes.analyze import DATA_DEPENDENT, measure, trace_like
 from actfx.passes.capture import buffers_restored, training_mode
 from actfx.planner.assemble import assemble, option
 from actfx.planner.batch import batch_of, with_batch
@@ -326,7 +326,17 @@ def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:
         wrapped = _quiet_convert(model, config=dataclasses.replace(base, recompute_modules=level))
         present |= {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
     paths = [p for p in paths if p in present]
-    blocks, total = measure_blocks(model, inputs, paths, planned, dtype=dtype)
+    try:
+        blocks, total = measure_blocks(model, inputs, paths, planned, dtype=dtype)
+    except Exception as err:  # noqa: BLE001 - re-raised unless the forward reads tensor values
+        if type(err).__name__ not in DATA_DEPENDENT:
+            raise
+        # shapes that depend on values (MoE routing's nonzero) have no fake-tensor run: before,
+        # the default recompute="auto" turned a budget widths could not meet into this exception
+        warnings.warn(f"actfx.plan: {type(model).__name__}'s forward has shapes that depend on tensor values "
+                      f"({type(err).__name__}), so the modules it could recompute were not measured; the plan "
+                      "chooses widths only", stacklevel=3)
+        return [], None if recompute == "auto" else 0
     return blocks, None if recompute == "auto" else recompute * total
 
 

@@ -159,3 +159,25 @@ def test_a_model_that_cannot_be_partitioned_on_meta_tensors_says_what_to_do():
     model.config.use_cache = False
     plan = actfx.plan(model, (ids,), activation_budget=10**6, path="compile")
     assert plan.activation_bytes <= 10**6
+
+
+class _Positions(torch.nn.Module):
+    """A forward that builds a tensor without ``device=`` (a position table, RoPE's arange)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(16, 64), torch.nn.Linear(64, 16)
+
+    def forward(self, x):
+        position = torch.arange(x.shape[1], dtype=torch.float32)[:, None] / x.shape[1]
+        return self.b(torch.tanh(self.a(x + position)))
+
+
+def test_a_forward_building_tensors_without_a_device_is_planned_on_meta_tensors():
+    """The partition at the planned batch runs on meta tensors; the forward's own arange was made on
+    the CPU and met them ("Tensor device mismatch"), so the compile plan failed where
+    actfx.compile and the eager plan work."""
+    torch.manual_seed(0)
+    model, x = _Positions(), torch.randn(4, 32, 16)
+    plan = actfx.plan(model, (x,), activation_budget=8192, path="compile", loss_fn=projection())
+    assert 0 < plan.activation_bytes <= 8192

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
@@ -254,3 +255,48 @@ def test_hand_assembled_blocks_are_candidates_and_recomputed():
     assert _held(converted, x) == planned.activation_bytes < uniform
     for exact, got in zip(_grads(model, x), _grads(converted, x)):
         torch.testing.assert_close(got, exact, rtol=1e-4, atol=1e-6)
+
+
+class _Routed(nn.Module):
+    """Top-2 routing (MoE): ``torch.where`` picks each expert's tokens, a shape fake tensors cannot know."""
+
+    def __init__(self, d=32, experts=4):
+        super().__init__()
+        self.router = nn.Linear(d, experts)
+        self.experts = nn.ModuleList([nn.Sequential(nn.Linear(d, 64), nn.GELU(), nn.Linear(64, d))
+                                      for _ in range(experts)])
+
+    def forward(self, x):
+        w, idx = self.router(x).softmax(-1).topk(2, -1)
+        out = torch.zeros_like(x)
+        for e, expert in enumerate(self.experts):
+            tok, slot = torch.where(idx == e)
+            out = out.index_add(0, tok, expert(x[tok]) * w[tok, slot, None])
+        return out
+
+
+class _RoutedNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blocks = nn.ModuleList([_Routed() for _ in range(2)])
+        self.out = nn.Linear(32, 10)
+
+    def forward(self, x):
+        for block in self.blocks:
+            x = x + block(F.layer_norm(x, (32,)))
+        return self.out(x)
+
+
+def test_a_forward_with_value_dependent_shapes_plans_widths_only():
+    """Measuring what blocks would recompute runs on fake tensors, where ``nonzero`` has no size:
+    recompute=0.3, and the default "auto" once widths alone missed the budget, raised
+    DynamicOutputShapeException instead of a plan or a BudgetError."""
+    torch.manual_seed(0)
+    model, x = _RoutedNet(), torch.randn(64, 32)
+    with count_saved(model) as held:
+        out = actfx.convert(model, bits=2)(x)  # noqa: F841 - what a live output's graph holds is what counts
+    with pytest.warns(UserWarning, match="shapes that depend on tensor values"):
+        plan = actfx.plan(model, (x,), activation_budget=held.activation_bytes, recompute=0.3)
+    assert not plan.recomputed and plan.activation_bytes <= held.activation_bytes
+    with pytest.warns(UserWarning, match="shapes that depend on tensor values"), pytest.raises(actfx.BudgetError):
+        actfx.plan(model, (x,), activation_budget=held.activation_bytes // 2, recompute="auto")
