@@ -89,6 +89,25 @@ def _module_recompute_site(node, path, m, checkpoint: bool = False):
     return Site(node, kind, path, nodes, emit, exact=exact)
 
 
+aten = torch.ops.aten
+# what torch.export makes of nn.LSTM / GRU / RNN and their cells (fx keeps the modules: above)
+RECURRENT_OPS = (aten.lstm.input, aten.gru.input, aten.rnn_tanh.input, aten.rnn_relu.input, aten.lstm_cell.default,
+                 aten.gru_cell.default, aten.rnn_tanh_cell.default, aten.rnn_relu_cell.default)
+
+
+def recurrent_op_site(node):
+    """An exported recurrent layer or cell, rerun in backward from its exact inputs as the module
+    is under fx: an nn.LSTM captured by torch.export held 1.05x less than PyTorch, 32x under fx."""
+    args_t, kwargs_t, nodes = _template(node.args, node.kwargs)
+    op = node.target
+
+    def emit(graph, env, specs, runs, pack=None):
+        flat = [n for run in runs for n in run]
+        return graph.call_function(module_recompute.recompute_op, (op, (args_t, kwargs_t, tuple(specs)), *flat)), {}
+
+    return Site(node, "recurrent", None, nodes, emit, exact=tuple(range(len(nodes))))
+
+
 # ---------------------------------------------------------------- products
 
 def _product_site(node, op, a, b, inplace=False):

@@ -25,7 +25,8 @@ from actfx.passes.site_activations import (
     prelu_functional, prelu_site, reduced_extremum_site,
 )
 from actfx.passes.site_attention import (
-    _ADDCMUL, _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, _module_recompute_site, _product, _sdpa,
+    _ADDCMUL, _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, RECURRENT_OPS, _module_recompute_site, _product,
+    recurrent_op_site, _sdpa,
     _softmax_functional, _softmax_site, addcmul_site,
 )
 from actfx.passes.site_elementwise import (
@@ -145,6 +146,7 @@ _NODE_SITES = {
     **dict.fromkeys(SCATTER_REDUCES, scatter_reduce_site),
     **dict.fromkeys(ROW_DISTANCES, row_distance_site),
     **dict.fromkeys(CDISTS, cdist_site),
+    **dict.fromkeys(RECURRENT_OPS, recurrent_op_site),
     **dict.fromkeys(SELECTIONS, selection_site),
 }
 

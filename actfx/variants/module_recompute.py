@@ -1,5 +1,6 @@
 """A whole module with packed inputs, recomputed in backward (nn.MultiheadAttention,
-nn.TransformerEncoderLayer, nn.TransformerDecoderLayer).
+nn.TransformerEncoderLayer, nn.TransformerDecoderLayer, recurrent layers; ``recompute_op``: the
+ATen op torch.export makes of a recurrent layer or cell).
 
 These modules run fused or branchy code that fx treats as one leaf call. Inside, autograd
 keeps projections, attention weights (batch x heads x len x len) and dropout masks. Here
@@ -125,3 +126,22 @@ def recompute_module(module, static, *flat):
 
 
 _LEAD = 4  # arguments of _RecomputeModule.forward before the parameters
+
+
+class _OpCall(nn.Module):
+    """An ATen op called as a module, for ``recompute_module``. In eval mode, so the call runs with
+    grad on as the original op did (on CPU the recurrent kernels round differently without it)."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op = op
+        self.train(False)
+
+    def forward(self, *args, **kwargs):
+        return self.op(*args, **kwargs)
+
+
+def recompute_op(op, static, *flat):
+    """``recompute_module`` for an ATen op (``aten.lstm``, ``aten.gru_cell``, ...): parameters are
+    among its inputs, so their gradients come back as the inputs' do."""
+    return recompute_module(_OpCall(op), static, *flat)
