@@ -83,6 +83,11 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     if isinstance(model, torch.jit.ScriptModule):
         raise TypeError("actfx.convert cannot convert a TorchScript module (torch.jit.script / trace): it runs its "
                         "own compiled graph; convert the nn.Module itself (before scripting it)")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        # converted, it ran and packed nothing, with only a note that fx could not trace it
+        raise TypeError("actfx.convert got a torch.compile'd model, whose compiled code would pack nothing; "
+                        "use actfx.compile(model) (packing inside the compiled graph) or "
+                        "torch.compile(actfx.convert(model))")
     if plan is not None:
         from actfx.planner.plan import check_plan_paths, plan_config
 

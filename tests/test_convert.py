@@ -896,6 +896,13 @@ def test_a_torchscript_submodule_runs_as_it_is_and_a_scripted_model_is_refused()
         actfx.convert(torch.jit.script(nn.Linear(4, 4)))
 
 
+def test_a_torch_compiled_model_is_refused_with_the_way_that_packs():
+    """Converted, a torch.compile'd model ran and packed nothing; the only note said fx could not
+    trace an OptimizedModule."""
+    with pytest.raises(TypeError, match=r"use actfx.compile\(model\)"):
+        actfx.convert(torch.compile(nn.Linear(4, 4)))
+
+
 class _HandsOnAttributes(nn.Module):
     """Hands attributes it lacks to its inner model, as peft's PeftModel and LoraModel do; its
     forward branches on a value, so fx cannot trace it."""
