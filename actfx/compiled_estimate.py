@@ -63,14 +63,27 @@ def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_bu
                       ) -> CompiledRecord:
     """The CompiledRecord (plans) of one training forward of ``model`` on ``inputs`` (meta or
     real tensors; meta costs nothing); ``model`` is left as it was."""
+    try:
+        return _estimate(model, inputs, config, memory_budget, contextlib.nullcontext())
+    except Exception:
+        if not any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs):
+            raise
+        # a tensor the forward builds without a device (RoPE's torch.arange(T)) was made on the
+        # CPU and met the meta activations ("Tensor device mismatch"): again, making it on meta.
+        # Only then: under the default-device mode dynamo splits other graphs where it need not.
+        try:
+            return _estimate(model, inputs, config, memory_budget, torch.device("meta"))
+        except Exception:  # noqa: BLE001 - the first failure says more
+            pass
+        raise
+
+
+def _estimate(model: nn.Module, inputs: tuple, config: Config, memory_budget, device) -> CompiledRecord:
     compiled, record = as_fx_code(model, config, memory_budget)
     was_training = model.training
     model.train()
-    # on meta inputs, tensors the forward builds without a device (RoPE's torch.arange(T)) are made
-    # on meta too: made on the CPU they met meta activations ("Tensor device mismatch")
-    on_meta = any(isinstance(x, torch.Tensor) and x.is_meta for x in inputs)
     try:
-        with torch.enable_grad(), torch.device("meta") if on_meta else contextlib.nullcontext():
+        with torch.enable_grad(), device:
             compiled(*inputs)
     finally:
         model.train(was_training)
