@@ -701,12 +701,15 @@ def _clone(module: nn.Module, cls: type) -> nn.Module:
     shared: a handle removes its hook from the dict it was registered in, and a clone holding a
     copy kept running a hook the user had removed from the original (a forward hook scaling an
     output by 10, silently), and a lazy module's one-shot initialising hook ran again and failed.
+    So is the Parameter dict: a Parameter assigned on the original after conversion (tying a
+    weight) was not read by the clone, and an optimizer built then trained a weight it never used.
     """
     new = object.__new__(cls)
     share_recording(module, new)
     state = dict(module.__dict__)
     for key, value in list(state.items()):
-        if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key:
+        if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key \
+                and key != "_parameters":
             state[key] = type(value)(value)
     new.__dict__.update(state)
     new.__dict__.pop("_actfx_record", None)

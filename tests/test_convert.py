@@ -1308,3 +1308,24 @@ def test_lazy_modules_converted_before_their_first_call_keep_working():
         converted = actfx.convert(model, bits=2)
         for _ in range(2):
             converted(x).sum().backward()
+
+
+class _BranchOnSum(_HookedNet):
+    def forward(self, x):
+        h = self.c(x)
+        if h.sum() > -1e9:  # reads a value: converted submodule by submodule
+            h = h.relu()
+        return self.l(h.mean((2, 3)))
+
+
+def test_a_parameter_assigned_after_conversion_is_the_one_the_converted_model_reads():
+    """Converted submodule by submodule, the leaves are clones; each had its own Parameter dict, so
+    a weight assigned on the original afterwards (tying, surgery) was never read by them."""
+    torch.manual_seed(0)
+    model, x = _BranchOnSum(), torch.randn(2, 3, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = actfx.convert(model, bits=8)
+        converted(x)
+    model.l.weight = nn.Parameter(torch.randn(4, 8))
+    assert torch.equal(converted(x), model(x))
