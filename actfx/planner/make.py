@@ -34,7 +34,7 @@ from actfx.planner.peak import largest_batch, peak_model
 from actfx.planner.plan import CHECKPOINT, Plan
 from actfx.planner.probe_sensitivity import probed_sensitivities
 from actfx.planner.recompute import candidate_paths, measure_blocks, outermost, pick
-from actfx.planner.sensitivity import pack_sensitivities
+from actfx.planner.sensitivity import pack_sensitivities, warn_if_compounding
 from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
 from actfx.units import format_bytes, parse_bytes
@@ -205,6 +205,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                                      ops=tuple(sorted({d.key for d in chosen._actfx_record.decisions})))
         over = (held - limit if activation_budget is not None else result.predicted_peak_bytes - total)
         if over <= 0:
+            warn_if_compounding(model, chosen, tuple(calibration), loss_fn, result.gradient_variance)
             return result
         excess = over if activation_budget is not None else math.ceil(over / peak.fragmentation)
         if picked.blocks and not charged:
