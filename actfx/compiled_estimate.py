@@ -71,10 +71,8 @@ def estimate_compiled(model: nn.Module, inputs: tuple, config: Config, memory_bu
         # a tensor the forward builds without a device (RoPE's torch.arange(T)) was made on the
         # CPU and met the meta activations ("Tensor device mismatch"): again, making it on meta.
         # Only then: under the default-device mode dynamo splits other graphs where it need not.
-        try:
+        with contextlib.suppress(Exception):  # if this fails too, the first failure says more
             return _estimate(model, inputs, config, memory_budget, torch.device("meta"))
-        except Exception:  # noqa: BLE001 - the first failure says more
-            pass
         raise
 
 

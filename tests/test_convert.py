@@ -1307,7 +1307,9 @@ def test_lazy_modules_converted_before_their_first_call_keep_working():
         warnings.simplefilter("ignore")
         converted = actfx.convert(model, bits=2)
         for _ in range(2):
-            converted(x).sum().backward()
+            out = converted(x)
+            out.sum().backward()
+    assert torch.equal(out, model(x))
 
 
 class _BranchOnSum(_HookedNet):

@@ -200,26 +200,23 @@ class _Rewriter:
     def _or_pack(self, v: Node, rebuilt: tuple) -> tuple:
         """``rebuilt`` (a ``_cheap`` rebuild of ``v``), packing ``v`` at run time where the rebuild's
         pieces are missing (their producer needs no backward: a frozen prefix)."""
-        bits = self.bits.get(v, self.config.bits)
-        if bits == KEEP_EXACT:
+        if self.bits[v] == KEEP_EXACT:
             return rebuilt
         spec, run, source = rebuilt
-        gs = self.config.group_size
         missing = self.new.call_function(value_if_missing, (spec, self.env[v], *run[1:]))
-        call = self.new.call_function(
-            pack_value, (missing, self._seed(), self.stream, bits, gs, self.config.stochastic, self.config.min_numel))
-        self.stream += 1
-        codes = self.new.call_function(operator.getitem, (call, 0))
-        meta = self.new.call_function(operator.getitem, (call, 1))
-        return ("or_pack", bits, gs, spec), [self.env[v], codes, meta, *_nested(run)], source
+        packed, (_, codes, meta) = self._pack_new(missing, self.bits[v], None)
+        return ("or_pack", *packed[1:], spec), [self.env[v], codes, meta, *_nested(run)], source
 
-    def _pack_new(self, value: Node, bits: int, source: PackSource) -> tuple:
+    def _pack_new(self, value: Node, bits: int, source: PackSource | None) -> tuple:
+        """``source`` None: a pack the planner does not list (``_or_pack``'s, made only where a
+        rebuild is missing)."""
         self._seed()
         gs = self.config.group_size
         call = self.new.call_function(
             pack_value, (value, self.seed, self.stream, bits, gs, self.config.stochastic, self.config.min_numel)
         )
-        call.meta[PACK_META] = source
+        if source is not None:
+            call.meta[PACK_META] = source
         self.stream += 1
         codes = self.new.call_function(operator.getitem, (call, 0))
         meta = self.new.call_function(operator.getitem, (call, 1))

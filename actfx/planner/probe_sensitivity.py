@@ -22,8 +22,8 @@ import torch.nn as nn
 
 from actfx.passes.capture import buffers_restored
 from actfx.passes.rewrite import PACK_META
-from actfx.planner.sensitivity import (MEASURED_BITS, PackSensitivity, _gradient, _projection, per_width,
-                                       rounding_noise, rounding_variance, squared_distance)
+from actfx.planner.sensitivity import (MEASURED_BITS, PackSensitivity, per_width, rounding_noise, rounding_variance,
+                                       seeded_gradient, squared_distance)
 from actfx.variants.packing import pack_value
 
 
@@ -44,11 +44,7 @@ def probed_sensitivities(converted: nn.Module, inputs: tuple, wanted: set, *, lo
     probe = _Probe(group_size, torch.Generator().manual_seed(seed))
 
     def gradient():
-        with torch.random.fork_rng(devices=[]):  # dropout draws the same masks in every run
-            torch.manual_seed(seed)
-            out = converted(*inputs)
-        loss = loss_fn(out) if loss_fn is not None else _projection(out, torch.Generator().manual_seed(seed))
-        return _gradient(loss, params)
+        return seeded_gradient(converted, inputs, params, loss_fn, seed)
 
     result = {}
     with buffers_restored(converted), torch.enable_grad(), _probing(converted, probe):

@@ -164,16 +164,10 @@ def warn_if_compounding(model: nn.Module, converted: nn.Module, inputs: tuple, l
     if not params or estimate <= 0:
         return 0.0
 
-    def gradient(m):
-        with torch.random.fork_rng(devices=[]), torch.enable_grad():
-            torch.manual_seed(seed)  # the same dropout masks in every run
-            out = m(*inputs)
-            loss = loss_fn(out) if loss_fn is not None else _projection(out, torch.Generator().manual_seed(seed))
-            return _gradient(loss, params)
-
-    with buffers_restored(model):  # the converted model shares them
-        exact = gradient(model)
-        measured = sum(squared_distance(gradient(converted), exact) for _ in range(draws)) / draws
+    with buffers_restored(model), torch.enable_grad():  # the converted model shares the buffers
+        exact = seeded_gradient(model, inputs, params, loss_fn, seed)
+        measured = sum(squared_distance(seeded_gradient(converted, inputs, params, loss_fn, seed), exact)
+                       for _ in range(draws)) / draws
     if measured > COMPOUNDING * estimate:
         norm = sum(float(g.double().square().sum()) for g in exact) or 1.0
         warnings.warn(f"actfx.plan: the chosen widths' gradient error, measured on the calibration inputs, is "
@@ -200,8 +194,7 @@ def measured_variance(start, loss: torch.Tensor, params: list, exact: list, roun
             return float(moved.double().square().sum())
         if not reached:
             return 0.0
-        return float(distances(_gradient(loss, [params[i] for i in reached]),
-                               [exact[i] for i in reached]).double().square().sum())
+        return squared_distance(_gradient(loss, [params[i] for i in reached]), [exact[i] for i in reached])
 
     return PackSensitivity(per_width(measure, rounding))
 
@@ -215,6 +208,16 @@ def distances(a: list, b: list) -> torch.Tensor:
 def squared_distance(a: list, b: list) -> float:
     """``||a - b||^2`` over lists of tensors."""
     return float(distances(a, b).double().square().sum())
+
+
+def seeded_gradient(model: nn.Module, inputs: tuple, params: list, loss_fn, seed: int) -> list:
+    """The gradient of one forward of ``model`` with the random state seeded (dropout draws the
+    same masks in every run) and the calibration loss (``loss_fn``, or the seeded projection)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        out = model(*inputs)
+    loss = loss_fn(out) if loss_fn is not None else _projection(out, torch.Generator().manual_seed(seed))
+    return _gradient(loss, params)
 
 
 def _gradient(loss: torch.Tensor, params: list) -> list:
