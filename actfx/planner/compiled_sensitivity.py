@@ -4,10 +4,11 @@ The same estimate as the eager path's (``sensitivity``), taken where the compile
 the model is captured and partitioned exactly as ``actfx.compile`` does it (min-cut partitioner,
 then actfx's pass: hoisting, masks, exact statistics), but the graphs run as plain fx code and
 each value the pass would pack stays saved as it is, read in backward through a ``Probe``. One
-forward on real calibration inputs, one exact backward, then two backwards per packed value with
-that value stochastically rounded to 1 and to 2 bits where backward reads it:
+forward on real calibration inputs, one exact backward, then two backwards per site (a value and
+the decorrelation copies that share its width) with its values stochastically rounded, each with
+noise of its own, to 1 and to 2 bits where backward reads them:
 
-    Var_v(b) = || g(noise on v at b bits) - g ||^2,   Var_v(b > 2) = Var_v(2) * sum sigma^2(b) / sum sigma^2(2)
+    Var_s(b) = || g(noise on s at b bits) - g ||^2,   Var_s(b > 2) = Var_s(2) * sum sigma^2(b) / sum sigma^2(2)
 
 (``sigma^2`` the per-value rounding variance, ``sensitivity.rounding_variance``; ``sensitivity``
 says why 1 bit is measured, not scaled). Nothing is kept
@@ -21,9 +22,8 @@ import torch.nn as nn
 
 from actfx.compiled_estimate import as_fx_code
 from actfx.config import Config
-from actfx.kernels import ALLOWED_BITS
 from actfx.passes.saved_plan import Storage
-from actfx.planner.sensitivity import (PackSensitivity, _gradient, _projection, measured_variance, rounding_noise,
+from actfx.planner.sensitivity import (_gradient, _projection, measured_variance, rounding_noise,
                                        rounding_variance)
 
 
@@ -34,7 +34,7 @@ class Probe:
     def __init__(self, record):
         self.record = record  # the graph being partitioned is the next plan it records
         self.values: dict = {}  # (graph index, node name) -> copy of the value
-        self.active = None  # (key, noise)
+        self.active: dict = {}  # key -> noise, while one backward runs
 
     def key(self, name: str) -> tuple:
         return (len(self.record.plans), name)
@@ -42,8 +42,8 @@ class Probe:
     def read(self, value: torch.Tensor, key: tuple) -> torch.Tensor:
         if key not in self.values:
             self.values[key] = value.detach().clone()
-        if self.active is not None and self.active[0] == key:
-            return value + self.active[1].to(value.dtype)
+        if key in self.active:
+            return value + self.active[key].to(value.dtype)
         return value
 
 
@@ -80,18 +80,17 @@ def _measure(model, inputs, compiled, record, probe, config, loss_fn, seed) -> d
         exact = _gradient(loss, params)
         sites = {(index, v.name): v.site for index, plan in enumerate(record.plans) for v in plan.saved
                  if v.storage is Storage.PACKED}
+        members: dict = {}  # site -> keys of its values (a value and its decorrelation copies)
         for key in sorted(probe.values):
-            value = probe.values[key]
-            if key not in sites or not value.is_floating_point():
-                continue
+            if key in sites and probe.values[key].is_floating_point():
+                members.setdefault(sites[key], []).append(key)
+        for site, keys in members.items():
+            def start(bits, keys=keys):
+                probe.active = {k: rounding_noise(probe.values[k], bits, group, generator) for k in keys}
 
-            def start(bits, key=key, value=value):
-                probe.active = (key, rounding_noise(value, bits, group, generator))
+            def scale(bits, keys=keys):
+                return sum(float(rounding_variance(probe.values[k], bits, group).sum()) for k in keys)
 
-            variance = measured_variance(start, loss, params, exact,
-                                         lambda b, value=value: float(rounding_variance(value, b, group).sum()))
-            total = result.setdefault(sites[key], dict.fromkeys(ALLOWED_BITS, 0.0))
-            for b in ALLOWED_BITS:
-                total[b] += variance.at(b)
-        probe.active = None
-    return {site: PackSensitivity(v) for site, v in result.items()}
+            result[site] = measured_variance(start, loss, params, exact, scale)
+        probe.active = {}
+    return result
