@@ -24,13 +24,14 @@ import math
 import torch
 import torch.nn as nn
 
-from actfx.compiled_estimate import estimate_compiled
+from actfx.compiled_estimate import as_fx_code, estimate_compiled
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import ALLOWED_BITS, graph_pack
 from actfx.passes.saved_plan import Storage
 from actfx.planner.choose import BudgetError, Option, choose
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
 from actfx.planner.peak import peak_model
+from actfx.planner.sensitivity import warn_if_compounding
 from actfx.planner.plan import Plan, Site, site_order
 from actfx.units import format_bytes
 
@@ -77,6 +78,9 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     chosen = {site: width for site, width in zip(sites, widths)}
     config = dataclasses.replace(base, site_bits=chosen)
     final = _estimate_on_meta(shape_only, meta, config, memory_budget)
+    variance = sum(o.variance[w] for o, w in zip(options, widths))
+    warn_if_compounding(model, as_fx_code(model, config, memory_budget)[0], calibration, loss_fn, variance,
+                        remedy="let the partitioner recompute more (a lower memory_budget)")
     held = final.bytes_after
     numel_bits = numel = 0
     for site, width in chosen.items():
@@ -89,7 +93,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
         plan_sites.append(Site(module, op, width, option.nbytes[width], option.variance[width]))
     return Plan(tuple(plan_sites), base.bits, group, batch, held, peak.peak(held, final.step_bytes),
                 numel_bits / numel if numel else float(base.bits),
-                sum(o.variance[w] for o, w in zip(options, widths)), words, path="compile",
+                variance, words, path="compile",
                 memory_budget=memory_budget)
 
 

@@ -154,7 +154,7 @@ COMPOUNDING = 10  # measured over estimated variance past which the plan says it
 
 
 def warn_if_compounding(model: nn.Module, converted: nn.Module, inputs: tuple, loss_fn, estimate: float,
-                        draws: int = 1, seed: int = 0) -> float:
+                        draws: int = 1, seed: int = 0, remedy: str = "recompute (recompute=0.3)") -> float:
     """The chosen conversion's gradient variance, measured (``draws`` real steps on the calibration
     inputs against the exact one), with a warning where it exceeds the summed estimate
     ``COMPOUNDING`` times. Why: the estimate adds packs' noise independently, which fails where
@@ -173,7 +173,7 @@ def warn_if_compounding(model: nn.Module, converted: nn.Module, inputs: tuple, l
         warnings.warn(f"actfx.plan: the chosen widths' gradient error, measured on the calibration inputs, is "
                       f"{measured / estimate:.0f}x what the plan estimated ({measured / norm:.3g} against "
                       f"{estimate / norm:.3g} times the gradient's squared norm): rounding noise compounds where many "
-                      "values sit at 1 bit; raise the budget or recompute (recompute=0.3)", stacklevel=3)
+                      f"values sit at 1 bit; raise the budget or {remedy}", stacklevel=3)
     return measured
 
 

@@ -220,3 +220,21 @@ def test_a_decorrelation_copy_is_planned_and_calibrated_with_its_source():
     measured = sum(float((torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss(packed(x)), params)])
                           - exact).square().sum()) for _ in range(8)) / 8
     assert predicted > measured / 3
+
+
+def test_a_compile_plan_whose_estimate_fails_says_so(monkeypatch):
+    """As the eager plan does (``sensitivity.warn_if_compounding``): the chosen widths are
+    measured once on the calibration inputs, and an estimate far below that is named."""
+    import actfx.planner.make_compiled as make_compiled
+
+    real = make_compiled.compiled_sensitivities
+
+    def understated(*args, **kwargs):
+        return {site: type(s)({b: v * 1e-9 for b, v in s.variance.items()}) for site, s in real(*args, **kwargs).items()}
+
+    monkeypatch.setattr(make_compiled, "compiled_sensitivities", understated)
+    torch.manual_seed(0)
+    model, x = PlannedCnn(), torch.randn(4, 3, 16, 16)
+    uniform = estimate_compiled(model, (x,), Config(bits=2)).bytes_after
+    with pytest.warns(UserWarning, match="lower memory_budget"):
+        actfx.plan(model, x, activation_budget=uniform, path="compile", loss_fn=projection())
