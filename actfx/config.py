@@ -41,6 +41,11 @@ class Config:
     recompute_modules: module paths (e.g. ``("layers.3", "layers.7")``) whose forward backward
         reruns from their inputs, kept exact (activation checkpointing inside a converted model:
         nothing inside them is held, gradients stay exact); ``actfx.plan`` picks them.
+    attention_math: ``actfx.convert``: scaled_dot_product_attention calls without dropout keep
+        two packs of their probabilities and backward reads them (``variants/attention_math``),
+        so q and k may be packed below 8 bits; it holds 2 S values per query row more (S keys),
+        so it pays for short rows at narrow widths. ``actfx.plan`` sets it where that plans a
+        lower gradient variance.
     pack_kernel: ``actfx.compile`` on CPU: pack convolution and matmul outputs and the 1-bit
         masks with one precompiled C++ kernel instead of code Inductor generates for each
         value: the same bytes, a first step 40% shorter, slower steps (ResNet-50 batch
@@ -57,6 +62,7 @@ class Config:
     site_bits: Mapping[str, int] = dataclasses.field(default_factory=dict)
     recompute_modules: tuple = ()
     pack_kernel: bool = False
+    attention_math: bool = False
 
     def __post_init__(self) -> None:
         check_bits(self.bits)
@@ -67,7 +73,7 @@ class Config:
                             f"got {paths!r}")
         object.__setattr__(self, "recompute_modules", tuple(sorted(set(paths))))
         check_group_size(self.group_size)
-        for name in ("stochastic", "rebuild_chains", "pack_kernel"):
+        for name in ("stochastic", "rebuild_chains", "pack_kernel", "attention_math"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"Config.{name} must be a bool, got {getattr(self, name)!r}")
         if isinstance(self.min_numel, bool) or not isinstance(self.min_numel, int) or self.min_numel < 0:

@@ -124,6 +124,8 @@ class _Rewriter:
         # An op on parameters alone (weight standardisation: batch_norm over a conv's weight, timm's
         # ScaledStdConv2d) saves what is alive anyway; packed as an activation it added bytes.
         self.sites = {n: s for n, s in self.sites.items() if not self.facts.is_parameter_like(n)}
+        if config.attention_math:
+            self.sites = {n: s.alternative or s for n, s in self.sites.items()}
         for site in self.sites.values():
             # an activation times a weight (Falcon's ``x @ w.T``) is a linear layer, not attention
             if site.kind == "matmul" and any(isinstance(v, Node) and self.facts.is_parameter_like(v)

@@ -38,6 +38,8 @@ class Site:
     factors: bool = False  # the saved values are factors of one product (a factor met twice reads itself)
     inplace_on: Node | None = None  # the input this op writes into, if any
     source: Node | None = None  # a ReLU-like op's input (its output is mask * input)
+    # the same op as another variant, taken where the config asks for it (math attention)
+    alternative: "Site | None" = None
 
 
 def _get(graph: Graph, path: str, attr: str | None = None) -> Node | None:

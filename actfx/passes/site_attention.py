@@ -14,7 +14,7 @@ from actfx.passes.expansion import chain_inputs, replay_chain
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _env, _get
 from actfx.passes.site_elementwise import _recompute_site, _template
-from actfx.variants import module_recompute, products, softmax
+from actfx.variants import attention_math, module_recompute, products, softmax
 
 
 # ---------------------------------------------------------------- attention
@@ -44,7 +44,26 @@ def _sdpa(node):
         # softmax(q k^T) is recomputed from q and k: nonlinear in them (v enters linearly)
         scores = chain_inputs(*chains[a["key"]]) if a["key"] in chains else {a["key"]}
         site.nonlinear = tuple(i for i, n in enumerate(site.saved) if n is a["query"] or n in scores)
+        if not replay:
+            site.alternative = _math_sdpa_site(node, args, kwargs, chains, site.exact)
     return site
+
+
+def _math_sdpa_site(node, args, kwargs, chains, exact):
+    """The same call with backward reading two packs of its probabilities
+    (``variants/attention_math``): q and k are read linearly, so no width floor."""
+    args_t, kwargs_t, nodes = _template(args, kwargs, chains)
+
+    def emit(graph, env, specs, runs, pack=None):
+        flat = [n for run in runs for n in run]
+        static = (args_t, kwargs_t, tuple(specs))
+        p = graph.call_function(attention_math.probabilities, (static, *flat))
+        first, second = pack(p, node), pack(p, node)  # one value to the planner, rounded apart
+        out = graph.call_function(attention_math.attention,
+                                  ((*static, (first[0], second[0])), *flat, *first[1], *second[1]))
+        return out, {}
+
+    return Site(node, "sdpa", None, nodes, emit, exact=exact)
 
 
 def _softmax_site(node, path, x, dim, dtype, negated=False):

@@ -14,10 +14,16 @@ def option(group, sensitivity: dict, group_size: int, exact: bool) -> Option:
     """A group's bytes and measured variance at each width (packs without an estimate add none);
     ``exact``: keeping it as it is is an option too (no variance)."""
     widths = (*ALLOWED_BITS, KEEP_EXACT) if exact else ALLOWED_BITS
+    measured = {p.key: p for p in group.packs if p.key in sensitivity}  # two packs of one value: one estimate
+    joint = sensitivity.get(joint_key(group))  # the packs probed together
     return Option({b: group.nbytes(b, group_size) for b in widths},
-                  {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[p.key].at(p.width(b)) for p in group.packs
-                                                      if p.key in sensitivity)
-                   for b in widths})
+                  {b: 0.0 if b == KEEP_EXACT else sum(sensitivity[k].at(p.width(b)) for k, p in measured.items())
+                   + (joint.at(b) if joint is not None else 0.0) for b in widths})
+
+
+def joint_key(group) -> tuple:
+    """The sensitivity entry of a group's packs measured together (``probe_sensitivity``)."""
+    return ("joint", group.units)
 
 
 def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, bits, group_size, batch,

@@ -26,7 +26,7 @@ from actfx.config import Config, check_bits
 from actfx.convert import convert
 from actfx.passes.analyze import DATA_DEPENDENT, measure, trace_like
 from actfx.passes.capture import buffers_restored, training_mode
-from actfx.planner.assemble import assemble, option
+from actfx.planner.assemble import assemble, joint_key, option
 from actfx.planner.batch import batch_of, with_batch
 from actfx.planner.choose import BudgetError
 from actfx.planner.inventory import take_inventory
@@ -161,11 +161,45 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                     raise error from None
                 planned_inputs, step = with_batch(inputs, smaller), None
         raise error
+    settings = dict(limit=limit, capacity=capacity, activation_budget=activation_budget, gpu=gpu, optimizer=optimizer,
+                    dtype=dtype, calibration=tuple(calibration), loss_fn=loss_fn, group_size=group_size,
+                    recompute=recompute, bits=bits)
+    return _best_of_attention_variants(model, converted, base, planned_inputs, step, settings)
+
+
+def _best_of_attention_variants(model, converted, base, planned_inputs, step, settings) -> Plan:
+    """The plan with the lower predicted variance of two conversions where the model has
+    attention that may read packed probabilities (``Config.attention_math``): q and k then take
+    any width, at 2 S values per query row more. The built-in ViT's widths-only plan at uniform
+    2-bit's bytes: see README ("Planning to a budget")."""
+    plans, errors = [], []
+    variants = [(base, converted, step)]
+    if any(d.kind == "sdpa" for d in converted._actfx_record.decisions):
+        math_base = dataclasses.replace(base, attention_math=True)
+        math_converted = _quiet_convert(model, config=math_base)
+        _capture_now(math_converted, settings["calibration"])
+        variants.append((math_base, math_converted, None))
+    for config, conversion, measured_step in variants:
+        try:
+            plans.append(_plan_widths(model, conversion, config, planned_inputs, measured_step, **settings))
+        except BudgetError as err:
+            errors.append(err)
+    if not plans:
+        raise min(errors, key=lambda e: e.smallest)
+    result, chosen = min(plans, key=lambda p: p[0].gradient_variance)
+    warn_if_compounding(model, chosen, settings["calibration"], settings["loss_fn"], result.gradient_variance)
+    return result
+
+
+def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacity, activation_budget, gpu, optimizer,
+                 dtype, calibration, loss_fn, group_size, recompute, bits) -> tuple:
+    """(the eager plan, the model converted with it) for ``converted`` (``model`` converted with
+    ``base``) at the batch of ``planned_inputs``: widths (and recomputed blocks) within the budget."""
     inventory, peak, (room, words, total) = _budget_at(model, converted, planned_inputs, step, limit=limit,
                                                        capacity=capacity, activation_budget=activation_budget,
                                                        gpu=gpu, optimizer=optimizer, dtype=dtype)
     sensitivity = _sensitivities(model, converted, inventory, tuple(calibration), loss_fn, group_size)
-    planned = [g for g in inventory.groups if any(p.key in sensitivity for p in g.packs)]
+    planned = [g for g in inventory.groups if joint_key(g) in sensitivity or any(p.key in sensitivity for p in g.packs)]
     fixed = [g for g in inventory.groups if g not in planned]
     fixed_bytes = inventory.other_bytes + sum(g.nbytes(g.packs[0].bits, group_size) for g in fixed)
     sources = _rebuild_sources(converted._actfx_record.decisions)
@@ -195,6 +229,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
         widths = [picked.widths.get(i) for i in range(len(planned))]
         result = assemble(inventory, planned, widths, options, fixed_bytes, peak, bits, group_size,
                           batch_of(planned_inputs), words, picked.blocks)
+        result = dataclasses.replace(result, attention_math=base.attention_math)
         # Measure what the chosen widths really hold and need (an op whose input is kept exact
         # may keep statistics it recomputes from a pack), and correct the room by any excess.
         chosen = _quiet_convert(model, config=result.config())
@@ -205,8 +240,7 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
                                      ops=tuple(sorted({d.key for d in chosen._actfx_record.decisions})))
         over = (held - limit if activation_budget is not None else result.predicted_peak_bytes - total)
         if over <= 0:
-            warn_if_compounding(model, chosen, tuple(calibration), loss_fn, result.gradient_variance)
-            return result
+            return result, chosen
         excess = over if activation_budget is not None else math.ceil(over / peak.fragmentation)
         if picked.blocks and not charged:
             # first charge a recomputed block what it holds beyond its inputs (once): shrinking
@@ -342,12 +376,14 @@ def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:
 
 
 def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, group_size: int) -> dict:
-    """{pack key: PackSensitivity}: noise put into PyTorch's saved tensors where a pack stands for
-    one (one forward for all), else the converted model probed one pack at a time."""
+    """{pack key or ``joint_key(group)``: PackSensitivity}: noise put into PyTorch's saved tensors
+    where a pack stands for one (one forward for all), else the converted model probed one group
+    at a time, its other packs rounded together."""
     found = pack_sensitivities(model, trace_like(model, converted), converted._actfx_record.decisions,
                                calibration, loss_fn=loss_fn, group_size=group_size)
     sensitivity = dict(found)
-    unmeasured = {p.key for g in inventory.groups for p in g.packs if p.key not in sensitivity}
+    unmeasured = {joint_key(g): {p.key for p in g.packs if p.key not in sensitivity} for g in inventory.groups}
+    unmeasured = {name: keys for name, keys in unmeasured.items() if keys}
     floors = {p.key: p.source.floor for g in inventory.groups for p in g.packs}
     sensitivity.update(probed_sensitivities(converted, calibration, unmeasured, loss_fn=loss_fn,
                                             group_size=group_size, floors=floors))

@@ -64,6 +64,7 @@ class Plan:
     path: str = "eager"  # "eager": sites are actfx.convert's ops; "compile": actfx.compile's saved values
     memory_budget: float | None = None  # compile: the partitioner's activation_memory_budget planned with
     ops: tuple = ()  # eager: every op the planned conversion converted (a larger model is refused)
+    attention_math: bool = False  # eager: attention reads packed probabilities (``Config.attention_math``)
 
     def __post_init__(self):
         check_bits(self.bits)
@@ -92,7 +93,7 @@ class Plan:
         """The conversion settings that apply the plan."""
         return Config(bits=self.bits, group_size=self.group_size,
                       site_bits={s.key: s.bits for s in self.sites if s.planned},
-                      recompute_modules=tuple(s.module for s in self.recomputed))
+                      recompute_modules=tuple(s.module for s in self.recomputed), attention_math=self.attention_math)
 
     @property
     def recomputed(self) -> tuple:
@@ -104,7 +105,7 @@ class Plan:
     def to_dict(self) -> dict:
         head = {k: getattr(self, k) for k in ("bits", "group_size", "batch", "activation_bytes",
                                                "predicted_peak_bytes", "average_bits", "gradient_variance", "budget",
-                                               "path", "memory_budget")}
+                                               "path", "memory_budget", "attention_math")}
         sites = [{**dataclasses.asdict(s), "bits": "exact" if s.bits == KEEP_EXACT else s.bits} for s in self.sites]
         return {"format": FORMAT, **head, "sites": sites, "ops": list(self.ops)}
 
@@ -136,7 +137,8 @@ class Plan:
             raise ValueError(f"{where}: malformed plan ({type(err).__name__}: {err}); write it again with actfx plan") \
                 from None
         return cls(sites=sites, budget=data.get("budget", ""), path=data.get("path", "eager"),
-                   memory_budget=data.get("memory_budget"), ops=tuple(data.get("ops", ())), **fields)
+                   memory_budget=data.get("memory_budget"), ops=tuple(data.get("ops", ())),
+                   attention_math=bool(data.get("attention_math", False)), **fields)
 
     # ------------------------------------------------------------ printing
 

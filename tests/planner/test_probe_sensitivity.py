@@ -1,5 +1,6 @@
 """actfx/planner/probe_sensitivity.py: packs PyTorch never saves (GELU's derivative, LayerNorm's
-normalised input, attention's q, k, v), measured on the converted model one pack at a time."""
+normalised input, attention's q, k, v), measured on the converted model: here one pack at a
+time, in a plan one group's packs together."""
 
 from __future__ import annotations
 
@@ -50,7 +51,7 @@ class Attention(nn.Module):
 def _probe(model, x, loss, config=None):
     converted = actfx.convert(model, config=config or Config(bits=2))
     packs = {p.key: p for g in take_inventory(converted, (x,)).groups for p in g.packs}
-    return converted, packs, probed_sensitivities(converted, (x,), set(packs), loss_fn=loss)
+    return converted, packs, probed_sensitivities(converted, (x,), {k: {k} for k in packs}, loss_fn=loss)
 
 
 def test_derivative_packs_rank_by_how_much_gradient_they_carry():
