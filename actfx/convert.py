@@ -29,6 +29,7 @@ from actfx.passes.capture import (
     under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.baked_values import BAKED, baked_values, changed_value
+from actfx.passes.export_capture import parameter_dtypes, warn_if_cast
 from actfx.passes.hf_outputs import share_recording
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -134,6 +135,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
             record.export_refused.add(type(model))  # the first training call would fail the same way
         else:
             result._actfx_record = record
+            _note_baked_values(result)  # export, like fx, ran the Python once: its values are the graph's
             return result
     result = _convert(model, "", config, tuple(leaf_modules), record)
     if not is_converted(result) and type(model) in record.export_refused:
@@ -359,11 +361,14 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
     base_forward = type(model).forward
     inlined = uncalled_submodules(model, ())
     hooks = hooks_now(model, inlined)  # export ran them into the graph
+    dtypes = parameter_dtypes(model)
 
     def forward(self, *args, **kwargs):
         hooked = changed_hooks(self, inlined, hooks)
         if hooked is not None:
             warn_hooks_changed(self, hooked)
+        elif warn_if_cast(self, dtypes):
+            pass
         elif not under_function_transform(self) and self.training and torch.is_grad_enabled():
             bound = call.bind(args, kwargs)
             if bound is not None:

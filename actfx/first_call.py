@@ -18,7 +18,7 @@ from actfx.config import Config
 from actfx.passes.capture import (
     changed_hooks, hooks_now, uncalled_submodules, under_function_transform, warn_hooks_changed,
 )
-from actfx.passes.export_capture import ExportRefused
+from actfx.passes.export_capture import ExportRefused, parameter_dtypes, warn_if_cast
 
 
 def _real_call(args, kwargs) -> bool:
@@ -71,6 +71,8 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             if hooked is not None:
                 warn_hooks_changed(self, hooked)
                 bound = None
+            elif bound is not None and warn_if_cast(self, captured["dtypes"]):
+                bound = None
             if bound is not None and captured.get("ran"):
                 return captured["forward"](self, *bound[0], **bound[1])
             if bound is not None:
@@ -99,6 +101,16 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
 
         if path and type(model) in record.export_refused:
             captured["failed"] = True
+            return
+        inner = next((name or path for name, m in self.named_modules()
+                      if getattr(type(m).__bases__[0], "_actfx_converted", False)), None)  # converted twice
+        if inner is not None:
+            # export would capture it again at this model's widths: its own would be lost, silently
+            captured["failed"] = True
+            warnings.warn(f"actfx: {inner} was converted on its own before the model holding it, so torch.export does "
+                          "not capture it there (that would convert it again at the model's widths) and it keeps what fx "
+                          "converted; to capture the model whole, convert the original once, with "
+                          f"Config(module_bits={{{inner!r}: bits}}) for a width of its own", stacklevel=4)
             return
         whole = type(record)(config)
         try:
@@ -129,7 +141,8 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             from actfx.planner.plan import check_plan_fits
 
             check_plan_fits(record.config.site_bits, record.decisions, record.plan_ops)  # known only now
-        captured.update(forward=forward, call=call, hooks=hooks_now(self, inlined))  # export ran these
+        captured.update(forward=forward, call=call, hooks=hooks_now(self, inlined),  # export ran these
+                        dtypes=parameter_dtypes(self))
 
     return forward
 

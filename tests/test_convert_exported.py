@@ -898,3 +898,76 @@ def test_exported_recurrent_layers_and_cells_are_recomputed():
     assert_same_forward_and_fewer_bytes(model, converted, x, 4)
     exact = parameter_grads(model, x)
     torch.testing.assert_close(parameter_grads(converted, x), exact, rtol=1e-4, atol=1e-6)
+
+
+def _tied_lm():
+    torch.manual_seed(0)
+    model = TinyLM(vocab=32, dim=64, heads=4).train()
+    model.drop.p = 0.0
+    model.head.weight = model.emb.weight  # tied, as GPT-2's embedding and head
+    return model
+
+
+@pytest.mark.parametrize("edit", ["dropout_p", "activation", "eps", "head", "embedding"])
+def test_an_exported_model_edited_after_conversion_runs_the_edit(edit):
+    """export, like fx, runs the forward's Python once: a value or submodule changed after
+    conversion (and a module holding a tied parameter, which export reads through one name) makes
+    the model run its own forward, with a warning. Before, the captured graph ran as captured:
+    GPT-2's output 0.02-5.2 off with no word, and a 5-class head failed inside the embedding."""
+    model = _tied_lm()
+    ids, mask = _lm_inputs(2, 5)
+    converted = actfx.convert(model, bits=2, example_inputs=((ids,), {"attention_mask": mask}))
+    torch.manual_seed(1)
+    if edit == "dropout_p":
+        model.drop.p = 0.0 if model.drop.p else 0.5
+        model.drop.train(False)  # deterministic: the original sees the same value as the converted
+    elif edit == "activation":
+        converted.act = model.act = nn.SiLU()
+    elif edit == "eps":
+        model.ln2.eps = 0.1
+    elif edit == "head":
+        converted.head = model.head = nn.Linear(64, 5, bias=False)
+    else:
+        converted.emb = model.emb = nn.Embedding(32, 64)
+    with pytest.warns(UserWarning, match="changed since conversion"):
+        out = converted(ids, attention_mask=mask)
+    assert torch.equal(out.logits, model(ids, attention_mask=mask).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_an_exported_model_cast_after_conversion_runs_its_own_forward(dtype):
+    """The captured graph computes in the dtypes it was captured with: cast to bfloat16 a GPT-2
+    failed in its training forward, and a Llama cast to float64 came out 6.6e-8 off."""
+    model = _tied_lm()
+    ids, mask = _lm_inputs(2, 5)
+    converted = actfx.convert(model, bits=2, example_inputs=((ids,), {"attention_mask": mask})).to(dtype)
+    with pytest.warns(UserWarning, match="convert it again after the cast"):
+        out = converted(ids, attention_mask=mask)
+    assert torch.equal(out.logits, model.to(dtype)(ids, attention_mask=mask).logits)
+
+
+class _HoldsAConvertedChild(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(32, 256), nn.GELU(), nn.Linear(256, 8))
+
+    def forward(self, x):
+        h = self.body(x)
+        return h * 2 if h.dim() == 2 else h
+
+
+def test_a_child_converted_before_its_parent_keeps_its_widths_and_says_why():
+    """The parent's first-call capture would convert the child again at the parent's widths; it
+    is skipped with a warning that says so (before: an internal AttributeError)."""
+    torch.manual_seed(0)
+    model = _HoldsAConvertedChild()
+    model.body = actfx.convert(model.body, bits=4)
+    converted = actfx.convert(model, bits=2)
+    x = torch.randn(4, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted(x).sum().backward()
+    said = [str(w.message) for w in caught if "actfx" in str(w.message)]
+    assert any("converted on its own before" in s for s in said), said
+    assert not any("AttributeError" in s for s in said), said
+    assert torch.equal(converted(x), model(x))

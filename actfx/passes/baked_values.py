@@ -41,9 +41,19 @@ def baked_values(module: nn.Module) -> tuple:
     own forward, or None)."""
     tree = list(module.named_modules())
     values = tuple((m, path, name, value) for path, m in tree for name, value in _settings(m).items())
-    slots = tuple((m, path, name, child) for path, m in tree for name, child in m._modules.items())
+    tied = _tied_parameters(module)
+    slots = tuple((m, path, name, child, child is not None and any(id(p) in tied for p in child.parameters()))
+                  for path, m in tree for name, child in m._modules.items())
     forwards = tuple((m, path, "forward", m.__dict__.get("forward")) for path, m in tree)
     return values, slots, forwards
+
+
+def _tied_parameters(module: nn.Module) -> set:
+    """ids of the parameters reached under more than one name (GPT-2's embedding and head)."""
+    seen: dict = {}
+    for _, p in module.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {key for key, count in seen.items() if count > 1}
 
 
 def changed_value(baked: tuple) -> str | None:
@@ -55,9 +65,11 @@ def changed_value(baked: tuple) -> str | None:
         now = m.__dict__.get(name, value)
         if now is not value and not (type(now) is type(value) and now == value):
             return f"{path}.{name}" if path else name
-    for m, path, name, traced in slots:
+    for m, path, name, traced, tied in slots:
         now = m._modules[name] if name in m._modules else None  # TorchScript's module dict has no get
-        if now is not traced and not _same_kind(now, traced):
+        # a module holding a tied parameter: a graph may read it through the other name (torch.export
+        # names one of them), so a new module there is a change even of the same kind
+        if now is not traced and (tied or not _same_kind(now, traced)):
             return f"{path}.{name}" if path else name
     for m, path, name, traced in forwards:
         if m.__dict__.get(name) is not traced:

@@ -27,6 +27,7 @@ import dataclasses
 import inspect
 import io
 import sys
+import warnings
 from typing import Any
 
 import torch
@@ -455,3 +456,26 @@ def forward_from_graph(gm: GraphModule):
     scope = dict(code.globals)
     exec(compile(code.src, f"<actfx export {gm.__class__.__name__}>", "exec"), scope)  # noqa: S102 - fx-generated
     return scope["forward"]
+
+
+def parameter_dtypes(module: nn.Module) -> tuple:
+    """(dtype, device) of each parameter: a graph torch.export captured computes in those (a
+    Hugging Face GPT-2 captured in float32 and cast to bfloat16 failed in its first training
+    forward: "expect parameter to have scalar type of Float")."""
+    return tuple((p.dtype, p.device) for p in module.parameters())
+
+
+def warn_if_cast(module: nn.Module, captured: tuple) -> bool:
+    """True (with a warning, once per model) where ``module``'s parameters are no longer in the
+    dtypes and devices its graph was captured with: it then runs its own forward."""
+    now = parameter_dtypes(module)
+    if now == captured:
+        return False
+    if not module.__dict__.get("_actfx_warned_cast"):
+        module.__dict__["_actfx_warned_cast"] = True
+        before, after = next((a, b) for a, b in zip(captured, now) if a != b) if len(now) == len(captured) else (
+            "its parameters", "others")
+        warnings.warn(f"actfx: {type(module).__mro__[1].__name__}'s parameters moved from {before} to {after} since "
+                      "torch.export captured it, and the captured graph computes in the old ones: the model runs its "
+                      "own forward (nothing packed); convert it again after the cast", stacklevel=3)
+    return True
