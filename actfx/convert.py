@@ -114,7 +114,12 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
         return model
     if not isinstance(leaf_modules, (tuple, list, set, frozenset)):
         leaf_modules = (leaf_modules,)
-    split_leaf_modules(leaf_modules, "")  # validate early
+    _, leaf_paths = split_leaf_modules(leaf_modules, "")  # validate early
+    names = {name for name, _ in model.named_modules()}
+    missing = sorted(path for path in leaf_paths if path not in names)
+    if missing:  # a misspelt path matched nothing, and fx traced into that module silently
+        raise ValueError(f"leaf_modules names {missing[0]!r}, which is not a submodule of {type(model).__name__}; "
+                         "use paths as model.named_modules() lists them")
     config.check_paths(model)
     record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
     if example_inputs is not None:

@@ -359,6 +359,8 @@ def test_declared_leaf_modules_are_converted_as_units():
     assert any(p and p.startswith("layers.0") for p in paths)
     with pytest.raises(TypeError, match="leaf_modules"):
         actfx.convert(model, leaf_modules=(3,))
+    with pytest.raises(ValueError, match="'layers.9' , which is not a submodule".replace(" ,", ",")):
+        actfx.convert(model, leaf_modules=("layers.9",))  # a misspelt path was accepted silently
 
 
 class _RoundStraightThrough(torch.autograd.Function):

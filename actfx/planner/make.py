@@ -173,17 +173,22 @@ def _best_of_attention_variants(model, converted, base, planned_inputs, step, se
     any width, at 2 S values per query row more. The built-in ViT's widths-only plan at uniform
     2-bit's bytes: see README ("Planning to a budget")."""
     plans, errors = [], []
-    variants = [(base, converted, step)]
+    try:
+        plans.append(_plan_widths(model, converted, base, planned_inputs, step, **settings))
+    except BudgetError as err:
+        errors.append(err)
     if any(d.kind == "sdpa" for d in converted._actfx_record.decisions):
         math_base = dataclasses.replace(base, attention_math=True)
-        math_converted = _quiet_convert(model, config=math_base)
-        _capture_now(math_converted, settings["calibration"])
-        variants.append((math_base, math_converted, None))
-    for config, conversion, measured_step in variants:
         try:
-            plans.append(_plan_widths(model, conversion, config, planned_inputs, measured_step, **settings))
+            math_converted = _quiet_convert(model, config=math_base)
+            _capture_now(math_converted, settings["calibration"])
+            plans.append(_plan_widths(model, math_converted, math_base, planned_inputs, None, **settings))
         except BudgetError as err:
             errors.append(err)
+        except Exception as err:  # noqa: BLE001 - a second way to plan; the first stands on its own
+            warnings.warn(f"actfx.plan: planning {type(model).__name__} with attention reading packed probabilities "
+                          f"failed ({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); "
+                          "the plan keeps the fused attention", stacklevel=4)
     if not plans:
         raise min(errors, key=lambda e: e.smallest)
     result, chosen = min(plans, key=lambda p: p[0].gradient_variance)
