@@ -347,3 +347,26 @@ def test_show_leaves_a_module_shared_by_two_parents_with_its_own_parameters():
         assert type(loss) is torch.Tensor
         loss.backward()
     assert model.pos.weight.grad is not None
+
+
+class _Routed(nn.Module):
+    """A top-k router: its selection keeps compact indices, a function made anew by each rewrite."""
+
+    def __init__(self):
+        super().__init__()
+        self.router, self.expert = nn.Linear(32, 300), nn.Linear(32, 32)
+
+    def forward(self, x):
+        scores, chosen = self.router(x).topk(4, dim=-1)
+        return self.expert(x) * scores.sum(-1, keepdim=True) + chosen.float().mean()
+
+
+def test_rows_of_a_top_k_router_keep_their_original_bytes():
+    """Each rewrite names the compact-index selection anew; show matched rows to the original's
+    by function identity and found none (a Hugging Face GraniteMoe: no row had "before" bytes)."""
+    torch.manual_seed(0)
+    model, x = _Routed(), torch.randn(64, 32)
+    converted = actfx.convert(model, bits=2)
+    rows = actfx.show(converted, x, console=plain_console())
+    assert any("topk" in r["op"] for r in rows)
+    assert sum(r["before_bytes"] or 0 for r in rows) > 0

@@ -62,5 +62,7 @@ def _differ(a: Node, b: Node) -> bool:
 
 
 def _target(node: Node):
-    # Collapsed element-wise regions get fresh functions each rewrite; their names are stable.
-    return node.target.__name__ if hasattr(node.target, "actfx_pointwise") else node.target
+    # Collapsed element-wise regions and compact-index selections get fresh functions each
+    # rewrite; their names are stable (a MoE's top-k router left every show row without "before")
+    fresh = hasattr(node.target, "actfx_pointwise") or getattr(node.target, "actfx_fresh", False)
+    return node.target.__name__ if fresh else node.target

@@ -52,4 +52,5 @@ def selecting(op_name: str, call, dim: int, reduced: bool, name: str):
         return result_type(_Selected.apply(call, dim, reduced, x))
 
     select.__name__ = select.__qualname__ = f"{op_name}_compact_indices_{name}"
+    select.actfx_fresh = True  # made anew by each rewrite (provenance compares names)
     return select
