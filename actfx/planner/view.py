@@ -28,6 +28,7 @@ def render(plan, console: Console | None = None) -> None:
         table.add_row(site.module or "<root>", site.op, bits, format_bytes(site.bytes), share)
     console.print(table)
     rerun = f", {len(plan.recomputed)} module(s) recomputed in backward" if plan.recomputed else ""
+    rerun += ", attention reads its packed probabilities (attention_math)" if plan.attention_math else ""
     console.print(
         f"batch {plan.batch}: held for backward {format_bytes(plan.activation_bytes)}, average "
         f"{plan.average_bits:.2f} bits{rerun}, predicted peak {format_bytes(plan.predicted_peak_bytes)}",

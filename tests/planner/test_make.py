@@ -273,6 +273,9 @@ def test_a_plan_reads_attention_probabilities_where_that_plans_less_variance(tmp
     x = torch.randn(4, 16, 64)
     plan = actfx.plan(model, x, activation_budget=_held(actfx.convert(model, bits=2), x), loss_fn=projection())
     assert plan.attention_math
+    console = Console(file=io.StringIO(), width=200)
+    plan.summary(console)
+    assert "attention_math" in console.file.getvalue()
     plan.save(tmp_path / "plan.json")
     loaded = actfx.Plan.load(tmp_path / "plan.json")
     assert loaded.attention_math
