@@ -66,9 +66,13 @@ def _pointwise_region(run, exit_node: fx.Node, dependent: set):
                 stack.append(a)
             else:
                 entries.add(a)
-    if len(entries) != 1 or len(nodes) < 2:
+    if len(entries) != 1:
         return None
     entry = next(iter(entries))
+    # one op is already g * D, except a division by saved values (logaddexp's g / (1 + exp(b - a))):
+    # as g * (1 / h) the reciprocal is D, which hoist computes in forward and packs
+    if len(nodes) < 2 and not (exit_node.target is aten.div.Tensor and exit_node.args[0] is entry):
+        return None
     if not is_tensor(entry) or val(entry).shape != shape or not static_shape(entry):
         return None
     # every region node other than the exit may only feed the region
