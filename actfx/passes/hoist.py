@@ -96,7 +96,7 @@ def hoist_one(run, node: fx.Node, biased: list, sources: dict) -> list:
             env[inner] = run.g.fwd.node_copy(inner, lambda a: env[a])
             env[inner].meta.pop("autograd_backward", None)
     hoisted = env[node]
-    hoisted.meta.setdefault("nn_module_stack", anchor.meta.get("nn_module_stack"))
+    hoisted.meta["nn_module_stack"] = anchor.meta.get("nn_module_stack")
     run.g.renumber()
     like = next(fwd for fwd, _ in run.g.saved_tensors())
     placeholder = run.g.add_saved(hoisted, like)
