@@ -203,6 +203,12 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
     inventory, peak, (room, words, total) = _budget_at(model, converted, planned_inputs, step, limit=limit,
                                                        capacity=capacity, activation_budget=activation_budget,
                                                        gpu=gpu, optimizer=optimizer, dtype=dtype)
+    if not inventory.groups and any(any(s.startswith("packed") for s in d.saved) for d in converted._actfx_record.decisions):
+        # packs made where the measured forward does not see them one by one: only in submodules
+        # of a root neither fx nor torch.export captured (Hugging Face PhiMoE's custom Function)
+        warnings.warn(f"actfx.plan: {type(model).__name__}'s packs are made inside submodules of a forward that "
+                      "neither fx nor torch.export captured, where the plan cannot list them: the plan keeps the "
+                      "default widths; plan the submodules that convert on their own", stacklevel=4)
     sensitivity = _sensitivities(model, converted, inventory, tuple(calibration), loss_fn, group_size)
     planned = [g for g in inventory.groups if joint_key(g) in sensitivity or any(p.key in sensitivity for p in g.packs)]
     fixed = [g for g in inventory.groups if g not in planned]

@@ -284,3 +284,38 @@ def test_a_plan_reads_attention_probabilities_where_that_plans_less_variance(tmp
     attention = [d for d in converted._actfx_record.decisions if d.kind == "sdpa"]
     assert attention and all(len(d.saved) == 5 for d in attention)  # q, k, v and two probability packs
     assert any(d.saved[0] != "packed 8-bit" for d in attention)
+
+
+class _Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class _OpaqueRoot(torch.nn.Module):
+    """fx cannot trace the root (it branches on a value) and export refuses its custom Function:
+    only the submodule converts, on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
+
+    def forward(self, x):
+        h = _Doubled.apply(self.body(x))
+        return h if h.sum() > -1e9 else -h
+
+
+def test_a_plan_that_cannot_list_the_packs_says_so():
+    """Before: an empty plan (no sites, the default widths) and no word (Hugging Face PhiMoE)."""
+    torch.manual_seed(0)
+    model, x = _OpaqueRoot(), torch.randn(16, 32)
+    converted = actfx.convert(model, bits=2)
+    converted(x).sum().backward()
+    assert any(d.saved and d.saved[0].startswith("packed") for d in converted._actfx_record.decisions)
+    with pytest.warns(UserWarning, match="cannot list them"):
+        plan = actfx.plan(model, x, activation_budget=10**6)
+    assert not [s for s in plan.sites if s.planned]
