@@ -217,3 +217,23 @@ def test_residual_rebuild_matches_the_eager_formula(monkeypatch):
     assert torch.equal(fused, eager)
     y = (x * a.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)) + shortcut
     assert torch.equal(eager, y * unpack_bits(codes, shape))
+
+
+def test_reference_kernels_runs_the_reference_with_the_same_bytes(monkeypatch):
+    """A plan's one-off check of its widths runs packs eagerly rather than compiling new kernels."""
+    from actfx.kernels import reference_kernels
+
+    monkeypatch.delenv("ACTFX_CPU_KERNELS", raising=False)
+    x = torch.randn(40_000, generator=torch.Generator().manual_seed(7))
+    compiled = pack_groups(x, seed_of(3), 2, 1, 256, False)
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the compiled kernel ran")
+
+    monkeypatch.setattr(cpu_compiled, "pack_groups_compiled", refuse)
+    with reference_kernels():
+        eager = pack_groups(x, seed_of(3), 2, 1, 256, False)
+        pack_groups(x, seed_of(3), 2, 1, 256, True)  # stochastic: the reference's own noise
+    assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
+    with pytest.raises(AssertionError, match="compiled kernel ran"):
+        pack_groups(x, seed_of(3), 2, 1, 256, True)

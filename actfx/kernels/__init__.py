@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import functools
 import math
+import contextlib
+import contextvars
 import os
 import warnings
 from collections.abc import Sequence
@@ -190,6 +192,22 @@ def cpu_kernels_choice() -> str:
     return choice
 
 
+_REFERENCE_ONLY = contextvars.ContextVar("actfx_reference_kernels", default=False)
+
+
+@contextlib.contextmanager
+def reference_kernels():
+    """Within it, CPU packs run the eager reference (the same format; stochastic rounding draws the
+    reference's noise, equally unbiased): for a one-off step, where
+    compiling kernels for widths not used before costs more than running them (a plan's check of
+    its chosen widths: 9 of the 43 s of ``actfx plan resnet50 --gpu t4`` under cProfile)."""
+    token = _REFERENCE_ONLY.set(True)
+    try:
+        yield
+    finally:
+        _REFERENCE_ONLY.reset(token)
+
+
 def _use_compiled(t: torch.Tensor, numel: int, backend: str) -> bool:
     """Plain CPU tensors worth compiling for, when Inductor works here (checked once per process).
 
@@ -201,7 +219,8 @@ def _use_compiled(t: torch.Tensor, numel: int, backend: str) -> bool:
         if device.type != "cpu":
             raise ValueError(f"backend='compiled' is the CPU path, got a tensor on {device}")
         return True
-    if backend != "auto" or device.type != "cpu" or type(t) is not torch.Tensor or not cpu_compiled.usable(numel):
+    if backend != "auto" or device.type != "cpu" or type(t) is not torch.Tensor or not cpu_compiled.usable(numel) \
+            or _REFERENCE_ONLY.get():
         return False
     return cpu_kernels_choice() == "compiled" and cpu_compiled.compiled_cpu_works()
 
