@@ -43,11 +43,19 @@ _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_sav
             "passes/aten_to_functional.py", "passes/forward_cse.py", "passes/parameter_casts.py")
 
 
-# Inductor settings actfx.compile and its estimates share. Uniform-value constant folding is off:
-# on meta tensors it has no values to read (it emptied the graph), and with it on only where
-# values exist a Hugging Face Granite (constant multipliers) partitioned one way for the plan and
-# another under actfx.compile, which then held 8.7% more than the plan said.
-JOINT_PASS_SETTINGS = {"joint_graph_constant_folding": False}
+def joint_graph_patches(gm, config: Config) -> dict:
+    """Inductor settings for the joint graph of ``gm``, shared by actfx.compile and its estimates
+    (``compiled_estimate``), so both partition the same graph. SDPA calls are pointed at the
+    attention kernel that holds less (``choose_attention_kernels``), and attention written by hand
+    keeps its math (``KeepMathAttention``, unless the user set a pass of their own). Uniform-value
+    constant folding is off: on meta tensors it has no values to read (it emptied the graph), and
+    with it on only where values exist a Hugging Face Granite (constant multipliers) partitioned
+    one way for the plan and another under actfx.compile, which then held 8.7% more than planned."""
+    patches = {"joint_graph_constant_folding": False}
+    attention_bits = config.bits_for("attention", None)
+    if choose_attention_kernels(gm, attention_bits) and inductor_config.joint_custom_pre_pass is None:
+        patches["joint_custom_pre_pass"] = KeepMathAttention(attention_bits)  # attention written by hand
+    return patches
 
 
 @dataclasses.dataclass
@@ -175,10 +183,8 @@ class Backend:
         # The autograd cache would skip the partitioner (and so the record) on a hit; Inductor's
         # own code cache still applies to the packed graphs.
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
-        patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs), **JOINT_PASS_SETTINGS}
-        attention_bits = self.record.config.bits_for("attention", None)
-        if choose_attention_kernels(gm, attention_bits) and inductor_config.joint_custom_pre_pass is None:
-            patches["joint_custom_pre_pass"] = KeepMathAttention(attention_bits)  # attention written by hand
+        patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs),
+                   **joint_graph_patches(gm, self.record.config)}
         with functorch_config.patch(enable_autograd_cache=False):
             return calls_with(compile_fx(gm, example_inputs, config_patches=patches), self.record.seeds)
 

@@ -14,11 +14,9 @@ import contextlib
 import torch
 import torch.nn as nn
 
-from actfx.compiled import JOINT_PASS_SETTINGS, CompiledRecord, _Partitioner, own_cache_entry
+from actfx.compiled import CompiledRecord, _Partitioner, joint_graph_patches, own_cache_entry
 from actfx.config import Config
 from actfx.kernels.seed_stream import calls_with
-from actfx.passes.attention_kernel import choose_attention_kernels
-from actfx.passes.attention_pattern import KeepMathAttention
 
 
 def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = None, *, dynamic: bool = False):
@@ -28,9 +26,9 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
     import torch._inductor.lowering  # noqa: F401 - Inductor's decomposition table reads it
     from torch._dynamo.backends.common import aot_autograd
     from torch._functorch.aot_autograd import make_boxed_func
+    from torch._guards import detect_fake_mode
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import partition_fn
-    from torch._guards import detect_fake_mode
     from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.virtualized import V
 
@@ -43,25 +41,23 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
         return calls_with(keep(gm, example_inputs), record.seeds)  # its packs draw the record's seeds
 
     partition = _Partitioner(record)
-    pre_pass: list = [None]  # the joint-graph pass actfx.compile sets for this graph, if any
+    patches: dict = {}  # actfx.compile's settings for the graph being compiled (``joint_graph_patches``)
 
     def joint_passes_then_partition(gm, joint_inputs, **kwargs):
         # Inductor's own joint-graph passes first, as compile_fx runs them (no-op removal, pattern
-        # rewrites): without them the partition differed from actfx.compile's (a Hugging Face
-        # Granite's plan held 8.7% more under actfx.compile than it estimated: its embedding was
-        # saved by another module and copied 8 times instead of twice)
-        # compile_fx runs them with its fake mode installed (its random-seed pass reads it)
-        with V.set_fake_mode(detect_fake_mode(joint_inputs)), inductor_config.patch(
-                joint_custom_pre_pass=pre_pass[0] or inductor_config.joint_custom_pre_pass, **JOINT_PASS_SETTINGS):
+        # rewrites) and with its fake mode installed (its random-seed pass reads it): without them
+        # the partition differed from actfx.compile's (a Hugging Face Granite's plan held 8.7% more
+        # under actfx.compile than it estimated: its embedding was saved by another module and
+        # copied 8 times instead of twice)
+        with V.set_fake_mode(detect_fake_mode(joint_inputs)), inductor_config.patch(patches):
             return partition_fn(gm, joint_inputs, partitioner_fn_override=partition, **kwargs)
 
     traced = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep, partition_fn=joint_passes_then_partition,
                           decompositions=select_decomp_table())
 
     def backend(gm, example_inputs):
-        attention_bits = config.bits_for("attention", None)
-        if choose_attention_kernels(gm, attention_bits):  # as actfx.compile's backend does
-            pre_pass[0] = KeepMathAttention(attention_bits)
+        patches.clear()
+        patches.update(joint_graph_patches(gm, config))
         return traced(gm, example_inputs)
 
     # Static by default: plans estimate one batch, calibrate on another and estimate again; with

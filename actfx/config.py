@@ -99,14 +99,9 @@ class Config:
     def check_paths(self, model) -> None:
         """Every module path this config names is one of ``model``'s: a misspelt path matched
         nothing and that part of the model trained at the default width, silently."""
-        names = {name for name, _ in model.named_modules()}
-        named = (("recompute_modules", self.recompute_modules), ("module_bits", self.module_bits),
-                 ("site_bits", [key.split(":")[0] for key in self.site_bits]))
-        for field, paths in named:
-            missing = [path for path in paths if path and path not in names]
-            if missing:
-                raise ValueError(f"Config.{field} names {missing[0]!r}, which is not a submodule of "
-                                 f"{type(model).__name__}; use paths as model.named_modules() lists them")
+        check_module_paths(model, (("Config.recompute_modules", self.recompute_modules),
+                                   ("Config.module_bits", self.module_bits),
+                                   ("Config.site_bits", [key.split(":")[0] for key in self.site_bits])))
 
     def unknown_kinds(self, kinds) -> list:
         """The op_bits kinds, beyond the defaults, that none of ``kinds`` (a model's) is."""
@@ -130,6 +125,17 @@ class Config:
             if best is not None:
                 return best[1]
         return self.op_bits.get(kind, self.bits)
+
+
+def check_module_paths(model, named) -> None:
+    """Refuse, in one line, a module path of ``named`` ((what, paths) pairs; "" is the root) that
+    ``model`` does not have."""
+    names = {name for name, _ in model.named_modules()}
+    for what, paths in named:
+        missing = [path for path in paths if path and path not in names]
+        if missing:
+            raise ValueError(f"{what} names {missing[0]!r}, which is not a submodule of {type(model).__name__}; "
+                             "use paths as model.named_modules() lists them")
 
 
 class _FrozenDict(dict):

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 from torch.fx import Graph, GraphModule
 
-from actfx.config import Config, check_bits, check_group_size
+from actfx.config import Config, check_bits, check_group_size, check_module_paths
 from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, opaque_calls
 from actfx.passes.capture import (
@@ -115,11 +115,8 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     if not isinstance(leaf_modules, (tuple, list, set, frozenset)):
         leaf_modules = (leaf_modules,)
     _, leaf_paths = split_leaf_modules(leaf_modules, "")  # validate early
-    names = {name for name, _ in model.named_modules()}
-    missing = sorted(path for path in leaf_paths if path not in names)
-    if missing:  # a misspelt path matched nothing, and fx traced into that module silently
-        raise ValueError(f"leaf_modules names {missing[0]!r}, which is not a submodule of {type(model).__name__}; "
-                         "use paths as model.named_modules() lists them")
+    # a misspelt leaf path matched nothing, and fx traced into that module silently
+    check_module_paths(model, (("leaf_modules", sorted(leaf_paths)),))
     config.check_paths(model)
     record = ConversionRecord(config, leaf_modules=tuple(leaf_modules))
     if example_inputs is not None:
@@ -372,9 +369,8 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
         hooked = changed_hooks(self, inlined, hooks)
         if hooked is not None:
             warn_hooks_changed(self, hooked)
-        elif warn_if_cast(self, dtypes):
-            pass
-        elif not under_function_transform(self) and self.training and torch.is_grad_enabled():
+        elif not warn_if_cast(self, dtypes) and not under_function_transform(self) and self.training \
+                and torch.is_grad_enabled():
             bound = call.bind(args, kwargs)
             if bound is not None:
                 return train_forward(self, *bound[0], **bound[1])

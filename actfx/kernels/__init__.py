@@ -13,10 +13,10 @@ The bit layout, error bound and special groups are documented in `actfx/format.p
 
 from __future__ import annotations
 
-import functools
-import math
 import contextlib
 import contextvars
+import functools
+import math
 import os
 import warnings
 from collections.abc import Sequence

@@ -177,18 +177,17 @@ class PackSaved:
         apart, each measured alone added nothing where the source is zero: a tiny Hugging Face
         DeiT's all-zero class-token row (rstd 1e6) measured 3e-5 |g|^2 per copy at 1 bit and
         2.3 |g|^2 for both, and the plan came out 2x worse than uniform 2-bit."""
+        saved = [fwd for fwd, _ in self.g.saved_tensors()]
+        members = set(saved)
+        sources = {fwd: _copy_source(fwd, members) for fwd in saved}
         seen: collections.Counter = collections.Counter()
         sites = {}
-        saved = [fwd for fwd, _ in self.g.saved_tensors()]
         for fwd in saved:
-            if _copy_source(fwd, saved) is None:
-                op = self.hoisted.get(fwd.name, op_name(fwd))
-                seen[site_key(module_path(fwd), op)] += 1
-                sites[fwd] = site_key(module_path(fwd), op, seen[site_key(module_path(fwd), op)])
-        for fwd in saved:
-            if fwd not in sites:
-                sites[fwd] = sites[_copy_source(fwd, saved)]
-        return sites
+            if sources[fwd] is None:
+                path, op = module_path(fwd), self.hoisted.get(fwd.name, op_name(fwd))
+                seen[site_key(path, op)] += 1
+                sites[fwd] = site_key(path, op, seen[site_key(path, op)])
+        return {fwd: sites[sources[fwd] or fwd] for fwd in saved}
 
     def _bits(self, fwd: fx.Node, site: str) -> int:
         """A plan's width for this value (``Config.site_bits`` keyed by its ``site``), else the
@@ -378,7 +377,7 @@ def kept_as_is(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     return plan
 
 
-def _copy_source(fwd: fx.Node, saved: list) -> fx.Node | None:
+def _copy_source(fwd: fx.Node, saved: set) -> fx.Node | None:
     """The saved value ``fwd`` is a forward alias of (a decorrelation copy), else None."""
     source = fwd
     while source.target is aten.alias.default and isinstance(source.args[0], fx.Node):

@@ -4,13 +4,14 @@ Why: ``sensitivity`` puts rounding noise into what PyTorch saves, so it cannot r
 holds something PyTorch never saves: GELU's packed derivative, LayerNorm's normalised input, the
 q, k, v from which attention's backward recomputes. Those packs were left at their default width,
 which on a ViT is most of what it holds. Here the converted model itself runs, its compiled
-forwards calling a probe in place of ``pack_value``: every pack is kept exact except one, which is
-packed for real at its width, and ``Var_p = ||g(that pack) - g||^2`` comes from one forward and
-backward (one draw, as in ``sensitivity``; recomputed attention's nonlinear error included). As
-there, 1 and 2 bits are measured too where the pack may take them: the value is first rounded to
-that width's levels (which the wider pack then holds exactly, up to its bf16 group range), other
-widths scale by the rounding variance. One step per probed pack and width, on the planner's own
-converted copy; the random state, the model's buffers and the forwards' globals are restored afterwards.
+forwards calling a probe in place of ``pack_value``: every pack is kept exact except the ones
+probed together (a group's, which share a width), packed for real at their width, and
+``Var = ||g(those packs) - g||^2`` comes from one forward and backward (one draw, as in
+``sensitivity``; recomputed attention's nonlinear error included). As there, 1 and 2 bits are
+measured too where the packs may take them: the values are first rounded to that width's levels
+(which the wider pack then holds exactly, up to its bf16 group range), other widths scale by the
+rounding variance. One step per probed group and width, on the planner's own converted copy; the
+random state, the model's buffers and the forwards' globals are restored afterwards.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from actfx.passes.signatures import bind
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.recompute import fill
 from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
@@ -33,15 +34,14 @@ _SAFE_SOFTMAX = getattr(torch.ops.aten, "_safe_softmax", None)
 def _operands(args, kwargs) -> tuple:
     """(q, k, v, mask, scale, is_causal) of an SDPA call, k and v repeated to q's heads under
     ``enable_gqa``."""
-    names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-    given = dict(zip(names, args), **kwargs)
+    given = bind("sdpa", args, kwargs)
     q, k, v = given["query"], given["key"], given["value"]
-    if given.get("enable_gqa", False) and k.shape[-3] != q.shape[-3]:
+    if given["enable_gqa"] and k.shape[-3] != q.shape[-3]:
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], -3)
         v = v.repeat_interleave(q.shape[-3] // v.shape[-3], -3)
-    scale = given.get("scale")
+    scale = given["scale"]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    return q, k, v, given.get("attn_mask"), scale, bool(given.get("is_causal", False))
+    return q, k, v, given["attn_mask"], scale, bool(given["is_causal"])
 
 
 def _scores(q, k, mask, scale, causal):
