@@ -77,7 +77,7 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
     record = getattr(model, "_actfx_record", None)
     if record is None:
         raise TypeError("breakdown expects a model returned by actfx.convert")
-    if after is not None and "" not in record.graphs:
+    if after is not None and "" not in record.graphs and not any(e.node is not None for e in after.nodes):
         found = _module_rows(record, before, after)
     else:
         found = _op_rows(model, record, before, after)
@@ -111,8 +111,9 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
 
 
 def _op_rows(model, record, before, after) -> list:
-    measured = {id(e.node): e for e in after.nodes if e.node is not None} if after else {}
-    originals = {(e.graph_path, e.name): e for e in before.nodes if e.node is not None} if before else {}
+    # a module called several times runs its graph each time: a node's entries are summed
+    measured = _summed(after, lambda e: id(e.node)) if after else {}
+    originals = _summed(before, lambda e: (e.graph_path, e.name)) if before else {}
     traced = before.graphs if before is not None else trace_like(original_of(model), model)
     found = []
     for path, graphs in record.graphs.items():
@@ -133,12 +134,50 @@ def _op_rows(model, record, before, after) -> list:
             entries = [measured[id(n)] for n in nodes if id(n) in measured]
             orig = _original(originals, path, source, nodes)
             found.append((row, path, entries, orig, [decision] if decision else []))
-    placed = {id(e) for _, _, entries, _, _ in found for e in entries}
+    placed = {id(e.node) if e.node is not None else id(e) for _, _, entries, _, _ in found for e in entries}
+    # a root that runs whole charges the modules outside the converted ones, in both runs
+    modules = {e.module_path: e for e in before.nodes if e.node is None} if before else {}
     for entry in after.nodes if after else ():  # anything no row holds
-        if id(entry) not in placed and entry.tensors:
-            found.append((Row(entry.label, entry.target, entry.module_path, False), entry.graph_path,
-                          [entry], None, []))
+        if (id(entry.node) if entry.node is not None else id(entry)) not in placed and entry.tensors:
+            orig = modules.get(entry.module_path) if entry.node is None else None
+            found.append((Row(entry.label, orig.target if orig is not None else entry.target, entry.module_path,
+                              False), entry.graph_path, [entry], orig, []))
+    return _whole_where_unpaired(found, before) if before is not None else found
+
+
+def _whole_where_unpaired(found: list, before: Measurement) -> list:
+    """Inside a root that runs whole, the original runs each converted block's traced graph; a
+    call that graph was not traced for runs the block whole, charged per module. Such a block's
+    rows cannot pair up op by op, so they become one row, both sides summed."""
+    whole: dict = {}
+    for e in before.nodes:
+        if e.node is None and e.module_path and e.tensors:
+            whole.setdefault(e.module_path, []).append(e)
+    inside = lambda path, block: path == block or path.startswith(block + ".")  # noqa: E731
+    blocks = sorted({path for _, path, _, _, _ in found if path and any(inside(m, path) for m in whole)}, key=len)
+    outermost = [b for i, b in enumerate(blocks) if not any(inside(b, a) for a in blocks[:i])]
+    for block in outermost:
+        rows = [f for f in found if f[1] and inside(f[1], block)]
+        found = [f for f in found if not (f[1] and inside(f[1], block))]
+        orig = NodeSaved(block, "", "call_module", "", block)
+        for path, entries in whole.items():
+            if inside(path, block):
+                orig.tensors.extend(t for e in entries for t in e.tensors)
+                orig.target = entries[0].target if path == block else orig.target or entries[0].target
+        row = Row(block, orig.target, block, any(r.covered for r, *_ in rows))
+        found.append((row, block, [e for _, _, entries, _, _ in rows for e in entries], orig,
+                      [d for *_, decisions in rows for d in decisions]))
     return found
+
+
+def _summed(measurement: Measurement, key) -> dict:
+    """``key(entry)`` -> the measured node's entries merged into one (usually there is one)."""
+    calls: dict = {}
+    for e in measurement.nodes:
+        if e.node is not None:
+            calls.setdefault(key(e), []).append(e)
+    return {k: found[0] if len(found) == 1 else dataclasses.replace(found[0], tensors=[t for e in found for t in e.tensors])
+            for k, found in calls.items()}
 
 
 def _original(originals: dict, path: str, source: str, nodes: list) -> NodeSaved | None:

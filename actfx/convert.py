@@ -30,6 +30,7 @@ from actfx.passes.capture import (
 )
 from actfx.passes.baked_values import BAKED, baked_values, changed_value
 from actfx.passes.export_capture import parameter_dtypes, warn_if_cast
+from actfx.passes.graph_runner import runnable
 from actfx.passes.hf_outputs import share_recording
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -56,6 +57,8 @@ class ConversionRecord:
     # path -> [(rewritten fx Graph, the forward compiled from it)]: the planner's calibration runs
     # them with a probe in place of pack_value (``actfx.planner.probe_sensitivity``)
     forwards: dict = dataclasses.field(default_factory=dict)
+    # path -> the ExportedCall of a module torch.export captured: lays a call out as its graph's inputs
+    calls: dict = dataclasses.field(default_factory=dict)
     # torch.export captures the root at its first training call: until then the ops are unknown
     capture_pending: bool = False
     # some module captures at its first training call: its forward holds that capture (copies convert again)
@@ -399,7 +402,8 @@ def _exported_forward(model, example_inputs, config, record, path: str = "", pre
     record.graphs[path] = {True: graph}
     forward = _compile_forward(graph, f"{path or 'model'}:export")
     record.forwards[path] = [(graph, forward)]
-    return forward, exported_call(gm)
+    record.calls[path] = exported_call(gm)
+    return forward, record.calls[path]
 
 
 def convert_on_meta(model: nn.Module, config: Config, example_inputs) -> nn.Module:
@@ -537,7 +541,7 @@ def _compile_forward(graph: Graph, name: str):
     exec(compile(code.src, f"<actfx {name}>", "exec"), scope)  # noqa: S102 - fx-generated source
     forward = scope["forward"]
     forward.__actfx_source__ = code.src
-    return forward
+    return runnable(graph, forward)
 
 
 def _remember_inputs(module: nn.Module, signature, args: tuple, kwargs: dict) -> None:
@@ -699,7 +703,7 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
     return type(f"Actfx{base.__name__}", (base,), attrs)
 
 
-def _clone(module: nn.Module, cls: type) -> nn.Module:
+def _clone(module: nn.Module, cls: type, shared: tuple = ()) -> nn.Module:
     """A new module of class ``cls`` sharing the original's Parameters, buffers and children.
 
     Container dicts are fresh so later changes to one object's module tree do not leak into
@@ -709,13 +713,16 @@ def _clone(module: nn.Module, cls: type) -> nn.Module:
     output by 10, silently), and a lazy module's one-shot initialising hook ran again and failed.
     So is the Parameter dict: a Parameter assigned on the original after conversion (tying a
     weight) was not read by the clone, and an optimizer built then trained a weight it never used.
+    ``shared``: further dicts both keep (actfx.compile's copy shares the buffers: a buffer its
+    root's forward rebinds, ``self.steps = self.steps + 1``, reached the copy only, and a
+    checkpoint of the original lost it).
     """
     new = object.__new__(cls)
     share_recording(module, new)
     state = dict(module.__dict__)
     for key, value in list(state.items()):
         if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key \
-                and key != "_parameters":
+                and key != "_parameters" and key not in shared:
             state[key] = type(value)(value)
     new.__dict__.update(state)
     new.__dict__.pop("_actfx_record", None)

@@ -13,9 +13,17 @@ import torch.nn.functional as F
 from rich.console import Console
 
 import actfx
+from actfx.accounting import count_saved
 from actfx.breakdown import original_of
 from actfx.models import build_model
 from actfx.passes.analyze import measure
+
+
+def count_saved_bytes(model, x) -> int:
+    with count_saved(model) as saved:
+        out = model(x)
+    del out
+    return saved.activation_bytes
 
 
 def plain_console():
@@ -196,10 +204,46 @@ class Looping(nn.Module):
         return x
 
 
+class _Embedded(nn.Module):
+    """Called without its optional input: the converted block picks the graph traced for that."""
+
+    def __init__(self):
+        super().__init__()
+        self.word, self.proj = nn.Embedding(64, 256), nn.Linear(256, 256)
+
+    def forward(self, ids, embeds=None):
+        if embeds is None:
+            embeds = self.word(ids)
+        return F.gelu(self.proj(embeds))
+
+
+class _Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x * 2
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 2
+
+
+class BranchingRoot(nn.Module):
+    """Neither fx (a branch on a value) nor torch.export (a custom autograd.Function) captures the root."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = _Embedded()
+
+    def forward(self, ids):
+        h = _Doubled.apply(self.emb(ids))
+        return h if h.sum() > -1e9 else -h
+
+
 @pytest.mark.parametrize("make, kwargs, x", [
     (WithLeaves, {"leaf_modules": [Block]}, torch.randn(32, 64)),
     (Looping, {}, torch.randn(8, 256)),
-], ids=["declared-leaves", "untraceable-root"])
+    (BranchingRoot, {}, torch.randint(0, 64, (4, 8))),
+], ids=["declared-leaves", "untraceable-root", "uncaptured-root-optional-input"])
 def test_models_converted_in_pieces_still_pair_up(make, kwargs, x):
     torch.manual_seed(0)
     model = make()
@@ -209,6 +253,44 @@ def test_models_converted_in_pieces_still_pair_up(make, kwargs, x):
     assert sum(r["after_bytes"] for r in rows) == measure(converted, x).activation_bytes
     saving = [r for r in rows if r["after_bytes"]]
     assert saving and all(r["before_bytes"] is not None for r in saving)
+    # op by op inside the converted modules, also where the root runs whole (it was one row per module)
+    assert {r["op"].lower() for r in saving} >= {"linear", "mul" if kwargs else "gelu"}
+
+
+class _Scaled(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(256, 256)
+
+    def forward(self, x, scale=None):
+        if scale is not None:
+            x = x * scale
+        return F.gelu(self.proj(x))
+
+
+class ScaledInsideBranchingRoot(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = _Scaled()
+
+    def forward(self, x):
+        h = _Doubled.apply(self.block(x, scale=torch.full((256,), 0.5)))
+        return h if h.sum() > -1e9 else -h
+
+
+def test_a_block_whose_traced_graph_does_not_take_the_call_is_one_row():
+    """Inside a root that runs whole, the original runs each block's traced graph (here: traced
+    without ``scale``); a call that graph does not take runs the block whole, so its rows are
+    summed into one, and the totals still add up."""
+    torch.manual_seed(0)
+    model, x = ScaledInsideBranchingRoot(), torch.randn(4, 8, 256)
+    converted = actfx.convert(model, bits=2)
+    converted(x).sum().backward()
+    rows = actfx.show(converted, x, console=plain_console())
+    assert [(r["node"], r["op"]) for r in rows if r["after_bytes"]] == [("block", "_Scaled")]
+    assert sum(r["before_bytes"] or 0 for r in rows) == measure(model, x).activation_bytes
+    assert sum(r["after_bytes"] or 0 for r in rows) == measure(converted, x).activation_bytes < \
+        measure(model, x).activation_bytes / 4
 
 
 def test_a_model_captured_by_torch_export_pairs_up_op_by_op():
@@ -272,12 +354,58 @@ class _WithOpaqueOp(torch.nn.Module):
         return self.b(torch.tanh(self.a(_doubled(x))))
 
 
-def test_a_model_fake_tensors_cannot_run_is_shown_without_bytes():
-    """``actfx.show`` measures on fake tensors; where the forward fails there (Hugging Face's
-    Nystromformer) it raised, though the model converts and trains."""
-    converted = actfx.convert(_WithOpaqueOp(), bits=2)
+class _FixedExperts(torch.nn.Module):
+    """Two experts over fixed token ranges: torch's fake kernel of ``_grouped_mm`` takes bfloat16
+    only, its CPU kernel float32 too (Hugging Face PhiMoE)."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = torch.nn.Parameter(torch.randn(2, 8, 32) / 3)
+        self.register_buffer("offs", torch.tensor([3, 8], dtype=torch.int32))
+        self.b = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(torch._grouped_mm(x, self.up, self.offs)))
+
+
+@pytest.mark.parametrize("make", [_WithOpaqueOp, _FixedExperts], ids=["no-fake-kernel", "fake-kernel-refuses"])
+def test_a_model_fake_tensors_cannot_run_is_measured_for_real(make):
+    """``actfx.show`` measures on fake tensors; where the forward failed there (Hugging Face's
+    Nystromformer, PhiMoE) it first raised, then showed no bytes, though the model converts and
+    trains. Now it measures on real tensors as the training forward would run them."""
+    torch.manual_seed(0)
+    model, x = make(), torch.randn(8, 8)
+    converted = actfx.convert(model, bits=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rows = actfx.show(converted, x, console=plain_console())
+    assert sum(r["before_bytes"] or 0 for r in rows) == count_saved_bytes(model, x)
+    assert sum(r["after_bytes"] or 0 for r in rows) == count_saved_bytes(converted, x)
+
+
+@torch.library.custom_op("actfx_test::positive_root", mutates_args=())
+def _positive_root(x: torch.Tensor) -> torch.Tensor:
+    if (x <= 0).any():
+        raise ValueError("positive_root takes positive values")
+    return x.sqrt()
+
+
+class _PositiveOnly(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = torch.nn.Linear(8, 32), torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.b(torch.tanh(self.a(_positive_root(x))))
+
+
+def test_a_model_neither_fake_nor_random_tensors_can_run_is_shown_without_bytes():
+    """Without inputs, show measures at the shapes of the last training call, on random values:
+    a forward that takes positive values only cannot run there either."""
+    converted = actfx.convert(_PositiveOnly(), bits=2)
+    converted(torch.rand(4, 8) + 1).sum().backward()
     with pytest.warns(UserWarning, match="could not measure _?\\w* on fake tensors"):
-        rows = actfx.show(converted, torch.randn(4, 8), console=plain_console())
+        rows = actfx.show(converted, console=plain_console())
     assert rows and all(r["after_bytes"] is None for r in rows)
 
 

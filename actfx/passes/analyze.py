@@ -22,6 +22,7 @@ import contextlib
 import copy
 import dataclasses
 import inspect
+import logging
 import operator
 import weakref
 
@@ -31,6 +32,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
 from actfx.passes.capture import copy_graph, trace, training_mode
+from actfx.passes.graph_runner import RUNNER
 from actfx.passes.state_call import call_with_state
 from actfx.variants.common import unconverted_class
 from actfx.variants.packing import pack_value
@@ -134,6 +136,24 @@ class _Recorder:
         self.storages: list = []  # every storage seen, kept so no key is reused by a later one
         self.nodes: list[NodeSaved] = []
         self.current: NodeSaved | None = None
+        self.graphs_running = 0  # blocks run node by node inside a root that runs whole (charged by node)
+
+    @contextlib.contextmanager
+    def node_by_node(self):
+        """While a block's graph runs inside a root that runs whole: no module charging."""
+        self.graphs_running += 1
+        try:
+            yield
+        finally:
+            self.graphs_running -= 1
+
+    def mark(self) -> tuple:
+        return len(self.nodes), len(self.saved), self.current
+
+    def rollback(self, mark: tuple) -> None:
+        """Forget what was recorded since ``mark`` (a block's graph that failed part way)."""
+        nodes, saved, self.current = mark
+        del self.nodes[nodes:], self.saved[saved:]
 
     @contextlib.contextmanager
     def running(self, entry: NodeSaved):
@@ -271,9 +291,6 @@ def _training_graphs(module: nn.Module, like: nn.Module | None = None) -> dict[s
     record = getattr(module, "_actfx_record", None)
     if record is not None:
         return {path: graphs[True] for path, graphs in record.graphs.items()}
-    like_record = getattr(like, "_actfx_record", None)
-    if like_record is not None and "" not in like_record.graphs:
-        return {}  # the converted root runs whole, so the original does too (charged per module)
     return trace_like(module, like)
 
 
@@ -396,13 +413,36 @@ def measure(module: nn.Module, inputs, *, mode: FakeTensorMode | None = None,
         inputs = (inputs,)
     inputs = call_arguments(inputs)
     try:
-        return _measure(module, inputs, mode or FakeTensorMode(allow_non_fake_inputs=True), dtype, like)
-    except Exception as err:  # noqa: BLE001 - re-raised unless the forward reads tensor values
-        if type(err).__name__ not in DATA_DEPENDENT or mode is not None or _has_meta_state(module):
+        with _quiet_fake_kernel_log():
+            return _measure(module, inputs, mode or FakeTensorMode(allow_non_fake_inputs=True), dtype, like)
+    except Exception as err:  # noqa: BLE001 - measured for real where the forward can run so
+        if mode is not None or _has_meta_state(module):
             raise
-    # Python control flow reads tensor values, which fake tensors do not have: run it for real,
-    # on copies of the state (the model is not modified) and random inputs of the same shapes.
-    return _measure(module, inputs, None, dtype, like)
+        fake_error = err
+    # Python control flow reads tensor values, which fake tensors do not have, or an op has no
+    # fake kernel for these inputs (a custom op, float32 ``_grouped_mm``): run it for real, on
+    # copies of the state (the model is not modified) and random inputs of the same shapes.
+    # Where that fails too, the fake error is the one to show, unless it only said that values were read.
+    try:
+        return _measure(module, inputs, None, dtype, like)
+    except Exception:  # noqa: BLE001
+        if type(fake_error).__name__ in DATA_DEPENDENT:
+            raise
+        raise fake_error from None
+
+
+@contextlib.contextmanager
+def _quiet_fake_kernel_log():
+    """Fake-tensor dispatch logs a failing meta kernel's traceback at ERROR before raising;
+    ``measure`` handles that error, so the log is noise in the user's output."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    silence = logging.Filter()
+    silence.filter = lambda record: not record.getMessage().startswith("failed while attempting to run meta")
+    logger.addFilter(silence)
+    try:
+        yield
+    finally:
+        logger.removeFilter(silence)
 
 
 # What fake-tensor tracing raises where Python control flow reads a tensor's value.
@@ -426,7 +466,8 @@ def _measure(module, inputs, mode, dtype, like) -> Measurement:
             args, kwargs = torch.utils._pytree.tree_map_only(
                 torch.Tensor, lambda x: x.to(dtype) if x.is_floating_point() else x, (args, kwargs))
     recorder = _Recorder({t.untyped_storage()._cdata for t in state.values()})
-    runner = _Runner(module, graphs, recorder, twin)
+    record = getattr(module, "_actfx_record", None) or getattr(like, "_actfx_record", None)
+    runner = _Runner(module, graphs, getattr(record, "calls", {}), recorder, twin)
     with training_mode(module, True), context, torch.enable_grad(), \
             torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
         out = call_with_state(runner, {f"model.{k}": v for k, v in state.items()}, tuple(args), kwargs)
@@ -444,19 +485,98 @@ def _total_tensor_bytes(value) -> int:
 
 class _Runner(nn.Module):
     """Holds the model as a child so ``functional_call`` can swap in fake parameters, then runs
-    it through the interpreter, or whole when its root has no graph (charging each module)."""
+    it through the interpreter, or whole when its root has no graph (charging each module, and
+    each node of the converted modules inside)."""
 
-    def __init__(self, model: nn.Module, graphs: dict, recorder: _Recorder, twin):
+    def __init__(self, model: nn.Module, graphs: dict, calls: dict, recorder: _Recorder, twin):
         super().__init__()
         self.model = model
-        self.graphs, self.recorder, self.twin = graphs, recorder, twin
+        self.graphs, self.calls, self.recorder, self.twin = graphs, calls, recorder, twin
 
     def forward(self, *args, **kwargs):
         if "" in self.graphs:
             values = _placeholder_values(self.graphs[""], self.model, args, kwargs)
             return _Attributing(self.model, self.graphs[""], "", self.recorder, self.graphs, self.twin).run(*values)
-        with _per_module(self.model, self.recorder):
-            return self.model(*args, **kwargs)
+        converted = getattr(self.model, "_actfx_record", None) is not None
+        # the original has no graphs to choose from: it runs those traced like the converted ones
+        view = self.model if converted else _interpreted_view(self.model, self.graphs, self.calls, self.recorder,
+                                                              self.twin)
+        self.paths = {id(m): name for name, m in self.model.named_modules()}
+        with _per_module(view, self.recorder):
+            token = RUNNER.set(self._run_graph) if converted else None
+            try:
+                return view(*args, **kwargs)
+            finally:
+                if token is not None:
+                    RUNNER.reset(token)
+
+    def _run_graph(self, module: nn.Module, graph: Graph, generated, args: tuple, kwargs: dict):
+        """A converted block runs the graph its forward chose, node by node (``graph_runner``)."""
+        path = self.paths.get(id(module))
+        if path is None:
+            return generated(module, *args, **kwargs)
+        signature = inspect.signature(generated)
+        bound = signature.bind(module, *args, **kwargs)
+        bound.apply_defaults()
+        values = []
+        for name, value in list(bound.arguments.items())[1:]:
+            if signature.parameters[name].kind is inspect.Parameter.VAR_POSITIONAL:
+                values.extend(value)
+            else:
+                values.append(value)
+        with self.recorder.node_by_node():
+            return _Attributing(module, graph, path, self.recorder, self.graphs, self.twin).run(*values)
+
+
+def _interpreted_view(model: nn.Module, graphs: dict, calls: dict, recorder: _Recorder, twin) -> nn.Module:
+    """``model`` (an original) with each outermost submodule that has a graph in ``graphs`` run
+    by the interpreter, node by node, as the converted model's blocks run theirs. The view copies
+    the modules on the way (their dicts of children and state too), so the model itself is not
+    modified."""
+    outermost = [path for path in graphs if not any(path.startswith(q + ".") for q in graphs if q != path)]
+    copies: dict[str, nn.Module] = {}
+
+    def copied(path: str) -> nn.Module:
+        if path not in copies:
+            parent, _, name = path.rpartition(".")
+            source = model if not path else copied(parent).get_submodule(name)
+            view = copy.copy(source)
+            view.__dict__.update(_modules=dict(source._modules), _parameters=dict(source._parameters),
+                                 _buffers=dict(source._buffers))
+            copies[path] = view
+            if path:
+                copied(parent)._modules[name] = view
+        return copies[path]
+
+    for path in outermost:
+        try:
+            original = model.get_submodule(path)
+        except AttributeError:
+            continue
+        run = _interpreting_forward(original, graphs[path], path, recorder, graphs, twin, calls.get(path))
+        copied(path).__class__ = type(type(original).__name__, (type(original),), {"forward": run})  # shown by that name
+    return copied("") if copies else model
+
+
+def _interpreting_forward(original: nn.Module, graph: Graph, path: str, recorder: _Recorder, graphs: dict, twin,
+                          call):
+    """The forward of an interpreted original block; ``call``: its ExportedCall where torch.export
+    captured it (its graph takes the call's flattened inputs), else None (fx: by name). A call its
+    graph does not take (it was traced for another pattern of inputs) runs the block's own forward,
+    charged as one module."""
+    def forward(self, *args, **kwargs):
+        bound = call.bind(args, kwargs) if call is not None else None
+        mark = recorder.mark()
+        try:
+            values = (_placeholder_values(graph, original, args, kwargs) if call is None
+                      else torch.utils._pytree.tree_leaves(bound) if bound is not None else None)
+            if values is not None:
+                with recorder.node_by_node():
+                    return _Attributing(self, graph, path, recorder, graphs, twin).run(*values)
+        except Exception:  # noqa: BLE001 - measured as one module instead
+            recorder.rollback(mark)
+        return type(original).forward(self, *args, **kwargs)
+    return forward
 
 
 def call_arguments(inputs) -> tuple[tuple, dict]:
@@ -512,7 +632,8 @@ def _per_module(model: nn.Module, recorder: _Recorder):
     """While a model without a graph runs, charge what is saved to the innermost module running.
 
     Uses the global module hooks for the duration of the run only (instance hooks would write
-    into the user's modules); calls of modules outside ``model`` are ignored.
+    into the user's modules); calls of modules outside ``model`` are ignored, and so is
+    everything inside a block whose graph runs node by node (its nodes are charged).
     """
     paths = {id(m): name for name, m in model.named_modules()}
     entries: dict[str, NodeSaved] = {}
@@ -520,7 +641,7 @@ def _per_module(model: nn.Module, recorder: _Recorder):
 
     def enter(module, args):
         path = paths.get(id(module))
-        if path is None:
+        if path is None or recorder.graphs_running:
             stack.append(None)
             return
         entry = entries.get(path)

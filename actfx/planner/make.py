@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -26,6 +27,7 @@ from actfx.config import Config, check_bits
 from actfx.convert import convert
 from actfx.passes.analyze import DATA_DEPENDENT, measure, trace_like
 from actfx.passes.capture import buffers_restored, training_mode
+from actfx.passes.trace_effects import parameters_kept, restore_parameters
 from actfx.planner.assemble import assemble, joint_key, option
 from actfx.planner.batch import batch_of, with_batch
 from actfx.planner.choose import BudgetError
@@ -67,7 +69,24 @@ def _input_errors_named(fn):
     return checked
 
 
+def _model_left_as_it_was(plan_fn):
+    """Planning runs the model (capture, calibration, the memory step): its buffers (BatchNorm's
+    running statistics), parameters a forward replaces (a momentum encoder) and the global random
+    stream are put back afterwards; ``actfx.plan`` moved them before."""
+    @functools.wraps(plan_fn)
+    def planned(model, *args, **kwargs):
+        kept = parameters_kept((model,)) if isinstance(model, nn.Module) else ()
+        try:
+            with buffers_restored(model) if isinstance(model, nn.Module) else contextlib.nullcontext(), \
+                    torch.random.fork_rng(devices=[]):
+                return plan_fn(model, *args, **kwargs)
+        finally:
+            restore_parameters(kept)
+    return planned
+
+
 @_input_errors_named
+@_model_left_as_it_was
 def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=None, gpu: str | None = None,
          batch: int | None = None, optimizer: str = "adamw", path: str = "eager", loss_fn=None,
          calibration_inputs=None, bits: int = 2, group_size: int = 256, dtype: torch.dtype | None = None,
@@ -216,9 +235,9 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
     sources = _rebuild_sources(converted._actfx_record.decisions)
     options = [option(g, sensitivity, group_size, exact=not any(p.key[:2] in sources for p in g.packs))
                for g in planned]
-    blocks, allowance, charged, shrinks = None, 0, False, 0
+    blocks, allowance, charged, shrinks, shrunk = None, 0, False, 0, 0
     if recompute not in ("auto", False, 0):
-        blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
+        blocks, allowance = _blocks(model, converted, base, planned_inputs, planned, recompute, dtype)
     for _ in range(8):
         try:
             try:
@@ -227,10 +246,11 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
                 if recompute != "auto" or blocks is not None:
                     raise
                 # "auto": blocks are measured only once the widths alone do not fit
-                blocks, allowance = _blocks(model, base, planned_inputs, planned, recompute, dtype)
+                blocks, allowance = _blocks(model, converted, base, planned_inputs, planned, recompute, dtype)
                 picked = pick(options, blocks, room - fixed_bytes, allowance)
         except BudgetError as err:
-            smallest = fixed_bytes + err.smallest
+            # what the packs' estimate misses, as measured on earlier tries: the room shrank by it
+            smallest = fixed_bytes + err.smallest + shrunk
             what = (f"held activations of at least {format_bytes(smallest)}" if activation_budget is not None
                     else f"a peak of at least {format_bytes(peak.peak(smallest))}")
             rerun = " (recomputing the blocks where that helps)" if blocks else ""  # None/[]: none offered
@@ -270,6 +290,7 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
         else:
             shrinks += 1
             room -= excess * shrinks  # widening steps: an excess that survives one correction
+            shrunk += excess * shrinks
     raise BudgetError(f"cannot meet the {words}: the closest plan found holds {format_bytes(result.activation_bytes)}"
                       f" and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the "
                       "batch", result.activation_bytes if activation_budget is not None
@@ -360,10 +381,14 @@ def _plan_compiled_at(model, planned_inputs, calibration, *, capacity, limit, ac
     return result
 
 
-def _blocks(model, base: Config, inputs, planned, recompute, dtype) -> tuple:
+def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
     """(the blocks the plan may recompute, the FLOPs it may spend on them; None: only to fit).
     Only blocks the conversion can wrap count (not inside a graph torch.export captured), each
-    checked by converting with every candidate of its depth named."""
+    checked by converting with every candidate of its depth named. A root torch.export captured
+    at its first call wraps none (nanoGPT: the plan recomputed an fx-converted block the capture
+    then replaced, and refused its own plan)."""
+    if "" in converted._actfx_record.captured:
+        return [], None if recompute == "auto" else 0
     units = {u for g in planned for u in g.units}
     paths = candidate_paths(model, units)
     present = set()

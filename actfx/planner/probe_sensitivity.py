@@ -120,7 +120,7 @@ def _probing(converted: nn.Module, probe: _Probe):
         for path, pairs in converted._actfx_record.forwards.items():
             for graph, forward in pairs:
                 streams = {n.args[2]: n.meta[PACK_META] for n in graph.nodes if PACK_META in n.meta}
-                scope = forward.__globals__
+                scope = forward.generated.__globals__  # the code fx generated, not its runnable wrapper
                 for name, value in list(scope.items()):
                     if value is pack_value:
                         swapped.append((scope, name))

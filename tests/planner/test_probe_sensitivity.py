@@ -95,7 +95,7 @@ def test_probing_leaves_the_model_as_it_was():
     converted, _, found = _probe(model, x, projection())
     assert found
     assert torch.equal(model[1].running_mean, torch.zeros(16))  # calibration's forwards left no trace
-    scopes = [f.__globals__ for pairs in converted._actfx_record.forwards.values() for _, f in pairs]
+    scopes = [f.generated.__globals__ for pairs in converted._actfx_record.forwards.values() for _, f in pairs]
     assert all(any(v is pack_value for v in scope.values()) for scope in scopes)
     with torch.no_grad():
         torch.testing.assert_close(converted.eval()(x), model.eval()(x))
