@@ -21,6 +21,8 @@ from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
 from actfx.passes.hf_outputs import RECORDING_FLAG, is_recording_hook
+from actfx.passes.trace_effects import (TraceEffect, containers_kept, parameters_kept, random_draws_refused,
+                                         restore_containers, restore_parameters)
 from actfx.passes.traced_through import TRACED_THROUGH
 from actfx.passes.type_tests import user_frames_seen, wrong_type_tests
 
@@ -364,9 +366,11 @@ def attributes_kept(module: nn.Module, others=()):
     # put back and refused too (torch.export records such updates)
     buffers = {(i, name): (b, b._version, b.detach().clone())
                for i, root in enumerate(trees) for name, b in root.named_buffers()}
+    containers, parameters = containers_kept(saved), parameters_kept(trees)
     try:
         yield
     finally:
+        filled, moved = restore_containers(containers), restore_parameters(parameters)
         with torch.no_grad():
             for (i, name), (b, version, value) in buffers.items():
                 if b._version != version:
@@ -397,6 +401,15 @@ def attributes_kept(module: nn.Module, others=()):
                     target.pop(name, None)
                 else:
                     target[name] = old
+    if moved:
+        raise TraceEffect(f"the forward changes the parameter {moved[0]!r} outside the traced ops (a momentum "
+                          "update), which a captured graph does not record; capturing ran it once (a replaced .data "
+                          "was put back); keep such updates out of forward, in the training step")
+    if filled:
+        m, name = filled[0]
+        raise TraceEffect(f"the forward stores traced values in the attribute {name!r} of a {type(m).__name__} "
+                          "(a list of auxiliary losses, say), which a captured graph "
+                          "does not record; return them from forward instead")
     if assigned:
         m, name = assigned[0]
         if name.startswith("hook "):
@@ -436,7 +449,7 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     """
     graphs = {}
     for training in (True, False):
-        with training_mode(module, training), attributes_kept(module):
+        with training_mode(module, training), attributes_kept(module), random_draws_refused():
             tracer = _ActfxTracer(leaf_types, leaf_paths)
             graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)

@@ -39,6 +39,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from actfx.passes.aten_to_functional import to_functional
 from actfx.passes.autograd_functions import inlined_functions
 from actfx.passes.capture import attributes_kept, training_mode
+from actfx.passes.trace_effects import random_draws_refused
 from actfx.passes.tensor_hooks import entered_saved_tensor_hooks, registered_hooks
 
 META_KEY = "actfx_export"
@@ -393,7 +394,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
         try:
             handed = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, nn.Module)]
             with inlined_functions(inlined), registered_hooks(hooks), entered_saved_tensor_hooks(hook_blocks), \
-                    _without_partial_graph_print(), attributes_kept(model, handed):
+                    _without_partial_graph_print(), attributes_kept(model, handed), random_draws_refused():
                 try:
                     ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache in the output

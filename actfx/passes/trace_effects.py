@@ -1,0 +1,111 @@
+"""Side effects of a capture's run on the user's objects, found and undone.
+
+fx runs the forward's Python on real objects while it traces. Three effects were silently wrong:
+a random draw the graph does not record (LayerDrop's ``torch.rand(1).item() < p``: one draw's
+branch kept for every call), traced values stored into a list or dict attribute (a mixture of
+experts' auxiliary losses: the graph does not append, and fx proxies were left in the list), and
+a parameter's data replaced inside forward (MoCo's momentum encoder: moved once per trace, at
+conversion). Each is undone and refused here, so the module is captured another way or runs its
+own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import random
+import sys
+
+import torch
+import torch.nn as nn
+from torch._subclasses.fake_tensor import FakeTensor
+from torch.fx import Proxy
+
+
+class TraceEffect(RuntimeError):
+    """The forward did something while traced that the captured graph would not do again."""
+
+
+def _numpy_random():
+    numpy = sys.modules.get("numpy")
+    return getattr(numpy, "random", None)
+
+
+@contextlib.contextmanager
+def random_draws_refused():
+    """Raise TraceEffect (after restoring the generators) if the traced run drew random numbers
+    from torch's CPU generator, Python's ``random`` or NumPy's: the graph keeps that draw."""
+    numpy_random = _numpy_random()
+    states = (torch.random.get_rng_state(), random.getstate(),
+              numpy_random.get_state() if numpy_random is not None else None)
+    yield
+    now = (torch.random.get_rng_state(), random.getstate(),
+           numpy_random.get_state() if numpy_random is not None else None)
+    drew = not torch.equal(states[0], now[0]) or states[1] != now[1] or (
+        states[2] is not None and not _same_numpy_state(states[2], now[2]))
+    torch.random.set_rng_state(states[0])
+    random.setstate(states[1])
+    if states[2] is not None:
+        numpy_random.set_state(states[2])
+    if drew:
+        raise TraceEffect("the forward draws random numbers that no traced input depends on (torch.rand(1).item(), "
+                          "random.random()), which a captured graph would keep from one call for every call")
+
+
+def _same_numpy_state(a, b) -> bool:
+    return a[0] == b[0] and (a[1] == b[1]).all() and tuple(a[2:]) == tuple(b[2:])
+
+
+def _holds_traced(value) -> bool:
+    leaves = torch.utils._pytree.tree_leaves(value, is_leaf=lambda v: isinstance(v, (Proxy, torch.Tensor)))
+    return any(isinstance(v, (Proxy, FakeTensor)) for v in leaves)
+
+
+def _contents(value):
+    return list(value) if isinstance(value, (list, set)) else dict(value)
+
+
+@functools.cache
+def _module_own() -> frozenset:
+    """nn.Module's own tables (hooks, parameters, ...), read from a bare module once."""
+    return frozenset(vars(nn.Module()))
+
+
+def containers_kept(modules) -> tuple:
+    """Snapshots of the list, dict and set attributes of ``modules`` (their contents, shallow)."""
+    return tuple((m, name, value, _contents(value)) for m in modules for name, value in vars(m).items()
+                 if type(value) in (list, dict, set) and name not in _module_own())
+
+
+def restore_containers(kept: tuple) -> list:
+    """Put back the contents of containers the run filled with traced values; (module, name) of each."""
+    changed = []
+    for m, name, value, before in kept:
+        now = _contents(value)
+        added = [v for v in (now.values() if isinstance(now, dict) else now)
+                 if not any(v is old for old in (before.values() if isinstance(before, dict) else before))]
+        if _holds_traced(added):
+            value.clear()
+            value.update(before) if isinstance(value, (dict, set)) else value.extend(before)
+            changed.append((m, name))
+    return changed
+
+
+def parameters_kept(trees) -> tuple:
+    """(name, parameter, its data, data pointer, version) of every parameter of ``trees``."""
+    return tuple((name, p, p.data, p.data_ptr(), p._version)
+                 for root in trees for name, p in root.named_parameters(remove_duplicate=False))
+
+
+def restore_parameters(kept: tuple) -> list:
+    """Names of parameters whose data the run replaced (put back) or changed in place (cannot be)."""
+    changed = []
+    for name, p, data, pointer, version in kept:
+        if p.data_ptr() != pointer:
+            with torch.no_grad():
+                p.data = data
+            changed.append(name)
+        elif p._version != version:
+            changed.append(name)
+    return changed
+
