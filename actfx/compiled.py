@@ -24,17 +24,17 @@ from torch._functorch.partitioners import min_cut_rematerialization_partition
 from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
-from actfx.config import Config, check_bits
+from actfx.config import DEFAULT_OP_BITS, Config, check_bits
 from actfx.kernels.seed_stream import SeedStream, calls_with
 from actfx.convert import _clone
-from actfx.copies import COMPILE_ARGS, compiled_class
+from actfx.copies import COMPILE_ARGS, SOURCE, compiled_class
 from actfx.outputs import grad_leaves
 from actfx.passes.attention_kernel import choose_attention_kernels
 from actfx.passes.attention_pattern import KeepMathAttention
 from actfx.passes.parameter_casts import recompute_parameter_casts
 from actfx.passes.graph_memory import partition_memory, step_peak
 from actfx.passes.pack_saved import SYMBOLIC_SIZES, kept_as_is, pack_saved
-from actfx.passes.saved_plan import GraphPlan
+from actfx.passes.saved_plan import GraphPlan, Storage
 
 _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_saved.py", "passes/noise_degree.py",
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
@@ -53,8 +53,8 @@ def joint_graph_patches(gm, config: Config) -> dict:
     one way for the plan and another under actfx.compile, which then held 8.7% more than planned."""
     patches = {"joint_graph_constant_folding": False}
     attention_bits = config.bits_for("attention", None)
-    if choose_attention_kernels(gm, attention_bits) and inductor_config.joint_custom_pre_pass is None:
-        patches["joint_custom_pre_pass"] = KeepMathAttention(attention_bits)  # attention written by hand
+    if choose_attention_kernels(gm, attention_bits, config.min_numel) and inductor_config.joint_custom_pre_pass is None:
+        patches["joint_custom_pre_pass"] = KeepMathAttention(attention_bits, config.min_numel)  # attention written by hand
     return patches
 
 
@@ -68,6 +68,10 @@ class CompiledRecord:
     probe: object = None  # calibrating for a plan: backward reads saved values through it
     training_calls: int = 0  # calls of an actfx.compile model with grad enabled (not counted for backend())
     seeds: SeedStream = dataclasses.field(default_factory=SeedStream)  # the packs' rounding seeds
+    warned_kinds: bool = False  # said once that an op_bits kind matches no op
+    warned_shapes: bool = False  # said once that a new input shape compiled nothing (dynamo's recompile limit)
+    plan_ops: frozenset = frozenset()  # the sites a plan applied here packed where it was made (its ``ops``)
+    warned_plan: bool = False  # said once that this model packs values the plan did not see
 
     @property
     def bytes_after(self) -> int:
@@ -78,6 +82,30 @@ class CompiledRecord:
     def step_bytes(self) -> int:
         """The training step's worst point beyond parameters and inputs (``graph_memory``)."""
         return step_peak([(p.memory, p.bytes_after) for p in self.plans if p.memory is not None])
+
+
+def _warn_of_unknown_kinds(record: CompiledRecord) -> None:
+    """Once per model: a kind the user set in op_bits that no op of the graphs compiled so far
+    answers to (misspelt, or not in this model), which would otherwise change nothing silently."""
+    seen = frozenset().union(*(plan.kinds for plan in record.plans))
+    unknown = sorted(set(record.config.user_op_bits) - seen - set(DEFAULT_OP_BITS))
+    if unknown and not record.warned_kinds:
+        record.warned_kinds = True
+        warnings.warn(f"actfx.compile: Config.op_bits names {unknown[0]!r}, which is the kind of no op in the graphs "
+                      f"compiled so far; spell kinds as actfx.show lists them or as ATen names the op "
+                      f"(conv, linear, layer_norm, gelu; convolution, addmm, native_layer_norm)", stacklevel=3)
+
+
+def _warn_of_values_not_planned(record: CompiledRecord, plan: GraphPlan) -> None:
+    """Once per model: the plan applied here did not see some of the values this model packs (it
+    was made for another model, one layer deeper, say): they take the default width and the
+    plan's bytes do not hold."""
+    unseen = sorted({v.site for v in plan.saved if v.storage is Storage.PACKED} - record.plan_ops)
+    if record.plan_ops and unseen and not record.warned_plan:
+        record.warned_plan = True
+        warnings.warn(f"actfx.compile: this model packs {len(unseen)} value(s) the plan did not see (e.g. "
+                      f"{unseen[0]!r}), at the default width: the plan was made for another model or input shape; "
+                      "plan this one with actfx.plan(model, inputs, path='compile')", stacklevel=3)
 
 
 def _check_budget(memory_budget) -> float | None:
@@ -156,6 +184,8 @@ class _Partitioner(CustomPartitionerFn):
         plan.memory = partition_memory(fwd, bwd, kwargs["num_fwd_outputs"])
         _warn_symbolic_sizes(plan)
         self.record.plans.append(plan)
+        _warn_of_unknown_kinds(self.record)
+        _warn_of_values_not_planned(self.record, plan)
         return fwd, bwd
 
     def _partition(self, gm, joint_inputs, kwargs):
@@ -177,16 +207,36 @@ class Backend:
     def __init__(self, config: Config, memory_budget: float | None):
         self.record = CompiledRecord(config, memory_budget)
 
-    def __call__(self, gm, example_inputs):
+    def __call__(self, gm, example_inputs, *, mode: str | None = None, options: dict | None = None):
         from torch._inductor.compile_fx import compile_fx
 
         # The autograd cache would skip the partitioner (and so the record) on a hit; Inductor's
         # own code cache still applies to the packed graphs.
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
-        patches = {"custom_partitioner_fn": _Partitioner(self.record), **_layout(example_inputs),
-                   **joint_graph_patches(gm, self.record.config)}
+        patches = {**inductor_options(mode, options, example_inputs), "custom_partitioner_fn": _Partitioner(self.record),
+                   **_layout(example_inputs), **joint_graph_patches(gm, self.record.config)}
         with functorch_config.patch(enable_autograd_cache=False):
             return calls_with(compile_fx(gm, example_inputs, config_patches=patches), self.record.seeds)
+
+
+def inductor_options(mode: str | None, options: dict | None, example_inputs) -> dict:
+    """Inductor settings for torch.compile's ``mode`` and ``options`` (which it hands a backend
+    as keywords), checked as Inductor checks them. CUDA graphs are left out: a graph replayed
+    would replay its packs' rounding seeds, the same noise every step."""
+    from torch._inductor import config as inductor_config, list_mode_options
+
+    chosen = {**(list_mode_options(mode) if mode else {}), **(options or {})}
+    known = inductor_config.get_config_copy()
+    unknown = [key for key in chosen if key.replace("-", "_") not in known]
+    if unknown:
+        raise ValueError(f"actfx.compile: {unknown[0]!r} is not an Inductor option (torch.compile's options=); "
+                         "see torch._inductor.list_options() for the names")
+    chosen = {key.replace("-", "_"): value for key, value in chosen.items()}
+    if chosen.pop("triton.cudagraphs", False) and any(
+            isinstance(t, torch.Tensor) and t.is_cuda for t in example_inputs):
+        warnings.warn("actfx.compile: compiled without CUDA graphs (mode='reduce-overhead'): a replayed graph would "
+                      "round its packs with the same noise every step", stacklevel=2)
+    return chosen
 
 
 def own_cache_entry(fn):
@@ -224,6 +274,11 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.compile expects a torch.nn.Module, got {type(model).__name__}")
+    if compiled_record(model) is not None:
+        raise TypeError("actfx.compile: this model was compiled by actfx already; to change its settings, call "
+                        "actfx.compile on the model it was made from (they share their parameters)")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        model = model._orig_mod  # torch.compile(model): compiled here instead, with actfx's backend
     if "backend" in compile_kwargs:
         raise TypeError("actfx.compile chooses the backend; use torch.compile(model, backend=actfx.backend(...)) "
                         "to combine it with other options")
@@ -235,13 +290,16 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
         check_plan_paths(config.site_bits, model)
         bits = None
         memory_budget = plan.memory_budget if memory_budget is None else memory_budget
+    inductor_options(compile_kwargs.get("mode"), compile_kwargs.get("options"), ())  # a misspelt option: now
     chosen = backend(bits, memory_budget=memory_budget, config=config)
+    chosen.record.plan_ops = frozenset(plan.ops) if plan is not None else frozenset()
     chosen.record.config.check_paths(model)
     # Static shapes unless asked otherwise: under torch.compile's default a second input shape (an
     # epoch's smaller last batch) recompiles with a symbolic batch, whose values stay exact, and
     # every later step ran that graph (held 3.2x more for the rest of training, silently).
     compile_kwargs.setdefault("dynamic", False)
-    compiled = _clone(model, compiled_class(type(model)))  # copies and pickles compile anew (actfx/copies.py)
+    compiled = _clone(model, compiled_class(type(model)), shared=("_buffers",))  # copies and pickles compile anew
+    object.__setattr__(compiled, SOURCE, model)  # its training flag (actfx/copies.py)
     object.__setattr__(compiled, COMPILE_ARGS, arguments)
     # The copy's own forward, compiled (an instance attribute over the class's): hooks and
     # train()/eval() work as on any module, and built-in containers compile too.
@@ -249,7 +307,8 @@ def compile(model: nn.Module, bits: int | None = None, *, memory_budget: float |
     compiled_forward = torch.compile(forward, backend=chosen, **compile_kwargs)
     if compile_kwargs["dynamic"] is False:
         compiled_forward = _static_inputs(compiled_forward)
-    object.__setattr__(compiled, "forward", _noting_training_calls(compiled_forward, chosen.record, type(model).__name__))
+    object.__setattr__(compiled, "forward", _noting_training_calls(compiled_forward, chosen.record, type(model).__name__,
+                                                                   compile_kwargs["dynamic"] is False))
     object.__setattr__(compiled, "_actfx_compiled", chosen.record)
     return compiled
 
@@ -274,25 +333,42 @@ def _static_inputs(compiled_forward):
     return forward
 
 
-def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str):
+def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str, static: bool):
     """``compiled_forward``, counting calls with grad enabled, and warning once when such a call
     compiled nothing for training. Why: where dynamo gives up on a forward (``nn.LSTM``/``nn.GRU``,
     which it does not trace, inside one expression), torch.compile runs it eagerly without a
     word, and a model meant to hold 2-bit activations held all of them in full precision."""
 
+    shapes_seen: set = set()
+
     @functools.wraps(compiled_forward)
     def forward(*args, **kwargs):
+        graphs = len(record.plans)
         out = compiled_forward(*args, **kwargs)
         if torch.is_grad_enabled():
             record.training_calls += 1
+            shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                           if isinstance(t, torch.Tensor))
+            new_shapes = shapes not in shapes_seen
+            shapes_seen.add(shapes)
             if not record.plans and record.training_calls == 1 and grad_leaves(out):
                 warnings.warn(f"actfx.compile: torch.compile captured no graph of {name}'s forward for training, "
                               "so it ran eagerly and nothing is packed (dynamo skipped it: run with "
                               "TORCH_LOGS=graph_breaks to see why; nn.LSTM/GRU/RNN are not traced); "
                               "actfx.convert(model) packs what it can of such a model", stacklevel=4)
+            elif static and new_shapes and record.plans and len(record.plans) == graphs and grad_leaves(out) \
+                    and not record.warned_shapes:
+                # static shapes: a new shape compiles graphs of its own, unless dynamo gave up
+                record.warned_shapes = True
+                warnings.warn(f"actfx.compile: a training call of {name} with new input shapes {list(shapes)} compiled "
+                              "no graph, so it ran eagerly and nothing is packed (past dynamo's recompile_limit, "
+                              f"{torch._dynamo.config.recompile_limit} shapes); pad inputs to a few shapes, raise "
+                              "torch._dynamo.config.recompile_limit, or compile with dynamic=True", stacklevel=4)
         return out
 
-    return forward
+    # An outer torch.compile (torch.compile(actfx.compile(model))) would trace through to the
+    # model's own code and compile it with its own backend, nothing packed: it calls this instead.
+    return torch.compiler.disable(forward)
 
 
 def compiled_record(model) -> CompiledRecord | None:

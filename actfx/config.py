@@ -103,6 +103,11 @@ class Config:
                                    ("Config.module_bits", self.module_bits),
                                    ("Config.site_bits", [key.split(":")[0] for key in self.site_bits])))
 
+    @property
+    def user_op_bits(self) -> dict:
+        """The op_bits entries the user set (those that differ from the defaults)."""
+        return {k: v for k, v in self.op_bits.items() if DEFAULT_OP_BITS.get(k) != v}
+
     def unknown_kinds(self, kinds) -> list:
         """The op_bits kinds, beyond the defaults, that none of ``kinds`` (a model's) is."""
         present = set(kinds)

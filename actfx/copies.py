@@ -67,8 +67,9 @@ def uncompiled(self) -> nn.Module:
     from actfx.convert import _clone
 
     view = _clone(self, type(self).__bases__[0])
-    for name in ("forward", "_actfx_compiled", COMPILE_ARGS):
+    for name in ("forward", "_actfx_compiled", COMPILE_ARGS, SOURCE):
         view.__dict__.pop(name, None)
+    view.training = self.training
     return view
 
 
@@ -90,8 +91,22 @@ def reduce_compiled(self, protocol):
     return _compile_again, (uncompiled(self), getattr(self, COMPILE_ARGS))
 
 
+SOURCE = "_actfx_source"  # the module actfx.compile was given, on its compiled copy
+
+
+def _training(self) -> bool:
+    return self.__dict__[SOURCE].training
+
+
+def _set_training(self, mode: bool) -> None:
+    self.__dict__[SOURCE].training = mode
+
+
 def compiled_class(base: type) -> type:
-    """The class of ``actfx.compile``'s result: ``base`` with the copies above."""
+    """The class of ``actfx.compile``'s result: ``base`` with the copies above, and the training
+    flag of the module it was made from (``model.eval()`` reaches the compiled copy's root too,
+    as it reaches ``torch.compile(model)``; the copy's root ran its training branches before)."""
     attrs = {"__module__": base.__module__, "__qualname__": f"ActfxCompiled{base.__qualname__}",
-             "__copy__": copy_compiled, "__deepcopy__": deepcopy_compiled, "__reduce_ex__": reduce_compiled}
+             "__copy__": copy_compiled, "__deepcopy__": deepcopy_compiled, "__reduce_ex__": reduce_compiled,
+             "training": property(_training, _set_training)}
     return type(f"ActfxCompiled{base.__name__}", (base,), attrs)

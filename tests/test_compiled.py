@@ -374,6 +374,119 @@ def test_backend_for_torch_compile(capsys):
         actfx.show(torch.compile(model))
 
 
+def _packed_widths(compiled, x) -> list:
+    compiled(x).sum().backward()
+    return [v.bits for plan in compiled._actfx_compiled.plans for v in plan.saved if v.storage is Storage.PACKED]
+
+
+class _ModeMlp(nn.Module):
+    """A class of its own: torch.compile(model, backend=...) keeps its graphs on the class's
+    forward, and nn.Sequential's is past dynamo's recompile limit in a long test session."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 64), nn.Linear(64, 8)
+
+    def forward(self, x):
+        return self.b(F.gelu(self.a(x)))
+
+
+@pytest.mark.parametrize("compile_kwargs", [{"mode": "max-autotune-no-cudagraphs"}, {"mode": "reduce-overhead"},
+                                            {"options": {"max_autotune": False}}], ids=["mode", "cuda-graphs", "options"])
+def test_torch_compile_modes_and_options_reach_inductor(compile_kwargs):
+    """torch.compile hands ``mode`` and ``options`` to a custom backend as keywords; the backend
+    did not take them (TypeError at the first call)."""
+    torch.manual_seed(0)
+    model, x = _ModeMlp(), torch.randn(64, 32)
+    assert _packed_widths(actfx.compile(model, bits=2, **compile_kwargs), x)
+    compiled = torch.compile(model, backend=actfx.backend(bits=2), **compile_kwargs)
+    compiled(x).sum().backward()
+    assert compiled_saved_packed(compiled)
+
+
+def compiled_saved_packed(compiled) -> bool:
+    from actfx.compiled import compiled_record
+
+    return any(v.storage is Storage.PACKED for plan in compiled_record(compiled).plans for v in plan.saved)
+
+
+def test_an_unknown_inductor_option_fails_in_one_line():
+    with pytest.raises(ValueError, match="'max_autotunez' is not an Inductor option"):
+        actfx.compile(nn.Linear(4, 4), options={"max_autotunez": True})
+
+
+def test_compiling_a_compiled_model():
+    """actfx.compile(torch.compile(m)) compiles m with actfx; torch.compile(actfx.compile(m))
+    runs actfx's graphs (the outer compile traced through to the model and packed nothing);
+    actfx.compile of an actfx.compile model says what to do (it was dynamo's bare AssertionError)."""
+    torch.manual_seed(0)
+    model, x = nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.Linear(64, 8)), torch.randn(64, 32)
+    assert _packed_widths(actfx.compile(torch.compile(model), bits=4), x) == [4, 4]
+    inner = actfx.compile(model, bits=2)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="actfx")
+        torch.compile(inner)(x).sum().backward()
+    assert compiled_saved_packed(inner)
+    with pytest.raises(TypeError, match="compiled by actfx already"):
+        actfx.compile(inner, bits=8)
+
+
+def test_a_shape_past_dynamos_recompile_limit_says_it_packed_nothing():
+    """Under static shapes each new input shape compiles packed graphs; past dynamo's
+    recompile_limit it ran eagerly, holding all of torch.compile's activations, without a word."""
+    torch.manual_seed(0)
+    model = _ModeMlp()
+    with torch._dynamo.config.patch(recompile_limit=2):
+        compiled = actfx.compile(model, bits=2)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message="actfx")
+            for rows in (64, 96, 64):
+                compiled(torch.randn(rows, 32)).sum().backward()
+        with pytest.warns(UserWarning, match="new input shapes \\[\\(128, 32\\)\\] compiled no graph"):
+            compiled(torch.randn(128, 32)).sum().backward()
+
+
+class _Counting(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+        self.register_buffer("steps", torch.zeros(()))
+
+    def forward(self, x):
+        if self.training:
+            self.steps = self.steps + 1  # rebound, not updated in place
+        return F.gelu(self.fc(x))
+
+
+def test_the_compiled_copy_shares_the_root_buffers_and_training_flag():
+    """A buffer the root's forward rebinds reached the compiled copy only (a checkpoint of the
+    original lost it), and ``model.eval()`` left the copy's root in training mode."""
+    model = _Counting()
+    compiled = actfx.compile(model, bits=2)
+    for _ in range(2):
+        compiled(torch.randn(64, 32)).sum().backward()
+    assert model.state_dict()["steps"] == 2 and compiled.state_dict()["steps"] == 2
+    model.eval()
+    assert not compiled.training
+    compiled.train()
+    assert model.training
+
+
+def test_op_bits_set_the_widths_of_the_kinds_they_name():
+    """Config.op_bits was read by actfx.convert only: actfx.compile packed every value at ``bits``
+    whatever kinds it named, and said nothing of a misspelt one."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.GELU(),
+                          nn.Flatten(), nn.Linear(32 * 8 * 8, 10))
+    x = torch.randn(2, 3, 8, 8)
+    widths = _packed_widths(actfx.compile(model, config=actfx.Config(bits=2, op_bits={"gelu": 8})), x)
+    assert sorted(widths) == [2, 8, 8], widths  # GELU's derivative and output; the ReLU's output at 2
+    widths = _packed_widths(actfx.compile(model, config=actfx.Config(bits=2, op_bits={"conv": 4, "linear": 8})), x)
+    assert sorted(widths) == [2, 4, 8], widths  # the derivative; the ReLU's output (a conv reads it); the GELU's
+    with pytest.warns(UserWarning, match="Config.op_bits names 'convv', which is the kind of no op"):
+        _packed_widths(actfx.compile(model, config=actfx.Config(bits=2, op_bits={"convv": 4})), x)
+
+
 def test_autocast_bf16_forward_identical_and_packed():
     """Under autocast the fused attention stays (the math backend would round differently); the
     rest is packed, the forward identical to torch.compile's. The fused backward recomputes the

@@ -28,19 +28,25 @@ _FULL_PRECISION = (torch.float32, torch.float64)
 MAX_KEYS_PER_HEAD_WIDTH = 8  # math's forward row of S full-precision scores, against D
 
 
-def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int) -> bool:
-    """Whether the math backend keeps fewer bytes for backward than a fused kernel (docstring)."""
+def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int, min_numel: int = 0,
+                    probabilities: int | None = None) -> bool:
+    """Whether the math backend keeps fewer bytes for backward than a fused kernel (docstring).
+    Not where its probabilities (``probabilities`` values, else counted from the shapes) are
+    fewer than ``min_numel``: they stay exact then (a 7-token BART held more than torch.compile)."""
     if query.dtype not in _FULL_PRECISION or query.dim() < 2 or key.dim() < 2:
         return False
     width, keys, element = query.shape[-1], key.shape[-2], query.element_size()
     if not (isinstance(width, int) and isinstance(keys, int)):
         return False  # symbolic sizes: their values stay exact either way; int() would add a guard
+    rows = probabilities // keys if probabilities is not None else math.prod(query.shape[:-1])
+    if not isinstance(rows, int) or rows * keys < min_numel:
+        return False
     packed = min(attention_bits / 8, element)
     return (keys * packed + 3 * width * packed < 2 * width * element + 2 * width * packed
             and keys <= MAX_KEYS_PER_HEAD_WIDTH * width)
 
 
-def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> bool:
+def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int, min_numel: int = 0) -> bool:
     """Point each SDPA call of a dynamo graph at the kernel that holds less (module docstring).
     False where the fused kernels stay whatever they hold (half precision, autocast)."""
     if _autocast(gm):
@@ -51,7 +57,7 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> bool:
         for node in module.graph.nodes:
             if node.op == "call_function" and node.target in _MHA:
                 heads = _mha_query_key(node)
-                if heads is not None and math_holds_less(*heads, attention_bits):
+                if heads is not None and math_holds_less(*heads, attention_bits, min_numel):
                     node.target = multi_head_attention_as_math
                 elif heads is not None and _example(node.args[0]).device.type == "meta":
                     node.target = multi_head_attention_fused_on_meta
@@ -61,7 +67,7 @@ def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int) -> bool:
             query, key = (_example(a) for a in _query_key(node))
             if query is None or key is None:
                 continue
-            if math_holds_less(query, key, attention_bits):
+            if math_holds_less(query, key, attention_bits, min_numel):
                 node.target = attention_as_math
             elif query.device.type == "meta":
                 node.target = fused_attention_on_meta

@@ -33,8 +33,8 @@ _MAX_STEPS = 8
 class KeepMathAttention(CustomGraphPass):
     """Inductor's ``joint_custom_pre_pass`` for actfx.compile (module docstring)."""
 
-    def __init__(self, attention_bits: int):
-        self.attention_bits = attention_bits
+    def __init__(self, attention_bits: int, min_numel: int = 0):
+        self.attention_bits, self.min_numel = attention_bits, min_numel
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in list(graph.nodes):
@@ -47,7 +47,7 @@ class KeepMathAttention(CustomGraphPass):
                 continue  # (symbolic sizes keep PyTorch's choice, as attention_kernel does)
             query = torch.empty((1, width), dtype=value.dtype, device="meta")
             key = torch.empty((value.shape[-1], width), dtype=value.dtype, device="meta")
-            if not math_holds_less(query, key, self.attention_bits):
+            if not math_holds_less(query, key, self.attention_bits, self.min_numel, value.numel()):
                 continue
             with graph.inserting_before(readers[0]):
                 same = graph.call_function(aten.maximum.default, (scores, scores))
@@ -57,7 +57,7 @@ class KeepMathAttention(CustomGraphPass):
 
     def uuid(self) -> str:
         here = pathlib.Path(__file__)
-        return get_hash_for_files((str(here), str(here.with_name("attention_kernel.py"))), repr(self.attention_bits)).hex()
+        return get_hash_for_files((str(here), str(here.with_name("attention_kernel.py"))), repr((self.attention_bits, self.min_numel))).hex()
 
 
 def _softmax_readers(node: torch.fx.Node) -> list:

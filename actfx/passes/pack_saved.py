@@ -31,6 +31,7 @@ from torch import fx
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import extern_pack, graph_pack
 from actfx.passes import decorrelate, forward_cse, hoist, linearize, noise_degree, rematerialize, stored_layout
+from actfx.passes.compiled_kinds import chosen_kind, node_kinds
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
@@ -166,6 +167,7 @@ class PackSaved:
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
                 hoisted=fwd.name in self.hoisted, site=site, rows=rows, apart=apart))
+        plan.kinds = frozenset().union(*(node_kinds(n) for n in self.g.fwd.nodes))
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
@@ -207,9 +209,13 @@ class PackSaved:
         return graph_pack.packed_value_bytes(tuple(val(fwd).shape), bits, self.config.group_size, rows)
 
     def _kind(self, fwd: fx.Node) -> str:
-        """The Config.op_bits kind of a saved value: values of attention (the op that was
+        """The Config.op_bits kind of a saved value: a kind the user set a width for that the
+        value answers to (``compiled_kinds``); else values of attention (the op that was
         decomposed, ``meta["original_aten"]``, is softmax or SDPA, for it or a forward reader)
         are "attention" and keep their 8-bit default; everything else uses ``bits``."""
+        chosen = chosen_kind(fwd, self.config.user_op_bits, self.hoisted.get(fwd.name))
+        if chosen is not None:
+            return chosen
         for node in (fwd, *fwd.users):
             original = str(node.meta.get("original_aten", ""))
             if "softmax" in original or "scaled_dot_product" in original:

@@ -73,6 +73,7 @@ class GraphPlan:
     saved: list[SavedValue] = dataclasses.field(default_factory=list)
     recomputed_ops: int = 0
     memory: PartitionMemory | None = None  # the pair's memory in a step, as Inductor would run it
+    kinds: frozenset = frozenset()  # the Config.op_bits kinds of its forward ops (compiled_kinds)
 
     @property
     def bytes_after(self) -> int:

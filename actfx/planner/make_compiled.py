@@ -94,7 +94,8 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     return Plan(tuple(plan_sites), base.bits, group, batch, held, peak.peak(held, final.step_bytes),
                 numel_bits / numel if numel else float(base.bits),
                 variance, words, path="compile",
-                memory_budget=memory_budget)
+                memory_budget=memory_budget,
+                ops=tuple(sorted({v.site for plan in final.plans for v in plan.saved if v.storage is Storage.PACKED})))
 
 
 def _estimate_on_meta(model: nn.Module, meta: tuple, config: Config, memory_budget):

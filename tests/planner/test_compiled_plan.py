@@ -3,6 +3,8 @@ actfx.compile(model, plan=plan) applying them."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
@@ -268,3 +270,26 @@ def test_a_compile_plan_holds_under_actfx_compile_what_it_estimated():
     compiled = actfx.compile(model, plan=plan)
     projection()(compiled(ids)).backward()
     assert compiled._actfx_compiled.bytes_after == plan.activation_bytes <= uniform
+
+
+def _mlp(depth: int) -> torch.nn.Sequential:
+    layers = [torch.nn.Linear(32, 256), torch.nn.GELU()]
+    for _ in range(depth - 1):
+        layers += [torch.nn.Linear(256, 256), torch.nn.GELU()]
+    return torch.nn.Sequential(*layers, torch.nn.Linear(256, 8))
+
+
+def test_a_compile_plan_applied_to_a_deeper_model_says_so(tmp_path):
+    """The module paths of a two-layer plan are all in a three-layer model: it was accepted, and
+    the extra layer's values took the default width (1.28x the plan's bytes, silently)."""
+    torch.manual_seed(0)
+    x = torch.randn(16, 32)
+    plan = actfx.plan(_mlp(2), x, activation_budget=estimate_compiled(_mlp(2), (x,), Config(bits=2)).bytes_after,
+                      path="compile", loss_fn=projection())
+    assert plan.ops
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="actfx.compile: this model packs")
+        actfx.compile(_mlp(2), plan=plan)(x).sum().backward()
+    with pytest.warns(UserWarning, match="packs 2 value\\(s\\) the plan did not see \\(e.g. '4:"):
+        plan.save(tmp_path / "plan.json")  # the sites it saw travel with it
+        actfx.compile(_mlp(3), plan=actfx.Plan.load(tmp_path / "plan.json"))(x).sum().backward()
