@@ -13,6 +13,7 @@ from actfx.accounting import count_saved
 from actfx.config import KEEP_EXACT
 from actfx.models import build_model
 from actfx.report import GPUS
+from checks import Doubled
 from planner_models import FunctionalTwoBranch, SmallCNN, TwoBranch, projection
 
 
@@ -286,16 +287,6 @@ def test_a_plan_reads_attention_probabilities_where_that_plans_less_variance(tmp
     assert any(d.saved[0] != "packed 8-bit" for d in attention)
 
 
-class _Doubled(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        return x * 2
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
 class _OpaqueRoot(torch.nn.Module):
     """fx cannot trace the root (it branches on a value) and export refuses its custom Function:
     only the submodule converts, on its own."""
@@ -305,7 +296,7 @@ class _OpaqueRoot(torch.nn.Module):
         self.body = torch.nn.Sequential(torch.nn.Linear(32, 256), torch.nn.GELU(), torch.nn.Linear(256, 8))
 
     def forward(self, x):
-        h = _Doubled.apply(self.body(x))
+        h = Doubled.apply(self.body(x))
         return h if h.sum() > -1e9 else -h
 
 
