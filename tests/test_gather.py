@@ -9,7 +9,7 @@ import torch.nn as nn
 import actfx
 from actfx.accounting import count_saved
 from actfx.variants.gather import gather
-from checks import assert_converted
+from checks import assert_converted, assert_unbiased
 
 
 class _RandomMasking(nn.Module):
@@ -75,3 +75,32 @@ def test_an_expanded_index_is_kept_unexpanded():
     assert compact.activation_bytes < plain.activation_bytes
     grad = torch.randn_like(got)
     assert torch.equal(torch.autograd.grad(got, x, grad)[0], torch.autograd.grad(expected, x, grad)[0])
+
+
+class _SegmentSum(nn.Module):
+    """A graph network's readout written by hand: node states summed per graph with index_add."""
+
+    def __init__(self, inplace: bool):
+        super().__init__()
+        self.lin, self.head, self.inplace = nn.Linear(64, 64), nn.Linear(64, 4), inplace
+        self.register_buffer("graph_of", torch.arange(512) // 64)
+
+    def forward(self, h):
+        h = torch.tanh(self.lin(h))
+        if self.inplace:
+            return self.head(torch.zeros(8, 64).index_add_(0, self.graph_of, h))
+        return self.head(torch.index_add(torch.zeros(8, 64), 0, self.graph_of, h, alpha=0.5))
+
+
+@pytest.mark.parametrize("inplace", [True, False], ids=["method", "function"])
+def test_index_add_keeps_only_the_shape_of_its_source(inplace):
+    """PyTorch keeps index_add's whole source for a gradient (``g.index_select(dim, index)``) that
+    reads its shape only; a hand-written GNN held it exact (66 of 462 KiB at 2 bits)."""
+    torch.manual_seed(0)
+    model, x = _SegmentSum(inplace), torch.randn(512, 64)
+    assert_converted(model, x, {"index_add": 1}, exported=False)
+    converted = actfx.convert(model, bits=2)
+    with count_saved(converted) as saved:
+        converted(x)
+    assert saved.activation_bytes < 512 * 64 * 4 / 4  # tanh's output packed once, no exact source
+    assert_unbiased(model, x)

@@ -50,6 +50,9 @@ def _pad(input, pad, mode="constant", value=None): ...
 def _scatter_reduce(input, dim, index, src, reduce, *, include_self=True): ...
 
 
+def _index_add(input, dim, index, source, *, alpha=1): ...
+
+
 SIGNATURES = {name: inspect.signature(fn) for name, fn in {
     "conv": _conv,
     "conv_transpose": _conv_transpose,
@@ -66,6 +69,7 @@ SIGNATURES = {name: inspect.signature(fn) for name, fn in {
     "binary": _binary,
     "amax": _amax,
     "scatter_reduce": _scatter_reduce,
+    "index_add": _index_add,
     "glu": _glu,
     "prelu": _prelu,
     "addcmul": _addcmul,

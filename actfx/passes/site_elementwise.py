@@ -238,6 +238,8 @@ _SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn
                F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool", F.nll_loss: "nll_loss"}
+# index_add, function and method forms (the in-place method on a tensor nothing else reads)
+INDEX_ADDS = {torch.index_add: False, "index_add": False, "index_add_": True}
 # Products of two activations recomputed from their packed factors: each gradient is linear in them
 _BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "addmm"}
 # Ops recomputed from packed inputs whose gradients are linear in each input, or nonlinear only
@@ -245,7 +247,7 @@ _BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "add
 _RECOMPUTED_LINEARLY = frozenset({*_BILINEAR, F.scaled_dot_product_attention})
 _RECOMPUTE_VARIANTS = {
     fn: make_recompute_variant(fn, kind)
-    for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(),
+    for fn, kind in [*_ELEMENTWISE.items(), *_SHAPE_ONLY.items(), (torch.index_add, "index_add"),
                      *((m, n) for n, m in _ELEMENTWISE_METHODS.items()), *_BILINEAR.items()]
 }
 
@@ -337,6 +339,23 @@ def pad_site(node):
     if a is None or a["mode"] not in ("reflect", "replicate"):
         return None
     return _recompute_site(node, None, "pad", F.pad, (a["input"], a["pad"], a["mode"]), {}, shape_only=True)
+
+
+def index_add_site(node):
+    """``x.index_add(dim, index, source)`` (a graph network's segment sum written by hand, a mixture
+    of experts' combine): the gradient of ``source`` is ``g.index_select(dim, index)``, so only its
+    shape is kept (PyTorch keeps all of it) and ``index`` exactly. The in-place method is taken
+    where nothing else reads ``x`` (``torch.zeros(n, d).index_add_(0, index, messages)``)."""
+    inplace = INDEX_ADDS[node.target]
+    a = bind("index_add", node.args, {"input" if k == "self" else k: v for k, v in node.kwargs.items()})
+    if (a is None or not isinstance(a["dim"], int) or isinstance(a["alpha"], Node)
+            or not all(isinstance(a[k], Node) for k in ("input", "index", "source"))
+            or len({a["input"], a["index"], a["source"]}) < 3 or (inplace and len(a["input"].users) > 1)):
+        return None
+    args = (a["input"], a["dim"], a["index"], a["source"])
+    site = _recompute_site(node, None, "index_add", torch.index_add, args, {"alpha": a["alpha"]}, shape_only=True)
+    site.shape_only, site.exact = (site.saved.index(a["source"]),), (site.saved.index(a["index"]),)
+    return site
 
 
 def _recompute_functional(node):

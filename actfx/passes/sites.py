@@ -30,9 +30,9 @@ from actfx.passes.site_attention import (
     _softmax_functional, _softmax_site, addcmul_site,
 )
 from actfx.passes.site_elementwise import (
-    _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, inplace_pointwise_site, nll_loss_site, pad_site,
-    pointwise_site, several_pointwise_site,
+    _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, INDEX_ADDS, _module_as_call, _recompute_functional, _recompute_method,
+    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, index_add_site, inplace_pointwise_site, nll_loss_site,
+    pad_site, pointwise_site, several_pointwise_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -148,6 +148,7 @@ _NODE_SITES = {
     **dict.fromkeys(CDISTS, cdist_site),
     **dict.fromkeys(RECURRENT_OPS, recurrent_op_site),
     **dict.fromkeys(SELECTIONS, selection_site),
+    **dict.fromkeys(INDEX_ADDS, index_add_site),
 }
 
 
