@@ -31,6 +31,8 @@ def show(model: nn.Module, example_inputs=None, *, console: Console | None = Non
     positional inputs, a dict of keyword inputs or an ``(args, kwargs)`` pair; ``depth``: how many module levels the tree shows."""
     from actfx.compiled import compiled_record
 
+    if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module  # the wrapper runs this module's forward
     record = compiled_record(model)
     if record is not None:
         if example_inputs is not None:

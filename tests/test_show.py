@@ -489,3 +489,12 @@ def test_rows_of_a_top_k_router_keep_their_original_bytes():
     rows = actfx.show(converted, x, console=plain_console())
     assert any("topk" in r["op"] for r in rows)
     assert sum(r["before_bytes"] or 0 for r in rows) > 0
+
+
+def test_show_looks_inside_data_parallel_wrappers():
+    """``actfx.show(nn.DataParallel(converted))`` said the model was not converted (the same for
+    DistributedDataParallel around an actfx.compile model)."""
+    converted = actfx.convert(nn.Sequential(nn.Linear(64, 256), nn.GELU(), nn.Linear(256, 8)), bits=2)
+    x = torch.randn(16, 64)
+    assert actfx.show(nn.DataParallel(converted), x, console=plain_console()) == \
+        actfx.show(converted, x, console=plain_console())
