@@ -215,8 +215,27 @@ class Backend:
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
         patches = {**inductor_options(mode, options, example_inputs), "custom_partitioner_fn": _Partitioner(self.record),
                    **_layout(example_inputs), **joint_graph_patches(gm, self.record.config)}
+        first = len(self.record.plans)
         with functorch_config.patch(enable_autograd_cache=False):
-            return calls_with(compile_fx(gm, example_inputs, config_patches=patches), self.record.seeds)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+        return calls_with(_noting_runs(compiled, self.record, range(first, len(self.record.plans))),
+                          self.record.seeds)
+
+
+def _noting_runs(compiled, record: "CompiledRecord", graphs: range):
+    """``compiled``, marking its plans with the training call that last ran them, so that
+    ``actfx.show`` counts the graphs a step runs, not those a recompilation replaced."""
+    if not graphs:
+        return compiled
+
+    def run(*args, **kwargs):
+        for index in graphs:
+            record.plans[index].last_call = record.training_calls
+        return compiled(*args, **kwargs)
+
+    if hasattr(compiled, "_boxed_call"):
+        run._boxed_call = compiled._boxed_call
+    return run
 
 
 def inductor_options(mode: str | None, options: dict | None, example_inputs) -> dict:

@@ -25,8 +25,11 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
         console.print(f"{title}: nothing compiled for training yet. Run one training step (forward and "
                       "backward with grad enabled), then call actfx.show(model) again.")
         return []
+    # the graphs the latest training call ran (a recompilation replaces graphs it no longer runs)
+    latest = max(plan.last_call for plan in record.plans)
+    plans = [(i, plan) for i, plan in enumerate(record.plans) if plan.last_call == latest]
     rows = []
-    for index, plan in enumerate(record.plans):
+    for index, plan in plans:
         for value in plan.saved:
             if value.reason == "parameter":
                 continue
@@ -45,14 +48,17 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
                       "x".join(map(str, row["shape"])), format_bytes(row["before_bytes"]),
                       format_bytes(row["after_bytes"]), row["saved_as"])
     console.print(table)
-    before = sum(p.bytes_before for p in record.plans)
-    after = record.bytes_after
-    recomputed = sum(p.recomputed_ops for p in record.plans)
+    before = sum(p.bytes_before for _, p in plans)
+    after = sum(p.bytes_after for _, p in plans)
+    recomputed = sum(p.recomputed_ops for _, p in plans)
     budget = "PyTorch's default" if record.memory_budget is None else str(record.memory_budget)
+    replaced = len(record.plans) - len(plans)
     console.print(f"saved for backward (parameters excluded): {format_bytes(before)} -> {format_bytes(after)} "
-                  f"({format_ratio(before, after)}); {len(record.plans)} compiled graph(s), memory budget "
-                  f"{budget}, {recomputed} ops recomputed in backward by the partitioner or for actfx")
-    if len(record.plans) > 1:
+                  f"({format_ratio(before, after)}); {len(plans)} compiled graph(s) in the latest training call"
+                  + (f" ({replaced} more compiled for other shapes or replaced by a recompilation, not counted)"
+                     if replaced else "")
+                  + f", memory budget {budget}, {recomputed} ops recomputed in backward by the partitioner or for actfx")
+    if len(plans) > 1:
         console.print("several graphs: where they come from graph breaks, the code dynamo runs between them (a "
                       "data-dependent branch or loop, an untraced call) saves for backward as in eager PyTorch, "
                       "unpacked and not counted above (TORCH_LOGS=graph_breaks shows where)", highlight=False)
@@ -62,7 +68,7 @@ def show_compiled(record, console: Console, title: str) -> list[dict]:
         console.print(f"one training step's worst point, beyond parameters, inputs and optimizer state: about "
                       f"{format_bytes(record.step_bytes)} (forward {format_bytes(forward)}, backward "
                       f"{format_bytes(backward)} with the gradients; Inductor's fusion estimated on the graphs)")
-    exact = [v for p in record.plans for v in p.saved if v.storage is Storage.EXACT and v.reason not in
+    exact = [v for _, p in plans for v in p.saved if v.storage is Storage.EXACT and v.reason not in
              ("parameter", "small")]
     if exact:
         console.print("kept exact: " + "; ".join(f"{v.name} ({v.reason})" for v in exact[:12])

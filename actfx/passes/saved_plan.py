@@ -74,6 +74,7 @@ class GraphPlan:
     recomputed_ops: int = 0
     memory: PartitionMemory | None = None  # the pair's memory in a step, as Inductor would run it
     kinds: frozenset = frozenset()  # the Config.op_bits kinds of its forward ops (compiled_kinds)
+    last_call: int = -1  # the model's training call that last ran this graph (actfx.compile counts them)
 
     @property
     def bytes_after(self) -> int:
