@@ -16,6 +16,8 @@ SELECTIONS = {
     "kthvalue": lambda h: torch.kthvalue(h, 3, -1, keepdim=True).values.expand_as(h),
     "median": lambda h: h.median(dim=1).values[:, None].expand_as(h),
     "mode": lambda h: torch.mode(h.round(), 1)[0][:, None] * h,
+    "max": lambda h: torch.max(h, dim=1, keepdim=True).values.expand_as(h),
+    "min_method": lambda h: h.min(1)[0][:, None] * h,
 }
 
 

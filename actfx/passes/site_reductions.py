@@ -220,19 +220,27 @@ _SELECTING = {
     "median": ((torch.median, "median", aten.median.dim), 0, None, 1),
     "nanmedian": ((torch.nanmedian, "nanmedian", aten.nanmedian.dim), 0, None, 1),
     "mode": ((torch.mode, "mode", aten.mode.default), 0, -1, 1),
+    # torch.max / min and their methods also take two tensors: sites.py picks the dim forms
+    "max": ((aten.max.dim,), 0, None, 1),
+    "min": ((aten.min.dim,), 0, None, 1),
 }
 SELECTIONS = {target: (op, *where) for op, (targets, *where) in _SELECTING.items() for target in targets}
 
 
-def selection_site(node):
+# ``torch.max(x, dim)`` / ``x.min(dim, keepdim)``: the two-tensor forms are element-wise (extremum_site)
+EXTREMA_OVER_A_DIM = {"maximum": ("max", *_SELECTING["max"][1:]), "minimum": ("min", *_SELECTING["min"][1:])}
+
+
+def selection_site(node, entry: tuple | None = None):
     """``sort``, ``topk``, ``cummax``, ``median(x, dim)`` and kin: compact indices instead of
-    int64 ones (and the input, for ``cummax``), ``variants/selection.py``."""
+    int64 ones (and the input, for ``cummax``), ``variants/selection.py``. ``entry``: (op, dim
+    position, its default, keepdim position) where the target alone does not say (max over a dim)."""
     split = _split_input(node)
     if split is None:
         return None
     x, rest, kwargs = split
     kwargs = dict(kwargs)
-    op, dim_at, dim_default, keep_at = SELECTIONS[node.target]
+    op, dim_at, dim_default, keep_at = entry or SELECTIONS[node.target]
     dim = kwargs.get("dim", rest[dim_at] if len(rest) > dim_at else dim_default)
     keepdim = kwargs.get("keepdim", rest[keep_at] if keep_at is not None and len(rest) > keep_at else False)
     if not isinstance(dim, int) or not isinstance(keepdim, bool):

@@ -41,7 +41,8 @@ from actfx.passes.site_layers import (
     normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
-    CDISTS, DEVIATIONS, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, cdist_site, deviation_site, kl_div_site,
+    CDISTS, DEVIATIONS, EXTREMA_OVER_A_DIM, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, cdist_site,
+    deviation_site, kl_div_site,
     logsumexp_site, loss_site, row_distance_module_site, row_distance_site, scatter_reduce_site, selection_site,
 )
 from actfx.variants.loss_gradient import LOSS_MODULES, LOSSES
@@ -132,8 +133,14 @@ def checkpoint_site(node: Node, path: str, module) -> Site:
 
 
 # Sites that read only the node, keyed by function, ATen overload or (for a method) its name.
+def _extremum_or_selection(node, op, fn):
+    """``torch.max(a, b)`` is element-wise; ``torch.max(x, dim)`` selects along a dim (compact indices)."""
+    over_a_dim = (len(node.args) > 1 and isinstance(node.args[1], int)) or "dim" in node.kwargs
+    return selection_site(node, EXTREMA_OVER_A_DIM[op]) if over_a_dim else extremum_site(node, op=op, fn=fn)
+
+
 _NODE_SITES = {
-    **{t: functools.partial(extremum_site, op=op, fn=fn)
+    **{t: functools.partial(_extremum_or_selection, op=op, fn=fn)
        for t, (op, fn) in {**_EXTREMUM_FUNCS, **_EXTREMUM_METHODS}.items()},
     **{t: functools.partial(reduced_extremum_site, op=op) for t, op in _REDUCED_EXTREMA.items()},
     **dict.fromkeys(_PRELU_FUNCS, prelu_functional),
