@@ -22,9 +22,13 @@ from actfx.passes.export_capture import ExportRefused, parameter_dtypes, warn_if
 
 
 def _real_call(args, kwargs) -> bool:
-    """Real tensors only: a dry run (fake or meta tensors, ``actfx.show``) captures nothing."""
+    """Real tensors only: a dry run (fake or meta tensors, ``actfx.show``) captures nothing, nor
+    does a call with a PackedSequence, which torch.export cannot take (it failed with "'dict'
+    object has no attribute 'device'"; such a call runs as PyTorch runs it)."""
     from torch._subclasses.fake_tensor import FakeTensor
 
+    if any(isinstance(v, nn.utils.rnn.PackedSequence) for v in (*args, *kwargs.values())):
+        return False
     leaves = torch.utils._pytree.tree_leaves((args, kwargs))
     return not any(isinstance(t, FakeTensor) or (isinstance(t, torch.Tensor) and t.is_meta) for t in leaves)
 

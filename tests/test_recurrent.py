@@ -3,6 +3,8 @@ inputs: autograd kept every step's gates and states (an LSTM tagger: 3.6 MB, its
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn as nn
@@ -119,3 +121,26 @@ def test_a_packed_sequence_runs_as_pytorch_runs_it():
     assert torch.equal(converted(x, lengths), model(x, lengths))
     for g, e in zip(_grads(converted, x, lengths), _grads(model, x, lengths)):
         assert torch.equal(g, e)
+
+
+class _PackedGru(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.emb, self.head = nn.Linear(8, 32), nn.Linear(64, 4)
+        self.rnn = nn.GRU(32, 32, batch_first=True, bidirectional=True)
+
+    def forward(self, x, lengths):
+        _, last = self.rnn(pack_padded_sequence(self.emb(x), lengths, batch_first=True))
+        return self.head(torch.cat([last[0], last[1]], -1))
+
+
+def test_a_layer_called_with_a_packed_sequence_is_not_offered_to_torch_export():
+    """torch.export cannot take a PackedSequence: the first call tried, and warned with its
+    internal error ("'dict' object has no attribute 'device'")."""
+    torch.manual_seed(0)
+    model, x, lengths = _PackedGru(), torch.randn(4, 10, 8), torch.tensor([10, 8, 5, 3])
+    converted = actfx.convert(model, bits=2)
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        assert torch.equal(converted(x, lengths), model(x, lengths))
+    assert not [w for w in said if "could not capture GRU" in str(w.message)]
