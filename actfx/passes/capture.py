@@ -348,7 +348,7 @@ def _equal_plain_values(a, b) -> bool:
 
 
 @contextlib.contextmanager
-def attributes_kept(module: nn.Module, others=()):
+def attributes_kept(module: nn.Module, others=(), training: bool = True):
     """Run a capture (fx trace or torch.export), then put every module's attributes back as
     they were, and raise if the forward assigned any. Why: neither capture records a Python
     attribute assignment (``self.features = h`` for a perceptual loss, ``self.calls += 1``),
@@ -356,7 +356,10 @@ def attributes_kept(module: nn.Module, others=()):
     or fake tensors in the user's model. The fx tracer's lifted constants (``_tensor_constant``)
     are neither assignments nor removed. ``others``: modules outside ``module``'s tree that the
     forward is handed (x-transformers passes its ALiBi module to each attention layer, which
-    caches a table in it: export left a fake tensor there, and every later call read it)."""
+    caches a table in it: export left a fake tensor there, and every later call read it).
+    Traced values stored into a list or dict attribute are taken out again, and refused in a
+    ``training`` capture (auxiliary losses the graph would not store); in eval mode they are a
+    cache filled once (timm LeViT's attention biases), which the graph recomputes."""
     trees = [module, *others]
     saved = {m: _attributes(m) for root in trees for m in root.modules()}
     hooks = {m: _hook_tables(m) for m in saved}
@@ -405,7 +408,7 @@ def attributes_kept(module: nn.Module, others=()):
         raise TraceEffect(f"the forward changes the parameter {moved[0]!r} outside the traced ops (a momentum "
                           "update), which a captured graph does not record; capturing ran it once (a replaced .data "
                           "was put back); keep such updates out of forward, in the training step")
-    if filled:
+    if filled and training:  # in eval mode, a cache filled once (timm LeViT's attention biases)
         m, name = filled[0]
         raise TraceEffect(f"the forward stores traced values in the attribute {name!r} of a {type(m).__name__} "
                           "(a list of auxiliary losses, say), which a captured graph "
@@ -449,7 +452,7 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     """
     graphs = {}
     for training in (True, False):
-        with training_mode(module, training), attributes_kept(module), random_draws_refused():
+        with training_mode(module, training), attributes_kept(module, training=training), random_draws_refused():
             tracer = _ActfxTracer(leaf_types, leaf_paths)
             graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)
