@@ -96,3 +96,34 @@ def test_converting_does_not_run_a_momentum_update():
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
     converted(torch.randn(8, 64)).sum().backward()
     assert not torch.equal(model.key.weight, before["key.weight"])  # the training call does update it
+
+
+class CachedBias(nn.Module):
+    """timm LeViT's attention: in eval mode a bias table is computed once and cached in a dict."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.bias = nn.Linear(64, 64), nn.Parameter(torch.randn(64))
+        self.cache = {}
+
+    def biases(self):
+        if self.training:
+            return self.bias * 2
+        if "cpu" not in self.cache:
+            self.cache["cpu"] = self.bias * 2
+        return self.cache["cpu"]
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) + self.biases()
+
+
+def test_a_cache_filled_in_eval_mode_does_not_stop_the_conversion():
+    """Only the training capture refuses traced values stored in an attribute: in eval mode they
+    are a cache, and refusing it cost LeViT and EfficientFormer their attention's conversion."""
+    model, x = CachedBias(), torch.randn(32, 64)
+    converted = actfx.convert(model, bits=8)
+    assert "" in converted._actfx_record.graphs and model.cache == {}  # traced whole, the cache left empty
+    assert torch.equal(converted(x), model(x))
+    model.eval(), converted.eval()
+    with torch.no_grad():
+        assert torch.equal(converted(x), model(x))
