@@ -87,9 +87,11 @@ class CompiledRecord:
 def _warn_of_unknown_kinds(record: CompiledRecord) -> None:
     """Once per model: a kind the user set in op_bits that no op of the graphs compiled so far
     answers to (misspelt, or not in this model), which would otherwise change nothing silently."""
+    if record.warned_kinds:
+        return
     seen = frozenset().union(*(plan.kinds for plan in record.plans))
     unknown = sorted(set(record.config.user_op_bits) - seen - set(DEFAULT_OP_BITS))
-    if unknown and not record.warned_kinds:
+    if unknown:
         record.warned_kinds = True
         warnings.warn(f"actfx.compile: Config.op_bits names {unknown[0]!r}, which is the kind of no op in the graphs "
                       f"compiled so far; spell kinds as actfx.show lists them or as ATen names the op "
@@ -218,31 +220,22 @@ class Backend:
         first = len(self.record.plans)
         with functorch_config.patch(enable_autograd_cache=False):
             compiled = compile_fx(gm, example_inputs, config_patches=patches)
-        return calls_with(_noting_runs(compiled, self.record, range(first, len(self.record.plans))),
-                          self.record.seeds)
+        made = self.record.plans[first:]  # this graph's plans (none in eval mode)
 
+        def note_run():
+            """Mark them with the training call that ran them last: ``actfx.show`` counts the
+            graphs a step runs, not those a recompilation replaced."""
+            for plan in made:
+                plan.last_call = self.record.training_calls
 
-def _noting_runs(compiled, record: "CompiledRecord", graphs: range):
-    """``compiled``, marking its plans with the training call that last ran them, so that
-    ``actfx.show`` counts the graphs a step runs, not those a recompilation replaced."""
-    if not graphs:
-        return compiled
-
-    def run(*args, **kwargs):
-        for index in graphs:
-            record.plans[index].last_call = record.training_calls
-        return compiled(*args, **kwargs)
-
-    if hasattr(compiled, "_boxed_call"):
-        run._boxed_call = compiled._boxed_call
-    return run
+        return calls_with(compiled, self.record.seeds, before=note_run if made else None)
 
 
 def inductor_options(mode: str | None, options: dict | None, example_inputs) -> dict:
     """Inductor settings for torch.compile's ``mode`` and ``options`` (which it hands a backend
     as keywords), checked as Inductor checks them. CUDA graphs are left out: a graph replayed
     would replay its packs' rounding seeds, the same noise every step."""
-    from torch._inductor import config as inductor_config, list_mode_options
+    from torch._inductor import list_mode_options
 
     chosen = {**(list_mode_options(mode) if mode else {}), **(options or {})}
     known = inductor_config.get_config_copy()

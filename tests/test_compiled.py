@@ -443,8 +443,10 @@ def test_a_shape_past_dynamos_recompile_limit_says_it_packed_nothing():
             warnings.filterwarnings("error", message="actfx")
             for rows in (64, 96, 64):
                 compiled(torch.randn(rows, 32)).sum().backward()
+        assert len(compiled._actfx_compiled.plans) == 2  # one packed graph per shape so far
         with pytest.warns(UserWarning, match="new input shapes \\[\\(128, 32\\)\\] compiled no graph"):
             compiled(torch.randn(128, 32)).sum().backward()
+        assert len(compiled._actfx_compiled.plans) == 2  # the third shape ran eagerly
 
 
 class _Counting(nn.Module):

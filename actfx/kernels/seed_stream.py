@@ -51,11 +51,13 @@ class SeedStream:
         return f"SeedStream(calls={self.calls})"
 
 
-def calls_with(compiled, stream: SeedStream):
-    """``compiled`` (a compiled graph's callable) run with ``stream`` active; called as the
-    original is (its ``_boxed_call`` flag, if any, is carried over)."""
+def calls_with(compiled, stream: SeedStream, before=None):
+    """``compiled`` (a compiled graph's callable) run with ``stream`` active, after ``before()``
+    if given; called as the original is (its ``_boxed_call`` flag, if any, is carried over)."""
 
     def run(*args, **kwargs):
+        if before is not None:
+            before()
         with stream.active():
             return compiled(*args, **kwargs)
 

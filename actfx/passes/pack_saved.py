@@ -167,7 +167,8 @@ class PackSaved:
                 bytes_before=nbytes(fwd), bytes_after=after, storage=storage, bits=bits,
                 reason=self.exact_reason.get(fwd.name, "") if storage is Storage.EXACT else "",
                 hoisted=fwd.name in self.hoisted, site=site, rows=rows, apart=apart))
-        plan.kinds = frozenset().union(*(node_kinds(n) for n in self.g.fwd.nodes))
+        if self.config.user_op_bits:  # read only to say that a kind the user set matches no op
+            plan.kinds = frozenset().union(*(node_kinds(n) for n in self.g.fwd.nodes))
         self.g.bwd.eliminate_dead_code()
         fuse_seeds(self.g.fwd)
         return plan
