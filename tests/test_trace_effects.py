@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import random
 
 import pytest
@@ -70,16 +71,21 @@ def test_values_stored_in_a_list_attribute_are_stored_at_every_call():
 
 
 class Momentum(nn.Module):
-    """MoCo v1/v2: the key encoder follows the query encoder inside forward."""
+    """MoCo v1/v2: the key encoder follows the query encoder inside forward (``in_place``: BYOL
+    and DINO style, ``k.data.mul_(m).add_(q)``)."""
 
-    def __init__(self):
+    def __init__(self, in_place=False):
         super().__init__()
         self.query, self.key = nn.Linear(64, 32), nn.Linear(64, 32)
+        self.in_place = in_place
 
     @torch.no_grad()
     def _follow(self):
         for q, k in zip(self.query.parameters(), self.key.parameters()):
-            k.data = k.data * 0.9 + q.data * 0.1
+            if self.in_place:
+                k.data.mul_(0.9).add_(q.data, alpha=0.1)
+            else:
+                k.data = k.data * 0.9 + q.data * 0.1
 
     def forward(self, x):
         self._follow()
@@ -87,15 +93,22 @@ class Momentum(nn.Module):
 
 
 @pytest.mark.filterwarnings("ignore:actfx")
-def test_converting_does_not_run_a_momentum_update():
-    """fx ran ``_follow`` for real while tracing: conversion moved the key encoder, once per trace."""
+@pytest.mark.parametrize("in_place", [False, True], ids=["replaced", "in-place"])
+def test_converting_does_not_run_a_momentum_update(in_place):
+    """fx ran ``_follow`` for real while tracing: conversion moved the key encoder, once per trace;
+    an in-place update was then missing from the graph, so training calls never moved it."""
     torch.manual_seed(0)
-    model = Momentum()
+    model = Momentum(in_place)
+    plain = copy.deepcopy(model)
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
     converted = actfx.convert(model, bits=2)
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
-    converted(torch.randn(8, 64)).sum().backward()
-    assert not torch.equal(model.key.weight, before["key.weight"])  # the training call does update it
+    x = torch.randn(8, 64)
+    for _ in range(3):
+        converted(x).sum().backward()
+        plain(x).sum().backward()
+    assert not torch.equal(model.key.weight, before["key.weight"])  # the training calls do update it
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), plain.parameters()))
 
 
 class CachedBias(nn.Module):

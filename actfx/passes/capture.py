@@ -21,8 +21,8 @@ from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
 from actfx.passes.hf_outputs import RECORDING_FLAG, is_recording_hook
-from actfx.passes.trace_effects import (TraceEffect, containers_kept, parameters_kept, random_draws_refused,
-                                         restore_containers, restore_parameters)
+from actfx.passes.trace_effects import (TraceEffect, containers_kept, parameter_writes_refused, parameters_kept,
+                                         random_draws_refused, restore_containers, restore_parameters)
 from actfx.passes.traced_through import TRACED_THROUGH
 from actfx.passes.type_tests import user_frames_seen, wrong_type_tests
 
@@ -452,7 +452,8 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     """
     graphs = {}
     for training in (True, False):
-        with training_mode(module, training), attributes_kept(module, training=training), random_draws_refused():
+        with training_mode(module, training), attributes_kept(module, training=training), random_draws_refused(), \
+                parameter_writes_refused((module,)):
             tracer = _ActfxTracer(leaf_types, leaf_paths)
             graph = tracer.trace(module, concrete_args=concrete_args)
             graphs[training] = GraphModule(tracer.root, graph, type(module).__name__)

@@ -4,9 +4,10 @@ fx runs the forward's Python on real objects while it traces. Three effects were
 a random draw the graph does not record (LayerDrop's ``torch.rand(1).item() < p``: one draw's
 branch kept for every call), traced values stored into a list or dict attribute (a mixture of
 experts' auxiliary losses: the graph does not append, and fx proxies were left in the list), and
-a parameter's data replaced inside forward (MoCo's momentum encoder: moved once per trace, at
-conversion). Each is undone and refused here, so the module is captured another way or runs its
-own forward.
+a parameter's data replaced or changed in place inside forward (MoCo's and BYOL's momentum
+encoders: moved once per trace, at conversion, and never again, since the graph does not record
+ops on the real parameters that ``parameters()`` yields). Each is undone or stopped before it
+happens, and refused here, so the module is captured another way or runs its own forward.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.fx import Proxy
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 class TraceEffect(RuntimeError):
@@ -109,3 +111,44 @@ def restore_parameters(kept: tuple) -> list:
             changed.append(name)
     return changed
 
+
+
+class _ParameterWrites(TorchDispatchMode):
+    """Raises TraceEffect before an op writes into a parameter's storage (``p.data.mul_(m)``)."""
+
+    def __init__(self, storages: dict) -> None:
+        super().__init__()
+        self.storages = storages
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func._schema.is_mutable:
+            for i, argument in enumerate(func._schema.arguments):
+                if argument.alias_info is None or not argument.alias_info.is_write:
+                    continue
+                value = args[i] if i < len(args) else kwargs.get(argument.name)
+                for tensor in value if isinstance(value, (list, tuple)) else (value,):
+                    name = self.storages.get(_storage(tensor))
+                    if name is not None:
+                        raise TraceEffect(
+                            f"the forward changes the parameter {name!r} in place outside the traced ops (a "
+                            "momentum update through .data), which a captured graph does not record; keep such "
+                            "updates out of forward, in the training step")
+        return func(*args, **kwargs)
+
+
+def _storage(tensor) -> int | None:
+    if type(tensor) not in (torch.Tensor, nn.Parameter) or tensor.device.type == "meta":
+        return None
+    return tensor.untyped_storage().data_ptr() or None
+
+
+@contextlib.contextmanager
+def parameter_writes_refused(trees):
+    """Stop, with TraceEffect, an op of the traced run that would write into a parameter of
+    ``trees``: fx runs ops on the real parameters ``parameters()`` yields, so a momentum update
+    moved the model once at conversion and was then missing from the graph."""
+    storages = {_storage(p): name for root in trees for name, p in root.named_parameters(remove_duplicate=False)}
+    storages.pop(None, None)
+    with _ParameterWrites(storages):
+        yield
