@@ -81,6 +81,22 @@ def several_pointwise_site(node, calls, xs, kind="pointwise", path=None):
     return Site(node, kind, path, [], emit)
 
 
+def softmax_then_site(node, calls):
+    """A softmax folded into the element-wise function of it (``actfx/variants/softmax_then.py``):
+    keep the packed probabilities and their product with the function's derivative."""
+    _, stored_of, variant = calls
+    x = node.args[0]
+
+    def emit(graph, env, specs, runs, pack=None):
+        stored = graph.call_function(stored_of, (env[x],))
+        packed = [pack(graph.call_function(operator.getitem, (stored, i)), node, f".d{i}" if i else "")
+                  for i in range(2)]
+        return graph.call_function(variant, (tuple(s for s, _ in packed), env[x],
+                                             *(n for _, run in packed for n in run))), {}
+
+    return Site(node, "softmax", None, [], emit)
+
+
 def _unary_pointwise_site(node, path, kind, fn, args, kwargs, inplace):
     """``fn(x, constants...)`` for an element-wise ``fn`` (by ATen's tag): its derivative packed."""
     x = args[0] if args else None

@@ -97,7 +97,9 @@ def pointwise_callables(region: Pointwise) -> tuple[Callable, Callable, Callable
     def variant(spec, x, *run):
         return region.apply(spec, x, *run)
 
-    return named_calls((plain, derivative, variant), "derivative", region.name, region.kind)
+    calls = named_calls((plain, derivative, variant), "derivative", region.name, region.kind)
+    plain.actfx_region = region  # passes/softmax_regions.py folds a softmax before it into one op
+    return calls
 
 
 def named_calls(calls: tuple, middle: str, name: str, kind: str) -> tuple:
