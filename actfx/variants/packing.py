@@ -60,7 +60,9 @@ def pack_value(x, seed, stream: int, bits: int, group_size: int, stochastic: boo
     """(codes, meta) for ``x``, or (None, None) when nothing will be saved or packing does not pay.
     An expanded value (a stride 0: ``g.expand_as(h)``, a broadcast weight) holds only what it
     repeats; packed at its full size it held more (an 8 x 1 x 64 gate expanded to 8 x 256 x 64:
-    128 KiB at 8 bits for 2 KiB), so it is kept as it is."""
+    128 KiB at 8 bits for 2 KiB), so it is kept as it is. So is a parameter or a view of one
+    handed in as an argument (Hugging Face DBRX's experts: ``x.matmul(w1.T)`` with ``w1`` a slice
+    of the parent's weight): the model holds it anyway, and a pack was a copy on top."""
     if isinstance(x, torch.Tensor) and x.dtype == torch.float64 and torch.is_grad_enabled():
         warnings.warn("actfx keeps float64 activations exact (it packs float32, float16 and bfloat16): "
                       "train in float32 or lower to have them packed", stacklevel=2)
@@ -70,6 +72,11 @@ def pack_value(x, seed, stream: int, bits: int, group_size: int, stochastic: boo
         or x.dtype not in FLOAT_DTYPES
         or x.numel() < max(min_numel, 1)
         or any(stride == 0 and size > 1 for stride, size in zip(x.stride(), x.shape))
+        or _of_a_parameter(x)
     ):
         return None, None
     return pack_groups(x.detach(), seed, stream, bits, group_size, stochastic)
+
+
+def _of_a_parameter(x: torch.Tensor) -> bool:
+    return isinstance(x, torch.nn.Parameter) or isinstance(x._base, torch.nn.Parameter)
