@@ -23,7 +23,7 @@ from torch.fx import Graph, GraphModule
 
 from actfx.config import Config, check_bits, check_group_size, check_module_paths
 from actfx.copies import copied, reduce_converted
-from actfx.first_call import capture_at_first_call, opaque_calls
+from actfx.first_call import capture_at_first_call, opaque_calls, warn_uncaptured_call
 from actfx.passes.capture import (
     RunsOwnForward, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
@@ -341,20 +341,6 @@ def _convert_leaf(module, path, config, record):
     return new
 
 
-def _warn_uncaptured_call(module: nn.Module, call, args: tuple, kwargs: dict) -> None:
-    """Once per model: a training call the captured graph cannot take runs the original forward,
-    packing nothing (a Hugging Face model captured from ``input_ids`` and trained with ``labels``)."""
-    if module.__dict__.get("_actfx_warned_uncaptured"):
-        return
-    module.__dict__["_actfx_warned_uncaptured"] = True
-    captured = [*call.positional, *call.keywords]
-    given = [f"{len(args)} positional"] * bool(args) + sorted(kwargs)
-    warnings.warn(
-        f"actfx: {type(module).__mro__[1].__name__} was captured from a call with {captured} and is trained with {given} (or "
-        "with another dtype, device, rank or a size outside what torch.export guarded): such calls run the original "
-        "forward and pack nothing; pass example_inputs as training passes its arguments", stacklevel=3)
-
-
 def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn.Module:
     """Whole-model capture with torch.export (for models fx cannot trace, e.g. transformers v5).
 
@@ -377,7 +363,7 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
             bound = call.bind(args, kwargs)
             if bound is not None:
                 return train_forward(self, *bound[0], **bound[1])
-            _warn_uncaptured_call(self, call, args, kwargs)
+            warn_uncaptured_call(self, call, args, kwargs)
         return base_forward(self, *args, **kwargs)
 
     new = _attach_seed(_clone(model, _converted_class(type(model), {True: forward})), "", model)

@@ -71,6 +71,8 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             if not captured and _real_call(args, kwargs) and _own_parameters(self):
                 _capture(self, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None
+            if bound is None and "call" in captured:
+                warn_uncaptured_call(self, captured["call"], args, kwargs)
             hooked = changed_hooks(self, inlined, captured["hooks"]) if bound is not None else None
             if hooked is not None:
                 warn_hooks_changed(self, hooked)
@@ -173,3 +175,17 @@ def _merge(record, part, path: str) -> None:
         kept = {k: v for k, v in getattr(record, attr).items() if not _inside(k, path)}
         kept.update(getattr(part, attr))
         setattr(record, attr, kept)
+
+
+def warn_uncaptured_call(module: nn.Module, call, args: tuple, kwargs: dict) -> None:
+    """Once per model: a training call the exported graph cannot take runs the original forward,
+    packing nothing (a Hugging Face model captured from ``input_ids`` and trained with ``labels``;
+    an image size torch.export specialised)."""
+    if module.__dict__.get("_actfx_warned_uncaptured"):
+        return
+    module.__dict__["_actfx_warned_uncaptured"] = True
+    name = type(module).__mro__[1].__name__
+    warnings.warn(
+        f"actfx: a training call of {name} does not fit the graph torch.export captured ({call.mismatch(args, kwargs)}): "
+        "such calls run the original forward and pack nothing; convert with example_inputs shaped as training "
+        "calls it", stacklevel=3)

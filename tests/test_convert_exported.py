@@ -741,8 +741,37 @@ def test_a_training_call_the_capture_cannot_take_warns_once():
         assert not caught
         for _ in range(2):
             assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
-    assert len(caught) == 1 and "_Scaled was captured from a call with ['x']" in str(caught[0].message)
-    assert "'scale'" in str(caught[0].message)
+    assert len(caught) == 1 and "captured with ['x'], called with ['x', 'scale']" in str(caught[0].message)
+
+
+class _StateFromBatch(nn.Module):
+    """fx cannot trace ``torch.zeros(B, 16)`` with a traced B: captured at the first training call."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
+
+    def forward(self, x):
+        state = torch.zeros(x.shape[0], 16)
+        h = self.c1(x)
+        return (self.c2(torch.tanh(h) * torch.sigmoid(h)).mean((2, 3)) + state).sum()
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_a_size_the_first_call_capture_specialised_warns_once():
+    """The first training call's capture keeps image sizes static; another size ran the fx-converted
+    part alone (the root's ops packed nothing) without a word."""
+    torch.manual_seed(0)
+    model = _StateFromBatch()
+    converted = actfx.convert(model, bits=2)
+    converted(torch.randn(2, 3, 16, 16)).backward()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            x = torch.randn(2, 3, 12, 12)
+            assert torch.equal(converted(x), model(x))
+    said = [str(w.message) for w in caught if "actfx" in str(w.message)]
+    assert len(said) == 1 and "a size torch.export specialised" in said[0], said
 
 
 class _CheckpointedBlock(nn.Module):

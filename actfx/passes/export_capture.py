@@ -125,12 +125,20 @@ class ExportedCall:
         """``(args, kwargs)`` in the layout the exported forward takes, or None when this call
         needs the original forward: other arguments than at export, another structure, dtype,
         device or rank, or shapes outside the guards export recorded (a specialised size)."""
+        return self._match(args, kwargs)[0]
+
+    def mismatch(self, args: tuple, kwargs: dict) -> str:
+        """Why this call does not fit the exported graph, in a few words ('' when it does)."""
+        return self._match(args, kwargs)[1]
+
+    def _match(self, args: tuple, kwargs: dict) -> tuple:
         try:
             values = _named_arguments(self.signature, args, kwargs)
-        except TypeError:
-            return None
+        except TypeError as err:
+            return None, f"arguments the forward does not take ({err})"
         if values.keys() != {*self.positional, *self.keywords}:
-            return None
+            return None, (f"other arguments: captured with {[*self.positional, *self.keywords]}, "
+                          f"called with {list(values)}")
         args_out = []
         for n in self.positional:
             if self.signature.parameters[n].kind is inspect.Parameter.VAR_POSITIONAL:
@@ -140,18 +148,22 @@ class ExportedCall:
         call = (tuple(args_out), {k: values[k] for k in self.keywords})
         flat, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
-            return None
+            return None, "another structure of nested inputs than at capture"
         for value, leaf in zip(flat, self.leaves):
             if leaf.dtype is not None and not (
                 isinstance(value, torch.Tensor) and value.dtype == leaf.dtype and value.device == leaf.device
                 and value.dim() == leaf.ndim
             ):
-                return None
+                got = (f"{value.dtype}, {value.device}, {value.dim()} dims" if isinstance(value, torch.Tensor)
+                       else type(value).__name__)
+                return None, f"an input captured as {leaf.dtype}, {leaf.device}, {leaf.ndim} dims is now {got}"
         try:
             self.guard(*flat)
-        except RuntimeError:
-            return None
-        return call
+        except RuntimeError as err:
+            cause = err.__cause__ or err  # the guard's own words, not the wrapper's advice
+            first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
+            return None, f"a size torch.export specialised: {first}"
+        return call, ""
 
 
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
