@@ -11,7 +11,6 @@ measured totals.
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import operator
 
@@ -23,7 +22,7 @@ from actfx.config import KEEP_EXACT
 from actfx.convert import is_converted
 from actfx.passes.analyze import CALLS, Measurement, NodeSaved, module_path, target_name, trace_like
 from actfx.passes.baked_values import BAKED
-from actfx.passes.capture import SUBMODULES_CACHE
+from actfx.passes.capture import SUBMODULES_CACHE, module_view
 from actfx.passes.provenance import provenance
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR
 
@@ -61,7 +60,7 @@ def original_of(model: nn.Module) -> nn.Module:
     modified; converted modules are viewed as instances of the class they were made from."""
     if not any(is_converted(m) for m in model.modules()):
         return model
-    view = copy.copy(model)
+    view = module_view(model)
     if is_converted(model):
         view.__class__ = type(model).__bases__[0]
         for attr in (SEED_STATE, SELF_ATTR, "_actfx_record", SUBMODULES_CACHE, BAKED):

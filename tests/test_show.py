@@ -284,6 +284,49 @@ def test_a_block_whose_traced_graph_does_not_take_the_call_is_one_row():
         measure(model, x).activation_bytes / 4
 
 
+class _WeightNormBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(8, 8, 3, padding=1))
+
+    def forward(self, h):
+        y = self.conv(h)
+        return F.elu(y) if y.sum() > -1e9 else y
+
+
+class WeightNormBlocks(nn.Module):
+    """Hugging Face Encodec / vocoder style: weight_norm parametrized convolutions converted on
+    their own, inside blocks and a root neither fx nor torch.export captures (a branch on a value)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Conv1d(1, 8, 3, padding=1)
+        self.blocks = nn.ModuleList(_WeightNormBlock() for _ in range(2))
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + block(h)
+        return h if h.sum() > -1e9 else -h
+
+
+@pytest.mark.filterwarnings("ignore:actfx")
+def test_parametrized_modules_in_a_model_converted_in_pieces_are_measured():
+    """The measurement copies each module on its way to a converted block; parametrized modules
+    refuse ``copy.copy``, and show printed '?' for every byte."""
+    torch.manual_seed(0)
+    model, x = WeightNormBlocks(), torch.randn(2, 1, 1024)
+    converted = actfx.convert(model, bits=2)
+    converted(x).sum().backward()
+    assert "" not in converted._actfx_record.captured and "blocks.0.conv" in converted._actfx_record.graphs
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rows = actfx.show(converted, x, console=plain_console())
+    assert not [w for w in caught if "could not measure" in str(w.message)]
+    assert sum(r["after_bytes"] or 0 for r in rows) == measure(converted, x).activation_bytes < \
+        measure(model, x).activation_bytes / 1.5
+
+
 def test_a_model_captured_by_torch_export_pairs_up_op_by_op():
     """The exported graph is kept as it was before the rewrite: each row has its before bytes
     and the ATen op's name, and they add up to the original's total."""

@@ -31,7 +31,7 @@ import torch.nn as nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from torch.fx import Graph, GraphModule, Interpreter, Node
 
-from actfx.passes.capture import copy_graph, trace, training_mode
+from actfx.passes.capture import copy_graph, module_view, trace, training_mode
 from actfx.passes.graph_runner import RUNNER
 from actfx.passes.state_call import call_with_state
 from actfx.variants.common import unconverted_class
@@ -540,7 +540,7 @@ def _interpreted_view(model: nn.Module, graphs: dict, calls: dict, recorder: _Re
         if path not in copies:
             parent, _, name = path.rpartition(".")
             source = model if not path else copied(parent).get_submodule(name)
-            view = copy.copy(source)
+            view = module_view(source)
             view.__dict__.update(_modules=dict(source._modules), _parameters=dict(source._parameters),
                                  _buffers=dict(source._buffers))
             copies[path] = view

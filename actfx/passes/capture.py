@@ -465,6 +465,15 @@ def trace(module: nn.Module, leaf_types: tuple = (), leaf_paths: frozenset = fro
     return graphs
 
 
+def module_view(module: nn.Module) -> nn.Module:
+    """A shallow copy of ``module`` (same class, its ``__dict__`` copied: children, parameters
+    and buffers shared). Not ``copy.copy``: a parametrized module (``weight_norm``, Hugging Face
+    Encodec's and vocoders' convolutions) refuses to be copied that way."""
+    view = object.__new__(type(module))
+    view.__dict__.update(module.__dict__)
+    return view
+
+
 def copy_graph(graph: Graph) -> Graph:
     """A copy of ``graph`` (nodes, their meta, output, code generator) that passes may change
     without touching the original."""
