@@ -27,6 +27,7 @@ from actfx.config import KEEP_EXACT, Config
 from actfx.passes.capture import CHECKPOINTED
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
+from actfx.passes.row_regions import collapse_row_regions
 from actfx.passes.softmax_regions import fold_softmax_regions
 from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.site import NONLINEAR_BITS
@@ -371,6 +372,7 @@ def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Gr
     nodes that were left as they are."""
     collapse_rms_norms(gm)
     collapse_pointwise_regions(gm)
+    collapse_row_regions(gm)
     fold_softmax_regions(gm)
     rewriter = _Rewriter(gm, config, prefix)
     graph = rewriter.run()

@@ -175,7 +175,7 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return softmax_then_site(node, t.actfx_softmax_then)
         calls = getattr(t, "actfx_pointwise", None)
         if calls is not None:  # a region collapsed by passes/pointwise_regions.py
-            if len(node.args) > 1:
+            if len(node.args) > 1 or getattr(t, "actfx_several", False):
                 return several_pointwise_site(node, calls, node.args, kind=t.actfx_kind)
             return pointwise_site(node, None, calls, node.args[0], kind=t.actfx_kind)
         if t in _CONV_FUNCS:

@@ -184,4 +184,7 @@ def several_callables(region: Several) -> tuple[Callable, Callable, Callable]:
     def variant(specs, *inputs_and_runs):
         return region.apply(specs, *inputs_and_runs)
 
-    return named_calls((plain, partials, variant), "partials", region.name, region.kind)
+    calls = named_calls((plain, partials, variant), "partials", region.name, region.kind)
+    for f in calls:
+        f.actfx_several = True  # one packed partial per input, also for one input (a row function)
+    return calls
