@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import operator
 
-import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
 from actfx.passes.signatures import bind
+from actfx.rules import aten, aten_packet
 from actfx.variants.softmax_then import SoftmaxThen, softmax_then_callables
 
-_SOFTMAX_FUNCTIONS = (F.softmax, torch.softmax)
 SOURCE_KEY = "actfx_source"  # provenance.SOURCE_KEY (provenance imports the rewrite, which imports this)
 
 
@@ -27,8 +26,7 @@ def _softmax(node: Node, modules: dict) -> tuple | None:
         if type(m) is not nn.Softmax or m.dim is None or len(node.args) != 1 or node.kwargs:
             return None
         x, dim, dtype = node.args[0], m.dim, None
-    elif (node.op == "call_function" and node.target in _SOFTMAX_FUNCTIONS) or (
-            node.op == "call_method" and node.target == "softmax"):
+    elif node.op in ("call_function", "call_method") and aten_packet(node.op, node.target) is aten.softmax:
         a = bind("softmax" if node.target is F.softmax else "torch_softmax", node.args, node.kwargs)
         if a is None:
             return None
