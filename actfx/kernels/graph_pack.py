@@ -44,7 +44,7 @@ import torch
 from torch._inductor import inductor_prims
 
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
-           "Rows", "row_layout"]
+           "Rows", "row_layout", "padded"]
 
 
 def _groups(flat: torch.Tensor, group: int) -> torch.Tensor:
@@ -308,6 +308,18 @@ def packed_value_bytes(shape, bits: int, group_size: int, rows: Rows | None = No
     per_group, padded = _row_groups(numel // columns, columns, group_size, rows.plane)
     groups = padded // per_group
     return groups * (1 if rows.plane else columns) * 8 + padded * columns * bits // 8
+
+
+def padded(shape, group_size: int, rows: Rows | None = None, mask: bool = False) -> bool:
+    """Whether a value of ``shape`` is unpacked from a table padded past its end (a partial last
+    group, or rows up to whole bytes), then cut back to its size."""
+    numel = math.prod(shape)
+    if rows is None:
+        return numel % (8 if mask else group_size) != 0
+    count = numel // shape[rows.inner]
+    if mask:
+        return count % 8 != 0
+    return _row_groups(count, shape[rows.inner], group_size, rows.plane)[1] != count
 
 
 def packed_mask_bytes(numel: int) -> int:

@@ -13,7 +13,7 @@ from torch import Tensor
 from . import pack_bits_dispatch, pack_groups_impl, unpack_groups_impl
 from .masks import mask_nbytes, unpack_bits_impl
 
-__all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op"]
+__all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op", "realized_op"]
 
 
 @torch.library.custom_op(
@@ -92,3 +92,15 @@ def unpack_bits_op(codes: Tensor, shape: list[int]) -> Tensor:
 @unpack_bits_op.register_fake
 def _unpack_bits_fake(codes, shape):
     return codes.new_empty(shape, dtype=torch.bool)
+
+
+@torch.library.custom_op("actfx::realized", mutates_args=())
+def realized_op(x: Tensor) -> Tensor:
+    """A copy of ``x`` that Inductor cannot fuse into its readers (``passes/pack_saved.py``: an
+    unpack with padding read by a scatter, which Inductor's C++ loops got wrong)."""
+    return x.clone()
+
+
+@realized_op.register_fake
+def _realized_fake(x):
+    return torch.empty_like(x)

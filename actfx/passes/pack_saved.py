@@ -30,6 +30,7 @@ from torch import fx
 
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import extern_pack, graph_pack
+from actfx.kernels.ops import realized_op
 from actfx.passes import decorrelate, forward_cse, hoist, linearize, noise_degree, rematerialize, stored_layout
 from actfx.passes.compiled_kinds import chosen_kind, node_kinds
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
@@ -58,6 +59,7 @@ class PackSaved:
         self.exact_reason: dict[str, str] = {}
         self.hoisted: dict[str, str] = {}  # fwd node name -> op description
         self.layouts: stored_layout.StoredLayouts | None = None  # set by rewrite, once the forward has all its nodes
+        self._scatters: bool | None = None  # whether the backward scatters (``_realize``), read once
 
     def packable(self, fwd_node: fx.Node) -> str | None:
         """None if the value may be packed, else why it stays exact."""
@@ -247,9 +249,19 @@ class PackSaved:
     def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int, rows: graph_pack.Rows | None, apart: bool) -> int:
         group, stochastic = self.config.group_size, self.config.stochastic
         pack = extern_pack.pack_extern if apart else graph_pack.pack_values
+        apart_in = self._realize(fwd, rows, mask=False)
         return self._store(fwd, bwd, lambda x: pack(x, bits, group, stochastic, rows),
-                           lambda c, lo, st, x: graph_pack.unpack_values(c, lo, st, x, bits, rows),
-                           key=("pack", pack.__name__, bits, group, stochastic, rows))
+                           lambda c, lo, st, x: _realized(graph_pack.unpack_values(c, lo, st, x, bits, rows), apart_in),
+                           key=("pack", pack.__name__, bits, group, stochastic, rows, apart_in))
+
+    def _realize(self, fwd: fx.Node, rows: graph_pack.Rows | None, mask: bool) -> bool:
+        """Whether this value's unpack must be a buffer of its own: Inductor's C++ backend fused an
+        unpack cut back from a padded table into a scatter (``index_add``, an indexing's
+        backward) with a loop over whole groups only, and the last partial group's entries got
+        no gradient (a graph-attention layer: 46% off). Realized where the backward scatters."""
+        if self._scatters is None:
+            self._scatters = any(n.op == "call_function" and n.target in _SCATTERS for n in self.g.bwd.nodes)
+        return self._scatters and graph_pack.padded(tuple(val(fwd).shape), self.config.group_size, rows, mask)
 
     def _packs_apart(self, fwd: fx.Node, storage: Storage, rows: graph_pack.Rows | None) -> bool:
         """Whether ``fwd`` is packed by the precompiled kernel (``extern_pack``, with
@@ -264,8 +276,10 @@ class PackSaved:
 
     def _mask(self, fwd: fx.Node, bwd: fx.Node, rows: graph_pack.Rows | None, apart: bool) -> int:
         pack = extern_pack.pack_mask_extern if apart else graph_pack.pack_mask
+        apart_in = self._realize(fwd, rows, mask=True)
         return self._store(fwd, bwd, lambda m: pack(m, rows),
-                           lambda p, m: graph_pack.unpack_mask(p, m, rows), key=("pack_mask", pack.__name__, rows))
+                           lambda p, m: _realized(graph_pack.unpack_mask(p, m, rows), apart_in),
+                           key=("pack_mask", pack.__name__, rows, apart_in))
 
     def _narrow(self, fwd: fx.Node, bwd: fx.Node, dtype: torch.dtype) -> int:
         """An index saved in the narrower ``dtype`` its producer bounds it to (``index_range``),
@@ -289,6 +303,15 @@ class PackSaved:
         does not read the placeholder)."""
         placeholder.replace_all_uses_with(unpacked)
 
+
+def _realized(value, apart: bool):
+    return realized_op(value) if apart else value
+
+
+# Backward ops that add into an output at indices (``PackSaved._realize``)
+_SCATTERS = {aten.index_add.default, aten.index_add_.default, aten.scatter_add.default, aten.scatter_add_.default,
+             aten.index_put.default, aten.index_put_.default, aten._unsafe_index_put.default,
+             aten.scatter_reduce.two, aten.scatter_reduce_.two, aten.index_reduce.default}
 
 # A mask is packed in rows (see graph_pack) from this many rows up: its padding stays under 1/8.
 _MASK_MIN_ROWS = 64
