@@ -103,7 +103,7 @@ class _Probe:
         if key is None or key not in self.active:
             return None, None
         value = x
-        if key in self.rounded_to:
+        if key in self.rounded_to and isinstance(x, torch.Tensor):  # a loss's target has no gradient: None
             x = x + rounding_noise(x, self.rounded_to[key], self.group_size, self.generator).to(x.dtype)
         codes, meta = pack_value(x, seed, stream, bits, group_size, stochastic, min_numel)
         if codes is not None:

@@ -347,3 +347,33 @@ def test_planning_leaves_the_model_and_the_random_stream_as_they_were():
     assert plan.sites
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert torch.equal(torch.random.get_rng_state(), rng)
+
+
+class _SegmentationLoss(torch.nn.Module):
+    """A forward that returns its loss against a target (a U-Net with BCE)."""
+
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = torch.nn.Conv2d(1, 16, 3, padding=1), torch.nn.Conv2d(16, 1, 3, padding=1)
+
+    def forward(self, x, target):
+        logits = self.c2(torch.relu(self.c1(x)))
+        return torch.nn.functional.binary_cross_entropy_with_logits(logits, target) + \
+            torch.nn.functional.mse_loss(logits, target)
+
+
+def test_a_loss_against_a_target_is_planned():
+    """The loss keeps a packed gradient for each input that needs one; the target's is None, and
+    the planner's probe rounded it anyway (AttributeError)."""
+    torch.manual_seed(0)
+    model = _SegmentationLoss()
+    inputs = (torch.randn(4, 1, 32, 32), torch.rand(4, 1, 32, 32))
+    uniform = actfx.convert(model, bits=2)
+    with count_saved(uniform) as held:
+        loss = uniform(*inputs)
+    plan = actfx.plan(model, inputs, activation_budget=held.activation_bytes)
+    planned = actfx.convert(model, plan=plan)
+    with count_saved(planned) as got:
+        loss = planned(*inputs)
+    loss.backward()
+    assert got.activation_bytes <= held.activation_bytes
