@@ -3,7 +3,8 @@
 Every tensor saved for backward passes through ``torch.autograd.graph.saved_tensors_hooks``,
 including the packed codes that actfx's variants save, so the same counter measures plain
 PyTorch and a converted model. Storages are counted once however many ops save them, and
-parameters and buffers (alive anyway) are reported apart from activations.
+parameters, buffers and other tensors the model holds (alive anyway) are reported apart from
+activations.
 """
 
 from __future__ import annotations
@@ -48,7 +49,10 @@ def count_saved(model: torch.nn.Module | None = None):
     result = SavedBytes()
     params = set()
     if model is not None:
-        for t in list(model.parameters()) + list(model.buffers()):
+        # model state: parameters, buffers, and tensors kept as plain attributes (a value fx
+        # folded from buffers at conversion, ``_tensor_constant0``: held by the model, computed once)
+        attributes = [v for m in model.modules() for v in vars(m).values() if isinstance(v, torch.Tensor)]
+        for t in list(model.parameters()) + list(model.buffers()) + attributes:
             params.add(_storage_key(t)[0])
     held: list = []
 

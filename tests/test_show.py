@@ -541,3 +541,29 @@ def test_show_looks_inside_data_parallel_wrappers():
     x = torch.randn(16, 64)
     assert actfx.show(nn.DataParallel(converted), x, console=plain_console()) == \
         actfx.show(converted, x, console=plain_console())
+
+
+class _KnotSpacings(nn.Module):
+    """A spline layer's knot spacings, ``grid[1:] - grid[:-1]``: computed from a buffer alone."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("grid", torch.linspace(-1, 1, 4097))
+        self.lin = nn.Linear(64, 4096)
+
+    def forward(self, x):
+        return self.lin(x) / (self.grid[1:] - self.grid[:-1])
+
+
+def test_values_folded_from_buffers_are_model_state_in_both_counts():
+    """Conversion folds the spacings into a constant the model holds; show called it model state
+    and count_saved an activation, so a plan's measured bytes passed its budget (a KAN)."""
+    torch.manual_seed(0)
+    model, x = _KnotSpacings(), torch.randn(4, 64)
+    converted = actfx.convert(model, bits=2)
+    rows = actfx.show(converted, x, console=plain_console())
+    with count_saved(converted) as held:
+        out = converted(x)
+    assert held.activation_bytes == sum(r["after_bytes"] or 0 for r in rows)
+    assert held.parameter_bytes >= 4096 * 4  # the folded spacings, with the parameters
+    out.sum().backward()
