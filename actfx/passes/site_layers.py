@@ -24,15 +24,20 @@ from actfx.variants.pointwise_several import Several, several_callables
 
 def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dilation, output_padding,
                groups, pad=None, kind="conv"):
+    computed = isinstance(weight, Node) and weight.op != "get_attr"  # a weight the graph computes
+
     def emit(graph, env, specs, runs, pack=None):
         # read at run time where the graph computes it (StyleGAN2's modulated conv: groups = batch)
         geometry = _env(env, (transposed, nd, stride, padding, dilation, output_padding, groups, pad))
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
-        out = graph.call_function(conv.conv, (geometry, specs[0], w, b, *runs[0]))
+        if computed:
+            out = graph.call_function(conv.conv_and_weight, (geometry, tuple(specs), w, b, *runs[0], *runs[1]))
+        else:
+            out = graph.call_function(conv.conv, (geometry, specs[0], w, b, *runs[0]))
         return out, {}
 
-    return Site(node, kind, path, [x], emit)
+    return Site(node, kind, path, [x, weight] if computed else [x], emit)
 
 
 def _conv_module(node, path, m):

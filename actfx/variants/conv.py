@@ -2,7 +2,9 @@
 
 Forward calls the same functional op as the original, so outputs are bitwise identical.
 Backward needs the input only for the weight gradient, which is linear in it: with an unbiased
-packed input the weight gradient stays unbiased.
+packed input the weight gradient stays unbiased. A weight the graph computes (a modulated or
+dynamic convolution's) is an activation too, and the input's gradient is linear in it: it is
+packed the same way.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import torch.nn.functional as F
 
 from actfx.variants.conv_backward import batch_slices, convolution_backward
 from actfx.variants.common import cast_grad, needs_saving, not_a_view, refuse_double_backward
-from actfx.variants.saved import materialize_all, split_all
+from actfx.variants.saved import materialize_all, spec_width, split_all
 from actfx.variants.saved_rows import cuttable, rows, settle
 
 _FORWARD = {
@@ -48,23 +50,29 @@ def _unpad_grad(grad_padded, x_shape, pad, dtype):
 
 class _PackedConv(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, geometry, spec, weight, bias, *run):
-        x = run[0]
+    def forward(ctx, geometry, specs, weight, bias, *runs):
+        x = runs[0]
         out = _run_conv(geometry, x, weight, bias)
+        width = spec_width(specs[0])
         # the input only for the weight's gradient (not for a frozen layer's): its values do not
         # enter the input's gradient
-        plans, storage = split_all([spec], run) if ctx.needs_input_grad[2] else ([None], [])
-        ctx.plans = plans
+        plans, storage = split_all(specs[:1], runs[:width]) if ctx.needs_input_grad[2] else ([None], [])
+        # a weight computed in forward (StyleGAN2's modulated convolution) may come packed: the
+        # input's gradient is linear in it
+        weight_plans, weight_storage = split_all(specs[1:], runs[width:]) if len(specs) > 1 else ([], [weight])
+        ctx.plans, ctx.weight_plans, ctx.weight_count = plans, weight_plans, len(weight_storage)
         ctx.geometry = geometry
         ctx.x_shape = tuple(x.shape)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.shape, out.dtype)
-        ctx.save_for_backward(weight, *storage)
+        ctx.save_for_backward(*weight_storage, *storage)
         return not_a_view(out)
 
     @staticmethod
     def backward(ctx, grad_out):
         refuse_double_backward("convolution")
-        weight, *storage = ctx.saved_tensors
+        saved = ctx.saved_tensors
+        weight_storage, storage = saved[:ctx.weight_count], saved[ctx.weight_count:]
+        weight = materialize_all(ctx.weight_plans, weight_storage)[0] if ctx.weight_plans else weight_storage[0]
         transposed, nd, stride, padding, dilation, output_padding, groups, pad = ctx.geometry
         x_dtype, w_dtype, bias_shape, compute = ctx.meta
         x_shape = ctx.x_shape
@@ -117,4 +125,12 @@ def conv(geometry, spec, weight, bias, *run):
     ``run`` is the input's saved-value run (see saved.py), its first element the input itself."""
     if not needs_saving(run[0], weight, bias):
         return _run_conv(geometry, run[0], weight, bias)
-    return _PackedConv.apply(geometry, spec, weight, bias, *run)
+    return _PackedConv.apply(geometry, (spec,), weight, bias, *run)
+
+
+def conv_and_weight(geometry, specs, weight, bias, *runs):
+    """``conv`` whose weight is a value of the graph with a saved-value run of its own after the
+    input's (``specs``: the input's spec, then the weight's)."""
+    if not needs_saving(runs[0], weight, bias):
+        return _run_conv(geometry, runs[0], weight, bias)
+    return _PackedConv.apply(geometry, specs, weight, bias, *runs)
