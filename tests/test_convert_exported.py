@@ -744,17 +744,19 @@ def test_a_training_call_the_capture_cannot_take_warns_once():
     assert len(caught) == 1 and "captured with ['x'], called with ['x', 'scale']" in str(caught[0].message)
 
 
-class _StateFromBatch(nn.Module):
-    """fx cannot trace ``torch.zeros(B, 16)`` with a traced B: captured at the first training call."""
+class _ScaledByWidth(nn.Module):
+    """fx cannot branch on a traced size: captured at the first training call, where torch.export
+    keeps the width it saw."""
 
     def __init__(self):
         super().__init__()
         self.c1, self.c2 = nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, padding=1)
 
     def forward(self, x):
-        state = torch.zeros(x.shape[0], 16)
         h = self.c1(x)
-        return (self.c2(torch.tanh(h) * torch.sigmoid(h)).mean((2, 3)) + state).sum()
+        if x.shape[-1] > 8:
+            h = h * 0.5
+        return self.c2(torch.tanh(h) * torch.sigmoid(h)).mean((2, 3)).sum()
 
 
 @pytest.mark.filterwarnings("ignore:actfx.convert")
@@ -762,7 +764,7 @@ def test_a_size_the_first_call_capture_specialised_warns_once():
     """The first training call's capture keeps image sizes static; another size ran the fx-converted
     part alone (the root's ops packed nothing) without a word."""
     torch.manual_seed(0)
-    model = _StateFromBatch()
+    model = _ScaledByWidth()
     converted = actfx.convert(model, bits=2)
     converted(torch.randn(2, 3, 16, 16)).backward()
     with warnings.catch_warnings(record=True) as caught:

@@ -23,6 +23,7 @@ from actfx.passes.autograd_functions import functions_as_calls
 from actfx.passes.hf_outputs import RECORDING_FLAG, is_recording_hook
 from actfx.passes.trace_effects import (TraceEffect, containers_kept, parameter_writes_refused, parameters_kept,
                                          random_draws_refused, restore_containers, restore_parameters)
+from actfx.passes.traced_sizes import traced_sizes
 from actfx.passes.traced_through import TRACED_THROUGH
 from actfx.passes.type_tests import user_frames_seen, wrong_type_tests
 
@@ -176,7 +177,7 @@ class _ActfxTracer(Tracer):
         self.autocast_changed, self._autocast_at_start = False, _autocast_state()
         self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
         self.type_checks, self._user_code = [], {}
-        with functions_as_calls(self), _isinstance_noted(self):
+        with functions_as_calls(self), _isinstance_noted(self), traced_sizes():
             graph = super().trace(root, concrete_args)
         aliased, exact = wrong_type_tests(self._user_code)
         if exact:
