@@ -12,6 +12,7 @@ import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
+from checks import assert_mean_converges
 
 K = 32  # gradients averaged; unbiased noise shrinks as 1/sqrt(K)
 
@@ -224,3 +225,53 @@ def test_functional_composites_and_more_unary_ops_are_covered_under_fx():
     assert torch.equal(converted(x), model(x))
     assert not converted._actfx_record.uncovered
     assert {"softsign", "tanhshrink", "softshrink", "erf", "expm1"} <= {d.kind for d in converted._actfx_record.decisions}
+
+
+class VolumeRendering(nn.Module):
+    """NeRF: densities from a ReLU, a far-plane distance of 1e10 after the last sample."""
+
+    def __init__(self):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(3, 64), nn.ReLU(), nn.Linear(64, 1))
+
+    def forward(self, pts, z):
+        sigma = F.relu(self.mlp(pts))[..., 0]
+        dists = z[..., 1:] - z[..., :-1]
+        dists = torch.cat([dists, torch.tensor([1e10]).expand(dists[..., :1].shape)], -1)
+        return 1.0 - torch.exp(-sigma * dists)
+
+
+class LogOfReLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 256)
+
+    def forward(self, x):
+        return torch.log(torch.relu(self.fc(x)) + 1e-10)
+
+
+@pytest.mark.parametrize("make, inputs", [
+    (VolumeRendering, lambda: (torch.randn(128, 32, 3), (torch.linspace(2.0, 6.0, 32).expand(128, 32)
+                                                         + torch.rand(128, 32) * 0.125).contiguous())),
+    (LogOfReLU, lambda: (torch.randn(64, 32),)),
+], ids=["nerf-far-plane", "log-of-relu"])
+def test_a_region_after_a_relu_keeps_its_derivative_only_where_the_relu_passes(make, inputs):
+    """Where the ReLU is 0 the region's derivative (1e10: the far plane, or 1/eps) is never read,
+    but it set its groups' range, and every other entry rounded to the minimum in every draw
+    (NeRF at 8 bits: 93% off, the mean of 16 as far)."""
+    torch.manual_seed(0)
+    model, args = make(), inputs()
+    out = model(*args)
+    w = torch.randn_like(out)
+
+    def grads(call):
+        model.zero_grad(set_to_none=True)
+        (call(*args) * w).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    converted = actfx.convert(model, bits=8)
+    assert torch.equal(converted(*args), out)
+    exact = grads(model)
+    samples = [grads(converted) for _ in range(16)]
+    assert max((g - exact).norm() / exact.norm() for g in samples) < 0.03
+    assert_mean_converges(samples, exact, least_noise=1e-5)

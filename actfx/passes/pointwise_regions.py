@@ -17,6 +17,8 @@ variant (ReLU and its kin) are never part of a region.
 
 from __future__ import annotations
 
+import operator
+
 import torch
 from torch.fx import Graph, GraphModule, Node
 
@@ -148,8 +150,18 @@ def _each_read_nonlinearly(region: set, outside: set, packets: dict) -> bool:
     def bent(m):
         return rule_for(packets[m]).kind is not Kind.LINEAR and packets[m] not in _CASTS
 
+    def reaches_bent(x):  # through linear steps too: ``exp(-sigma * d)`` reads sigma by a negation
+        seen, stack = set(), [m for m in region if x in m.all_input_nodes]
+        while stack:
+            m = stack.pop()
+            if bent(m):
+                return True
+            seen.add(m)
+            stack.extend(u for u in m.users if u in region and u not in seen)
+        return False
+
     return (any(rule_for(packets[m]).kind is Kind.NONLINEAR and packets[m] not in _CASTS for m in region)
-            and all(any(x in m.all_input_nodes and bent(m) for m in region) for x in outside))
+            and all(reaches_bent(x) for x in outside))
 
 
 def _reads(region: set) -> set:
@@ -185,10 +197,11 @@ def _collapse(graph: Graph, xs: list[Node], region: list[Node], out: Node, packe
     kind = packet.__name__.split(".")[-1] if len(region) == 1 else "pointwise"  # one op keeps its name
     # fn.forward, not fn: a module call under torch.func.vjp hands its wrapped tensors to global
     # module hooks (the planner's MemTracker cannot read them, and its step estimate failed)
+    gated = tuple(i for i, x in enumerate(xs) if _relu_output(x))
     if len(xs) == 1:
-        plain, _, _ = pointwise_callables(Pointwise(fn.forward, out.name, kind=kind))
+        plain, _, _ = pointwise_callables(Pointwise(fn.forward, out.name, kind=kind, gated=bool(gated)))
     else:
-        plain, _, _ = several_callables(Several(fn.forward, out.name, len(xs), kind=kind))
+        plain, _, _ = several_callables(Several(fn.forward, out.name, len(xs), kind=kind, gated=gated))
     # ``out`` becomes the call: it keeps its name and meta, so decisions and reports name the op
     # after the original output.
     out.meta["actfx_replaces"] = [m.name for m in region]
@@ -196,3 +209,21 @@ def _collapse(graph: Graph, xs: list[Node], region: list[Node], out: Node, packe
     for m in reversed(region):
         if m is not out:
             graph.erase_node(m)
+
+
+# Ops that move values without changing them: a ReLU's zeros stay where its mask is 0
+_SAME_VALUES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute", "t",
+                "expand", "expand_as", "contiguous", "narrow", "select", "view_as", "reshape_as", "movedim"}
+
+
+def _relu_output(node: Node) -> bool:
+    """Whether ``node`` is a ReLU's output or a view of it (its values moved, not changed): the
+    ReLU's backward zeroes the gradient wherever it is 0, so a partial there is never read."""
+    while node.op in ("call_function", "call_method") and (
+            node.target is operator.getitem or getattr(node.target, "__name__", node.target) in _SAME_VALUES):
+        if not node.args or not isinstance(node.args[0], Node):
+            return False
+        node = node.args[0]
+    if node.op == "call_module":
+        return type(node.graph.owning_module.get_submodule(node.target)) is torch.nn.ReLU
+    return node.op in ("call_function", "call_method") and aten_packet(node.op, node.target) is aten.relu

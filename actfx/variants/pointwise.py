@@ -57,6 +57,9 @@ class Pointwise:
     name: str
     inplace: bool = False
     kind: str = "pointwise"  # the op kind reports and ``Config.op_bits`` use
+    # x is a ReLU's output (or a view of it): the derivative is kept only where x > 0, since the
+    # ReLU's backward zeroes the rest (``log(relu(h) + 1e-10)``: 1e10 there set the groups' range)
+    gated: bool = False
 
     def derivative(self, x):
         """``f'(x)`` element-wise, or None when no backward will run (nothing to keep)."""
@@ -73,6 +76,8 @@ class Pointwise:
         if not (isinstance(y, torch.Tensor) and y.is_floating_point() and y.shape == x.shape):
             return None  # not differentiable here, or broadcast: autograd keeps what it needs
         (d,) = pullback(torch.ones_like(y))
+        if d is not None and self.gated:
+            d = torch.where(x > 0, d, 0.0)
         return None if d is None else d.detach()
 
     def apply(self, spec, x, *run):

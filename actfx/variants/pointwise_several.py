@@ -99,6 +99,10 @@ class Several:
     kind: str = "pointwise"
     dim: int | None = None
     keepdim: bool = False
+    # inputs that are a ReLU's output (or a view of it): their partial is kept only where the input
+    # is > 0, since the ReLU's backward zeroes the rest (NeRF's ``1 - exp(-relu(h) * d)`` with a
+    # far-plane d of 1e10 where relu(h) = 0: that entry set every group's range)
+    gated: tuple = ()
 
     def reduced_dim(self, out: torch.Tensor) -> int | None:
         """Where backward unsqueezes the output's gradient: the reduced dim, counted in ``out``'s
@@ -136,7 +140,10 @@ class Several:
         y, pullback = hooked_vjp.vjp(of_wanted, *(fixed[i].expand(shape) for i in wanted))
         if not (isinstance(y, torch.Tensor) and y.is_floating_point() and tuple(y.shape) == self._result_shape(shape)):
             return none
-        got = pullback(torch.ones_like(y))
+        got = list(pullback(torch.ones_like(y)))
+        for k, i in enumerate(wanted):
+            if i in self.gated and got[k] is not None:
+                got[k] = torch.where(fixed[i] > 0, got[k], 0.0)
         dims = len(shape)
         shapes = [(1,) * (dims - x.dim()) + tuple(x.shape) for x in fixed if isinstance(x, torch.Tensor)]
         broadcast = len(set(shapes)) > 1
