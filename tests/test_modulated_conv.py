@@ -11,8 +11,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import actfx
-from actfx.accounting import count_saved
-from checks import assert_mean_converges
+from checks import assert_mean_converges, assert_same_forward_and_fewer_bytes
 
 
 class ModulatedConv(nn.Module):
@@ -45,12 +44,7 @@ def test_a_computed_convolution_weight_is_packed_and_unbiased():
         return torch.cat([p.grad.flatten() for p in model.parameters()])
 
     converted = actfx.convert(model, bits=2)
-    with count_saved(model) as plain:
-        expected = model(x, w)
-    with count_saved(converted) as packed:
-        got = converted(x, w)
-    assert torch.equal(got, expected)
-    assert packed.activation_bytes < plain.activation_bytes / 8, (plain.activation_bytes, packed.activation_bytes)
+    assert_same_forward_and_fewer_bytes(model, converted, (x, w), 8)
     exact = grads(model)
     assert (grads(actfx.convert(model, bits=8)) - exact).norm() / exact.norm() < 0.03
     assert_mean_converges([grads(converted) for _ in range(16)], exact, least_noise=1e-3)

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import actfx
 from actfx.accounting import count_saved
+from checks import assert_same_forward_and_fewer_bytes
 
 
 def _held(model, x):
@@ -303,11 +304,4 @@ def test_a_weight_handed_in_as_an_argument_is_kept_by_reference():
     torch.manual_seed(0)
     model = Experts()
     h, top = torch.randn(64, 32), torch.randint(0, 4, (64,))
-    converted = actfx.convert(model, bits=2)
-    with count_saved(model) as plain:
-        expected = model(h, top)
-    with count_saved(converted) as packed:
-        got = converted(h, top)
-    assert torch.equal(got, expected)
-    assert packed.activation_bytes < plain.activation_bytes / 3, (plain.activation_bytes, packed.activation_bytes)
-    got.sum().backward()
+    assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2), (h, top), 3)
