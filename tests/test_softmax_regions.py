@@ -63,3 +63,26 @@ def test_a_log_of_confident_probabilities_gives_unbiased_gradients(model_class, 
     samples = [_grads(model, converted, inputs) for _ in range(16)]
     assert max((g - exact).norm() / exact.norm() for g in samples) < 0.03  # was 0.98, every draw
     assert_mean_converges(samples, exact, least_noise=1e-4)
+
+
+class Entropy(HandWrittenNLL):
+    """An entropy written by hand: its element-wise part ``p * log(p + eps)`` has a derivative of
+    modest range, and softmax's own backward keeps its rounding small where p is small."""
+
+    def forward(self, ids, targets):
+        p = F.softmax(self.head(torch.tanh(self.mix(self.emb(ids)))) * self.scale, dim=-1)
+        return -(p * torch.log(p + 1e-12)).sum(-1).mean()
+
+
+def test_a_function_of_probabilities_with_a_modest_derivative_stays_apart():
+    """Folded, the rounding of ``p * f'(p)`` did not shrink with p: an entropy's 8-bit gradient was
+    28% off where softmax and the region apart give 9% (a peaked softmax)."""
+    torch.manual_seed(0)
+    model = Entropy(scale=3.0)
+    inputs = (torch.randint(0, 500, (4, 16)), torch.randint(0, 500, (4, 16)))
+    converted = actfx.convert(model, bits=8)
+    kinds = [d.kind for d in converted._actfx_record.decisions]
+    assert "softmax" in kinds and "pointwise" in kinds, kinds
+    assert torch.equal(converted(*inputs), model(*inputs))
+    exact = _grads(model, model, inputs)
+    assert (_grads(model, converted, inputs) - exact).norm() / exact.norm() < 0.03

@@ -144,6 +144,7 @@ class _Rewriter:
         self.affine: dict[Node, tuple] = {}  # norm node -> (a, b, inner spec, inner run, source, channel dim)
         self.decisions: list[Decision] = []
         self.read_by_producer: set[Node] = set()  # packs a site made of its own output and reads itself
+        self.pending_packs: dict[Node, tuple] = {}  # a site's pack of a value read through getitem, until copied
 
     def _full(self, target: str) -> str:
         return f"{self.prefix}.{target}" if self.prefix else target
@@ -323,6 +324,10 @@ class _Rewriter:
                 self.env[node] = self.new.node_copy(node, lambda n: self.env[n])
                 if node.op == "placeholder":
                     self._last_placeholder = self.env[node]
+                if node in self.pending_packs:
+                    spec, run = self.pending_packs.pop(node)
+                    self.packs[node] = (spec, [self.env[node], *run[1:]], ("pack", node.name))
+                    self.read_by_producer.add(node)
             else:
                 self._emit(site)
             mutated = self.facts.mutated_input(node, site)
@@ -356,6 +361,7 @@ class _Rewriter:
             spec, run = extras["packed_output"]
             self.packs[node] = (spec, [out, *run[1:]], ("pack", node.name))
             self.read_by_producer.add(node)
+        self.pending_packs.update(extras.get("packed_outputs", {}))  # {getitem of out: (spec, run)}
         if "affine" in extras:  # the output is a * inner + b per channel, inner a value the site
             a, b = extras["affine"]  # packed itself (BatchNorm's and LayerNorm's normalised input)
             spec, run, channel_dim, source = extras["affine_of"]

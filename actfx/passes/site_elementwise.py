@@ -86,13 +86,15 @@ def softmax_then_site(node, calls):
     keep the packed probabilities and their product with the function's derivative."""
     _, stored_of, variant = calls
     x = node.args[0]
+    # the probabilities' other readers read them through ``getitem(node, 0)``: they share the pack
+    probabilities = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
 
     def emit(graph, env, specs, runs, pack=None):
         stored = graph.call_function(stored_of, (env[x],))
         packed = [pack(graph.call_function(operator.getitem, (stored, i)), node, f".d{i}" if i else "")
                   for i in range(2)]
-        return graph.call_function(variant, (tuple(s for s, _ in packed), env[x],
-                                             *(n for _, run in packed for n in run))), {}
+        out = graph.call_function(variant, (tuple(s for s, _ in packed), env[x], *(n for _, run in packed for n in run)))
+        return out, {"packed_outputs": {p: packed[0] for p in probabilities}}
 
     return Site(node, "softmax", None, [], emit)
 
