@@ -38,7 +38,7 @@ def test_a_call_giving_some_optional_inputs_gets_a_graph_of_its_own():
     """Graphs existed for every optional input given or every one None; a call giving some ran
     the module's own forward, which packs nothing. Such a call is traced at its first use."""
     torch.manual_seed(0)
-    model, x = TwoOptionalInputs(), torch.randn(64, 8)
+    model, x = TwoOptionalInputs(), torch.randn(256, 8)  # values above Config.min_numel: packed
     converted = actfx.convert(model, bits=8)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

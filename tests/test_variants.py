@@ -869,3 +869,34 @@ def test_an_exported_cdist_is_packed_too():
     converted = actfx.convert(model, bits=8, example_inputs=(x,))
     assert torch.equal(converted(x), model(x))
     assert [d.saved for d in converted._actfx_record.decisions if d.kind == "cdist"] == [["packed 8-bit"] * 2]
+
+
+class _SmallHead(nn.Module):
+    """DETR's box head on six queries: every value under ``Config.min_numel``."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([nn.Linear(32, 32), nn.Linear(32, 32), nn.Linear(32, 4)])
+
+    def forward(self, x):
+        for i, layer in enumerate(self.layers):
+            x = F.relu(layer(x)) if i < len(self.layers) - 1 else layer(x)
+        return x
+
+
+def test_a_relu_too_small_to_pack_keeps_no_mask_beside_its_output():
+    """The next layer keeps the output exact (too small to pack); a mask beside it held more than
+    the original (4704 against 4608 B). The mask is read off the exact output instead."""
+    torch.manual_seed(0)
+    model, x = _SmallHead(), torch.randn(2, 6, 32, requires_grad=True)
+    converted = actfx.convert(model, bits=2)
+    with count_saved(model) as plain:
+        expected = model(x)
+    with count_saved(converted) as held:
+        got = converted(x)
+    assert torch.equal(got, expected)
+    assert held.activation_bytes <= plain.activation_bytes, (held.activation_bytes, plain.activation_bytes)
+    exact = torch.autograd.grad(expected.square().sum(), [x, *model.parameters()])
+    grads = torch.autograd.grad(got.square().sum(), [x, *model.parameters()])
+    for a, b in zip(grads, exact):
+        torch.testing.assert_close(a, b)

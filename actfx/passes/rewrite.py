@@ -350,6 +350,8 @@ class _Rewriter:
             emitted.append(entry[0])
             return entry
 
+        pack_output.min_numel = self.config.min_numel  # a ReLU's mask is not worth it below that
+
         out, extras = site.emit(self.new, self.env, specs, runs, pack_output)
         out.meta.update(node.meta)
         self.env[node] = out

@@ -18,7 +18,7 @@ from actfx.variants import glu, masks, pool, prelu
 
 def _relu_like_site(node, path, kind, x, inplace, params, slope):
     def emit(graph, env, specs, runs, pack=None):
-        call = graph.call_function(masks.relu_like, (kind, inplace, params, env[x]))
+        call = graph.call_function(masks.relu_like, (kind, inplace, params, env[x], getattr(pack, "min_numel", 0)))
         out, mask = (graph.call_function(operator.getitem, (call, i)) for i in range(2))
         return out, {"mask": (mask, slope, kind == "relu" or kind == "leaky_relu")}
 

@@ -32,33 +32,44 @@ _RELU_LIKE = {
 
 class _MaskedActivation(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, kind, inplace, params, x):
+    def forward(ctx, kind, inplace, params, min_numel, x):
         fwd, bounds, _ = _RELU_LIKE[kind]
         out = fwd(x, inplace, *params)
         if inplace:
             ctx.mark_dirty(x)
-        bits = pack_bits_between(out.detach(), *bounds(*params))
         ctx.kind, ctx.params = kind, params
+        result = x if inplace else out  # torch.compile wants the dirty input itself returned
+        if out.numel() < min_numel:
+            # too small to pack: the next op keeps the output exact (as PyTorch shares it), and a
+            # mask beside it held more than the original; the mask is read off the output instead
+            ctx.save_for_backward(result)
+            return result, None
+        bits = pack_bits_between(out.detach(), *bounds(*params))
         ctx.save_for_backward(bits)
         ctx.mark_non_differentiable(bits)
-        return (x if inplace else out), bits  # torch.compile wants the dirty input itself returned
+        return result, bits
 
     @staticmethod
     def backward(ctx, grad_out, _grad_bits):
         refuse_double_backward(ctx.kind)
-        (bits,) = ctx.saved_tensors
+        (saved,) = ctx.saved_tensors
         outside = ctx.params[0] if _RELU_LIKE[ctx.kind][2] == "slope" else 0.0
-        return None, None, None, scale_by_mask(grad_out.contiguous(), bits, 1.0, outside)
+        if saved.dtype != torch.uint8:  # the exact output
+            lo, hi = _RELU_LIKE[ctx.kind][1](*ctx.params)
+            inside = (saved > lo) if hi is None else (saved > lo) & (saved < hi)
+            return None, None, None, None, torch.where(inside, grad_out, grad_out * outside)
+        return None, None, None, None, scale_by_mask(grad_out.contiguous(), saved, 1.0, outside)
 
 
-def relu_like(kind, inplace, params, x):
-    """Returns (out, mask bits); mask bits are None when nothing needs saving."""
+def relu_like(kind, inplace, params, x, min_numel=0):
+    """Returns (out, mask bits); mask bits are None when nothing needs saving, or when the output
+    has fewer than ``min_numel`` values (then the exact output is saved)."""
     fwd = _RELU_LIKE[kind][0]
     if not needs_saving(x):
         return fwd(x, inplace, *params), None
     if inplace and _eager_view(x):
-        return _write_back(x, *_MaskedActivation.apply(kind, False, params, x))
-    return _MaskedActivation.apply(kind, inplace, params, x)
+        return _write_back(x, *_MaskedActivation.apply(kind, False, params, min_numel, x))
+    return _MaskedActivation.apply(kind, inplace, params, min_numel, x)
 
 
 def _eager_view(x: torch.Tensor) -> bool:
