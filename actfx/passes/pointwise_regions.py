@@ -225,5 +225,9 @@ def _relu_output(node: Node) -> bool:
             return False
         node = node.args[0]
     if node.op == "call_module":
-        return type(node.graph.owning_module.get_submodule(node.target)) is torch.nn.ReLU
+        owner = node.graph.owning_module
+        try:
+            return owner is not None and type(owner.get_submodule(node.target)) is torch.nn.ReLU
+        except AttributeError:
+            return False
     return node.op in ("call_function", "call_method") and aten_packet(node.op, node.target) is aten.relu
