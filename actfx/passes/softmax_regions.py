@@ -1,7 +1,8 @@
-"""Fold a softmax into the element-wise region that is its only reader
-(``actfx/variants/softmax_then.py``): ``torch.log(F.softmax(x, -1) + 1e-10)`` becomes one op that
-keeps the probabilities and their product with the region's derivative, both bounded, where the
-region alone kept a derivative up to 1e10 that rounding could not carry without bias.
+"""Fold a softmax into an element-wise region that reads it (``actfx/variants/softmax_then.py``):
+``torch.log(F.softmax(x, -1) + 1e-10)`` becomes one op that keeps the probabilities and their
+product with the region's derivative, both bounded, where the region alone kept a derivative up
+to 1e10 that rounding could not carry without bias. The probabilities' other readers read the
+pair's first output.
 """
 
 from __future__ import annotations

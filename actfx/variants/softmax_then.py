@@ -1,5 +1,6 @@
-"""A softmax whose only reader is an element-wise function of it: ``f(softmax(x))``, as one op
-that keeps the packed probabilities ``y`` and ``y * f'(y)``.
+"""A softmax and an element-wise function of it, ``f(softmax(x))``, as one op that keeps the
+packed probabilities ``y`` and ``y * f'(y)`` (``passes/softmax_regions.py`` folds the pair where
+``f'`` spans many decades).
 
 Why: the hand-written log-probability ``torch.log(F.softmax(x, -1) + 1e-10)`` (language models,
 policy gradients) kept ``f'(y) = 1 / (y + eps)`` packed on its own. Where a confident model gives
