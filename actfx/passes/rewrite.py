@@ -27,11 +27,11 @@ from actfx.config import KEEP_EXACT, Config
 from actfx.passes.capture import CHECKPOINTED
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
-from actfx.passes.row_regions import collapse_row_regions
-from actfx.passes.softmax_regions import fold_softmax_regions
 from actfx.passes.rms_regions import collapse_rms_norms
+from actfx.passes.row_regions import collapse_row_regions
 from actfx.passes.site import NONLINEAR_BITS
 from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
+from actfx.passes.softmax_regions import fold_softmax_regions
 from actfx.variants.packing import next_seed, pack_value
 from actfx.variants.saved import value_if_missing
 
