@@ -45,6 +45,16 @@ def step_bytes(converted: nn.Module, inputs, *, dtype=None) -> int:
                 + WORKING_SET["actfx"] * measured.largest_output_bytes)
 
 
+class _NoHook:
+    """A hook handle with nothing to remove."""
+
+    def remove(self) -> None:
+        pass
+
+
+_NO_HOOK = _NoHook()
+
+
 def _tracked_step(converted: nn.Module, inputs, dtype) -> int:
     from torch.distributed._tools.mem_tracker import MemTracker, _MemRefType
 
@@ -61,6 +71,10 @@ def _tracked_step(converted: nn.Module, inputs, dtype) -> int:
         if dtype is not None:
             args = [x.to(dtype) if isinstance(x, torch.Tensor) and x.is_floating_point() else x for x in args]
         tracker = MemTracker()
+        for name, p in converted.named_parameters():
+            if not p.requires_grad:  # frozen (LoRA's base, a teacher): no gradient to follow, and
+                # the tracker's hook on one raised; it skips parameters it holds handles for
+                tracker._param_to_grad_hook_handles[state[name]] = (_NO_HOOK, _NO_HOOK)
         with tracker:
             out = call_with_state(converted, state, tuple(args))
             leaves = grad_leaves(out)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 import actfx
@@ -78,3 +80,28 @@ def test_a_functional_elementwise_chain_is_tracked_not_estimated(recwarn):
     assert not [w for w in recwarn if "fake-tensor step" in str(w.message)]
     real = _real_step_bytes(converted, x)
     assert abs(fake - real) <= 0.05 * real, (fake, real)
+
+
+class _LowRank(torch.nn.Module):
+    """LoRA: a frozen base weight and a trainable low-rank update."""
+
+    def __init__(self, d_in, d_out, rank=4):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(d_out, d_in) / d_in ** 0.5, requires_grad=False)
+        self.down = torch.nn.Parameter(torch.randn(rank, d_in) * 0.01)
+        self.up = torch.nn.Parameter(torch.randn(d_out, rank) * 0.01)
+
+    def forward(self, x):
+        return x @ self.weight.t() + (x @ self.down.t()) @ self.up.t()
+
+
+def test_frozen_parameters_do_not_stop_the_step_estimate():
+    """The peak's fake-tensor step put a gradient hook on every parameter; a frozen one raised, and
+    the plan fell back to the report's formula (any LoRA or frozen-teacher setup)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(_LowRank(64, 256), torch.nn.ReLU(), _LowRank(256, 64))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        plan = actfx.plan(model, (torch.randn(8, 32, 64),), activation_budget=40000)
+    assert not [w for w in caught if "fake-tensor step" in str(w.message)]
+    assert plan.activation_bytes <= 40000 < plan.predicted_peak_bytes
