@@ -275,3 +275,28 @@ def test_a_region_after_a_relu_keeps_its_derivative_only_where_the_relu_passes(m
     samples = [grads(converted) for _ in range(16)]
     assert max((g - exact).norm() / exact.norm() for g in samples) < 0.03
     assert_mean_converges(samples, exact, least_noise=1e-5)
+
+
+class ChannelGate(nn.Module):
+    """CBAM's channel attention: a gate from two pooled branches, summed, times the features."""
+
+    def __init__(self, c=32):
+        super().__init__()
+        self.body = nn.Sequential(nn.Conv2d(3, c, 3, padding=1), nn.BatchNorm2d(c), nn.ReLU())
+        self.mlp = nn.Sequential(nn.Conv2d(c, c // 4, 1), nn.ReLU(), nn.Conv2d(c // 4, c, 1))
+
+    def forward(self, x):
+        x = self.body(x)
+        gate = torch.sigmoid(self.mlp(F.adaptive_avg_pool2d(x, 1)) + self.mlp(F.adaptive_max_pool2d(x, 1)))
+        return x * gate
+
+
+def test_a_gate_summed_from_two_inputs_stays_apart_from_its_product():
+    """Regions see an input read through a negation (NeRF), not through a sum with another input:
+    CBAM's ``x * sigmoid(a + b)`` became one three-input region keeping a full-size partial, where
+    the product reuses x's pack and the gate stays small (1.66 MiB -> 104 KiB against 87.6)."""
+    torch.manual_seed(0)
+    model, x = ChannelGate(), torch.randn(4, 3, 16, 16)
+    converted = actfx.convert(model, bits=2)
+    assert "mul" in [d.kind for d in converted._actfx_record.decisions]
+    assert torch.equal(converted(x), model(x))

@@ -150,14 +150,18 @@ def _each_read_nonlinearly(region: set, outside: set, packets: dict) -> bool:
     def bent(m):
         return rule_for(packets[m]).kind is not Kind.LINEAR and packets[m] not in _CASTS
 
-    def reaches_bent(x):  # through linear steps too: ``exp(-sigma * d)`` reads sigma by a negation
+    def reaches_bent(x):
+        # through linear steps of that one value too (``exp(-sigma * d)`` reads sigma by a
+        # negation), not through sums with other inputs (CBAM's ``sigmoid(a + b) * x``: the
+        # product's own site reuses x's pack, and the gate stays small apart)
         seen, stack = set(), [m for m in region if x in m.all_input_nodes]
         while stack:
             m = stack.pop()
             if bent(m):
                 return True
             seen.add(m)
-            stack.extend(u for u in m.users if u in region and u not in seen)
+            if len(m.all_input_nodes) == 1:
+                stack.extend(u for u in m.users if u in region and u not in seen)
         return False
 
     return (any(rule_for(packets[m]).kind is Kind.NONLINEAR and packets[m] not in _CASTS for m in region)
