@@ -31,11 +31,7 @@ def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dil
         geometry = _env(env, (transposed, nd, stride, padding, dilation, output_padding, groups, pad))
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
-        if computed:
-            out = graph.call_function(conv.conv_and_weight, (geometry, tuple(specs), w, b, *runs[0], *runs[1]))
-        else:
-            out = graph.call_function(conv.conv, (geometry, specs[0], w, b, *runs[0]))
-        return out, {}
+        return graph.call_function(conv.conv, (geometry, tuple(specs), w, b, *(n for run in runs for n in run))), {}
 
     return Site(node, kind, path, [x, weight] if computed else [x], emit)
 

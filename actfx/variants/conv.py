@@ -120,17 +120,10 @@ class _PackedConv(torch.autograd.Function):
         return (None, None, gw, gb, gx) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
-def conv(geometry, spec, weight, bias, *run):
+def conv(geometry, specs, weight, bias, *runs):
     """``geometry`` = (transposed, nd, stride, padding, dilation, output_padding, groups, pad);
-    ``run`` is the input's saved-value run (see saved.py), its first element the input itself."""
-    if not needs_saving(run[0], weight, bias):
-        return _run_conv(geometry, run[0], weight, bias)
-    return _PackedConv.apply(geometry, (spec,), weight, bias, *run)
-
-
-def conv_and_weight(geometry, specs, weight, bias, *runs):
-    """``conv`` whose weight is a value of the graph with a saved-value run of its own after the
-    input's (``specs``: the input's spec, then the weight's)."""
+    ``runs``: the input's saved-value run (see saved.py), its first element the input itself, then,
+    for a weight the graph computes, the weight's; ``specs``: their specs."""
     if not needs_saving(runs[0], weight, bias):
         return _run_conv(geometry, runs[0], weight, bias)
     return _PackedConv.apply(geometry, specs, weight, bias, *runs)
