@@ -63,8 +63,11 @@ class Pointwise:
 
     def derivative(self, x):
         """``f'(x)`` element-wise, or None when no backward will run (nothing to keep)."""
-        if not needs_saving(x):
-            return None
+        return self.derivative_at(x) if needs_saving(x) else None
+
+    def derivative_at(self, x):
+        """``f'(x)`` element-wise, or None where ``f`` has none here (an integer or broadcast
+        result); also at a value no backward will read (``softmax_then`` asks at probabilities)."""
         try:
             # torch.func.vjp rather than autograd.grad: torch.compile traces it without a graph
             # break (under saved-tensor hooks, which torch.func refuses, hooked_vjp takes autograd)
