@@ -173,6 +173,15 @@ def _reads(region: set) -> set:
     return {a for m in region for a in m.all_input_nodes if a not in region}
 
 
+def collapsed_region(node) -> Pointwise | None:
+    """The one-input, out-of-place region ``node`` calls (collapsed here), or None: the later
+    passes (``row_regions``, ``softmax_regions``) fold such a region with its neighbours."""
+    if not isinstance(node, Node) or node.op != "call_function" or len(node.args) != 1 or node.kwargs:
+        return None
+    region = getattr(node.target, "actfx_region", None)
+    return None if region is None or region.inplace else region
+
+
 def collapse_pointwise_regions(gm: GraphModule) -> int:
     """Replace each region of ``gm``'s graph by one call of its ``Pointwise`` (in place);
     returns how many were collapsed."""

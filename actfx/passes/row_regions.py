@@ -16,18 +16,11 @@ from __future__ import annotations
 import torch
 from torch.fx import GraphModule, Node
 
+from actfx.passes.pointwise_regions import collapsed_region
 from actfx.rules import aten, aten_packet
 from actfx.variants.pointwise_several import Several, several_callables
 
 _REDUCTIONS = {aten.sum: torch.sum, aten.mean: torch.mean}
-
-
-def _region(node) -> object:
-    """The one-input element-wise region ``node`` calls, or None."""
-    if not isinstance(node, Node) or node.op != "call_function" or len(node.args) != 1 or node.kwargs:
-        return None
-    region = getattr(node.target, "actfx_region", None)
-    return None if region is None or region.inplace else region
 
 
 def _reduction(node: Node) -> tuple | None:
@@ -54,11 +47,11 @@ def collapse_row_regions(gm: GraphModule) -> int:
     place; ``f``'s node keeps its name and meta); returns how many."""
     graph, count = gm.graph, 0
     for out in list(graph.nodes):
-        outer = _region(out)
+        outer = collapsed_region(out)
         reduced = out.args[0] if outer is not None else None
         found = _reduction(reduced) if isinstance(reduced, Node) and len(reduced.users) == 1 else None
         inner_node = found[1] if found is not None else None
-        inner = _region(inner_node)
+        inner = collapsed_region(inner_node)
         if inner is None or len(inner_node.users) != 1:
             continue
         reduce, _, dim, keepdim = found

@@ -72,13 +72,17 @@ def several_pointwise_site(node, calls, xs, kind="pointwise", path=None):
     _, partials_of, variant = calls
 
     def emit(graph, env, specs, runs, pack=None):
-        partials = graph.call_function(partials_of, tuple(env[x] for x in xs))
-        packed = [pack(graph.call_function(operator.getitem, (partials, i)), node, f".d{i}" if i else "")
-                  for i in range(len(xs))]
+        packed = _pack_each(graph, graph.call_function(partials_of, tuple(env[x] for x in xs)), len(xs), node, pack)
         return graph.call_function(variant, (tuple(s for s, _ in packed), *(env[x] for x in xs),
                                              *(n for _, run in packed for n in run))), {}
 
     return Site(node, kind, path, [], emit)
+
+
+def _pack_each(graph, values, count: int, node, pack) -> list:
+    """(spec, run) of each of the ``count`` values of the tuple node ``values``, all packs of
+    ``node``'s site (the second and later as further packs of its output, for the planner)."""
+    return [pack(graph.call_function(operator.getitem, (values, i)), node, f".d{i}" if i else "") for i in range(count)]
 
 
 def softmax_then_site(node, calls):
@@ -90,9 +94,7 @@ def softmax_then_site(node, calls):
     probabilities = [u for u in node.users if u.target is operator.getitem and u.args[1] == 0]
 
     def emit(graph, env, specs, runs, pack=None):
-        stored = graph.call_function(stored_of, (env[x],))
-        packed = [pack(graph.call_function(operator.getitem, (stored, i)), node, f".d{i}" if i else "")
-                  for i in range(2)]
+        packed = _pack_each(graph, graph.call_function(stored_of, (env[x],)), 2, node, pack)
         out = graph.call_function(variant, (tuple(s for s, _ in packed), env[x], *(n for _, run in packed for n in run)))
         return out, {"packed_outputs": {p: packed[0] for p in probabilities}}
 

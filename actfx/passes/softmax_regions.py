@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import GraphModule, Node
 
+from actfx.passes.pointwise_regions import collapsed_region
 from actfx.passes.signatures import bind
 from actfx.rules import aten, aten_packet
 from actfx.variants.softmax_then import SoftmaxThen, softmax_then_callables
@@ -68,8 +69,8 @@ def fold_softmax_regions(gm: GraphModule) -> int:
     modules = dict(gm.named_modules())
     count = 0
     for node in list(gm.graph.nodes):
-        region = getattr(node.target, "actfx_region", None) if node.op == "call_function" else None
-        if region is None or region.inplace or len(node.args) != 1 or node.kwargs:
+        region = collapsed_region(node)
+        if region is None:
             continue
         source = node.args[0]
         found = _softmax(source, modules) if isinstance(source, Node) else None
