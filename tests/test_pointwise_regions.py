@@ -300,3 +300,36 @@ def test_a_gate_summed_from_two_inputs_stays_apart_from_its_product():
     converted = actfx.convert(model, bits=2)
     assert "mul" in [d.kind for d in converted._actfx_record.decisions]
     assert torch.equal(converted(x), model(x))
+
+
+class LogOfReshapedReLU(nn.Module):
+    """The ReLU reaches the region through a view and a transpose, in a root fx cannot trace
+    (``len`` of a traced value), so torch.export captures it and the graph spells them in ATen."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 256)
+
+    def forward(self, x):
+        h = torch.relu(self.fc(x)).view(-1, 16, 16).transpose(1, 2)
+        for _ in range(len(x) // 64):
+            h = h * 1.0
+        return torch.log(h + 1e-10)
+
+
+def test_a_relu_seen_through_aten_views_gates_the_region_after_it():
+    torch.manual_seed(0)
+    model, x = LogOfReshapedReLU(), torch.randn(64, 32)
+    converted = actfx.convert(model, bits=8, example_inputs=(x,))
+    assert "" in converted._actfx_record.captured  # captured whole by torch.export
+    out = model(x)
+    assert torch.equal(converted(x), out)
+    w = torch.randn_like(out)
+
+    def grads(call):
+        model.zero_grad(set_to_none=True)
+        (call(x) * w).sum().backward()
+        return torch.cat([p.grad.flatten() for p in model.parameters()])
+
+    exact = grads(model)
+    assert (grads(converted) - exact).norm() / exact.norm() < 0.03

@@ -224,16 +224,18 @@ def _collapse(graph: Graph, xs: list[Node], region: list[Node], out: Node, packe
             graph.erase_node(m)
 
 
-# Ops that move values without changing them: a ReLU's zeros stay where its mask is 0
-_SAME_VALUES = {"view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose", "permute", "t",
-                "expand", "expand_as", "contiguous", "narrow", "select", "view_as", "reshape_as", "movedim"}
+# Ops that move values without changing them (by ATen op, so any spelling and export's graphs):
+# a ReLU's zeros stay where its mask is 0
+_SAME_VALUES = {aten.view, aten._unsafe_view, aten.reshape, aten.flatten, aten.unflatten, aten.squeeze,
+                aten.unsqueeze, aten.transpose, aten.permute, aten.t, aten.expand, aten.expand_as, aten.contiguous,
+                aten.narrow, aten.select, aten.slice, aten.view_as, aten.reshape_as, aten.movedim, aten.alias}
 
 
 def _relu_output(node: Node) -> bool:
     """Whether ``node`` is a ReLU's output or a view of it (its values moved, not changed): the
     ReLU's backward zeroes the gradient wherever it is 0, so a partial there is never read."""
     while node.op in ("call_function", "call_method") and (
-            node.target is operator.getitem or getattr(node.target, "__name__", node.target) in _SAME_VALUES):
+            node.target is operator.getitem or aten_packet(node.op, node.target) in _SAME_VALUES):
         if not node.args or not isinstance(node.args[0], Node):
             return False
         node = node.args[0]
