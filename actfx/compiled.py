@@ -359,17 +359,18 @@ def _noting_training_calls(compiled_forward, record: CompiledRecord, name: str, 
         out = compiled_forward(*args, **kwargs)
         if torch.is_grad_enabled():
             record.training_calls += 1
-            shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                           if isinstance(t, torch.Tensor))
-            new_shapes = shapes not in shapes_seen
-            shapes_seen.add(shapes)
+            new_shapes = False
+            if static and not record.warned_shapes:  # read only until the warning was given
+                shapes = tuple(tuple(t.shape) for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                               if isinstance(t, torch.Tensor))
+                new_shapes = shapes not in shapes_seen
+                shapes_seen.add(shapes)
             if not record.plans and record.training_calls == 1 and grad_leaves(out):
                 warnings.warn(f"actfx.compile: torch.compile captured no graph of {name}'s forward for training, "
                               "so it ran eagerly and nothing is packed (dynamo skipped it: run with "
                               "TORCH_LOGS=graph_breaks to see why; nn.LSTM/GRU/RNN are not traced); "
                               "actfx.convert(model) packs what it can of such a model", stacklevel=4)
-            elif static and new_shapes and record.plans and len(record.plans) == graphs and grad_leaves(out) \
-                    and not record.warned_shapes:
+            elif new_shapes and record.plans and len(record.plans) == graphs and grad_leaves(out):
                 # static shapes: a new shape compiles graphs of its own, unless dynamo gave up
                 record.warned_shapes = True
                 warnings.warn(f"actfx.compile: a training call of {name} with new input shapes {list(shapes)} compiled "
