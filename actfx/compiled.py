@@ -39,7 +39,7 @@ from actfx.passes.saved_plan import GraphPlan, Storage
 _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_saved.py", "passes/noise_degree.py",
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
             "passes/graph_emit.py", "passes/index_range.py", "passes/stored_layout.py", "kernels/seed_stream.py",
-            "kernels/extern_pack.py", "passes/graph_memory.py", "passes/decorrelate.py",
+            "kernels/extern_pack.py", "kernels/lowered.py", "passes/graph_memory.py", "passes/decorrelate.py",
             "passes/aten_to_functional.py", "passes/forward_cse.py", "passes/parameter_casts.py")
 
 

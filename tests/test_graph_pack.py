@@ -249,3 +249,70 @@ def test_row_layout_of_a_transposed_value():
     assert torch.all((y - x).abs() <= _per_value_step(packed, lo, step, x, 2, Rows(2)) / 2 + 1e-6)
     mask = x > 0
     assert torch.equal(unpack_mask(pack_mask(mask, rows=Rows(2)), mask, rows=Rows(2)), mask)
+
+
+_LAYOUTS = [((1400, 1), Rows(1, None)),  # 1400 rows: the last group of 240 is partial, 8 rows per byte
+            ((3, 300), None), ((2, 16, 9, 12), Rows(3, 9)), ((4, 37, 24), Rows(2, None)), ((1400, 1, 16), Rows(2, None))]
+
+
+@pytest.mark.parametrize("shape, rows", _LAYOUTS)
+def test_compiled_packs_and_unpacks_are_eager_s_bit_for_bit(shape, rows, monkeypatch):
+    """actfx::round_codes and actfx::unpack_codes have Inductor lowerings of their own
+    (kernels/lowered.py); compiled, they give eager's bytes and values at every width. Unpacking
+    (1400, 1) at 8 bits once lost its last partial group: Inductor's loops split a row range by a
+    floor division that did not divide it; the lowering now covers whole groups only. On one
+    thread the hash's int32 products, which wrap (undefined in C++), gave other bytes: the hash
+    runs in int64 now."""
+    from actfx.kernels import graph_pack
+
+    seed = torch.tensor(0x2545F491, dtype=torch.int64)  # an input of the graph, as pack_seeds' seeds are
+    monkeypatch.setattr(graph_pack, "_pack_seed", lambda device: seed)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    threads = torch.get_num_threads()
+    try:
+        for count in sorted({1, threads}):  # one thread: C++ with no OpenMP region, optimised otherwise
+            torch.set_num_threads(count)
+            torch._dynamo.reset()
+            _compiled_equals_eager(x, rows)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _compiled_equals_eager(x, rows):
+    with torch._inductor.config.patch(fx_graph_cache=False):  # the graph is the same, the lowering may not be
+        _compiled_equals_eager_now(x, rows)
+
+
+def _compiled_equals_eager_now(x, rows):
+    for bits in (1, 2, 4, 8):
+        def pack(v):
+            return pack_values(v, bits, 64, True, rows)
+
+        def unpack(packed, lo, step):
+            return unpack_values(packed, lo, step, x, bits, rows)
+
+        eager = pack(x)
+        compiled = torch.compile(pack, backend="inductor", dynamic=False)(x)
+        assert all(torch.equal(a, b) for a, b in zip(eager, compiled)), bits
+        assert torch.equal(torch.compile(unpack, backend="inductor", dynamic=False)(*eager), unpack(*eager)), bits
+    mask = x > 0
+    assert torch.equal(torch.compile(lambda p: unpack_mask(p, mask, rows), backend="inductor", dynamic=False)(
+        pack_mask(mask, rows)), mask)
+
+
+def test_a_pack_s_rounding_is_generated_once_not_once_per_lane():
+    """The codes are one node Inductor stores as one byte a value, so a 2-bit pack of a GELU output
+    rounds in one expression (vector loop and scalar tail: two floors), where lane by lane it
+    wrote four copies of the whole expression, GELU's math included, per loop (GELU is computed
+    in the group-range reduction and in the codes: four ``erf`` then, ten before)."""
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+
+    def pack_gelu(v):
+        return pack_values(torch.nn.functional.gelu(v), 2, 256, True, Rows(1, None))
+
+    with torch._inductor.config.patch(fx_graph_cache=False):
+        _, (code,) = run_and_get_code(torch.compile(pack_gelu, backend="inductor", dynamic=False), torch.randn(64, 1003))
+    assert code.count(".floor()") + code.count("std::floor") <= 2
+    assert code.count(".erf()") <= 4

@@ -43,6 +43,8 @@ import math
 import torch
 from torch._inductor import inductor_prims
 
+from actfx.kernels import lowered  # noqa: F401 - registers actfx::round_codes, actfx::unpack_codes and their lowerings
+
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
            "Rows", "row_layout", "padded"]
 
@@ -72,30 +74,38 @@ def _pack_seed(device: torch.device) -> torch.Tensor:
 # of the 32-bit hash, so each lane is as uniform as the hash; distinct multipliers keep the lanes
 # of a byte uncorrelated (tests/test_graph_pack.py). Why not Inductor's own ``rand``: on CPU it runs
 # one scalar Philox per element, 6x slower than the whole rest of a pack (ResNet-50's 2-bit pack
-# of an 8x256x56x56 value: 51 ms with it, 8 ms with this). Why one hash per byte: a byte's lanes
-# are generated as one copy of their code each, and hashing every value made the hash most of
-# that code. The hash (two multiply-xorshift rounds) runs in int32, 8 lanes to an AVX2 vector with
+# of an 8x256x56x56 value: 51 ms with it, 8 ms with this). One hash per byte: the CPU pack kernel
+# hashes each byte once for its lanes; the compiled codes node (lowered.py) hashes each value's
+# byte, one expression generated once. The hash (two multiply-xorshift rounds) runs in int32, 8 lanes to an AVX2 vector with
 # a native multiply (int64 emulates it on 4 lanes and doubled a whole pack's time); products wrap
 # modulo 2^32, and a signed shift is masked to act as a logical one. Tables of 2^31 bytes and
 # more hash in int64. 7 * _LANE_STEP stays below 2^31.
 _LANE_STEP = 0x11E3_779A
 
 
-def byte_hashes(count: int, columns: int, seed: torch.Tensor, device: torch.device) -> torch.Tensor:
+def wide_table(count: int, columns: int) -> bool:
+    """Whether a ``[count, columns]`` byte table's indices pass int32 (its hash runs in int64)."""
+    return count * columns >= 1 << 31
+
+
+def byte_hashes(count: int, columns: int, seed: torch.Tensor, device: torch.device, wide: bool | None = None):
     """The hash of each byte of a ``[count, columns]`` byte table (int32; int64 past 2^31)."""
-    wide = count * columns >= 1 << 31
+    wide = wide_table(count, columns) if wide is None else wide
     index = torch.arange(count * columns, dtype=torch.int64 if wide else torch.int32, device=device)
     index = index.view(count, columns)
     return _hash_wide(index, seed) if wide else _hash(index, seed)
 
 
-def lane_uniform(hashes: torch.Tensor, lane: int) -> torch.Tensor:
-    """Lane ``lane``'s U[0, 1) noise of bytes with these hashes."""
-    h = hashes
-    if lane:
-        h = h * (1 + lane * _LANE_STEP)
-        if h.dtype == torch.int64:
-            h = h & _LOW32
+def lanes_uniform(count: int, per: int, columns: int, seed: torch.Tensor, device: torch.device,
+                  wide: bool | None = None) -> torch.Tensor:
+    """The U[0, 1) noise of a ``[count, per, columns]`` codes table: entry (b, k, q) is lane k of
+    byte ``b * columns + q``."""
+    hashes = byte_hashes(count, columns, seed, device, wide)[:, None, :]
+    dtype = hashes.dtype
+    multiplier = (torch.arange(per, dtype=dtype, device=device) * _LANE_STEP + 1)[None, :, None]
+    h = hashes * multiplier
+    if dtype == torch.int64:
+        h = h & _LOW32
     return ((h >> 8) & 0xFFFFFF).float() * (1.0 / (1 << 24))
 
 
@@ -104,8 +114,7 @@ def uniform_from_seed(t: torch.Tensor, seed: torch.Tensor, per: int = 1, columns
     ``columns`` columns, ``per`` rows to a byte; the flat layout: one column) under ``seed``: the
     value at row r, column q is lane ``r % per`` of byte ``(r // per) * columns + q``."""
     count = t.numel() // (per * columns)
-    hashes = byte_hashes(count, columns, seed, t.device)
-    return torch.stack([lane_uniform(hashes, k) for k in range(per)], dim=1).reshape(t.shape)
+    return lanes_uniform(count, per, columns, seed, t.device).reshape(t.shape)
 
 
 def _hash(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:
@@ -161,18 +170,12 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     t = torch.where(finite[:, None], (xg - lo[:, None]) * recip[:, None], 0.0)
     per = 8 // bits
     columns = 1 if rows is None else columns
-    # the byte table [bytes, per, columns]; each lane is computed from its own select, so no
-    # large node has several readers (Inductor stores a reused node that is large or reads many
-    # buffers, and the pack would write a full fp32 or int32 copy of the value), and the bytes'
-    # hash is one shared expression Inductor emits once per byte
+    # the codes as one uint8 table [bytes, per, columns] (one node, lowered.py), then its
+    # lanes ORed into bytes
     table = t.reshape(-1, per, columns)
-    hashes = byte_hashes(table.shape[0], columns, _pack_seed(t.device), t.device) if stochastic else None
-
-    def lane_codes(k: int) -> torch.Tensor:
-        noise = lane_uniform(hashes, k) if stochastic else 0.5
-        return torch.floor(table.select(1, k) + noise).clamp_max(float(levels)).to(torch.int32)
-
-    packed = _or_lanes([lane_codes(k) for k in range(per)], bits)
+    wide = wide_table(table.shape[0], columns)
+    codes = torch.ops.actfx.round_codes(table, _pack_seed(t.device), levels, stochastic, bool(wide))
+    packed = _or_bits(codes, bits, dim=1)
     if rows is None:
         return packed.view(lo.shape[0], -1), lo, step
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
@@ -182,19 +185,32 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
 def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits: int,
                   rows: Rows | None = None):
     """The inverse of :func:`pack_values`, shaped and typed like ``like`` (only its shape and dtype
-    are read: it may be a fake tensor or an expanded zero)."""
+    are read: it may be a fake tensor or an expanded zero). The table is one
+    ``actfx::unpack_codes`` node (``lowered.py``)."""
+    per = 8 // bits
+    per_group = packed.shape[1] * per if rows is None else packed.shape[0] * per // lo.shape[0]
+    table = torch.ops.actfx.unpack_codes(packed, lo, step, like.dtype, bits, rows is not None, per_group)
     if rows is None:
+        return table[: like.numel()].view(like.shape)
+    return _from_rows(table, like, rows.inner)
+
+
+def unpack_table(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, bits: int,
+                 rows: bool, per_group: int) -> torch.Tensor:
+    """``actfx::unpack_codes`` in ATen (its eager implementation; see there for the arguments)."""
+    if lo.numel() == 0:  # a mask
+        bits_ = _split_bits(packed, 1, dim=1)
+        return (bits_.reshape(-1, packed.shape[1]) if rows else bits_.reshape(-1)).to(torch.bool)
+    if not rows:
         code = _split_bits(packed, bits, dim=2)
-        values = code.float() * step[:, None, None] + lo[:, None, None]
-        return values.reshape(-1)[: like.numel()].view(like.shape).to(like.dtype)
+        return (code.float() * step[:, None, None] + lo[:, None, None]).reshape(-1).to(dtype)
     columns = packed.shape[1]
     code = _split_bits(packed, bits, dim=1).reshape(lo.shape[0], -1)
-    if rows.plane:
+    if lo.dim() == 1:
         values = code.float() * step[:, None] + lo[:, None]
     else:
-        code = code.view(lo.shape[0], -1, columns)
-        values = code.float() * step[:, None, :] + lo[:, None, :]
-    return _from_rows(values.view(-1, columns), like, rows.inner).to(like.dtype)
+        values = code.view(lo.shape[0], -1, columns).float() * step[:, None, :] + lo[:, None, :]
+    return values.reshape(-1, columns).to(dtype)
 
 
 def pack_mask(mask: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
@@ -211,9 +227,11 @@ def pack_mask(mask: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
 
 def unpack_mask(packed: torch.Tensor, like: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
     """The inverse of :func:`pack_mask`, shaped like ``like``."""
+    none = packed.new_empty(0, dtype=torch.float32)
+    table = torch.ops.actfx.unpack_codes(packed, none, none, torch.bool, 1, rows is not None, 8)
     if rows is None:
-        return _split_bits(packed, 1, dim=1).reshape(-1)[: like.numel()].view(like.shape).to(torch.bool)
-    return _from_rows(_split_bits(packed, 1, dim=1).reshape(-1, packed.shape[1]), like, rows.inner).to(torch.bool)
+        return table[: like.numel()].view(like.shape)
+    return _from_rows(table, like, rows.inner)
 
 
 def row_layout(shape, inner: int, plane: int | None, min_rows: int) -> Rows | None:
@@ -229,14 +247,9 @@ def row_layout(shape, inner: int, plane: int | None, min_rows: int) -> Rows | No
 def _or_bits(code: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Codes (uint8 or int32) -> uint8, the ``8 / bits`` entries along ``dim`` (which is dropped)
     to a byte, least-significant first; each entry widened to int32 on its own."""
-    return _or_lanes([code.select(dim, k).to(torch.int32) for k in range(code.shape[dim])], bits)
-
-
-def _or_lanes(lanes: list, bits: int) -> torch.Tensor:
-    """int32 codes, one tensor per lane of a byte -> uint8, lane k at bit ``bits * k``."""
-    packed = lanes[0]
-    for k in range(1, len(lanes)):
-        packed = packed | (lanes[k] << (bits * k))
+    packed = code.select(dim, 0).to(torch.int32)
+    for k in range(1, code.shape[dim]):
+        packed = packed | (code.select(dim, k).to(torch.int32) << (bits * k))
     return packed.to(torch.uint8)
 
 
