@@ -227,6 +227,30 @@ def test_functional_composites_and_more_unary_ops_are_covered_under_fx():
     assert {"softsign", "tanhshrink", "softshrink", "erf", "expm1"} <= {d.kind for d in converted._actfx_record.decisions}
 
 
+class _SpecialAliases(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.l1, self.l2 = nn.Linear(32, 256), nn.Linear(256, 8)
+
+    def forward(self, x):
+        h = self.l1(x)
+        return self.l2(torch.special.erfinv(torch.tanh(h) * 0.98) + torch.special.i0(h * 0.3) + torch.special.logit(
+            torch.sigmoid(h), eps=1e-6))
+
+
+def test_torch_special_aliases_are_covered_as_their_ops():
+    """``torch.special.erfinv`` (``aten.special_erfinv``, untagged) is an alias of ``erfinv``: it was
+    'not covered' and held its fp32 input (2.7x at 2 bits, against 22x for ``torch.erfinv``)."""
+    from checks import assert_unbiased
+
+    torch.manual_seed(0)
+    model, x = _SpecialAliases(), torch.randn(64, 32)
+    converted = actfx.convert(model, bits=2)
+    assert torch.equal(converted(x), model(x))
+    assert not converted._actfx_record.uncovered
+    assert_unbiased(model, x, k=16)
+
+
 class VolumeRendering(nn.Module):
     """NeRF: densities from a ReLU, a far-plane distance of 1e10 after the last sample."""
 

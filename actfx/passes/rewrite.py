@@ -30,6 +30,7 @@ from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.row_regions import collapse_row_regions
 from actfx.passes.site import NONLINEAR_BITS
+from actfx.rules import ILL_CONDITIONED, aten_packet, is_pointwise
 from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
 from actfx.passes.softmax_regions import fold_softmax_regions
 from actfx.variants.packing import next_seed, pack_value
@@ -172,7 +173,7 @@ class _Rewriter:
         self.units: dict[Node, set] = {}
         self.floors: dict[Node, int] = {}
         for node, site in self.sites.items():
-            b = self.config.bits_for(site.kind, self._path(site), self.keys[node])
+            b = self._width(node)
             for i, v in enumerate(site.saved):
                 if isinstance(v, Node):
                     bits[v] = max(bits.get(v, 0), b, NONLINEAR_BITS if i in site.nonlinear else 0)
@@ -180,6 +181,36 @@ class _Rewriter:
                         self.floors[v] = NONLINEAR_BITS
                     self.units.setdefault(v, set()).add(self.keys[node])
         return bits
+
+    def _width(self, node: Node) -> int:
+        """The width of what the site at ``node`` saves: its config's, or kept exact where the
+        site is element-wise and feeds a factorization (``_feeds_a_factorization``)."""
+        site = self.sites[node]
+        if self._elementwise(node) and self._feeds_a_factorization(node):
+            return KEEP_EXACT
+        return self.config.bits_for(site.kind, self._path(site), self.keys[node])
+
+    def _feeds_a_factorization(self, node: Node, steps: int = 4) -> bool:
+        """Whether ``node``'s value reaches a factorization or solve (``rules.ILL_CONDITIONED``)
+        through element-wise ops only: the gradient arriving at it is then the inverse's, large
+        and cancelling, and its saved values are kept as they are (``rules.ILL_CONDITIONED``)."""
+        frontier = [node]
+        for _ in range(steps):
+            nxt = []
+            for n in frontier:
+                for user in n.users:
+                    packet = aten_packet(user.op, user.target)
+                    if packet in ILL_CONDITIONED:
+                        return True
+                    if self._elementwise(user):
+                        nxt.append(user)
+            frontier = nxt
+        return False
+
+    def _elementwise(self, node: Node) -> bool:
+        packet = aten_packet(node.op, node.target)
+        site = self.sites.get(node)
+        return (packet is not None and is_pointwise(packet)) or (site is not None and site.kind == "pointwise")
 
     # ------------------------------------------------------------ storage choices
 
@@ -231,7 +262,7 @@ class _Rewriter:
         """Pack a value a site computes itself (softmax's output), at the site's width; ``copy``
         names a second, independently rounded pack of it (its own key for the planner)."""
         site = self.sites[old]
-        bits = self.config.bits_for(site.kind, self._path(site), self.keys[old])
+        bits = self._width(old)
         if bits == KEEP_EXACT:
             return ("exact",), [value]
         source = PackSource(old.name + copy, (self.keys[old],), derived=site.kind != "softmax")
