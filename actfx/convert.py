@@ -179,6 +179,12 @@ def _warn_of_unknown_kinds(record: ConversionRecord) -> None:
         kinds = ", ".join(sorted({d.kind for d in record.decisions}))
         warnings.warn(f"actfx: Config.op_bits names {unknown[0]!r}, which is the kind of no op of this model "
                       f"(its kinds: {kinds}); spell kinds as actfx.show lists them", stacklevel=3)
+    keys = {d.key for d in record.decisions if d.key}
+    unmatched = [key for key in record.config.site_bits if key not in keys]
+    if unmatched:
+        warnings.warn(f"actfx: Config.site_bits key {unmatched[0]!r} matches no op of this model, so it changes "
+                      f"nothing; its ops' keys: {', '.join(sorted(keys)[:12])}{', ...' if len(keys) > 12 else ''}",
+                      stacklevel=3)
 
 
 def _check_plan_fits(plan, record: ConversionRecord) -> None:

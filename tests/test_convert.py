@@ -951,6 +951,29 @@ def test_a_config_naming_no_submodule_is_refused(field, table):
                                                  {"0:conv": 8} if field == "site_bits" else ("0",)}))
 
 
+def test_a_site_key_no_op_has_is_warned():
+    """A site_bits key written from show's op name (':add' for a fused pointwise chain, whose key
+    is ':pointwise') matched nothing and changed nothing, without a word; paths were checked,
+    kinds were not."""
+    class Chain(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l1, self.l2 = nn.Linear(16, 32), nn.Linear(32, 4)
+
+        def forward(self, x):
+            h = self.l1(x)
+            return self.l2(torch.where(h > 0, torch.log(torch.where(h > 0, h, torch.ones_like(h))), h) + torch.sin(h))
+
+    model = Chain()
+    with pytest.warns(UserWarning, match=r"Config.site_bits key ':add' matches no op of this model.*:pointwise"):
+        actfx.convert(model, config=actfx.Config(site_bits={":add": 8}))
+    keys = [d.key for d in actfx.convert(model)._actfx_record.decisions if d.key]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        converted = actfx.convert(model, config=actfx.Config(site_bits={keys[0]: 8}))
+    assert any(d.key == keys[0] for d in converted._actfx_record.decisions)
+
+
 def test_an_op_kind_no_op_has_is_warned():
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU())
     with pytest.warns(UserWarning, match="Config.op_bits names 'convolution', which is the kind of no op"):
