@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import io
 import re
 import warnings
 
 import pytest
 import torch
 import torch.nn as nn
+from rich.console import Console
 
 import actfx
 from actfx.accounting import count_saved
@@ -1033,3 +1035,51 @@ def test_a_plain_dataclass_output_is_captured_whole():
     out = converted(x)
     assert isinstance(out, _TwoHeads) and out.extra is None and torch.equal(out.logits, model(x).logits)
     out.logits.sum().backward()
+
+
+class _DictBackbone(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.c2 = nn.Conv2d(3, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=1)
+
+    def forward(self, x):
+        a = torch.relu(self.c1(x))
+        return {"a": a, "b": torch.relu(self.c2(a))}
+
+
+class _DictHead(nn.Module):
+    """Iterates a dict (fx cannot): captured by torch.export at its first call."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, feats):
+        out = 0
+        for k in feats:
+            out = out + self.fc(feats[k].mean((2, 3)))
+        return out
+
+
+class _DictNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.backbone, self.head = _DictBackbone(), _DictHead()
+
+    def forward(self, x):
+        y = self.head(self.backbone(x))
+        return y * 1.0 if y.sum() > -1e9 else y  # a branch on a value: the root is converted in pieces
+
+
+@pytest.mark.filterwarnings("ignore:actfx.convert")
+def test_show_hands_a_captured_submodule_the_containers_training_does():
+    """``actfx.show(model, inputs)`` runs the fx graph, whose nodes hold fx's immutable dicts: a
+    submodule captured at its first call saw another input structure than training's plain dict
+    and warned that training calls do not fit (torchvision's MultiScaleRoIAlign)."""
+    torch.manual_seed(0)
+    converted, x = actfx.convert(_DictNet(), bits=2), torch.randn(2, 3, 32, 32)
+    for _ in range(2):
+        converted(x).sum().backward()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        actfx.show(converted, (x,), console=Console(file=io.StringIO()))

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.fx import Graph, GraphModule
 from torch.fx.graph import _PyTreeCodeGen
+from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from actfx.passes.aten_to_functional import to_functional
 from actfx.passes.autograd_functions import inlined_functions
@@ -145,7 +146,7 @@ class ExportedCall:
                 args_out.extend(values[n])
             else:
                 args_out.append(values[n])
-        call = (tuple(args_out), {k: values[k] for k in self.keywords})
+        call = _plain((tuple(args_out), {k: values[k] for k in self.keywords}))
         flat, spec = pytree.tree_flatten(call)
         if spec != self.in_spec:
             return None, "another structure of nested inputs than at capture"
@@ -164,6 +165,20 @@ class ExportedCall:
             first = str(cause).splitlines()[0] if str(cause) else type(cause).__name__
             return None, f"a size torch.export specialised: {first}"
         return call, ""
+
+
+def _plain(value):
+    """``value`` with fx's immutable dicts and lists as plain ones: a graph fx runs (``actfx.show``'s
+    measurement) hands a captured submodule the containers its nodes hold, which flatten to
+    another structure than the plain ones training passes and export captured."""
+    if isinstance(value, immutable_dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, immutable_list):
+        return [_plain(v) for v in value]
+    if type(value) in (tuple, list, dict):
+        items = value.items() if isinstance(value, dict) else None
+        return {k: _plain(v) for k, v in items} if items is not None else type(value)(_plain(v) for v in value)
+    return value
 
 
 def _named_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict:
