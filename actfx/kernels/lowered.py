@@ -37,8 +37,9 @@ _LOW32 = 0xFFFFFFFF
 def round_codes(table: Tensor, seed: Tensor, levels: int, stochastic: bool, wide: bool) -> Tensor:
     """``table``: fp32 ``[bytes, per, columns]`` of (x - lo) / step (finite, >= 0); returns its
     codes ``min(floor(t + u), levels)`` as uint8, u the noise of lane k of byte ``b * columns + q``
-    (1/2 without ``stochastic``); ``wide``: bytes are indexed past 2^31, the hash runs in int64
-    (decided where the sizes are traced, so a symbolic size is guarded once, there)."""
+    (1/2 without ``stochastic``); ``wide``: bytes are indexed past 2^31 and the hash takes the
+    index's high bits too, as eager's int64 hash does (decided where the sizes are traced, so a
+    symbolic size is guarded once, there)."""
     from actfx.kernels.graph_pack import lanes_uniform
 
     count, per, columns = table.shape
@@ -132,7 +133,7 @@ def _lower_unpack(packed, lo, step, dtype, bits: int, rows: bool, per_group: int
     per = 8 // bits
     mask = lo.get_numel() == 0
     size = packed.get_size()
-    flat_bytes = len(size) == 1 or rows  # a mask's flat table is one row of bytes
+    byte_row = len(size) == 1  # a flat mask's bytes: one row, no groups
 
     def inner_fn(index):
         if rows:
@@ -141,7 +142,7 @@ def _lower_unpack(packed, lo, step, dtype, bits: int, rows: bool, per_group: int
             group = [FloorDiv(r, per_group)] + ([q] if len(lo.get_size()) == 2 else [])
         else:
             (i,) = index
-            byte = [FloorDiv(i, per)] if flat_bytes else [FloorDiv(i, per_group), FloorDiv(ModularIndexing(i, 1, per_group), per)]
+            byte = [FloorDiv(i, per)] if byte_row else [FloorDiv(i, per_group), FloorDiv(ModularIndexing(i, 1, per_group), per)]
             lane, group = ModularIndexing(i, 1, per), [FloorDiv(i, per_group)]
         shift = ops.index_expr(lane * bits, torch.int32)
         code = ops.bitwise_and(ops.bitwise_right_shift(ops.to_dtype(load(byte), torch.int32), shift),
