@@ -195,13 +195,14 @@ def _aliased(special, name: str):
     is not tagged element-wise; its target is): the op of the plain name where its signature is
     the alias's, else the special op itself."""
     plain = getattr(aten, name, None)
-    if not isinstance(plain, torch._ops.OpOverloadPacket) or "default" not in plain.overloads():
+    if not isinstance(plain, torch._ops.OpOverloadPacket) or "default" not in special.overloads():
         return special
 
-    def signature(packet):
-        return [(a.name, str(a.type)) for a in packet.default._schema.arguments]
+    def signature(op):
+        return [(a.name, str(a.type)) for a in op._schema.arguments]
 
-    return plain if "default" in special.overloads() and signature(special) == signature(plain) else special
+    wanted = signature(special.default)  # matched by any overload: xlogy's tensor one is "Tensor"
+    return plain if any(signature(getattr(plain, o)) == wanted for o in plain.overloads()) else special
 
 
 # Factorizations and solves: their backward multiplies the gradient by the inverse of their input
