@@ -159,7 +159,7 @@ def convert(model, bits: int | None = None, *, group_size: int | None = None, co
     result._actfx_record = record
     _note_baked_values(result)
     _warn_if_root_untraced(model, record)
-    _warn_of_unknown_kinds(record)
+    _warn_of_settings_matching_nothing(record)
     return result
 
 
@@ -171,7 +171,8 @@ def _note_baked_values(result: nn.Module) -> None:
             object.__setattr__(module, BAKED, baked_values(module))
 
 
-def _warn_of_unknown_kinds(record: ConversionRecord) -> None:
+def _warn_of_settings_matching_nothing(record: ConversionRecord) -> None:
+    """Config.op_bits kinds and site_bits keys no op of the model has: they change nothing."""
     if record.capture_pending:
         return  # the kinds are known after the first training call
     unknown = record.config.unknown_kinds(d.kind for d in record.decisions)

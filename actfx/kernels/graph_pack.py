@@ -76,10 +76,11 @@ def _pack_seed(device: torch.device) -> torch.Tensor:
 # one scalar Philox per element, 6x slower than the whole rest of a pack (ResNet-50's 2-bit pack
 # of an 8x256x56x56 value: 51 ms with it, 8 ms with this). One hash per byte: the CPU pack kernel
 # hashes each byte once for its lanes; the compiled codes node (lowered.py) hashes each value's
-# byte, one expression generated once. The hash (two multiply-xorshift rounds) runs in int32, 8 lanes to an AVX2 vector with
-# a native multiply (int64 emulates it on 4 lanes and doubled a whole pack's time); products wrap
-# modulo 2^32, and a signed shift is masked to act as a logical one. Tables of 2^31 bytes and
-# more hash in int64. 7 * _LANE_STEP stays below 2^31.
+# byte, one expression generated once. Here the hash (two multiply-xorshift rounds) runs in
+# int32, 8 lanes to an AVX2 vector with a native multiply; products wrap modulo 2^32, and a
+# signed shift is masked to act as a logical one (the compiled node computes the same bits in
+# int64, lowered.py says why). Tables of 2^31 bytes and more hash in int64. 7 * _LANE_STEP stays
+# below 2^31.
 _LANE_STEP = 0x11E3_779A
 
 
@@ -88,16 +89,15 @@ def wide_table(count: int, columns: int) -> bool:
     return count * columns >= 1 << 31
 
 
-def byte_hashes(count: int, columns: int, seed: torch.Tensor, device: torch.device, wide: bool | None = None):
-    """The hash of each byte of a ``[count, columns]`` byte table (int32; int64 past 2^31)."""
-    wide = wide_table(count, columns) if wide is None else wide
+def byte_hashes(count: int, columns: int, seed: torch.Tensor, device: torch.device, wide: bool) -> torch.Tensor:
+    """The hash of each byte of a ``[count, columns]`` byte table (int32; int64 where ``wide``)."""
     index = torch.arange(count * columns, dtype=torch.int64 if wide else torch.int32, device=device)
     index = index.view(count, columns)
     return _hash_wide(index, seed) if wide else _hash(index, seed)
 
 
 def lanes_uniform(count: int, per: int, columns: int, seed: torch.Tensor, device: torch.device,
-                  wide: bool | None = None) -> torch.Tensor:
+                  wide: bool) -> torch.Tensor:
     """The U[0, 1) noise of a ``[count, per, columns]`` codes table: entry (b, k, q) is lane k of
     byte ``b * columns + q``."""
     hashes = byte_hashes(count, columns, seed, device, wide)[:, None, :]
@@ -114,7 +114,7 @@ def uniform_from_seed(t: torch.Tensor, seed: torch.Tensor, per: int = 1, columns
     ``columns`` columns, ``per`` rows to a byte; the flat layout: one column) under ``seed``: the
     value at row r, column q is lane ``r % per`` of byte ``(r // per) * columns + q``."""
     count = t.numel() // (per * columns)
-    return lanes_uniform(count, per, columns, seed, t.device).reshape(t.shape)
+    return lanes_uniform(count, per, columns, seed, t.device, wide_table(count, columns)).reshape(t.shape)
 
 
 def _hash(index: torch.Tensor, seed: torch.Tensor) -> torch.Tensor:

@@ -171,13 +171,12 @@ def _plain(value):
     """``value`` with fx's immutable dicts and lists as plain ones: a graph fx runs (``actfx.show``'s
     measurement) hands a captured submodule the containers its nodes hold, which flatten to
     another structure than the plain ones training passes and export captured."""
-    if isinstance(value, immutable_dict):
+    if type(value) in (dict, immutable_dict):
         return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, immutable_list):
+    if type(value) in (list, immutable_list):
         return [_plain(v) for v in value]
-    if type(value) in (tuple, list, dict):
-        items = value.items() if isinstance(value, dict) else None
-        return {k: _plain(v) for k, v in items} if items is not None else type(value)(_plain(v) for v in value)
+    if type(value) is tuple:
+        return tuple(_plain(v) for v in value)
     return value
 
 

@@ -30,9 +30,9 @@ from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.row_regions import collapse_row_regions
 from actfx.passes.site import NONLINEAR_BITS
-from actfx.rules import ILL_CONDITIONED, aten_packet, is_pointwise
 from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
 from actfx.passes.softmax_regions import fold_softmax_regions
+from actfx.rules import ILL_CONDITIONED, aten_packet, is_pointwise
 from actfx.variants.packing import next_seed, pack_value
 from actfx.variants.saved import value_if_missing
 
@@ -135,6 +135,7 @@ class _Rewriter:
                                              for i, v in enumerate(site.saved) if i not in site.shape_only):
                 site.kind = "linear"
         self.keys = self._site_keys()
+        self.widths = {node: self._width(node) for node in self.sites}
         self.bits = self._bits_per_value()
         self.new = Graph()
         self.env: dict[Node, Node] = {}
@@ -173,7 +174,7 @@ class _Rewriter:
         self.units: dict[Node, set] = {}
         self.floors: dict[Node, int] = {}
         for node, site in self.sites.items():
-            b = self._width(node)
+            b = self.widths[node]
             for i, v in enumerate(site.saved):
                 if isinstance(v, Node):
                     bits[v] = max(bits.get(v, 0), b, NONLINEAR_BITS if i in site.nonlinear else 0)
@@ -183,8 +184,8 @@ class _Rewriter:
         return bits
 
     def _width(self, node: Node) -> int:
-        """The width of what the site at ``node`` saves: its config's, or kept exact where the
-        site is element-wise and feeds a factorization (``_feeds_a_factorization``)."""
+        """The width of what the site at ``node`` saves (once per site: ``self.widths``): its
+        config's, or kept exact where the site is element-wise and feeds a factorization."""
         site = self.sites[node]
         if self._elementwise(node) and self._feeds_a_factorization(node):
             return KEEP_EXACT
@@ -193,7 +194,7 @@ class _Rewriter:
     def _feeds_a_factorization(self, node: Node, steps: int = 4) -> bool:
         """Whether ``node``'s value reaches a factorization or solve (``rules.ILL_CONDITIONED``)
         through element-wise ops only: the gradient arriving at it is then the inverse's, large
-        and cancelling, and its saved values are kept as they are (``rules.ILL_CONDITIONED``)."""
+        and cancelling, so rounding what its site saves would come back scaled by it."""
         frontier = [node]
         for _ in range(steps):
             nxt = []
@@ -262,7 +263,7 @@ class _Rewriter:
         """Pack a value a site computes itself (softmax's output), at the site's width; ``copy``
         names a second, independently rounded pack of it (its own key for the planner)."""
         site = self.sites[old]
-        bits = self._width(old)
+        bits = self.widths[old]
         if bits == KEEP_EXACT:
             return ("exact",), [value]
         source = PackSource(old.name + copy, (self.keys[old],), derived=site.kind != "softmax")
