@@ -257,8 +257,9 @@ _LAYOUTS = [((1400, 1), Rows(1, None)),  # 1400 rows: the last group of 240 is p
 
 @pytest.mark.parametrize("shape, rows", _LAYOUTS)
 def test_compiled_packs_and_unpacks_are_eager_s_bit_for_bit(shape, rows, monkeypatch):
-    """actfx::round_codes and actfx::unpack_codes have Inductor lowerings of their own
-    (kernels/lowered.py); compiled, they give eager's bytes and values at every width. Unpacking
+    """actfx::pack_codes and actfx::unpack_codes have Inductor lowerings of their own
+    (kernels/lowered.py); compiled, they give eager's bytes and values at every width, for a
+    stored value and for a large expression. Unpacking
     (1400, 1) at 8 bits once lost its last partial group: Inductor's loops split a row range by a
     floor division that did not divide it; the lowering now covers whole groups only. On one
     thread the hash's int32 products, which wrap (undefined in C++), gave other bytes: the hash
@@ -281,6 +282,13 @@ def test_compiled_packs_and_unpacks_are_eager_s_bit_for_bit(shape, rows, monkeyp
     assert mismatches == []
 
 
+def _large_expression(x):
+    """24 exactly rounded operations (no two of which a compiler may contract)."""
+    for _ in range(6):
+        x = (x * 2.0 - 1.0) * 0.5 + 0.5
+    return x
+
+
 def _compiled_against_eager(x, rows) -> list:
     """(bits, what) for each compiled pack, unpack or mask unpack that differs from eager's."""
     found = []
@@ -295,6 +303,10 @@ def _compiled_against_eager(x, rows) -> list:
         compiled = torch.compile(pack, backend="inductor", dynamic=False)(x)
         if not all(torch.equal(a, b) for a, b in zip(eager, compiled)):
             found.append((bits, "pack"))
+        eager_large = pack(_large_expression(x))
+        compiled_large = torch.compile(lambda v: pack(_large_expression(v)), backend="inductor", dynamic=False)(x)
+        if not all(torch.equal(a, b) for a, b in zip(eager_large, compiled_large)):
+            found.append((bits, "pack of a large expression"))
         if not torch.equal(torch.compile(unpack, backend="inductor", dynamic=False)(*eager), unpack(*eager)):
             found.append((bits, "unpack"))
     mask = x > 0
@@ -305,7 +317,7 @@ def _compiled_against_eager(x, rows) -> list:
 
 
 def test_a_pack_s_rounding_is_generated_once_not_once_per_lane():
-    """The codes are one node Inductor stores as one byte a value, so a 2-bit pack of a GELU output
+    """A large expression's codes are stored as one byte a value, so a 2-bit pack of a GELU output
     rounds in one expression (vector loop and scalar tail: two floors), where lane by lane it
     wrote four copies of the whole expression, GELU's math included, per loop (GELU is computed
     in the group-range reduction and in the codes: four ``erf`` then, ten before)."""
@@ -320,3 +332,4 @@ def test_a_pack_s_rounding_is_generated_once_not_once_per_lane():
         _, (code,) = run_and_get_code(torch.compile(pack_gelu, backend="inductor", dynamic=False), torch.randn(64, 1003))
     assert code.count(".floor()") + code.count("std::floor") <= 2
     assert code.count(".erf()") <= 4
+    assert code.count("uint8_t* out_ptr") == 2  # the codes and the bytes

@@ -43,7 +43,7 @@ import math
 import torch
 from torch._inductor import inductor_prims
 
-from actfx.kernels import lowered  # noqa: F401 - registers actfx::round_codes, actfx::unpack_codes and their lowerings
+from actfx.kernels import lowered  # noqa: F401 - registers actfx::pack_codes, or_lanes, unpack_codes, lowerings
 
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
            "Rows", "row_layout", "padded"]
@@ -170,12 +170,10 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     t = torch.where(finite[:, None], (xg - lo[:, None]) * recip[:, None], 0.0)
     per = 8 // bits
     columns = 1 if rows is None else columns
-    # the codes as one uint8 table [bytes, per, columns] (one node, lowered.py), then its
-    # lanes ORed into bytes
+    # the bytes of the codes table [bytes, per, columns] as one node (lowered.py)
     table = t.reshape(-1, per, columns)
     wide = wide_table(table.shape[0], columns)
-    codes = torch.ops.actfx.round_codes(table, _pack_seed(t.device), levels, stochastic, bool(wide))
-    packed = _or_bits(codes, bits, dim=1)
+    packed = torch.ops.actfx.pack_codes(table, _pack_seed(t.device), levels, stochastic, bool(wide))
     if rows is None:
         return packed.view(lo.shape[0], -1), lo, step
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
@@ -219,10 +217,11 @@ def pack_mask(mask: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:
     # as uint8: the table has 8 readers, and Inductor stores a reused mask that reads many buffers
     # (BatchNorm -> ReLU's five) before packing it; in int32 that copy took 4 bytes a value
     if rows is None:
-        return _or_bits(_groups(mask.reshape(-1).to(torch.uint8), 8), 1, dim=1)
+        return torch.ops.actfx.or_lanes(_groups(mask.reshape(-1).to(torch.uint8), 8), 1, 1)
     table = _rows(mask, rows.inner).to(torch.uint8)
     padded = _ceil_div(table.shape[0], 8) * 8
-    return _or_bits(_pad_rows(table, padded, zero=True).reshape(-1, 8, table.shape[1]), 1, dim=1).contiguous()
+    rows_of_bits = _pad_rows(table, padded, zero=True).reshape(-1, 8, table.shape[1])
+    return torch.ops.actfx.or_lanes(rows_of_bits, 1, 1).contiguous()
 
 
 def unpack_mask(packed: torch.Tensor, like: torch.Tensor, rows: Rows | None = None) -> torch.Tensor:

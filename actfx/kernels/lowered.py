@@ -1,14 +1,17 @@
-"""A pack's codes and an unpack, each one graph node with its own Inductor lowering.
+"""A pack, a mask's bits and an unpack, each one graph node with its own Inductor lowering.
 
-``actfx::round_codes``: a pack's codes (stochastic rounding included).
+``actfx::pack_codes``: a pack's bytes (stochastic rounding included).
 
 Why: a pack's code for a value is the producer's math inlined (BatchNorm's, GELU's), the group's
 range, the noise hash, floor and clamp: a large expression. Written as ATen math, Inductor saw it
 as a chain of nodes and stored the first one that grew large (the fp32 ``t + noise``), or, lane by
 lane, generated the whole expression once per lane of a byte (4 copies at 2 bits, 8 for 1 bit):
 most of a compiled forward's C++ and of its code-generation time. As one node with its own
-lowering it is one expression with ``8 / bits`` readers (the lanes ORed into bytes), which
-Inductor stores once, one byte a value, and generates once.
+lowering it is one expression, stored once, one byte a value, and generated once; its lanes are
+then ORed into bytes in the same node. That OR and a mask's (``actfx::or_lanes``) were ATen
+selects, casts, shifts and ORs, over a third of a compiled ResNet-18's forward graph (2,456
+nodes; 1,582 with them as one node each), each lowered and walked by Inductor's passes on its
+own.
 
 ``actfx::unpack_codes``: a packed value read back in its own shape. Written as ATen math (split
 the bytes into lanes, scale, cut the padding, view and permute back), every backward kernel reading
@@ -26,39 +29,59 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["round_codes", "unpack_codes"]
+__all__ = ["pack_codes", "or_lanes", "unpack_codes"]
 
 _HASH_MUL_1 = 0x7FEB352D
 _HASH_MUL_2 = -0x7B935975  # 0x846CA68B as a signed 32-bit value
 _LOW32 = 0xFFFFFFFF
 
 
-@torch.library.custom_op("actfx::round_codes", mutates_args=())
-def round_codes(table: Tensor, seed: Tensor, levels: int, stochastic: bool, wide: bool) -> Tensor:
-    """``table``: fp32 ``[bytes, per, columns]`` of (x - lo) / step (finite, >= 0); returns its
-    codes ``min(floor(t + u), levels)`` as uint8, u the noise of lane k of byte ``b * columns + q``
-    (1/2 without ``stochastic``); ``wide``: bytes are indexed past 2^31 and the hash takes the
-    index's high bits too, as eager's int64 hash does (decided where the sizes are traced, so a
-    symbolic size is guarded once, there)."""
-    from actfx.kernels.graph_pack import lanes_uniform
+@torch.library.custom_op("actfx::pack_codes", mutates_args=())
+def pack_codes(table: Tensor, seed: Tensor, levels: int, stochastic: bool, wide: bool) -> Tensor:
+    """``table``: fp32 ``[bytes, per, columns]`` of (x - lo) / step (finite, >= 0); returns the
+    ``[bytes, columns]`` bytes holding its codes ``min(floor(t + u), levels)``, the ``per`` lanes
+    least-significant first, u the noise of lane k of byte ``b * columns + q`` (1/2 without
+    ``stochastic``); ``wide``: bytes are indexed past 2^31 and the hash takes the index's high bits
+    too, as eager's int64 hash does (decided where the sizes are traced, so a symbolic size is
+    guarded once, there)."""
+    from actfx.kernels.graph_pack import _or_bits, lanes_uniform
 
     count, per, columns = table.shape
     noise = lanes_uniform(count, per, columns, seed, table.device, wide) if stochastic else 0.5
-    return torch.floor(table + noise).clamp_max(float(levels)).to(torch.uint8)
+    codes = torch.floor(table + noise).clamp_max(float(levels)).to(torch.uint8)
+    return _or_bits(codes, 8 // per, dim=1)
 
 
-@round_codes.register_fake
+@pack_codes.register_fake
 def _(table, seed, levels, stochastic, wide):
-    return table.new_empty(table.shape, dtype=torch.uint8)
+    return table.new_empty([table.shape[0], table.shape[2]], dtype=torch.uint8)
+
+
+def _mark_reuse(value, readers: int) -> None:
+    """Inductor's rule for a value with several readers (store it if its expression is large),
+    applied to the storage under ``value``'s views (a view's own ``mark_reuse`` does nothing)."""
+    from torch._inductor import ir
+
+    while isinstance(value, (ir.TensorBox, ir.BaseView)):
+        value = value.data
+    if isinstance(value, ir.StorageBox):
+        value.mark_reuse(readers)
 
 
 def _lower(table, seed, levels: int, stochastic: bool, wide: bool):
-    """The same arithmetic as one Inductor Pointwise node."""
+    """The same arithmetic as two Inductor Pointwise nodes: the codes, stored one byte a value
+    (each lane's expression, the producer's math inlined, generated once), then the bytes ORed
+    from them. Why not each byte rounding its own lanes: that generates the expression once per
+    lane (4 copies at 2 bits), and for the usual table (a stored value's (x - lo) / step) it
+    compiled no faster than the stored codes (ResNet-18, cold first steps)."""
     from torch._inductor import ir
     from torch._inductor.virtualized import ops
 
-    load, load_seed = table.make_loader(), seed.make_loader()
+    from actfx.kernels.graph_pack import _LANE_STEP
+
     count, per, columns = table.get_size()
+    load, load_seed = table.make_loader(), seed.make_loader()
+    bits = 8 // per
 
     def const(value):
         return ops.constant(value, torch.int64)
@@ -70,35 +93,84 @@ def _lower(table, seed, levels: int, stochastic: bool, wide: bool):
     # as the int32 arithmetic (wrapping) eager runs. Not in int32: a product that wraps is
     # undefined behaviour in Inductor's scalar C++ (where the hash does not vary along the
     # vector, a one-column table), and those kernels gave other bytes than eager on 1 and 3
-    # threads (not on 2).
-    def hash_of(byte):
+    # threads (not on 2). Every value stays in [0, 2^32), so a right shift needs no mask
+    # (eager's int32 shifts are masked to act as logical ones: the same bits).
+    def hash_of(b, q):
+        byte = ops.index_expr(b * columns + q, torch.int64)
         if wide:
             h = ops.bitwise_xor(low32(ops.add(byte, load_seed(()))), ops.bitwise_right_shift(byte, const(32)))
         else:
             h = ops.bitwise_xor(byte, ops.bitwise_and(load_seed(()), const(0x7FFFFFFF)))
-        h = ops.bitwise_xor(h, ops.bitwise_and(ops.bitwise_right_shift(h, const(16)), const(0xFFFF)))
+        h = ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
         h = low32(ops.mul(h, const(_HASH_MUL_1)))
-        h = ops.bitwise_xor(h, ops.bitwise_and(ops.bitwise_right_shift(h, const(15)), const(0x1FFFF)))
+        h = ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(15)))
         h = low32(ops.mul(h, const(_HASH_MUL_2)))  # negative: the same low bits as 0x846CA68B
-        return ops.bitwise_xor(h, ops.bitwise_and(ops.bitwise_right_shift(h, const(16)), const(0xFFFF)))
+        return ops.bitwise_xor(h, ops.bitwise_right_shift(h, const(16)))
+
+    def code(b, k, q, h):
+        """Lane k's code as uint8, ``h`` the byte's hash (None: round to nearest)."""
+        if h is None:
+            u = ops.constant(0.5, torch.float32)
+        else:
+            lane = ops.bitwise_right_shift(low32(ops.mul(h, const(1 + k * _LANE_STEP))), const(8))
+            u = ops.mul(ops.to_dtype(lane, torch.float32), ops.constant(1.0 / (1 << 24), torch.float32))
+        rounded = ops.minimum(ops.floor(ops.add(load([b, k, q]), u)), ops.constant(float(levels), torch.float32))
+        return ops.to_dtype(rounded, torch.uint8)
+
+    codes = ir.Pointwise.create(
+        device=table.get_device(), dtype=torch.uint8, ranges=[count, per, columns],
+        inner_fn=lambda index: code(*index, hash_of(index[0], index[2]) if stochastic else None))
+    if per == 1:  # 8 bits: the codes are the bytes
+        load_code = codes.make_loader()
+        return ir.Pointwise.create(device=table.get_device(), dtype=torch.uint8, ranges=[count, columns],
+                                   inner_fn=lambda index: load_code([index[0], 0, index[1]]))
+    codes.realize()
+    return _or_node(codes, bits, 1)
+
+
+@torch.library.custom_op("actfx::or_lanes", mutates_args=())
+def or_lanes(codes: Tensor, bits: int, dim: int) -> Tensor:
+    """uint8 ``codes`` -> uint8 bytes, the ``8 / bits`` entries along ``dim`` (dropped) ORed into
+    a byte, least-significant first (a mask's bits). One node: written as ATen, a mask's lanes were
+    31 nodes (8 selects, casts, shifts, 7 ORs), with the values' lanes a third of a compiled
+    ResNet's forward graph, each lowered and passed over by Inductor on its own."""
+    from actfx.kernels.graph_pack import _or_bits
+
+    return _or_bits(codes, bits, dim)
+
+
+@or_lanes.register_fake
+def _(codes, bits, dim):
+    return codes.new_empty([s for d, s in enumerate(codes.shape) if d != dim], dtype=torch.uint8)
+
+
+def _lower_or_lanes(codes, bits: int, dim: int):
+    """The lanes ORed in one Pointwise node; ``codes`` is stored first where Inductor would store
+    a value read ``8 / bits`` times (a large expression), as it did for the selects."""
+    _mark_reuse(codes, 8 // bits)
+    return _or_node(codes, bits, dim)
+
+
+def _or_node(codes, bits: int, dim: int):
+    """A Pointwise ORing the ``8 / bits`` entries of ``codes`` along ``dim`` into bytes."""
+    from torch._inductor import ir
+    from torch._inductor.virtualized import ops
+
+    size = list(codes.get_size())
+    load = codes.make_loader()
 
     def inner_fn(index):
-        b, k, q = index
-        t = load(index)
-        if stochastic:
-            from actfx.kernels.graph_pack import _LANE_STEP
+        index = list(index)
+        packed = None
+        for k in range(size[dim]):
+            lane = ops.to_dtype(load(index[:dim] + [k] + index[dim:]), torch.int32)
+            if k:
+                lane = ops.bitwise_left_shift(lane, ops.constant(bits * k, torch.int32))
+            packed = lane if packed is None else ops.bitwise_or(packed, lane)
+        return ops.to_dtype(packed, torch.uint8)
 
-            lane = ops.index_expr(1 + k * _LANE_STEP, torch.int64)
-            h = low32(ops.mul(hash_of(ops.index_expr(b * columns + q, torch.int64)), lane))
-            bits24 = ops.bitwise_and(ops.bitwise_right_shift(h, const(8)), const(0xFFFFFF))
-            u = ops.mul(ops.to_dtype(bits24, torch.float32), ops.constant(1.0 / (1 << 24), torch.float32))
-        else:
-            u = ops.constant(0.5, torch.float32)
-        code = ops.minimum(ops.floor(ops.add(t, u)), ops.constant(float(levels), torch.float32))
-        return ops.to_dtype(code, torch.uint8)
-
-    return ir.Pointwise.create(device=table.get_device(), dtype=torch.uint8, inner_fn=inner_fn,
-                               ranges=list(table.get_size()))
+    return ir.Pointwise.create(device=codes.get_device(), dtype=torch.uint8, inner_fn=inner_fn,
+                               ranges=size[:dim] + size[dim + 1:])
 
 
 @torch.library.custom_op("actfx::unpack_codes", mutates_args=())
@@ -159,7 +231,8 @@ def _lower_unpack(packed, lo, step, dtype, bits: int, rows: bool, per_group: int
 def _register_lowering() -> None:
     from torch._inductor.lowering import register_lowering
 
-    register_lowering(torch.ops.actfx.round_codes.default, type_promotion_kind=None)(_lower)
+    register_lowering(torch.ops.actfx.pack_codes.default, type_promotion_kind=None)(_lower)
+    register_lowering(torch.ops.actfx.or_lanes.default, type_promotion_kind=None)(_lower_or_lanes)
     register_lowering(torch.ops.actfx.unpack_codes.default, type_promotion_kind=None)(_lower_unpack)
 
 
