@@ -261,7 +261,7 @@ _SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn
 # index_add, function and method forms (the in-place method on a tensor nothing else reads)
 INDEX_ADDS = {torch.index_add: False, "index_add": False, "index_add_": True}
 # Products of two activations recomputed from their packed factors: each gradient is linear in them
-_BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "addmm"}
+_BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "addmm", torch.bilinear: "bilinear"}
 # Ops recomputed from packed inputs whose gradients are linear in each input, or nonlinear only
 # where their Site says so (attention: ``Site.nonlinear``)
 _RECOMPUTED_LINEARLY = frozenset({*_BILINEAR, F.scaled_dot_product_attention})

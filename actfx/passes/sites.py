@@ -184,6 +184,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return baddbmm_site(node)
         if t in (torch.einsum, torch.ops.aten.einsum.default):
             return einsum_site(node)
+        if t is torch.bilinear:  # nn.Bilinear, traced through (capture.py): each gradient is linear in each input
+            return _recompute_site(node, None, "bilinear", t, node.args, node.kwargs)
         if t in (torch.linalg.vector_norm, torch.ops.aten.linalg_vector_norm.default):
             return vector_norm_site(node)
         if t is torch.norm:

@@ -30,4 +30,18 @@ def gumbel_softmax(logits, tau=1.0, hard=False, eps=1e-10, dim=-1):
     return one_hot - soft.detach() + soft
 
 
-TRACED_THROUGH = {F.gumbel_softmax: gumbel_softmax}
+def local_response_norm(input, size, alpha=1e-4, beta=0.75, k=1.0):
+    """F.local_response_norm (AlexNet's, GoogLeNet's LRN): ``input / (k + alpha * mean of squares
+    over size channels) ** beta``; its square, pooling and division then meet their variants
+    (as one call it kept its input and four intermediates exact, more than the layers around it
+    held packed). PyTorch's 3-d branch pools with avg_pool2d; its 4-d+ one, taken here for every
+    rank (a traced rank cannot choose a branch), gives the same windows and values."""
+    sizes = input.size()
+    div = input.mul(input).view(sizes[0], 1, sizes[1], sizes[2], -1)
+    div = F.pad(div, (0, 0, 0, 0, size // 2, (size - 1) // 2))
+    div = F.avg_pool3d(div, (size, 1, 1), stride=1).squeeze(1).view(sizes)
+    div = div.mul(alpha).add(k).pow(beta)
+    return input / div
+
+
+TRACED_THROUGH = {F.gumbel_softmax: gumbel_softmax, F.local_response_norm: local_response_norm}
