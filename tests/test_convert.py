@@ -518,14 +518,16 @@ class _AutocastInside(torch.nn.Module):
 def test_autocast_inside_forward_keeps_its_precision():
     """fx records nothing for ``with torch.autocast(...)``: the traced graph ran the block in
     fp32 and the outputs were 0.02 off the model's bf16 ones. Such a forward is taken from
-    torch.export, which records the block (run as written, not converted)."""
+    torch.export, which records the block; its ops are inlined between the block's bounds and
+    converted (passes/autocast_regions.py; before session 37 the block ran as written)."""
     torch.manual_seed(0)
     model, x = _AutocastInside(), torch.randn(16, 32)
     expected = model(x)
     with pytest.warns(UserWarning, match="torch.autocast"):
         converted = actfx.convert(model, bits=8)
     assert torch.equal(converted(x), expected)
-    assert "wrap_with_autocast" in [u.what for u in converted._actfx_record.uncovered]
+    assert converted._actfx_record.uncovered == []
+    assert {"linear", "layer_norm"} <= {d.kind for d in converted._actfx_record.decisions}
 
 
 def test_parametrized_modules_are_traced_into():

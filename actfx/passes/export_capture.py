@@ -39,6 +39,7 @@ from torch.fx.graph import _PyTreeCodeGen
 from torch.fx.immutable_collections import immutable_dict, immutable_list
 
 from actfx.passes.aten_to_functional import to_functional
+from actfx.passes.autocast_regions import inline_autocast_regions
 from actfx.passes.autograd_functions import inlined_functions
 from actfx.passes.capture import attributes_kept, training_mode
 from actfx.passes.trace_effects import random_draws_refused
@@ -470,6 +471,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             "captured graph holds as separate calls that a rewrite cannot keep paired", " (the forward runs as written)")
     guard = _InputGuard(getattr(unlifted, "_guards_fn", None), name)
     _replace_guards_call(graph, guard)
+    inline_autocast_regions(graph, unlifted)
     _drop_dtype_assertions(graph)
     carried = _carry_foreign_attributes(graph, unlifted, model)
     for attr, value in carried.items():

@@ -15,6 +15,7 @@ import operator
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.amp.autocast_mode import _enter_autocast, _exit_autocast
 from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
@@ -103,6 +104,7 @@ _NOTHING_SAVED_FUNCTIONS = {
     F.one_hot, torch.where, torch.roll, torch.tile, torch.repeat_interleave,
     F.dropout1d, F.dropout2d, F.dropout3d, F.feature_alpha_dropout,  # a mask of one value per channel
     F.max_unpool1d, F.max_unpool2d, F.max_unpool3d,  # the indices, which the max pooling returned
+    _enter_autocast, _exit_autocast,  # an autocast block's bounds (passes/autocast_regions.py)
 }
 _NOTHING_SAVED_METHODS = {
     "add", "sub", "neg", "view", "reshape", "flatten", "unflatten", "squeeze", "unsqueeze", "transpose",
