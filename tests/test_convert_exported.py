@@ -570,6 +570,24 @@ def test_a_view_as_example_input_does_not_bind_later_calls_to_views():
         assert torch.equal(*outs)
 
 
+def test_an_expanded_example_input_is_captured():
+    """Hugging Face builds position ids as ``arange(L)[None].expand(B, -1)``: copying such an
+    input into its own strides (overlapping ones) raised, so the model fed it was not captured
+    and stayed unconverted (RecurrentGemma's layers, Nystromformer's embeddings)."""
+    torch.manual_seed(0)
+    model = TinyLM(vocab=32, dim=64, heads=4).train()
+    ids = torch.randint(0, 32, (1, 16)).expand(4, -1)
+    assert ids.stride(0) == 0
+    converted = actfx.convert(model, bits=2, example_inputs=(ids,))
+    assert converted._actfx_record.decisions
+    for x in (ids, ids.clone()):
+        outs = []
+        for m in (converted, model):
+            torch.manual_seed(1)  # the same dropout
+            outs.append(m(x).logits)
+        assert torch.equal(*outs)
+
+
 class _ReentrantCheckpointed(nn.Module):
     """Blocks under torch.utils.checkpoint(use_reentrant=True) (Hugging Face's
     gradient_checkpointing_enable(use_reentrant=True), older repositories); a shape branch keeps

@@ -406,7 +406,12 @@ def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     (``'NoneType' object has no attribute 'size'``)."""
     if t._base is None or isinstance(t, torch._subclasses.FakeTensor):
         return t
-    own = torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=t.device)
+    # An expanded input (Hugging Face's position ids, ``arange(L)[None].expand(B, -1)``) has
+    # overlapping strides no copy can keep (copying into them raised, and the submodule fed
+    # them stayed unconverted): it gets contiguous ones.
+    expanded = any(stride == 0 and size > 1 for size, stride in zip(t.size(), t.stride()))
+    own = torch.empty(t.size(), dtype=t.dtype, device=t.device) if expanded else torch.empty_strided(
+        t.size(), t.stride(), dtype=t.dtype, device=t.device)
     with torch.no_grad():
         own.copy_(t)
     return own.requires_grad_(t.requires_grad)
