@@ -259,7 +259,7 @@ _LAYOUTS = [((1400, 1), Rows(1, None)),  # 1400 rows: the last group of 240 is p
 def test_compiled_packs_and_unpacks_are_eager_s_bit_for_bit(shape, rows, monkeypatch):
     """actfx::pack_codes and actfx::unpack_codes have Inductor lowerings of their own
     (kernels/lowered.py); compiled, they give eager's bytes and values at every width, for a
-    stored value and for a large expression. Unpacking
+    stored value (and at 2 bits for a large expression inlined into the pack). Unpacking
     (1400, 1) at 8 bits once lost its last partial group: Inductor's loops split a row range by a
     floor division that did not divide it; the lowering now covers whole groups only. On one
     thread the hash's int32 products, which wrap (undefined in C++), gave other bytes: the hash
@@ -303,10 +303,11 @@ def _compiled_against_eager(x, rows) -> list:
         compiled = torch.compile(pack, backend="inductor", dynamic=False)(x)
         if not all(torch.equal(a, b) for a, b in zip(eager, compiled)):
             found.append((bits, "pack"))
-        eager_large = pack(_large_expression(x))
-        compiled_large = torch.compile(lambda v: pack(_large_expression(v)), backend="inductor", dynamic=False)(x)
-        if not all(torch.equal(a, b) for a, b in zip(eager_large, compiled_large)):
-            found.append((bits, "pack of a large expression"))
+        if bits == 2:  # an inlined table (one width: each compile here costs the suite seconds)
+            eager_large = pack(_large_expression(x))
+            compiled_large = torch.compile(lambda v: pack(_large_expression(v)), backend="inductor", dynamic=False)(x)
+            if not all(torch.equal(a, b) for a, b in zip(eager_large, compiled_large)):
+                found.append((bits, "pack of a large expression"))
         if not torch.equal(torch.compile(unpack, backend="inductor", dynamic=False)(*eager), unpack(*eager)):
             found.append((bits, "unpack"))
     mask = x > 0
