@@ -237,3 +237,17 @@ def test_reference_kernels_runs_the_reference_with_the_same_bytes(monkeypatch):
     assert torch.equal(eager[0], compiled[0]) and torch.equal(eager[1], compiled[1])
     with pytest.raises(AssertionError, match="compiled kernel ran"):
         pack_groups(x, seed_of(3), 2, 1, 256, True)
+
+
+def test_the_kernels_build_under_warnings_as_errors():
+    """A test suite run with ``-W error``: PyTorch's own DeprecationWarning inside Inductor's
+    compile (``torch.jit.script_method``) was raised, the first kernel failed and the process
+    fell back to the slow reference packs for good. Checked in a fresh process (the check is
+    cached per process)."""
+    import subprocess
+    import sys
+
+    code = ("import warnings; warnings.simplefilter('error'); "
+            "from actfx.kernels.cpu_compiled import compiled_cpu_works; assert compiled_cpu_works()")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]

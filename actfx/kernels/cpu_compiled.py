@@ -21,6 +21,7 @@ live there: two converted models share only compiled code).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import warnings
@@ -280,7 +281,19 @@ def _call(fn, *tensors, dynamic_dims: int = 1):
     for t in tensors:
         for d in range(min(dynamic_dims, t.dim())):
             torch._dynamo.maybe_mark_dynamic(t, d)
-    return _compiled(fn)(*tensors)
+    with _torch_deprecations_ignored():
+        return _compiled(fn)(*tensors)
+
+
+@contextlib.contextmanager
+def _torch_deprecations_ignored():
+    """PyTorch's own DeprecationWarnings while Inductor compiles a kernel ignored. Why: under a
+    caller's ``warnings.simplefilter("error")`` (a test suite run with ``-W error``) one raised
+    inside the compile (``torch.jit.script_method is deprecated``), the first kernel failed, and
+    the process fell back to the slow reference packs for good."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        yield
 
 
 @functools.cache
