@@ -120,11 +120,8 @@ def _lower(table, seed, levels: int, stochastic: bool, wide: bool):
     codes = ir.Pointwise.create(
         device=table.get_device(), dtype=torch.uint8, ranges=[count, per, columns],
         inner_fn=lambda index: code(*index, hash_of(index[0], index[2]) if stochastic else None))
-    if per == 1:  # 8 bits: the codes are the bytes
-        load_code = codes.make_loader()
-        return ir.Pointwise.create(device=table.get_device(), dtype=torch.uint8, ranges=[count, columns],
-                                   inner_fn=lambda index: load_code([index[0], 0, index[1]]))
-    codes.realize()
+    if per > 1:  # one reader per lane; at 8 bits the one lane is the byte, read once
+        codes.realize()
     return _or_node(codes, bits, 1)
 
 

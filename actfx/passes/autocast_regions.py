@@ -6,7 +6,8 @@ region's ops kept their inputs exact next to packs of the same values (timm effi
 84 against 52 KiB per block, more than PyTorch). Here the subgraph's ops are copied into the
 graph between ``_enter_autocast`` and ``_exit_autocast`` calls, the form fx gives an autocast
 block, so they run under the same autocast state and each meets its variant. A region whose
-subgraph reads attributes of its own (not handed in as arguments) is left as it is.
+subgraph reads attributes of its own (not handed in as arguments; a region nested in it is one)
+is left as it is.
 """
 
 from __future__ import annotations
@@ -20,18 +21,12 @@ from torch.fx import Graph, GraphModule, Node
 __all__ = ["inline_autocast_regions"]
 
 
-def inline_autocast_regions(graph: Graph, owner: torch.nn.Module) -> int:
-    """Inline every ``wrap_with_autocast`` call of ``graph`` (subgraphs looked up on ``owner``),
-    nested ones too; returns how many were inlined."""
+def inline_autocast_regions(graph: Graph, owner: torch.nn.Module) -> None:
+    """Inline each ``wrap_with_autocast`` call of ``graph`` (subgraphs looked up on ``owner``)."""
     hop = getattr(torch.ops.higher_order, "wrap_with_autocast", None)
-    count = 0
-    while True:
-        node = next((n for n in graph.nodes if n.op == "call_function" and n.target is hop and _inlinable(n, owner)),
-                    None)
-        if node is None:
-            return count
-        _inline(graph, node, getattr(owner, node.args[4].target))
-        count += 1
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is hop and _inlinable(node, owner):
+            _inline(graph, node, getattr(owner, node.args[4].target))
 
 
 def _inlinable(node: Node, owner) -> bool:
