@@ -26,6 +26,7 @@ from torch.fx import Graph, GraphModule, Node
 from actfx.config import KEEP_EXACT, Config
 from actfx.passes.capture import CHECKPOINTED
 from actfx.passes.graph_facts import GraphFacts
+from actfx.passes.inplace_accumulation import write_accumulations_out_of_place
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
 from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.row_regions import collapse_row_regions
@@ -410,6 +411,7 @@ class _Rewriter:
 def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:
     """New graph for ``gm`` with compressed-save variants; also the decisions taken and the
     nodes that were left as they are."""
+    write_accumulations_out_of_place(gm)
     collapse_rms_norms(gm)
     collapse_pointwise_regions(gm)
     collapse_row_regions(gm)

@@ -374,7 +374,9 @@ def index_add_site(node):
         return None
     args = (a["input"], a["dim"], a["index"], a["source"])
     site = _recompute_site(node, None, "index_add", torch.index_add, args, {"alpha": a["alpha"]}, shape_only=True)
-    site.shape_only, site.exact = (site.saved.index(a["source"]),), (site.saved.index(a["index"]),)
+    # the gradients are g and g.index_select(dim, index): neither reads the accumulator's or the source's values
+    site.shape_only = tuple(site.saved.index(a[k]) for k in ("input", "source") if a[k] in site.saved)
+    site.exact = (site.saved.index(a["index"]),)
     return site
 
 
