@@ -40,7 +40,8 @@ _SOURCES = ("compiled.py", "rules.py", "kernels/graph_pack.py", "passes/pack_sav
             "passes/linearize.py", "passes/hoist.py", "passes/rematerialize.py", "passes/saved_pair.py",
             "passes/graph_emit.py", "passes/index_range.py", "passes/stored_layout.py", "kernels/seed_stream.py",
             "kernels/extern_pack.py", "kernels/lowered.py", "passes/graph_memory.py", "passes/decorrelate.py",
-            "passes/aten_to_functional.py", "passes/forward_cse.py", "passes/parameter_casts.py")
+            "passes/aten_to_functional.py", "passes/forward_cse.py", "passes/parameter_casts.py",
+            "passes/norm_decompositions.py")
 
 
 def joint_graph_patches(gm, config: Config) -> dict:
@@ -212,6 +213,8 @@ class Backend:
     def __call__(self, gm, example_inputs, *, mode: str | None = None, options: dict | None = None):
         from torch._inductor.compile_fx import compile_fx
 
+        from actfx.passes.norm_decompositions import compiled_decompositions
+
         # The autograd cache would skip the partitioner (and so the record) on a hit; Inductor's
         # own code cache still applies to the packed graphs.
         # config_patches (not a surrounding patch): they also hold when backward compiles, later.
@@ -219,7 +222,7 @@ class Backend:
                    **_layout(example_inputs), **joint_graph_patches(gm, self.record.config)}
         first = len(self.record.plans)
         with functorch_config.patch(enable_autograd_cache=False):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches)
+            compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=compiled_decompositions())
         made = self.record.plans[first:]  # this graph's plans (none in eval mode)
 
         def note_run():

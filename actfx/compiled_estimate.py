@@ -29,8 +29,9 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
     from torch._guards import detect_fake_mode
     from torch._inductor import config as inductor_config
     from torch._inductor.compile_fx import partition_fn
-    from torch._inductor.decomposition import select_decomp_table
     from torch._inductor.virtualized import V
+
+    from actfx.passes.norm_decompositions import compiled_decompositions
 
     record = CompiledRecord(config, memory_budget)
 
@@ -53,7 +54,7 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
             return partition_fn(gm, joint_inputs, partitioner_fn_override=partition, **kwargs)
 
     traced = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep, partition_fn=joint_passes_then_partition,
-                          decompositions=select_decomp_table())
+                          decompositions=compiled_decompositions())
 
     def backend(gm, example_inputs):
         patches.clear()

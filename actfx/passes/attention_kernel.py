@@ -4,9 +4,10 @@ Why: the two keep different values for backward. Math (matmul -> softmax -> matm
 probabilities, which backward reads linearly, so they are packed (at the attention width, 8 bits
 by default) with q, k and v. A fused kernel (flash, memory-efficient, CPU flash) recomputes the
 probabilities from q and k, so those stay exact (``actfx.rules``) and only v and the output are
-packed. Per query row, with S keys, head width D, ``a`` bytes per packed attention value and
-``e`` bytes per element of q, math holds ``S*a + 3*D*a`` and the fused kernel ``2*D*e + 2*D*a``:
-math where that is less (a GPT-2 head of 64 at 8 bits: up to 447 keys), and at most ``8*D`` keys,
+packed. Per head, with Q queries, S keys, head width D, ``a`` bytes per packed attention value
+and ``e`` bytes per element of q, math holds ``Q*S*a + (Q + 2S)*D*a`` and the fused kernel
+``(Q + S)*D*(e + a)``: math where that is less (self-attention, Q = S, a GPT-2 head of 64 at 8
+bits: up to 447 keys; a Perceiver's 8 latents over 64 keys of width 32: math), and at most ``8*D`` keys,
 since math's forward also materialises each S-wide row in full precision. In half precision and
 under autocast the fused kernel stays: the math backend rounds its softmax to 16 bits, so the
 forward would differ from torch.compile's; in fp32 the two agree to float rounding.
@@ -35,15 +36,19 @@ def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int,
     fewer than ``min_numel``: they stay exact then (a 7-token BART held more than torch.compile)."""
     if query.dtype not in _FULL_PRECISION or query.dim() < 2 or key.dim() < 2:
         return False
-    width, keys, element = query.shape[-1], key.shape[-2], query.element_size()
-    if not (isinstance(width, int) and isinstance(keys, int)):
+    width, queries, keys, element = query.shape[-1], query.shape[-2], key.shape[-2], query.element_size()
+    if not all(isinstance(s, int) for s in (width, queries, keys)):
         return False  # symbolic sizes: their values stay exact either way; int() would add a guard
     rows = probabilities // keys if probabilities is not None else math.prod(query.shape[:-1])
     if not isinstance(rows, int) or rows * keys < min_numel:
         return False
     packed = min(attention_bits / 8, element)
-    return (keys * packed + 3 * width * packed < 2 * width * element + 2 * width * packed
-            and keys <= MAX_KEYS_PER_HEAD_WIDTH * width)
+    # per head: math packs the Q x S probabilities, q, k and v; the fused kernel keeps q and k
+    # exact and packs v and its output (fewer queries than keys, Perceiver's latents: k and v
+    # outweigh the probabilities, and the fused kernel's exact k decides)
+    math_bytes = queries * keys * packed + (queries + 2 * keys) * width * packed
+    fused_bytes = (queries + keys) * width * (element + packed)
+    return math_bytes < fused_bytes and keys <= MAX_KEYS_PER_HEAD_WIDTH * width
 
 
 def choose_attention_kernels(gm: fx.GraphModule, attention_bits: int, min_numel: int = 0) -> bool:

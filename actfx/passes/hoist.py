@@ -8,6 +8,8 @@ the backward reads it linearly. Views and negations of one value hoist that valu
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import fx
 
@@ -103,6 +105,19 @@ def hoist_one(run, node: fx.Node, biased: list, sources: dict) -> list:
     node.replace_all_uses_with(placeholder)
     run.hoisted[hoisted.name] = op_name(node)
     return [env[inner] for inner in region]
+
+
+def _reads_any(node: fx.Node, leaves: list) -> bool:
+    """Whether ``node`` depends on any of ``leaves`` (placeholders)."""
+    stack, seen = [node], set()
+    while stack:
+        n = stack.pop()
+        if n in leaves:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
 
 
 def backward_region(run, node: fx.Node):
@@ -245,10 +260,46 @@ def normalised_inputs(run, *, biased_only: bool = False) -> None:
                 continue
         elif not all(u in inside for leaf in packed for u in leaf.users):
             continue  # another backward op still reads the input: storing both would cost more
-        if not all(u in inside for n in region if n is not scaled for u in n.users):
-            continue
+        if not all(u in inside for n in region if n is not scaled and _reads_any(n, packed) for u in n.users):
+            continue  # (a view of a statistic may be read elsewhere too: the statistic stays saved)
         hoist_one(run, scaled, packed, sources)
     run.g.bwd.eliminate_dead_code()  # the rebuilt ops, and with them the last reads of the inputs
+
+
+_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
+
+
+def denormalised(xhat: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *, shape: tuple) -> torch.Tensor:
+    """The input a normalisation's ``xhat = (x - mean) * rstd`` came from, shaped ``shape``."""
+    return (xhat / rstd + mean).reshape(shape)
+
+
+_ALIASES = {*_RESHAPES, aten.alias.default}
+
+
+def _reshape_base(node: fx.Node) -> fx.Node:
+    while node.op == "call_function" and node.target in _ALIASES:
+        node = node.args[0]
+    return node
+
+
+def _same_value_reshaped(run, leaf: fx.Node) -> list:
+    """Other saved values that are reshapes of the forward value ``leaf`` reshapes (contiguous,
+    so the same elements in the same order)."""
+    mine = _fwd_of(run, leaf)
+    base = _reshape_base(mine)
+    if not val(base).is_contiguous():
+        return []
+    return [bwd for fwd, bwd in run.g.saved_tensors() if bwd is not leaf and fwd is not mine and static_shape(bwd)
+            and _reshape_base(fwd) is base and numel(fwd) == numel(mine) and val(fwd).dtype == val(mine).dtype]
+
+
+def _saved_statistic(node: fx.Node, sources: dict) -> bool:
+    """A saved exact tensor, or a reshape of one (GroupNorm's ``[N, group]`` statistics viewed
+    against its rows, ``norm_decompositions``)."""
+    while node.op == "call_function" and view_like(node):
+        node = node.all_input_nodes[0]
+    return node.op == "placeholder" and node not in sources and is_tensor(node)
 
 
 def _normalised(scaled: fx.Node, sources: dict, dependent: set):
@@ -264,9 +315,59 @@ def _normalised(scaled: fx.Node, sources: dict, dependent: set):
     stats = [mean, rstd]
     if not isinstance(value, fx.Node) or value in dependent or not is_tensor(value):
         return None
-    if not all(isinstance(s, fx.Node) and s.op == "placeholder" and s not in sources and is_tensor(s)
-               and numel(s) * 2 <= numel(value) for s in stats):
+    if not all(isinstance(s, fx.Node) and _saved_statistic(s, sources) and numel(s) * 2 <= numel(value)
+               for s in stats):
         return None
     if val(scaled).shape != val(value).shape or val(scaled).dtype != val(value).dtype:
         return None
     return value
+
+
+def raw_reads_from_normalised(run) -> None:
+    """Read a normalisation's input from its saved normalised value where both are saved.
+
+    The partitioner may save a norm's input ``x`` twice: reshaped for the norm's own backward,
+    which stores ``xhat = (x - mean) * rstd`` instead (``normalised_inputs``, or ``hoist`` as a
+    biased value), and whole for ops that recompute the norm's output (``x * rstd * w + ...``,
+    the next layer's weight gradient). Packed raw, that second copy rounds a group of small
+    spread with a large neighbour's step, and the recompute multiplies it by the group's rstd (a
+    GroupNorm after a matmul: 132x the gradient's norm; LayerNorm likewise). Its readers get
+    ``xhat / rstd + mean`` instead, each group rounded at its own scale, and it is no longer saved."""
+    sources = run.sources()
+    for fwd, xhat in list(run.g.saved_tensors()):
+        found = _normalised_forward(fwd)
+        if found is None or not static_shape(fwd):
+            continue
+        value, mean, rstd = found
+        base = _reshape_base(value)
+        raw = [(f, b) for f, b in run.g.saved_tensors() if b in sources and b.users and f is not fwd
+               and _reshape_base(f) is base and numel(f) == numel(value) and static_shape(f)
+               and val(f).dtype == val(value).dtype]
+        if not raw or not val(base).is_contiguous():
+            continue
+        stats = [run.g.placeholder_of.get(s) or run.g.add_saved(s, fwd) for s in (mean, rstd)]
+        order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
+        for f, b in raw:
+            first = min(b.users, key=order.__getitem__)
+            shape = tuple(val(f).shape)
+            x = emit(run.g.bwd, functools.partial(denormalised, shape=shape), [xhat, *stats], before=first,
+                     key=("denormalised", shape))
+            b.replace_all_uses_with(x)
+            run.g.drop_saved(f)
+
+
+def _normalised_forward(node: fx.Node):
+    """(x, mean, rstd) where forward computes ``node = (x - mean) * rstd`` with statistics of at
+    most half x's size, else None."""
+    if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
+        return None
+    centred = next((a for a in node.args if isinstance(a, fx.Node) and a.target is aten.sub.Tensor), None)
+    rstd = next((a for a in node.args if a is not centred), None)
+    if centred is None or not isinstance(rstd, fx.Node) or not all(isinstance(a, fx.Node) for a in centred.args):
+        return None
+    value, mean = centred.args
+    if not (is_tensor(value) and is_tensor(mean) and is_tensor(rstd)) or val(node).shape != val(value).shape:
+        return None
+    if any(numel(s) * 2 > numel(value) for s in (mean, rstd)):
+        return None
+    return value, mean, rstd

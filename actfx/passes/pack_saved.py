@@ -378,6 +378,7 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
         linearize.linearize(run)
         hoist.hoist(run)
         hoist.normalised_inputs(run)
+        hoist.raw_reads_from_normalised(run)
     forward_cse.merge_copies(run)
     hoist.saved_masks_once(run)
     decorrelate.decorrelate(run)
