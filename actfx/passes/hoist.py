@@ -283,17 +283,6 @@ def _reshape_base(node: fx.Node) -> fx.Node:
     return node
 
 
-def _same_value_reshaped(run, leaf: fx.Node) -> list:
-    """Other saved values that are reshapes of the forward value ``leaf`` reshapes (contiguous,
-    so the same elements in the same order)."""
-    mine = _fwd_of(run, leaf)
-    base = _reshape_base(mine)
-    if not val(base).is_contiguous():
-        return []
-    return [bwd for fwd, bwd in run.g.saved_tensors() if bwd is not leaf and fwd is not mine and static_shape(bwd)
-            and _reshape_base(fwd) is base and numel(fwd) == numel(mine) and val(fwd).dtype == val(mine).dtype]
-
-
 def _saved_statistic(node: fx.Node, sources: dict) -> bool:
     """A saved exact tensor, or a reshape of one (GroupNorm's ``[N, group]`` statistics viewed
     against its rows, ``norm_decompositions``)."""
