@@ -15,7 +15,9 @@ from torch import fx
 
 from actfx.passes import noise_degree
 from actfx.passes.graph_emit import emit, relu_select
-from actfx.passes.saved_pair import is_tensor, numel, op_name, static_shape, val, view_like
+from actfx.passes.graph_memory import view_base
+from actfx.passes.saved_pair import (is_normalisation_statistic, is_tensor, numel, op_name, static_shape, val,
+                                     view_like)
 
 aten = torch.ops.aten
 
@@ -346,8 +348,8 @@ def raw_reads_from_normalised(run) -> None:
 
 
 def _normalised_forward(node: fx.Node):
-    """(x, mean, rstd) where forward computes ``node = (x - mean) * rstd`` with statistics of at
-    most half x's size, else None."""
+    """(x, mean, rstd) where forward computes ``node = (x - mean) * rstd`` with a normalisation's
+    own statistics (never 0: rstd is ``rsqrt(var + eps)``) of at most half x's size, else None."""
     if node.op != "call_function" or node.target is not aten.mul.Tensor or len(node.args) != 2:
         return None
     centred = next((a for a in node.args if isinstance(a, fx.Node) and a.target is aten.sub.Tensor), None)
@@ -357,6 +359,6 @@ def _normalised_forward(node: fx.Node):
     value, mean = centred.args
     if not (is_tensor(value) and is_tensor(mean) and is_tensor(rstd)) or val(node).shape != val(value).shape:
         return None
-    if any(numel(s) * 2 > numel(value) for s in (mean, rstd)):
-        return None
+    if any(numel(s) * 2 > numel(value) or not is_normalisation_statistic(view_base(s)) for s in (mean, rstd)):
+        return None  # (a scale that may be 0, a layer scale, must not divide)
     return value, mean, rstd

@@ -23,7 +23,6 @@ once. The result is recorded as a ``GraphPlan`` for ``actfx.show``.
 from __future__ import annotations
 
 import collections
-import operator
 
 import torch
 from torch import fx
@@ -37,7 +36,7 @@ from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
-from actfx.passes.saved_pair import (SavedPair, hint, module_path, nbytes, numel, op_name, parameter_nodes,
+from actfx.passes.saved_pair import (SavedPair, hint, is_normalisation_statistic, module_path, nbytes, numel, op_name, parameter_nodes,
                                      static_shape, val)
 from actfx.rules import rule_for
 
@@ -90,7 +89,7 @@ class PackSaved:
         value per channel, which every gradient of the norm is scaled by. Packing 1024 of them
         saved 3.5 KB and cost a pack's generated code each (42 such packs in ResNet-50)."""
         node = view_base(node)
-        if _is_own_statistic(node):
+        if is_normalisation_statistic(node):
             return True
         if depth == 0 or node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload) \
                 or torch.Tag.pointwise not in node.target.tags:
@@ -315,18 +314,6 @@ _SCATTERS = {aten.index_add.default, aten.index_add_.default, aten.scatter_add.d
 
 # A mask is packed in rows (see graph_pack) from this many rows up: its padding stays under 1/8.
 _MASK_MIN_ROWS = 64
-
-# Per-row / per-channel statistics of a normalisation: one value per row, tiny next to the rows
-# themselves, and every gradient of the norm is scaled by them: kept exact.
-_STATISTICS = {aten.rsqrt.default, aten.mean.dim, aten.var.correction}
-
-
-def _is_own_statistic(node: fx.Node) -> bool:
-    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
-        source = node.args[0]
-        return source.target is aten.var_mean.correction or (
-            source.target in (aten.native_layer_norm.default, aten.native_batch_norm.default) and node.args[1] > 0)
-    return node.target in _STATISTICS and any(hint(s) == 1 for s in val(node).shape)
 
 
 def views_to_copy(g: SavedPair, decisions: dict, user_outputs: set) -> set:

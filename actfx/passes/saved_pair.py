@@ -8,6 +8,7 @@ drop saved values.
 
 from __future__ import annotations
 
+import operator
 import re
 
 import torch
@@ -143,3 +144,17 @@ def parameter_nodes(fwd: fx.Graph, static_indices) -> set[fx.Node]:
         if node.op == "call_function" and node.all_input_nodes and all(a in params for a in node.all_input_nodes):
             params.add(node)
     return params
+
+
+# Per-row / per-channel statistics of a normalisation: one value per row, tiny next to the rows
+# themselves, and every gradient of the norm is scaled by them.
+_STATISTICS = {aten.rsqrt.default, aten.mean.dim, aten.var.correction}
+
+
+def is_normalisation_statistic(node: fx.Node) -> bool:
+    """A mean, variance or rstd a normalisation computes (not a view of one)."""
+    if node.target is operator.getitem and isinstance(node.args[0], fx.Node):
+        source = node.args[0]
+        return source.target is aten.var_mean.correction or (
+            source.target in (aten.native_layer_norm.default, aten.native_batch_norm.default) and node.args[1] > 0)
+    return node.target in _STATISTICS and any(hint(s) == 1 for s in val(node).shape)
