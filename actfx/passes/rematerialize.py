@@ -6,7 +6,9 @@ and constants alone (an attention mask, ``where(causal, 0, -inf)``, which a fuse
 backward reads) is rebuilt from the booleans, stored as 1-bit masks: exact, 32x less than fp32.
 A constant (``full``, ``zeros``: ``rules.CONSTANT_FACTORIES``) and views of it are rebuilt in
 backward from nothing (Hugging Face's GPT-NeoX, Gemma, Mixtral saved a [batch, heads, seq, seq]
-zero tensor that a backward ``slice_scatter`` reads).
+zero tensor that a backward ``slice_scatter`` reads). A saved product of an activation and a
+fixed factor (computed from constants, parameters and buffers alone: RetNet's decay mask) is
+saved as the activation, the product rebuilt in backward (``fixed_factors``).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import torch
 from torch import fx
 
-from actfx.passes.saved_pair import RANDOM_OPS, is_tensor, numel, pointwise, static_shape, val
+from actfx.passes.saved_pair import RANDOM_OPS, is_tensor, numel, pointwise, static_shape, val, view_like
 from actfx.rules import CONSTANT_FACTORIES, Kind, rule_for
 
 aten = torch.ops.aten
@@ -44,6 +46,65 @@ def rematerialize(run) -> None:
         if placeholder.users:
             rebuilt = _rebuild(run, fwd, recipes, available, run.first_use(placeholder), {})
             placeholder.replace_all_uses_with(rebuilt)
+
+
+def fixed_factors(run) -> None:
+    """Save ``a`` instead of a saved product ``a * c`` whose factor ``c`` is fixed (computed from
+    constants, index ranges, parameters and buffers alone), and rebuild the product in backward.
+
+    Why: the product's range is the activation's times the factor's. RetNet's decay mask spans
+    orders of magnitude along each row (``gamma ** (i - j)``), so ``(q k^T) * D`` packed in groups
+    of 256 rounded every small entry with the largest one's step; stored as ``q k^T`` each entry
+    is rounded at the activation's scale and then multiplied by its own factor. Same bytes
+    (``c`` broadcasts into ``a``'s shape); the gradient stays linear in what is packed."""
+    available: dict[fx.Node, fx.Node] = {fwd: bwd for fwd, bwd in run.g.saved_tensors()}
+    for fwd, placeholder in list(run.g.saved_tensors()):
+        if not placeholder.users or run.packable(fwd) is not None or not val(fwd).is_floating_point():
+            continue
+        product, views = fwd, []  # the value saved may be a view of the product (a matmul's operand)
+        while product.op == "call_function" and view_like(product) and product.target is not aten.mul.Tensor:
+            views.append(product)
+            product = product.all_input_nodes[0]
+        if product.op != "call_function" or product.target is not aten.mul.Tensor or product in available:
+            continue
+        split = _activation_and_fixed(run, product)
+        if split is None:
+            continue
+        activation, chain, leaves = split
+        if activation not in available and run.packable(activation) is not None:
+            continue  # it would be kept exact (a graph input, a forward output): the product packs
+        for value in (activation, *leaves):
+            if value not in available:
+                available[value] = run.g.add_saved(value, fwd)
+        recipe = [*chain, product, *reversed(views)]
+        rebuilt = _rebuild(run, fwd, {fwd: recipe}, available, run.first_use(placeholder), {})
+        placeholder.replace_all_uses_with(rebuilt)
+        run.g.drop_saved(fwd)
+        del available[fwd]
+
+
+def _activation_and_fixed(run, product: fx.Node):
+    """(the activation factor of ``product``, the forward ops computing the fixed factor, the
+    parameters and small values those read) or None."""
+    tensors = [a for a in product.args if isinstance(a, fx.Node)]
+    if len(tensors) != 2:
+        return None
+    for activation, factor in (tensors, tensors[::-1]):
+        if (not is_tensor(activation) or not static_shape(activation) or numel(activation) != numel(product)
+                or val(activation).dtype != val(product).dtype or activation in run.params):
+            continue
+
+        def leaf(n):
+            if n.op == "placeholder" and n in run.params:
+                return True  # a parameter or buffer: saved by reference
+            if is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel and n in run.params:
+                return True
+            return None
+
+        found = ([], [factor]) if factor in run.params else _walk(run, factor, leaf, index_ranges=True)
+        if found is not None:
+            return activation, *found
+    return None
 
 
 def _rebuild(run, value: fx.Node, recipes: dict, available: dict, before: fx.Node, done: dict) -> fx.Node:
@@ -103,12 +164,15 @@ def _from_booleans(run, value: fx.Node):
 
 
 _LIMIT = 24  # ops in a chain recomputed in backward
+_RANGES = {aten.arange.default, aten.arange.start, aten.arange.start_step, torch.ops.prims.iota.default,
+           aten.scalar_tensor.default}
 
 
-def _walk(run, value: fx.Node, leaf):
+def _walk(run, value: fx.Node, leaf, index_ranges: bool = False):
     """(the elementwise ops and views between ``value`` and its leaves, in graph order; the leaves
     ``leaf`` returns True for) or None. ``leaf(node)``: True, a leaf to return; False, a leaf
-    already at hand; None, not a leaf."""
+    already at hand; None, not a leaf. ``index_ranges``: ``arange`` / ``iota`` (and 0-d
+    ``scalar_tensor``) count as constants (a decay mask's ``i - j``, its fill value)."""
     chain, leaves, stack, seen = [], [], [value], set()
     while stack:
         n = stack.pop()
@@ -124,7 +188,8 @@ def _walk(run, value: fx.Node, leaf):
             return None
         view = rule_for(n.target).kind is Kind.LINEAR and len(n.all_input_nodes) == 1
         # a float constant; a boolean one (``ones(t, t).tril()``'s) stays with the masks built from it
-        constant = n.target in CONSTANT_FACTORIES and not n.all_input_nodes and val(n).is_floating_point()
+        constant = not n.all_input_nodes and (
+            (n.target in CONSTANT_FACTORIES and val(n).is_floating_point()) or (index_ranges and n.target in _RANGES))
         if not (pointwise(n) or view or constant or n.target is aten.relu.default):
             return None
         chain.append(n)
