@@ -95,13 +95,15 @@ def _activation_and_fixed(run, product: fx.Node):
             continue
 
         def leaf(n):
-            if n.op == "placeholder" and n in run.params:
-                return True  # a parameter or buffer: saved by reference
-            if is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel and n in run.params:
-                return True
-            return None
+            # a parameter or buffer (saved by reference), or a small value computed from them;
+            # a large one computed from them is recomputed from them instead
+            held = n.op == "placeholder" or (is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel)
+            return True if n in run.params and held else None
 
-        found = ([], [factor]) if factor in run.params else _walk(run, factor, leaf, index_ranges=True)
+        if factor.op == "placeholder":
+            found = ([], [factor]) if factor in run.params else None
+        else:
+            found = _walk(run, factor, leaf, index_ranges=True)
         if found is not None:
             return activation, *found
     return None
