@@ -44,7 +44,8 @@ def test_an_experts_loop_keeps_only_each_call_s_index():
 
 
 def test_a_buffer_read_between_accumulations_stays_in_place():
-    """A reader between two calls sees the half-filled buffer: rewriting would give it the sum."""
+    """A reader between two calls sees the half-filled buffer, and an earlier call's result is the
+    buffer itself: rewritten, the first would read the sum and the second a partial one."""
     class Midway(nn.Module):
         def forward(self, h, index, y):
             out = torch.zeros_like(h)
@@ -53,9 +54,17 @@ def test_a_buffer_read_between_accumulations_stays_in_place():
             out.index_add_(0, index, 2 * y)
             return out * half
 
-    gm = fx.symbolic_trace(Midway())
-    assert write_accumulations_out_of_place(gm) == 0
-    assert sum(n.target == "index_add_" for n in gm.graph.nodes) == 2
+    class EarlyAlias(nn.Module):
+        def forward(self, h, index, y):
+            out = torch.zeros_like(h)
+            first = out.index_add_(0, index, y)  # aliases out: after the next call it holds both sums
+            out.index_add_(0, index, 2 * y)
+            return first
+
+    for module in (Midway(), EarlyAlias()):
+        gm = fx.symbolic_trace(module)
+        assert write_accumulations_out_of_place(gm) == 0
+        assert sum(n.target == "index_add_" for n in gm.graph.nodes) == 2
 
 
 def test_a_caller_s_tensor_is_still_written_in_place():

@@ -11,7 +11,8 @@ is the same value, and each call keeps only its index and its source's shape.
 Only a buffer the graph makes from nothing (``zeros``, ``zeros_like``, ``new_zeros``, ...) is
 rewritten: nothing outside the graph can see it, so writing it out of place changes no value the
 caller holds. Every other reader of the buffer must come after the last accumulation (it reads
-the sum); a reader in between (the buffer read half-filled) leaves the graph as it is.
+the sum), and only the last call's result may be read (an earlier one aliases the buffer, so it
+holds the whole sum too); otherwise the graph stays as it is.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def write_accumulations_out_of_place(gm: GraphModule) -> int:
         chain = [u for u in users if _accumulates_into(u, buffer)]
         if not chain or any(order[u] < order[chain[-1]] for u in users if u not in chain):
             continue
+        if any(call.users for call in chain[:-1]):
+            continue  # an earlier call's result aliases the buffer: read later, it holds the whole sum
         current = buffer
         for call in chain:  # each call becomes the out-of-place op under its own name and meta
             _, dim, index, source = call.args[:4]
