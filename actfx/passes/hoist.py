@@ -268,15 +268,13 @@ def normalised_inputs(run, *, biased_only: bool = False) -> None:
     run.g.bwd.eliminate_dead_code()  # the rebuilt ops, and with them the last reads of the inputs
 
 
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default}
-
-
 def denormalised(xhat: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *, shape: tuple) -> torch.Tensor:
     """The input a normalisation's ``xhat = (x - mean) * rstd`` came from, shaped ``shape``."""
     return (xhat / rstd + mean).reshape(shape)
 
 
-_ALIASES = {*_RESHAPES, aten.alias.default}
+# views that keep the elements in their order: a reshape of the value is a reshape of any of these
+_ALIASES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
 
 
 def _reshape_base(node: fx.Node) -> fx.Node:

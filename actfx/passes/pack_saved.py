@@ -36,8 +36,8 @@ from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
-from actfx.passes.saved_pair import (SavedPair, hint, is_normalisation_statistic, module_path, nbytes, numel, op_name, parameter_nodes,
-                                     static_shape, val)
+from actfx.passes.saved_pair import (SavedPair, hint, is_normalisation_statistic, module_path, nbytes, numel, op_name,
+                                     parameter_nodes, static_shape, val)
 from actfx.rules import rule_for
 
 aten = torch.ops.aten

@@ -62,7 +62,7 @@ def fixed_factors(run) -> None:
         if not placeholder.users or run.packable(fwd) is not None or not val(fwd).is_floating_point():
             continue
         product, views = fwd, []  # the value saved may be a view of the product (a matmul's operand)
-        while product.op == "call_function" and view_like(product) and product.target is not aten.mul.Tensor:
+        while product.op == "call_function" and view_like(product):
             views.append(product)
             product = product.all_input_nodes[0]
         if product.op != "call_function" or product.target is not aten.mul.Tensor or product in available:
@@ -89,17 +89,17 @@ def _activation_and_fixed(run, product: fx.Node):
     tensors = [a for a in product.args if isinstance(a, fx.Node)]
     if len(tensors) != 2:
         return None
+
+    def leaf(n):
+        # a parameter or buffer (saved by reference), or a small value computed from them;
+        # a large one computed from them is recomputed from them instead
+        held = n.op == "placeholder" or (is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel)
+        return True if n in run.params and held else None
+
     for activation, factor in (tensors, tensors[::-1]):
         if (not is_tensor(activation) or not static_shape(activation) or numel(activation) != numel(product)
                 or val(activation).dtype != val(product).dtype or activation in run.params):
             continue
-
-        def leaf(n):
-            # a parameter or buffer (saved by reference), or a small value computed from them;
-            # a large one computed from them is recomputed from them instead
-            held = n.op == "placeholder" or (is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel)
-            return True if n in run.params and held else None
-
         if factor.op == "placeholder":
             found = ([], [factor]) if factor in run.params else None
         else:
