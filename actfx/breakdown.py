@@ -12,6 +12,7 @@ measured totals.
 from __future__ import annotations
 
 import dataclasses
+import math
 import operator
 
 import torch
@@ -101,8 +102,13 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
             # packing kernels take 16- and 32-bit floats), or a plan keeps it exact
             complex_values = any(t.dtype.is_complex for t in merged.tensors)
             float64 = any(t.dtype == torch.float64 for t in merged.tensors)
+            small = all(math.prod(t.shape) < record.config.min_numel for t in merged.tensors
+                        if t.counted and not t.parameter)
+            # a large value the variant keeps on purpose (grid_sample's grid): its packed input was
+            # the model's own input, which is not counted, so nothing shrank here
             row.kind = ("kept exact (plan)" if planned else "kept exact (complex values)" if complex_values
-                        else "kept exact (float64)" if float64 else "kept exact (too small to pack)")
+                        else "kept exact (float64)" if float64 else "kept exact (too small to pack)" if small
+                        else "kept exact (backward nonlinear in it)")
     return [row for row, *_ in found]
 
 

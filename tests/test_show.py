@@ -567,3 +567,29 @@ def test_values_folded_from_buffers_are_model_state_in_both_counts():
     assert held.activation_bytes == sum(r["after_bytes"] or 0 for r in rows)
     assert held.parameter_bytes >= 4096 * 4  # the folded spacings, with the parameters
     out.sum().backward()
+
+
+class SampledAtPredictedGrid(nn.Module):
+    """A spatial transformer: grid_sample reads the model's input (packed once, counted at the
+    conv that reads it first) and keeps its grid exact on purpose (the grid's gradient is
+    nonlinear in the grid)."""
+
+    def __init__(self):
+        super().__init__()
+        self.loc = nn.Conv2d(1, 2, 3, padding=1)
+        self.theta = nn.Linear(512, 6)
+
+    def forward(self, x):
+        theta = self.theta(self.loc(x).flatten(1)).view(-1, 2, 3)
+        grid = F.affine_grid(theta, x.size(), align_corners=False)
+        return F.grid_sample(x, grid, align_corners=False)
+
+
+def test_a_large_value_kept_exact_by_design_is_not_called_too_small():
+    model = SampledAtPredictedGrid()
+    x = torch.randn(8, 1, 16, 16)
+    converted = actfx.convert(model, bits=2)
+    rows = {r["node"]: r for r in actfx.show(converted, x, console=plain_console())}
+    row = rows["grid_sample"]
+    assert row["after_bytes"] == row["before_bytes"] == 8 * 16 * 16 * 2 * 4  # the grid, exact
+    assert row["kind"] == "kept exact (backward nonlinear in it)"
