@@ -3,6 +3,8 @@ or spiking net's initial state) is traced whole by fx (passes/traced_sizes.py)."
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn as nn
 
@@ -62,3 +64,41 @@ def test_its_gradients_are_close_at_8_bits():
 
     exact = grads(model)
     assert (grads(actfx.convert(model, bits=8)) - exact).norm() / exact.norm() < 0.03
+
+
+class NoisyInput(nn.Module):
+    """Noise sized from the input, sizes given one by one (``torch.randn(B, 1, H, W)``)."""
+
+    def __init__(self, seeded: bool = False):
+        super().__init__()
+        self.conv, self.seeded = nn.Conv2d(4, 4, 3, padding=1), seeded
+
+    def forward(self, x):
+        b, _, h, w = x.shape
+        if self.seeded:  # the same noise at every call, from a generator made in forward
+            noise = torch.randn(b, 1, h, w, generator=torch.Generator().manual_seed(3))
+        else:
+            noise = torch.randn(b, 1, h, w) + torch.rand(b, 1, h, w)
+        return self.conv(torch.relu(x + noise))
+
+
+def test_noise_sized_from_the_input_traces_whole_when_converted():
+    model, x = NoisyInput(), torch.randn(2, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no fallback to pieces or to torch.export
+        converted = actfx.convert(model, bits=2)
+    assert list(converted._actfx_record.graphs) == [""]
+    torch.manual_seed(1)
+    expected = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(converted(x), expected)
+    assert torch.randn is torch._C._VariableFunctions.randn
+
+
+def test_a_generator_made_in_forward_is_not_frozen_into_the_trace():
+    model, x = NoisyInput(seeded=True), torch.randn(2, 4, 8, 8)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # it is converted in pieces, and says so
+        converted = actfx.convert(model, bits=2)
+        first, second = converted(x), converted(x)
+    assert torch.equal(first, model(x)) and torch.equal(second, model(x))  # a fresh generator each call

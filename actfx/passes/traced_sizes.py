@@ -17,7 +17,7 @@ import torch
 from torch.fx import Proxy
 from torch.utils._pytree import tree_leaves
 
-_FACTORIES = ("zeros", "ones", "empty", "full")
+_FACTORIES = ("zeros", "ones", "empty", "full", "rand", "randn")
 
 
 def _recording(factory):
@@ -33,7 +33,8 @@ def _recording(factory):
 
 @contextlib.contextmanager
 def traced_sizes():
-    """While fx traces: ``torch.zeros``/``ones``/``empty``/``full`` take traced sizes."""
+    """While fx traces: ``torch.zeros``/``ones``/``empty``/``full``/``rand``/``randn`` take traced
+    sizes."""
     originals = {name: getattr(torch, name) for name in _FACTORIES}
     for name, factory in originals.items():
         setattr(torch, name, _recording(factory))
