@@ -578,6 +578,19 @@ def test_reflection_and_replication_padding_keep_only_their_input_shape(fn):
 
 
 @pytest.mark.parametrize("fn", [
+    lambda s, x: s.conv(F.interpolate(torch.tanh(s.c0(x)), size=(5, 5), mode="area")),
+    lambda s, x: s.conv(s.up(torch.tanh(s.c0(x)))),
+])
+def test_area_interpolation_keeps_only_its_input_shape(fn):
+    """``F.interpolate(mode="area")`` is adaptive average pooling: PyTorch keeps its whole input
+    for a backward that reads only the shape (it was held exact, "not covered")."""
+    model = Wrap(fn, c0=nn.Conv2d(3, 8, 3, padding=1), conv=nn.Conv2d(8, 8, 3), up=nn.Upsample((5, 5), mode="area"))
+    converted = check_variant(model, torch.randn(2, 3, 16, 16), kinds=["interpolate", "conv"])
+    assert [d.saved for d in converted._actfx_record.decisions if d.kind == "interpolate"] == [["shape only"]]
+    assert not converted._actfx_record.uncovered
+
+
+@pytest.mark.parametrize("fn", [
     lambda s, x: torch.fft.rfft(s.lin(x), dim=-1).abs(),
     lambda s, x: torch.view_as_real(torch.fft.rfft2(s.lin(x), norm="ortho")),  # a Fourier neural operator
     lambda s, x: torch.fft.fft(s.lin(x)).real,

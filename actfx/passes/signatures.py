@@ -47,6 +47,8 @@ def _nll_loss(input, target, weight=None, size_average=None, ignore_index=-100, 
 def _kl_div(input, target, size_average=None, reduce=None, reduction="mean", log_target=False): ...
 def _logsumexp(input, dim, keepdim=False): ...
 def _pad(input, pad, mode="constant", value=None): ...
+def _interpolate(input, size=None, scale_factor=None, mode="nearest", align_corners=None, recompute_scale_factor=None,
+                 antialias=False): ...
 def _scatter_reduce(input, dim, index, src, reduce, *, include_self=True): ...
 
 
@@ -91,6 +93,7 @@ SIGNATURES = {name: inspect.signature(fn) for name, fn in {
     "kl_div": _kl_div,
     "logsumexp": _logsumexp,
     "pad": _pad,
+    "interpolate": _interpolate,
 }.items()}
 
 

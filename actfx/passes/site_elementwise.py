@@ -257,7 +257,7 @@ _SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn
                                  torch.fft.fftn), "fft"),  # linear: PyTorch keeps the input for its shape
                F.pad: "pad", F.avg_pool1d: "avg_pool", F.avg_pool2d: "avg_pool", F.avg_pool3d: "avg_pool",
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
-               F.adaptive_avg_pool3d: "adaptive_avg_pool", F.nll_loss: "nll_loss"}
+               F.adaptive_avg_pool3d: "adaptive_avg_pool", F.nll_loss: "nll_loss", F.interpolate: "interpolate"}
 # index_add, function and method forms (the in-place method on a tensor nothing else reads)
 INDEX_ADDS = {torch.index_add: False, "index_add": False, "index_add_": True}
 # Products of two activations recomputed from their packed factors: each gradient is linear in them
@@ -359,6 +359,21 @@ def pad_site(node):
     if a is None or a["mode"] not in ("reflect", "replicate"):
         return None
     return _recompute_site(node, None, "pad", F.pad, (a["input"], a["pad"], a["mode"]), {}, shape_only=True)
+
+
+def interpolate_site(node, path=None, module=None):
+    """``F.interpolate(mode="area")`` (or ``nn.Upsample`` in that mode) is adaptive average pooling:
+    PyTorch keeps the input, its backward needs only the shape. The other modes keep nothing."""
+    if module is not None:
+        if len(node.args) != 1 or node.kwargs or module.mode != "area":
+            return None
+        return _recompute_site(node, path, "interpolate", F.interpolate, (node.args[0],),
+                               {"size": module.size, "scale_factor": module.scale_factor, "mode": "area"},
+                               shape_only=True)
+    a = bind("interpolate", node.args, node.kwargs)
+    if a is None or a["mode"] != "area" or not isinstance(a["input"], Node):
+        return None
+    return _recompute_site(node, None, "interpolate", F.interpolate, node.args, node.kwargs, shape_only=True)
 
 
 def index_add_site(node):

@@ -33,7 +33,7 @@ from actfx.passes.site_attention import (
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, INDEX_ADDS, _module_as_call, _recompute_functional, _recompute_method,
     _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, index_add_site, inplace_pointwise_site, nll_loss_site,
-    pad_site, pointwise_site, several_pointwise_site, softmax_then_site,
+    interpolate_site, pad_site, pointwise_site, several_pointwise_site, softmax_then_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -84,6 +84,7 @@ _MODULE_HANDLERS = [
         node, path, node.args[0], node.args[1], _loss_weight(node, path, m), m.ignore_index, m.reduction,
         m.label_smoothing) or None),
     ((nn.KLDivLoss,), lambda node, path, m: kl_div_site(node, path, m)),
+    ((nn.Upsample,), lambda node, path, m: interpolate_site(node, path, m)),
     (tuple(LOSS_MODULES), lambda node, path, m: loss_site(node, m, path, LOSS_MODULES[type(m)])),
     ((nn.NLLLoss,), lambda node, path, m: nll_loss_site(node, path, m)),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
@@ -241,6 +242,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return normalize_site(node) or _recompute_functional(node)
         if t is F.pad:
             return pad_site(node)
+        if t is F.interpolate:
+            return interpolate_site(node)
         if t is F.kl_div:
             return kl_div_site(node)
         if t in LOSSES:
