@@ -30,7 +30,8 @@ from torch import fx
 from actfx.config import KEEP_EXACT, Config
 from actfx.kernels import extern_pack, graph_pack
 from actfx.kernels.ops import realized_op
-from actfx.passes import decorrelate, forward_cse, hoist, linearize, noise_degree, rematerialize, stored_layout
+from actfx.passes import (decorrelate, forward_cse, hoist, linearize, noise_degree, rematerialize, rms_inputs,
+                          stored_layout)
 from actfx.passes.compiled_kinds import chosen_kind, node_kinds
 from actfx.passes.graph_emit import broadcast_zero, emit, fuse_seeds
 from actfx.passes.graph_memory import view_base, written_by_extern
@@ -367,6 +368,7 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
         hoist.hoist(run)
         hoist.normalised_inputs(run)
         hoist.raw_reads_from_normalised(run)
+        rms_inputs.rms_inputs(run)
     forward_cse.merge_copies(run)
     hoist.saved_masks_once(run)
     decorrelate.decorrelate(run)
