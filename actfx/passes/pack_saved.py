@@ -361,6 +361,7 @@ def pack_saved(fwd: fx.GraphModule, bwd: fx.GraphModule, *, num_fwd_outputs: int
     recomputed = sum(1 for n in run.g.bwd.nodes if n.op == "call_function" and n not in dependent)
     rematerialize.rematerialize(run)
     rematerialize.fixed_factors(run)
+    rematerialize.repeated_parameter_copies(run)
     hoist.relu_as_select(run)
     hoist.masks_once(run)
     if hoisting:
