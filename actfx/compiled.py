@@ -222,7 +222,8 @@ class Backend:
                    **_layout(example_inputs), **joint_graph_patches(gm, self.record.config)}
         first = len(self.record.plans)
         with functorch_config.patch(enable_autograd_cache=False):
-            compiled = compile_fx(gm, example_inputs, config_patches=patches, decompositions=compiled_decompositions())
+            compiled = compile_fx(gm, example_inputs, config_patches=patches,
+                                  decompositions=compiled_decompositions(self.record.config.group_size))
         made = self.record.plans[first:]  # this graph's plans (none in eval mode)
 
         def note_run():
