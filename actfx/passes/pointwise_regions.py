@@ -113,12 +113,7 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[list[Node], list[Nod
     for out in reversed(nodes):
         if out not in packets or out in taken or packets[out] in _COMPARISONS or packets[out] in _SHAPE_FACTORIES:
             continue
-        region, stack = {out}, [out]
-        while stack:
-            for a in stack.pop().all_input_nodes:
-                if a in packets and a not in taken and a not in region and all(u in region for u in a.users):
-                    region.add(a)
-                    stack.append(a)
+        region = _grown(out, lambda a: a in packets and a not in taken)
         # one input first: ``exp(A * dt)`` (Mamba), ``exp(a - b)`` (RWKV) read two values, their
         # last op alone one; then several, around a truly nonlinear op (products have their
         # sites); then the largest part reading one of its members alone
@@ -132,6 +127,17 @@ def _regions(graph: Graph, facts: GraphFacts) -> list[tuple[list[Node], list[Nod
     return found
 
 
+def _grown(out: Node, admits) -> set:
+    """``out`` and, back from it, every input ``admits`` takes whose readers are all inside."""
+    region, stack = {out}, [out]
+    while stack:
+        for a in stack.pop().all_input_nodes:
+            if a not in region and admits(a) and all(u in region for u in a.users):
+                region.add(a)
+                stack.append(a)
+    return region
+
+
 def _one_input_parts(region: set, out: Node, order: dict) -> list:
     """The parts of ``region`` ending in ``out`` that read one of its members alone, largest first.
 
@@ -142,12 +148,7 @@ def _one_input_parts(region: set, out: Node, order: dict) -> list:
     step and every other value rounded to the group's minimum: 8-bit gradients 34% off, biased."""
     parts = []
     for cut in sorted(region - {out}, key=order.__getitem__):
-        part, stack = {out}, [out]
-        while stack:
-            for a in stack.pop().all_input_nodes:
-                if a is not cut and a in region and a not in part and all(u in part for u in a.users):
-                    part.add(a)
-                    stack.append(a)
+        part = _grown(out, lambda a: a is not cut and a in region)  # noqa: B023 (called at once)
         if len(part) > 1 and _reads(part) == {cut}:
             parts.append(part)
     return sorted(parts, key=len, reverse=True)

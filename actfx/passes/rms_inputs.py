@@ -105,7 +105,7 @@ def _row_root(node: fx.Node) -> fx.Node:
     """The value ``node`` is, up to order-keeping reshapes, casts and a scalar factor: values with
     one root have proportional rows."""
     while node.op == "call_function":
-        if node.target in _RESHAPES or node.target in _CASTS and len(node.args) >= 1:
+        if node.target in _RESHAPES or node.target in _CASTS:
             node = node.args[0]
         elif node.target is aten.mul.Tensor and len(node.args) == 2:
             a, b = node.args
