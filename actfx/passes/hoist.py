@@ -16,8 +16,8 @@ from torch import fx
 from actfx.passes import noise_degree
 from actfx.passes.graph_emit import emit, relu_select
 from actfx.passes.graph_memory import view_base
-from actfx.passes.saved_pair import (is_normalisation_statistic, is_tensor, numel, op_name, static_shape, val,
-                                     view_like)
+from actfx.passes.saved_pair import (is_normalisation_statistic, is_tensor, numel, op_name, reshape_base,
+                                     static_shape, val, view_like)
 
 aten = torch.ops.aten
 
@@ -273,16 +273,6 @@ def denormalised(xhat: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, *, 
     return (xhat / rstd + mean).reshape(shape)
 
 
-# views that keep the elements in their order: a reshape of the value is a reshape of any of these
-_ALIASES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
-
-
-def _reshape_base(node: fx.Node) -> fx.Node:
-    while node.op == "call_function" and node.target in _ALIASES:
-        node = node.args[0]
-    return node
-
-
 def _saved_statistic(node: fx.Node, sources: dict) -> bool:
     """A saved exact tensor, or a reshape of one (GroupNorm's ``[N, group]`` statistics viewed
     against its rows, ``norm_decompositions``)."""
@@ -328,9 +318,9 @@ def raw_reads_from_normalised(run) -> None:
         if found is None or not static_shape(fwd):
             continue
         value, mean, rstd = found
-        base = _reshape_base(value)
+        base = reshape_base(value)
         raw = [(f, b) for f, b in run.g.saved_tensors() if b in sources and b.users and f is not fwd
-               and _reshape_base(f) is base and numel(f) == numel(value) and static_shape(f)
+               and reshape_base(f) is base and numel(f) == numel(value) and static_shape(f)
                and val(f).dtype == val(value).dtype]
         if not raw or not val(base).is_contiguous():
             continue

@@ -22,14 +22,21 @@ from __future__ import annotations
 import functools
 
 import torch
+from torch._prims_common import get_computation_dtype
 
 aten = torch.ops.aten
+
+
+def _centred(g, xhat, dims, count: int):
+    """``g`` less its mean and its projection on ``x̂`` over ``dims`` (``count`` values): the
+    normalisation's input gradient before the 1/std scale, linear in each read of x̂."""
+    return g - g.sum(dims, keepdim=True) / count - xhat * ((g * xhat).sum(dims, keepdim=True) / count)
 
 
 def group_norm_backward(grad_out, input, mean, rstd, weight, N, C, HxW, group, output_mask):
     """``aten.native_group_norm_backward`` from ``x̂`` (mean and rstd are ``[N, group]``)."""
     per_group = C // group
-    compute = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    compute = get_computation_dtype(input.dtype)
     rows = input.to(compute).reshape(N, group, per_group * HxW)
     xhat = ((rows - mean.to(compute).reshape(N, group, 1)) * rstd.to(compute).reshape(N, group, 1))
     xhat = xhat.reshape(N, group, per_group, HxW)
@@ -38,7 +45,7 @@ def group_norm_backward(grad_out, input, mean, rstd, weight, N, C, HxW, group, o
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
         count = per_group * HxW
-        centred = g - g.sum((2, 3), keepdim=True) / count - xhat * ((g * xhat).sum((2, 3), keepdim=True) / count)
+        centred = _centred(g, xhat, (2, 3), count)
         grad_input = (centred * rstd.to(compute).reshape(N, group, 1, 1)).reshape(input.shape).to(input.dtype)
     if output_mask[1] and weight is not None:
         grad_weight = (dy * xhat).sum((0, 3)).reshape(C).to(weight.dtype)
@@ -60,7 +67,7 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     if not train or save_mean is None or save_invstd is None or plane >= group_size:
         return native_batch_norm_backward(grad_out, input, weight, running_mean, running_var, save_mean,
                                           save_invstd, train, eps, output_mask)
-    compute = torch.float32 if input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    compute = get_computation_dtype(input.dtype)
     per_channel = [1] * input.dim()
     per_channel[1] = input.shape[1]
     axes = [i for i in range(input.dim()) if i != 1]
@@ -71,7 +78,7 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     grad_input = grad_weight = grad_bias = None
     if output_mask[0]:
         scale = invstd if weight is None else invstd * weight.to(compute).reshape(per_channel)
-        centred = dy - dy.sum(axes, keepdim=True) / count - xhat * ((dy * xhat).sum(axes, keepdim=True) / count)
+        centred = _centred(dy, xhat, axes, count)
         grad_input = (centred * scale).to(input.dtype)
     dtype = input.dtype if weight is None else weight.dtype
     if output_mask[1]:

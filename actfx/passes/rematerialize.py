@@ -226,10 +226,7 @@ def repeated_parameter_copies(run) -> None:
         if not any(n.target in _LAYOUT and n.target is not aten.clone.default for n in chain) \
                 or 2 * numel(source) > numel(fwd) or not is_tensor(source) or not static_shape(source):
             continue
-        held = run.g.placeholder_of.get(source) or run.g.add_saved(source, fwd)
-        env = {source: held}
-        with run.g.bwd.inserting_before(run.first_use(placeholder)):
-            for node in reversed(chain):
-                env[node] = run.g.bwd.node_copy(node, lambda a: env[a])
-        placeholder.replace_all_uses_with(env[fwd])
+        held = {source: run.g.placeholder_of.get(source) or run.g.add_saved(source, fwd)}
+        rebuilt = _rebuild(run, fwd, {fwd: chain[::-1]}, held, run.first_use(placeholder), {})
+        placeholder.replace_all_uses_with(rebuilt)
         run.g.drop_saved(fwd)

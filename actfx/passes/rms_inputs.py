@@ -25,20 +25,23 @@ import torch
 from torch import fx
 
 from actfx.passes.graph_emit import emit
-from actfx.passes.saved_pair import is_tensor, numel, static_shape, val
+from actfx.passes.saved_pair import ORDER_KEEPING_VIEWS, is_tensor, numel, static_shape, val
 
 aten = torch.ops.aten
 prims = torch.ops.prims
 
-_RESHAPES = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
 _CASTS = {prims.convert_element_type.default, aten._to_copy.default}
 
 
 def rms_inputs(run) -> None:
     """Save ``x * r`` in place of every packable saved x that an RMS statistic r is taken of."""
     sources = run.sources()
-    stats = [node for node in run.g.fwd.nodes if _rms_input(node) is not None]
-    if not stats:
+    by_root: dict = {}  # root -> [(r, the statistic's input)], in graph order
+    for r in run.g.fwd.nodes:
+        x = _rms_input(r)
+        if x is not None:
+            by_root.setdefault(_row_root(x), []).append((r, x))
+    if not by_root:
         return
     scaled: dict = {}  # (r, the statistic's input) -> the saved x * r, one per pair
     order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
@@ -46,8 +49,7 @@ def rms_inputs(run) -> None:
         if bwd not in sources or not bwd.users or not static_shape(fwd):
             continue
         root = _row_root(fwd)
-        found = next(((r, x) for r in stats for x in [_rms_input(r)]
-                      if _row_root(x) is root and numel(x) == numel(fwd) and static_shape(x)), None)
+        found = next(((r, x) for r, x in by_root.get(root, ()) if numel(x) == numel(fwd) and static_shape(x)), None)
         if found is None or not val(root).is_contiguous() or not val(fwd).is_contiguous():
             continue
         r, x = found
@@ -105,7 +107,7 @@ def _row_root(node: fx.Node) -> fx.Node:
     """The value ``node`` is, up to order-keeping reshapes, casts and a scalar factor: values with
     one root have proportional rows."""
     while node.op == "call_function":
-        if node.target in _RESHAPES or node.target in _CASTS:
+        if node.target in ORDER_KEEPING_VIEWS or node.target in _CASTS:
             node = node.args[0]
         elif node.target is aten.mul.Tensor and len(node.args) == 2:
             a, b = node.args

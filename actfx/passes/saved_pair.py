@@ -63,6 +63,17 @@ def view_like(node: fx.Node) -> bool:
         and not rule.shape_only
 
 
+# views that keep the elements in their order: a reshape of a value is a reshape of any of these
+ORDER_KEEPING_VIEWS = {aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.alias.default}
+
+
+def reshape_base(node: fx.Node) -> fx.Node:
+    """The value ``node`` reshapes (through ``ORDER_KEEPING_VIEWS``), itself if none."""
+    while node.op == "call_function" and node.target in ORDER_KEEPING_VIEWS:
+        node = node.args[0]
+    return node
+
+
 def static_shape(node) -> bool:
     return all(isinstance(s, int) for s in val(node).shape)
 

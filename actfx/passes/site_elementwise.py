@@ -335,6 +335,9 @@ def _module_as_call(node, path, m):
         extra = (m.ceil_mode, m.count_include_pad) + ((m.divisor_override,) if not isinstance(m, nn.AvgPool1d) else ())
         return _recompute_site(node, path, "avg_pool", fn, (x, m.kernel_size, m.stride, m.padding, *extra), {},
                                shape_only=True)
+    elif type(m) is nn.Upsample and m.mode == "area":  # adaptive average pooling (``interpolate_site``)
+        return _recompute_site(node, path, "interpolate", F.interpolate, (x,),
+                               {"size": m.size, "scale_factor": m.scale_factor, "mode": "area"}, shape_only=True)
     elif type(m) in (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d):
         fn = {nn.AdaptiveAvgPool1d: F.adaptive_avg_pool1d, nn.AdaptiveAvgPool2d: F.adaptive_avg_pool2d,
               nn.AdaptiveAvgPool3d: F.adaptive_avg_pool3d}[type(m)]
@@ -361,15 +364,10 @@ def pad_site(node):
     return _recompute_site(node, None, "pad", F.pad, (a["input"], a["pad"], a["mode"]), {}, shape_only=True)
 
 
-def interpolate_site(node, path=None, module=None):
-    """``F.interpolate(mode="area")`` (or ``nn.Upsample`` in that mode) is adaptive average pooling:
-    PyTorch keeps the input, its backward needs only the shape. The other modes keep nothing."""
-    if module is not None:
-        if len(node.args) != 1 or node.kwargs or module.mode != "area":
-            return None
-        return _recompute_site(node, path, "interpolate", F.interpolate, (node.args[0],),
-                               {"size": module.size, "scale_factor": module.scale_factor, "mode": "area"},
-                               shape_only=True)
+def interpolate_site(node):
+    """``F.interpolate(mode="area")`` is adaptive average pooling: PyTorch keeps the input, its
+    backward needs only the shape (``nn.Upsample`` in that mode: ``_module_as_call``). The other
+    modes keep nothing."""
     a = bind("interpolate", node.args, node.kwargs)
     if a is None or a["mode"] != "area" or not isinstance(a["input"], Node):
         return None

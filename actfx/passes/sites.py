@@ -84,7 +84,6 @@ _MODULE_HANDLERS = [
         node, path, node.args[0], node.args[1], _loss_weight(node, path, m), m.ignore_index, m.reduction,
         m.label_smoothing) or None),
     ((nn.KLDivLoss,), lambda node, path, m: kl_div_site(node, path, m)),
-    ((nn.Upsample,), lambda node, path, m: interpolate_site(node, path, m)),
     (tuple(LOSS_MODULES), lambda node, path, m: loss_site(node, m, path, LOSS_MODULES[type(m)])),
     ((nn.NLLLoss,), lambda node, path, m: nll_loss_site(node, path, m)),
     ((nn.Dropout,), lambda node, path, m: len(node.args) == 1 and _dropout_site(
