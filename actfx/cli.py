@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from actfx.config import check_bits
+from actfx.kernels import TERNARY
 from actfx.dryrun import STEPS, StageError, dry_run, on_meta
 from actfx.models import list_models
 from actfx.report import GPUS, OPTIMIZER_STATES, gpu_capacity, static_costs
@@ -54,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
                        help=f"input dtype: {', '.join(INPUT_DTYPES)} (default: the model's, else --dtype)")
         p.add_argument("--dtype", default="float32", metavar="DTYPE",
                        help="dtype parameters and activations are held in: float32, bfloat16, float16")
-        p.add_argument("--bits", default="2", help="bits per saved activation: 1, 2, 4 or 8 (default 2)")
+        p.add_argument("--bits", default="2", help="bits per saved activation: 1, 1.6 (three levels), 2, 4 or 8 (default 2)")
         p.add_argument("--debug", action="store_true", help="show tracebacks")
 
     report = sub.add_parser("report", help="activation and peak training memory, baseline vs actfx")
@@ -132,11 +133,11 @@ def _choice(text: str, table: dict, flag: str):
     return table[text.lower()]
 
 
-def _bits(text: str) -> int:
+def _bits(text: str) -> int | float:
     try:
-        return check_bits(int(text))
+        return check_bits(TERNARY if text.strip() == "1.6" else int(text))
     except (ValueError, TypeError):
-        raise UsageError(f"--bits {text!r} is not supported; use 1, 2, 4 or 8") from None
+        raise UsageError(f"--bits {text!r} is not supported; use 1, 1.6 (three levels), 2, 4 or 8") from None
 
 
 # ---------------------------------------------------------------- commands
@@ -276,6 +277,9 @@ def _report_compiled(args, console: Console, started: float) -> int:
     budget = _memory_budget(args.memory_budget)
     if options.shape is None:
         raise UsageError("--compile needs --input-shape")
+    if options.bits == TERNARY:
+        raise UsageError("--compile packs at 1, 2, 4 or 8 bits; --bits 1.6 (three levels) is actfx.convert's: "
+                         "drop --compile or choose another width")
     plan = _load_plan(args)
     config = Config(bits=options.bits)
     if plan is not None:

@@ -12,13 +12,17 @@ ranges from 1e-30 to 1e30 neither overflow nor underflow (fp16 metadata would).
 Layout
 ------
 Input x: float32, float16 or bfloat16, any shape, read as `x.reshape(-1)`. n = numel,
-G = group_size (a power of two, 32..4096), b = bits (1, 2, 4 or 8), num_groups = ceil(n / G),
-L = 2**b - 1 levels above zero.
+G = group_size (a power of two, 32..4096), b = bits (1, 2, 4 or 8, or 1.6 for three levels),
+num_groups = ceil(n / G), L = 2**b - 1 levels above zero (2 for three levels).
 
 * `codes`: uint8 [num_groups, G*b/8]. Value i of a group (0-based) lives in byte (i*b)//8 at bit
   offset (i*b)%8, least-significant bits first. For b=2 the byte `0b11_10_01_00` holds codes
   0, 1, 2, 3 for values i = 0, 1, 2, 3. The padding slots of a partial last group hold code 0 and
   take no part in its min / max.
+* Three levels (`bits=1.6`, L = 2): `codes` is uint8 [num_groups, ceil(G/5)]; value i of a group
+  is base-3 digit i%5 of byte i//5 (least significant first: the byte of codes 0, 1, 2, 0, 1 is
+  0 + 3 + 18 + 0 + 81 = 102); a group's last byte pads with zero digits. Why three levels:
+  `actfx/kernels/widths.py`.
 * `meta`: bfloat16 [num_groups, 2]:
   - `meta[g, 0] = lo`: the group min rounded toward -inf to bf16, so lo <= every value;
   - `meta[g, 1] = step`: `(max - lo) * inv_levels` computed in fp32 (inv_levels = the fp32 constant
@@ -39,7 +43,7 @@ Special groups
 --------------
 * Constant group (max == min, finite): step is stored as 0, lo as the value rounded down to bf16,
   and the value's exact fp32 bit pattern is written little-endian into the group's first 4 code
-  bytes (G*b/8 >= 4 because G >= 32); the other code bytes are 0. Unpack restores that exact value
+  bytes (G*b/8 >= 4, and ceil(G/5) >= 7, because G >= 32); the other code bytes are 0. Unpack restores that exact value
   (also when it is not representable in bf16, and keeping the sign of -0.0). All-zero groups, as
   after a ReLU, are therefore exact.
 * Non-finite group (a NaN or +-Inf among the group's real values): lo and step are stored as NaN
@@ -161,7 +165,7 @@ def pack(
     stochastic: bool = True,
     seed: int | None = None,
 ) -> PackedTensor:
-    """Quantize `x` to `bits` per value (1, 2, 4 or 8) in groups of `group_size`.
+    """Quantize `x` to `bits` per value (1, 2, 4 or 8, or 1.6: three levels) in groups of `group_size`.
 
     `seed=None` draws a fresh seed from torch's default generator on x's device, so repeated packs
     get independent noise; an int seed makes the bytes reproducible. x is never modified.

@@ -57,6 +57,7 @@ import torch.nn.functional as F
 import actfx
 from actfx.accounting import count_saved
 from actfx.cli import parse_recompute
+from actfx.kernels import code_bits
 from actfx.models import build_model, get_model_spec
 
 SHAPES = {"vit_tiny": None, "resnet50": (3, 64, 64), "gpt_tiny": (64,), "resnet20": None}
@@ -116,7 +117,7 @@ def _average_bits(converted, x) -> float:
     from actfx.planner.inventory import take_inventory
 
     packs = [p for g in take_inventory(converted, (x,)).groups for p in g.packs]
-    return sum(p.numel * p.bits for p in packs) / sum(p.numel for p in packs)
+    return sum(p.numel * code_bits(p.bits, 256) for p in packs) / sum(p.numel for p in packs)
 
 
 def _held(model, x) -> int:

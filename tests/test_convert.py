@@ -289,7 +289,7 @@ def test_bad_inputs():
     model, x = build("mlp")
     with pytest.raises(TypeError, match="nn.Module"):
         actfx.convert(lambda t: t)
-    with pytest.raises(ValueError, match="1, 2, 4, 8"):
+    with pytest.raises(ValueError, match="1, 1.6, 2, 4, 8"):
         actfx.convert(model, bits=3)
     with pytest.raises(ValueError, match="power of two"):
         actfx.convert(model, group_size=100)

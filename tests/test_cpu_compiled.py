@@ -10,6 +10,7 @@ import torch
 
 import actfx
 from actfx.kernels import (
+    TERNARY,
     cpu_compiled,
     pack_bits,
     pack_bits_between,
@@ -46,7 +47,7 @@ SHAPES = [(3, 100_003), (65_536 + 37,), (8, 64, 33, 31)]
 
 
 @pytest.mark.parametrize("shape", SHAPES)
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_deterministic_bytes_equal_the_reference(shape, bits, dtype):
     x = awkward(shape, dtype)
@@ -62,14 +63,15 @@ def test_deterministic_bytes_equal_the_reference(shape, bits, dtype):
 
 
 @pytest.mark.parametrize("group_size", [32, 1024])
-def test_other_group_sizes_match_the_reference(group_size):
+@pytest.mark.parametrize("bits", [2, TERNARY])
+def test_other_group_sizes_match_the_reference(group_size, bits):
     x = awkward((70_000,), torch.float32, generator_seed=1)
-    got = pack_groups(x, seed_of(0), 0, 2, group_size, False, backend="compiled")
-    want = pack_groups_reference(x, seed_of(0), 0, 2, group_size, False)
+    got = pack_groups(x, seed_of(0), 0, bits, group_size, False, backend="compiled")
+    want = pack_groups_reference(x, seed_of(0), 0, bits, group_size, False)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1].view(torch.int16), want[1].view(torch.int16))
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4])
 def test_stochastic_rounding_is_unbiased(bits):
     # The mean of K independent roundings converges to x as 1/sqrt(K); a biased rounding (e.g.
     # round-to-nearest, or noise that is not uniform) stalls at its bias instead.

@@ -8,7 +8,10 @@ import torch
 
 from actfx.format import PackedTensor, pack
 from actfx.kernels import (
+    TERNARY,
     check_bits,
+    code_bytes,
+    levels,
     check_float_dtype,
     check_group_size,
     pack_groups,
@@ -40,11 +43,16 @@ def meta_bits(meta):
 #          0, 1, 2, 3 -> 0b11_10_01_00 = 228 in every byte.
 #  4 bits: x = 0.1 i -> lo 0, step = bf16_up(3.1 / 15 = 0.20667) = 212 / 1024 = 0.20703125 (0x3E54);
 #          code = round(0.48302 i): pairs (0,0) (1,1) ... (14,14) then (14,15) -> 17 k, last 254.
+#  1.6 (three levels): x = i % 3 - 1 -> lo -1 (0xBF80), step = fp32(2 * fp32(1/2)) = 1.0; codes
+#          i % 3, five per byte in base 3, value 5j + k as digit k: byte 0 holds 0, 1, 2, 0, 1 ->
+#          0 + 3 + 18 + 0 + 81 = 102, byte 1 holds 2, 0, 1, 2, 0 -> 65, byte 2 holds 1, 2, 0, 1, 2 ->
+#          196, repeating; byte 6 holds i = 30, 31 (0, 1) and three padding zeros -> 3.
 #  8 bits: x = i - 8 -> lo -8 (0xC100), step = bf16_up(31 / 255 = 0.121569) = 249 / 2048 (0x3DF9);
 #          code = round(8.2249 i) = 0, 8, 16, 25, ... (i = 20 gives 164.498 -> 164), 255.
 LITERAL = {
     1: ((torch.arange(32) % 3 == 0).float(), [73, 146, 36, 73], [0x0000, 0x3F80]),
     2: (torch.arange(32) % 4 - 1.5, [228] * 8, [0xBFC0, 0x3F80]),
+    TERNARY: (torch.arange(32) % 3 - 1.0, [102, 65, 196, 102, 65, 196, 3], [0xBF80, 0x3F80]),
     4: (
         torch.arange(32) * 0.1,
         [0, 17, 34, 51, 68, 85, 102, 119, 136, 153, 170, 187, 204, 221, 238, 254],
@@ -59,11 +67,11 @@ LITERAL = {
 }
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 def test_literal_bytes(bits):
     x, want_codes, want_meta = LITERAL[bits]
     codes, meta = det_pack(x, bits)
-    assert codes.dtype == torch.uint8 and codes.shape == (1, 32 * bits // 8)
+    assert codes.dtype == torch.uint8 and codes.shape == (1, code_bytes(bits, 32))
     assert meta.dtype == torch.bfloat16 and meta.shape == (1, 2)
     assert codes.reshape(-1).tolist() == want_codes
     assert meta_bits(meta) == want_meta
@@ -92,7 +100,7 @@ def check_bound(x: torch.Tensor, bits: int, group_size: int, stochastic: bool) -
     """The documented statements, with fp32 rounding allowed for as the docstring says."""
     codes, meta = pack_groups(x, seed_of(1), 0, bits, group_size, stochastic)
     x_hat = unpack_groups(codes, meta, x.shape, x.dtype, bits, group_size)
-    levels = 2**bits - 1
+    top = levels(bits)
     g = x.double().reshape(-1, group_size)
     mn, mx = g.amin(1), g.amax(1)
     lo, step = meta.double().unbind(1)
@@ -100,21 +108,21 @@ def check_bound(x: torch.Tensor, bits: int, group_size: int, stochastic: bool) -
     assert torch.all(lo <= mn)
     assert torch.all(lo >= mn - ulp_bf16(mn))
     # (1 + 2**-7): bf16 rounding up; (1 + 2**-21): fp32 rounding of max - lo, of 1/L and of the product
-    assert torch.all(step <= (mx - lo) / levels * (1 + 2**-7) * (1 + 2**-21))
+    assert torch.all(step <= (mx - lo) / top * (1 + 2**-7) * (1 + 2**-21))
     err = (x_hat.double() - x.double()).reshape(-1, group_size)
     # float rounding: t = (x - lo) * r is off by ~3 fp32 ulps of t <= L (in steps), x_hat by half an ulp
-    slack = step[:, None] * levels * 2**-22 + g.abs() * 2**-24
+    slack = step[:, None] * top * 2**-22 + g.abs() * 2**-24
     if stochastic:
         assert torch.all(err.abs() < step[:, None] + slack)
     else:
         assert torch.all(err.abs() <= step[:, None] / 2 + slack)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 @pytest.mark.parametrize("stochastic", [False, True])
 @pytest.mark.parametrize("group_size", [32, 256])
 def test_error_bound(bits, stochastic, group_size):
-    gen = torch.Generator().manual_seed(bits * 10 + group_size)
+    gen = torch.Generator().manual_seed(int(bits * 10) + group_size)
     x = torch.randn(64, group_size, generator=gen) * torch.logspace(-3, 3, 64)[:, None]
     x = x + torch.randn(64, 1, generator=gen) * 5  # offsets, so lo is rarely 0 or exact
     check_bound(x.reshape(-1), bits, group_size, stochastic)
@@ -153,6 +161,32 @@ def test_stochastic_rounding_is_unbiased_where_nearest_is_not():
     # the endpoints are exact in both modes
     for y in (stochastic, nearest):
         torch.testing.assert_close(y[~third], x[~third], rtol=0, atol=0)
+
+
+def test_three_levels_round_stochastically_without_bias():
+    # Groups [0, 2, 1/3 x 30] at three levels: lo = 0, step = 1, so 1/3 rounds to level 1 with
+    # probability 1/3 and the mean converges to 1/3 (nearest rounding gives 0: off by 1/3).
+    groups = 4000
+    x = torch.full((groups, 32), 1 / 3)
+    x[:, 0], x[:, 1] = 0.0, 2.0
+    third = torch.zeros(groups, 32, dtype=torch.bool)
+    third[:, 2:] = True
+    x, third = x.reshape(-1), third.reshape(-1)
+    se = math.sqrt(2) / 3 / math.sqrt(third.sum().item())
+    stochastic = pack(x, TERNARY, group_size=32, seed=5).unpack()
+    nearest = pack(x, TERNARY, group_size=32, stochastic=False).unpack()
+    assert abs(stochastic[third].double().mean().item() - 1 / 3) < 5 * se
+    assert nearest[third].double().mean().item() == 0.0
+    assert set(stochastic[third].unique().tolist()) == {0.0, 1.0}
+    torch.testing.assert_close(stochastic[~third], x[~third], rtol=0, atol=0)
+
+
+def test_three_levels_hold_five_values_per_byte():
+    x = torch.randn(1 << 20)
+    p = pack(x, TERNARY)
+    assert p.codes.shape == (4096, 52)  # ceil(256 / 5) bytes per group of 256
+    assert p.nbytes == packed_nbytes(x.numel(), TERNARY, 256) == 4096 * 56
+    assert "ratio=18.29x" in repr(p)
 
 
 def test_same_seed_same_bytes_other_seed_or_stream_differs():
@@ -260,7 +294,7 @@ def test_empty_tensor(shape, dtype):
 
 @pytest.mark.parametrize("value", [0.0, -0.0, 1.0, 0.1, -3.3e-39, 1e30, -7.5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [1, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 8])
 def test_constant_groups_round_trip_exactly(value, dtype, bits):
     # 0.1 and -3.3e-39 (fp32 subnormal) are not bf16 values: the code bytes carry the fp32 bits.
     c = torch.tensor(value, dtype=dtype)
@@ -282,7 +316,7 @@ def test_constant_groups_round_trip_exactly(value, dtype, bits):
 def test_all_zero_groups_are_exact_at_every_bit_width():
     x = torch.relu(torch.randn(8, 64))
     x[2:5] = 0.0
-    for bits in (1, 2, 4, 8):
+    for bits in (1, TERNARY, 2, 4, 8):
         y = pack(x, bits, group_size=64).unpack()
         assert torch.equal(y[2:5], x[2:5])
 
@@ -342,7 +376,7 @@ def test_non_float_dtype_is_a_type_error_naming_it(dtype):
 
 @pytest.mark.parametrize("bits", [0, 3, 5, 16, -1])
 def test_bad_bits_value(bits):
-    with pytest.raises(ValueError, match=r"\{1, 2, 4, 8\}.*got " + str(bits)):
+    with pytest.raises(ValueError, match=r"\{1, 1.6, 2, 4, 8\}.*got " + str(bits)):
         pack(torch.randn(64), bits)
 
 
@@ -365,7 +399,7 @@ def test_bad_group_size_type(group_size):
 
 
 def test_good_values_pass_validation():
-    assert [check_bits(b) for b in (1, 2, 4, 8)] == [1, 2, 4, 8]
+    assert [check_bits(b) for b in (1, 1.6, 2, 4, 8)] == [1, TERNARY, 2, 4, 8]
     assert check_group_size(32) == 32 and check_group_size(4096) == 4096
     assert check_float_dtype(torch.bfloat16) is torch.bfloat16
 
@@ -442,12 +476,12 @@ def test_pack_unpack_compiles_without_graph_breaks(backend):
 
 def test_custom_op_schemas():
     assert str(torch.ops.actfx.pack_groups.default._schema) == (
-        "actfx::pack_groups(Tensor x, Tensor seed, int stream, int bits, int group_size, "
+        "actfx::pack_groups(Tensor x, Tensor seed, int stream, float bits, int group_size, "
         "bool stochastic) -> (Tensor, Tensor)"
     )
     assert str(torch.ops.actfx.unpack_groups.default._schema) == (
         "actfx::unpack_groups(Tensor codes, Tensor meta, SymInt[] shape, ScalarType dtype, "
-        "int bits, int group_size) -> Tensor"
+        "float bits, int group_size) -> Tensor"
     )
     torch.library.opcheck(
         torch.ops.actfx.pack_groups.default, (torch.randn(100), seed_of(1), 0, 2, 32, False)
@@ -455,6 +489,14 @@ def test_custom_op_schemas():
     codes, meta = det_pack(torch.randn(100), 2)
     torch.library.opcheck(
         torch.ops.actfx.unpack_groups.default, (codes, meta, [100], torch.float16, 2, 32)
+    )
+    # bits is a float in the schema so that three levels (1.6) pass through it
+    torch.library.opcheck(
+        torch.ops.actfx.pack_groups.default, (torch.randn(100), seed_of(1), 0, TERNARY, 32, True)
+    )
+    codes, meta = det_pack(torch.randn(100), TERNARY)
+    torch.library.opcheck(
+        torch.ops.actfx.unpack_groups.default, (codes, meta, [100], torch.float32, TERNARY, 32)
     )
 
 

@@ -14,7 +14,7 @@ import torch
 
 pytest.importorskip("triton")
 
-from actfx.kernels import pack_groups, unpack_groups  # noqa: E402
+from actfx.kernels import TERNARY, pack_groups, unpack_groups  # noqa: E402
 
 # numpy, inside the interpreter, warns about the NaN / inf groups that the tests feed on purpose
 pytestmark = pytest.mark.filterwarnings(
@@ -62,17 +62,18 @@ def assert_matches_reference(x, bits, group_size):
     assert same_values(y_triton, y_ref)
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("shape,group_size", [((5, 37), 32), ((333,), 64), ((3, 1, 150), 128)])
 def test_deterministic_matches_reference(bits, dtype, shape, group_size):
     assert_matches_reference(make_input(shape, dtype, group_size), bits, group_size)
 
 
+@pytest.mark.parametrize("bits", [2, TERNARY])
 @pytest.mark.parametrize("group_size", [32, 4096])
-def test_group_size_extremes_match_reference(group_size):
+def test_group_size_extremes_match_reference(group_size, bits):
     # 32: many groups per program; 4096: one group per program, and a partial one
-    assert_matches_reference(make_input((2 * 4096 + 100,), torch.float32, group_size), 2, group_size)
+    assert_matches_reference(make_input((2 * 4096 + 100,), torch.float32, group_size), bits, group_size)
 
 
 def test_non_contiguous_input_matches_reference():
@@ -107,6 +108,22 @@ def test_stochastic_is_unbiased_and_reproducible():
     assert set(samples.unique().tolist()) <= {0.0, 1.0}
 
 
+def test_three_levels_round_stochastically_without_bias():
+    # [0, 2, 1/3 x 30]: step 1, so 1/3 rounds to level 1 with probability 1/3
+    groups = 512
+    x = torch.full((groups, 32), 1 / 3)
+    x[:, 0], x[:, 1] = 0.0, 2.0
+    x = x.reshape(-1).to(DEVICE)
+    codes, meta = pack_groups(x, seed_of(21), 5, TERNARY, 32, True, backend="triton")
+    assert codes.shape == (groups, 7)
+    y = unpack_groups(codes, meta, x.shape, x.dtype, TERNARY, 32, backend="triton").reshape(groups, 32)
+    samples = y[:, 2:].double().cpu()
+    se = math.sqrt(2) / 3 / math.sqrt(samples.numel())
+    assert abs(samples.mean().item() - 1 / 3) < 5 * se
+    assert set(samples.unique().tolist()) == {0.0, 1.0}
+    assert torch.equal(y[:, :2].cpu(), x.reshape(groups, 32)[:, :2].cpu())
+
+
 def test_stochastic_error_is_below_one_step():
     x = make_input((20, 64), torch.float32, 64, seed=3)[4:]  # rows 1-3 hold the special groups
     codes, meta = pack_groups(x, seed_of(2), 0, 2, 64, True, backend="triton")
@@ -120,7 +137,7 @@ def test_stochastic_error_is_below_one_step():
 
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 def test_cuda_matches_reference(dtype, bits):
     for shape, group_size in (((1000, 333), 256), ((77,), 32), ((3, 5000), 4096)):
         assert_matches_reference(make_input(shape, dtype, group_size, "cuda"), bits, group_size)

@@ -26,6 +26,7 @@ import torch
 from . import cpu_compiled
 from .masks import mask_nbytes, pack_bits_impl, unpack_bits_impl
 from .reference import pack_groups_reference, unpack_groups_reference
+from .widths import ALLOWED_BITS, TERNARY, WHOLE_BITS, check_bits, code_bits, code_bytes, levels, width
 
 __all__ = [
     "pack_groups",
@@ -42,11 +43,15 @@ __all__ = [
     "check_group_size",
     "check_float_dtype",
     "ALLOWED_BITS",
+    "TERNARY",
+    "WHOLE_BITS",
+    "code_bits",
+    "code_bytes",
+    "levels",
     "FLOAT_DTYPES",
     "BACKENDS",
 ]
 
-ALLOWED_BITS = (1, 2, 4, 8)
 MIN_GROUP_SIZE = 32  # >= 32 so that every group has at least 4 code bytes (constant groups need them)
 MAX_GROUP_SIZE = 4096
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -55,15 +60,6 @@ CPU_KERNEL_CHOICES = ("compiled", "reference")
 
 
 # ----------------------------------------------------------------------------------- validation
-
-
-def check_bits(bits: object) -> int:
-    """Return `bits` if it is one of 1, 2, 4, 8; TypeError / ValueError otherwise."""
-    if isinstance(bits, bool) or not isinstance(bits, int):
-        raise TypeError(f"bits must be an int in {{1, 2, 4, 8}}, got {bits!r} ({type(bits).__name__})")
-    if bits not in ALLOWED_BITS:
-        raise ValueError(f"bits must be one of {{1, 2, 4, 8}}, got {bits}")
-    return bits
 
 
 def check_group_size(group_size: object) -> int:
@@ -129,7 +125,7 @@ def packed_nbytes(numel: int, bits: int, group_size: int) -> int:
     """Bytes of codes + meta that `pack_groups` produces for `numel` values (for planners and dry runs)."""
     check_bits(bits)
     check_group_size(group_size)
-    return _num_groups(int(numel), group_size) * (group_size * bits // 8 + 4)
+    return _num_groups(int(numel), group_size) * (code_bytes(bits, group_size) + 4)
 
 
 # ------------------------------------------------------------------------------------- dispatch
@@ -230,6 +226,7 @@ def pack_groups_impl(
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The implementation behind `actfx::pack_groups` (no validation, no custom op)."""
+    bits = width(bits)
     if _use_triton(x.device, backend):
         pack_groups_triton = _triton_module().pack_groups_triton
         return pack_groups_triton(x, seed, stream, bits, group_size, stochastic)
@@ -243,6 +240,7 @@ def unpack_groups_impl(
     group_size: int, backend: str = "auto",
 ) -> torch.Tensor:
     """The implementation behind `actfx::unpack_groups` (no validation, no custom op)."""
+    bits = width(bits)
     if _use_triton(codes.device, backend):
         unpack_groups_triton = _triton_module().unpack_groups_triton
         return unpack_groups_triton(codes, meta, shape, dtype, bits, group_size)
@@ -264,7 +262,7 @@ def pack_groups(
     *,
     backend: str = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantize `x` in groups: `codes` uint8 [num_groups, G*bits/8] and `meta` bf16 [num_groups, 2].
+    """Quantize `x` in groups: `codes` uint8 [num_groups, code_bytes(bits, G)] and `meta` bf16 [num_groups, 2].
 
     `seed` (int64, one element, on x's device) and `stream` (an int naming the call site) select
     the rounding noise: equal pairs give equal bytes. The global RNG is never touched.
@@ -301,7 +299,7 @@ def unpack_groups(
     check_group_size(group_size)
     shape = _check_shape(shape)
     num_groups = _num_groups(math.prod(shape), group_size)
-    want_codes = (num_groups, group_size * bits // 8)
+    want_codes = (num_groups, code_bytes(bits, group_size))
     if codes.dtype != torch.uint8 or tuple(codes.shape) != want_codes:
         raise ValueError(
             f"codes must be uint8 of shape {want_codes} for shape={tuple(shape)}, bits={bits}, "

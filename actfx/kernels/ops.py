@@ -12,6 +12,7 @@ from torch import Tensor
 
 from . import pack_bits_dispatch, pack_groups_impl, unpack_groups_impl
 from .masks import mask_nbytes, unpack_bits_impl
+from .widths import code_bytes
 
 __all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op", "realized_op"]
 
@@ -20,12 +21,12 @@ __all__ = ["pack_groups_op", "unpack_groups_op", "pack_bits_op", "unpack_bits_op
     "actfx::pack_groups",
     mutates_args=(),
     schema=(
-        "(Tensor x, Tensor seed, int stream, int bits, int group_size, bool stochastic)"
+        "(Tensor x, Tensor seed, int stream, float bits, int group_size, bool stochastic)"
         " -> (Tensor, Tensor)"
     ),
 )
 def pack_groups_op(
-    x: Tensor, seed: Tensor, stream: int, bits: int, group_size: int, stochastic: bool
+    x: Tensor, seed: Tensor, stream: int, bits: float, group_size: int, stochastic: bool
 ) -> tuple[Tensor, Tensor]:
     return pack_groups_impl(x, seed, stream, bits, group_size, stochastic)
 
@@ -33,7 +34,7 @@ def pack_groups_op(
 @pack_groups_op.register_fake
 def _pack_groups_fake(x, seed, stream, bits, group_size, stochastic):
     num_groups = (x.numel() + group_size - 1) // group_size
-    codes = x.new_empty((num_groups, group_size * bits // 8), dtype=torch.uint8)
+    codes = x.new_empty((num_groups, code_bytes(bits, group_size)), dtype=torch.uint8)
     meta = x.new_empty((num_groups, 2), dtype=torch.bfloat16)
     return codes, meta
 
@@ -56,12 +57,12 @@ pack_groups_op.register_autograd(_no_gradient, setup_context=_not_differentiable
     "actfx::unpack_groups",
     mutates_args=(),
     schema=(
-        "(Tensor codes, Tensor meta, SymInt[] shape, ScalarType dtype, int bits, int group_size)"
+        "(Tensor codes, Tensor meta, SymInt[] shape, ScalarType dtype, float bits, int group_size)"
         " -> Tensor"
     ),
 )
 def unpack_groups_op(
-    codes: Tensor, meta: Tensor, shape: list[int], dtype: torch.dtype, bits: int, group_size: int
+    codes: Tensor, meta: Tensor, shape: list[int], dtype: torch.dtype, bits: float, group_size: int
 ) -> Tensor:
     return unpack_groups_impl(codes.contiguous(), meta.contiguous(), shape, dtype, bits, group_size)
 

@@ -15,6 +15,8 @@ from collections.abc import Sequence
 
 import torch
 
+from .widths import TERNARY, TRIT_WEIGHTS, TRITS_PER_BYTE, code_bytes, levels
+
 __all__ = [
     "pack_groups_reference",
     "unpack_groups_reference",
@@ -55,10 +57,11 @@ def _to_int64(v: int) -> int:
     return v - (1 << 64) if v >= (1 << 63) else v
 
 
-def inv_levels(bits: int) -> float:
-    """fp32 `1 / (2**bits - 1)`, correctly rounded, returned as a Python float (exact in fp32)."""
+def inv_levels(bits: int | float) -> float:
+    """fp32 `1 / L` (L = 2**bits - 1, or 2 for three levels), correctly rounded, returned as a
+    Python float (exact in fp32)."""
     one = torch.tensor(1.0, dtype=torch.float32)
-    return (one / float((1 << bits) - 1)).item()
+    return (one / float(levels(bits))).item()
 
 
 def round_bf16_down(v: torch.Tensor) -> torch.Tensor:
@@ -189,6 +192,25 @@ def _unpack_bytes(codes: torch.Tensor, bits: int, scratch: _Scratch) -> torch.Te
     return a.view(torch.uint8)
 
 
+def _pack_trits(codes: torch.Tensor, out: torch.Tensor) -> None:
+    """uint8 codes [rows, G] (each < 3) -> `out` [rows, ceil(G / 5)]: value i of a group in
+    byte i // 5 as base-3 digit i % 5 (least significant first); a group's last byte pads with 0."""
+    rows, group_size = codes.shape
+    nbytes = out.shape[1]
+    padded = torch.zeros(rows, nbytes * TRITS_PER_BYTE, dtype=torch.int16, device=codes.device)
+    padded[:, :group_size] = codes
+    weights = torch.tensor(TRIT_WEIGHTS, dtype=torch.int16, device=codes.device)
+    out.copy_((padded.view(rows, nbytes, TRITS_PER_BYTE) * weights).sum(2))
+
+
+def _unpack_trits(codes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """bytes uint8 [rows, ceil(G / 5)] -> codes uint8 [rows, G] (inverse of `_pack_trits`)."""
+    rows, nbytes = codes.shape
+    weights = torch.tensor(TRIT_WEIGHTS, dtype=torch.int16, device=codes.device)
+    digits = torch.div(codes.to(torch.int16)[:, :, None], weights, rounding_mode="floor").remainder_(3)
+    return digits.view(rows, nbytes * TRITS_PER_BYTE)[:, :group_size].to(torch.uint8)
+
+
 def _add_noise_and_round(f: torch.Tensor, frac: torch.Tensor, gen: torch.Generator, scratch: _Scratch) -> None:
     """f += (u < frac), u ~ U[0, 1) at 15-bit resolution: u = (k + 1/2) / 2**15.
 
@@ -210,10 +232,11 @@ def _quantize_chunk(
     groups: torch.Tensor, owned: bool, n_real: int, bits: int, gen: torch.Generator | None,
     codes_out: torch.Tensor, meta_out: torch.Tensor, scratch: _Scratch,
 ) -> None:
-    """Quantize fp32 [rows, G] into `codes_out` [rows, G*bits/8] and `meta_out` (int16 view) [rows, 2]."""
+    """Quantize fp32 [rows, G] into `codes_out` [rows, code_bytes(bits, G)] and `meta_out` (int16
+    view) [rows, 2]."""
     rows, group_size = groups.shape
     numel = rows * group_size
-    levels = (1 << bits) - 1
+    top = levels(bits)
     mn, mx = torch.amin(groups, dim=1), torch.amax(groups, dim=1)  # 10x faster than aminmax on CPU
     lo = round_bf16_down(mn)
     step = round_bf16_up((mx - lo).mul_(inv_levels(bits)))
@@ -235,14 +258,17 @@ def _quantize_chunk(
         _add_noise_and_round(f, frac, gen, scratch)  # code = f + (u < frac)
     else:
         f.add_(frac.ge_(0.5))  # code = f + (frac >= 0.5)
-    f.clamp_max_(float(levels))  # t >= 0 already; t can exceed `levels` by float rounding
+    f.clamp_max_(float(top))  # t >= 0 already; t can exceed `levels` by float rounding
     if bool(bad.any()):
         f.masked_fill_(bad[:, None], 0.0)  # NaN would not convert to an integer code
     if n_real < numel:
         f.view(-1)[n_real:] = 0.0
     codes = scratch.get("codes", numel, torch.uint8)
     codes.copy_(f.view(-1))
-    _pack_bytes(codes, bits, codes_out.view(-1), scratch)
+    if bits == TERNARY:
+        _pack_trits(codes.view(rows, group_size), codes_out)
+    else:
+        _pack_bytes(codes, bits, codes_out.view(-1), scratch)
 
     store_constants(codes_out, const, mn)
     # bf16 patterns are the top halves of the (already bf16-valued) fp32 patterns; NaN -> 0x7FC0.
@@ -268,7 +294,7 @@ def pack_groups_reference(
     flat_owned = flat.data_ptr() != x.data_ptr()  # reshape copied a non-contiguous x: ours
     n, G, device = flat.numel(), group_size, x.device
     num_groups = -(-n // G)
-    codes = torch.empty(num_groups, G * bits // 8, dtype=torch.uint8, device=device)
+    codes = torch.empty(num_groups, code_bytes(bits, G), dtype=torch.uint8, device=device)
     meta = torch.empty(num_groups, 2, dtype=torch.bfloat16, device=device)
     if n == 0:
         return codes, meta
@@ -337,7 +363,10 @@ def group_lo_step(codes: torch.Tensor, meta: torch.Tensor) -> tuple[torch.Tensor
 def _dequantize_chunk(
     codes: torch.Tensor, meta: torch.Tensor, bits: int, out: torch.Tensor, scratch: _Scratch
 ) -> None:
-    """codes [rows, G*bits/8] + meta [rows, 2] -> fp32 `out` [rows, G]."""
+    """codes [rows, code_bytes(bits, G)] + meta [rows, 2] -> fp32 `out` [rows, G]."""
     lo, step = group_lo_step(codes, meta)
-    out.view(-1).copy_(_unpack_bytes(codes.reshape(-1), bits, scratch))
+    if bits == TERNARY:
+        out.copy_(_unpack_trits(codes, out.shape[1]))
+    else:
+        out.view(-1).copy_(_unpack_bytes(codes.reshape(-1), bits, scratch))
     out.mul_(step[:, None]).add_(lo[:, None])  # NaN step -> NaN for the whole group

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .reference import inv_levels, stream_key
+from .widths import TERNARY, TRITS_PER_BYTE, code_bytes, levels
 
 __all__ = ["pack_groups_triton", "unpack_groups_triton"]
 
@@ -43,35 +44,47 @@ def _round_bf16(v, UP: tl.constexpr):
 
 
 @triton.jit
+def _trit_weight(k):
+    # 3**k for k = 0..4 (the base-3 weight of value k of a byte); 1 past the byte's five, slots
+    # that hold no value (their codes are 0 and they are never stored; 1 keeps `//` defined)
+    return tl.where(k == 1, 3, tl.where(k == 2, 9, tl.where(k == 3, 27, tl.where(k == 4, 81, 1))))
+
+
+@triton.jit
 def _pack_kernel(
     x_ptr,  # flat input [n]: fp32 / fp16, or bf16 viewed as int16 (X_IS_BF16)
     seed_ptr,  # int64 [1]: Philox seed, loaded here so the host never syncs
-    codes_ptr,  # uint8 [num_groups, G * BITS // 8], output
+    codes_ptr,  # uint8 [num_groups, NB], output
     meta_ptr,  # int16 [num_groups, 2], output: bf16 bit patterns of (lo, step)
     n,  # number of real values
     num_groups,  # ceil(n / G)
     stream_key,  # int64 added to the seed: one Philox key per call site
-    inv_levels,  # fp32 1 / (2**BITS - 1)
-    BITS: tl.constexpr,  # 1, 2, 4 or 8
+    inv_levels,  # fp32 1 / LEVELS
+    BITS: tl.constexpr,  # 1, 2, 4 or 8 (unused when TRITS)
+    TRITS: tl.constexpr,  # three levels: PER_BYTE = 5 base-3 digits a byte
+    PER_BYTE: tl.constexpr,  # codes per byte: 8 // BITS, or 5
+    K_TILE: tl.constexpr,  # PER_BYTE rounded up to a power of two (tile width)
+    NB: tl.constexpr,  # code bytes per group: G // PER_BYTE, or ceil(G / 5)
+    NB_TILE: tl.constexpr,  # NB rounded up to a power of two
+    LEVELS: tl.constexpr,  # 2**BITS - 1, or 2
     G: tl.constexpr,  # group size, power of two 32..4096
     BLOCK_G: tl.constexpr,  # groups per program
     X_IS_BF16: tl.constexpr,
     STOCHASTIC: tl.constexpr,
 ):
-    # Tile [BLOCK_G, NB, PER_BYTE]: group, byte within the group, value within the byte.
+    # Tile [BLOCK_G, NB_TILE, K_TILE]: group, byte within the group, value within the byte
+    # (value byte * PER_BYTE + k of its group; slots past PER_BYTE or G hold no value).
     # lo = round_down_bf16(min); step = round_up_bf16((max - lo) * inv_levels)
     # r = 1 / step; t = (x - lo) * r; f = floor(t); code = f + (u < t - f)  or  f + (t - f >= 0.5)
-    PER_BYTE: tl.constexpr = 8 // BITS
-    NB: tl.constexpr = G // PER_BYTE
-    LEVELS: tl.constexpr = (1 << BITS) - 1
     INF: tl.constexpr = float("inf")
 
     rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     row_ok = rows < num_groups
-    byte = tl.arange(0, NB)
-    k = tl.arange(0, PER_BYTE)
-    offs = rows[:, None, None] * G + (byte[None, :, None] * PER_BYTE + k[None, None, :])
-    valid = offs < n
+    byte = tl.arange(0, NB_TILE)
+    k = tl.arange(0, K_TILE)
+    pos = byte[None, :, None] * PER_BYTE + k[None, None, :]
+    offs = rows[:, None, None] * G + pos
+    valid = (offs < n) & (k < PER_BYTE)[None, None, :] & (pos < G)
 
     if X_IS_BF16:
         raw = tl.load(x_ptr + offs, mask=valid, other=0)
@@ -105,7 +118,10 @@ def _pack_kernel(
     keep = valid & (bad == 0)[:, None, None]
     ci = tl.where(keep, code, 0.0).to(tl.int32)
 
-    packed = tl.sum(ci << (k * BITS)[None, None, :], axis=2)  # disjoint bits: sum == or
+    if TRITS:
+        packed = tl.sum(ci * _trit_weight(k)[None, None, :], axis=2)  # base 3, digit k = value k
+    else:
+        packed = tl.sum(ci << (k * BITS)[None, None, :], axis=2)  # disjoint bits: sum == or
 
     # Constant groups: exact fp32 bits of the value, little-endian, in bytes 0..3.
     first4 = byte < 4
@@ -115,7 +131,7 @@ def _pack_kernel(
     tl.store(
         codes_ptr + rows[:, None] * NB + byte[None, :],
         packed.to(tl.uint8),
-        mask=row_ok[:, None],
+        mask=row_ok[:, None] & (byte < NB)[None, :],
     )
 
     # bf16 patterns are the top halves of the (already bf16-valued) fp32 patterns; NaN -> 0x7FC0.
@@ -127,30 +143,37 @@ def _pack_kernel(
 
 @triton.jit
 def _unpack_kernel(
-    codes_ptr,  # uint8 [num_groups, G * BITS // 8]
+    codes_ptr,  # uint8 [num_groups, NB]
     meta_ptr,  # int16 [num_groups, 2]: bf16 bit patterns of (lo, step)
     out_ptr,  # flat output [n]: fp32 / fp16, or bf16 viewed as int16 (OUT_BF16)
     n,  # number of real values
     num_groups,  # ceil(n / G)
     BITS: tl.constexpr,
+    TRITS: tl.constexpr,
+    PER_BYTE: tl.constexpr,
+    K_TILE: tl.constexpr,
+    NB: tl.constexpr,
+    NB_TILE: tl.constexpr,
+    LEVELS: tl.constexpr,
     G: tl.constexpr,
     BLOCK_G: tl.constexpr,
     OUT_BF16: tl.constexpr,
 ):
     # x_hat = lo + code * step (fp32). Constant groups (step == 0): lo = exact value from bytes
     # 0..3 and step = -0.0, so x_hat == value bit for bit. NaN step -> NaN for the whole group.
-    PER_BYTE: tl.constexpr = 8 // BITS
-    NB: tl.constexpr = G // PER_BYTE
-    LEVELS: tl.constexpr = (1 << BITS) - 1
-
+    # Tile and constexprs as in _pack_kernel.
     rows = tl.program_id(0).to(tl.int64) * BLOCK_G + tl.arange(0, BLOCK_G).to(tl.int64)
     row_ok = rows < num_groups
-    byte = tl.arange(0, NB)
-    k = tl.arange(0, PER_BYTE)
+    byte = tl.arange(0, NB_TILE)
+    k = tl.arange(0, K_TILE)
 
-    packed = tl.load(codes_ptr + rows[:, None] * NB + byte[None, :], mask=row_ok[:, None], other=0)
+    packed = tl.load(codes_ptr + rows[:, None] * NB + byte[None, :], mask=row_ok[:, None] & (byte < NB)[None, :],
+                     other=0)
     packed = packed.to(tl.int32)
-    code = (packed[:, :, None] >> (k * BITS)[None, None, :]) & LEVELS
+    if TRITS:
+        code = (packed[:, :, None] // _trit_weight(k)[None, None, :]) % 3
+    else:
+        code = (packed[:, :, None] >> (k * BITS)[None, None, :]) & LEVELS
 
     lo_bits = tl.load(meta_ptr + rows * 2, mask=row_ok, other=0).to(tl.int32) << 16
     step_bits = tl.load(meta_ptr + rows * 2 + 1, mask=row_ok, other=0).to(tl.int32) << 16
@@ -163,8 +186,9 @@ def _unpack_kernel(
 
     val = lo[:, None, None] + code.to(tl.float32) * step[:, None, None]
 
-    offs = rows[:, None, None] * G + (byte[None, :, None] * PER_BYTE + k[None, None, :])
-    valid = offs < n
+    pos = byte[None, :, None] * PER_BYTE + k[None, None, :]
+    offs = rows[:, None, None] * G + pos
+    valid = (offs < n) & (k < PER_BYTE)[None, None, :] & (pos < G)
     if OUT_BF16:
         # round to nearest even, as torch's float -> bfloat16 (NaN -> 0x7FC0)
         b = val.to(tl.int32, bitcast=True)
@@ -179,6 +203,16 @@ def _launch_config(group_size: int, num_groups: int) -> tuple[int, tuple[int]]:
     return block_g, (triton.cdiv(num_groups, block_g),)
 
 
+def _layout(bits, group_size: int) -> dict:
+    """The kernels' width constexprs: 1, 2, 4, 8 bits tile exactly [NB, 8 / bits]; three levels
+    tile [64, 8] for a group of 256 (52 bytes of 5 values), masking the slots that hold none."""
+    trits = bits == TERNARY
+    per_byte = TRITS_PER_BYTE if trits else 8 // bits
+    nb = code_bytes(bits, group_size)
+    return dict(BITS=0 if trits else bits, TRITS=trits, PER_BYTE=per_byte, K_TILE=triton.next_power_of_2(per_byte),
+                NB=nb, NB_TILE=triton.next_power_of_2(nb), LEVELS=levels(bits), G=group_size)
+
+
 def pack_groups_triton(
     x: torch.Tensor,
     seed: torch.Tensor,
@@ -191,7 +225,7 @@ def pack_groups_triton(
     flat = x.reshape(-1)
     n = flat.numel()
     num_groups = triton.cdiv(n, group_size)
-    codes = torch.empty(num_groups, group_size * bits // 8, dtype=torch.uint8, device=x.device)
+    codes = torch.empty(num_groups, code_bytes(bits, group_size), dtype=torch.uint8, device=x.device)
     meta = torch.empty(num_groups, 2, dtype=torch.bfloat16, device=x.device)
     if n == 0:
         return codes, meta
@@ -201,7 +235,7 @@ def pack_groups_triton(
     block_g, grid = _launch_config(group_size, num_groups)
     _pack_kernel[grid](
         flat, seed, codes, meta.view(torch.int16), n, num_groups, stream_key(stream), inv_levels(bits),
-        BITS=bits, G=group_size, BLOCK_G=block_g, X_IS_BF16=is_bf16, STOCHASTIC=stochastic,
+        **_layout(bits, group_size), BLOCK_G=block_g, X_IS_BF16=is_bf16, STOCHASTIC=stochastic,
         num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
     return codes, meta
@@ -225,7 +259,7 @@ def unpack_groups_triton(
     block_g, grid = _launch_config(group_size, num_groups)
     _unpack_kernel[grid](
         codes, meta.view(torch.int16), out.view(torch.int16) if is_bf16 else out, n, num_groups,
-        BITS=bits, G=group_size, BLOCK_G=block_g, OUT_BF16=is_bf16,
+        **_layout(bits, group_size), BLOCK_G=block_g, OUT_BF16=is_bf16,
         num_warps=_NUM_WARPS, enable_fp_fusion=False,
     )
     return out

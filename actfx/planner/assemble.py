@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from actfx.config import KEEP_EXACT
-from actfx.kernels import ALLOWED_BITS
+from actfx.kernels import ALLOWED_BITS, code_bits
 from actfx.planner.choose import Option
 from actfx.planner.inventory import Inventory
 from actfx.planner.plan import CHECKPOINT, Plan, Site, site_order
@@ -47,7 +47,7 @@ def assemble(inventory: Inventory, planned, widths, options, fixed_bytes, peak, 
             per_unit.setdefault(unit, [width, 0, None if width is None else 0.0])
         for pack in group.packs:
             b = pack.width(width) if width is not None else pack.bits
-            numel_bits += pack.numel * (8 * pack.itemsize if b == KEEP_EXACT else b)
+            numel_bits += pack.numel * (8 * pack.itemsize if b == KEEP_EXACT else code_bits(b, group_size))
             numel += pack.numel
             first = per_unit[next((u for u in pack.source.units if u in outside), outside[0])]
             first[1] += pack.nbytes(b, group_size)

@@ -3,8 +3,9 @@
 Greedy by marginal variance per byte (the convex-hull greedy of a multiple-choice knapsack):
 every group starts at the narrowest width; then, while bytes remain, the upgrade (to any wider
 width) that removes the most variance per added byte and still fits is taken. Variance falls like
-``1 / (2^b - 1)^2`` while bytes grow like ``b``, so each group's options are convex and the greedy
-is within one upgrade of the optimum.
+``1 / L^2`` (L = 2^b - 1 steps, 2 for three levels) while bytes grow like ``b``, so each group's
+options are convex (three levels too: ``actfx/kernels/widths.py``) and the greedy is within one
+upgrade of the optimum.
 """
 
 from __future__ import annotations

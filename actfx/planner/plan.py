@@ -29,7 +29,7 @@ class Site:
 
     module: str
     op: str
-    bits: int  # 1, 2, 4, 8, or KEEP_EXACT (written "exact" in JSON)
+    bits: int | float  # 1, 1.6 (three levels), 2, 4, 8, or KEEP_EXACT (written "exact" in JSON)
     bytes: int
     variance: float | None  # None: not measured (kept at the default width)
 
@@ -58,7 +58,7 @@ class Plan:
     batch: int
     activation_bytes: int  # held for backward at ``batch`` (exact: summed from the chosen packs)
     predicted_peak_bytes: int
-    average_bits: float  # over every packed value, weighted by size
+    average_bits: float  # code bits per packed value, weighted by size (three levels: 1.625 at groups of 256)
     gradient_variance: float  # predicted, at the calibration batch (sum over measured packs)
     budget: str = ""  # what the plan was made to fit, in words
     path: str = "eager"  # "eager": sites are actfx.convert's ops; "compile": actfx.compile's saved values

@@ -17,7 +17,7 @@ them (``saved_tensors_hooks``). One
 draw of the noise per pack: the squared error is a sum over many independent values, so one draw
 is close to its expectation (the benchmark checks the ranking against the measured error).
 
-It is measured at 1 and at 2 bits (``MEASURED_BITS``); wider widths follow from the rounding
+It is measured at 1, 1.6 (three levels) and 2 bits (``MEASURED_BITS``); wider widths follow from the rounding
 variance itself: stochastic rounding of a value at fraction ``f`` between two levels ``step``
 apart has variance ``step^2 f (1 - f)`` (ActNN's range^2 estimate without averaging ``f (1 - f)``
 to 1/6), so ``Var_p(b) = Var_p(2) * sum_i sigma_i^2(b) / sum_i sigma_i^2(2)``. That scaling
@@ -25,6 +25,7 @@ holds from 2 bits up (4-bit noise scaled to 2 bits came within 10% of 2-bit nois
 down to 1: the values whose rounding reaches the gradient most are not a fair sample of the
 pack, and 1-bit noise measured was 2.5x (up to 4.9x) its scaled estimate per pack on torchvision
 regnet_x_400mf, whose plan then chose 1 bit where it hurt and did worse than uniform 2-bit.
+Three levels are measured for the same reason (one more backward per pack in calibration).
 
 Packs of different values round independently with zero mean, so the gradient's variance is the
 sum of the packs' ``Var_p``: that sum is what the planner minimises. Packs that hold something
@@ -43,7 +44,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.fx import Interpreter, Node
 
-from actfx.kernels import ALLOWED_BITS, reference_kernels
+from actfx.kernels import ALLOWED_BITS, TERNARY, levels, reference_kernels
 from actfx.outputs import grad_leaves
 from actfx.passes.analyze import CARRIED
 from actfx.passes.capture import buffers_restored
@@ -52,7 +53,7 @@ from actfx.variants.batchnorm import per_channel, uses_batch_stats
 
 # Kinds whose backward recomputes from what it packed rather than reading what PyTorch saves.
 UNMEASURED_KINDS = frozenset({"sdpa", "attention", "transformer_layer"})
-MEASURED_BITS = (1, 2)  # widths whose noise is measured; wider ones scale from 2 bits
+MEASURED_BITS = (1, TERNARY, 2)  # widths whose noise is measured; wider ones scale from 2 bits
 
 
 def per_width(measure, rounding, widths=MEASURED_BITS) -> dict:
@@ -88,7 +89,7 @@ def _groups(x: torch.Tensor, group_size: int) -> torch.Tensor:
 
 def _levels(groups: torch.Tensor, bits: int):
     lo = groups.amin(1, keepdim=True)
-    step = (groups.amax(1, keepdim=True) - lo) / ((1 << bits) - 1)
+    step = (groups.amax(1, keepdim=True) - lo) / levels(bits)
     pos = (groups - lo) / torch.where(step > 0, step, torch.ones_like(step))
     return lo, step, pos
 

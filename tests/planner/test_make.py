@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from rich.console import Console
 import actfx
 from actfx.accounting import count_saved
 from actfx.config import KEEP_EXACT
+from actfx.kernels import TERNARY
 from actfx.models import build_model
 from actfx.report import GPUS
 from checks import Doubled
@@ -48,6 +50,21 @@ def test_a_tight_budget_gives_the_wide_branch_the_bits():
     plan = actfx.plan(model, x, activation_budget=int(uniform * 1.25), loss_fn=projection())
     bits = {s.module: s.bits for s in plan.sites}
     assert (bits["narrow"], bits["wide"]) == (1, 4)
+
+
+def test_a_budget_between_one_and_two_bits_plans_three_levels():
+    """0.7x what uniform 2-bit holds: three levels (1.6) come into the plan (conv1's input here;
+    the BatchNorms take 1 bit), survive its JSON, and the converted model packs them and holds
+    the predicted bytes."""
+    torch.manual_seed(0)
+    model, x = SmallCNN(), torch.randn(4, 3, 16, 16)
+    uniform = _held(actfx.convert(model, bits=2), x)
+    plan = actfx.Plan.from_dict(json.loads(json.dumps(actfx.plan(model, x, activation_budget=int(uniform * 0.7)).to_dict())))
+    assert TERNARY in {s.bits for s in plan.sites}
+    assert plan.average_bits < 2
+    converted = actfx.convert(model, plan=plan)
+    assert any("packed 1.6-bit" in saved for d in converted._actfx_record.decisions for saved in d.saved)
+    assert _held(converted, x) == plan.activation_bytes <= uniform * 0.7
 
 
 def test_functional_code_gets_a_width_per_op_not_per_module():
@@ -266,13 +283,16 @@ class _Block(torch.nn.Module):
 
 def test_a_plan_reads_attention_probabilities_where_that_plans_less_variance(tmp_path):
     """Two short-sequence attention blocks (16 tokens, heads of 16): the plan tries both attention
-    variants and keeps the one with the lower estimate; here the one that packs q and k below 8
-    bits (gpt_tiny at uniform 2-bit's bytes: 0.215 -> 0.096 |g|^2 measured). It travels in the
-    plan's JSON and convert(plan=) applies it."""
+    variants and keeps the one with the lower estimate; here, at 0.8x uniform 2-bit's bytes, the
+    one that packs q and k below 8 bits (estimates 9.2e3 against 1.5e4; at 1.0x, with three
+    levels to choose, the fused attention's 5.1e3 against 5.4e3; gpt_tiny at uniform 2-bit's
+    bytes: 0.215 -> 0.096 |g|^2 measured). It travels in the plan's JSON and convert(plan=)
+    applies it."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(_Block(), _Block(), torch.nn.Linear(64, 8))
     x = torch.randn(4, 16, 64)
-    plan = actfx.plan(model, x, activation_budget=_held(actfx.convert(model, bits=2), x), loss_fn=projection())
+    budget = int(0.8 * _held(actfx.convert(model, bits=2), x))
+    plan = actfx.plan(model, x, activation_budget=budget, loss_fn=projection())
     assert plan.attention_math
     console = Console(file=io.StringIO(), width=200)
     plan.summary(console)
