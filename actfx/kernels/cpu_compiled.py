@@ -93,14 +93,9 @@ def noise_keys(seed: int, stream: int) -> tuple[torch.Tensor, torch.Tensor]:
 # ------------------------------------------------------------------------------------ pack body
 
 
-def _pack_body(x: torch.Tensor, mult, add, bits: int, stochastic: bool):
-    """fp32 [R, G] -> codes uint8 [R, G*bits/8], meta int16 [R, 2], const bool [R], min fp32 [R].
-
-    Same fp32 operations in the same order as `reference._quantize_chunk`; output byte j of a
-    row holds the codes of values j*per .. j*per+per-1 (per = 8 / bits), least significant first.
-    """
-    rows, group = x.shape
-    per = 8 // bits
+def _group_range(x: torch.Tensor, bits):
+    """Per row of fp32 [R, G]: (min, lo, step, bad, const, 1/step) as `reference._quantize_chunk`
+    computes them (step 0 for constant rows, 1/step 0 where step is 0 or not finite)."""
     mn, mx = x.amin(dim=1), x.amax(dim=1)
     lo = round_bf16_down(mn)
     step = round_bf16_up((mx - lo) * inv_levels(bits))
@@ -109,6 +104,24 @@ def _pack_body(x: torch.Tensor, mult, add, bits: int, stochastic: bool):
     step = torch.where(const, 0.0, step)
     ok = step > 0
     recip = torch.where(ok, 1.0 / torch.where(ok, step, 1.0), 0.0)
+    return mn, lo, step, bad, const, recip
+
+
+def _meta(lo: torch.Tensor, step: torch.Tensor, bad: torch.Tensor) -> torch.Tensor:
+    """int16 [R, 2]: the bf16 patterns of lo and step (the top halves of their fp32 patterns), NaN's for bad rows."""
+    meta = torch.stack((lo.view(torch.int32) >> 16, step.view(torch.int32) >> 16), dim=1)
+    return torch.where(bad[:, None], _BF16_NAN, meta).to(torch.int16)
+
+
+def _pack_body(x: torch.Tensor, mult, add, bits: int, stochastic: bool):
+    """fp32 [R, G] -> codes uint8 [R, G*bits/8], meta int16 [R, 2], const bool [R], min fp32 [R].
+
+    Same fp32 operations in the same order as `reference._quantize_chunk`; output byte j of a
+    row holds the codes of values j*per .. j*per+per-1 (per = 8 / bits), least significant first.
+    """
+    rows, group = x.shape
+    per = 8 // bits
+    mn, lo, step, bad, const, recip = _group_range(x, bits)
     lo_c, recip_c, bad_c = lo[:, None], recip[:, None], bad[:, None]
     xv = x.view(rows, group // per, per)
     if stochastic:
@@ -126,9 +139,7 @@ def _pack_body(x: torch.Tensor, mult, add, bits: int, stochastic: bool):
         f = torch.where(bad_c, 0.0, f.clamp_max(float((1 << bits) - 1)))
         code = f.to(torch.int32) << (bits * k)
         packed = code if packed is None else packed | code
-    meta = torch.stack((lo.view(torch.int32) >> 16, step.view(torch.int32) >> 16), dim=1)
-    meta = torch.where(bad[:, None], _BF16_NAN, meta).to(torch.int16)
-    return packed.to(torch.uint8), meta, const, mn
+    return packed.to(torch.uint8), _meta(lo, step, bad), const, mn
 
 
 def _pack_trits_body(x: torch.Tensor, mult, add, stochastic: bool):
@@ -138,14 +149,7 @@ def _pack_trits_body(x: torch.Tensor, mult, add, stochastic: bool):
     zeros to a multiple of five, are summed in base 3 per byte (value 5j + k as digit k).
     """
     rows, group = x.shape
-    mn, mx = x.amin(dim=1), x.amax(dim=1)
-    lo = round_bf16_down(mn)
-    step = round_bf16_up((mx - lo) * inv_levels(TERNARY))
-    bad = ~torch.isfinite(step)
-    const = (mx == mn) & ~bad
-    step = torch.where(const, 0.0, step)
-    ok = step > 0
-    recip = torch.where(ok, 1.0 / torch.where(ok, step, 1.0), 0.0)
+    mn, lo, step, bad, const, recip = _group_range(x, TERNARY)
     t = (x - lo[:, None]) * recip[:, None]
     f = torch.floor(t)
     frac = t - f
@@ -159,9 +163,7 @@ def _pack_trits_body(x: torch.Tensor, mult, add, stochastic: bool):
     digits = torch.nn.functional.pad(f.to(torch.int32), (0, nbytes * TRITS_PER_BYTE - group))
     weights = torch.tensor(TRIT_WEIGHTS, dtype=torch.int32, device=x.device)
     packed = (digits.view(rows, nbytes, TRITS_PER_BYTE) * weights).sum(2)
-    meta = torch.stack((lo.view(torch.int32) >> 16, step.view(torch.int32) >> 16), dim=1)
-    meta = torch.where(bad[:, None], _BF16_NAN, meta).to(torch.int16)
-    return packed.to(torch.uint8), meta, const, mn
+    return packed.to(torch.uint8), _meta(lo, step, bad), const, mn
 
 
 # One wrapper per (bits, stochastic): each is its own code object, so each has its own recompile budget.
