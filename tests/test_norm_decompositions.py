@@ -118,3 +118,28 @@ def test_a_batchnorm_over_small_maps_is_not_amplified_under_compile():
     compiled = actfx.compile(model, bits=2)
     errors = [float((weighted_grads(model, compiled, x, w) - exact).norm() / exact.norm()) for _ in range(4)]
     assert max(errors) < 5, errors  # 7.5e5 before
+
+
+class _TwoBatchNormsOnSmallMaps(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(16, 64, 1), nn.BatchNorm2d(64)
+        self.c2, self.b2 = nn.Conv2d(64, 64, 1), nn.BatchNorm2d(64)
+
+    def forward(self, x):
+        return self.b2(self.c2(torch.relu(self.b1(self.c1(x))))).relu().mean((2, 3))
+
+
+def test_a_batchnorm_over_small_maps_stores_its_normalised_input_once():
+    """The decomposition reads the [1, C, 1, 1] mean as ``view(squeeze(mean))``: hoisted, its x̂
+    differed from the forward's x̂ by that chain alone, and both were packed (each BatchNorm's
+    x̂ twice, one copy without a module path)."""
+    from actfx.compiled_estimate import estimate_compiled
+    from actfx.config import Config
+    from actfx.passes.saved_plan import Storage
+
+    torch.manual_seed(0)
+    record = estimate_compiled(_TwoBatchNormsOnSmallMaps(), (torch.randn(8, 16, 4, 4),), Config(bits=2))
+    full = [v for plan in record.plans for v in plan.saved if v.storage is Storage.PACKED and v.shape == (8, 64, 4, 4)]
+    normalised = [v for v in full if v.op == "aten.mul.Tensor"]
+    assert sorted(v.module_path for v in normalised) == ["b1", "b2"]

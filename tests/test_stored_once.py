@@ -305,3 +305,33 @@ def test_a_weight_handed_in_as_an_argument_is_kept_by_reference():
     model = Experts()
     h, top = torch.randn(64, 32), torch.randint(0, 4, (64,))
     assert_same_forward_and_fewer_bytes(model, actfx.convert(model, bits=2), (h, top), 3)
+
+
+class _FlatAndConv(nn.Module):
+    """A linear head on ``x.flatten(1)`` beside a conv on ``x`` (and, ``inner``, the same on an
+    intermediate activation): each read one pack of ``x`` for itself, two packs of one value."""
+
+    def __init__(self, inner: bool):
+        super().__init__()
+        self.pre = nn.Conv2d(3, 3, 1) if inner else nn.Identity()
+        self.fc = nn.Linear(3 * 16 * 16, 10)
+        self.conv = nn.Conv2d(3, 4, 3)
+
+    def forward(self, x):
+        x = self.pre(x)
+        return self.fc(x.flatten(1)).sum(1, keepdim=True) + self.conv(x).mean((2, 3))
+
+
+def test_a_value_read_as_itself_and_as_a_reshape_is_packed_once():
+    x = torch.randn(8, 3, 16, 16)
+    for inner in (False, True):
+        torch.manual_seed(0)
+        model = _FlatAndConv(inner)
+        converted = _check(model, x)
+        sources = {d.node: (d.saved, d.sources) for d in converted._actfx_record.decisions}
+        assert sources["fc"][0] == ["reshape of packed 8-bit"]
+        assert sources["fc"][1] == [("reshape", sources["conv"][1][0])]  # the conv's pack, reshaped
+        packs = 2 if inner else 1  # pre's input and the shared one
+        one_pack = 3 * 16 * 16 * 8 // 256 * (256 + 4)  # 8-bit codes + min and step per group
+        assert _held(converted, x) == packs * one_pack
+        _unbiased(model, x)

@@ -28,7 +28,13 @@ def merge_copies(run) -> int:
     Returns how many nodes were merged."""
     first: dict = {}
     merged = 0
+    user_outputs = set(run.g.outputs()[:run.g.num_fwd_outputs])
     for node in list(run.g.fwd.nodes):
+        same = None if node in user_outputs else _view_of_itself(node)
+        if same is not None:
+            _replace(run, node, same)
+            merged += 1
+            continue
         key = _key(node)
         if key is None:
             continue
@@ -46,6 +52,34 @@ def merge_copies(run) -> int:
         run.g.fwd.eliminate_dead_code()
         run.g.renumber()
     return merged
+
+
+_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
+                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default})
+
+
+def _view_of_itself(node: fx.Node) -> fx.Node | None:
+    """The node a chain of views (``view(squeeze(t))``) leads back to with the same shape,
+    strides and dtype: the same tensor. Why: a backward decomposition reads BatchNorm's
+    ``[1, C, 1, 1]`` mean as ``view(squeeze(mean))``; hoisted, its x̂ differed from the forward's
+    by that chain alone, and both were stored (ResNet-50's layer3 and layer4 packed twice).
+    The caller leaves the model's outputs alone (their aliasing is recorded); a saved view
+    becomes its saved source."""
+    if node.op != "call_function" or node.target not in _VIEWS:
+        return None
+    here = val(node)
+    if not isinstance(here, torch.Tensor):
+        return None
+    source = node.args[0]
+    while isinstance(source, fx.Node) and source.op in ("call_function", "placeholder"):
+        there = val(source)
+        if isinstance(there, torch.Tensor) and there.shape == here.shape and there.dtype == here.dtype and \
+                there.stride() == here.stride() and there.storage_offset() == here.storage_offset():
+            return source
+        if source.op != "call_function" or source.target not in _VIEWS:
+            return None
+        source = source.args[0]
+    return None
 
 
 def _key(node: fx.Node):

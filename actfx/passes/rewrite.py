@@ -182,7 +182,29 @@ class _Rewriter:
                     if i in site.nonlinear:
                         self.floors[v] = NONLINEAR_BITS
                     self.units.setdefault(v, set()).add(self.keys[node])
+        # Values that are reshapes or casts of one activation, read by more than one site
+        # (``x.flatten(1)`` for a Linear beside a conv reading ``x``), are stored as one pack of
+        # it, at the widest width any reader asks.
+        roots = {v: self._root(v) for v in bits}
+        readers = collections.Counter(roots.values())
+        self.roots = {v: root if readers[root] > 1 else v for v, root in roots.items()}
+        for v, root in self.roots.items():
+            if root is not v:
+                bits[root] = max(bits.get(root, 0), bits[v])
+                self.units.setdefault(root, set()).update(self.units[v])
+                if v in self.floors:
+                    self.floors[root] = max(self.floors.get(root, 0), self.floors[v])
+        for v, root in self.roots.items():
+            bits[v] = bits[root]
         return bits
+
+    def _root(self, v: Node) -> Node:
+        """The activation ``v`` is a reshape or float cast of, through any chain of them."""
+        while True:
+            src = self.facts.reshape_source(v)
+            if src is None or self.facts.is_parameter_like(src) or self.facts.is_non_tensor(src):
+                return v
+            v = src
 
     def _width(self, node: Node) -> int:
         """The width of what the site at ``node`` saves (once per site: ``self.widths``): its
@@ -313,6 +335,9 @@ class _Rewriter:
         rebuilt = self._cheap(v)
         if rebuilt is not None and rebuilt[0][0] != "packed":
             return self._or_pack(v, rebuilt)
+        if rebuilt is None and self.roots[v] is not v and self.config.rebuild_chains and self.bits[v] != KEEP_EXACT:
+            self._pack(self.roots[v])  # one pack of the activation serves each reshape of it
+            return self._cheap(v)
         return rebuilt or self._pack(v)
 
     def _reads_itself(self, site: Site, i: int, v: Node) -> bool:
