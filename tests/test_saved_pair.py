@@ -48,3 +48,30 @@ def test_added_saved_values_read_their_own_values_when_backward_names_collide():
     (grad,) = backward(saved_u, saved_u_1, saved_value, torch.ones(3))
     torch.testing.assert_close(grad, value + 10 * (3 * value) + 100 * (2 * value))
     assert [p.target for p in bwd.find_nodes(op="placeholder")] == [p.name for p in bwd.find_nodes(op="placeholder")]
+
+
+class _ReluBetweenConvs(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv1, self.act1 = torch.nn.Conv2d(3, 8, 3), torch.nn.ReLU(inplace=True)
+        self.conv2, self.act2 = torch.nn.Conv2d(8, 8, 3), torch.nn.ReLU()
+        self.head = torch.nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.head(self.act2(self.conv2(self.act1(self.conv1(x)))).mean((2, 3)))
+
+
+def test_a_mask_the_partitioner_moved_into_forward_names_the_module_of_its_input():
+    """``le(relu_out, 0)`` comes from backward's graph with no module of its own; actfx.show
+    listed such masks without a module path (18 of SqueezeNet's 45 rows)."""
+    import warnings
+
+    from actfx.compiled_estimate import estimate_compiled
+    from actfx.config import Config
+    from actfx.passes.saved_plan import Storage
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        record = estimate_compiled(_ReluBetweenConvs(), (torch.randn(2, 3, 16, 16),), Config(bits=2))
+    masks = [v.module_path for plan in record.plans for v in plan.saved if v.storage is Storage.MASK]
+    assert sorted(masks) == ["act1", "act2"]

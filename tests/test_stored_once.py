@@ -335,3 +335,24 @@ def test_a_value_read_as_itself_and_as_a_reshape_is_packed_once():
         one_pack = 3 * 16 * 16 * 8 // 256 * (256 + 4)  # 8-bit codes + min and step per group
         assert _held(converted, x) == packs * one_pack
         _unbiased(model, x)
+
+
+class _CastThenEdited(nn.Module):
+    """``b = a.half()`` is a copy: ``a.mul_(2)`` after it leaves b as it was. Packing ``a`` once
+    for both readers would hand fc2's backward the edited values."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc3 = nn.Linear(64, 64), nn.Linear(64, 8)
+        self.fc2 = nn.Linear(64, 8).half()
+
+    def forward(self, x):
+        a = self.fc1(x)
+        b = a.half()
+        a.mul_(2)
+        return self.fc2(b).float() + self.fc3(a)
+
+
+def test_a_cast_copy_is_not_packed_as_its_source():
+    torch.manual_seed(0)
+    _check(_CastThenEdited(), torch.randn(64, 64), tol=0.03)

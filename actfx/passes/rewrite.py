@@ -135,6 +135,8 @@ class _Rewriter:
             if site.kind == "matmul" and any(isinstance(v, Node) and self.facts.is_parameter_like(v)
                                              for i, v in enumerate(site.saved) if i not in site.shape_only):
                 site.kind = "linear"
+        self.edited = [m for node in gm.graph.nodes
+                       if (m := self.facts.mutated_input(node, self.sites.get(node))) is not None]
         self.keys = self._site_keys()
         self.widths = {node: self._width(node) for node in self.sites}
         self.bits = self._bits_per_value()
@@ -199,12 +201,18 @@ class _Rewriter:
         return bits
 
     def _root(self, v: Node) -> Node:
-        """The activation ``v`` is a reshape or float cast of, through any chain of them."""
+        """The activation ``v`` is a reshape or float cast of, through any chain of them, where
+        nothing edits that activation in place: packed at a later reader's turn, after such an
+        edit, a cast's copy would read the edited values."""
+        start = v
         while True:
             src = self.facts.reshape_source(v)
             if src is None or self.facts.is_parameter_like(src) or self.facts.is_non_tensor(src):
-                return v
+                break
             v = src
+        if v is not start and any(self.facts.same_storage(v, edited) for edited in self.edited):
+            return start
+        return v
 
     def _width(self, node: Node) -> int:
         """The width of what the site at ``node`` saves (once per site: ``self.widths``): its

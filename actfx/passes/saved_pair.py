@@ -39,9 +39,14 @@ def nbytes(node) -> int:
     return numel(node) * val(node).element_size()
 
 
-def module_path(node: fx.Node) -> str:
+def module_path(node: fx.Node, depth: int = 3) -> str:
+    """The module that made ``node`` (dynamo's ``nn_module_stack``). A node the partitioner moved
+    from backward into forward (a ReLU's ``le(y, 0)`` mask) has none: it takes the module of its
+    first input that has one, up to ``depth`` inputs back (that ReLU's output)."""
     stack = node.meta.get("nn_module_stack") or {}
     if not stack:
+        if depth and node.op == "call_function":
+            return next((p for p in (module_path(a, depth - 1) for a in node.all_input_nodes) if p), "")
         return ""
     path = list(stack.values())[-1][0]
     path = re.sub(r"^L\['[^']*'\]\.?", "", path)
