@@ -1,6 +1,6 @@
 """Throughput of pack / unpack against a plain copy of the same tensor on the same device.
 
-Run: python benchmarks/kernel_throughput.py [--device cpu|cuda] [--sizes 1MB 16MB ...] [--bits 2 4]
+Run: python benchmarks/kernel_throughput.py [--device cpu|cuda] [--sizes 1MB 16MB ...] [--bits 1.6 2 4]
      [--dtypes float32 bfloat16] [--backend auto|triton|compiled|reference] [--json PATH]
 
 `--backend compiled` is the torch.compile'd CPU path (the default on CPU), `reference` the eager
@@ -22,7 +22,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from actfx.kernels import pack_groups, unpack_groups
+from actfx.kernels import TERNARY, pack_groups, unpack_groups
 
 _UNITS = {"KB": 1 << 10, "MB": 1 << 20, "GB": 1 << 30}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -55,6 +55,11 @@ def time_it(fn: Callable[[], object], device: torch.device, repeats: int) -> flo
     return statistics.median(times)
 
 
+def _width(text: str):
+    """``--bits``' text as a width: 1.6 is three levels (``actfx.kernels.TERNARY``)."""
+    return TERNARY if text.strip() == "1.6" else int(text)
+
+
 def bench_one(nbytes: int, dtype: torch.dtype, bits: int, group_size: int, device: torch.device, backend: str,
               repeats: int) -> dict:
     numel = nbytes // dtype.itemsize
@@ -84,7 +89,8 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--sizes", nargs="+", default=None, help="input sizes, e.g. 1MB 64MB 1GB")
     parser.add_argument("--dtypes", nargs="+", default=list(_DTYPES), choices=list(_DTYPES))
-    parser.add_argument("--bits", nargs="+", type=int, default=[1, 2, 4, 8])
+    parser.add_argument("--bits", nargs="+", type=_width, default=[1, 1.6, 2, 4, 8],
+                        help="widths: 1, 1.6 (three levels), 2, 4, 8")
     parser.add_argument("--group-size", type=int, default=256)
     parser.add_argument("--backend", default="auto", choices=["auto", "triton", "compiled", "reference"])
     parser.add_argument("--repeats", type=int, default=5)

@@ -145,24 +145,31 @@ def _pack_body(x: torch.Tensor, mult, add, bits: int, stochastic: bool):
 def _pack_trits_body(x: torch.Tensor, mult, add, stochastic: bool):
     """Three levels: fp32 [R, G] -> codes uint8 [R, ceil(G / 5)], meta, const, min as `_pack_body`.
 
-    The same fp32 operations as `reference._quantize_chunk`; the codes of a row, padded with
-    zeros to a multiple of five, are summed in base 3 per byte (value 5j + k as digit k).
+    The same fp32 operations as `reference._quantize_chunk`. The row's whole bytes (five values
+    each, read as a strided view) and its last partial byte are quantized side by side and
+    summed in base 3, as `_pack_body` does with shifts: no codes table is written (padding the
+    codes to whole bytes and summing them ran 3.4x slower than 2 bits at 64 MB).
     """
     rows, group = x.shape
     mn, lo, step, bad, const, recip = _group_range(x, TERNARY)
-    t = (x - lo[:, None]) * recip[:, None]
-    f = torch.floor(t)
-    frac = t - f
-    if stochastic:
-        position = torch.arange(rows * group, dtype=torch.int32, device=x.device).view(rows, group)
-        f = f + (_uniform(position, mult, add) < frac).float()
-    else:
-        f = f + (frac >= 0.5).float()
-    f = torch.where(bad[:, None], 0.0, f.clamp_max(float(levels(TERNARY))))
-    nbytes = -(-group // TRITS_PER_BYTE)
-    digits = torch.nn.functional.pad(f.to(torch.int32), (0, nbytes * TRITS_PER_BYTE - group))
-    weights = torch.tensor(TRIT_WEIGHTS, dtype=torch.int32, device=x.device)
-    packed = (digits.view(rows, nbytes, TRITS_PER_BYTE) * weights).sum(2)
+    lo_c, recip_c, bad_c = lo[:, None], recip[:, None], bad[:, None]
+    whole, rest = divmod(group, TRITS_PER_BYTE)
+
+    def digits(values: torch.Tensor, position: torch.Tensor | None) -> torch.Tensor:
+        t = (values - lo_c) * recip_c
+        f = torch.floor(t)
+        frac = t - f
+        f = f + ((_uniform(position, mult, add) < frac) if stochastic else (frac >= 0.5)).float()
+        return torch.where(bad_c, 0.0, f.clamp_max(float(levels(TERNARY)))).to(torch.int32)
+
+    rows_at = torch.arange(rows, dtype=torch.int32, device=x.device)[:, None] * group
+    body = x[:, : whole * TRITS_PER_BYTE].view(rows, whole, TRITS_PER_BYTE)
+    starts = rows_at + torch.arange(whole, dtype=torch.int32, device=x.device)[None, :] * TRITS_PER_BYTE
+    packed = sum(digits(body[:, :, k], starts + k) * TRIT_WEIGHTS[k] for k in range(TRITS_PER_BYTE))
+    if rest:
+        tail = sum(digits(x[:, whole * TRITS_PER_BYTE + k, None], rows_at + whole * TRITS_PER_BYTE + k)
+                   * TRIT_WEIGHTS[k] for k in range(rest))
+        packed = torch.cat([packed, tail], dim=1)
     return packed.to(torch.uint8), _meta(lo, step, bad), const, mn
 
 
