@@ -355,4 +355,6 @@ class _CastThenEdited(nn.Module):
 
 def test_a_cast_copy_is_not_packed_as_its_source():
     torch.manual_seed(0)
-    _check(_CastThenEdited(), torch.randn(64, 64), tol=0.03)
+    converted = _check(_CastThenEdited(), torch.randn(64, 64), tol=0.03)  # 8-bit gradient within 3%
+    sources = {d.node: d.sources for d in converted._actfx_record.decisions}
+    assert sources["fc2"] == [("pack", "half")]  # its own pack of the copy, not a reshape of fc1's

@@ -12,6 +12,7 @@ actually taken, so `import actfx` works without triton.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import torch
@@ -203,9 +204,11 @@ def _launch_config(group_size: int, num_groups: int) -> tuple[int, tuple[int]]:
     return block_g, (triton.cdiv(num_groups, block_g),)
 
 
+@functools.cache
 def _layout(bits, group_size: int) -> dict:
     """The kernels' width constexprs: 1, 2, 4, 8 bits tile exactly [NB, 8 / bits]; three levels
-    tile [64, 8] for a group of 256 (52 bytes of 5 values), masking the slots that hold none."""
+    tile [64, 8] for a group of 256 (52 bytes of 5 values), masking the slots that hold none.
+    Cached: every launch reads it (the callers only unpack it, never change it)."""
     trits = bits == TERNARY
     per_byte = TRITS_PER_BYTE if trits else 8 // bits
     nb = code_bytes(bits, group_size)

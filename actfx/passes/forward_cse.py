@@ -17,7 +17,7 @@ import torch
 from torch import fx
 
 from actfx.passes import hoist
-from actfx.passes.saved_pair import RANDOM_OPS, val
+from actfx.passes.saved_pair import ORDER_KEEPING_VIEWS, RANDOM_OPS, val
 
 aten = torch.ops.aten
 
@@ -54,8 +54,9 @@ def merge_copies(run) -> int:
     return merged
 
 
-_VIEWS = frozenset({aten.view.default, aten.reshape.default, aten._unsafe_view.default, aten.unsqueeze.default,
-                    aten.squeeze.dim, aten.squeeze.dims, aten.squeeze.default})
+# order-keeping views, and those that add or drop a dimension of size one
+_VIEWS = frozenset(ORDER_KEEPING_VIEWS | {aten.unsqueeze.default, aten.squeeze.dim, aten.squeeze.dims,
+                                          aten.squeeze.default})
 
 
 def _view_of_itself(node: fx.Node) -> fx.Node | None:
