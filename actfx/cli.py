@@ -89,8 +89,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--memory-budget", metavar="F", help="with --compile: the partitioner's "
                       "activation_memory_budget to plan under, 0 < F <= 1 (default: PyTorch's)")
     plan.add_argument("--recompute", metavar="R", help="blocks the plan may rerun in backward from exact inputs: "
-                      "auto (only where no widths fit; the default), off, or a fraction of the forward's FLOPs "
-                      "in (0, 1] to spend where that lowers the gradient error")
+                      "a fraction of the forward's FLOPs in (0, 1] to spend where that lowers the gradient "
+                      "error, auto (the default: 0.3, and more where no widths fit) or off")
     plan.add_argument("--out", metavar="PATH", help="write the plan as JSON (actfx.Plan.load, actfx report --plan)")
 
     show = sub.add_parser("show", help="each op: what backward saves, before -> after")

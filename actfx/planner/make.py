@@ -35,7 +35,7 @@ from actfx.planner.inventory import take_inventory
 from actfx.planner.peak import largest_batch, peak_model
 from actfx.planner.plan import CHECKPOINT, Plan
 from actfx.planner.probe_sensitivity import probed_sensitivities
-from actfx.planner.recompute import candidate_paths, measure_blocks, outermost, pick
+from actfx.planner.recompute import AUTO_SHARE, candidate_paths, measure_blocks, outermost, pick
 from actfx.planner.sensitivity import pack_sensitivities, warn_if_compounding
 from actfx.planner.step_memory import step_bytes
 from actfx.report import GPUS, OPTIMIZER_STATES
@@ -109,8 +109,9 @@ def plan(model: nn.Module, example_inputs, *, budget=None, activation_budget=Non
     ``actfx.compile(model, plan=plan)``), with the partitioner's ``memory_budget`` as given there.
     ``recompute`` (eager path; on the compiled one the partitioner recomputes): which repeated
     blocks may be rerun in backward from their exact inputs instead of held (``recompute.py``):
-    ``"auto"`` only where no widths fit the budget, a fraction ``r`` in (0, 1] lets them cost up
-    to ``r`` of the forward's FLOPs wherever that lowers the gradient variance, ``False`` never.
+    a fraction ``r`` in (0, 1] lets them cost up to ``r`` of the forward's FLOPs wherever that
+    lowers the gradient variance; ``"auto"`` is ``r = 0.3`` (about a tenth of a step) and, where
+    no widths fit the budget, as many more as fitting takes; ``False`` never.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"actfx.plan expects a torch.nn.Module, got {type(model).__name__}")
@@ -235,19 +236,22 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
     sources = _rebuild_sources(converted._actfx_record.decisions)
     options = [option(g, sensitivity, group_size, exact=not any(p.key[:2] in sources for p in g.packs))
                for g in planned]
-    blocks, allowance, charged, shrinks, shrunk = None, 0, False, 0, 0
-    if recompute not in ("auto", False, 0):
-        blocks, allowance = _blocks(model, converted, base, planned_inputs, planned, recompute, dtype)
+    blocks, allowance, unmeasured, charged, shrinks, shrunk = [], 0, None, False, 0, 0
+    only_to_fit = False  # "auto" past its allowance: blocks added only while no widths fit
+    if recompute not in (False, 0):
+        blocks, allowance, unmeasured = _offered_blocks(model, converted, base, planned_inputs, planned, recompute,
+                                                        dtype)
     for _ in range(8):
         try:
             try:
-                picked = pick(options, blocks or [], room - fixed_bytes, allowance)
+                picked = pick(options, blocks, room - fixed_bytes, None if only_to_fit else allowance)
             except BudgetError:
-                if recompute != "auto" or blocks is not None:
+                if recompute != "auto" or only_to_fit:
                     raise
-                # "auto": blocks are measured only once the widths alone do not fit
-                blocks, allowance = _blocks(model, converted, base, planned_inputs, planned, recompute, dtype)
-                picked = pick(options, blocks, room - fixed_bytes, allowance)
+                only_to_fit = True
+                if unmeasured:
+                    warnings.warn(unmeasured, stacklevel=4)
+                picked = pick(options, blocks, room - fixed_bytes, None)
         except BudgetError as err:
             # what the packs' estimate misses, as measured on earlier tries: the room shrank by it
             smallest = fixed_bytes + err.smallest + shrunk
@@ -279,7 +283,7 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
             charged = True
             share = math.ceil(excess / len(picked.blocks))
             blocks = [dataclasses.replace(b, extra=b.extra + share) if b in picked.blocks else b for b in blocks]
-        elif picked.blocks and recompute != "auto":
+        elif picked.blocks and not only_to_fit:
             # recomputed modules again held more than their inputs (a module boundary that cuts a
             # rebuild chain makes the op outside pack on its own): offer only the outermost
             # blocks, then none (widths only fit this room); shrinking the room instead narrowed
@@ -381,14 +385,33 @@ def _plan_compiled_at(model, planned_inputs, calibration, *, capacity, limit, ac
     return result
 
 
+def _offered_blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
+    """``_blocks``, warning where no blocks could be measured: at once for an explicit fraction;
+    for ``"auto"`` (returned as the third item) only once the widths alone miss the budget, since
+    recompute is then a gain on top of widths and its measurement never stops a plan."""
+    try:
+        blocks, allowance, unmeasured = _blocks(model, converted, base, inputs, planned, recompute, dtype)
+    except Exception as err:  # noqa: BLE001 - re-raised for an explicit fraction
+        if recompute != "auto":
+            raise
+        warnings.warn(f"actfx.plan: measuring which modules of {type(model).__name__} could be recomputed failed "
+                      f"({type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}); the plan "
+                      "chooses widths only (recompute=False skips the measurement)", stacklevel=5)
+        return [], 0, None
+    if unmeasured and recompute != "auto":
+        warnings.warn(unmeasured, stacklevel=5)
+        unmeasured = None
+    return blocks, allowance, unmeasured
+
+
 def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
-    """(the blocks the plan may recompute, the FLOPs it may spend on them; None: only to fit).
-    Only blocks the conversion can wrap count (not inside a graph torch.export captured), each
-    checked by converting with every candidate of its depth named. A root torch.export captured
-    at its first call wraps none (nanoGPT: the plan recomputed an fx-converted block the capture
-    then replaced, and refused its own plan)."""
+    """(the blocks the plan may recompute, the FLOPs it may spend on them, why none were measured
+    or None). Only blocks the conversion can wrap count (not inside a graph torch.export
+    captured), each checked by converting with every candidate of its depth named. A root
+    torch.export captured at its first call wraps none (nanoGPT: the plan recomputed an
+    fx-converted block the capture then replaced, and refused its own plan)."""
     if "" in converted._actfx_record.captured:
-        return [], None if recompute == "auto" else 0
+        return [], 0, None
     units = {u for g in planned for u in g.units}
     paths = candidate_paths(model, units)
     present = set()
@@ -402,13 +425,11 @@ def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -
     except Exception as err:  # noqa: BLE001 - re-raised unless the forward reads tensor values
         if type(err).__name__ not in DATA_DEPENDENT:
             raise
-        # shapes that depend on values (MoE routing's nonzero) have no fake-tensor run: before,
-        # the default recompute="auto" turned a budget widths could not meet into this exception
-        warnings.warn(f"actfx.plan: {type(model).__name__}'s forward has shapes that depend on tensor values "
-                      f"({type(err).__name__}), so the modules it could recompute were not measured; the plan "
-                      "chooses widths only", stacklevel=3)
-        return [], None if recompute == "auto" else 0
-    return blocks, None if recompute == "auto" else recompute * total
+        # shapes that depend on values (MoE routing's nonzero) have no fake-tensor run
+        return [], 0, (f"actfx.plan: {type(model).__name__}'s forward has shapes that depend on tensor values "
+                       f"({type(err).__name__}), so the modules it could recompute were not measured; the plan "
+                       "chooses widths only")
+    return blocks, (AUTO_SHARE if recompute == "auto" else recompute) * total, None
 
 
 def _sensitivities(model, converted, inventory, calibration: tuple, loss_fn, group_size: int) -> dict:

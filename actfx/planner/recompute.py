@@ -38,6 +38,13 @@ from actfx.passes.state_call import call_with_state
 from actfx.planner.choose import BudgetError, choose
 
 
+# ``recompute="auto"``'s allowance, a share of the forward's FLOPs (a step is about three
+# forwards, so about a tenth of a step): enough for one of a 4-layer ViT's blocks, where q and k
+# otherwise keep 8 bits; ResNet-50 takes none at any share (a bottleneck's fp32 input costs more
+# than its packs). README "Planning to a budget" has the measured steps.
+AUTO_SHARE = 0.3
+
+
 @dataclasses.dataclass(frozen=True)
 class Block:
     path: str
