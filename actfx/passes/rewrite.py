@@ -135,8 +135,9 @@ class _Rewriter:
             if site.kind == "matmul" and any(isinstance(v, Node) and self.facts.is_parameter_like(v)
                                              for i, v in enumerate(site.saved) if i not in site.shape_only):
                 site.kind = "linear"
-        self.edited = [m for node in gm.graph.nodes
-                       if (m := self.facts.mutated_input(node, self.sites.get(node))) is not None]
+        # node -> the input it writes into, for every in-place op (asked once: the pass reads it twice)
+        self.writes = {node: m for node in gm.graph.nodes
+                       if (m := self.facts.mutated_input(node, self.sites.get(node))) is not None}
         self.keys = self._site_keys()
         self.widths = {node: self._width(node) for node in self.sites}
         self.bits = self._bits_per_value()
@@ -210,7 +211,7 @@ class _Rewriter:
             if src is None or self.facts.is_parameter_like(src) or self.facts.is_non_tensor(src):
                 break
             v = src
-        if v is not start and any(self.facts.same_storage(v, edited) for edited in self.edited):
+        if v is not start and any(self.facts.same_storage(v, edited) for edited in self.writes.values()):
             return start
         return v
 
@@ -396,7 +397,7 @@ class _Rewriter:
                     self.read_by_producer.add(node)
             else:
                 self._emit(site)
-            mutated = self.facts.mutated_input(node, site)
+            mutated = self.writes.get(node)
             if mutated is not None:
                 for other in list(self.packs):
                     if self.facts.same_storage(other, mutated):

@@ -223,8 +223,28 @@ def seeded_gradient(model: nn.Module, inputs: tuple, params: list, loss_fn, seed
 
 
 def _gradient(loss: torch.Tensor, params: list) -> list:
-    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    try:
+        grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    except RuntimeError as err:
+        if "use_reentrant=True" not in str(err):
+            raise
+        grads = _gradient_by_backward(loss, params)
     return [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+
+
+def _gradient_by_backward(loss: torch.Tensor, params: list) -> list:
+    """The gradient through ``.backward()``, each parameter's own ``.grad`` put back after: a
+    model calling ``torch.utils.checkpoint(..., use_reentrant=True)`` refuses ``autograd.grad``
+    (planning such a model raised PyTorch's RuntimeError)."""
+    kept = [p.grad for p in params]
+    for p in params:
+        p.grad = None
+    try:
+        loss.backward(retain_graph=True)
+        return [p.grad for p in params]
+    finally:
+        for p, g in zip(params, kept):
+            p.grad = g
 
 
 def _projection(out, generator) -> torch.Tensor:

@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import actfx
@@ -203,3 +204,27 @@ def test_a_plan_whose_estimate_fails_says_so():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_if_compounding(model, converted, (x,), projection(), measured)
+
+
+class _ReentrantCheckpointNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.block, self.out = nn.Linear(16, 32), nn.Sequential(nn.Linear(32, 32), nn.GELU()), nn.Linear(32, 4)
+
+    def forward(self, x):
+        h = torch.relu(self.inp(x))
+        h = h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=True)
+        return self.out(h)
+
+
+def test_a_model_with_reentrant_checkpointing_is_calibrated_through_backward():
+    """``checkpoint(..., use_reentrant=True)`` refuses ``torch.autograd.grad``: planning such a model
+    raised PyTorch's RuntimeError. Calibration takes those gradients with ``.backward()`` and puts
+    each parameter's own ``.grad`` back."""
+    torch.manual_seed(0)
+    model, x = _ReentrantCheckpointNet(), torch.randn(64, 16)
+    model.out.weight.grad = marker = torch.ones_like(model.out.weight)
+    with pytest.warns(UserWarning, match="fake-tensor step"):  # MemTracker's fake step has the same limit
+        plan = actfx.plan(model, x, activation_budget=12 * 1024)
+    assert plan.sites and plan.gradient_variance > 0
+    assert model.out.weight.grad is marker and model.inp.weight.grad is None
