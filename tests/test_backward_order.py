@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
@@ -9,8 +10,6 @@ import torch
 
 import actfx
 from actfx.models import build_model
-
-_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int64": 8, "int32": 4, "int16": 2, "uint8": 1, "int8": 1, "bool": 1}
 
 
 def _buffers_at_worst(code: str) -> tuple[int, int]:
@@ -21,10 +20,8 @@ def _buffers_at_worst(code: str) -> tuple[int, int]:
     for line in body.splitlines():
         made = re.search(r"(buf\d+) = empty_strided_\w+\(\(([\d, ]*)\), \([\d, ]*\), torch\.(\w+)\)", line)
         if made:
-            numel = 1
-            for size in filter(None, (s.strip() for s in made.group(2).split(","))):
-                numel *= int(size)
-            live[made.group(1)] = numel * _BYTES[made.group(3)]
+            numel = math.prod(int(size) for size in made.group(2).split(",") if size.strip())
+            live[made.group(1)] = numel * getattr(torch, made.group(3)).itemsize
             now += live[made.group(1)]
             worst, largest = max(worst, now), max(largest, live[made.group(1)])
         for name in re.findall(r"\bdel (buf\d+)", line):
