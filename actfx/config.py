@@ -40,7 +40,8 @@ class Config:
         they are. ``actfx.plan`` writes this table.
     recompute_modules: module paths (e.g. ``("layers.3", "layers.7")``) whose forward backward
         reruns from their inputs, kept exact (activation checkpointing inside a converted model:
-        nothing inside them is held, gradients stay exact); ``actfx.plan`` picks them.
+        nothing inside them is held, gradients stay exact); ``actfx.plan`` picks them. In a
+        model torch.export captured (flat), the block's ops are outlined into one rerun call.
     attention_math: ``actfx.convert``: scaled_dot_product_attention calls without dropout keep
         two packs of their probabilities and backward reads them (``variants/attention_math``),
         so q and k may be packed below 8 bits; it holds 2 S values per query row more (S keys),

@@ -29,8 +29,9 @@ from actfx.passes.capture import (
     under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.baked_values import BAKED, baked_values, changed_value
-from actfx.passes.export_capture import parameter_dtypes, warn_if_cast
+from actfx.passes.export_capture import exported_call, parameter_dtypes, warn_if_cast
 from actfx.passes.graph_runner import runnable
+from actfx.passes.outline_recompute import outline_recomputed
 from actfx.passes.hf_outputs import share_recording
 from actfx.passes.rewrite import SEED_BUFFER, SEED_STATE, SELF_ATTR, Decision, rewrite_graph
 from actfx.passes.sites import find_site
@@ -388,6 +389,7 @@ def _exported_forward(model, example_inputs, config, record, path: str = "", pre
     if prepare is not None:
         prepare(gm)
     record.captured[path] = copy_graph(gm.graph)  # the rewrite changes gm's graph in place
+    _outline_recomputed(gm, config, path)
     graph, decisions, uncovered = rewrite_graph(gm, config, path)
     graph.set_codegen(gm.graph._codegen)
     record.decisions.extend(decisions)
@@ -397,6 +399,16 @@ def _exported_forward(model, example_inputs, config, record, path: str = "", pre
     record.forwards[path] = [(graph, forward)]
     record.calls[path] = exported_call(gm)
     return forward, record.calls[path]
+
+
+def _outline_recomputed(gm: GraphModule, config: Config, path: str) -> None:
+    """The blocks ``config.recompute_modules`` names, outlined from the flat captured graph (the
+    forward runs on the converted model, which carries them); a warning for each left inline."""
+    outlined, refused = outline_recomputed(gm, config.recompute_modules, path)
+    exported_call(gm).carried.update(outlined)
+    for block, why in refused.items():
+        warnings.warn(f"actfx: Config.recompute_modules names {block}, which torch.export captured as loose ops that "
+                      f"cannot be rerun as one block: {why}; its ops are converted one by one", stacklevel=4)
 
 
 def convert_on_meta(model: nn.Module, config: Config, example_inputs) -> nn.Module:

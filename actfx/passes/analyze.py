@@ -64,7 +64,7 @@ class NodeSaved:
     module_path: str | None
     tensors: list = dataclasses.field(default_factory=list)  # SavedTensor
     output_bytes: int = 0  # its largest output tensor (for workspace estimates)
-    packed_numel: int = 0  # a pack node of a rewritten graph: how many values it packed (0: none)
+    packed_numel: int = 0  # a pack node of a rewritten graph: how many values it packed and backward holds (0: none)
     packed_storage: int = 0  # ... and the bytes of the storage they live in (what keeping them exact holds)
     packed_itemsize: int = 0
     node: Node | None = dataclasses.field(default=None, repr=False, compare=False)  # None: a whole module
@@ -135,6 +135,7 @@ class _Recorder:
         self.saved: list = []  # (entry, weakref to the _Held, storage key, SavedTensor)
         self.storages: list = []  # every storage seen, kept so no key is reused by a later one
         self.nodes: list[NodeSaved] = []
+        self.packs: list = []  # (pack node's entry, storage key of its codes)
         self.current: NodeSaved | None = None
         self.graphs_running = 0  # blocks run node by node inside a root that runs whole (charged by node)
 
@@ -182,8 +183,14 @@ class _Recorder:
     def unpack(held: _Held) -> torch.Tensor:
         return held.tensor
 
+    def note_pack(self, entry: NodeSaved, codes: torch.Tensor) -> None:
+        self.packs.append((entry, codes.untyped_storage()._cdata))
+        self.storages.append(codes.untyped_storage())
+
     def finish(self) -> None:
-        """Call while the forward's outputs are alive."""
+        """Call while the forward's outputs are alive. A pack no backward holds (the factor of a
+        product whose partner needs no gradient: RoPE's q beside cos) is no pack: its width
+        changes nothing (a Llama plan counted 8 such packs of q and k as 105 KB of its 2 KB)."""
         owners: dict = {}
         for entry, held, key, saved in self.saved:
             if held() is None:
@@ -196,6 +203,10 @@ class _Recorder:
                 owners[key] = entry
             entry.tensors.append(saved)
         self.saved.clear()
+        for entry, key in self.packs:
+            if key not in owners:
+                entry.packed_numel = entry.packed_storage = entry.packed_itemsize = 0
+        self.packs.clear()
 
     def note_outputs(self, entry: NodeSaved, value) -> None:
         entry.output_bytes = max(entry.output_bytes, _largest_tensor_bytes(value))
@@ -258,6 +269,7 @@ class _Attributing(Interpreter):
             value = self.env[n.args[0]]
             entry.packed_numel, entry.packed_itemsize = value.numel(), value.element_size()
             entry.packed_storage = value.untyped_storage().nbytes()
+            self.recorder.note_pack(entry, result[0])
         return result
 
     def call_module(self, target, args, kwargs):

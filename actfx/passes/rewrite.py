@@ -25,6 +25,7 @@ from torch.fx import Graph, GraphModule, Node
 
 from actfx.config import KEEP_EXACT, Config
 from actfx.passes.capture import CHECKPOINTED
+from actfx.passes.outline_recompute import BLOCK_PATH
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.inplace_accumulation import write_accumulations_out_of_place
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
@@ -119,7 +120,8 @@ class _Rewriter:
         checkpointed = set(config.recompute_modules)
         for node in old_nodes:
             if node.op == "call_module" and (self._full(node.target) in checkpointed or node.meta.get(CHECKPOINTED)):
-                site = checkpoint_site(node, node.target, self.modules[node.target])
+                site = checkpoint_site(node, node.meta.get(BLOCK_PATH, node.target), self.modules[node.target],
+                                       target=node.target)
             else:
                 site = find_site(node, self.modules)
             if site is not None:

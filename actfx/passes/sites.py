@@ -129,9 +129,10 @@ def saves_nothing(node: Node, modules: dict) -> bool:
     return False
 
 
-def checkpoint_site(node: Node, path: str, module) -> Site:
-    """A module ``Config.recompute_modules`` names: rerun in backward from its exact inputs."""
-    return _module_recompute_site(node, path, module, checkpoint=True)
+def checkpoint_site(node: Node, path: str, module, target: str | None = None) -> Site:
+    """A module ``Config.recompute_modules`` names: rerun in backward from its exact inputs
+    (``module`` at ``target``, where that is not ``path``)."""
+    return _module_recompute_site(node, path, module, checkpoint=True, target=target)
 
 
 # Sites that read only the node, keyed by function, ATen overload or (for a method) its name.

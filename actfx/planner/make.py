@@ -27,6 +27,7 @@ from actfx.config import Config, check_bits
 from actfx.convert import convert
 from actfx.passes.analyze import DATA_DEPENDENT, measure, trace_like
 from actfx.passes.capture import buffers_restored, training_mode
+from actfx.passes.outline_recompute import outlinable
 from actfx.passes.trace_effects import parameters_kept, restore_parameters
 from actfx.planner.assemble import assemble, joint_key, option
 from actfx.planner.batch import batch_of, with_batch
@@ -406,19 +407,20 @@ def _offered_blocks(model, converted, base: Config, inputs, planned, recompute, 
 
 def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
     """(the blocks the plan may recompute, the FLOPs it may spend on them, why none were measured
-    or None). Only blocks the conversion can wrap count (not inside a graph torch.export
-    captured), each checked by converting with every candidate of its depth named. A root
-    torch.export captured at its first call wraps none (nanoGPT: the plan recomputed an
-    fx-converted block the capture then replaced, and refused its own plan)."""
-    if "" in converted._actfx_record.captured:
-        return [], 0, None
+    or None). Only blocks the conversion can wrap count, each checked by converting with every
+    candidate of its depth named; in a root torch.export captured, the blocks its flat graph can
+    outline (``passes/outline_recompute``; converting again would capture again)."""
     units = {u for g in planned for u in g.units}
     paths = candidate_paths(model, units)
-    present = set()
-    for depth in sorted({p.count(".") for p in paths}):  # paths of one depth never nest: one conversion each
-        level = tuple(p for p in paths if p.count(".") == depth)
-        wrapped = _quiet_convert(model, config=dataclasses.replace(base, recompute_modules=level))
-        present |= {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
+    captured = converted._actfx_record.captured.get("")
+    if captured is not None:  # a root torch.export captured: the blocks its flat graph can outline
+        present = outlinable(captured, paths)
+    else:
+        present = set()
+        for depth in sorted({p.count(".") for p in paths}):  # paths of one depth never nest: one conversion each
+            level = tuple(p for p in paths if p.count(".") == depth)
+            wrapped = _quiet_convert(model, config=dataclasses.replace(base, recompute_modules=level))
+            present |= {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
     paths = [p for p in paths if p in present]
     try:
         blocks, total = measure_blocks(model, inputs, paths, planned, dtype=dtype)

@@ -1,0 +1,182 @@
+"""Blocks ``Config.recompute_modules`` names inside a graph torch.export captured, outlined into
+one call each, so the rewrite reruns them in backward as it does a module fx kept whole.
+
+Why: export flattens the module tree. A Hugging Face block is a run of ATen calls tagged with its
+path (``nn_module_stack``), and a setting naming it matched nothing, silently, so the planner
+could offer no recompute on those models. The run becomes a GraphModule of its own whose inputs
+are everything it reads from outside (parameters too: it owns no state, so the model's
+parameters and state_dict are unchanged) and whose outputs are what the rest of the graph reads.
+The call is marked ``CHECKPOINTED`` with the block's path, for ``checkpoint_site``.
+
+A block is left as it was, with the reason returned, where its nodes are not one stretch once
+independent nodes move aside (something outside reads a value of the block and feeds the block
+again), where it writes into a tensor it does not own (BatchNorm's running statistics: a rerun
+would count the batch twice), or where a value it hands out is not a tensor.
+"""
+
+from __future__ import annotations
+
+import operator
+
+import torch
+import torch.nn as nn
+from torch.fx import Graph, GraphModule, Node
+
+from actfx.passes.capture import CHECKPOINTED
+from actfx.passes.graph_facts import GraphFacts
+
+OUTLINED_PREFIX = "_actfx_export_recompute_"
+BLOCK_PATH = "actfx_recomputed_block"  # node.meta of the outlined call: the block's path in the graph's module
+
+
+class OutlinedBlock(nn.Module):
+    """An outlined block, called without module hooks: it is no module of the user's model (its
+    hooks ran inside the capture already), and a hook on its inputs would see the parameters it
+    takes (PyTorch's MemTracker hooked them and then failed in the rerun's nested backward)."""
+
+    def __init__(self, body: GraphModule):
+        super().__init__()
+        object.__setattr__(self, "body", body)  # not a submodule: it holds no state to list
+
+    def forward(self, *args):
+        return self.body.forward(*args)
+
+    def __call__(self, *args):
+        return self.forward(*args)
+
+
+def outlinable(graph: Graph, paths, prefix: str = "") -> set:
+    """Those of ``paths`` that ``outline_recomputed`` would outline from ``graph`` (the planner
+    offers only these)."""
+    facts = GraphFacts(graph)
+    found = set()
+    for path in paths:
+        region = _region(graph, facts, _relative(path, prefix))
+        if region and _why_not(graph, region, facts) is None:
+            found.add(path)
+    return found
+
+
+def outline_recomputed(gm: GraphModule, paths, prefix: str = "") -> dict:
+    """Outline each of ``paths`` (full module paths; the graph is the module at ``prefix``) that
+    runs in ``gm``'s graph. Returns {name: OutlinedBlock} to set on the module the
+    forward runs on, and {path: why not} for blocks left inline, as ``(outlined, refused)``."""
+    outlined, refused = {}, {}
+    facts = GraphFacts(gm.graph)
+    for path in paths:
+        inner = _relative(path, prefix)
+        region = _region(gm.graph, facts, inner)
+        if not region:
+            continue  # not run by this graph (another capture's, or a branch not taken)
+        why = _why_not(gm.graph, region, facts)
+        if why is not None:
+            refused[path] = why
+            continue
+        name = OUTLINED_PREFIX + path.replace(".", "_")
+        outlined[name] = _outline(gm, region, name, inner)
+    if outlined:
+        gm.graph.lint()
+        gm.recompile()
+    return outlined, refused
+
+
+def _region(graph: Graph, facts: GraphFacts, inner: str | None) -> list:
+    """The calls traced inside the module at ``inner`` (None: not in this graph), in graph order."""
+    if inner is None:
+        return []
+    return [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
+            and _within(facts.module_path(n), inner)]
+
+
+def _relative(path: str, prefix: str) -> str | None:
+    if not prefix:
+        return path
+    return path[len(prefix) + 1:] if path.startswith(prefix + ".") else None
+
+
+def _within(module_path: str | None, inner: str) -> bool:
+    return module_path is not None and (module_path == inner or module_path.startswith(inner + "."))
+
+
+def _why_not(graph: Graph, region: list, facts: GraphFacts) -> str | None:
+    members = set(region)
+    for node in region:
+        written = facts.mutated_input(node, None)
+        if written is not None and written not in members:
+            return f"it writes into {written.name}, a tensor it does not own ({node.format_node()})"
+        for user in node.users:
+            if user not in members and not _is_tensor(node):
+                return f"{node.name}, which the rest of the graph reads, is not a tensor"
+    if _moved_after(graph, region) is None:
+        return "a node outside it reads one of its values and feeds it again"
+    return None
+
+
+def _is_tensor(node: Node) -> bool:
+    return isinstance(node.meta.get("val"), torch.Tensor)
+
+
+def _moved_after(graph: Graph, region: list) -> list | None:
+    """The nodes between the block's first and last that read from it (they move after the
+    outlined call), or None where one of them also feeds the block."""
+    members = set(region)
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    first, last = order[region[0]], order[region[-1]]
+    downstream: set = set()
+    for node in graph.nodes:
+        if not first < order[node] < last or node in members:
+            continue
+        if any(a in members or a in downstream for a in node.all_input_nodes):
+            downstream.add(node)
+    for node in region:
+        if any(a in downstream for a in node.all_input_nodes):
+            return None
+    return [n for n in graph.nodes if n in downstream]
+
+
+def _outline(gm: GraphModule, region: list, name: str, path: str) -> GraphModule:
+    graph = gm.graph
+    members = set(region)
+    inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in members))
+    outputs = [n for n in region if any(u not in members for u in n.users)]
+    body = Graph()
+    env: dict = {}
+    for node in inputs:
+        env[node] = body.placeholder(node.name)
+        env[node].meta = dict(node.meta)
+    for node in region:
+        env[node] = body.node_copy(node, env.__getitem__)
+    body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[n] for n in outputs))
+    module = OutlinedBlock(GraphModule(gm, body, f"Recomputed_{name[len(OUTLINED_PREFIX):]}"))
+    gm.add_submodule(name, module)
+    moved = _moved_after(graph, region)
+    with graph.inserting_after(region[-1]):
+        call = graph.call_module(name, tuple(inputs))
+    call.meta[CHECKPOINTED] = True
+    call.meta[BLOCK_PATH] = path
+    call.meta["nn_module_stack"] = _stack_down_to(region[0].meta["nn_module_stack"], path)
+    if len(outputs) == 1:
+        outputs[0].replace_all_uses_with(call, delete_user_cb=lambda user: user not in members)
+    else:
+        with graph.inserting_after(call):
+            for i, out in enumerate(outputs):
+                item = graph.call_function(_getitem, (call, i))
+                item.meta = {"val": out.meta.get("val")}
+                out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
+    anchor = call if len(outputs) == 1 else next(iter(reversed([u for u in call.users])), call)
+    for node in moved:  # readers of the block between its first and last node go after the call
+        anchor.append(node)
+        anchor = node
+    for node in reversed(region):
+        graph.erase_node(node)
+    return module
+
+
+def _stack_down_to(stack: dict, path: str) -> dict:
+    """A node's module stack cut after ``path``'s entry: the outlined call runs in the block."""
+    kept = {}
+    for key, entry in stack.items():
+        kept[key] = entry
+        if entry[0] == path:
+            break
+    return kept

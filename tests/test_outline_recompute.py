@@ -1,0 +1,151 @@
+"""Config.recompute_modules inside a graph torch.export captured (actfx/passes/outline_recompute.py)."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import actfx
+from actfx.accounting import count_saved
+from actfx.config import Config
+from actfx.models import build_model
+
+
+class Block(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.norm, self.up, self.act, self.down = nn.LayerNorm(d), nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d)
+        self.drop = nn.Dropout(0.25)
+
+    def forward(self, x):
+        return x + self.drop(self.down(self.act(self.up(self.norm(x)))))
+
+
+class BranchingStack(nn.Module):
+    """Branches on its input's length, which fx cannot trace: torch.export captures it flat."""
+
+    def __init__(self, depth=3, d=32, block=Block):
+        super().__init__()
+        self.blocks = nn.ModuleList(block(d) for _ in range(depth))
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            x = x * 2
+        for block in self.blocks:
+            x = block(x)
+        return x
+
+
+class Untraceable(nn.Module):
+    """Any model behind a branch fx cannot trace."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return self.inner(x)
+        return self.inner(x).clone()
+
+
+def _held(model, x) -> int:
+    with count_saved(model) as saved:
+        out = model(x)
+    del out
+    return saved.activation_bytes
+
+
+def _grads(model, x, seed=1):
+    torch.manual_seed(seed)
+    return torch.autograd.grad(model(x).square().mean(), list(model.parameters()))
+
+
+def test_blocks_of_a_captured_model_are_recomputed_from_their_exact_inputs():
+    """Every block recomputed: nothing inside is packed, so the gradients are the model's own
+    (dropout's masks replayed), and each block holds its fp32 input only."""
+    torch.manual_seed(0)
+    model, x = BranchingStack().train(), torch.randn(4, 8, 32)
+    config = Config(bits=2, recompute_modules=("blocks.0", "blocks.1", "blocks.2"))
+    converted = actfx.convert(model, config=config, example_inputs=(x,))
+    assert "" in converted._actfx_record.captured  # torch.export captured it
+    kinds = [(d.module_path, d.kind) for d in converted._actfx_record.decisions if d.module_path]
+    assert kinds == [("blocks.0", "checkpoint"), ("blocks.1", "checkpoint"), ("blocks.2", "checkpoint")]
+    assert list(converted.state_dict()) == list(model.state_dict())
+    assert all(a is b for a, b in zip(converted.parameters(), model.parameters()))
+    torch.manual_seed(1)
+    want_out = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(converted(x), want_out)
+    for got, want in zip(_grads(converted, x), _grads(model, x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)  # the rerun's float order: same ops, same order
+    assert _held(converted, x) == 3 * x.numel() * 4
+
+
+def test_a_recomputed_block_of_a_captured_model_holds_less_than_the_same_model_without():
+    torch.manual_seed(0)
+    model, x = BranchingStack().train(), torch.randn(4, 8, 32)
+    plain = actfx.convert(model, config=Config(bits=8), example_inputs=(x,))
+    one = actfx.convert(model, config=Config(bits=8, recompute_modules=("blocks.1",)), example_inputs=(x,))
+    inside = [d for d in one._actfx_record.decisions if (d.module_path or "").startswith("blocks.1.")]
+    assert not inside and [d.kind for d in one._actfx_record.decisions if d.module_path == "blocks.1"] == ["checkpoint"]
+    assert _held(one, x) < _held(plain, x)  # at 8 bits a block's packs outweigh its fp32 input
+    exact = torch.cat([g.flatten() for g in _grads(model, x)])
+    got = torch.cat([g.flatten() for g in _grads(one, x)])
+    assert float((got - exact).norm() / exact.norm()) < 0.03  # the other blocks at 8 bits
+
+
+class NormedBlock(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.lin, self.bn = nn.Linear(d, d), nn.BatchNorm1d(d)
+
+    def forward(self, x):
+        return x + self.bn(self.lin(x).transpose(1, 2)).transpose(1, 2)
+
+
+def test_a_captured_block_that_updates_running_statistics_is_converted_op_by_op_with_a_warning():
+    """The rerun would count the batch twice in BatchNorm's running statistics."""
+    torch.manual_seed(0)
+    model, x = BranchingStack(depth=2, block=NormedBlock).train(), torch.randn(4, 8, 32)
+    with pytest.warns(UserWarning, match=r"recompute_modules names blocks\.0, .* writes into"):
+        converted = actfx.convert(model, config=Config(recompute_modules=("blocks.0",)), example_inputs=(x,))
+    assert "checkpoint" not in {d.kind for d in converted._actfx_record.decisions}
+    assert any((d.module_path or "").startswith("blocks.0.") for d in converted._actfx_record.decisions)
+    converted(x).square().mean().backward()
+    assert int(model.blocks[0].bn.num_batches_tracked) == 1
+
+
+def test_a_captured_model_converted_at_its_first_call_recomputes_the_blocks_named():
+    torch.manual_seed(0)
+    model, x = BranchingStack().train(), torch.randn(4, 8, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "does not trace as a whole": captured at the first call
+        converted = actfx.convert(model, config=Config(bits=2, recompute_modules=("blocks.2",)))
+    converted(x).square().mean().backward()
+    assert [d.kind for d in converted._actfx_record.decisions if d.module_path == "blocks.2"] == ["checkpoint"]
+
+
+def test_the_plan_recomputes_blocks_of_a_model_torch_export_captured():
+    """Models fx cannot trace (Hugging Face v5 transformers) were offered no recompute: a ViT
+    behind a branch fx cannot trace gets what the traced one gets (an encoder layer rerun)."""
+    torch.manual_seed(0)
+    vit = build_model("vit_tiny")
+    nn.init.normal_(vit.heads.head.weight, std=0.02)  # torchvision zeroes it: no gradient reaches the packs
+    model, x = Untraceable(vit), torch.randn(4, 3, 32, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        uniform = actfx.convert(model, bits=2)
+        uniform(x)
+    planned = actfx.plan(model, x, activation_budget=_held(uniform, x))
+    recomputed = [s.module for s in planned.recomputed]
+    assert recomputed and all(m.startswith("inner.encoder.layers.") for m in recomputed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = actfx.convert(model, plan=planned)
+    converted(x)
+    assert "" in converted._actfx_record.captured
+    assert _held(converted, x) == planned.activation_bytes <= _held(uniform, x)
