@@ -12,7 +12,9 @@ overestimated a compiled gpt_tiny's step by 31-35%. This walks the fx graph with
 - views share their base's memory; a tuple's elements live and die apart;
 - an inlined value is read when the kernel it is inlined into runs;
 - in forward, actfx's packs run as soon as their value exists (Inductor fuses them into the
-  producer's kernel), wherever the partitioner left the saved node.
+  producer's kernel), wherever the partitioner left the saved node;
+- a backward's incoming gradients live until it returns (Inductor's code never frees them, and
+  the autograd Function's arguments hold them).
 
 An estimate, not a replay: Inductor's scheduler reorders kernels and at times stores a value twice,
 and extern kernels have workspaces of their own. Checked against the RSS peak of real steps by
@@ -160,10 +162,12 @@ def _storages(node: fx.Node) -> list:
     return found
 
 
-def graph_memory(gm: fx.GraphModule, kept: set, *, packs_early: bool = False) -> GraphMemory:
+def graph_memory(gm: fx.GraphModule, kept: set, *, packs_early: bool = False, held_by_caller: set = frozenset()
+                 ) -> GraphMemory:
     """``gm``'s memory in graph order (see the module docstring). ``kept``: names of the
-    placeholders the caller keeps alive (parameters, inputs): never counted. Every other
-    placeholder is counted from the start and freed after its last reader. ``packs_early``
+    placeholders the caller keeps alive (parameters, inputs): never counted. ``held_by_caller``:
+    placeholders counted but alive to the end. Every other placeholder is counted from the start
+    and freed after its last reader. ``packs_early``
     (forward graphs): actfx's packs run as soon as their value exists, as Inductor fuses them
     into its producer's kernel, wherever the partitioner left the saved value's node."""
     nodes = list(gm.graph.nodes)
@@ -191,7 +195,7 @@ def graph_memory(gm: fx.GraphModule, kept: set, *, packs_early: bool = False) ->
                 continue
             size[key] = nbytes
             first.setdefault(key, -1 if n.op == "placeholder" else i)
-            last[key] = max(last.get(key, i), read_until)
+            last[key] = math.inf if n.name in held_by_caller else max(last.get(key, i), read_until)
     held = {k for n in nodes if n.op == "placeholder" and n.name in kept for k, _ in storages[n]}
     return _sweep(len(nodes), size, first, last, held)
 
@@ -253,13 +257,16 @@ def partition_memory(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: 
     inputs = {n.name for n in fwd.graph.nodes if n.op == "placeholder"}
     forward = graph_memory(fwd, inputs, packs_early=True)
     saved_inputs = {n.name for n in bwd.graph.nodes if n.op == "placeholder"} & inputs  # parameters saved as is
-    backward = graph_memory(bwd, saved_inputs)
+    # the incoming gradients are the autograd Function's arguments: alive until backward returns
+    tangents = {n.name for n in bwd.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")}
+    backward = graph_memory(bwd, saved_inputs, held_by_caller=tangents)
     returned = fwd.graph.output_node().args[0]
     outputs = {}
     for node in returned[:num_fwd_outputs]:
         if isinstance(node, fx.Node) and node.op != "placeholder":
             outputs.update(_storages(node))
-    return PartitionMemory(forward.peak, sum(outputs.values()), backward.peak, backward.end)
+    incoming = {k: b for n in bwd.graph.nodes if n.name in tangents for k, b in _storages(n)}
+    return PartitionMemory(forward.peak, sum(outputs.values()), backward.peak, backward.end - sum(incoming.values()))
 
 
 def step_peak(partitions: list) -> int:
