@@ -23,7 +23,7 @@ from torch.fx import Graph, GraphModule
 
 from actfx.config import Config, check_bits, check_group_size, check_module_paths
 from actfx.copies import copied, reduce_converted
-from actfx.first_call import capture_at_first_call, opaque_calls, warn_uncaptured_call
+from actfx.first_call import capture_at_first_call, not_recomputed, opaque_calls, warn_uncaptured_call
 from actfx.passes.capture import (
     RunsOwnForward, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
     under_function_transform, warn_hooks_changed,
@@ -298,6 +298,9 @@ def _convert_children(module, path, config, leaf_modules, record, err):
                 new = _clone(module, type(module))
             new._modules[name] = converted
     new = new if new is not None else module
+    if path and type(module) in record.export_refused and not_recomputed(config, path):
+        warnings.warn(f"actfx: neither fx nor torch.export captures {type(module).__name__} ({path}): it runs its own "
+                      f"forward{not_recomputed(config, path)}", stacklevel=4)
     if not path or not _has_own_forward(module) or type(module) in record.export_refused:
         return new  # the root is captured by convert(); containers are never called
     # When the whole model cannot be captured either (a custom autograd.Function elsewhere,

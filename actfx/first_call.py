@@ -100,7 +100,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
         captured["failed"] = True
         warnings.warn(f"actfx: the graph torch.export captured from {type(model).__name__} at its first training "
                       f"call does not run ({str(err).splitlines()[0] if str(err) else type(err).__name__}), so "
-                      f"it keeps what fx converted", stacklevel=4)
+                      f"it keeps what fx converted{not_recomputed(config, path)}", stacklevel=4)
 
     def _capture(self, args, kwargs):
         from actfx.breakdown import original_of
@@ -136,7 +136,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
             said = cause.problem if isinstance(cause, ExportRefused) else str(cause).splitlines()[0] if str(cause) else ""
             reason = said if said.startswith("actfx:") else f"{type(cause).__name__}: {said}" if said else type(cause).__name__
             warnings.warn(f"actfx: torch.export could not capture {where} at its first training "
-                          f"call ({reason}), so it keeps what fx converted", stacklevel=4)
+                          f"call ({reason}), so it keeps what fx converted{not_recomputed(config, path)}", stacklevel=4)
             return
         for name, value in call.carried.items():
             object.__setattr__(self, name, value)
@@ -189,3 +189,11 @@ def warn_uncaptured_call(module: nn.Module, call, args: tuple, kwargs: dict) -> 
         f"actfx: a training call of {name} does not fit the graph torch.export captured ({call.mismatch(args, kwargs)}): "
         "such calls run the original forward and pack nothing; convert with example_inputs shaped as training "
         "calls it", stacklevel=3)
+
+
+def not_recomputed(config, path: str) -> str:
+    """What a warning about ``path`` running uncaptured adds where ``Config.recompute_modules``
+    names it: neither fx nor torch.export gave a graph to rerun it from (it had passed silently)."""
+    if path and path in config.recompute_modules:
+        return f"; Config.recompute_modules names {path}, which is therefore not recomputed"
+    return ""

@@ -149,3 +149,99 @@ def test_the_plan_recomputes_blocks_of_a_model_torch_export_captured():
     converted(x)
     assert "" in converted._actfx_record.captured
     assert _held(converted, x) == planned.activation_bytes <= _held(uniform, x)
+
+
+class TwoOutputBlock(nn.Module):
+    """Hands out two tensors and reads its input's size, as T5's blocks hand on a position bias."""
+
+    def __init__(self, d=32):
+        super().__init__()
+        self.inner = Block(d)
+        self.gate = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = self.inner(x)
+        return h, torch.sigmoid(self.gate(h)).reshape(x.shape[0], -1)
+
+
+class PairStack(nn.Module):
+    def __init__(self, d=32):
+        super().__init__()
+        self.blocks = nn.ModuleList(TwoOutputBlock(d) for _ in range(2))
+
+    def forward(self, x):
+        if x.shape[1] > 1:
+            x = x * 2
+        gates = []
+        for block in self.blocks:
+            x, gate = block(x)
+            gates.append(gate)
+        return x.sum(-1) + torch.cat(gates, 1).sum(-1, keepdim=True)
+
+
+def test_a_captured_block_handing_out_two_values_is_recomputed_exactly():
+    torch.manual_seed(0)
+    model, x = PairStack().train(), torch.randn(4, 8, 32)
+    converted = actfx.convert(model, config=Config(recompute_modules=("blocks.0", "blocks.1")), example_inputs=(x,))
+    assert [d.kind for d in converted._actfx_record.decisions if d.module_path] == ["checkpoint", "checkpoint"]
+    torch.manual_seed(1)
+    want_out = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(converted(x), want_out)
+    for got, want in zip(_grads(converted, x), _grads(model, x)):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+class _Doubled(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return 2 * x
+
+    @staticmethod
+    def backward(ctx, g):
+        return 2 * g
+
+
+class FunctionAtTheRoot(BranchingStack):
+    """A custom autograd.Function at the root: export refuses the whole model, so each block
+    (which fx cannot trace either) is captured on its own at its first call."""
+
+    def forward(self, x):
+        return super().forward(_Doubled.apply(x))
+
+
+class BranchingBlock(Block):
+    def forward(self, x):
+        if x.shape[0] > 1:
+            return super().forward(x)
+        return super().forward(x).clone()
+
+
+def test_a_block_captured_on_its_own_is_recomputed_whole():
+    torch.manual_seed(0)
+    model, x = FunctionAtTheRoot(depth=2, block=BranchingBlock).train(), torch.randn(4, 8, 32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the root's export is refused, with a warning
+        converted = actfx.convert(model, config=Config(bits=2, recompute_modules=("blocks.1",)))
+        converted(x)
+    assert "blocks.1" in converted._actfx_record.captured  # the block's own capture
+    assert [d.kind for d in converted._actfx_record.decisions if d.module_path == "blocks.1"] == ["checkpoint"]
+    assert not [d for d in converted._actfx_record.decisions if (d.module_path or "").startswith("blocks.1.")]
+    torch.manual_seed(1)
+    want_out = model(x)
+    torch.manual_seed(1)
+    assert torch.equal(converted(x), want_out)
+
+
+class FunctionInside(BranchingBlock):
+    def forward(self, x):
+        return super().forward(_Doubled.apply(x))
+
+
+def test_a_named_block_nothing_captures_warns_that_it_is_not_recomputed():
+    torch.manual_seed(0)
+    model, x = BranchingStack(depth=2, block=FunctionInside).train(), torch.randn(4, 8, 32)
+    with pytest.warns(UserWarning, match=r"Config\.recompute_modules names blocks\.0, which is therefore not recomputed"):
+        converted = actfx.convert(model, config=Config(recompute_modules=("blocks.0",)))
+        converted(x)
+    assert "checkpoint" not in {d.kind for d in converted._actfx_record.decisions}

@@ -11,7 +11,7 @@ The call is marked ``CHECKPOINTED`` with the block's path, for ``checkpoint_site
 A block is left as it was, with the reason returned, where its nodes are not one stretch once
 independent nodes move aside (something outside reads a value of the block and feeds the block
 again), where it writes into a tensor it does not own (BatchNorm's running statistics: a rerun
-would count the batch twice), or where a value it hands out is not a tensor.
+would count the batch twice), or where a value it hands out is neither a tensor nor a number.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import torch.nn as nn
 from torch.fx import Graph, GraphModule, Node
 
 from actfx.passes.capture import CHECKPOINTED
+from actfx.passes.export_capture import is_input_guard
 from actfx.passes.graph_facts import GraphFacts
 
 OUTLINED_PREFIX = "_actfx_export_recompute_"
@@ -81,16 +82,17 @@ def outline_recomputed(gm: GraphModule, paths, prefix: str = "") -> dict:
 
 
 def _region(graph: Graph, facts: GraphFacts, inner: str | None) -> list:
-    """The calls traced inside the module at ``inner`` (None: not in this graph), in graph order."""
+    """The calls traced inside the module at ``inner`` (None: not in this graph; "": the whole
+    graph, a block captured on its own), in graph order."""
     if inner is None:
         return []
     return [n for n in graph.nodes if n.op in ("call_function", "call_method", "call_module")
-            and _within(facts.module_path(n), inner)]
+            and (_within(facts.module_path(n), inner) if inner else not is_input_guard(n))]
 
 
 def _relative(path: str, prefix: str) -> str | None:
-    if not prefix:
-        return path
+    if not prefix or path == prefix:
+        return "" if path == prefix else path
     return path[len(prefix) + 1:] if path.startswith(prefix + ".") else None
 
 
@@ -106,14 +108,15 @@ def _why_not(graph: Graph, region: list, facts: GraphFacts) -> str | None:
             return f"it writes into {written.name}, a tensor it does not own ({node.format_node()})"
         for user in node.users:
             if user not in members and not _is_tensor(node):
-                return f"{node.name}, which the rest of the graph reads, is not a tensor"
+                return f"{node.name}, which the rest of the graph reads, is neither a tensor nor a number"
     if _moved_after(graph, region) is None:
         return "a node outside it reads one of its values and feeds it again"
     return None
 
 
 def _is_tensor(node: Node) -> bool:
-    return isinstance(node.meta.get("val"), torch.Tensor)
+    """A tensor, or a size (export shares one layer's size arithmetic with the next: Mixtral)."""
+    return isinstance(node.meta.get("val"), (torch.Tensor, torch.SymInt, int, float, bool))
 
 
 def _moved_after(graph: Graph, region: list) -> list | None:
@@ -154,16 +157,16 @@ def _outline(gm: GraphModule, region: list, name: str, path: str) -> GraphModule
         call = graph.call_module(name, tuple(inputs))
     call.meta[CHECKPOINTED] = True
     call.meta[BLOCK_PATH] = path
-    call.meta["nn_module_stack"] = _stack_down_to(region[0].meta["nn_module_stack"], path)
+    # the whole graph (path ""): no stack, so the rewrite names it by the captured module's path
+    call.meta["nn_module_stack"] = _stack_down_to(region[0].meta.get("nn_module_stack") or {}, path) if path else {}
     if len(outputs) == 1:
         outputs[0].replace_all_uses_with(call, delete_user_cb=lambda user: user not in members)
-    else:
-        with graph.inserting_after(call):
-            for i, out in enumerate(outputs):
-                item = graph.call_function(_getitem, (call, i))
-                item.meta = {"val": out.meta.get("val")}
-                out.replace_all_uses_with(item, delete_user_cb=lambda user: user not in members)
-    anchor = call if len(outputs) == 1 else next(iter(reversed([u for u in call.users])), call)
+    anchor = call
+    for i, out in enumerate(outputs if len(outputs) > 1 else ()):
+        with graph.inserting_after(anchor):
+            anchor = graph.call_function(operator.getitem, (call, i))
+        anchor.meta = {"val": out.meta.get("val"), "nn_module_stack": call.meta["nn_module_stack"]}
+        out.replace_all_uses_with(anchor, delete_user_cb=lambda user: user not in members)
     for node in moved:  # readers of the block between its first and last node go after the call
         anchor.append(node)
         anchor = node
