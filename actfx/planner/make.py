@@ -18,6 +18,7 @@ import dataclasses
 import functools
 import logging
 import math
+import re
 import warnings
 
 import torch
@@ -283,14 +284,20 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
             # the room instead would squeeze every width and could undo the gain of recomputing
             charged = True
             share = math.ceil(excess / len(picked.blocks))
-            blocks = [dataclasses.replace(b, extra=b.extra + share) if b in picked.blocks else b for b in blocks]
+            # and every repeat of it (layers.3 for layers.0): a repeat cuts the same rebuild
+            # chains, and charged one at a time each was tried in turn (HF BERT: 9 captures, 2x the plan's time)
+            like = {_repeat_pattern(b.path) for b in picked.blocks}
+            blocks = [dataclasses.replace(b, extra=b.extra + share) if _repeat_pattern(b.path) in like else b
+                      for b in blocks]
         elif picked.blocks and not only_to_fit:
             # recomputed modules again held more than their inputs (a module boundary that cuts a
             # rebuild chain makes the op outside pack on its own): offer only the outermost
-            # blocks, then none (widths only fit this room); shrinking the room instead narrowed
+            # blocks, less those that failed charged (BERT's embeddings were tried four times),
+            # then none (widths only fit this room); shrinking the room instead narrowed
             # every width to 1 bit, where noise compounds (EfficientNet-B0 at 64 px: a gradient
             # 7.7e6x its norm off)
-            outer = outermost(blocks)
+            failed = {_repeat_pattern(b.path) for b in picked.blocks}
+            outer = [b for b in outermost(blocks) if _repeat_pattern(b.path) not in failed]
             blocks, charged = (outer if len(outer) < len(blocks) else []), False
         else:
             shrinks += 1
@@ -384,6 +391,11 @@ def _plan_compiled_at(model, planned_inputs, calibration, *, capacity, limit, ac
             f"and peaks at {format_bytes(result.predicted_peak_bytes)}; raise the budget or lower the batch",
             result.activation_bytes if activation_budget is not None else result.predicted_peak_bytes), fixed)
     return result
+
+
+def _repeat_pattern(path: str) -> str:
+    """``path`` with its container indices blanked: ``encoder.layer.#.attention``."""
+    return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "#", path)
 
 
 def _offered_blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
