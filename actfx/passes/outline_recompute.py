@@ -58,7 +58,7 @@ def outlinable(graph: Graph, paths, prefix: str = "") -> set:
     return found
 
 
-def outline_recomputed(gm: GraphModule, paths, prefix: str = "") -> dict:
+def outline_recomputed(gm: GraphModule, paths, prefix: str = "") -> tuple[dict, dict]:
     """Outline each of ``paths`` (full module paths; the graph is the module at ``prefix``) that
     runs in ``gm``'s graph. Returns {name: OutlinedBlock} to set on the module the
     forward runs on, and {path: why not} for blocks left inline, as ``(outlined, refused)``."""
@@ -91,8 +91,11 @@ def _region(graph: Graph, facts: GraphFacts, inner: str | None) -> list:
 
 
 def _relative(path: str, prefix: str) -> str | None:
-    if not prefix or path == prefix:
-        return "" if path == prefix else path
+    """``path`` inside the module at ``prefix``: "" for that module itself, None outside it."""
+    if path == prefix:
+        return ""
+    if not prefix:
+        return path
     return path[len(prefix) + 1:] if path.startswith(prefix + ".") else None
 
 
@@ -107,14 +110,14 @@ def _why_not(graph: Graph, region: list, facts: GraphFacts) -> str | None:
         if written is not None and written not in members:
             return f"it writes into {written.name}, a tensor it does not own ({node.format_node()})"
         for user in node.users:
-            if user not in members and not _is_tensor(node):
+            if user not in members and not _tensor_or_number(node):
                 return f"{node.name}, which the rest of the graph reads, is neither a tensor nor a number"
     if _moved_after(graph, region) is None:
         return "a node outside it reads one of its values and feeds it again"
     return None
 
 
-def _is_tensor(node: Node) -> bool:
+def _tensor_or_number(node: Node) -> bool:
     """A tensor, or a size (export shares one layer's size arithmetic with the next: Mixtral)."""
     return isinstance(node.meta.get("val"), (torch.Tensor, torch.SymInt, int, float, bool))
 
