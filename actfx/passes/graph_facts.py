@@ -65,6 +65,7 @@ class GraphFacts:
         self.graph = graph
         self._param_like: dict[Node, bool] = {}
         self._non_tensor: dict[Node, bool] = {}
+        self._no_gradient: dict[Node, bool] = {}
         self._root: dict[Node, Node] = {}
         for node in graph.nodes:
             self._classify(node)
@@ -82,9 +83,25 @@ class GraphFacts:
         else:
             self._param_like[node] = bool(ins) and all(self._param_like.get(i, False) for i in ins)
         self._non_tensor[node] = self._is_non_tensor(node, ins)
+        self._no_gradient[node] = self._is_no_gradient(node, ins)
         self._root[node] = node
         if self._aliases_input(node) and ins:
             self._union(node, ins[0])
+
+    def _is_no_gradient(self, node: Node, ins: list[Node]) -> bool:
+        val = node.meta.get("val")
+        if self._non_tensor[node] or (isinstance(val, torch.Tensor) and not val.is_floating_point()
+                                      and not val.is_complex()):
+            return True
+        if node.op == "get_attr":
+            try:
+                attr = self.graph.owning_module.get_parameter(node.target)
+            except AttributeError:  # a buffer or a constant (or nothing the graph's owner holds)
+                return self.graph.owning_module is not None and _is_state(self.graph.owning_module, node.target)
+            return not attr.requires_grad
+        if node.op in ("placeholder", "call_module"):
+            return False
+        return all(self._no_gradient.get(i, False) for i in ins)
 
     def _is_non_tensor(self, node: Node, ins: list[Node]) -> bool:
         if node.op == "call_method" and node.target in NON_TENSOR_METHODS:
@@ -121,6 +138,11 @@ class GraphFacts:
 
     def is_non_tensor(self, node: Node) -> bool:
         return self._non_tensor.get(node, False)
+
+    def needs_no_gradient(self, node: Node) -> bool:
+        """Computed from buffers, constants, sizes and integer inputs only (RoPE's cos and sin):
+        no gradient can reach it. Unknown (a module call, a float input) counts as needing one."""
+        return self._no_gradient.get(node, False)
 
     def same_storage(self, a: Node, b: Node) -> bool:
         return a in self._root and b in self._root and self._find(a) is self._find(b)
@@ -194,3 +216,11 @@ class GraphFacts:
         if not stack:
             return None
         return next(reversed(stack.values()))[0] or None
+
+
+def _is_state(module, target: str) -> bool:
+    """Whether ``target`` names a buffer or a tensor constant of ``module`` (not a parameter)."""
+    value = module
+    for part in target.split("."):
+        value = getattr(value, part, None)
+    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)

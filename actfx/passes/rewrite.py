@@ -341,6 +341,9 @@ class _Rewriter:
             return ("shape",), [self.env[v]], None
         if i in site.exact or self.facts.is_parameter_like(v) or self.facts.is_non_tensor(v):
             return ("exact",), [self.env[v]], None
+        if self._read_by_no_gradient(site, i):
+            # the product keeps it only if its partner needs a gradient after all: then exact
+            return ("exact",), [self.env[v]], None
         if self._reads_itself(site, i, v):
             return self._own_rounding(v)
         rebuilt = self._cheap(v)
@@ -350,6 +353,15 @@ class _Rewriter:
             self._pack(self.roots[v])  # one pack of the activation serves each reshape of it
             return self._cheap(v)
         return rebuilt or self._pack(v)
+
+    def _read_by_no_gradient(self, site: Site, i: int) -> bool:
+        """A factor only its partner's gradient reads, where the partner needs none: a number
+        (``x * 1.0``), or a value computed from buffers (a Llama's ``q * cos``: q was packed in
+        every layer, and no backward kept it)."""
+        if not site.factors or len(site.saved) != 2:
+            return False
+        partner = site.saved[1 - i]
+        return not isinstance(partner, (Node, torch.Tensor)) or self.facts.needs_no_gradient(partner)
 
     def _reads_itself(self, site: Site, i: int, v: Node) -> bool:
         """Whether the gradient with respect to ``v`` reads ``v`` (``Site.reads_own``, or a factor
