@@ -123,7 +123,8 @@ def _op_rows(model, record, before, after) -> list:
     found = []
     for path, graphs in record.graphs.items():
         graph = graphs[True]
-        prov = provenance(graph, traced[path].owning_module, record.config, path) if path in traced else None
+        prov = provenance(graph, traced[path].owning_module, record.config, path,
+                          captured=path in record.captured) if path in traced else None
         if prov is None:
             found += _rewritten_op_rows(path, graph, measured, model.get_submodule(path) if path else model)
             continue

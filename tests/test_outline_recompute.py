@@ -245,3 +245,20 @@ def test_a_named_block_nothing_captures_warns_that_it_is_not_recomputed():
         converted = actfx.convert(model, config=Config(recompute_modules=("blocks.0",)))
         converted(x)
     assert "checkpoint" not in {d.kind for d in converted._actfx_record.decisions}
+
+
+def test_show_lists_a_recomputed_captured_block_as_one_row_with_what_its_ops_saved_before():
+    """The outlined call stood in for a run of ops show could no longer pair: every row of such a
+    model lost its "before" bytes."""
+    import io
+
+    from rich.console import Console
+
+    torch.manual_seed(0)
+    model, x = BranchingStack().train(), torch.randn(4, 8, 32)
+    converted = actfx.convert(model, config=Config(bits=2, recompute_modules=("blocks.1",)), example_inputs=(x,))
+    rows = actfx.show(converted, x, console=Console(file=io.StringIO()))
+    block = [r for r in rows if r["module_path"] == "blocks.1"]
+    assert len(block) == 1 and block[0]["op"] == "checkpoint"
+    assert block[0]["after_bytes"] == x.numel() * 4 < block[0]["before_bytes"]  # its fp32 input, for all it saved
+    assert all(r["before_bytes"] is not None for r in rows if r["covered"])

@@ -33,6 +33,7 @@ from torch.fx import Graph, GraphModule, Interpreter, Node
 
 from actfx.passes.capture import copy_graph, module_view, trace, training_mode
 from actfx.passes.graph_runner import RUNNER
+from actfx.passes.outline_recompute import BLOCK_PATH
 from actfx.passes.state_call import call_with_state
 from actfx.variants.common import unconverted_class
 from actfx.variants.packing import pack_value
@@ -231,7 +232,7 @@ def target_name(node: Node, root: nn.Module) -> str:
 def module_path(node: Node, graph_path: str) -> str | None:
     """The innermost module the node ran in, from the model's root."""
     if node.op == "call_module":
-        inner = node.target
+        inner = node.meta.get(BLOCK_PATH, node.target)  # an outlined block is named by its module
     else:
         stack = node.meta.get("nn_module_stack")
         inner = next(reversed(stack.values()))[0] if stack else ""

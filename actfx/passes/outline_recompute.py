@@ -160,6 +160,7 @@ def _outline(gm: GraphModule, region: list, name: str, path: str) -> GraphModule
         call = graph.call_module(name, tuple(inputs))
     call.meta[CHECKPOINTED] = True
     call.meta[BLOCK_PATH] = path
+    call.meta["actfx_replaces"] = tuple(n.name for n in region)  # show's "before": what they saved
     # the whole graph (path ""): no stack, so the rewrite names it by the captured module's path
     call.meta["nn_module_stack"] = _stack_down_to(region[0].meta.get("nn_module_stack") or {}, path) if path else {}
     if len(outputs) == 1:

@@ -19,6 +19,7 @@ from actfx.config import Config
 from actfx.passes.analyze import CALLS, module_path, target_name
 from actfx.passes.capture import copy_graph
 from actfx.passes.graph_facts import is_traced_constant
+from actfx.passes.outline_recompute import BLOCK_PATH, outline_recomputed
 from actfx.passes.rewrite import rewrite_graph
 
 SOURCE_KEY = "actfx_source"
@@ -31,16 +32,24 @@ class Provenance:
     decisions: dict  # original node name -> Decision, for the ops that got a variant
 
 
-def provenance(rewritten: Graph, traced: GraphModule, config: Config, path: str = "") -> Provenance | None:
+def provenance(rewritten: Graph, traced: GraphModule, config: Config, path: str = "",
+               captured: bool = False) -> Provenance | None:
     """Sources of the nodes of ``rewritten`` (the record's training graph for ``path``), or None
     when rewriting ``traced`` (the original module at ``path``, traced as ``convert`` traced it:
-    ``actfx.passes.analyze.trace_like``) does not reproduce it (the model changed since, say)."""
+    ``actfx.passes.analyze.trace_like``) does not reproduce it (the model changed since, say).
+    ``captured``: torch.export captured it, so the blocks to recompute were outlined first."""
     gm = GraphModule(traced, copy_graph(traced.graph))  # the rewrite adds nodes to the graph it reads
     ops = {}
     for node in gm.graph.nodes:
         node.meta[SOURCE_KEY] = node.name
         if node.op in CALLS:
             ops[node.name] = (target_name(node, gm), module_path(node, path))
+    if captured:
+        outline_recomputed(gm, config.recompute_modules, path)
+        for node in gm.graph.find_nodes(op="call_module"):
+            if BLOCK_PATH in node.meta:  # an outlined block: one row, its ops' bytes before
+                node.meta[SOURCE_KEY] = node.name
+                ops[node.name] = ("checkpoint", module_path(node, path))
     graph, decisions, _ = rewrite_graph(gm, config, path)
     mine, theirs = list(graph.nodes), list(rewritten.nodes)
     if len(mine) != len(theirs) or any(_differ(a, b) for a, b in zip(mine, theirs)):
