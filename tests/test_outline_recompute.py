@@ -262,3 +262,22 @@ def test_show_lists_a_recomputed_captured_block_as_one_row_with_what_its_ops_sav
     assert len(block) == 1 and block[0]["op"] == "checkpoint"
     assert block[0]["after_bytes"] == x.numel() * 4 < block[0]["before_bytes"]  # its fp32 input, for all it saved
     assert all(r["before_bytes"] is not None for r in rows if r["covered"])
+
+
+def test_the_plan_offers_blocks_torch_export_captures_one_by_one():
+    """Where the root's export is refused, each block is captured at its first call: the offer
+    was checked before any call, so no block was offered."""
+    from actfx.planner import make
+    from actfx.planner.inventory import take_inventory
+
+    torch.manual_seed(0)
+    model, x = FunctionAtTheRoot(depth=3, block=BranchingBlock).train(), torch.randn(4, 8, 32)
+    base = Config(bits=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = make._quiet_convert(model, config=base)
+        make._capture_now(converted, (x,))
+        groups = take_inventory(converted, (x,)).groups
+        blocks, allowance, why_not = make._blocks(model, converted, base, (x,), groups, 1.0, None, (x,))
+    assert [b.path for b in blocks] == ["blocks.0", "blocks.1", "blocks.2"] and allowance > 0 and why_not is None
+    assert all(b.input_bytes == x.numel() * 4 for b in blocks)

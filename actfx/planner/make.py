@@ -242,7 +242,7 @@ def _plan_widths(model, converted, base, planned_inputs, step, *, limit, capacit
     only_to_fit = False  # "auto" past its allowance: blocks added only while no widths fit
     if recompute not in (False, 0):
         blocks, allowance, unmeasured = _offered_blocks(model, converted, base, planned_inputs, planned, recompute,
-                                                        dtype)
+                                                        dtype, calibration)
     for _ in range(8):
         try:
             try:
@@ -398,12 +398,12 @@ def _repeat_pattern(path: str) -> str:
     return re.sub(r"(?:(?<=\.)|^)\d+(?=\.|$)", "#", path)
 
 
-def _offered_blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
+def _offered_blocks(model, converted, base: Config, inputs, planned, recompute, dtype, calibration) -> tuple:
     """``_blocks``, warning where no blocks could be measured: at once for an explicit fraction;
     for ``"auto"`` (returned as the third item) only once the widths alone miss the budget, since
     recompute is then a gain on top of widths and its measurement never stops a plan."""
     try:
-        blocks, allowance, unmeasured = _blocks(model, converted, base, inputs, planned, recompute, dtype)
+        blocks, allowance, unmeasured = _blocks(model, converted, base, inputs, planned, recompute, dtype, calibration)
     except Exception as err:  # noqa: BLE001 - re-raised for an explicit fraction
         if recompute != "auto":
             raise
@@ -417,10 +417,11 @@ def _offered_blocks(model, converted, base: Config, inputs, planned, recompute, 
     return blocks, allowance, unmeasured
 
 
-def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -> tuple:
+def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype, calibration) -> tuple:
     """(the blocks the plan may recompute, the FLOPs it may spend on them, why none were measured
     or None). Only blocks the conversion can wrap count, each checked by converting with every
-    candidate of its depth named; in a root torch.export captured, the blocks its flat graph can
+    candidate of its depth named (and calling it, where torch.export captures blocks one by one
+    at their first call); in a root torch.export captured, the blocks its flat graph can
     outline (``passes/outline_recompute``; converting again would capture again)."""
     units = {u for g in planned for u in g.units}
     paths = candidate_paths(model, units)
@@ -432,6 +433,7 @@ def _blocks(model, converted, base: Config, inputs, planned, recompute, dtype) -
         for depth in sorted({p.count(".") for p in paths}):  # paths of one depth never nest: one conversion each
             level = tuple(p for p in paths if p.count(".") == depth)
             wrapped = _quiet_convert(model, config=dataclasses.replace(base, recompute_modules=level))
+            _capture_now(wrapped, calibration)  # blocks torch.export captures at their first call, one by one
             present |= {d.module_path for d in wrapped._actfx_record.decisions if d.kind == CHECKPOINT}
     paths = [p for p in paths if p in present]
     try:
