@@ -8,10 +8,11 @@ are everything it reads from outside (parameters too: it owns no state, so the m
 parameters and state_dict are unchanged) and whose outputs are what the rest of the graph reads.
 The call is marked ``CHECKPOINTED`` with the block's path, for ``checkpoint_site``.
 
-A block is left as it was, with the reason returned, where its nodes are not one stretch once
-independent nodes move aside (something outside reads a value of the block and feeds the block
-again), where it writes into a tensor it does not own (BatchNorm's running statistics: a rerun
-would count the batch twice), or where a value it hands out is neither a tensor nor a number.
+A block that updates the model's state in place (BatchNorm's running statistics) has its rerun
+write into copies, so the batch is counted once. A block is left as it was, with the reason
+returned, where its nodes are not one stretch once independent nodes move aside (something
+outside reads a value of the block and feeds the block again), where it writes into another
+tensor it does not own, or where a value it hands out is neither a tensor nor a number.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import operator
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx import Graph, GraphModule, Node
 
 from actfx.passes.capture import CHECKPOINTED
@@ -35,9 +37,11 @@ class OutlinedBlock(nn.Module):
     hooks ran inside the capture already), and a hook on its inputs would see the parameters it
     takes (PyTorch's MemTracker hooked them and then failed in the rerun's nested backward)."""
 
-    def __init__(self, body: GraphModule):
+    def __init__(self, body: GraphModule, written_inputs: tuple = ()):
         super().__init__()
         object.__setattr__(self, "body", body)  # not a submodule: it holds no state to list
+        # inputs it updates in place (BatchNorm's running statistics): the rerun writes copies
+        self.written_inputs = written_inputs
 
     def forward(self, *args):
         return self.body.forward(*args)
@@ -107,7 +111,7 @@ def _why_not(graph: Graph, region: list, facts: GraphFacts) -> str | None:
     members = set(region)
     for node in region:
         written = facts.mutated_input(node, None)
-        if written is not None and written not in members:
+        if written is not None and written not in members and written.op != "get_attr":
             return f"it writes into {written.name}, a tensor it does not own ({node.format_node()})"
         for user in node.users:
             if user not in members and not _tensor_or_number(node):
@@ -153,7 +157,10 @@ def _outline(gm: GraphModule, region: list, name: str, path: str) -> GraphModule
     for node in region:
         env[node] = body.node_copy(node, env.__getitem__)
     body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[n] for n in outputs))
-    module = OutlinedBlock(GraphModule(gm, body, f"Recomputed_{name[len(OUTLINED_PREFIX):]}"))
+    facts = GraphFacts(graph)
+    written = {w for n in region for w in (facts.mutated_input(n, None), *_running_statistics(n))} - {None}
+    module = OutlinedBlock(GraphModule(gm, body, f"Recomputed_{name[len(OUTLINED_PREFIX):]}"),
+                           tuple(i for i, node in enumerate(inputs) if node in written))
     gm.add_submodule(name, module)
     moved = _moved_after(graph, region)
     with graph.inserting_after(region[-1]):
@@ -187,3 +194,16 @@ def _stack_down_to(stack: dict, path: str) -> dict:
         if entry[0] == path:
             break
     return kept
+
+
+_BATCH_NORMS = (F.batch_norm, torch.batch_norm)
+
+
+def _running_statistics(node: Node) -> tuple:
+    """The running mean and variance a training batch norm updates without an in-place op of its own."""
+    if node.op != "call_function" or node.target not in _BATCH_NORMS:
+        return ()
+    args = dict(zip(("input", "running_mean", "running_var"), node.args))
+    found = (args.get("running_mean", node.kwargs.get("running_mean")),
+             args.get("running_var", node.kwargs.get("running_var")))
+    return tuple(n for n in found if isinstance(n, Node))

@@ -79,6 +79,8 @@ class _RecomputeModule(torch.autograd.Function):
             vals = list(values)
             for i, v in zip(diff, input_values):
                 vals[i] = v
+            for i in getattr(ctx.module, "written_inputs", ()):  # state the forward updated already
+                vals[i] = vals[i].clone()
             table = dict(zip(ctx.names, params))
             table.update({ctx.names[i]: p for i, p in zip(want_params, param_values)})
             # the replay normalises with the batch's statistics as forward did, but updates
