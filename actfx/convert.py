@@ -298,9 +298,10 @@ def _convert_children(module, path, config, leaf_modules, record, err):
                 new = _clone(module, type(module))
             new._modules[name] = converted
     new = new if new is not None else module
-    if path and type(module) in record.export_refused and not_recomputed(config, path):
+    unrecomputed = not_recomputed(config, path)
+    if type(module) in record.export_refused and unrecomputed:
         warnings.warn(f"actfx: neither fx nor torch.export captures {type(module).__name__} ({path}): it runs its own "
-                      f"forward{not_recomputed(config, path)}", stacklevel=4)
+                      f"forward{unrecomputed}", stacklevel=4)
     if not path or not _has_own_forward(module) or type(module) in record.export_refused:
         return new  # the root is captured by convert(); containers are never called
     # When the whole model cannot be captured either (a custom autograd.Function elsewhere,

@@ -93,12 +93,12 @@ class GraphFacts:
         if self._non_tensor[node] or (isinstance(val, torch.Tensor) and not val.is_floating_point()
                                       and not val.is_complex()):
             return True
-        if node.op == "get_attr":
+        if node.op == "get_attr":  # a buffer, a constant or a frozen parameter
             try:
-                attr = self.graph.owning_module.get_parameter(node.target)
-            except AttributeError:  # a buffer or a constant (or nothing the graph's owner holds)
-                return self.graph.owning_module is not None and _is_state(self.graph.owning_module, node.target)
-            return not attr.requires_grad
+                value = operator.attrgetter(node.target)(self.graph.owning_module)
+            except AttributeError:  # nothing the graph's owner holds (or no owner)
+                return False
+            return isinstance(value, torch.Tensor) and not value.requires_grad
         if node.op in ("placeholder", "call_module"):
             return False
         return all(self._no_gradient.get(i, False) for i in ins)
@@ -216,11 +216,3 @@ class GraphFacts:
         if not stack:
             return None
         return next(reversed(stack.values()))[0] or None
-
-
-def _is_state(module, target: str) -> bool:
-    """Whether ``target`` names a buffer or a tensor constant of ``module`` (not a parameter)."""
-    value = module
-    for part in target.split("."):
-        value = getattr(value, part, None)
-    return isinstance(value, torch.Tensor) and not isinstance(value, torch.nn.Parameter)

@@ -78,7 +78,7 @@ def outline_recomputed(gm: GraphModule, paths, prefix: str = "") -> tuple[dict, 
             refused[path] = why
             continue
         name = OUTLINED_PREFIX + path.replace(".", "_")
-        outlined[name] = _outline(gm, region, name, inner)
+        outlined[name] = _outline(gm, region, name, inner, facts)
     if outlined:
         gm.graph.lint()
         gm.recompile()
@@ -144,7 +144,7 @@ def _moved_after(graph: Graph, region: list) -> list | None:
     return [n for n in graph.nodes if n in downstream]
 
 
-def _outline(gm: GraphModule, region: list, name: str, path: str) -> GraphModule:
+def _outline(gm: GraphModule, region: list, name: str, path: str, facts: GraphFacts) -> GraphModule:
     graph = gm.graph
     members = set(region)
     inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in members))
@@ -157,7 +157,6 @@ def _outline(gm: GraphModule, region: list, name: str, path: str) -> GraphModule
     for node in region:
         env[node] = body.node_copy(node, env.__getitem__)
     body.output(env[outputs[0]] if len(outputs) == 1 else tuple(env[n] for n in outputs))
-    facts = GraphFacts(graph)
     written = {w for n in region for w in (facts.mutated_input(n, None), *_running_statistics(n))} - {None}
     module = OutlinedBlock(GraphModule(gm, body, f"Recomputed_{name[len(OUTLINED_PREFIX):]}"),
                            tuple(i for i, node in enumerate(inputs) if node in written))
