@@ -29,6 +29,7 @@ import operator
 
 import torch
 import torch.fx as fx
+from torch._functorch._aot_autograd.utils import _is_tangent
 from torch.multiprocessing.reductions import StorageWeakRef
 
 from actfx.passes.graph_emit import EMITTED
@@ -258,7 +259,7 @@ def partition_memory(fwd: fx.GraphModule, bwd: fx.GraphModule, num_fwd_outputs: 
     forward = graph_memory(fwd, inputs, packs_early=True)
     saved_inputs = {n.name for n in bwd.graph.nodes if n.op == "placeholder"} & inputs  # parameters saved as is
     # the incoming gradients are the autograd Function's arguments: alive until backward returns
-    tangents = {n.name for n in bwd.graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")}
+    tangents = {n.name for n in bwd.graph.find_nodes(op="placeholder") if _is_tangent(n)}
     backward = graph_memory(bwd, saved_inputs, held_by_caller=tangents)
     returned = fwd.graph.output_node().args[0]
     outputs = {}

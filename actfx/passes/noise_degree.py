@@ -19,6 +19,7 @@ import operator
 
 import torch
 from torch import fx
+from torch._functorch._aot_autograd.utils import _is_tangent
 
 from actfx.rules import DILUTION_MIN, Kind, power_rule, rule_for
 
@@ -28,11 +29,11 @@ Degrees = dict  # fx.Node (source) -> degree
 
 
 def tangent_dependent(graph: fx.Graph) -> set[fx.Node]:
-    """Nodes whose value depends on an incoming gradient (``tangents_*`` placeholders)."""
+    """Nodes whose value depends on an incoming gradient (AOT's tangent placeholders)."""
     dep: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "placeholder":
-            if node.name.startswith("tangents"):
+            if _is_tangent(node):
                 dep.add(node)
         elif any(a in dep for a in node.all_input_nodes):
             dep.add(node)

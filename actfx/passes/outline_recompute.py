@@ -57,7 +57,7 @@ def outlinable(graph: Graph, paths, prefix: str = "") -> set:
     found = set()
     for path in paths:
         region = _region(graph, facts, _relative(path, prefix))
-        if region and _why_not(graph, region, facts) is None:
+        if region and _checked(graph, region, facts)[0] is None:
             found.add(path)
     return found
 
@@ -73,12 +73,12 @@ def outline_recomputed(gm: GraphModule, paths, prefix: str = "") -> tuple[dict, 
         region = _region(gm.graph, facts, inner)
         if not region:
             continue  # not run by this graph (another capture's, or a branch not taken)
-        why = _why_not(gm.graph, region, facts)
+        why, moved = _checked(gm.graph, region, facts)
         if why is not None:
             refused[path] = why
             continue
         name = OUTLINED_PREFIX + path.replace(".", "_")
-        outlined[name] = _outline(gm, region, name, inner, facts)
+        outlined[name] = _outline(gm, region, moved, name, inner, facts)
     if outlined:
         gm.graph.lint()
         gm.recompile()
@@ -107,18 +107,20 @@ def _within(module_path: str | None, inner: str) -> bool:
     return module_path is not None and (module_path == inner or module_path.startswith(inner + "."))
 
 
-def _why_not(graph: Graph, region: list, facts: GraphFacts) -> str | None:
+def _checked(graph: Graph, region: list, facts: GraphFacts) -> tuple[str | None, list | None]:
+    """(why the block cannot be outlined, None where it can; the nodes that move after it)."""
     members = set(region)
     for node in region:
         written = facts.mutated_input(node, None)
         if written is not None and written not in members and written.op != "get_attr":
-            return f"it writes into {written.name}, a tensor it does not own ({node.format_node()})"
+            return f"it writes into {written.name}, a tensor it does not own ({node.format_node()})", None
         for user in node.users:
             if user not in members and not _tensor_or_number(node):
-                return f"{node.name}, which the rest of the graph reads, is neither a tensor nor a number"
-    if _moved_after(graph, region) is None:
-        return "a node outside it reads one of its values and feeds it again"
-    return None
+                return f"{node.name}, which the rest of the graph reads, is neither a tensor nor a number", None
+    moved = _moved_after(graph, region)
+    if moved is None:
+        return "a node outside it reads one of its values and feeds it again", None
+    return None, moved
 
 
 def _tensor_or_number(node: Node) -> bool:
@@ -144,7 +146,9 @@ def _moved_after(graph: Graph, region: list) -> list | None:
     return [n for n in graph.nodes if n in downstream]
 
 
-def _outline(gm: GraphModule, region: list, name: str, path: str, facts: GraphFacts) -> GraphModule:
+def _outline(gm: GraphModule, region: list, moved: list, name: str, path: str, facts: GraphFacts) -> GraphModule:
+    """``region`` as one call of a new OutlinedBlock named ``name``; ``moved``: the nodes between
+    its first and last that read from it (``_moved_after``), which go after the call."""
     graph = gm.graph
     members = set(region)
     inputs = list(dict.fromkeys(a for n in region for a in n.all_input_nodes if a not in members))
@@ -161,7 +165,6 @@ def _outline(gm: GraphModule, region: list, name: str, path: str, facts: GraphFa
     module = OutlinedBlock(GraphModule(gm, body, f"Recomputed_{name[len(OUTLINED_PREFIX):]}"),
                            tuple(i for i, node in enumerate(inputs) if node in written))
     gm.add_submodule(name, module)
-    moved = _moved_after(graph, region)
     with graph.inserting_after(region[-1]):
         call = graph.call_module(name, tuple(inputs))
     call.meta[CHECKPOINTED] = True
