@@ -277,9 +277,6 @@ def _report_compiled(args, console: Console, started: float) -> int:
     budget = _memory_budget(args.memory_budget)
     if options.shape is None:
         raise UsageError("--compile needs --input-shape")
-    if options.bits == TERNARY:
-        raise UsageError("--compile packs at 1, 2, 4 or 8 bits; --bits 1.6 (three levels) is actfx.convert's: "
-                         "drop --compile or choose another width")
     plan = _load_plan(args)
     config = Config(bits=options.bits)
     if plan is not None:

@@ -25,7 +25,6 @@ from torch._inductor import config as inductor_config
 from torch._inductor.custom_graph_pass import CustomPartitionerFn, get_hash_for_files
 
 from actfx.config import DEFAULT_OP_BITS, Config, check_bits
-from actfx.kernels import TERNARY
 from actfx.kernels.seed_stream import SeedStream, calls_with
 from actfx.convert import _clone
 from actfx.copies import COMPILE_ARGS, SOURCE, compiled_class
@@ -74,9 +73,6 @@ class CompiledRecord:
     warned_shapes: bool = False  # said once that a new input shape compiled nothing (dynamo's recompile limit)
     plan_ops: frozenset = frozenset()  # the sites a plan applied here packed where it was made (its ``ops``)
     warned_plan: bool = False  # said once that this model packs values the plan did not see
-
-    def __post_init__(self) -> None:
-        _refuse_three_levels(self.config)
 
     @property
     def bytes_after(self) -> int:
@@ -132,17 +128,6 @@ def _resolve_config(bits, config) -> Config:
     if bits is not None and bits != config.bits:
         raise ValueError(f"bits={bits} disagrees with config=Config(bits={config.bits}); pass the width in one place")
     return config
-
-
-def _refuse_three_levels(config: Config) -> None:
-    """Inside compiled graphs packs are Inductor code written per width for 1, 2, 4 and 8 bits;
-    three levels (1.6) have no lowering there yet."""
-    widths = {"bits": config.bits, **{f"{field}[{key!r}]": value for field in ("op_bits", "module_bits", "site_bits")
-                                      for key, value in getattr(config, field).items()}}
-    named = next((name for name, value in widths.items() if value == TERNARY), None)
-    if named is not None:
-        raise ValueError(f"actfx.compile packs at 1, 2, 4 or 8 bits; {named} is 1.6 (three levels), which only "
-                         "actfx.convert packs: use actfx.convert, another width, or a plan made with path='compile'")
 
 
 def _layout(example_inputs) -> dict:

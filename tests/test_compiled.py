@@ -173,6 +173,30 @@ def test_cnn_masks_and_8_bit_gradients(cnn):
     assert any(v.storage is Storage.PACKED and v.bits == 8 for v in values)
 
 
+def test_three_levels_pack_inside_the_compiled_graph():
+    """bits=1.6 (three levels, five base-3 digits a byte) under actfx.compile: the forward is
+    torch.compile's, every packed value is at three levels (convolution outputs in rows, the
+    head's input flat), they hold less than 2 bits would, and the mean of K gradients converges."""
+    from actfx.compiled_estimate import estimate_compiled
+    from actfx.kernels import TERNARY
+
+    torch.manual_seed(0)
+    model, x = ResidualCnn(), torch.randn(8, 3, 32, 32)
+    compiled, reference = actfx.compile(model, bits=TERNARY), torch.compile(model)
+    torch.testing.assert_close(compiled(x), reference(x), rtol=1e-6, atol=1e-6)
+    exact = _grads(model, reference, x)
+    samples = [_grads(model, compiled, x) for _ in range(16)]
+    plan = compiled._actfx_compiled.plans[-1]
+    packed = [v for v in _activations(plan) if v.storage is Storage.PACKED]
+    assert packed and all(v.bits == TERNARY for v in packed)
+    assert any(v.rows is not None for v in packed)
+    two_bits = estimate_compiled(copy.deepcopy(model).to("meta"), (x.to("meta"),), actfx.Config(bits=2), None)
+    packed_at_two = [v for v in _activations(two_bits.plans[-1]) if v.storage is Storage.PACKED]
+    assert [v.name for v in packed] == [v.name for v in packed_at_two]
+    assert sum(v.bytes_after for v in packed) < 0.9 * sum(v.bytes_after for v in packed_at_two)  # 1.6 + 1/4 bits
+    assert_mean_converges(samples, exact)
+
+
 class Bottleneck(ResidualCnn):
     """Each ReLU's output feeds a conv and a residual: backward reads its mask three ways."""
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from actfx.kernels import TERNARY, levels
 from actfx.kernels.graph_pack import (Rows, pack_mask, pack_values, packed_value_bytes, row_layout, unpack_mask,
                                       unpack_values)
 
@@ -18,39 +19,56 @@ def test_two_bit_layout_is_byte_exact():
     assert lo.tolist() == [0.0] and step.tolist() == [1.0]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_three_level_layout_is_byte_exact():
+    """Three levels: five codes a byte as base-3 digits, least-significant first, the bytes of
+    the flat layout running across groups (two groups of 8 values: 16 codes in 4 bytes)."""
+    x = torch.arange(16, dtype=torch.float32) % 3  # codes 0 1 2 0 1 | 2 0 1 2 0 | 1 2 0 1 2 | 0
+    packed, lo, step = pack_values(x, bits=TERNARY, group_size=8, stochastic=False)
+    assert packed.dtype == torch.uint8 and packed.shape == (4,)
+    assert packed.tolist() == [0 + 3 + 18 + 0 + 81, 2 + 0 + 9 + 54 + 0, 1 + 6 + 0 + 27 + 162, 0]
+    assert lo.tolist() == [0.0, 0.0] and step.tolist() == [1.0, 1.0]
+    assert torch.equal(unpack_values(packed, lo, step, x, TERNARY, group_size=8), x)
+    rows = (torch.arange(10.0) % 3)[:, None] + torch.tensor([0.0, 10.0])  # 10 rows, 2 columns: 2 bytes a column
+    packed, lo, step = pack_values(rows, TERNARY, 16, stochastic=False, rows=Rows(1))
+    assert packed.tolist() == [[102, 102], [65, 65]]
+    assert torch.equal(unpack_values(packed, lo, step, rows, TERNARY, rows=Rows(1)), rows)
+
+
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 300)])
 def test_round_to_nearest_error_is_at_most_half_a_step(bits, shape):
     x = torch.randn(shape)
     packed, lo, step = pack_values(x, bits, 32, stochastic=False)
-    y = unpack_values(packed, lo, step, x, bits)
+    y = unpack_values(packed, lo, step, x, bits, group_size=32)
     assert y.shape == x.shape and y.dtype == x.dtype
     # padding repeats the last value, so each group's step bounds its own values' error
     per_value_step = step.repeat_interleave(32)[: x.numel()].view(shape)
     assert torch.all((y - x).abs() <= per_value_step / 2 + 1e-6)
 
 
-def test_stochastic_rounding_is_unbiased():
+@pytest.mark.parametrize("bits", [2, TERNARY])
+def test_stochastic_rounding_is_unbiased(bits):
     torch.manual_seed(0)
     x = torch.randn(4096)
     k = 256
-    mean = sum(unpack_values(*pack_values(x, 2, 256), x, 2) for _ in range(k)) / k
-    step = pack_values(x, 2, 256)[2].repeat_interleave(256)
+    mean = sum(unpack_values(*pack_values(x, bits, 256), x, bits, group_size=256) for _ in range(k)) / k
+    step = pack_values(x, bits, 256)[2].repeat_interleave(256)
     # one rounding has standard deviation <= step / 2; the mean of k, <= step / (2 sqrt(k))
     z = ((mean - x) / (step / (2 * math.sqrt(k)))).abs()
     assert z.mean() < 1.0 and z.max() < 6.0
 
 
-def test_constant_groups_are_exact_and_non_finite_groups_become_nan():
+@pytest.mark.parametrize("bits", [2, TERNARY])
+def test_constant_groups_are_exact_and_non_finite_groups_become_nan(bits):
     x = torch.full((64,), 0.1)
     x[32:] = float("nan")
     x[40] = 1.0
-    y = unpack_values(*pack_values(x, 2, 32), x, 2)
+    y = unpack_values(*pack_values(x, bits, 32), x, bits, group_size=32)
     assert torch.equal(y[:32], x[:32])  # 0.1 is not a bf16 value: still exact
     assert torch.isnan(y[32:]).all()
     z = torch.zeros(64)
     z[3] = float("inf")
-    assert torch.isnan(unpack_values(*pack_values(z, 2, 32), z, 2)[:32]).all()
+    assert torch.isnan(unpack_values(*pack_values(z, bits, 32), z, bits, group_size=32)[:32]).all()
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
@@ -69,11 +87,14 @@ def test_mask_round_trip_and_size():
     assert pack_mask(torch.tensor([True, False, True] + [False] * 5)).tolist() == [0b101]
 
 
-def test_packed_size_matches_the_formula():
+@pytest.mark.parametrize("bits", [2, TERNARY])
+def test_packed_size_matches_the_formula(bits):
     x = torch.randn(1000)
-    packed, lo, step = pack_values(x, 2, 256)
+    packed, lo, step = pack_values(x, bits, 256)
     nbytes = packed.numel() + lo.numel() * 4 + step.numel() * 4
-    assert nbytes == packed_value_bytes((1000,), 2, 256)
+    assert nbytes == packed_value_bytes((1000,), bits, 256)
+    if bits == TERNARY:  # 4 groups: 1024 codes in 205 bytes, 1.6 bits a value
+        assert packed.numel() == 205
 
 
 @pytest.mark.parametrize("per,columns", [(1, 1), (4, 1), (8, 1), (4, 56), (2, 7)])
@@ -159,15 +180,15 @@ def test_row_blocks_stay_inside_one_channel_plane():
 
 def _per_value_step(packed, lo, step, like, bits, rows):
     """Each value's group step, read back through the unpack itself (all codes at the top)."""
-    top = torch.full_like(packed, 255)
-    return unpack_values(top, torch.zeros_like(lo), step, like.float(), bits, rows) / ((1 << bits) - 1)
+    top = torch.full_like(packed, 242 if bits == TERNARY else 255)  # 242: five base-3 digits 2
+    return unpack_values(top, torch.zeros_like(lo), step, like.float(), bits, rows, group_size=32) / levels(bits)
 
 
 _LAYOUTS = [((2, 6, 5, 7), Rows(1)), ((3, 20, 12), Rows(2)), ((37, 9, 3), Rows(0)), ((300, 5), Rows(1)),
             ((2, 6, 5, 7), Rows(3, plane=5)), ((2, 6, 37, 7), Rows(3, plane=37)), ((4, 3, 9), Rows(2, plane=1))]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+@pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 @pytest.mark.parametrize("shape,rows", _LAYOUTS)
 def test_row_layout_round_to_nearest_error_is_at_most_half_a_step(bits, shape, rows):
     x = torch.randn(shape)
@@ -185,13 +206,14 @@ def test_column_groups_hold_one_column_each():
     torch.testing.assert_close(step[0], (x.amax(0) - x.amin(0)) / 3)
 
 
+@pytest.mark.parametrize("bits", [2, TERNARY])
 @pytest.mark.parametrize("rows", [Rows(1), Rows(3, plane=6)])
-def test_row_layout_stochastic_rounding_is_unbiased(rows):
+def test_row_layout_stochastic_rounding_is_unbiased(rows, bits):
     torch.manual_seed(0)
     x = torch.randn(8, 16, 6, 6)
     k = 256
-    mean = sum(unpack_values(*pack_values(x, 2, 256, rows=rows), x, 2, rows=rows) for _ in range(k)) / k
-    step = _per_value_step(*pack_values(x, 2, 256, rows=rows), x, 2, rows)
+    mean = sum(unpack_values(*pack_values(x, bits, 256, rows=rows), x, bits, rows=rows) for _ in range(k)) / k
+    step = _per_value_step(*pack_values(x, bits, 256, rows=rows), x, bits, rows)
     z = ((mean - x) / (step / (2 * math.sqrt(k)))).abs()
     assert z.mean() < 1.0 and z.max() < 6.0
 
@@ -259,7 +281,8 @@ _LAYOUTS = [((1400, 1), Rows(1, None)),  # 1400 rows: the last group of 240 is p
 def test_compiled_packs_and_unpacks_are_eager_s_bit_for_bit(shape, rows, monkeypatch):
     """actfx::pack_codes and actfx::unpack_codes have Inductor lowerings of their own
     (kernels/lowered.py); compiled, they give eager's bytes and values at every width, for a
-    stored value (and at 2 bits for a large expression inlined into the pack). Unpacking
+    stored value (and at 2 bits for a large expression inlined into the pack), three levels'
+    base-3 digits included. Unpacking
     (1400, 1) at 8 bits once lost its last partial group: Inductor's loops split a row range by a
     floor division that did not divide it; the lowering now covers whole groups only. On one
     thread the hash's int32 products, which wrap (undefined in C++), gave other bytes: the hash
@@ -292,12 +315,12 @@ def _large_expression(x):
 def _compiled_against_eager(x, rows) -> list:
     """(bits, what) for each compiled pack, unpack or mask unpack that differs from eager's."""
     found = []
-    for bits in (1, 2, 4, 8):
+    for bits in (1, TERNARY, 2, 4, 8):
         def pack(v):
             return pack_values(v, bits, 64, True, rows)
 
         def unpack(packed, lo, step):
-            return unpack_values(packed, lo, step, x, bits, rows)
+            return unpack_values(packed, lo, step, x, bits, rows, group_size=64)
 
         eager = pack(x)
         compiled = torch.compile(pack, backend="inductor", dynamic=False)(x)

@@ -26,7 +26,7 @@ import torch
 from . import cpu_compiled
 from .masks import mask_nbytes, pack_bits_impl, unpack_bits_impl
 from .reference import pack_groups_reference, unpack_groups_reference
-from .widths import ALLOWED_BITS, TERNARY, WHOLE_BITS, check_bits, code_bits, code_bytes, levels, width
+from .widths import ALLOWED_BITS, TERNARY, check_bits, code_bits, code_bytes, levels, width
 
 __all__ = [
     "pack_groups",
@@ -44,7 +44,6 @@ __all__ = [
     "check_float_dtype",
     "ALLOWED_BITS",
     "TERNARY",
-    "WHOLE_BITS",
     "code_bits",
     "code_bytes",
     "levels",

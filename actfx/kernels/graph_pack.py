@@ -44,9 +44,10 @@ import torch
 from torch._inductor import inductor_prims
 
 from actfx.kernels import lowered  # noqa: F401 - registers actfx::pack_codes, or_lanes, unpack_codes, lowerings
+from actfx.kernels.widths import TERNARY, TRITS_PER_BYTE, levels as levels_of
 
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
-           "Rows", "row_layout", "padded"]
+           "Rows", "row_layout", "padded", "lanes", "join_lanes"]
 
 
 def _groups(flat: torch.Tensor, group: int) -> torch.Tensor:
@@ -148,16 +149,30 @@ class Rows:
     plane: int | None = None
 
 
-def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = True, rows: Rows | None = None):
+def lanes(bits) -> int:
+    """Values per byte: ``8 / bits``, five (base-3 digits) for three levels."""
+    return TRITS_PER_BYTE if bits == TERNARY else 8 // bits
+
+
+def _unit(bits) -> int:
+    """Rows are padded to whole groups of this many (whole bytes): 8 for the binary widths (their
+    layout since rows were introduced), five for three levels."""
+    return TRITS_PER_BYTE if bits == TERNARY else 8
+
+
+def pack_values(x: torch.Tensor, bits, group_size: int, stochastic: bool = True, rows: Rows | None = None):
     """x (any float dtype and shape) -> (packed uint8, lo fp32, step fp32); ``rows``: the row
-    layout (None: flat)."""
-    levels = (1 << bits) - 1
+    layout (None: flat). Three levels (``bits`` 1.6) keep five codes a byte as base-3 digits; in
+    the flat layout their bytes run across groups (one byte table, ``ceil(n / 5)`` bytes for the
+    groups' n values), so no group is padded to a multiple of five."""
+    levels = levels_of(bits)
+    per = lanes(bits)
     if rows is None:
         xg = _groups(x.reshape(-1).float(), group_size)
     else:
         table = _rows(x, rows.inner).float()
         count, columns = table.shape
-        per_group, padded = _row_groups(count, columns, group_size, rows.plane)
+        per_group, padded = _row_groups(count, columns, group_size, rows.plane, _unit(bits))
         table = _pad_rows(table, padded)
         # reshape, not view: a transposed value's table is a strided view (Inductor copies it only there)
         xg = table.reshape(-1, per_group * columns) if rows.plane else table.reshape(-1, per_group, columns)
@@ -168,42 +183,56 @@ def pack_values(x: torch.Tensor, bits: int, group_size: int, stochastic: bool = 
     # finite and >= 0, and no NaN reaches the float -> int conversion (undefined in C++ and LLVM)
     finite = step < float("inf")
     t = torch.where(finite[:, None], (xg - lo[:, None]) * recip[:, None], 0.0)
-    per = 8 // bits
     columns = 1 if rows is None else columns
+    if rows is None and t.numel() % per:  # three levels: the last byte's missing digits (never read)
+        flat = t.reshape(-1)
+        t = torch.cat([flat, flat.new_zeros(per - flat.numel() % per)])
     # the bytes of the codes table [bytes, per, columns] as one node (lowered.py)
     table = t.reshape(-1, per, columns)
     wide = wide_table(table.shape[0], columns)
     packed = torch.ops.actfx.pack_codes(table, _pack_seed(t.device), levels, stochastic, bool(wide))
     if rows is None:
-        return packed.view(lo.shape[0], -1), lo, step
+        return (packed.view(-1) if bits == TERNARY else packed.view(lo.shape[0], -1)), lo, step
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
     return packed.contiguous(), lo, step
 
 
-def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits: int,
-                  rows: Rows | None = None):
+def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits,
+                  rows: Rows | None = None, group_size: int | None = None):
     """The inverse of :func:`pack_values`, shaped and typed like ``like`` (only its shape and dtype
     are read: it may be a fake tensor or an expanded zero). The table is one
-    ``actfx::unpack_codes`` node (``lowered.py``)."""
-    per = 8 // bits
-    per_group = packed.shape[1] * per if rows is None else packed.shape[0] * per // lo.shape[0]
-    table = torch.ops.actfx.unpack_codes(packed, lo, step, like.dtype, bits, rows is not None, per_group)
+    ``actfx::unpack_codes`` node (``lowered.py``). ``group_size``: needed for three levels in the
+    flat layout only (its bytes run across groups, so they do not tell where a group ends)."""
+    per = lanes(bits)
+    if rows is not None:
+        per_group = packed.shape[0] * per // lo.shape[0]
+    elif bits == TERNARY:
+        if group_size is None:
+            raise TypeError("unpack_values: three levels in the flat layout need group_size")
+        per_group = group_size
+    else:
+        per_group = packed.shape[1] * per
+    table = torch.ops.actfx.unpack_codes(packed, lo, step, like.dtype, levels_of(bits), rows is not None, per_group)
     if rows is None:
         return table[: like.numel()].view(like.shape)
     return _from_rows(table, like, rows.inner)
 
 
-def unpack_table(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, bits: int,
+def unpack_table(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, dtype: torch.dtype, levels: int,
                  rows: bool, per_group: int) -> torch.Tensor:
     """``actfx::unpack_codes`` in ATen (its eager implementation; see there for the arguments)."""
     if lo.numel() == 0:  # a mask
-        bits_ = _split_bits(packed, 1, dim=1)
+        bits_ = _split_lanes(packed, 2, dim=1)
         return (bits_.reshape(-1, packed.shape[1]) if rows else bits_.reshape(-1)).to(torch.bool)
+    radix = levels + 1
     if not rows:
-        code = _split_bits(packed, bits, dim=2)
+        if packed.dim() == 1:  # three levels: one byte table across groups
+            code = _split_lanes(packed, radix, dim=1).reshape(-1)[: lo.shape[0] * per_group].view(lo.shape[0], -1)
+            return (code.float() * step[:, None] + lo[:, None]).reshape(-1).to(dtype)
+        code = _split_lanes(packed, radix, dim=2)
         return (code.float() * step[:, None, None] + lo[:, None, None]).reshape(-1).to(dtype)
     columns = packed.shape[1]
-    code = _split_bits(packed, bits, dim=1).reshape(lo.shape[0], -1)
+    code = _split_lanes(packed, radix, dim=1).reshape(lo.shape[0], -1)
     if lo.dim() == 1:
         values = code.float() * step[:, None] + lo[:, None]
     else:
@@ -252,12 +281,30 @@ def _or_bits(code: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def _split_bits(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """The inverse of :func:`_or_bits`: int32 codes with the ``8 / bits`` entries at ``dim``."""
+def join_lanes(code: torch.Tensor, radix: int, dim: int) -> torch.Tensor:
+    """Codes below ``radix`` -> uint8, the entries along ``dim`` (dropped) as the digits of a
+    byte in base ``radix``, least-significant first: bits ORed for a power of two, base-3
+    digits for three levels."""
+    if radix & (radix - 1) == 0:
+        return _or_bits(code, radix.bit_length() - 1, dim)
+    packed = code.select(dim, 0).to(torch.int32)
+    for k in range(1, code.shape[dim]):
+        packed = packed + code.select(dim, k).to(torch.int32) * radix ** k
+    return packed.to(torch.uint8)
+
+
+def _split_lanes(packed: torch.Tensor, radix: int, dim: int) -> torch.Tensor:
+    """The inverse of :func:`join_lanes`: int32 codes with the byte's digits at ``dim``."""
+    per = TRITS_PER_BYTE if radix == 3 else 8 // (radix.bit_length() - 1)
     shape = [1] * (packed.dim() + 1)
-    shape[dim] = 8 // bits
-    shift = (torch.arange(8 // bits, dtype=torch.int32, device=packed.device) * bits).view(shape)
-    return (packed.unsqueeze(dim).to(torch.int32) >> shift) & ((1 << bits) - 1)
+    shape[dim] = per
+    wide = packed.unsqueeze(dim).to(torch.int32)
+    if radix & (radix - 1) == 0:
+        bits = radix.bit_length() - 1
+        shift = (torch.arange(per, dtype=torch.int32, device=packed.device) * bits).view(shape)
+        return (wide >> shift) & (radix - 1)
+    weight = (radix ** torch.arange(per, dtype=torch.int32, device=packed.device)).view(shape)
+    return torch.div(wide, weight, rounding_mode="floor") % radix
 
 
 def _order(ndim: int, inner: int) -> list[int]:
@@ -277,15 +324,16 @@ def _from_rows(rows: torch.Tensor, like: torch.Tensor, inner: int) -> torch.Tens
     return permuted.permute([order.index(d) for d in range(like.dim())])
 
 
-def _row_groups(count: int, columns: int, group_size: int, plane: int | None) -> tuple[int, int]:
+def _row_groups(count: int, columns: int, group_size: int, plane: int | None, unit: int = 8) -> tuple[int, int]:
     """(rows per group, padded row count). Columns of rows (``plane`` None): as few groups as
-    ``group_size`` allows, each a multiple of 8 rows, so padding stays under 8 rows a group.
+    ``group_size`` allows, each a multiple of ``unit`` rows (8; five for three levels: whole
+    bytes), so padding stays under ``unit`` rows a group.
     Blocks of whole rows: the most rows of one plane that fit ``group_size`` values and divide the
     plane (whole planes when one is smaller than a group), so a group never mixes channels, unless
     that leaves under half a group (then the rows that fit); padded to whole groups and bytes."""
     if plane is None:
         groups = _ceil_div(count, group_size)
-        per_group = _ceil_div(_ceil_div(count, groups), 8) * 8
+        per_group = _ceil_div(_ceil_div(count, groups), unit) * unit
         return per_group, groups * per_group
     fit = max(1, group_size // columns)
     if fit >= plane:
@@ -294,7 +342,7 @@ def _row_groups(count: int, columns: int, group_size: int, plane: int | None) ->
         per_group = max(d for d in range(1, fit + 1) if plane % d == 0)
         if per_group * columns * 2 < group_size:
             per_group = fit
-    whole = math.lcm(per_group, 8)
+    whole = math.lcm(per_group, unit)
     return per_group, _ceil_div(count, whole) * whole
 
 
@@ -311,18 +359,20 @@ def _pad_rows(rows: torch.Tensor, padded: int, zero: bool = False) -> torch.Tens
     return torch.cat([rows, fill.expand(padded - rows.shape[0], rows.shape[1])])
 
 
-def packed_value_bytes(shape, bits: int, group_size: int, rows: Rows | None = None) -> int:
+def packed_value_bytes(shape, bits, group_size: int, rows: Rows | None = None) -> int:
     """What :func:`pack_values` returns for a value of ``shape``, in bytes."""
     numel = math.prod(shape)
+    per = lanes(bits)
     if rows is None:
-        return _ceil_div(numel, group_size) * (group_size * bits // 8 + 8)
+        groups = _ceil_div(numel, group_size)
+        return groups * 8 + _ceil_div(groups * group_size, per)
     columns = shape[rows.inner]
-    per_group, padded = _row_groups(numel // columns, columns, group_size, rows.plane)
+    per_group, padded = _row_groups(numel // columns, columns, group_size, rows.plane, _unit(bits))
     groups = padded // per_group
-    return groups * (1 if rows.plane else columns) * 8 + padded * columns * bits // 8
+    return groups * (1 if rows.plane else columns) * 8 + padded * columns // per
 
 
-def padded(shape, group_size: int, rows: Rows | None = None, mask: bool = False) -> bool:
+def padded(shape, group_size: int, rows: Rows | None = None, mask: bool = False, bits=2) -> bool:
     """Whether a value of ``shape`` is unpacked from a table padded past its end (a partial last
     group, or rows up to whole bytes), then cut back to its size."""
     numel = math.prod(shape)
@@ -331,7 +381,7 @@ def padded(shape, group_size: int, rows: Rows | None = None, mask: bool = False)
     count = numel // shape[rows.inner]
     if mask:
         return count % 8 != 0
-    return _row_groups(count, shape[rows.inner], group_size, rows.plane)[1] != count
+    return _row_groups(count, shape[rows.inner], group_size, rows.plane, _unit(bits))[1] != count
 
 
 def packed_mask_bytes(numel: int) -> int:

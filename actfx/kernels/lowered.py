@@ -40,16 +40,16 @@ _LOW32 = 0xFFFFFFFF
 def pack_codes(table: Tensor, seed: Tensor, levels: int, stochastic: bool, wide: bool) -> Tensor:
     """``table``: fp32 ``[bytes, per, columns]`` of (x - lo) / step (finite, >= 0); returns the
     ``[bytes, columns]`` bytes holding its codes ``min(floor(t + u), levels)``, the ``per`` lanes
-    least-significant first, u the noise of lane k of byte ``b * columns + q`` (1/2 without
+    least-significant first (digits in base ``levels + 1``), u the noise of lane k of byte ``b * columns + q`` (1/2 without
     ``stochastic``); ``wide``: bytes are indexed past 2^31 and the hash takes the index's high bits
     too, as eager's int64 hash does (decided where the sizes are traced, so a symbolic size is
     guarded once, there)."""
-    from actfx.kernels.graph_pack import _or_bits, lanes_uniform
+    from actfx.kernels.graph_pack import join_lanes, lanes_uniform
 
     count, per, columns = table.shape
     noise = lanes_uniform(count, per, columns, seed, table.device, wide) if stochastic else 0.5
     codes = torch.floor(table + noise).clamp_max(float(levels)).to(torch.uint8)
-    return _or_bits(codes, 8 // per, dim=1)
+    return join_lanes(codes, levels + 1, dim=1)
 
 
 @pack_codes.register_fake
@@ -81,7 +81,6 @@ def _lower(table, seed, levels: int, stochastic: bool, wide: bool):
 
     count, per, columns = table.get_size()
     load, load_seed = table.make_loader(), seed.make_loader()
-    bits = 8 // per
 
     def const(value):
         return ops.constant(value, torch.int64)
@@ -122,7 +121,7 @@ def _lower(table, seed, levels: int, stochastic: bool, wide: bool):
         inner_fn=lambda index: code(*index, hash_of(index[0], index[2]) if stochastic else None))
     if per > 1:  # one reader per lane; at 8 bits the one lane is the byte, read once
         codes.realize()
-    return _or_node(codes, bits, 1)
+    return _or_node(codes, levels + 1, 1)
 
 
 @torch.library.custom_op("actfx::or_lanes", mutates_args=())
@@ -145,25 +144,32 @@ def _lower_or_lanes(codes, bits: int, dim: int):
     """The lanes ORed in one Pointwise node; ``codes`` is stored first where Inductor would store
     a value read ``8 / bits`` times (a large expression), as it did for the selects."""
     _mark_reuse(codes, 8 // bits)
-    return _or_node(codes, bits, dim)
+    return _or_node(codes, 1 << bits, dim)
 
 
-def _or_node(codes, bits: int, dim: int):
-    """A Pointwise ORing the ``8 / bits`` entries of ``codes`` along ``dim`` into bytes."""
+def _or_node(codes, radix: int, dim: int):
+    """A Pointwise joining the entries of ``codes`` along ``dim`` into bytes, as digits in base
+    ``radix``: bits shifted and ORed for a power of two, base-3 digits multiplied and added."""
     from torch._inductor import ir
     from torch._inductor.virtualized import ops
 
     size = list(codes.get_size())
     load = codes.make_loader()
+    bits = radix.bit_length() - 1 if radix & (radix - 1) == 0 else None
 
     def inner_fn(index):
         index = list(index)
         packed = None
         for k in range(size[dim]):
             lane = ops.to_dtype(load(index[:dim] + [k] + index[dim:]), torch.int32)
-            if k:
+            if k and bits is not None:
                 lane = ops.bitwise_left_shift(lane, ops.constant(bits * k, torch.int32))
-            packed = lane if packed is None else ops.bitwise_or(packed, lane)
+            elif k:
+                lane = ops.mul(lane, ops.constant(radix ** k, torch.int32))
+            if packed is None:
+                packed = lane
+            else:
+                packed = ops.bitwise_or(packed, lane) if bits is not None else ops.add(packed, lane)
         return ops.to_dtype(packed, torch.uint8)
 
     return ir.Pointwise.create(device=codes.get_device(), dtype=torch.uint8, inner_fn=inner_fn,
@@ -171,38 +177,75 @@ def _or_node(codes, bits: int, dim: int):
 
 
 @torch.library.custom_op("actfx::unpack_codes", mutates_args=())
-def unpack_codes(packed: Tensor, lo: Tensor, step: Tensor, dtype: torch.dtype, bits: int, rows: bool,
+def unpack_codes(packed: Tensor, lo: Tensor, step: Tensor, dtype: torch.dtype, levels: int, rows: bool,
                  per_group: int) -> Tensor:
     """The whole table ``packed`` holds, padding included: flat (``rows`` False), one value per
-    code in order, groups of ``per_group``; in rows, ``[rows, columns]``, ``8 / bits`` rows to a
-    byte, groups of ``per_group`` rows (``lo``/``step`` per group, or per group and column where
-    they have two dimensions). ``lo`` and ``step`` empty: a mask (bits 1), as bool. The caller
+    code in order, groups of ``per_group`` (bytes ``[groups, per_group / lanes]``, or one byte table
+    across groups for three levels); in rows, ``[rows, columns]``, a byte's lanes are consecutive
+    rows, groups of ``per_group`` rows (``lo``/``step`` per group, or per group and column where
+    they have two dimensions). ``levels``: 1, 3, 15, 255 (1, 2, 4, 8 bits) or 2 (three levels,
+    five base-3 digits a byte). ``lo`` and ``step`` empty: a mask (levels 1), as bool. The caller
     cuts the padding off and views the value's shape: every range here is a whole number of
     bytes and groups (Inductor's C++ loops dropped the last partial group of a range split by a
     floor division that does not divide it)."""
     from actfx.kernels import graph_pack
 
-    return graph_pack.unpack_table(packed, lo, step, dtype, bits, rows, per_group)
+    return graph_pack.unpack_table(packed, lo, step, dtype, levels, rows, per_group)
+
+
+def _lanes(levels: int) -> int:
+    """Codes per byte for a width of ``levels`` steps: five base-3 digits for three levels."""
+    return 5 if levels == 2 else 8 // ((levels + 1).bit_length() - 1)
 
 
 @unpack_codes.register_fake
-def _(packed, lo, step, dtype, bits, rows, per_group):
-    per = 8 // bits
-    shape = [packed.shape[0] * per, packed.shape[1]] if rows else [packed.numel() * per]
+def _(packed, lo, step, dtype, levels, rows, per_group):
+    per = _lanes(levels)
+    if rows:
+        shape = [packed.shape[0] * per, packed.shape[1]]
+    elif packed.dim() == 1 and lo.numel():  # three levels: one byte table across whole groups
+        shape = [lo.shape[0] * per_group]
+    else:
+        shape = [packed.numel() * per]
     return packed.new_empty(shape, dtype=dtype)
 
 
-def _lower_unpack(packed, lo, step, dtype, bits: int, rows: bool, per_group: int):
-    """Each code's byte, lane and group from its row and column, as one Inductor Pointwise node."""
+def _lower_unpack(packed, lo, step, dtype, levels: int, rows: bool, per_group: int):
+    """Each code's byte, lane and group from its row and column, as one Inductor Pointwise node.
+    A base-3 digit k of byte v is ``floor((v + 1/2) / 3^k) - 3 floor((v + 1/2) / 3^(k+1))`` in
+    fp32: exact (v + 1/2 over a power of three up to 3^5 stays 1/486 or more from an integer, far
+    above fp32's rounding), and vectorised like the binary widths' shift, where an integer
+    division by a lane's power of three was not."""
     from torch._inductor import ir
     from torch._inductor.virtualized import ops
     from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
     load, load_lo, load_step = packed.make_loader(), lo.make_loader(), step.make_loader()
-    per = 8 // bits
+    per = _lanes(levels)
+    radix = levels + 1
     mask = lo.get_numel() == 0
     size = packed.get_size()
-    byte_row = len(size) == 1  # a flat mask's bytes: one row, no groups
+    byte_row = len(size) == 1  # one byte table: a flat mask's bytes, or three levels' across groups
+
+    def digit(byte, lane):
+        """The code as int32 (binary widths) or fp32 (three levels)."""
+        if radix & (radix - 1) == 0:
+            shift = ops.index_expr(lane * (radix.bit_length() - 1), torch.int32)
+            return ops.bitwise_and(ops.bitwise_right_shift(ops.to_dtype(byte, torch.int32), shift),
+                                   ops.constant(radix - 1, torch.int32))
+        v = ops.add(ops.to_dtype(byte, torch.float32), ops.constant(0.5, torch.float32))
+        k = ops.index_expr(lane, torch.int32)
+
+        def inverse_power(first):  # 3^-(first + lane), one select per lane
+            value = ops.constant(float(radix) ** -(first + per - 1), torch.float32)
+            for j in range(per - 2, -1, -1):
+                value = ops.where(ops.eq(k, ops.constant(j, torch.int32)),
+                                  ops.constant(float(radix) ** -(first + j), torch.float32), value)
+            return value
+
+        high = ops.floor(ops.mul(v, inverse_power(0)))
+        higher = ops.floor(ops.mul(v, inverse_power(1)))
+        return ops.sub(high, ops.mul(higher, ops.constant(float(radix), torch.float32)))
 
     def inner_fn(index):
         if rows:
@@ -213,15 +256,20 @@ def _lower_unpack(packed, lo, step, dtype, bits: int, rows: bool, per_group: int
             (i,) = index
             byte = [FloorDiv(i, per)] if byte_row else [FloorDiv(i, per_group), FloorDiv(ModularIndexing(i, 1, per_group), per)]
             lane, group = ModularIndexing(i, 1, per), [FloorDiv(i, per_group)]
-        shift = ops.index_expr(lane * bits, torch.int32)
-        code = ops.bitwise_and(ops.bitwise_right_shift(ops.to_dtype(load(byte), torch.int32), shift),
-                               ops.constant((1 << bits) - 1, torch.int32))
+        code = digit(load(byte), lane)
         if mask:
             return ops.to_dtype(code, torch.bool)
-        value = ops.add(ops.mul(ops.to_dtype(code, torch.float32), load_step(group)), load_lo(group))
+        if radix & (radix - 1) == 0:
+            code = ops.to_dtype(code, torch.float32)
+        value = ops.add(ops.mul(code, load_step(group)), load_lo(group))
         return ops.to_dtype(value, dtype)
 
-    ranges = [size[0] * per, size[1]] if rows else [packed.get_numel() * per]
+    if rows:
+        ranges = [size[0] * per, size[1]]
+    elif byte_row and not mask:
+        ranges = [lo.get_size()[0] * per_group]
+    else:
+        ranges = [packed.get_numel() * per]
     return ir.Pointwise.create(device=packed.get_device(), dtype=dtype, inner_fn=inner_fn, ranges=ranges)
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 TERNARY = 1.6  # three levels, five values per byte
 ALLOWED_BITS = (1, TERNARY, 2, 4, 8)
-WHOLE_BITS = (1, 2, 4, 8)  # the widths packed by actfx.compile's kernels (no three-level lowering yet)
 TRITS_PER_BYTE = 5
 TRIT_WEIGHTS = (1, 3, 9, 27, 81)  # value 5j + k of a group is base-3 digit k of its byte j
 

@@ -28,7 +28,7 @@ import torch
 from torch import fx
 
 from actfx.config import KEEP_EXACT, Config
-from actfx.kernels import extern_pack, graph_pack
+from actfx.kernels import TERNARY, extern_pack, graph_pack
 from actfx.kernels.ops import realized_op
 from actfx.passes import (decorrelate, forward_cse, hoist, linearize, noise_degree, rematerialize, rms_inputs,
                           stored_layout)
@@ -146,7 +146,7 @@ class PackSaved:
                 continue
             rows = self._rows(fwd, self.config.group_size) if storage is Storage.PACKED else None
             mask_rows = self._rows(fwd, _MASK_MIN_ROWS) if storage is Storage.MASK else None
-            apart = self.probe is None and self._packs_apart(fwd, storage, rows or mask_rows)
+            apart = self.probe is None and self._packs_apart(fwd, storage, rows or mask_rows, bits)
             if storage is Storage.PACKED and self.probe is not None:
                 after = self._probe(fwd, bwd, bits, rows)
             elif storage is Storage.PACKED:
@@ -249,29 +249,31 @@ class PackSaved:
     def _pack(self, fwd: fx.Node, bwd: fx.Node, bits: int, rows: graph_pack.Rows | None, apart: bool) -> int:
         group, stochastic = self.config.group_size, self.config.stochastic
         pack = extern_pack.pack_extern if apart else graph_pack.pack_values
-        apart_in = self._realize(fwd, rows, mask=False)
+        apart_in = self._realize(fwd, rows, mask=False, bits=bits)
         return self._store(fwd, bwd, lambda x: pack(x, bits, group, stochastic, rows),
-                           lambda c, lo, st, x: _realized(graph_pack.unpack_values(c, lo, st, x, bits, rows), apart_in),
+                           lambda c, lo, st, x: _realized(graph_pack.unpack_values(c, lo, st, x, bits, rows, group),
+                                                          apart_in),
                            key=("pack", pack.__name__, bits, group, stochastic, rows, apart_in))
 
-    def _realize(self, fwd: fx.Node, rows: graph_pack.Rows | None, mask: bool) -> bool:
+    def _realize(self, fwd: fx.Node, rows: graph_pack.Rows | None, mask: bool, bits=1) -> bool:
         """Whether this value's unpack must be a buffer of its own: Inductor's C++ backend fused an
         unpack cut back from a padded table into a scatter (``index_add``, an indexing's
         backward) with a loop over whole groups only, and the last partial group's entries got
         no gradient (a graph-attention layer: 46% off). Realized where the backward scatters."""
         if self._scatters is None:
             self._scatters = any(n.op == "call_function" and n.target in _SCATTERS for n in self.g.bwd.nodes)
-        return self._scatters and graph_pack.padded(tuple(val(fwd).shape), self.config.group_size, rows, mask)
+        return self._scatters and graph_pack.padded(tuple(val(fwd).shape), self.config.group_size, rows, mask, bits)
 
-    def _packs_apart(self, fwd: fx.Node, storage: Storage, rows: graph_pack.Rows | None) -> bool:
+    def _packs_apart(self, fwd: fx.Node, storage: Storage, rows: graph_pack.Rows | None, bits) -> bool:
         """Whether ``fwd`` is packed by the precompiled kernel (``extern_pack``, with
         ``Config.pack_kernel``) rather than as ATen math Inductor generates code for: masks, and
-        values an extern kernel writes (no pack can join it), where that kernel can read them."""
+        values an extern kernel writes (no pack can join it), where that kernel can read them
+        (binary widths: three levels are generated)."""
         if not self.config.pack_kernel:
             return False
         if storage is Storage.MASK:
             return extern_pack.extern_mask_applies(val(fwd), rows)
-        return (storage is Storage.PACKED and written_by_extern(fwd)
+        return (storage is Storage.PACKED and bits != TERNARY and written_by_extern(fwd)
                 and extern_pack.extern_pack_applies(val(fwd), rows))
 
     def _mask(self, fwd: fx.Node, bwd: fx.Node, rows: graph_pack.Rows | None, apart: bool) -> int:

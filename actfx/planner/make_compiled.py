@@ -26,7 +26,7 @@ import torch.nn as nn
 
 from actfx.compiled_estimate import as_fx_code, estimate_compiled
 from actfx.config import KEEP_EXACT, Config
-from actfx.kernels import WHOLE_BITS, graph_pack
+from actfx.kernels import ALLOWED_BITS, graph_pack
 from actfx.passes.saved_plan import Storage
 from actfx.planner.choose import BudgetError, Option, choose
 from actfx.planner.compiled_sensitivity import compiled_sensitivities
@@ -62,7 +62,7 @@ def plan_compiled(model: nn.Module, planned_inputs: tuple, calibration: tuple, *
     options = []
     for site in sites:
         nbytes = {b: sum(graph_pack.packed_value_bytes(v.shape, b, group, v.rows) for v in values[site])
-                  for b in WHOLE_BITS}
+                  for b in ALLOWED_BITS}
         nbytes[KEEP_EXACT] = sum(v.bytes_before for v in values[site])
         variance = {**sensitivity[site].variance, KEEP_EXACT: 0.0}
         options.append(Option(nbytes, variance))

@@ -50,6 +50,25 @@ def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
     assert seen >= len(widths)
 
 
+def test_a_compile_plan_takes_three_levels_and_the_compiled_model_holds_them():
+    """Just under uniform 2-bit's bytes the plan puts sites at three levels (1.6) rather than
+    dropping one to 1 bit, and actfx.compile packs them as planned (it refused 1.6 before the
+    compiled pass had a three-level lowering)."""
+    from actfx.kernels import TERNARY
+
+    torch.manual_seed(0)
+    model, x = PlannedCnn(), torch.randn(4, 3, 16, 16)
+    uniform = estimate_compiled(model, (x,), Config(bits=2)).bytes_after
+    plan = actfx.plan(model, x, activation_budget=int(uniform * 0.95), path="compile", loss_fn=projection())
+    widths = {s.key: s.bits for s in plan.sites}
+    assert TERNARY in widths.values(), widths
+    compiled = actfx.compile(model, plan=plan)
+    projection()(compiled(x)).backward()
+    record = compiled._actfx_compiled
+    assert record.bytes_after == plan.activation_bytes
+    assert {v.site: v.bits for p in record.plans for v in p.saved if v.site in widths} == widths
+
+
 class _TanhStack(torch.nn.Module):
     """Functional code in one forward: every saved value is the root module's."""
 
