@@ -38,7 +38,7 @@ from actfx.passes.graph_memory import view_base, written_by_extern
 from actfx.passes.index_range import compact_dtype
 from actfx.passes.saved_plan import GraphPlan, SavedValue, Storage, site_key
 from actfx.passes.saved_pair import (SavedPair, hint, is_normalisation_statistic, module_path, nbytes, numel, op_name,
-                                     parameter_nodes, static_shape, val)
+                                     parameter_nodes, static_shape, val, written_inputs)
 from actfx.rules import rule_for
 
 aten = torch.ops.aten
@@ -55,6 +55,9 @@ class PackSaved:
         self.config = config
         self.probe = probe
         self.params = parameter_nodes(self.g.fwd, static_indices)
+        # buffers the forward writes in place: backward must not rebuild values from them (it
+        # would read the new values); ``rematerialize`` reads parameters only where not written
+        self.written = written_inputs(self.g.fwd)
         self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
         self.exact_reason: dict[str, str] = {}
         self.hoisted: dict[str, str] = {}  # fwd node name -> op description

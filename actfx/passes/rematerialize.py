@@ -96,14 +96,14 @@ def _activation_and_fixed(run, product: fx.Node):
         # a parameter or buffer (saved by reference), or a small value computed from them;
         # a large one computed from them is recomputed from them instead
         held = n.op == "placeholder" or (is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel)
-        return True if n in run.params and held else None
+        return True if n in run.params and held and n not in run.written else None
 
     for activation, factor in (tensors, tensors[::-1]):
         if (not is_tensor(activation) or not static_shape(activation) or numel(activation) != numel(product)
                 or val(activation).dtype != val(product).dtype or activation in run.params):
             continue
         if factor.op == "placeholder":
-            found = ([], [factor]) if factor in run.params else None
+            found = ([], [factor]) if factor in run.params and factor not in run.written else None
         else:
             found = _walk(run, factor, leaf, index_ranges=True)
         if found is not None:
@@ -144,7 +144,7 @@ def _chain(run, value: fx.Node, available: dict):
     def leaf(n):
         if n in available:
             return False  # saved already
-        if (n.op == "placeholder" and n in run.params) or (
+        if (n.op == "placeholder" and n in run.params and n not in run.written) or (
                 is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel):
             return True  # a parameter, or a small value (statistics): saved as is
         return None
@@ -224,7 +224,8 @@ def repeated_parameter_copies(run) -> None:
             chain.append(source)
             source = source.all_input_nodes[0]
         if not any(n.target in _LAYOUT and n.target is not aten.clone.default for n in chain) \
-                or 2 * numel(source) > numel(fwd) or not is_tensor(source) or not static_shape(source):
+                or 2 * numel(source) > numel(fwd) or not is_tensor(source) or not static_shape(source) \
+                or source in run.written:
             continue
         held = {source: run.g.placeholder_of.get(source) or run.g.add_saved(source, fwd)}
         rebuilt = _rebuild(run, fwd, {fwd: chain[::-1]}, held, run.first_use(placeholder), {})

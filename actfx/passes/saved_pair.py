@@ -152,6 +152,21 @@ class SavedPair:
         self.bwd.erase_node(placeholder)
 
 
+def written_inputs(graph: fx.Graph) -> set[fx.Node]:
+    """Nodes the graph writes in place (a buffer the step updates: spectral norm's vectors,
+    copied into their buffers at the graph's end). What is computed from them must not be made
+    again in backward, which would read the new values."""
+    written = set()
+    for node in graph.nodes:
+        schema = getattr(node.target, "_schema", None)
+        if node.op != "call_function" or schema is None or not schema.is_mutable:
+            continue
+        for argument, value in zip(schema.arguments, node.args):
+            if argument.alias_info is not None and argument.alias_info.is_write and isinstance(value, fx.Node):
+                written.add(value)
+    return written
+
+
 def parameter_nodes(fwd: fx.Graph, static_indices) -> set[fx.Node]:
     """Forward nodes computed from parameters and buffers alone (their views and casts)."""
     placeholders = list(fwd.find_nodes(op="placeholder"))
