@@ -9,11 +9,14 @@ Layout (the eager format's grouping, with fp32 group metadata so constant groups
 x is read as ``x.reshape(-1)`` in fp32, padded to whole groups of G by repeating its last value
 (padding never widens a group's range), split into ``[num_groups, G]``.
 
-* ``lo[g] = min``, ``step[g] = (max - min) / L`` (fp32, L = 2**bits - 1);
+* ``lo[g] = min``, ``step[g] = (max - min) / L`` (fp32, L = 2**bits - 1, or 2 for three levels);
 * ``code = clamp(floor((x - lo) / step + u), 0, L)`` with ``u ~ U[0, 1)`` from a seeded index hash
   (stochastic rounding: E[lo + code * step] = x) or ``u = 1/2`` (round to nearest);
 * codes packed ``8 / bits`` to a byte, least-significant first: ``packed[g, j]`` holds values
   ``j*per .. j*per + per - 1`` of group g.
+
+Three levels (``bits`` 1.6, L = 2): five codes a byte as base-3 digits, least-significant first;
+in the flat layout the bytes run across groups (``ceil(n / 5)`` bytes for n values).
 
 A constant group has step 0 and unpacks to lo exactly (all-zero groups after a ReLU are exact).
 A group with a NaN or an infinity unpacks to NaN everywhere, so overflow stays visible.
