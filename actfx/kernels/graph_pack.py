@@ -47,10 +47,10 @@ import torch
 from torch._inductor import inductor_prims
 
 from actfx.kernels import lowered  # noqa: F401 - registers actfx::pack_codes, or_lanes, unpack_codes, lowerings
-from actfx.kernels.widths import TERNARY, TRITS_PER_BYTE, levels as levels_of
+from actfx.kernels.widths import TERNARY, TRITS_PER_BYTE, of_levels, per_byte, levels as levels_of
 
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
-           "Rows", "row_layout", "padded", "lanes", "join_lanes"]
+           "Rows", "row_layout", "padded", "join_lanes"]
 
 
 def _groups(flat: torch.Tensor, group: int) -> torch.Tensor:
@@ -152,11 +152,6 @@ class Rows:
     plane: int | None = None
 
 
-def lanes(bits) -> int:
-    """Values per byte: ``8 / bits``, five (base-3 digits) for three levels."""
-    return TRITS_PER_BYTE if bits == TERNARY else 8 // bits
-
-
 def _unit(bits) -> int:
     """Rows are padded to whole groups of this many (whole bytes): 8 for the binary widths (their
     layout since rows were introduced), five for three levels."""
@@ -169,7 +164,7 @@ def pack_values(x: torch.Tensor, bits, group_size: int, stochastic: bool = True,
     the flat layout their bytes run across groups (one byte table, ``ceil(n / 5)`` bytes for the
     groups' n values), so no group is padded to a multiple of five."""
     levels = levels_of(bits)
-    per = lanes(bits)
+    per = per_byte(bits)
     if rows is None:
         xg = _groups(x.reshape(-1).float(), group_size)
     else:
@@ -206,7 +201,7 @@ def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, li
     are read: it may be a fake tensor or an expanded zero). The table is one
     ``actfx::unpack_codes`` node (``lowered.py``). ``group_size``: needed for three levels in the
     flat layout only (its bytes run across groups, so they do not tell where a group ends)."""
-    per = lanes(bits)
+    per = per_byte(bits)
     if rows is not None:
         per_group = packed.shape[0] * per // lo.shape[0]
     elif bits == TERNARY:
@@ -298,7 +293,7 @@ def join_lanes(code: torch.Tensor, radix: int, dim: int) -> torch.Tensor:
 
 def _split_lanes(packed: torch.Tensor, radix: int, dim: int) -> torch.Tensor:
     """The inverse of :func:`join_lanes`: int32 codes with the byte's digits at ``dim``."""
-    per = TRITS_PER_BYTE if radix == 3 else 8 // (radix.bit_length() - 1)
+    per = per_byte(of_levels(radix - 1))
     shape = [1] * (packed.dim() + 1)
     shape[dim] = per
     wide = packed.unsqueeze(dim).to(torch.int32)
@@ -365,7 +360,7 @@ def _pad_rows(rows: torch.Tensor, padded: int, zero: bool = False) -> torch.Tens
 def packed_value_bytes(shape, bits, group_size: int, rows: Rows | None = None) -> int:
     """What :func:`pack_values` returns for a value of ``shape``, in bytes."""
     numel = math.prod(shape)
-    per = lanes(bits)
+    per = per_byte(bits)
     if rows is None:
         groups = _ceil_div(numel, group_size)
         return groups * 8 + _ceil_div(groups * group_size, per)

@@ -29,6 +29,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from actfx.kernels.widths import of_levels, per_byte
+
 __all__ = ["pack_codes", "or_lanes", "unpack_codes"]
 
 _HASH_MUL_1 = 0x7FEB352D
@@ -193,14 +195,9 @@ def unpack_codes(packed: Tensor, lo: Tensor, step: Tensor, dtype: torch.dtype, l
     return graph_pack.unpack_table(packed, lo, step, dtype, levels, rows, per_group)
 
 
-def _lanes(levels: int) -> int:
-    """Codes per byte for a width of ``levels`` steps: five base-3 digits for three levels."""
-    return 5 if levels == 2 else 8 // ((levels + 1).bit_length() - 1)
-
-
 @unpack_codes.register_fake
 def _(packed, lo, step, dtype, levels, rows, per_group):
-    per = _lanes(levels)
+    per = per_byte(of_levels(levels))
     if rows:
         shape = [packed.shape[0] * per, packed.shape[1]]
     elif packed.dim() == 1 and lo.numel():  # three levels: one byte table across whole groups
@@ -221,7 +218,7 @@ def _lower_unpack(packed, lo, step, dtype, levels: int, rows: bool, per_group: i
     from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
     load, load_lo, load_step = packed.make_loader(), lo.make_loader(), step.make_loader()
-    per = _lanes(levels)
+    per = per_byte(of_levels(levels))
     radix = levels + 1
     mask = lo.get_numel() == 0
     size = packed.get_size()

@@ -45,6 +45,16 @@ def levels(bits: int | float) -> int:
     return 2 if bits == TERNARY else (1 << int(bits)) - 1
 
 
+def per_byte(bits: int | float) -> int:
+    """Codes a byte holds: ``8 / bits``, five base-3 digits for three levels."""
+    return TRITS_PER_BYTE if bits == TERNARY else 8 // int(bits)
+
+
+def of_levels(levels: int) -> int | float:
+    """The width with ``levels`` steps (the inverse of :func:`levels`)."""
+    return TERNARY if levels == 2 else (levels + 1).bit_length() - 1
+
+
 def code_bytes(bits: int | float, group_size: int) -> int:
     """Code bytes per group: ``G * b / 8``, or ``ceil(G / 5)`` for three levels."""
     if bits == TERNARY:
