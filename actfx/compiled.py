@@ -31,7 +31,7 @@ from actfx.copies import COMPILE_ARGS, SOURCE, compiled_class
 from actfx.outputs import grad_leaves
 from actfx.passes.attention_kernel import choose_attention_kernels
 from actfx.passes.attention_pattern import KeepMathAttention
-from actfx.passes.parameter_casts import recompute_parameter_casts
+from actfx.passes.parameter_casts import recompute_parameter_computations
 from actfx.passes.graph_memory import partition_memory, step_peak
 from actfx.passes.pack_saved import SYMBOLIC_SIZES, kept_as_is, pack_saved
 from actfx.passes.saved_plan import GraphPlan, Storage
@@ -163,7 +163,7 @@ class _Partitioner(CustomPartitionerFn):
         self.record = record
 
     def __call__(self, gm, joint_inputs, **kwargs):
-        recompute_parameter_casts(gm, kwargs.get("static_lifetime_input_indices"))
+        recompute_parameter_computations(gm, kwargs.get("static_lifetime_input_indices"))
         fwd, bwd = self._partition(gm, joint_inputs, kwargs)
         if _has_sparse_values(gm):
             # Inductor re-derives the fake value of each op whose inputs the pass changed, and

@@ -47,7 +47,7 @@ import torch
 from torch._inductor import inductor_prims
 
 from actfx.kernels import lowered  # noqa: F401 - registers actfx::pack_codes, or_lanes, unpack_codes, lowerings
-from actfx.kernels.widths import TERNARY, TRITS_PER_BYTE, of_levels, per_byte, levels as levels_of
+from actfx.kernels.widths import TERNARY, TRIT_WEIGHTS, TRITS_PER_BYTE, of_levels, per_byte, levels as levels_of
 
 __all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
            "Rows", "row_layout", "padded", "join_lanes"]
@@ -220,17 +220,17 @@ def unpack_table(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, dty
                  rows: bool, per_group: int) -> torch.Tensor:
     """``actfx::unpack_codes`` in ATen (its eager implementation; see there for the arguments)."""
     if lo.numel() == 0:  # a mask
-        bits_ = _split_lanes(packed, 2, dim=1)
+        bits_ = _split_lanes(packed, 1, dim=1)
         return (bits_.reshape(-1, packed.shape[1]) if rows else bits_.reshape(-1)).to(torch.bool)
-    radix = levels + 1
+    bits = of_levels(levels)
     if not rows:
         if packed.dim() == 1:  # three levels: one byte table across groups
-            code = _split_lanes(packed, radix, dim=1).reshape(-1)[: lo.shape[0] * per_group].view(lo.shape[0], -1)
+            code = _split_lanes(packed, bits, dim=1).reshape(-1)[: lo.shape[0] * per_group].view(lo.shape[0], -1)
             return (code.float() * step[:, None] + lo[:, None]).reshape(-1).to(dtype)
-        code = _split_lanes(packed, radix, dim=2)
+        code = _split_lanes(packed, bits, dim=2)
         return (code.float() * step[:, None, None] + lo[:, None, None]).reshape(-1).to(dtype)
     columns = packed.shape[1]
-    code = _split_lanes(packed, radix, dim=1).reshape(lo.shape[0], -1)
+    code = _split_lanes(packed, bits, dim=1).reshape(lo.shape[0], -1)
     if lo.dim() == 1:
         values = code.float() * step[:, None] + lo[:, None]
     else:
@@ -279,30 +279,28 @@ def _or_bits(code: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     return packed.to(torch.uint8)
 
 
-def join_lanes(code: torch.Tensor, radix: int, dim: int) -> torch.Tensor:
-    """Codes below ``radix`` -> uint8, the entries along ``dim`` (dropped) as the digits of a
-    byte in base ``radix``, least-significant first: bits ORed for a power of two, base-3
-    digits for three levels."""
-    if radix & (radix - 1) == 0:
-        return _or_bits(code, radix.bit_length() - 1, dim)
+def join_lanes(code: torch.Tensor, bits, dim: int) -> torch.Tensor:
+    """Codes (uint8 or int32) -> uint8, the entries along ``dim`` (dropped) to a byte,
+    least-significant first: ``bits`` each, ORed, or base-3 digits for three levels."""
+    if bits != TERNARY:
+        return _or_bits(code, bits, dim)
     packed = code.select(dim, 0).to(torch.int32)
     for k in range(1, code.shape[dim]):
-        packed = packed + code.select(dim, k).to(torch.int32) * radix ** k
+        packed = packed + code.select(dim, k).to(torch.int32) * TRIT_WEIGHTS[k]
     return packed.to(torch.uint8)
 
 
-def _split_lanes(packed: torch.Tensor, radix: int, dim: int) -> torch.Tensor:
-    """The inverse of :func:`join_lanes`: int32 codes with the byte's digits at ``dim``."""
-    per = per_byte(of_levels(radix - 1))
+def _split_lanes(packed: torch.Tensor, bits, dim: int) -> torch.Tensor:
+    """The inverse of :func:`join_lanes`: int32 codes with the byte's ``per_byte(bits)`` entries
+    at ``dim``."""
     shape = [1] * (packed.dim() + 1)
-    shape[dim] = per
+    shape[dim] = per_byte(bits)
     wide = packed.unsqueeze(dim).to(torch.int32)
-    if radix & (radix - 1) == 0:
-        bits = radix.bit_length() - 1
-        shift = (torch.arange(per, dtype=torch.int32, device=packed.device) * bits).view(shape)
-        return (wide >> shift) & (radix - 1)
-    weight = (radix ** torch.arange(per, dtype=torch.int32, device=packed.device)).view(shape)
-    return torch.div(wide, weight, rounding_mode="floor") % radix
+    if bits == TERNARY:
+        weight = torch.tensor(TRIT_WEIGHTS, dtype=torch.int32, device=packed.device).view(shape)
+        return torch.div(wide, weight, rounding_mode="floor") % 3
+    shift = (torch.arange(8 // bits, dtype=torch.int32, device=packed.device) * bits).view(shape)
+    return (wide >> shift) & ((1 << bits) - 1)
 
 
 def _order(ndim: int, inner: int) -> list[int]:

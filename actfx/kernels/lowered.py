@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from actfx.kernels.widths import of_levels, per_byte
+from actfx.kernels.widths import TERNARY, TRIT_WEIGHTS, of_levels, per_byte
 
 __all__ = ["pack_codes", "or_lanes", "unpack_codes"]
 
@@ -42,7 +42,7 @@ _LOW32 = 0xFFFFFFFF
 def pack_codes(table: Tensor, seed: Tensor, levels: int, stochastic: bool, wide: bool) -> Tensor:
     """``table``: fp32 ``[bytes, per, columns]`` of (x - lo) / step (finite, >= 0); returns the
     ``[bytes, columns]`` bytes holding its codes ``min(floor(t + u), levels)``, the ``per`` lanes
-    least-significant first (digits in base ``levels + 1``), u the noise of lane k of byte ``b * columns + q`` (1/2 without
+    least-significant first (base-3 digits for three levels), u the noise of lane k of byte ``b * columns + q`` (1/2 without
     ``stochastic``); ``wide``: bytes are indexed past 2^31 and the hash takes the index's high bits
     too, as eager's int64 hash does (decided where the sizes are traced, so a symbolic size is
     guarded once, there)."""
@@ -51,7 +51,7 @@ def pack_codes(table: Tensor, seed: Tensor, levels: int, stochastic: bool, wide:
     count, per, columns = table.shape
     noise = lanes_uniform(count, per, columns, seed, table.device, wide) if stochastic else 0.5
     codes = torch.floor(table + noise).clamp_max(float(levels)).to(torch.uint8)
-    return join_lanes(codes, levels + 1, dim=1)
+    return join_lanes(codes, of_levels(levels), dim=1)
 
 
 @pack_codes.register_fake
@@ -123,7 +123,7 @@ def _lower(table, seed, levels: int, stochastic: bool, wide: bool):
         inner_fn=lambda index: code(*index, hash_of(index[0], index[2]) if stochastic else None))
     if per > 1:  # one reader per lane; at 8 bits the one lane is the byte, read once
         codes.realize()
-    return _or_node(codes, levels + 1, 1)
+    return _or_node(codes, of_levels(levels), 1)
 
 
 @torch.library.custom_op("actfx::or_lanes", mutates_args=())
@@ -146,32 +146,29 @@ def _lower_or_lanes(codes, bits: int, dim: int):
     """The lanes ORed in one Pointwise node; ``codes`` is stored first where Inductor would store
     a value read ``8 / bits`` times (a large expression), as it did for the selects."""
     _mark_reuse(codes, 8 // bits)
-    return _or_node(codes, 1 << bits, dim)
+    return _or_node(codes, bits, dim)
 
 
-def _or_node(codes, radix: int, dim: int):
-    """A Pointwise joining the entries of ``codes`` along ``dim`` into bytes, as digits in base
-    ``radix``: bits shifted and ORed for a power of two, base-3 digits multiplied and added."""
+def _or_node(codes, bits, dim: int):
+    """A Pointwise ORing the ``8 / bits`` entries of ``codes`` along ``dim`` into bytes (three
+    levels: five base-3 digits, multiplied and added)."""
     from torch._inductor import ir
     from torch._inductor.virtualized import ops
 
     size = list(codes.get_size())
     load = codes.make_loader()
-    bits = radix.bit_length() - 1 if radix & (radix - 1) == 0 else None
 
     def inner_fn(index):
         index = list(index)
         packed = None
         for k in range(size[dim]):
             lane = ops.to_dtype(load(index[:dim] + [k] + index[dim:]), torch.int32)
-            if k and bits is not None:
-                lane = ops.bitwise_left_shift(lane, ops.constant(bits * k, torch.int32))
+            if k and bits == TERNARY:
+                lane = ops.mul(lane, ops.constant(TRIT_WEIGHTS[k], torch.int32))
             elif k:
-                lane = ops.mul(lane, ops.constant(radix ** k, torch.int32))
-            if packed is None:
-                packed = lane
-            else:
-                packed = ops.bitwise_or(packed, lane) if bits is not None else ops.add(packed, lane)
+                lane = ops.bitwise_left_shift(lane, ops.constant(bits * k, torch.int32))
+            join = ops.add if bits == TERNARY else ops.bitwise_or
+            packed = lane if packed is None else join(packed, lane)
         return ops.to_dtype(packed, torch.uint8)
 
     return ir.Pointwise.create(device=codes.get_device(), dtype=torch.uint8, inner_fn=inner_fn,
@@ -218,31 +215,31 @@ def _lower_unpack(packed, lo, step, dtype, levels: int, rows: bool, per_group: i
     from torch.utils._sympy.functions import FloorDiv, ModularIndexing
 
     load, load_lo, load_step = packed.make_loader(), lo.make_loader(), step.make_loader()
-    per = per_byte(of_levels(levels))
-    radix = levels + 1
+    bits = of_levels(levels)
+    per = per_byte(bits)
     mask = lo.get_numel() == 0
     size = packed.get_size()
     byte_row = len(size) == 1  # one byte table: a flat mask's bytes, or three levels' across groups
 
     def digit(byte, lane):
         """The code as int32 (binary widths) or fp32 (three levels)."""
-        if radix & (radix - 1) == 0:
-            shift = ops.index_expr(lane * (radix.bit_length() - 1), torch.int32)
+        if bits != TERNARY:
+            shift = ops.index_expr(lane * bits, torch.int32)
             return ops.bitwise_and(ops.bitwise_right_shift(ops.to_dtype(byte, torch.int32), shift),
-                                   ops.constant(radix - 1, torch.int32))
+                                   ops.constant((1 << bits) - 1, torch.int32))
         v = ops.add(ops.to_dtype(byte, torch.float32), ops.constant(0.5, torch.float32))
         k = ops.index_expr(lane, torch.int32)
 
         def inverse_power(first):  # 3^-(first + lane), one select per lane
-            value = ops.constant(float(radix) ** -(first + per - 1), torch.float32)
+            value = ops.constant(3.0 ** -(first + per - 1), torch.float32)
             for j in range(per - 2, -1, -1):
                 value = ops.where(ops.eq(k, ops.constant(j, torch.int32)),
-                                  ops.constant(float(radix) ** -(first + j), torch.float32), value)
+                                  ops.constant(3.0 ** -(first + j), torch.float32), value)
             return value
 
         high = ops.floor(ops.mul(v, inverse_power(0)))
         higher = ops.floor(ops.mul(v, inverse_power(1)))
-        return ops.sub(high, ops.mul(higher, ops.constant(float(radix), torch.float32)))
+        return ops.sub(high, ops.mul(higher, ops.constant(3.0, torch.float32)))
 
     def inner_fn(index):
         if rows:
@@ -256,7 +253,7 @@ def _lower_unpack(packed, lo, step, dtype, levels: int, rows: bool, per_group: i
         code = digit(load(byte), lane)
         if mask:
             return ops.to_dtype(code, torch.bool)
-        if radix & (radix - 1) == 0:
+        if bits != TERNARY:
             code = ops.to_dtype(code, torch.float32)
         value = ops.add(ops.mul(code, load_step(group)), load_lo(group))
         return ops.to_dtype(value, dtype)

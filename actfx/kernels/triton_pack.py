@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .reference import inv_levels, stream_key
-from .widths import TERNARY, TRITS_PER_BYTE, code_bytes, levels
+from .widths import TERNARY, code_bytes, levels, per_byte
 
 __all__ = ["pack_groups_triton", "unpack_groups_triton"]
 
@@ -210,9 +210,9 @@ def _layout(bits, group_size: int) -> dict:
     tile [64, 8] for a group of 256 (52 bytes of 5 values), masking the slots that hold none.
     Cached: every launch reads it (the callers only unpack it, never change it)."""
     trits = bits == TERNARY
-    per_byte = TRITS_PER_BYTE if trits else 8 // bits
+    lanes = per_byte(bits)
     nb = code_bytes(bits, group_size)
-    return dict(BITS=0 if trits else bits, TRITS=trits, PER_BYTE=per_byte, K_TILE=triton.next_power_of_2(per_byte),
+    return dict(BITS=0 if trits else bits, TRITS=trits, PER_BYTE=lanes, K_TILE=triton.next_power_of_2(lanes),
                 NB=nb, NB_TILE=triton.next_power_of_2(nb), LEVELS=levels(bits), G=group_size)
 
 

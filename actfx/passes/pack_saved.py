@@ -55,14 +55,18 @@ class PackSaved:
         self.config = config
         self.probe = probe
         self.params = parameter_nodes(self.g.fwd, static_indices)
-        # buffers the forward writes in place: backward must not rebuild values from them (it
-        # would read the new values); ``rematerialize`` reads parameters only where not written
-        self.written = written_inputs(self.g.fwd)
+        self.written = written_inputs(self.g.fwd)  # buffers the forward writes in place
         self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
         self.exact_reason: dict[str, str] = {}
         self.hoisted: dict[str, str] = {}  # fwd node name -> op description
         self.layouts: stored_layout.StoredLayouts | None = None  # set by rewrite, once the forward has all its nodes
         self._scatters: bool | None = None  # whether the backward scatters (``_realize``), read once
+
+    def read_as_is(self, node: fx.Node) -> bool:
+        """Whether backward may read ``node``, a parameter or buffer or a value computed from them,
+        as forward saw it: not a buffer the forward writes in place (backward would read the
+        new value: spectral norm's vectors)."""
+        return node in self.params and node not in self.written
 
     def packable(self, fwd_node: fx.Node) -> str | None:
         """None if the value may be packed, else why it stays exact."""

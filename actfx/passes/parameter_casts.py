@@ -49,12 +49,10 @@ def _remade(node: fx.Node) -> bool:
     target = node.target
     if not isinstance(target, torch._ops.OpOverload) or target in _COMPUTATIONS:
         return False
-    if torch.Tag.nondeterministic_seeded in target.tags or target._schema.is_mutable:
-        return False
-    return all(r.alias_info is None or not r.alias_info.is_write for r in target._schema.returns)
+    return torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
 
 
-def recompute_parameter_casts(joint: fx.GraphModule, static_indices) -> int:
+def recompute_parameter_computations(joint: fx.GraphModule, static_indices) -> int:
     """Mark computations of parameters alone (casts, weight standardisation, ...), and views of
     them, as recomputed in backward; returns how many were marked. ``static_indices``: the
     positions of parameters and buffers among the primal inputs (the partitioner's

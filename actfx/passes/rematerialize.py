@@ -96,14 +96,14 @@ def _activation_and_fixed(run, product: fx.Node):
         # a parameter or buffer (saved by reference), or a small value computed from them;
         # a large one computed from them is recomputed from them instead
         held = n.op == "placeholder" or (is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel)
-        return True if n in run.params and held and n not in run.written else None
+        return True if run.read_as_is(n) and held else None
 
     for activation, factor in (tensors, tensors[::-1]):
         if (not is_tensor(activation) or not static_shape(activation) or numel(activation) != numel(product)
                 or val(activation).dtype != val(product).dtype or activation in run.params):
             continue
         if factor.op == "placeholder":
-            found = ([], [factor]) if factor in run.params and factor not in run.written else None
+            found = ([], [factor]) if run.read_as_is(factor) else None
         else:
             found = _walk(run, factor, leaf, index_ranges=True)
         if found is not None:
@@ -144,7 +144,7 @@ def _chain(run, value: fx.Node, available: dict):
     def leaf(n):
         if n in available:
             return False  # saved already
-        if (n.op == "placeholder" and n in run.params and n not in run.written) or (
+        if (n.op == "placeholder" and run.read_as_is(n)) or (
                 is_tensor(n) and static_shape(n) and numel(n) < run.config.min_numel):
             return True  # a parameter, or a small value (statistics): saved as is
         return None
