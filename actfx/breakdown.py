@@ -267,6 +267,9 @@ def _kind(record, row: Row, path: str, after: NodeSaved, orig: NodeSaved | None,
         return "nothing saved"  # what it keeps another op keeps too (MaxUnpool: the pooling's indices)
     if not row.covered:
         listed = any(item.path in (row.module_path, "<root>") and item.what == row.op for item in record.uncovered)
+        if not listed and any(item.path in (row.module_path, "<root>") and item.what == row.op
+                              for item in record.parameter_ops):
+            return "parameter computation" if measured else "nothing saved"
         return "not covered" if measured or listed else "nothing saved"
     others = sorted({names.get(n, n) for n in after.shared_with} - {row.node})
     if after.tensors and after.activation_bytes == 0 and others:

@@ -52,6 +52,8 @@ class ConversionRecord:
     config: Config
     decisions: list[Decision] = dataclasses.field(default_factory=list)
     uncovered: list[Unconverted] = dataclasses.field(default_factory=list)
+    # ops left as they are because they compute from parameters alone (a weight standardisation)
+    parameter_ops: list[Unconverted] = dataclasses.field(default_factory=list)
     graphs: dict = dataclasses.field(default_factory=dict)  # path -> {training: rewritten fx Graph}
     # path -> the graph torch.export captured, before the rewrite (show()'s "before" per op)
     captured: dict = dataclasses.field(default_factory=dict)
@@ -397,7 +399,7 @@ def _exported_forward(model, example_inputs, config, record, path: str = "", pre
     graph, decisions, uncovered = rewrite_graph(gm, config, path)
     graph.set_codegen(gm.graph._codegen)
     record.decisions.extend(decisions)
-    record.uncovered.extend(_uncovered_node(node, gm, path) for node in uncovered if not is_input_guard(node))
+    _record_uncovered(record, [(node, why) for node, why in uncovered if not is_input_guard(node)], gm, path)
     record.graphs[path] = {True: graph}
     forward = _compile_forward(graph, f"{path or 'model'}:export")
     record.forwards[path] = [(graph, forward)]
@@ -479,8 +481,7 @@ def _rewrite_all(graphs, path, config, record) -> tuple[dict, dict]:
         graph, decisions, uncovered = rewrite_graph(gm, config, path)
         if record is not None and (training or len(graphs) == 1):
             record.decisions.extend(decisions)
-            for node in uncovered:
-                record.uncovered.append(_uncovered_node(node, gm, path))
+            _record_uncovered(record, uncovered, gm, path)
         forwards[training] = _compile_forward(graph, f"{path or 'model'}:{'train' if training else 'eval'}")
         rewritten[training] = graph
     return forwards, rewritten
@@ -532,16 +533,25 @@ def _from_graphs(module, graphs, path, config, record, self_attr=False, without_
 _MODULE_RUNS_AS_IS = "no compressed-save variant for this module: runs as is"
 
 
-def _uncovered_node(node, gm, path) -> Unconverted:
+def _uncovered_node(node, gm, path, why: str | None = None) -> Unconverted:
+    """``why``: the rewrite's reason for leaving it (a computation of parameters alone), if not
+    a missing variant."""
     where = path
     if node.op == "call_module":
         what = type(gm.get_submodule(node.target)).__name__
         where = f"{path}.{node.target}" if path else node.target
-        reason = _MODULE_RUNS_AS_IS
+        reason = why or _MODULE_RUNS_AS_IS
     else:
         what = getattr(node.target, "__name__", str(node.target))
-        reason = "no compressed-save variant for this op: runs as is"
+        reason = why or "no compressed-save variant for this op: runs as is"
     return Unconverted(where or "<root>", what, reason)
+
+
+def _record_uncovered(record: ConversionRecord, left: list, gm, path: str) -> None:
+    """The rewrite's (node, reason) pairs into ``record``: computations of parameters apart."""
+    for node, why in left:
+        entry = _uncovered_node(node, gm, path, why)
+        (record.uncovered if why is None else record.parameter_ops).append(entry)
 
 
 def _compile_forward(graph: Graph, name: str):

@@ -162,6 +162,7 @@ def _part(record, path: str):
     part = type(record)(record.config)
     part.decisions = [d for d in record.decisions if _inside(d.graph_path, path)]
     part.uncovered = [u for u in record.uncovered if _inside(u.path, path)]
+    part.parameter_ops = [u for u in record.parameter_ops if _inside(u.path, path)]
     for attr in ("graphs", "forwards", "captured", "calls"):
         setattr(part, attr, {k: v for k, v in getattr(record, attr).items() if _inside(k, path)})
     return part
@@ -171,6 +172,7 @@ def _merge(record, part, path: str) -> None:
     """``record`` with what it held at ``path`` and below replaced by ``part``."""
     record.decisions = [d for d in record.decisions if not _inside(d.graph_path, path)] + list(part.decisions)
     record.uncovered = [u for u in record.uncovered if not _inside(u.path, path)] + list(part.uncovered)
+    record.parameter_ops = [u for u in record.parameter_ops if not _inside(u.path, path)] + list(part.parameter_ops)
     for attr in ("graphs", "forwards", "captured", "calls"):
         kept = {k: v for k, v in getattr(record, attr).items() if not _inside(k, path)}
         kept.update(getattr(part, attr))

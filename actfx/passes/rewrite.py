@@ -26,6 +26,7 @@ from torch.fx import Graph, GraphModule, Node
 from actfx.config import KEEP_EXACT, Config
 from actfx.passes.capture import CHECKPOINTED
 from actfx.passes.outline_recompute import BLOCK_PATH
+from actfx.passes.parameter_rebuild import parameter_rebuild
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.inplace_accumulation import write_accumulations_out_of_place
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
@@ -101,6 +102,8 @@ def describe(spec: tuple) -> str:
         return "sum of (" + describe(spec[1]) + ") and (" + describe(spec[2]) + ")"
     if kind == "shape":
         return "shape only"
+    if kind == "rebuilt":
+        return "made again from parameters"
     if kind == "or_pack":
         return describe(spec[-1])  # what a model with nothing frozen stores
     return "kept exact"
@@ -153,6 +156,7 @@ class _Rewriter:
         self.decisions: list[Decision] = []
         self.read_by_producer: set[Node] = set()  # packs a site made of its own output and reads itself
         self.pending_packs: dict[Node, tuple] = {}  # a site's pack of a value read through getitem, until copied
+        self.rebuilds: dict[Node, tuple | None] = {}  # parameter computation -> (handle node, leaves) or None
 
     def _full(self, target: str) -> str:
         return f"{self.prefix}.{target}" if self.prefix else target
@@ -339,8 +343,10 @@ class _Rewriter:
             return ("exact",), [v], None
         if i in site.shape_only:
             return ("shape",), [self.env[v]], None
-        if i in site.exact or self.facts.is_parameter_like(v) or self.facts.is_non_tensor(v):
+        if i in site.exact or self.facts.is_non_tensor(v):
             return ("exact",), [self.env[v]], None
+        if self.facts.is_parameter_like(v):
+            return self._parameter_value(v)
         if self._read_by_no_gradient(site, i):
             # the product keeps it only if its partner needs a gradient after all: then exact
             return ("exact",), [self.env[v]], None
@@ -353,6 +359,27 @@ class _Rewriter:
             self._pack(self.roots[v])  # one pack of the activation serves each reshape of it
             return self._cheap(v)
         return rebuilt or self._pack(v)
+
+    def _parameter_value(self, v: Node) -> tuple:
+        """A value computed from parameters alone: made again in backward where it can be (a
+        standardised or merged weight), else kept (alive anyway where it is a parameter)."""
+        if v not in self.rebuilds:
+            found = parameter_rebuild(self.gm, self.facts, v, set(self.writes.values()), self.config.min_numel)
+            if found is not None:
+                rebuild, leaves = found
+
+                def handle():
+                    return rebuild
+
+                handle.__name__ = handle.__qualname__ = f"parameter_rebuild_{v.name}"
+                handle.actfx_fresh = True  # made anew by each rewrite (provenance compares names)
+                found = (self.new.call_function(handle, ()), leaves)
+            self.rebuilds[v] = found
+        found = self.rebuilds[v]
+        if found is None:
+            return ("exact",), [self.env[v]], None
+        handle, leaves = found
+        return ("rebuilt", len(leaves)), [self.env[v], handle, *(self.env[leaf] for leaf in leaves)], None
 
     def _read_by_no_gradient(self, site: Site, i: int) -> bool:
         """A factor only its partner's gradient reads, where the partner needs none: a number
@@ -456,9 +483,13 @@ class _Rewriter:
             [source for _, _, source in chosen] + [tree for _, tree in reads], self.keys[node]))
 
 
-def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list[Node]]:
-    """New graph for ``gm`` with compressed-save variants; also the decisions taken and the
-    nodes that were left as they are."""
+# Why an op left as it is keeps what it keeps, where that is not a missing variant.
+PARAMETER_COMPUTATION = "computes from parameters alone: what it keeps is theirs or a few statistics"
+
+
+def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Graph, list[Decision], list]:
+    """New graph for ``gm`` with compressed-save variants; also the decisions taken and, as
+    (node, reason or None), the nodes that were left as they are."""
     write_accumulations_out_of_place(gm)
     collapse_rms_norms(gm)
     collapse_pointwise_regions(gm)
@@ -466,7 +497,8 @@ def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Gr
     fold_softmax_regions(gm)
     rewriter = _Rewriter(gm, config, prefix)
     graph = rewriter.run()
-    uncovered = [n for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method")
-                 and n not in rewriter.sites and not saves_nothing(n, rewriter.modules)
-                 and not rewriter.facts.is_parameter_like(n) and not rewriter.facts.is_non_tensor(n)]
+    facts = rewriter.facts
+    uncovered = [(n, PARAMETER_COMPUTATION if facts.is_parameter_like(n) else None) for n in gm.graph.nodes
+                 if n.op in ("call_module", "call_function", "call_method") and n not in rewriter.sites
+                 and not saves_nothing(n, rewriter.modules) and not facts.is_non_tensor(n)]
     return graph, rewriter.decisions, uncovered

@@ -22,6 +22,12 @@ from actfx.variants.pointwise_several import Several, several_callables
 
 # ---------------------------------------------------------------- convolution and linear
 
+def _without_weight(runs: list) -> list:
+    """The runs flat, the computed weight's own slot None: the variant reads it from its weight
+    argument (torch.compile refuses one tensor passed twice to an autograd.Function)."""
+    return [*runs[0], *([None, *runs[1][1:]] if len(runs) > 1 else ())]
+
+
 def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dilation, output_padding,
                groups, pad=None, kind="conv"):
     computed = isinstance(weight, Node) and weight.op != "get_attr"  # a weight the graph computes
@@ -31,7 +37,7 @@ def _conv_site(node, path, x, weight, bias, transposed, nd, stride, padding, dil
         geometry = _env(env, (transposed, nd, stride, padding, dilation, output_padding, groups, pad))
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
-        return graph.call_function(conv.conv, (geometry, tuple(specs), w, b, *(n for run in runs for n in run))), {}
+        return graph.call_function(conv.conv, (geometry, tuple(specs), w, b, *_without_weight(runs))), {}
 
     return Site(node, kind, path, [x, weight] if computed else [x], emit)
 
@@ -175,12 +181,14 @@ def grouped_mm_site(node):
 
 
 def _linear_site(node, path, x, weight, bias):
+    computed = isinstance(weight, Node) and weight.op != "get_attr"  # a LoRA's merged weight
+
     def emit(graph, env, specs, runs, pack=None):
         w = weight(graph) if callable(weight) else _env(env, weight)
         b = bias(graph) if callable(bias) else _env(env, bias)
-        return graph.call_function(linear.linear, (specs[0], w, b, *runs[0])), {}
+        return graph.call_function(linear.linear, (tuple(specs), w, b, *_without_weight(runs))), {}
 
-    return Site(node, "linear", path, [x], emit)
+    return Site(node, "linear", path, [x, weight] if computed else [x], emit)
 
 
 def _addmm(node):
@@ -195,7 +203,7 @@ def _addmm(node):
 
     def emit(graph, env, specs, runs, pack=None):
         weight = graph.call_method("t", (_env(env, a["mat2"]),))
-        return graph.call_function(linear.linear, (specs[0], weight, _env(env, a["input"]), *runs[0])), {}
+        return graph.call_function(linear.linear, ((specs[0],), weight, _env(env, a["input"]), *runs[0])), {}
 
     return Site(node, "linear", None, [a["mat1"]], emit)
 

@@ -59,7 +59,9 @@ class _PackedConv(torch.autograd.Function):
         plans, storage = split_all(specs[:1], runs[:width]) if ctx.needs_input_grad[2] else ([None], [])
         # a weight computed in forward (StyleGAN2's modulated convolution) may come packed: the
         # input's gradient is linear in it
-        weight_plans, weight_storage = split_all(specs[1:], runs[width:]) if len(specs) > 1 else ([], [weight])
+        # (its slot in the run is None: it is the weight argument)
+        weight_plans, weight_storage = (split_all(specs[1:], [weight, *runs[width + 1:]]) if len(specs) > 1
+                                        else ([], [weight]))
         ctx.plans, ctx.weight_plans, ctx.weight_count = plans, weight_plans, len(weight_storage)
         ctx.geometry = geometry
         ctx.x_shape = tuple(x.shape)

@@ -14,6 +14,9 @@ tensors. The spec says how to rebuild the value from stored pieces:
     ("sum", left, right)                tensors: value, *left, *right     -> left + right (residual adds)
     ("shape",)                          tensors: value                    -> zeros of value's shape
                                         (for linear ops whose backward reads only the input's shape)
+    ("rebuilt", n)                      tensors: value, rebuild, *n leaves -> rebuild(*leaves), made
+                                        again in backward (a weight computed from parameters alone:
+                                        passes/parameter_rebuild.py); kept exact when compiling
     ("or_pack", bits, group_size, inner) tensors: value, codes, meta, *inner
                                                                        -> inner, or, when its pieces
                                         are missing at run time, the value packed in forward where
@@ -48,6 +51,8 @@ def spec_width(spec: tuple) -> int:
     kind = spec[0]
     if kind in ("exact", "shape", "packed"):
         return _HEAD[kind]
+    if kind == "rebuilt":
+        return 2 + spec[1]
     if kind == "sum":
         return 1 + spec_width(spec[1]) + spec_width(spec[2])
     return _HEAD[kind] + spec_width(spec[-1])
@@ -76,6 +81,8 @@ def split_spec(spec: tuple, tensors: Sequence, like=None, dry: bool = False) -> 
         return ("packed", tuple(value.shape), value.dtype, spec[1], spec[2]), [codes, meta]
     if kind == "or_pack":
         return _packed_if_missing(spec, tensors, value, dry)
+    if kind == "rebuilt":
+        return _rebuilt(value, tensors[1], list(tensors[2:]))
     if kind == "sum":
         width = spec_width(spec[1])
         left_plan, left_store = split_spec(spec[1], tensors[1 : 1 + width], like=value, dry=dry)
@@ -113,6 +120,26 @@ def _packed_if_missing(spec: tuple, tensors: Sequence, value: torch.Tensor, dry:
     if inner_plan[0] not in ("exact", "const") or tensors[1] is None:
         return inner_plan, inner_store
     return split_spec(("packed", spec[1], spec[2]), [value, tensors[1], tensors[2]], dry=dry)
+
+
+def _rebuilt(value: torch.Tensor, rebuild, leaves: list) -> tuple[tuple, list[torch.Tensor]]:
+    """The plan that makes ``value`` again from ``leaves`` under this forward's autocast state.
+    Kept exact under torch.compile (its partitioner decides what to save there)."""
+    if rebuild is None or torch.compiler.is_compiling():
+        return EXACT, [held(value)]
+    device = value.device.type
+    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
+    return ("rebuilt", len(leaves), rebuild, tuple(value.shape), value.dtype, device, autocast), leaves
+
+
+def _rebuild(plan: tuple, leaves: list) -> torch.Tensor:
+    _, _, rebuild, shape, dtype, device, autocast = plan
+    with torch.no_grad(), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+        value = rebuild(*leaves)
+    if tuple(value.shape) != shape or value.dtype != dtype:
+        raise RuntimeError(f"actfx: {rebuild!r} made a {value.dtype} {list(value.shape)} value in backward where "
+                           f"forward made a {dtype} {list(shape)} one; report this with the model's code")
+    return value
 
 
 def value_if_missing(inner: tuple, value, *pieces):
@@ -153,6 +180,8 @@ def plan_width(plan: tuple) -> int:
         return 1
     if kind == "packed":
         return 2
+    if kind == "rebuilt":
+        return plan[1]
     if kind == "sum":
         return plan_width(plan[1]) + plan_width(plan[2])
     return PLAN_HEAD.get(kind, 0) + plan_width(plan[-1])
@@ -181,6 +210,8 @@ def materialize(plan: tuple, storage: Iterator[torch.Tensor], keep: bool = True)
         return materialize(inner, storage, keep)
     if kind == "const":
         return plan[1]
+    if kind == "rebuilt":
+        return _rebuild(plan, [next(storage) for _ in range(plan[1])])
     if kind == "zeros":
         return torch.zeros(plan[1], dtype=plan[2], device=plan[3])
     if kind == "packed":
