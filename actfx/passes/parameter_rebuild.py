@@ -2,25 +2,24 @@
 
 Why: a layer that computes its weight each step (timm's NF-Nets and BiT ResNets standardise
 each convolution's weight with a ``batch_norm`` over it, a LoRA or DoRA layer adds ``B @ A`` to
-its frozen weight, ``weight_g * v / ||v||`` written out) hands that weight to its convolution
-or linear, whose backward reads it. Kept, it is one weight-sized copy per layer per step: on an
+its frozen weight, weight norm's ``g * v / ||v||``) hands that weight to its convolution or
+linear, whose backward reads it. Kept, it is one weight-sized copy per layer per step: on an
 NF-ResNet-26 at batch 2, 64 px those copies were most of what the converted model held (1.11x
 below PyTorch). Backward makes the weight again from the parameters, which stay alive anyway.
 
-A value qualifies when the ops between it and the parameters are plain calls or parametrizations
-(``torch.nn.utils.parametrize``: weight norm's ``g * v / ||v||``), none draws random numbers or
-writes into a tensor (checked on meta tensors, through the ATen ops the calls reach: spectral
-norm's power iteration updates its vectors, so it is kept), and no op of the graph writes into
-those parameters or buffers in place (backward would read their new values). The rebuild runs
-under the autocast state the forward had.
+A value qualifies when the ops between it and the parameters are plain calls or
+parametrizations (``torch.nn.utils.parametrize``, traced into their ops here), none draws random
+numbers or writes into a tensor (checked on meta tensors, through the ATen ops the calls reach:
+spectral norm's power iteration updates its vectors, so it is kept), and no op of the graph
+writes into those parameters or buffers in place (backward would read their new values). The
+rebuild holds no module: it reads the parameters by name from the converted model's own graph,
+so a copy of the model rebuilds from its own. It runs under the autocast state the forward had.
 """
 
 from __future__ import annotations
 
-import itertools
-
 import torch
-from torch.fx import Graph, GraphModule, Node
+from torch.fx import Graph, GraphModule, Node, Tracer
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -40,8 +39,15 @@ class _Effects(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
+class _IntoEverything(Tracer):
+    """Traces a parametrization's own modules (``_WeightNorm`` lives under ``torch.nn``)."""
+
+    def is_leaf_module(self, m, qualname) -> bool:
+        return False
+
+
 class ParameterRebuild:
-    """The computation of one value from its parameters (``leaves``, read in this order)."""
+    """The computation of one value from the parameters ``leaves`` names (read in that order)."""
 
     def __init__(self, body: GraphModule, name: str):
         self.body = body
@@ -62,8 +68,8 @@ def _parametrization(gm: GraphModule, node: Node):
     return module if isinstance(module, parametrize.ParametrizationList) else None
 
 
-def _ancestors(gm: GraphModule, value: Node, facts: GraphFacts) -> tuple[list[Node], list[Node]] | None:
-    """(computation nodes in graph order, get_attr leaves) behind ``value``; None where something
+def _ancestors(gm: GraphModule, value: Node, facts: GraphFacts) -> list[Node] | None:
+    """The nodes behind ``value`` back to its parameters, in graph order; None where something
     other than a plain call, a parametrization or a get_attr is on the way."""
     seen, stack = set(), [value]
     while stack:
@@ -76,8 +82,35 @@ def _ancestors(gm: GraphModule, value: Node, facts: GraphFacts) -> tuple[list[No
         if node.op not in ("call_function", "call_method") or not facts.is_parameter_like(node):
             return None
         stack.extend(node.all_input_nodes)
-    ordered = [n for n in value.graph.nodes if n in seen]
-    return [n for n in ordered if n.op != "get_attr"], [n for n in ordered if n.op == "get_attr"]
+    return [n for n in value.graph.nodes if n in seen]
+
+
+class _Body:
+    """The rebuild's graph as it is written: each parameter a placeholder, named by its path."""
+
+    def __init__(self):
+        self.graph = Graph()
+        self.leaves: dict[str, Node] = {}
+
+    def leaf(self, target: str) -> Node:
+        if target not in self.leaves:
+            self.leaves[target] = self.graph.placeholder(f"leaf_{len(self.leaves)}")
+        return self.leaves[target]
+
+    def inline(self, module: torch.nn.Module, prefix: str) -> Node:
+        """A parametrization's ops, its parameters read from ``prefix``."""
+        traced = _IntoEverything().trace(module)
+        env: dict[Node, Node] = {}
+        for node in traced.nodes:
+            if node.op == "get_attr":
+                env[node] = self.leaf(f"{prefix}.{node.target}")
+            elif node.op == "output":
+                return env[node.args[0]]
+            elif node.op in ("call_function", "call_method"):
+                env[node] = self.graph.node_copy(node, lambda n: env[n])
+            else:
+                raise TypeError(f"a parametrization's {node.op} node")
+        raise TypeError("a parametrization without output")
 
 
 def _attribute(gm: GraphModule, target: str):
@@ -87,53 +120,42 @@ def _attribute(gm: GraphModule, target: str):
     return obj
 
 
-def _on_meta(gm: GraphModule, node: Node, tensors: dict):
-    """A meta run of ``node`` (a parametrization or a plain call), its inputs from ``tensors``."""
-    if node.op == "call_module":
-        module = gm.get_submodule(node.target)
-        state = {name: torch.empty_like(t, device="meta")
-                 for name, t in itertools.chain(module.named_parameters(), module.named_buffers())}
-        return torch.func.functional_call(module, state, ())
-    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: tensors[n])
-    if node.op == "call_method":
-        return getattr(args[0], node.target)(*args[1:], **kwargs)
-    return node.target(*args, **kwargs)
-
-
 def parameter_rebuild(gm: GraphModule, facts: GraphFacts, value: Node, written: set,
-                      min_numel: int) -> tuple[ParameterRebuild, list[Node]] | None:
-    """How backward makes ``value`` (a computation of parameters alone) again, and the leaves it
-    reads; None where it is kept instead (a view of a parameter holds nothing of its own; too
-    small to matter; something on the way is not a plain, pure call)."""
-    if value.op == "get_attr" or any(facts.same_storage(value, w) for w in written):
+                      min_numel: int) -> tuple[ParameterRebuild, list[str]] | None:
+    """How backward makes ``value`` (a computation of parameters alone) again, and the parameters
+    and buffers it reads (attribute paths of ``gm``); None where it is kept instead (a view of a
+    parameter holds nothing of its own; too small to matter; something on the way is not a
+    plain, pure call)."""
+    if value.op == "get_attr":
         return None
-    found = _ancestors(gm, value, facts)
-    if found is None:
+    nodes = _ancestors(gm, value, facts)
+    if nodes is None or any(facts.same_storage(value, n) for n in nodes if n.op == "get_attr"):
+        return None  # a view of a parameter
+    body = _Body()
+    env: dict[Node, Node] = {}
+    try:
+        for node in nodes:
+            if node.op == "get_attr":
+                env[node] = body.leaf(node.target)
+            elif node.op == "call_module":
+                env[node] = body.inline(gm.get_submodule(node.target), node.target)
+            else:
+                env[node] = body.graph.node_copy(node, lambda n: env[n])
+    except Exception:  # noqa: BLE001 - a parametrization fx cannot trace: kept, as before
         return None
-    computations, leaves = found
-    if any(facts.same_storage(leaf, w) for leaf in leaves for w in written):
+    body.graph.output(env[value])
+    read = [n for n in gm.graph.find_nodes(op="get_attr") if n.target in body.leaves]
+    tensors = [_attribute(gm, target) for target in body.leaves]
+    if any(facts.same_storage(n, w) for n in read for w in written) or not all(
+            isinstance(t, torch.Tensor) for t in tensors):
         return None
-    tensors = [_attribute(gm, leaf.target) for leaf in leaves]
-    if not all(isinstance(t, torch.Tensor) for t in tensors):
-        return None
-    if any(facts.same_storage(value, leaf) for leaf in leaves):
-        return None  # a view of a parameter: it holds nothing of its own
+    rebuild = GraphModule(torch.nn.Module(), body.graph, f"Rebuild_{value.name}")
     effects = _Effects()
-    on_meta = {leaf: torch.empty_like(t, device="meta") for leaf, t in zip(leaves, tensors)}
     try:
         with effects:
-            for node in computations:
-                on_meta[node] = _on_meta(gm, node, on_meta)
+            out = rebuild(*(torch.empty_like(t, device="meta") for t in tensors))
     except Exception:  # noqa: BLE001 - an op without a meta kernel: kept, as before
         return None
-    out = on_meta[value]
     if effects.impure or not isinstance(out, torch.Tensor) or out.numel() < min_numel:
         return None
-    graph = Graph()
-    env = {leaf: graph.placeholder(f"leaf_{i}") for i, leaf in enumerate(leaves)}
-    for node in computations:
-        env[node] = graph.node_copy(node, lambda n: env[n])
-    graph.output(env[value])
-    # the root lends the parametrizations it calls (by reference: the model's own modules)
-    body = GraphModule(gm, graph, f"Rebuild_{value.name}")
-    return ParameterRebuild(body, value.name), leaves
+    return ParameterRebuild(rebuild, value.name), list(body.leaves)

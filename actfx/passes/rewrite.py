@@ -379,7 +379,7 @@ class _Rewriter:
         if found is None:
             return ("exact",), [self.env[v]], None
         handle, leaves = found
-        return ("rebuilt", len(leaves)), [self.env[v], handle, *(self.env[leaf] for leaf in leaves)], None
+        return ("rebuilt", len(leaves)), [self.env[v], handle, *(self.new.get_attr(leaf) for leaf in leaves)], None
 
     def _read_by_no_gradient(self, site: Site, i: int) -> bool:
         """A factor only its partner's gradient reads, where the partner needs none: a number
