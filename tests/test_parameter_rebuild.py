@@ -184,3 +184,38 @@ def test_a_copy_of_the_model_makes_its_weights_again_from_its_own_parameters():
     expected = weighted_grads(reference, reference, x, r)
     # a rebuild holding the original's weight norm module read its parameters: 8.8% off
     assert _relative_error(weighted_grads(copied, copied, x, r), expected) < 1e-6
+
+
+class HandWrittenStdConv(nn.Conv2d):
+    """BiT's original StdConv2d (mmcv's ConvWS2d is alike): its division keeps ``w - m``."""
+
+    def forward(self, x):
+        v, m = torch.var_mean(self.weight, dim=[1, 2, 3], keepdim=True, unbiased=False)
+        w = (self.weight - m) / torch.sqrt(v + 1e-10)
+        return F.conv2d(x, w, self.bias, self.stride, self.padding)
+
+
+class HandWrittenNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1 = HandWrittenStdConv(3, 48, 3, padding=1)
+        self.c2 = HandWrittenStdConv(48, 64, 3, padding=1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        return self.head(F.relu(self.c2(F.relu(self.c1(x)))).mean((2, 3)))
+
+
+def test_a_standardisation_whose_ops_keep_the_weight_runs_as_a_checkpoint():
+    torch.manual_seed(0)
+    model = HandWrittenNet()
+    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 10)
+    converted = actfx.convert(model, bits=2)
+    assert torch.equal(converted(x), model(x))
+    assert _made_again(converted) == ["c1:conv", "c2:conv"]
+    # 291 KB -> 5.5 KB (122 KB with the division's ``w - m`` kept: the weights made again alone)
+    assert _held(converted, x) < _held(model, x) / 20
+    exact_inputs = actfx.convert(model, config=_inputs_exact("c1:conv", "c2:conv", "head:linear"))
+    expected = weighted_grads(model, model, x, r)
+    assert _relative_error(weighted_grads(model, exact_inputs, x, r), expected) < 1e-6
+    assert_mean_converges([weighted_grads(model, converted, x, r) for _ in range(16)], expected, least_noise=1e-3)

@@ -37,6 +37,7 @@ from actfx.passes.sites import Site, checkpoint_site, find_site, saves_nothing
 from actfx.passes.softmax_regions import fold_softmax_regions
 from actfx.rules import ILL_CONDITIONED, aten_packet, is_pointwise
 from actfx.variants.packing import next_seed, pack_value
+from actfx.variants.parameter_chain import made_from_parameters
 from actfx.variants.saved import value_if_missing
 
 _TRANSPOSES = {"transpose", "permute", "t", torch.transpose, torch.permute, torch.t}  # fx targets
@@ -156,7 +157,11 @@ class _Rewriter:
         self.decisions: list[Decision] = []
         self.read_by_producer: set[Node] = set()  # packs a site made of its own output and reads itself
         self.pending_packs: dict[Node, tuple] = {}  # a site's pack of a value read through getitem, until copied
-        self.rebuilds: dict[Node, tuple | None] = {}  # parameter computation -> (handle node, leaves) or None
+        self.rebuilds: dict[Node, tuple | None] = {}  # parameter computation -> (handle, rebuild, leaves) or None
+        # computations of parameters alone that sites save (weights they may make again)
+        self.site_weights = {v for site in self.sites.values() for v in site.saved if isinstance(v, Node)
+                             and v.op != "get_attr" and self.facts.is_parameter_like(v)}
+        self.checkpointed_chains: list[Node] = []  # ops of weights forward runs as checkpoints
 
     def _full(self, target: str) -> str:
         return f"{self.prefix}.{target}" if self.prefix else target
@@ -360,9 +365,9 @@ class _Rewriter:
             return self._cheap(v)
         return rebuilt or self._pack(v)
 
-    def _parameter_value(self, v: Node) -> tuple:
-        """A value computed from parameters alone: made again in backward where it can be (a
-        standardised or merged weight), else kept (alive anyway where it is a parameter)."""
+    def _rebuild_of(self, v: Node) -> tuple | None:
+        """(handle node, rebuild, leaves) for a value computed from parameters alone that
+        backward can make again, else None; the handle is emitted at the first ask."""
         if v not in self.rebuilds:
             found = parameter_rebuild(self.gm, self.facts, v, set(self.writes.values()), self.config.min_numel)
             if found is not None:
@@ -373,13 +378,36 @@ class _Rewriter:
 
                 handle.__name__ = handle.__qualname__ = f"parameter_rebuild_{v.name}"
                 handle.actfx_fresh = True  # made anew by each rewrite (provenance compares names)
-                found = (self.new.call_function(handle, ()), leaves)
+                found = (self.new.call_function(handle, ()), rebuild, leaves)
             self.rebuilds[v] = found
-        found = self.rebuilds[v]
+        return self.rebuilds[v]
+
+    def _parameter_value(self, v: Node) -> tuple:
+        """A value computed from parameters alone: made again in backward where it can be (a
+        standardised or merged weight), else kept (alive anyway where it is a parameter)."""
+        found = self._rebuild_of(v)
         if found is None:
             return ("exact",), [self.env[v]], None
-        handle, leaves = found
+        handle, _, leaves = found
         return ("rebuilt", len(leaves)), [self.env[v], handle, *(self.new.get_attr(leaf) for leaf in leaves)], None
+
+    def _copy_parameter_value(self, v: Node) -> Node:
+        """``v``, a weight a site may make again: as a checkpoint where its own ops keep values
+        of their own (``variants/parameter_chain.py``), else copied as it is."""
+        found = self._rebuild_of(v)
+        if found is None or not found[1].keeps:
+            return self.new.node_copy(v, lambda n: self.env[n])
+        handle, rebuild, leaves = found
+        self.checkpointed_chains.extend(rebuild.nodes)
+        return self.new.call_function(made_from_parameters, (handle, *(self.new.get_attr(leaf) for leaf in leaves)))
+
+    def _drop_unread_chain_copies(self) -> None:
+        """The copies of checkpointed computations' ops nothing reads any more (pure: checked)."""
+        for old in reversed(self.checkpointed_chains):
+            new = self.env.get(old)
+            if new is not None and not new.users and new.graph is self.new:
+                self.new.erase_node(new)
+                del self.env[old]
 
     def _read_by_no_gradient(self, site: Site, i: int) -> bool:
         """A factor only its partner's gradient reads, where the partner needs none: a number
@@ -428,7 +456,9 @@ class _Rewriter:
         self._last_placeholder = None  # the seed is read right after the inputs (or first)
         for node in self.gm.graph.nodes:
             site = self.sites.get(node)
-            if site is None:
+            if site is None and node in self.site_weights:
+                self.env[node] = self._copy_parameter_value(node)
+            elif site is None:
                 self.env[node] = self.new.node_copy(node, lambda n: self.env[n])
                 if node.op == "placeholder":
                     self._last_placeholder = self.env[node]
@@ -443,6 +473,7 @@ class _Rewriter:
                 for other in list(self.packs):
                     if self.facts.same_storage(other, mutated):
                         del self.packs[other]
+        self._drop_unread_chain_copies()
         self.new.lint()
         return self.new
 
