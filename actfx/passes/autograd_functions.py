@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 
 import torch
+from torch.autograd.function import BackwardCFunction
 from torch.fx import Proxy, Tracer
 from torch.utils._pytree import tree_leaves
 
@@ -21,6 +22,7 @@ def _caller(function: type):
         return function.apply(*args, **kwargs)
 
     call.__name__ = call.__qualname__ = f"apply_{function.__name__}"
+    call.actfx_function = function  # sites.py: an element-wise one keeps its derivative
     return call
 
 
@@ -38,16 +40,50 @@ def _apply_replaced(apply):
         torch.autograd.Function.apply = original
 
 
-def functions_as_calls(tracer: Tracer):
+@contextlib.contextmanager
+def _contexts_noted(noted):
+    """``noted(cls)`` for every custom Function whose apply runs, seen where its ``ctx`` is made:
+    also an ``apply`` bound before the capture (``round_ste = RoundSTE.apply`` at import), which
+    no patch of ``Function.apply`` reaches."""
+    own = BackwardCFunction.__dict__.get("__init__")
+
+    def init(self, *args, **kwargs):
+        noted(type(self)._forward_cls)
+        super(BackwardCFunction, self).__init__(*args, **kwargs)
+
+    BackwardCFunction.__init__ = init
+    try:
+        yield
+    finally:
+        if own is None:
+            del BackwardCFunction.__init__
+        else:
+            BackwardCFunction.__init__ = own
+
+
+@contextlib.contextmanager
+def functions_as_calls(tracer: Tracer, bound: list):
     """While fx traces, a Function called on traced values is recorded as one call: it runs as
-    written (its saved tensors are its own; ``actfx.show`` lists it as not covered)."""
+    written, or keeps its derivative where it proves element-wise (``variants/custom_function.py``).
+    A Function fx traced into instead (its apply bound before the trace) is appended to
+    ``bound``: its backward would be dropped, so the caller refuses the trace."""
+    on_values = []  # depth of applies run on plain values (their Functions run as they are)
 
     def apply(original, cls, *args, **kwargs):
         if any(isinstance(a, Proxy) for a in tree_leaves((args, kwargs))):
             return tracer.create_proxy("call_function", _caller(cls), args, kwargs)
-        return original(*args, **kwargs)
+        on_values.append(cls)
+        try:
+            return original(*args, **kwargs)
+        finally:
+            on_values.pop()
 
-    return _apply_replaced(apply)
+    def noted(cls):
+        if not on_values and not cls.__module__.startswith("torch."):
+            bound.append(cls)
+
+    with _apply_replaced(apply), _contexts_noted(noted):
+        yield
 
 
 def inlined_functions(seen: list):
@@ -57,9 +93,18 @@ def inlined_functions(seen: list):
     checkpointed blocks were cut off from backward)."""
     from torch.utils.checkpoint import CheckpointFunction
 
-    def apply(original, cls, *args, **kwargs):
-        if not cls.__module__.startswith("torch.") or issubclass(cls, CheckpointFunction):
+    def noted(cls):
+        if (not cls.__module__.startswith("torch.") or issubclass(cls, CheckpointFunction)) \
+                and cls.__qualname__ not in seen:
             seen.append(cls.__qualname__)
+
+    def apply(original, cls, *args, **kwargs):
+        noted(cls)
         return original(*args, **kwargs)
 
-    return _apply_replaced(apply)
+    @contextlib.contextmanager
+    def both():
+        with _apply_replaced(apply), _contexts_noted(noted):
+            yield
+
+    return both()

@@ -182,8 +182,12 @@ class _ActfxTracer(Tracer):
         self.autocast_changed, self._autocast_at_start = False, _autocast_state()
         self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
         self.type_checks, self._user_code = [], {}
-        with functions_as_calls(self), _isinstance_noted(self), traced_sizes():
+        bound: list = []
+        with functions_as_calls(self, bound), _isinstance_noted(self), traced_sizes():
             graph = super().trace(root, concrete_args)
+        if bound:
+            raise RuntimeError(f"the custom autograd.Function {bound[0].__qualname__} runs through an apply bound before "
+                               "conversion (as `f = Function.apply`), which fx traces into, dropping its backward")
         aliased, exact = wrong_type_tests(self._user_code)
         if exact:
             raise TypeTestError(f"an exact type test of a traced value at {exact[0]}, which fx and torch.export "

@@ -14,7 +14,7 @@ from actfx.passes.expansion import chain_template
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site
 from actfx.rules import SIGN_ONLY, Kind, aten, aten_packet, is_pointwise, rule_for
-from actfx.variants import derivative, softmax
+from actfx.variants import custom_function, derivative, softmax
 from actfx.variants.pointwise import Pointwise, pointwise_callables
 from actfx.variants.recompute import SLOT, make_recompute_variant
 
@@ -83,6 +83,32 @@ def _pack_each(graph, values, count: int, node, pack) -> list:
     """(spec, run) of each of the ``count`` values of the tuple node ``values``, all packs of
     ``node``'s site (the second and later as further packs of its output, for the planner)."""
     return [pack(graph.call_function(operator.getitem, (values, i)), node, f".d{i}" if i else "") for i in range(count)]
+
+
+def custom_function_site(node):
+    """A custom autograd.Function of one tensor argument (``variants/custom_function.py``): where
+    its backward proves element-wise at its first call, keep the packed derivative."""
+    function = node.target.actfx_function
+    if len(node.all_input_nodes) != 1:
+        return None
+    x = node.all_input_nodes[0]
+    check = custom_function.ElementwiseCheck(function.__name__)
+
+    def output_and_derivative(x_value, *args, **kwargs):
+        return custom_function.output_and_derivative(function.apply, check, x_value, args, kwargs)
+
+    output_and_derivative.__name__ = output_and_derivative.__qualname__ = f"derivative_of_{function.__name__}"
+    output_and_derivative.actfx_fresh = True  # made anew by each rewrite (provenance compares names)
+
+    def emit(graph, env, specs, runs, pack=None):
+        args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: env[n])
+        pair = graph.call_function(output_and_derivative, (env[x], *args), kwargs)
+        y, d = (graph.call_function(operator.getitem, (pair, i)) for i in (0, 1))
+        spec, run = pack(d, node)
+        return graph.call_function(custom_function.with_packed_derivative,
+                                   (function.__name__, spec, y, env[x], *run)), {}
+
+    return Site(node, "custom_function", None, [], emit)
 
 
 def softmax_then_site(node, calls):

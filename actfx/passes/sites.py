@@ -32,8 +32,9 @@ from actfx.passes.site_attention import (
 )
 from actfx.passes.site_elementwise import (
     _ELEMENTWISE, _ELEMENTWISE_METHODS, _SHAPE_ONLY, INDEX_ADDS, _module_as_call, _recompute_functional, _recompute_method,
-    _recompute_site, baddbmm_site, cross_entropy_site, einsum_site, index_add_site, inplace_pointwise_site, nll_loss_site,
-    interpolate_site, pad_site, pointwise_site, several_pointwise_site, softmax_then_site,
+    _recompute_site, baddbmm_site, cross_entropy_site, custom_function_site, einsum_site, index_add_site,
+    inplace_pointwise_site, nll_loss_site, interpolate_site, pad_site, pointwise_site, several_pointwise_site,
+    softmax_then_site,
 )
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
@@ -174,6 +175,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
         return _module_as_call(node, node.target, m)
     if node.op == "call_function":
         t = node.target
+        if hasattr(t, "actfx_function"):  # a custom autograd.Function (passes/autograd_functions.py)
+            return custom_function_site(node)
         if hasattr(t, "actfx_softmax_then"):  # folded by passes/softmax_regions.py
             return softmax_then_site(node, t.actfx_softmax_then)
         calls = getattr(t, "actfx_pointwise", None)
