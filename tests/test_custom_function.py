@@ -4,9 +4,12 @@ memory-efficient Swish); one that mixes values runs as written."""
 
 from __future__ import annotations
 
+import io
+
 import pytest
 import torch
 import torch.nn as nn
+from rich.console import Console
 
 import actfx
 from actfx.accounting import count_saved
@@ -119,3 +122,13 @@ def test_a_function_that_mixes_values_runs_as_written():
     expected = weighted_grads(model, model, x, r)
     got = weighted_grads(model, converted, x, r)
     assert (got - expected).norm() <= 1e-6 * expected.norm()
+
+
+def test_show_measures_the_function_s_packed_derivative_on_fake_tensors():
+    """show's measurement runs on fake tensors: no data pointers (both read 0, so the output
+    looked written in place and was left with its input kept) and no values to check with."""
+    model = _model("gelu")
+    rows = actfx.show(actfx.convert(model, bits=2), torch.randn(32, 64), console=Console(file=io.StringIO()))
+    applied = [r for r in rows if r["node"].startswith("apply_")]
+    assert len(applied) == 2 and all(r["kind"] == "packed 2-bit" and r["after_bytes"] < r["before_bytes"] / 8
+                                     for r in applied), applied
