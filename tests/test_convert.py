@@ -420,15 +420,13 @@ def test_a_custom_autograd_function_bound_before_conversion_keeps_its_backward()
     traced into the Function and dropped its backward (8-bit gradient error 0.76, silently)."""
     torch.manual_seed(0)
     model, x = _BoundQuantizedMlp(), torch.randn(32, 64)
-    exact = torch.cat([g.flatten() for g in torch.autograd.grad(model(x).square().sum(), model.parameters())])
+    exact = parameter_grads(model, x)
     with pytest.warns(UserWarning, match="_RoundStraightThrough runs through an apply bound before conversion"):
         converted = actfx.convert(model, bits=8)
-    got = torch.cat([g.flatten() for g in torch.autograd.grad(converted(x).square().sum(), converted.parameters())])
-    assert rel(got, exact) < 0.05 and converted._actfx_record.decisions
+    assert rel(parameter_grads(converted, x), exact) < 0.05 and converted._actfx_record.decisions
     with pytest.warns(UserWarning, match="inline the custom autograd.Function _RoundStraightThrough"):
         exported = actfx.convert(model, bits=8, example_inputs=(x,))
-    got = torch.cat([g.flatten() for g in torch.autograd.grad(exported(x).square().sum(), exported.parameters())])
-    assert rel(got, exact) < 0.05
+    assert rel(parameter_grads(exported, x), exact) < 0.05
 
 
 class _NoGradTarget(torch.nn.Module):

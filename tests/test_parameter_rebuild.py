@@ -82,12 +82,18 @@ def _held(model, x) -> int:
     return held.activation_bytes
 
 
-def test_weights_computed_from_parameters_are_made_again_not_kept():
+def _converted(model_class):
+    """(model, input, output weights, its 2-bit conversion), the forward checked equal."""
     torch.manual_seed(0)
-    model = Net()
+    model = model_class()
     x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 10)
     converted = actfx.convert(model, bits=2)
     assert torch.equal(converted(x), model(x))
+    return model, x, r, converted
+
+
+def test_weights_computed_from_parameters_are_made_again_not_kept():
+    model, x, r, converted = _converted(Net)
     assert _saved_as(converted).count("made again from parameters") == 4  # c1, c2, c3 (weight norm), fc
     # the weights (27 KiB of them) dominated what the converted model held at this size
     assert _held(converted, x) < _held(model, x) / 8
@@ -207,11 +213,7 @@ class HandWrittenNet(nn.Module):
 
 
 def test_a_standardisation_whose_ops_keep_the_weight_runs_as_a_checkpoint():
-    torch.manual_seed(0)
-    model = HandWrittenNet()
-    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 10)
-    converted = actfx.convert(model, bits=2)
-    assert torch.equal(converted(x), model(x))
+    model, x, r, converted = _converted(HandWrittenNet)
     assert _made_again(converted) == ["c1:conv", "c2:conv"]
     # 291 KB -> 5.5 KB (122 KB with the division's ``w - m`` kept: the weights made again alone)
     assert _held(converted, x) < _held(model, x) / 20
