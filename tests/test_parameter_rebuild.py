@@ -221,3 +221,17 @@ def test_a_standardisation_whose_ops_keep_the_weight_runs_as_a_checkpoint():
     expected = weighted_grads(model, model, x, r)
     assert _relative_error(weighted_grads(model, exact_inputs, x, r), expected) < 1e-6
     assert_mean_converges([weighted_grads(model, converted, x, r) for _ in range(16)], expected, least_noise=1e-3)
+
+
+def test_compiling_the_converted_model_does_not_break_on_its_computed_weights():
+    """A computed weight reaches its variant once (its run's slot is None): passed twice, as the
+    weight and as its run's head, it broke torch.compile's graph at every such layer."""
+    torch.manual_seed(0)
+    model = Net()
+    x, r = torch.randn(2, 3, 8, 8), torch.randn(2, 10)
+    torch._dynamo.utils.counters.clear()
+    compiled = torch.compile(actfx.convert(model, bits=8))
+    expected = weighted_grads(model, model, x, r)
+    assert _relative_error(weighted_grads(model, compiled, x, r), expected) < 0.03
+    breaks = [reason for reason in torch._dynamo.utils.counters["graph_break"] if "duplicate tensor input" in reason]
+    assert not breaks, breaks
