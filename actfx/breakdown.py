@@ -266,9 +266,11 @@ def _kind(record, row: Row, path: str, after: NodeSaved, orig: NodeSaved | None,
     if not row.covered and measured and after.activation_bytes == 0 and (orig is None or orig.activation_bytes == 0):
         return "nothing saved"  # what it keeps another op keeps too (MaxUnpool: the pooling's indices)
     if not row.covered:
-        listed = any(item.path in (row.module_path, "<root>") and item.what == row.op for item in record.uncovered)
-        if not listed and any(item.path in (row.module_path, "<root>") and item.what == row.op
-                              for item in record.parameter_ops):
+        def of_row(items) -> bool:
+            return any(item.path in (row.module_path, "<root>") and item.what == row.op for item in items)
+
+        listed = of_row(record.uncovered)
+        if not listed and of_row(record.parameter_ops):
             return "parameter computation" if measured else "nothing saved"
         return "not covered" if measured or listed else "nothing saved"
     others = sorted({names.get(n, n) for n in after.shared_with} - {row.node})

@@ -223,6 +223,13 @@ _UNTAGGED_POINTWISE = {aten.hardswish, aten.hardsigmoid, aten.log_sigmoid, aten.
 _CAST_METHODS = {"float", "half", "double", "bfloat16"}
 
 
+def is_pure(op) -> bool:
+    """Whether running the ATen overload ``op`` again gives the same value and changes nothing:
+    it draws no random numbers (ATen's ``nondeterministic_seeded`` tag) and writes no tensor (its
+    schema). What may be made again rather than kept, or merged with its twin."""
+    return torch.Tag.nondeterministic_seeded not in op.tags and not op._schema.is_mutable
+
+
 def is_pointwise(packet) -> bool:
     """Element-wise by ATen's own tag on every overload that maps tensors to one tensor (so
     ``max``, whose ``dim`` overload reduces, is not), and deterministic (random ops are not re-run)."""

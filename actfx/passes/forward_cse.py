@@ -17,7 +17,8 @@ import torch
 from torch import fx
 
 from actfx.passes import hoist
-from actfx.passes.saved_pair import ORDER_KEEPING_VIEWS, RANDOM_OPS, val
+from actfx.passes.saved_pair import ORDER_KEEPING_VIEWS, val
+from actfx.rules import is_pure
 
 aten = torch.ops.aten
 
@@ -101,9 +102,7 @@ def _pure(target) -> bool:
         return True
     if not isinstance(target, torch._ops.OpOverload) or target.namespace not in ("aten", "prims"):
         return False
-    if target in RANDOM_OPS or torch.Tag.nondeterministic_seeded in target.tags:
-        return False
-    return not target._schema.is_mutable
+    return is_pure(target)
 
 
 def _hashable(value):

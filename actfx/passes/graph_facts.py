@@ -216,3 +216,11 @@ class GraphFacts:
         if not stack:
             return None
         return next(reversed(stack.values()))[0] or None
+
+
+def attribute(root, target: str):
+    """What the dotted path ``target`` (a ``get_attr`` node's) names on ``root``, or None."""
+    value = root
+    for name in str(target).split("."):
+        value = getattr(value, name, None)
+    return value

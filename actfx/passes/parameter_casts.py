@@ -27,6 +27,7 @@ from torch._functorch._aot_autograd.utils import _is_primal
 from torch.utils.checkpoint import CheckpointPolicy
 
 from actfx.passes.saved_pair import written_inputs
+from actfx.rules import is_pure
 
 aten, prims = torch.ops.aten, torch.ops.prims
 
@@ -47,9 +48,7 @@ def _remade(node: fx.Node) -> bool:
     """Whether backward may make this computation of parameters again: functional, not random,
     not a GEMM or convolution."""
     target = node.target
-    if not isinstance(target, torch._ops.OpOverload) or target in _COMPUTATIONS:
-        return False
-    return torch.Tag.nondeterministic_seeded not in target.tags and not target._schema.is_mutable
+    return isinstance(target, torch._ops.OpOverload) and target not in _COMPUTATIONS and is_pure(target)
 
 
 def recompute_parameter_computations(joint: fx.GraphModule, static_indices) -> int:

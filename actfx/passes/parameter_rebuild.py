@@ -26,19 +26,19 @@ from torch.fx import Graph, GraphModule, Node, Tracer
 from torch.nn.utils import parametrize
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from actfx.passes.graph_facts import GraphFacts
+from actfx.passes.graph_facts import GraphFacts, attribute
+from actfx.rules import is_pure
 
 
 class _Effects(TorchDispatchMode):
-    """Whether any ATen op run under it draws random numbers or writes into a tensor."""
+    """Whether any ATen op run under it is not pure (``rules.is_pure``: random, or writing)."""
 
     def __init__(self):
         super().__init__()
         self.impure = False
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if torch.Tag.nondeterministic_seeded in func.tags or func._schema.is_mutable:
-            self.impure = True
+        self.impure |= not is_pure(func)
         return func(*args, **(kwargs or {}))
 
 
@@ -121,27 +121,24 @@ class _Body:
         raise TypeError("a parametrization without output")
 
 
-def _keeps(rebuild: GraphModule, leaves: list, least: int) -> bool:
-    """Whether ``rebuild``'s ops keep for backward a value of their own of ``least`` values or
-    more (not a parameter, nor a view of one), run on ``leaves`` (meta tensors)."""
-    leaves = [t.detach().requires_grad_(t.is_floating_point()) for t in leaves]
-    own = []
+def _on_meta(rebuild: GraphModule, tensors: list):
+    """One run of ``rebuild`` on meta copies of ``tensors``, with gradients: (its output, whether
+    an op was not pure, the sizes of the values its own ops keep for backward: not a parameter,
+    nor a view of one); None where an op has no meta kernel."""
+    leaves = [torch.empty_like(t, device="meta").requires_grad_(t.is_floating_point()) for t in tensors]
+    effects, kept = _Effects(), []
 
     def pack(t):
-        if t.numel() >= least and not any(t is leaf or t._base is leaf for leaf in leaves):
-            own.append(t)
+        if not any(t is leaf or t._base is leaf for leaf in leaves):
+            kept.append(t.numel())
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
-        rebuild(*leaves)
-    return bool(own)
-
-
-def _attribute(gm: GraphModule, target: str):
-    obj = gm
-    for part in target.split("."):
-        obj = getattr(obj, part, None)
-    return obj
+    try:
+        with effects, torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.enable_grad():
+            out = rebuild(*leaves)
+    except Exception:  # noqa: BLE001 - an op without a meta kernel: kept, as before
+        return None
+    return out, effects.impure, kept
 
 
 def parameter_rebuild(gm: GraphModule, facts: GraphFacts, value: Node, written: set,
@@ -169,22 +166,19 @@ def parameter_rebuild(gm: GraphModule, facts: GraphFacts, value: Node, written: 
         return None
     body.graph.output(env[value])
     read = [n for n in gm.graph.find_nodes(op="get_attr") if n.target in body.leaves]
-    tensors = [_attribute(gm, target) for target in body.leaves]
+    tensors = [attribute(gm, target) for target in body.leaves]
     if any(facts.same_storage(n, w) for n in read for w in written) or not all(
             isinstance(t, torch.Tensor) for t in tensors):
         return None
     rebuild = GraphModule(torch.nn.Module(), body.graph, f"Rebuild_{value.name}")
-    effects = _Effects()
-    try:
-        with effects:
-            out = rebuild(*(torch.empty_like(t, device="meta") for t in tensors))
-    except Exception:  # noqa: BLE001 - an op without a meta kernel: kept, as before
+    found = _on_meta(rebuild, tensors)
+    if found is None:
         return None
-    if effects.impure or not isinstance(out, torch.Tensor) or out.numel() < min_numel:
+    out, impure, kept = found
+    if impure or not isinstance(out, torch.Tensor) or out.numel() < min_numel:
         return None
     # worth a checkpoint (the ops run a third time) where a kept value is a good part of the
     # weight, not for a standardisation's per-channel statistics (NF-ResNet-26: 18% slower steps)
-    least = max(min_numel, out.numel() // 4)
-    keeps = _keeps(rebuild, [torch.empty_like(t, device="meta") for t in tensors], least)
+    keeps = any(size >= max(min_numel, out.numel() // 4) for size in kept)
     computations = tuple(n for n in nodes if n.op != "get_attr")
     return ParameterRebuild(rebuild, value.name, keeps, computations), list(body.leaves)

@@ -157,6 +157,7 @@ class _Rewriter:
         self.decisions: list[Decision] = []
         self.read_by_producer: set[Node] = set()  # packs a site made of its own output and reads itself
         self.pending_packs: dict[Node, tuple] = {}  # a site's pack of a value read through getitem, until copied
+        self.written = set(self.writes.values())  # inputs the graph writes in place
         self.rebuilds: dict[Node, tuple | None] = {}  # parameter computation -> (handle, rebuild, leaves) or None
         # computations of parameters alone that sites save (weights they may make again)
         self.site_weights = {v for site in self.sites.values() for v in site.saved if isinstance(v, Node)
@@ -369,7 +370,7 @@ class _Rewriter:
         """(handle node, rebuild, leaves) for a value computed from parameters alone that
         backward can make again, else None; the handle is emitted at the first ask."""
         if v not in self.rebuilds:
-            found = parameter_rebuild(self.gm, self.facts, v, set(self.writes.values()), self.config.min_numel)
+            found = parameter_rebuild(self.gm, self.facts, v, self.written, self.config.min_numel)
             if found is not None:
                 rebuild, leaves = found
 

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch.fx import Node
 from torch.fx.node import map_arg
 
+from actfx.passes.graph_facts import attribute
 from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
 from actfx.passes.site_elementwise import _recompute_site, several_pointwise_site
@@ -116,10 +117,7 @@ def _string_padding(padding: str, weight, dilation: tuple) -> tuple | None:
 
 def _attribute(node: Node):
     """The tensor a ``get_attr`` node reads from its graph's module, or None."""
-    value = node.graph.owning_module
-    for name in str(node.target).split("."):
-        value = getattr(value, name, None)
-    return value
+    return attribute(node.graph.owning_module, node.target)
 
 
 _GRID_MODES = {"bilinear": 0, "nearest": 1, "bicubic": 2}

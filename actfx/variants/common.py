@@ -58,3 +58,14 @@ def with_reduced_dims(value, dim, ndim: int):
     for d in sorted(d % max(ndim, 1) for d in ((dim,) if isinstance(dim, int) else dim)):
         value = value.unsqueeze(d)
     return value
+
+
+def autocast_state(device_type: str):
+    """(device type, dtype) of the autocast the forward runs under, for a rerun in backward to
+    enter again; None where autocast is off (or the device type has none)."""
+    try:
+        if torch.is_autocast_enabled(device_type):
+            return device_type, torch.get_autocast_dtype(device_type)
+    except (TypeError, RuntimeError, AttributeError):
+        pass
+    return None

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from actfx.variants.conv_backward import batch_slices, convolution_backward
 from actfx.variants.common import cast_grad, needs_saving, not_a_view, refuse_double_backward
-from actfx.variants.saved import materialize_all, spec_width, split_all
+from actfx.variants.saved import materialize_all, spec_width, split_all, split_weight, weight_of
 from actfx.variants.saved_rows import cuttable, rows, settle
 
 _FORWARD = {
@@ -59,9 +59,7 @@ class _PackedConv(torch.autograd.Function):
         plans, storage = split_all(specs[:1], runs[:width]) if ctx.needs_input_grad[2] else ([None], [])
         # a weight computed in forward (StyleGAN2's modulated convolution) may come packed: the
         # input's gradient is linear in it
-        # (its slot in the run is None: it is the weight argument)
-        weight_plans, weight_storage = (split_all(specs[1:], [weight, *runs[width + 1:]]) if len(specs) > 1
-                                        else ([], [weight]))
+        weight_plans, weight_storage = split_weight(specs, runs, width, weight)
         ctx.plans, ctx.weight_plans, ctx.weight_count = plans, weight_plans, len(weight_storage)
         ctx.geometry = geometry
         ctx.x_shape = tuple(x.shape)
@@ -74,7 +72,7 @@ class _PackedConv(torch.autograd.Function):
         refuse_double_backward("convolution")
         saved = ctx.saved_tensors
         weight_storage, storage = saved[:ctx.weight_count], saved[ctx.weight_count:]
-        weight = materialize_all(ctx.weight_plans, weight_storage)[0] if ctx.weight_plans else weight_storage[0]
+        weight = weight_of(ctx.weight_plans, weight_storage)
         transposed, nd, stride, padding, dilation, output_padding, groups, pad = ctx.geometry
         x_dtype, w_dtype, bias_shape, compute = ctx.meta
         x_shape = ctx.x_shape

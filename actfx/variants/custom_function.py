@@ -22,8 +22,9 @@ from typing import Callable
 import torch
 from torch._subclasses import FakeTensor
 
-from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
-from actfx.variants.saved import materialize_all, same_storage, split_all
+from actfx.variants.common import needs_saving, not_a_view
+from actfx.variants.pointwise import _FromPackedDerivative, keep_derivative
+from actfx.variants.saved import same_storage
 
 _TOLERANCE = 1e-3  # relative: an element-wise backward differs from f'(x) * g by rounding only
 
@@ -67,19 +68,14 @@ def output_and_derivative(apply: Callable, check: ElementwiseCheck, x, args: tup
     return y.detach(), d.detach()
 
 
-class _FromPackedDerivativeOutput(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, name, spec, y, x, *run):
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.name, ctx.x_dtype = plans, name, x.dtype
-        ctx.save_for_backward(*storage)
-        return not_a_view(y.view_as(y))
+class _FromPackedDerivativeOutput(_FromPackedDerivative):
+    """Its parent's backward (``g * f'(x)``) for an output the Function computed already: ``y``
+    stands where the parent takes the function."""
 
     @staticmethod
-    def backward(ctx, grad_out):
-        refuse_double_backward(ctx.name)
-        d = materialize_all(ctx.plans, ctx.saved_tensors)[0]
-        return (None, None, None, (grad_out * d).to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 4)
+    def forward(ctx, y, name, spec, x, *run):
+        keep_derivative(ctx, name, spec, x, run)
+        return not_a_view(y.view_as(y))
 
 
 def with_packed_derivative(name: str, spec, y, x, *run):
@@ -87,4 +83,4 @@ def with_packed_derivative(name: str, spec, y, x, *run):
     ``f'(x)``); ``y`` itself, with its own history, where no derivative was taken."""
     if run[0] is None:
         return y
-    return _FromPackedDerivativeOutput.apply(name, spec, y, x, *run)
+    return _FromPackedDerivativeOutput.apply(y, name, spec, x, *run)

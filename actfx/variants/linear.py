@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
-from actfx.variants.saved import materialize_all, spec_width, split_all
+from actfx.variants.saved import materialize_all, spec_width, split_all, split_weight, weight_of
 
 
 class _PackedLinear(torch.autograd.Function):
@@ -20,12 +20,8 @@ class _PackedLinear(torch.autograd.Function):
         # what each gradient reads, kept only for the gradients asked for: a frozen layer's input
         # (fine-tuning) or a first layer's computed weight (weight_norm: 4 MiB) are not kept
         plans, storage = split_all(specs[:1], runs[:width]) if ctx.needs_input_grad[1] else ([None], [])
-        if not ctx.needs_input_grad[3]:
-            weight_plans, weight_storage = [], [None]
-        elif len(specs) > 1:
-            weight_plans, weight_storage = split_all(specs[1:], [weight, *runs[width + 1:]])  # its slot: None
-        else:
-            weight_plans, weight_storage = [], [weight]
+        needs_weight = ctx.needs_input_grad[3]  # the input's gradient reads it
+        weight_plans, weight_storage = split_weight(specs, runs, width, weight) if needs_weight else ([], [None])
         ctx.plans, ctx.weight_plans, ctx.weight_count = plans, weight_plans, len(weight_storage)
         ctx.meta = (x.dtype, weight.dtype, None if bias is None else bias.dtype, out.dtype)
         ctx.save_for_backward(*weight_storage, *storage)
@@ -40,8 +36,7 @@ class _PackedLinear(torch.autograd.Function):
         g = grad_out.to(compute)
         gx = gw = gb = None
         if ctx.needs_input_grad[3]:
-            weight = materialize_all(ctx.weight_plans, weight_storage)[0] if ctx.weight_plans else weight_storage[0]
-            gx = (g @ weight.to(compute)).to(x_dtype)
+            gx = (g @ weight_of(ctx.weight_plans, weight_storage).to(compute)).to(x_dtype)
         if ctx.needs_input_grad[1]:
             x = materialize_all(ctx.plans, storage)[0].to(compute)
             gw = (g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])).to(w_dtype)

@@ -19,8 +19,8 @@ from torch.utils._pytree import tree_flatten, tree_map, tree_unflatten
 
 from actfx.passes.state_call import call_with_state
 from actfx.variants import hooked_vjp
-from actfx.variants.common import not_a_view, refuse_double_backward
-from actfx.variants.recompute import _autocast_state, _replay_rng, _rng_state, fill
+from actfx.variants.common import autocast_state, not_a_view, refuse_double_backward
+from actfx.variants.recompute import _replay_rng, _rng_state, fill
 from actfx.variants.saved import head_positions, materialize_all, split_all, values_of
 
 
@@ -53,7 +53,7 @@ class _RecomputeModule(torch.autograd.Function):
         values = values_of(specs, flat)
         device = next((v.device for v in values if isinstance(v, torch.Tensor)), torch.device("cpu"))
         ctx.rng = _rng_state(device)
-        ctx.autocast = _autocast_state(device.type)
+        ctx.autocast = autocast_state(device.type)
         out, structure = tree_flatten(_call_like_caller(module, fill(args_t, values), dict(fill(kwargs_t, values))))
         box.append(structure)
         plans, storage = split_all(specs, flat)

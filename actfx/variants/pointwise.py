@@ -20,14 +20,19 @@ from actfx.variants.common import needs_saving, not_a_view, refuse_double_backwa
 from actfx.variants.saved import materialize_all, split_all
 
 
+def keep_derivative(ctx, name: str, spec, x, run) -> None:
+    """Keep the derivative run for :class:`_FromPackedDerivative`'s backward."""
+    plans, storage = split_all([spec], run)
+    ctx.plans, ctx.name, ctx.x_dtype = plans, name, x.dtype
+    ctx.save_for_backward(*storage)
+
+
 class _FromPackedDerivative(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, name, spec, x, *run):
         with torch.no_grad():
             out = fn(x)
-        plans, storage = split_all([spec], run)
-        ctx.plans, ctx.name, ctx.x_dtype = plans, name, x.dtype
-        ctx.save_for_backward(*storage)
+        keep_derivative(ctx, name, spec, x, run)
         return not_a_view(out)
 
     @staticmethod

@@ -17,7 +17,7 @@ import operator
 import torch
 
 from actfx.variants import hooked_vjp
-from actfx.variants.common import needs_saving, not_a_view, refuse_double_backward
+from actfx.variants.common import autocast_state, needs_saving, not_a_view, refuse_double_backward
 from actfx.variants.saved import head_positions, materialize_all, rewatch, same_storage, split_all, values_of
 
 SLOT = "actfx.slot"
@@ -89,15 +89,6 @@ def _replay_rng(state):
         yield
 
 
-def _autocast_state(device_type):
-    try:
-        if torch.is_autocast_enabled(device_type):
-            return device_type, torch.get_autocast_dtype(device_type)
-    except (TypeError, RuntimeError, AttributeError):
-        pass
-    return None
-
-
 class _Recompute(torch.autograd.Function):
     @staticmethod
     def forward(ctx, fn, static, *flat):
@@ -119,7 +110,7 @@ class _Recompute(torch.autograd.Function):
             plans = rewatch(plans)  # the write is this op's own, not a later edit
         ctx.fn, ctx.static, ctx.plans = fn, static, plans
         ctx.heads = head_positions(specs, 2)
-        ctx.autocast = _autocast_state(device.type)
+        ctx.autocast = autocast_state(device.type)
         ctx.save_for_backward(*storage)
         return out if inplace else not_a_view(out)
 

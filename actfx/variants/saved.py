@@ -38,6 +38,7 @@ from typing import Iterator, Sequence
 import torch
 
 from actfx.kernels import affine_scale_by_mask, channel_affine, scale_by_mask, unpack_groups
+from actfx.variants.common import autocast_state
 
 EXACT = ("exact",)
 
@@ -128,13 +129,13 @@ def _rebuilt(value: torch.Tensor, rebuild, leaves: list) -> tuple[tuple, list[to
     if rebuild is None or torch.compiler.is_compiling():
         return EXACT, [held(value)]
     device = value.device.type
-    autocast = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None
-    return ("rebuilt", len(leaves), rebuild, tuple(value.shape), value.dtype, device, autocast), leaves
+    return ("rebuilt", len(leaves), rebuild, tuple(value.shape), value.dtype, device, autocast_state(device)), leaves
 
 
 def _rebuild(plan: tuple, leaves: list) -> torch.Tensor:
     _, _, rebuild, shape, dtype, device, autocast = plan
-    with torch.no_grad(), torch.autocast(device, dtype=autocast, enabled=autocast is not None):
+    # autocast off where forward ran without it, even if backward runs inside one
+    with torch.no_grad(), torch.autocast(device, dtype=autocast[1] if autocast else None, enabled=autocast is not None):
         value = rebuild(*leaves)
     if tuple(value.shape) != shape or value.dtype != dtype:
         raise RuntimeError(f"actfx: {rebuild!r} made a {value.dtype} {list(value.shape)} value in backward where "
@@ -329,6 +330,20 @@ def same_storage(a, b) -> bool:
 def materialize_all(plans: Sequence[tuple], storage: Sequence[torch.Tensor]) -> list:
     it = iter(storage)
     return [materialize(plan, it) for plan in plans]
+
+
+def split_weight(specs: Sequence[tuple], runs: Sequence, width: int, weight: torch.Tensor) -> tuple[list, list]:
+    """(plans, storage) of a conv's or linear's weight: by ``specs[1]`` where the graph computes
+    it (its run after the input's ``width`` slots, its own slot None: it is ``weight``), else the
+    weight itself."""
+    if len(specs) > 1:
+        return split_all(specs[1:], [weight, *runs[width + 1:]])
+    return [], [weight]
+
+
+def weight_of(plans: Sequence[tuple], storage: Sequence[torch.Tensor]) -> torch.Tensor:
+    """The weight :func:`split_weight` kept, made again or unpacked where it has a plan."""
+    return materialize_all(plans, storage)[0] if plans else storage[0]
 
 
 def head_positions(specs: Sequence[tuple], start: int) -> list[int]:
