@@ -1078,3 +1078,53 @@ def test_unpacks_read_by_a_scatter_give_every_entry_its_gradient():
     exact = grads(model)
     got = grads(actfx.compile(model, config=actfx.Config(bits=8, stochastic=False)))
     assert (got - exact).norm() / exact.norm() < 0.03
+
+
+class _BrokenBlock(nn.Module):
+    """ELU -> conv, then a graph break before the residual add (as a data-dependent branch or an
+    untraced call makes one): the conv's graph starts at the block's input."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv1d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        y = self.conv(F.elu(x))
+        torch._dynamo.graph_break()
+        return x + y
+
+
+class _BrokenNet(nn.Module):
+    def __init__(self, channels=16):
+        super().__init__()
+        self.stem = nn.Conv1d(1, channels, 7, padding=3)
+        self.blocks = nn.ModuleList(_BrokenBlock(channels) for _ in range(2))
+
+    def forward(self, x):
+        first, second = self.blocks  # not a loop: dynamo would run a loop that breaks eagerly
+        return second(first(self.stem(x)))
+
+
+def test_an_activation_an_earlier_graph_hands_over_is_packed():
+    """After a graph break the next graph's input is an activation the previous graph made; kept
+    exact (as a graph input the caller holds) it alone stayed alive for backward: 541 KB held
+    against torch.compile's 1,065 KB (90 KB packed). The model's own input needs no gradient and
+    stays exact."""
+    torch.manual_seed(0)
+    model, x = _BrokenNet(), torch.randn(2, 1, 2048)
+    compiled, reference = actfx.compile(model, bits=2), torch.compile(model)
+    w = torch.randn(2, 16, 2048)
+    exact = weighted_grads(model, reference, x, w)
+    torch.manual_seed(1)
+    out = compiled(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(out, reference(x), rtol=0, atol=0)
+    with count_saved(model) as held:
+        kept = compiled(x)  # noqa: F841
+    with count_saved(model) as theirs:
+        kept = reference(x)  # noqa: F841
+    assert held.activation_bytes < theirs.activation_bytes / 6, (held.activation_bytes, theirs.activation_bytes)
+    saved = [v for plan in compiled._actfx_compiled.plans for v in plan.saved if v.reason != "parameter"]
+    inputs = [v for v in saved if v.reason == "graph input"]
+    assert [v.shape for v in inputs] == [(2, 1, 2048)], [(v.name, v.shape) for v in inputs]
+    assert_mean_converges([weighted_grads(model, compiled, x, w) for _ in range(8)], exact, least_noise=0.05)

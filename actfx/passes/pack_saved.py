@@ -10,7 +10,8 @@ For each saved tensor (a forward output the backward reads), in order:
    be packed (GELU's derivative, a ReLU's ``x <= 0`` mask, ``x * x``): they are computed in
    forward instead and saved, so the backward becomes linear in what it reads.
 2. Classify with the ATen op rules (``actfx.rules`` via ``noise_degree``): parameters, their
-   casts, graph inputs, integers and small values stay exact; booleans become 1-bit masks; float
+   casts, graph inputs that need no gradient (the caller's data), integers and small values stay
+   exact (an input with a gradient is an activation an earlier graph handed over: packed); booleans become 1-bit masks; float
    values every gradient is linear in are packed at the configured bits (stochastic rounding,
    unbiased); values some gradient is still nonlinear in stay exact, with the op that made it so.
 3. Rewrite: forward outputs the packed pieces in the value's place, backward takes them as
@@ -56,6 +57,7 @@ class PackSaved:
         self.probe = probe
         self.params = parameter_nodes(self.g.fwd, static_indices)
         self.written = written_inputs(self.g.fwd)  # buffers the forward writes in place
+        self.handed_over = self.g.inputs_with_gradient() - self.params - self.written
         self.user_outputs = set(self.g.outputs()[:num_fwd_outputs])
         self.exact_reason: dict[str, str] = {}
         self.hoisted: dict[str, str] = {}  # fwd node name -> op description
@@ -73,7 +75,7 @@ class PackSaved:
         value = val(fwd_node)
         if fwd_node in self.params:
             return parameter_reason(fwd_node)
-        if fwd_node.op == "placeholder":
+        if fwd_node.op == "placeholder" and fwd_node not in self.handed_over:
             return "graph input"
         if fwd_node in self.user_outputs:
             return "also a forward output"

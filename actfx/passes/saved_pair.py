@@ -117,6 +117,17 @@ class SavedPair:
         return [(node, self.placeholder_of[node]) for node in self.outputs()[self.num_fwd_outputs:]
                 if node in self.placeholder_of]
 
+    def inputs_with_gradient(self) -> set[fx.Node]:
+        """Forward inputs the backward returns a gradient for. Parameters aside, such an input is
+        an activation an earlier graph handed over (a graph break), not data the caller keeps:
+        saved exact, it alone stays alive for backward. The backward returns one gradient (or
+        None) per forward input, in order; where the counts differ, none is claimed."""
+        inputs = list(self.fwd.find_nodes(op="placeholder"))
+        grads = next(iter(self.bwd.find_nodes(op="output"))).args[0]
+        if not isinstance(grads, (tuple, list)) or len(grads) != len(inputs):
+            return set()
+        return {node for node, grad in zip(inputs, grads) if isinstance(grad, fx.Node)}
+
     def set_outputs(self, outputs: list) -> None:
         self.fwd_output.update_arg(0, tuple(outputs))
 
