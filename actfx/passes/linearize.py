@@ -61,8 +61,8 @@ def _pointwise_region(run, exit_node: fx.Node, dependent: set):
         for a in n.all_input_nodes:
             if a not in dependent:
                 free.add(a)
-            elif pointwise(a) and val(a).shape == shape and all(u in nodes or u is exit_node or
-                                                                 u in dependent for u in a.users):
+            elif pointwise(a) and val(a).shape == shape and not _sums_gradients(a, dependent) and all(
+                    u in nodes or u is exit_node or u in dependent for u in a.users):
                 stack.append(a)
             else:
                 entries.add(a)
@@ -80,6 +80,16 @@ def _pointwise_region(run, exit_node: fx.Node, dependent: set):
         return None
     order = {n: i for i, n in enumerate(run.g.bwd.nodes)}
     return sorted(nodes, key=order.get), entry, free
+
+
+def _sums_gradients(node: fx.Node, dependent: set) -> bool:
+    """Whether ``node`` combines several gradients and reads nothing else (the sum of a value's
+    gradients from two readers: Mamba's step size feeds ``exp(A * dt)`` and ``dt * B``). Such a
+    node is where the chain starts, its entry: taken into the region, its two inputs made two
+    entries, and softplus's ``g * z / (z + 1)`` kept ``z`` exact. (A cast of one gradient stays
+    inside: its region keeps the dtype it ends in.)"""
+    inputs = set(node.all_input_nodes)
+    return len(inputs) > 1 and inputs <= dependent
 
 
 def _linear_in(nodes: list, entry: fx.Node) -> bool:
