@@ -722,11 +722,20 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
     return type(f"Actfx{base.__name__}", (base,), attrs)
 
 
+# nn.Module's own dicts and sets a clone gets fresh (not its hooks' or its Parameters')
+_MODULE_CONTAINERS = frozenset(
+    key for key, value in nn.Module().__dict__.items()
+    if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key and key != "_parameters")
+
+
 def _clone(module: nn.Module, cls: type, shared: tuple = ()) -> nn.Module:
     """A new module of class ``cls`` sharing the original's Parameters, buffers and children.
 
-    Container dicts are fresh so later changes to one object's module tree do not leak into
-    the other; the tensors and submodules inside are the very same objects. The hook dicts are
+    nn.Module's own container dicts are fresh so later changes to one object's module tree do
+    not leak into the other; the tensors and submodules inside are the very same objects. The
+    model's own dicts and sets are shared: a forward hook writing the features it collects into
+    the original's dict (its closure holds the original) wrote where the clone's forward never
+    read. The hook dicts are
     shared: a handle removes its hook from the dict it was registered in, and a clone holding a
     copy kept running a hook the user had removed from the original (a forward hook scaling an
     output by 10, silently), and a lazy module's one-shot initialising hook ran again and failed.
@@ -740,8 +749,7 @@ def _clone(module: nn.Module, cls: type, shared: tuple = ()) -> nn.Module:
     share_recording(module, new)
     state = dict(module.__dict__)
     for key, value in list(state.items()):
-        if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key \
-                and key != "_parameters" and key not in shared:
+        if key in _MODULE_CONTAINERS and key not in shared:
             state[key] = type(value)(value)
     new.__dict__.update(state)
     new.__dict__.pop("_actfx_record", None)

@@ -526,6 +526,53 @@ def test_module_hooks_still_run_in_the_converted_forward(exported):
     assert {"a", "block.a", "block.b"} <= paths  # the hooked modules' own ops were converted
 
 
+class _FeaturesByHooks(torch.nn.Module):
+    """timm's ``features_only`` through hooks (``FeatureHookNet``): forward hooks store each
+    stage's output in a dict keyed by device, and forward returns what they stored."""
+
+    def __init__(self):
+        super().__init__()
+        self.stages = torch.nn.ModuleList(torch.nn.Sequential(torch.nn.Linear(32, 32), torch.nn.GELU()) for _ in range(2))
+        self.stored = {}
+        for i, stage in enumerate(self.stages):
+            stage.register_forward_hook(lambda module, args, out, i=i: self.stored.setdefault(out.device, {}).update({i: out}))
+
+    def forward(self, x):
+        for stage in self.stages:
+            x = stage(x)
+        return list(self.stored.pop(x.device, {}).values())
+
+
+class _GramOfStoredFeatures(_FeaturesByHooks):
+    """A style loss over features its hooks stored (called once before conversion, so the dict
+    holds the first call's activations when fx traces)."""
+
+    def forward(self, x):
+        features = super().forward(x)
+        return x.mean() + sum((f.T @ f).mean() for f in features)
+
+
+@pytest.mark.parametrize("cls", [_FeaturesByHooks, _GramOfStoredFeatures])
+def test_a_forward_reading_what_its_hooks_stored_is_not_taken_from_fx(cls):
+    """fx does not run a hooked module's hooks while tracing: the converted timm pit_ti_224
+    ``features_only`` returned [] (3 feature maps in eager), and a loss over features an
+    earlier call stored kept them as constants (stale values; a second backward failed).
+    Such a forward is captured by torch.export at its first call."""
+    torch.manual_seed(0)
+    model, x = cls(), torch.randn(64, 32)
+    model(torch.randn(64, 32))  # leaves the dict as an earlier step would
+    converted = actfx.convert(model, bits=8)
+    for _ in range(2):
+        torch.manual_seed(1)
+        expected = model(x)
+        torch.manual_seed(1)
+        out = converted(x)
+        expected, out = (expected, out) if isinstance(out, list) else ([expected], [out])
+        assert len(out) == len(expected) and all(torch.equal(a, b) for a, b in zip(out, expected))
+        sum(o.sum() for o in out).backward()
+    assert {d.module_path for d in converted._actfx_record.decisions} >= {"stages.0.1", "stages.1.1"}
+
+
 class _AutocastInside(torch.nn.Module):
     """A model that runs its own body under bf16 autocast (as mixed-precision wrappers write it)."""
 
@@ -1222,15 +1269,17 @@ class _Tempered(nn.Module):
         super().__init__()
         self.fc, self.act = nn.Linear(32, 16), nn.LeakyReLU(0.1)
         self.temperature, self.flip = 1.0, False
+        self.scale = torch.ones(16)  # a plain tensor attribute (a class-weight vector), not a buffer
 
     def forward(self, x):
-        y = self.act(self.fc(x)) / self.temperature
+        y = self.act(self.fc(x)) / self.temperature * self.scale
         return -y if self.flip else y
 
 
 def test_a_python_value_changed_after_conversion_is_not_ignored():
     """fx kept the values the forward read as constants: after ``temperature = 0.1`` (or a new
-    LeakyReLU slope) the converted model computed with the old ones, silently."""
+    LeakyReLU slope) the converted model computed with the old ones, silently. A plain tensor
+    attribute is read where it is when the graph runs (assigned anew or changed in place)."""
     torch.manual_seed(0)
     model, x = _Tempered(), torch.randn(4, 32)
     converted = actfx.convert(model, bits=8)
@@ -1238,6 +1287,10 @@ def test_a_python_value_changed_after_conversion_is_not_ignored():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         converted(x)  # nothing changed: no warning, the converted graph
+        converted.scale.mul_(2)  # in place: the same tensor, read by both
+        assert torch.equal(converted(x), model(x))
+        converted.scale = model.scale = torch.linspace(0, 1, 16)  # assigned anew: read where it is
+        assert torch.equal(converted(x), model(x))
     for change in (lambda m: setattr(m, "temperature", 0.1), lambda m: setattr(m, "flip", True),
                    lambda m: setattr(m.act, "negative_slope", 0.3)):
         change(converted)
@@ -1381,3 +1434,34 @@ def test_a_parameter_assigned_after_conversion_is_the_one_the_converted_model_re
         converted(x)
     model.l.weight = nn.Parameter(torch.randn(4, 8))
     assert torch.equal(converted(x), model(x))
+
+
+class _EmptyBatchNet(torch.nn.Module):
+    """Conv, BatchNorm, GroupNorm, LayerNorm (with its second pack), max pool, embedding, SDPA,
+    dropout and log_softmax: each variant's packing divides by the rows or groups it holds."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn, self.gn = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.BatchNorm2d(8), torch.nn.GroupNorm(2, 8)
+        self.ln, self.emb, self.out = torch.nn.LayerNorm(8), torch.nn.Embedding(10, 8), torch.nn.Linear(8, 4)
+
+    def forward(self, x, ids):
+        h = torch.relu(self.bn(self.conv(x)))
+        h = F.gelu(self.gn(F.max_pool2d(h, 2))).flatten(2).transpose(1, 2)
+        h = self.ln(h) + self.emb(ids)
+        a = F.scaled_dot_product_attention(h[:, None], h[:, None], h[:, None])[:, 0]
+        return F.log_softmax(self.out(F.dropout(torch.tanh(a) * torch.sigmoid(h), 0.1)), -1)
+
+
+@pytest.mark.parametrize("bits", [1, 2, 8])
+def test_a_batch_of_zero_trains_as_in_pytorch(bits):
+    """A zero-size batch (the last of a filtered dataset) crashed LayerNorm's second pack
+    (ZeroDivisionError) and the max pool's backward; plain PyTorch trains on it."""
+    model = _EmptyBatchNet()
+    converted = actfx.convert(model, bits=bits)
+    converted(torch.randn(2, 3, 16, 16), torch.zeros(2, 64, dtype=torch.long)).sum().backward()
+    empty = (torch.randn(0, 3, 16, 16), torch.zeros(0, 64, dtype=torch.long))
+    out = converted(*empty)
+    assert out.shape == model(*empty).shape == (0, 64, 4)
+    out.sum().backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)

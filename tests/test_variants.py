@@ -663,6 +663,8 @@ def test_einsum_of_two_activations_packs_both(fn):
     lambda s, x: torch.linalg.vector_norm(s.lin(x), 2, (1, 2)),
     lambda s, x: s.lin(x) * torch.norm(s.lin(x), p=2, dim=(1, 2), keepdim=True),  # ConvNeXt-V2's GRN
     lambda s, x: s.lin(x).norm(dim=-1),
+    lambda s, x: x / torch.linalg.norm(s.lin(x), dim=-1, keepdim=True),  # was not covered: 1.36x, not 14x
+    lambda s, x: torch.linalg.norm(s.lin(x), dim=(1, 2)),  # Frobenius
 ])
 def test_vector_norm_packs_its_input_and_keeps_the_norm_exact(fn):
     converted = check_variant(Wrap(fn, lin=nn.Linear(64, 64)), torch.randn(4, 32, 64), tol=0.03,

@@ -16,7 +16,8 @@ import warnings
 
 import torch
 import torch.nn as nn
-from torch.fx import Graph, GraphModule, Proxy, Tracer
+import torch.utils._pytree as pytree
+from torch.fx import Graph, GraphModule, Node, Proxy, Tracer
 from torch.nn.utils import parametrize
 
 from actfx.passes.autograd_functions import functions_as_calls
@@ -146,6 +147,15 @@ class TypeTestError(RunsOwnForward):
     fix = "write the test as isinstance(x, torch.Tensor) to convert it whole"
 
 
+class HooksReadBackError(RunsOwnForward):
+    """A forward hook writes into the model's own state (a dict or object the model holds, or
+    the model itself), which the forward may read back: timm's ``features_only`` through hooks,
+    a perceptual loss over the features its hooks stored. fx does not run hooks while tracing,
+    and torch.export runs them once, at capture, so neither may capture that forward."""
+
+    fix = "have the forward read its submodules' outputs directly (not what hooks stored) to convert it whole"
+
+
 class CheckpointedOpsError(RunsOwnForward):
     """The forward runs ops outside modules inside a non-reentrant ``torch.utils.checkpoint``:
     fx and torch.export trace through the checkpoint, and a rewrite would hold those ops' values
@@ -183,6 +193,9 @@ class _ActfxTracer(Tracer):
         self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
         self.type_checks, self._user_code = [], {}
         bound: list = []
+        if isinstance(root, nn.Module) and hooks_write_model_state(root):
+            raise HooksReadBackError("a forward hook stores into the model's own state, which its forward may "
+                                     "read back, and fx does not run hooks while tracing")
         with functions_as_calls(self, bound), _isinstance_noted(self), traced_sizes():
             graph = super().trace(root, concrete_args)
         if bound:
@@ -201,6 +214,7 @@ class _ActfxTracer(Tracer):
         if self.autocast_changed:
             raise RuntimeError("the forward enters or leaves torch.autocast, which an fx graph cannot record: "
                                "it would compute that block in the caller's precision")
+        _check_values_traced(graph, self.root)
         return graph
 
     def create_proxy(self, kind, target, args, kwargs, *rest, **options):
@@ -232,6 +246,23 @@ class _ActfxTracer(Tracer):
         return _saved_tensors_hooks() != self._hooks_at_start
 
 
+def _check_values_traced(graph: Graph, root: nn.Module) -> None:
+    """Refuse a graph fx traced wrong because the forward reads values its Python stored
+    elsewhere: what a forward hook collects (timm's ``features_only`` through hooks, a
+    perceptual loss over stored features) or an earlier call left. fx does not run a hooked
+    module's hooks while tracing, so such a forward returned nothing (timm ``pit_ti_224``'s
+    features: ``[]``), or kept an earlier call's activations as constants of the graph."""
+    outputs = [a for a in pytree.tree_leaves(graph.output_node().args) if isinstance(a, Node)]
+    if not outputs:
+        raise RuntimeError("the forward returns nothing fx traced from its inputs (values a hook or an earlier "
+                           "call stored?)")
+    for node in graph.find_nodes(op="get_attr"):
+        value = getattr(root, node.target, None) if "." not in node.target else None
+        if isinstance(value, torch.Tensor) and value.grad_fn is not None:
+            raise RuntimeError(f"the forward reads a tensor an earlier call computed ({node.target}, with a "
+                               "gradient history), not traced from its inputs")
+
+
 def _saved_tensors_hooks():
     """The innermost saved-tensor hooks in force (``torch.utils.checkpoint``'s, inside a block it
     checkpoints without reentrance), or None."""
@@ -246,6 +277,45 @@ def _autocast_state() -> tuple:
     nesting = torch.autocast_increment_nesting() - 1
     torch.autocast_decrement_nesting()
     return nesting, *((torch.is_autocast_enabled(device), torch.get_autocast_dtype(device)) for device in ("cpu", "cuda"))
+
+
+def hooks_write_model_state(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook in ``module``'s tree is bound to, or closes over, a
+    module of the tree or an object one of them holds (``self.features = {}``; timm's
+    ``FeatureHooks``): what it stores there the forward may read back. Hooks bound to outside
+    objects (a logging dict of the training script) and hooks that only return a new output do
+    not count, nor a module's own method hooked on it."""
+    modules = [m for _, m in module.named_modules()]
+    held = {id(m) for m in modules}
+    held.update(id(v) for m in modules for k, v in m.__dict__.items()
+                if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module, bool, int, float, str, type(None))))
+    for m in modules:
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            if is_recording_hook(hook) or getattr(hook, "__self__", None) is m:
+                continue  # Hugging Face's output recording; a module's own method (a lazy module's initialiser)
+            if any(id(obj) in held for obj in _referenced(hook)):
+                return True
+    return False
+
+
+def _referenced(hook, depth: int = 2) -> list:
+    """The objects a hook is bound to or closes over (through partials and bound methods)."""
+    found = []
+    if depth < 0:
+        return found
+    bound = getattr(hook, "__self__", None)
+    if bound is not None:
+        found.append(bound)
+    if hasattr(hook, "func") and hasattr(hook, "args"):  # functools.partial
+        found += [*hook.args, *(hook.keywords or {}).values()]
+        found += _referenced(hook.func, depth - 1)
+    function = getattr(hook, "__func__", hook)
+    for cell in getattr(function, "__closure__", None) or ():
+        try:
+            found.append(cell.cell_contents)
+        except ValueError:  # an empty cell
+            continue
+    return found
 
 
 def has_hooks(module: nn.Module) -> bool:

@@ -388,8 +388,22 @@ def torch_norm_site(node):
     return _two_norm_site(node, ("input", "p", "dim", "keepdim", "out", "dtype"), default_order="fro")
 
 
-def _two_norm_site(node, names: tuple, default_order):
+def linalg_norm_site(node):
+    """``torch.linalg.norm(x, ord, dim, keepdim)``: with ``ord`` None the 2-norm over ``dim``
+    (Frobenius over two dims), with a number over one dim a vector p-norm: ``vector_norm``'s
+    either way. A matrix norm (a number over two dims) is not covered."""
+    names = ("input", "ord", "dim", "keepdim", "out", "dtype")
     a = {**dict(zip(names, node.args)), **node.kwargs}
+    dim = a.get("dim")
+    if a.get("ord") is None:
+        a["ord"] = 2
+    elif not (isinstance(dim, int) or (isinstance(dim, (tuple, list)) and len(dim) == 1)):
+        return None
+    return _two_norm_site(node, names, 2, a)
+
+
+def _two_norm_site(node, names: tuple, default_order, a: dict | None = None):
+    a = a if a is not None else {**dict(zip(names, node.args)), **node.kwargs}
     x, ord_, dim, keepdim = a.get("input"), a.get(names[1], default_order), a.get("dim"), a.get("keepdim", False)
     if ord_ not in (2, 2.0, "fro"):
         return _row_norm_site(node, a, names)

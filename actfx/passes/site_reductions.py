@@ -23,6 +23,7 @@ aten = torch.ops.aten
 # fx targets -> the name of the spelling the variant runs (``deviation.SPELLINGS``)
 DEVIATIONS = {
     torch.std: "torch.std", torch.var: "torch.var", "std": "Tensor.std", "var": "Tensor.var",
+    torch.std_mean: "torch.std_mean", torch.var_mean: "torch.var_mean",
     **{op: name for name, op in deviation.SPELLINGS.items() if isinstance(op, torch._ops.OpOverload)},
 }
 LOGSUMEXPS = (torch.logsumexp, "logsumexp", aten.logsumexp.default)

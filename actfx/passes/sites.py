@@ -40,7 +40,7 @@ from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
     GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
-    normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
+    linalg_norm_site, normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
     CDISTS, DEVIATIONS, EXTREMA_OVER_A_DIM, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, cdist_site,
@@ -196,6 +196,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return vector_norm_site(node)
         if t is torch.norm:
             return torch_norm_site(node)
+        if t is torch.linalg.norm:
+            return linalg_norm_site(node)
         if t in (torch.addmm, torch.ops.aten.addmm.default):
             return _addmm(node)
         if t is F.linear:

@@ -21,9 +21,10 @@ def needs_saving(*tensors) -> bool:
     """True when autograd will call backward: grad mode on and some input requires grad. False
     for complex inputs too: the variants' backward formulas are written for real values (a
     complex product's gradient needs the other factor's conjugate), so complex ops run as
-    PyTorch runs them."""
+    PyTorch runs them; and for an input with no elements (a batch of zero), which holds nothing
+    to pack and which the packing's row and group arithmetic would divide by."""
     tensors = [t for t in tensors if isinstance(t, torch.Tensor)]
-    if not torch.is_grad_enabled() or any(t.is_complex() for t in tensors):
+    if not torch.is_grad_enabled() or any(t.is_complex() or t.numel() == 0 for t in tensors):
         return False
     return any(t.requires_grad for t in tensors)
 

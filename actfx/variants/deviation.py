@@ -1,9 +1,11 @@
-"""``std`` and ``var`` with a packed input (and, for std, the exact output).
+"""``std`` and ``var`` (and ``std_mean`` / ``var_mean``) with a packed input (and, for std, the
+exact output).
 
 var's gradient is ``2 (x - mean(x)) g / (N - c)``: linear in ``x``, so a packed ``x`` gives it
 unbiased. std's is var's taken with ``g / (2 std)``; with std kept exact (one value per reduced
 row) it stays linear in ``x``. Recomputed from the packed ``x`` it would not be
 (E sqrt(var(x + noise)) > std(x)): the Annotated Transformer's LayerNorm divides by ``x.std(-1)``.
+The mean ``var_mean`` also returns has a gradient that reads nothing.
 """
 
 from __future__ import annotations
@@ -19,9 +21,14 @@ aten = torch.ops.aten
 # the spellings, by the name the graph carries (a plain string prints into fx code)
 SPELLINGS = {
     "torch.std": torch.std, "torch.var": torch.var, "Tensor.std": torch.Tensor.std, "Tensor.var": torch.Tensor.var,
+    "torch.std_mean": torch.std_mean, "torch.var_mean": torch.var_mean,
     **{op.name(): op for op in (aten.std.correction, aten.std.dim, aten.std.default,
-                                aten.var.correction, aten.var.dim, aten.var.default)},
+                                aten.var.correction, aten.var.dim, aten.var.default,
+                                aten.std_mean.correction, aten.std_mean.dim, aten.std_mean.default,
+                                aten.var_mean.correction, aten.var_mean.dim, aten.var_mean.default)},
 }
+# the spellings that also return the mean
+WITH_MEAN = frozenset(name for name in SPELLINGS if "_mean" in name)
 # each std spelling and the var that takes the same arguments
 AS_VARIANCE = {name: name.replace("std", "var") for name in SPELLINGS if "std" in name}
 
@@ -33,11 +40,12 @@ class _PackedDeviation(torch.autograd.Function):
         out = SPELLINGS[fn](x, *rest, **dict(kwargs))
         plans, storage = split_all([spec], run)
         ctx.plans, ctx.fn, ctx.rest, ctx.kwargs, ctx.x_dtype = plans, fn, rest, kwargs, x.dtype
-        ctx.save_for_backward(*((out,) if fn in AS_VARIANCE else ()), *storage)
-        return not_a_view(out)
+        spread = out[0] if fn in WITH_MEAN else out
+        ctx.save_for_backward(*((spread,) if fn in AS_VARIANCE else ()), *storage)
+        return tuple(map(not_a_view, out)) if fn in WITH_MEAN else not_a_view(out)
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(ctx, grad_out, *grad_mean):
         refuse_double_backward("std" if ctx.fn in AS_VARIANCE else "var")
         saved = ctx.saved_tensors
         if ctx.fn in AS_VARIANCE:
@@ -47,7 +55,8 @@ class _PackedDeviation(torch.autograd.Function):
         x = materialize_all(ctx.plans, saved)[0]
         variance = SPELLINGS[AS_VARIANCE.get(ctx.fn, ctx.fn)]
         _, pullback = hooked_vjp.vjp(lambda v: variance(v, *ctx.rest, **dict(ctx.kwargs)), x)
-        (gx,) = pullback(grad_out.to(x.dtype))
+        grads = (grad_out, *grad_mean) if grad_mean else grad_out
+        (gx,) = pullback(tuple(g.to(x.dtype) for g in grads) if grad_mean else grads.to(x.dtype))
         return (None, None, None, None, gx.to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 

@@ -29,7 +29,7 @@ def copy_for_small_rows(xhat, rows: int, x):
     """x̂ again (to be packed on its own) where ``rows`` normalised rows hold fewer than
     ``SECOND_PACK_BELOW`` values each and the input ``x`` wants a gradient (the term is in its
     gradient only), else None (nothing is packed)."""
-    if xhat is None or not x.requires_grad or xhat.numel() // rows >= SECOND_PACK_BELOW:
+    if xhat is None or not x.requires_grad or rows == 0 or xhat.numel() // rows >= SECOND_PACK_BELOW:
         return None
     return xhat.view_as(xhat)  # another tensor object: torch.compile refuses one tensor passed twice
 
