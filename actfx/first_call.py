@@ -16,7 +16,7 @@ import torch.nn as nn
 
 from actfx.config import Config
 from actfx.passes.capture import (
-    changed_hooks, hooks_now, uncalled_submodules, under_function_transform, warn_hooks_changed,
+    changed_hooks, hooks_now, stateful_hooks_inside, uncalled_submodules, under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.export_capture import ExportRefused, parameter_dtypes, warn_if_cast
 
@@ -107,6 +107,12 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
 
         if path and type(model) in record.export_refused:
             captured["failed"] = True
+            return
+        if stateful_hooks_inside(self):
+            captured["failed"] = True  # export would run them once, on fake tensors
+            warnings.warn(f"actfx: torch.export does not capture {type(model).__name__} at its first training call: a "
+                          "forward hook inside it keeps state (export would run it once, at capture), so it keeps "
+                          f"what fx converted{not_recomputed(config, path)}", stacklevel=4)
             return
         inner = next((name or path for name, m in self.named_modules()
                       if getattr(type(m).__bases__[0], "_actfx_converted", False)), None)  # converted twice

@@ -298,6 +298,20 @@ def hooks_write_model_state(module: nn.Module) -> bool:
     return False
 
 
+def stateful_hooks_inside(module: nn.Module) -> bool:
+    """Whether a forward hook or pre-hook on a submodule of ``module`` is bound to, or closes
+    over, anything but plain values: torch.export runs such a hook once, at capture, on fake
+    tensors, and never again (timm xception41's ``features_only`` hooks stored export's fake
+    tensors where its forward read them: "backward() through example input")."""
+    for name, m in module.named_modules():
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if name else ():
+            if is_recording_hook(hook) or getattr(hook, "__self__", None) is m:
+                continue
+            if any(not isinstance(obj, (bool, int, float, str, type(None))) for obj in _referenced(hook)):
+                return True
+    return False
+
+
 def _referenced(hook, depth: int = 2) -> list:
     """The objects a hook is bound to or closes over (through partials and bound methods)."""
     found = []
