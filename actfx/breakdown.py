@@ -272,6 +272,11 @@ def _kind(record, row: Row, path: str, after: NodeSaved, orig: NodeSaved | None,
         listed = of_row(record.uncovered)
         if not listed and of_row(record.parameter_ops):
             return "parameter computation" if measured else "nothing saved"
+        if measured and not listed and all(math.prod(t.shape) < record.config.min_numel
+                                           for t in after.tensors if t.counted and not t.parameter):
+            # an op left as it is on purpose for what it keeps (a channel dropout's one mask value
+            # per channel) was listed as not covered
+            return "kept exact (too small to pack)"
         return "not covered" if measured or listed else "nothing saved"
     others = sorted({names.get(n, n) for n in after.shared_with} - {row.node})
     if after.tensors and after.activation_bytes == 0 and others:

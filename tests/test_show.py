@@ -127,6 +127,17 @@ def test_uncovered_ops_are_measured_and_explained():
     assert "1 op not covered" in text and "cumprod" in text and rows["cumprod"]["reason"] in text
 
 
+def test_channel_dropouts_are_not_called_not_covered():
+    """nn.Dropout1d / Dropout2d keep one mask value per channel, as PyTorch does (left as they
+    are on purpose); show listed them as not covered."""
+    model = nn.Sequential(nn.Conv1d(8, 16, 3, padding=1), nn.Tanh(), nn.Dropout1d(0.2))
+    console = plain_console()
+    rows = {r["node"]: r for r in actfx.show(actfx.convert(model), torch.randn(4, 8, 256), console=console)}
+    dropout = next(r for r in rows.values() if r["op"] == "Dropout1d")
+    assert dropout["kind"] == "kept exact (too small to pack)" and dropout["after_bytes"] > 0, rows
+    assert "not covered" not in console.file.getvalue()
+
+
 def test_plain_text_when_not_a_terminal_and_colour_in_one(resnet):
     _, converted, x = resnet
     plain = plain_console()
