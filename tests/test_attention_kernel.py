@@ -21,6 +21,21 @@ def test_math_where_its_probabilities_hold_less_than_exact_q_and_k():
     assert not math_holds_less(heads(256, torch.bfloat16), heads(256, torch.bfloat16), attention_bits=8)
 
 
+def test_probabilities_too_few_to_pack_count_as_exact_not_as_a_refusal():
+    """MobileViT's last stage: 4 tokens, heads of 20, 8 x 4 heads. Its 512 probabilities stay
+    exact (under min_numel), but math packs q, k and v where the fused kernel keeps q and k
+    exact: math was refused whenever the probabilities were that few (9.8% of what a compiled
+    MobileViT-XXS held). Where q and k are too few to pack as well, the fused kernel stays."""
+    assert math_holds_less(torch.empty(8, 4, 4, 20), torch.empty(8, 4, 4, 20), attention_bits=8, min_numel=1024)
+    assert not math_holds_less(torch.empty(1, 2, 7, 8), torch.empty(1, 2, 7, 8), attention_bits=8, min_numel=1024)
+    torch.manual_seed(0)
+    model, x = Block(d=80, heads=4), torch.randn(8, 4, 80)
+    compiled = _compiled_as_torch_compile_and_unbiased(model, x)
+    saved = compiled._actfx_compiled.plans[-1].saved
+    assert [v.storage for v in saved if v.shape == (8, 4, 4, 4)] == [Storage.EXACT]  # math's probabilities
+    assert not [v.name for v in saved if "attention" in v.reason]  # no exact q and k for a fused kernel
+
+
 def test_few_queries_over_many_keys_count_the_keys_per_head():
     """A Perceiver's 8 latents over 64 keys, heads of width 8 (cross-attention): the fused kernel
     keeps 64 exact keys a head (2048 B), math 512 probabilities at 8 bits and q, k, v (1600 B in

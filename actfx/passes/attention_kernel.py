@@ -32,22 +32,32 @@ MAX_KEYS_PER_HEAD_WIDTH = 8  # math's forward row of S full-precision scores, ag
 def math_holds_less(query: torch.Tensor, key: torch.Tensor, attention_bits: int, min_numel: int = 0,
                     probabilities: int | None = None) -> bool:
     """Whether the math backend keeps fewer bytes for backward than a fused kernel (docstring).
-    Not where its probabilities (``probabilities`` values, else counted from the shapes) are
-    fewer than ``min_numel``: they stay exact then (a 7-token BART held more than torch.compile)."""
+    A value of fewer than ``min_numel`` elements stays exact, and is counted so: the
+    probabilities (``probabilities`` values, else counted from the shapes) of a 7-token BART
+    (math held more than torch.compile), or the q and k of a few-token attention, which the
+    fused kernel keeps exact anyway (MobileViT's 4-token stage: fused 25.6 KB, math 12.8 KB,
+    where math was refused whenever the probabilities were that few)."""
     if query.dtype not in _FULL_PRECISION or query.dim() < 2 or key.dim() < 2:
         return False
     width, queries, keys, element = query.shape[-1], query.shape[-2], key.shape[-2], query.element_size()
     if not all(isinstance(s, int) for s in (width, queries, keys)):
         return False  # symbolic sizes: their values stay exact either way; int() would add a guard
     rows = probabilities // keys if probabilities is not None else math.prod(query.shape[:-1])
-    if not isinstance(rows, int) or rows * keys < min_numel:
+    if not isinstance(rows, int) or rows < queries:
         return False
-    packed = min(attention_bits / 8, element)
-    # per head: math packs the Q x S probabilities, q, k and v; the fused kernel keeps q and k
-    # exact and packs v and its output (fewer queries than keys, Perceiver's latents: k and v
-    # outweigh the probabilities, and the fused kernel's exact k decides)
-    math_bytes = queries * keys * packed + (queries + 2 * keys) * width * packed
-    fused_bytes = (queries + keys) * width * (element + packed)
+    heads = rows // queries
+
+    def held(count: int) -> float:
+        return count * (min(attention_bits / 8, element) if count >= min_numel else element)
+
+    # math packs the Q x S probabilities, q, k and v; the fused kernel keeps q and k exact and
+    # packs v and its output (fewer queries than keys, Perceiver's latents: k and v outweigh
+    # the probabilities, and the fused kernel's exact k decides)
+    q, kv = heads * queries * width, heads * keys * width
+    if rows * keys < min_numel and min(q, kv) < min_numel:
+        return False  # math packs next to nothing: its other saved values are not counted here
+    math_bytes = held(rows * keys) + held(q) + 2 * held(kv)
+    fused_bytes = (q + kv) * element + held(kv) + held(q)
     return math_bytes < fused_bytes and keys <= MAX_KEYS_PER_HEAD_WIDTH * width
 
 
