@@ -213,7 +213,7 @@ class Backend:
     def __call__(self, gm, example_inputs, *, mode: str | None = None, options: dict | None = None):
         from torch._inductor.compile_fx import compile_fx
 
-        from actfx.passes.norm_decompositions import compiled_decompositions
+        from actfx.passes.norm_decompositions import CompiledDecompositions
 
         # The autograd cache would skip the partitioner (and so the record) on a hit; Inductor's
         # own code cache still applies to the packed graphs.
@@ -223,7 +223,7 @@ class Backend:
         first = len(self.record.plans)
         with functorch_config.patch(enable_autograd_cache=False):
             compiled = compile_fx(gm, example_inputs, config_patches=patches, inner_compile=_backward_in_graph_order,
-                                  decompositions=compiled_decompositions(self.record.config.group_size))
+                                  decompositions=CompiledDecompositions(self.record.config.group_size))
         made = self.record.plans[first:]  # this graph's plans (none in eval mode)
 
         def note_run():

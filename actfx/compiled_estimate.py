@@ -31,7 +31,7 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
     from torch._inductor.compile_fx import partition_fn
     from torch._inductor.virtualized import V
 
-    from actfx.passes.norm_decompositions import compiled_decompositions
+    from actfx.passes.norm_decompositions import CompiledDecompositions
 
     record = CompiledRecord(config, memory_budget)
 
@@ -54,7 +54,7 @@ def as_fx_code(model: nn.Module, config: Config, memory_budget: float | None = N
             return partition_fn(gm, joint_inputs, partitioner_fn_override=partition, **kwargs)
 
     traced = aot_autograd(fw_compiler=keep_forward, bw_compiler=keep, partition_fn=joint_passes_then_partition,
-                          decompositions=compiled_decompositions(config.group_size))
+                          decompositions=CompiledDecompositions(config.group_size))
 
     def backend(gm, example_inputs):
         patches.clear()

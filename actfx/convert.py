@@ -723,9 +723,7 @@ def _converted_class(base: type, forwards: dict, optional: tuple = (), without_o
 
 
 # nn.Module's own dicts and sets a clone gets fresh (not its hooks' or its Parameters')
-_MODULE_CONTAINERS = frozenset(
-    key for key, value in nn.Module().__dict__.items()
-    if isinstance(value, (dict, set)) and not key.endswith("hooks") and "_hooks_" not in key and key != "_parameters")
+_MODULE_CONTAINERS = frozenset({"_buffers", "_non_persistent_buffers_set", "_modules"})
 
 
 def _clone(module: nn.Module, cls: type, shared: tuple = ()) -> nn.Module:

@@ -88,10 +88,23 @@ def batch_norm_backward(grad_out, input, weight, running_mean, running_var, save
     return grad_input, grad_weight, grad_bias
 
 
-def compiled_decompositions(group_size: int) -> dict:
+class CompiledDecompositions(dict):
     """Inductor's decomposition table with actfx's overrides: what ``actfx.compile`` traces with
-    (``group_size``: the packs' group, which decides where BatchNorm's goes through x̂)."""
-    from torch._inductor.decomposition import select_decomp_table
+    (``group_size``: the packs' group, which decides where BatchNorm's goes through x̂).
 
-    return {**select_decomp_table(), aten.native_group_norm_backward.default: group_norm_backward,
-            aten.native_batch_norm_backward.default: functools.partial(batch_norm_backward, group_size=group_size)}
+    Pickled as its group size. Inductor's FX graph cache keys each graph by the table it was
+    given, and 612 of the table's 1101 entries (decorated functions) do not pickle: every graph
+    bypassed the cache, so every new process compiled every graph again (a small CNN's warm
+    first step: torch.compile read its graphs from disk, actfx.compile generated them anew)."""
+
+    def __init__(self, group_size: int):
+        from torch._inductor.decomposition import select_decomp_table
+
+        super().__init__({**select_decomp_table(), aten.native_group_norm_backward.default: group_norm_backward,
+                          aten.native_batch_norm_backward.default: functools.partial(batch_norm_backward,
+                                                                                     group_size=group_size)})
+        self.group_size = group_size
+
+    def __reduce__(self):
+        return CompiledDecompositions, (self.group_size,)
+
