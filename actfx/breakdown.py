@@ -86,7 +86,7 @@ def breakdown(model: nn.Module, before: Measurement | None = None, after: Measur
         merged = _merge(entries, row.node)
         row.kind = _kind(record, row, path, merged, orig, decisions, names, measured=after is not None)
         if row.kind == "not covered":
-            row.reason = _reason(record, row, path)
+            row.reason = _reason(record, row, path, _hooked(model, row.module_path))
         if after is not None:
             row.after_bytes = merged.activation_bytes
             row.after = [_describe(t, names) for t in merged.tensors]
@@ -287,11 +287,22 @@ def _kind(record, row: Row, path: str, after: NodeSaved, orig: NodeSaved | None,
     return ", ".join(dict.fromkeys(kinds))
 
 
-def _reason(record, row: Row, graph_path: str) -> str:
+def _hooked(model: nn.Module, path: str) -> bool:
+    """Whether the module at ``path`` has forward hooks (their ops run as written)."""
+    try:
+        module = model.get_submodule(path) if path else model
+    except AttributeError:
+        return False
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
+def _reason(record, row: Row, graph_path: str, hooked: bool = False) -> str:
     """Why an op that saves activations is left as it is, from the conversion record."""
     for item in record.uncovered:
         if item.what == row.op and item.path in (row.module_path, graph_path or "<root>"):
             return item.reason
+    if hooked:
+        return "its forward hooks run as written (their ops are not converted)"
     inside = [f"{item.what}: {item.reason}" for item in record.uncovered if item.path == row.module_path]
     if inside:
         return "; ".join(dict.fromkeys(inside))
