@@ -606,6 +606,9 @@ def call_arguments(inputs) -> tuple[tuple, dict]:
     return tuple(inputs), {}
 
 
+_MISSING = object()
+
+
 def _through_hooks(module: nn.Module, run, args, kwargs):
     """``run`` (the module's graph) called as the module is, through its forward hooks and
     pre-hooks: what their own ops save is counted against the module's row. Run as the graph
@@ -619,9 +622,6 @@ def _through_hooks(module: nn.Module, run, args, kwargs):
             del module.forward
         else:
             module.forward = had
-
-
-_MISSING = object()
 
 
 def _placeholder_values(graph: Graph, model: nn.Module, args: tuple, kwargs: dict) -> tuple:

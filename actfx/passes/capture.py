@@ -289,13 +289,7 @@ def hooks_write_model_state(module: nn.Module) -> bool:
     held = {id(m) for m in modules}
     held.update(id(v) for m in modules for k, v in m.__dict__.items()
                 if not k.startswith("_") and not isinstance(v, (torch.Tensor, nn.Module, bool, int, float, str, type(None))))
-    for m in modules:
-        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
-            if is_recording_hook(hook) or getattr(hook, "__self__", None) is m:
-                continue  # Hugging Face's output recording; a module's own method (a lazy module's initialiser)
-            if any(id(obj) in held for obj in _referenced(hook)):
-                return True
-    return False
+    return any(id(obj) in held for hook in _user_forward_hooks(modules) for obj in _referenced(hook))
 
 
 def stateful_hooks_inside(module: nn.Module) -> bool:
@@ -303,13 +297,18 @@ def stateful_hooks_inside(module: nn.Module) -> bool:
     over, anything but plain values: torch.export runs such a hook once, at capture, on fake
     tensors, and never again (timm xception41's ``features_only`` hooks stored export's fake
     tensors where its forward read them: "backward() through example input")."""
-    for name, m in module.named_modules():
-        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()) if name else ():
-            if is_recording_hook(hook) or getattr(hook, "__self__", None) is m:
-                continue
-            if any(not isinstance(obj, (bool, int, float, str, type(None))) for obj in _referenced(hook)):
-                return True
-    return False
+    submodules = [m for name, m in module.named_modules() if name]
+    return any(not isinstance(obj, (bool, int, float, str, type(None)))
+               for hook in _user_forward_hooks(submodules) for obj in _referenced(hook))
+
+
+def _user_forward_hooks(modules):
+    """The forward hooks and pre-hooks of ``modules``, but Hugging Face's output recording and a
+    module's own method hooked on it (a lazy module's initialiser)."""
+    for m in modules:
+        for hook in (*m._forward_hooks.values(), *m._forward_pre_hooks.values()):
+            if not is_recording_hook(hook) and getattr(hook, "__self__", None) is not m:
+                yield hook
 
 
 def _referenced(hook, depth: int = 2) -> list:

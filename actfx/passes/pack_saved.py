@@ -11,9 +11,10 @@ For each saved tensor (a forward output the backward reads), in order:
    forward instead and saved, so the backward becomes linear in what it reads.
 2. Classify with the ATen op rules (``actfx.rules`` via ``noise_degree``): parameters, their
    casts, graph inputs that need no gradient (the caller's data), integers and small values stay
-   exact (an input with a gradient is an activation an earlier graph handed over: packed); booleans become 1-bit masks; float
-   values every gradient is linear in are packed at the configured bits (stochastic rounding,
-   unbiased); values some gradient is still nonlinear in stay exact, with the op that made it so.
+   exact (an input with a gradient is an activation an earlier graph handed over: packed);
+   booleans become 1-bit masks; float values every gradient is linear in are packed at the
+   configured bits (stochastic rounding, unbiased); values some gradient is still nonlinear in
+   stay exact, with the op that made it so.
 3. Rewrite: forward outputs the packed pieces in the value's place, backward takes them as
    inputs and unpacks right before the first reader. ``meta["val"]`` is set on every new node.
 

@@ -55,8 +55,8 @@ class _PackedDeviation(torch.autograd.Function):
         x = materialize_all(ctx.plans, saved)[0]
         variance = SPELLINGS[AS_VARIANCE.get(ctx.fn, ctx.fn)]
         _, pullback = hooked_vjp.vjp(lambda v: variance(v, *ctx.rest, **dict(ctx.kwargs)), x)
-        grads = (grad_out, *grad_mean) if grad_mean else grad_out
-        (gx,) = pullback(tuple(g.to(x.dtype) for g in grads) if grad_mean else grads.to(x.dtype))
+        grads = tuple(g.to(x.dtype) for g in (grad_out, *grad_mean))  # var_mean's two, or var's one
+        (gx,) = pullback(grads if grad_mean else grads[0])
         return (None, None, None, None, gx.to(ctx.x_dtype)) + (None,) * (len(ctx.needs_input_grad) - 5)
 
 
