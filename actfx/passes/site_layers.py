@@ -16,7 +16,8 @@ from actfx.passes.signatures import bind
 from actfx.passes.site import Site, _bias_node, _env, _get
 from actfx.passes.site_elementwise import _recompute_site, several_pointwise_site
 from actfx.variants import (
-    batchnorm, conv, embedding, gather, grid_sample, grouped_mm, linear, normalize, norms, rmsnorm, vector_norm,
+    batchnorm, conv, embedding, gather, grid_sample, grouped_mm, linear, masked_select, normalize, norms, rmsnorm,
+    vector_norm,
 )
 from actfx.variants.pointwise_several import Several, several_callables
 
@@ -482,6 +483,21 @@ def gather_site(node):
         return graph.call_function(gather.gather, (_env(env, a["input"]), a["dim"], _env(env, a["index"]))), {}
 
     return Site(node, "gather", None, [], emit)
+
+
+MASKED_SELECTS = (torch.masked_select, torch.ops.aten.masked_select.default, "masked_select")
+
+
+def masked_select_site(node):
+    """``torch.masked_select`` / ``x.masked_select``: only the mask kept (``variants/masked_select.py``)."""
+    a = dict(zip(("input", "mask"), node.args)) | {"input" if k == "self" else k: v for k, v in node.kwargs.items()}
+    if not isinstance(a.get("input"), Node) or "mask" not in a or "out" in a:
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(masked_select.masked_select, (_env(env, a["input"]), _env(env, a["mask"]))), {}
+
+    return Site(node, "masked_select", None, [], emit)
 
 
 def rms_normalize_site(node):

@@ -39,8 +39,8 @@ from actfx.passes.site_elementwise import (
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
-    GATHERS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
-    linalg_norm_site, normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
+    GATHERS, MASKED_SELECTS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
+    linalg_norm_site, masked_select_site, normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
     CDISTS, DEVIATIONS, EXTREMA_OVER_A_DIM, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, cdist_site,
@@ -152,6 +152,7 @@ _NODE_SITES = {
     **dict.fromkeys(_ADDCMUL, addcmul_site),
     **dict.fromkeys(_GRID_SAMPLERS, grid_sample_site),
     **dict.fromkeys(GATHERS, gather_site),
+    **dict.fromkeys(MASKED_SELECTS, masked_select_site),
     **dict.fromkeys(DEVIATIONS, deviation_site),
     **dict.fromkeys(LOGSUMEXPS, logsumexp_site),
     **dict.fromkeys(SCATTER_REDUCES, scatter_reduce_site),
