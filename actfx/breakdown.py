@@ -32,7 +32,8 @@ _PLUMBING = "actfx.variants.packing"  # seed and pack calls: they feed variants 
 _MASK_KINDS = {"relu": "1-bit mask", "leaky_relu": "1-bit mask", "hardtanh": "1-bit mask", "threshold": "1-bit mask",
                "dropout": "1-bit mask", "max_pool": "compact indices", "gather": "compact indices",
                "amax": "1-bit mask", "amin": "1-bit mask", "maximum": "1-bit mask", "minimum": "1-bit mask",
-               "scatter_reduce": "1-bit masks", "masked_select": "its mask only"}
+               "scatter_reduce": "1-bit masks", "masked_select": "its mask only",
+               "aminmax": "1-bit masks"}
 
 
 @dataclasses.dataclass

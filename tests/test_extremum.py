@@ -180,3 +180,45 @@ def test_max_aggregation_keeps_masks_of_the_largest_messages(method, exported):
     converted8 = actfx.convert(model, bits=8, example_inputs=inputs if exported else None)
     got = torch.autograd.grad(converted8(*inputs).sum(), list(model.parameters()))
     assert max(((g - e).norm() / e.norm()).item() for g, e in zip(got, exact)) < 0.03
+
+
+@pytest.mark.parametrize("dim, keepdim", [(-1, False), (1, True), (None, False), (None, True)])
+def test_aminmax_gradients_equal_atens(dim, keepdim):
+    from actfx.variants.masks import aminmax
+
+    torch.manual_seed(0)
+    x = torch.randint(0, 3, (3, 4, 5)).float()  # many ties
+    x[0, 1, 2] = float("nan")
+    x.requires_grad_()
+    expected, got = torch.aminmax(x, dim=dim, keepdim=keepdim), aminmax(x, dim, keepdim)
+    assert type(got) is type(expected)
+    for a, b in zip(got, expected):
+        assert torch.equal(a.nan_to_num(), b.nan_to_num()) and torch.equal(a.isnan(), b.isnan())
+    g_min, g_max = torch.randn(expected.min.shape), torch.randn(expected.max.shape)
+    (mine,), (theirs,) = (torch.autograd.grad([out.min, out.max], x, [g_min, g_max]) for out in (got, expected))
+    assert torch.equal(mine.isnan(), theirs.isnan()) and torch.equal(mine.nan_to_num(), theirs.nan_to_num())
+
+
+class _RangeNormalized(nn.Module):
+    """Min-max scaling of features (quantization-aware and contrastive code): ``torch.aminmax``."""
+
+    def __init__(self, method):
+        super().__init__()
+        self.a, self.out = nn.Linear(32, 64), nn.Linear(64, 8)
+        self.method = method
+
+    def forward(self, x):
+        h = self.a(x)
+        lo, hi = h.aminmax(dim=-1, keepdim=True) if self.method else torch.aminmax(h, dim=-1, keepdim=True)
+        return self.out((h - lo) / (hi - lo + 1e-3))
+
+
+@pytest.mark.parametrize("method", [True, False])
+@pytest.mark.parametrize("exported", [False, True])
+def test_aminmax_keeps_two_masks(method, exported):
+    torch.manual_seed(0)
+    model, x = _RangeNormalized(method), torch.randn(8, 64, 32)
+    converted = actfx.convert(model, bits=2, example_inputs=(x,) if exported else None)
+    assert torch.equal(converted(x), model(x))
+    assert "aminmax" in [d.kind for d in converted._actfx_record.decisions]
+    assert_same_forward_and_fewer_bytes(model, converted, x, 6)

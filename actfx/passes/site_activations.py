@@ -97,6 +97,24 @@ def reduced_extremum_site(node, op):
     return Site(node, op, None, [], emit)
 
 
+AMINMAXES = (torch.aminmax, "aminmax", torch.ops.aten.aminmax.default)
+
+
+def aminmax_site(node):
+    """``torch.aminmax`` / ``x.aminmax``: two 1-bit masks (``variants/masks.py``)."""
+    kwargs = dict(node.kwargs)
+    x = node.args[0] if node.args else kwargs.pop("input", kwargs.pop("self", None))
+    dim, keepdim = kwargs.pop("dim", None), kwargs.pop("keepdim", False)
+    if (len(node.args) > 1 or kwargs or not isinstance(x, torch.fx.Node) or not isinstance(keepdim, bool)
+            or not (dim is None or isinstance(dim, int))):
+        return None
+
+    def emit(graph, env, specs, runs, pack=None):
+        return graph.call_function(masks.aminmax, (env[x], dim, keepdim)), {}
+
+    return Site(node, "aminmax", None, [], emit)
+
+
 def prelu_site(node, path, x, weight):
     """``weight``: a node, or (module) a function of the graph giving the module's weight."""
     def emit(graph, env, specs, runs, pack=None):

@@ -20,10 +20,10 @@ from torch.fx import Node
 
 from actfx.passes.site import Site, _bias_node, _get
 from actfx.passes.site_activations import (
-    _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
+    AMINMAXES, _ADAPTIVE_MAX_FUNCS, _EXTREMUM_FUNCS, _EXTREMUM_METHODS, _GLU_FUNCS, _MAX_POOL_FUNCS, _PRELU_FUNCS,
     _REDUCED_EXTREMA, _RELU_FUNCS, _WITH_INDICES, _dropout_site, _max_pool_functional, _max_pool_module,
     _relu_functional, _relu_like_site, _relu_module, _threshold_functional, extremum_site, glu_functional, glu_site,
-    prelu_functional, prelu_site, reduced_extremum_site,
+    aminmax_site, prelu_functional, prelu_site, reduced_extremum_site,
 )
 from actfx.passes.site_attention import (
     _ADDCMUL, _PRODUCT_FUNCS, _PRODUCT_METHODS, _RECOMPUTED_MODULES, RECURRENT_OPS, _module_recompute_site, _product,
@@ -147,6 +147,7 @@ _NODE_SITES = {
     **{t: functools.partial(_extremum_or_selection, op=op, fn=fn)
        for t, (op, fn) in {**_EXTREMUM_FUNCS, **_EXTREMUM_METHODS}.items()},
     **{t: functools.partial(reduced_extremum_site, op=op) for t, op in _REDUCED_EXTREMA.items()},
+    **dict.fromkeys(AMINMAXES, aminmax_site),
     **dict.fromkeys(_PRELU_FUNCS, prelu_functional),
     **dict.fromkeys(_GLU_FUNCS, glu_functional),
     **dict.fromkeys(_ADDCMUL, addcmul_site),

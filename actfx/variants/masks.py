@@ -201,3 +201,13 @@ def reduced_extremum(op: str, x, dim=(), keepdim=False):
     if not (isinstance(x, torch.Tensor) and x.is_floating_point() and needs_saving(x)) or x.dim() == 0:
         return (torch.amax if op == "amax" else torch.amin)(x, dim, keepdim)
     return _ReducedExtremum.apply(op, dim, keepdim, x)
+
+
+def aminmax(x, dim=None, keepdim=False):
+    """``torch.aminmax`` as ``amin`` and ``amax``, one 1-bit mask each: PyTorch keeps the input
+    and both results for the same gradient (the tie-sharing formula of amin / amax)."""
+    if not (isinstance(x, torch.Tensor) and x.is_floating_point() and needs_saving(x)) or x.dim() == 0:
+        return torch.aminmax(x, dim=dim, keepdim=keepdim)
+    dims = () if dim is None else dim
+    return torch.return_types.aminmax((reduced_extremum("amin", x, dims, keepdim),
+                                       reduced_extremum("amax", x, dims, keepdim)))
