@@ -211,6 +211,37 @@ def test_untraceable_root_is_captured_by_export_at_its_first_training_call():
     assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
 
 
+class _CastWithMemoryFormat(nn.Module):
+    """Hugging Face Qwen3-Next's gated delta rule casts with ``x.to(torch.float32,
+    memory_format=torch.contiguous_format)``; the unbind loop keeps fx out (export captures it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        h = torch.nn.functional.gelu(self.a(x))
+        h = h.transpose(1, 2).to(torch.float32, memory_format=torch.contiguous_format).transpose(1, 2)
+        return self.b(torch.stack([p * 2 for p in h.unbind(0)]))
+
+
+def test_a_cast_with_a_memory_format_runs_in_the_captured_graph():
+    """Export records the memory format as ``aten.to.dtype``'s fifth argument by position, which
+    ``Tensor.to`` takes by keyword only: the captured graph did not run and the model kept what fx
+    converted (Qwen3-Next: its gated delta nets unconverted, 1.6x)."""
+    torch.manual_seed(0)
+    model, x = _CastWithMemoryFormat(), torch.randn(2, 32, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fx's refusal: the first training call captures it
+        converted = actfx.convert(model, bits=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # "... does not run (to() received an invalid combination ...)"
+        assert torch.equal(converted(x), model(x))
+    record = converted._actfx_record
+    assert "" in record.graphs and "gelu" in {d.kind for d in record.decisions}, record.decisions
+    assert_same_forward_and_fewer_bytes(model, converted, x, 8)
+
+
 def test_a_deep_copy_made_before_the_first_call_captures_on_its_own():
     """An EMA or teacher copy taken right after convert: the capture lives in the class's forward,
     so the copy's first call used to write its capture into the original's record (the copy's

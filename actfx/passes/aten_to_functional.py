@@ -221,6 +221,12 @@ _METHODS = {
     aten.sum.dim_IntList: "sum",
 }
 
+# Methods whose Python binding takes fewer arguments by position than the schema: how many it
+# takes (self included); the rest go by their schema names. Export records
+# ``x.to(torch.float32, memory_format=...)`` (Qwen3-Next's gated delta rule) with the memory
+# format fifth by position, which ``Tensor.to`` refused, so the captured graph did not run.
+_POSITIONAL_LIMIT = {aten.to.dtype: 4}
+
 
 def _inplace_method(target) -> str | None:
     """``add_`` for ``aten.add_.Tensor`` and other ops writing into their first argument."""
@@ -246,7 +252,10 @@ def _replacement(node: Node) -> tuple | None:
             raise ValueError(f"actfx: {node.format_node()} lacks the argument {err} its schema requires") from None
     method = _METHODS.get(node.target) or _inplace_method(node.target)
     if method is not None and not _holes_in_optional_lists(node):
-        return "call_method", method, tuple(node.args), dict(node.kwargs)
+        limit = _POSITIONAL_LIMIT.get(node.target, len(node.args))
+        names = [a.name for a in node.target._schema.arguments]
+        return "call_method", method, tuple(node.args[:limit]), {**dict(zip(names[limit:], node.args[limit:])),
+                                                                 **node.kwargs}
     return None
 
 
