@@ -285,7 +285,7 @@ _SHAPE_ONLY = {**dict.fromkeys((torch.fft.rfft, torch.fft.rfft2, torch.fft.rfftn
                F.adaptive_avg_pool1d: "adaptive_avg_pool", F.adaptive_avg_pool2d: "adaptive_avg_pool",
                F.adaptive_avg_pool3d: "adaptive_avg_pool", F.nll_loss: "nll_loss", F.interpolate: "interpolate"}
 # index_add, function and method forms (the in-place method on a tensor nothing else reads)
-INDEX_ADDS = {torch.index_add: False, "index_add": False, "index_add_": True}
+INDEX_ADDS = {torch.index_add: False, torch.ops.aten.index_add.default: False, "index_add": False, "index_add_": True}
 # Products of two activations recomputed from their packed factors: each gradient is linear in them
 _BILINEAR = {torch.einsum: "einsum", torch.baddbmm: "baddbmm", torch.addmm: "addmm", torch.bilinear: "bilinear"}
 # Ops recomputed from packed inputs whose gradients are linear in each input, or nonlinear only
