@@ -1133,3 +1133,59 @@ def test_show_hands_a_captured_submodule_the_containers_training_does():
         warnings.simplefilter("always")
         actfx.show(converted, (x,), console=Console(file=io.StringIO()))
     assert not [str(w.message) for w in caught if "does not fit" in str(w.message)]
+
+
+class _Cache:
+    """A container passed to every layer, registered as a pytree node as Hugging Face registers its
+    caches for torch.export."""
+
+    def __init__(self, tensors):
+        self.tensors = list(tensors)
+
+
+torch.utils._pytree.register_pytree_node(
+    _Cache, lambda c: (c.tensors, None), lambda children, _: _Cache(children),
+    flatten_with_keys_fn=lambda c: ([(torch.utils._pytree.SequenceKey(i), t) for i, t in enumerate(c.tensors)], None))
+
+
+class _CachedLayer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(32, 32)
+
+    def forward(self, x, cache=None):
+        h = torch.stack([row * 2 for row in self.lin(x).unbind(0)])  # fx cannot iterate: export captures it
+        return torch.tanh(h) + cache.tensors[0]
+
+
+class _LayersWithACache(nn.Module):
+    """A data-dependent branch keeps fx and torch.export off the whole model: each layer is
+    captured on its own, with the cache among its inputs."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList([_CachedLayer() for _ in range(2)])
+
+    def forward(self, x):
+        cache = _Cache([torch.zeros(32)])
+        if x.sum() > 1e9:
+            x = x / 2
+        for layer in self.layers:
+            x = layer(x, cache=cache)
+        return x
+
+
+def test_a_layer_taking_a_registered_cache_is_captured():
+    """Its dynamic-shape spec was the cache rebuilt around dims, where export wants the list of its
+    children's: "Node type mismatch; expected list, but got _Cache" (Hugging Face Gemma-3n's and
+    Qwen3-Next's layers with a DynamicCache), and each layer kept what fx converted."""
+    torch.manual_seed(0)
+    model, x = _LayersWithACache(), torch.randn(64, 32)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        converted = actfx.convert(model, bits=2)
+        assert torch.equal(converted(x), model(x))
+    refused = [str(w.message) for w in caught if "could not capture _CachedLayer" in str(w.message)]
+    assert not refused, refused[0]
+    assert "tanh" in {d.kind for d in converted._actfx_record.decisions}
+    assert_same_forward_and_fewer_bytes(model, converted, x, 4)

@@ -224,15 +224,22 @@ def split_example_inputs(example_inputs) -> tuple[tuple, dict]:
 
 
 def _dynamic_dims(value):
-    """Batch and sequence dims (0 and 1) of every tensor leaf left for export to decide."""
+    """Batch and sequence dims (0 and 1) of every tensor leaf left for export to decide. Inside
+    objects other than lists, tuples and dicts (a Hugging Face cache) the tensors stay static: a
+    cache export flattens as a registered pytree got a spec mapped into another container, and
+    export refused the call ("Node type mismatch; expected list, but got DynamicCache": Gemma-3n's
+    and Qwen3-Next's layers, captured one by one, stayed unconverted)."""
     auto = torch.export.Dim.AUTO
 
     def dims(leaf):
         if isinstance(leaf, torch.Tensor) and leaf.dim() >= 1:
             return {d: auto for d in range(min(leaf.dim(), 2))}
+        if type(leaf) in pytree.SUPPORTED_NODES:  # export's spec for it: the list of its children's
+            children, _ = pytree.SUPPORTED_NODES[type(leaf)].flatten_fn(leaf)
+            return [pytree.tree_map(lambda _: None, child) for child in children]
         return None
 
-    return pytree.tree_map(dims, value)
+    return pytree.tree_map(dims, value, is_leaf=lambda v: not isinstance(v, (list, tuple, dict)))
 
 
 def _with_explicit_keywords(model: nn.Module, signature: inspect.Signature, bound) -> tuple:
@@ -433,8 +440,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     except TypeError as err:
         raise TypeError(f"actfx: example_inputs do not fit {name}.forward{signature}: {err}") from None
     target, signature_used = _with_explicit_keywords(model, signature, bound)
-    dynamic = {param: _dynamic_dims(value)
-               for param, value in signature_used.bind(*args, **kwargs).arguments.items()}
+    bound_used = signature_used.bind(*args, **kwargs).arguments
     inlined: list = []
     hooks: list = []
     hook_blocks: list = []
@@ -444,11 +450,14 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             with inlined_functions(inlined), registered_hooks(hooks), entered_saved_tensor_hooks(hook_blocks), \
                     _without_partial_graph_print(), attributes_kept(model, handed), random_draws_refused():
                 try:
-                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
+                    ep = torch.export.export(target, args, kwargs, strict=False,
+                                             dynamic_shapes={p: _dynamic_dims(v) for p, v in bound_used.items()})
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache or a dataclass in the output
                     if not (_cache_pytrees_registered(model, err) or _dataclass_output_registered(err)):
                         raise
-                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic)
+                    # a cache registered just now is flattened by export: its spec is made again
+                    ep = torch.export.export(target, args, kwargs, strict=False,
+                                             dynamic_shapes={p: _dynamic_dims(v) for p, v in bound_used.items()})
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportRefused(f"actfx: torch.export could not capture {name}: {first}") from err
