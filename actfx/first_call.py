@@ -16,7 +16,8 @@ import torch.nn as nn
 
 from actfx.config import Config
 from actfx.passes.capture import (
-    changed_hooks, hooks_now, stateful_hooks_inside, uncalled_submodules, under_function_transform, warn_hooks_changed,
+    autocast_state, changed_hooks, hooks_now, stateful_hooks_inside, uncalled_submodules, under_function_transform,
+    warn_hooks_changed,
 )
 from actfx.passes.export_capture import ExportRefused, parameter_dtypes, warn_if_cast
 
@@ -62,14 +63,19 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
     inlines it otherwise); a class export refused once is not retried in this model."""
     base = fallback or type(model).forward
     record.first_call_capture = True
-    captured: dict = {}  # this module's capture: "forward", "call", or "failed"
+    # this module's captures, one per autocast state (a graph export took records the casts that
+    # state made: a model captured in fp32 and trained under bf16 autocast ran its fp32 graph,
+    # and Hugging Face's RMSNorm, `x.to(input_dtype)` with the dtype read at capture, skipped its
+    # cast back: logits 4e-3 off, silently): "forward", "call", or "failed"
+    captures: dict = {}
     inlined = uncalled_submodules(model, ())  # export inlines every submodule
 
     def forward(self, *args, **kwargs):
         if (self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and not under_function_transform(self)):
+            captured = captures.setdefault(autocast_state(), {})
             if not captured and _real_call(args, kwargs) and _own_parameters(self):
-                _capture(self, args, kwargs)
+                _capture(self, captured, args, kwargs)
             bound = captured["call"].bind(args, kwargs) if "call" in captured else None
             if bound is None and "call" in captured:
                 warn_uncaptured_call(self, captured["call"], args, kwargs)
@@ -86,13 +92,13 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
                     out = captured["forward"](self, *bound[0], **bound[1])
                 except Exception as err:  # noqa: BLE001 - a graph export could not run (a buffer
                     # reassigned with another shape): the module keeps what fx converted
-                    _give_up(err)
+                    _give_up(captured, err)
                     return base(self, *args, **kwargs)
                 captured["ran"] = True
                 return out
         return base(self, *args, **kwargs)
 
-    def _give_up(err):
+    def _give_up(captured, err):
         previous = captured.get("previous")
         if previous is not None:
             _merge(record, previous, path)
@@ -102,7 +108,7 @@ def capture_at_first_call(model: nn.Module, config: Config, record, exported_for
                       f"call does not run ({str(err).splitlines()[0] if str(err) else type(err).__name__}), so "
                       f"it keeps what fx converted{not_recomputed(config, path)}", stacklevel=4)
 
-    def _capture(self, args, kwargs):
+    def _capture(self, captured, args, kwargs):
         from actfx.breakdown import original_of
 
         if path and type(model) in record.export_refused:

@@ -1189,3 +1189,42 @@ def test_a_layer_taking_a_registered_cache_is_captured():
     assert not refused, refused[0]
     assert "tanh" in {d.kind for d in converted._actfx_record.decisions}
     assert_same_forward_and_fewer_bytes(model, converted, x, 4)
+
+
+class _RmsNormLayer(nn.Module):
+    """Hugging Face's RMSNorm pattern: the input's dtype read at run time, the cast back to it at
+    the end; an unbind loop keeps fx out (torch.export captures it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+        self.w = nn.Parameter(torch.full((64,), 1.3))
+
+    def forward(self, x):
+        h = self.a(x)
+        dtype = h.dtype
+        h32 = h.to(torch.float32)
+        h = self.w * (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        return self.b(torch.stack([row for row in h.unbind(0)]))
+
+
+@pytest.mark.parametrize("first", ["fp32", "bf16"])
+def test_each_autocast_state_runs_a_graph_captured_in_it(first):
+    """A graph export captured records the casts its call's autocast state made: captured in fp32
+    and then run under bf16 autocast (an fp32 warm-up step before the AMP loop), the cast back to
+    bf16 was missing (4e-3 off on a tiny Qwen3, silently). Each state now captures its own."""
+    torch.manual_seed(0)
+    model, x = _RmsNormLayer(), torch.randn(2, 16, 64)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        converted = actfx.convert(model, bits=2)
+    states = ["fp32", "bf16"] if first == "fp32" else ["bf16", "fp32"]
+    for state in states * 2:
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=state == "bf16"):
+            expected, got = model(x), converted(x)
+            assert got.dtype == expected.dtype and torch.equal(got, expected), state
+            with count_saved(converted) as packed:
+                kept = converted(x)  # noqa: F841 - a live output's graph holds what counts
+            with count_saved(model) as plain:
+                kept = model(x)  # noqa: F841
+        assert packed.activation_bytes * 3 < plain.activation_bytes, (state, packed.activation_bytes)

@@ -189,7 +189,7 @@ class _ActfxTracer(Tracer):
 
     def trace(self, root, concrete_args=None):
         self.grad_mode_changed, self._grad_at_start = False, torch.is_grad_enabled()
-        self.autocast_changed, self._autocast_at_start = False, _autocast_state()
+        self.autocast_changed, self._autocast_at_start = False, autocast_state()
         self.hooks_changed, self._hooks_at_start = False, _saved_tensors_hooks()
         self.type_checks, self._user_code = [], {}
         bound: list = []
@@ -233,7 +233,7 @@ class _ActfxTracer(Tracer):
         hooks fx runs through and does not record) is marked ``CHECKPOINTED``: the rewrite reruns
         it in backward from its exact inputs, as the checkpoint did; other ops there are noted."""
         self.grad_mode_changed |= torch.is_grad_enabled() != self._grad_at_start
-        self.autocast_changed |= _autocast_state() != self._autocast_at_start
+        self.autocast_changed |= autocast_state() != self._autocast_at_start
         checkpointing = self._checkpointing()
         checkpointed = checkpointing and kind == "call_module"
         self.hooks_changed |= checkpointing and not checkpointed and kind not in ("get_attr", "placeholder")
@@ -269,7 +269,7 @@ def _saved_tensors_hooks():
     return torch._C._autograd._top_saved_tensors_default_hooks(False)
 
 
-def _autocast_state() -> tuple:
+def autocast_state() -> tuple:
     """Autocast's settings and how many ``torch.autocast`` blocks are open: a block that changes
     nothing at trace time (``enabled=False`` with autocast off, EfficientViT's and RoPE code's
     fp32 attention) still changes what the forward computes under the caller's autocast, and fx
