@@ -25,8 +25,8 @@ from actfx.config import Config, check_bits, check_group_size, check_module_path
 from actfx.copies import copied, reduce_converted
 from actfx.first_call import capture_at_first_call, not_recomputed, opaque_calls, warn_uncaptured_call
 from actfx.passes.capture import (
-    RunsOwnForward, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace, uncalled_submodules,
-    under_function_transform, warn_hooks_changed,
+    RunsOwnForward, autocast_state, changed_hooks, copy_graph, has_hooks, hooks_now, split_leaf_modules, trace,
+    uncalled_submodules, under_function_transform, warn_hooks_changed,
 )
 from actfx.passes.baked_values import BAKED, baked_values, changed_value
 from actfx.passes.export_capture import exported_call, parameter_dtypes, warn_if_cast
@@ -367,6 +367,8 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
     inlined = uncalled_submodules(model, ())
     hooks = hooks_now(model, inlined)  # export ran them into the graph
     dtypes = parameter_dtypes(model)
+    state = autocast_state()  # the graph holds the casts this state made
+    other_states = []  # a first-call capture for calls under another autocast state, made at the first
 
     def forward(self, *args, **kwargs):
         hooked = changed_hooks(self, inlined, hooks)
@@ -374,6 +376,11 @@ def _convert_exported(model, example_inputs, config, record, prepare=None) -> nn
             warn_hooks_changed(self, hooked)
         elif not warn_if_cast(self, dtypes) and not under_function_transform(self) and self.training \
                 and torch.is_grad_enabled():
+            if autocast_state() != state:
+                if not other_states:
+                    other_states.append(capture_at_first_call(model, config, record, _exported_forward,
+                                                              fallback=base_forward))
+                return other_states[0](self, *args, **kwargs)
             bound = call.bind(args, kwargs)
             if bound is not None:
                 return train_forward(self, *bound[0], **bound[1])

@@ -1208,16 +1208,19 @@ class _RmsNormLayer(nn.Module):
         return self.b(torch.stack([row for row in h.unbind(0)]))
 
 
+@pytest.mark.parametrize("example", [False, True], ids=["first_call", "example_inputs"])
 @pytest.mark.parametrize("first", ["fp32", "bf16"])
-def test_each_autocast_state_runs_a_graph_captured_in_it(first):
+def test_each_autocast_state_runs_a_graph_captured_in_it(first, example):
     """A graph export captured records the casts its call's autocast state made: captured in fp32
-    and then run under bf16 autocast (an fp32 warm-up step before the AMP loop), the cast back to
-    bf16 was missing (4e-3 off on a tiny Qwen3, silently). Each state now captures its own."""
+    and then run under bf16 autocast (an fp32 warm-up step before the AMP loop, or example_inputs
+    given at conversion), the cast back to bf16 was missing (4e-3 off on a tiny Qwen3, silently).
+    Each state now captures its own."""
     torch.manual_seed(0)
     model, x = _RmsNormLayer(), torch.randn(2, 16, 64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        converted = actfx.convert(model, bits=2)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=first == "bf16"):
+            converted = actfx.convert(model, bits=2, example_inputs=(x,) if example else None)
     states = ["fp32", "bf16"] if first == "fp32" else ["bf16", "fp32"]
     for state in states * 2:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=state == "bf16"):
