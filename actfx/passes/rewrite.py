@@ -30,6 +30,7 @@ from actfx.passes.parameter_rebuild import parameter_rebuild
 from actfx.passes.graph_facts import GraphFacts
 from actfx.passes.inplace_accumulation import write_accumulations_out_of_place
 from actfx.passes.pointwise_regions import collapse_pointwise_regions
+from actfx.passes.norm_divisions import collapse_norm_divisions
 from actfx.passes.rms_regions import collapse_rms_norms
 from actfx.passes.row_regions import collapse_row_regions
 from actfx.passes.site import NONLINEAR_BITS
@@ -524,6 +525,7 @@ def rewrite_graph(gm: GraphModule, config: Config, prefix: str = "") -> tuple[Gr
     (node, reason or None), the nodes that were left as they are."""
     write_accumulations_out_of_place(gm)
     collapse_rms_norms(gm)
+    collapse_norm_divisions(gm)
     collapse_pointwise_regions(gm)
     collapse_row_regions(gm)
     fold_softmax_regions(gm)

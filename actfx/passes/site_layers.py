@@ -377,6 +377,21 @@ def normalize_site(node):
     return Site(node, "normalize", None, [], emit)
 
 
+def divided_by_norm_site(node):
+    """``x / ||x||`` (or ``+ eps``, ``clamp(min=eps)``) collapsed by ``passes/norm_divisions.py``:
+    as ``F.normalize``, its output packed with the exact 1/norm."""
+    x, dim, mode, eps = node.args
+
+    def emit(graph, env, specs, runs, pack=None):
+        pair = graph.call_function(normalize.normalized, (env[x], dim, eps, mode))
+        (spec, run), (spec2, run2) = pack(graph.call_function(normalize.output_of, (pair,)), node), pack(
+            graph.call_function(normalize.row_copy, (pair, dim, env[x])), node, COPY)
+        return graph.call_function(normalize.normalize, ((spec, spec2), dim, eps, env[x], pair, *run, *run2),
+                                   {"mode": mode}), {}
+
+    return Site(node, "normalize", None, [], emit)
+
+
 def vector_norm_site(node):
     """``torch.linalg.vector_norm(x, 2, dim, keepdim)`` over given dims (F.normalize's and cosine
     attention's norm, as torch.export records it): input packed, norm exact."""

@@ -39,8 +39,9 @@ from actfx.passes.site_elementwise import (
 from actfx.passes.site_layers import (
     _CONV_FUNCS, _addmm, _batch_norm_functional, _batch_norm_module, _conv_functional, _conv_module,
     _GRID_SAMPLERS, _linear_site, _norm_functional, _norm_module, _rms_norm_functional, _rms_norm_module,
-    GATHERS, MASKED_SELECTS, embedding_site, gather_site, grid_sample_site, grouped_mm_implementation, grouped_mm_site,
-    linalg_norm_site, masked_select_site, normalize_site, rms_normalize_site, torch_norm_site, vector_norm_site,
+    GATHERS, MASKED_SELECTS, divided_by_norm_site, embedding_site, gather_site, grid_sample_site,
+    grouped_mm_implementation, grouped_mm_site, linalg_norm_site, masked_select_site, normalize_site, rms_normalize_site,
+    torch_norm_site, vector_norm_site,
 )
 from actfx.passes.site_reductions import (
     CDISTS, DEVIATIONS, EXTREMA_OVER_A_DIM, LOGSUMEXPS, ROW_DISTANCES, SCATTER_REDUCES, SELECTIONS, cdist_site,
@@ -50,6 +51,7 @@ from actfx.passes.site_reductions import (
 from actfx.variants.loss_gradient import LOSS_MODULES, LOSSES
 from actfx.passes.capture import has_hooks
 from actfx.passes.signatures import bind
+from actfx.variants.normalize import divided_by_norm
 from actfx.variants.rmsnorm import rms_normalize
 
 __all__ = ["Site", "checkpoint_site", "find_site", "saves_nothing"]
@@ -215,6 +217,8 @@ def find_site(node: Node, modules: dict) -> Site | None:
             return embedding_site(node)
         if t is rms_normalize:  # collapsed by passes/rms_regions.py
             return rms_normalize_site(node)
+        if t is divided_by_norm:  # collapsed by passes/norm_divisions.py
+            return divided_by_norm_site(node)
         if t is F.scaled_dot_product_attention:
             return _sdpa(node)
         if t in (F.softmax, torch.softmax, F.softmin):
