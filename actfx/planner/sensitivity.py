@@ -184,10 +184,19 @@ def warn_if_compounding(model: nn.Module, converted: nn.Module, inputs: tuple, l
     return measured
 
 
+# The recorded gradients are about as large as the forward's values: past this many bytes of them
+# (a calibration on a full batch) each measurement starts at the loss instead.
+RECORD_LIMIT = 1 << 30
+
+
 def _recorded_backward(loss: torch.Tensor, params: list, state: _State) -> RecordedBackward | None:
     """The exact backward, recorded so that each measurement starts below the pack's readers
     (``backward_cut``), which the unpack hook notes meanwhile; None where ``autograd.grad``
-    cannot run it (a reentrant checkpoint): then each measurement starts at the loss."""
+    cannot run it (a reentrant checkpoint) or the values are over ``RECORD_LIMIT``: then each
+    measurement starts at the loss."""
+    held = sum(values[0][1].untyped_storage().nbytes() for values in state.storage.values())
+    if held > RECORD_LIMIT:
+        return None
     state.reader_nodes = {}
     try:
         recorded = RecordedBackward(loss, params)

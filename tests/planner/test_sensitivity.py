@@ -256,7 +256,7 @@ class _CountedBackward(torch.autograd.Function):
         return g, None
 
 
-def test_each_measurement_starts_below_the_packs_readers_and_measures_the_same():
+def test_each_measurement_starts_below_the_packs_readers_and_measures_the_same(monkeypatch):
     """One backward per pack and width ran from the loss down, recomputing the exact gradients
     above the pack's readers every time (ResNet-50's calibration: 19 of ``actfx plan``'s 28 s).
     Started from the readers with the exact backward's gradients there, the loss's own backward
@@ -274,14 +274,26 @@ def test_each_measurement_starts_below_the_packs_readers_and_measures_the_same()
 
     _, restarted = _sensitivities(model, x, loss)
     restarted_calls, calls[:] = len(calls), []
-    recorded = sensitivity._recorded_backward
-    sensitivity._recorded_backward = lambda *args: None
-    try:
-        _, from_loss = _sensitivities(model, x, loss)
-    finally:
-        sensitivity._recorded_backward = recorded
+    monkeypatch.setattr(sensitivity, "RECORD_LIMIT", 0)  # every measurement from the loss
+    _, from_loss = _sensitivities(model, x, loss)
     assert len(from_loss) >= 5 and restarted.keys() == from_loss.keys()
     assert restarted_calls == 1 and len(calls) == 1 + 3 * len(from_loss)
     for key, s in from_loss.items():
         for bits, v in s.variance.items():
             assert v > 0 and restarted[key].at(bits) == pytest.approx(v, rel=1e-9), (key, bits)
+
+
+def test_a_calibration_over_the_record_limit_measures_from_the_loss(monkeypatch):
+    """Recording the exact backward holds about the forward's values again: past
+    ``RECORD_LIMIT`` (a full batch given as calibration) each measurement starts at the loss."""
+    import actfx.planner.sensitivity as sensitivity
+
+    torch.manual_seed(0)
+    model, x, direction, calls = _ResidualCNN(), torch.randn(4, 3, 8, 8), torch.randn(4, 4), []
+
+    def loss(out):
+        return (_CountedBackward.apply(out, calls) * direction).sum()
+
+    monkeypatch.setattr(sensitivity, "RECORD_LIMIT", 0)
+    _, found = _sensitivities(model, x, loss)
+    assert len(found) >= 5 and len(calls) == 1 + 3 * len(found)
