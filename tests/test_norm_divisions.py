@@ -84,3 +84,22 @@ def test_a_zero_row_keeps_pytorchs_nan_and_zero_gradient_through_the_norm():
 class _Unit(nn.Module):
     def forward(self, h):
         return h / (h.norm(dim=-1, keepdim=True) + 1e-3)
+
+
+class _DividedByAClampedValue(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(8, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        return h / h.abs().clamp(0.1, 10)
+
+
+def test_a_divisor_clamped_from_above_is_left_as_it_is():
+    """A clamp with a maximum read as a denominator returned nothing to unpack: conversion raised
+    TypeError on ``h / h.abs().clamp(0.1, 10)``."""
+    model, x = _DividedByAClampedValue(), torch.randn(4, 8)
+    converted = actfx.convert(model, bits=2)
+    assert torch.equal(converted(x), model(x))
+    assert "normalize" not in [d.kind for d in converted._actfx_record.decisions]

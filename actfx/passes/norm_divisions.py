@@ -54,7 +54,7 @@ def _row_norm_of(node) -> tuple | None:
     return args["input"], dim
 
 
-def _denominator(node) -> tuple | None:
+def _denominator(node) -> tuple:
     """(norm node, mode, eps) for a divisor that is a norm, ``norm + eps`` or ``norm.clamp(min=eps)``."""
     packet, args, kwargs = _packet(node), node.args, node.kwargs
     if packet is aten.add and len(args) == 2 and not kwargs:
@@ -64,7 +64,7 @@ def _denominator(node) -> tuple | None:
     if packet in (aten.clamp, aten.clamp_min) and isinstance(args[0], Node):
         low = args[1] if len(args) > 1 else kwargs.get("min")
         if packet is aten.clamp and (len(args) > 2 or kwargs.get("max") is not None):
-            return None
+            return node, "plain", 0.0  # a clamp with a maximum is no norm: nothing matches it
         if isinstance(low, (int, float)) and not isinstance(low, bool) and low >= 0:
             return args[0], "clamp", float(low)
     return node, "plain", 0.0
