@@ -32,6 +32,7 @@ import operator
 
 import torch
 import torch._inductor.inductor_prims  # noqa: F401 - registers prims.fma, which Inductor's decompositions emit
+from torch.fx import Node
 
 aten = torch.ops.aten
 prims = torch.ops.prims
@@ -188,6 +189,13 @@ def aten_packet(op: str, target):
     if isinstance(packet, torch._ops.OpOverloadPacket) and name.startswith("special_"):
         return _aliased(packet, name[len("special_"):])
     return packet if isinstance(packet, torch._ops.OpOverloadPacket) else None
+
+
+def node_packet(node) -> object:
+    """``aten_packet`` of an fx node's call; None for anything else (placeholders, constants)."""
+    if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
+        return None
+    return aten_packet(node.op, node.target)
 
 
 def _aliased(special, name: str):

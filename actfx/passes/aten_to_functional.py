@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.fx import Graph, Node
 
+from actfx.passes.norm_divisions import fold_normalize_calls
+
 aten = torch.ops.aten
 
 
@@ -268,42 +270,9 @@ def _holes_in_optional_lists(node: Node) -> bool:
     return False
 
 
-def _fold_normalize(graph: Graph) -> bool:
-    """``x / linalg_vector_norm(x, p, dim, True).clamp_min(eps).expand_as(x)``, the ops export
-    records for ``F.normalize``, back into one ``F.normalize`` call. Why: as loose ops they shared
-    one pack of ``x`` between the division's and the norm's backward, whose product then read
-    the same rounding twice: Hugging Face Swinv2's cosine attention trained with q and k
-    gradients biased (the mean of 256 2-bit gradients 41% off, 11% expected)."""
-    changed = False
-    for div in list(graph.nodes):
-        if div.op != "call_function" or div.target is not aten.div.Tensor or len(div.args) != 2 or div.kwargs:
-            continue
-        x, expanded = div.args
-        if not (isinstance(expanded, Node) and expanded.target is aten.expand_as.default and expanded.args[1] is x
-                and len(expanded.users) == 1):
-            continue
-        clamped = expanded.args[0]
-        if not (isinstance(clamped, Node) and clamped.target is aten.clamp_min.default and len(clamped.users) == 1):
-            continue
-        norm, eps = clamped.args
-        if not (isinstance(norm, Node) and norm.target is aten.linalg_vector_norm.default and len(norm.users) == 1
-                and norm.args[0] is x and not norm.kwargs and len(norm.args) == 4 and norm.args[3] is True
-                and isinstance(eps, (int, float))):
-            continue
-        _, p, dims, _ = norm.args
-        with graph.inserting_before(div):
-            folded = graph.call_function(F.normalize, (x, p, dims[0] if len(dims) == 1 else tuple(dims), eps))
-        folded.meta.update(div.meta)
-        div.replace_all_uses_with(folded)
-        for node in (div, expanded, clamped, norm):
-            graph.erase_node(node)
-        changed = True
-    return changed
-
-
 def to_functional(graph: Graph) -> bool:
     """Rewrite ``graph``'s ATen calls in place (see the module docstring); True if any changed."""
-    changed = _fold_normalize(graph)
+    changed = fold_normalize_calls(graph)  # before its division becomes an operator
     for node in list(graph.nodes):
         new = _replacement(node)
         if new is None:

@@ -13,14 +13,8 @@ from __future__ import annotations
 
 from torch.fx import Graph, GraphModule, Node
 
-from actfx.rules import aten, aten_packet
+from actfx.rules import aten, node_packet
 from actfx.variants.rmsnorm import rms_normalize
-
-
-def _packet(node) -> object:
-    if not isinstance(node, Node) or node.op not in ("call_function", "call_method"):
-        return None
-    return aten_packet(node.op, node.target)
 
 
 def _only_user(node: Node, user: Node) -> bool:
@@ -29,7 +23,7 @@ def _only_user(node: Node, user: Node) -> bool:
 
 def _square_of(node: Node) -> tuple | None:
     """(x, square spelling) when ``node`` is x ** 2, square(x) or x * x."""
-    packet, args = _packet(node), node.args
+    packet, args = node_packet(node), node.args
     if packet is aten.pow and len(args) == 2 and isinstance(args[0], Node) and args[1] in (2, 2.0) and not node.kwargs:
         return args[0], ("pow", args[1])
     if packet is aten.square and len(args) == 1 and isinstance(args[0], Node) and not node.kwargs:
@@ -41,7 +35,7 @@ def _square_of(node: Node) -> tuple | None:
 
 def _mean_of(node: Node) -> tuple | None:
     """(input, dims) when ``node`` is mean(input, dims, keepdim=True) (no dtype)."""
-    if _packet(node) is not aten.mean:
+    if node_packet(node) is not aten.mean:
         return None
     args, kwargs = list(node.args), dict(node.kwargs)
     names = ["input", "dim", "keepdim", "dtype"]
@@ -59,13 +53,13 @@ def _mean_of(node: Node) -> tuple | None:
 
 def _match(y: Node) -> tuple | None:
     """(x, dims, eps, square, nodes to erase) when ``y`` is x * rsqrt(mean(x²) + eps)."""
-    if _packet(y) is not aten.mul or len(y.args) != 2 or y.kwargs:
+    if node_packet(y) is not aten.mul or len(y.args) != 2 or y.kwargs:
         return None
     for x, r in (y.args, y.args[::-1]):
-        if not (isinstance(x, Node) and isinstance(r, Node) and _packet(r) is aten.rsqrt and _only_user(r, y)):
+        if not (isinstance(x, Node) and isinstance(r, Node) and node_packet(r) is aten.rsqrt and _only_user(r, y)):
             continue
         add = r.args[0] if len(r.args) == 1 and not r.kwargs else None
-        if _packet(add) is not aten.add or len(add.args) != 2 or add.kwargs or not _only_user(add, r):
+        if node_packet(add) is not aten.add or len(add.args) != 2 or add.kwargs or not _only_user(add, r):
             continue
         var, eps = add.args if isinstance(add.args[0], Node) else add.args[::-1]
         if not isinstance(var, Node) or not isinstance(eps, float) or not _only_user(var, add):
