@@ -441,6 +441,10 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
         raise TypeError(f"actfx: example_inputs do not fit {name}.forward{signature}: {err}") from None
     target, signature_used = _with_explicit_keywords(model, signature, bound)
     bound_used = signature_used.bind(*args, **kwargs).arguments
+
+    def dynamic_shapes():  # made at each try: a cache registered after a failure is flattened by export
+        return {param: _dynamic_dims(value) for param, value in bound_used.items()}
+
     inlined: list = []
     hooks: list = []
     hook_blocks: list = []
@@ -450,14 +454,11 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             with inlined_functions(inlined), registered_hooks(hooks), entered_saved_tensor_hooks(hook_blocks), \
                     _without_partial_graph_print(), attributes_kept(model, handed), random_draws_refused():
                 try:
-                    ep = torch.export.export(target, args, kwargs, strict=False,
-                                             dynamic_shapes={p: _dynamic_dims(v) for p, v in bound_used.items()})
+                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache or a dataclass in the output
                     if not (_cache_pytrees_registered(model, err) or _dataclass_output_registered(err)):
                         raise
-                    # a cache registered just now is flattened by export: its spec is made again
-                    ep = torch.export.export(target, args, kwargs, strict=False,
-                                             dynamic_shapes={p: _dynamic_dims(v) for p, v in bound_used.items()})
+                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportRefused(f"actfx: torch.export could not capture {name}: {first}") from err
