@@ -366,22 +366,18 @@ def normalize_site(node):
     if (a is None or a["p"] not in (2, 2.0) or not isinstance(a["dim"], int) or isinstance(a["eps"], Node)
             or a["out"] is not None):
         return None
-    x, dim, eps = a["input"], a["dim"], a["eps"]
-
-    def emit(graph, env, specs, runs, pack=None):
-        pair = graph.call_function(normalize.normalized, (env[x], dim, eps))
-        (spec, run), (spec2, run2) = pack(graph.call_function(normalize.output_of, (pair,)), node), pack(
-            graph.call_function(normalize.row_copy, (pair, dim, env[x])), node, COPY)
-        return graph.call_function(normalize.normalize, ((spec, spec2), dim, eps, env[x], pair, *run, *run2)), {}
-
-    return Site(node, "normalize", None, [], emit)
+    return _normalized_site(node, a["input"], a["dim"], "clamp", a["eps"])
 
 
 def divided_by_norm_site(node):
     """``x / ||x||`` (or ``+ eps``, ``clamp(min=eps)``) collapsed by ``passes/norm_divisions.py``:
-    as ``F.normalize``, its output packed with the exact 1/norm."""
-    x, dim, mode, eps = node.args
+    as ``F.normalize``."""
+    return _normalized_site(node, *node.args)
 
+
+def _normalized_site(node, x, dim: int, mode: str, eps):
+    """``x`` over its norm along ``dim`` (``variants/normalize.py``'s modes): the output packed,
+    a copy over few features, the exact 1/norm."""
     def emit(graph, env, specs, runs, pack=None):
         pair = graph.call_function(normalize.normalized, (env[x], dim, eps, mode))
         (spec, run), (spec2, run2) = pack(graph.call_function(normalize.output_of, (pair,)), node), pack(
