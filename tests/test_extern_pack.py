@@ -47,7 +47,7 @@ def test_bytes_are_graph_packs_bit_for_bit(shape, rows, bits, dtype, monkeypatch
     for stochastic in (True, False):
         expected = _reference(x, bits, stochastic, rows, monkeypatch)
         got = _kernel_pack(x, bits, stochastic, rows)
-        for name, e, g in zip(("packed", "lo", "step"), expected, got):
+        for name, e, g in zip(("packed", "lo", "hi"), expected, got):
             assert g.shape == e.shape and g.dtype == e.dtype, name
             assert torch.equal(g, e), (name, int((g != e).sum()))
 
@@ -65,8 +65,9 @@ def test_non_finite_groups_unpack_to_nan_and_others_stay_finite():
     rows = Rows(3, 16)
     x = torch.randn(2, 4, 16, 16)
     x[0, 1, 3, 5], x[1, 2, 0, 0] = float("nan"), float("inf")
-    packed, lo, step = _kernel_pack(x, 2, True, rows)
-    y = graph_pack.unpack_values(packed, lo, step, x, 2, rows)
+    packed, lo, hi = _kernel_pack(x, 2, True, rows)
+    step = graph_pack.group_step(lo, hi, 2)
+    y = graph_pack.unpack_values(packed, lo, hi, x, 2, rows)
     bad = ~torch.isfinite(y)
     # a group is a block of whole rows inside one channel plane: each non-finite value spoils its own
     assert bad[0, 1].any() and bad[1, 2].any() and bad.sum() == 2 * 256

@@ -6,40 +6,41 @@ import pytest
 import torch
 
 from actfx.kernels import TERNARY, levels
-from actfx.kernels.graph_pack import (Rows, pack_mask, pack_values, packed_value_bytes, row_layout, unpack_mask,
+from actfx.kernels.graph_pack import (Rows, group_step, pack_mask, pack_values, packed_value_bytes, row_layout, unpack_mask,
                                       unpack_values)
 
 
 def test_two_bit_layout_is_byte_exact():
     # one group of 32: values 0..3 repeating; lo = 0, step = 1, codes = values, 4 codes a byte, LSB first
     x = torch.arange(32, dtype=torch.float32) % 4
-    packed, lo, step = pack_values(x, bits=2, group_size=32, stochastic=False)
+    packed, lo, hi = pack_values(x, bits=2, group_size=32, stochastic=False)
     assert packed.dtype == torch.uint8 and packed.shape == (1, 8)
     assert packed.tolist() == [[0b11_10_01_00] * 8]
-    assert lo.tolist() == [0.0] and step.tolist() == [1.0]
+    assert lo.tolist() == [0.0] and hi.tolist() == [3.0] and group_step(lo, hi, 2).tolist() == [1.0]
 
 
 def test_three_level_layout_is_byte_exact():
     """Three levels: five codes a byte as base-3 digits, least-significant first, the bytes of
     the flat layout running across groups (two groups of 8 values: 16 codes in 4 bytes)."""
     x = torch.arange(16, dtype=torch.float32) % 3  # codes 0 1 2 0 1 | 2 0 1 2 0 | 1 2 0 1 2 | 0
-    packed, lo, step = pack_values(x, bits=TERNARY, group_size=8, stochastic=False)
+    packed, lo, hi = pack_values(x, bits=TERNARY, group_size=8, stochastic=False)
     assert packed.dtype == torch.uint8 and packed.shape == (4,)
     assert packed.tolist() == [0 + 3 + 18 + 0 + 81, 2 + 0 + 9 + 54 + 0, 1 + 6 + 0 + 27 + 162, 0]
-    assert lo.tolist() == [0.0, 0.0] and step.tolist() == [1.0, 1.0]
-    assert torch.equal(unpack_values(packed, lo, step, x, TERNARY, group_size=8), x)
+    assert lo.tolist() == [0.0, 0.0] and group_step(lo, hi, TERNARY).tolist() == [1.0, 1.0]
+    assert torch.equal(unpack_values(packed, lo, hi, x, TERNARY, group_size=8), x)
     rows = (torch.arange(10.0) % 3)[:, None] + torch.tensor([0.0, 10.0])  # 10 rows, 2 columns: 2 bytes a column
-    packed, lo, step = pack_values(rows, TERNARY, 16, stochastic=False, rows=Rows(1))
+    packed, lo, hi = pack_values(rows, TERNARY, 16, stochastic=False, rows=Rows(1))
     assert packed.tolist() == [[102, 102], [65, 65]]
-    assert torch.equal(unpack_values(packed, lo, step, rows, TERNARY, rows=Rows(1)), rows)
+    assert torch.equal(unpack_values(packed, lo, hi, rows, TERNARY, rows=Rows(1)), rows)
 
 
 @pytest.mark.parametrize("bits", [1, TERNARY, 2, 4, 8])
 @pytest.mark.parametrize("shape", [(7,), (3, 5, 11), (2, 300)])
 def test_round_to_nearest_error_is_at_most_half_a_step(bits, shape):
     x = torch.randn(shape)
-    packed, lo, step = pack_values(x, bits, 32, stochastic=False)
-    y = unpack_values(packed, lo, step, x, bits, group_size=32)
+    packed, lo, hi = pack_values(x, bits, 32, stochastic=False)
+    y = unpack_values(packed, lo, hi, x, bits, group_size=32)
+    step = group_step(lo, hi, bits)
     assert y.shape == x.shape and y.dtype == x.dtype
     # padding repeats the last value, so each group's step bounds its own values' error
     per_value_step = step.repeat_interleave(32)[: x.numel()].view(shape)
@@ -52,7 +53,7 @@ def test_stochastic_rounding_is_unbiased(bits):
     x = torch.randn(4096)
     k = 256
     mean = sum(unpack_values(*pack_values(x, bits, 256), x, bits, group_size=256) for _ in range(k)) / k
-    step = pack_values(x, bits, 256)[2].repeat_interleave(256)
+    step = group_step(*pack_values(x, bits, 256)[1:], bits).repeat_interleave(256)
     # one rounding has standard deviation <= step / 2; the mean of k, <= step / (2 sqrt(k))
     z = ((mean - x) / (step / (2 * math.sqrt(k)))).abs()
     assert z.mean() < 1.0 and z.max() < 6.0
@@ -90,8 +91,8 @@ def test_mask_round_trip_and_size():
 @pytest.mark.parametrize("bits", [2, TERNARY])
 def test_packed_size_matches_the_formula(bits):
     x = torch.randn(1000)
-    packed, lo, step = pack_values(x, bits, 256)
-    nbytes = packed.numel() + lo.numel() * 4 + step.numel() * 4
+    packed, lo, hi = pack_values(x, bits, 256)
+    nbytes = packed.numel() + lo.numel() * 4 + hi.numel() * 4
     assert nbytes == packed_value_bytes((1000,), bits, 256)
     if bits == TERNARY:  # 4 groups: 1024 codes in 205 bytes, 1.6 bits a value
         assert packed.numel() == 205
@@ -148,7 +149,7 @@ def test_emitted_packs_are_traced_per_strides():
         inputs[-1].meta["val"] = value
     out = graph.output(None)
     for node in inputs:
-        codes, lo, step = emit(graph, lambda x: pack_values(x, 2, 256), [node], before=out,
+        codes, lo, hi = emit(graph, lambda x: pack_values(x, 2, 256), [node], before=out,
                                key="test_emitted_packs_are_traced_per_strides")
         assert tuple(codes.meta["val"].shape) == (4, 64)
 
@@ -157,11 +158,12 @@ def test_row_layout_is_byte_exact():
     """Rows of the innermost dimension: a group is one column of rows, four rows share a byte at
     2 bits, row r at bit 2 * (r % 4) of byte r // 4 in its column."""
     x = (torch.arange(16.0) % 4)[:, None] + torch.tensor([0.0, 10.0, 20.0])  # 16 rows, 3 columns
-    packed, lo, step = pack_values(x, bits=2, group_size=16, stochastic=False, rows=Rows(1))
+    packed, lo, hi = pack_values(x, bits=2, group_size=16, stochastic=False, rows=Rows(1))
+    step = group_step(lo, hi, 2)
     assert packed.dtype == torch.uint8 and packed.shape == (4, 3)
     assert packed.tolist() == [[0b11_10_01_00] * 3] * 4
     assert lo.tolist() == [[0.0, 10.0, 20.0]] and step.tolist() == [[1.0, 1.0, 1.0]]
-    assert torch.equal(unpack_values(packed, lo, step, x, 2, rows=Rows(1)), x)
+    assert torch.equal(unpack_values(packed, lo, hi, x, 2, rows=Rows(1)), x)
 
 
 def test_row_blocks_stay_inside_one_channel_plane():
@@ -169,19 +171,21 @@ def test_row_blocks_stay_inside_one_channel_plane():
     channel's plane (H = 4 rows of 8 here, group 16: two rows), so channels of different ranges
     never share a group."""
     x = torch.randn(2, 3, 4, 8) * torch.tensor([1.0, 100.0, 0.01])[:, None, None]
-    packed, lo, step = pack_values(x, 2, 16, stochastic=False, rows=Rows(3, plane=4))
+    packed, lo, hi = pack_values(x, 2, 16, stochastic=False, rows=Rows(3, plane=4))
+    step = group_step(lo, hi, 2)
     assert lo.shape == (2 * 3 * 2,) and packed.shape == (6, 8)
     blocks = x.reshape(-1, 16)  # two rows of 8: one group each, in NCHW order
     torch.testing.assert_close(lo, blocks.amin(1))
     torch.testing.assert_close(step, (blocks.amax(1) - blocks.amin(1)) / 3)
-    y = unpack_values(packed, lo, step, x, 2, rows=Rows(3, plane=4))
+    y = unpack_values(packed, lo, hi, x, 2, rows=Rows(3, plane=4))
     assert torch.all((y - x).abs() <= step.repeat_interleave(16).view(x.shape) / 2 + 1e-5)
 
 
-def _per_value_step(packed, lo, step, like, bits, rows):
-    """Each value's group step, read back through the unpack itself (all codes at the top)."""
+def _per_value_step(packed, lo, hi, like, bits, rows):
+    """Each value's group step, read back through the unpack itself (all codes at the top: hi)."""
     top = torch.full_like(packed, 242 if bits == TERNARY else 255)  # 242: five base-3 digits 2
-    return unpack_values(top, torch.zeros_like(lo), step, like.float(), bits, rows, group_size=32) / levels(bits)
+    step = group_step(lo, hi, bits)
+    return unpack_values(top, torch.zeros_like(lo), step * levels(bits), like.float(), bits, rows, group_size=32) / levels(bits)
 
 
 _LAYOUTS = [((2, 6, 5, 7), Rows(1)), ((3, 20, 12), Rows(2)), ((37, 9, 3), Rows(0)), ((300, 5), Rows(1)),
@@ -201,9 +205,9 @@ def test_row_layout_round_to_nearest_error_is_at_most_half_a_step(bits, shape, r
 
 def test_column_groups_hold_one_column_each():
     x = torch.randn(20, 6) * torch.arange(1.0, 7.0)
-    _, lo, step = pack_values(x, 2, 32, stochastic=False, rows=Rows(1))
+    _, lo, hi = pack_values(x, 2, 32, stochastic=False, rows=Rows(1))
     torch.testing.assert_close(lo[0], x.amin(0))
-    torch.testing.assert_close(step[0], (x.amax(0) - x.amin(0)) / 3)
+    torch.testing.assert_close(hi[0], x.amax(0))
 
 
 @pytest.mark.parametrize("bits", [2, TERNARY])
@@ -245,8 +249,8 @@ def test_row_layout_mask_round_trip():
                                         ((8, 64, 56, 56), Rows(3, plane=56)), ((8, 512, 7, 7), Rows(3, plane=7))])
 def test_row_layout_packed_size_matches_the_formula(shape, rows):
     x = torch.randn(shape)
-    packed, lo, step = pack_values(x, 2, 256, rows=rows)
-    assert packed.numel() + lo.numel() * 4 + step.numel() * 4 == packed_value_bytes(shape, 2, 256, rows)
+    packed, lo, hi = pack_values(x, 2, 256, rows=rows)
+    assert packed.numel() + lo.numel() * 4 + hi.numel() * 4 == packed_value_bytes(shape, 2, 256, rows)
     # about as small as the flat layout: under 8 padding rows a group, and groups of fewer rows
     # where the rows do not divide evenly (392 rows: two groups of 200; 56 x 56 planes: 224 values)
     assert packed_value_bytes(shape, 2, 256, rows) <= packed_value_bytes(shape, 2, 256) * 1.06
@@ -265,10 +269,10 @@ def test_row_layout_of_a_transposed_value():
     unpack's ``view`` of strided codes; the row layout reshapes instead. That failure is not
     reproduced here: eager and fake tensors both copy these to contiguous rows.)"""
     x = torch.randn(4, 1024, 128).transpose(1, 2)
-    packed, lo, step = pack_values(x, 2, 256, stochastic=False, rows=Rows(2))
+    packed, lo, hi = pack_values(x, 2, 256, stochastic=False, rows=Rows(2))
     assert packed.is_contiguous()
-    y = unpack_values(packed, lo, step, x, 2, rows=Rows(2))
-    assert torch.all((y - x).abs() <= _per_value_step(packed, lo, step, x, 2, Rows(2)) / 2 + 1e-6)
+    y = unpack_values(packed, lo, hi, x, 2, rows=Rows(2))
+    assert torch.all((y - x).abs() <= _per_value_step(packed, lo, hi, x, 2, Rows(2)) / 2 + 1e-6)
     mask = x > 0
     assert torch.equal(unpack_mask(pack_mask(mask, rows=Rows(2)), mask, rows=Rows(2)), mask)
 
@@ -319,8 +323,8 @@ def _compiled_against_eager(x, rows) -> list:
         def pack(v):
             return pack_values(v, bits, 64, True, rows)
 
-        def unpack(packed, lo, step):
-            return unpack_values(packed, lo, step, x, bits, rows, group_size=64)
+        def unpack(packed, lo, hi):
+            return unpack_values(packed, lo, hi, x, bits, rows, group_size=64)
 
         eager = pack(x)
         compiled = torch.compile(pack, backend="inductor", dynamic=False)(x)
@@ -357,3 +361,52 @@ def test_a_pack_s_rounding_is_generated_once_not_once_per_lane():
     assert code.count(".floor()") + code.count("std::floor") <= 2
     assert code.count(".erf()") <= 4
     assert code.count("uint8_t* out_ptr") == 2  # the codes and the bytes
+
+
+def _compiled_pack_indices(x, rows):
+    """(index expressions Inductor's C++ backend analysed for vectorisation, outer-loop fusions
+    that failed their check and were generated again) for a compiled 2-bit pack of ``2 x`` (a
+    value computed in the graph, which the pack's loops compute again; rounded to nearest; the
+    bytes checked against eager's)."""
+    from unittest import mock
+
+    import torch._inductor.sizevars as sizevars
+    from torch._inductor.codegen.cpp import OuterLoopFusedSchedulerNode
+
+    torch._dynamo.reset()
+    indices, failed = [], []
+    simplify, check = sizevars.simplify_index_in_vec_range, OuterLoopFusedSchedulerNode.check_outer_fusion_loop_level_attr
+
+    def recording_simplify(index, var, vec_length):
+        indices.append(index)
+        return simplify(index, var, vec_length)
+
+    def recording_check(self, *args):
+        ok = check(self, *args)
+        failed.extend([] if ok else [self])
+        return ok
+
+    def pack_doubled(v):  # a value computed in the graph (exactly: 2 v); rounded to nearest, since
+        return pack_values(v * 2.0, 2, 256, False, rows)  # compiled and eager draw noise from other seeds
+
+    with mock.patch.object(sizevars, "simplify_index_in_vec_range", recording_simplify), \
+            mock.patch.object(OuterLoopFusedSchedulerNode, "check_outer_fusion_loop_level_attr", recording_check), \
+            torch._inductor.config.patch(fx_graph_cache=False):
+        compiled = torch.compile(pack_doubled, backend="inductor", dynamic=False)(x)
+    assert all(torch.equal(a, b) for a, b in zip(compiled, pack_doubled(x)))
+    return indices, failed
+
+
+@pytest.mark.parametrize("shape,rows", [((4, 8, 16, 16), Rows(3, plane=16)), ((64, 1024), None)])
+def test_a_pack_reads_its_value_through_one_reshape_and_fuses_at_once(shape, rows):
+    """The group range and the codes read x through one reshape each, so every index is one
+    decomposition of the flat index (built as rows, then groups, then bytes, the indices were
+    floor divisions and moduli of each other, simplified by sympy kernel by kernel); and the
+    pack saves each group's maximum, not its step, whose pointwise node Inductor tried to run in
+    the range reduction's outer loop, failed (their vector widths differ) and generated again."""
+    from torch.utils._sympy.functions import FloorDiv, ModularIndexing
+
+    indices, failed = _compiled_pack_indices(torch.randn(shape), rows)
+    nested = [i for i in indices for f in i.atoms(FloorDiv, ModularIndexing) if f.args[0].atoms(FloorDiv, ModularIndexing)]
+    assert indices and not nested
+    assert not failed

@@ -12,7 +12,7 @@ same fp32 arithmetic), so backward's fused unpack reads them unchanged.
 
 The value is read as the table ``graph_pack`` packs (rows of its last dimension; the flat
 layout is a table of one column), padded with copies of its last row. Groups are blocks of
-whole rows (``lo``/``step`` per group) or, where the channel is the column, columns of rows
+whole rows (``lo``/``hi`` per group) or, where the channel is the column, columns of rows
 (per group and column). ``8 / bits`` consecutive rows share a byte. The table is cut into
 chunks of whole groups and whole bytes, split over OpenMP threads; each chunk gets its group
 ranges, then its codes, while it is in cache. 1-bit masks (``actfx::pack_mask_table``) are
@@ -123,13 +123,13 @@ static inline int64_t chunk_rows(int64_t per_group, int64_t per) {
     return per_group / a * per;
 }
 
-// group g's range into lo[g] / step[g] (per column where ``by_column``)
+// group g's range into lo[g] / hi[g] (per column where ``by_column``)
 template <typename T>
-static void group_range(const T* x, float* lo, float* step, int64_t g, int64_t rows, int64_t cols,
-                        int64_t per_group, bool by_column, float inv_levels) {
+static void group_range(const T* x, float* lo, float* hi, int64_t g, int64_t rows, int64_t cols,
+                        int64_t per_group, bool by_column) {
     const int64_t width = by_column ? cols : 1;
     float* mn = lo + g * width;
-    float* mx = step + g * width;
+    float* mx = hi + g * width;
     for (int64_t q = 0; q < width; ++q) { mn[q] = INFINITY; mx[q] = -INFINITY; }
     for (int64_t r = g * per_group; r < (g + 1) * per_group; ++r) {
         const T* row = x + (r < rows ? r : rows - 1) * cols;
@@ -145,13 +145,12 @@ static void group_range(const T* x, float* lo, float* step, int64_t g, int64_t r
         // packed the 56-wide rows of ResNet-50 at 3.1 ns a value instead of 1.8)
         fold_range(row, cols, mn, mx);
     }
-    for (int64_t q = 0; q < width; ++q) mx[q] = (mx[q] - mn[q]) * inv_levels;
 }
 
 // Chunks of whole groups and whole bytes: each chunk's groups get their ranges, then its
 // bytes their codes, while the chunk is still in cache (one read of the value from memory).
 template <bool stochastic, typename T>
-static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* hi, int64_t rows,
                  int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits, int threads) {
     const float levels = float((1 << bits) - 1);
     const float inv_levels = 1.0f / levels;
@@ -165,7 +164,7 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
         #pragma omp for
         for (int64_t c = 0; c < padded / chunk; ++c) {
             for (int64_t g = c * chunk / per_group; g < (c + 1) * chunk / per_group; ++g)
-                group_range(x, lo, step, g, rows, cols, per_group, by_column, inv_levels);
+                group_range(x, lo, hi, g, rows, cols, per_group, by_column);
             for (int64_t j = c * chunk / per; j < (c + 1) * chunk / per; ++j) {
                 for (int64_t q = 0; q < cols; ++q) acc[q] = 0;
                 if (stochastic)
@@ -175,8 +174,11 @@ static void pack(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* s
                     const T* row = x + (r < rows ? r : rows - 1) * cols;
                     const int64_t g = r / per_group;
                     const float* l = lo + g * width;
-                    const float* s = step + g * width;
-                    for (int64_t q = 0; q < width; ++q) recip[q] = s[q] > 0.0f ? 1.0f / s[q] : 0.0f;
+                    const float* h = hi + g * width;
+                    for (int64_t q = 0; q < width; ++q) {
+                        const float s = (h[q] - l[q]) * inv_levels;  // graph_pack.group_step
+                        recip[q] = s > 0.0f ? 1.0f / s : 0.0f;
+                    }
                     const uint32_t shift = uint32_t(bits * k);
                     if (by_column)
                         codes<1, stochastic>(row, l, recip.data(), hashes.data(), lane_multiplier(k), levels, shift,
@@ -232,7 +234,7 @@ static inline void chunk_noise(uint32_t seed, int64_t first, int64_t count, int6
 // as flat loops however narrow the rows (ResNet-50's 7-wide rows ran 3x slower per value by
 // row); then ``per`` rows of codes are or-ed into each byte row.
 template <bool stochastic, typename T>
-static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* hi, int64_t rows,
                         int64_t cols, int64_t padded, int64_t per_group, int64_t bits, int threads) {
     const float levels = float((1 << bits) - 1);
     const float inv_levels = 1.0f / levels;
@@ -258,7 +260,7 @@ static void pack_blocks(const T* x, uint32_t seed, uint8_t* packed, float* lo, f
                     span_range(x + (rows - 1) * cols, cols, &mn, &mx);
                 const float s = (mx - mn) * inv_levels;
                 lo[g] = mn;
-                step[g] = s;
+                hi[g] = mx;
                 const float recip = s > 0.0f ? 1.0f / s : 0.0f;
                 if (first < rows)
                     code_span<stochastic>(x, first * cols, real * cols, 0, mn, recip, noise.data(), levels, code.data(),
@@ -296,30 +298,30 @@ extern "C" void mask_kernel(const uint8_t* mask, uint8_t* packed, int64_t rows, 
 
 // narrow rows (ResNet's 7 and 14) vectorize poorly row by row: whole groups, flat
 template <bool stochastic, typename T>
-static void pack_any(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+static void pack_any(const T* x, uint32_t seed, uint8_t* packed, float* lo, float* hi, int64_t rows,
                      int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits, int threads) {
     if (!by_column && cols < 16)
-        pack_blocks<stochastic>(x, seed, packed, lo, step, rows, cols, padded, per_group, bits, threads);
+        pack_blocks<stochastic>(x, seed, packed, lo, hi, rows, cols, padded, per_group, bits, threads);
     else
-        pack<stochastic>(x, seed, packed, lo, step, rows, cols, padded, per_group, by_column, bits, threads);
+        pack<stochastic>(x, seed, packed, lo, hi, rows, cols, padded, per_group, by_column, bits, threads);
 }
 
 template <typename T>
-static void pack_typed(const void* x, const int64_t* seed, uint8_t* packed, float* lo, float* step, int64_t rows,
+static void pack_typed(const void* x, const int64_t* seed, uint8_t* packed, float* lo, float* hi, int64_t rows,
                        int64_t cols, int64_t padded, int64_t per_group, bool by_column, int64_t bits,
                        bool stochastic, int threads) {
     const T* values = static_cast<const T*>(x);
     const uint32_t s = uint32_t(seed[0] & 0x7FFFFFFF);
     if (stochastic)
-        pack_any<true>(values, s, packed, lo, step, rows, cols, padded, per_group, by_column, bits, threads);
+        pack_any<true>(values, s, packed, lo, hi, rows, cols, padded, per_group, by_column, bits, threads);
     else
-        pack_any<false>(values, s, packed, lo, step, rows, cols, padded, per_group, by_column, bits, threads);
+        pack_any<false>(values, s, packed, lo, hi, rows, cols, padded, per_group, by_column, bits, threads);
 }
 
-extern "C" void kernel(const void* x, const int64_t* seed, uint8_t* packed, float* lo, float* step,
+extern "C" void kernel(const void* x, const int64_t* seed, uint8_t* packed, float* lo, float* hi,
                        int64_t rows, int64_t cols, int64_t padded, int64_t per_group, int64_t by_column,
                        int64_t bits, int64_t stochastic, int64_t bfloat16, int64_t threads) {
-    (bfloat16 ? pack_typed<uint16_t> : pack_typed<float>)(x, seed, packed, lo, step, rows, cols, padded, per_group,
+    (bfloat16 ? pack_typed<uint16_t> : pack_typed<float>)(x, seed, packed, lo, hi, rows, cols, padded, per_group,
                                                           by_column != 0, bits, stochastic != 0, int(threads));
 }
 """.replace("LANE_STEP_VALUE", str(graph_pack._LANE_STEP))
@@ -344,8 +346,8 @@ def _kernel():
     entry.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9
     mask_entry.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 5
 
-    def values(x, seed, packed, lo, step, *sizes):
-        entry(x.data_ptr(), seed.data_ptr(), packed.data_ptr(), lo.data_ptr(), step.data_ptr(), *sizes)
+    def values(x, seed, packed, lo, hi, *sizes):
+        entry(x.data_ptr(), seed.data_ptr(), packed.data_ptr(), lo.data_ptr(), hi.data_ptr(), *sizes)
 
     def masks(mask, packed, *sizes):
         mask_entry(mask.data_ptr(), packed.data_ptr(), *sizes)
@@ -392,8 +394,8 @@ def _outputs(x: torch.Tensor, bits: int, group_size: int, inner: int, plane: int
         packed = x.new_empty((padded // per, columns), dtype=torch.uint8)
         stats = (groups, columns) if by_column else (groups,)
     lo = x.new_empty(stats, dtype=torch.float32)
-    step = x.new_empty(stats, dtype=torch.float32)
-    return packed, lo, step, (count, columns, padded, per_group, by_column)
+    hi = x.new_empty(stats, dtype=torch.float32)
+    return packed, lo, hi, (count, columns, padded, per_group, by_column)
 
 
 @torch.library.custom_op("actfx::pack_table", mutates_args=())
@@ -401,11 +403,11 @@ def pack_table(x: torch.Tensor, seed: torch.Tensor, bits: int, group_size: int, 
                plane: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``graph_pack.pack_values(x, bits, group_size, stochastic, rows)`` with the noise of
     ``seed``, by the C++ kernel. ``inner`` -1: the flat layout; ``plane`` 0: groups of columns."""
-    packed, lo, step, (count, columns, padded, per_group, by_column) = _outputs(x, bits, group_size, inner, plane)
+    packed, lo, hi, (count, columns, padded, per_group, by_column) = _outputs(x, bits, group_size, inner, plane)
     table = x.contiguous()
-    _built()[0](table, seed, packed, lo, step, count, columns, padded, per_group, int(by_column), bits,
+    _built()[0](table, seed, packed, lo, hi, count, columns, padded, per_group, int(by_column), bits,
               int(stochastic), int(table.dtype == torch.bfloat16), torch.get_num_threads())
-    return packed, lo, step
+    return packed, lo, hi
 
 
 @pack_table.register_fake

@@ -9,7 +9,8 @@ Layout (the eager format's grouping, with fp32 group metadata so constant groups
 x is read as ``x.reshape(-1)`` in fp32, padded to whole groups of G by repeating its last value
 (padding never widens a group's range), split into ``[num_groups, G]``.
 
-* ``lo[g] = min``, ``step[g] = (max - min) / L`` (fp32, L = 2**bits - 1, or 2 for three levels);
+* ``lo[g] = min``, ``hi[g] = max`` saved (fp32); ``step[g] = (hi - lo) / L`` (L = 2**bits - 1, or 2
+  for three levels) computed from them where it is read (:func:`group_step`);
 * ``code = clamp(floor((x - lo) / step + u), 0, L)`` with ``u ~ U[0, 1)`` from a seeded index hash
   (stochastic rounding: E[lo + code * step] = x) or ``u = 1/2`` (round to nearest);
 * codes packed ``8 / bits`` to a byte, least-significant first: ``packed[g, j]`` holds values
@@ -49,7 +50,7 @@ from torch._inductor import inductor_prims
 from actfx.kernels import lowered  # noqa: F401 - registers actfx::pack_codes, or_lanes, unpack_codes, lowerings
 from actfx.kernels.widths import TERNARY, TRIT_WEIGHTS, TRITS_PER_BYTE, of_levels, per_byte, levels as levels_of
 
-__all__ = ["pack_values", "unpack_values", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
+__all__ = ["pack_values", "unpack_values", "group_step", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
            "Rows", "row_layout", "padded", "join_lanes"]
 
 
@@ -159,13 +160,21 @@ def _unit(bits) -> int:
 
 
 def pack_values(x: torch.Tensor, bits, group_size: int, stochastic: bool = True, rows: Rows | None = None):
-    """x (any float dtype and shape) -> (packed uint8, lo fp32, step fp32); ``rows``: the row
-    layout (None: flat). Three levels (``bits`` 1.6) keep five codes a byte as base-3 digits; in
+    """x (any float dtype and shape) -> (packed uint8, lo fp32, hi fp32), the groups' minima and
+    maxima (:func:`group_step` gives their steps); ``rows``: the row layout (None: flat). Why the
+    maximum and not the step: the step, a pointwise node over the groups, and the group range's
+    reduction share their outer loop but not its vector width, so Inductor's C++ backend tried
+    them as one outer-loop kernel, failed its check, and generated both again (every pack of a
+    compiled ResNet-18: 21 of its 46 failed outer-loop fusions); computed where it is read, it
+    is the same fp32 arithmetic, so the same bits. Three levels (``bits`` 1.6) keep five codes a byte as base-3 digits; in
     the flat layout their bytes run across groups (one byte table, ``ceil(n / 5)`` bytes for the
     groups' n values), so no group is padded to a multiple of five."""
     levels = levels_of(bits)
     per = per_byte(bits)
-    if rows is None:
+    direct = _direct_views(x, bits, group_size, rows)
+    if direct is not None:
+        xg, grid, spread = direct
+    elif rows is None:
         xg = _groups(x.reshape(-1).float(), group_size)
     else:
         table = _rows(x, rows.inner).float()
@@ -175,33 +184,78 @@ def pack_values(x: torch.Tensor, bits, group_size: int, stochastic: bool = True,
         # reshape, not view: a transposed value's table is a strided view (Inductor copies it only there)
         xg = table.reshape(-1, per_group * columns) if rows.plane else table.reshape(-1, per_group, columns)
     lo, hi = xg.amin(dim=1), xg.amax(dim=1)
-    step = (hi - lo) * (1.0 / levels)
+    step = group_step(lo, hi, bits)
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
     # a group with NaN or Inf (step NaN or inf; it unpacks to NaN) gets codes 0: every t is then
     # finite and >= 0, and no NaN reaches the float -> int conversion (undefined in C++ and LLVM)
     finite = step < float("inf")
-    t = torch.where(finite[:, None], (xg - lo[:, None]) * recip[:, None], 0.0)
-    columns = 1 if rows is None else columns
-    if rows is None and t.numel() % per:  # three levels: the last byte's missing digits (never read)
-        flat = t.reshape(-1)
-        t = torch.cat([flat, flat.new_zeros(per - flat.numel() % per)])
+    columns = 1 if rows is None else x.shape[rows.inner]
+    if direct is not None:  # the codes table [bytes, per, columns] read from x itself (see _direct_views)
+        table = torch.where(spread(finite), (grid - spread(lo)) * spread(recip), 0.0)
+    else:
+        t = torch.where(finite[:, None], (xg - lo[:, None]) * recip[:, None], 0.0)
+        if rows is None and t.numel() % per:  # three levels: the last byte's missing digits (never read)
+            flat = t.reshape(-1)
+            t = torch.cat([flat, flat.new_zeros(per - flat.numel() % per)])
+        table = t.reshape(-1, per, columns)
     # the bytes of the codes table [bytes, per, columns] as one node (lowered.py)
-    table = t.reshape(-1, per, columns)
     wide = wide_table(table.shape[0], columns)
-    packed = torch.ops.actfx.pack_codes(table, _pack_seed(t.device), levels, stochastic, bool(wide))
+    packed = torch.ops.actfx.pack_codes(table, _pack_seed(x.device), levels, stochastic, bool(wide))
     if rows is None:
-        return (packed.view(-1) if bits == TERNARY else packed.view(lo.shape[0], -1)), lo, step
+        return (packed.view(-1) if bits == TERNARY else packed.view(lo.shape[0], -1)), lo, hi
     # contiguous: a transposed value's codes keep its strides, and the backward reads rows of bytes
-    return packed.contiguous(), lo, step
+    return packed.contiguous(), lo, hi
 
 
-def unpack_values(packed: torch.Tensor, lo: torch.Tensor, step: torch.Tensor, like: torch.Tensor, bits,
+def group_step(lo: torch.Tensor, hi: torch.Tensor, bits) -> torch.Tensor:
+    """The groups' code step ``(hi - lo) / L`` (fp32), as the pack computes it."""
+    return (hi - lo) * (1.0 / levels_of(bits))
+
+
+def _direct_views(x: torch.Tensor, bits, group_size: int, rows: Rows | None):
+    """Where no padding is needed: (the groups, the codes table ``[bytes, per, columns]``, a
+    function spreading a per-group tensor over that table), each one reshape of ``x`` (permuted
+    to rows). None where the value is padded (or three levels in the flat layout).
+
+    Why: built as a chain (rows, then groups, then bytes), each view's index is a floor division
+    and modulus of the one before, and Inductor's C++ code generation simplified those nested
+    expressions with sympy kernel by kernel and loop variant by variant, to the same affine index
+    in the end (ResNet-18: half the code-generation time of the pack kernels). One reshape of x
+    gives each index as one decomposition of the flat index, which Inductor simplifies at once.
+    Same elements, same arithmetic: the bytes are the chain's bit for bit."""
+    per = per_byte(bits)
+    if rows is None:
+        n = x.numel()
+        if bits == TERNARY or not isinstance(n, int) or n % group_size:
+            return None
+        flat = x.float()
+        per_bytes = group_size // per
+        return (flat.reshape(-1, group_size), flat.reshape(-1, per, 1),
+                lambda g: g[:, None].expand(g.shape[0], per_bytes).reshape(-1, 1, 1))
+    source = x.permute(_order(x.dim(), rows.inner)).float()
+    columns = x.shape[rows.inner]
+    count = x.numel() // columns
+    per_group, padded = _row_groups(count, columns, group_size, rows.plane, _unit(bits))
+    if padded != count or per_group % per:
+        return None
+    per_bytes = per_group // per
+    grid = source.reshape(-1, per, columns)
+    if rows.plane:  # a group: per_group whole rows
+        return (source.reshape(-1, per_group * columns), grid,
+                lambda g: g[:, None].expand(g.shape[0], per_bytes).reshape(-1, 1, 1))
+    # a group: one column of per_group rows
+    return (source.reshape(-1, per_group, columns), grid,
+            lambda g: g[:, None, :].expand(g.shape[0], per_bytes, columns).reshape(-1, 1, columns))
+
+
+def unpack_values(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor, bits,
                   rows: Rows | None = None, group_size: int | None = None):
     """The inverse of :func:`pack_values`, shaped and typed like ``like`` (only its shape and dtype
     are read: it may be a fake tensor or an expanded zero). The table is one
     ``actfx::unpack_codes`` node (``lowered.py``). ``group_size``: needed for three levels in the
     flat layout only (its bytes run across groups, so they do not tell where a group ends)."""
     per = per_byte(bits)
+    step = group_step(lo, hi, bits)
     if rows is not None:
         per_group = packed.shape[0] * per // lo.shape[0]
     elif bits == TERNARY:

@@ -261,7 +261,7 @@ class PackSaved:
         pack = extern_pack.pack_extern if apart else graph_pack.pack_values
         apart_in = self._realize(fwd, rows, mask=False, bits=bits)
         return self._store(fwd, bwd, lambda x: pack(x, bits, group, stochastic, rows),
-                           lambda c, lo, st, x: _realized(graph_pack.unpack_values(c, lo, st, x, bits, rows, group),
+                           lambda c, lo, hi, x: _realized(graph_pack.unpack_values(c, lo, hi, x, bits, rows, group),
                                                           apart_in),
                            key=("pack", pack.__name__, bits, group, stochastic, rows, apart_in))
 
