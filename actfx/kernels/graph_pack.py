@@ -42,6 +42,7 @@ torch.compile's own 0.99 s). Masks use the same rows, 8 to a byte.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import torch
@@ -50,8 +51,8 @@ from torch._inductor import inductor_prims
 from actfx.kernels import lowered  # noqa: F401 - registers actfx::pack_codes, or_lanes, unpack_codes, lowerings
 from actfx.kernels.widths import TERNARY, TRIT_WEIGHTS, TRITS_PER_BYTE, of_levels, per_byte, levels as levels_of
 
-__all__ = ["pack_values", "unpack_values", "group_step", "pack_mask", "unpack_mask", "packed_value_bytes", "packed_mask_bytes",
-           "Rows", "row_layout", "padded", "join_lanes"]
+__all__ = ["pack_values", "unpack_values", "group_step", "pack_mask", "unpack_mask", "packed_value_bytes",
+           "packed_mask_bytes", "Rows", "row_layout", "padded", "join_lanes"]
 
 
 def _groups(flat: torch.Tensor, group: int) -> torch.Tensor:
@@ -161,14 +162,16 @@ def _unit(bits) -> int:
 
 def pack_values(x: torch.Tensor, bits, group_size: int, stochastic: bool = True, rows: Rows | None = None):
     """x (any float dtype and shape) -> (packed uint8, lo fp32, hi fp32), the groups' minima and
-    maxima (:func:`group_step` gives their steps); ``rows``: the row layout (None: flat). Why the
-    maximum and not the step: the step, a pointwise node over the groups, and the group range's
-    reduction share their outer loop but not its vector width, so Inductor's C++ backend tried
-    them as one outer-loop kernel, failed its check, and generated both again (every pack of a
-    compiled ResNet-18: 21 of its 46 failed outer-loop fusions); computed where it is read, it
-    is the same fp32 arithmetic, so the same bits. Three levels (``bits`` 1.6) keep five codes a byte as base-3 digits; in
-    the flat layout their bytes run across groups (one byte table, ``ceil(n / 5)`` bytes for the
-    groups' n values), so no group is padded to a multiple of five."""
+    maxima (:func:`group_step` gives their steps); ``rows``: the row layout (None: flat). Three
+    levels (``bits`` 1.6) keep five codes a byte as base-3 digits; in the flat layout their bytes
+    run across groups (one byte table, ``ceil(n / 5)`` bytes for the groups' n values), so no
+    group is padded to a multiple of five.
+
+    Why the maximum and not the step: the step, a pointwise node over the groups, and the group
+    range's reduction share their outer loop but not its vector width, so Inductor's C++ backend
+    tried them as one outer-loop kernel, failed its check, and generated both again (a compiled
+    ResNet-18: 21 of its 46 failed outer-loop fusions); computed where it is read, it is the same
+    fp32 arithmetic, so the same bits."""
     levels = levels_of(bits)
     per = per_byte(bits)
     direct = _direct_views(x, bits, group_size, rows)
@@ -215,7 +218,8 @@ def group_step(lo: torch.Tensor, hi: torch.Tensor, bits) -> torch.Tensor:
 def _direct_views(x: torch.Tensor, bits, group_size: int, rows: Rows | None):
     """Where no padding is needed: (the groups, the codes table ``[bytes, per, columns]``, a
     function spreading a per-group tensor over that table), each one reshape of ``x`` (permuted
-    to rows). None where the value is padded (or three levels in the flat layout).
+    to rows; the flat layout is one column of rows in groups of whole rows). None where the value
+    is padded (or three levels in the flat layout).
 
     Why: built as a chain (rows, then groups, then bytes), each view's index is a floor division
     and modulus of the one before, and Inductor's C++ code generation simplified those nested
@@ -225,27 +229,28 @@ def _direct_views(x: torch.Tensor, bits, group_size: int, rows: Rows | None):
     Same elements, same arithmetic: the bytes are the chain's bit for bit."""
     per = per_byte(bits)
     if rows is None:
-        n = x.numel()
-        if bits == TERNARY or not isinstance(n, int) or n % group_size:
+        if bits == TERNARY or not isinstance(x.numel(), int) or x.numel() % group_size:
             return None
-        flat = x.float()
-        per_bytes = group_size // per
-        return (flat.reshape(-1, group_size), flat.reshape(-1, per, 1),
-                lambda g: g[:, None].expand(g.shape[0], per_bytes).reshape(-1, 1, 1))
-    source = x.permute(_order(x.dim(), rows.inner)).float()
-    columns = x.shape[rows.inner]
-    count = x.numel() // columns
-    per_group, padded = _row_groups(count, columns, group_size, rows.plane, _unit(bits))
-    if padded != count or per_group % per:
+        source, columns, per_group, by_column = x.float(), 1, group_size, False
+    else:
+        source = x.permute(_order(x.dim(), rows.inner)).float()
+        columns = x.shape[rows.inner]
+        count = x.numel() // columns
+        per_group, padded = _row_groups(count, columns, group_size, rows.plane, _unit(bits))
+        if padded != count:
+            return None
+        by_column = rows.plane is None  # a group: one column of per_group rows; else per_group whole rows
+    if per_group % per:
         return None
-    per_bytes = per_group // per
-    grid = source.reshape(-1, per, columns)
-    if rows.plane:  # a group: per_group whole rows
-        return (source.reshape(-1, per_group * columns), grid,
-                lambda g: g[:, None].expand(g.shape[0], per_bytes).reshape(-1, 1, 1))
-    # a group: one column of per_group rows
-    return (source.reshape(-1, per_group, columns), grid,
-            lambda g: g[:, None, :].expand(g.shape[0], per_bytes, columns).reshape(-1, 1, columns))
+    groups = source.reshape(-1, per_group, columns) if by_column else source.reshape(-1, per_group * columns)
+    return groups, source.reshape(-1, per, columns), functools.partial(_spread_over_bytes, per_bytes=per_group // per)
+
+
+def _spread_over_bytes(stat: torch.Tensor, per_bytes: int) -> torch.Tensor:
+    """A per-group ``[groups]`` (or per group and column ``[groups, columns]``) tensor repeated
+    for each of a group's ``per_bytes`` byte rows, shaped to broadcast over the codes table."""
+    wide = stat.unsqueeze(1).expand(stat.shape[0], per_bytes, *stat.shape[1:])
+    return wide.reshape(-1, 1, stat.shape[1] if stat.dim() == 2 else 1)
 
 
 def unpack_values(packed: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, like: torch.Tensor, bits,
