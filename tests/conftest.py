@@ -1,5 +1,6 @@
 """Test-wide setup: run Triton kernels in its CPU interpreter when there is no GPU, one compute
-thread per pytest-xdist process, and skip tests marked `cuda` when there is none.
+thread per pytest-xdist process, skip tests marked `cuda` when there is none and those marked
+`slow` unless asked for.
 
 TRITON_INTERPRET must be set before `actfx/kernels/triton_pack.py` is imported (`@triton.jit`
 reads it when the kernel is defined), hence here, before any test module imports actfx.
@@ -20,10 +21,17 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
     torch.set_num_threads(1)
 
 
+def pytest_addoption(parser):
+    parser.addoption("--run-slow", action="store_true",
+                     help="also run the tests marked slow (compile-heavy; about 20 more minutes on 2 cores)")
+
+
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    """Skip `cuda` tests without a GPU, and `slow` ones unless --run-slow: the default run has to
+    fit CI's 10 minutes with an empty Inductor cache (all tests: 23 min on 2 cores, session 48)."""
+    skips = {"slow": None if config.getoption("--run-slow") else pytest.mark.skip(reason="slow: run with --run-slow"),
+             "cuda": None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")}
     for item in items:
-        if item.get_closest_marker("cuda") is not None:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if skip is not None and item.get_closest_marker(marker) is not None:
+                item.add_marker(skip)

@@ -1,5 +1,6 @@
 """actfx/passes/attention_kernel.py: per SDPA call, math backend or fused kernel, whichever holds less."""
 
+import pytest
 import torch
 from checks import assert_mean_converges
 
@@ -21,6 +22,7 @@ def test_math_where_its_probabilities_hold_less_than_exact_q_and_k():
     assert not math_holds_less(heads(256, torch.bfloat16), heads(256, torch.bfloat16), attention_bits=8)
 
 
+@pytest.mark.slow
 def test_probabilities_too_few_to_pack_count_as_exact_not_as_a_refusal():
     """MobileViT's last stage: 4 tokens, heads of 20, 8 x 4 heads. Its 512 probabilities stay
     exact (under min_numel), but math packs q, k and v where the fused kernel keeps q and k
@@ -54,6 +56,7 @@ def _compiled_as_torch_compile_and_unbiased(model, x):
     return compiled
 
 
+@pytest.mark.slow
 def test_long_rows_keep_the_fused_kernel_and_pack_v_and_the_output():
     """160 keys against heads of 16: the fused kernel holds less. Its backward recomputes the
     probabilities from q and k (kept exact) and reads v and the output linearly (packed); the
@@ -91,6 +94,7 @@ class MaskedBlock(Block):
         return x + self.proj(a.transpose(1, 2).reshape(b, t, d))
 
 
+@pytest.mark.slow
 def test_a_fused_kernels_float_mask_is_kept_as_its_boolean():
     """The fused backward reads the mask (exact); built from a boolean and two constants, it is
     rebuilt in backward from a 1-bit mask instead of held in fp32."""
@@ -188,6 +192,7 @@ class CausalBooleanAttention(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
+@pytest.mark.slow
 def test_inductors_attention_patterns_do_not_turn_the_chosen_math_back_into_the_fused_kernel():
     """Inductor's joint-graph patterns (fuse_attention.py) matched the math backend's traced
     scaling and put the CPU flash kernel back: q and k stayed exact, the probabilities unsaved,
@@ -218,6 +223,7 @@ class PrescaledQueryAttention(torch.nn.Module):
         return self.out(y.transpose(1, 2).reshape(b, t, d))
 
 
+@pytest.mark.slow
 def test_a_query_the_model_scaled_itself_keeps_the_chosen_math():
     """With ``scale=1.0`` the query's factor of 1 was removed as a no-op and Inductor's unscaled
     attention pattern put the CPU flash kernel back (OPT: q and k exact, 3.9x instead of 8.5x).
@@ -242,6 +248,7 @@ class TorchMultiheadAttention(torch.nn.Module):
         return x + self.attn(h, h, h, need_weights=False)[0]
 
 
+@pytest.mark.slow
 def test_multihead_attention_modules_get_the_per_call_choice_too():
     """Dynamo keeps ``F.multi_head_attention_forward`` one call, so its SDPA was never pointed at
     math: q and k stayed exact (17 tokens, heads of 16: 44.1 -> 23.4 KB; through SDPA 8.5 KB)."""
@@ -280,6 +287,7 @@ class HandWrittenAttention(torch.nn.Module):
         return self.out(a.permute(0, 2, 1, 3).reshape(b, t, d))
 
 
+@pytest.mark.slow
 def test_attention_written_by_hand_keeps_math_where_math_holds_less():
     """The fused kernel Inductor's patterns made kept q and k exact (64 KB of the 82 KB a repro
     held); the softmax now reads max(s, s) of its scores, which no pattern takes, so q and k are
@@ -298,6 +306,7 @@ def test_attention_written_by_hand_keeps_math_where_math_holds_less():
     assert_mean_converges([_grads(model, lambda inp: compiled(inp, mask), x) for _ in range(16)], exact)
 
 
+@pytest.mark.slow
 def test_attention_written_by_hand_with_symbolic_lengths_trains():
     """Under dynamic shapes the scores' length is symbolic: the fused kernel stays, as for SDPA."""
     torch.manual_seed(0)

@@ -4,6 +4,7 @@ residual stage is not held unpacked for later readers."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +50,7 @@ def _record_unpacks(monkeypatch) -> list:
     return unpacked
 
 
+@pytest.mark.slow
 def test_convolution_backward_unpacks_its_input_one_slice_at_a_time(monkeypatch):
     torch.manual_seed(0)
     model = Stage()

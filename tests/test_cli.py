@@ -53,6 +53,7 @@ def test_report_takes_three_levels_and_they_hold_less_than_two_bits(capsys, tmp_
     assert held["2"] * 0.8 < held["1.6"] < held["2"] * 0.95
 
 
+@pytest.mark.slow
 def test_compiled_report_packs_three_levels(capsys):
     """--compile --bits 1.6 estimates actfx.compile's three-level packs (refused before they had
     an Inductor lowering)."""
@@ -219,6 +220,7 @@ def test_plan_compile_writes_a_plan_for_the_compiled_pass(capsys, tmp_path):
     assert "one training step's worst point" in out  # the compiled step's peak, from the same partition
 
 
+@pytest.mark.slow
 def test_plan_recompute_reruns_blocks_in_backward(capsys, tmp_path):
     import actfx
 

@@ -65,6 +65,7 @@ class _IndexedBackward(nn.Module):
         return (self.table[chosen] ** 1).sum() + F.max_unpool2d(picked, where, 2).sum()
 
 
+@pytest.mark.slow
 def test_compiled_saved_indices_are_stored_narrow_and_read_back_exactly():
     torch.manual_seed(0)
     model = _IndexedBackward()

@@ -9,6 +9,7 @@ import actfx
 from model_families import FAMILIES
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["resnet_basic", "mlp", "functional"])
 def test_compiles_without_graph_breaks(name):
     torch._dynamo.reset()
@@ -58,6 +59,7 @@ def test_loss_inside_the_model_compiles_without_graph_breaks():
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
 
+@pytest.mark.slow
 def test_inductor_compiled_model_runs_the_cpu_kernels_inside():
     # The user's torch.compile (Inductor) around a converted model: the actfx custom ops stay
     # opaque in its graph and, at run time, call actfx's own compiled CPU kernels.

@@ -86,6 +86,7 @@ def _activations(plan):
     return [v for v in plan.saved if v.reason not in ("parameter", "graph input")]
 
 
+@pytest.mark.slow
 def test_forward_is_identical_to_torch_compile(block, cnn):
     for model, compiled, reference, x, _ in (block, cnn):
         torch.manual_seed(1)
@@ -150,6 +151,7 @@ class ClippedGradients(ClippedHidden):
         return self.c(_ClampedBackward.apply(super().forward(x)))
 
 
+@pytest.mark.slow
 def test_backward_nonlinear_in_the_gradient_keeps_its_values_exact():
     """clamp(g * D) of a packed D is not clamp(g * D) on average: the values such a backward reads
     stay exact (before, the hook's clamp was moved onto D alone and the mean of 32 gradients
@@ -173,6 +175,7 @@ def test_cnn_masks_and_8_bit_gradients(cnn):
     assert any(v.storage is Storage.PACKED and v.bits == 8 for v in values)
 
 
+@pytest.mark.slow
 def test_three_levels_pack_inside_the_compiled_graph():
     """bits=1.6 (three levels, five base-3 digits a byte) under actfx.compile: the forward is
     torch.compile's, every packed value is at three levels (convolution outputs in rows, the
@@ -283,6 +286,7 @@ class _Mlp(nn.Module):
         return self.b(torch.tanh(self.a(x)))
 
 
+@pytest.mark.slow
 def test_many_models_of_one_class_all_compile_and_pack():
     """Dynamo compares backends and keeps at most recompile_limit entries per code object: each
     actfx.compile (and each estimate) added one on the class's forward, and past the limit the
@@ -299,6 +303,7 @@ def test_many_models_of_one_class_all_compile_and_pack():
             assert compiled._actfx_compiled.bytes_after > 0
 
 
+@pytest.mark.slow
 def test_a_smaller_last_batch_does_not_turn_packing_off():
     """Under torch.compile's automatic dynamic shapes, a second batch size recompiled with a
     symbolic batch (values exact) and every later step ran that graph: 3.2x more held for the
@@ -316,6 +321,7 @@ def test_a_smaller_last_batch_does_not_turn_packing_off():
     assert not [v for plan in compiled._actfx_compiled.plans for v in plan.saved if v.reason.startswith("dynamic")]
 
 
+@pytest.mark.slow
 def test_copies_run_their_own_parameters_and_pickles_compile_again():
     """A deepcopy (an EMA or teacher model) kept the compiled forward bound to the original, so
     it ran the original's parameters, silently; ``torch.save(model)`` failed on that forward."""
@@ -416,6 +422,7 @@ class _ModeMlp(nn.Module):
         return self.b(F.gelu(self.a(x)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("compile_kwargs", [{"mode": "max-autotune-no-cudagraphs"}, {"mode": "reduce-overhead"},
                                             {"options": {"max_autotune": False}}], ids=["mode", "cuda-graphs", "options"])
 def test_torch_compile_modes_and_options_reach_inductor(compile_kwargs):
@@ -440,6 +447,7 @@ def test_an_unknown_inductor_option_fails_in_one_line():
         actfx.compile(nn.Linear(4, 4), options={"max_autotunez": True})
 
 
+@pytest.mark.slow
 def test_compiling_a_compiled_model():
     """actfx.compile(torch.compile(m)) compiles m with actfx; torch.compile(actfx.compile(m))
     runs actfx's graphs (the outer compile traced through to the model and packed nothing);
@@ -456,6 +464,7 @@ def test_compiling_a_compiled_model():
         actfx.compile(inner, bits=8)
 
 
+@pytest.mark.slow
 def test_a_shape_past_dynamos_recompile_limit_says_it_packed_nothing():
     """Under static shapes each new input shape compiles packed graphs; past dynamo's
     recompile_limit it ran eagerly, holding all of torch.compile's activations, without a word."""
@@ -485,6 +494,7 @@ class _Counting(nn.Module):
         return F.gelu(self.fc(x))
 
 
+@pytest.mark.slow
 def test_the_compiled_copy_shares_the_root_buffers_and_training_flag():
     """A buffer the root's forward rebinds reached the compiled copy only (a checkpoint of the
     original lost it), and ``model.eval()`` left the copy's root in training mode."""
@@ -514,6 +524,7 @@ def test_show_counts_the_graphs_the_latest_training_call_ran():
     assert "1 more compiled for other shapes or replaced by a recompilation" in out.getvalue()
 
 
+@pytest.mark.slow
 def test_op_bits_set_the_widths_of_the_kinds_they_name():
     """Config.op_bits was read by actfx.convert only: actfx.compile packed every value at ``bits``
     whatever kinds it named, and said nothing of a misspelt one."""
@@ -529,6 +540,7 @@ def test_op_bits_set_the_widths_of_the_kinds_they_name():
         _packed_widths(actfx.compile(model, config=actfx.Config(bits=2, op_bits={"convv": 4})), x)
 
 
+@pytest.mark.slow
 def test_autocast_bf16_forward_identical_and_packed():
     """Under autocast the fused attention stays (the math backend would round differently); the
     rest is packed, the forward identical to torch.compile's. The fused backward recomputes the
@@ -611,6 +623,7 @@ class StandardisedConv(nn.Conv2d):
         return F.conv2d(x, weight, self.bias, self.stride, self.padding)
 
 
+@pytest.mark.slow
 def test_standardised_weights_are_made_again_in_backward_not_saved():
     """A weight computed from its parameter each step (weight standardisation) was saved for
     backward as a "parameter copy", as torch.compile saves it: weight-sized, per layer (an
@@ -633,6 +646,7 @@ def test_standardised_weights_are_made_again_in_backward_not_saved():
     assert held.activation_bytes == plan.bytes_after < 64 * 64 * 9 * 4  # under one standardised weight
 
 
+@pytest.mark.slow
 def test_a_weight_computed_from_buffers_the_step_updates_is_not_made_again_in_backward():
     """Spectral norm divides the weight by u^T W v, u and v power-iterated in forward and written
     into their buffers at the graph's end: made again in backward, the division read the new
@@ -770,6 +784,7 @@ def test_the_first_value_of_a_pre_normed_residual_stream_is_packed_unbiased():
     assert first and all(v.storage is not Storage.EXACT for v in first), [(v.name, v.reason) for v in first]
 
 
+@pytest.mark.slow
 def test_dynamic_batch_keeps_values_exact_and_trains():
     """A symbolic batch: packs, masks and shape-only stand-ins need static sizes, so those values
     stay exact (a symbolic size used to crash the pass) and gradients are the exact ones. It
@@ -833,6 +848,7 @@ class _DropoutMlp(nn.Module):
         return self.b(F.dropout(F.gelu(self.a(x)), 0.3, training=self.training))
 
 
+@pytest.mark.slow
 def test_packing_leaves_the_global_random_stream_alone():
     """Pack seeds came from Inductor's seed buffer, a draw from torch's default generator: from
     the second step on, dropout masks differed from torch.compile's (outputs 1.04 off), and so did
@@ -872,6 +888,7 @@ def test_rounding_noise_is_reproducible_per_seed_and_differs_between_steps():
     assert not torch.equal(first[0], first[1])  # the next step draws new noise
 
 
+@pytest.mark.slow
 def test_inputs_a_plain_compile_marked_dynamic_are_still_packed():
     """A plain torch.compile that recompiled for a second shape marks the dims of the tensors it
     saw as dynamic; torch 2.14 honours that mark under dynamic=False, and an actfx.compile model
@@ -892,6 +909,7 @@ def test_inputs_a_plain_compile_marked_dynamic_are_still_packed():
     assert any(v.storage is Storage.PACKED for v in values)
 
 
+@pytest.mark.slow
 def test_conv_outputs_are_packed_in_rows_and_unpacked_in_vector_loads():
     """On the CPU actfx.compile keeps convolutions in their written layout (NCHW), so backward
     kernels run along W: packed in rows of W (graph_pack's row layout), every backward kernel
@@ -941,6 +959,7 @@ def test_a_saved_constant_is_rebuilt_in_backward_not_stored():
 
 
 
+@pytest.mark.slow
 def test_a_small_batch_norm_keeps_its_normalised_input():
     """BatchNorm1d on a batch of 8: backward read the centred input ``x - mean`` packed in groups
     spanning every channel, so a channel of small spread took a wide one's step, times its
@@ -998,6 +1017,7 @@ class _HoistHeavy(nn.Module):
         return (y.tanh() * x).sum(-1).logsumexp(-1).mean() + y.abs().mean()
 
 
+@pytest.mark.slow
 def test_a_compiled_model_never_holds_more_than_torch_compile():
     """The hoisted values kept exact outweighed what the packs freed: 75 KB against
     torch.compile's 66 KB. Such a graph is packed again without hoisting (49 KB here), or left
@@ -1057,6 +1077,7 @@ class EdgeAttention(nn.Module):
         return torch.zeros(n, 1, 16).index_add_(0, dst, h[src] * alpha.unsqueeze(-1))
 
 
+@pytest.mark.slow
 def test_unpacks_read_by_a_scatter_give_every_entry_its_gradient():
     """Inductor's C++ backend fused an unpack cut back from a padded table into index_add's
     loop, which ran over whole groups only: the last partial group's edges got no gradient
@@ -1105,6 +1126,7 @@ class _BrokenNet(nn.Module):
         return second(first(self.stem(x)))
 
 
+@pytest.mark.slow
 def test_an_activation_an_earlier_graph_hands_over_is_packed():
     """After a graph break the next graph's input is an activation the previous graph made; kept
     exact (as a graph input the caller holds) it alone stayed alive for backward: 541 KB held
@@ -1144,6 +1166,7 @@ class _StepSize(nn.Module):
         return self.out(torch.exp(self.A * dt) * u + dt * u)
 
 
+@pytest.mark.slow
 def test_a_derivative_taken_of_a_summed_gradient_is_packed():
     """softplus's backward ``g * z / (z + 1)`` reads ``z = exp(x)``; with g a sum of two
     gradients the chain's region took the sum in and had two entries, so it was not written as

@@ -1253,6 +1253,7 @@ class _CosineAttention(nn.Module):
         return torch.stack([row for row in out.unbind(0)])
 
 
+@pytest.mark.slow
 def test_a_captured_normalize_is_one_op_with_unbiased_gradients():
     """torch.export records ``F.normalize`` as a norm, a clamp and a division; as loose ops they
     shared one pack of q between the division's and the norm's backward, which multiplied that

@@ -241,6 +241,7 @@ def test_reference_kernels_runs_the_reference_with_the_same_bytes(monkeypatch):
         pack_groups(x, seed_of(3), 2, 1, 256, True)
 
 
+@pytest.mark.slow
 def test_the_kernels_build_under_warnings_as_errors():
     """A test suite run with ``-W error``: PyTorch's own DeprecationWarning inside Inductor's
     compile (``torch.jit.script_method``) was raised, the first kernel failed and the process

@@ -127,6 +127,7 @@ def test_extern_outputs_are_packed_by_the_kernel_and_pointwise_values_in_generat
     torch.testing.assert_close(out, torch.compile(model)(x), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [Config(bits=2), Config(bits=2, pack_kernel=True)], ids=["default", "no_compiler"])
 def test_without_the_kernel_every_pack_is_generated_and_gradients_match(config, monkeypatch):
     """By default, and where the kernel cannot be built, the same values are packed as ATen
@@ -151,6 +152,7 @@ def test_a_graph_packed_by_the_kernel_says_what_to_do_where_it_cannot_be_built(m
         torch.ops.actfx.pack_table(torch.randn(4, 300), _SEED, 2, 256, True, -1, 0)
 
 
+@pytest.mark.slow
 def test_masks_are_packed_by_the_kernel_and_marked_so():
     from torch._inductor.utils import run_and_get_code
 

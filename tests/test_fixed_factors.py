@@ -3,6 +3,7 @@ activation and rebuilt in backward (``rematerialize.fixed_factors``)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn as nn
 
@@ -40,6 +41,7 @@ def _samples():
     return samples, exact
 
 
+@pytest.mark.slow
 def test_a_decay_masked_product_is_stored_as_its_activation():
     """Packed as the product, each row's small entries took the largest one's step: one step's
     2-bit gradient was 4.2x the gradient's norm off on average (with ``fixed_factors`` off; 1e5x

@@ -140,6 +140,7 @@ def test_scale_range(scale, bits):
 # ---------------------------------------------------------------------------- randomness
 
 
+@pytest.mark.slow
 def test_stochastic_rounding_is_unbiased_where_nearest_is_not():
     # Groups [0, 3, 1/3 x 30] at 2 bits: lo = 0, step = 1, so 1/3 sits a third of a step above
     # code 0. Nearest rounding always returns 0 (off by 1/3); stochastic rounding returns 1 with
@@ -163,6 +164,7 @@ def test_stochastic_rounding_is_unbiased_where_nearest_is_not():
         torch.testing.assert_close(y[~third], x[~third], rtol=0, atol=0)
 
 
+@pytest.mark.slow
 def test_three_levels_round_stochastically_without_bias():
     # Groups [0, 2, 1/3 x 30] at three levels: lo = 0, step = 1, so 1/3 rounds to level 1 with
     # probability 1/3 and the mean converges to 1/3 (nearest rounding gives 0: off by 1/3).

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 
@@ -103,6 +104,7 @@ def test_the_step_peak_is_the_worst_of_each_forward_and_each_backward():
     assert step_peak([(first, 60), (PartitionMemory(10, 20, 10, 5), 25)]) == 100
 
 
+@pytest.mark.slow
 def test_a_compiled_transformers_step_follows_its_batch_and_its_packs():
     # on meta tensors: no memory, no code generation
     model = build_model("gpt_tiny").to("meta")

@@ -278,7 +278,8 @@ def test_row_layout_of_a_transposed_value():
 
 
 _LAYOUTS = [((1400, 1), Rows(1, None)),  # 1400 rows: the last group of 240 is partial, 8 rows per byte
-            ((3, 300), None), ((2, 16, 9, 12), Rows(3, 9)), ((4, 37, 24), Rows(2, None)), ((1400, 1, 16), Rows(2, None))]
+            *(pytest.param(shape, rows, marks=pytest.mark.slow) for shape, rows in
+              [((3, 300), None), ((2, 16, 9, 12), Rows(3, 9)), ((4, 37, 24), Rows(2, None)), ((1400, 1, 16), Rows(2, None))])]
 
 
 @pytest.mark.parametrize("shape, rows", _LAYOUTS)

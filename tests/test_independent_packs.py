@@ -25,6 +25,7 @@ class _ScaledByItsOwnStatistic(nn.Module):
         return self.b(self.scale(self.a(x)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("partner", PARTNERS)
 def test_a_value_times_its_own_statistic_has_unbiased_gradients(partner):
     """The product's gradient for the statistic reads h, and the statistic's backward multiplies

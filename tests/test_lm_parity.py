@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -64,6 +65,7 @@ def mean_loss(config) -> float:
     return sum(validation_loss(config, seed) for seed in SEEDS) / len(SEEDS)
 
 
+@pytest.mark.slow
 def test_two_bit_language_model_trains_like_fp32():
     fp32 = mean_loss(None)
     two_bit = mean_loss(actfx.Config(bits=2))

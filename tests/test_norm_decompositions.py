@@ -54,6 +54,7 @@ class _GroupNormAfterMatmul(nn.Module):
         return self.o(self.gn(y.reshape(-1, 32)).view(y.shape))
 
 
+@pytest.mark.slow
 def test_a_groupnorm_after_a_matmul_is_not_amplified_under_compile():
     """Inductor's decomposition read the raw input (``c2 * x + c3``), packed with neighbours 10^4
     wider, and the partitioner also saved it whole to recompute the norm's output: one step's
@@ -107,6 +108,7 @@ class _BatchNormOnSmallMaps(nn.Module):
         return self.head(torch.nn.functional.hardswish(self.bn(self.conv(x))).flatten(1))
 
 
+@pytest.mark.slow
 def test_a_batchnorm_over_small_maps_is_not_amplified_under_compile():
     """A 256-value pack group of the raw input spanned 64 channels of 2x2 maps; each channel's
     share of the step was multiplied by its invstd (timm MobileNetV3-small at 64 px, 2 bits: one

@@ -133,6 +133,7 @@ def test_a_captured_model_converted_at_its_first_call_recomputes_the_blocks_name
     assert [d.kind for d in converted._actfx_record.decisions if d.module_path == "blocks.2"] == ["checkpoint"]
 
 
+@pytest.mark.slow
 def test_the_plan_recomputes_blocks_of_a_model_torch_export_captured():
     """Models fx cannot trace (Hugging Face v5 transformers) were offered no recompute: a ViT
     behind a branch fx cannot trace gets what the traced one gets (an encoder layer rerun)."""

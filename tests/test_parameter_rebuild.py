@@ -223,6 +223,7 @@ def test_a_standardisation_whose_ops_keep_the_weight_runs_as_a_checkpoint():
     assert_mean_converges([weighted_grads(model, converted, x, r) for _ in range(16)], expected, least_noise=1e-3)
 
 
+@pytest.mark.slow
 def test_compiling_the_converted_model_does_not_break_on_its_computed_weights():
     """A computed weight reaches its variant once (its run's slot is None): passed twice, as the
     weight and as its run's head, it broke torch.compile's graph at every such layer."""

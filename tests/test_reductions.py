@@ -317,6 +317,7 @@ class _NarrowEncoder(nn.Module):
         return self.head(h)
 
 
+@pytest.mark.slow
 def test_norms_over_512_values_or_fewer_stay_unbiased():
     """LayerNorm's backward reads x̂ in ``x̂_i mean_j(g_j x̂_j)``; from one pack the product keeps
     an O(1/M) bias, M the values per row. At M = 128 it added up to 1.7% of a 2-layer BERT's

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 import torch.nn as nn
 from rich.console import Console
@@ -32,6 +33,7 @@ class _RelativeKeys(nn.Module):
         return self.out(scores.view(b, h, n, -1).sum(1))
 
 
+@pytest.mark.slow
 def test_a_parameter_copy_repeated_over_the_batch_is_held_once():
     """The repeated keys stayed exact as a "parameter copy", batch x heads of them (DeBERTa-v2,
     tiny: 56% of what it held); now the projection is held once and repeated in backward: the

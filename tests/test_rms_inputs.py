@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 
+import pytest
 import torch
 import torch.nn as nn
 from rich.console import Console
@@ -56,6 +57,7 @@ def _samples():
     return compiled, samples, exact
 
 
+@pytest.mark.slow
 def test_an_rms_norms_input_is_packed_at_its_rows_scale():
     """Packed raw, the zero rows of the padding tokens took their groups' step and backward
     multiplied it by 1/sqrt(eps): one step's 2-bit gradient was 14.8x the gradient's norm off

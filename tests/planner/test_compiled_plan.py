@@ -29,6 +29,7 @@ class CalibratedCnn(PlannedCnn):
         return self.head(x.mean((2, 3)))
 
 
+@pytest.mark.slow
 def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
     torch.manual_seed(0)
     model, x = PlannedCnn(), torch.randn(4, 3, 16, 16)
@@ -50,6 +51,7 @@ def test_the_compiled_model_holds_what_the_plan_says_with_its_widths():
     assert seen >= len(widths)
 
 
+@pytest.mark.slow
 def test_a_compile_plan_takes_three_levels_and_the_compiled_model_holds_them():
     """Just under uniform 2-bit's bytes the plan puts sites at three levels (1.6) rather than
     dropping one to 1 bit, and actfx.compile packs them as planned (it refused 1.6 before the
@@ -129,6 +131,7 @@ def test_a_plan_goes_to_the_path_it_was_made_for():
         actfx.plan(model, x, activation_budget=10**9, memory_budget=0.3)
 
 
+@pytest.mark.slow
 def test_a_compile_plans_peak_is_the_compiled_steps_not_the_eager_conversions():
     """The peak budget is read against the partitioned graphs' own step (graph_memory), which
     the plan's widths are estimated with; the eager conversion's working set stood in before and
@@ -194,6 +197,7 @@ class _Positions(torch.nn.Module):
         return self.b(torch.tanh(self.a(x + position)))
 
 
+@pytest.mark.slow
 def test_a_forward_building_tensors_without_a_device_is_planned_on_meta_tensors():
     """The partition at the planned batch runs on meta tensors; the forward's own arange was made on
     the CPU and met them ("Tensor device mismatch"), so the compile plan failed where
@@ -243,6 +247,7 @@ def test_a_decorrelation_copy_is_planned_and_calibrated_with_its_source():
     assert predicted > measured / 3
 
 
+@pytest.mark.slow
 def test_a_compile_plan_whose_estimate_fails_says_so(monkeypatch):
     """As the eager plan does (``sensitivity.warn_if_compounding``): the chosen widths are
     measured once on the calibration inputs, and an estimate far below that is named."""
@@ -277,6 +282,7 @@ class _Multiplied(torch.nn.Module):
         return self.head(x) / 8.0
 
 
+@pytest.mark.slow
 def test_a_compile_plan_holds_under_actfx_compile_what_it_estimated():
     """The plan partitions on meta tensors and actfx.compile on real ones; Inductor's uniform-value
     constant folding runs only where values exist, so a model with constant multipliers partitioned
@@ -298,6 +304,7 @@ def _mlp(depth: int) -> torch.nn.Sequential:
     return torch.nn.Sequential(*layers, torch.nn.Linear(256, 8))
 
 
+@pytest.mark.slow
 def test_a_compile_plan_applied_to_a_deeper_model_says_so(tmp_path):
     """The module paths of a two-layer plan are all in a three-layer model: it was accepted, and
     the extra layer's values took the default width (1.28x the plan's bytes, silently)."""

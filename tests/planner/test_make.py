@@ -26,6 +26,7 @@ def _held(model, x) -> int:
     return saved.activation_bytes
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cnn", "gpt_tiny"])
 def test_held_bytes_after_conversion_are_the_plans(name):
     torch.manual_seed(0)
@@ -52,6 +53,7 @@ def test_a_tight_budget_gives_the_wide_branch_the_bits():
     assert (bits["narrow"], bits["wide"]) == (1, 4)
 
 
+@pytest.mark.slow
 def test_a_budget_between_one_and_two_bits_plans_three_levels():
     """0.7x what uniform 2-bit holds: three levels (1.6) come into the plan (conv1's input here;
     the BatchNorms take 1 bit), survive its JSON, and the converted model packs them and holds
@@ -212,6 +214,7 @@ def _captured_held(converted, x) -> int:
     return _held(converted, x)
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:actfx.convert")
 def test_a_model_captured_at_its_first_call_is_planned_on_the_capture():
     """Before planning captured it, the plan measured the untraced model (nothing packed) and
@@ -281,6 +284,7 @@ class _Block(torch.nn.Module):
         return x + self.mlp(x)
 
 
+@pytest.mark.slow
 def test_a_plan_reads_attention_probabilities_where_that_plans_less_variance(tmp_path):
     """Two short-sequence attention blocks (16 tokens, heads of 16): the plan tries both attention
     variants and keeps the one with the lower estimate; here, at 0.8x uniform 2-bit's bytes, the
@@ -355,6 +359,7 @@ class _MomentumCnn(torch.nn.Module):
         return self.query(h) + self.key(h).detach()
 
 
+@pytest.mark.slow
 def test_planning_leaves_the_model_and_the_random_stream_as_they_were():
     """Before: one plan moved every BatchNorm's running statistics (and num_batches_tracked) once,
     a momentum encoder updated in forward by five steps, and the global random stream."""

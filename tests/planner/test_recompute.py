@@ -80,6 +80,7 @@ def test_candidates_are_the_repeated_blocks_and_the_composite_modules_inside_the
     assert [b.path for b in outermost(blocks)] == [f"encoder.layers.encoder_layer_{i}" for i in range(4)]
 
 
+@pytest.mark.slow
 def test_an_allowance_trades_recompute_for_variance_at_the_same_bytes():
     torch.manual_seed(0)
     model, x = build_model("gpt_tiny"), torch.randint(256, (4, 64))
@@ -99,6 +100,7 @@ def test_an_allowance_trades_recompute_for_variance_at_the_same_bytes():
     assert float((got - exact).norm() / exact.norm()) < 0.02
 
 
+@pytest.mark.slow
 def test_the_default_recomputes_a_vit_block_where_that_lowers_the_variance():
     """``recompute="auto"`` spends up to ``AUTO_SHARE`` of the forward's FLOPs where that lowers
     the variance (it used to recompute only where no widths fit): a 4-layer ViT at uniform 2-bit's
@@ -191,6 +193,7 @@ def test_two_recomputed_branches_reading_one_tensor_hold_it_once():
     assert blocks[0].input_bytes + blocks[1].input_bytes == 2 * x.numel() * 4
 
 
+@pytest.mark.slow
 def test_a_small_allowance_recomputes_a_branch_inside_a_block():
     torch.manual_seed(0)
     model, x = Stack(depth=2, block=Parallel), torch.randn(8, 16, 32)
@@ -255,6 +258,7 @@ class HandAssembled(nn.Module):
         return self.head(self.block2(self.block1(x)))
 
 
+@pytest.mark.slow
 def test_hand_assembled_blocks_are_candidates_and_recomputed():
     """Composite children of a plain module are offered (not the head, a leaf, nor the whole
     model); on 64-token attention a recomputed block holds its fp32 input, less than its packs."""
