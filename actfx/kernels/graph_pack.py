@@ -184,8 +184,7 @@ def pack_values(x: torch.Tensor, bits, group_size: int, stochastic: bool = True,
         count, columns = table.shape
         per_group, padded = _row_groups(count, columns, group_size, rows.plane, _unit(bits))
         table = _pad_rows(table, padded)
-        # reshape, not view: a transposed value's table is a strided view (Inductor copies it only there)
-        xg = table.reshape(-1, per_group * columns) if rows.plane else table.reshape(-1, per_group, columns)
+        xg = _row_groups_of(table, per_group, columns, by_column=rows.plane is None)
     lo, hi = xg.amin(dim=1), xg.amax(dim=1)
     step = group_step(lo, hi, bits)
     recip = torch.where(step > 0, 1.0 / torch.where(step > 0, step, 1.0), 0.0)
@@ -242,8 +241,15 @@ def _direct_views(x: torch.Tensor, bits, group_size: int, rows: Rows | None):
         by_column = rows.plane is None  # a group: one column of per_group rows; else per_group whole rows
     if per_group % per:
         return None
-    groups = source.reshape(-1, per_group, columns) if by_column else source.reshape(-1, per_group * columns)
+    groups = _row_groups_of(source, per_group, columns, by_column)
     return groups, source.reshape(-1, per, columns), functools.partial(_spread_over_bytes, per_bytes=per_group // per)
+
+
+def _row_groups_of(table: torch.Tensor, per_group: int, columns: int, by_column: bool) -> torch.Tensor:
+    """A row table's groups for the range reduction over dim 1: ``[groups, per_group, columns]``
+    (a group per column of rows) or ``[groups, per_group * columns]`` (blocks of whole rows).
+    reshape, not view: a transposed value's table is a strided view (Inductor copies it only there)."""
+    return table.reshape(-1, per_group, columns) if by_column else table.reshape(-1, per_group * columns)
 
 
 def _spread_over_bytes(stat: torch.Tensor, per_bytes: int) -> torch.Tensor:
