@@ -23,15 +23,18 @@ if os.environ.get("PYTEST_XDIST_WORKER"):
 
 def pytest_addoption(parser):
     parser.addoption("--run-slow", action="store_true",
-                     help="also run the tests marked slow (compile-heavy; about 20 more minutes on 2 cores)")
+                     help="also run the tests marked slow (compile-heavy; about 15 more minutes on 2 cores, cold cache)")
 
 
 def pytest_collection_modifyitems(config, items):
     """Skip `cuda` tests without a GPU, and `slow` ones unless --run-slow: the default run has to
     fit CI's 10 minutes with an empty Inductor cache (all tests: 23 min on 2 cores, session 48)."""
-    skips = {"slow": None if config.getoption("--run-slow") else pytest.mark.skip(reason="slow: run with --run-slow"),
-             "cuda": None if torch.cuda.is_available() else pytest.mark.skip(reason="needs a CUDA GPU")}
+    skips = {}
+    if not config.getoption("--run-slow"):
+        skips["slow"] = pytest.mark.skip(reason="slow: run with --run-slow")
+    if not torch.cuda.is_available():
+        skips["cuda"] = pytest.mark.skip(reason="needs a CUDA GPU")
     for item in items:
         for marker, skip in skips.items():
-            if skip is not None and item.get_closest_marker(marker) is not None:
+            if item.get_closest_marker(marker) is not None:
                 item.add_marker(skip)

@@ -43,7 +43,6 @@ def test_ddp_around_a_converted_model_trains_like_the_original(process_group):
     assert error < 0.03
 
 
-@pytest.mark.slow
 def test_ddp_and_fsdp2_around_a_compiled_model_pack_what_is_saved(process_group):
     from torch.distributed.fsdp import fully_shard
 
