@@ -212,6 +212,80 @@ def test_untraceable_root_is_captured_by_export_at_its_first_training_call():
     assert torch.equal(converted(x, scale=2.0), model(x, scale=2.0))
 
 
+def _exporting() -> bool:
+    """A wrapper as transformers spells it (``is_torchdynamo_exporting``)."""
+    return torch.compiler.is_exporting()
+
+
+class _ExportFriendlyBranch(nn.Module):
+    """Hugging Face's gated delta rule (Qwen3-Next, Qwen3.5) solves its system one way and,
+    under torch.export, another way with other rounding; fx cannot trace the rank test."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 256), nn.Linear(256, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.dim() == 2:
+            h = torch.tanh(h)
+        if not _exporting():
+            return self.b(torch.cumsum(h, -1))
+        return self.b(h @ torch.ones(256, 256, device=h.device).triu())  # the same sums, another order
+
+
+class _CompileOnlyBranch(nn.Module):
+    """Mamba's ``is_compiling() and not is_exporting()``: a torch.compile-only path; eager and
+    export take the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 256), nn.Linear(256, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.dim() == 2:
+            h = torch.tanh(h)
+        if torch.compiler.is_compiling() and not _exporting():
+            return self.b(h @ torch.ones(256, 256, device=h.device).triu())
+        return self.b(torch.cumsum(h, -1))
+
+
+class _DataDependentEagerBranch(nn.Module):
+    """The eager branch tests values (export refuses it): the capture retries with export's own
+    answer, as before."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(32, 256), nn.Linear(256, 8)
+
+    def forward(self, x):
+        h = self.a(x)
+        if h.dim() == 2:
+            h = torch.tanh(h)
+        if not _exporting() and bool((h.abs() > 1.0).all()):
+            h = h.clamp(-1, 1)
+        return self.b(torch.cumsum(h, -1))
+
+
+@pytest.mark.parametrize("cls", [_ExportFriendlyBranch, _CompileOnlyBranch, _DataDependentEagerBranch])
+def test_the_capture_takes_the_branch_eager_pytorch_takes(cls):
+    """Code asking ``is_exporting()`` alone is answered as in eager PyTorch while export captures
+    it, so the converted forward is the model's, bit for bit (it was 3e-7 off on a tiny Qwen3-Next);
+    code that also asks ``is_compiling()`` keeps export's answer, which leads to the eager path."""
+    torch.manual_seed(0)
+    model, x = cls(), torch.randn(64, 32)
+    with pytest.warns(UserWarning, match="first training call captures the whole model"):
+        converted = actfx.convert(model, bits=8)
+    out = converted(x)
+    record = converted._actfx_record
+    assert "" in record.graphs
+    targets = {n.target for n in record.captured[""].nodes}
+    assert torch.ops.aten.cumsum.default in targets and torch.ops.aten.mm.default not in targets, targets
+    assert torch.equal(out, model(x))
+    assert not torch.compiler.is_exporting() and torch.compiler.is_exporting.__module__ == "torch.compiler"
+
+
 class _CastWithMemoryFormat(nn.Module):
     """Hugging Face Qwen3-Next's gated delta rule casts with ``x.to(torch.float32,
     memory_format=torch.contiguous_format)``; the unbind loop keeps fx out (export captures it)."""

@@ -42,6 +42,7 @@ from actfx.passes.aten_to_functional import to_functional
 from actfx.passes.autocast_regions import inline_autocast_regions
 from actfx.passes.autograd_functions import inlined_functions
 from actfx.passes.capture import attributes_kept, training_mode
+from actfx.passes.export_branches import eager_branches
 from actfx.passes.trace_effects import random_draws_refused
 from actfx.passes.tensor_hooks import entered_saved_tensor_hooks, registered_hooks
 
@@ -424,6 +425,18 @@ def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     return own.requires_grad_(t.requires_grad)
 
 
+def _export(target, args, kwargs, dynamic_shapes):
+    """torch.export of ``target`` along the branches eager PyTorch takes (``export_branches``);
+    along export's own where the eager branch does not export (a data-dependent test)."""
+    try:
+        with eager_branches() as answer:
+            return torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+    except Exception:  # noqa: BLE001 - export raises many kinds
+        if not answer.changed:
+            raise
+    return torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+
+
 def export_graph(model: nn.Module, example_inputs) -> GraphModule:
     """``model``'s train-mode forward as a GraphModule (see the module docstring).
 
@@ -454,11 +467,11 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             with inlined_functions(inlined), registered_hooks(hooks), entered_saved_tensor_hooks(hook_blocks), \
                     _without_partial_graph_print(), attributes_kept(model, handed), random_draws_refused():
                 try:
-                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+                    ep = _export(target, args, kwargs, dynamic_shapes)
                 except Exception as err:  # noqa: BLE001 - retried once if it was a cache or a dataclass in the output
                     if not (_cache_pytrees_registered(model, err) or _dataclass_output_registered(err)):
                         raise
-                    ep = torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+                    ep = _export(target, args, kwargs, dynamic_shapes)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportRefused(f"actfx: torch.export could not capture {name}: {first}") from err
