@@ -65,8 +65,10 @@ def recompute_parameter_computations(joint: fx.GraphModule, static_indices) -> i
         inputs = node.all_input_nodes
         if not all(a in parameters or a in computed for a in inputs):
             continue
-        if _is_view(node) and not any(a in computed for a in inputs):
-            parameters.add(node)  # a view of a parameter
+        if (_is_view(node) or node.target is operator.getitem) and not any(a in computed for a in inputs):
+            # a view of a parameter, or one piece of a split of one (marking the piece alone left
+            # the partitioner a list it can neither save nor make again: DeepSeek-V4 crashed)
+            parameters.add(node)
         elif node.target is operator.getitem or _remade(node):
             computed.add(node)
             node.meta["recompute"] = CheckpointPolicy.MUST_RECOMPUTE
