@@ -217,9 +217,9 @@ def _exporting() -> bool:
     return torch.compiler.is_exporting()
 
 
-class _ExportFriendlyBranch(nn.Module):
-    """Hugging Face's gated delta rule (Qwen3-Next, Qwen3.5) solves its system one way and,
-    under torch.export, another way with other rounding; fx cannot trace the rank test."""
+class _Branching(nn.Module):
+    """A layer, a rank test fx cannot trace (export can), then ``branch`` (each subclass's), then
+    a layer; ``triangular_sums`` adds up as ``cumsum`` does, in another order (other rounding)."""
 
     def __init__(self):
         super().__init__()
@@ -229,43 +229,39 @@ class _ExportFriendlyBranch(nn.Module):
         h = self.a(x)
         if h.dim() == 2:
             h = torch.tanh(h)
-        if not _exporting():
-            return self.b(torch.cumsum(h, -1))
-        return self.b(h @ torch.ones(256, 256, device=h.device).triu())  # the same sums, another order
+        return self.b(self.branch(h))
+
+    @staticmethod
+    def triangular_sums(h):
+        return h @ torch.ones(256, 256, device=h.device).triu()
 
 
-class _CompileOnlyBranch(nn.Module):
+class _ExportFriendlyBranch(_Branching):
+    """Hugging Face's gated delta rule (Qwen3-Next, Qwen3.5) solves its system one way and,
+    under torch.export, another way with other rounding."""
+
+    def branch(self, h):
+        return torch.cumsum(h, -1) if not _exporting() else self.triangular_sums(h)
+
+
+class _CompileOnlyBranch(_Branching):
     """Mamba's ``is_compiling() and not is_exporting()``: a torch.compile-only path; eager and
     export take the other."""
 
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(32, 256), nn.Linear(256, 8)
-
-    def forward(self, x):
-        h = self.a(x)
-        if h.dim() == 2:
-            h = torch.tanh(h)
+    def branch(self, h):
         if torch.compiler.is_compiling() and not _exporting():
-            return self.b(h @ torch.ones(256, 256, device=h.device).triu())
-        return self.b(torch.cumsum(h, -1))
+            return self.triangular_sums(h)
+        return torch.cumsum(h, -1)
 
 
-class _DataDependentEagerBranch(nn.Module):
+class _DataDependentEagerBranch(_Branching):
     """The eager branch tests values (export refuses it): the capture retries with export's own
     answer, as before."""
 
-    def __init__(self):
-        super().__init__()
-        self.a, self.b = nn.Linear(32, 256), nn.Linear(256, 8)
-
-    def forward(self, x):
-        h = self.a(x)
-        if h.dim() == 2:
-            h = torch.tanh(h)
+    def branch(self, h):
         if not _exporting() and bool((h.abs() > 1.0).all()):
             h = h.clamp(-1, 1)
-        return self.b(torch.cumsum(h, -1))
+        return torch.cumsum(h, -1)
 
 
 @pytest.mark.parametrize("cls", [_ExportFriendlyBranch, _CompileOnlyBranch, _DataDependentEagerBranch])
