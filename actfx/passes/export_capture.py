@@ -425,16 +425,27 @@ def _not_a_view(t: torch.Tensor) -> torch.Tensor:
     return own.requires_grad_(t.requires_grad)
 
 
-def _export(target, args, kwargs, dynamic_shapes):
+def _export(model, target, args, kwargs, dynamic_shapes):
     """torch.export of ``target`` along the branches eager PyTorch takes (``export_branches``);
-    along export's own where the eager branch does not export (a data-dependent test)."""
+    along export's own where the eager branch does not export (a data-dependent test). Each try
+    registers a cache or dataclass in the output and exports again if that was what failed, so
+    such a failure costs one more export, not a try along each branch first."""
+
+    def attempt():
+        try:
+            return torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+        except Exception as err:  # noqa: BLE001 - retried once if it was a cache or a dataclass in the output
+            if not (_cache_pytrees_registered(model, err) or _dataclass_output_registered(err)):
+                raise
+        return torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+
     try:
         with eager_branches() as answer:
-            return torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+            return attempt()
     except Exception:  # noqa: BLE001 - export raises many kinds
         if not answer.changed:
             raise
-    return torch.export.export(target, args, kwargs, strict=False, dynamic_shapes=dynamic_shapes())
+    return attempt()
 
 
 def export_graph(model: nn.Module, example_inputs) -> GraphModule:
@@ -466,12 +477,7 @@ def export_graph(model: nn.Module, example_inputs) -> GraphModule:
             handed = [v for v in pytree.tree_leaves((args, kwargs)) if isinstance(v, nn.Module)]
             with inlined_functions(inlined), registered_hooks(hooks), entered_saved_tensor_hooks(hook_blocks), \
                     _without_partial_graph_print(), attributes_kept(model, handed), random_draws_refused():
-                try:
-                    ep = _export(target, args, kwargs, dynamic_shapes)
-                except Exception as err:  # noqa: BLE001 - retried once if it was a cache or a dataclass in the output
-                    if not (_cache_pytrees_registered(model, err) or _dataclass_output_registered(err)):
-                        raise
-                    ep = _export(target, args, kwargs, dynamic_shapes)
+                ep = _export(model, target, args, kwargs, dynamic_shapes)
         except Exception as err:  # export raises many kinds; all mean "could not capture"
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ExportRefused(f"actfx: torch.export could not capture {name}: {first}") from err
